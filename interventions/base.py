@@ -1,0 +1,76 @@
+"""The intervention plugin contract (DESIGN.md §4).
+
+A plugin owns one key of a request's `interventions` object. The API thread validates and prepares
+(`spec_model`, `prepare`); the engine thread activates a plan when its sequence first runs, asks the
+plugin for a per-step hook over the packed rows, and releases the plan when the sequence ends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from actserve.server.layers.hooks import ResidualHook
+from actserve.server.models.loader import ModelInfo
+from pydantic import BaseModel
+
+
+class InterventionError(ValueError):
+    """A spec that does not fit the loaded model; becomes a 400 naming `param`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InterventionCapacityError(RuntimeError):
+    """Server-side resources for plans are exhausted right now; becomes a 503."""
+
+
+@dataclass
+class RowSpan:
+    """One sequence's rows in a packed step: rows [start, start+count) hold positions [pos0, pos0+count)."""
+
+    plan: Any
+    start: int
+    count: int
+    pos0: int
+    prompt_len: int
+
+
+class InterventionPlugin(ABC):
+    """One intervention kind. Instances are created once per loaded model."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    hook_points: ClassVar[tuple[str, ...]]
+    spec_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, model_info: ModelInfo) -> None:
+        self.model_info = model_info
+
+    @abstractmethod
+    def prepare(self, spec: BaseModel, param: str) -> Any:
+        """Check `spec` against the model and return a plan; raise InterventionError(param=...) if invalid.
+
+        Runs on the API thread, so it must not touch engine-owned device state."""
+
+    def activate(self, plan: Any) -> None:  # noqa: B027 - optional
+        """Engine thread, before the plan's first step: make its data resident."""
+
+    def release(self, plan: Any) -> None:  # noqa: B027 - optional
+        """Engine thread, when the sequence finishes, aborts or is preempted: free resident data."""
+
+    @abstractmethod
+    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> ResidualHook | None:
+        """Per-step hook for the rows whose sequences carry a plan of this plugin (None: nothing to do)."""
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.spec_model.model_json_schema()
+
+
+def device_table(rows: int, shape: tuple[int, ...], info: ModelInfo) -> torch.Tensor:
+    """A zeroed resident table in the model's dtype and device (one way to allocate plugin storage)."""
+    return torch.zeros(rows, *shape, dtype=info.dtype, device=info.device)

@@ -1,0 +1,90 @@
+"""Discovers plugins through the `actserve.interventions` entry-point group and routes request specs."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+from typing import Any
+
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
+from actserve.server.layers.hooks import StepHooks
+from actserve.server.models.loader import ModelInfo
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+GROUP = "actserve.interventions"
+
+
+def discover() -> dict[str, type[InterventionPlugin]]:
+    found: dict[str, type[InterventionPlugin]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception:  # noqa: BLE001 - one broken plugin must not stop the server
+            log.exception("intervention plugin %s failed to load", ep.name)
+            continue
+        found[cls.name] = cls
+    if "steering" not in found:  # running from a source tree without installed metadata
+        from actserve.interventions.steering.plugin import SteeringPlugin
+
+        found["steering"] = SteeringPlugin
+    return found
+
+
+class InterventionRegistry:
+    """The plugins of one loaded model; turns request specs into plans and plans into step hooks."""
+
+    def __init__(self, model_info: ModelInfo, plugins: dict[str, type[InterventionPlugin]] | None = None):
+        classes = plugins if plugins is not None else discover()
+        self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p.name,
+                "description": p.description,
+                "hook_points": list(p.hook_points),
+                "schema": p.json_schema(),
+            }
+            for p in self.plugins.values()
+        ]
+
+    def prepare(self, spec: dict[str, Any] | None) -> dict[str, Any]:
+        """Validate a request's `interventions` object; returns plugin name -> plan."""
+        if not spec:
+            return {}
+        if not isinstance(spec, dict):
+            raise InterventionError("interventions must be an object", "interventions")
+        plans: dict[str, Any] = {}
+        for key, value in spec.items():
+            plugin = self.plugins.get(key)
+            if plugin is None:
+                raise InterventionError(
+                    f"unknown intervention {key!r}; available: {sorted(self.plugins)}", f"interventions.{key}"
+                )
+            try:
+                parsed = plugin.spec_model.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"])
+                param = f"interventions.{key}{loc}"
+                raise InterventionError(f"{param}: {err['msg']}", param) from None
+            plans[key] = plugin.prepare(parsed, f"interventions.{key}")
+        return plans
+
+    def activate(self, plans: dict[str, Any]) -> None:
+        for key, plan in plans.items():
+            self.plugins[key].activate(plan)
+
+    def release(self, plans: dict[str, Any]) -> None:
+        for key, plan in plans.items():
+            self.plugins[key].release(plan)
+
+    def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
+        """Hooks for one packed step; None when no row carries an intervention (the plain fast path)."""
+        hooks = []
+        for key, rows in spans.items():
+            hook = self.plugins[key].residual_hook(rows, num_rows)
+            if hook is not None:
+                hooks.append(hook)
+        return StepHooks(hooks) if hooks else None

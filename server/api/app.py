@@ -1,0 +1,197 @@
+"""The FastAPI app: OpenAI routes, health, metrics, tokenizer routes, interventions listing.
+
+The engine loads in a background thread after the socket is open, so `/health` answers 503 while the
+model loads and 200 once it serves."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from actserve.server.api.chat import ChatHandler, render_chat
+from actserve.server.api.completions import CompletionHandler
+from actserve.server.api.errors import APIError, error_response, install_error_handlers
+from actserve.server.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.version import __version__
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = {"/health", "/metrics", "/version", "/docs", "/openapi.json"}
+
+
+class ServerState:
+    """Engine slot filled once loading finishes (or the load error that prevented it)."""
+
+    def __init__(self, api_key: str | None, max_waiting: int) -> None:
+        self.engine: AsyncEngine | None = None
+        self.load_error: BaseException | None = None
+        self.api_key = api_key
+        self.max_waiting = max_waiting
+        self.started = time.time()
+        self.completions: CompletionHandler | None = None
+        self.chat: ChatHandler | None = None
+
+    def set_engine(self, engine: AsyncEngine) -> None:
+        name = engine.engine.model_name
+        self.completions = CompletionHandler(engine, name)
+        self.chat = ChatHandler(engine, name)
+        self.engine = engine
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            why = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            raise APIError(503, why)
+        if self.engine.error is not None:
+            raise APIError(503, f"engine stopped: {self.engine.error}")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        engine = self.ready()
+        if model is not None and model != engine.engine.model_name:
+            served = engine.engine.model_name
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {served!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def check_load(self) -> None:
+        engine = self.ready()
+        if len(engine.engine.scheduler.waiting) >= self.max_waiting:
+            raise APIError(
+                429, f"server overloaded: {self.max_waiting} sequences already waiting; retry later"
+            )
+
+
+def create_app(
+    engine: AsyncEngine | None = None,
+    load: Callable[[], AsyncEngine] | None = None,
+    api_key: str | None = None,
+    max_waiting: int = 4096,
+) -> FastAPI:
+    """Pass a ready engine, or a loader that runs in a thread when the app starts."""
+    app = FastAPI(title="actserve", version=__version__)
+    state = ServerState(api_key, max_waiting)
+    app.state.actserve = state
+    install_error_handlers(app)
+    if engine is not None:
+        state.set_engine(engine)
+
+    @app.on_event("startup")
+    async def _start() -> None:
+        if state.engine is None and load is not None:
+
+            def run() -> None:
+                try:
+                    state.set_engine(load())
+                    log.info("model loaded; serving")
+                except BaseException as e:  # noqa: BLE001 - reported by /health
+                    log.exception("model failed to load")
+                    state.load_error = e
+
+            threading.Thread(target=run, name="actserve-load", daemon=True).start()
+
+    @app.on_event("shutdown")
+    async def _stop() -> None:
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if state.api_key and request.url.path not in OPEN_PATHS:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                return error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
+                                      code="invalid_api_key")  # fmt: skip
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is not None and state.engine.error is None:
+            return Response(status_code=200)
+        why = "loading" if state.load_error is None and state.engine is None else "unhealthy"
+        return JSONResponse({"status": why, "error": str(state.load_error or "")}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.engine is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = state.ready().engine.model_info
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "actserve",
+                    "root": info.path,
+                    "max_model_len": info.max_model_len,
+                    "architecture": info.architecture,
+                    "implementation": info.implementation,
+                    "dtype": str(info.dtype).removeprefix("torch."),
+                    "device": str(info.device),
+                }
+            ],
+        }
+
+    @app.get("/v1/interventions")
+    async def interventions() -> dict[str, Any]:
+        return {"object": "list", "data": state.ready().engine.registry.describe()}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Any:
+        state.check_model(req.model)
+        state.check_load()
+        assert state.completions is not None
+        return await state.completions(req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request) -> Any:
+        state.check_model(req.model)
+        state.check_load()
+        assert state.chat is not None
+        return await state.chat(req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(req.model)
+        eng = state.ready().engine
+        if req.messages is not None:
+            ids = render_chat(eng.tokenizer, req.messages, req.add_generation_prompt)
+        else:
+            ids = eng.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+        state.check_model(req.model)
+        eng = state.ready().engine
+        vocab = eng.model_info.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {vocab - 1}]", "tokens")
+        return {"prompt": eng.tokenizer.decode(req.tokens)}
+
+    return app

@@ -1,0 +1,155 @@
+"""POST /v1/chat/completions: the model's chat template, then the same engine path as completions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from actserve.server.api.errors import APIError, as_api_error, error_sse
+from actserve.server.api.generation import (
+    TokenText,
+    apply_output,
+    build_sequences,
+    new_id,
+    now,
+    run_choices,
+    usage,
+)
+from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
+from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.engine.sequence import TokenLogprob
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Plain dicts for the template; list content (OpenAI's text parts) is joined into a string."""
+    out = []
+    for m in messages:
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.get("type") != "text":
+                    raise APIError(
+                        400, f"messages: content part type {part.get('type')!r} is not supported", "messages"
+                    )
+                parts.append(str(part.get("text", "")))
+            d["content"] = "".join(parts)
+        out.append(d)
+    return out
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                continue_final: bool = False, kwargs: dict[str, Any] | None = None) -> list[int]:  # fmt: skip
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            message_dicts(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final,
+            continue_final_message=continue_final,
+            **(kwargs or {}),
+        )
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        raise APIError(400, f"messages: chat template failed: {e}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+    def item(t: int, lp: float) -> dict[str, Any]:
+        s = token_text(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+        ]
+    }
+
+
+class ChatHandler:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.engine.tokenizer
+        self.token_text = TokenText(self.tokenizer)
+
+    async def __call__(self, req: ChatCompletionRequest, raw: Request) -> Any:
+        ids = render_chat(
+            self.tokenizer,
+            req.messages,
+            req.add_generation_prompt,
+            req.continue_final_message,
+            req.chat_template_kwargs,
+        )
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
+        rid = new_id("chatcmpl")
+        pairs = build_sequences(self.engine, rid, [ids], params, req.interventions)
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, rid, [ids], pairs, raw), media_type="text/event-stream"
+            )
+        choices = [c for c, _ in pairs]
+        async for c, out in run_choices(self.engine, pairs, raw):
+            apply_output(c, out)
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs, self.token_text) if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage(choices, [ids]),
+        }
+        return JSONResponse(body)
+
+    async def _stream(
+        self, req: ChatCompletionRequest, rid: str, prompts: list[list[int]], pairs: list[Any], raw: Request
+    ) -> AsyncIterator[str]:
+        created, choices = now(), [c for c, _ in pairs]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choice_list: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
+            body: dict[str, Any] = {
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "choices": choice_list,
+            }  # fmt: skip
+            if include_usage:
+                body["usage"] = usage_body
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            for c in choices:
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": c.index, "delta": role, "logprobs": None, "finish_reason": None}])
+            async for c, out in run_choices(self.engine, pairs, raw):
+                before = len(c.logprobs)
+                apply_output(c, out)
+                if not out.text and not out.finished:
+                    continue
+                lp = chat_logprobs(c.logprobs[before:], self.token_text) if req.logprobs else None
+                delta = {"content": out.text} if out.text else {}
+                yield chunk([{
+                    "index": c.index, "delta": delta, "logprobs": lp,
+                    "finish_reason": c.finish_reason if out.finished else None,
+                    "stop_reason": c.stop_reason if out.finished else None,
+                }])  # fmt: skip
+            if include_usage:
+                yield chunk([], usage(choices, prompts))
+        except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+            err = as_api_error(e)
+            yield error_sse(err.status if err else 500, err.message if err else f"internal error: {e}")
+        yield "data: [DONE]\n\n"

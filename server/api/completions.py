@@ -1,0 +1,162 @@
+"""POST /v1/completions: text or token prompts, n choices each, echo, logprobs, SSE streaming."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from actserve.server.api.errors import APIError, as_api_error, error_sse
+from actserve.server.api.generation import (
+    Choice,
+    TokenText,
+    apply_output,
+    build_sequences,
+    new_id,
+    now,
+    run_choices,
+    usage,
+)
+from actserve.server.api.protocol import CompletionRequest
+from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.engine.sequence import TokenLogprob
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+def tokenize_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(p) for p in prompt]
+    if any(not p for p in prompt):
+        raise APIError(400, "prompt: token lists must not be empty", "prompt")
+    return [list(p) for p in prompt]
+
+
+def completion_logprobs(
+    entries: list[TokenLogprob | None], token_text: TokenText, offset: int
+) -> dict[str, list[Any]]:
+    """OpenAI's legacy completions logprobs object; a None entry is the first prompt token."""
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for e in entries:
+        if e is None:
+            continue
+        s = token_text(e.token_id)
+        tokens.append(s)
+        lps.append(e.logprob)
+        tops.append({token_text(t): lp for t, lp in e.top} if e.top else None)
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class CompletionHandler:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.engine.tokenizer
+        self.token_text = TokenText(self.tokenizer)
+
+    def _logprobs(
+        self, req: CompletionRequest, c: Choice, prompt_ids: list[int]
+    ) -> dict[str, list[Any]] | None:
+        if req.logprobs is None:
+            return None
+        entries: list[TokenLogprob | None] = []
+        if req.echo:
+            first = TokenLogprob(prompt_ids[0], float("nan"), [])
+            plp = c.prompt_logprobs or [None] * len(prompt_ids)
+            entries = [first] + list(plp[1:])
+        entries += c.logprobs
+        out = completion_logprobs(entries, self.token_text, 0)
+        if req.echo:  # the first prompt token has no logprob: null, as OpenAI and vLLM return it
+            out["token_logprobs"][0] = None
+            out["top_logprobs"][0] = None
+        return out
+
+    async def __call__(self, req: CompletionRequest, raw: Request) -> Any:
+        prompts = tokenize_prompts(self.tokenizer, req.prompt)
+        if req.echo and req.logprobs is not None:
+            prompt_lp = req.logprobs
+        else:
+            prompt_lp = None
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo=true (prompt scoring)", "max_tokens")
+        params = req.sampling_params(req.max_tokens, req.logprobs, prompt_lp)
+        rid = new_id("cmpl")
+        pairs = build_sequences(self.engine, rid, prompts, params, req.interventions)
+        if req.stream:
+            return StreamingResponse(
+                self._stream(req, rid, prompts, pairs, raw), media_type="text/event-stream"
+            )
+        choices = [c for c, _ in pairs]
+        async for c, out in run_choices(self.engine, pairs, raw):
+            apply_output(c, out)
+        body = {
+            "id": rid,
+            "object": "text_completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": [self._choice_body(req, c, prompts[c.prompt_index]) for c in choices],
+            "usage": usage(choices, prompts),
+        }
+        return JSONResponse(body)
+
+    def _choice_body(self, req: CompletionRequest, c: Choice, prompt_ids: list[int]) -> dict[str, Any]:
+        text = c.text
+        if req.echo:
+            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=req.skip_special_tokens) + text
+        return {
+            "index": c.index,
+            "text": text,
+            "logprobs": self._logprobs(req, c, prompt_ids),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    async def _stream(
+        self, req: CompletionRequest, rid: str, prompts: list[list[int]], pairs: list[Any], raw: Request
+    ) -> AsyncIterator[str]:
+        created, choices = now(), [c for c, _ in pairs]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choice_list: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
+            body: dict[str, Any] = {
+                "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choice_list,
+            }  # fmt: skip
+            if include_usage:
+                body["usage"] = usage_body
+            return f"data: {json.dumps(body)}\n\n"
+
+        sent_echo: set[int] = set()
+        try:
+            async for c, out in run_choices(self.engine, pairs, raw):
+                before = len(c.logprobs)
+                apply_output(c, out)
+                text = out.text
+                lp = None
+                if req.echo and c.index not in sent_echo:
+                    sent_echo.add(c.index)
+                    pids = prompts[c.prompt_index]
+                    text = self.tokenizer.decode(pids, skip_special_tokens=req.skip_special_tokens) + text
+                    if req.logprobs is not None:
+                        lp = self._logprobs(req, c, pids)
+                elif req.logprobs is not None:
+                    lp = completion_logprobs(list(c.logprobs[before:]), self.token_text, 0)
+                if not text and not out.finished and not out.token_ids:
+                    continue
+                yield chunk([{
+                    "index": c.index, "text": text, "logprobs": lp,
+                    "finish_reason": c.finish_reason if out.finished else None,
+                    "stop_reason": c.stop_reason if out.finished else None,
+                }])  # fmt: skip
+            if include_usage:
+                yield chunk([], usage(choices, prompts))
+        except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+            err = as_api_error(e)
+            yield error_sse(err.status if err else 500, err.message if err else f"internal error: {e}")
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,153 @@
+"""Shared request plumbing for completions and chat: sequences from prompts, running many choices at
+once, cancelling on disconnect, token strings for logprobs, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from actserve.server.api.errors import APIError, as_api_error
+from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.engine.llm_engine import SeqOutput
+from actserve.server.engine.sampling_params import SamplingParams
+from actserve.server.engine.sequence import Sequence, TokenLogprob
+from fastapi import Request
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Choice:
+    """Accumulated state of one choice (one engine sequence)."""
+
+    index: int
+    prompt_index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+
+
+def build_sequences(
+    engine: AsyncEngine,
+    request_id: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    interventions: dict[str, Any] | None,
+) -> list[tuple[Choice, Sequence]]:
+    """n sequences per prompt. Everything is validated before any intervention plan takes resources."""
+    eng = engine.engine
+    for i, ids in enumerate(prompts):
+        try:
+            eng.check_fits(len(ids), params.max_tokens)
+        except Exception as e:
+            err = as_api_error(e)
+            raise (
+                (err or e)
+                if len(prompts) == 1 or err is None
+                else APIError(400, f"prompt {i}: {err.message}", err.param)
+            ) from None
+        bad = [t for t in ids if not 0 <= t < eng.model_info.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"prompt token ids must be in [0, {eng.model_info.vocab_size - 1}]; got {bad[0]}",
+                "prompt",
+            )
+    out: list[tuple[Choice, Sequence]] = []
+    try:
+        for i, ids in enumerate(prompts):
+            for j in range(params.n):
+                p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
+                plans = eng.registry.prepare(interventions)
+                seq = Sequence(
+                    f"{request_id}-{i}-{j}", list(ids), p, [], interventions=plans, count_prompt=j == 0
+                )
+                out.append((Choice(index=i * params.n + j, prompt_index=i), seq))
+    except Exception:
+        for _, seq in out:
+            eng.registry.release(seq.interventions)
+        raise
+    return out
+
+
+async def run_choices(
+    engine: AsyncEngine, pairs: list[tuple[Choice, Sequence]], request: Request | None
+) -> AsyncIterator[tuple[Choice, SeqOutput]]:
+    """Merge the deltas of all choices as they arrive; stop everything if the client disconnects."""
+    queue: asyncio.Queue[tuple[Choice, SeqOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(choice: Choice, seq: Sequence) -> None:
+        try:
+            async for out in engine.generate(seq):
+                await queue.put((choice, out))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put(e)
+            return
+        await queue.put(None)
+
+    async def watch() -> None:
+        while request is not None:
+            await asyncio.sleep(0.25)
+            if await request.is_disconnected():
+                await queue.put(asyncio.CancelledError("client disconnected"))
+                return
+
+    tasks = [asyncio.create_task(pump(c, s)) for c, s in pairs]
+    watcher = asyncio.create_task(watch())
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        watcher.cancel()
+        for t in tasks:
+            t.cancel()
+
+
+def apply_output(choice: Choice, out: SeqOutput) -> None:
+    choice.text += out.text
+    choice.token_ids += out.token_ids
+    choice.logprobs += out.logprobs
+    choice.num_prompt_tokens = out.num_prompt_tokens
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
+    if out.finished:
+        choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+
+
+def usage(choices: list[Choice], prompts: list[list[int]]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class TokenText:
+    """Text of single tokens, as logprob entries show them (cached: the same ids recur constantly)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decode = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i]))
+
+    def __call__(self, token_id: int) -> str:
+        return self._decode(token_id)
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,86 @@
+"""`actserve serve ...`: parse flags, start uvicorn, load the model in the background."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from actserve.server.engine.config import EngineConfig
+from actserve.server.version import __version__
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actserve", description="OpenAI-compatible server with interventions"
+    )
+    parser.add_argument("--version", action="version", version=f"actserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the HTTP server")
+    s.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded SmolLM2-135M)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--max-num-seqs", type=positive, default=64, help="sequences in one running batch")
+    s.add_argument("--max-model-len", type=positive, default=None, help="context limit (prompt + output)")
+    s.add_argument("--max-num-batched-tokens", type=positive, default=None, help="tokens per step")
+    s.add_argument("--block-size", type=positive, default=16, help="tokens per KV block")
+    s.add_argument("--num-kv-blocks", type=positive, default=None, help="KV blocks (overrides memory size)")
+    s.add_argument(
+        "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
+    )
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument(
+        "--allow-pickle-weights", action="store_true", help="allow .bin/.pt checkpoints (runs code)"
+    )
+    s.add_argument("--force-transformers", action="store_true", help="serve through transformers' model")
+    s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
+    s.add_argument("--log-level", default="info")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        allow_pickle_weights=args.allow_pickle_weights,
+        force_transformers=args.force_transformers,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+    from actserve.server.api.app import create_app
+    from actserve.server.engine.async_engine import AsyncEngine
+
+    config = engine_config(args)
+    app = create_app(
+        load=lambda: AsyncEngine.from_config(config), api_key=args.api_key, max_waiting=args.max_waiting
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

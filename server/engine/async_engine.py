@@ -1,0 +1,117 @@
+"""Runs `LLMEngine` on its own thread and hands each sequence's deltas to asyncio consumers.
+
+The event loop never runs a forward pass, so `/health` and `/metrics` answer during a long prefill, and a
+consumer that goes away (client disconnect) aborts its sequences, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
+from actserve.server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an unexpected error; the server reports 503 from then on."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[SeqOutput | Exception]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="actserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    # -- event-loop side ------------------------------------------------------------------------------
+    async def generate(self, seq: Sequence) -> AsyncIterator[SeqOutput]:
+        """Yield deltas until the sequence finishes; closing the iterator early aborts it."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error}")
+        self.engine.check_fits(seq.prompt_len, seq.params.max_tokens)  # raise before queueing
+        q: asyncio.Queue[SeqOutput | Exception] = asyncio.Queue()
+        with self._lock:
+            self._streams[seq.seq_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", seq))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(seq.seq_id, None)
+            if not finished:
+                self._commands.put(("abort", seq.seq_id))
+
+    def abort(self, seq_id: str) -> None:
+        self._commands.put(("abort", seq_id))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("noop", None))
+        self._thread.join(timeout=10)
+
+    # -- engine-thread side ---------------------------------------------------------------------------
+    def _deliver(self, out: SeqOutput | Exception, seq_id: str) -> None:
+        with self._lock:
+            target = self._streams.get(seq_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            if cmd == "add":
+                try:
+                    self.engine.add(arg)
+                except Exception as e:  # noqa: BLE001 - reported to that request only
+                    self._deliver(e, arg.seq_id)
+            elif cmd == "abort":
+                self.engine.abort(arg)
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.engine.has_work())
+                if not self.engine.has_work():
+                    self.engine.metrics.refresh_memory()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out, out.seq_id)
+        except BaseException as e:  # noqa: BLE001 - tell every waiter, then stop
+            log.exception("engine loop failed")
+            self.error = e
+            with self._lock:
+                ids = list(self._streams)
+            for seq_id in ids:
+                self._deliver(EngineDeadError(f"engine stopped: {e}"), seq_id)

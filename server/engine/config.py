@@ -1,0 +1,22 @@
+"""Engine settings: the `actserve serve` flags that shape the engine, with their defaults in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded default model
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0  # CPU default; the GPU issue sizes it from a memory fraction
+    allow_pickle_weights: bool = False
+    force_transformers: bool = False  # serve a native family through the transformers fallback
+    seed: int = 0

@@ -1,0 +1,224 @@
+"""The synchronous engine core: owns the model, scheduler and tokenizer; `step()` runs one batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from actserve.interventions.registry import InterventionRegistry
+from actserve.server.engine import detokenizer
+from actserve.server.engine.block_manager import BlockManager
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.model_runner import StepResult
+from actserve.server.engine.scheduler import Scheduler
+from actserve.server.engine.sequence import SeqStatus, Sequence, TokenLogprob
+from actserve.server.metrics import EngineMetrics
+from actserve.server.models.builder import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqOutput:
+    """What changed for one sequence in one step (a streaming delta)."""
+
+    seq_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestRejected(ValueError):
+    """A request that can never run on this engine (too long for the context or the KV cache)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.loaded: LoadedModel = load_model(config)
+        self.tokenizer = self.loaded.tokenizer
+        self.model_info = self.loaded.info
+        self.model_name = self.model_info.name
+        self.registry = InterventionRegistry(self.model_info)
+        self.block_size = config.block_size
+        self.max_model_len = self.model_info.max_model_len
+        self.runner = self.loaded.make_runner(self.registry)
+        num_blocks = self.loaded.num_blocks
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
+        if batched < self.max_model_len:
+            raise ValueError(
+                f"--max-num-batched-tokens ({batched}) must be >= --max-model-len ({self.max_model_len}): "
+                "prompts are prefilled in one step"
+            )
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched)
+        self.metrics = EngineMetrics(self.model_name)
+        self.metrics.set_static_memory(
+            self.loaded.weights_bytes, self.runner.kv_bytes, self.model_info.device.type == "cuda"
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self._preempt_seen = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Resolve max_tokens (None: up to the context) and reject what can never fit."""
+        limit = self.max_model_len
+        if prompt_len == 0:
+            raise RequestRejected("prompt is empty; send at least one token", "prompt")
+        if prompt_len > limit or (max_tokens is not None and prompt_len + max_tokens > limit):
+            asked = prompt_len + (max_tokens or 0)
+            raise RequestRejected(
+                f"This model's maximum context length is {limit} tokens; the request has {prompt_len} prompt "
+                f"tokens and asks for {max_tokens or 0} more ({asked} in all); shorten prompt or max_tokens.",
+                "max_tokens" if prompt_len <= limit else "prompt",
+            )
+        return limit - prompt_len if max_tokens is None else max_tokens
+
+    def add(self, seq: Sequence) -> None:
+        seq.params.max_tokens = self.check_fits(seq.prompt_len, seq.params.max_tokens)
+        seq.eos_token_ids = seq.eos_token_ids or self.loaded.eos_token_ids
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=self.model_info.device).manual_seed(seq.params.seed)
+        detokenizer.start(seq)
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        for key in seq.interventions:
+            self.metrics.interventions.labels(self.model_name, key).inc()
+
+    def abort(self, seq_id: str) -> SeqOutput | None:
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.is_finished:
+            return None
+        self._finish(seq, "abort")
+        return self._output(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        batch = self.scheduler.schedule()
+        now = time.monotonic()
+        if batch.preempted:
+            self.metrics.preemptions.labels(self.model_name).inc(len(batch.preempted))
+        if not batch:
+            self._update_gauges()
+            return []
+        for seq in batch.prefills:
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+            self.registry.activate(seq.interventions)
+        results = self.runner.execute(batch)
+        outputs = [out for r in results if (out := self._advance(r)) is not None]
+        self._update_gauges()
+        return outputs
+
+    def _advance(self, r: StepResult) -> SeqOutput | None:
+        seq, now, m = r.seq, time.monotonic(), self.metrics
+        if seq.is_finished:  # aborted while the step ran
+            return None
+        if seq.first_token is None:
+            seq.first_token = now
+            m.ttft.labels(self.model_name).observe(now - seq.arrival)
+            if seq.count_prompt:
+                m.prompt_tokens.labels(self.model_name).inc(seq.prompt_len)
+        elif seq.last_token is not None:
+            m.itl.labels(self.model_name).observe(now - seq.last_token)
+        if seq.params.max_tokens == 0:
+            self._finish(seq, "length")
+            return self._output(seq)
+        seq.last_token = now
+        seq.output_token_ids.append(r.token_id)
+        if r.logprob is not None:
+            seq.logprobs.append(r.logprob)
+        m.generation_tokens.labels(self.model_name).inc()
+        detokenizer.step(self.tokenizer, seq)
+        self._check_stop(seq, r.token_id)
+        return self._output(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in seq.eos_token_ids:
+                seq.stop_reason = None
+                return self._finish(seq, "stop")
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return self._finish(seq, "stop")
+            if p.stop:
+                window = max(len(s) for s in p.stop) + 16
+                begin = max(0, seq.sent_text_len - window)
+                for stop in p.stop:
+                    at = seq.output_text.find(stop, begin)
+                    if at >= 0:
+                        cut = at + len(stop) if p.include_stop_str_in_output else at
+                        seq.output_text = seq.output_text[:cut]
+                        seq.stop_reason = stop
+                        return self._finish(seq, "stop")
+        if n_out >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        now, m, name = time.monotonic(), self.metrics, self.model_name
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.registry.release(seq.interventions)
+        self.runner.release(seq)
+        self.seqs.pop(seq.seq_id, None)
+        m.success.labels(name, reason).inc()
+        m.e2e.labels(name).observe(now - seq.arrival)
+        if seq.first_scheduled is not None:
+            m.queue.labels(name).observe(seq.first_scheduled - seq.arrival)
+            if seq.first_token is not None:
+                m.prefill.labels(name).observe(seq.first_token - seq.first_scheduled)
+                m.decode.labels(name).observe((seq.last_token or seq.first_token) - seq.first_token)
+
+    def _output(self, seq: Sequence) -> SeqOutput:
+        """The unsent part; while stop strings may still match, hold back a possible partial match."""
+        hold = 0
+        if not seq.is_finished and seq.params.stop:
+            hold = max(len(s) for s in seq.params.stop) - 1
+        end = max(seq.sent_text_len, len(seq.output_text) - hold)
+        text = seq.output_text[seq.sent_text_len : end]
+        seq.sent_text_len = end
+        ids = seq.output_token_ids[seq.sent_tokens :]
+        lps = seq.logprobs[seq.sent_tokens :] if seq.params.logprobs is not None else []
+        first = seq.sent_tokens == 0 and not seq.prompt_lp_sent
+        seq.sent_tokens = len(seq.output_token_ids)
+        out = SeqOutput(
+            seq_id=seq.seq_id,
+            text=text,
+            token_ids=ids,
+            logprobs=lps,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            prompt_logprobs=seq.prompt_logprobs if first else None,
+            num_prompt_tokens=seq.prompt_len,
+            num_output_tokens=len(seq.output_token_ids),
+        )
+        if first and seq.prompt_logprobs is not None:
+            seq.prompt_lp_sent = True
+        return out
+
+    def _update_gauges(self) -> None:
+        m, name = self.metrics, self.model_name
+        m.running.labels(name).set(len(self.scheduler.running))
+        m.waiting.labels(name).set(len(self.scheduler.waiting))
+        m.kv_usage.labels(name).set(self.blocks.usage)

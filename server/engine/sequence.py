@@ -1,0 +1,78 @@
+"""One generated sequence: its tokens, KV blocks, sampling state, timings and incremental text."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from actserve.server.engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Sequence:
+    """State the scheduler and runner share; `num_computed` tokens have K/V in `block_table`."""
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int]
+    interventions: dict[str, Any] = field(default_factory=dict)  # plugin name -> prepared plan
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_lp_sent: bool = False
+    count_prompt: bool = True  # False for choices 2..n of one request: usage counts the prompt once
+    # text state (engine thread only)
+    output_text: str = ""
+    sent_text_len: int = 0
+    sent_tokens: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # timings (time.monotonic)
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.prompt_len + (self.params.max_tokens or 0)

@@ -1,0 +1,87 @@
+"""Paged attention over packed (ragged) batches: KV lives in fixed-size blocks addressed by block tables.
+
+This is the plain-torch path used on the CPU and as the reference for GPU kernels. Each sequence attends
+on its own (a loop over sequences), which keeps results independent of what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a packed step: its query rows and the KV slots it may read."""
+
+    start: int  # first row of this sequence in the packed batch
+    num_queries: int  # new tokens this step (prompt length at prefill, 1 at decode)
+    context_slots: torch.Tensor  # [context_len] flat KV slot of every token so far, in order
+
+    @property
+    def context_len(self) -> int:
+        return int(self.context_slots.shape[0])
+
+
+@dataclass
+class AttentionBatch:
+    """Per-step attention metadata shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot where each new token's K/V is written
+    seqs: list[SeqSlice]
+
+
+def make_kv_cache(
+    num_layers: int,
+    num_slots: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """One [2, num_slots, kv_heads, head_dim] tensor per layer; slot = block * block_size + offset."""
+    return [
+        torch.zeros(2, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        for _ in range(num_layers)
+    ]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then causal attention per sequence; q: [T, Hq, D]."""
+    kv_cache[0, batch.slot_mapping] = k
+    kv_cache[1, batch.slot_mapping] = v
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for s in batch.seqs:
+        qs = q[s.start : s.start + s.num_queries].transpose(0, 1)  # [H, Tq, D]
+        ks = kv_cache[0, s.context_slots].transpose(0, 1)  # [Hk, Tk, D]
+        vs = kv_cache[1, s.context_slots].transpose(0, 1)
+        if group > 1:
+            ks = ks.repeat_interleave(group, dim=0)
+            vs = vs.repeat_interleave(group, dim=0)
+        mask = _causal_mask(s.num_queries, s.context_len, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[s.start : s.start + s.num_queries] = o.transpose(0, 1)
+    return out
+
+
+def _causal_mask(num_q: int, num_k: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (True = attend) for queries that are the last num_q of num_k positions."""
+    if num_q == 1 and (window is None or num_k <= window):
+        return None
+    q_pos = torch.arange(num_k - num_q, num_k, device=device).unsqueeze(1)
+    k_pos = torch.arange(num_k, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask

@@ -1,0 +1,86 @@
+"""Prometheus collectors with vLLM's names (prefix `actserve_`) and buckets, so its dashboards work."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0]  # fmt: skip
+REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+
+
+class EngineMetrics:
+    """All collectors of one served model, in their own registry (several engines can share a process)."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        r, lbl = self.registry, ["model_name"]
+
+        def hist(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(f"actserve_{name}", doc, lbl, buckets=buckets, registry=r)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.", REQUEST_BUCKETS)
+        self.prefill = hist(
+            "request_prefill_time_seconds", "First scheduled to first token.", REQUEST_BUCKETS
+        )
+        self.decode = hist("request_decode_time_seconds", "First token to last token.", REQUEST_BUCKETS)
+        self.running = Gauge(
+            "actserve_num_requests_running", "Sequences in the running batch.", lbl, registry=r
+        )
+        self.waiting = Gauge("actserve_num_requests_waiting", "Sequences waiting to run.", lbl, registry=r)
+        self.kv_usage = Gauge(
+            "actserve_kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", lbl, registry=r
+        )
+        self.prompt_tokens = Counter("actserve_prompt_tokens", "Prompt tokens processed.", lbl, registry=r)
+        self.generation_tokens = Counter("actserve_generation_tokens", "Tokens generated.", lbl, registry=r)
+        self.success = Counter(
+            "actserve_request_success", "Finished requests by reason.", lbl + ["finished_reason"], registry=r
+        )
+        self.preemptions = Counter(
+            "actserve_num_preemptions", "Sequences preempted (recompute).", lbl, registry=r
+        )
+        self.gpu_memory = Gauge(
+            "actserve_gpu_memory_bytes", "GPU memory by kind.", lbl + ["kind"], registry=r
+        )
+        self.cpu_memory = Gauge(
+            "actserve_cpu_memory_bytes", "CPU memory by kind.", lbl + ["kind"], registry=r
+        )
+        self.interventions = Counter(
+            "actserve_intervention_requests",
+            "Requests carrying an intervention.",
+            lbl + ["intervention"],
+            registry=r,
+        )
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(model_name, reason)
+        self._weights_bytes = 0
+        self._kv_bytes = 0
+        self._on_gpu = False
+
+    def set_static_memory(self, weights_bytes: int, kv_bytes: int, on_gpu: bool) -> None:
+        """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them."""
+        self._weights_bytes, self._kv_bytes, self._on_gpu = weights_bytes, kv_bytes, on_gpu
+        self.refresh_memory()
+
+    def refresh_memory(self) -> None:
+        m = self.model_name
+        self.cpu_memory.labels(m, "rss").set(psutil.Process().memory_info().rss)
+        self.cpu_memory.labels(m, "pinned").set(0)
+        gpu = self.gpu_memory
+        if self._on_gpu and torch.cuda.is_available():
+            gpu.labels(m, "weights").set(self._weights_bytes)
+            gpu.labels(m, "kv_cache").set(self._kv_bytes)
+            gpu.labels(m, "allocated").set(torch.cuda.memory_allocated())
+            gpu.labels(m, "reserved").set(torch.cuda.memory_reserved())
+        else:
+            for kind in ("weights", "kv_cache", "allocated", "reserved"):
+                gpu.labels(m, kind).set(0)

@@ -1,0 +1,143 @@
+"""From `EngineConfig` to a loaded model, its tokenizer, its `ModelInfo` and its KV cache size."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from actserve.interventions.registry import InterventionRegistry
+from actserve.server.engine.config import EngineConfig
+from actserve.server.models.loader import (
+    ModelInfo,
+    ModelLoadError,
+    load_native,
+    read_generation_eos,
+    resolve_dtype,
+    resolve_model_dir,
+    weight_files,
+)
+from actserve.server.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    model: torch.nn.Module
+    tokenizer: Any
+    eos_token_ids: list[int]
+    spec: ModelSpec | None  # None on the transformers fallback path
+    num_blocks: int
+    block_size: int
+    weights_bytes: int
+    kv_heads: int
+    head_dim: int
+
+    def make_runner(self, registry: InterventionRegistry) -> Any:
+        if self.spec is None:
+            from actserve.server.models.hf_fallback import HFRunner
+
+            return HFRunner(self.model, self.info.num_layers, registry)
+        from actserve.server.engine.model_runner import ModelRunner
+
+        return ModelRunner(
+            self.model, self.num_blocks, self.block_size, self.info.device, self.info.dtype, registry
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda asked for, but torch sees no CUDA device")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def model_dir_and_name(config: EngineConfig) -> tuple[Path, str]:
+    if config.model is None:
+        from actserve.server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+        return ensure_default_model(), config.served_model_name or DEFAULT_MODEL_NAME
+    path = resolve_model_dir(config.model)
+    name = config.served_model_name or (config.model if not Path(config.model).is_dir() else path.name)
+    return path, name
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir, name = model_dir_and_name(config)
+    device = resolve_device(config.device)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = resolve_dtype(config.dtype, device, hf_config)
+    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    max_pos = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 4096
+    max_len = config.max_model_len or max_pos
+    if max_len > max_pos:
+        raise ModelLoadError(
+            f"--max-model-len {max_len} exceeds the model's max_position_embeddings {max_pos}"
+        )
+    files = weight_files(model_dir, config.allow_pickle_weights)
+    spec: ModelSpec | None = None
+    if not config.force_transformers:
+        try:
+            spec = ModelSpec.from_hf_config(hf_config)
+        except NotImplementedError as why:
+            log.warning("serving %s through the transformers fallback: %s", name, why)
+    if spec is not None:
+        model = load_native(spec, hf_config, files, dtype, device, max_len)
+        arch, impl = (hf_config.architectures or ["?"])[0], "native"
+        layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
+        kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+    else:
+        model = _load_transformers(model_dir, dtype, device, config.allow_pickle_weights)
+        arch, impl = type(model).__name__, "transformers"
+        layers, hidden = text_config.num_hidden_layers, text_config.hidden_size
+        vocab = text_config.vocab_size
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+    weights_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    per_block = (
+        2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
+    )
+    min_blocks = -(-max_len // config.block_size)
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+        if num_blocks < min_blocks:
+            raise ModelLoadError(
+                f"--num-kv-blocks {num_blocks} holds {num_blocks * config.block_size} tokens, less than "
+                f"--max-model-len {max_len}; give at least {min_blocks} blocks or lower --max-model-len"
+            )
+    else:
+        num_blocks = max(min_blocks, int(config.kv_cache_memory_gb * 2**30 // per_block))
+    info = ModelInfo(
+        name=name,
+        path=str(model_dir),
+        architecture=arch,
+        implementation=impl,
+        num_layers=layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        max_model_len=max_len,
+        dtype=dtype,
+        device=device,
+        is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
+    )
+    eos = read_generation_eos(model_dir, hf_config, tokenizer)
+    return LoadedModel(
+        info, model, tokenizer, eos, spec, num_blocks, config.block_size, weights_bytes, kv_heads, head_dim
+    )
+
+
+def _load_transformers(model_dir: Path, dtype: torch.dtype, device: torch.device, allow_pickle: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=not allow_pickle)
+    return model.to(device).eval()

@@ -1,0 +1,86 @@
+"""A small, typed view of a decoder-only HF config: what the native layers need and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NATIVE_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# RoPE types whose frequencies do not depend on the running sequence length, so one table serves all.
+STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings from either transformers 5 (`rope_parameters`) or 4.x (`rope_theta` + `rope_scaling`)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        out = dict(params)
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+        out["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
+    return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and options of a Llama-family model, read once from its HF config."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    rope_type: str
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelSpec:
+        arch = (getattr(config, "architectures", None) or ["?"])[0]
+        family = NATIVE_ARCHITECTURES.get(arch)
+        if family is None:
+            raise NotImplementedError(f"no native implementation for {arch}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act={config.hidden_act} is not native")
+        if getattr(config, "mlp_bias", False):
+            raise NotImplementedError("mlp_bias=True is not native")
+        rope = rope_parameters(config)
+        if rope["rope_type"] not in STATIC_ROPE_TYPES:
+            raise NotImplementedError(f"rope_type={rope['rope_type']} is not native")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        window = None
+        if family == "mistral":
+            window = getattr(config, "sliding_window", None)
+        elif family in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+            raise NotImplementedError("Qwen sliding-window layers are not native")
+        return cls(
+            family=family,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=window,
+            rope_type=rope["rope_type"],
+        )

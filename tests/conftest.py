@@ -1,0 +1,86 @@
+"""Shared fixtures: model folders (real small models and random-init families) and a live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("ACTSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+TINYSTORIES = SHARED / "models" / "tinystories-656k"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir() -> Path:
+    if not (TINYSTORIES / "model.safetensors").exists():
+        pytest.fail(f"TinyStories-656K not found at {TINYSTORIES}; set ACTSERVE_SHARED to the shared/ folder")
+    return TINYSTORIES
+
+
+def save_random_model(config: object, path: Path, seed: int = 0) -> Path:
+    """A random-init HF model of any family, saved with TinyStories' tokenizer (vocab 2048)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TINYSTORIES / name, path / name)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 in a thread, serving a real engine."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy in 120 s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(model_dir: Path, api_key: str | None = None, **engine_kwargs: object) -> LiveServer:
+    from actserve.server.api.app import create_app
+    from actserve.server.engine.async_engine import AsyncEngine
+    from actserve.server.engine.config import EngineConfig
+
+    config = EngineConfig(model=str(model_dir), **engine_kwargs)  # type: ignore[arg-type]
+    return LiveServer(create_app(load=lambda: AsyncEngine.from_config(config), api_key=api_key))
+
+
+@pytest.fixture(scope="module")
+def tinystories_server(tinystories_dir: Path) -> Iterator[LiveServer]:
+    server = start_server(tinystories_dir, num_kv_blocks=256)
+    yield server
+    server.stop()
