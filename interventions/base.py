@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
+
 from actserve.server.layers.hooks import ResidualHook
 from actserve.server.models.loader import ModelInfo
-from pydantic import BaseModel
 
 
 class InterventionError(ValueError):

@@ -6,10 +6,11 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
+from pydantic import ValidationError
+
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.server.layers.hooks import StepHooks
 from actserve.server.models.loader import ModelInfo
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     import uvicorn
+
     from actserve.server.api.app import create_app
     from actserve.server.engine.async_engine import AsyncEngine
 

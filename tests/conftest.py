@@ -52,7 +52,8 @@ class LiveServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 120
@@ -84,3 +85,14 @@ def tinystories_server(tinystories_dir: Path) -> Iterator[LiveServer]:
     server = start_server(tinystories_dir, num_kv_blocks=256)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), converted once into the user cache."""
+    from actserve.server.models.default_model import DefaultModelUnavailable, ensure_default_model
+
+    try:
+        return ensure_default_model()
+    except DefaultModelUnavailable as e:
+        pytest.fail(str(e))

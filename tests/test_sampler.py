@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from actserve.server.engine.sampler import SamplingRow, apply_penalties, sample
 from actserve.server.engine.sampling_params import SamplingParams
 

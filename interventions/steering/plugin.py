@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+
 from actserve.interventions.base import (
     InterventionCapacityError,
     InterventionError,

@@ -12,6 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from actserve.server.api.chat import ChatHandler, render_chat
 from actserve.server.api.completions import CompletionHandler
 from actserve.server.api.errors import APIError, error_response, install_error_handlers
@@ -23,9 +27,6 @@ from actserve.server.api.protocol import (
 )
 from actserve.server.engine.async_engine import AsyncEngine
 from actserve.server.version import __version__
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = {"/health", "/metrics", "/version", "/docs", "/openapi.json"}
@@ -136,26 +137,29 @@ def create_app(
             return Response(b"", media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    def model_card() -> dict[str, Any]:
         info = state.ready().engine.model_info
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": info.name,
-                    "object": "model",
-                    "created": int(state.started),
-                    "owned_by": "actserve",
-                    "root": info.path,
-                    "max_model_len": info.max_model_len,
-                    "architecture": info.architecture,
-                    "implementation": info.implementation,
-                    "dtype": str(info.dtype).removeprefix("torch."),
-                    "device": str(info.device),
-                }
-            ],
+            "id": info.name,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "actserve",
+            "root": info.path,
+            "max_model_len": info.max_model_len,
+            "architecture": info.architecture,
+            "implementation": info.implementation,
+            "dtype": str(info.dtype).removeprefix("torch."),
+            "device": str(info.device),
         }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        state.check_model(model)
+        return model_card()
 
     @app.get("/v1/interventions")
     async def interventions() -> dict[str, Any]:

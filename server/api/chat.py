@@ -6,6 +6,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from actserve.server.api.errors import APIError, as_api_error, error_sse
 from actserve.server.api.generation import (
     TokenText,
@@ -19,8 +22,6 @@ from actserve.server.api.generation import (
 from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
 from actserve.server.engine.async_engine import AsyncEngine
 from actserve.server.engine.sequence import TokenLogprob
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -6,6 +6,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from actserve.server.api.errors import APIError, as_api_error, error_sse
 from actserve.server.api.generation import (
     Choice,
@@ -20,8 +23,6 @@ from actserve.server.api.generation import (
 from actserve.server.api.protocol import CompletionRequest
 from actserve.server.engine.async_engine import AsyncEngine
 from actserve.server.engine.sequence import TokenLogprob
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 
 def tokenize_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from actserve.interventions.base import InterventionCapacityError, InterventionError
-from actserve.server.engine.async_engine import EngineDeadError
-from actserve.server.engine.llm_engine import RequestRejected
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actserve.interventions.base import InterventionCapacityError, InterventionError
+from actserve.server.engine.async_engine import EngineDeadError
+from actserve.server.engine.llm_engine import RequestRejected
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                429: "RateLimitError", 503: "ServiceUnavailableError", 500: "InternalServerError"}  # fmt: skip

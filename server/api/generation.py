@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from fastapi import Request
+
 from actserve.server.api.errors import APIError, as_api_error
 from actserve.server.engine.async_engine import AsyncEngine
 from actserve.server.engine.llm_engine import SeqOutput
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence, TokenLogprob
-from fastapi import Request
 
 
 def new_id(prefix: str) -> str:

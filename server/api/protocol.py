@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from actserve.server.engine.sampling_params import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actserve.server.engine.sampling_params import SamplingParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20

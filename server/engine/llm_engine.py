@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+
 from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine.sampler import SamplingRow, sample

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 import torch
+
 from actserve.server.engine.sampling_params import SamplingParams
 
 __all__ = ["SamplerOutput", "SamplingRow", "apply_penalties", "sample"]

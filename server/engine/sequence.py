@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from actserve.server.engine.sampling_params import SamplingParams
 
 

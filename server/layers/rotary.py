@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from actserve.server.models.spec import rope_parameters
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine.config import EngineConfig
 from actserve.server.models.loader import (

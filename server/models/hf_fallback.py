@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine.model_runner import StepResult, prompt_logprobs, sample_rows

@@ -5,16 +5,15 @@ Module and parameter names mirror transformers' so safetensors checkpoints load 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from actserve.server.layers.attention import AttentionBatch, paged_attention
 from actserve.server.layers.hooks import StepHooks
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
-from torch import nn
 
 
 class Attention(nn.Module):
@@ -96,14 +95,14 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Forward over a packed step; the residual hook point sits after every decoder layer."""
 
-    def __init__(self, spec: ModelSpec, hf_config: Any, max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.spec = spec
         self.model = LlamaBody(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = RotaryEmbedding(hf_config, spec.head_dim, max_positions)
+        self.rotary = rotary
 
     def forward(
         self,

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from actserve.server.models.spec import ModelSpec
 from safetensors import safe_open
 from tqdm import tqdm
+
+from actserve.server.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,13 @@ def load_native(
     from actserve.server.layers.rotary import RotaryEmbedding
     from actserve.server.models.llama import LlamaForCausalLM
 
+    rotary = RotaryEmbedding(config, spec.head_dim, max_positions).to(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec, config, max_positions=1)
+        model = LlamaForCausalLM(spec, torch.nn.Module())
     model = model.to_empty(device=device).to(dtype)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(config, spec.head_dim, max_positions).to(device)
+    model.rotary = rotary  # built outside the meta context: its tables are computed, not loaded
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(params)
     total = sum(f.stat().st_size for f in files)

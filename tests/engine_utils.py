@@ -1,0 +1,63 @@
+"""Helpers for engine-level tests: run sequences to completion and capture the logits the sampler saw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from actserve.server.engine import model_runner
+from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.sampling_params import SamplingParams
+from actserve.server.engine.sequence import Sequence
+
+
+def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    interventions: list[dict[str, Any] | None] | None = None,
+    tag: str = "r",
+) -> list[list[int]]:
+    """Submit all prompts at once and step until done; returns each sequence's output tokens."""
+    ids = []
+    for i, p in enumerate(prompts):
+        spec = interventions[i] if interventions else None
+        seq = Sequence(f"{tag}{i}", list(p), _copy(params), [], interventions=engine.registry.prepare(spec))
+        engine.add(seq)
+        ids.append(seq.seq_id)
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.seq_id].extend(o.token_ids)
+    return [out[i] for i in ids]
+
+
+def _copy(params: SamplingParams) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params)
+
+
+@contextmanager
+def capture_logits() -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record, per sequence id, the logits row the sampler received at each step."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = model_runner.sample_rows
+
+    def spy(logits: torch.Tensor, seqs: list[Sequence]) -> Any:
+        for row, seq in zip(logits, seqs, strict=True):
+            seen.setdefault(seq.seq_id, []).append(row.detach().clone())
+        return original(logits, seqs)
+
+    model_runner.sample_rows = spy
+    try:
+        yield seen
+    finally:
+        model_runner.sample_rows = original
