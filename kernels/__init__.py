@@ -1,0 +1,5 @@
+"""Triton kernels, each beside its plain-torch reference (DESIGN.md §2).
+
+Empty until the GPU fast-path issue: the CPU path uses the plain-torch layers in actserve.server.layers,
+which are also the references those kernels will be tested against.
+"""
