@@ -62,6 +62,8 @@ class EngineMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
+        for counter in (self.prompt_tokens, self.generation_tokens, self.preemptions):
+            counter.labels(model_name)  # present from the start, so rate() has a zero to begin at
         self._weights_bytes = 0
         self._kv_bytes = 0
         self._on_gpu = False

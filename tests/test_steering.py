@@ -193,3 +193,15 @@ def test_invalid_specs_name_the_field(eng: LLMEngine, bad: dict[str, Any], param
         eng.registry.prepare(spec([bad]))
     assert e.value.param == param
     assert len(plugin._free) == free  # a rejected request holds no slot
+
+
+def test_vector_order_kept_in_mixed_batches(eng: LLMEngine, ref: Any, prompts: list[list[int]]) -> None:
+    """A neighbour that touches a layer only with its second vector must not reorder this row's vectors."""
+    a = spec([vec({0: direction(31)}, 2.0), vec({1: direction(32)}, 2.0)])
+    d1, d2 = direction(33), direction(34)
+    b = spec([vec({1: d1}, 9.0), vec({1: d2}, -9.0, normalize=True)])
+    (_, mixed_b), seen = ours(eng, [prompts[0], prompts[1]], [a, b], tag="o")
+    ref_tokens, ref_logits = hf_steered(ref, prompts[1], {1: [add(d1, 9.0), add_normalized(d2, -9.0)]})
+    for step, (x, y) in enumerate(zip(seen["o1"], ref_logits, strict=True)):
+        assert (x - y).abs().max().item() < 1e-4, f"step {step}"
+    assert mixed_b == ref_tokens

@@ -184,6 +184,7 @@ class SteeringPlugin(InterventionPlugin):
                         used[layer].append(k)
         if not used:
             return None
+        used = {layer: sorted(cols) for layer, cols in used.items()}  # each row's vectors apply in order
         dev = self.table.device
         return SteeringHook(
             self.table,
