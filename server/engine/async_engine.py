@@ -10,14 +10,24 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
 from actserve.server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class EngineDeadError(RuntimeError):
@@ -65,6 +75,15 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("abort", seq.seq_id))
 
+    async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread between steps (it owns the model and device state)."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._commands.put(("call", (fn, loop, future)))
+        return await future
+
     def abort(self, seq_id: str) -> None:
         self._commands.put(("abort", seq_id))
 
@@ -94,10 +113,22 @@ class AsyncEngine:
                     self._deliver(e, arg.seq_id)
             elif cmd == "abort":
                 self.engine.abort(arg)
+            elif cmd == "call":
+                self._call(*arg)
             try:
                 cmd, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _call(
+        self, fn: Callable[[LLMEngine], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future
+    ) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _loop(self) -> None:
         try:
