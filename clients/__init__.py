@@ -19,6 +19,7 @@ from actserve.clients.interventions import (
     SteeringVector,
     build_interventions,
     extra_body,
+    vector_body,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "build_interventions",
     "extra_body",
     "parse_metrics",
+    "vector_body",
 ]

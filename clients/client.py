@@ -13,12 +13,14 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
+from urllib.parse import quote
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from actserve.clients.interventions import InterventionsLike, SteeringLike, build_interventions
+from actserve.clients.interventions import InterventionsLike, SteeringLike, build_interventions, vector_body
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -342,6 +344,36 @@ class ActServeClient(_Base):
         """`/metrics` parsed: see `parse_metrics` for the keys."""
         return parse_metrics(_check(self._http.get("/metrics"), as_json=False))
 
+    # -- steering vector library (docs/api.md "Vector library") -----------------------------------
+    def steering_vectors(self) -> list[dict[str, Any]]:
+        """Stored vectors: name, layers, norms, model_hint, hidden_size, num_layers, created, metadata."""
+        return self._get("/v1/steering/vectors")["data"]
+
+    def steering_vector(self, name: str) -> dict[str, Any]:
+        """One stored vector with its `directions` ({"L": [floats]})."""
+        return self._get(f"/v1/steering/vectors/{quote(name)}")
+
+    def download_steering_vector(self, name: str, format: str = "gguf") -> bytes:
+        """The vector as a file: "gguf" (repeng / llama.cpp control vector) or "safetensors"."""
+        resp = self._http.get(f"/v1/steering/vectors/{quote(name)}", params={"format": format})
+        _check(resp, as_json=False)
+        return resp.content
+
+    def create_steering_vector(self, name: str, **kw: Any) -> dict[str, Any]:
+        """Store a vector from `directions=` or `combine=` (see `vector_body`); returns its summary."""
+        return self._post("/v1/steering/vectors", vector_body(name, **kw))
+
+    def upload_steering_vector(self, file: str | os.PathLike[str] | bytes, name: str | None = None,
+                               replace: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Store a .safetensors or .gguf vector file (a path or its bytes)."""
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
+        params = {"replace": str(replace).lower(), **({"name": name} if name else {})}
+        headers = {"Content-Type": "application/octet-stream"}
+        return _check(self._http.post("/v1/steering/vectors", content=data, params=params, headers=headers))
+
+    def delete_steering_vector(self, name: str) -> None:
+        _check(self._http.delete(f"/v1/steering/vectors/{quote(name)}"))
+
 
 class AsyncActServeClient(_Base):
     """The asyncio twin of ActServeClient: same methods and arguments, awaited."""
@@ -448,6 +480,31 @@ class AsyncActServeClient(_Base):
 
     async def metrics(self) -> dict[str, float]:
         return parse_metrics(_check(await self._http.get("/metrics"), as_json=False))
+
+    async def steering_vectors(self) -> list[dict[str, Any]]:
+        return (await self._get("/v1/steering/vectors"))["data"]
+
+    async def steering_vector(self, name: str) -> dict[str, Any]:
+        return await self._get(f"/v1/steering/vectors/{quote(name)}")
+
+    async def download_steering_vector(self, name: str, format: str = "gguf") -> bytes:
+        resp = await self._http.get(f"/v1/steering/vectors/{quote(name)}", params={"format": format})
+        _check(resp, as_json=False)
+        return resp.content
+
+    async def create_steering_vector(self, name: str, **kw: Any) -> dict[str, Any]:
+        return await self._post("/v1/steering/vectors", vector_body(name, **kw))
+
+    async def upload_steering_vector(self, file: str | os.PathLike[str] | bytes, name: str | None = None,
+                                     replace: bool = False) -> dict[str, Any]:  # fmt: skip
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
+        params = {"replace": str(replace).lower(), **({"name": name} if name else {})}
+        headers = {"Content-Type": "application/octet-stream"}
+        resp = await self._http.post("/v1/steering/vectors", content=data, params=params, headers=headers)
+        return _check(resp)
+
+    async def delete_steering_vector(self, name: str) -> None:
+        _check(await self._http.delete(f"/v1/steering/vectors/{quote(name)}"))
 
 
 __all__ = [

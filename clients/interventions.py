@@ -49,7 +49,9 @@ class SteeringVector:
 
     `directions` maps layer -> direction (list of floats, 1-D tensor or array of length hidden_size), or
     is a whole [num_layers, hidden_size] tensor/array whose row L is layer L. `name` refers to a stored
-    vector instead (server-side library; give exactly one of the two).
+    vector instead (the server's vector library; give exactly one of the two). `window=(start, end)`
+    steers only positions whose index within their phase is in [start, end) (end None: open): prompt
+    positions from the first prompt token, generated tokens from the first generated token.
     """
 
     directions: Mapping[int, Any] | Any | None = None
@@ -57,6 +59,7 @@ class SteeringVector:
     phases: Sequence[str] = PHASES
     normalize: bool = False
     name: str | None = None
+    window: tuple[int, int | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of one entry of `interventions.steering.vectors`."""
@@ -75,7 +78,39 @@ class SteeringVector:
             layers = d if isinstance(d, Mapping) else _rows(d)
             out["directions"] = {str(int(k)): _floats(v, f"directions[{k}]") for k, v in layers.items()}
         out.update(scale=float(self.scale), phases=phases, normalize=bool(self.normalize))
+        if self.window is not None:
+            start, end = self.window
+            if start < 0 or (end is not None and end <= start):
+                raise ValueError(f"SteeringVector.window needs 0 <= start < end, got {self.window}")
+            out["window"] = [int(start), None if end is None else int(end)]
         return out
+
+
+def vector_body(
+    name: str,
+    directions: Mapping[int, Any] | Any | None = None,
+    combine: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    model_hint: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """JSON body of `POST /v1/steering/vectors`: directions as for SteeringVector, or `combine`, a
+    {name: scale} mapping (or pairs) whose scaled sum becomes the new vector."""
+    if (directions is None) == (combine is None):
+        raise ValueError("give exactly one of 'directions' and 'combine'")
+    body: dict[str, Any] = {"name": name, "replace": bool(replace)}
+    if directions is not None:
+        layers = directions if isinstance(directions, Mapping) else _rows(directions)
+        body["directions"] = {str(int(k)): _floats(v, f"directions[{k}]") for k, v in layers.items()}
+    else:
+        assert combine is not None
+        pairs = combine.items() if isinstance(combine, Mapping) else combine
+        body["combine"] = [{"name": n, "scale": float(s)} for n, s in pairs]
+    if model_hint is not None:
+        body["model_hint"] = model_hint
+    if metadata:
+        body["metadata"] = dict(metadata)
+    return body
 
 
 @dataclass

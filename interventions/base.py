@@ -51,6 +51,8 @@ class InterventionPlugin(ABC):
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info
+        # shared by all plugins of one registry (e.g. the steering vector library); the registry sets it
+        self.context: dict[str, Any] = {}
 
     @abstractmethod
     def prepare(self, spec: BaseModel, param: str) -> Any:

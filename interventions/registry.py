@@ -35,9 +35,18 @@ def discover() -> dict[str, type[InterventionPlugin]]:
 class InterventionRegistry:
     """The plugins of one loaded model; turns request specs into plans and plans into step hooks."""
 
-    def __init__(self, model_info: ModelInfo, plugins: dict[str, type[InterventionPlugin]] | None = None):
+    def __init__(
+        self,
+        model_info: ModelInfo,
+        plugins: dict[str, type[InterventionPlugin]] | None = None,
+        context: dict[str, Any] | None = None,
+    ):
+        """`context`: server-wide objects the plugins share (e.g. "steering.library": VectorLibrary)."""
         classes = plugins if plugins is not None else discover()
+        self.context: dict[str, Any] = context if context is not None else {}
         self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
+        for plugin in self.plugins.values():
+            plugin.context = self.context
 
     def describe(self) -> list[dict[str, Any]]:
         return [

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from actserve.server.cli_vectors import add_vectors_parser
+from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
 from actserve.server.version import __version__
 
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
     )
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="CUDA: share of GPU memory")
+    s.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    s.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--served-model-name", default=None)
     s.add_argument(
@@ -44,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--force-transformers", action="store_true", help="serve through transformers' model")
     s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
+    s.add_argument(
+        "--steering-vectors",
+        default=None,
+        metavar="DIR",
+        help="folder of named steering vectors (*.safetensors, *.gguf): preloaded; new ones saved there",
+    )
     s.add_argument("--log-level", default="info")
+    add_vectors_parser(sub)
     return parser
 
 
@@ -60,13 +72,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
+        steering_vectors_dir=args.steering_vectors,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "vectors":
+        return run_vectors(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

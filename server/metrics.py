@@ -62,8 +62,18 @@ class EngineMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
-        for counter in (self.prompt_tokens, self.generation_tokens, self.preemptions):
-            counter.labels(model_name)  # present from the start, so rate() has a zero to begin at
+        # every series exists from the start (at zero), as vLLM exports them, so rate() has a baseline
+        hists = (self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode)
+        others = (
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+        )
+        for metric in (*hists, *others):
+            metric.labels(model_name)
         self._weights_bytes = 0
         self._kv_bytes = 0
         self._on_gpu = False

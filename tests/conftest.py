@@ -14,6 +14,9 @@ import httpx
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(os.environ.get("ACTSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TINYSTORIES = SHARED / "models" / "tinystories-656k"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -59,8 +62,12 @@ class LiveServer:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                if r.status_code == 200:
                     return
+                if r.status_code == 503 and r.json().get("status") == "unhealthy":
+                    self.stop()
+                    raise RuntimeError(f"model failed to load: {r.json().get('error')}")
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)

@@ -2,7 +2,9 @@
 
 Vectors live in one resident table [slots, num_layers, hidden]; each step gets fixed-shape per-row
 tensors (slot index, -1 = none; scale; normalize flag), so mixed batches need no per-request code on
-the hot path and the same tensors can be static inputs of a captured graph.
+the hot path and the same tensors can be static inputs of a captured graph. A vector's `window` and
+`phases` only choose which rows get its slot index in a step (`row_ranges`); named vectors are copied
+out of the VectorLibrary at `prepare`, so a plan never depends on the library afterwards.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from actserve.interventions.base import (
     RowSpan,
     device_table,
 )
-from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST, SteeringSpec
+from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary, VectorNotFound
+from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST, SteeringSpec, SteeringVectorSpec
+from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, apply_steering_ref
 from actserve.server.models.loader import ModelInfo
 
 DEFAULT_SLOTS = 256
@@ -34,6 +38,7 @@ class PreparedVector:
     prompt: bool
     generation: bool
     normalize: bool
+    window: tuple[int, int | None] | None = None
     slot: int = -1
 
 
@@ -57,33 +62,40 @@ class SteeringHook:
         normalize: torch.Tensor,
         used: dict[int, list[int]],
     ) -> None:
-        self.table, self.layer_mask = table, layer_mask
-        self.index, self.scale, self.normalize = index, scale, normalize
-        self.used = used  # layer -> vector columns with at least one active row there
-        self.any_normalize = bool(normalize.any())
+        # the model feeds these to the fused add + steering + norm between layers
+        self.tensors = SteeringTensors(table, layer_mask, index, scale, normalize, columns=used)
 
     def layers(self) -> set[int]:
-        return set(self.used)
+        return set(self.tensors.columns or ())
 
     def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        for k in self.used.get(layer, ()):
-            idx = self.index[:, k]
-            safe = idx.clamp(min=0)
-            active = (idx >= 0) & self.layer_mask[safe, layer]
-            vec = self.table[safe, layer]
-            stepped = hidden + self.scale[:, k : k + 1].to(hidden.dtype) * vec
-            if self.any_normalize:
-                before = hidden.float().norm(dim=-1, keepdim=True)
-                after = stepped.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                rescaled = (stepped.float() * (before / after)).to(hidden.dtype)
-                stepped = torch.where(self.normalize[:, k : k + 1], rescaled, stepped)
-            hidden = torch.where(active.unsqueeze(1), stepped, hidden)
-        return hidden
+        return apply_steering_ref(hidden, layer, self.tensors)
+
+
+def row_ranges(span: RowSpan, vec: PreparedVector) -> list[tuple[int, int]]:
+    """The packed rows [lo, hi) of `span` that `vec` steers: its phases, cut to its window.
+
+    A row holds position p (pos0 <= p < pos0 + count). Prompt rows (p < prompt_len) have window index p;
+    generation rows have index p - prompt_len, the generated token's index. Each part is contiguous."""
+    start, end = vec.window if vec.window is not None else (0, None)
+    n_prompt = min(span.count, max(0, span.prompt_len - span.pos0))  # rows that are prompt positions
+    parts = []
+    if vec.prompt:  # positions [pos0, pos0 + n_prompt), window over p
+        parts.append((span.pos0, span.pos0 + n_prompt, 0))
+    if vec.generation:  # positions [pos0 + n_prompt, pos0 + count), window over p - prompt_len
+        parts.append((span.pos0 + n_prompt, span.pos0 + span.count, span.prompt_len))
+    out = []
+    for p_lo, p_hi, origin in parts:
+        lo = max(p_lo, origin + start)
+        hi = p_hi if end is None else min(p_hi, origin + end)
+        if lo < hi:
+            out.append((span.start + lo - span.pos0, span.start + hi - span.pos0))
+    return out
 
 
 class SteeringPlugin(InterventionPlugin):
     name = "steering"
-    description = "Add per-layer direction vectors to the residual stream (inline directions)."
+    description = "Add per-layer direction vectors (inline or stored by name) to the residual stream."
     hook_points = ("residual",)
     spec_model = SteeringSpec
 
@@ -96,16 +108,39 @@ class SteeringPlugin(InterventionPlugin):
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
+    @property
+    def library(self) -> VectorLibrary:
+        """The server's named vectors, shared through the registry's context (in-memory by default)."""
+        lib = self.context.get(LIBRARY_KEY)
+        if lib is None:
+            lib = self.context.setdefault(LIBRARY_KEY, VectorLibrary(self.model_info))
+        return lib
+
+    def _named(self, name: str, where: str) -> tuple[torch.Tensor, list[int]]:
+        """A copy of a stored vector's data: deleting or replacing it later leaves this plan intact."""
+        try:
+            stored = self.library.get(name)
+        except VectorNotFound:
+            raise InterventionError(
+                f"{where}: no stored steering vector named {name!r} (GET /v1/steering/vectors lists them)",
+                where,
+            ) from None
+        data = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
+        for layer, d in stored.directions.items():
+            data[layer] = d
+        return data, stored.layers
+
     def prepare(self, spec: SteeringSpec, param: str) -> SteeringPlan:  # type: ignore[override]
         n_layers, hidden = self.model_info.num_layers, self.model_info.hidden_size
         vectors: list[PreparedVector] = []
         for i, v in enumerate(spec.vectors):
             where = f"{param}.vectors[{i}]"
+            if not math.isfinite(v.scale):
+                raise InterventionError(f"{where}.scale: must be finite", f"{where}.scale")
             if v.name is not None:
-                raise InterventionError(
-                    f"{where}.name: named steering vectors are not available yet; send inline 'directions'",
-                    f"{where}.name",
-                )
+                data, layers = self._named(v.name, f"{where}.name")
+                vectors.append(self._prepared(v, data, layers))
+                continue
             assert v.directions is not None
             if not v.directions:
                 raise InterventionError(f"{where}.directions: give at least one layer", f"{where}.directions")
@@ -128,18 +163,7 @@ class SteeringPlugin(InterventionPlugin):
                     raise InterventionError(f"{p}: values must be finite numbers", p)
                 data[layer] = row.float()
                 layers.append(layer)
-            if not math.isfinite(v.scale):
-                raise InterventionError(f"{where}.scale: must be finite", f"{where}.scale")
-            vectors.append(
-                PreparedVector(
-                    data=data,
-                    layers=sorted(layers),
-                    scale=v.scale,
-                    prompt="prompt" in v.phases,
-                    generation="generation" in v.phases,
-                    normalize=v.normalize,
-                )
-            )
+            vectors.append(self._prepared(v, data, sorted(layers)))
         with self._lock:
             if len(self._free) < len(vectors):
                 raise InterventionCapacityError(
@@ -148,6 +172,18 @@ class SteeringPlugin(InterventionPlugin):
             for vec in vectors:
                 vec.slot = self._free.pop()
         return SteeringPlan(vectors=vectors, layers={layer for v in vectors for layer in v.layers})
+
+    @staticmethod
+    def _prepared(v: SteeringVectorSpec, data: torch.Tensor, layers: list[int]) -> PreparedVector:
+        return PreparedVector(
+            data=data,
+            layers=layers,
+            scale=v.scale,
+            prompt="prompt" in v.phases,
+            generation="generation" in v.phases,
+            normalize=v.normalize,
+            window=v.window,
+        )
 
     def activate(self, plan: SteeringPlan) -> None:  # type: ignore[override]
         if plan.active:
@@ -172,13 +208,12 @@ class SteeringPlugin(InterventionPlugin):
         normalize = torch.zeros(num_rows, width, dtype=torch.bool)
         used: dict[int, list[int]] = {}
         for span in spans:
-            n_prompt = min(span.count, max(0, span.prompt_len - span.pos0))  # rows that are prompt positions
             for k, vec in enumerate(span.plan.vectors):
-                lo = span.start if vec.prompt else span.start + n_prompt
-                hi = span.start + (span.count if vec.generation else n_prompt)
-                if lo >= hi:
+                ranges = row_ranges(span, vec)
+                if not ranges:
                     continue
-                index[lo:hi, k], scale[lo:hi, k], normalize[lo:hi, k] = vec.slot, vec.scale, vec.normalize
+                for lo, hi in ranges:
+                    index[lo:hi, k], scale[lo:hi, k], normalize[lo:hi, k] = vec.slot, vec.scale, vec.normalize
                 for layer in vec.layers:
                     if k not in used.setdefault(layer, []):
                         used[layer].append(k)

@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actserve.server.api.chat import ChatHandler, render_chat
 from actserve.server.api.completions import CompletionHandler
@@ -25,6 +27,7 @@ from actserve.server.api.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from actserve.server.api.steering_routes import router as steering_router
 from actserve.server.engine.async_engine import AsyncEngine
 from actserve.server.version import __version__
 
@@ -77,6 +80,28 @@ class ServerState:
             )
 
 
+class APIKeyMiddleware:
+    """Bearer-token check as plain ASGI middleware.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps `receive`, after which
+    `Request.is_disconnected()` never reports a client that hung up, so a non-streamed request kept
+    generating to the end after its client had gone."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self.state.api_key
+        if key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = Headers(scope=scope).get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                message = "missing or invalid API key (Authorization: Bearer ...)"
+                await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: AsyncEngine | None = None,
     load: Callable[[], AsyncEngine] | None = None,
@@ -110,15 +135,7 @@ def create_app(
         if state.engine is not None:
             state.engine.shutdown()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if state.api_key and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                return error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                      code="invalid_api_key")  # fmt: skip
-        return await call_next(request)
+    app.add_middleware(APIKeyMiddleware, state=state)
 
     @app.get("/health")
     async def health() -> Response:
@@ -198,4 +215,5 @@ def create_app(
             raise APIError(400, f"tokens: ids must be in [0, {vocab - 1}]", "tokens")
         return {"prompt": eng.tokenizer.decode(req.tokens)}
 
+    app.include_router(steering_router)
     return app

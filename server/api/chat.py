@@ -61,16 +61,19 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText, context: list[int]) -> dict[str, Any]:
+    """OpenAI's chat logprobs for consecutive tokens that follow `context` (prompt + earlier output)."""
+    ids = list(context)
+
     def item(t: int, lp: float) -> dict[str, Any]:
-        s = token_text(t)
+        s = token_text(t, ids)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
-    return {
-        "content": [
-            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
-        ]
-    }
+    content = []
+    for e in entries:
+        content.append({**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]})
+        ids.append(e.token_id)
+    return {"content": content}
 
 
 class ChatHandler:
@@ -107,7 +110,7 @@ class ChatHandler:
                 {
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs, self.token_text) if req.logprobs else None,
+                    "logprobs": chat_logprobs(c.logprobs, self.token_text, ids) if req.logprobs else None,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
@@ -136,12 +139,17 @@ class ChatHandler:
             for c in choices:
                 role = {"role": "assistant", "content": ""}
                 yield chunk([{"index": c.index, "delta": role, "logprobs": None, "finish_reason": None}])
+            lp_sent: dict[int, int] = {}  # per choice: tokens whose logprobs went out already
             async for c, out in run_choices(self.engine, pairs, raw):
-                before = len(c.logprobs)
                 apply_output(c, out)
                 if not out.text and not out.finished:
-                    continue
-                lp = chat_logprobs(c.logprobs[before:], self.token_text) if req.logprobs else None
+                    continue  # text held back (a stop string may follow): its logprobs go with the next chunk
+                lp = None
+                if req.logprobs:
+                    before = lp_sent.get(c.index, 0)
+                    lp_sent[c.index] = len(c.logprobs)
+                    context = prompts[c.prompt_index] + c.token_ids[:before]
+                    lp = chat_logprobs(c.logprobs[before:], self.token_text, context)
                 delta = {"content": out.text} if out.text else {}
                 yield chunk([{
                     "index": c.index, "delta": delta, "logprobs": lp,

@@ -38,20 +38,36 @@ def tokenize_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
 
 
 def completion_logprobs(
-    entries: list[TokenLogprob | None], token_text: TokenText, offset: int
+    entries: list[TokenLogprob | None],
+    token_text: TokenText,
+    context: list[int],
+    offset: int = 0,
+    null_first: bool = False,
 ) -> dict[str, list[Any]]:
-    """OpenAI's legacy completions logprobs object; a None entry is the first prompt token."""
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
-    for e in entries:
+    """OpenAI's legacy completions logprobs object for consecutive tokens that follow `context`.
+
+    `text_offset` counts from `offset` (the length of the text already returned before these tokens);
+    with `null_first` the first entry is the first prompt token, which has no logprob (null, as OpenAI
+    and vLLM return it)."""
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    ids, pos = list(context), offset
+    for k, e in enumerate(entries):
         if e is None:
             continue
-        s = token_text(e.token_id)
+        s = token_text(e.token_id, ids)
         tokens.append(s)
-        lps.append(e.logprob)
-        tops.append({token_text(t): lp for t, lp in e.top} if e.top else None)
         offsets.append(pos)
+        if null_first and k == 0:
+            lps.append(None)
+            tops.append(None)
+        else:
+            lps.append(e.logprob)
+            tops.append({token_text(t, ids): lp for t, lp in e.top} if e.top else None)
         pos += len(s)
+        ids.append(e.token_id)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -66,17 +82,12 @@ class CompletionHandler:
     ) -> dict[str, list[Any]] | None:
         if req.logprobs is None:
             return None
-        entries: list[TokenLogprob | None] = []
-        if req.echo:
-            first = TokenLogprob(prompt_ids[0], float("nan"), [])
-            plp = c.prompt_logprobs or [None] * len(prompt_ids)
-            entries = [first] + list(plp[1:])
-        entries += c.logprobs
-        out = completion_logprobs(entries, self.token_text, 0)
-        if req.echo:  # the first prompt token has no logprob: null, as OpenAI and vLLM return it
-            out["token_logprobs"][0] = None
-            out["top_logprobs"][0] = None
-        return out
+        if not req.echo:
+            return completion_logprobs(list(c.logprobs), self.token_text, prompt_ids)
+        first = TokenLogprob(prompt_ids[0], float("nan"), [])
+        plp = c.prompt_logprobs or [None] * len(prompt_ids)
+        entries: list[TokenLogprob | None] = [first, *plp[1:], *c.logprobs]
+        return completion_logprobs(entries, self.token_text, [], null_first=True)
 
     async def __call__(self, req: CompletionRequest, raw: Request) -> Any:
         prompts = tokenize_prompts(self.tokenizer, req.prompt)
@@ -134,20 +145,25 @@ class CompletionHandler:
             return f"data: {json.dumps(body)}\n\n"
 
         sent_echo: set[int] = set()
+        lp_offset: dict[int, int] = {}  # per choice: text length the token strings sent so far cover
         try:
             async for c, out in run_choices(self.engine, pairs, raw):
                 before = len(c.logprobs)
                 apply_output(c, out)
                 text = out.text
                 lp = None
+                pids = prompts[c.prompt_index]
                 if req.echo and c.index not in sent_echo:
                     sent_echo.add(c.index)
-                    pids = prompts[c.prompt_index]
                     text = self.tokenizer.decode(pids, skip_special_tokens=req.skip_special_tokens) + text
                     if req.logprobs is not None:
                         lp = self._logprobs(req, c, pids)
                 elif req.logprobs is not None:
-                    lp = completion_logprobs(list(c.logprobs[before:]), self.token_text, 0)
+                    context = pids + c.token_ids[:before]
+                    offset = lp_offset.get(c.index, 0)
+                    lp = completion_logprobs(list(c.logprobs[before:]), self.token_text, context, offset)
+                if lp is not None and lp["tokens"]:
+                    lp_offset[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 if not text and not out.finished and not out.token_ids:
                     continue
                 yield chunk([{

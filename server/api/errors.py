@@ -16,6 +16,7 @@ from actserve.server.engine.async_engine import EngineDeadError
 from actserve.server.engine.llm_engine import RequestRejected
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               409: "ConflictError", 413: "PayloadTooLargeError", 415: "UnsupportedMediaTypeError",
                429: "RateLimitError", 503: "ServiceUnavailableError", 500: "InternalServerError"}  # fmt: skip
 
 
@@ -60,20 +61,27 @@ def as_api_error(e: Exception) -> APIError | None:
     return None
 
 
+UNION_BRANCHES = ("str", "int", "float", "bool", "function-after")
+
+
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     err = errors[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    if isinstance(err.get("input"), bytes) or loc == []:
-        if err.get("type") != "json_invalid":
-            return "request body must be a JSON object (Content-Type: application/json)", None
-    if err.get("type") == "json_invalid":
+    kind = err.get("type")
+    raw_loc = [x for x in err.get("loc", ()) if x != "body"]
+    if kind == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    # drop pydantic's union-branch names (e.g. 'str', 'list[int]') from the path
-    loc = [
-        x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "function-after")
-    ]
-    param = ".".join(loc) or None
-    msg = err.get("msg", "invalid value")
+    # the body itself is missing, not JSON-decodable, or not an object (a model-level check has a
+    # value_error at the root instead, and its message says what is wrong)
+    if isinstance(err.get("input"), bytes) or (not raw_loc and kind != "value_error"):
+        return "request body must be a JSON object (Content-Type: application/json)", None
+    # drop pydantic's union-branch names (e.g. 'str', 'list[int]') from the path; list indices as [i]
+    param = ""
+    for x in raw_loc:
+        if isinstance(x, int):
+            param += f"[{x}]"
+        elif not any(c in x for c in "[]") and x not in UNION_BRANCHES:
+            param += f".{x}" if param else x
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     ctx = err.get("ctx") or {}
     bounds = ", ".join(
         f"{k} {v}" for k, v in ctx.items() if k in ("ge", "gt", "le", "lt", "min_length", "max_length")
@@ -84,7 +92,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
         text += f" (allowed: {bounds})"
     if got is not None and not isinstance(got, (dict, list)):
         text += f"; got {got!r}"
-    return text, param
+    return text, param or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -141,13 +141,29 @@ def usage(choices: list[Choice], prompts: list[list[int]]) -> dict[str, int]:
 
 
 class TokenText:
-    """Text of single tokens, as logprob entries show them (cached: the same ids recur constantly)."""
+    """Text of one token as logprob entries show it: the text it adds after the tokens before it.
+
+    Decoding a token alone is wrong for SentencePiece vocabularies, whose decoder drops the leading
+    space of the first piece ("\u2581and" alone is "and", after "run" it is " and"); decoding it after
+    a few tokens of context gives the text it really adds, so the token strings of a completion spell
+    its text, as OpenAI's do. Special tokens keep their text (they are shown, not skipped)."""
+
+    CONTEXT = 4  # tokens of context; enough for SentencePiece spaces and multi-byte characters
 
     def __init__(self, tokenizer: Any) -> None:
-        self._decode = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i]))
+        self._tokenizer = tokenizer
+        self._single = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i]))
+        self._context = lru_cache(maxsize=4096)(lambda ids: tokenizer.decode(list(ids)))
 
-    def __call__(self, token_id: int) -> str:
-        return self._decode(token_id)
+    def __call__(self, token_id: int, context: list[int] | tuple[int, ...] = ()) -> str:
+        ctx = tuple(context[-self.CONTEXT :])
+        if not ctx:
+            return self._single(token_id)
+        before = self._context(ctx)
+        after = self._tokenizer.decode([*ctx, token_id])
+        if after.startswith(before) and not before.endswith("\ufffd"):
+            return after[len(before) :]
+        return self._single(token_id)  # a split multi-byte character: fall back to the bare token
 
 
 def now() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actserve.server.engine.sampling_params import SamplingParams
 
@@ -55,11 +55,14 @@ class SamplingFields(BaseModel):
                 raise ValueError("stop sequences must be non-empty strings")
         return items
 
-    @model_validator(mode="after")
-    def _stream_options(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    # Cross-field checks are field validators (reading fields declared earlier from `info.data`), so
+    # the 400 names the field; a model-level validator's error has no location.
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream", False):
+            raise ValueError("only allowed when stream is true")
+        return v
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -101,13 +104,19 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be an empty list")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, self.n):
-            raise ValueError("best_of other than n is not supported")
-        return self
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v not in (None, info.data.get("n", 1)):
+            raise ValueError("only best_of equal to n is supported")
+        return v
 
 
 class ChatMessage(BaseModel):
@@ -129,13 +138,19 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
-    @model_validator(mode="after")
-    def _checks(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs", False):
+            raise ValueError("requires logprobs to be true")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v:
+            raise ValueError("tool calling is not supported")
+        return v
 
 
 class TokenizeRequest(BaseModel):

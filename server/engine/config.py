@@ -16,7 +16,11 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0  # CPU default; the GPU issue sizes it from a memory fraction
+    kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
+    gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU
+    enforce_eager: bool = False  # CUDA: no decode graphs
+    load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
     seed: int = 0
+    steering_vectors_dir: str | None = None  # named steering vectors: preloaded, and new ones saved here

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from actserve.interventions.registry import InterventionRegistry
+from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.config import EngineConfig
@@ -54,7 +55,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
-        self.registry = InterventionRegistry(self.model_info)
+        self.vector_library = VectorLibrary(self.model_info, config.steering_vectors_dir)
+        self.registry = InterventionRegistry(self.model_info, context={LIBRARY_KEY: self.vector_library})
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = self.loaded.make_runner(self.registry)
@@ -105,6 +107,7 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return None
         self._finish(seq, "abort")
+        self._update_gauges()  # the engine may go idle now; gauges must not keep the aborted sequence
         return self._output(seq)
 
     def has_work(self) -> bool:
@@ -147,20 +150,29 @@ class LLMEngine:
         if r.logprob is not None:
             seq.logprobs.append(r.logprob)
         m.generation_tokens.labels(self.model_name).inc()
-        detokenizer.step(self.tokenizer, seq)
-        self._check_stop(seq, r.token_id)
+        stop_token = self._stop_token(seq, r.token_id)
+        if stop_token is None or seq.params.include_stop_str_in_output:
+            detokenizer.step(self.tokenizer, seq)  # a stop token's own text stays out, as in vLLM
+        if stop_token is not None:
+            seq.stop_reason = None if stop_token == "eos" else r.token_id
+            self._finish(seq, "stop")
+        else:
+            self._check_stop(seq)
         return self._output(seq)
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _stop_token(self, seq: Sequence, token: int) -> str | None:
+        """'eos' or 'stop_token' when this token ends the sequence (after min_tokens), else None."""
+        p = seq.params
+        if len(seq.output_token_ids) < p.min_tokens:
+            return None
+        if not p.ignore_eos and token in seq.eos_token_ids:
+            return "eos"
+        return "stop_token" if token in p.stop_token_ids else None
+
+    def _check_stop(self, seq: Sequence) -> None:
         p = seq.params
         n_out = len(seq.output_token_ids)
         if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in seq.eos_token_ids:
-                seq.stop_reason = None
-                return self._finish(seq, "stop")
-            if token in p.stop_token_ids:
-                seq.stop_reason = token
-                return self._finish(seq, "stop")
             if p.stop:
                 window = max(len(s) for s in p.stop) + 16
                 begin = max(0, seq.sent_text_len - window)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
+from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
+from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from actserve.server.engine.sampler import SamplingRow, sample
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
@@ -59,7 +62,11 @@ def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[
 
 
 class ModelRunner:
-    """Owns the native model and its paged KV cache."""
+    """Owns the native model and its paged KV cache.
+
+    CPU: one packed forward per step (prefills and decodes together). CUDA: fresh prefills in one eager
+    forward (SDPA), decode rows through the paged-decode kernel, replayed from CUDA graphs when every
+    intervention in the step is steering (the fused kind)."""
 
     def __init__(
         self,
@@ -69,13 +76,27 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         registry: InterventionRegistry,
+        max_model_len: int,
+        cuda_graph_max_bs: int = 0,
     ) -> None:
         spec = model.spec
         self.model, self.block_size, self.device, self.registry = model, block_size, device, registry
+        # one extra block at the end: the scratch slot that padded graph rows write to
         self.kv_caches = make_kv_cache(
-            spec.num_layers, num_blocks * block_size, spec.num_kv_heads, spec.head_dim, dtype, device
+            spec.num_layers, (num_blocks + 1) * block_size, spec.num_kv_heads, spec.head_dim, dtype, device
         )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
+        self.max_blocks = -(-max_model_len // block_size)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and cuda_graph_max_bs > 0:
+            steering = registry.plugins.get("steering")
+            table = (steering.table, steering.layer_mask) if steering is not None else None  # type: ignore[attr-defined]
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
+                num_blocks * block_size, table, MAX_VECTORS_PER_REQUEST,
+            )  # fmt: skip
+        self.graph_steps = 0
+        self.eager_decode_steps = 0
 
     def release(self, seq: Sequence) -> None:
         """Paged KV needs no per-sequence cleanup beyond the block manager's."""
@@ -87,13 +108,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[StepResult]:
+        if self.device.type != "cuda":
+            logits = self._packed(batch.seqs, fresh=False)
+        else:
+            parts = []
+            if batch.prefills:
+                parts.append(self._packed(batch.prefills, fresh=True))
+            if batch.decodes:
+                parts.append(self._decode(batch.decodes))
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return sample_rows(logits, batch.seqs)
+
+    def _packed(self, seqs: list[Sequence], fresh: bool) -> torch.Tensor:
+        """One forward over the packed new tokens of `seqs`; logits of each sequence's last row."""
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
         slices: list[SeqSlice] = []
         spans: dict[str, list[RowSpan]] = defaultdict(list)
         want_prompt_lp: list[tuple[Sequence, int, int]] = []
-        for seq in batch.seqs:
+        for seq in seqs:
             start = seq.num_computed
             n = seq.num_tokens - start
             row0 = len(ids)
@@ -101,12 +135,13 @@ class ModelRunner:
             positions.extend(range(start, seq.num_tokens))
             ctx = self._slots(seq, seq.num_tokens)
             slot_parts.append(ctx[start:])
-            slices.append(SeqSlice(row0, n, ctx.to(self.device)))
+            slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len))
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
                 want_prompt_lp.append((seq, row0, seq.prompt_len))
-        attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices)
+        fresh = fresh and all(s.num_queries == s.context_len for s in slices)
+        attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices, fresh_prefill=fresh)
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         hidden = self.model(
             torch.tensor(ids, device=self.device),
@@ -115,11 +150,50 @@ class ModelRunner:
             attn,
             hooks,
         )
-        for seq in batch.seqs:
+        for seq in seqs:
             seq.num_computed = seq.num_tokens
         last_rows = torch.tensor([s.start + s.num_queries - 1 for s in slices], device=self.device)
         logits = self.model.compute_logits(hidden[last_rows])
         for seq, row0, n in want_prompt_lp:
             plog = self.model.compute_logits(hidden[row0 : row0 + n])
             seq.prompt_logprobs = prompt_logprobs(plog, seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
-        return sample_rows(logits, batch.seqs)
+        return logits
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """GPU decode rows: the paged-decode kernel, from a CUDA graph when the step allows it."""
+        n, bs = len(seqs), self.block_size
+        width = max(len(s.block_table) for s in seqs)
+        tables = np.zeros((n, width), dtype=np.int32)
+        ids = np.empty(n, dtype=np.int64)
+        pos = np.empty(n, dtype=np.int64)
+        slots = np.empty(n, dtype=np.int64)
+        spans: dict[str, list[RowSpan]] = defaultdict(list)
+        for i, seq in enumerate(seqs):
+            p = seq.num_tokens - 1
+            tables[i, : len(seq.block_table)] = seq.block_table
+            ids[i] = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
+            pos[i] = p
+            slots[i] = seq.block_table[p // bs] * bs + p % bs
+            for key, plan in seq.interventions.items():
+                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
+            seq.num_computed = seq.num_tokens
+        lens = (pos + 1).astype(np.int32)
+        hooks = self.registry.step_hooks(spans, n) if spans else None
+        graphable = hooks is None or not hooks.residual
+        if self.graphs is not None and graphable and self.graphs.bucket(n) is not None:
+            self.graph_steps += 1
+            inputs = DecodeInputs(ids, pos, slots, tables, lens)
+            return self.graphs.run(inputs, hooks.steer if hooks is not None else None)
+        self.eager_decode_steps += 1
+        dev = self.device
+        attn = AttentionBatch(
+            torch.from_numpy(slots).to(dev),
+            [],
+            torch.from_numpy(tables).to(dev),
+            torch.from_numpy(lens).to(dev),
+            bs,
+        )
+        hidden = self.model(
+            torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks
+        )
+        return self.model.compute_logits(hidden)

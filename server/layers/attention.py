@@ -1,7 +1,9 @@
 """Paged attention over packed (ragged) batches: KV lives in fixed-size blocks addressed by block tables.
 
-This is the plain-torch path used on the CPU and as the reference for GPU kernels. Each sequence attends
-on its own (a loop over sequences), which keeps results independent of what else is in the batch.
+On the CPU each sequence attends on its own (a loop over sequences, reading its blocks back), which
+keeps results independent of what else is in the batch and is the reference for the GPU paths: decode
+steps use the Triton paged-decode kernel (also inside CUDA graphs), fresh prefills use SDPA on the new
+K/V directly, batched by prompt length.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor  # [T] flat slot where each new token's K/V is written
     seqs: list[SeqSlice]
+    # GPU decode steps (one row per sequence): block tables [B, max_blocks] int32, lengths [B] int32
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    block_size: int = 16
+    fresh_prefill: bool = False  # every sequence starts at position 0: its new K/V are its whole context
 
 
 def make_kv_cache(
@@ -60,6 +67,22 @@ def paged_attention(
     """Write this step's K/V into the cache, then causal attention per sequence; q: [T, Hq, D]."""
     kv_cache[0, batch.slot_mapping] = k
     kv_cache[1, batch.slot_mapping] = v
+    if q.is_cuda and batch.block_tables is not None:
+        from actserve.kernels.paged_decode import paged_decode
+
+        assert batch.context_lens is not None
+        return paged_decode(
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            batch.block_tables,
+            batch.context_lens,
+            scale,
+            batch.block_size,
+            sliding_window,
+        )
+    if q.is_cuda and batch.fresh_prefill:
+        return _prefill_sdpa(q, k, v, batch, scale, sliding_window)
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
     for s in batch.seqs:
@@ -85,3 +108,32 @@ def _causal_mask(num_q: int, num_k: int, window: int | None, device: torch.devic
     if window is not None:
         mask &= k_pos > q_pos - window
     return mask
+
+
+def _prefill_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float, window: int | None
+) -> torch.Tensor:
+    """Causal attention of fresh prompts over their own K/V; prompts of equal length share one call."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    by_len: dict[int, list[int]] = {}
+    for s in batch.seqs:
+        by_len.setdefault(s.num_queries, []).append(s.start)
+    for n, starts in by_len.items():
+        rows = (
+            torch.cat([torch.arange(s, s + n, device=q.device) for s in starts]) if len(starts) > 1 else None
+        )
+        qs, ks, vs = (t[rows] if rows is not None else t[starts[0] : starts[0] + n] for t in (q, k, v))
+        qs = qs.view(len(starts), n, *q.shape[1:]).transpose(1, 2)
+        ks = ks.view(len(starts), n, *k.shape[1:]).transpose(1, 2)
+        vs = vs.view(len(starts), n, *v.shape[1:]).transpose(1, 2)
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        mask = _causal_mask(n, n, window, q.device) if window is not None and n > window else None
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale)
+        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        if rows is not None:
+            out[rows] = o
+        else:
+            out[starts[0] : starts[0] + n] = o
+    return out

@@ -1,8 +1,11 @@
-"""RMSNorm computed the way transformers computes it (float32 variance, cast back before the weight)."""
+"""RMSNorm computed the way transformers computes it (float32 variance, cast back before the weight),
+and the fused residual-add + steering + norm used between decoder layers (Triton on CUDA)."""
 
 from __future__ import annotations
 
 import torch
+
+from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, add_steer_rmsnorm_ref
 
 
 class RMSNorm(torch.nn.Module):
@@ -12,7 +15,18 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return add_steer_rmsnorm_ref(None, x, self.weight, self.eps)[0]
+
+    def add_forward(
+        self,
+        x: torch.Tensor | None,
+        residual: torch.Tensor,
+        layer: int = -1,
+        steer: SteeringTensors | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h), h) with h = residual + x, steered as after decoder layer `layer`."""
+        if residual.is_cuda:
+            from actserve.kernels.steer_rmsnorm import add_steer_rmsnorm
+
+            return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer)
+        return add_steer_rmsnorm_ref(x, residual, self.weight, self.eps, layer, steer)

@@ -37,6 +37,7 @@ class LoadedModel:
     weights_bytes: int
     kv_heads: int
     head_dim: int
+    config: EngineConfig
 
     def make_runner(self, registry: InterventionRegistry) -> Any:
         if self.spec is None:
@@ -45,9 +46,11 @@ class LoadedModel:
             return HFRunner(self.model, self.info.num_layers, registry)
         from actserve.server.engine.model_runner import ModelRunner
 
+        graphs = 0 if self.config.enforce_eager else min(self.config.max_num_seqs, 256)
         return ModelRunner(
-            self.model, self.num_blocks, self.block_size, self.info.device, self.info.dtype, registry
-        )
+            self.model, self.num_blocks, self.block_size, self.info.device, self.info.dtype, registry,
+            self.info.max_model_len, cuda_graph_max_bs=graphs,
+        )  # fmt: skip
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,6 +61,20 @@ def resolve_device(device: str) -> torch.device:
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise ModelLoadError(f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
+
+
+GPU_WORKSPACE_BYTES = 3 * 2**30  # activations of the largest prefill, logits, graph pools
+
+
+def gpu_kv_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
+    """KV blocks that fit in --gpu-memory-utilization of the card after weights and workspace."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(device) - GPU_WORKSPACE_BYTES
+    if budget < per_block:
+        raise ModelLoadError(
+            f"no GPU memory left for the KV cache at --gpu-memory-utilization {config.gpu_memory_utilization}"
+        )
+    return int(budget // per_block)
 
 
 def model_dir_and_name(config: EngineConfig) -> tuple[Path, str]:
@@ -85,7 +102,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
         raise ModelLoadError(
             f"--max-model-len {max_len} exceeds the model's max_position_embeddings {max_pos}"
         )
-    files = weight_files(model_dir, config.allow_pickle_weights)
+    dummy = config.load_format == "dummy"
+    if config.load_format not in ("auto", "dummy"):
+        raise ModelLoadError(f"--load-format must be auto or dummy, got {config.load_format!r}")
+    files = [] if dummy else weight_files(model_dir, config.allow_pickle_weights)
     spec: ModelSpec | None = None
     if not config.force_transformers:
         try:
@@ -93,7 +113,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         except NotImplementedError as why:
             log.warning("serving %s through the transformers fallback: %s", name, why)
     if spec is not None:
-        model = load_native(spec, hf_config, files, dtype, device, max_len)
+        model = load_native(spec, hf_config, files, dtype, device, max_len, random_init=dummy)
         arch, impl = (hf_config.architectures or ["?"])[0], "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
@@ -116,6 +136,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 f"--num-kv-blocks {num_blocks} holds {num_blocks * config.block_size} tokens, less than "
                 f"--max-model-len {max_len}; give at least {min_blocks} blocks or lower --max-model-len"
             )
+    elif device.type == "cuda":
+        num_blocks = max(min_blocks, gpu_kv_blocks(config, per_block, device))
     else:
         num_blocks = max(min_blocks, int(config.kv_cache_memory_gb * 2**30 // per_block))
     info = ModelInfo(
@@ -130,10 +152,21 @@ def load_model(config: EngineConfig) -> LoadedModel:
         dtype=dtype,
         device=device,
         is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
+        model_type=str(getattr(hf_config, "model_type", "") or ""),
     )
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
     return LoadedModel(
-        info, model, tokenizer, eos, spec, num_blocks, config.block_size, weights_bytes, kv_heads, head_dim
+        info,
+        model,
+        tokenizer,
+        eos,
+        spec,
+        num_blocks,
+        config.block_size,
+        weights_bytes,
+        kv_heads,
+        head_dim,
+        config,
     )
 
 

@@ -45,7 +45,7 @@ class HFRunner:
             if not self._hooks:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = self._hooks.after_layer(index, hidden[0]).unsqueeze(0)
+            steered = self._hooks.apply_all(index, hidden[0]).unsqueeze(0)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook

@@ -1,6 +1,9 @@
 """Native Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) over packed batches and paged KV.
 
-Module and parameter names mirror transformers' so safetensors checkpoints load without renaming.
+q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); checkpoints keep transformers'
+names and are sliced in by `fused_slices`. The residual stream after decoder layer L is formed where
+layer L+1's input norm (or the final norm) adds the MLP output, so steering at layer L happens there,
+fused with the add and the norm.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from actserve.server.models.spec import ModelSpec
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        d, bias = spec.head_dim, spec.attention_bias
+        d = spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
-        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * d, bias=bias)
+        self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
         self.o_proj = nn.Linear(spec.num_heads * d, spec.hidden_size, bias=False)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -41,9 +43,10 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, positions)
@@ -54,12 +57,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.inter = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -69,17 +73,6 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-
-    def forward(
-        self,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
-        kv_cache: torch.Tensor,
-        batch: AttentionBatch,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, kv_cache, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaBody(nn.Module):
@@ -92,10 +85,23 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
+def add_norm(
+    norm: RMSNorm, x: torch.Tensor | None, residual: torch.Tensor, layer: int, hooks: StepHooks | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Form the residual after decoder layer `layer` (steered), then normalise it for what comes next."""
+    if hooks is None:
+        return norm.add_forward(x, residual)
+    if layer in hooks.residual:  # generic Python hooks need the stream itself, unfused
+        _, h = norm.add_forward(x, residual, layer, hooks.steer)
+        h = hooks.after_layer(layer, h)
+        return norm(h), h
+    return norm.add_forward(x, residual, layer, hooks.steer)
+
+
 class LlamaForCausalLM(nn.Module):
     """Forward over a packed step; the residual hook point sits after every decoder layer."""
 
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec, rotary: nn.Module) -> None:
         super().__init__()
         self.spec = spec
         self.model = LlamaBody(spec)
@@ -103,6 +109,26 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary
+
+    def fused_slices(self, name: str) -> tuple[str, int, int] | None:
+        """Where a transformers checkpoint tensor goes inside a fused parameter: (param, row0, row1)."""
+        spec = self.spec
+        q, kv, inter = (
+            spec.num_heads * spec.head_dim,
+            spec.num_kv_heads * spec.head_dim,
+            spec.intermediate_size,
+        )
+        parts = {
+            "self_attn.q_proj.": ("self_attn.qkv_proj.", 0, q),
+            "self_attn.k_proj.": ("self_attn.qkv_proj.", q, q + kv),
+            "self_attn.v_proj.": ("self_attn.qkv_proj.", q + kv, q + 2 * kv),
+            "mlp.gate_proj.": ("mlp.gate_up_proj.", 0, inter),
+            "mlp.up_proj.": ("mlp.gate_up_proj.", inter, 2 * inter),
+        }
+        for old, (new, lo, hi) in parts.items():
+            if old in name:
+                return name.replace(old, new), lo, hi
+        return None
 
     def forward(
         self,
@@ -113,12 +139,15 @@ class LlamaForCausalLM(nn.Module):
         hooks: StepHooks | None = None,
     ) -> torch.Tensor:
         """Returns final-normed hidden states [T, hidden] for every packed row."""
-        h = self.model.embed_tokens(input_ids)
+        residual = self.model.embed_tokens(input_ids)
+        x: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, self.rotary, kv_caches[i], batch)
-            if hooks:
-                h = hooks.after_layer(i, h)
-        return self.model.norm(h)
+            normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks)
+            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch)
+            normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
+            x = layer.mlp(normed)
+        normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -40,6 +40,7 @@ class ModelInfo:
     dtype: torch.dtype
     device: torch.device
     is_moe: bool = False
+    model_type: str = ""  # HF config.model_type (e.g. "llama"): the `model_hint` of control vectors
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -111,6 +112,7 @@ def load_native(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
+    random_init: bool = False,
 ) -> torch.nn.Module:
     """Build on the meta device, allocate once on the target, then copy tensors in (no random init)."""
     from actserve.server.layers.rotary import RotaryEmbedding
@@ -123,22 +125,34 @@ def load_native(
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = rotary  # built outside the meta context: its tables are computed, not loaded
+    if random_init:
+        return _random_init(model).eval()
     params = dict(model.named_parameters(remove_duplicate=False))
-    missing = set(params)
+    missing = {n for n in params if ".qkv_proj." not in n and ".gate_up_proj." not in n}
+    for n in params:  # fused parameters are complete when each of their checkpoint parts arrived
+        if ".qkv_proj." in n:
+            missing |= {n.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")}
+        elif ".gate_up_proj." in n:
+            missing |= {n.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")}
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < 2**26) as bar:
         for name, tensor in iter_checkpoint(files):
-            if name not in params:
+            fused = model.fused_slices(name)
+            if fused is not None:
+                target, lo, hi = fused
+                dest = params[target][lo:hi] if target in params else None
+                missing.discard(name)
+            else:
+                dest = params.get(name)
+                missing.discard(name)
+            if dest is None:
                 if not name.endswith("rotary_emb.inv_freq"):
                     log.debug("ignoring checkpoint tensor %s", name)
                 continue
-            if params[name].shape != tensor.shape:
-                raise ModelLoadError(
-                    f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}"
-                )
+            if dest.shape != tensor.shape:
+                raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(dest.shape)}")
             with torch.no_grad():
-                params[name].copy_(tensor)
-            missing.discard(name)
+                dest.copy_(tensor)
             bar.update(tensor.numel() * tensor.element_size())
     if spec.tie_word_embeddings and ({"lm_head.weight", "model.embed_tokens.weight"} - missing):
         missing -= {"lm_head.weight", "model.embed_tokens.weight"}  # tied: either name fills both
@@ -160,3 +174,16 @@ def read_generation_eos(model_dir: Path, config: Any, tokenizer: Any) -> list[in
             if isinstance(i, int) and i not in ids:
                 ids.append(i)
     return ids
+
+
+@torch.no_grad()
+def _random_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Benchmark weights (--load-format dummy): normal(0, std) matrices, unit norms; speed does not
+    depend on the values, and this avoids reading gigabytes of checkpoint."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)
+    return model

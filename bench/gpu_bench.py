@@ -1,0 +1,208 @@
+"""GPU benchmark of the engine on a Llama-3-8B-shaped model (random bf16 weights), with its baselines
+measured in the same run: the copy-bandwidth roofline and transformers' eager `generate`.
+
+    python bench/gpu_bench.py --out bench/results/gpu_bench.json [--skip-hf] [--http]
+
+Prints a table last; every figure is also in the JSON (keys name the batch size, e.g. engine_tok_s_b8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_runs import generate, random_prompts, time_to_first_token  # noqa: E402
+from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
+
+from actserve.server.engine.config import EngineConfig  # noqa: E402
+from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
+
+PROMPT, NEW = 128, 128
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy (the decode roofline's rate)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def steering_specs(n: int, hidden: int, layers: list[int], seed: int) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for _ in range(n):
+        dirs = {str(layer): (torch.randn(hidden, generator=g) * 0.01).tolist() for layer in layers}
+        specs.append({"steering": {"vectors": [{"directions": dirs, "scale": 1.0}]}})
+    return specs
+
+
+def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LLMEngine:
+    cfg = EngineConfig(
+        model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=128, max_model_len=8448,
+        max_num_batched_tokens=16384, gpu_memory_utilization=0.55,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    eng = LLMEngine(cfg)
+    res["engine_start_s"] = time.perf_counter() - t0
+    res["weights_gb"] = eng.loaded.weights_bytes / 1e9
+    res["kv_blocks"] = eng.blocks.num_blocks
+    vocab = eng.model_info.vocab_size
+    generate(eng, random_prompts(4, PROMPT, vocab, 99), 16)  # warm-up: kernels, cuBLAS heuristics
+    for b in batches:
+        prompts = random_prompts(b, PROMPT, vocab, b)
+        dt, outs = generate(eng, prompts, NEW)
+        assert all(len(o) == NEW for o in outs)
+        res[f"engine_tok_s_b{b}"] = b * NEW / dt
+        res[f"engine_s_b{b}"] = dt
+        print(f"engine b{b}: {b * NEW / dt:.1f} tok/s", flush=True)
+    for n in (512, 2048, 8192):
+        prompt = random_prompts(1, n, vocab, n)[0]
+        time_to_first_token(eng, prompt)
+        res[f"ttft_ms_{n}"] = 1e3 * statistics.median(time_to_first_token(eng, prompt) for _ in range(3))
+        print(f"ttft {n}: {res[f'ttft_ms_{n}']:.1f} ms", flush=True)
+    # steering overhead: 32 concurrent requests, each with its own vector at 4 layers, vs the same unsteered
+    prompts = random_prompts(32, PROMPT, vocab, 7)
+    specs = steering_specs(32, eng.model_info.hidden_size, [8, 12, 16, 20], 3)
+    graphs0, eager0 = eng.runner.graph_steps, eng.runner.eager_decode_steps
+    plain = min(generate(eng, prompts, NEW)[0] for _ in range(2))
+    steered = min(generate(eng, prompts, NEW, specs)[0] for _ in range(2))
+    res["steer_plain_tok_s_b32"] = 32 * NEW / plain
+    res["steer_tok_s_b32"] = 32 * NEW / steered
+    res["steer_overhead_pct"] = 100 * (steered / plain - 1)
+    res["steer_eager_decode_steps"] = eng.runner.eager_decode_steps - eager0
+    res["steer_graph_steps"] = eng.runner.graph_steps - graphs0
+    print(f"steering overhead {res['steer_overhead_pct']:.2f}%", flush=True)
+    return eng
+
+
+def bench_hf(res: dict[str, Any], model_dir: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    vocab = config.vocab_size
+    for b in (1, 8):
+        ids = torch.tensor(random_prompts(b, PROMPT, vocab, b), device="cuda")
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        res[f"hf_generate_tok_s_b{b}"] = b * NEW / (time.perf_counter() - t0)
+        print(f"hf b{b}: {res[f'hf_generate_tok_s_b{b}']:.1f} tok/s", flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64) -> None:
+    """64 concurrent streaming clients on loopback against the same engine, through uvicorn."""
+    import httpx
+    import uvicorn
+
+    from actserve.server.api.app import create_app
+    from actserve.server.engine.async_engine import AsyncEngine
+
+    app = create_app(engine=AsyncEngine(eng))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8765, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    prompts = random_prompts(clients, PROMPT, eng.model_info.vocab_size, 5)
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        body = {"model": eng.model_name, "prompt": prompt, "max_tokens": NEW, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        tokens = 0
+        async with client.stream("POST", "http://127.0.0.1:8765/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        tokens = usage["completion_tokens"]
+        return tokens
+
+    async def run_all() -> tuple[float, int]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as client:
+            await one(client, prompts[0])
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(one(client, p) for p in prompts))
+            return time.perf_counter() - t0, sum(counts)
+
+    dt, tokens = asyncio.run(run_all())
+    res[f"http_tok_s_c{clients}"] = tokens / dt
+    res["http_tokens"] = tokens
+    in_proc = min(generate(eng, prompts, NEW)[0] for _ in range(2))
+    res[f"inproc_tok_s_b{clients}"] = clients * NEW / in_proc
+    res["http_vs_inproc"] = res[f"http_tok_s_c{clients}"] / res[f"inproc_tok_s_b{clients}"]
+    server.should_exit = True
+    print(
+        f"http {res[f'http_tok_s_c{clients}']:.0f} tok/s vs in-process {res[f'inproc_tok_s_b{clients}']:.0f}"
+    )
+
+
+def section(res: dict[str, Any], name: str, fn: Any) -> Any:
+    """Run one part; on failure record the traceback and keep the other parts' figures."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        res[f"{name}_error"] = traceback.format_exc()
+        print(res[f"{name}_error"], flush=True)
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/gpu_bench.json")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--http", action="store_true")
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    args = ap.parse_args()
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "shape": "Llama-3-8B (random bf16 weights)", "prompt_tokens": PROMPT,
+                           "new_tokens": NEW}  # fmt: skip
+    res["copy_bw_tb_s"] = copy_bandwidth() / 1e12
+    model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
+    eng = section(
+        res, "engine", lambda: bench_engine(res, model_dir, [int(b) for b in args.batches.split(",")])
+    )
+    if not args.skip_hf:
+        section(res, "hf", lambda: bench_hf(res, model_dir))
+    if args.http and eng is not None:
+        section(res, "http", lambda: bench_http(res, eng))
+    if "weights_gb" in res:
+        res["roofline_tok_s_b1"] = res["copy_bw_tb_s"] * 1e12 / (res["weights_gb"] * 1e9)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{'metric':<28}{'value':>12}")
+    for k, v in res.items():
+        if isinstance(v, float):
+            print(f"{k:<28}{v:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

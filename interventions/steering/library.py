@@ -1,0 +1,280 @@
+"""The server's named steering vectors, checked against the loaded model, optionally kept in a folder.
+
+Requests name vectors (`{"name": "happy", "scale": 4}`); the steering plugin copies a vector's data
+into its plan at `prepare`, so deleting or replacing a vector never changes a request already running.
+With a folder (`--steering-vectors DIR`) every *.safetensors / *.gguf in it loads at start (files that
+do not fit the model are skipped with a log line) and vectors added later are saved there as
+`<name>.safetensors`; deleting a vector deletes its file, so the folder is the library across restarts.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actserve.interventions.steering import formats
+from actserve.interventions.steering.formats import VectorFile, VectorFormatError
+from actserve.server.models.loader import ModelInfo
+
+log = logging.getLogger(__name__)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUFFIXES = (".safetensors", ".gguf")
+LIBRARY_KEY = "steering.library"  # the library's key in the intervention registry's shared context
+
+
+class LibraryError(ValueError):
+    """A library operation that cannot be done; `status` is the HTTP status, `param` the field."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class VectorNotFound(LibraryError):
+    status = 404
+
+
+class VectorExists(LibraryError):
+    status = 409
+
+
+class VectorStorageError(LibraryError):
+    status = 500
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    """One named vector. Directions are float32 CPU tensors that nobody mutates after `add`."""
+
+    name: str
+    directions: dict[int, torch.Tensor]
+    model_hint: str
+    hidden_size: int
+    num_layers: int
+    created: float = field(default_factory=time.time)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    @property
+    def norms(self) -> dict[int, float]:
+        return formats.norms(self.directions)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON of `GET /v1/steering/vectors` (no directions)."""
+        return {
+            "object": "steering.vector",
+            "name": self.name,
+            "layers": self.layers,
+            "norms": {str(k): v for k, v in sorted(self.norms.items())},
+            "model_hint": self.model_hint,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "created": int(self.created),
+            "metadata": dict(self.metadata),
+        }
+
+    def to_bytes(self, fmt: str) -> bytes:
+        write = formats.write_gguf if fmt == "gguf" else formats.write_safetensors
+        return write(self.directions, self.model_hint, self.name, self.num_layers, self.metadata)
+
+
+def check_name(name: object, param: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise LibraryError(
+            f"{param}: a vector name is 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit; got {name!r}",
+            param,
+        )
+    return name
+
+
+class VectorLibrary:
+    """Thread-safe: the API thread adds, lists and deletes while request validation reads."""
+
+    def __init__(self, model_info: ModelInfo, directory: Path | str | None = None) -> None:
+        self.model_info = model_info
+        self.directory = Path(directory) if directory is not None else None
+        self._vectors: dict[str, StoredVector] = {}
+        self._files: dict[str, Path] = {}
+        self._lock = threading.RLock()
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._preload(self.directory)
+
+    # -- building -------------------------------------------------------------------------------------
+    def build(
+        self,
+        name: str,
+        directions: dict[int, torch.Tensor],
+        model_hint: str | None = None,
+        metadata: dict[str, str] | None = None,
+        num_layers: int | None = None,
+        layer_count: int | None = None,
+        param: str = "directions",
+    ) -> StoredVector:
+        """A StoredVector checked against the model; errors name the field (hidden_size, num_layers, ...)."""
+        check_name(name)
+        info = self.model_info
+        if not directions:
+            raise LibraryError(f"{param}: give at least one layer", param)
+        if num_layers is not None and num_layers != info.num_layers:
+            raise LibraryError(
+                f"num_layers: the vector was made for a model with {num_layers} decoder layers; this model "
+                f"({info.name}) has {info.num_layers}",
+                "num_layers",
+            )
+        if layer_count is not None and layer_count > info.num_layers:
+            raise LibraryError(
+                f"layer_count: the vector has {layer_count} layers; this model ({info.name}) has only "
+                f"{info.num_layers}",
+                "layer_count",
+            )
+        clean: dict[int, torch.Tensor] = {}
+        for layer, d in sorted(directions.items()):
+            where = f"{param}.{layer}"
+            if not 0 <= layer < info.num_layers:
+                raise LibraryError(
+                    f"{where}: layer {layer} out of range [0, {info.num_layers - 1}] for this model "
+                    f"({info.num_layers} decoder layers)",
+                    where,
+                )
+            d = d.detach().to("cpu", torch.float32).reshape(-1).clone()
+            if d.numel() != info.hidden_size:
+                raise LibraryError(
+                    f"hidden_size: {where} has {d.numel()} values; this model's hidden_size is "
+                    f"{info.hidden_size}",
+                    where,
+                )
+            if not bool(torch.isfinite(d).all()):
+                raise LibraryError(f"{where}: values must be finite numbers", where)
+            clean[layer] = d
+        return StoredVector(
+            name=name,
+            directions=clean,
+            model_hint=model_hint if model_hint is not None else (info.model_type or info.architecture),
+            hidden_size=info.hidden_size,
+            num_layers=info.num_layers,
+            metadata=dict(metadata or {}),
+        )
+
+    def from_file(self, file: VectorFile, name: str | None = None) -> StoredVector:
+        """A vector read from a file, named `name`, else by the name stored in the file."""
+        chosen = name or file.name
+        if not chosen:
+            raise LibraryError("name: give a name for the vector (the file does not carry one)", "name")
+        return self.build(
+            chosen,
+            file.directions,
+            file.model_hint,
+            file.metadata,
+            num_layers=file.num_layers,
+            layer_count=file.layer_count,
+        )
+
+    def combine(self, name: str, terms: Iterable[tuple[str, float]], param: str = "combine") -> StoredVector:
+        """sum(scale_i * vector_i) over the union of their layers (a layer one lacks counts as zero)."""
+        total: dict[int, torch.Tensor] = {}
+        parts: list[str] = []
+        hint = None
+        for i, (other, scale) in enumerate(terms):
+            vec = self.get(other, f"{param}[{i}].name")
+            hint = hint or vec.model_hint
+            for layer, d in vec.directions.items():
+                total[layer] = total.get(layer, torch.zeros_like(d)) + float(scale) * d
+            parts.append(f"{scale:g}*{other}")
+        if not parts:
+            raise LibraryError(f"{param}: give at least one vector", param)
+        return self.build(name, total, hint, {"combine": " + ".join(parts)})
+
+    # -- store ----------------------------------------------------------------------------------------
+    def add(self, vector: StoredVector, replace: bool = False) -> StoredVector:
+        """Store (and persist) a built vector; an existing name is refused unless replace=True."""
+        with self._lock:
+            if vector.name in self._vectors and not replace:
+                raise VectorExists(
+                    f"name: a vector named {vector.name!r} already exists; delete it or pass replace=true",
+                    "name",
+                )
+            if self.directory is not None:
+                path = self.directory / f"{vector.name}.safetensors"
+                self._write(path, vector.to_bytes("safetensors"))
+                old = self._files.get(vector.name)
+                if old is not None and old != path:
+                    old.unlink(missing_ok=True)
+                self._files[vector.name] = path
+            self._vectors[vector.name] = vector
+        log.info("steering vector %r stored (layers %s)", vector.name, vector.layers)
+        return vector
+
+    def get(self, name: str, param: str = "name") -> StoredVector:
+        with self._lock:
+            vec = self._vectors.get(name)
+        if vec is None:
+            raise VectorNotFound(f"{param}: no stored steering vector named {name!r}", param)
+        return vec
+
+    def list(self) -> builtins.list[StoredVector]:
+        with self._lock:
+            return [self._vectors[k] for k in sorted(self._vectors)]
+
+    def delete(self, name: str) -> StoredVector:
+        with self._lock:
+            vec = self.get(name)
+            del self._vectors[name]
+            path = self._files.pop(name, None)
+            if path is not None:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("could not delete %s: %s", path, e)
+        return vec
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._vectors
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._vectors)
+
+    # -- disk -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        """Atomic: a crash leaves the old file or the new one, never half of one."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise VectorStorageError(f"could not save the vector to {path}: {e}") from None
+
+    def _preload(self, directory: Path) -> None:
+        """Load every vector file that fits the model; log and skip the others (never fail the start)."""
+        for path in sorted(p for p in directory.iterdir() if p.suffix in SUFFIXES and p.is_file()):
+            name = path.stem
+            try:
+                if name in self._vectors:
+                    raise LibraryError(f"a vector named {name!r} was already loaded from {self._files[name]}")
+                vec = self.from_file(formats.read_vector_path(path), name)
+            except (LibraryError, VectorFormatError, OSError) as e:
+                log.warning("steering vectors: skipping %s: %s", path, e)
+                continue
+            self._vectors[name] = vec
+            self._files[name] = path
+        log.info("steering vectors: %d loaded from %s", len(self._vectors), directory)

@@ -1,0 +1,135 @@
+"""Paged-attention decode: one query token per sequence against its KV blocks, split over the context.
+
+Grid (batch, kv_head, splits): each program takes a tile-aligned share of one sequence's context, all
+query heads of its GQA group at once (padded to 16 rows for tensor-core dots), and writes a partial
+(max, sum, acc); a second kernel merges the splits. The split count is fixed per launch shape (so the
+launch can live in a CUDA graph) while each split's share follows the sequence's real length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
+    scale, window, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt,
+    SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    lo_ctx = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+    n_tiles = tl.cdiv(ctx - lo_ctx, TILE)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t0 = sp * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    gm = g < GROUP
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    offs = tl.arange(0, TILE)
+    for t in range(t0, t1):
+        tok = lo_ctx + t * TILE + offs
+        tm = tok < ctx
+        blk = tl.load(bt_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tm, other=0).to(tl.int64)
+        slot = blk * BLOCK_SIZE + tok % BLOCK_SIZE
+        k = tl.load(
+            k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=tm[:, None], other=0.0
+        )
+        v = tl.load(
+            v_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=tm[:, None], other=0.0
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = tl.where(tm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    row = (b * tl.num_programs(1) + kvh) * SPLITS + sp
+    tl.store(m_ptr + row * GROUP_PAD + g, m_i)
+    tl.store(l_ptr + row * GROUP_PAD + g, l_i)
+    tl.store(acc_ptr + (row * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :], acc)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh,
+    SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    base = (b * tl.num_programs(1) + kvh) * SPLITS
+    m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m_all = tl.maximum(m_all, tl.load(m_ptr + (base + s) * GROUP_PAD + g))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_tot = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for s in range(SPLITS):
+        w = tl.exp(tl.load(m_ptr + (base + s) * GROUP_PAD + g) - m_safe)
+        l_tot += w * tl.load(l_ptr + (base + s) * GROUP_PAD + g)
+        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :])
+    out = acc / tl.maximum(l_tot, 1e-30)[:, None]
+    heads = kvh * GROUP + g
+    tl.store(
+        out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out, mask=(g < GROUP)[:, None]
+    )
+
+
+def decode_splits(batch: int, kv_heads: int, max_tiles: int, sms: int = 132) -> int:
+    """Enough programs to fill the GPU at small batch; one split when the batch already does."""
+    want = max(1, (2 * sms) // max(1, batch * kv_heads))
+    return max(1, min(want, max_tiles, 64))
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    window: int | None = None,
+    splits: int | None = None,
+    tile: int = 64,
+) -> torch.Tensor:
+    """Triton version of `paged_decode_ref`. Rows with context_len 0 get zeros."""
+    batch, hq, dim = q.shape
+    hk = k_cache.shape[1]
+    group = hq // hk
+    group_pad = max(16, triton.next_power_of_2(group))
+    tile = max(16, min(tile, triton.next_power_of_2(block_tables.shape[1] * block_size)))
+    if splits is None:
+        splits = decode_splits(batch, hk, triton.cdiv(block_tables.shape[1] * block_size, tile))
+    rows = batch * hk * splits
+    m = torch.empty(rows, group_pad, dtype=torch.float32, device=q.device)
+    lse = torch.empty_like(m)
+    acc = torch.empty(rows, group_pad, dim, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    _decode_split_kernel[(batch, hk, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, m, lse, acc,
+        scale, window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0),
+        SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=tile,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    _decode_merge_kernel[(batch, hk)](
+        m, lse, acc, out, out.stride(0), out.stride(1),
+        SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+    )  # fmt: skip
+    return out
