@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# On the lent GPU machine: install carried wheels (.whl) and make `actserve.*` importable from this tree
+# without a build (its image has torch, triton and transformers but not the web stack).
+set -e
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+mkdir -p /tmp/site/actserve
+for d in server interventions kernels clients; do ln -sfn "$PWD/$d" "/tmp/site/actserve/$d"; done
+echo "export PYTHONPATH=/tmp/site:$PWD ACTSERVE_SHARED=$PWD/.carry/shared PYTHONUNBUFFERED=1"
