@@ -4,7 +4,9 @@ Trains on 24 hand-written happy/sad pairs (below; no downloaded data), picks the
 20 tuning prompts, then generates greedily from 50 held-out story openings (used nowhere else) with no
 steering, with the vector at scale 0, at the sadder sign (negative scale of happy - sad), and at the
 happier sign as a control. Each story is scored by fixed word lists: score = #sad words - #happy words
-in the generated text; "up" is the share of prompts whose score rose against the unsteered story.
+in the generated text; "types" is the same with each word counted once per story (so a loop such as
+"cried cried cried" cannot inflate it); "up"/"down" are the shares of prompts whose score rose/fell
+against the unsteered story, "p" a two-sided sign test on them, "same" the stories identical to it.
 
 Strength: |scale * d| as a fraction of the mean residual norm at the steered layer (so methods whose
 directions have different norms, mean_diff vs unit pca_diff, are swept on one axis). The chosen strength
@@ -202,6 +204,12 @@ def counts(text: str) -> tuple[int, int]:
     return sum(w in HAPPY_WORDS for w in ws), sum(w in SAD_WORDS for w in ws)
 
 
+def type_score(text: str) -> int:
+    """#distinct sad words - #distinct happy words: the score with loops ("hurt hurt ...") counted once."""
+    ws = set(words(text))
+    return len(ws & SAD_WORDS) - len(ws & HAPPY_WORDS)
+
+
 def generate(
     engine: LLMEngine, prompts: list[list[int]], spec: dict[str, Any] | None, max_tokens: int, tag: str
 ) -> list[list[int]]:
@@ -276,6 +284,7 @@ class Runner:
             "mean_sad": sum(s for _, s in hs) / len(hs),
             "nll": mean_nll(self.ref, prompts, outs, self.eos),
             "distinct2": sum(map(distinct2, texts)) / len(texts),
+            "mean_type_score": sum(map(type_score, texts)) / len(texts),
         }
 
 
@@ -296,7 +305,8 @@ def compare(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("mean_score", "mean_happy", "mean_sad", "nll", "distinct2")}
+    keys = ("mean_score", "mean_happy", "mean_sad", "mean_type_score", "nll", "distinct2")
+    return {k: r[k] for k in keys}
 
 
 def fluent(r: dict[str, Any], base: dict[str, Any]) -> bool:
@@ -358,10 +368,10 @@ def main() -> None:
             "chosen_scale_sadder": -to_scale(strength),
             "held_out_curve": curve,
             "held_out": {
-                "unsteered": summary(held_base),
-                "scale_0": {**summary(zero), **compare(held_base, zero)},
-                "sadder": {**summary(sadder), **compare(held_base, sadder)},
-                "happier": {**summary(happier), **compare(held_base, happier)},
+                "unsteered": {**summary(held_base), "scores": held_base["scores"]},
+                "scale_0": {**summary(zero), **compare(held_base, zero), "scores": zero["scores"]},
+                "sadder": {**summary(sadder), **compare(held_base, sadder), "scores": sadder["scores"]},
+                "happier": {**summary(happier), **compare(held_base, happier), "scores": happier["scores"]},
             },
             "examples": [
                 {
@@ -422,35 +432,19 @@ def print_tables(result: dict[str, Any]) -> None:
         cells = f"{c['strength']:8.3f} {c['scale']:8.2f} {c['mean_score']:6.2f} {c['nll']:5.2f}"
         print(f"{cells} {c['distinct2']:5.2f} {c['frac_up']:5.2f} {c['frac_down']:5.2f}")
     print(f"\nheld-out: {result['num_held_out_prompts']} prompts, {result['max_tokens']} tokens, greedy")
-    cols = (
-        "variant",
-        "condition",
-        "scale",
-        "score",
-        "happy",
-        "sad",
-        "NLL",
-        "dist2",
-        "up",
-        "down",
-        "p",
-        "same",
+    head = (
+        f"{'variant':<18} {'condition':<10} {'scale':>8} {'score':>6} {'happy':>5} {'sad':>5} {'types':>5} "
     )
-    widths = (18, 10, 8, 6, 5, 5, 5, 5, 5, 5, 8, 5)
-    print(
-        " ".join(
-            c.rjust(w) if k > 1 else c.ljust(w) for k, (c, w) in enumerate(zip(cols, widths, strict=True))
-        )
-    )
+    print(head + f"{'NLL':>5} {'dist2':>5} {'up':>5} {'down':>5} {'p':>8} {'same':>4}")
     for name, v in result["variants"].items():
         scale = v["chosen_scale_sadder"]
         for cond, r in v["held_out"].items():
             x = {"unsteered": "-", "scale_0": "0", "sadder": f"{scale:.2f}", "happier": f"{-scale:.2f}"}[cond]
             line = f"{name:<18} {cond:<10} {x:>8} {r['mean_score']:6.2f} {r['mean_happy']:5.2f} "
-            line += f"{r['mean_sad']:5.2f} {r['nll']:5.2f} {r['distinct2']:5.2f}"
+            line += f"{r['mean_sad']:5.2f} {r['mean_type_score']:5.2f} {r['nll']:5.2f} {r['distinct2']:5.2f}"
             if "frac_up" in r:
                 line += (
-                    f" {r['frac_up']:5.2f} {r['frac_down']:5.2f} {r['sign_test_p']:8.1e} {r['identical']:5d}"
+                    f" {r['frac_up']:5.2f} {r['frac_down']:5.2f} {r['sign_test_p']:8.1e} {r['identical']:4d}"
                 )
             print(line)
 

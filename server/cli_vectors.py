@@ -75,7 +75,7 @@ def examples(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def write_vector(
-    path: Path, directions: dict[int, Any], hint: str, name: str, layers: int, meta: dict
+    path: Path, directions: dict[int, Any], hint: str, name: str, layers: int, meta: dict[str, str]
 ) -> None:
     from actserve.interventions.steering import formats
 
@@ -111,24 +111,19 @@ def train(args: argparse.Namespace) -> int:
             max_tokens=loaded.info.max_model_len,
             progress=True,
         )
+        info = loaded.info
+        hint = info.model_type or info.architecture
+        write_vector(args.out, vec.directions, hint, args.name, info.num_layers, vec.metadata())
     except (TrainingError, LibraryError, ModelLoadError, ValueError, OSError) as e:
         print(f"actserve vectors train: error: {e}", file=sys.stderr)
         return 2
-    info = loaded.info
-    meta = {"trained_by": "actserve", "method": vec.method, "position": vec.position,
-            "paired": str(vec.paired).lower(), "num_positive": str(vec.num_positive),
-            "num_negative": str(vec.num_negative)}  # fmt: skip
-    write_vector(
-        args.out, vec.directions, info.model_type or info.architecture, args.name, info.num_layers, meta
-    )
     print(f"{'layer':>5} {'norm':>10} {'gap':>10} {'sep':>6} {'pair_acc':>8} {'expl_var':>8}")
     for layer, s in sorted(vec.stats.items()):
         cells = [s.separation, s.pair_accuracy, s.explained_variance]
         sep, acc, ev = ("-" if x is None else f"{x:.2f}" for x in cells)
         print(f"{layer:5d} {s.norm:10.4g} {s.projection_gap:10.4g} {sep:>6} {acc:>8} {ev:>8}")
-    print(
-        f"wrote {args.out} ({vec.method}, {len(vec.directions)} layers, {vec.num_positive}+{vec.num_negative} ex.)"
-    )
+    counts = f"{vec.num_positive} positive, {vec.num_negative} negative"
+    print(f"wrote {args.out} ({vec.method}, {len(vec.directions)} layers, {counts})")
     return 0
 
 

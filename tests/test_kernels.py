@@ -92,3 +92,33 @@ def test_paged_decode(dtype: torch.dtype, group: int, window: int | None, splits
     got = paged_decode(q, k_cache, v_cache, tables, lens, 0.25, bs, window, splits=splits, tile=16)
     assert (got.float() - want.float()).abs().max().item() < tol(dtype)
     assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kv(dtype: torch.dtype) -> None:
+    from actserve.kernels.rope_kv import rope_kv
+    from actserve.kernels.rope_kv_ref import rope_kv_ref
+
+    g = torch.Generator().manual_seed(5)
+    t, hq, hk, dim, slots = 5, 4, 2, 16, 20
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=g).to(DEVICE, dtype)
+    q, k, v = (x.view(t, -1, dim) for x in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
+    angles = torch.randn(64, dim // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DEVICE), torch.cat([angles.sin()] * 2, -1).to(DEVICE)
+    pos = torch.randint(0, 64, (t,), generator=g).to(DEVICE)
+    where = torch.randperm(slots, generator=g)[:t].to(DEVICE)
+    caches = [torch.randn(slots, hk, dim, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    want = rope_kv_ref(q, k, v, cos, sin, pos, where, caches[0], caches[1])
+    got = rope_kv(q, k, v, cos, sin, pos, where, caches[2], caches[3])
+    for a, b in [*zip(got, want, strict=True), (caches[2], caches[0]), (caches[3], caches[1])]:
+        assert (a.float() - b.float()).abs().max().item() < tol(dtype) * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype: torch.dtype) -> None:
+    from actserve.kernels.silu_mul import silu_mul
+    from actserve.kernels.silu_mul_ref import silu_mul_ref
+
+    x = torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype) * 3
+    assert (silu_mul(x, block=64).float() - silu_mul_ref(x).float()).abs().max().item() < tol(dtype) * 4

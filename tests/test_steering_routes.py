@@ -175,3 +175,10 @@ def test_client_window_is_checked() -> None:
     assert SteeringVector(name="x", window=(2, None)).to_dict()["window"] == [2, None]
     with pytest.raises(ValueError, match="window"):
         SteeringVector(name="x", window=(3, 1)).to_dict()
+
+
+def test_cli_flag() -> None:
+    from actserve.server.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--steering-vectors", "/srv/vectors"])
+    assert engine_config(args).steering_vectors_dir == "/srv/vectors"

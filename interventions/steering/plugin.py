@@ -13,6 +13,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from actserve.interventions.base import (
@@ -48,6 +49,14 @@ class SteeringPlan:
     active: bool = False
     released: bool = False
     layers: set[int] = field(default_factory=set)
+
+
+@dataclass
+class RowColumns:
+    index: np.ndarray  # int64 [rows, K], -1 = none
+    scale: np.ndarray  # float32 [rows, K]
+    normalize: np.ndarray  # bool [rows, K]
+    used: dict[int, list[int]]  # layer -> columns active there
 
 
 class SteeringHook:
@@ -201,11 +210,13 @@ class SteeringPlugin(InterventionPlugin):
         with self._lock:
             self._free.extend(v.slot for v in plan.vectors)
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
+    def row_columns(self, spans: list[RowSpan], num_rows: int) -> RowColumns | None:
+        """Per-row (slot index, scale, normalize) columns on the host; None when no row is steered here.
+        CUDA-graph steps copy these straight into the graph's static inputs."""
         width = min(MAX_VECTORS_PER_REQUEST, max(len(s.plan.vectors) for s in spans))
-        index = torch.full((num_rows, width), -1, dtype=torch.long)
-        scale = torch.zeros(num_rows, width, dtype=torch.float32)
-        normalize = torch.zeros(num_rows, width, dtype=torch.bool)
+        index = np.full((num_rows, width), -1, dtype=np.int64)
+        scale = np.zeros((num_rows, width), dtype=np.float32)
+        normalize = np.zeros((num_rows, width), dtype=np.bool_)
         used: dict[int, list[int]] = {}
         for span in spans:
             for k, vec in enumerate(span.plan.vectors):
@@ -220,12 +231,18 @@ class SteeringPlugin(InterventionPlugin):
         if not used:
             return None
         used = {layer: sorted(cols) for layer, cols in used.items()}  # each row's vectors apply in order
+        return RowColumns(index, scale, normalize, used)
+
+    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
+        cols = self.row_columns(spans, num_rows)
+        if cols is None:
+            return None
         dev = self.table.device
         return SteeringHook(
             self.table,
             self.layer_mask,
-            index.to(dev, non_blocking=True),
-            scale.to(dev, non_blocking=True),
-            normalize.to(dev, non_blocking=True),
-            used,
+            torch.from_numpy(cols.index).to(dev),
+            torch.from_numpy(cols.scale).to(dev),
+            torch.from_numpy(cols.normalize).to(dev),
+            cols.used,
         )

@@ -59,6 +59,17 @@ class TrainedVector:
     hidden_size: int
     num_layers: int  # of the model it was trained on
 
+    def metadata(self) -> dict[str, str]:
+        """String metadata stored with the vector in the library and in files (how it was made)."""
+        return {
+            "trained_by": "actserve",
+            "method": self.method,
+            "position": self.position,
+            "paired": str(self.paired).lower(),
+            "num_positive": str(self.num_positive),
+            "num_negative": str(self.num_negative),
+        }
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready description without the directions themselves."""
         return {

@@ -77,15 +77,7 @@ def _training_error(e: TrainingError, body: TrainRequest) -> APIError:
 
 
 def _store(lib: VectorLibrary, body: TrainRequest, vec: TrainedVector) -> StoredVector:
-    meta = {
-        "trained_by": "actserve",
-        "method": vec.method,
-        "position": vec.position,
-        "paired": str(vec.paired).lower(),
-        "num_positive": str(vec.num_positive),
-        "num_negative": str(vec.num_negative),
-    }
-    return lib.add(lib.build(body.name, vec.directions, metadata=meta), replace=body.replace)
+    return lib.add(lib.build(body.name, vec.directions, metadata=vec.metadata()), replace=body.replace)
 
 
 async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:

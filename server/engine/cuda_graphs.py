@@ -1,8 +1,9 @@
 """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
 
-Every per-step input is a static buffer (token ids, positions, KV slots, block tables, context lengths,
-and the steering columns: slot index, scale, normalize), so batches mixing steered and plain requests
-replay the same graph; a row with index -1 is left untouched by the fused steering kernel.
+Every per-step input is a static device buffer (token ids, positions, KV slots, context lengths, block
+tables, and the steering columns: slot index, scale, normalize), filled from pinned host buffers with
+three asynchronous copies per step. Batches mixing steered and plain requests replay the same graph;
+a row with index -1 is left untouched by the fused steering kernel.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class DecodeInputs:
     ids: np.ndarray  # int64 [B]
     positions: np.ndarray  # int64 [B]
     slots: np.ndarray  # int64 [B]
-    block_tables: np.ndarray  # int32 [B, max_blocks]
-    context_lens: np.ndarray  # int32 [B]
+    block_tables: np.ndarray  # int32 [B, width]
+    context_lens: np.ndarray  # int64 [B]
 
 
 class DecodeGraphs:
@@ -52,43 +53,58 @@ class DecodeGraphs:
         steer_width: int,
     ) -> None:
         dev = kv_caches[0].device
-        self.model, self.kv_caches, self.block_size, self.dummy_slot = (
-            model,
-            kv_caches,
-            block_size,
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.dummy_slot, self.max_bs, self.width, self.steer_table = (
             dummy_slot,
+            max_bs,
+            steer_width,
+            steer_table,
         )
-        self.max_bs, self.max_blocks, self.width = max_bs, max_blocks, steer_width
-        self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_bs,), dummy_slot, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.index = torch.full((max_bs, steer_width), -1, dtype=torch.long, device=dev)
+        # int64 layout: ids | positions | slots | lens | steer index (max_bs x W) | normalize (max_bs x W)
+        n_int = max_bs * (4 + 2 * steer_width)
+        self.host_int = torch.zeros(n_int, dtype=torch.long, pin_memory=True)
+        self.host_scale = torch.zeros(max_bs, steer_width, dtype=torch.float32, pin_memory=True)
+        self.host_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.dev_int = torch.zeros(n_int, dtype=torch.long, device=dev)
         self.scale = torch.zeros(max_bs, steer_width, dtype=torch.float32, device=dev)
-        self.normalize = torch.zeros(max_bs, steer_width, dtype=torch.bool, device=dev)
-        self.steer_table = steer_table
+        self.tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
+        self.h = self._views(self.host_int)
+        self.d = self._views(self.dev_int)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.buckets = bucket_sizes(max_bs)
         self._capture()
 
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, w = self.max_bs, self.width
+        return {
+            "ids": buf[0:b],
+            "pos": buf[b : 2 * b],
+            "slots": buf[2 * b : 3 * b],
+            "lens": buf[3 * b : 4 * b],
+            "index": buf[4 * b : 4 * b + b * w].view(b, w),
+            "normalize": buf[4 * b + b * w :].view(b, w),
+        }
+
     def _forward(self, b: int) -> torch.Tensor:
-        attn = AttentionBatch(self.slots[:b], [], self.tables[:b], self.lens[:b], self.block_size)
+        d = self.d
+        attn = AttentionBatch(d["slots"][:b], [], self.tables[:b], d["lens"][:b], self.block_size)
         hooks = None
         if self.steer_table is not None:
             table, mask = self.steer_table
-            hooks = StepHooks(
-                [], SteeringTensors(table, mask, self.index[:b], self.scale[:b], self.normalize[:b])
-            )
-        hidden = self.model(self.ids[:b], self.pos[:b], self.kv_caches, attn, hooks)
+            steer = SteeringTensors(table, mask, d["index"][:b], self.scale[:b], d["normalize"][:b])
+            hooks = StepHooks([], steer)
+        hidden = self.model(d["ids"][:b], d["pos"][:b], self.kv_caches, attn, hooks)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
+        d = self.d
+        d["slots"].fill_(self.dummy_slot)
+        d["index"].fill_(-1)
+        d["lens"].fill_(1)  # warm-up reads one (scratch) slot per row
+        self.tables.fill_(self.dummy_slot // self.block_size)
         for b in reversed(self.buckets):
-            self.lens[:b] = 1  # warm-up reads one (scratch) slot per row
-            self.tables[:b] = self.dummy_slot // self.block_size
             for _ in range(2):
                 self._forward(b)
             torch.cuda.synchronize()
@@ -97,8 +113,6 @@ class DecodeGraphs:
                 out = self._forward(b)
             pool = graph.pool()
             self.graphs[b] = (graph, out)
-        self.lens.zero_()
-        self.tables.zero_()
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
@@ -108,25 +122,32 @@ class DecodeGraphs:
                 return b
         return None
 
-    def run(self, inputs: DecodeInputs, steer: SteeringTensors | None) -> torch.Tensor:
+    def run(
+        self, inputs: DecodeInputs, steer: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    ) -> torch.Tensor:
+        """steer: host (index, scale, normalize) columns for the n rows, or None."""
         n = len(inputs.ids)
         b = self.bucket(n)
         assert b is not None
-        nb = inputs.block_tables.shape[1]
-        self.ids[:n].copy_(torch.from_numpy(inputs.ids), non_blocking=True)
-        self.pos[:n].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
-        self.slots[:n].copy_(torch.from_numpy(inputs.slots), non_blocking=True)
-        self.tables[:n, :nb].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
-        self.lens[:n].copy_(torch.from_numpy(inputs.context_lens), non_blocking=True)
-        if b > n:  # padding rows: no context, K/V written to the scratch slot
-            self.lens[n:b] = 0
-            self.slots[n:b] = self.dummy_slot
-        self.index[:b] = -1
+        h = self.h
+        h["ids"][:n] = torch.from_numpy(inputs.ids)
+        h["pos"][:n] = torch.from_numpy(inputs.positions)
+        h["slots"][:n] = torch.from_numpy(inputs.slots)
+        h["slots"][n:b] = self.dummy_slot  # padding rows: no context, K/V to the scratch slot
+        h["lens"][:n] = torch.from_numpy(inputs.context_lens)
+        h["lens"][n:b] = 0
+        h["index"][:b] = -1
         if steer is not None:
-            w = steer.index.shape[1]
-            self.index[:n, :w] = steer.index
-            self.scale[:n, :w] = steer.scale
-            self.normalize[:n, :w] = steer.normalize
+            index, scale, normalize = steer
+            w = index.shape[1]
+            h["index"][:n, :w] = torch.from_numpy(index)
+            h["normalize"][:n, :w] = torch.from_numpy(normalize)
+            self.host_scale[:n, :w] = torch.from_numpy(scale)
+        nb = inputs.block_tables.shape[1]
+        self.host_tables[:n, :nb] = torch.from_numpy(inputs.block_tables)
+        self.dev_int.copy_(self.host_int, non_blocking=True)
+        self.scale.copy_(self.host_scale, non_blocking=True)
+        self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

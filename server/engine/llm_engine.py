@@ -127,38 +127,50 @@ class LLMEngine:
                 seq.first_scheduled = now
             self.registry.activate(seq.interventions)
         results = self.runner.execute(batch)
-        outputs = [out for r in results if (out := self._advance(r)) is not None]
+        outputs = self._advance(results)
         self._update_gauges()
         return outputs
 
-    def _advance(self, r: StepResult) -> SeqOutput | None:
-        seq, now, m = r.seq, time.monotonic(), self.metrics
-        if seq.is_finished:  # aborted while the step ran
-            return None
-        if seq.first_token is None:
-            seq.first_token = now
-            m.ttft.labels(self.model_name).observe(now - seq.arrival)
-            if seq.count_prompt:
-                m.prompt_tokens.labels(self.model_name).inc(seq.prompt_len)
-        elif seq.last_token is not None:
-            m.itl.labels(self.model_name).observe(now - seq.last_token)
-        if seq.params.max_tokens == 0:
-            self._finish(seq, "length")
-            return self._output(seq)
-        seq.last_token = now
-        seq.output_token_ids.append(r.token_id)
-        if r.logprob is not None:
-            seq.logprobs.append(r.logprob)
-        m.generation_tokens.labels(self.model_name).inc()
-        stop_token = self._stop_token(seq, r.token_id)
-        if stop_token is None or seq.params.include_stop_str_in_output:
-            detokenizer.step(self.tokenizer, seq)  # a stop token's own text stays out, as in vLLM
-        if stop_token is not None:
-            seq.stop_reason = None if stop_token == "eos" else r.token_id
-            self._finish(seq, "stop")
-        else:
-            self._check_stop(seq)
-        return self._output(seq)
+    def _advance(self, results: list[StepResult]) -> list[SeqOutput]:
+        """Append each sampled token, detokenize all of them in one call, then check stops."""
+        now, m, name = time.monotonic(), self.metrics, self.model_name
+        outputs: list[SeqOutput] = []
+        pending: list[tuple[Sequence, int, str | None]] = []
+        for r in results:
+            seq = r.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            if seq.first_token is None:
+                seq.first_token = now
+                m.ttft.labels(name).observe(now - seq.arrival)
+                if seq.count_prompt:
+                    m.prompt_tokens.labels(name).inc(seq.prompt_len)
+            elif seq.last_token is not None:
+                m.itl.labels(name).observe(now - seq.last_token)
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                outputs.append(self._output(seq))
+                continue
+            seq.last_token = now
+            seq.output_token_ids.append(r.token_id)
+            if r.logprob is not None:
+                seq.logprobs.append(r.logprob)
+            pending.append((seq, r.token_id, self._stop_token(seq, r.token_id)))
+        if pending:
+            m.generation_tokens.labels(name).inc(len(pending))
+        # a stop token's own text stays out of the output, as in vLLM
+        detokenizer.step_many(
+            self.tokenizer,
+            [s for s, _, stop in pending if stop is None or s.params.include_stop_str_in_output],
+        )
+        for seq, token, stop in pending:
+            if stop is not None:
+                seq.stop_reason = None if stop == "eos" else token
+                self._finish(seq, "stop")
+            else:
+                self._check_stop(seq)
+            outputs.append(self._output(seq))
+        return outputs
 
     def _stop_token(self, seq: Sequence, token: int) -> str | None:
         """'eos' or 'stop_token' when this token ends the sequence (after min_tokens), else None."""

@@ -177,14 +177,14 @@ class ModelRunner:
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
             seq.num_computed = seq.num_tokens
+        if self.graphs is not None and set(spans) <= {"steering"} and self.graphs.bucket(n) is not None:
+            self.graph_steps += 1
+            cols = self.registry.plugins["steering"].row_columns(spans["steering"], n) if spans else None  # type: ignore[attr-defined]
+            steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
+            return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer)
+        self.eager_decode_steps += 1
         lens = (pos + 1).astype(np.int32)
         hooks = self.registry.step_hooks(spans, n) if spans else None
-        graphable = hooks is None or not hooks.residual
-        if self.graphs is not None and graphable and self.graphs.bucket(n) is not None:
-            self.graph_steps += 1
-            inputs = DecodeInputs(ids, pos, slots, tables, lens)
-            return self.graphs.run(inputs, hooks.steer if hooks is not None else None)
-        self.eager_decode_steps += 1
         dev = self.device
         attn = AttentionBatch(
             torch.from_numpy(slots).to(dev),

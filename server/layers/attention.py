@@ -63,10 +63,12 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
     sliding_window: int | None = None,
+    write_kv: bool = True,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then causal attention per sequence; q: [T, Hq, D]."""
-    kv_cache[0, batch.slot_mapping] = k
-    kv_cache[1, batch.slot_mapping] = v
+    if write_kv:
+        kv_cache[0, batch.slot_mapping] = k
+        kv_cache[1, batch.slot_mapping] = v
     if q.is_cuda and batch.block_tables is not None:
         from actserve.kernels.paged_decode import paged_decode
 

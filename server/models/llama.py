@@ -49,8 +49,16 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
-        o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
+        if x.is_cuda:  # rotary + KV write in one kernel
+            from actserve.kernels.rope_kv import rope_kv
+
+            q, k = rope_kv(
+                q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1]
+            )
+            o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False)
+        else:
+            q, k = rotary(q, k, positions)
+            o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -62,7 +70,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from actserve.kernels.silu_mul import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
