@@ -9,7 +9,6 @@ Prints a table last; every figure is also in the JSON (keys name the batch size,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -78,6 +77,9 @@ def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LL
         res[f"engine_tok_s_b{b}"] = b * NEW / dt
         res[f"engine_s_b{b}"] = dt
         print(f"engine b{b}: {b * NEW / dt:.1f} tok/s", flush=True)
+    for b in (1, 8, 64):
+        res[f"graph_step_ms_b{b}"] = graph_replay_ms(eng, b)
+        res[f"graph_only_tok_s_b{b}"] = b * 1e3 / res[f"graph_step_ms_b{b}"]
     for n in (512, 2048, 8192):
         prompt = random_prompts(1, n, vocab, n)[0]
         time_to_first_token(eng, prompt)
@@ -119,49 +121,55 @@ def bench_hf(res: dict[str, Any], model_dir: Path) -> None:
 
 
 def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64) -> None:
-    """64 concurrent streaming clients on loopback against the same engine, through uvicorn."""
-    import httpx
+    """64 concurrent streaming clients on loopback (bench/http_load.py, its own process) against the
+    same engine served through uvicorn; the in-process figure is measured again right after."""
+    import subprocess
+
     import uvicorn
 
     from actserve.server.api.app import create_app
     from actserve.server.engine.async_engine import AsyncEngine
 
-    app = create_app(engine=AsyncEngine(eng))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8765, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine=AsyncEngine(eng)), port=8765, log_level="warning")
+    )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
+    cmd = [sys.executable, str(Path(__file__).parent / "http_load.py"), "--url", "http://127.0.0.1:8765",
+           "--model", eng.model_name, "--clients", str(clients), "--prompt-len", str(PROMPT),
+           "--max-tokens", str(NEW), "--vocab", str(eng.model_info.vocab_size)]  # fmt: skip
+    load = json.loads(
+        subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    )
+    server.should_exit = True
+    time.sleep(1.0)
+    res[f"http_tok_s_c{clients}"] = load["tok_s"]
+    res["http_ttft_p50_ms"] = 1e3 * load["ttft_p50_s"]
+    res["http_tokens"] = load["tokens"]
     prompts = random_prompts(clients, PROMPT, eng.model_info.vocab_size, 5)
-
-    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
-        body = {"model": eng.model_name, "prompt": prompt, "max_tokens": NEW, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-        tokens = 0
-        async with client.stream("POST", "http://127.0.0.1:8765/v1/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    usage = json.loads(line[6:]).get("usage")
-                    if usage:
-                        tokens = usage["completion_tokens"]
-        return tokens
-
-    async def run_all() -> tuple[float, int]:
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as client:
-            await one(client, prompts[0])
-            t0 = time.perf_counter()
-            counts = await asyncio.gather(*(one(client, p) for p in prompts))
-            return time.perf_counter() - t0, sum(counts)
-
-    dt, tokens = asyncio.run(run_all())
-    res[f"http_tok_s_c{clients}"] = tokens / dt
-    res["http_tokens"] = tokens
     in_proc = min(generate(eng, prompts, NEW)[0] for _ in range(2))
     res[f"inproc_tok_s_b{clients}"] = clients * NEW / in_proc
     res["http_vs_inproc"] = res[f"http_tok_s_c{clients}"] / res[f"inproc_tok_s_b{clients}"]
-    server.should_exit = True
     print(
         f"http {res[f'http_tok_s_c{clients}']:.0f} tok/s vs in-process {res[f'inproc_tok_s_b{clients}']:.0f}"
     )
+
+
+def graph_replay_ms(eng: LLMEngine, batch: int, reps: int = 50) -> float:
+    """GPU time of one captured decode step (no host work): the floor the engine's step time sits on."""
+    graphs = eng.runner.graphs
+    assert graphs is not None
+    graph, _ = graphs.graphs[graphs.bucket(batch)]  # type: ignore[index]
+    graph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
 
 
 def section(res: dict[str, Any], name: str, fn: Any) -> Any:

@@ -37,7 +37,7 @@ def _engine(model_dir: Path, eager: bool, **kw: object):  # type: ignore[no-unty
 
     return LLMEngine(
         EngineConfig(model=str(model_dir), dtype="bfloat16", enforce_eager=eager, max_num_seqs=64,
-                     gpu_memory_utilization=0.3, **kw)  # type: ignore[arg-type]
+                     num_kv_blocks=4096, **kw)  # type: ignore[arg-type]
     )  # fmt: skip
 
 

@@ -49,6 +49,20 @@ class SteeringPlan:
     active: bool = False
     released: bool = False
     layers: set[int] = field(default_factory=set)
+    # a generated-token row's columns when no vector has a window (the same every decode step)
+    decode_row: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def cached_decode_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if self.decode_row is None and all(v.window is None for v in self.vectors):
+            on = [v.generation for v in self.vectors]
+            self.decode_row = (
+                np.array(
+                    [v.slot if g else -1 for v, g in zip(self.vectors, on, strict=True)], dtype=np.int64
+                ),
+                np.array([v.scale for v in self.vectors], dtype=np.float32),
+                np.array([v.normalize for v in self.vectors], dtype=np.bool_),
+            )
+        return self.decode_row
 
 
 @dataclass
@@ -210,25 +224,34 @@ class SteeringPlugin(InterventionPlugin):
         with self._lock:
             self._free.extend(v.slot for v in plan.vectors)
 
-    def row_columns(self, spans: list[RowSpan], num_rows: int) -> RowColumns | None:
+    def row_columns(self, spans: list[RowSpan], num_rows: int, need_used: bool = True) -> RowColumns | None:
         """Per-row (slot index, scale, normalize) columns on the host; None when no row is steered here.
-        CUDA-graph steps copy these straight into the graph's static inputs."""
+        CUDA-graph steps copy these straight into the graph's static inputs and skip `used` (the kernel
+        reads the layer mask), which keeps the per-step host cost to a row copy per steered decode row."""
         width = min(MAX_VECTORS_PER_REQUEST, max(len(s.plan.vectors) for s in spans))
         index = np.full((num_rows, width), -1, dtype=np.int64)
         scale = np.zeros((num_rows, width), dtype=np.float32)
         normalize = np.zeros((num_rows, width), dtype=np.bool_)
         used: dict[int, list[int]] = {}
+        any_row = False
         for span in spans:
+            fast = span.plan.cached_decode_row() if span.count == 1 and span.pos0 >= span.prompt_len else None
+            if fast is not None and not need_used:
+                w = len(fast[0])
+                index[span.start, :w], scale[span.start, :w], normalize[span.start, :w] = fast
+                any_row = any_row or bool((fast[0] >= 0).any())
+                continue
             for k, vec in enumerate(span.plan.vectors):
                 ranges = row_ranges(span, vec)
                 if not ranges:
                     continue
                 for lo, hi in ranges:
                     index[lo:hi, k], scale[lo:hi, k], normalize[lo:hi, k] = vec.slot, vec.scale, vec.normalize
+                any_row = True
                 for layer in vec.layers:
                     if k not in used.setdefault(layer, []):
                         used[layer].append(k)
-        if not used:
+        if not any_row:
             return None
         used = {layer: sorted(cols) for layer, cols in used.items()}  # each row's vectors apply in order
         return RowColumns(index, scale, normalize, used)

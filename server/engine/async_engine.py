@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
@@ -100,6 +105,17 @@ class AsyncEngine:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, out)
 
+    def _deliver_many(self, outs: list[SeqOutput]) -> None:
+        """One wake-up per event loop per step, not one per sequence (64 streams -> 1 callback)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
+        with self._lock:
+            for out in outs:
+                target = self._streams.get(out.seq_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _drain(self, block: bool) -> None:
         try:
             cmd, arg = self._commands.get(block=block, timeout=0.5 if block else None)
@@ -137,8 +153,7 @@ class AsyncEngine:
                 if not self.engine.has_work():
                     self.engine.metrics.refresh_memory()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out, out.seq_id)
+                self._deliver_many(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - tell every waiter, then stop
             log.exception("engine loop failed")
             self.error = e

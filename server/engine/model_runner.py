@@ -179,7 +179,11 @@ class ModelRunner:
             seq.num_computed = seq.num_tokens
         if self.graphs is not None and set(spans) <= {"steering"} and self.graphs.bucket(n) is not None:
             self.graph_steps += 1
-            cols = self.registry.plugins["steering"].row_columns(spans["steering"], n) if spans else None  # type: ignore[attr-defined]
+            cols = (
+                self.registry.plugins["steering"].row_columns(spans["steering"], n, need_used=False)
+                if spans
+                else None
+            )  # type: ignore[attr-defined]
             steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
             return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer)
         self.eager_decode_steps += 1

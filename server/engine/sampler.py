@@ -226,6 +226,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         else:
             tokens[idx] = choice
 
+    if tokens.is_cuda:  # wait with the GIL released, so the server's event loop runs meanwhile
+        torch.cuda.current_stream(tokens.device).synchronize()
     token_list: list[int] = tokens.tolist()
     want = [r.params.logprobs for r in rows]
     if all(w is None for w in want):
