@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -384,7 +385,7 @@ def main() -> None:
             ],  # fmt: skip
         }
     result = {
-        "model": args.model,
+        "model": os.path.relpath(args.model, ROOT),
         "command": "python bench/steering_happy_sad.py",
         "device": "cpu float32",
         "host": platform.platform(),

@@ -29,6 +29,10 @@ def discover() -> dict[str, type[InterventionPlugin]]:
         from actserve.interventions.steering.plugin import SteeringPlugin
 
         found["steering"] = SteeringPlugin
+    if "cot_compression" not in found:
+        from actserve.interventions.cot_compression.plugin import CoTCompressionPlugin
+
+        found["cot_compression"] = CoTCompressionPlugin
     return found
 
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from actserve.interventions.cot_compression.cli import add_cot_parser
+from actserve.interventions.cot_compression.cli import run as run_cot
 from actserve.server.cli_vectors import add_vectors_parser
 from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
@@ -55,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder of named steering vectors (*.safetensors, *.gguf): preloaded; new ones saved there",
     )
+    s.add_argument(
+        "--cot-compression",
+        default=None,
+        metavar="FILE",
+        help="ASC artifact from `actserve cot build`: enables the cot_compression intervention",
+    )
     s.add_argument("--log-level", default="info")
     add_vectors_parser(sub)
+    add_cot_parser(sub)
     return parser
 
 
@@ -78,6 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
         steering_vectors_dir=args.steering_vectors,
+        cot_compression=args.cot_compression,
     )
 
 
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "vectors":
         return run_vectors(args)
+    if args.command == "cot":
+        return run_cot(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -124,6 +124,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"{layer:5d} {s.norm:10.4g} {s.projection_gap:10.4g} {sep:>6} {acc:>8} {ev:>8}")
     counts = f"{vec.num_positive} positive, {vec.num_negative} negative"
     print(f"wrote {args.out} ({vec.method}, {len(vec.directions)} layers, {counts})")
+    if args.out.suffix == ".gguf" and 0 in vec.directions:
+        print("note: llama.cpp refuses direction.0 (it never steers layer 0); repeng and actserve read it")
     return 0
 
 

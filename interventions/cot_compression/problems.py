@@ -66,130 +66,179 @@ class Problem:
         return "\n\n".join(parts)
 
 
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "−": a - b, "×": a * b, "÷": a // b}[op]
+
+
+def _problem(
+    template: str,
+    values: tuple[int, ...],
+    question: str,
+    unit: str,
+    steps: list[tuple[int, str, int, str, str]],
+) -> Problem:
+    """Steps given as (a, op, b, goal, reason); each result is computed here, the answer is the last."""
+    done = tuple(Step(a, op, b, _apply(a, op, b), goal, reason) for a, op, b, goal, reason in steps)
+    return Problem(template, values, question, done, done[-1].result, unit)
+
+
 def _shopping(r: random.Random, name: str) -> Problem:
     item = r.choice(["apples", "pencils", "notebooks", "oranges", "stickers", "candles"])
     extra = r.choice(["drink", "bag", "card", "snack"])
     n, price, cost = r.randint(2, 9), r.randint(2, 12), r.randint(2, 15)
-    s1 = n * price
-    q = f"{name} buys {n} {item} that cost {price} dollars each and a {extra} for {cost} dollars. How much does {name} spend in total?"
-    steps = (
-        Step(n, "×", price, s1, f"how much the {item} cost", f"There are {n} {item} and each one costs {price} dollars, so we multiply the number of {item} by the price of one."),
-        Step(s1, "+", cost, s1 + cost, "the total amount spent", f"The {extra} costs {cost} dollars more, so we add it to the cost of the {item}."),
-    )  # fmt: skip
-    return Problem("shopping", (n, price, cost), q, steps, s1 + cost, "dollars")
+    q = (
+        f"{name} buys {n} {item} that cost {price} dollars each and a {extra} for {cost} dollars. "
+        f"How much does {name} spend in total?"
+    )
+    return _problem("shopping", (n, price, cost), q, "dollars", [
+        (n, "×", price, f"how much the {item} cost",
+         f"There are {n} {item} and each one costs {price} dollars, so we multiply the number of {item} "
+         "by the price of one."),
+        (n * price, "+", cost, "the total amount spent",
+         f"The {extra} costs {cost} dollars more, so we add it to the cost of the {item}."),
+    ])  # fmt: skip
 
 
 def _change(r: random.Random, name: str) -> Problem:
     item = r.choice(["books", "toy cars", "cupcakes", "comics", "plants"])
     n, price = r.randint(2, 8), r.randint(3, 11)
-    s1 = n * price
-    money = s1 + r.randint(1, 30)
-    q = f"{name} has {money} dollars and buys {n} {item} that cost {price} dollars each. How much money does {name} have left?"
-    steps = (
-        Step(n, "×", price, s1, f"how much the {item} cost together", f"Each of the {n} {item} costs {price} dollars, so we multiply to get the cost of all of them."),
-        Step(money, "−", s1, money - s1, "how much money is left", f"{name} started with {money} dollars and spent {s1} dollars, so we subtract what was spent."),
-    )  # fmt: skip
-    return Problem("change", (money, n, price), q, steps, money - s1, "dollars")
+    money = n * price + r.randint(1, 30)
+    q = (
+        f"{name} has {money} dollars and buys {n} {item} that cost {price} dollars each. "
+        f"How much money does {name} have left?"
+    )
+    return _problem("change", (money, n, price), q, "dollars", [
+        (n, "×", price, f"how much the {item} cost together",
+         f"Each of the {n} {item} costs {price} dollars, so we multiply to get the cost of all of them."),
+        (money, "−", n * price, "how much money is left",
+         f"{name} started with {money} dollars and spent {n * price} dollars, "
+         "so we subtract what was spent."),
+    ])  # fmt: skip
 
 
 def _ages(r: random.Random, name: str) -> Problem:
     rel = r.choice(["aunt", "uncle", "mother", "father", "grandmother"])
     age, k, years = r.randint(3, 12), r.randint(2, 5), r.randint(2, 9)
-    s1 = age * k
-    q = f"{name} is {age} years old. {name}'s {rel} is {k} times as old as {name}. How old will the {rel} be in {years} years?"
-    steps = (
-        Step(age, "×", k, s1, f"how old the {rel} is now", f"The {rel} is {k} times as old as {name}, who is {age}, so we multiply {name}'s age by {k}."),
-        Step(s1, "+", years, s1 + years, f"the {rel}'s age in {years} years", f"Every year adds one year to the age, so in {years} years we add {years} to the current age."),
-    )  # fmt: skip
-    return Problem("ages", (age, k, years), q, steps, s1 + years, "years")
+    q = (
+        f"{name} is {age} years old. {name}'s {rel} is {k} times as old as {name}. "
+        f"How old will the {rel} be in {years} years?"
+    )
+    return _problem("ages", (age, k, years), q, "years", [
+        (age, "×", k, f"how old the {rel} is now",
+         f"The {rel} is {k} times as old as {name}, who is {age}, so we multiply {name}'s age by {k}."),
+        (age * k, "+", years, f"the {rel}'s age in {years} years",
+         f"Every year adds one year to the age, so in {years} years we add {years} to the current age."),
+    ])  # fmt: skip
 
 
 def _age_sum(r: random.Random, name: str) -> Problem:
     other = r.choice([n for n in NAMES if n != name])
     age, older = r.randint(4, 40), r.randint(2, 25)
-    s1 = age + older
-    q = f"{name} is {age} years old and {other} is {older} years older than {name}. What is the sum of their ages?"
-    steps = (
-        Step(age, "+", older, s1, f"how old {other} is", f"{other} is {older} years older than {name}, so we add {older} to {name}'s age."),
-        Step(age, "+", s1, age + s1, "the sum of their ages", f"Now we know both ages, so we add {name}'s age and {other}'s age together."),
-    )  # fmt: skip
-    return Problem("age_sum", (age, older), q, steps, age + s1, "years")
+    q = (
+        f"{name} is {age} years old and {other} is {older} years older than {name}. "
+        "What is the sum of their ages?"
+    )
+    return _problem("age_sum", (age, older), q, "years", [
+        (age, "+", older, f"how old {other} is",
+         f"{other} is {older} years older than {name}, so we add {older} to {name}'s age."),
+        (age, "+", age + older, "the sum of their ages",
+         f"Now we know both ages, so we add {name}'s age and {other}'s age together."),
+    ])  # fmt: skip
 
 
 def _travel(r: random.Random, name: str) -> Problem:
     vehicle = r.choice(["train", "bus", "car", "truck"])
     speed, hours, more = r.randint(3, 12) * 10, r.randint(2, 6), r.randint(5, 60)
-    s1 = speed * hours
-    q = f"A {vehicle} travels at {speed} km per hour for {hours} hours and then goes {more} km more. How far does the {vehicle} travel in total?"
-    steps = (
-        Step(speed, "×", hours, s1, f"how far the {vehicle} goes in {hours} hours", f"The {vehicle} covers {speed} km in each hour, so for {hours} hours we multiply the speed by the time."),
-        Step(s1, "+", more, s1 + more, "the total distance", f"After that it goes {more} km more, so we add that extra distance."),
-    )  # fmt: skip
-    return Problem("travel", (speed, hours, more), q, steps, s1 + more, "km")
+    q = (
+        f"A {vehicle} travels at {speed} km per hour for {hours} hours and then goes {more} km more. "
+        f"How far does the {vehicle} travel in total?"
+    )
+    return _problem("travel", (speed, hours, more), q, "km", [
+        (speed, "×", hours, f"how far the {vehicle} goes in {hours} hours",
+         f"The {vehicle} covers {speed} km in each hour, so for {hours} hours we multiply the speed "
+         "by the time."),
+        (speed * hours, "+", more, "the total distance",
+         f"After that it goes {more} km more, so we add that extra distance."),
+    ])  # fmt: skip
 
 
 def _sharing(r: random.Random, name: str) -> Problem:
     item = r.choice(["cookies", "marbles", "stickers", "grapes", "cards"])
     bags, per, friends = r.randint(2, 9), r.randint(2, 12), r.choice([2, 3, 4, 5, 6])
-    total = bags * per
-    while total % friends:
+    while (bags * per) % friends:
         per += 1
-        total = bags * per
-    q = f"{name} has {bags} bags with {per} {item} in each bag and shares all the {item} equally among {friends} friends. How many {item} does each friend get?"
-    steps = (
-        Step(bags, "×", per, total, f"how many {item} there are in all", f"There are {bags} bags and each bag holds {per} {item}, so we multiply to count all of them."),
-        Step(total, "÷", friends, total // friends, "how many each friend gets", f"The {item} are shared equally among {friends} friends, so we divide the total by {friends}."),
-    )  # fmt: skip
-    return Problem("sharing", (bags, per, friends), q, steps, total // friends, item)
+    q = (
+        f"{name} has {bags} bags with {per} {item} in each bag and shares all the {item} equally among "
+        f"{friends} friends. How many {item} does each friend get?"
+    )
+    return _problem("sharing", (bags, per, friends), q, item, [
+        (bags, "×", per, f"how many {item} there are in all",
+         f"There are {bags} bags and each bag holds {per} {item}, so we multiply to count all of them."),
+        (bags * per, "÷", friends, "how many each friend gets",
+         f"The {item} are shared equally among {friends} friends, so we divide the total by {friends}."),
+    ])  # fmt: skip
 
 
 def _baking(r: random.Random, name: str) -> Problem:
     food = r.choice(["muffins", "cookies", "rolls", "cupcakes"])
     trays, per = r.randint(2, 8), r.randint(4, 12)
-    s1 = trays * per
-    sold = r.randint(1, s1 - 1)
-    q = f"A baker makes {trays} trays of {food} with {per} {food} on each tray and sells {sold} of them. How many {food} are left?"
-    steps = (
-        Step(trays, "×", per, s1, f"how many {food} the baker made", f"Each of the {trays} trays has {per} {food}, so we multiply the trays by the {food} on each."),
-        Step(s1, "−", sold, s1 - sold, f"how many {food} are left", f"The baker sold {sold} of them, so we take those away from the total."),
-    )  # fmt: skip
-    return Problem("baking", (trays, per, sold), q, steps, s1 - sold, food)
+    sold = r.randint(1, trays * per - 1)
+    q = (
+        f"A baker makes {trays} trays of {food} with {per} {food} on each tray and sells {sold} of them. "
+        f"How many {food} are left?"
+    )
+    return _problem("baking", (trays, per, sold), q, food, [
+        (trays, "×", per, f"how many {food} the baker made",
+         f"Each of the {trays} trays has {per} {food}, so we multiply the trays by the {food} on each."),
+        (trays * per, "−", sold, f"how many {food} are left",
+         f"The baker sold {sold} of them, so we take those away from the total."),
+    ])  # fmt: skip
 
 
 def _savings(r: random.Random, name: str) -> Problem:
     weekly, weeks = r.randint(3, 20), r.randint(3, 10)
-    s1 = weekly * weeks
-    spent = r.randint(1, s1 - 1)
-    q = f"{name} saves {weekly} dollars every week for {weeks} weeks and then spends {spent} dollars on a gift. How much money does {name} have now?"
-    steps = (
-        Step(weekly, "×", weeks, s1, "how much was saved", f"{name} puts away {weekly} dollars each week for {weeks} weeks, so we multiply the weekly amount by the weeks."),
-        Step(s1, "−", spent, s1 - spent, "how much is left after the gift", f"The gift costs {spent} dollars, so we subtract it from the savings."),
-    )  # fmt: skip
-    return Problem("savings", (weekly, weeks, spent), q, steps, s1 - spent, "dollars")
+    spent = r.randint(1, weekly * weeks - 1)
+    q = (
+        f"{name} saves {weekly} dollars every week for {weeks} weeks and then spends {spent} dollars on a "
+        f"gift. How much money does {name} have now?"
+    )
+    return _problem("savings", (weekly, weeks, spent), q, "dollars", [
+        (weekly, "×", weeks, "how much was saved",
+         f"{name} puts away {weekly} dollars each week for {weeks} weeks, so we multiply the weekly amount "
+         "by the weeks."),
+        (weekly * weeks, "−", spent, "how much is left after the gift",
+         f"The gift costs {spent} dollars, so we subtract it from the savings."),
+    ])  # fmt: skip
 
 
 def _garden(r: random.Random, name: str) -> Problem:
     plant = r.choice(["tulips", "carrots", "roses", "tomato plants"])
     rows, per, added = r.randint(2, 9), r.randint(3, 12), r.randint(1, 6)
-    s1 = rows + added
-    q = f"{name}'s garden has {rows} rows of {plant} with {per} {plant} in each row. {name} plants {added} more rows just like them. How many {plant} are in the garden now?"
-    steps = (
-        Step(rows, "+", added, s1, "how many rows there are now", f"There were {rows} rows and {name} adds {added} more, so we add the new rows to the old ones."),
-        Step(s1, "×", per, s1 * per, f"how many {plant} there are", f"Every row has {per} {plant}, so we multiply the number of rows by {per}."),
-    )  # fmt: skip
-    return Problem("garden", (rows, per, added), q, steps, s1 * per, plant)
+    q = (
+        f"{name}'s garden has {rows} rows of {plant} with {per} {plant} in each row. {name} plants {added} "
+        f"more rows just like them. How many {plant} are in the garden now?"
+    )
+    return _problem("garden", (rows, per, added), q, plant, [
+        (rows, "+", added, "how many rows there are now",
+         f"There were {rows} rows and {name} adds {added} more, so we add the new rows to the old ones."),
+        (rows + added, "×", per, f"how many {plant} there are",
+         f"Every row has {per} {plant}, so we multiply the number of rows by {per}."),
+    ])  # fmt: skip
 
 
 def _reading(r: random.Random, name: str) -> Problem:
     per_day, days = r.randint(5, 30), r.randint(2, 9)
-    s1 = per_day * days
-    pages = s1 + r.randint(5, 120)
-    q = f"A book has {pages} pages. {name} reads {per_day} pages every day for {days} days. How many pages are left to read?"
-    steps = (
-        Step(per_day, "×", days, s1, "how many pages have been read", f"{name} reads {per_day} pages on each of the {days} days, so we multiply pages per day by days."),
-        Step(pages, "−", s1, pages - s1, "how many pages are left", f"The book has {pages} pages and {s1} are already read, so we subtract the pages read."),
-    )  # fmt: skip
-    return Problem("reading", (pages, per_day, days), q, steps, pages - s1, "pages")
+    pages = per_day * days + r.randint(5, 120)
+    q = (
+        f"A book has {pages} pages. {name} reads {per_day} pages every day for {days} days. "
+        "How many pages are left to read?"
+    )
+    return _problem("reading", (pages, per_day, days), q, "pages", [
+        (per_day, "×", days, "how many pages have been read",
+         f"{name} reads {per_day} pages on each of the {days} days, so we multiply pages per day by days."),
+        (pages, "−", per_day * days, "how many pages are left",
+         f"The book has {pages} pages and {per_day * days} are already read, so we subtract the pages read."),
+    ])  # fmt: skip
 
 
 TEMPLATES: dict[str, Callable[[random.Random, str], Problem]] = {

@@ -24,3 +24,4 @@ class EngineConfig:
     force_transformers: bool = False  # serve a native family through the transformers fallback
     seed: int = 0
     steering_vectors_dir: str | None = None  # named steering vectors: preloaded, and new ones saved here
+    cot_compression: str | None = None  # ASC artifact (`actserve cot build`): enables cot_compression

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from actserve.interventions.cot_compression.plugin import cot_context
 from actserve.interventions.registry import InterventionRegistry
 from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary
 from actserve.server.engine import detokenizer
@@ -56,7 +57,8 @@ class LLMEngine:
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
         self.vector_library = VectorLibrary(self.model_info, config.steering_vectors_dir)
-        self.registry = InterventionRegistry(self.model_info, context={LIBRARY_KEY: self.vector_library})
+        context = {LIBRARY_KEY: self.vector_library, **cot_context(config, self.model_info)}
+        self.registry = InterventionRegistry(self.model_info, context=context)
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = self.loaded.make_runner(self.registry)

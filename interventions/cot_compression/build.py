@@ -1,0 +1,185 @@
+"""`actserve cot build`: the ASC direction and its KL calibration for one model, into one artifact file.
+
+1. Pairs: for each generated training problem, the chat-formatted conversation (user question, assistant
+   solution) once with the VERBOSE and once with the CONCISE solution; trailing whitespace after the
+   end-of-turn token is cut, so the last token is the end-of-turn marker in both texts and the pair
+   differs only in the style of the solution before it.
+2. Direction at layer L = mean over pairs of (concise − verbose) last-token residuals, read with
+   `collect_residuals` at the output of decoder layer L (= transformers' `hidden_states[L+1]`; NOT
+   `hidden_states[L]`, the input of layer L: the public ASC code's off-by-one), and ADDED when serving
+   (h + γ·v with γ > 0 compresses; the public code subtracts it: its sign trap).
+3. Calibration: unsteered greedy continuations of calibration questions (training problems), then the
+   teacher-forced mean per-token KL (measure.py) at a probe strength gives vᵀFv ≈ 2·KL/γ², the start
+   γ0 = sqrt(2ε / vᵀFv) for each budget ε, refined by bisection; every measured (γ, KL) point goes into
+   the table (made strictly increasing) that maps a request's kl_budget to γ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actserve.interventions.cot_compression.artifact import AscArtifact, monotone_table
+from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.problems import Problem, train_problems
+from actserve.interventions.steering.train import direction, layer_stats, residuals
+
+log = logging.getLogger(__name__)
+DEFAULT_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def default_layer(num_layers: int) -> int:
+    """About two thirds of the depth (the ASC paper: layer 20 of 28 and of 32)."""
+    return min(num_layers - 1, round(num_layers * 2 / 3))
+
+
+def prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """The question as /v1/chat/completions sends it (chat template with the generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(f"Question: {question}\nAnswer:")
+
+
+def solution_ids(tokenizer: Any, question: str, solution: str) -> list[int]:
+    """Question and solution as one chat; without a chat template, prompt + solution + EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        chat = [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        return tokenizer.encode(text.rstrip(), add_special_tokens=False)
+    ids = tokenizer.encode(f"Question: {question}\nAnswer: {solution}")
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+@dataclass
+class LayerDirection:
+    layer: int
+    direction: torch.Tensor  # float32 [hidden], concise - verbose
+    stats: dict[str, Any]
+
+
+def asc_directions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: list[Problem],
+    layers: list[int],
+    batch_tokens: int = 4096,
+    progress: bool | None = None,
+) -> dict[int, LayerDirection]:
+    """Mean (concise − verbose) last-token residual at each layer (several layers cost one pass)."""
+    concise = [solution_ids(tokenizer, p.question, p.concise()) for p in problems]
+    verbose = [solution_ids(tokenizer, p.question, p.verbose()) for p in problems]
+    h = residuals(model, concise + verbose, layers, "last", batch_tokens, progress).double()
+    pos, neg = h[: len(problems)], h[len(problems) :]
+    out = {}
+    for k, layer in enumerate(layers):
+        d = direction(pos[:, k], neg[:, k], "mean_diff")  # concise - verbose: ADDED to compress
+        st = layer_stats(pos[:, k], neg[:, k], d, paired=True)
+        stats = {
+            "norm": st.norm,
+            "projection_gap": st.projection_gap,
+            "separation": st.separation,
+            "pair_accuracy": st.pair_accuracy,
+            "mean_residual_norm": float(h[:, k].norm(dim=-1).mean()),
+        }
+        out[layer] = LayerDirection(layer, d.float().contiguous(), stats)
+    return out
+
+
+def calibration_set(engine: Any, problems: list[Problem], max_tokens: int) -> list[Continuation]:
+    """Unsteered greedy continuations of the problems' questions (what KL is measured along)."""
+    prompts = [prompt_ids(engine.tokenizer, p.question) for p in problems]
+    outs = generate(engine, prompts, max_tokens, tag="calib")
+    return [Continuation(p, o) for p, o in zip(prompts, outs, strict=True)]
+
+
+@dataclass
+class Calibration:
+    gammas: list[float]
+    kls: list[float]
+    vfv: float  # second-order estimate of vᵀFv along the direction
+    probe: float
+    points: list[tuple[float, float]] = field(default_factory=list)  # everything measured
+    targets: dict[str, float] = field(default_factory=dict)  # budget -> γ found by bisection
+
+
+def calibrate(
+    meter: KLMeter,
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS,
+    probe: float = 0.05,
+    rel_tol: float = 0.1,
+    max_steps: int = 6,
+) -> Calibration:
+    """Bisect γ for each budget, starting from the second-order estimate γ0 = sqrt(2ε / vᵀFv)."""
+    kl_probe = meter.kl(probe)
+    vfv = max(2 * kl_probe / probe**2, 1e-12)
+    targets: dict[str, float] = {}
+    for eps in sorted(budgets):
+        g = math.sqrt(2 * eps / vfv)
+        lo, hi = 0.0, math.inf
+        for _ in range(max_steps):
+            k = meter.kl(g)
+            if abs(k - eps) <= rel_tol * eps:
+                break
+            if k < eps:
+                lo = g
+            else:
+                hi = g
+            g = (lo + hi) / 2 if math.isfinite(hi) else g * 1.6  # expand until bracketed, then bisect
+        targets[str(eps)] = g
+        log.info("kl budget %.3g: gamma %.4g (kl %.4g)", eps, g, meter.kl(g))
+    points = sorted(meter.measured.items())
+    gammas, kls = monotone_table(points)
+    return Calibration(gammas, kls, vfv, probe, points, targets)
+
+
+def build_artifact(
+    engine: Any,
+    layer: int,
+    *,
+    train: list[Problem] | None = None,
+    direction_: LayerDirection | None = None,
+    calib_prompts: int = 16,
+    calib_tokens: int = 96,
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS,
+    batch_tokens: int = 4096,
+    progress: bool | None = None,
+) -> AscArtifact:
+    """Direction (unless given) + calibration on a loaded native engine; returns the artifact."""
+    model, info = engine.runner.model, engine.model_info
+    if getattr(model, "spec", None) is None:
+        raise ValueError("cot build needs the native model implementation (not the transformers fallback)")
+    if not 0 <= layer < info.num_layers:
+        raise ValueError(f"--layer {layer} out of range [0, {info.num_layers - 1}]")
+    train = train if train is not None else train_problems()
+    d = direction_ or asc_directions(model, engine.tokenizer, train, [layer], batch_tokens, progress)[layer]
+    art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)
+    seqs = calibration_set(engine, train[:calib_prompts], calib_tokens)
+    meter = KLMeter(model, info, art, seqs, batch_tokens)
+    cal = calibrate(meter, budgets)
+    art.gammas, art.kls = cal.gammas, cal.kls
+    art.info = {
+        "method": "ASC: mean(concise) - mean(verbose) last-token residual, added at generated tokens",
+        "direction": "raw (not unit norm); strength 1 = the whole mean concise-verbose gap",
+        "layer_convention": "output of decoder layer L = transformers hidden_states[L+1]",
+        "pairs": len(train),
+        "text": "chat template, user question + assistant solution, trailing whitespace cut",
+        "direction_stats": d.stats,
+        "calibration": {
+            "kl": "teacher-forced mean per-token KL(steered || unsteered), nats, generated positions t>=2",
+            "prompts": len(seqs),
+            "max_tokens": calib_tokens,
+            "positions": meter.positions,
+            "vFv": cal.vfv,
+            "probe_gamma": cal.probe,
+            "budget_gammas": cal.targets,
+            "measured": [[g, k] for g, k in cal.points],
+        },
+    }
+    return art

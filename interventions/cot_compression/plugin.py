@@ -1,0 +1,122 @@
+"""CoT compression (ASC): h <- h + γ·v at the ASC layer, for every generated token of the request.
+
+It is steering with one fixed vector, so it reuses the steering plugin's machinery instead of its own
+per-row tensor code: a private `SteeringPlugin` with a one-slot table holds the artifact's direction
+(resident once, shared by every request), each request's plan is a `SteeringPlan` with one vector in
+that slot (scale γ, generation phase only), and the step hook is the steering plugin's `SteeringHook`
+over those rows. γ comes from the request (`strength`) or from the artifact's calibration table
+(`kl_budget`). The artifact reaches the plugin through the registry's shared `context`
+(`ASC_KEY`), filled from `EngineConfig.cot_compression` by `cot_context` when the engine starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
+from actserve.interventions.cot_compression.artifact import AscArtifact, load_artifact
+from actserve.interventions.cot_compression.schema import CoTCompressionSpec
+from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
+from actserve.server.engine.config import EngineConfig
+from actserve.server.models.loader import ModelInfo
+
+log = logging.getLogger(__name__)
+ASC_KEY = "cot_compression.artifact"
+NOT_CONFIGURED = "cot_compression is not configured for this model; build it with `actserve cot build`"
+
+
+@dataclass
+class CoTPlan(SteeringPlan):
+    """A steering plan (no vector when γ = 0) plus what the request asked for."""
+
+    gamma: float = 0.0
+    kl_budget: float | None = None
+    artifact: AscArtifact | None = None
+
+
+def cot_context(config: EngineConfig, info: ModelInfo) -> dict[str, Any]:
+    """Registry context entries for `--cot-compression FILE`: the artifact, checked against the model."""
+    if not config.cot_compression:
+        return {}
+    art = load_artifact(config.cot_compression)
+    art.check_fits(info)
+    if art.model and art.model != info.name:
+        log.warning("CoT compression artifact was built on %r; serving %r", art.model, info.name)
+    return {ASC_KEY: art}
+
+
+class CoTCompressionPlugin(InterventionPlugin):
+    name = "cot_compression"
+    description = (
+        "Shorter chains of thought (ASC): push the residual along a concise-minus-verbose direction at every "
+        "generated token, by a strength or by a per-token KL budget."
+    )
+    hook_points = ("residual",)
+    spec_model = CoTCompressionSpec
+
+    def __init__(self, model_info: ModelInfo) -> None:
+        super().__init__(model_info)
+        self._steering = SteeringPlugin(model_info, slots=1)  # slot 0: the artifact's direction
+        self._resident: AscArtifact | None = None
+        self._rows: dict[int, torch.Tensor] = {}  # id(artifact) -> its [num_layers, hidden] table row
+
+    @property
+    def artifact(self) -> AscArtifact | None:
+        return self.context.get(ASC_KEY)
+
+    def _row(self, art: AscArtifact) -> torch.Tensor:
+        row = self._rows.get(id(art))
+        if row is None:
+            row = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
+            row[art.layer] = art.direction
+            self._rows = {id(art): row}  # one artifact at a time
+        return row
+
+    def prepare(self, spec: CoTCompressionSpec, param: str) -> CoTPlan:  # type: ignore[override]
+        art = self.artifact
+        if art is None:
+            raise InterventionError(NOT_CONFIGURED, param)
+        if spec.kl_budget is not None:
+            if spec.kl_budget > art.max_kl:
+                raise InterventionError(
+                    f"{param}.kl_budget: {spec.kl_budget} is above this model's calibrated range "
+                    f"[0, {art.max_kl:.4g}] nats per token; use a smaller budget or an explicit strength",
+                    f"{param}.kl_budget",
+                )
+            gamma = art.gamma_for(spec.kl_budget)
+        else:
+            assert spec.strength is not None
+            gamma = spec.strength
+        vectors = []
+        if gamma != 0.0:  # γ = 0 steers no row: the request runs exactly as an unsteered one
+            vectors.append(
+                PreparedVector(
+                    data=self._row(art),
+                    layers=[art.layer],
+                    scale=gamma,
+                    prompt=False,
+                    generation=True,
+                    normalize=False,
+                    slot=0,
+                )
+            )
+        layers = {art.layer}
+        return CoTPlan(vectors=vectors, layers=layers, gamma=gamma, kl_budget=spec.kl_budget, artifact=art)
+
+    def activate(self, plan: CoTPlan) -> None:  # type: ignore[override]
+        """Engine thread: put the plan's direction in slot 0 unless it is there already (it normally is:
+        one artifact per engine; swap artifacts only while no CoT request runs)."""
+        if not plan.vectors or self._resident is plan.artifact:
+            return
+        table, mask = self._steering.table, self._steering.layer_mask
+        table[0] = plan.vectors[0].data.to(table.device, table.dtype)
+        mask[0] = False
+        mask[0, plan.vectors[0].layers] = True
+        self._resident = plan.artifact
+
+    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
+        return self._steering.residual_hook(spans, num_rows)
