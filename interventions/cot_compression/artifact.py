@@ -55,14 +55,7 @@ class AscArtifact:
         """The strength whose calibrated per-token KL equals `kl_budget`: piecewise-linear interpolation of
         the monotone table through (0, 0). Linear in KL is conservative where KL(γ) is convex (≈ ½γ²vᵀFv
         near 0): the chord lies above the curve, so the γ returned never overshoots the budget there."""
-        if not 0.0 <= kl_budget <= self.max_kl:
-            raise ValueError(f"kl_budget {kl_budget} outside the calibrated range [0, {self.max_kl:.4g}]")
-        g0, k0 = 0.0, 0.0
-        for g1, k1 in zip(self.gammas, self.kls, strict=True):
-            if kl_budget <= k1:
-                return g0 + (g1 - g0) * (kl_budget - k0) / (k1 - k0)
-            g0, k0 = g1, k1
-        return g0
+        return interpolate_gamma(self.gammas, self.kls, kl_budget)
 
     def check_fits(self, info: ModelInfo) -> None:
         if self.hidden_size != info.hidden_size or self.num_layers != info.num_layers:
@@ -84,6 +77,20 @@ def monotone_table(points: list[tuple[float, float]]) -> tuple[list[float], list
             gammas.append(float(g))
             kls.append(float(k))
     return gammas, kls
+
+
+def interpolate_gamma(gammas: list[float], kls: list[float], kl_budget: float) -> float:
+    """γ at `kl_budget` on the piecewise-linear curve through (0, 0) and the table's points."""
+    if not 0.0 <= kl_budget <= (kls[-1] if kls else 0.0):
+        raise ValueError(
+            f"kl_budget {kl_budget} outside the calibrated range [0, {kls[-1] if kls else 0:.4g}]"
+        )
+    g0, k0 = 0.0, 0.0
+    for g1, k1 in zip(gammas, kls, strict=True):
+        if kl_budget <= k1:
+            return g0 + (g1 - g0) * (kl_budget - k0) / (k1 - k0)
+        g0, k0 = g1, k1
+    return g0
 
 
 def save_artifact(art: AscArtifact, path: str | Path) -> None:

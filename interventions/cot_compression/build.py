@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from actserve.interventions.cot_compression.artifact import AscArtifact, monotone_table
+from actserve.interventions.cot_compression.artifact import AscArtifact, interpolate_gamma, monotone_table
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
 from actserve.interventions.cot_compression.problems import Problem, train_problems
 from actserve.interventions.steering.train import direction, layer_stats, residuals
@@ -119,23 +119,21 @@ def calibrate(
     """Bisect γ for each budget, starting from the second-order estimate γ0 = sqrt(2ε / vᵀFv)."""
     kl_probe = meter.kl(probe)
     vfv = max(2 * kl_probe / probe**2, 1e-12)
-    targets: dict[str, float] = {}
     for eps in sorted(budgets):
         g = math.sqrt(2 * eps / vfv)
-        lo, hi = 0.0, math.inf
         for _ in range(max_steps):
-            k = meter.kl(g)
-            if abs(k - eps) <= rel_tol * eps:
+            meter.kl(g)
+            lo = max((x for x, k in meter.measured.items() if k < eps), default=0.0)
+            hi = min((x for x, k in meter.measured.items() if k >= eps), default=math.inf)
+            bracketed = lo > 0 and math.isfinite(hi)
+            # stop once a measured point at or above the budget exists and one side is close to it
+            if bracketed and min(eps - meter.kl(lo), meter.kl(hi) - eps) <= rel_tol * eps:
                 break
-            if k < eps:
-                lo = g
-            else:
-                hi = g
-            g = (lo + hi) / 2 if math.isfinite(hi) else g * 1.6  # expand until bracketed, then bisect
-        targets[str(eps)] = g
-        log.info("kl budget %.3g: gamma %.4g (kl %.4g)", eps, g, meter.kl(g))
+            g = (lo + hi) / 2 if bracketed else (hi / 1.6 if math.isfinite(hi) else max(lo, g) * 1.6)
     points = sorted(meter.measured.items())
     gammas, kls = monotone_table(points)
+    targets = {str(eps): interpolate_gamma(gammas, kls, eps) for eps in budgets if eps <= kls[-1]}
+    log.info("calibration (gamma, kl): %s", [(round(g, 4), round(k, 4)) for g, k in points])
     return Calibration(gammas, kls, vfv, probe, points, targets)
 
 

@@ -247,7 +247,9 @@ TEMPLATES: dict[str, Callable[[random.Random, str], Problem]] = {
 }  # fmt: skip
 
 
-def generate(count: int, seed: int, exclude: set[tuple[str, tuple[int, ...]]] | None = None) -> list[Problem]:
+def draw_problems(
+    count: int, seed: int, exclude: set[tuple[str, tuple[int, ...]]] | None = None
+) -> list[Problem]:
     """`count` distinct problems, templates in turn, numbers from `random.Random(seed)`; deterministic."""
     r, out, seen = random.Random(seed), [], set(exclude or ())
     names = list(TEMPLATES)
@@ -265,15 +267,15 @@ def generate(count: int, seed: int, exclude: set[tuple[str, tuple[int, ...]]] | 
 
 def train_problems(count: int = 120) -> list[Problem]:
     """Problems whose solution pairs build the direction (and whose questions calibrate the strength)."""
-    return generate(count, TRAIN_SEED)
+    return draw_problems(count, TRAIN_SEED)
 
 
 def heldout_problems(count: int = 60, train_count: int = 120) -> list[Problem]:
     """Evaluation problems: another seed, and no (template, numbers) shared with `train_problems`."""
-    return generate(count, HELDOUT_SEED, exclude={p.key for p in train_problems(train_count)})
+    return draw_problems(count, HELDOUT_SEED, exclude={p.key for p in train_problems(train_count)})
 
 
-_ANSWER = re.compile(r"(?:answer\s*(?:is|:)|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_ANSWER = re.compile(r"(?:answer\s*(?:is\s*)?:?|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

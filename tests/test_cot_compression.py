@@ -1,0 +1,332 @@
+"""CoT compression (ASC): problems, the two traps (sign, layer off-by-one) against transformers, the plugin
+as steering at generation positions, KL calibration, bad specs, the CLI and the HTTP surface."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actserve.interventions.base import InterventionError
+from actserve.interventions.cot_compression.artifact import (
+    ArtifactError,
+    AscArtifact,
+    load_artifact,
+    save_artifact,
+)
+from actserve.interventions.cot_compression.build import asc_directions, prompt_ids, solution_ids
+from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
+from actserve.interventions.cot_compression.problems import (
+    OPS,
+    heldout_problems,
+    parse_answer,
+    train_problems,
+)
+from actserve.server.cli import main
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine
+from tests.conftest import LiveServer, start_server
+from tests.engine_utils import capture_logits, greedy, run
+
+LAYER = 0  # of TinyStories' 2: hidden_states[1] is a plain residual there (hidden_states[2] is final-normed)
+STEPS = 12
+PY_OPS = {"+": lambda a, b: a + b, "−": lambda a, b: a - b, "×": lambda a, b: a * b, "÷": lambda a, b: a / b}
+
+
+# -- generated problems ----------------------------------------------------------------------------
+def test_problems_deterministic_correct_and_disjoint() -> None:
+    train, held = train_problems(), heldout_problems()
+    assert train == train_problems() and held == heldout_problems()
+    assert len(train) >= 100 and len(held) >= 50
+    assert len({p.template for p in train}) >= 8
+    assert not {p.key for p in train} & {p.key for p in held}
+    assert not {p.question for p in train} & {p.question for p in held}
+    for p in train + held:
+        eqs = re.findall(r"(\d+)([+−×÷])(\d+)=(\d+)", p.concise())
+        assert len(eqs) == len(p.steps) >= 2
+        for a, op, b, c in eqs:  # evaluate the written arithmetic, not the generator's own numbers
+            assert PY_OPS[op](int(a), int(b)) == int(c), p.concise()
+        assert int(eqs[-1][3]) == p.answer and p.concise().endswith(f"Answer: {p.answer}")
+        words = "|".join(OPS.values())
+        said = re.findall(rf"(\d+) ({words}) (\d+) gives us (\d+)", p.verbose())
+        assert len(said) == len(p.steps)
+        inverse = {w: o for o, w in OPS.items()}
+        for a, w, b, c in said:
+            assert PY_OPS[inverse[w]](int(a), int(b)) == int(c)
+        assert p.verbose().endswith(f"The answer is {p.answer}.")
+        assert len(p.verbose()) > 3 * len(p.concise())  # English-heavy vs notation-heavy
+        assert parse_answer(p.verbose()) == parse_answer(p.concise()) == p.answer
+
+
+def test_parse_answer() -> None:
+    assert parse_answer("so 3+4=7.\n#### 7\nThe answer is: 1,234.") == 1234
+    assert parse_answer("Tom has 12 apples and eats 5, leaving 7") == 7
+    assert parse_answer("no numbers") is None
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok(tinystories_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(tinystories_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(tinystories_dir: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def plain(tinystories_dir: Path) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
+
+
+@pytest.fixture(scope="module")
+def artifact_path(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real pipeline through the CLI: 100 pairs, direction at LAYER, a small KL calibration."""
+    out = tmp_path_factory.mktemp("asc") / "tiny.safetensors"
+    argv = ["cot", "build", "--model", str(tinystories_dir), "--layer", str(LAYER), "--out", str(out)]
+    argv += ["--pairs", "100", "--calib-prompts", "6", "--calib-tokens", "24", "--budgets", "0.02,0.05,0.1"]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def art(artifact_path: Path) -> AscArtifact:
+    return load_artifact(artifact_path)
+
+
+@pytest.fixture(scope="module")
+def eng(tinystories_dir: Path, artifact_path: Path) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(model=str(tinystories_dir), num_kv_blocks=256, cot_compression=str(artifact_path))
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts(tok: Any) -> list[list[int]]:
+    return [prompt_ids(tok, p.question) for p in heldout_problems()[:3]]
+
+
+def cot(**kw: float) -> dict[str, Any]:
+    return {"cot_compression": kw}
+
+
+# -- the two traps, against transformers -----------------------------------------------------------
+def hf_last(ref: Any, texts: list[list[int]], layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per text, at the last token: hidden_states[layer+1], hidden_states[layer], and what a forward hook
+    on model.layers[layer] sees."""
+    hooked: list[torch.Tensor] = []
+    handle = ref.model.layers[layer].register_forward_hook(
+        lambda _m, _i, out: hooked.append((out[0] if isinstance(out, tuple) else out)[0, -1])
+    )
+    after, before = [], []
+    with torch.no_grad():
+        for ids in texts:
+            hs = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            after.append(hs[layer + 1][0, -1])
+            before.append(hs[layer][0, -1])
+    handle.remove()
+    return torch.stack(after).double(), torch.stack(before).double(), torch.stack(hooked).double()
+
+
+def test_direction_layer_and_sign_match_transformers(plain: LLMEngine, ref: Any, tok: Any) -> None:
+    probs = train_problems()[:12]
+    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    concise = [solution_ids(tok, p.question, p.concise()) for p in probs]
+    verbose = [solution_ids(tok, p.question, p.verbose()) for p in probs]
+    for layer in (0, 1):
+        c_after, c_before, c_hook = hf_last(ref, concise, layer)
+        v_after, v_before, v_hook = hf_last(ref, verbose, layer)
+        want = c_hook.mean(0) - v_hook.mean(0)  # concise - verbose, at the output of model.layers[L]
+        d = got[layer].direction.double()
+        assert (d - want).abs().max() < 1e-4 * want.abs().max(), f"layer {layer}"
+        # the sign: concise - verbose, not verbose - concise
+        assert torch.nn.functional.cosine_similarity(d, want, dim=0) > 0.9999
+        off_by_one = c_before.mean(0) - v_before.mean(0)  # hidden_states[L]: the input of layer L
+        assert (d - off_by_one).norm() > 0.1 * d.norm()
+        if layer + 1 < len(ref.model.layers):  # hidden_states[L+1] is layer L's output but for the last
+            assert (d - (c_after.mean(0) - v_after.mean(0))).abs().max() < 1e-4 * want.abs().max()
+    assert got[0].stats["pair_accuracy"] > 0.5  # concise texts project higher along +d
+
+
+def hf_generate(ref: Any, prompt: list[int], layer: int, add: torch.Tensor | None) -> tuple[list[int], list]:
+    """Greedy transformers decode; `add` is added to model.layers[layer]'s output at generated tokens
+    (decode forwards: one new token each; the prefill forward holds the prompt)."""
+    handle = None
+    if add is not None:
+
+        def hook(_m: Any, _i: Any, out: Any) -> Any:
+            h = out[0] if isinstance(out, tuple) else out
+            h = h + add if h.shape[1] == 1 else h
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = ref.model.layers[layer].register_forward_hook(hook)
+    try:
+        out = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]
+
+
+def test_request_adds_direction_at_layer_output(
+    eng: LLMEngine, ref: Any, art: AscArtifact, prompts: list[list[int]]
+) -> None:
+    """Serving side of both traps: +γ·v (not −) at the output of model.layers[L] (not its input)."""
+    gamma = 4.0
+    with capture_logits() as seen:
+        (tokens,) = run(eng, [prompts[0]], greedy(STEPS, min_tokens=STEPS), [cot(strength=gamma)], tag="t")
+    want, want_logits = hf_generate(ref, prompts[0], art.layer, gamma * art.direction)
+    for step, (a, b) in enumerate(zip(seen["t0"], want_logits, strict=True)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    assert tokens == want
+    assert tokens != hf_generate(ref, prompts[0], art.layer, -gamma * art.direction)[0]
+    assert tokens != hf_generate(ref, prompts[0], art.layer, None)[0]  # it does act
+
+
+# -- the plugin is steering at generation positions ------------------------------------------------
+def test_equals_steering_request(eng: LLMEngine, art: AscArtifact, prompts: list[list[int]]) -> None:
+    gamma = 2.5
+    steer = {"steering": {"vectors": [{"directions": {str(art.layer): art.direction.tolist()}, "scale": gamma,
+                                        "phases": ["generation"]}]}}  # fmt: skip
+    with capture_logits() as seen:
+        a = run(eng, prompts, greedy(STEPS), [cot(strength=gamma)] * 3, tag="c")
+        b = run(eng, prompts, greedy(STEPS), [steer] * 3, tag="s")
+    assert a == b
+    for i in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(seen[f"c{i}"], seen[f"s{i}"], strict=True))
+
+
+def test_strength_zero_is_bit_identical(eng: LLMEngine, prompts: list[list[int]]) -> None:
+    with capture_logits() as seen:
+        plain_out = run(eng, prompts, greedy(STEPS), None, tag="p")
+        zero_out = run(eng, prompts, greedy(STEPS), [cot(strength=0.0), cot(kl_budget=0.0), None], tag="z")
+        mixed = run(eng, prompts, greedy(STEPS), [cot(strength=0.0), None, cot(strength=6.0)], tag="m")
+    assert zero_out == plain_out and mixed[:2] == plain_out[:2] and mixed[2] != plain_out[2]
+    for i in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(seen[f"p{i}"], seen[f"z{i}"], strict=True))
+    for i in range(2):  # beside a steered neighbour too
+        assert all(torch.equal(x, y) for x, y in zip(seen[f"p{i}"], seen[f"m{i}"], strict=True))
+
+
+# -- calibration -----------------------------------------------------------------------------------
+def test_kl_budget_maps_monotonically(eng: LLMEngine, art: AscArtifact) -> None:
+    assert len(art.gammas) >= 3 and art.max_kl >= 0.1
+    assert all(g1 < g2 for g1, g2 in zip(art.gammas, art.gammas[1:], strict=False))
+    assert art.kls == sorted(set(art.kls))
+    budgets = [art.max_kl * f for f in (0.0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0)]
+    gammas = [eng.registry.prepare(cot(kl_budget=b))["cot_compression"].gamma for b in budgets]
+    assert gammas[0] == 0.0 and all(a < b for a, b in zip(gammas, gammas[1:], strict=False))
+    for g, k in zip(art.gammas, art.kls, strict=True):  # a table point maps to itself
+        assert art.gamma_for(k) == pytest.approx(g)
+    assert eng.registry.prepare(cot(strength=1.5))["cot_compression"].gamma == 1.5
+
+
+def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifact, tok: Any) -> None:
+    """The calibrated quantity: teacher-forced KL(steered ‖ unsteered) at generated positions t >= 2."""
+    ps = [prompt_ids(tok, p.question) for p in train_problems()[:3]]
+    seqs = [Continuation(p, o) for p, o in zip(ps, generate(eng, ps, 20), strict=True)]
+    gamma = 3.0
+    meter = KLMeter(eng.runner.model, eng.model_info, art, seqs, batch_tokens=64)  # several chunks
+    total, count = 0.0, 0
+    for s in seqs:
+        ids, p = torch.tensor([s.prompt + s.output]), len(s.prompt)
+
+        def hook(_m: Any, _i: Any, out: Any, p: int = p) -> Any:
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.clone()
+            h[:, p:] += gamma * art.direction
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        with torch.no_grad():
+            base = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
+            handle = ref.model.layers[art.layer].register_forward_hook(hook)
+            steered = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
+            handle.remove()
+        total += float((steered.exp() * (steered - base)).sum())
+        count += base.shape[0]
+    assert meter.positions == count
+    assert meter.kl(gamma) == pytest.approx(total / count, rel=1e-3)
+    assert meter.kl(0.0) == 0.0
+
+
+# -- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bad", "param"),
+    [
+        ({"strength": 1.0, "kl_budget": 0.1}, "interventions.cot_compression"),
+        ({}, "interventions.cot_compression"),
+        ({"strength": float("nan")}, "interventions.cot_compression.strength"),
+        ({"strength": float("inf")}, "interventions.cot_compression.strength"),
+        ({"strength": 9.0}, "interventions.cot_compression.strength"),
+        ({"strength": "much"}, "interventions.cot_compression.strength"),
+        ({"kl_budget": -0.1}, "interventions.cot_compression.kl_budget"),
+        ({"kl_budget": 5.0}, "interventions.cot_compression.kl_budget"),  # above the calibrated range
+        ({"kl_budget": float("nan")}, "interventions.cot_compression.kl_budget"),
+        ({"strength": 1.0, "colour": 1}, "interventions.cot_compression.colour"),
+    ],
+)
+def test_bad_specs_name_the_field(eng: LLMEngine, bad: dict[str, Any], param: str) -> None:
+    with pytest.raises(InterventionError) as e:
+        eng.registry.prepare({"cot_compression": bad})
+    assert e.value.param == param
+
+
+def test_not_configured(plain: LLMEngine) -> None:
+    with pytest.raises(InterventionError) as e:
+        plain.registry.prepare(cot(strength=1.0))
+    assert str(e.value) == NOT_CONFIGURED and e.value.param == "interventions.cot_compression"
+
+
+def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_artifact(art, path)
+    back = load_artifact(path)
+    assert torch.equal(back.direction, art.direction) and (back.gammas, back.kls) == (art.gammas, art.kls)
+    assert back.layer == LAYER and back.info["pairs"] == 100
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError):
+        load_artifact(tmp_path / "junk.safetensors")
+    wide = AscArtifact(torch.ones(64), 0, 2, "other", [1.0], [0.1])
+    save_artifact(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ArtifactError, match="hidden size 64"):
+        LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64,
+                               cot_compression=str(tmp_path / "wide.safetensors")))  # fmt: skip
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tinystories_dir: Path, artifact_path: Path) -> Iterator[LiveServer]:
+    s = start_server(tinystories_dir, num_kv_blocks=128, cot_compression=str(artifact_path))
+    yield s
+    s.stop()
+
+
+def test_http(server: LiveServer, art: AscArtifact) -> None:
+    body: dict[str, Any] = {
+        "model": "tinystories-656k",
+        "prompt": "Question: 3 apples?\nAnswer:",
+        "max_tokens": 8,
+    }
+    ok = httpx.post(
+        f"{server.url}/v1/completions", json={**body, "interventions": cot(kl_budget=art.max_kl / 2)}
+    )
+    assert ok.status_code == 200, ok.text
+    bad = httpx.post(
+        f"{server.url}/v1/completions", json={**body, "interventions": cot(kl_budget=art.max_kl * 2)}
+    )
+    assert (
+        bad.status_code == 400 and bad.json()["error"]["param"] == "interventions.cot_compression.kl_budget"
+    )
+    listed = httpx.get(f"{server.url}/v1/interventions").json()
+    assert "cot_compression" in str(listed)
