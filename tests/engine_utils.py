@@ -49,15 +49,15 @@ def _copy(params: SamplingParams) -> SamplingParams:
 def capture_logits() -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record, per sequence id, the logits row the sampler received at each step."""
     seen: dict[str, list[torch.Tensor]] = {}
-    original = model_runner.sample_rows
+    original = model_runner.launch_sampling
 
     def spy(logits: torch.Tensor, seqs: list[Sequence]) -> Any:
         for row, seq in zip(logits, seqs, strict=True):
             seen.setdefault(seq.seq_id, []).append(row.detach().clone())
         return original(logits, seqs)
 
-    model_runner.sample_rows = spy
+    model_runner.launch_sampling = spy
     try:
         yield seen
     finally:
-        model_runner.sample_rows = original
+        model_runner.launch_sampling = original

@@ -76,6 +76,8 @@ class LLMEngine:
             self.loaded.weights_bytes, self.runner.kv_bytes, self.model_info.device.type == "cuda"
         )
         self.seqs: dict[str, Sequence] = {}
+        self.overlap = self.model_info.device.type == "cuda"  # CPU steps stay strictly sequential
+        self._inflight: Any = None
         self._preempt_seen = 0
 
     # -- requests ---------------------------------------------------------------------------------
@@ -112,35 +114,50 @@ class LLMEngine:
         self._update_gauges()  # the engine may go idle now; gauges must not keep the aborted sequence
         return self._output(seq)
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[SeqOutput]:
+        """One engine step. On CUDA the steps overlap: as soon as step N's tokens are known and the
+        sequences they end are retired, step N+1 is launched, and step N's detokenization, stop-string
+        checks and outputs run while the GPU computes. A stop string thus ends its sequence one step
+        late (that extra token is computed and dropped); nothing else changes."""
+        pending = self._inflight
+        self._inflight = None
+        if pending is None:
+            pending = self._launch()
+            if pending is None:
+                self._update_gauges()
+                return []
+        appended = self._append(pending.collect())
+        if self.overlap:
+            self._inflight = self._launch()
+        outputs = self._emit(appended)
+        self._update_gauges()
+        return outputs
+
+    def has_work(self) -> bool:
+        return self._inflight is not None or self.scheduler.has_work()
+
+    def _launch(self) -> Any:
         batch = self.scheduler.schedule()
-        now = time.monotonic()
         if batch.preempted:
             self.metrics.preemptions.labels(self.model_name).inc(len(batch.preempted))
         if not batch:
-            self._update_gauges()
-            return []
+            return None
+        now = time.monotonic()
         for seq in batch.prefills:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
             self.registry.activate(seq.interventions)
-        results = self.runner.execute(batch)
-        outputs = self._advance(results)
-        self._update_gauges()
-        return outputs
+        return self.runner.launch(batch)
 
-    def _advance(self, results: list[StepResult]) -> list[SeqOutput]:
-        """Append each sampled token, detokenize all of them in one call, then check stops."""
+    def _append(self, results: list[StepResult]) -> list[tuple[Sequence, int, str | None]]:
+        """Take each sampled token; retire (free) the sequences its token ends, so the next launch
+        does not schedule them. Returns (seq, token, stop kind) for the emit phase."""
         now, m, name = time.monotonic(), self.metrics, self.model_name
-        outputs: list[SeqOutput] = []
         pending: list[tuple[Sequence, int, str | None]] = []
         for r in results:
             seq = r.seq
-            if seq.is_finished:  # aborted while the step ran
+            if seq.is_finished:  # aborted or stopped while the step ran
                 continue
             if seq.first_token is None:
                 seq.first_token = now
@@ -150,27 +167,45 @@ class LLMEngine:
             elif seq.last_token is not None:
                 m.itl.labels(name).observe(now - seq.last_token)
             if seq.params.max_tokens == 0:
-                self._finish(seq, "length")
-                outputs.append(self._output(seq))
+                self._retire(seq, "length")
+                pending.append((seq, -1, "empty"))
                 continue
             seq.last_token = now
             seq.output_token_ids.append(r.token_id)
             if r.logprob is not None:
                 seq.logprobs.append(r.logprob)
-            pending.append((seq, r.token_id, self._stop_token(seq, r.token_id)))
-        if pending:
-            m.generation_tokens.labels(name).inc(len(pending))
+            stop = self._stop_token(seq, r.token_id)
+            if stop is not None:
+                self._retire(seq, "stop")
+            elif self._at_length(seq):
+                self._retire(seq, "length")
+            pending.append((seq, r.token_id, stop))
+        generated = sum(1 for _, t, _ in pending if t >= 0)
+        if generated:
+            m.generation_tokens.labels(name).inc(generated)
+        return pending
+
+    def _emit(self, pending: list[tuple[Sequence, int, str | None]]) -> list[SeqOutput]:
+        """Detokenize all new tokens in one call, apply stop strings, record finishes, build outputs."""
         # a stop token's own text stays out of the output, as in vLLM
         detokenizer.step_many(
             self.tokenizer,
-            [s for s, _, stop in pending if stop is None or s.params.include_stop_str_in_output],
+            [s for s, t, stop in pending if t >= 0 and (stop is None or s.params.include_stop_str_in_output)],
         )
+        outputs = []
         for seq, token, stop in pending:
-            if stop is not None:
+            if stop == "empty":
+                self._record(seq, "length")
+            elif stop is not None:
                 seq.stop_reason = None if stop == "eos" else token
-                self._finish(seq, "stop")
-            else:
-                self._check_stop(seq)
+                self._record(seq, "stop")
+            elif self._stop_string(seq):
+                if seq.is_finished:  # retired for length in the same step: the stop string wins
+                    self._record(seq, "stop")
+                else:
+                    self._finish(seq, "stop")
+            elif seq.is_finished:
+                self._record(seq, "length")
             outputs.append(self._output(seq))
         return outputs
 
@@ -183,31 +218,44 @@ class LLMEngine:
             return "eos"
         return "stop_token" if token in p.stop_token_ids else None
 
-    def _check_stop(self, seq: Sequence) -> None:
+    def _at_length(self, seq: Sequence) -> bool:
+        return (
+            len(seq.output_token_ids) >= (seq.params.max_tokens or 0) or seq.num_tokens >= self.max_model_len
+        )
+
+    def _stop_string(self, seq: Sequence) -> bool:
+        """Cut the text at the first stop string in the new text; True if one was found."""
         p = seq.params
-        n_out = len(seq.output_token_ids)
-        if n_out >= p.min_tokens:
-            if p.stop:
-                window = max(len(s) for s in p.stop) + 16
-                begin = max(0, seq.sent_text_len - window)
-                for stop in p.stop:
-                    at = seq.output_text.find(stop, begin)
-                    if at >= 0:
-                        cut = at + len(stop) if p.include_stop_str_in_output else at
-                        seq.output_text = seq.output_text[:cut]
-                        seq.stop_reason = stop
-                        return self._finish(seq, "stop")
-        if n_out >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
+        if not p.stop or len(seq.output_token_ids) < p.min_tokens:
+            return False
+        window = max(len(s) for s in p.stop) + 16
+        begin = max(0, seq.sent_text_len - window)
+        for stop in p.stop:
+            at = seq.output_text.find(stop, begin)
+            if at >= 0:
+                cut = at + len(stop) if p.include_stop_str_in_output else at
+                seq.output_text = seq.output_text[:cut]
+                seq.stop_reason = stop
+                return True
+        return False
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        now, m, name = time.monotonic(), self.metrics, self.model_name
+        self._retire(seq, reason)
+        self._record(seq, reason)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """Stop scheduling the sequence and give back its blocks and intervention data."""
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         self.registry.release(seq.interventions)
         self.runner.release(seq)
         self.seqs.pop(seq.seq_id, None)
+
+    def _record(self, seq: Sequence, reason: str) -> None:
+        """The finish as clients and metrics see it (a stop string may override a length retire)."""
+        now, m, name = time.monotonic(), self.metrics, self.model_name
+        seq.finish_reason = reason
         m.success.labels(name, reason).inc()
         m.e2e.labels(name).observe(now - seq.arrival)
         if seq.first_scheduled is not None:

@@ -12,7 +12,7 @@ from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
 from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from actserve.server.engine.sampler import SamplingRow, sample
+from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
@@ -26,8 +26,26 @@ class StepResult:
     logprob: TokenLogprob | None
 
 
-def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[StepResult]:
-    """Run the sampler over one logits row per sequence (shared by every runner)."""
+class PendingStep:
+    """A launched step: `collect()` waits for its sampled tokens."""
+
+    def __init__(self, seqs: list[Sequence], pending: PendingSample) -> None:
+        self.seqs, self.pending = seqs, pending
+
+    def collect(self) -> list[StepResult]:
+        out = self.pending.result()
+        results = []
+        for i, s in enumerate(self.seqs):
+            lp = None
+            if s.params.logprobs is not None and out.logprobs is not None:
+                top = out.top_logprobs[i] if out.top_logprobs is not None else []
+                lp = TokenLogprob(out.token_ids[i], out.logprobs[i], top)
+            results.append(StepResult(s, out.token_ids[i], lp))
+        return results
+
+
+def launch_sampling(logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
+    """Queue the sampler over one logits row per sequence (shared by every runner)."""
     rows = [
         SamplingRow(
             params=s.params,
@@ -38,15 +56,7 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[StepResult]:
         )
         for s in seqs
     ]
-    out = sample(logits, rows)
-    results = []
-    for i, s in enumerate(seqs):
-        lp = None
-        if s.params.logprobs is not None and out.logprobs is not None:
-            top = out.top_logprobs[i] if out.top_logprobs is not None else []
-            lp = TokenLogprob(out.token_ids[i], out.logprobs[i], top)
-        results.append(StepResult(s, out.token_ids[i], lp))
-    return results
+    return PendingStep(seqs, sample_launch(logits, rows))
 
 
 def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob | None]:
@@ -106,8 +116,11 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, dtype=torch.long)
         return (table.unsqueeze(1) * self.block_size + offsets).flatten()[:upto]
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[StepResult]:
+        return self.launch(batch).collect()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
         if self.device.type != "cuda":
             logits = self._packed(batch.seqs, fresh=False)
         else:
@@ -117,7 +130,7 @@ class ModelRunner:
             if batch.decodes:
                 parts.append(self._decode(batch.decodes))
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return sample_rows(logits, batch.seqs)
+        return launch_sampling(logits, batch.seqs)
 
     def _packed(self, seqs: list[Sequence], fresh: bool) -> torch.Tensor:
         """One forward over the packed new tokens of `seqs`; logits of each sequence's last row."""

@@ -195,12 +195,35 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     Greedy rows (temperature 0) get exactly the argmax of the penalised logits, ties to the lowest id,
     whatever the sampled rows around them do. Logprobs are taken from the raw logits, as vLLM v1 does.
     """
+    return sample_launch(logits, rows).result()
+
+
+@dataclass
+class PendingSample:
+    """Sampling whose device work is queued; `result()` waits for it (the engine overlaps the wait)."""
+
+    logits: torch.Tensor
+    rows: list[SamplingRow]
+    tokens: torch.Tensor | None
+    done: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self.done is None:
+            assert self.tokens is not None
+            self.done = _finish_sample(self.logits, self.rows, self.tokens)
+        return self.done
+
+
+def sample_launch(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+    """Queue the sampling of one token per row without waiting for the device."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)} for {len(rows)} rows")
     batch, vocab = logits.shape
     device = logits.device
     if batch == 0:
-        return SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
+        return PendingSample(
+            logits, rows, None, SamplerOutput(token_ids=[], logprobs=None, top_logprobs=None)
+        )
 
     processed = apply_penalties(logits, rows)
 
@@ -226,6 +249,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         else:
             tokens[idx] = choice
 
+    return PendingSample(logits, rows, tokens)
+
+
+def _finish_sample(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> SamplerOutput:
+    vocab = logits.shape[1]
     if tokens.is_cuda:  # wait with the GIL released, so the server's event loop runs meanwhile
         torch.cuda.current_stream(tokens.device).synchronize()
     token_list: list[int] = tokens.tolist()

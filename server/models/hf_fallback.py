@@ -14,7 +14,7 @@ import torch
 
 from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
-from actserve.server.engine.model_runner import StepResult, prompt_logprobs, sample_rows
+from actserve.server.engine.model_runner import PendingStep, StepResult, launch_sampling, prompt_logprobs
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence
 from actserve.server.layers.hooks import StepHooks
@@ -53,8 +53,15 @@ class HFRunner:
     def release(self, seq: Sequence) -> None:
         self.caches.pop(seq.seq_id, None)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[StepResult]:
+        return self.launch(batch).collect()
+
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
+        return launch_sampling(self._forward(batch), batch.seqs)
+
+    @torch.inference_mode()
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Each sequence's own forward; the last-position logits of all of them."""
         from transformers import DynamicCache
 
         last_logits = []
@@ -83,4 +90,4 @@ class HFRunner:
                 )
             seq.num_computed = seq.num_tokens
             last_logits.append(logits[-1])
-        return sample_rows(torch.stack(last_logits), batch.seqs)
+        return torch.stack(last_logits)
