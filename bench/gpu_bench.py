@@ -89,8 +89,12 @@ def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LL
     prompts = random_prompts(32, PROMPT, vocab, 7)
     specs = steering_specs(32, eng.model_info.hidden_size, [8, 12, 16, 20], 3)
     graphs0, eager0 = eng.runner.graph_steps, eng.runner.eager_decode_steps
-    plain = min(generate(eng, prompts, NEW)[0] for _ in range(2))
-    steered = min(generate(eng, prompts, NEW, specs)[0] for _ in range(2))
+    plain = min(generate(eng, prompts, NEW)[0] for _ in range(3))
+    steered = min(generate(eng, prompts, NEW, specs)[0] for _ in range(3))
+    t0 = time.perf_counter()
+    for spec in specs:  # what the API thread spends per request on validating and preparing the vectors
+        eng.registry.release(eng.registry.prepare(spec))
+    res["steer_prepare_ms_per_request"] = 1e3 * (time.perf_counter() - t0) / len(specs)
     res["steer_plain_tok_s_b32"] = 32 * NEW / plain
     res["steer_tok_s_b32"] = 32 * NEW / steered
     res["steer_overhead_pct"] = 100 * (steered / plain - 1)
