@@ -117,7 +117,7 @@ def load_artifact(path: str | Path) -> AscArtifact:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError(ValueError)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not readable"
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an ASC artifact (metadata format {meta.get('format')!r})")

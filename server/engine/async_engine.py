@@ -7,6 +7,7 @@ consumer that goes away (client disconnect) aborts its sequences, which frees th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -19,6 +20,17 @@ from actserve.server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def merge_outputs(a: SeqOutput, b: SeqOutput) -> SeqOutput:
+    """Two consecutive deltas of one sequence as one (b's state is the later one)."""
+    return dataclasses.replace(
+        b,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+    )
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -68,6 +80,10 @@ class AsyncEngine:
         try:
             while True:
                 item = await q.get()
+                while isinstance(item, SeqOutput) and not item.finished and not q.empty():
+                    # the consumer fell behind (many streams): hand over the backlog as one delta
+                    nxt = q.get_nowait()
+                    item = merge_outputs(item, nxt) if isinstance(nxt, SeqOutput) else nxt
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished

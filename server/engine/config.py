@@ -19,6 +19,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
     gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU
     enforce_eager: bool = False  # CUDA: no decode graphs
+    overlap_steps: bool | None = None  # None: on for CUDA; launch step N+1 before step N is post-processed
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback

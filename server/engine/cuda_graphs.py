@@ -123,9 +123,13 @@ class DecodeGraphs:
         return None
 
     def run(
-        self, inputs: DecodeInputs, steer: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+        self,
+        inputs: DecodeInputs,
+        steer: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        device_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """steer: host (index, scale, normalize) columns for the n rows, or None."""
+        """steer: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
+        input tokens when they are still on the device (chained steps)."""
         n = len(inputs.ids)
         b = self.bucket(n)
         assert b is not None
@@ -148,6 +152,8 @@ class DecodeGraphs:
         self.dev_int.copy_(self.host_int, non_blocking=True)
         self.scale.copy_(self.host_scale, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        if device_ids is not None:
+            self.d["ids"][:n].copy_(device_ids)
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

@@ -76,8 +76,14 @@ class LLMEngine:
             self.loaded.weights_bytes, self.runner.kv_bytes, self.model_info.device.type == "cuda"
         )
         self.seqs: dict[str, Sequence] = {}
-        self.overlap = self.model_info.device.type == "cuda"  # CPU steps stay strictly sequential
+        # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
+        self.overlap = (
+            config.overlap_steps
+            if config.overlap_steps is not None
+            else self.model_info.device.type == "cuda"
+        )
         self._inflight: Any = None
+        self.chained_steps = 0
         self._preempt_seen = 0
 
     # -- requests ---------------------------------------------------------------------------------
@@ -127,9 +133,10 @@ class LLMEngine:
             if pending is None:
                 self._update_gauges()
                 return []
+        chained = self._chain(pending) if self.overlap else None
         appended = self._append(pending.collect())
         if self.overlap:
-            self._inflight = self._launch()
+            self._inflight = chained if chained is not None else self._launch()
         outputs = self._emit(appended)
         self._update_gauges()
         return outputs
@@ -149,6 +156,32 @@ class LLMEngine:
                 seq.first_scheduled = now
             self.registry.activate(seq.interventions)
         return self.runner.launch(batch)
+
+    def _chain(self, pending: Any) -> Any:
+        """Launch the next decode step of exactly `pending`'s sequences before its tokens reach the host
+        (they feed the next step on the device), when nothing else needs the scheduler: no request
+        waiting, no penalties or logprobs that need the host-side tokens, a KV slot for every row."""
+        seqs = getattr(pending, "seqs", None)
+        if not seqs or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+            return None
+        if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
+            return None
+        need = 0
+        for seq in seqs:
+            p = seq.params
+            if seq.is_finished or p.logprobs is not None or len(seq.output_token_ids) < p.min_tokens:
+                return None
+            if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                return None
+            if len(seq.output_token_ids) + 2 > (p.max_tokens or 0) or seq.num_tokens + 2 > self.max_model_len:
+                return None  # the in-flight token may be the last one: nothing to chain
+            need += self.blocks.needs_block(seq, seq.num_tokens + 1)
+        if need > self.blocks.num_free:
+            return None
+        for seq in seqs:
+            self.blocks.allocate(seq, seq.num_tokens + 1)
+        self.chained_steps += 1
+        return self.runner.launch_chained(pending)
 
     def _append(self, results: list[StepResult]) -> list[tuple[Sequence, int, str | None]]:
         """Take each sampled token; retire (free) the sequences its token ends, so the next launch

@@ -172,24 +172,36 @@ class ModelRunner:
             seq.prompt_logprobs = prompt_logprobs(plog, seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
         return logits
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """GPU decode rows: the paged-decode kernel, from a CUDA graph when the step allows it."""
+    @torch.inference_mode()
+    def launch_chained(self, prev: PendingStep) -> PendingStep:
+        """Decode the next token of every sequence of `prev` before `prev`'s tokens reach the host: the
+        input ids are `prev`'s sampled tokens on the device. The engine checks eligibility (no waiting
+        requests, no penalties, blocks available) and allocates nothing else."""
+        assert prev.pending.tokens is not None
+        logits = self._decode(prev.seqs, prev.pending.tokens)
+        return launch_sampling(logits, prev.seqs)
+
+    def _decode(self, seqs: list[Sequence], device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode rows: the paged-decode kernel (from a CUDA graph when the step allows it). With
+        `device_ids`, each row's input token is still on the device (not yet appended on the host)."""
         n, bs = len(seqs), self.block_size
+        ahead = 0 if device_ids is None else 1
         width = max(len(s.block_table) for s in seqs)
         tables = np.zeros((n, width), dtype=np.int32)
-        ids = np.empty(n, dtype=np.int64)
+        ids = np.zeros(n, dtype=np.int64)
         pos = np.empty(n, dtype=np.int64)
         slots = np.empty(n, dtype=np.int64)
         spans: dict[str, list[RowSpan]] = defaultdict(list)
         for i, seq in enumerate(seqs):
-            p = seq.num_tokens - 1
+            p = seq.num_tokens - 1 + ahead
             tables[i, : len(seq.block_table)] = seq.block_table
-            ids[i] = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
+            if device_ids is None:
+                ids[i] = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
             pos[i] = p
             slots[i] = seq.block_table[p // bs] * bs + p % bs
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
-            seq.num_computed = seq.num_tokens
+            seq.num_computed = p + 1
         if self.graphs is not None and set(spans) <= {"steering"} and self.graphs.bucket(n) is not None:
             self.graph_steps += 1
             cols = (
@@ -198,19 +210,18 @@ class ModelRunner:
                 else None
             )  # type: ignore[attr-defined]
             steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
-            return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer)
+            return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer, device_ids)
         self.eager_decode_steps += 1
-        lens = (pos + 1).astype(np.int32)
         hooks = self.registry.step_hooks(spans, n) if spans else None
         dev = self.device
-        attn = AttentionBatch(
-            torch.from_numpy(slots).to(dev),
-            [],
-            torch.from_numpy(tables).to(dev),
-            torch.from_numpy(lens).to(dev),
-            bs,
-        )
-        hidden = self.model(
-            torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks
-        )
+        ids_t = device_ids.to(dev) if device_ids is not None else torch.from_numpy(ids).to(dev)
+        if dev.type == "cuda":
+            lens = torch.from_numpy((pos + 1).astype(np.int32)).to(dev)
+            attn = AttentionBatch(
+                torch.from_numpy(slots).to(dev), [], torch.from_numpy(tables).to(dev), lens, bs
+            )
+        else:  # the CPU attention reads each sequence's slots back from its block table
+            ctx = [self._slots(seq, int(p) + 1) for seq, p in zip(seqs, pos, strict=True)]
+            attn = AttentionBatch(torch.from_numpy(slots), [SeqSlice(i, 1, c) for i, c in enumerate(ctx)])
+        hidden = self.model(ids_t, torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks)
         return self.model.compute_logits(hidden)
