@@ -206,11 +206,15 @@ class PendingSample:
     rows: list[SamplingRow]
     tokens: torch.Tensor | None
     done: SamplerOutput | None = None
+    # CUDA: the tokens' copy to pinned host memory, queued right behind the sampling kernels, and an
+    # event after it, so waiting for this step does not also wait for a step launched after it
+    host_tokens: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
     def result(self) -> SamplerOutput:
         if self.done is None:
             assert self.tokens is not None
-            self.done = _finish_sample(self.logits, self.rows, self.tokens)
+            self.done = _finish_sample(self.logits, self.rows, self.tokens, self.host_tokens, self.ready)
         return self.done
 
 
@@ -249,14 +253,28 @@ def sample_launch(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSampl
         else:
             tokens[idx] = choice
 
-    return PendingSample(logits, rows, tokens)
+    if not tokens.is_cuda:
+        return PendingSample(logits, rows, tokens)
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return PendingSample(logits, rows, tokens, host_tokens=host, ready=ready)
 
 
-def _finish_sample(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> SamplerOutput:
+def _finish_sample(
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    tokens: torch.Tensor,
+    host_tokens: torch.Tensor | None = None,
+    ready: torch.cuda.Event | None = None,
+) -> SamplerOutput:
     vocab = logits.shape[1]
-    if tokens.is_cuda:  # wait with the GIL released, so the server's event loop runs meanwhile
-        torch.cuda.current_stream(tokens.device).synchronize()
-    token_list: list[int] = tokens.tolist()
+    if ready is not None and host_tokens is not None:
+        ready.synchronize()  # waits with the GIL released, so the server's event loop runs meanwhile
+        token_list: list[int] = host_tokens.tolist()
+    else:
+        token_list = tokens.tolist()
     want = [r.params.logprobs for r in rows]
     if all(w is None for w in want):
         return SamplerOutput(token_ids=token_list, logprobs=None, top_logprobs=None)
