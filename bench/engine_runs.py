@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.offline import make_sequences, run_sequences
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
 
@@ -29,27 +30,16 @@ def generate(
 
     Intervention specs are validated and prepared before the clock starts: in the server that happens
     on the API thread, per request, not in the engine loop being measured here."""
-    seqs = []
-    for i, p in enumerate(prompts):
-        _counter[0] += 1
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        spec = interventions[i] if interventions else None
-        seqs.append(
-            Sequence(f"b{_counter[0]}", list(p), params, [], interventions=engine.registry.prepare(spec))
-        )
-    ids = [s.seq_id for s in seqs]
+    _counter[0] += 1
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    seqs = make_sequences(engine, prompts, params, interventions, tag=f"b{_counter[0]}-")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for seq in seqs:
-        engine.add(seq)
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for o in engine.step():
-            out[o.seq_id].extend(o.token_ids)
+    outs = run_sequences(engine, seqs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, [out[i] for i in ids]
+    return time.perf_counter() - t0, outs
 
 
 def time_to_first_token(engine: LLMEngine, prompt: list[int]) -> float:

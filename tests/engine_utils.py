@@ -10,6 +10,7 @@ import torch
 
 from actserve.server.engine import model_runner
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.offline import generate
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
 
@@ -26,23 +27,7 @@ def run(
     tag: str = "r",
 ) -> list[list[int]]:
     """Submit all prompts at once and step until done; returns each sequence's output tokens."""
-    ids = []
-    for i, p in enumerate(prompts):
-        spec = interventions[i] if interventions else None
-        seq = Sequence(f"{tag}{i}", list(p), _copy(params), [], interventions=engine.registry.prepare(spec))
-        engine.add(seq)
-        ids.append(seq.seq_id)
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for o in engine.step():
-            out[o.seq_id].extend(o.token_ids)
-    return [out[i] for i in ids]
-
-
-def _copy(params: SamplingParams) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params)
+    return generate(engine, prompts, params, interventions, tag)
 
 
 @contextmanager

@@ -10,7 +10,6 @@ through the plugin's own step hook, so what is measured is exactly what a reques
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,21 +32,12 @@ def generate(
     tag: str = "cot",
 ) -> list[list[int]]:
     """Greedy, stopping at EOS or `max_tokens`; all prompts submitted at once (the engine batches them)."""
+    from actserve.server.engine.offline import generate as run_batch
     from actserve.server.engine.sampling_params import SamplingParams
-    from actserve.server.engine.sequence import Sequence
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    ids = []
-    for i, p in enumerate(prompts):
-        plans = engine.registry.prepare(interventions[i] if interventions else None)
-        seq = Sequence(f"{tag}{i}", list(p), dataclasses.replace(params), [], interventions=plans)
-        engine.add(seq)
-        ids.append(seq.seq_id)
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_work():
-        for o in engine.step():
-            out[o.seq_id].extend(o.token_ids)
-    return [out[i] for i in ids]
+    return run_batch(
+        engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), interventions, tag
+    )
 
 
 @dataclass

@@ -1,0 +1,47 @@
+"""Run a batch of sequences to completion on an in-process engine (benchmarks, evaluation, vector
+building): everything is submitted at once and the engine batches it continuously, as the server does."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.sampling_params import SamplingParams
+from actserve.server.engine.sequence import Sequence
+
+
+def make_sequences(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    interventions: list[dict[str, Any] | None] | None = None,
+    tag: str = "g",
+) -> list[Sequence]:
+    """One sequence per prompt, interventions validated and prepared (raises InterventionError)."""
+    seqs = []
+    for i, p in enumerate(prompts):
+        plans = engine.registry.prepare(interventions[i] if interventions else None)
+        seqs.append(Sequence(f"{tag}{i}", list(p), dataclasses.replace(params), [], interventions=plans))
+    return seqs
+
+
+def run_sequences(engine: LLMEngine, seqs: list[Sequence]) -> list[list[int]]:
+    """Add all, step until the engine is idle; each sequence's generated token ids."""
+    for seq in seqs:
+        engine.add(seq)
+    out: dict[str, list[int]] = {s.seq_id: [] for s in seqs}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.seq_id].extend(o.token_ids)
+    return [out[s.seq_id] for s in seqs]
+
+
+def generate(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    interventions: list[dict[str, Any] | None] | None = None,
+    tag: str = "g",
+) -> list[list[int]]:
+    return run_sequences(engine, make_sequences(engine, prompts, params, interventions, tag))
