@@ -328,5 +328,5 @@ def test_http(server: LiveServer, art: AscArtifact) -> None:
     assert (
         bad.status_code == 400 and bad.json()["error"]["param"] == "interventions.cot_compression.kl_budget"
     )
-    listed = httpx.get(f"{server.url}/v1/interventions").json()
-    assert "cot_compression" in str(listed)
+    listed = {p["name"]: p for p in httpx.get(f"{server.url}/v1/interventions").json()["data"]}
+    assert listed["cot_compression"]["schema"]["x-actserve-artifact"]["kl_budget_max"] == art.max_kl

@@ -26,6 +26,7 @@ import torch
 from actserve.interventions.cot_compression.artifact import AscArtifact, interpolate_gamma, monotone_table
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
 from actserve.interventions.cot_compression.problems import Problem, train_problems
+from actserve.interventions.cot_compression.schema import MAX_STRENGTH
 from actserve.interventions.steering.train import direction, layer_stats, residuals
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Calibration:
     vfv: float  # second-order estimate of vᵀFv along the direction
     probe: float
     points: list[tuple[float, float]] = field(default_factory=list)  # everything measured
-    targets: dict[str, float] = field(default_factory=dict)  # budget -> γ found by bisection
+    targets: dict[str, float] = field(default_factory=dict)  # budget -> γ from the table
 
 
 def calibrate(
@@ -116,11 +117,13 @@ def calibrate(
     rel_tol: float = 0.1,
     max_steps: int = 6,
 ) -> Calibration:
-    """Bisect γ for each budget, starting from the second-order estimate γ0 = sqrt(2ε / vᵀFv)."""
-    kl_probe = meter.kl(probe)
-    vfv = max(2 * kl_probe / probe**2, 1e-12)
+    """Bisect γ for each budget, starting from the second-order estimate γ0 = sqrt(2ε / vᵀFv); γ stays
+    within the request schema's strength range."""
+    while meter.kl(probe) < 1e-7 and probe < MAX_STRENGTH / 4:  # too small to see above rounding noise
+        probe *= 4
+    vfv = max(2 * meter.kl(probe) / probe**2, 1e-12)
     for eps in sorted(budgets):
-        g = math.sqrt(2 * eps / vfv)
+        g = min(math.sqrt(2 * eps / vfv), MAX_STRENGTH)
         for _ in range(max_steps):
             meter.kl(g)
             lo = max((x for x, k in meter.measured.items() if k < eps), default=0.0)
@@ -129,9 +132,17 @@ def calibrate(
             # stop once a measured point at or above the budget exists and one side is close to it
             if bracketed and min(eps - meter.kl(lo), meter.kl(hi) - eps) <= rel_tol * eps:
                 break
-            g = (lo + hi) / 2 if bracketed else (hi / 1.6 if math.isfinite(hi) else max(lo, g) * 1.6)
+            if lo >= MAX_STRENGTH:
+                break  # this budget is out of reach
+            g = (
+                (lo + hi) / 2
+                if bracketed
+                else (hi / 1.6 if math.isfinite(hi) else min(max(lo, g) * 1.6, MAX_STRENGTH))
+            )
     points = sorted(meter.measured.items())
     gammas, kls = monotone_table(points)
+    if not kls:
+        raise ValueError("calibration measured no KL at any strength: the direction has no effect")
     targets = {str(eps): interpolate_gamma(gammas, kls, eps) for eps in budgets if eps <= kls[-1]}
     log.info("calibration (gamma, kl): %s", [(round(g, 4), round(k, 4)) for g, k in points])
     return Calibration(gammas, kls, vfv, probe, points, targets)
@@ -143,13 +154,14 @@ def build_artifact(
     *,
     train: list[Problem] | None = None,
     direction_: LayerDirection | None = None,
+    calib: list[Continuation] | None = None,
     calib_prompts: int = 16,
-    calib_tokens: int = 96,
+    calib_tokens: int = 256,
     budgets: tuple[float, ...] = DEFAULT_BUDGETS,
     batch_tokens: int = 4096,
     progress: bool | None = None,
 ) -> AscArtifact:
-    """Direction (unless given) + calibration on a loaded native engine; returns the artifact."""
+    """Direction and calibration continuations (unless given) + calibration on a loaded native engine."""
     model, info = engine.runner.model, engine.model_info
     if getattr(model, "spec", None) is None:
         raise ValueError("cot build needs the native model implementation (not the transformers fallback)")
@@ -158,7 +170,7 @@ def build_artifact(
     train = train if train is not None else train_problems()
     d = direction_ or asc_directions(model, engine.tokenizer, train, [layer], batch_tokens, progress)[layer]
     art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)
-    seqs = calibration_set(engine, train[:calib_prompts], calib_tokens)
+    seqs = calib if calib is not None else calibration_set(engine, train[:calib_prompts], calib_tokens)
     meter = KLMeter(model, info, art, seqs, batch_tokens)
     cal = calibrate(meter, budgets)
     art.gammas, art.kls = cal.gammas, cal.kls
@@ -167,12 +179,12 @@ def build_artifact(
         "direction": "raw (not unit norm); strength 1 = the whole mean concise-verbose gap",
         "layer_convention": "output of decoder layer L = transformers hidden_states[L+1]",
         "pairs": len(train),
-        "text": "chat template, user question + assistant solution, trailing whitespace cut",
+        "text": "chat: user question + assistant solution, trailing whitespace cut (no template: Q/A + EOS)",
         "direction_stats": d.stats,
         "calibration": {
             "kl": "teacher-forced mean per-token KL(steered || unsteered), nats, generated positions t>=2",
             "prompts": len(seqs),
-            "max_tokens": calib_tokens,
+            "max_tokens": max(len(s.output) for s in seqs),
             "positions": meter.positions,
             "vFv": cal.vfv,
             "probe_gamma": cal.probe,

@@ -32,7 +32,7 @@ def add_cot_parser(sub: Any) -> None:
     b.add_argument("--out", required=True, type=Path, help="artifact file to write (.safetensors)")
     b.add_argument("--pairs", type=int, default=120, help="training problems (verbose/concise pairs), >= 100")
     b.add_argument("--calib-prompts", type=int, default=16, help="questions whose continuations calibrate KL")
-    b.add_argument("--calib-tokens", type=int, default=96, help="tokens generated per calibration prompt")
+    b.add_argument("--calib-tokens", type=int, default=256, help="tokens generated per calibration prompt")
     b.add_argument("--budgets", type=_floats, default=None, help="KL budgets to bisect, e.g. 0.05,0.1")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

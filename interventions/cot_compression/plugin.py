@@ -62,18 +62,19 @@ class CoTCompressionPlugin(InterventionPlugin):
         super().__init__(model_info)
         self._steering = SteeringPlugin(model_info, slots=1)  # slot 0: the artifact's direction
         self._resident: AscArtifact | None = None
-        self._rows: dict[int, torch.Tensor] = {}  # id(artifact) -> its [num_layers, hidden] table row
+        self._row_of: tuple[AscArtifact, torch.Tensor] | None = None  # artifact, its [layers, hidden] row
 
     @property
     def artifact(self) -> AscArtifact | None:
         return self.context.get(ASC_KEY)
 
     def _row(self, art: AscArtifact) -> torch.Tensor:
-        row = self._rows.get(id(art))
-        if row is None:
-            row = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
-            row[art.layer] = art.direction
-            self._rows = {id(art): row}  # one artifact at a time
+        cached = self._row_of
+        if cached is not None and cached[0] is art:
+            return cached[1]
+        row = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
+        row[art.layer] = art.direction
+        self._row_of = (art, row)  # one artifact at a time
         return row
 
     def prepare(self, spec: CoTCompressionSpec, param: str) -> CoTPlan:  # type: ignore[override]
@@ -117,6 +118,22 @@ class CoTCompressionPlugin(InterventionPlugin):
         mask[0] = False
         mask[0, plan.vectors[0].layers] = True
         self._resident = plan.artifact
+
+    def json_schema(self) -> dict[str, Any]:
+        """The request schema plus what this server's artifact allows (the kl_budget range)."""
+        schema = super().json_schema()
+        art = self.artifact
+        schema["x-actserve-artifact"] = (
+            None
+            if art is None
+            else {
+                "layer": art.layer,
+                "model": art.model,
+                "kl_budget_max": art.max_kl,
+                "calibration": [[g, k] for g, k in zip(art.gammas, art.kls, strict=True)],
+            }
+        )
+        return schema
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
         return self._steering.residual_hook(spans, num_rows)
