@@ -65,29 +65,26 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh,
-    SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, kv_heads,
+    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
+    """One program per (sequence, query head); all its splits are loaded at once (no serial loop, which
+    made this kernel cost 10 us per layer at batch 1 with 33 splits)."""
     b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    g = tl.arange(0, GROUP_PAD)
+    h = tl.program_id(1)
+    kvh, g = h // GROUP, h % GROUP
+    s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    base = (b * tl.num_programs(1) + kvh) * SPLITS
-    m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m_all = tl.maximum(m_all, tl.load(m_ptr + (base + s) * GROUP_PAD + g))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_tot = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for s in range(SPLITS):
-        w = tl.exp(tl.load(m_ptr + (base + s) * GROUP_PAD + g) - m_safe)
-        l_tot += w * tl.load(l_ptr + (base + s) * GROUP_PAD + g)
-        acc += w[:, None] * tl.load(acc_ptr + ((base + s) * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :])
-    out = acc / tl.maximum(l_tot, 1e-30)[:, None]
-    heads = kvh * GROUP + g
-    tl.store(
-        out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out, mask=(g < GROUP)[:, None]
-    )
+    s_ok = s < SPLITS
+    rows = ((b * kv_heads + kvh) * SPLITS + s) * GROUP_PAD + g
+    m = tl.load(m_ptr + rows, mask=s_ok, other=float("-inf"))
+    m_all = tl.max(m, axis=0)
+    w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))
+    l_tot = tl.sum(w * tl.load(l_ptr + rows, mask=s_ok, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(l_tot, 1e-30)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out)
 
 
 def decode_splits(batch: int, kv_heads: int, max_tiles: int, sms: int = 132) -> int:
@@ -128,8 +125,9 @@ def paged_decode(
         SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=tile,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    _decode_merge_kernel[(batch, hk)](
-        m, lse, acc, out, out.stride(0), out.stride(1),
-        SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+    _decode_merge_kernel[(batch, hq)](
+        m, lse, acc, out, out.stride(0), out.stride(1), hk,
+        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), GROUP=group, GROUP_PAD=group_pad,
+        HEAD_DIM=dim,
     )  # fmt: skip
     return out

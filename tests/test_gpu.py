@@ -31,6 +31,22 @@ def test_paged_decode_real_shape() -> None:
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize(
+    ("n", "k", "silu"), [(6144, 4096, False), (4096, 14336, True), (128256, 4096, False)]
+)
+def test_gemv_real_shapes(rows: int, n: int, k: int, silu: bool) -> None:
+    """The decode GEMV at Llama-3-8B shapes with its picked configs, against the float32 reference."""
+    from actserve.kernels.gemv import gemv
+    from actserve.kernels.gemv_ref import gemv_ref
+
+    g = torch.Generator(device="cuda").manual_seed(n + rows)
+    x = torch.randn(rows, 2 * k if silu else k, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
+    got, want = gemv(x, w, silu_mul=silu).float(), gemv_ref(x, w, silu_mul=silu).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
 def _engine(model_dir: Path, eager: bool, **kw: object):  # type: ignore[no-untyped-def]
     from actserve.server.engine.config import EngineConfig
     from actserve.server.engine.llm_engine import LLMEngine

@@ -122,3 +122,33 @@ def test_silu_mul(dtype: torch.dtype) -> None:
 
     x = torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype) * 3
     assert (silu_mul(x, block=64).float() - silu_mul_ref(x).float()).abs().max().item() < tol(dtype) * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_gemv(dtype: torch.dtype, rows: int, bias: bool, silu: bool) -> None:
+    """Odd N and K (masked tails), both the 1-row and the tensor-core path, fused bias and silu·mul."""
+    from actserve.kernels.gemv import GemvConfig, gemv
+    from actserve.kernels.gemv_ref import gemv_ref
+
+    g = torch.Generator().manual_seed(rows * 4 + 2 * bias + silu)
+    n, k = 37, 72
+    x = torch.randn(rows, 2 * k if silu else k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    got = gemv(x, w, b, silu_mul=silu, cfg=GemvConfig(block_n=16, block_k=32, num_stages=1))
+    want = gemv_ref(x, w, b, silu_mul=silu)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() < tol(dtype) * 4
+
+
+def test_gemv_refuses_what_it_cannot_do() -> None:
+    from actserve.kernels.gemv import gemv
+
+    w = torch.randn(8, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv(torch.randn(17, 16).to(DEVICE), w)
+    with pytest.raises(ValueError, match="does not match"):
+        gemv(torch.randn(2, 16).to(DEVICE), w, silu_mul=True)

@@ -9,11 +9,11 @@ fused with the add and the norm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from actserve.server.layers.attention import AttentionBatch, paged_attention
 from actserve.server.layers.hooks import StepHooks
+from actserve.server.layers.linear import linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -59,24 +59,17 @@ class Attention(nn.Module):
         else:
             q, k = rotary(q, k, positions)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(t, -1))
+        return linear(o.reshape(t, -1), self.o_proj)
 
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.inter = spec.intermediate_size
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if gate_up.is_cuda:
-            from actserve.kernels.silu_mul import silu_mul
-
-            return self.down_proj(silu_mul(gate_up))
-        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -163,4 +156,4 @@ class LlamaForCausalLM(nn.Module):
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()

@@ -1,0 +1,259 @@
+"""Where a decode step's time goes on the GPU, and how each weight matmul compares with the copy roofline.
+
+    python bench/decode_profile.py --out bench/results/decode_profile.json [--gemv-sweep]
+
+Part 1: one captured decode step of the Llama-3-8B-shaped engine (random bf16 weights) at batch 1 and 8,
+profiled with torch.profiler: device time per kernel name, kernel count, and the step's total. Part 2:
+each projection shape of that model at M = 1 and 8, timed from CUDA graphs (no launch gaps): cuBLAS
+(`F.linear`) against the Triton `gemv` kernel over a small config sweep, as achieved read bandwidth.
+Prints a table last; details go to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import itertools
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_runs import generate, random_prompts  # noqa: E402
+from gpu_bench import copy_bandwidth  # noqa: E402
+from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
+
+from actserve.kernels.gemv import GemvConfig, gemv, pick_config  # noqa: E402
+from actserve.kernels.gemv_ref import gemv_ref  # noqa: E402
+from actserve.kernels.silu_mul import silu_mul  # noqa: E402
+from actserve.server.engine.config import EngineConfig  # noqa: E402
+from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
+from actserve.server.engine.offline import make_sequences  # noqa: E402
+from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> float:
+    """Device time of one call, from a CUDA graph of `reps` calls (launch overhead excluded)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e3 / reps)
+    return best
+
+
+def step_profile(eng: LLMEngine, batch: int, trace: str | None = None) -> dict[str, Any]:
+    graphs = eng.runner.graphs
+    assert graphs is not None
+    graph, _ = graphs.graphs[graphs.bucket(batch)]  # type: ignore[index]
+    graph.replay()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(f"{trace}/step_b{batch}.json")
+    seq = sorted(
+        (ev.time_range.start, ev.device_time, ev.name)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
+    )
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            per[ev.name][0] += ev.device_time / 3
+            per[ev.name][1] += 1 / 3
+    kernels = sorted(((k, v[0], v[1]) for k, v in per.items()), key=lambda r: -r[1])
+    total = sum(v for _, v, _ in kernels)
+    return {
+        "kernel_us_total": total,
+        "kernels_per_step": sum(c for _, _, c in kernels),
+        "top": [{"name": n[:90], "us": round(t, 1), "count": round(c)} for n, t, c in kernels[:14]],
+        "first_kernels": [f"{d:8.1f} us {n[:60]}" for _, d, n in seq[:16]],
+    }
+
+
+def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = None) -> dict[str, Any]:
+    """The engine loop at one batch size: wall time per step against the GPU's busy time in the same
+    window (idle = host-bound), the kernels outside the graph, and the host functions that cost most."""
+    prompts = random_prompts(batch, 128, eng.model_info.vocab_size, batch)
+    generate(eng, prompts, new)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        dt, _ = generate(eng, prompts, new)
+    if trace:
+        prof.export_chrome_trace(f"{trace}/loop_b{batch}.json")
+    spans = sorted(
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
+    )
+    busy, end = 0.0, float("-inf")
+    for a, b, _ in spans:  # union of kernel intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    window = spans[-1][1] - spans[0][0] if spans else 0.0
+    names: dict[str, int] = defaultdict(int)
+    for _, _, n in spans:
+        names[n[:70]] += 1
+    seqs = make_sequences(
+        eng, prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), tag="s"
+    )
+    chained0, graphs0 = eng.chained_steps, eng.runner.graph_steps
+    torch.cuda.synchronize()
+    for seq in seqs:
+        eng.add(seq)
+    step_ms = []
+    while eng.has_work():
+        t = time.perf_counter()
+        eng.step()
+        step_ms.append(1e3 * (time.perf_counter() - t))
+    ordered = sorted(step_ms)
+    prof_c = cProfile.Profile()
+    prof_c.enable()
+    dt_c, _ = generate(eng, prompts, new)
+    prof_c.disable()
+    stats = pstats.Stats(prof_c)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:18]  # type: ignore[attr-defined]
+    return {
+        "wall_ms_per_step": 1e3 * dt / new,
+        "gpu_busy_ms_per_step": busy / 1e3 / new,
+        "gpu_idle_pct": 100 * (1 - busy / window) if window else 0.0,
+        "kernel_names": dict(sorted(names.items(), key=lambda kv: -kv[1])[:25]),
+        "cprofile_wall_ms_per_step": 1e3 * dt_c / new,
+        "steps": len(step_ms),
+        "step_ms_median": statistics.median(step_ms),
+        "step_ms_first5": [round(x, 2) for x in step_ms[:5]],
+        "step_ms_last3": [round(x, 2) for x in step_ms[-3:]],
+        "step_ms_max5": [round(x, 2) for x in ordered[-5:]],
+        "step_ms_total": sum(step_ms),
+        "chained": eng.chained_steps - chained0,
+        "graph_steps": eng.runner.graph_steps - graphs0,
+        "host_top_tottime_us_per_step": [
+            f"{1e6 * v[2] / new:8.1f} {v[1] / new:6.1f}x {k[0].split('/')[-1]}:{k[1]} {k[2]}" for k, v in top
+        ],
+    }
+
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "down_silu": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
+SWEEP = [
+    GemvConfig(bn, bk, w, s)
+    for bn, bk, w, s in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8), (2, 3, 4))
+    if bn * bk <= 32768
+]
+
+
+def gemv_sweep(bw: float, full: bool) -> list[dict[str, Any]]:
+    rows = []
+    for (name, (n, k)), m in itertools.product(SHAPES.items(), (1, 8)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        silu = name.endswith("_silu")
+        x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
+        ref = gemv_ref(x, w, silu_mul=True) if silu else F.linear(x, w)
+        gb = n * k * 2 / 1e9
+        if silu:  # the unfused path: activation kernel, then cuBLAS
+            t_cublas = graph_time_us(lambda x=x, w=w: F.linear(silu_mul(x), w))
+        else:
+            t_cublas = graph_time_us(lambda x=x, w=w: F.linear(x, w))
+        best: tuple[float, GemvConfig | None] = (float("inf"), None)
+        for cfg in SWEEP if full else [pick_config(m, n, k)]:
+            try:
+                out = gemv(x, w, silu_mul=silu, cfg=cfg)
+                err = (out.float() - ref.float()).abs().max().item()
+                if err > 0.05 * ref.float().abs().max().item():
+                    continue
+                t = graph_time_us(lambda x=x, w=w, cfg=cfg, s=silu: gemv(x, w, silu_mul=s, cfg=cfg))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
+                print(f"skip {cfg}: {type(e).__name__}", flush=True)
+                continue
+            best = min(best, (t, cfg), key=lambda r: r[0])
+        rows.append({
+            "shape": name, "m": m, "n": n, "k": k, "cublas_us": t_cublas,
+            "cublas_pct_copy": 100 * gb * 1e6 / t_cublas / bw, "triton_us": best[0],
+            "triton_pct_copy": 100 * gb * 1e6 / best[0] / bw, "triton_cfg": str(best[1]),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+        del w, x
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/decode_profile.json")
+    ap.add_argument("--gemv-sweep", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--skip-gemv", action="store_true")
+    ap.add_argument("--trace", help="folder for chrome traces of the profiled steps")
+    args = ap.parse_args()
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bw = copy_bandwidth() / 1e9  # GB/s
+    res["copy_bw_tb_s"] = bw / 1e3
+    res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep)
+    if not args.skip_engine:
+        model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
+        cfg = EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=64,
+                           max_model_len=2048, gpu_memory_utilization=0.5)  # fmt: skip
+        eng = LLMEngine(cfg)
+        for b in (1, 8):
+            res[f"step_b{b}"] = step_profile(eng, b, args.trace)
+        for b in (1, 8, 64):
+            res[f"loop_b{b}"] = loop_profile(eng, b, 16 if args.trace else 64, args.trace)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{'shape':<9}{'m':>3}{'cuBLAS us':>11}{'% copy':>8}{'triton us':>11}{'% copy':>8}  config")
+    for r in res["gemv"]:
+        print(f"{r['shape']:<9}{r['m']:>3}{r['cublas_us']:>11.1f}{r['cublas_pct_copy']:>8.1f}"
+              f"{r['triton_us']:>11.1f}{r['triton_pct_copy']:>8.1f}  {r['triton_cfg']}")  # fmt: skip
+    for b in (1, 8):
+        step = res.get(f"step_b{b}")
+        if step:
+            print(f"\nstep b{b}: {step['kernel_us_total']:.0f} us in {step['kernels_per_step']:.0f} kernels")
+            for t in step["top"]:
+                print(f"  {t['us']:>8.1f} us  x{t['count']:<4} {t['name']}")
+            print("  first kernels of the step:", *step["first_kernels"], sep="\n    ")
+    for b in (1, 8, 64):
+        loop = res.get(f"loop_b{b}")
+        if loop:
+            print(f"\nloop b{b}: {loop['wall_ms_per_step']:.2f} ms/step wall, GPU busy "
+                  f"{loop['gpu_busy_ms_per_step']:.2f} ms ({loop['gpu_idle_pct']:.1f}% idle); "
+                  f"under cProfile {loop['cprofile_wall_ms_per_step']:.2f} ms")  # fmt: skip
+            print(
+                "  steps",
+                {k: loop[k] for k in loop if k.startswith("step") or k in ("chained", "graph_steps")},
+            )
+            for line in loop["host_top_tottime_us_per_step"][:12]:
+                print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
