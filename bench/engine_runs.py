@@ -25,6 +25,7 @@ def generate(
     prompts: list[list[int]],
     max_tokens: int,
     interventions: list[dict[str, Any] | None] | None = None,
+    step_ms: list[float] | None = None,
 ) -> tuple[float, list[list[int]]]:
     """Submit everything at once, run to completion; (seconds, output tokens per prompt).
 
@@ -36,7 +37,7 @@ def generate(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = run_sequences(engine, seqs)
+    outs = run_sequences(engine, seqs, step_ms)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, outs

@@ -72,10 +72,15 @@ def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LL
     generate(eng, random_prompts(4, PROMPT, vocab, 99), 16)  # warm-up: kernels, cuBLAS heuristics
     for b in batches:
         prompts = random_prompts(b, PROMPT, vocab, b)
-        dt, outs = generate(eng, prompts, NEW)
+        step_ms: list[float] = []
+        dt, outs = generate(eng, prompts, NEW, step_ms=step_ms)
         assert all(len(o) == NEW for o in outs)
         res[f"engine_tok_s_b{b}"] = b * NEW / dt
         res[f"engine_s_b{b}"] = dt
+        # where the time went: the first step (prefill), the median decode step, the slowest step
+        res[f"engine_first_step_ms_b{b}"] = step_ms[0]
+        res[f"engine_step_ms_median_b{b}"] = statistics.median(step_ms[1:])
+        res[f"engine_step_ms_max_b{b}"] = max(step_ms[1:])
         print(f"engine b{b}: {b * NEW / dt:.1f} tok/s", flush=True)
     for b in (1, 8, 64):
         res[f"graph_step_ms_b{b}"] = graph_replay_ms(eng, b)

@@ -48,6 +48,9 @@ class InterventionPlugin(ABC):
     description: ClassVar[str]
     hook_points: ClassVar[tuple[str, ...]]
     spec_model: ClassVar[type[BaseModel]]
+    # plans are SteeringPlans over the steering plugin's resident table: their rows join the steering
+    # rows of a step (one fused kernel, one set of CUDA-graph inputs) instead of a hook of their own
+    shares_steering_table: ClassVar[bool] = False
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info

@@ -36,6 +36,11 @@ def discover() -> dict[str, type[InterventionPlugin]]:
     return found
 
 
+def plugin_key(name: str) -> str:
+    """Where each plugin of a registry is found in the shared context (plugins that build on another)."""
+    return f"plugin.{name}"
+
+
 class InterventionRegistry:
     """The plugins of one loaded model; turns request specs into plans and plans into step hooks."""
 
@@ -49,8 +54,9 @@ class InterventionRegistry:
         classes = plugins if plugins is not None else discover()
         self.context: dict[str, Any] = context if context is not None else {}
         self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
-        for plugin in self.plugins.values():
+        for name, plugin in self.plugins.items():
             plugin.context = self.context
+            self.context[plugin_key(name)] = plugin
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -94,11 +100,28 @@ class InterventionRegistry:
         for key, plan in plans.items():
             self.plugins[key].release(plan)
 
+    def steering_spans(self, spans: dict[str, list[RowSpan]]) -> tuple[list[RowSpan], list[str]]:
+        """The rows that go through the steering table (steering's own and those of plugins sharing it),
+        and the keys of the other plugins in the step."""
+        shared: list[RowSpan] = []
+        others: list[str] = []
+        for key, rows in spans.items():
+            if key == "steering" or self.plugins[key].shares_steering_table:
+                shared.extend(rows)
+            else:
+                others.append(key)
+        return shared, others
+
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path)."""
+        shared, others = self.steering_spans(spans)
         hooks = []
-        for key, rows in spans.items():
-            hook = self.plugins[key].residual_hook(rows, num_rows)
+        if shared:
+            hook = self.plugins["steering"].residual_hook(shared, num_rows)
+            if hook is not None:
+                hooks.append(hook)
+        for key in others:
+            hook = self.plugins[key].residual_hook(spans[key], num_rows)
             if hook is not None:
                 hooks.append(hook)
         return StepHooks(hooks) if hooks else None

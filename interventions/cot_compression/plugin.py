@@ -1,12 +1,15 @@
 """CoT compression (ASC): h <- h + γ·v at the ASC layer, for every generated token of the request.
 
-It is steering with one fixed vector, so it reuses the steering plugin's machinery instead of its own
-per-row tensor code: a private `SteeringPlugin` with a one-slot table holds the artifact's direction
-(resident once, shared by every request), each request's plan is a `SteeringPlan` with one vector in
-that slot (scale γ, generation phase only), and the step hook is the steering plugin's `SteeringHook`
-over those rows. γ comes from the request (`strength`) or from the artifact's calibration table
-(`kl_budget`). The artifact reaches the plugin through the registry's shared `context`
-(`ASC_KEY`), filled from `EngineConfig.cot_compression` by `cot_context` when the engine starts.
+It is steering with one fixed vector, so it lives in the steering plugin's table: one slot of that
+table is reserved for the artifact's direction (resident once, shared by every request), each request's
+plan is a `SteeringPlan` with one vector in that slot (scale γ, generation phase only), and the
+registry hands its rows to the steering plugin together with the steering rows
+(`shares_steering_table`), so a step mixing steering and CoT compression is one fused kernel per layer
+and still replays from CUDA graphs. Without a steering plugin in the registry (a registry built for
+CoT compression alone) it keeps a private one-slot table. γ comes from the request (`strength`) or
+from the artifact's calibration table (`kl_budget`). The artifact reaches the plugin through the
+registry's shared `context` (`ASC_KEY`), filled from `EngineConfig.cot_compression` by `cot_context`
+when the engine starts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.interventions.cot_compression.artifact import AscArtifact, load_artifact
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
+from actserve.interventions.registry import plugin_key
 from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
 from actserve.server.engine.config import EngineConfig
 from actserve.server.models.loader import ModelInfo
@@ -57,12 +61,23 @@ class CoTCompressionPlugin(InterventionPlugin):
     )
     hook_points = ("residual",)
     spec_model = CoTCompressionSpec
+    shares_steering_table = True
 
     def __init__(self, model_info: ModelInfo) -> None:
         super().__init__(model_info)
-        self._steering = SteeringPlugin(model_info, slots=1)  # slot 0: the artifact's direction
+        self._table: tuple[SteeringPlugin, int] | None = None  # the steering table and the reserved slot
         self._resident: AscArtifact | None = None
         self._row_of: tuple[AscArtifact, torch.Tensor] | None = None  # artifact, its [layers, hidden] row
+
+    def _slot(self) -> tuple[SteeringPlugin, int]:
+        """The registry's steering plugin (from the shared context) and the slot reserved there."""
+        if self._table is None:
+            shared = self.context.get(plugin_key("steering"))
+            if isinstance(shared, SteeringPlugin):
+                self._table = (shared, shared.reserve_slot())
+            else:
+                self._table = (SteeringPlugin(self.model_info, slots=1), 0)
+        return self._table
 
     @property
     def artifact(self) -> AscArtifact | None:
@@ -102,21 +117,22 @@ class CoTCompressionPlugin(InterventionPlugin):
                     prompt=False,
                     generation=True,
                     normalize=False,
-                    slot=0,
+                    slot=self._slot()[1],
                 )
             )
         layers = {art.layer}
         return CoTPlan(vectors=vectors, layers=layers, gamma=gamma, kl_budget=spec.kl_budget, artifact=art)
 
     def activate(self, plan: CoTPlan) -> None:  # type: ignore[override]
-        """Engine thread: put the plan's direction in slot 0 unless it is there already (it normally is:
-        one artifact per engine; swap artifacts only while no CoT request runs)."""
+        """Engine thread: put the plan's direction in the reserved slot unless it is there already (it
+        normally is: one artifact per engine; swap artifacts only while no CoT request runs)."""
         if not plan.vectors or self._resident is plan.artifact:
             return
-        table, mask = self._steering.table, self._steering.layer_mask
-        table[0] = plan.vectors[0].data.to(table.device, table.dtype)
-        mask[0] = False
-        mask[0, plan.vectors[0].layers] = True
+        steering, slot = self._slot()
+        table, mask = steering.table, steering.layer_mask
+        table[slot] = plan.vectors[0].data.to(table.device, table.dtype)
+        mask[slot] = False
+        mask[slot, plan.vectors[0].layers] = True
         self._resident = plan.artifact
 
     def json_schema(self) -> dict[str, Any]:
@@ -136,4 +152,5 @@ class CoTCompressionPlugin(InterventionPlugin):
         return schema
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
-        return self._steering.residual_hook(spans, num_rows)
+        """Used only without a shared steering plugin (the registry merges these rows into steering's)."""
+        return self._slot()[0].residual_hook(spans, num_rows)

@@ -24,7 +24,7 @@ from actserve.interventions.base import (
     device_table,
 )
 from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary, VectorNotFound
-from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST, SteeringSpec, SteeringVectorSpec
+from actserve.interventions.steering.schema import SteeringSpec, SteeringVectorSpec
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, apply_steering_ref
 from actserve.server.models.loader import ModelInfo
 
@@ -217,6 +217,14 @@ class SteeringPlugin(InterventionPlugin):
             self.layer_mask[vec.slot, vec.layers] = True
         plan.active = True
 
+    def reserve_slot(self) -> int:
+        """A table slot taken out of the request pool for good (a direction resident for the server's
+        lifetime, e.g. CoT compression's), so its rows share this table and its fused kernel."""
+        with self._lock:
+            if not self._free:
+                raise InterventionCapacityError("no steering slot left to reserve")
+            return self._free.pop()
+
     def release(self, plan: SteeringPlan) -> None:  # type: ignore[override]
         if plan.released:
             return
@@ -228,20 +236,28 @@ class SteeringPlugin(InterventionPlugin):
         """Per-row (slot index, scale, normalize) columns on the host; None when no row is steered here.
         CUDA-graph steps copy these straight into the graph's static inputs and skip `used` (the kernel
         reads the layer mask), which keeps the per-step host cost to a row copy per steered decode row."""
-        width = min(MAX_VECTORS_PER_REQUEST, max(len(s.plan.vectors) for s in spans))
+        # a row may carry several plans (steering + CoT compression): each takes the next free columns
+        per_row = np.zeros(num_rows, dtype=np.int64)
+        for span in spans:
+            per_row[span.start : span.start + span.count] += len(span.plan.vectors)
+        width = max(1, int(per_row.max()))
+        next_col = np.zeros(num_rows, dtype=np.int64)
         index = np.full((num_rows, width), -1, dtype=np.int64)
         scale = np.zeros((num_rows, width), dtype=np.float32)
         normalize = np.zeros((num_rows, width), dtype=np.bool_)
         used: dict[int, list[int]] = {}
         any_row = False
         for span in spans:
+            c0 = int(next_col[span.start : span.start + span.count].max())
+            next_col[span.start : span.start + span.count] = c0 + len(span.plan.vectors)
             fast = span.plan.cached_decode_row() if span.count == 1 and span.pos0 >= span.prompt_len else None
             if fast is not None and not need_used:
-                w = len(fast[0])
-                index[span.start, :w], scale[span.start, :w], normalize[span.start, :w] = fast
+                c1 = c0 + len(fast[0])
+                index[span.start, c0:c1], scale[span.start, c0:c1], normalize[span.start, c0:c1] = fast
                 any_row = any_row or bool((fast[0] >= 0).any())
                 continue
-            for k, vec in enumerate(span.plan.vectors):
+            for k0, vec in enumerate(span.plan.vectors):
+                k = c0 + k0
                 ranges = row_ranges(span, vec)
                 if not ranges:
                     continue

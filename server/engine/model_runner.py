@@ -18,6 +18,10 @@ from actserve.server.engine.sequence import Sequence, TokenLogprob
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.hooks import StepHooks
 
+# steering columns per row in a CUDA graph: a request's own vectors plus one resident direction (CoT
+# compression shares the steering table), so requests carrying both still replay from graphs
+GRAPH_STEER_COLUMNS = MAX_VECTORS_PER_REQUEST + 1
+
 
 @dataclass
 class StepResult:
@@ -103,7 +107,7 @@ class ModelRunner:
             table = (steering.table, steering.layer_mask) if steering is not None else None  # type: ignore[attr-defined]
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
-                num_blocks * block_size, table, MAX_VECTORS_PER_REQUEST,
+                num_blocks * block_size, table, GRAPH_STEER_COLUMNS,
             )  # fmt: skip
         self.graph_steps = 0
         self.eager_decode_steps = 0
@@ -202,15 +206,14 @@ class ModelRunner:
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
             seq.num_computed = p + 1
-        if self.graphs is not None and set(spans) <= {"steering"} and self.graphs.bucket(n) is not None:
-            self.graph_steps += 1
-            cols = (
-                self.registry.plugins["steering"].row_columns(spans["steering"], n, need_used=False)
-                if spans
-                else None
-            )  # type: ignore[attr-defined]
-            steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
-            return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer, device_ids)
+        shared, others = self.registry.steering_spans(spans)
+        if self.graphs is not None and not others and self.graphs.bucket(n) is not None:
+            steering = self.registry.plugins["steering"]
+            cols = steering.row_columns(shared, n, need_used=False) if shared else None  # type: ignore[attr-defined]
+            if cols is None or cols.index.shape[1] <= self.graphs.width:
+                self.graph_steps += 1
+                steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
+                return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer, device_ids)
         self.eager_decode_steps += 1
         hooks = self.registry.step_hooks(spans, n) if spans else None
         dev = self.device

@@ -4,6 +4,7 @@ building): everything is submitted at once and the engine batches it continuousl
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from actserve.server.engine.llm_engine import LLMEngine
@@ -26,14 +27,20 @@ def make_sequences(
     return seqs
 
 
-def run_sequences(engine: LLMEngine, seqs: list[Sequence]) -> list[list[int]]:
-    """Add all, step until the engine is idle; each sequence's generated token ids."""
+def run_sequences(
+    engine: LLMEngine, seqs: list[Sequence], step_ms: list[float] | None = None
+) -> list[list[int]]:
+    """Add all, step until the engine is idle; each sequence's generated token ids. `step_ms` receives
+    every step's wall time (benchmarks: prefill vs steady decode)."""
     for seq in seqs:
         engine.add(seq)
     out: dict[str, list[int]] = {s.seq_id: [] for s in seqs}
     while engine.has_work():
+        t = time.perf_counter()
         for o in engine.step():
             out[o.seq_id].extend(o.token_ids)
+        if step_ms is not None:
+            step_ms.append(1e3 * (time.perf_counter() - t))
     return [out[s.seq_id] for s in seqs]
 
 

@@ -35,8 +35,6 @@ class LoadedModel:
     num_blocks: int
     block_size: int
     weights_bytes: int
-    kv_heads: int
-    head_dim: int
     config: EngineConfig
 
     def make_runner(self, registry: InterventionRegistry) -> Any:
@@ -164,8 +162,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
         num_blocks,
         config.block_size,
         weights_bytes,
-        kv_heads,
-        head_dim,
         config,
     )
 
