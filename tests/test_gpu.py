@@ -112,6 +112,30 @@ def test_steering_inside_graphs(tinystories_dir: Path) -> None:
     assert a[0] == plain[0] and a[1] != plain[1]
 
 
+def test_steering_and_cot_compression_share_graphs(tinystories_dir: Path, tmp_path: Path) -> None:
+    """Rows with steering, CoT compression, both, or nothing in one batch: still graph replays, and the
+    same tokens as the eager path."""
+    from actserve.interventions.cot_compression.artifact import AscArtifact, save_artifact
+    from tests.engine_utils import greedy, run
+
+    g = torch.Generator().manual_seed(2)
+    art = AscArtifact(torch.randn(128, generator=g) * 4, layer=1, num_layers=2, model="tinystories",
+                      gammas=[0.5, 1.0], kls=[0.1, 0.3])  # fmt: skip
+    save_artifact(art, tmp_path / "asc.safetensors")
+    d = (torch.randn(128, generator=g) * 4).tolist()
+    steer = {"steering": {"vectors": [{"directions": {"0": d}, "scale": 6.0}]}}
+    cot = {"cot_compression": {"strength": 1.5}}
+    specs = [None, steer, cot, {**steer, **cot}] * 2
+    prompts = _prompts(tinystories_dir, 1) * len(specs)  # one prompt: only the interventions differ
+    kw = {"cot_compression": str(tmp_path / "asc.safetensors")}
+    fast, slow = _engine(tinystories_dir, eager=False, **kw), _engine(tinystories_dir, eager=True, **kw)
+    eager0 = fast.runner.eager_decode_steps
+    a = run(fast, prompts, greedy(48), interventions=specs)
+    assert fast.runner.eager_decode_steps == eager0
+    assert a == run(slow, prompts, greedy(48), interventions=specs)
+    assert len({tuple(x) for x in a[:4]}) == 4, "each intervention (and both) changes the continuation"
+
+
 def test_bf16_logits_close_to_transformers(tinystories_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
