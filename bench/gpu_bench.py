@@ -1,7 +1,7 @@
 """GPU benchmark of the engine on a Llama-3-8B-shaped model (random bf16 weights), with its baselines
 measured in the same run: the copy-bandwidth roofline and transformers' eager `generate`.
 
-    python bench/gpu_bench.py --out bench/results/gpu_bench.json [--skip-hf] [--http]
+    python bench/gpu_bench.py --out bench/results/gpu_bench.json [--skip-hf] [--http [--http-engine both]]
 
 Prints a table last; every figure is also in the JSON (keys name the batch size, e.g. engine_tok_s_b8).
 """
@@ -58,7 +58,9 @@ def steering_specs(n: int, hidden: int, layers: list[int], seed: int) -> list[di
     return specs
 
 
-def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LLMEngine:
+def bench_engine(
+    res: dict[str, Any], model_dir: Path, batches: list[int], decode_only: bool = False
+) -> LLMEngine:
     cfg = EngineConfig(
         model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=128, max_model_len=8448,
         max_num_batched_tokens=16384, gpu_memory_utilization=0.55,
@@ -85,11 +87,15 @@ def bench_engine(res: dict[str, Any], model_dir: Path, batches: list[int]) -> LL
     for b in (1, 8, 64):
         res[f"graph_step_ms_b{b}"] = graph_replay_ms(eng, b)
         res[f"graph_only_tok_s_b{b}"] = b * 1e3 / res[f"graph_step_ms_b{b}"]
+    if decode_only:
+        return eng
     for n in (512, 2048, 8192):
         prompt = random_prompts(1, n, vocab, n)[0]
         time_to_first_token(eng, prompt)
         res[f"ttft_ms_{n}"] = 1e3 * statistics.median(time_to_first_token(eng, prompt) for _ in range(3))
         print(f"ttft {n}: {res[f'ttft_ms_{n}']:.1f} ms", flush=True)
+    # a prompt length never seen before: what the first request of a new length waits
+    res["ttft_cold_ms_1000"] = 1e3 * time_to_first_token(eng, random_prompts(1, 1000, vocab, 1000)[0])
     # steering overhead: 32 concurrent requests, each with its own vector at 4 layers, vs the same unsteered
     prompts = random_prompts(32, PROMPT, vocab, 7)
     specs = steering_specs(32, eng.model_info.hidden_size, [8, 12, 16, 20], 3)
@@ -129,40 +135,69 @@ def bench_hf(res: dict[str, Any], model_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64) -> None:
+def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64, mode: str = "process") -> None:
     """64 concurrent streaming clients on loopback (bench/http_load.py, its own process) against the
-    same engine served through uvicorn; the in-process figure is measured again right after."""
+    same model served through uvicorn; the in-process figure is measured again right after.
+
+    mode "process": the server's engine runs in its own process (`--engine-process on`), loading the same
+    model with the same settings but a smaller share of the GPU (this process keeps its engine, idle);
+    "thread": the server drives this process's engine from a thread. "both": process, then thread
+    (its figures under http_thread_*)."""
+    for m in ("process", "thread") if mode == "both" else (mode,):
+        prefix = "http_thread" if mode == "both" and m == "thread" else "http"
+        serve_http(res, eng, clients, m, prefix)
+    prompts = random_prompts(clients, PROMPT, eng.model_info.vocab_size, 5)
+    in_proc = min(generate(eng, prompts, NEW)[0] for _ in range(2))
+    res[f"inproc_tok_s_b{clients}"] = clients * NEW / in_proc
+    for prefix in ("http", "http_thread"):
+        if f"{prefix}_tok_s_c{clients}" in res:
+            res[f"{prefix}_vs_inproc"] = res[f"{prefix}_tok_s_c{clients}"] / res[f"inproc_tok_s_b{clients}"]
+    print(
+        f"http ({mode}) {res[f'http_tok_s_c{clients}']:.0f} tok/s vs in-process "
+        f"{res[f'inproc_tok_s_b{clients}']:.0f}"
+    )
+
+
+def serve_http(res: dict[str, Any], eng: LLMEngine, clients: int, mode: str, prefix: str) -> None:
+    import dataclasses
     import subprocess
 
     import uvicorn
 
     from actserve.server.api.app import create_app
     from actserve.server.engine.async_engine import AsyncEngine
+    from actserve.server.engine.engine_client import EngineClient
 
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine=AsyncEngine(eng)), port=8765, log_level="warning")
-    )
+    engine: EngineClient
+    if mode == "process":
+        from actserve.server.engine.process_engine import ProcessEngine
+
+        t0 = time.perf_counter()
+        engine = ProcessEngine(
+            dataclasses.replace(eng.config, gpu_memory_utilization=0.25, engine_process="on")
+        )
+        res["http_engine_process_start_s"] = time.perf_counter() - t0
+    else:
+        engine = AsyncEngine(eng)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), port=8765, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     cmd = [sys.executable, str(Path(__file__).parent / "http_load.py"), "--url", "http://127.0.0.1:8765",
            "--model", eng.model_name, "--clients", str(clients), "--prompt-len", str(PROMPT),
            "--max-tokens", str(NEW), "--vocab", str(eng.model_info.vocab_size)]  # fmt: skip
-    load = json.loads(
-        subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    )
-    server.should_exit = True
-    time.sleep(1.0)
-    res[f"http_tok_s_c{clients}"] = load["tok_s"]
-    res["http_ttft_p50_ms"] = 1e3 * load["ttft_p50_s"]
-    res["http_tokens"] = load["tokens"]
-    prompts = random_prompts(clients, PROMPT, eng.model_info.vocab_size, 5)
-    in_proc = min(generate(eng, prompts, NEW)[0] for _ in range(2))
-    res[f"inproc_tok_s_b{clients}"] = clients * NEW / in_proc
-    res["http_vs_inproc"] = res[f"http_tok_s_c{clients}"] / res[f"inproc_tok_s_b{clients}"]
-    print(
-        f"http {res[f'http_tok_s_c{clients}']:.0f} tok/s vs in-process {res[f'inproc_tok_s_b{clients}']:.0f}"
-    )
+    try:
+        load = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        )
+    finally:
+        server.should_exit = True
+        time.sleep(1.0)
+        engine.shutdown()  # thread mode: its thread must stop stepping `eng` before `eng` is used here
+    res[f"{prefix}_tok_s_c{clients}"] = load["tok_s"]
+    res[f"{prefix}_ttft_p50_ms"] = 1e3 * load["ttft_p50_s"]
+    res[f"{prefix}_tokens"] = load["tokens"]
+    res[f"{prefix}_engine"] = mode
 
 
 def graph_replay_ms(eng: LLMEngine, batch: int, reps: int = 50) -> float:
@@ -196,7 +231,11 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/gpu_bench.json")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--http", action="store_true")
+    ap.add_argument(
+        "--http-engine", default="process", choices=["process", "thread", "both"], help="engine of --http"
+    )
     ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--decode-only", action="store_true", help="skip TTFT and steering (A/B runs)")
     args = ap.parse_args()
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "shape": "Llama-3-8B (random bf16 weights)", "prompt_tokens": PROMPT,
@@ -204,12 +243,14 @@ def main() -> int:
     res["copy_bw_tb_s"] = copy_bandwidth() / 1e12
     model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
     eng = section(
-        res, "engine", lambda: bench_engine(res, model_dir, [int(b) for b in args.batches.split(",")])
+        res,
+        "engine",
+        lambda: bench_engine(res, model_dir, [int(b) for b in args.batches.split(",")], args.decode_only),
     )
     if not args.skip_hf:
         section(res, "hf", lambda: bench_hf(res, model_dir))
     if args.http and eng is not None:
-        section(res, "http", lambda: bench_http(res, eng))
+        section(res, "http", lambda: bench_http(res, eng, mode=args.http_engine))
     if "weights_gb" in res:
         res["roofline_tok_s_b1"] = res["copy_bw_tb_s"] * 1e12 / (res["weights_gb"] * 1e9)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,17 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.pdl import pdl_args, pdl_sync
+
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
     scale, window, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
+    pdl_sync(USE_PDL)
     ctx = tl.load(ctx_ptr + b)
     lo_ctx = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     n_tiles = tl.cdiv(ctx - lo_ctx, TILE)
@@ -67,13 +70,14 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, kv_heads,
     SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, query head); all its splits are loaded at once (no serial loop, which
     made this kernel cost 10 us per layer at batch 1 with 33 splits)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kvh, g = h // GROUP, h % GROUP
+    pdl_sync(USE_PDL)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
     s_ok = s < SPLITS
@@ -123,11 +127,11 @@ def paged_decode(
         scale, window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0),
         SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=tile,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", **pdl_args(q),
     )  # fmt: skip
     _decode_merge_kernel[(batch, hq)](
         m, lse, acc, out, out.stride(0), out.stride(1), hk,
         SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=dim,
+        HEAD_DIM=dim, **pdl_args(q),
     )  # fmt: skip
     return out

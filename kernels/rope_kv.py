@@ -7,15 +7,18 @@ import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.pdl import pdl_args, pdl_sync
+
 
 @triton.jit
 def _rope_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, kc_ptr, vc_ptr,
     stride_q, stride_k, stride_v, stride_cos, stride_kc, n_q, n_kv,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    pdl_sync(USE_PDL)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     dtype = q_out_ptr.dtype.element_ty
@@ -70,6 +73,6 @@ def rope_kv(
     _rope_kv_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, positions, slots, q_out, k_out, k_cache, v_cache,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), n_q, n_kv,
-        HEAD_DIM=dim, HALF=dim // 2,
+        HEAD_DIM=dim, HALF=dim // 2, **pdl_args(q),
     )  # fmt: skip
     return q_out, k_out

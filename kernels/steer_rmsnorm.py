@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.pdl import pdl_args, pdl_sync
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
 
 
@@ -14,12 +15,13 @@ def _add_steer_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     table_ptr, mask_ptr, idx_ptr, scale_ptr, norm_ptr,
     layer, num_layers, hidden, eps,
-    K: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < hidden
     dtype = res_ptr.dtype.element_ty
+    pdl_sync(USE_PDL)
     h = tl.load(res_ptr + row * hidden + cols, mask=m, other=0.0)
     if HAS_X:
         h = (h.to(tl.float32) + tl.load(x_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)).to(
@@ -74,6 +76,6 @@ def add_steer_rmsnorm(
         steer.normalize if has_steer else dummy,
         max(layer, 0), steer.table.shape[1] if has_steer else 1, hidden, eps,
         K=steer.index.shape[1] if has_steer else 1,
-        HAS_X=x is not None, HAS_STEER=has_steer, BLOCK=triton.next_power_of_2(hidden),
+        HAS_X=x is not None, HAS_STEER=has_steer, BLOCK=triton.next_power_of_2(hidden), **pdl_args(residual),
     )  # fmt: skip
     return normed, res_out

@@ -123,8 +123,8 @@ def test_steering_and_cot_compression_share_graphs(tinystories_dir: Path, tmp_pa
                       gammas=[0.5, 1.0], kls=[0.1, 0.3])  # fmt: skip
     save_artifact(art, tmp_path / "asc.safetensors")
     d = (torch.randn(128, generator=g) * 4).tolist()
-    steer = {"steering": {"vectors": [{"directions": {"0": d}, "scale": 6.0}]}}
-    cot = {"cot_compression": {"strength": 1.5}}
+    steer = {"steering": {"vectors": [{"directions": {"0": d}, "scale": 2.0}]}}
+    cot = {"cot_compression": {"strength": 4.0}}
     specs = [None, steer, cot, {**steer, **cot}] * 2
     prompts = _prompts(tinystories_dir, 1) * len(specs)  # one prompt: only the interventions differ
     kw = {"cot_compression": str(tmp_path / "asc.safetensors")}

@@ -152,3 +152,24 @@ def test_gemv_refuses_what_it_cannot_do() -> None:
         gemv(torch.randn(17, 16).to(DEVICE), w)
     with pytest.raises(ValueError, match="does not match"):
         gemv(torch.randn(2, 16).to(DEVICE), w, silu_mul=True)
+
+
+def test_pdl_launch_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL goes with one-row launches by default ("single"), with every launch when asked, never on CPU."""
+    from types import SimpleNamespace
+
+    from actserve.kernels import pdl
+
+    def rows(n: int, cuda: bool = True) -> torch.Tensor:
+        return SimpleNamespace(is_cuda=cuda, device=SimpleNamespace(index=0), shape=(n, 8))  # type: ignore[return-value]
+
+    for mode, want in (("single", [True, False]), ("all", [True, True]), ("off", [False, False])):
+        with monkeypatch.context() as m:
+            m.setattr(pdl, "pdl_mode", lambda _i=0, mode=mode: mode)
+            got = [pdl.pdl_args(rows(1))["launch_pdl"], pdl.pdl_args(rows(8))["USE_PDL"]]
+            assert got == want, mode
+            assert pdl.pdl_args(rows(1, cuda=False)) == {"USE_PDL": False, "launch_pdl": False}
+    pdl.pdl_mode.cache_clear()
+    monkeypatch.setenv("ACTSERVE_PDL", "1")
+    assert pdl.pdl_mode() == ("all" if torch.cuda.is_available() else "off")
+    pdl.pdl_mode.cache_clear()

@@ -102,6 +102,10 @@ class ModelRunner:
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda":
+            # cuDNN's SDPA builds an execution plan for every new prompt shape (~70 ms each, paid by the
+            # first request of each length); the flash / memory-efficient kernels need none
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" and cuda_graph_max_bs > 0:
             steering = registry.plugins.get("steering")
             table = (steering.table, steering.layer_mask) if steering is not None else None  # type: ignore[attr-defined]
