@@ -4,6 +4,10 @@ OpenAI-compatible) server, from its own process so the client never competes wit
     python bench/http_load.py --url http://127.0.0.1:8000 --model NAME --clients 64 --prompt-len 128 \
         --max-tokens 128 --vocab 128256
 
+With `--serve MODEL_DIR` it first starts `actserve serve` itself (own process; `--engine-process on|off`
+picks where its engine runs, `--server-args` adds flags, `--profile FILE` runs the server under cProfile,
+which sees the event-loop thread: the per-chunk SSE work), and stops it afterwards.
+
 Prints one JSON line: tokens, seconds, tok_s, ttft_p50_s.
 """
 
@@ -13,13 +17,24 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
+import psutil
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float]:
+    """One streamed request: (completion tokens from the usage chunk, time to the first text chunk).
+    Only those two chunks are parsed: at thousands of chunks per second, json.loads of every chunk
+    made this client the bottleneck instead of the server."""
     t0 = time.perf_counter()
     ttft, tokens = 0.0, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -27,15 +42,18 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, flo
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
-            chunk = json.loads(line[6:])
-            if not ttft and chunk.get("choices"):
+            if not ttft and '"choices": []' not in line and '"choices":[]' not in line:
                 ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            if '"usage"' in line and '"usage": null' not in line and '"usage":null' not in line:
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
     return tokens, ttft
 
 
 async def run(args: argparse.Namespace) -> dict:
+    if args.model is None:
+        args.model = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
     rng = random.Random(args.seed)
     bodies = [
         {"model": args.model, "prompt": [rng.randrange(10, args.vocab) for _ in range(args.prompt_len)],
@@ -54,16 +72,75 @@ async def run(args: argparse.Namespace) -> dict:
             "ttft_p50_s": statistics.median(r[1] for r in results)}  # fmt: skip
 
 
+def cpu_seconds(server: psutil.Process) -> tuple[float, float]:
+    """(user+system seconds of the server process, of its children): warm-up request included."""
+    t = server.cpu_times()
+    kids = sum(sum(c.cpu_times()[:2]) for c in server.children(recursive=True))
+    return t.user + t.system, kids
+
+
+@contextmanager
+def serve(args: argparse.Namespace) -> Iterator[tuple[str, psutil.Process]]:
+    """`actserve serve` in a child process; yields its URL (once /health answers 200) and process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "actserve.server", "serve", "--model", args.serve, "--port", str(port),
+           "--engine-process", args.engine_process, "--log-level", "warning",
+           *shlex.split(args.server_args)]  # fmt: skip
+    if args.profile:
+        cmd[1:1] = ["-m", "cProfile", "-o", args.profile]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url, psutil.Process(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)  # graceful: uvicorn stops, the engine process with it
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="default: the model the server lists first")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=5)
-    print(json.dumps(asyncio.run(run(ap.parse_args()))))
+    ap.add_argument("--serve", default=None, metavar="MODEL_DIR", help="start actserve on this model first")
+    ap.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--server-args", default="", help="more `actserve serve` flags, e.g. '--max-num-seqs 64'")
+    ap.add_argument("--profile", default=None, metavar="FILE", help="with --serve: cProfile the server")
+    args = ap.parse_args()
+    if args.serve is None:
+        print(json.dumps(asyncio.run(run(args))))
+        return
+    with serve(args) as (url, server):
+        args.url = url
+        before = cpu_seconds(server)
+        result = asyncio.run(run(args))
+        api, engine = (b - a for a, b in zip(before, cpu_seconds(server), strict=True))
+    # CPU seconds the API process (HTTP, SSE; in thread mode also the engine) and the engine process spent
+    cpu = {
+        "api_cpu_s": api,
+        "engine_proc_cpu_s": engine,
+        "api_cpu_us_per_token": 1e6 * api / result["tokens"],
+    }
+    print(json.dumps({**result, **cpu, "engine_process": args.engine_process}))
 
 
 if __name__ == "__main__":

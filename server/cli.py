@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="ASC artifact from `actserve cot build`: enables the cot_compression intervention",
     )
+    s.add_argument(
+        "--engine-process",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="run the engine core in its own process (auto: on for CUDA, off on CPU)",
+    )
     s.add_argument("--log-level", default="info")
     add_vectors_parser(sub)
     add_cot_parser(sub)
@@ -88,6 +94,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         force_transformers=args.force_transformers,
         steering_vectors_dir=args.steering_vectors,
         cot_compression=args.cot_compression,
+        engine_process=args.engine_process,
     )
 
 
@@ -103,12 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from actserve.server.api.app import create_app
-    from actserve.server.engine.async_engine import AsyncEngine
+    from actserve.server.engine.async_engine import make_engine
 
     config = engine_config(args)
-    app = create_app(
-        load=lambda: AsyncEngine.from_config(config), api_key=args.api_key, max_waiting=args.max_waiting
-    )
+    app = create_app(load=lambda: make_engine(config), api_key=args.api_key, max_waiting=args.max_waiting)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

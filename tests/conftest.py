@@ -79,17 +79,22 @@ class LiveServer:
 
 
 def start_server(model_dir: Path, api_key: str | None = None, **engine_kwargs: object) -> LiveServer:
+    """A live server; `engine_process="on"` runs the engine core in its own process (default: a thread)."""
     from actserve.server.api.app import create_app
-    from actserve.server.engine.async_engine import AsyncEngine
+    from actserve.server.engine.async_engine import make_engine
     from actserve.server.engine.config import EngineConfig
 
     config = EngineConfig(model=str(model_dir), **engine_kwargs)  # type: ignore[arg-type]
-    return LiveServer(create_app(load=lambda: AsyncEngine.from_config(config), api_key=api_key))
+    return LiveServer(create_app(load=lambda: make_engine(config), api_key=api_key))
 
 
-@pytest.fixture(scope="module")
-def tinystories_server(tinystories_dir: Path) -> Iterator[LiveServer]:
-    server = start_server(tinystories_dir, num_kv_blocks=256)
+ENGINE_MODES = {"thread": "off", "process": "on"}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def tinystories_server(tinystories_dir: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """The API/e2e tests run against both engine modes: a thread of the server, and its own process."""
+    server = start_server(tinystories_dir, num_kv_blocks=256, engine_process=ENGINE_MODES[request.param])
     yield server
     server.stop()
 

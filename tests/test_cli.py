@@ -20,6 +20,9 @@ def test_flags_map_to_engine_config() -> None:
     )
     cfg = engine_config(args)
     assert (cfg.model, cfg.max_num_seqs, cfg.max_model_len, cfg.dtype) == ("m", 8, 128, "float32")
+    assert cfg.engine_process == "auto"
+    on = build_parser().parse_args(["serve", "--engine-process", "on"])
+    assert engine_config(on).engine_process == "on"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-seqs", "0"])
 

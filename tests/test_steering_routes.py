@@ -16,7 +16,7 @@ import torch
 from actserve.clients import ActServeClient, ActServeError, SteeringVector
 from actserve.interventions.steering.formats import write_safetensors
 from actserve.server.api.steering_routes import MAX_UPLOAD_BYTES
-from tests.conftest import LiveServer, start_server
+from tests.conftest import ENGINE_MODES, LiveServer, start_server
 from tests.test_vector_formats import repeng_gguf
 
 PROMPT = "Once upon a time"
@@ -33,9 +33,16 @@ def hidden(tinystories_dir: Path) -> int:
     return json.loads((tinystories_dir / "config.json").read_text())["hidden_size"]
 
 
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def engine_mode(request: pytest.FixtureRequest) -> str:
+    """Both engine modes: in process mode the library lives in the engine process, reached by RPC."""
+    return ENGINE_MODES[request.param]
+
+
 @pytest.fixture(scope="module")
-def vector_dir(tmp_path_factory: pytest.TempPathFactory, hidden: int) -> Path:
-    """What a user drops in the folder: a repeng export, one vector for a wider model, and junk."""
+def vector_dir(tmp_path_factory: pytest.TempPathFactory, hidden: int, engine_mode: str) -> Path:
+    """What a user drops in the folder: a repeng export, one vector for a wider model, and junk
+    (a fresh folder per engine mode: the tests add and delete vectors)."""
     folder = tmp_path_factory.mktemp("vectors")
     repeng_gguf(folder / "repeng-sad.gguf", {1: direction(hidden, 1).numpy() * 4})
     wide = {1: torch.ones(hidden * 2)}
@@ -45,8 +52,10 @@ def vector_dir(tmp_path_factory: pytest.TempPathFactory, hidden: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tinystories_dir: Path, vector_dir: Path) -> Iterator[LiveServer]:
-    live = start_server(tinystories_dir, num_kv_blocks=256, steering_vectors_dir=str(vector_dir))
+def server(tinystories_dir: Path, vector_dir: Path, engine_mode: str) -> Iterator[LiveServer]:
+    live = start_server(
+        tinystories_dir, num_kv_blocks=256, steering_vectors_dir=str(vector_dir), engine_process=engine_mode
+    )
     yield live
     live.stop()
 

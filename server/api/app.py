@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,7 +28,7 @@ from actserve.server.api.protocol import (
     TokenizeRequest,
 )
 from actserve.server.api.steering_routes import router as steering_router
-from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.engine.engine_client import EngineClient, EngineDeadError
 from actserve.server.version import __version__
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ServerState:
     """Engine slot filled once loading finishes (or the load error that prevented it)."""
 
     def __init__(self, api_key: str | None, max_waiting: int) -> None:
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
         self.api_key = api_key
         self.max_waiting = max_waiting
@@ -47,13 +47,13 @@ class ServerState:
         self.completions: CompletionHandler | None = None
         self.chat: ChatHandler | None = None
 
-    def set_engine(self, engine: AsyncEngine) -> None:
-        name = engine.engine.model_name
+    def set_engine(self, engine: EngineClient) -> None:
+        name = engine.model_name
         self.completions = CompletionHandler(engine, name)
         self.chat = ChatHandler(engine, name)
         self.engine = engine
 
-    def ready(self) -> AsyncEngine:
+    def ready(self) -> EngineClient:
         if self.engine is None:
             why = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
             raise APIError(503, why)
@@ -63,8 +63,8 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         engine = self.ready()
-        if model is not None and model != engine.engine.model_name:
-            served = engine.engine.model_name
+        if model is not None and model != engine.model_name:
+            served = engine.model_name
             raise APIError(
                 404,
                 f"model {model!r} does not exist; this server serves {served!r}",
@@ -74,7 +74,7 @@ class ServerState:
 
     def check_load(self) -> None:
         engine = self.ready()
-        if len(engine.engine.scheduler.waiting) >= self.max_waiting:
+        if engine.num_waiting() >= self.max_waiting:
             raise APIError(
                 429, f"server overloaded: {self.max_waiting} sequences already waiting; retry later"
             )
@@ -103,8 +103,8 @@ class APIKeyMiddleware:
 
 
 def create_app(
-    engine: AsyncEngine | None = None,
-    load: Callable[[], AsyncEngine] | None = None,
+    engine: EngineClient | None = None,
+    load: Callable[[], EngineClient] | None = None,
     api_key: str | None = None,
     max_waiting: int = 4096,
 ) -> FastAPI:
@@ -152,10 +152,14 @@ def create_app(
     async def metrics() -> Response:
         if state.engine is None:
             return Response(b"", media_type=CONTENT_TYPE_LATEST)
-        return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        try:
+            body = await state.engine.metrics_text()  # process mode: fetched from the engine process
+        except EngineDeadError:
+            return Response(b"", status_code=503, media_type=CONTENT_TYPE_LATEST)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict[str, Any]:
-        info = state.ready().engine.model_info
+        info = state.ready().model_info
         return {
             "id": info.name,
             "object": "model",
@@ -180,7 +184,7 @@ def create_app(
 
     @app.get("/v1/interventions")
     async def interventions() -> dict[str, Any]:
-        return {"object": "list", "data": state.ready().engine.registry.describe()}
+        return {"object": "list", "data": state.ready().describe_interventions()}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Any:
@@ -199,7 +203,7 @@ def create_app(
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         state.check_model(req.model)
-        eng = state.ready().engine
+        eng = state.ready()
         if req.messages is not None:
             ids = render_chat(eng.tokenizer, req.messages, req.add_generation_prompt)
         else:
@@ -209,7 +213,7 @@ def create_app(
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
         state.check_model(req.model)
-        eng = state.ready().engine
+        eng = state.ready()
         vocab = eng.model_info.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"tokens: ids must be in [0, {vocab - 1}]", "tokens")

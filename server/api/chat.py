@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,8 @@ from actserve.server.api.generation import (
     usage,
 )
 from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
-from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.api.sse import ChunkWriter
+from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.sequence import TokenLogprob
 
 
@@ -77,9 +77,9 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText, context: l
 
 
 class ChatHandler:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.token_text = TokenText(self.tokenizer)
 
     async def __call__(self, req: ChatCompletionRequest, raw: Request) -> Any:
@@ -93,7 +93,7 @@ class ChatHandler:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
         rid = new_id("chatcmpl")
-        pairs = build_sequences(self.engine, rid, [ids], params, req.interventions)
+        pairs = await build_sequences(self.engine, rid, [ids], params, req.interventions)
         if req.stream:
             return StreamingResponse(
                 self._stream(req, rid, [ids], pairs, raw), media_type="text/event-stream"
@@ -126,14 +126,10 @@ class ChatHandler:
         created, choices = now(), [c for c, _ in pairs]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choice_list: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {
-                "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                "choices": choice_list,
-            }  # fmt: skip
-            if include_usage:
-                body["usage"] = usage_body
-            return f"data: {json.dumps(body)}\n\n"
+        kind = "chat.completion.chunk"
+        envelope = {"id": rid, "object": kind, "created": created, "model": self.model_name}
+        writer = ChunkWriter(envelope, include_usage)
+        chunk = writer.chunk
 
         try:
             for c in choices:
@@ -144,17 +140,19 @@ class ChatHandler:
                 apply_output(c, out)
                 if not out.text and not out.finished:
                     continue  # text held back (a stop string may follow): its logprobs go with the next chunk
-                lp = None
-                if req.logprobs:
-                    before = lp_sent.get(c.index, 0)
-                    lp_sent[c.index] = len(c.logprobs)
-                    context = prompts[c.prompt_index] + c.token_ids[:before]
-                    lp = chat_logprobs(c.logprobs[before:], self.token_text, context)
+                finish = c.finish_reason if out.finished else None
+                stop = c.stop_reason if out.finished else None
+                if not req.logprobs:
+                    yield writer.delta(c.index, out.text, finish, stop)
+                    continue
+                before = lp_sent.get(c.index, 0)
+                lp_sent[c.index] = len(c.logprobs)
+                context = prompts[c.prompt_index] + c.token_ids[:before]
+                lp = chat_logprobs(c.logprobs[before:], self.token_text, context)
                 delta = {"content": out.text} if out.text else {}
                 yield chunk([{
                     "index": c.index, "delta": delta, "logprobs": lp,
-                    "finish_reason": c.finish_reason if out.finished else None,
-                    "stop_reason": c.stop_reason if out.finished else None,
+                    "finish_reason": finish, "stop_reason": stop,
                 }])  # fmt: skip
             if include_usage:
                 yield chunk([], usage(choices, prompts))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +20,8 @@ from actserve.server.api.generation import (
     usage,
 )
 from actserve.server.api.protocol import CompletionRequest
-from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.api.sse import ChunkWriter
+from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.sequence import TokenLogprob
 
 
@@ -72,9 +72,9 @@ def completion_logprobs(
 
 
 class CompletionHandler:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.token_text = TokenText(self.tokenizer)
 
     def _logprobs(
@@ -99,7 +99,7 @@ class CompletionHandler:
             raise APIError(400, "max_tokens: 0 is only allowed with echo=true (prompt scoring)", "max_tokens")
         params = req.sampling_params(req.max_tokens, req.logprobs, prompt_lp)
         rid = new_id("cmpl")
-        pairs = build_sequences(self.engine, rid, prompts, params, req.interventions)
+        pairs = await build_sequences(self.engine, rid, prompts, params, req.interventions)
         if req.stream:
             return StreamingResponse(
                 self._stream(req, rid, prompts, pairs, raw), media_type="text/event-stream"
@@ -135,14 +135,8 @@ class CompletionHandler:
         created, choices = now(), [c for c, _ in pairs]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choice_list: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {
-                "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": choice_list,
-            }  # fmt: skip
-            if include_usage:
-                body["usage"] = usage_body
-            return f"data: {json.dumps(body)}\n\n"
+        envelope = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        out_chunks = ChunkWriter(envelope, include_usage)
 
         sent_echo: set[int] = set()
         lp_offset: dict[int, int] = {}  # per choice: text length the token strings sent so far cover
@@ -166,13 +160,17 @@ class CompletionHandler:
                     lp_offset[c.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 if not text and not out.finished and not out.token_ids:
                     continue
-                yield chunk([{
+                finish = c.finish_reason if out.finished else None
+                stop = c.stop_reason if out.finished else None
+                if lp is None:
+                    yield out_chunks.text(c.index, text, finish, stop)
+                    continue
+                yield out_chunks.chunk([{
                     "index": c.index, "text": text, "logprobs": lp,
-                    "finish_reason": c.finish_reason if out.finished else None,
-                    "stop_reason": c.stop_reason if out.finished else None,
+                    "finish_reason": finish, "stop_reason": stop,
                 }])  # fmt: skip
             if include_usage:
-                yield chunk([], usage(choices, prompts))
+                yield out_chunks.chunk([], usage(choices, prompts))
         except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
             err = as_api_error(e)
             yield error_sse(err.status if err else 500, err.message if err else f"internal error: {e}")

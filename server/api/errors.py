@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actserve.interventions.base import InterventionCapacityError, InterventionError
-from actserve.server.engine.async_engine import EngineDeadError
+from actserve.server.engine.engine_client import EngineDeadError
 from actserve.server.engine.llm_engine import RequestRejected
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 
 from actserve.server.api.errors import APIError, as_api_error
-from actserve.server.engine.async_engine import AsyncEngine
+from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.llm_engine import SeqOutput
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence, TokenLogprob
@@ -40,18 +40,18 @@ class Choice:
     num_prompt_tokens: int = 0
 
 
-def build_sequences(
-    engine: AsyncEngine,
+async def build_sequences(
+    engine: EngineClient,
     request_id: str,
     prompts: list[list[int]],
     params: SamplingParams,
     interventions: dict[str, Any] | None,
 ) -> list[tuple[Choice, Sequence]]:
     """n sequences per prompt. Everything is validated before any intervention plan takes resources."""
-    eng = engine.engine
+    vocab = engine.model_info.vocab_size
     for i, ids in enumerate(prompts):
         try:
-            eng.check_fits(len(ids), params.max_tokens)
+            engine.check_fits(len(ids), params.max_tokens)
         except Exception as e:
             err = as_api_error(e)
             raise (
@@ -59,34 +59,46 @@ def build_sequences(
                 if len(prompts) == 1 or err is None
                 else APIError(400, f"prompt {i}: {err.message}", err.param)
             ) from None
-        bad = [t for t in ids if not 0 <= t < eng.model_info.vocab_size]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(
-                400,
-                f"prompt token ids must be in [0, {eng.model_info.vocab_size - 1}]; got {bad[0]}",
-                "prompt",
-            )
+            raise APIError(400, f"prompt token ids must be in [0, {vocab - 1}]; got {bad[0]}", "prompt")
+    count = len(prompts) * params.n
+    plans = await engine.prepare_interventions(interventions, count) if interventions else [{}] * count
     out: list[tuple[Choice, Sequence]] = []
-    try:
-        for i, ids in enumerate(prompts):
-            for j in range(params.n):
-                p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
-                plans = eng.registry.prepare(interventions)
-                seq = Sequence(
-                    f"{request_id}-{i}-{j}", list(ids), p, [], interventions=plans, count_prompt=j == 0
-                )
-                out.append((Choice(index=i * params.n + j, prompt_index=i), seq))
-    except Exception:
-        for _, seq in out:
-            eng.registry.release(seq.interventions)
-        raise
+    for i, ids in enumerate(prompts):
+        for j in range(params.n):
+            p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
+            k = i * params.n + j
+            seq = Sequence(
+                f"{request_id}-{i}-{j}", list(ids), p, [], interventions=dict(plans[k]), count_prompt=j == 0
+            )
+            out.append((Choice(index=k, prompt_index=i), seq))
     return out
 
 
+async def watch_disconnect(request: Request | None, on_disconnect: Callable[[], None]) -> None:
+    """Poll for a client that hung up (a non-streamed request has no other way to notice)."""
+    while request is not None:
+        await asyncio.sleep(0.25)
+        if await request.is_disconnected():
+            on_disconnect()
+            return
+
+
 async def run_choices(
-    engine: AsyncEngine, pairs: list[tuple[Choice, Sequence]], request: Request | None
+    engine: EngineClient, pairs: list[tuple[Choice, Sequence]], request: Request | None
 ) -> AsyncIterator[tuple[Choice, SeqOutput]]:
     """Merge the deltas of all choices as they arrive; stop everything if the client disconnects."""
+    if len(pairs) == 1:  # the common case: no task and queue hop per delta
+        choice, seq = pairs[0]
+        gone = asyncio.CancelledError("client disconnected")
+        watcher = asyncio.create_task(watch_disconnect(request, lambda: engine.interrupt(seq.seq_id, gone)))
+        try:
+            async for out in engine.generate(seq):
+                yield choice, out
+        finally:
+            watcher.cancel()
+        return
     queue: asyncio.Queue[tuple[Choice, SeqOutput] | BaseException | None] = asyncio.Queue()
 
     async def pump(choice: Choice, seq: Sequence) -> None:
@@ -98,15 +110,9 @@ async def run_choices(
             return
         await queue.put(None)
 
-    async def watch() -> None:
-        while request is not None:
-            await asyncio.sleep(0.25)
-            if await request.is_disconnected():
-                await queue.put(asyncio.CancelledError("client disconnected"))
-                return
-
     tasks = [asyncio.create_task(pump(c, s)) for c, s in pairs]
-    watcher = asyncio.create_task(watch())
+    stop = asyncio.CancelledError("client disconnected")
+    watcher = asyncio.create_task(watch_disconnect(request, lambda: queue.put_nowait(stop)))
     remaining = len(tasks)
     try:
         while remaining:

@@ -6,7 +6,8 @@
 - `application/octet-stream`: the bytes of a .safetensors or .gguf control-vector file (format told by
   its header, not its name), with `?name=` (else the name stored in the file) and `?replace=true`.
   Raw bytes rather than multipart, so curl's `--data-binary @file` works with no extra dependency.
-Bodies over 64 MiB get a 413. Parsing and file IO run in a worker thread, off the event loop.
+Bodies over 64 MiB get a 413. Parsing and file IO run off the event loop: in a worker thread, or in the
+engine process (process mode), which holds the library.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from actserve.interventions.steering.formats import VectorFormatError, read_vect
 from actserve.interventions.steering.library import LibraryError, StoredVector, VectorLibrary
 from actserve.server.api.errors import APIError
 from actserve.server.api.steering_train_route import train_route
+from actserve.server.engine.engine_client import EngineClient
 
 MAX_UPLOAD_BYTES = 64 * 2**20
 router = APIRouter(prefix="/v1/steering/vectors", tags=["steering"])
@@ -59,8 +61,8 @@ class CreateVector(BaseModel):
         return self
 
 
-def library(request: Request) -> VectorLibrary:
-    return request.app.state.actserve.ready().engine.vector_library
+def engine(request: Request) -> EngineClient:
+    return request.app.state.actserve.ready()
 
 
 def _api_error(e: Exception, file_param: str | None = None) -> APIError:
@@ -70,12 +72,25 @@ def _api_error(e: Exception, file_param: str | None = None) -> APIError:
     return APIError(e.status, str(e), e.param)
 
 
-async def _guarded(fn: Any, *args: Any) -> Any:
-    """Run a library/file operation in a worker thread; its errors become OpenAI-shaped 4xx."""
+async def _guarded(request: Request, fn: Any, *args: Any) -> Any:
+    """fn(library, *args) off the event loop (a worker thread, or the engine process that holds the
+    library); its errors become OpenAI-shaped 4xx."""
     try:
-        return await run_in_threadpool(fn, *args)
+        return await engine(request).library_call(fn, *args)
     except (LibraryError, VectorFormatError) as e:
         raise _api_error(e) from None
+
+
+def _summaries(lib: VectorLibrary) -> list[dict[str, Any]]:
+    return [v.summary() for v in lib.list()]
+
+
+def _get(lib: VectorLibrary, name: str) -> StoredVector:
+    return lib.get(name)
+
+
+def _delete(lib: VectorLibrary, name: str) -> StoredVector:
+    return lib.delete(name)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -117,14 +132,14 @@ def _create_from_file(lib: VectorLibrary, data: bytes, name: str | None, replace
 
 @router.get("")
 async def list_vectors(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [v.summary() for v in library(request).list()]}
+    return {"object": "list", "data": await _guarded(request, _summaries)}
 
 
 @router.get("/{name}")
 async def get_vector(
     request: Request, name: str, format: Literal["json", "safetensors", "gguf"] = "json"
 ) -> Any:
-    vec: StoredVector = await _guarded(library(request).get, name)
+    vec: StoredVector = await _guarded(request, _get, name)
     if format == "json":
         directions = {str(k): d.tolist() for k, d in sorted(vec.directions.items())}
         return {**vec.summary(), "directions": directions}
@@ -137,20 +152,19 @@ async def get_vector(
 
 @router.post("")
 async def create_vector(request: Request, name: str | None = None, replace: bool = False) -> dict[str, Any]:
-    lib = library(request)
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if kind == "application/octet-stream":
         data = await _read_body(request)
         if not data:
             raise APIError(400, "file: the request body is empty; send the bytes of a vector file", "file")
-        vec = await _guarded(_create_from_file, lib, data, name, replace)
+        vec = await _guarded(request, _create_from_file, data, name, replace)
     elif kind in ("application/json", ""):
         raw = await _read_body(request)
         try:
             body = CreateVector.model_validate_json(raw or b"null")
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
-        vec = await _guarded(_create_from_json, lib, body)
+        vec = await _guarded(request, _create_from_json, body)
     else:
         raise APIError(
             415,
@@ -162,5 +176,5 @@ async def create_vector(request: Request, name: str | None = None, replace: bool
 
 @router.delete("/{name}")
 async def delete_vector(request: Request, name: str) -> dict[str, Any]:
-    vec: StoredVector = await _guarded(library(request).delete, name)
+    vec: StoredVector = await _guarded(request, _delete, name)
     return {"object": "steering.vector.deleted", "name": vec.name, "deleted": True}

@@ -4,7 +4,8 @@ Body: `{"name", "positive": [...], "negative": [...]}` (paired by index unless `
 `{"name", "pairs": [{"positive", "negative"}, ...]}`, plus `layers` (list or null/"all"), `method`
 (`mean_diff` | `pca_diff`), `position` (`last` | `mean`), `replace`. At most `MAX_EXAMPLES` examples per
 side, each at most the model's max length. The forward passes run on the engine thread between steps
-(the model and its device state belong to it), so generation pauses while a vector trains.
+(the model and its device state belong to it; in process mode that is the engine process), so
+generation pauses while a vector trains.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.concurrency import run_in_threadpool
 
 from actserve.interventions.steering.library import LibraryError, StoredVector, VectorLibrary, check_name
 from actserve.interventions.steering.train import MAX_EXAMPLES, TrainedVector, TrainingError, train_vector
 from actserve.server.api.errors import APIError
+from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.llm_engine import LLMEngine
 
 Examples = list[str]
@@ -80,37 +81,42 @@ def _store(lib: VectorLibrary, body: TrainRequest, vec: TrainedVector) -> Stored
     return lib.add(lib.build(body.name, vec.directions, metadata=vec.metadata()), replace=body.replace)
 
 
+def _contains(lib: VectorLibrary, name: str) -> bool:
+    return name in lib
+
+
+def _train(eng: LLMEngine, body: TrainRequest, layers: list[int] | None) -> TrainedVector:
+    """Runs where the engine runs, between steps (module-level: it may be pickled to the engine process)."""
+    positive, negative = body.examples()
+    return train_vector(
+        eng.runner.model,
+        eng.tokenizer,
+        positive,
+        negative,
+        layers=layers,  # type: ignore[arg-type]
+        method=body.method,
+        position=body.position,
+        paired=body.paired,
+        max_tokens=eng.max_model_len,
+        progress=False,
+    )
+
+
 async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:
     """Train, store, and return the vector (summary, training statistics and directions)."""
-    engine = request.app.state.actserve.ready()
-    lib: VectorLibrary = engine.engine.vector_library
+    engine: EngineClient = request.app.state.actserve.ready()
     try:
         check_name(body.name)
     except LibraryError as e:
         raise APIError(e.status, str(e), e.param) from None
-    if body.name in lib and not body.replace:  # fail before the forward passes; add() checks again
+    if not body.replace and await engine.library_call(_contains, body.name):
+        # fail before the forward passes; add() checks again
         message = f"name: a vector named {body.name!r} already exists; delete it or pass replace=true"
         raise APIError(409, message, "name")
-    positive, negative = body.examples()
     layers = None if body.layers in (None, "all") else body.layers
-
-    def job(eng: LLMEngine) -> TrainedVector:
-        return train_vector(
-            eng.runner.model,
-            eng.tokenizer,
-            positive,
-            negative,
-            layers=layers,  # type: ignore[arg-type]
-            method=body.method,
-            position=body.position,
-            paired=body.paired,
-            max_tokens=eng.max_model_len,
-            progress=False,
-        )
-
     try:
-        vec = await engine.run_in_engine(job)
-        stored: StoredVector = await run_in_threadpool(_store, lib, body, vec)
+        vec: TrainedVector = await engine.run_in_engine(_train, body, layers)
+        stored: StoredVector = await engine.library_call(_store, body, vec)
     except TrainingError as e:
         raise _training_error(e, body) from None
     except LibraryError as e:

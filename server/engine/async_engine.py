@@ -1,41 +1,30 @@
-"""Runs `LLMEngine` on its own thread and hands each sequence's deltas to asyncio consumers.
+"""Thread mode: `LLMEngine` runs on its own thread of the API process (`--engine-process off`).
 
-The event loop never runs a forward pass, so `/health` and `/metrics` answer during a long prefill, and a
-consumer that goes away (client disconnect) aborts its sequences, which frees their KV blocks.
+The event loop never runs a forward pass, so `/health` and `/metrics` answer during a long prefill. Simple
+and cheap to start (tests, CPU); the engine's host-side Python shares the GIL with HTTP work, which is why
+GPU serving uses `ProcessEngine` instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
+from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
+
 from actserve.server.engine.config import EngineConfig
-from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
+from actserve.server.engine.engine_client import EngineClient, EngineDeadError, merge_outputs
+from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def merge_outputs(a: SeqOutput, b: SeqOutput) -> SeqOutput:
-    """Two consecutive deltas of one sequence as one (b's state is the later one)."""
-    return dataclasses.replace(
-        b,
-        text=a.text + b.text,
-        token_ids=a.token_ids + b.token_ids,
-        logprobs=a.logprobs + b.logprobs,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-    )
-
-
-def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+__all__ = ["AsyncEngine", "EngineDeadError", "make_engine", "merge_outputs"]
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -47,18 +36,37 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an unexpected error; the server reports 503 from then on."""
+def use_engine_process(config: EngineConfig) -> bool:
+    """auto: a process on CUDA (the engine's host work and HTTP work then use different cores), a thread
+    on CPU (where the forward pass is the bottleneck and a spawned process costs seconds to start)."""
+    if config.engine_process != "auto":
+        return config.engine_process == "on"
+    if config.device != "auto":
+        return config.device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
 
 
-class AsyncEngine:
+def make_engine(config: EngineConfig) -> EngineClient:
+    """The engine for `actserve serve`: in its own process or on a thread, per `config.engine_process`."""
+    if use_engine_process(config):
+        from actserve.server.engine.process_engine import ProcessEngine
+
+        return ProcessEngine(config)
+    return AsyncEngine.from_config(config)
+
+
+class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
         self.engine = engine
+        self.model_name = engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.model_info = engine.model_info
+        self.max_model_len = engine.max_model_len
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[SeqOutput | Exception]]] = {}
-        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="actserve-engine", daemon=True)
         self._thread.start()
 
@@ -67,46 +75,44 @@ class AsyncEngine:
         return cls(LLMEngine(config))
 
     # -- event-loop side ------------------------------------------------------------------------------
-    async def generate(self, seq: Sequence) -> AsyncIterator[SeqOutput]:
-        """Yield deltas until the sequence finishes; closing the iterator early aborts it."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine stopped: {self.error}")
-        self.engine.check_fits(seq.prompt_len, seq.params.max_tokens)  # raise before queueing
-        q: asyncio.Queue[SeqOutput | Exception] = asyncio.Queue()
-        with self._lock:
-            self._streams[seq.seq_id] = (asyncio.get_running_loop(), q)
+    def _submit(self, seq: Sequence) -> None:
         self._commands.put(("add", seq))
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                while isinstance(item, SeqOutput) and not item.finished and not q.empty():
-                    # the consumer fell behind (many streams): hand over the backlog as one delta
-                    nxt = q.get_nowait()
-                    item = merge_outputs(item, nxt) if isinstance(nxt, SeqOutput) else nxt
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(seq.seq_id, None)
-            if not finished:
-                self._commands.put(("abort", seq.seq_id))
-
-    async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run fn(engine) on the engine thread between steps (it owns the model and device state)."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine stopped: {self.error}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._commands.put(("call", (fn, loop, future)))
-        return await future
 
     def abort(self, seq_id: str) -> None:
         self._commands.put(("abort", seq_id))
+
+    async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._commands.put(("call", (fn, args, loop, future)))
+        return await future
+
+    async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(fn, self.engine.vector_library, *args)
+
+    async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
+        plans: list[dict[str, Any]] = []
+        try:
+            for _ in range(count):
+                plans.append(self.engine.registry.prepare(spec))
+        except Exception:
+            for p in plans:
+                self.engine.registry.release(p)
+            raise
+        return plans
+
+    def release_interventions(self, plans: dict[str, Any]) -> None:
+        self.engine.registry.release(plans)
+
+    def describe_interventions(self) -> list[dict[str, Any]]:
+        return self.engine.registry.describe()
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.engine.metrics.registry)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -114,24 +120,6 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # -- engine-thread side ---------------------------------------------------------------------------
-    def _deliver(self, out: SeqOutput | Exception, seq_id: str) -> None:
-        with self._lock:
-            target = self._streams.get(seq_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out)
-
-    def _deliver_many(self, outs: list[SeqOutput]) -> None:
-        """One wake-up per event loop per step, not one per sequence (64 streams -> 1 callback)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
-        with self._lock:
-            for out in outs:
-                target = self._streams.get(out.seq_id)
-                if target is not None:
-                    by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
-
     def _drain(self, block: bool) -> None:
         try:
             cmd, arg = self._commands.get(block=block, timeout=0.5 if block else None)
@@ -153,10 +141,14 @@ class AsyncEngine:
                 return
 
     def _call(
-        self, fn: Callable[[LLMEngine], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future,
     ) -> None:
         try:
-            result = fn(self.engine)
+            result = fn(self.engine, *args)
         except Exception as e:  # noqa: BLE001 - handed to the caller
             loop.call_soon_threadsafe(_settle, future, None, e)
         else:
@@ -172,8 +164,12 @@ class AsyncEngine:
                 self._deliver_many(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - tell every waiter, then stop
             log.exception("engine loop failed")
-            self.error = e
-            with self._lock:
-                ids = list(self._streams)
-            for seq_id in ids:
-                self._deliver(EngineDeadError(f"engine stopped: {e}"), seq_id)
+            self._fail_all(e)
+            while True:  # calls queued behind the failure get the error too, not a hang
+                try:
+                    cmd, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    return
+                if cmd == "call":
+                    dead = EngineDeadError(f"engine stopped: {e}")
+                    arg[2].call_soon_threadsafe(_settle, arg[3], None, dead)

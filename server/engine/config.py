@@ -26,3 +26,4 @@ class EngineConfig:
     seed: int = 0
     steering_vectors_dir: str | None = None  # named steering vectors: preloaded, and new ones saved here
     cot_compression: str | None = None  # ASC artifact (`actserve cot build`): enables cot_compression
+    engine_process: str = "auto"  # "on": engine core in its own process; "off": a thread; auto: on for CUDA

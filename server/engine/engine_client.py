@@ -1,0 +1,190 @@
+"""What the API layer needs from an engine, whichever way it runs (a thread of this process or its own
+process): model facts kept locally, per-request output streams, and calls executed by the engine.
+
+The stream side lives here once: the engine (thread or IPC reader) hands each step's deltas over in one
+batch per event loop, `generate` merges a consumer's backlog into one delta, and a consumer that goes
+away (client disconnect) aborts its sequence, which frees its KV blocks in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pickle
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
+from actserve.server.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from actserve.server.models.loader import ModelInfo
+
+T = TypeVar("T")
+Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[SeqOutput | BaseException]"]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped on an unexpected error (or its process died); the server reports 503."""
+
+
+def merge_outputs(a: SeqOutput, b: SeqOutput) -> SeqOutput:
+    """Two consecutive deltas of one sequence as one (b's state is the later one)."""
+    return dataclasses.replace(
+        b,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+    )
+
+
+def pack_error(e: BaseException) -> tuple[Any, ...]:
+    """An exception in a form that survives pickling. Many of ours take (message, param) in __init__,
+    which plain exception pickling cannot rebuild, so the class, args and attributes travel apart."""
+    packed = (type(e), e.args, dict(vars(e)), f"{type(e).__name__}: {e}")
+    try:
+        pickle.dumps(packed)
+    except Exception:  # noqa: BLE001 - an unpicklable attribute: keep the text only
+        return (RuntimeError, (packed[3],), {}, packed[3])
+    return packed
+
+
+def unpack_error(packed: tuple[Any, ...]) -> BaseException:
+    cls, args, attrs, text = packed
+    try:
+        e = cls.__new__(cls)
+        e.args = args
+        e.__dict__.update(attrs)
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt this way
+        return RuntimeError(text)
+    return e
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def library_call_in_engine(eng: LLMEngine, fn: Callable[..., T], *args: Any) -> T:
+    """Run a vector-library function where the library lives (the engine process, in process mode)."""
+    return fn(eng.vector_library, *args)
+
+
+class EngineClient:
+    """Base of `AsyncEngine` (engine thread) and `ProcessEngine` (engine process)."""
+
+    model_name: str
+    tokenizer: Any
+    model_info: ModelInfo
+    max_model_len: int
+
+    def __init__(self) -> None:
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    # -- what subclasses provide ---------------------------------------------------------------------
+    def _submit(self, seq: Sequence) -> None:
+        raise NotImplementedError
+
+    def abort(self, seq_id: str) -> None:
+        raise NotImplementedError
+
+    async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(engine, *args) where the engine runs, between steps (it owns the model and device state).
+        In process mode fn and args are pickled: pass a module-level function."""
+        raise NotImplementedError
+
+    async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(vector_library, *args) off the event loop (module-level fn: it may run in the engine
+        process)."""
+        raise NotImplementedError
+
+    async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
+        """`count` plans for one request's `interventions` (one per sequence); raises its 400/503 errors."""
+        raise NotImplementedError
+
+    def release_interventions(self, plans: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def describe_interventions(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def num_waiting(self) -> int:
+        raise NotImplementedError
+
+    async def metrics_text(self) -> bytes:
+        """The engine's Prometheus exposition (names of DESIGN.md §6)."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The engine's own check (it reads only `max_model_len`), run here so errors precede queueing."""
+        return LLMEngine.check_fits(self, prompt_len, max_tokens)  # type: ignore[arg-type]
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error}")
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[SeqOutput]:
+        """Yield deltas until the sequence finishes; closing the iterator early aborts it."""
+        self._check_alive()
+        self.check_fits(seq.prompt_len, seq.params.max_tokens)  # raise before queueing
+        q: asyncio.Queue[SeqOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            self._streams[seq.seq_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            self._submit(seq)
+            while True:
+                item = await q.get()
+                while isinstance(item, SeqOutput) and not item.finished and not q.empty():
+                    # the consumer fell behind (many streams): hand over the backlog as one delta
+                    nxt = q.get_nowait()
+                    item = merge_outputs(item, nxt) if isinstance(nxt, SeqOutput) else nxt
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(seq.seq_id, None)
+            if not finished and self.error is None:
+                self.abort(seq.seq_id)
+
+    def interrupt(self, seq_id: str, error: BaseException) -> None:
+        """End a stream from outside: its consumer raises `error` (e.g. the client disconnected)."""
+        self._deliver(error, seq_id)
+
+    def _deliver(self, out: SeqOutput | BaseException, seq_id: str) -> None:
+        with self._lock:
+            target = self._streams.get(seq_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _deliver_many(self, outs: list[SeqOutput]) -> None:
+        """One wake-up per event loop per step, not one per sequence (64 streams -> 1 callback)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
+        with self._lock:
+            for out in outs:
+                target = self._streams.get(out.seq_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine is gone: every waiting stream gets EngineDeadError."""
+        self.error = error
+        with self._lock:
+            ids = list(self._streams)
+        for seq_id in ids:
+            self._deliver(EngineDeadError(f"engine stopped: {error}"), seq_id)
