@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,3 +47,13 @@ def capture_logits() -> Iterator[dict[str, list[torch.Tensor]]]:
         yield seen
     finally:
         model_runner.launch_sampling = original
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `cond` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import LiveServer, start_server
+from tests.engine_utils import wait_for
 
 MODEL = "tinystories-656k"
 HISTOGRAMS = [
@@ -65,15 +65,6 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     ]
     assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
     return found[0]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.fixture(scope="module")

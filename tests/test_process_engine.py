@@ -26,7 +26,7 @@ from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.process_engine import ProcessEngine
 from actserve.server.engine.sequence import Sequence
 from tests.conftest import LiveServer, start_server
-from tests.engine_utils import greedy
+from tests.engine_utils import greedy, wait_for
 
 MODEL = "tinystories-656k"
 PROMPTS = ["Once upon a time", "The little dog", "Tom had a big red ball. He", "Lily saw a bird"]
@@ -45,15 +45,6 @@ def engine_state(eng: LLMEngine) -> tuple[int, int, int]:
 
 def raise_training_error(eng: LLMEngine, message: str) -> None:
     raise TrainingError(message, "positive[2]")
-
-
-def wait_for(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 @pytest.fixture(scope="module")
