@@ -8,12 +8,18 @@ requests through the engine, for every (layer, ε) swept. Per configuration: mea
 the reduction against unsteered, median, answers that hit the cap (mostly loops), accuracy (the final
 number parsed from the answer equals the problem's), and the per-token KL actually measured on the
 held-out problems at that γ (teacher-forced along the whole unsteered answers), beside the budget. The
-headline configuration was chosen beforehand on training questions (dev split, see DEV_NOTE), not on
-these held-out results; every swept configuration is reported.
+headline configuration is chosen by a fixed rule from a dev-split run on training questions (`--split dev`,
+`--dev-result`, see DEV_NOTE), never from these held-out results; every swept configuration is reported.
 
-    python bench/cot_compression_eval.py [--sweep "15:0.02,0.05,0.1 12:0.05 18:0.05"] [--problems 60]
-Writes bench/results/cot_compression.json and prints the table last. CPU float32; about 10-15 minutes on
-2 cores.
+    python bench/cot_compression_eval.py [--sweep "15:0.1,0.3 solution_mean@15:0.3"] [--problems 60]
+    python bench/cot_compression_eval.py --split dev --out /tmp/dev.json --sweep "..."  # dev split first
+    python bench/cot_compression_eval.py --dev-result /tmp/dev.json   # held-out; headline from the dev run
+A sweep entry is [POSITION@]LAYER:BUDGETS; POSITION is where the pairs' residuals are read when building
+the direction: "last" (end-of-turn token, ASC's choice, the default) or "solution_mean" (averaged over the
+solution tokens). `--split dev` runs the same measurement on training questions 16-63 instead of the
+held-out problems (their pairs built the vector, their answers are never part of the held-out figures).
+Writes bench/results/cot_compression.json and prints the table last. CPU float32; the default sweep
+takes 15-40 minutes on 2 cores (timings_s in the JSON).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from typing import Any
 import torch
 
 from actserve.interventions.cot_compression.build import (
+    READ_POSITIONS,
+    LayerDirection,
+    ReadPosition,
     asc_directions,
     build_artifact,
     calibration_set,
@@ -45,25 +54,53 @@ from actserve.server.models.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "cot_compression.json"
-HEADLINE = (15, 0.05)  # (layer, kl_budget), chosen on the dev split before this evaluation
 DEV_NOTE = (
-    "Chosen before this run on a dev split: training questions 16-63 (48 problems; their solutions were "
-    "among the 120 pairs, their answers never scored here), same engine and cap, γ from the second-order "
-    "estimate. Unsteered mean 157.8 tokens. At kl_budget 0.05: layer 9 +10.7%, 12 -0.5%, 13 +1.6%, "
-    "15 -31.6%, 17 -14.5%; layer 15 at 0.015 / 0.03 / 0.08 / 0.12: -22.3 / -19.3 / -31.7 / -34.8%. "
-    "Headline = the smallest budget at the best layer that reached -30% there."
+    "The headline is not picked by hand: with --dev-result DEV.json (the JSON written by `--split dev`: "
+    "the same sweep code run on training questions 16-63, whose pairs built the vector, calibration on "
+    "training questions 0-15, never a held-out problem), it is the swept configuration that, ON THE DEV "
+    "SPLIT, reached >= 30% shorter with its measured KL within budget at the smallest KL budget (ties: the "
+    "larger dev reduction); if none did, the one with the largest dev reduction within budget. The dev "
+    "rows are copied into this file under 'dev'. Without --dev-result there is no headline."
 )
-DEFAULT_SWEEP = "15:0.02,0.05,0.1,0.2 12:0.05 18:0.05"
+DEFAULT_SWEEP = "15:0.1,0.3,0.5 solution_mean@15:0.3,0.5"
 CALIB_PROMPTS, CALIB_TOKENS = 16, 256  # as served: KL per token grows along a steered continuation
 
 
-def sweep(value: str) -> dict[int, list[float]]:
-    """Parse "15:0.02,0.05 12:0.05" into {15: [0.02, 0.05], 12: [0.05]} (layer: KL budgets)."""
-    out: dict[int, list[float]] = {}
+Config = tuple[ReadPosition, int]  # (read-out position of the direction, layer)
+
+
+def sweep(value: str) -> dict[Config, list[float]]:
+    """Parse "15:0.02,0.05 solution_mean@12:0.05" into {("last", 15): [0.02, 0.05],
+    ("solution_mean", 12): [0.05]} ((position, layer): KL budgets; position "last" unless given)."""
+    out: dict[Config, list[float]] = {}
     for part in value.split():
-        layer, budgets = part.split(":")
-        out[int(layer)] = [float(b) for b in budgets.split(",")]
+        head, budgets = part.split(":")
+        position, _, layer = head.rpartition("@")
+        position = position or "last"
+        if position not in READ_POSITIONS:
+            raise argparse.ArgumentTypeError(f"position must be one of {READ_POSITIONS}, got {position!r}")
+        out[(position, int(layer))] = [float(b) for b in budgets.split(",")]  # type: ignore[index]
     return out
+
+
+def label(config: Config) -> str:
+    return f"L{config[1]}" + ("" if config[0] == "last" else f" {config[0]}")
+
+
+def choose_headline(
+    dev_rows: list[dict[str, Any]], swept: set[tuple[str, int, float]]
+) -> tuple[str, int, float] | None:
+    """The DEV_NOTE rule, applied to the rows of a `--split dev` result, among configurations swept here."""
+    ok = [
+        r for r in dev_rows if (r["position"], r["layer"], r["kl_budget"]) in swept and r["kl_within_budget"]
+    ]
+    hits = [r for r in ok if r["reduction_pct"] >= 30]
+    best = (
+        min(hits, key=lambda r: (r["kl_budget"], -r["reduction_pct"]))
+        if hits
+        else max(ok, key=lambda r: r["reduction_pct"], default=None)
+    )
+    return None if best is None else (best["position"], best["layer"], best["kl_budget"])
 
 
 def summarize(outs: list[list[int]], answers: list[int], tok: Any, cap: int) -> dict[str, Any]:
@@ -83,9 +120,11 @@ def summarize(outs: list[list[int]], answers: list[int], tok: Any, cap: int) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", type=sweep, default=sweep(DEFAULT_SWEEP), help=f'default "{DEFAULT_SWEEP}"')
-    ap.add_argument("--problems", type=int, default=60, help="held-out problems (>= 50)")
+    ap.add_argument("--split", choices=["heldout", "dev"], default="heldout", help="problems to answer")
+    ap.add_argument("--problems", type=int, default=None, help="held-out: 60 (>= 50); dev: 48")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--dev-result", type=Path, default=None, help="a --split dev JSON: picks the headline")
     args = ap.parse_args()
     t0 = time.monotonic()
     torch.manual_seed(0)
@@ -96,20 +135,28 @@ def main() -> int:
         )
     )  # fmt: skip
     tok, model, info = engine.tokenizer, engine.runner.model, engine.model_info
-    train, held = train_problems(120), heldout_problems(args.problems)
+    train = train_problems(120)
+    if args.split == "dev":  # questions after the calibration ones; never the held-out problems
+        held = train[CALIB_PROMPTS : CALIB_PROMPTS + (args.problems or 48)]
+    else:
+        held = heldout_problems(args.problems or 60)
     timings: dict[str, float] = {}
 
     t = time.monotonic()
-    layers = list(args.sweep)
-    dirs = asc_directions(model, tok, train, layers, progress=False)
+    configs: list[Config] = list(args.sweep)
+    dirs: dict[Config, LayerDirection] = {}
+    for position in dict.fromkeys(c[0] for c in configs):  # one pass per position for all its layers
+        layers = [c[1] for c in configs if c[0] == position]
+        got = asc_directions(model, tok, train, layers, progress=False, position=position)
+        dirs.update({(position, layer): got[layer] for layer in layers})
     timings["directions"] = time.monotonic() - t
     t = time.monotonic()
     calib = calibration_set(engine, train[:CALIB_PROMPTS], CALIB_TOKENS)
     arts = {
-        layer: build_artifact(
-            engine, layer, train=train, direction_=dirs[layer], calib=calib, budgets=tuple(args.sweep[layer])
+        c: build_artifact(
+            engine, c[1], train=train, direction_=dirs[c], calib=calib, budgets=tuple(args.sweep[c])
         )
-        for layer in layers
+        for c in configs
     }
     timings["calibration"] = time.monotonic() - t
 
@@ -119,49 +166,71 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     base: list[list[int]] = []
     t = time.monotonic()
-    for i, layer in enumerate(layers):
-        engine.registry.context[ASC_KEY] = arts[layer]  # swapped between runs, never while one is in flight
+    for i, c in enumerate(configs):
+        engine.registry.context[ASC_KEY] = arts[c]  # swapped between runs, never while one is in flight
         specs: list[dict[str, Any] | None] = [None] * n if i == 0 else []
-        specs += [{"cot_compression": {"kl_budget": b}} for b in args.sweep[layer] for _ in range(n)]
-        outs = generate(engine, prompts * (len(specs) // n), args.max_tokens, specs, tag=f"L{layer}-")
+        specs += [{"cot_compression": {"kl_budget": b}} for b in args.sweep[c] for _ in range(n)]
+        outs = generate(engine, prompts * (len(specs) // n), args.max_tokens, specs, tag=f"{label(c)}-")
         if i == 0:
             base, outs = outs[:n], outs[n:]
-            rows.append({"config": "unsteered", "layer": None, "kl_budget": None, "gamma": 0.0,
-                         **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
+            rows.append({"config": "unsteered", "position": None, "layer": None, "kl_budget": None,
+                         "gamma": 0.0, **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
         along = [Continuation(p, o) for p, o in zip(prompts, base, strict=True)]
-        meter = KLMeter(model, info, arts[layer], along, cache_bytes=3 << 30)
-        for k, b in enumerate(args.sweep[layer]):
-            gamma = arts[layer].gamma_for(b)
+        meter = KLMeter(model, info, arts[c], along, cache_bytes=3 << 30)
+        for k, b in enumerate(args.sweep[c]):
+            gamma = arts[c].gamma_for(b)
             rows.append({
-                "config": f"L{layer} kl_budget={b}", "layer": layer, "kl_budget": b, "gamma": gamma,
-                "kl_heldout": meter.kl(gamma),
+                "config": f"{label(c)} kl_budget={b}", "position": c[0], "layer": c[1], "kl_budget": b,
+                "gamma": gamma, "kl_measured": meter.kl(gamma),
                 **summarize(outs[k * n : (k + 1) * n], answers, tok, args.max_tokens),
             })  # fmt: skip
     timings["generation_and_kl"] = time.monotonic() - t
     base_mean = rows[0]["mean_tokens"]
     for r in rows:
         r["reduction_pct"] = 100 * (1 - r["mean_tokens"] / base_mean)
-        r["kl_within_budget"] = None if r["kl_budget"] is None else r["kl_heldout"] <= r["kl_budget"]
-    head = next((r for r in rows if (r["layer"], r["kl_budget"]) == HEADLINE), None)
+        r["kl_within_budget"] = None if r["kl_budget"] is None else r["kl_measured"] <= r["kl_budget"]
+    dev = None  # read now, at the end (a dev run may finish while this one runs); missing: no headline
+    if args.dev_result and args.dev_result.exists():
+        dev = json.loads(args.dev_result.read_text())
+    elif args.dev_result:
+        print(f"warning: {args.dev_result} not found; no headline", file=sys.stderr)
+    swept = {(r["position"], r["layer"], r["kl_budget"]) for r in rows[1:]}
+    headline = choose_headline(dev["rows"], swept) if dev and dev.get("split") == "dev" else None
+    head = next((r for r in rows if (r["position"], r["layer"], r["kl_budget"]) == headline), None)
     timings["total"] = time.monotonic() - t0
     result = {
         "model": "SmolLM2-135M-Instruct (embedded default, float32, CPU)",
         "command": shlex.join(["python", "bench/cot_compression_eval.py", *sys.argv[1:]]),
-        "held_out_problems": n,
+        "split": args.split,
+        "problems": n,
         "max_tokens": args.max_tokens,
         "train_pairs": len(train),
         "calibration": {"prompts": CALIB_PROMPTS, "max_tokens": CALIB_TOKENS},
-        "headline": HEADLINE,
+        "kl_measured": f"per-token KL at the row's gamma, teacher-forced along the unsteered answers to the "
+        f"{args.split} problems (the calibration used training questions 0-{CALIB_PROMPTS - 1})",
+        "accuracy": "final number parsed from the answer (after 'answer is'/'Answer:'/'####', else the last "
+        "number) equals the problem's; answered = a number was found",
+        "headline": None
+        if headline is None
+        else {"position": headline[0], "layer": headline[1], "kl_budget": headline[2]},
         "dev_note": DEV_NOTE,
+        "headline_row": head,
         "target_met": None
         if head is None
         else bool(head["reduction_pct"] >= 30 and head["kl_within_budget"]),
-        "directions": {str(k): v.stats for k, v in dirs.items()},
+        "directions": {label(c): {"position": c[0], "layer": c[1], **d.stats} for c, d in dirs.items()},
         "artifacts": {
-            str(k): {"gammas": a.gammas, "kls": a.kls, "vFv": a.info["calibration"]["vFv"]}
-            for k, a in arts.items()
+            label(c): {"gammas": a.gammas, "kls": a.kls, "vFv": a.info["calibration"]["vFv"]}
+            for c, a in arts.items()
         },
         "rows": rows,
+        "dev": None
+        if dev is None
+        else {
+            "command": dev["command"],
+            "problems": dev["problems"],
+            "rows": [{k: v for k, v in r.items() if k != "samples"} for r in dev["rows"]],
+        },
         "timings_s": timings,
         "platform": {
             "python": platform.python_version(),
@@ -171,13 +240,14 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"\nheld-out problems: {n}, cap {args.max_tokens} tokens, total {timings['total']:.0f} s")
-    print(f"{'config':<24}{'gamma':>7}{'KL held-out':>13}{'mean tok':>10}{'reduction':>11}{'median':>8}"
-          f"{'at cap':>8}{'accuracy':>10}")  # fmt: skip
+    print(f"\n{args.split} problems: {n}, cap {args.max_tokens} tokens, total {timings['total']:.0f} s")
+    print(f"{'config':<36}{'gamma':>7}{'KL measured':>14}{'mean tok':>10}{'reduction':>11}{'median':>8}"
+          f"{'at cap':>8}{'accuracy':>10}{'answered':>10}")  # fmt: skip
     for r in rows:
-        kl = "" if r["kl_budget"] is None else f"{r['kl_heldout']:.4f}/{r['kl_budget']:g}"
-        print(f"{r['config']:<24}{r['gamma']:>7.3f}{kl:>13}{r['mean_tokens']:>10.1f}{r['reduction_pct']:>10.1f}%"
-              f"{r['median_tokens']:>8.0f}{r['hit_cap']:>8}{r['accuracy']:>10.1%}")  # fmt: skip
+        kl = "" if r["kl_budget"] is None else f"{r['kl_measured']:.4f}/{r['kl_budget']:g}"
+        print(f"{r['config']:<36}{r['gamma']:>7.3f}{kl:>14}{r['mean_tokens']:>10.1f}"
+              f"{r['reduction_pct']:>10.1f}%{r['median_tokens']:>8.0f}{r['hit_cap']:>8}"
+              f"{r['accuracy']:>10.1%}{r['answered']:>10.1%}")  # fmt: skip
     return 0
 
 

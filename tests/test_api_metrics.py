@@ -175,7 +175,9 @@ def test_intervention_counter(url: str, client: OpenAI) -> None:
 
 
 def test_client_disconnect_aborts_while_others_complete(url: str, client: OpenAI) -> None:
-    other = {"model": MODEL, "prompt": "Tom had a big red ball. He", "max_tokens": 120, "temperature": 0,
+    # long enough to still be running when the scrape below looks (in process mode a scrape is an RPC
+    # to the engine core, so on a loaded machine 120 tokens could finish before it was ever seen)
+    other = {"model": MODEL, "prompt": "Tom had a big red ball. He", "max_tokens": 400, "temperature": 0,
              "ignore_eos": True}  # fmt: skip
     solo = httpx.post(f"{url}/v1/completions", json=other, timeout=60).json()["choices"][0]["text"]
     aborts0 = value(scrape(url), "actserve_request_success_total", finished_reason="abort")

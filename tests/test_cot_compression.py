@@ -20,7 +20,12 @@ from actserve.interventions.cot_compression.artifact import (
     load_artifact,
     save_artifact,
 )
-from actserve.interventions.cot_compression.build import asc_directions, prompt_ids, solution_ids
+from actserve.interventions.cot_compression.build import (
+    asc_directions,
+    common_prefix,
+    prompt_ids,
+    solution_ids,
+)
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
 from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
 from actserve.interventions.cot_compression.problems import (
@@ -156,6 +161,47 @@ def test_direction_layer_and_sign_match_transformers(plain: LLMEngine, ref: Any,
     assert got[0].stats["pair_accuracy"] > 0.5  # concise texts project higher along +d
 
 
+def test_solution_mean_direction_matches_transformers(plain: LLMEngine, ref: Any, tok: Any) -> None:
+    """The "solution_mean" build option: per text, model.layers[L]'s output averaged over the tokens after
+    the prompt (computed here token by token from one transformers forward each), concise − verbose."""
+    probs = train_problems()[20:30]
+    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False, position="solution_mean")
+    last = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    for layer in (0, 1):
+        means: dict[str, list[torch.Tensor]] = {"concise": [], "verbose": []}
+        for p in probs:
+            prompt = prompt_ids(tok, p.question)
+            for style, text in (("concise", p.concise()), ("verbose", p.verbose())):
+                ids = solution_ids(tok, p.question, text)
+                k = common_prefix(ids, prompt)
+                assert 0 < k < len(ids) and ids[:k] == prompt[:k]
+                seen: list[torch.Tensor] = []
+                handle = ref.model.layers[layer].register_forward_hook(
+                    lambda _m, _i, out, seen=seen: seen.append(out[0] if isinstance(out, tuple) else out)
+                )
+                with torch.no_grad():
+                    ref(torch.tensor([ids]))
+                handle.remove()
+                means[style].append(seen[0][0, k:].double().mean(0))
+        want = torch.stack(means["concise"]).mean(0) - torch.stack(means["verbose"]).mean(0)
+        d = got[layer].direction.double()
+        assert got[layer].position == "solution_mean"
+        assert (d - want).abs().max() < 1e-4 * want.abs().max(), f"layer {layer}"
+        assert torch.nn.functional.cosine_similarity(d, want, dim=0) > 0.9999  # the sign
+        assert (d - last[layer].direction.double()).norm() > 0.1 * d.norm()  # the option changes something
+    with pytest.raises(ValueError, match="position"):
+        asc_directions(plain.runner.model, tok, probs, [0], position="first")  # type: ignore[arg-type]
+
+
+def test_common_prefix_random() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        a = torch.randint(0, 3, (int(torch.randint(0, 8, (1,), generator=g)),), generator=g).tolist()
+        b = torch.randint(0, 3, (int(torch.randint(0, 8, (1,), generator=g)),), generator=g).tolist()
+        want = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == want
+
+
 def hf_generate(ref: Any, prompt: list[int], layer: int, add: torch.Tensor | None) -> tuple[list[int], list]:
     """Greedy transformers decode; `add` is added to model.layers[layer]'s output at generated tokens
     (decode forwards: one new token each; the prefill forward holds the prompt)."""
@@ -205,6 +251,35 @@ def test_equals_steering_request(eng: LLMEngine, art: AscArtifact, prompts: list
     assert a == b
     for i in range(3):
         assert all(torch.equal(x, y) for x, y in zip(seen[f"c{i}"], seen[f"s{i}"], strict=True))
+
+
+def test_shares_the_steering_table_with_steering_requests(
+    eng: LLMEngine, art: AscArtifact, prompts: list[list[int]]
+) -> None:
+    """A request carrying steering and CoT compression = one steering request with both vectors (the
+    CoT direction takes the next column of its row), beside a CoT-only and a steering-only neighbour."""
+    gamma, hidden = 2.5, eng.model_info.hidden_size
+    other = (torch.randn(hidden, generator=torch.Generator().manual_seed(5)) * 3).tolist()
+    mine = {"directions": {"1": other}, "scale": 1.5}
+    asc = {"directions": {str(art.layer): art.direction.tolist()}, "scale": gamma, "phases": ["generation"]}
+    both = {"steering": {"vectors": [mine]}, **cot(strength=gamma)}
+    as_one = {"steering": {"vectors": [mine, asc]}}
+    with capture_logits() as seen:
+        a = run(
+            eng, prompts, greedy(STEPS), [both, cot(strength=gamma), {"steering": {"vectors": [mine]}}], "b"
+        )
+        b = run(
+            eng,
+            prompts,
+            greedy(STEPS),
+            [as_one, {"steering": {"vectors": [asc]}}, {"steering": {"vectors": [mine]}}],
+            "o",
+        )
+    assert a == b
+    for i in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(seen[f"b{i}"], seen[f"o{i}"], strict=True))
+    shared = eng.registry.plugins["cot_compression"]._slot()[0]  # type: ignore[attr-defined]
+    assert shared is eng.registry.plugins["steering"]
 
 
 def test_strength_zero_is_bit_identical(eng: LLMEngine, prompts: list[list[int]]) -> None:
@@ -293,7 +368,7 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path)
     save_artifact(art, path)
     back = load_artifact(path)
     assert torch.equal(back.direction, art.direction) and (back.gammas, back.kls) == (art.gammas, art.kls)
-    assert back.layer == LAYER and back.info["pairs"] == 100
+    assert back.layer == LAYER and back.info["pairs"] == 100 and back.info["position"] == "last"
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError):
         load_artifact(tmp_path / "junk.safetensors")

@@ -7,7 +7,10 @@
 2. Direction at layer L = mean over pairs of (concise − verbose) last-token residuals, read with
    `collect_residuals` at the output of decoder layer L (= transformers' `hidden_states[L+1]`; NOT
    `hidden_states[L]`, the input of layer L: the public ASC code's off-by-one), and ADDED when serving
-   (h + γ·v with γ > 0 compresses; the public code subtracts it: its sign trap).
+   (h + γ·v with γ > 0 compresses; the public code subtracts it: its sign trap). The read-out position
+   is a build option: "last" (the end-of-turn token; the paper's choice and the default) or
+   "solution_mean" (each text's residuals averaged over its solution tokens, everything after the
+   question's prompt): the steered positions are solution tokens, not an end-of-turn marker.
 3. Calibration: unsteered greedy continuations of calibration questions (training problems), then the
    teacher-forced mean per-token KL (measure.py) at a probe strength gives vᵀFv ≈ 2·KL/γ², the start
    γ0 = sqrt(2ε / vᵀFv) for each budget ε, refined by bisection; every measured (γ, KL) point goes into
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,6 +34,8 @@ from actserve.interventions.steering.train import direction, layer_stats, residu
 
 log = logging.getLogger(__name__)
 DEFAULT_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+ReadPosition = Literal["last", "solution_mean"]
+READ_POSITIONS: tuple[ReadPosition, ...] = ("last", "solution_mean")
 
 
 def default_layer(num_layers: int) -> int:
@@ -63,6 +68,42 @@ class LayerDirection:
     layer: int
     direction: torch.Tensor  # float32 [hidden], concise - verbose
     stats: dict[str, Any]
+    position: ReadPosition = "last"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def solution_means(
+    model: torch.nn.Module,
+    texts: list[list[int]],
+    prefixes: list[list[int]],
+    layers: list[int],
+    batch_tokens: int = 4096,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """[len(texts), len(layers), hidden] float64: each text's residual averaged over its tokens after the
+    prefix it shares with its prompt (the solution and the end-of-turn marker).
+
+    Attention is causal, so the prefix's residuals inside the text equal those of the prefix alone; the
+    solution mean is then (n·mean(text) − k·mean(prefix)) / (n − k), from two `collect_residuals(...,
+    "mean")` passes, without a second capture implementation."""
+    ks = [min(common_prefix(t, p), len(t) - 1) for t, p in zip(texts, prefixes, strict=True)]
+    if any(k == 0 for k in ks):
+        raise ValueError("a solution text shares no prefix with its prompt")
+    full = residuals(model, texts, layers, "mean", batch_tokens, progress).double()
+    heads = [t[:k] for t, k in zip(texts, ks, strict=True)]
+    pre = residuals(model, heads, layers, "mean", batch_tokens, False).double()
+    n = torch.tensor([len(t) for t in texts], dtype=torch.float64)[:, None, None]
+    k = torch.tensor(ks, dtype=torch.float64)[:, None, None]
+    return (n * full - k * pre) / (n - k)
 
 
 def asc_directions(
@@ -72,11 +113,19 @@ def asc_directions(
     layers: list[int],
     batch_tokens: int = 4096,
     progress: bool | None = None,
+    position: ReadPosition = "last",
 ) -> dict[int, LayerDirection]:
-    """Mean (concise − verbose) last-token residual at each layer (several layers cost one pass)."""
+    """Mean (concise − verbose) residual at each layer (several layers cost one pass), read at the last
+    token or averaged over the solution tokens (`position`, see the module docstring)."""
+    if position not in READ_POSITIONS:
+        raise ValueError(f"position must be one of {READ_POSITIONS}, got {position!r}")
     concise = [solution_ids(tokenizer, p.question, p.concise()) for p in problems]
     verbose = [solution_ids(tokenizer, p.question, p.verbose()) for p in problems]
-    h = residuals(model, concise + verbose, layers, "last", batch_tokens, progress).double()
+    if position == "last":
+        h = residuals(model, concise + verbose, layers, "last", batch_tokens, progress).double()
+    else:
+        prompts = [prompt_ids(tokenizer, p.question) for p in problems]
+        h = solution_means(model, concise + verbose, prompts + prompts, layers, batch_tokens, progress)
     pos, neg = h[: len(problems)], h[len(problems) :]
     out = {}
     for k, layer in enumerate(layers):
@@ -89,7 +138,7 @@ def asc_directions(
             "pair_accuracy": st.pair_accuracy,
             "mean_residual_norm": float(h[:, k].norm(dim=-1).mean()),
         }
-        out[layer] = LayerDirection(layer, d.float().contiguous(), stats)
+        out[layer] = LayerDirection(layer, d.float().contiguous(), stats, position)
     return out
 
 
@@ -160,6 +209,7 @@ def build_artifact(
     budgets: tuple[float, ...] = DEFAULT_BUDGETS,
     batch_tokens: int = 4096,
     progress: bool | None = None,
+    position: ReadPosition = "last",
 ) -> AscArtifact:
     """Direction and calibration continuations (unless given) + calibration on a loaded native engine."""
     model, info = engine.runner.model, engine.model_info
@@ -168,14 +218,18 @@ def build_artifact(
     if not 0 <= layer < info.num_layers:
         raise ValueError(f"--layer {layer} out of range [0, {info.num_layers - 1}]")
     train = train if train is not None else train_problems()
-    d = direction_ or asc_directions(model, engine.tokenizer, train, [layer], batch_tokens, progress)[layer]
+    d = (
+        direction_
+        or asc_directions(model, engine.tokenizer, train, [layer], batch_tokens, progress, position)[layer]
+    )
     art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)
     seqs = calib if calib is not None else calibration_set(engine, train[:calib_prompts], calib_tokens)
     meter = KLMeter(model, info, art, seqs, batch_tokens)
     cal = calibrate(meter, budgets)
     art.gammas, art.kls = cal.gammas, cal.kls
     art.info = {
-        "method": "ASC: mean(concise) - mean(verbose) last-token residual, added at generated tokens",
+        "method": "ASC: mean(concise) - mean(verbose) residual, added at generated tokens",
+        "position": d.position,  # "last" token or "solution_mean" (averaged over the solution tokens)
         "direction": "raw (not unit norm); strength 1 = the whole mean concise-verbose gap",
         "layer_convention": "output of decoder layer L = transformers hidden_states[L+1]",
         "pairs": len(train),

@@ -33,6 +33,12 @@ def add_cot_parser(sub: Any) -> None:
     b.add_argument("--pairs", type=int, default=120, help="training problems (verbose/concise pairs), >= 100")
     b.add_argument("--calib-prompts", type=int, default=16, help="questions whose continuations calibrate KL")
     b.add_argument("--calib-tokens", type=int, default=256, help="tokens generated per calibration prompt")
+    b.add_argument(
+        "--position",
+        choices=["last", "solution_mean"],
+        default="last",
+        help="read the pairs' residuals at the last token (ASC) or averaged over the solution tokens",
+    )
     b.add_argument("--budgets", type=_floats, default=None, help="KL budgets to bisect, e.g. 0.05,0.1")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             calib_prompts=args.calib_prompts,
             calib_tokens=args.calib_tokens,
             budgets=args.budgets or DEFAULT_BUDGETS,
+            position=args.position,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "model": art.model,
         "layer": art.layer,
+        "position": art.info["position"],
         "direction": art.info["direction_stats"],
         "calibration": [{"gamma": g, "kl": k} for g, k in zip(art.gammas, art.kls, strict=True)],
     }
