@@ -106,7 +106,7 @@ class InterventionRegistry:
         shared: list[RowSpan] = []
         others: list[str] = []
         for key, rows in spans.items():
-            if key == "steering" or self.plugins[key].shares_steering_table:
+            if key == "steering" or (self.plugins[key].shares_steering_table and "steering" in self.plugins):
                 shared.extend(rows)
             else:
                 others.append(key)
