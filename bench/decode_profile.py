@@ -19,7 +19,6 @@ import pstats
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +37,6 @@ from actserve.kernels.gemv_ref import gemv_ref  # noqa: E402
 from actserve.kernels.silu_mul import silu_mul  # noqa: E402
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
-from actserve.server.engine.offline import make_sequences  # noqa: E402
-from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> float:
@@ -124,18 +121,9 @@ def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = 
     names: dict[str, int] = defaultdict(int)
     for _, _, n in spans:
         names[n[:70]] += 1
-    seqs = make_sequences(
-        eng, prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), tag="s"
-    )
     chained0, graphs0 = eng.chained_steps, eng.runner.graph_steps
-    torch.cuda.synchronize()
-    for seq in seqs:
-        eng.add(seq)
-    step_ms = []
-    while eng.has_work():
-        t = time.perf_counter()
-        eng.step()
-        step_ms.append(1e3 * (time.perf_counter() - t))
+    step_ms: list[float] = []
+    generate(eng, prompts, new, step_ms=step_ms)
     ordered = sorted(step_ms)
     prof_c = cProfile.Profile()
     prof_c.enable()
