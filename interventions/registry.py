@@ -92,6 +92,18 @@ class InterventionRegistry:
             plans[key] = plugin.prepare(parsed, f"interventions.{key}")
         return plans
 
+    def prepare_many(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
+        """`count` independent plan sets for one spec (a request's n choices); all or nothing."""
+        made: list[dict[str, Any]] = []
+        try:
+            for _ in range(count):
+                made.append(self.prepare(spec))
+        except Exception:
+            for plans in made:
+                self.release(plans)
+            raise
+        return made
+
     def activate(self, plans: dict[str, Any]) -> None:
         for key, plan in plans.items():
             self.plugins[key].activate(plan)

@@ -92,15 +92,7 @@ class AsyncEngine(EngineClient):
         return await run_in_threadpool(fn, self.engine.vector_library, *args)
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
-        plans: list[dict[str, Any]] = []
-        try:
-            for _ in range(count):
-                plans.append(self.engine.registry.prepare(spec))
-        except Exception:
-            for p in plans:
-                self.engine.registry.release(p)
-            raise
-        return plans
+        return self.engine.registry.prepare_many(spec, count)
 
     def release_interventions(self, plans: dict[str, Any]) -> None:
         self.engine.registry.release(plans)

@@ -109,14 +109,7 @@ class EngineCore:
             self.running = False
 
     def _prepare(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
-        made: list[dict[str, Any]] = []
-        try:
-            for _ in range(count):
-                made.append(self.engine.registry.prepare(spec))
-        except Exception:
-            for p in made:
-                self.engine.registry.release(p)
-            raise
+        made = self.engine.registry.prepare_many(spec, count)
         refs = []
         for plans in made:
             ref = next(self._plan_ids)
