@@ -19,6 +19,7 @@ import pstats
 import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,8 @@ from actserve.kernels.gemv_ref import gemv_ref  # noqa: E402
 from actserve.kernels.silu_mul import silu_mul  # noqa: E402
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
+from actserve.server.engine.offline import make_sequences  # noqa: E402
+from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> float:
@@ -151,6 +154,62 @@ def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = 
     }
 
 
+def prefill_profile(eng: LLMEngine, length: int, trace: str | None = None) -> dict[str, Any]:
+    """The first step of one fresh request (its prefill, plus the chained first decode launch): wall
+    time, the GPU's busy time inside it, kernels by device time, and host ops by self CPU time."""
+    vocab = eng.model_info.vocab_size
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def first_step(tag: str, seed: int) -> float:
+        prompt = random_prompts(1, length, vocab, seed)[0]
+        seqs = make_sequences(eng, [prompt], params, tag=tag)
+        eng.add(seqs[0])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.step()
+        dt = 1e3 * (time.perf_counter() - t)
+        while eng.has_work():
+            eng.step()
+        return dt
+
+    warm = [first_step(f"pw{length}-{i}-", 1000 + i) for i in range(3)]
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        first_step(f"pp{length}-", 2000)
+    if trace:
+        prof.export_chrome_trace(f"{trace}/prefill_{length}.json")
+    spans = sorted(
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
+    )
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for a, b, n in spans:
+        per[n[:70]][0] += b - a
+        per[n[:70]][1] += 1
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    prof_c = cProfile.Profile()
+    prof_c.enable()
+    cprof_ms = first_step(f"pc{length}-", 3000)
+    prof_c.disable()
+    stats = pstats.Stats(prof_c)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:25]  # type: ignore[attr-defined]
+    return {
+        "first_step_ms_warm": [round(x, 2) for x in warm],
+        "gpu_kernel_ms_sum": sum(b - a for a, b, _ in spans) / 1e3,
+        "kernels": len(spans),
+        "gpu_first_to_last_ms": (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+        "top_kernels": [
+            f"{v[0]:9.1f} us x{v[1]:<4} {k}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])[:15]
+        ],
+        "top_host_ops": [f"{e.self_cpu_time_total:9.1f} us x{e.count:<5} {e.key[:60]}" for e in cpu],
+        "cprofile_ms": cprof_ms,
+        "cprofile_cumtime": [
+            f"{1e3 * v[3]:8.2f} ms {v[1]:5d}x {k[0].split('/')[-1]}:{k[1]} {k[2]}" for k, v in top
+        ],
+    }
+
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "down_silu": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
 SWEEP = [
@@ -201,6 +260,7 @@ def main() -> int:
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--trace", help="folder for chrome traces of the profiled steps")
+    ap.add_argument("--prefill-only", action="store_true", help="only the first-step (prefill) profile")
     args = ap.parse_args()
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bw = copy_bandwidth() / 1e9  # GB/s
@@ -211,6 +271,10 @@ def main() -> int:
         cfg = EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=64,
                            max_model_len=2048, gpu_memory_utilization=0.5)  # fmt: skip
         eng = LLMEngine(cfg)
+        generate(eng, random_prompts(4, 128, eng.model_info.vocab_size, 99), 16)  # warm-up
+        for n in (128, 512):
+            res[f"prefill_{n}"] = prefill_profile(eng, n, args.trace)
+    if not args.skip_engine and not args.prefill_only:
         for b in (1, 8):
             res[f"step_b{b}"] = step_profile(eng, b, args.trace)
         for b in (1, 8, 64):
@@ -228,6 +292,15 @@ def main() -> int:
             for t in step["top"]:
                 print(f"  {t['us']:>8.1f} us  x{t['count']:<4} {t['name']}")
             print("  first kernels of the step:", *step["first_kernels"], sep="\n    ")
+    for n in (128, 512):
+        pre = res.get(f"prefill_{n}")
+        if pre:
+            print(
+                f"\nprefill {n}: first step {pre['first_step_ms_warm']} ms; GPU kernels "
+                f"{pre['gpu_kernel_ms_sum']:.2f} ms over {pre['gpu_first_to_last_ms']:.2f} ms "
+                f"({pre['kernels']} kernels); cProfile {pre['cprofile_ms']:.1f} ms"
+            )
+            print(*pre["top_kernels"], *pre["top_host_ops"], *pre["cprofile_cumtime"], sep="\n  ")
     for b in (1, 8, 64):
         loop = res.get(f"loop_b{b}")
         if loop:

@@ -84,6 +84,7 @@ def bench_engine(
         res[f"engine_step_ms_median_b{b}"] = statistics.median(step_ms[1:])
         res[f"engine_step_ms_max_b{b}"] = max(step_ms[1:])
         print(f"engine b{b}: {b * NEW / dt:.1f} tok/s", flush=True)
+    res["engine_graph_prefills"] = eng.runner.graph_prefills  # single prompts prefilled from a graph
     for b in (1, 8, 64):
         res[f"graph_step_ms_b{b}"] = graph_replay_ms(eng, b)
         res[f"graph_only_tok_s_b{b}"] = b * 1e3 / res[f"graph_step_ms_b{b}"]

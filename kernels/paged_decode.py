@@ -1,9 +1,12 @@
 """Paged-attention decode: one query token per sequence against its KV blocks, split over the context.
 
-Grid (batch, kv_head, splits): each program takes a tile-aligned share of one sequence's context, all
-query heads of its GQA group at once (padded to 16 rows for tensor-core dots), and writes a partial
-(max, sum, acc); a second kernel merges the splits. The split count is fixed per launch shape (so the
-launch can live in a CUDA graph) while each split's share follows the sequence's real length.
+Grid (batch, kv_head, splits): each program takes a tile-aligned share of one sequence's context, all query
+heads of its GQA group at once (padded to 16 rows for tensor-core dots), and writes a partial (max, sum,
+acc); a second kernel merges the splits. With one split (batches that fill the GPU by themselves) the
+program writes the output and there is no merge launch. A merge fused into the split kernel (the last
+program per sequence and kv head merging, counted by an atomic) was measured and dropped: at batch 1 its
+serial tail made the step 90 us slower than the separate launch. The split count is fixed per launch shape
+(so the launch can live in a CUDA graph) while each split's share follows the sequence's real length.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from actserve.kernels.pdl import pdl_args, pdl_sync
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
-    scale, window, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt,
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+    scale, window, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
@@ -60,6 +63,11 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    if SPLITS == 1:  # the whole context in this program: no partials, no merge launch
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+        return
     row = (b * tl.num_programs(1) + kvh) * SPLITS + sp
     tl.store(m_ptr + row * GROUP_PAD + g, m_i)
     tl.store(l_ptr + row * GROUP_PAD + g, l_i)
@@ -117,18 +125,20 @@ def paged_decode(
     tile = max(16, min(tile, triton.next_power_of_2(block_tables.shape[1] * block_size)))
     if splits is None:
         splits = decode_splits(batch, hk, triton.cdiv(block_tables.shape[1] * block_size, tile))
-    rows = batch * hk * splits
+    rows = batch * hk * splits if splits > 1 else 1
     m = torch.empty(rows, group_pad, dtype=torch.float32, device=q.device)
     lse = torch.empty_like(m)
     acc = torch.empty(rows, group_pad, dim, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     _decode_split_kernel[(batch, hk, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, m, lse, acc,
+        q, k_cache, v_cache, block_tables, context_lens, m, lse, acc, out,
         scale, window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        block_tables.stride(0),
+        block_tables.stride(0), out.stride(0), out.stride(1),
         SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=tile,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", **pdl_args(q),
     )  # fmt: skip
+    if splits == 1:
+        return out
     _decode_merge_kernel[(batch, hq)](
         m, lse, acc, out, out.stride(0), out.stride(1), hk,
         SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), GROUP=group, GROUP_PAD=group_pad,

@@ -21,6 +21,13 @@ def positive(value: str) -> int:
     return n
 
 
+def non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="actserve", description="OpenAI-compatible server with interventions"
@@ -42,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
     )
     s.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="CUDA: share of GPU memory")
-    s.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    s.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode or prefill CUDA graphs")
+    s.add_argument(
+        "--cuda-graph-prefill-len", type=non_negative, default=512,
+        help="CUDA: a single fresh prompt of up to this many tokens prefills from a CUDA graph (0: never)",
+    )  # fmt: skip
     s.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--served-model-name", default=None)
@@ -89,6 +100,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        cuda_graph_prefill_len=args.cuda_graph_prefill_len,
         load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,

@@ -25,6 +25,11 @@ def test_flags_map_to_engine_config() -> None:
     assert engine_config(on).engine_process == "on"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-seqs", "0"])
+    assert engine_config(on).cuda_graph_prefill_len == 512
+    off = build_parser().parse_args(["serve", "--cuda-graph-prefill-len", "0"])
+    assert engine_config(off).cuda_graph_prefill_len == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--cuda-graph-prefill-len", "-1"])
 
 
 def test_module_alias_prints_help() -> None:

@@ -18,7 +18,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
     gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU
-    enforce_eager: bool = False  # CUDA: no decode graphs
+    enforce_eager: bool = False  # CUDA: no decode or prefill graphs
+    cuda_graph_prefill_len: int = 512  # CUDA: single fresh prompts up to this many tokens prefill from graphs
     overlap_steps: bool | None = None  # None: on for CUDA; launch step N+1 before step N is post-processed
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False

@@ -9,6 +9,7 @@ a row with index -1 is left untouched by the fused steering kernel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,17 @@ def bucket_sizes(max_bs: int) -> list[int]:
     if sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool: object) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm `fn` up twice (Triton compiles, cuBLAS picks its kernels), then capture it into `pool`."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 @dataclass
@@ -105,14 +117,8 @@ class DecodeGraphs:
         d["lens"].fill_(1)  # warm-up reads one (scratch) slot per row
         self.tables.fill_(self.dummy_slot // self.block_size)
         for b in reversed(self.buckets):
-            for _ in range(2):
-                self._forward(b)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = (graph, out)
+            self.graphs[b] = capture_graph(lambda b=b: self._forward(b), pool)
+            pool = self.graphs[b][0].pool()
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 

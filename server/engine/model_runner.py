@@ -12,6 +12,7 @@ from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
 from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
@@ -92,6 +93,7 @@ class ModelRunner:
         registry: InterventionRegistry,
         max_model_len: int,
         cuda_graph_max_bs: int = 0,
+        cuda_graph_prefill_len: int = 0,
     ) -> None:
         spec = model.spec
         self.model, self.block_size, self.device, self.registry = model, block_size, device, registry
@@ -102,6 +104,7 @@ class ModelRunner:
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if device.type == "cuda":
             # cuDNN's SDPA builds an execution plan for every new prompt shape (~70 ms each, paid by the
             # first request of each length); the flash / memory-efficient kernels need none
@@ -113,8 +116,12 @@ class ModelRunner:
                 model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
                 num_blocks * block_size, table, GRAPH_STEER_COLUMNS,
             )  # fmt: skip
+        if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
+            dummy = num_blocks * block_size
+            self.prefill_graphs = PrefillGraphs(model, self.kv_caches, dummy, cuda_graph_prefill_len)
         self.graph_steps = 0
         self.eager_decode_steps = 0
+        self.graph_prefills = 0
 
     def release(self, seq: Sequence) -> None:
         """Paged KV needs no per-sequence cleanup beyond the block manager's."""
@@ -134,11 +141,29 @@ class ModelRunner:
         else:
             parts = []
             if batch.prefills:
-                parts.append(self._packed(batch.prefills, fresh=True))
+                logits = self._prefill_graph(batch.prefills)
+                parts.append(logits if logits is not None else self._packed(batch.prefills, fresh=True))
             if batch.decodes:
                 parts.append(self._decode(batch.decodes))
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         return launch_sampling(logits, batch.seqs)
+
+    def _prefill_graph(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """One fresh prompt with no interventions and no prompt logprobs, from a prefill CUDA graph;
+        None when the step does not qualify (the eager path takes it)."""
+        graphs = self.prefill_graphs
+        if graphs is None or len(seqs) != 1:
+            return None
+        seq = seqs[0]
+        n = seq.num_tokens
+        if seq.num_computed or seq.interventions or seq.params.prompt_logprobs is not None:
+            return None
+        if graphs.bucket(n) is None:
+            return None
+        logits = graphs.run(seq.all_token_ids, self._slots(seq, n))
+        seq.num_computed = n
+        self.graph_prefills += 1
+        return logits
 
     def _packed(self, seqs: list[Sequence], fresh: bool) -> torch.Tensor:
         """One forward over the packed new tokens of `seqs`; logits of each sequence's last row."""

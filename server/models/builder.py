@@ -44,10 +44,12 @@ class LoadedModel:
             return HFRunner(self.model, self.info.num_layers, registry)
         from actserve.server.engine.model_runner import ModelRunner
 
-        graphs = 0 if self.config.enforce_eager else min(self.config.max_num_seqs, 256)
+        cfg = self.config
+        graphs = 0 if cfg.enforce_eager else min(cfg.max_num_seqs, 256)
+        prefill = 0 if cfg.enforce_eager else min(cfg.cuda_graph_prefill_len, self.info.max_model_len)
         return ModelRunner(
             self.model, self.num_blocks, self.block_size, self.info.device, self.info.dtype, registry,
-            self.info.max_model_len, cuda_graph_max_bs=graphs,
+            self.info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
         )  # fmt: skip
 
 
