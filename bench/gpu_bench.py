@@ -136,9 +136,12 @@ def bench_hf(res: dict[str, Any], model_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64, mode: str = "process") -> None:
+def bench_http(
+    res: dict[str, Any], eng: LLMEngine, clients: int = 64, mode: str = "process", client: str = "raw"
+) -> None:
     """64 concurrent streaming clients on loopback (bench/http_load.py, its own process) against the
-    same model served through uvicorn; the in-process figure is measured again right after.
+    same model served through uvicorn; the in-process figure is measured again right after. Both sides
+    report the median of 3 rounds after one unmeasured warm-up round.
 
     mode "process": the server's engine runs in its own process (`--engine-process on`), loading the same
     model with the same settings but a smaller share of the GPU (this process keeps its engine, idle);
@@ -146,11 +149,14 @@ def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64, mode: str
     (its figures under http_thread_*)."""
     for m in ("process", "thread") if mode == "both" else (mode,):
         prefix = "http_thread" if mode == "both" and m == "thread" else "http"
-        serve_http(res, eng, clients, m, prefix)
+        serve_http(res, eng, clients, m, prefix, "httpx" if client == "httpx" else "raw")
+        if client == "both":  # the same server load from the httpx client (A/B of the load generator)
+            serve_http(res, eng, clients, m, prefix + "_httpx", "httpx")
     prompts = random_prompts(clients, PROMPT, eng.model_info.vocab_size, 5)
-    in_proc = min(generate(eng, prompts, NEW)[0] for _ in range(2))
+    generate(eng, prompts, NEW)  # warm-up, as http_load warms the server up with one unmeasured round
+    in_proc = statistics.median(generate(eng, prompts, NEW)[0] for _ in range(3))  # the same median of 3
     res[f"inproc_tok_s_b{clients}"] = clients * NEW / in_proc
-    for prefix in ("http", "http_thread"):
+    for prefix in ("http", "http_thread", "http_httpx", "http_thread_httpx"):
         if f"{prefix}_tok_s_c{clients}" in res:
             res[f"{prefix}_vs_inproc"] = res[f"{prefix}_tok_s_c{clients}"] / res[f"inproc_tok_s_b{clients}"]
     print(
@@ -159,7 +165,9 @@ def bench_http(res: dict[str, Any], eng: LLMEngine, clients: int = 64, mode: str
     )
 
 
-def serve_http(res: dict[str, Any], eng: LLMEngine, clients: int, mode: str, prefix: str) -> None:
+def serve_http(
+    res: dict[str, Any], eng: LLMEngine, clients: int, mode: str, prefix: str, client: str = "raw"
+) -> None:
     import dataclasses
     import subprocess
 
@@ -186,7 +194,8 @@ def serve_http(res: dict[str, Any], eng: LLMEngine, clients: int, mode: str, pre
         time.sleep(0.05)
     cmd = [sys.executable, str(Path(__file__).parent / "http_load.py"), "--url", "http://127.0.0.1:8765",
            "--model", eng.model_name, "--clients", str(clients), "--prompt-len", str(PROMPT),
-           "--max-tokens", str(NEW), "--vocab", str(eng.model_info.vocab_size)]  # fmt: skip
+           "--max-tokens", str(NEW), "--vocab", str(eng.model_info.vocab_size),
+           "--client", client]  # fmt: skip
     try:
         load = json.loads(
             subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -198,6 +207,9 @@ def serve_http(res: dict[str, Any], eng: LLMEngine, clients: int, mode: str, pre
     res[f"{prefix}_tok_s_c{clients}"] = load["tok_s"]
     res[f"{prefix}_ttft_p50_ms"] = 1e3 * load["ttft_p50_s"]
     res[f"{prefix}_tokens"] = load["tokens"]
+    res[f"{prefix}_rounds_tok_s"] = load["rounds_tok_s"]
+    res[f"{prefix}_client_cpu_s"] = load["client_cpu_s"]  # the load generator's own CPU time in that round
+    res[f"{prefix}_client"] = client
     res[f"{prefix}_engine"] = mode
 
 
@@ -235,6 +247,9 @@ def main() -> int:
     ap.add_argument(
         "--http-engine", default="process", choices=["process", "thread", "both"], help="engine of --http"
     )
+    ap.add_argument(
+        "--http-client", default="raw", choices=["raw", "httpx", "both"], help="load generator of --http"
+    )
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--decode-only", action="store_true", help="skip TTFT and steering (A/B runs)")
     args = ap.parse_args()
@@ -251,7 +266,7 @@ def main() -> int:
     if not args.skip_hf:
         section(res, "hf", lambda: bench_hf(res, model_dir))
     if args.http and eng is not None:
-        section(res, "http", lambda: bench_http(res, eng, mode=args.http_engine))
+        section(res, "http", lambda: bench_http(res, eng, mode=args.http_engine, client=args.http_client))
     if "weights_gb" in res:
         res["roofline_tok_s_b1"] = res["copy_bw_tb_s"] * 1e12 / (res["weights_gb"] * 1e9)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

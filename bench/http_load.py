@@ -8,7 +8,8 @@ With `--serve MODEL_DIR` it first starts `actserve serve` itself (own process; `
 picks where its engine runs, `--server-args` adds flags, `--profile FILE` runs the server under cProfile,
 which sees the event-loop thread: the per-chunk SSE work), and stops it afterwards.
 
-Prints one JSON line: tokens, seconds, tok_s, ttft_p50_s.
+Prints one JSON line: tokens, seconds, tok_s, ttft_p50_s of the median of `--rounds` measured rounds
+(each: all clients at once), after `--warmup-rounds` unmeasured ones; rounds_tok_s lists every round.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import shlex
 import signal
 import socket
@@ -31,7 +33,7 @@ import httpx
 import psutil
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float]:
+async def one_httpx(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float]:
     """One streamed request: (completion tokens from the usage chunk, time to the first text chunk).
     Only those two chunks are parsed: at thousands of chunks per second, json.loads of every chunk
     made this client the bottleneck instead of the server."""
@@ -51,6 +53,33 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, flo
     return tokens, ttft
 
 
+_USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+async def one_raw(url: str, body: dict) -> tuple[int, float]:
+    """The same request over a bare asyncio connection (`Connection: close`, read to EOF), looking only
+    for the first text chunk's arrival and the usage chunk: a few us per chunk, where httpx's per-line
+    parsing costs tens of us and at 64 streams could make the load generator the bottleneck."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    payload = json.dumps(body).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(payload), payload)
+    )
+    ttft, buf = 0.0, bytearray()
+    while data := await reader.read(1 << 16):
+        buf += data
+        if not ttft and b'"text"' in data:
+            ttft = time.perf_counter() - t0
+    writer.close()
+    if not buf.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"HTTP error: {bytes(buf[:200])!r}")
+    found = _USAGE.findall(buf)
+    return (int(found[-1]) if found else 0), ttft
+
+
 async def run(args: argparse.Namespace) -> dict:
     if args.model is None:
         args.model = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -62,14 +91,27 @@ async def run(args: argparse.Namespace) -> dict:
         for _ in range(args.clients)
     ]  # fmt: skip
     limits = httpx.Limits(max_connections=args.clients + 8)
+    rounds: list[dict] = []
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one(client, args.url, {**bodies[0], "max_tokens": 4})  # warm-up
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(client, args.url, b) for b in bodies))
-        dt = time.perf_counter() - t0
-    tokens = sum(r[0] for r in results)
-    return {"clients": args.clients, "tokens": tokens, "seconds": dt, "tok_s": tokens / dt,
-            "ttft_p50_s": statistics.median(r[1] for r in results)}  # fmt: skip
+        await one_httpx(client, args.url, {**bodies[0], "max_tokens": 4})  # warm-up: connection, model
+        for _ in range(args.warmup_rounds + args.rounds):  # warm-up rounds: the same load, not counted
+            t0, c0 = time.perf_counter(), time.process_time()
+            if args.client == "raw":
+                results = await asyncio.gather(*(one_raw(args.url, b) for b in bodies))
+            else:
+                results = await asyncio.gather(*(one_httpx(client, args.url, b) for b in bodies))
+            dt, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+            tokens = sum(r[0] for r in results)
+            rounds.append({"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "client_cpu_s": client_cpu,
+                           "ttft_p50_s": statistics.median(r[1] for r in results)})  # fmt: skip
+    counted = rounds[args.warmup_rounds :]
+    mid = sorted(counted, key=lambda r: r["tok_s"])[len(counted) // 2]  # the median round
+    return {
+        "clients": args.clients,
+        "client": args.client,
+        **mid,
+        "rounds_tok_s": [r["tok_s"] for r in counted],
+    }
 
 
 def cpu_seconds(server: psutil.Process) -> tuple[float, float]:
@@ -117,10 +159,15 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default=None, help="default: the model the server lists first")
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--client", default="raw", choices=["raw", "httpx"], help="raw: bare asyncio sockets")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="measured rounds of all clients; the median is reported"
+    )
+    ap.add_argument("--warmup-rounds", type=int, default=1, help="unmeasured rounds first (prefill shapes)")
     ap.add_argument("--serve", default=None, metavar="MODEL_DIR", help="start actserve on this model first")
     ap.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--server-args", default="", help="more `actserve serve` flags, e.g. '--max-num-seqs 64'")

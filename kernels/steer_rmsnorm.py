@@ -15,41 +15,47 @@ def _add_steer_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     table_ptr, mask_ptr, idx_ptr, scale_ptr, norm_ptr,
     layer, num_layers, hidden, eps,
-    K: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < hidden
     dtype = res_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)  # no kernel writes weights: read before the wait
     pdl_sync(USE_PDL)
     h = tl.load(res_ptr + row * hidden + cols, mask=m, other=0.0)
     if HAS_X:
         h = (h.to(tl.float32) + tl.load(x_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)).to(
             dtype
         )
+    # one vector load of the row's slot indices: most rows (and every padded graph row) have none, and
+    # the K dependent scalar loads below were on every row's path
     if HAS_STEER:
-        for k in tl.static_range(K):
-            idx = tl.load(idx_ptr + row * K + k)
-            on = idx >= 0
-            safe = tl.where(on, idx, 0)
-            on = on & (tl.load(mask_ptr + safe * num_layers + layer) != 0)
-            if on:
-                s = tl.load(scale_ptr + row * K + k)
-                v = tl.load(table_ptr + (safe * num_layers + layer) * hidden + cols, mask=m, other=0.0)
-                sv = (s * v.to(tl.float32)).to(dtype)
-                new = (h.to(tl.float32) + sv.to(tl.float32)).to(dtype)
-                if tl.load(norm_ptr + row * K + k) != 0:
-                    hf = h.to(tl.float32)
-                    nf = new.to(tl.float32)
-                    before = tl.sqrt(tl.sum(hf * hf, axis=0))
-                    after = tl.maximum(tl.sqrt(tl.sum(nf * nf, axis=0)), 1e-12)
-                    new = (nf * (before / after)).to(dtype)
-                h = new
+        kk = tl.arange(0, K_PAD)
+        any_on = tl.max(tl.load(idx_ptr + row * K + kk, mask=kk < K, other=-1), axis=0) >= 0
+        if any_on:
+            for k in tl.static_range(K):
+                idx = tl.load(idx_ptr + row * K + k)
+                on = idx >= 0
+                safe = tl.where(on, idx, 0)
+                on = on & (tl.load(mask_ptr + safe * num_layers + layer) != 0)
+                if on:
+                    s = tl.load(scale_ptr + row * K + k)
+                    v = tl.load(table_ptr + (safe * num_layers + layer) * hidden + cols, mask=m, other=0.0)
+                    sv = (s * v.to(tl.float32)).to(dtype)
+                    new = (h.to(tl.float32) + sv.to(tl.float32)).to(dtype)
+                    if tl.load(norm_ptr + row * K + k) != 0:
+                        hf = h.to(tl.float32)
+                        nf = new.to(tl.float32)
+                        before = tl.sqrt(tl.sum(hf * hf, axis=0))
+                        after = tl.maximum(tl.sqrt(tl.sum(nf * nf, axis=0)), 1e-12)
+                        new = (nf * (before / after)).to(dtype)
+                    h = new
     tl.store(res_out_ptr + row * hidden + cols, h, mask=m)
     hf = h.to(tl.float32)
     var = tl.sum(hf * hf, axis=0) / hidden
     normed = (hf * tl.rsqrt(var + eps)).to(dtype)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0)
     tl.store(out_ptr + row * hidden + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=m)
 
 
@@ -76,6 +82,7 @@ def add_steer_rmsnorm(
         steer.normalize if has_steer else dummy,
         max(layer, 0), steer.table.shape[1] if has_steer else 1, hidden, eps,
         K=steer.index.shape[1] if has_steer else 1,
+        K_PAD=triton.next_power_of_2(steer.index.shape[1]) if has_steer else 1,
         HAS_X=x is not None, HAS_STEER=has_steer, BLOCK=triton.next_power_of_2(hidden), **pdl_args(residual),
     )  # fmt: skip
     return normed, res_out
