@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -256,6 +257,7 @@ def main() -> int:
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "shape": "Llama-3-8B (random bf16 weights)", "prompt_tokens": PROMPT,
                            "new_tokens": NEW}  # fmt: skip
+    res["command"] = shlex.join(["python", "bench/gpu_bench.py", *sys.argv[1:]])
     res["copy_bw_tb_s"] = copy_bandwidth() / 1e12
     model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
     eng = section(

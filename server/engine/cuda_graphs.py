@@ -83,6 +83,7 @@ class DecodeGraphs:
         self.h = self._views(self.host_int)
         self.d = self._views(self.dev_int)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.copied = torch.cuda.Event()  # the last step's host-to-device copies
         self.buckets = bucket_sizes(max_bs)
         self._capture()
 
@@ -139,6 +140,9 @@ class DecodeGraphs:
         n = len(inputs.ids)
         b = self.bucket(n)
         assert b is not None
+        # a chained step is launched before the previous one's copies have surely run on the device:
+        # wait for them before overwriting the pinned buffers they read (normally long done)
+        self.copied.synchronize()
         h = self.h
         h["ids"][:n] = torch.from_numpy(inputs.ids)
         h["pos"][:n] = torch.from_numpy(inputs.positions)
@@ -158,6 +162,7 @@ class DecodeGraphs:
         self.dev_int.copy_(self.host_int, non_blocking=True)
         self.scale.copy_(self.host_scale, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        self.copied.record()
         if device_ids is not None:
             self.d["ids"][:n].copy_(device_ids)
         graph, out = self.graphs[b]

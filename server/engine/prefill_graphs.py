@@ -35,6 +35,7 @@ class PrefillGraphs:
         self.dev = torch.zeros(3 * n + 1, dtype=torch.long, device=dev)
         self.ctx = torch.zeros(n, dtype=torch.long)  # the fresh path reads only its length
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.copied = torch.cuda.Event()
         self._capture()
 
     def _forward(self, t: int) -> torch.Tensor:
@@ -64,6 +65,7 @@ class PrefillGraphs:
         t, n, h = len(ids), self.n, self.host
         b = self.bucket(t)
         assert b is not None
+        self.copied.synchronize()  # the previous prefill's copy has read the pinned buffer
         h[:t] = torch.tensor(ids, dtype=torch.long)
         h[t:b] = 0
         h[n : n + b] = torch.arange(b)  # padding rows: any valid position
@@ -71,6 +73,7 @@ class PrefillGraphs:
         h[2 * n + t : 2 * n + b] = self.dummy_slot
         h[3 * n] = t - 1
         self.dev.copy_(h, non_blocking=True)
+        self.copied.record()
         graph, out = self.graphs[b]
         graph.replay()
         return out

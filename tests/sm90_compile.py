@@ -1,0 +1,182 @@
+"""Compile every Triton kernel for the H200 (sm_90) on a machine without a GPU, through Triton's own
+front end, LLVM and ptxas: type errors that the CPU interpreter never sees (it runs kernels as numpy)
+fail here instead of on the lent GPU. Run by tests/test_kernels_compile.py in a process without
+TRITON_INTERPRET; prints one line per compiled variant."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from actserve.kernels.gemv import _gemv_kernel
+from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
+from actserve.kernels.rope_kv import _rope_kv_kernel
+from actserve.kernels.silu_mul import _silu_mul_kernel
+from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
+
+BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
+
+
+def signature(fn: Any, types: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
+    """Every parameter: its type, or "constexpr"; a parameter missing from both is an error here."""
+    return {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+
+
+VARIANTS: list[tuple[Any, dict[str, str], dict[str, Any]]] = []
+gemv_types = {
+    "x_ptr": BF,
+    "w_ptr": BF,
+    "b_ptr": BF,
+    "y_ptr": BF,
+    "M": "i32",
+    "N": "i32",
+    "K": "i32",
+    "stride_xm": "i32",
+    "stride_wn": "i32",
+    "stride_ym": "i32",
+}
+for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
+    VARIANTS.append(
+        (
+            _gemv_kernel,
+            gemv_types,
+            dict(
+                BLOCK_M=block_m,
+                BLOCK_N=32,
+                BLOCK_K=256,
+                HAS_BIAS=True,
+                SILU_MUL=silu,
+                PREC="tf32",
+                USE_PDL=True,
+            ),
+        )
+    )
+norm_types = {
+    "x_ptr": BF,
+    "res_ptr": BF,
+    "w_ptr": BF,
+    "out_ptr": BF,
+    "res_out_ptr": BF,
+    "table_ptr": BF,
+    "mask_ptr": "*i1",
+    "idx_ptr": I64,
+    "scale_ptr": F32,
+    "norm_ptr": I64,
+    "layer": "i32",
+    "num_layers": "i32",
+    "hidden": "i32",
+    "eps": "fp32",
+}
+# without steering the launcher passes the residual (bf16) for every steering pointer
+no_steer = {**norm_types, **dict.fromkeys(("table_ptr", "mask_ptr", "idx_ptr", "scale_ptr", "norm_ptr"), BF)}
+for has_x, steer in ((True, True), (True, False), (False, False)):
+    VARIANTS.append(
+        (
+            _add_steer_rmsnorm_kernel,
+            norm_types if steer else no_steer,
+            dict(K=9, K_PAD=16, HAS_X=has_x, HAS_STEER=steer, BLOCK=4096, USE_PDL=True),
+        )
+    )
+split_types = {
+    "q_ptr": BF,
+    "k_ptr": BF,
+    "v_ptr": BF,
+    "bt_ptr": I32,
+    "ctx_ptr": I32,
+    "m_ptr": F32,
+    "l_ptr": F32,
+    "acc_ptr": F32,
+    "out_ptr": BF,
+    "scale": "fp32",
+    "window": "i32",
+    "stride_qb": "i32",
+    "stride_qh": "i32",
+    "stride_ks": "i32",
+    "stride_kh": "i32",
+    "stride_bt": "i32",
+    "stride_ob": "i32",
+    "stride_oh": "i32",
+}
+for splits in (1, 33):
+    VARIANTS.append(
+        (
+            _decode_split_kernel,
+            split_types,
+            dict(
+                SPLITS=splits,
+                GROUP=4,
+                GROUP_PAD=16,
+                HEAD_DIM=128,
+                BLOCK_SIZE=16,
+                TILE=64,
+                PREC="tf32",
+                USE_PDL=True,
+            ),
+        )
+    )
+VARIANTS.append(
+    (
+        _decode_merge_kernel,
+        {
+            "m_ptr": F32,
+            "l_ptr": F32,
+            "acc_ptr": F32,
+            "out_ptr": BF,
+            "stride_ob": "i32",
+            "stride_oh": "i32",
+            "kv_heads": "i32",
+        },
+        dict(SPLITS=33, SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
+    )
+)
+VARIANTS.append(
+    (
+        _rope_kv_kernel,
+        {
+            "q_ptr": BF,
+            "k_ptr": BF,
+            "v_ptr": BF,
+            "cos_ptr": F32,
+            "sin_ptr": F32,
+            "pos_ptr": I64,
+            "slot_ptr": I64,
+            "q_out_ptr": BF,
+            "k_out_ptr": BF,
+            "kc_ptr": BF,
+            "vc_ptr": BF,
+            "stride_q": "i32",
+            "stride_k": "i32",
+            "stride_v": "i32",
+            "stride_cos": "i32",
+            "stride_kc": "i32",
+            "n_q": "i32",
+            "n_kv": "i32",
+        },
+        dict(HEAD_DIM=128, HALF=64, USE_PDL=True),
+    )
+)
+VARIANTS.append(
+    (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
+)
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    failed = 0
+    for fn, types, consts in VARIANTS:
+        name = f"{fn.__name__} {consts}"
+        try:
+            triton.compile(ASTSource(fn, signature(fn, types, consts), constexprs=consts), target=target)
+            print("ok", name)
+        except Exception as e:  # noqa: BLE001 - report every variant, then fail
+            failed += 1
+            print("FAILED", name, type(e).__name__, str(e)[-600:])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
