@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from actserve.server.api.errors import APIError, as_api_error, error_sse
 from actserve.server.api.generation import (
+    PlanStream,
     TokenText,
     apply_output,
     build_sequences,
@@ -95,9 +96,7 @@ class ChatHandler:
         rid = new_id("chatcmpl")
         pairs = await build_sequences(self.engine, rid, [ids], params, req.interventions)
         if req.stream:
-            return StreamingResponse(
-                self._stream(req, rid, [ids], pairs, raw), media_type="text/event-stream"
-            )
+            return PlanStream(self._stream(req, rid, [ids], pairs, raw), self.engine, pairs)
         choices = [c for c, _ in pairs]
         async for c, out in run_choices(self.engine, pairs, raw):
             apply_output(c, out)

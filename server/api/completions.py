@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from actserve.server.api.errors import APIError, as_api_error, error_sse
 from actserve.server.api.generation import (
     Choice,
+    PlanStream,
     TokenText,
     apply_output,
     build_sequences,
@@ -101,9 +102,7 @@ class CompletionHandler:
         rid = new_id("cmpl")
         pairs = await build_sequences(self.engine, rid, prompts, params, req.interventions)
         if req.stream:
-            return StreamingResponse(
-                self._stream(req, rid, prompts, pairs, raw), media_type="text/event-stream"
-            )
+            return PlanStream(self._stream(req, rid, prompts, pairs, raw), self.engine, pairs)
         choices = [c for c, _ in pairs]
         async for c, out in run_choices(self.engine, pairs, raw):
             apply_output(c, out)

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from actserve.server.api.errors import APIError, as_api_error
 from actserve.server.engine.engine_client import EngineClient
@@ -76,6 +77,34 @@ async def build_sequences(
     return out
 
 
+def release_unsubmitted(engine: EngineClient, pairs: list[tuple[Choice, Sequence]]) -> None:
+    """Give back the intervention plans of sequences that never reached the engine (the client left
+    before its stream started, or a choice's task was cancelled first); the engine releases the others
+    when they finish. Without this a steering slot leaked per such request."""
+    for _, seq in pairs:
+        if not seq.submitted and seq.interventions:
+            engine.release_interventions(seq.interventions)
+            seq.interventions = {}
+
+
+class PlanStream(StreamingResponse):
+    """An SSE response that owns its request's prepared plans until the stream hands them to the engine:
+    Starlette never starts the body iterator when the client is gone before the first send, so its own
+    cleanup would never run."""
+
+    def __init__(
+        self, body: AsyncIterator[str], engine: EngineClient, pairs: list[tuple[Choice, Sequence]]
+    ) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.engine, self.pairs = engine, pairs
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release_unsubmitted(self.engine, self.pairs)
+
+
 async def watch_disconnect(request: Request | None, on_disconnect: Callable[[], None]) -> None:
     """Poll for a client that hung up (a non-streamed request has no other way to notice)."""
     while request is not None:
@@ -98,6 +127,7 @@ async def run_choices(
                 yield choice, out
         finally:
             watcher.cancel()
+            release_unsubmitted(engine, pairs)
         return
     queue: asyncio.Queue[tuple[Choice, SeqOutput] | BaseException | None] = asyncio.Queue()
 
@@ -127,6 +157,7 @@ async def run_choices(
         watcher.cancel()
         for t in tasks:
             t.cancel()
+        release_unsubmitted(engine, pairs)
 
 
 def apply_output(choice: Choice, out: SeqOutput) -> None:

@@ -141,6 +141,7 @@ class EngineClient:
         finished = False
         try:
             self._submit(seq)
+            seq.submitted = True
             while True:
                 item = await q.get()
                 while isinstance(item, SeqOutput) and not item.finished and not q.empty():

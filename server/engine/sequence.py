@@ -45,6 +45,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_lp_sent: bool = False
     count_prompt: bool = True  # False for choices 2..n of one request: usage counts the prompt once
+    submitted: bool = False  # handed to the engine, which from then on releases its intervention plans
     # text state (engine thread only)
     output_text: str = ""
     sent_text_len: int = 0
