@@ -62,3 +62,65 @@ def test_serve_process(tinystories_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_engine_core_exits_when_the_server_is_killed(tinystories_dir: Path) -> None:
+    """SIGKILL to the API process (no shutdown, no pipe close in order): its engine core process goes too."""
+    import psutil
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "actserve.server", "serve", "--model", str(tinystories_dir)]
+    cmd += ["--port", str(port), "--num-kv-blocks", "64", "--engine-process", "on", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert status == 200
+        cores = psutil.Process(proc.pid).children(recursive=True)
+        assert cores, "no engine core process"
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(cores, timeout=15)
+        assert not alive, f"engine core outlived its server: {[c.pid for c in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+CORE_LOADING = """
+import multiprocessing as mp, os, time
+
+def core(parent):
+    from actserve.server.engine.engine_core_process import exit_with_parent
+    exit_with_parent(parent, 0.1)  # the server may already be gone here: it was killed during imports
+    time.sleep(120)  # a model still loading: nobody reads the pipe yet
+
+if __name__ == "__main__":
+    p = mp.get_context("spawn").Process(target=core, args=(os.getpid(),))
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_engine_core_exits_with_its_parent_while_loading(tmp_path: Path) -> None:
+    import psutil
+
+    script = tmp_path / "server.py"
+    script.write_text(CORE_LOADING)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        core = psutil.Process(int(proc.stdout.readline()))
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs([core], timeout=30)
+        assert not alive, "the core kept running after its parent was killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -8,7 +8,8 @@ Core -> API: ("ready", facts) or ("failed", error) once; then ("out", outputs, n
 
 A reader thread moves commands off the pipe into a queue at once, so the API process never blocks on a
 full pipe while a step runs; the main thread drains that queue between steps, as the thread mode does.
-The pipe's EOF (the API process died) stops the loop, so the core never outlives its server.
+The pipe's EOF (the API process died) stops the loop, and a watchdog thread exits the process when its
+parent is gone (also while loading), so the core never outlives its server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -137,9 +139,24 @@ def leave_a_core_to_the_server(engine: LLMEngine) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
 
-def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> None:
-    """Entry point of the spawned process."""
+def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """A thread that ends this process once `parent` (the server's pid, passed at spawn: it may already
+    be gone by the time this runs) is no longer its parent. A SIGKILLed server never stops the core in
+    order, and while the model loads nobody reads the pipe, so its EOF would go unseen until then."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("the server process (pid %d) is gone: engine core exiting", parent)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="actserve-core-parent-watch", daemon=True).start()
+
+
+def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, parent: int) -> None:
+    """Entry point of the spawned process; `parent` is the server's pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
+    exit_with_parent(parent)
     fmt = f"%(asctime)s %(levelname)s core[{os.getpid()}] %(name)s: %(message)s"
     logging.basicConfig(level=log_level, format=fmt)
     try:

@@ -14,6 +14,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,7 +58,7 @@ class ProcessEngine(EngineClient):
         self._conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
             target=engine_core_main,
-            args=(config, child, logging.getLogger().getEffectiveLevel()),
+            args=(config, child, logging.getLogger().getEffectiveLevel(), os.getpid()),
             name="actserve-engine-core",
         )
         self.process.start()
