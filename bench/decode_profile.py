@@ -12,6 +12,7 @@ Prints a table last; details go to the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import itertools
 import json
@@ -67,6 +68,15 @@ def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> flo
     return best
 
 
+def device_spans(prof: torch.profiler.profile) -> list[tuple[float, float, str]]:
+    """(start us, end us, kernel name) of every device kernel and copy the profiler saw, in time order."""
+    return sorted(
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
+    )
+
+
 def step_profile(eng: LLMEngine, batch: int, trace: str | None = None) -> dict[str, Any]:
     graphs = eng.runner.graphs
     assert graphs is not None
@@ -110,11 +120,7 @@ def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = 
         dt, _ = generate(eng, prompts, new)
     if trace:
         prof.export_chrome_trace(f"{trace}/loop_b{batch}.json")
-    spans = sorted(
-        (ev.time_range.start, ev.time_range.end, ev.name)
-        for ev in prof.events()
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
-    )
+    spans = device_spans(prof)
     busy, end = 0.0, float("-inf")
     for a, b, _ in spans:  # union of kernel intervals (us)
         if b > end:
@@ -160,38 +166,35 @@ def prefill_profile(eng: LLMEngine, length: int, trace: str | None = None) -> di
     vocab = eng.model_info.vocab_size
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
-    def first_step(tag: str, seed: int) -> float:
+    def first_step(tag: str, seed: int, around: Any = contextlib.nullcontext) -> float:
+        """Wall ms of the request's first step only (`around` wraps just that step); the rest is drained."""
         prompt = random_prompts(1, length, vocab, seed)[0]
         seqs = make_sequences(eng, [prompt], params, tag=tag)
         eng.add(seqs[0])
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        eng.step()
-        dt = 1e3 * (time.perf_counter() - t)
+        with around():
+            t = time.perf_counter()
+            eng.step()
+            dt = 1e3 * (time.perf_counter() - t)
+            torch.cuda.synchronize()
         while eng.has_work():
             eng.step()
         return dt
 
     warm = [first_step(f"pw{length}-{i}-", 1000 + i) for i in range(3)]
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        first_step(f"pp{length}-", 2000)
+    prof = torch.profiler.profile(activities=acts)
+    first_step(f"pp{length}-", 2000, lambda: prof)
     if trace:
         prof.export_chrome_trace(f"{trace}/prefill_{length}.json")
-    spans = sorted(
-        (ev.time_range.start, ev.time_range.end, ev.name)
-        for ev in prof.events()
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
-    )
+    spans = device_spans(prof)
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for a, b, n in spans:
         per[n[:70]][0] += b - a
         per[n[:70]][1] += 1
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
     prof_c = cProfile.Profile()
-    prof_c.enable()
-    cprof_ms = first_step(f"pc{length}-", 3000)
-    prof_c.disable()
+    cprof_ms = first_step(f"pc{length}-", 3000, lambda: prof_c)
     stats = pstats.Stats(prof_c)
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:25]  # type: ignore[attr-defined]
     return {

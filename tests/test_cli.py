@@ -39,6 +39,20 @@ def test_module_alias_prints_help() -> None:
     assert out.returncode == 0 and "--max-num-batched-tokens" in out.stdout
 
 
+def health_status(url: str, timeout: float) -> int | None:
+    """Poll a starting server's /health until it answers 200 or `timeout` seconds pass; its last status."""
+    status = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and status != 200:
+        try:
+            status = httpx.get(f"{url}/health", timeout=2).status_code
+        except httpx.HTTPError:
+            pass
+        if status != 200:
+            time.sleep(0.2)
+    return status
+
+
 def test_serve_process(tinystories_dir: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "actserve.server", "serve", "--model", str(tinystories_dir)]
@@ -47,14 +61,7 @@ def test_serve_process(tinystories_dir: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        status = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status = httpx.get(f"{url}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert status == 200
+        assert health_status(url, 60) == 200
         body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
         r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
@@ -73,14 +80,7 @@ def test_engine_core_exits_when_the_server_is_killed(tinystories_dir: Path) -> N
     cmd += ["--port", str(port), "--num-kv-blocks", "64", "--engine-process", "on", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert status == 200
+        assert health_status(f"http://127.0.0.1:{port}", 90) == 200
         cores = psutil.Process(proc.pid).children(recursive=True)
         assert cores, "no engine core process"
         proc.kill()

@@ -30,6 +30,11 @@ def bucket_sizes(max_bs: int) -> list[int]:
     return sizes
 
 
+def smallest_bucket(buckets: list[int], n: int) -> int | None:
+    """The first (smallest) of the ascending `buckets` that holds `n`; None when none does."""
+    return next((b for b in buckets if b >= n), None)
+
+
 def capture_graph(fn: Callable[[], torch.Tensor], pool: object) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `fn` up twice (Triton compiles, cuBLAS picks its kernels), then capture it into `pool`."""
     for _ in range(2):
@@ -124,10 +129,7 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def bucket(self, n: int) -> int | None:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        return None
+        return smallest_bucket(self.buckets, n)
 
     def run(
         self,

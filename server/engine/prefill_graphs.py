@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from actserve.server.engine.cuda_graphs import capture_graph
+from actserve.server.engine.cuda_graphs import capture_graph, smallest_bucket
 from actserve.server.layers.attention import AttentionBatch, SeqSlice
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ class PrefillGraphs:
         log.info("captured prefill CUDA graphs for prompt lengths up to %s", self.buckets)
 
     def bucket(self, length: int) -> int | None:
-        for b in self.buckets:
-            if b >= length:
-                return b
-        return None
+        return smallest_bucket(self.buckets, length)
 
     def run(self, ids: list[int], slots: torch.Tensor) -> torch.Tensor:
         """Logits [1, vocab] of the last prompt token; ids/slots: the whole prompt and its KV slots."""
