@@ -14,9 +14,13 @@ headline configuration is chosen by a fixed rule from a dev-split run on trainin
     python bench/cot_compression_eval.py [--sweep "15:0.1,0.3 solution_mean@15:0.3"] [--problems 60]
     python bench/cot_compression_eval.py --split dev --out /tmp/dev.json --sweep "..."  # dev split first
     python bench/cot_compression_eval.py --dev-result /tmp/dev.json   # held-out; headline from the dev run
-A sweep entry is [POSITION@]LAYER:BUDGETS; POSITION is where the pairs' residuals are read when building
-the direction: "last" (end-of-turn token, ASC's choice, the default) or "solution_mean" (averaged over the
-solution tokens). `--split dev` runs the same measurement on training questions 16-63 instead of the
+A sweep entry is [PREFIX@...]LAYER:BUDGETS, each prefix a name: a POSITION, where the pairs' residuals
+are read when building the direction: "last" (end-of-turn token, ASC's choice, the default) or
+"solution_mean" (averaged over the solution tokens); a verbose SOURCE: "template" (the English step-by-step
+template, the default) or "model" (the model's own greedy answer to the training question, same token cap,
+as the ASC paper builds it); "model_cut", for the concise side: the model's own answer cut after the line
+with its first final answer (default: the math-notation template). E.g. "model@solution_mean@15:0.1,0.3".
+`--split dev` runs the same measurement on training questions 16-63 instead of the
 held-out problems (their pairs built the vector, their answers are never part of the held-out figures).
 Writes bench/results/cot_compression.json and prints the table last. CPU float32; the default sweep
 takes 15-40 minutes on 2 cores (timings_s in the JSON).
@@ -37,17 +41,27 @@ from typing import Any
 import torch
 
 from actserve.interventions.cot_compression.build import (
+    CONCISE_SOURCES,
     READ_POSITIONS,
+    VERBOSE_SOURCES,
+    ConciseSource,
     LayerDirection,
     ReadPosition,
+    VerboseSource,
     asc_directions,
     build_artifact,
     calibration_set,
+    model_solutions,
     prompt_ids,
 )
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
 from actserve.interventions.cot_compression.plugin import ASC_KEY
-from actserve.interventions.cot_compression.problems import heldout_problems, parse_answer, train_problems
+from actserve.interventions.cot_compression.problems import (
+    cut_after_answer,
+    heldout_problems,
+    parse_answer,
+    train_problems,
+)
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.models.default_model import ensure_default_model
@@ -66,41 +80,67 @@ DEFAULT_SWEEP = "15:0.1,0.3,0.5 solution_mean@15:0.3,0.5"
 CALIB_PROMPTS, CALIB_TOKENS = 16, 256  # as served: KL per token grows along a steered continuation
 
 
-Config = tuple[ReadPosition, int]  # (read-out position of the direction, layer)
+Config = tuple[VerboseSource, ConciseSource, ReadPosition, int]  # pairs' sides, read-out position, layer
+Key = tuple[str, str, str, int, float]  # a row: (verbose source, concise source, position, layer, KL budget)
+KEY_NAMES = ("verbose_source", "concise_source", "position", "layer", "kl_budget")
 
 
 def sweep(value: str) -> dict[Config, list[float]]:
-    """Parse "15:0.02,0.05 solution_mean@12:0.05" into {("last", 15): [0.02, 0.05],
-    ("solution_mean", 12): [0.05]} ((position, layer): KL budgets; position "last" unless given)."""
+    """Parse "15:0.02,0.05 model@solution_mean@12:0.05" into {("template", "template", "last", 15): [0.02,
+    0.05], ("model", "template", "solution_mean", 12): [0.05]} (config: KL budgets; the verbose source,
+    the concise source ("model_cut" or the default "template") and the position are named prefixes)."""
     out: dict[Config, list[float]] = {}
     for part in value.split():
         head, budgets = part.split(":")
-        position, _, layer = head.rpartition("@")
-        position = position or "last"
-        if position not in READ_POSITIONS:
-            raise argparse.ArgumentTypeError(f"position must be one of {READ_POSITIONS}, got {position!r}")
-        out[(position, int(layer))] = [float(b) for b in budgets.split(",")]  # type: ignore[index]
+        *prefixes, layer = head.split("@")
+        source, concise, position = "template", "template", "last"
+        for name in prefixes:
+            if name in VERBOSE_SOURCES:
+                source = name
+            elif name in CONCISE_SOURCES:
+                concise = name
+            elif name in READ_POSITIONS:
+                position = name
+            else:
+                raise argparse.ArgumentTypeError(
+                    f"prefix must be a position {READ_POSITIONS}, a verbose source {VERBOSE_SOURCES} or a "
+                    f"concise source {CONCISE_SOURCES[1:]}, got {name!r}"
+                )
+        out[(source, concise, position, int(layer))] = [float(b) for b in budgets.split(",")]  # type: ignore[index]
     return out
 
 
 def label(config: Config) -> str:
-    return f"L{config[1]}" + ("" if config[0] == "last" else f" {config[0]}")
+    source, concise, position, layer = config
+    return (
+        f"L{layer}"
+        + ("" if position == "last" else f" {position}")
+        + ("" if source == "template" else f" {source}-verbose")
+        + ("" if concise == "template" else f" {concise}-concise")
+    )
 
 
-def choose_headline(
-    dev_rows: list[dict[str, Any]], swept: set[tuple[str, int, float]]
-) -> tuple[str, int, float] | None:
+def row_key(r: dict[str, Any]) -> Key:
+    """A row's configuration; rows of runs from before the source options are template ones."""
+    return (
+        r.get("verbose_source") or "template",
+        r.get("concise_source") or "template",
+        r["position"],
+        r["layer"],
+        r["kl_budget"],
+    )
+
+
+def choose_headline(dev_rows: list[dict[str, Any]], swept: set[Key]) -> Key | None:
     """The DEV_NOTE rule, applied to the rows of a `--split dev` result, among configurations swept here."""
-    ok = [
-        r for r in dev_rows if (r["position"], r["layer"], r["kl_budget"]) in swept and r["kl_within_budget"]
-    ]
+    ok = [r for r in dev_rows if r["kl_budget"] is not None and row_key(r) in swept and r["kl_within_budget"]]
     hits = [r for r in ok if r["reduction_pct"] >= 30]
     best = (
         min(hits, key=lambda r: (r["kl_budget"], -r["reduction_pct"]))
         if hits
         else max(ok, key=lambda r: r["reduction_pct"], default=None)
     )
-    return None if best is None else (best["position"], best["layer"], best["kl_budget"])
+    return None if best is None else row_key(best)
 
 
 def summarize(outs: list[list[int]], answers: list[int], tok: Any, cap: int) -> dict[str, Any]:
@@ -144,21 +184,43 @@ def main() -> int:
 
     t = time.monotonic()
     configs: list[Config] = list(args.sweep)
+    own: list[str] = []  # the model's own answers to the training questions, generated once if needed
+    if any(c[0] == "model" or c[1] == "model_cut" for c in configs):
+        own = model_solutions(engine, train, args.max_tokens)
+        timings["model_answers"] = time.monotonic() - t
+    verbose: dict[str, list[str] | None] = {"template": None, "model": own}
+    concise: dict[str, list[str] | None] = {"template": None, "model_cut": [cut_after_answer(a) for a in own]}
     dirs: dict[Config, LayerDirection] = {}
-    for position in dict.fromkeys(c[0] for c in configs):  # one pass per position for all its layers
-        layers = [c[1] for c in configs if c[0] == position]
-        got = asc_directions(model, tok, train, layers, progress=False, position=position)
-        dirs.update({(position, layer): got[layer] for layer in layers})
+    for kind in dict.fromkeys(c[:3] for c in configs):  # one pass per kind of pairs for all its layers
+        layers = [c[3] for c in configs if c[:3] == kind]
+        got = asc_directions(
+            model, tok, train, layers, progress=False, position=kind[2], verbose=verbose[kind[0]],
+            concise=concise[kind[1]],
+        )  # fmt: skip
+        dirs.update({(*kind, layer): got[layer] for layer in layers})
     timings["directions"] = time.monotonic() - t
     t = time.monotonic()
     calib = calibration_set(engine, train[:CALIB_PROMPTS], CALIB_TOKENS)
     arts = {
         c: build_artifact(
-            engine, c[1], train=train, direction_=dirs[c], calib=calib, budgets=tuple(args.sweep[c])
+            engine, c[3], train=train, direction_=dirs[c], calib=calib, budgets=tuple(args.sweep[c])
         )
         for c in configs
     }
     timings["calibration"] = time.monotonic() - t
+    # a budget above what the direction reaches at the largest allowed strength is reported, not run
+    budgets = {c: [b for b in args.sweep[c] if b <= arts[c].max_kl] for c in configs}
+    unreachable = [
+        {"config": label(c), "kl_budget": b, "max_kl": arts[c].max_kl}
+        for c in configs
+        for b in args.sweep[c]
+        if b > arts[c].max_kl
+    ]
+    for u in unreachable:
+        print(
+            f"skipped {u['config']} kl_budget={u['kl_budget']}: above max KL {u['max_kl']:.4f}",
+            file=sys.stderr,
+        )
 
     prompts = [prompt_ids(tok, p.question) for p in held]
     answers = [p.answer for p in held]
@@ -169,18 +231,18 @@ def main() -> int:
     for i, c in enumerate(configs):
         engine.registry.context[ASC_KEY] = arts[c]  # swapped between runs, never while one is in flight
         specs: list[dict[str, Any] | None] = [None] * n if i == 0 else []
-        specs += [{"cot_compression": {"kl_budget": b}} for b in args.sweep[c] for _ in range(n)]
+        specs += [{"cot_compression": {"kl_budget": b}} for b in budgets[c] for _ in range(n)]
         outs = generate(engine, prompts * (len(specs) // n), args.max_tokens, specs, tag=f"{label(c)}-")
         if i == 0:
             base, outs = outs[:n], outs[n:]
-            rows.append({"config": "unsteered", "position": None, "layer": None, "kl_budget": None,
-                         "gamma": 0.0, **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
+            rows.append({"config": "unsteered", **dict.fromkeys(KEY_NAMES), "gamma": 0.0,
+                         **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
         along = [Continuation(p, o) for p, o in zip(prompts, base, strict=True)]
         meter = KLMeter(model, info, arts[c], along, cache_bytes=3 << 30)
-        for k, b in enumerate(args.sweep[c]):
+        for k, b in enumerate(budgets[c]):
             gamma = arts[c].gamma_for(b)
             rows.append({
-                "config": f"{label(c)} kl_budget={b}", "position": c[0], "layer": c[1], "kl_budget": b,
+                "config": f"{label(c)} kl_budget={b}", **dict(zip(KEY_NAMES, (*c, b), strict=True)),
                 "gamma": gamma, "kl_measured": meter.kl(gamma),
                 **summarize(outs[k * n : (k + 1) * n], answers, tok, args.max_tokens),
             })  # fmt: skip
@@ -194,9 +256,9 @@ def main() -> int:
         dev = json.loads(args.dev_result.read_text())
     elif args.dev_result:
         print(f"warning: {args.dev_result} not found; no headline", file=sys.stderr)
-    swept = {(r["position"], r["layer"], r["kl_budget"]) for r in rows[1:]}
+    swept = {row_key(r) for r in rows[1:]}
     headline = choose_headline(dev["rows"], swept) if dev and dev.get("split") == "dev" else None
-    head = next((r for r in rows if (r["position"], r["layer"], r["kl_budget"]) == headline), None)
+    head = next((r for r in rows[1:] if row_key(r) == headline), None)
     timings["total"] = time.monotonic() - t0
     result = {
         "model": "SmolLM2-135M-Instruct (embedded default, float32, CPU)",
@@ -210,20 +272,30 @@ def main() -> int:
         f"{args.split} problems (the calibration used training questions 0-{CALIB_PROMPTS - 1})",
         "accuracy": "final number parsed from the answer (after 'answer is'/'Answer:'/'####', else the last "
         "number) equals the problem's; answered = a number was found",
-        "headline": None
-        if headline is None
-        else {"position": headline[0], "layer": headline[1], "kl_budget": headline[2]},
+        "headline": None if headline is None else dict(zip(KEY_NAMES, headline, strict=True)),
         "dev_note": DEV_NOTE,
         "headline_row": head,
         "target_met": None
         if head is None
         else bool(head["reduction_pct"] >= 30 and head["kl_within_budget"]),
-        "directions": {label(c): {"position": c[0], "layer": c[1], **d.stats} for c, d in dirs.items()},
+        "directions": {
+            label(c): {**dict(zip(KEY_NAMES, c, strict=False)), **d.stats} for c, d in dirs.items()
+        },
+        "model_answers": None
+        if not own
+        else {
+            "what": f"greedy answers to the {len(train)} training questions (cap {args.max_tokens} tokens): "
+            "the verbose side of model@ pairs; cut after their first final answer, the concise side of "
+            "model_cut@ pairs",
+            "cut_shorter": sum(cut_after_answer(a) != a for a in own),
+            "samples": own[:3],
+        },
         "artifacts": {
             label(c): {"gammas": a.gammas, "kls": a.kls, "vFv": a.info["calibration"]["vFv"]}
             for c, a in arts.items()
         },
         "rows": rows,
+        "unreachable_budgets": unreachable,
         "dev": None
         if dev is None
         else {

@@ -3,6 +3,7 @@ as steering at generation positions, KL calibration, bad specs, the CLI and the 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from actserve.interventions.cot_compression.artifact import (
 from actserve.interventions.cot_compression.build import (
     asc_directions,
     common_prefix,
+    model_solutions,
     prompt_ids,
     solution_ids,
 )
@@ -30,6 +32,7 @@ from actserve.interventions.cot_compression.measure import Continuation, KLMeter
 from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
 from actserve.interventions.cot_compression.problems import (
     OPS,
+    cut_after_answer,
     heldout_problems,
     parse_answer,
     train_problems,
@@ -74,6 +77,18 @@ def test_parse_answer() -> None:
     assert parse_answer("so 3+4=7.\n#### 7\nThe answer is: 1,234.") == 1234
     assert parse_answer("Tom has 12 apples and eats 5, leaving 7") == 7
     assert parse_answer("no numbers") is None
+
+
+def test_cut_after_answer() -> None:
+    run_on = "2*3=6.\n#### 6\nThe answer is: 6\n#### 6\n#### 6"
+    assert cut_after_answer(run_on) == "2*3=6.\n#### 6"
+    assert (
+        cut_after_answer("So it is 7. The answer is 7 apples.\nMore.")
+        == "So it is 7. The answer is 7 apples."
+    )
+    assert cut_after_answer("3 and 4 make 7\nok") == "3 and 4 make 7\nok"  # no final-answer marker: unchanged
+    for p in train_problems()[:20]:  # the templates end on their answer
+        assert cut_after_answer(p.concise()) == p.concise() and cut_after_answer(p.verbose()) == p.verbose()
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -191,6 +206,131 @@ def test_solution_mean_direction_matches_transformers(plain: LLMEngine, ref: Any
         assert (d - last[layer].direction.double()).norm() > 0.1 * d.norm()  # the option changes something
     with pytest.raises(ValueError, match="position"):
         asc_directions(plain.runner.model, tok, probs, [0], position="first")  # type: ignore[arg-type]
+
+
+def hf_answer(ref: Any, tok: Any, prompt: list[int], max_tokens: int) -> str:
+    """transformers' greedy answer (EOS or `max_tokens`) as text, surrounding whitespace cut."""
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=0,
+        )  # fmt: skip
+    return tok.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True).strip()
+
+
+def test_model_verbose_pairs_are_the_models_answers(plain: LLMEngine, ref: Any, tok: Any) -> None:
+    """The "model" verbose source: each pair's verbose side is the model's own greedy answer to the
+    question (transformers' greedy decode here), and the direction is concise − those answers."""
+    probs, cap = train_problems()[40:48], 24
+    texts = model_solutions(plain, probs, cap)
+    assert texts == [hf_answer(ref, tok, prompt_ids(tok, p.question), cap) for p in probs]
+    assert all(t and t != p.verbose() for t, p in zip(texts, probs, strict=True))
+    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False, verbose=texts)
+    template = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    concise = [solution_ids(tok, p.question, p.concise()) for p in probs]
+    verbose = [solution_ids(tok, p.question, t) for p, t in zip(probs, texts, strict=True)]
+    for layer in (0, 1):
+        want = hf_last(ref, concise, layer)[2].mean(0) - hf_last(ref, verbose, layer)[2].mean(0)
+        d = got[layer].direction.double()
+        assert got[layer].verbose_source == "model" and template[layer].verbose_source == "template"
+        assert (d - want).abs().max() < 1e-4 * want.abs().max(), f"layer {layer}"
+        assert (d - template[layer].direction.double()).norm() > 0.1 * d.norm()  # the option changes it
+    cut = [t + "\nThe answer is 5" for t in texts]  # concise side given as text: model_cut
+    both = asc_directions(plain.runner.model, tok, probs, [0], progress=False, verbose=texts, concise=cut)[0]
+    ids = [solution_ids(tok, p.question, t) for p, t in zip(probs, cut, strict=True)]
+    want = hf_last(ref, ids, 0)[2].mean(0) - hf_last(ref, verbose, 0)[2].mean(0)
+    assert (both.verbose_source, both.concise_source) == ("model", "model_cut")
+    assert (both.direction.double() - want).abs().max() < 1e-4 * want.abs().max()
+    with pytest.raises(ValueError, match="verbose solutions"):
+        asc_directions(plain.runner.model, tok, probs, [0], verbose=texts[:-1])
+    with pytest.raises(ValueError, match="concise solutions"):
+        asc_directions(plain.runner.model, tok, probs, [0], concise=texts[:-1])
+
+
+def test_cli_model_verbose_source(
+    tinystories_dir: Path, tmp_path: Path, plain: LLMEngine, art: AscArtifact, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cot build --verbose-source model [--concise-source model_cut]`: the artifact's direction is built
+    from the model's answers (capped at --verbose-tokens) and says so; the template artifact differs."""
+    out = tmp_path / "model.safetensors"
+    argv = ["cot", "build", "--model", str(tinystories_dir), "--layer", str(LAYER)]
+    argv += ["--pairs", "100", "--calib-prompts", "4", "--calib-tokens", "16", "--budgets", "0.05"]
+    assert main([*argv, "--out", str(out), "--verbose-source", "model", "--verbose-tokens", "20"]) == 0
+    got = load_artifact(out)
+    assert got.info["verbose_source"] == "model" and art.info["verbose_source"] == "template"
+    assert got.info["concise_source"] == art.info["concise_source"] == "template"
+    probs = train_problems(100)
+    own = model_solutions(plain, probs, 20)
+    want = asc_directions(plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False, verbose=own)
+    d = want[LAYER].direction
+    assert torch.allclose(got.direction, d, rtol=1e-4, atol=1e-5 * float(d.abs().max()))
+    assert (got.direction - art.direction).norm() > 0.1 * got.direction.norm()
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(out), "--verbose-source", "mine"])
+
+    # TinyStories never writes a final-answer line (its cut answers would equal the full ones): give its
+    # answers one, with a run-on after it, so model_cut has something to cut
+    def run_on(engine: Any, problems: list[Any], max_tokens: int) -> list[str]:
+        return [
+            f"{a}\n#### 5\nThe answer is: 5 and so on" for a in model_solutions(engine, problems, max_tokens)
+        ]
+
+    monkeypatch.setattr("actserve.interventions.cot_compression.build.model_solutions", run_on)
+    cut_args = ["--verbose-source", "model", "--verbose-tokens", "20", "--concise-source", "model_cut"]
+    assert main([*argv, "--out", str(tmp_path / "cut.safetensors"), *cut_args]) == 0
+    cut = load_artifact(tmp_path / "cut.safetensors")
+    assert (cut.info["verbose_source"], cut.info["concise_source"]) == ("model", "model_cut")
+    full = [f"{a}\n#### 5\nThe answer is: 5 and so on" for a in own]
+    d_cut = asc_directions(
+        plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False, verbose=full,
+        concise=[f"{a}\n#### 5" for a in own],
+    )[LAYER].direction  # fmt: skip
+    assert torch.allclose(cut.direction, d_cut, rtol=1e-4, atol=1e-5 * float(d_cut.abs().max()))
+
+
+def load_eval() -> Any:
+    """bench/cot_compression_eval.py as a module (its sweep syntax and headline rule)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "cot_compression_eval.py"
+    spec = importlib.util.spec_from_file_location("cot_compression_eval", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_eval_sweep_and_headline_carry_the_pair_sources() -> None:
+    ev = load_eval()
+    got = ev.sweep("15:0.1 model@15:0.1,0.3 model@solution_mean@12:0.5 solution_mean@model@model_cut@20:0.2")
+    assert got == {
+        ("template", "template", "last", 15): [0.1],
+        ("model", "template", "last", 15): [0.1, 0.3],
+        ("model", "template", "solution_mean", 12): [0.5],
+        ("model", "model_cut", "solution_mean", 20): [0.2],
+    }
+    assert ev.label(("model", "template", "solution_mean", 12)) == "L12 solution_mean model-verbose"
+    assert ev.label(("model", "model_cut", "last", 12)) == "L12 model-verbose model_cut-concise"
+    assert ev.label(("template", "template", "last", 15)) == "L15"
+    with pytest.raises(Exception, match="prefix"):
+        ev.sweep("mine@15:0.1")
+
+    def row(source: str | None, budget: float, red: float, ok: bool = True) -> dict[str, Any]:
+        r = {
+            "position": "last",
+            "layer": 15,
+            "kl_budget": budget,
+            "reduction_pct": red,
+            "kl_within_budget": ok,
+        }
+        return r if source is None else {**r, "verbose_source": source, "concise_source": "template"}
+
+    unsteered = {"position": None, "layer": None, "kl_budget": None, "reduction_pct": 0.0,
+                 "kl_within_budget": None, "verbose_source": None}  # fmt: skip
+    rows = [unsteered, row(None, 0.1, 28.0), row("model", 0.3, 35.0), row("model", 0.1, 31.0, ok=False)]
+    model_03, model_01 = ("model", "template", "last", 15, 0.3), ("model", "template", "last", 15, 0.1)
+    swept = {("template", "template", "last", 15, 0.1), model_03, model_01}
+    assert ev.choose_headline(rows, swept) == model_03  # the >= 30% one within budget
+    assert ev.choose_headline(rows, swept - {model_03}) == ("template", "template", "last", 15, 0.1)
+    assert ev.choose_headline(rows, {("model", "template", "last", 15, 0.5)}) is None
 
 
 def test_common_prefix_random() -> None:
@@ -369,6 +509,7 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path)
     back = load_artifact(path)
     assert torch.equal(back.direction, art.direction) and (back.gammas, back.kls) == (art.gammas, art.kls)
     assert back.layer == LAYER and back.info["pairs"] == 100 and back.info["position"] == "last"
+    assert back.info["verbose_source"] == "template"
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError):
         load_artifact(tmp_path / "junk.safetensors")

@@ -11,6 +11,13 @@
    is a build option: "last" (the end-of-turn token; the paper's choice and the default) or
    "solution_mean" (each text's residuals averaged over its solution tokens, everything after the
    question's prompt): the steered positions are solution tokens, not an end-of-turn marker.
+   The verbose side is a build option too: "template" (the generated English step-by-step solution, the
+   default) or "model" (the model's own unsteered greedy answer to the question, EOS or the token cap, as
+   the ASC paper does): the direction should point away from what the model actually writes, and its
+   answers (GSM8K style, often running on after the answer) look nothing like the template. So is the
+   concise side: "template" (math notation, the default) or "model_cut" (the model's own answer cut after
+   the line with its first final answer, `cut_after_answer`): with verbose "model", a pair then differs
+   only in what the model writes after its answer, the run-on and loops that dominate the mean length.
 3. Calibration: unsteered greedy continuations of calibration questions (training problems), then the
    teacher-forced mean per-token KL (measure.py) at a probe strength gives vᵀFv ≈ 2·KL/γ², the start
    γ0 = sqrt(2ε / vᵀFv) for each budget ε, refined by bisection; every measured (γ, KL) point goes into
@@ -28,7 +35,7 @@ import torch
 
 from actserve.interventions.cot_compression.artifact import AscArtifact, interpolate_gamma, monotone_table
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
-from actserve.interventions.cot_compression.problems import Problem, train_problems
+from actserve.interventions.cot_compression.problems import Problem, cut_after_answer, train_problems
 from actserve.interventions.cot_compression.schema import MAX_STRENGTH
 from actserve.interventions.steering.train import direction, layer_stats, residuals
 
@@ -36,6 +43,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 ReadPosition = Literal["last", "solution_mean"]
 READ_POSITIONS: tuple[ReadPosition, ...] = ("last", "solution_mean")
+VerboseSource = Literal["template", "model"]
+VERBOSE_SOURCES: tuple[VerboseSource, ...] = ("template", "model")
+ConciseSource = Literal["template", "model_cut"]
+CONCISE_SOURCES: tuple[ConciseSource, ...] = ("template", "model_cut")
 
 
 def default_layer(num_layers: int) -> int:
@@ -69,6 +80,8 @@ class LayerDirection:
     direction: torch.Tensor  # float32 [hidden], concise - verbose
     stats: dict[str, Any]
     position: ReadPosition = "last"
+    verbose_source: VerboseSource = "template"
+    concise_source: ConciseSource = "template"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -114,18 +127,35 @@ def asc_directions(
     batch_tokens: int = 4096,
     progress: bool | None = None,
     position: ReadPosition = "last",
+    verbose: list[str] | None = None,
+    concise: list[str] | None = None,
 ) -> dict[int, LayerDirection]:
     """Mean (concise − verbose) residual at each layer (several layers cost one pass), read at the last
-    token or averaged over the solution tokens (`position`, see the module docstring)."""
+    token or averaged over the solution tokens (`position`, see the module docstring). `verbose`: the
+    model's own answers, one per problem (`model_solutions`), instead of the verbose template; `concise`:
+    those answers cut after their first final answer (`cut_after_answer`) instead of the concise one."""
     if position not in READ_POSITIONS:
         raise ValueError(f"position must be one of {READ_POSITIONS}, got {position!r}")
-    concise = [solution_ids(tokenizer, p.question, p.concise()) for p in problems]
-    verbose = [solution_ids(tokenizer, p.question, p.verbose()) for p in problems]
+    for name, given in (("verbose", verbose), ("concise", concise)):
+        if given is not None and len(given) != len(problems):
+            raise ValueError(f"{len(given)} {name} solutions for {len(problems)} problems")
+    source: VerboseSource = "template" if verbose is None else "model"
+    concise_source: ConciseSource = "template" if concise is None else "model_cut"
+    verbose_texts = [p.verbose() for p in problems] if verbose is None else verbose
+    concise_texts = [p.concise() for p in problems] if concise is None else concise
+    concise_ids = [
+        solution_ids(tokenizer, p.question, c) for p, c in zip(problems, concise_texts, strict=True)
+    ]
+    verbose_ids = [
+        solution_ids(tokenizer, p.question, v) for p, v in zip(problems, verbose_texts, strict=True)
+    ]
     if position == "last":
-        h = residuals(model, concise + verbose, layers, "last", batch_tokens, progress).double()
+        h = residuals(model, concise_ids + verbose_ids, layers, "last", batch_tokens, progress).double()
     else:
         prompts = [prompt_ids(tokenizer, p.question) for p in problems]
-        h = solution_means(model, concise + verbose, prompts + prompts, layers, batch_tokens, progress)
+        h = solution_means(
+            model, concise_ids + verbose_ids, prompts + prompts, layers, batch_tokens, progress
+        )
     pos, neg = h[: len(problems)], h[len(problems) :]
     out = {}
     for k, layer in enumerate(layers):
@@ -137,8 +167,12 @@ def asc_directions(
             "separation": st.separation,
             "pair_accuracy": st.pair_accuracy,
             "mean_residual_norm": float(h[:, k].norm(dim=-1).mean()),
+            "mean_text_tokens": {
+                "concise": sum(map(len, concise_ids)) / len(concise_ids),
+                "verbose": sum(map(len, verbose_ids)) / len(verbose_ids),
+            },
         }
-        out[layer] = LayerDirection(layer, d.float().contiguous(), stats, position)
+        out[layer] = LayerDirection(layer, d.float().contiguous(), stats, position, source, concise_source)
     return out
 
 
@@ -147,6 +181,13 @@ def calibration_set(engine: Any, problems: list[Problem], max_tokens: int) -> li
     prompts = [prompt_ids(engine.tokenizer, p.question) for p in problems]
     outs = generate(engine, prompts, max_tokens, tag="calib")
     return [Continuation(p, o) for p, o in zip(prompts, outs, strict=True)]
+
+
+def model_solutions(engine: Any, problems: list[Problem], max_tokens: int) -> list[str]:
+    """The model's own unsteered greedy answers (EOS or `max_tokens`), as text with surrounding whitespace
+    cut: the "model" verbose side, the chain of thought the direction should steer away from."""
+    seqs = calibration_set(engine, problems, max_tokens)
+    return [engine.tokenizer.decode(s.output, skip_special_tokens=True).strip() for s in seqs]
 
 
 @dataclass
@@ -210,18 +251,34 @@ def build_artifact(
     batch_tokens: int = 4096,
     progress: bool | None = None,
     position: ReadPosition = "last",
+    verbose_source: VerboseSource = "template",
+    verbose_tokens: int = 256,
+    concise_source: ConciseSource = "template",
 ) -> AscArtifact:
-    """Direction and calibration continuations (unless given) + calibration on a loaded native engine."""
+    """Direction and calibration continuations (unless given) + calibration on a loaded native engine.
+    `verbose_source` "model": the verbose side is the model's greedy answer, capped at `verbose_tokens`;
+    `concise_source` "model_cut": the concise side is that answer cut after its first final answer."""
     model, info = engine.runner.model, engine.model_info
     if getattr(model, "spec", None) is None:
         raise ValueError("cot build needs the native model implementation (not the transformers fallback)")
     if not 0 <= layer < info.num_layers:
         raise ValueError(f"--layer {layer} out of range [0, {info.num_layers - 1}]")
+    if verbose_source not in VERBOSE_SOURCES:
+        raise ValueError(f"verbose source must be one of {VERBOSE_SOURCES}, got {verbose_source!r}")
+    if concise_source not in CONCISE_SOURCES:
+        raise ValueError(f"concise source must be one of {CONCISE_SOURCES}, got {concise_source!r}")
     train = train if train is not None else train_problems()
-    d = (
-        direction_
-        or asc_directions(model, engine.tokenizer, train, [layer], batch_tokens, progress, position)[layer]
-    )
+    if direction_ is None:
+        own: list[str] = []  # the model's own answers, generated once when either side needs them
+        if verbose_source == "model" or concise_source == "model_cut":
+            own = model_solutions(engine, train, verbose_tokens)
+        verbose = own if verbose_source == "model" else None
+        concise = [cut_after_answer(a) for a in own] if concise_source == "model_cut" else None
+        dirs = asc_directions(
+            model, engine.tokenizer, train, [layer], batch_tokens, progress, position, verbose, concise
+        )
+        direction_ = dirs[layer]
+    d = direction_
     art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)
     seqs = calib if calib is not None else calibration_set(engine, train[:calib_prompts], calib_tokens)
     meter = KLMeter(model, info, art, seqs, batch_tokens)
@@ -230,6 +287,8 @@ def build_artifact(
     art.info = {
         "method": "ASC: mean(concise) - mean(verbose) residual, added at generated tokens",
         "position": d.position,  # "last" token or "solution_mean" (averaged over the solution tokens)
+        "verbose_source": d.verbose_source,  # "template" or "model" (its own greedy answers)
+        "concise_source": d.concise_source,  # "template" or "model_cut" (its answers cut after the answer)
         "direction": "raw (not unit norm); strength 1 = the whole mean concise-verbose gap",
         "layer_convention": "output of decoder layer L = transformers hidden_states[L+1]",
         "pairs": len(train),

@@ -39,6 +39,24 @@ def add_cot_parser(sub: Any) -> None:
         default="last",
         help="read the pairs' residuals at the last token (ASC) or averaged over the solution tokens",
     )
+    b.add_argument(
+        "--verbose-source",
+        choices=["template", "model"],
+        default="template",
+        help="verbose side of each pair: the English step-by-step template, or the model's own greedy answer",
+    )
+    b.add_argument(
+        "--verbose-tokens",
+        type=int,
+        default=256,
+        help="token cap of the model's own answers (--verbose-source model, --concise-source model_cut)",
+    )
+    b.add_argument(
+        "--concise-source",
+        choices=["template", "model_cut"],
+        default="template",
+        help="concise side: the math-notation template, or the model's own answer cut after its final answer",
+    )
     b.add_argument("--budgets", type=_floats, default=None, help="KL budgets to bisect, e.g. 0.05,0.1")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -68,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             calib_tokens=args.calib_tokens,
             budgets=args.budgets or DEFAULT_BUDGETS,
             position=args.position,
+            verbose_source=args.verbose_source,
+            verbose_tokens=args.verbose_tokens,
+            concise_source=args.concise_source,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -79,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         "model": art.model,
         "layer": art.layer,
         "position": art.info["position"],
+        "verbose_source": art.info["verbose_source"],
+        "concise_source": art.info["concise_source"],
         "direction": art.info["direction_stats"],
         "calibration": [{"gamma": g, "kl": k} for g, k in zip(art.gammas, art.kls, strict=True)],
     }

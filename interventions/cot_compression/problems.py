@@ -289,3 +289,14 @@ def parse_answer(text: str) -> float | None:
         return float(candidates[-1].replace(",", ""))
     except ValueError:
         return None
+
+
+def cut_after_answer(text: str) -> str:
+    """`text` up to the end of the line holding its first final-answer marker ("####", "answer is",
+    "Answer:" and a number); unchanged without one. The model's own answers often run on after it (a
+    restated answer, or a loop to the token cap): the cut answer is its concise twin."""
+    m = _ANSWER.search(text)
+    if m is None:
+        return text
+    end = text.find("\n", m.end())
+    return (text if end < 0 else text[:end]).rstrip()
