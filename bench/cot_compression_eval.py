@@ -19,7 +19,8 @@ are read when building the direction: "last" (end-of-turn token, ASC's choice, t
 "solution_mean" (averaged over the solution tokens); a verbose SOURCE: "template" (the English step-by-step
 template, the default) or "model" (the model's own greedy answer to the training question, same token cap,
 as the ASC paper builds it); "model_cut", for the concise side: the model's own answer cut after the line
-with its first final answer (default: the math-notation template). E.g. "model@solution_mean@15:0.1,0.3".
+with its first final answer, or "model_brief": its answer when the question asks it to be brief (default:
+the math-notation template). E.g. "model@solution_mean@15:0.1,0.3".
 `--split dev` runs the same measurement on training questions 16-63 instead of the
 held-out problems (their pairs built the vector, their answers are never part of the held-out figures).
 Writes bench/results/cot_compression.json and prints the table last. CPU float32; the default sweep
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from actserve.interventions.cot_compression.build import (
+    BRIEF_INSTRUCTION,
     CONCISE_SOURCES,
     READ_POSITIONS,
     VERBOSE_SOURCES,
@@ -49,8 +51,10 @@ from actserve.interventions.cot_compression.build import (
     ReadPosition,
     VerboseSource,
     asc_directions,
+    brief_solutions,
     build_artifact,
     calibration_set,
+    concise_texts,
     model_solutions,
     prompt_ids,
 )
@@ -88,7 +92,8 @@ KEY_NAMES = ("verbose_source", "concise_source", "position", "layer", "kl_budget
 def sweep(value: str) -> dict[Config, list[float]]:
     """Parse "15:0.02,0.05 model@solution_mean@12:0.05" into {("template", "template", "last", 15): [0.02,
     0.05], ("model", "template", "solution_mean", 12): [0.05]} (config: KL budgets; the verbose source,
-    the concise source ("model_cut" or the default "template") and the position are named prefixes)."""
+    the concise source ("model_cut", "model_brief" or the default "template") and the position are named
+    prefixes)."""
     out: dict[Config, list[float]] = {}
     for part in value.split():
         head, budgets = part.split(":")
@@ -188,14 +193,17 @@ def main() -> int:
     if any(c[0] == "model" or c[1] == "model_cut" for c in configs):
         own = model_solutions(engine, train, args.max_tokens)
         timings["model_answers"] = time.monotonic() - t
+    brief: list[str] = []  # its answers when asked to be brief (model_brief@)
+    if any(c[1] == "model_brief" for c in configs):
+        brief = brief_solutions(engine, train, args.max_tokens)
+        timings["brief_answers"] = time.monotonic() - t
     verbose: dict[str, list[str] | None] = {"template": None, "model": own}
-    concise: dict[str, list[str] | None] = {"template": None, "model_cut": [cut_after_answer(a) for a in own]}
     dirs: dict[Config, LayerDirection] = {}
     for kind in dict.fromkeys(c[:3] for c in configs):  # one pass per kind of pairs for all its layers
         layers = [c[3] for c in configs if c[:3] == kind]
         got = asc_directions(
             model, tok, train, layers, progress=False, position=kind[2], verbose=verbose[kind[0]],
-            concise=concise[kind[1]],
+            concise=concise_texts(own, brief, kind[1]), concise_source=kind[1],
         )  # fmt: skip
         dirs.update({(*kind, layer): got[layer] for layer in layers})
     timings["directions"] = time.monotonic() - t
@@ -289,6 +297,15 @@ def main() -> int:
             "model_cut@ pairs",
             "cut_shorter": sum(cut_after_answer(a) != a for a in own),
             "samples": own[:3],
+        },
+        "brief_answers": None
+        if not brief
+        else {
+            "what": f"greedy answers to the {len(train)} training questions asked with {BRIEF_INSTRUCTION!r} "
+            f"(cap {args.max_tokens} tokens): the concise side of model_brief@ pairs, read after the plain "
+            "question",
+            "mean_chars": sum(map(len, brief)) / len(brief),
+            "samples": brief[:3],
         },
         "artifacts": {
             label(c): {"gammas": a.gammas, "kls": a.kls, "vFv": a.info["calibration"]["vFv"]}

@@ -22,7 +22,9 @@ from actserve.interventions.cot_compression.artifact import (
     save_artifact,
 )
 from actserve.interventions.cot_compression.build import (
+    BRIEF_INSTRUCTION,
     asc_directions,
+    brief_solutions,
     common_prefix,
     model_solutions,
     prompt_ids,
@@ -247,6 +249,32 @@ def test_model_verbose_pairs_are_the_models_answers(plain: LLMEngine, ref: Any, 
         asc_directions(plain.runner.model, tok, probs, [0], concise=texts[:-1])
 
 
+def test_model_brief_pairs(plain: LLMEngine, ref: Any, tok: Any) -> None:
+    """The "model_brief" concise side: the model's greedy answer to the question with BRIEF_INSTRUCTION
+    appended (transformers' greedy decode here), read after the plain question; labelled as such."""
+    probs, cap = train_problems()[48:54], 16
+    brief = brief_solutions(plain, probs, cap)
+    asked = [hf_answer(ref, tok, prompt_ids(tok, p.question + BRIEF_INSTRUCTION), cap) for p in probs]
+    assert brief == asked
+    assert brief != model_solutions(plain, probs, cap)  # the instruction changes what it writes
+    own = model_solutions(plain, probs, cap)
+    got = asc_directions(
+        plain.runner.model,
+        tok,
+        probs,
+        [0],
+        progress=False,
+        verbose=own,
+        concise=brief,
+        concise_source="model_brief",
+    )[0]
+    plain_ids = [solution_ids(tok, p.question, t) for p, t in zip(probs, brief, strict=True)]
+    verbose = [solution_ids(tok, p.question, t) for p, t in zip(probs, own, strict=True)]
+    want = hf_last(ref, plain_ids, 0)[2].mean(0) - hf_last(ref, verbose, 0)[2].mean(0)
+    assert (got.verbose_source, got.concise_source) == ("model", "model_brief")
+    assert (got.direction.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_cli_model_verbose_source(
     tinystories_dir: Path, tmp_path: Path, plain: LLMEngine, art: AscArtifact, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -267,6 +295,18 @@ def test_cli_model_verbose_source(
     assert (got.direction - art.direction).norm() > 0.1 * got.direction.norm()
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(out), "--verbose-source", "mine"])
+    brief_out = tmp_path / "brief.safetensors"
+    assert (
+        main([*argv, "--out", str(brief_out), "--concise-source", "model_brief", "--verbose-tokens", "20"])
+        == 0
+    )
+    got_brief = load_artifact(brief_out)
+    assert (got_brief.info["verbose_source"], got_brief.info["concise_source"]) == ("template", "model_brief")
+    d_brief = asc_directions(
+        plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False,
+        concise=brief_solutions(plain, probs, 20), concise_source="model_brief",
+    )[LAYER].direction  # fmt: skip
+    assert torch.allclose(got_brief.direction, d_brief, rtol=1e-4, atol=1e-5 * float(d_brief.abs().max()))
 
     # TinyStories never writes a final-answer line (its cut answers would equal the full ones): give its
     # answers one, with a run-on after it, so model_cut has something to cut
@@ -310,6 +350,7 @@ def test_eval_sweep_and_headline_carry_the_pair_sources() -> None:
     assert ev.label(("model", "template", "solution_mean", 12)) == "L12 solution_mean model-verbose"
     assert ev.label(("model", "model_cut", "last", 12)) == "L12 model-verbose model_cut-concise"
     assert ev.label(("template", "template", "last", 15)) == "L15"
+    assert ev.sweep("model@model_brief@15:0.2") == {("model", "model_brief", "last", 15): [0.2]}
     with pytest.raises(Exception, match="prefix"):
         ev.sweep("mine@15:0.1")
 

@@ -17,7 +17,8 @@
    answers (GSM8K style, often running on after the answer) look nothing like the template. So is the
    concise side: "template" (math notation, the default) or "model_cut" (the model's own answer cut after
    the line with its first final answer, `cut_after_answer`): with verbose "model", a pair then differs
-   only in what the model writes after its answer, the run-on and loops that dominate the mean length.
+   only in what the model writes after its answer, the run-on and loops that dominate the mean length;
+   or "model_brief" (the model's own answer when the question asks it to be brief, `brief_solutions`).
 3. Calibration: unsteered greedy continuations of calibration questions (training problems), then the
    teacher-forced mean per-token KL (measure.py) at a probe strength gives vᵀFv ≈ 2·KL/γ², the start
    γ0 = sqrt(2ε / vᵀFv) for each budget ε, refined by bisection; every measured (γ, KL) point goes into
@@ -26,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -45,8 +47,10 @@ ReadPosition = Literal["last", "solution_mean"]
 READ_POSITIONS: tuple[ReadPosition, ...] = ("last", "solution_mean")
 VerboseSource = Literal["template", "model"]
 VERBOSE_SOURCES: tuple[VerboseSource, ...] = ("template", "model")
-ConciseSource = Literal["template", "model_cut"]
-CONCISE_SOURCES: tuple[ConciseSource, ...] = ("template", "model_cut")
+ConciseSource = Literal["template", "model_cut", "model_brief"]
+CONCISE_SOURCES: tuple[ConciseSource, ...] = ("template", "model_cut", "model_brief")
+# appended to a training question for the "model_brief" concise side (the pair itself is read without it)
+BRIEF_INSTRUCTION = " Be very brief: one line of math, then the answer."
 
 
 def default_layer(num_layers: int) -> int:
@@ -129,6 +133,7 @@ def asc_directions(
     position: ReadPosition = "last",
     verbose: list[str] | None = None,
     concise: list[str] | None = None,
+    concise_source: ConciseSource | None = None,
 ) -> dict[int, LayerDirection]:
     """Mean (concise − verbose) residual at each layer (several layers cost one pass), read at the last
     token or averaged over the solution tokens (`position`, see the module docstring). `verbose`: the
@@ -140,7 +145,10 @@ def asc_directions(
         if given is not None and len(given) != len(problems):
             raise ValueError(f"{len(given)} {name} solutions for {len(problems)} problems")
     source: VerboseSource = "template" if verbose is None else "model"
-    concise_source: ConciseSource = "template" if concise is None else "model_cut"
+    if concise is None:
+        concise_source = "template"
+    elif concise_source is None or concise_source == "template":
+        concise_source = "model_cut"
     verbose_texts = [p.verbose() for p in problems] if verbose is None else verbose
     concise_texts = [p.concise() for p in problems] if concise is None else concise
     concise_ids = [
@@ -188,6 +196,21 @@ def model_solutions(engine: Any, problems: list[Problem], max_tokens: int) -> li
     cut: the "model" verbose side, the chain of thought the direction should steer away from."""
     seqs = calibration_set(engine, problems, max_tokens)
     return [engine.tokenizer.decode(s.output, skip_special_tokens=True).strip() for s in seqs]
+
+
+def brief_solutions(engine: Any, problems: list[Problem], max_tokens: int) -> list[str]:
+    """The model's own answers when the question asks for brevity (`BRIEF_INSTRUCTION`): the "model_brief"
+    concise side. Paired with the plain question, the direction is the model's own concise mode against
+    its usual one, both in its own words (a 135M model writes nothing like the math-notation template)."""
+    asked = [dataclasses.replace(p, question=p.question + BRIEF_INSTRUCTION) for p in problems]
+    return model_solutions(engine, asked, max_tokens)
+
+
+def concise_texts(own: list[str], brief: list[str], source: ConciseSource) -> list[str] | None:
+    """The concise side's texts for `source` (None: the template) from the model's plain and brief answers."""
+    if source == "model_cut":
+        return [cut_after_answer(a) for a in own]
+    return brief if source == "model_brief" else None
 
 
 @dataclass
@@ -272,11 +295,13 @@ def build_artifact(
         own: list[str] = []  # the model's own answers, generated once when either side needs them
         if verbose_source == "model" or concise_source == "model_cut":
             own = model_solutions(engine, train, verbose_tokens)
+        brief = brief_solutions(engine, train, verbose_tokens) if concise_source == "model_brief" else []
         verbose = own if verbose_source == "model" else None
-        concise = [cut_after_answer(a) for a in own] if concise_source == "model_cut" else None
+        concise = concise_texts(own, brief, concise_source)
         dirs = asc_directions(
-            model, engine.tokenizer, train, [layer], batch_tokens, progress, position, verbose, concise
-        )
+            model, engine.tokenizer, train, [layer], batch_tokens, progress, position, verbose, concise,
+            concise_source,
+        )  # fmt: skip
         direction_ = dirs[layer]
     d = direction_
     art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)

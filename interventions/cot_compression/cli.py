@@ -53,9 +53,10 @@ def add_cot_parser(sub: Any) -> None:
     )
     b.add_argument(
         "--concise-source",
-        choices=["template", "model_cut"],
+        choices=["template", "model_cut", "model_brief"],
         default="template",
-        help="concise side: the math-notation template, or the model's own answer cut after its final answer",
+        help="concise side: the math-notation template, the model's own answer cut after its final answer, "
+        "or its answer when asked to be brief",
     )
     b.add_argument("--budgets", type=_floats, default=None, help="KL budgets to bisect, e.g. 0.05,0.1")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
