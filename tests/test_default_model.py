@@ -173,6 +173,22 @@ def test_logits_match_gguf_model(converted: Path, gguf_reference: Any) -> None:
 
 @needs_smollm2
 @pytest.mark.slow
+def test_misread_special_tokens_are_set_from_the_config(converted: Path) -> None:
+    """transformers 5.17 reads eos = bos = 1 from this GGUF: the conversion takes the config's ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok, config = AutoTokenizer.from_pretrained(converted), AutoConfig.from_pretrained(converted)
+    assert (tok.bos_token_id, tok.eos_token_id) == (config.bos_token_id, config.eos_token_id) == (1, 2)
+    tok.eos_token = tok.bos_token  # as that release reads it
+    assert tok.eos_token_id == 1
+    dm.align_special_tokens(tok, config)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.eos_token) == (1, 2, "<|im_end|>")
+    dm.align_special_tokens(tok, config)  # nothing to do the second time
+    assert tok.eos_token_id == 2
+
+
+@needs_smollm2
+@pytest.mark.slow
 def test_tokenizer_round_trip_and_chat_template(converted: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -338,6 +338,7 @@ def _convert(gguf_path: Path, out: Path, dtype: str, *, progress: bool) -> None:
             if not gguf_template:
                 raise DefaultModelUnavailable(f"{gguf_path} has no tokenizer.chat_template")
             tokenizer.chat_template = gguf_template
+        align_special_tokens(tokenizer, config)
         if tokenizer.eos_token_id != config.eos_token_id or tokenizer.bos_token_id != config.bos_token_id:
             raise DefaultModelUnavailable(
                 f"Tokenizer bos/eos ({tokenizer.bos_token_id}, {tokenizer.eos_token_id}) disagree with "
@@ -390,6 +391,16 @@ def _convert(gguf_path: Path, out: Path, dtype: str, *, progress: bool) -> None:
         _fsync_dir(out)
         bar.set_postfix_str("done", refresh=False)
         bar.update(1)
+
+
+def align_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Set the tokenizer's bos/eos to the config's ids where they differ. Some transformers releases
+    (5.17) read eos = bos = 1 from this GGUF's tokenizer; the GGUF's own metadata, which the config
+    holds, is the authority (eos 2, <|im_end|>, ends a chat turn)."""
+    for role in ("bos", "eos"):
+        want = getattr(config, f"{role}_token_id")
+        if want is not None and getattr(tokenizer, f"{role}_token_id") != want:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(want))
 
 
 def _check_state_keys(config: Any, state: dict[str, torch.Tensor]) -> None:
