@@ -4,14 +4,15 @@ Builds the ASC direction from 120 generated verbose/concise solution pairs at ea
 pass), calibrates γ against per-token KL on 16 training questions (teacher-forced along their unsteered
 greedy answers, same 256-token cap), then generates greedy answers (EOS or the cap) to held-out problems
 (never used to build or calibrate anything) unsteered and with `{"cot_compression": {"kl_budget": ε}}`
-requests through the engine, for every (layer, ε) swept. Per configuration: mean generated tokens and
+requests through the engine, for every (configuration, ε) swept. Per configuration: mean generated tokens and
 the reduction against unsteered, median, answers that hit the cap (mostly loops), accuracy (the final
 number parsed from the answer equals the problem's), and the per-token KL actually measured on the
 held-out problems at that γ (teacher-forced along the whole unsteered answers), beside the budget. The
-headline configuration is chosen by a fixed rule from a dev-split run on training questions (`--split dev`,
-`--dev-result`, see DEV_NOTE), never from these held-out results; every swept configuration is reported.
+headline configuration is chosen by a fixed rule from a dev-split run on problems of their own
+(`--split dev`, `--dev-result`, see DEV_NOTE), never from these held-out results; every swept
+configuration is reported.
 
-    python bench/cot_compression_eval.py [--sweep "15:0.1,0.3 solution_mean@15:0.3"] [--problems 60]
+    python bench/cot_compression_eval.py [--sweep "15:0.1,0.3 on12w16x2@15:0.1"] [--problems 200]
     python bench/cot_compression_eval.py --split dev --out /tmp/dev.json --sweep "..."  # dev split first
     python bench/cot_compression_eval.py --dev-result /tmp/dev.json   # held-out; headline from the dev run
 A sweep entry is [PREFIX@...]LAYER:BUDGETS, each prefix a name: a POSITION, where the pairs' residuals
@@ -20,11 +21,13 @@ are read when building the direction: "last" (end-of-turn token, ASC's choice, t
 template, the default) or "model" (the model's own greedy answer to the training question, same token cap,
 as the ASC paper builds it); "model_cut", for the concise side: the model's own answer cut after the line
 with its first final answer, or "model_brief": its answer when the question asks it to be brief (default:
-the math-notation template). E.g. "model@solution_mean@15:0.1,0.3".
-`--split dev` runs the same measurement on training questions 16-63 instead of the
-held-out problems (their pairs built the vector, their answers are never part of the held-out figures).
-Writes bench/results/cot_compression.json and prints the table last. CPU float32; the default sweep
-takes 15-40 minutes on 2 cores (timings_s in the JSON).
+the math-notation template); an ONSET "onLwTxW": the artifact's onset push, the same pairs' direction
+read at layer L, added with strength γ·W to the first T generated tokens (artifact.Onset). E.g.
+"model@solution_mean@15:0.1,0.3" or "on12w16x2@15:0.1".
+`--split dev` runs the same measurement on `dev_problems` (a third seed, disjoint from the training and
+held-out problems) instead of the held-out problems. Writes bench/results/cot_compression.json and prints
+the table last. float32, on `--device` (cpu or cuda); on 2 CPU cores a sweep of 200 problems takes about
+an hour per four configurations, on an H200 a few minutes (timings_s in the JSON).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -62,6 +66,7 @@ from actserve.interventions.cot_compression.measure import Continuation, KLMeter
 from actserve.interventions.cot_compression.plugin import ASC_KEY
 from actserve.interventions.cot_compression.problems import (
     cut_after_answer,
+    dev_problems,
     heldout_problems,
     parse_answer,
     train_problems,
@@ -74,33 +79,39 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "cot_compression.json"
 DEV_NOTE = (
     "The headline is not picked by hand: with --dev-result DEV.json (the JSON written by `--split dev`: "
-    "the same sweep code run on training questions 16-63, whose pairs built the vector, calibration on "
-    "training questions 0-15, never a held-out problem), it is the swept configuration that, ON THE DEV "
+    "the same sweep code run on dev_problems, a seed of their own sharing no problem with the training or "
+    "held-out sets; calibration on training questions 0-15), it is the swept configuration that, ON THE DEV "
     "SPLIT, reached >= 30% shorter with its measured KL within budget at the smallest KL budget (ties: the "
     "larger dev reduction); if none did, the one with the largest dev reduction within budget. The dev "
     "rows are copied into this file under 'dev'. Without --dev-result there is no headline."
 )
-DEFAULT_SWEEP = "15:0.1,0.3,0.5 solution_mean@15:0.3,0.5"
+DEFAULT_SWEEP = "15:0.1,0.2 on12w16x2@15:0.05,0.1,0.2 on12w16x2.5@15:0.05,0.1,0.2"
 CALIB_PROMPTS, CALIB_TOKENS = 16, 256  # as served: KL per token grows along a steered continuation
 
 
-Config = tuple[VerboseSource, ConciseSource, ReadPosition, int]  # pairs' sides, read-out position, layer
-Key = tuple[str, str, str, int, float]  # a row: (verbose source, concise source, position, layer, KL budget)
-KEY_NAMES = ("verbose_source", "concise_source", "position", "layer", "kl_budget")
+OnsetSpec = tuple[int, int, float] | None  # (layer, tokens, weight) of an artifact's onset push, or none
+Config = tuple[VerboseSource, ConciseSource, ReadPosition, int, OnsetSpec]  # pairs, read-out, layer, onset
+Key = tuple[str, str, str, int, OnsetSpec, float]  # a row: a config and its KL budget
+KEY_NAMES = ("verbose_source", "concise_source", "position", "layer", "onset", "kl_budget")
+ONSET_PREFIX = re.compile(r"on(\d+)w(\d+)x(\d+(?:\.\d+)?)")  # "on12w16x2": layer 12, 16 tokens, weight 2
 
 
 def sweep(value: str) -> dict[Config, list[float]]:
-    """Parse "15:0.02,0.05 model@solution_mean@12:0.05" into {("template", "template", "last", 15): [0.02,
-    0.05], ("model", "template", "solution_mean", 12): [0.05]} (config: KL budgets; the verbose source,
-    the concise source ("model_cut", "model_brief" or the default "template") and the position are named
-    prefixes)."""
+    """Parse "15:0.02,0.05 model@solution_mean@12:0.05 on12w16x2@15:0.1" into {("template", "template",
+    "last", 15, None): [0.02, 0.05], ("model", "template", "solution_mean", 12, None): [0.05], ("template",
+    "template", "last", 15, (12, 16, 2.0)): [0.1]} (config: KL budgets; the verbose source, the concise
+    source ("model_cut", "model_brief" or the default "template"), the position and an onset push
+    ("onLAYERwTOKENSxWEIGHT") are named prefixes)."""
     out: dict[Config, list[float]] = {}
     for part in value.split():
         head, budgets = part.split(":")
         *prefixes, layer = head.split("@")
         source, concise, position = "template", "template", "last"
+        onset: OnsetSpec = None
         for name in prefixes:
-            if name in VERBOSE_SOURCES:
+            if m := ONSET_PREFIX.fullmatch(name):
+                onset = (int(m[1]), int(m[2]), float(m[3]))
+            elif name in VERBOSE_SOURCES:
                 source = name
             elif name in CONCISE_SOURCES:
                 concise = name
@@ -108,17 +119,19 @@ def sweep(value: str) -> dict[Config, list[float]]:
                 position = name
             else:
                 raise argparse.ArgumentTypeError(
-                    f"prefix must be a position {READ_POSITIONS}, a verbose source {VERBOSE_SOURCES} or a "
-                    f"concise source {CONCISE_SOURCES[1:]}, got {name!r}"
+                    f"prefix must be a position {READ_POSITIONS}, a verbose source {VERBOSE_SOURCES}, a "
+                    f"concise source {CONCISE_SOURCES[1:]} or an onset like on12w16x2, got {name!r}"
                 )
-        out[(source, concise, position, int(layer))] = [float(b) for b in budgets.split(",")]  # type: ignore[index]
+        key = (source, concise, position, int(layer), onset)
+        out[key] = [float(b) for b in budgets.split(",")]  # type: ignore[index]
     return out
 
 
 def label(config: Config) -> str:
-    source, concise, position, layer = config
+    source, concise, position, layer, onset = config
     return (
         f"L{layer}"
+        + ("" if onset is None else f" +onset L{onset[0]} t<{onset[1]} x{onset[2]:g}")
         + ("" if position == "last" else f" {position}")
         + ("" if source == "template" else f" {source}-verbose")
         + ("" if concise == "template" else f" {concise}-concise")
@@ -127,11 +140,13 @@ def label(config: Config) -> str:
 
 def row_key(r: dict[str, Any]) -> Key:
     """A row's configuration; rows of runs from before the source options are template ones."""
+    onset = r.get("onset")
     return (
         r.get("verbose_source") or "template",
         r.get("concise_source") or "template",
         r["position"],
         r["layer"],
+        None if onset is None else (int(onset[0]), int(onset[1]), float(onset[2])),
         r["kl_budget"],
     )
 
@@ -166,7 +181,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", type=sweep, default=sweep(DEFAULT_SWEEP), help=f'default "{DEFAULT_SWEEP}"')
     ap.add_argument("--split", choices=["heldout", "dev"], default="heldout", help="problems to answer")
-    ap.add_argument("--problems", type=int, default=None, help="held-out: 60 (>= 50); dev: 48")
+    ap.add_argument("--problems", type=int, default=None, help="held-out: 200 (>= 50); dev: 200")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the engine's device)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--dev-result", type=Path, default=None, help="a --split dev JSON: picks the headline")
@@ -175,16 +191,16 @@ def main() -> int:
     torch.manual_seed(0)
     engine = LLMEngine(
         EngineConfig(
-            model=str(ensure_default_model()), device="cpu", dtype="float32", max_num_seqs=256,
-            kv_cache_memory_gb=3.0,
+            model=str(ensure_default_model()), device=args.device, dtype="float32", max_num_seqs=256,
+            kv_cache_memory_gb=3.0 if args.device == "cpu" else 16.0,
         )
     )  # fmt: skip
     tok, model, info = engine.tokenizer, engine.runner.model, engine.model_info
     train = train_problems(120)
-    if args.split == "dev":  # questions after the calibration ones; never the held-out problems
-        held = train[CALIB_PROMPTS : CALIB_PROMPTS + (args.problems or 48)]
+    if args.split == "dev":  # their own seed: neither training nor held-out problems
+        held = dev_problems(args.problems or 200)
     else:
-        held = heldout_problems(args.problems or 60)
+        held = heldout_problems(args.problems or 200)
     timings: dict[str, float] = {}
 
     t = time.monotonic()
@@ -199,20 +215,30 @@ def main() -> int:
         timings["brief_answers"] = time.monotonic() - t
     verbose: dict[str, list[str] | None] = {"template": None, "model": own}
     dirs: dict[Config, LayerDirection] = {}
+    at: dict[tuple[str, str, str, int], LayerDirection] = {}  # (kind of pairs, layer) -> direction
     for kind in dict.fromkeys(c[:3] for c in configs):  # one pass per kind of pairs for all its layers
-        layers = [c[3] for c in configs if c[:3] == kind]
+        layers = {c[3] for c in configs if c[:3] == kind}
+        layers |= {c[4][0] for c in configs if c[:3] == kind and c[4] is not None}
         got = asc_directions(
-            model, tok, train, layers, progress=False, position=kind[2], verbose=verbose[kind[0]],
+            model, tok, train, sorted(layers), progress=False, position=kind[2], verbose=verbose[kind[0]],
             concise=concise_texts(own, brief, kind[1]), concise_source=kind[1],
         )  # fmt: skip
-        dirs.update({(*kind, layer): got[layer] for layer in layers})
+        at.update({(*kind, layer): got[layer] for layer in layers})
+    dirs = {c: at[(*c[:3], c[3])] for c in configs}
     timings["directions"] = time.monotonic() - t
     t = time.monotonic()
     calib = calibration_set(engine, train[:CALIB_PROMPTS], CALIB_TOKENS)
     arts = {
         c: build_artifact(
-            engine, c[3], train=train, direction_=dirs[c], calib=calib, budgets=tuple(args.sweep[c])
-        )
+            engine,
+            c[3],
+            train=train,
+            direction_=dirs[c],
+            calib=calib,
+            budgets=tuple(args.sweep[c]),
+            onset=c[4],
+            onset_direction=None if c[4] is None else at[(*c[:3], c[4][0])],
+        )  # fmt: skip
         for c in configs
     }
     timings["calibration"] = time.monotonic() - t
@@ -246,7 +272,7 @@ def main() -> int:
             rows.append({"config": "unsteered", **dict.fromkeys(KEY_NAMES), "gamma": 0.0,
                          **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
         along = [Continuation(p, o) for p, o in zip(prompts, base, strict=True)]
-        meter = KLMeter(model, info, arts[c], along, cache_bytes=3 << 30)
+        meter = KLMeter(model, info, arts[c], along, cache_bytes=(3 if args.device == "cpu" else 24) << 30)
         for k, b in enumerate(budgets[c]):
             gamma = arts[c].gamma_for(b)
             rows.append({
@@ -269,7 +295,8 @@ def main() -> int:
     head = next((r for r in rows[1:] if row_key(r) == headline), None)
     timings["total"] = time.monotonic() - t0
     result = {
-        "model": "SmolLM2-135M-Instruct (embedded default, float32, CPU)",
+        "model": "SmolLM2-135M-Instruct (embedded default, float32)",
+        "device": "cpu" if args.device == "cpu" else torch.cuda.get_device_name(),
         "command": shlex.join(["python", "bench/cot_compression_eval.py", *sys.argv[1:]]),
         "split": args.split,
         "problems": n,

@@ -3,6 +3,7 @@ as steering at generation positions, KL calibration, bad specs, the CLI and the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from collections.abc import Iterator
@@ -12,12 +13,14 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actserve.interventions.base import InterventionError
 from actserve.interventions.cot_compression.artifact import (
     ArtifactError,
     AscArtifact,
+    Onset,
     load_artifact,
     save_artifact,
 )
@@ -35,6 +38,7 @@ from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
 from actserve.interventions.cot_compression.problems import (
     OPS,
     cut_after_answer,
+    dev_problems,
     heldout_problems,
     parse_answer,
     train_problems,
@@ -52,13 +56,16 @@ PY_OPS = {"+": lambda a, b: a + b, "−": lambda a, b: a - b, "×": lambda a, b:
 
 # -- generated problems ----------------------------------------------------------------------------
 def test_problems_deterministic_correct_and_disjoint() -> None:
-    train, held = train_problems(), heldout_problems()
-    assert train == train_problems() and held == heldout_problems()
-    assert len(train) >= 100 and len(held) >= 50
+    train, held, dev = train_problems(), heldout_problems(), dev_problems()
+    assert train == train_problems() and held == heldout_problems() and dev == dev_problems()
+    assert len(train) >= 100 and len(held) >= 50 and len(dev) >= 100
     assert len({p.template for p in train}) >= 8
     assert not {p.key for p in train} & {p.key for p in held}
     assert not {p.question for p in train} & {p.question for p in held}
-    for p in train + held:
+    for other in (train, heldout_problems(400)):  # the dev split tunes; it shares nothing with either
+        assert not {p.key for p in dev} & {p.key for p in other}
+        assert not {p.question for p in dev} & {p.question for p in other}
+    for p in train + held + dev:
         eqs = re.findall(r"(\d+)([+−×÷])(\d+)=(\d+)", p.concise())
         assert len(eqs) == len(p.steps) >= 2
         for a, op, b, c in eqs:  # evaluate the written arithmetic, not the generator's own numbers
@@ -115,8 +122,31 @@ def artifact_path(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("asc") / "tiny.safetensors"
     argv = ["cot", "build", "--model", str(tinystories_dir), "--layer", str(LAYER), "--out", str(out)]
     argv += ["--pairs", "100", "--calib-prompts", "6", "--calib-tokens", "24", "--budgets", "0.02,0.05,0.1"]
-    assert main(argv) == 0
+    assert main([*argv, "--no-onset"]) == 0
     return out
+
+
+ONSET_LAYER, ONSET_TOKENS, ONSET_WEIGHT = 1, 4, 2.5
+
+
+@pytest.fixture(scope="module")
+def onset_art(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AscArtifact:
+    """The same build with an onset push at the other layer (the CLI's default has one)."""
+    out = tmp_path_factory.mktemp("asc_onset") / "onset.safetensors"
+    argv = ["cot", "build", "--model", str(tinystories_dir), "--layer", str(LAYER), "--out", str(out)]
+    argv += ["--pairs", "100", "--calib-prompts", "6", "--calib-tokens", "24", "--budgets", "0.02,0.05,0.1"]
+    argv += ["--onset-layer", str(ONSET_LAYER), "--onset-tokens", str(ONSET_TOKENS)]
+    assert main([*argv, "--onset-weight", str(ONSET_WEIGHT)]) == 0
+    return load_artifact(out)
+
+
+@pytest.fixture(scope="module")
+def onset_eng(
+    tinystories_dir: Path, onset_art: AscArtifact, tmp_path_factory: pytest.TempPathFactory
+) -> LLMEngine:
+    path = tmp_path_factory.mktemp("asc_onset_copy") / "onset.safetensors"
+    save_artifact(onset_art, path)
+    return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256, cot_compression=str(path)))
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +305,13 @@ def test_model_brief_pairs(plain: LLMEngine, ref: Any, tok: Any) -> None:
     assert (got.direction.double() - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def test_cli_onset_options_conflict(tinystories_dir: Path, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "x.safetensors"
+    argv = ["cot", "build", "--model", str(tinystories_dir), "--out", str(out), "--no-onset"]
+    assert main([*argv, "--onset-layer", "1"]) == 2
+    assert "--no-onset" in capsys.readouterr().err and not out.exists()
+
+
 def test_cli_model_verbose_source(
     tinystories_dir: Path, tmp_path: Path, plain: LLMEngine, art: AscArtifact, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,17 +379,24 @@ def test_eval_sweep_and_headline_carry_the_pair_sources() -> None:
     ev = load_eval()
     got = ev.sweep("15:0.1 model@15:0.1,0.3 model@solution_mean@12:0.5 solution_mean@model@model_cut@20:0.2")
     assert got == {
-        ("template", "template", "last", 15): [0.1],
-        ("model", "template", "last", 15): [0.1, 0.3],
-        ("model", "template", "solution_mean", 12): [0.5],
-        ("model", "model_cut", "solution_mean", 20): [0.2],
+        ("template", "template", "last", 15, None): [0.1],
+        ("model", "template", "last", 15, None): [0.1, 0.3],
+        ("model", "template", "solution_mean", 12, None): [0.5],
+        ("model", "model_cut", "solution_mean", 20, None): [0.2],
     }
-    assert ev.label(("model", "template", "solution_mean", 12)) == "L12 solution_mean model-verbose"
-    assert ev.label(("model", "model_cut", "last", 12)) == "L12 model-verbose model_cut-concise"
-    assert ev.label(("template", "template", "last", 15)) == "L15"
-    assert ev.sweep("model@model_brief@15:0.2") == {("model", "model_brief", "last", 15): [0.2]}
-    with pytest.raises(Exception, match="prefix"):
-        ev.sweep("mine@15:0.1")
+    assert ev.label(("model", "template", "solution_mean", 12, None)) == "L12 solution_mean model-verbose"
+    assert ev.label(("model", "model_cut", "last", 12, None)) == "L12 model-verbose model_cut-concise"
+    assert ev.label(("template", "template", "last", 15, None)) == "L15"
+    assert ev.sweep("model@model_brief@15:0.2") == {("model", "model_brief", "last", 15, None): [0.2]}
+    onset = ev.sweep("on12w16x2.5@15:0.05,0.1 model@on9w8x2@15:0.1")
+    assert onset == {
+        ("template", "template", "last", 15, (12, 16, 2.5)): [0.05, 0.1],
+        ("model", "template", "last", 15, (9, 8, 2.0)): [0.1],
+    }
+    assert ev.label(("template", "template", "last", 15, (12, 16, 2.5))) == "L15 +onset L12 t<16 x2.5"
+    for bad in ("mine@15:0.1", "on12w16@15:0.1", "on12x2@15:0.1"):
+        with pytest.raises(Exception, match="prefix"):
+            ev.sweep(bad)
 
     def row(source: str | None, budget: float, red: float, ok: bool = True) -> dict[str, Any]:
         r = {
@@ -367,11 +411,17 @@ def test_eval_sweep_and_headline_carry_the_pair_sources() -> None:
     unsteered = {"position": None, "layer": None, "kl_budget": None, "reduction_pct": 0.0,
                  "kl_within_budget": None, "verbose_source": None}  # fmt: skip
     rows = [unsteered, row(None, 0.1, 28.0), row("model", 0.3, 35.0), row("model", 0.1, 31.0, ok=False)]
-    model_03, model_01 = ("model", "template", "last", 15, 0.3), ("model", "template", "last", 15, 0.1)
-    swept = {("template", "template", "last", 15, 0.1), model_03, model_01}
+    model_03 = ("model", "template", "last", 15, None, 0.3)
+    model_01 = ("model", "template", "last", 15, None, 0.1)
+    plain_01 = ("template", "template", "last", 15, None, 0.1)
+    swept = {plain_01, model_03, model_01}
     assert ev.choose_headline(rows, swept) == model_03  # the >= 30% one within budget
-    assert ev.choose_headline(rows, swept - {model_03}) == ("template", "template", "last", 15, 0.1)
-    assert ev.choose_headline(rows, {("model", "template", "last", 15, 0.5)}) is None
+    assert ev.choose_headline(rows, swept - {model_03}) == plain_01
+    assert ev.choose_headline(rows, {("model", "template", "last", 15, None, 0.5)}) is None
+    # an onset row as the JSON holds it (a list): the smallest budget reaching 30 % wins
+    with_onset = [{**row(None, b, red), "onset": [12, 16, 2.0]} for b, red in ((0.05, 31.0), (0.1, 40.0))]
+    onset_005 = ("template", "template", "last", 15, (12, 16, 2.0), 0.05)
+    assert ev.choose_headline(rows + with_onset, swept | {onset_005}) == onset_005
 
 
 def test_common_prefix_random() -> None:
@@ -383,25 +433,41 @@ def test_common_prefix_random() -> None:
         assert common_prefix(a, b) == want
 
 
-def hf_generate(ref: Any, prompt: list[int], layer: int, add: torch.Tensor | None) -> tuple[list[int], list]:
+def hf_generate(
+    ref: Any,
+    prompt: list[int],
+    layer: int,
+    add: torch.Tensor | None,
+    onset: tuple[int, torch.Tensor, int] | None = None,
+) -> tuple[list[int], list]:
     """Greedy transformers decode; `add` is added to model.layers[layer]'s output at generated tokens
-    (decode forwards: one new token each; the prefill forward holds the prompt)."""
-    handle = None
-    if add is not None:
+    (decode forwards: one new token each; the prefill forward holds the prompt); `onset` (layer, add,
+    tokens): added at that layer's output in the first `tokens` decode forwards only."""
+    handles = []
+
+    def pushing(vec: torch.Tensor, tokens: int | None) -> Any:
+        seen = [0]  # decode forwards so far: generated token k is processed by the k-th one
 
         def hook(_m: Any, _i: Any, out: Any) -> Any:
             h = out[0] if isinstance(out, tuple) else out
-            h = h + add if h.shape[1] == 1 else h
+            if h.shape[1] == 1:
+                h = h + vec if tokens is None or seen[0] < tokens else h
+                seen[0] += 1
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
-        handle = ref.model.layers[layer].register_forward_hook(hook)
+        return hook
+
+    pushes = [] if add is None else [(layer, add, None)]
+    pushes += [] if onset is None else [onset]
+    for at, vec, tokens in pushes:
+        handles.append(ref.model.layers[at].register_forward_hook(pushing(vec, tokens)))
     try:
         out = ref.generate(
             torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
         )  # fmt: skip
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]
 
@@ -419,6 +485,71 @@ def test_request_adds_direction_at_layer_output(
     assert tokens == want
     assert tokens != hf_generate(ref, prompts[0], art.layer, -gamma * art.direction)[0]
     assert tokens != hf_generate(ref, prompts[0], art.layer, None)[0]  # it does act
+
+
+def test_onset_push_on_the_first_tokens_matches_transformers(
+    onset_eng: LLMEngine, onset_art: AscArtifact, ref: Any, prompts: list[list[int]]
+) -> None:
+    """With an onset: +γ·v at layer L on every generated token and +γ·w·u at the onset layer on the
+    first T generated tokens only, in one request, beside plain and zero-strength neighbours."""
+    o = onset_art.onset
+    assert o is not None and (o.layer, o.tokens, o.weight) == (ONSET_LAYER, ONSET_TOKENS, ONSET_WEIGHT)
+    assert onset_art.info["onset"]["layer"] == ONSET_LAYER and o.direction.norm() > 0
+    gamma = 3.0
+    with capture_logits() as seen:
+        got = run(onset_eng, prompts, greedy(STEPS, min_tokens=STEPS),
+                  [cot(strength=gamma), None, cot(strength=0.0)], tag="o")  # fmt: skip
+    main_push = gamma * onset_art.direction
+    want, want_logits = hf_generate(
+        ref, prompts[0], LAYER, main_push, (o.layer, gamma * o.weight * o.direction, o.tokens)
+    )
+    for step, (a, b) in enumerate(zip(seen["o0"], want_logits, strict=True)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    assert got[0] == want
+    for i in (1, 2):
+        assert got[i] == hf_generate(ref, prompts[i], LAYER, None)[0]
+    # the window matters: the same onset on every token, or none, decodes otherwise
+    always = hf_generate(ref, prompts[0], LAYER, main_push, (o.layer, gamma * o.weight * o.direction, STEPS))
+    assert want != always[0] and want != hf_generate(ref, prompts[0], LAYER, main_push)[0]
+
+
+def test_onset_kl_meter_matches_transformers(
+    onset_eng: LLMEngine, onset_art: AscArtifact, ref: Any, tok: Any
+) -> None:
+    """Calibration covers both pushes: teacher-forced KL with the onset on positions [p, p + T)."""
+    o = onset_art.onset
+    assert o is not None
+    ps = [prompt_ids(tok, p.question) for p in train_problems()[:3]]
+    seqs = [Continuation(p, out) for p, out in zip(ps, generate(onset_eng, ps, 20), strict=True)]
+    gamma = 2.0
+    meter = KLMeter(onset_eng.runner.model, onset_eng.model_info, onset_art, seqs, batch_tokens=64)
+    total, count = 0.0, 0
+    for s in seqs:
+        ids, p = torch.tensor([s.prompt + s.output]), len(s.prompt)
+
+        def at(lo: int, hi: int | None, vec: torch.Tensor) -> Any:
+            def hook(_m: Any, _i: Any, out: Any) -> Any:
+                h = (out[0] if isinstance(out, tuple) else out).clone()
+                h[:, lo:hi] += vec
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            return hook
+
+        with torch.no_grad():
+            base = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
+            handles = [
+                ref.model.layers[LAYER].register_forward_hook(at(p, None, gamma * onset_art.direction)),
+                ref.model.layers[o.layer].register_forward_hook(
+                    at(p, p + o.tokens, gamma * o.weight * o.direction)
+                ),
+            ]
+            steered = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
+            for h in handles:
+                h.remove()
+        total += float((steered.exp() * (steered - base)).sum())
+        count += base.shape[0]
+    assert meter.kl(gamma) == pytest.approx(total / count, rel=1e-3)
+    assert onset_art.max_kl >= 0.1 and len(onset_art.gammas) >= 3
 
 
 # -- the plugin is steering at generation positions ------------------------------------------------
@@ -459,7 +590,7 @@ def test_shares_the_steering_table_with_steering_requests(
     assert a == b
     for i in range(3):
         assert all(torch.equal(x, y) for x, y in zip(seen[f"b{i}"], seen[f"o{i}"], strict=True))
-    shared = eng.registry.plugins["cot_compression"]._slot()[0]  # type: ignore[attr-defined]
+    shared = eng.registry.plugins["cot_compression"]._reserved(0)[0]  # type: ignore[attr-defined]
     assert shared is eng.registry.plugins["steering"]
 
 
@@ -478,6 +609,8 @@ def test_strength_zero_is_bit_identical(eng: LLMEngine, prompts: list[list[int]]
 # -- calibration -----------------------------------------------------------------------------------
 def test_kl_budget_maps_monotonically(eng: LLMEngine, art: AscArtifact) -> None:
     assert len(art.gammas) >= 3 and art.max_kl >= 0.1
+    means = art.info["calibration"]["mean_kl"]  # the table holds upper bounds, above these means
+    assert len(means) == len(art.kls) and all(0 < m < k for m, k in zip(means, art.kls, strict=True))
     assert all(g1 < g2 for g1, g2 in zip(art.gammas, art.gammas[1:], strict=False))
     assert art.kls == sorted(set(art.kls))
     budgets = [art.max_kl * f for f in (0.0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0)]
@@ -494,7 +627,7 @@ def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifac
     seqs = [Continuation(p, o) for p, o in zip(ps, generate(eng, ps, 20), strict=True)]
     gamma = 3.0
     meter = KLMeter(eng.runner.model, eng.model_info, art, seqs, batch_tokens=64)  # several chunks
-    total, count = 0.0, 0
+    total, count, sums, counts = 0.0, 0, [], []
     for s in seqs:
         ids, p = torch.tensor([s.prompt + s.output]), len(s.prompt)
 
@@ -511,9 +644,17 @@ def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifac
             handle.remove()
         total += float((steered.exp() * (steered - base)).sum())
         count += base.shape[0]
+        sums.append(float((steered.exp() * (steered - base)).sum()))
+        counts.append(base.shape[0])
     assert meter.positions == count
     assert meter.kl(gamma) == pytest.approx(total / count, rel=1e-3)
-    assert meter.kl(0.0) == 0.0
+    assert meter.kl(0.0) == 0.0 == meter.kl_upper(0.0)
+    # the upper bound: pooled mean + z standard errors of the ratio estimator, here in plain Python
+    m, mean, nbar = len(sums), total / count, count / len(counts)
+    var = sum((k - mean * n) ** 2 for k, n in zip(sums, counts, strict=True)) / (m * (m - 1)) / nbar**2
+    assert meter.kl_upper(gamma) == pytest.approx(mean + 1.645 * var**0.5, rel=1e-3)
+    plain = KLMeter(eng.runner.model, eng.model_info, art, seqs, z=0.0)
+    assert plain.kl_upper(gamma) == pytest.approx(meter.kl(gamma), rel=1e-6)
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -544,7 +685,7 @@ def test_not_configured(plain: LLMEngine) -> None:
     assert str(e.value) == NOT_CONFIGURED and e.value.param == "interventions.cot_compression"
 
 
-def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path) -> None:
+def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path, plain: LLMEngine) -> None:
     path = tmp_path / "a.safetensors"
     save_artifact(art, path)
     back = load_artifact(path)
@@ -554,6 +695,32 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError):
         load_artifact(tmp_path / "junk.safetensors")
+    # an onset survives the round trip; a version 1 file (before onsets) still loads
+    o = Onset(torch.randn(art.hidden_size, generator=torch.Generator().manual_seed(3)), 1, 7, 1.75)
+    save_artifact(dataclasses.replace(art, onset=o), tmp_path / "o.safetensors")
+    got = load_artifact(tmp_path / "o.safetensors").onset
+    assert got is not None and torch.equal(got.direction, o.direction)
+    assert (got.layer, got.tokens, got.weight) == (1, 7, 1.75)
+    tensors = {"direction": art.direction, "calibration.gamma": torch.tensor(art.gammas, dtype=torch.float64),
+               "calibration.kl": torch.tensor(art.kls, dtype=torch.float64)}  # fmt: skip
+    meta = {"format": "actserve.asc", "version": "1", "layer": "0", "hidden_size": str(art.hidden_size),
+            "num_layers": "2", "model": "m", "info": "{}"}  # fmt: skip
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    v1 = load_artifact(tmp_path / "v1.safetensors")
+    assert v1.onset is None and torch.equal(v1.direction, art.direction)
+    with_onset = {**tensors, "onset.direction": art.direction.clone()}
+    for bad_tensors, bad_meta, match in (
+        (tensors, {**meta, "version": "9"}, "version"),
+        (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "0", "onset_weight": "2"}, "onset_tokens"),
+        (tensors, {**meta, "onset_layer": "1", "onset_tokens": "4", "onset_weight": "2"}, "incomplete"),
+        (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "4"}, "incomplete"),
+    ):
+        save_file(bad_tensors, str(tmp_path / "bad.safetensors"), metadata=bad_meta)
+        with pytest.raises(ArtifactError, match=match):
+            load_artifact(tmp_path / "bad.safetensors")
+    far = dataclasses.replace(art, onset=dataclasses.replace(o, layer=5))
+    with pytest.raises(ArtifactError, match="onset layer 5"):
+        far.check_fits(plain.model_info)
     wide = AscArtifact(torch.ones(64), 0, 2, "other", [1.0], [0.1])
     save_artifact(wide, tmp_path / "wide.safetensors")
     with pytest.raises(ArtifactError, match="hidden size 64"):

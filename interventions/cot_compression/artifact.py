@@ -1,8 +1,13 @@
 """The ASC artifact: one safetensors file holding the direction, its layer and the KL calibration table.
 
 Tensors: `direction` [hidden] float32, `calibration.gamma` [n] and `calibration.kl` [n] float64 (γ
-ascending, measured mean per-token KL ascending). Metadata (strings): `format` = "actserve.asc",
-`version`, `layer`, `hidden_size`, `num_layers`, `model`, and `info` (JSON: how it was built).
+ascending, per-token KL ascending: since version 2 the one-sided 95 % upper confidence bound of the mean
+over the calibration prompts, in version 1 the mean itself; `info` holds both). Metadata (strings):
+`format` = "actserve.asc", `version`, `layer`, `hidden_size`, `num_layers`, `model`, and `info` (JSON:
+how it was built).
+Version 2 adds an optional ONSET: tensor `onset.direction` and metadata `onset_layer`, `onset_tokens`,
+`onset_weight`: the same kind of direction read at an earlier layer, added with strength γ·weight to
+the first `onset_tokens` generated tokens only (see `Onset`). Version 1 files (no onset) still load.
 
 The direction is stored RAW, not unit norm: mean(concise) − mean(verbose) residual at the layer, so
 strength γ = 1 moves the residual by the whole average concise−verbose gap whatever the model's residual
@@ -26,11 +31,28 @@ from safetensors.torch import load_file, save_file
 from actserve.server.models.loader import ModelInfo
 
 FORMAT = "actserve.asc"
-VERSION = "1"
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
 
 class ArtifactError(ValueError):
     """A file that is not an ASC artifact, or one built for a model of another shape."""
+
+
+@dataclass
+class Onset:
+    """A push at an earlier layer for the first generated tokens only, scaled with the main one.
+
+    Why: on SmolLM2-135M, ASC at one layer for every token shortens answers only up to a point; pushed
+    harder, more answers fall into repetition loops that run to the token cap. A strong push at an
+    earlier layer during the first tokens sets a short answer's course (its median fell 125 -> 74 tokens)
+    but alone leaves the loops; with the main push on every token as well, both fall
+    (bench/results/cot_explore.json)."""
+
+    direction: torch.Tensor  # float32 [hidden], concise - verbose at `layer`, raw like the main one
+    layer: int
+    tokens: int  # generated tokens [0, tokens) are pushed
+    weight: float  # strength there = γ * weight
 
 
 @dataclass
@@ -40,8 +62,9 @@ class AscArtifact:
     num_layers: int
     model: str  # name of the model it was built on (informational)
     gammas: list[float] = field(default_factory=list)  # calibration: ascending strengths ...
-    kls: list[float] = field(default_factory=list)  # ... and their measured mean per-token KL (nats)
+    kls: list[float] = field(default_factory=list)  # ... and their per-token KL (nats; upper bound, v2)
     info: dict[str, Any] = field(default_factory=dict)
+    onset: Onset | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -63,8 +86,9 @@ class AscArtifact:
                 f"the CoT compression artifact was built for a model with hidden size {self.hidden_size} and "
                 f"{self.num_layers} layers; the loaded model has {info.hidden_size} and {info.num_layers}"
             )
-        if not 0 <= self.layer < info.num_layers:
-            raise ArtifactError(f"artifact layer {self.layer} out of range [0, {info.num_layers - 1}]")
+        for name, layer in (("layer", self.layer), ("onset layer", self.onset and self.onset.layer)):
+            if layer is not None and not 0 <= layer < info.num_layers:
+                raise ArtifactError(f"artifact {name} {layer} out of range [0, {info.num_layers - 1}]")
 
 
 def monotone_table(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
@@ -108,6 +132,13 @@ def save_artifact(art: AscArtifact, path: str | Path) -> None:
         "model": art.model,
         "info": json.dumps(art.info, sort_keys=True),
     }
+    if art.onset is not None:
+        tensors["onset.direction"] = art.onset.direction.detach().float().cpu().clone()  # may be `direction`
+        meta |= {
+            "onset_layer": str(art.onset.layer),
+            "onset_tokens": str(art.onset.tokens),
+            "onset_weight": repr(float(art.onset.weight)),
+        }
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -121,7 +152,19 @@ def load_artifact(path: str | Path) -> AscArtifact:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an ASC artifact (metadata format {meta.get('format')!r})")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ArtifactError(
+            f"{path}: ASC artifact version {meta.get('version')!r}; this server reads {READABLE_VERSIONS}"
+        )
     try:
+        onset = None
+        if "onset_layer" in meta:
+            onset = Onset(
+                direction=tensors["onset.direction"].float(),
+                layer=int(meta["onset_layer"]),
+                tokens=int(meta["onset_tokens"]),
+                weight=float(meta["onset_weight"]),
+            )
         direction = tensors["direction"].float()
         gammas = [float(x) for x in tensors["calibration.gamma"].tolist()]
         kls = [float(x) for x in tensors["calibration.kl"].tolist()]
@@ -133,11 +176,18 @@ def load_artifact(path: str | Path) -> AscArtifact:
             gammas=gammas,
             kls=kls,
             info=json.loads(meta.get("info", "{}")),
+            onset=onset,
         )
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"{path}: incomplete ASC artifact ({e})") from None
     if direction.dim() != 1 or not bool(torch.isfinite(direction).all()):
         raise ArtifactError(f"{path}: direction must be a finite vector")
+    if onset is not None:
+        d = onset.direction
+        if d.shape != direction.shape or not bool(torch.isfinite(d).all()):
+            raise ArtifactError(f"{path}: onset.direction must be a finite vector like direction")
+        if onset.tokens < 1 or not math.isfinite(onset.weight):
+            raise ArtifactError(f"{path}: onset_tokens must be >= 1 and onset_weight finite")
     if (gammas, kls) != monotone_table(list(zip(gammas, kls, strict=True))):
         raise ArtifactError(f"{path}: calibration table must be strictly increasing in γ > 0 and KL")
     return art

@@ -35,8 +35,13 @@ from typing import Any, Literal
 
 import torch
 
-from actserve.interventions.cot_compression.artifact import AscArtifact, interpolate_gamma, monotone_table
-from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.artifact import (
+    AscArtifact,
+    Onset,
+    interpolate_gamma,
+    monotone_table,
+)
+from actserve.interventions.cot_compression.measure import UPPER_Z, Continuation, KLMeter, generate
 from actserve.interventions.cot_compression.problems import Problem, cut_after_answer, train_problems
 from actserve.interventions.cot_compression.schema import MAX_STRENGTH
 from actserve.interventions.steering.train import direction, layer_stats, residuals
@@ -56,6 +61,15 @@ BRIEF_INSTRUCTION = " Be very brief: one line of math, then the answer."
 def default_layer(num_layers: int) -> int:
     """About two thirds of the depth (the ASC paper: layer 20 of 28 and of 32)."""
     return min(num_layers - 1, round(num_layers * 2 / 3))
+
+
+DEFAULT_ONSET_TOKENS, DEFAULT_ONSET_WEIGHT = 16, 2.0  # measured on SmolLM2-135M (bench/cot_explore.py)
+
+
+def default_onset_layer(num_layers: int) -> int:
+    """Two fifths of the depth: layer 12 of SmolLM2-135M's 30, where the onset push worked best there
+    (layers 10-14 measured; an earlier layer is more likely to send answers into loops)."""
+    return min(num_layers - 1, round(num_layers * 2 / 5))
 
 
 def prompt_ids(tokenizer: Any, question: str) -> list[int]:
@@ -216,10 +230,11 @@ def concise_texts(own: list[str], brief: list[str], source: ConciseSource) -> li
 @dataclass
 class Calibration:
     gammas: list[float]
-    kls: list[float]
+    kls: list[float]  # the budget column: upper confidence bounds of the mean per-token KL
+    means: list[float]  # the measured means at the same γ
     vfv: float  # second-order estimate of vᵀFv along the direction
     probe: float
-    points: list[tuple[float, float]] = field(default_factory=list)  # everything measured
+    points: list[tuple[float, float, float]] = field(default_factory=list)  # (γ, mean, upper) measured
     targets: dict[str, float] = field(default_factory=dict)  # budget -> γ from the table
 
 
@@ -230,20 +245,21 @@ def calibrate(
     rel_tol: float = 0.1,
     max_steps: int = 6,
 ) -> Calibration:
-    """Bisect γ for each budget, starting from the second-order estimate γ0 = sqrt(2ε / vᵀFv); γ stays
-    within the request schema's strength range."""
+    """Bisect γ for each budget on the KL's upper confidence bound (`KLMeter.kl_upper`: a γ calibrated on
+    the mean would overshoot the budget on about half of all other prompt sets), starting from the
+    second-order estimate γ0 = sqrt(2ε / vᵀFv); γ stays within the request schema's strength range."""
     while meter.kl(probe) < 1e-7 and probe < MAX_STRENGTH / 4:  # too small to see above rounding noise
         probe *= 4
-    vfv = max(2 * meter.kl(probe) / probe**2, 1e-12)
+    vfv = max(2 * meter.kl_upper(probe) / probe**2, 1e-12)
     for eps in sorted(budgets):
         g = min(math.sqrt(2 * eps / vfv), MAX_STRENGTH)
         for _ in range(max_steps):
-            meter.kl(g)
-            lo = max((x for x, k in meter.measured.items() if k < eps), default=0.0)
-            hi = min((x for x, k in meter.measured.items() if k >= eps), default=math.inf)
+            meter.kl_upper(g)
+            lo = max((x for x, k in meter.upper.items() if k < eps), default=0.0)
+            hi = min((x for x, k in meter.upper.items() if k >= eps), default=math.inf)
             bracketed = lo > 0 and math.isfinite(hi)
             # stop once a measured point at or above the budget exists and one side is close to it
-            if bracketed and min(eps - meter.kl(lo), meter.kl(hi) - eps) <= rel_tol * eps:
+            if bracketed and min(eps - meter.upper[lo], meter.upper[hi] - eps) <= rel_tol * eps:
                 break
             if lo >= MAX_STRENGTH:
                 break  # this budget is out of reach
@@ -252,13 +268,14 @@ def calibrate(
                 if bracketed
                 else (hi / 1.6 if math.isfinite(hi) else min(max(lo, g) * 1.6, MAX_STRENGTH))
             )
-    points = sorted(meter.measured.items())
-    gammas, kls = monotone_table(points)
+    points = sorted((g, meter.kl(g), u) for g, u in meter.upper.items())
+    gammas, kls = monotone_table([(g, u) for g, _, u in points])
     if not kls:
         raise ValueError("calibration measured no KL at any strength: the direction has no effect")
+    means = [meter.kl(g) for g in gammas]
     targets = {str(eps): interpolate_gamma(gammas, kls, eps) for eps in budgets if eps <= kls[-1]}
-    log.info("calibration (gamma, kl): %s", [(round(g, 4), round(k, 4)) for g, k in points])
-    return Calibration(gammas, kls, vfv, probe, points, targets)
+    log.info("calibration (gamma, kl, upper): %s", [tuple(round(x, 4) for x in p) for p in points])
+    return Calibration(gammas, kls, means, vfv, probe, points, targets)
 
 
 def build_artifact(
@@ -277,10 +294,14 @@ def build_artifact(
     verbose_source: VerboseSource = "template",
     verbose_tokens: int = 256,
     concise_source: ConciseSource = "template",
+    onset: tuple[int, int, float] | None = None,
+    onset_direction: LayerDirection | None = None,
 ) -> AscArtifact:
     """Direction and calibration continuations (unless given) + calibration on a loaded native engine.
     `verbose_source` "model": the verbose side is the model's greedy answer, capped at `verbose_tokens`;
-    `concise_source` "model_cut": the concise side is that answer cut after its first final answer."""
+    `concise_source` "model_cut": the concise side is that answer cut after its first final answer.
+    `onset` (layer, tokens, weight): add an `Onset` read from the same pairs at that layer (or given
+    as `onset_direction`); γ is then calibrated for both pushes together."""
     model, info = engine.runner.model, engine.model_info
     if getattr(model, "spec", None) is None:
         raise ValueError("cot build needs the native model implementation (not the transformers fallback)")
@@ -290,8 +311,17 @@ def build_artifact(
         raise ValueError(f"verbose source must be one of {VERBOSE_SOURCES}, got {verbose_source!r}")
     if concise_source not in CONCISE_SOURCES:
         raise ValueError(f"concise source must be one of {CONCISE_SOURCES}, got {concise_source!r}")
+    if onset is not None:
+        o_layer, o_tokens, o_weight = onset
+        if not 0 <= o_layer < info.num_layers:
+            raise ValueError(f"onset layer {o_layer} out of range [0, {info.num_layers - 1}]")
+        if o_tokens < 1 or not (math.isfinite(o_weight) and o_weight > 0):
+            raise ValueError(f"onset tokens must be >= 1 and its weight > 0, got {o_tokens}, {o_weight}")
     train = train if train is not None else train_problems()
-    if direction_ is None:
+    need = [] if direction_ is not None else [layer]  # layers whose direction is still to be read
+    if onset is not None and onset_direction is None:
+        need.append(onset[0])
+    if need:
         own: list[str] = []  # the model's own answers, generated once when either side needs them
         if verbose_source == "model" or concise_source == "model_cut":
             own = model_solutions(engine, train, verbose_tokens)
@@ -299,12 +329,18 @@ def build_artifact(
         verbose = own if verbose_source == "model" else None
         concise = concise_texts(own, brief, concise_source)
         dirs = asc_directions(
-            model, engine.tokenizer, train, [layer], batch_tokens, progress, position, verbose, concise,
-            concise_source,
+            model, engine.tokenizer, train, sorted(set(need)), batch_tokens, progress, position, verbose,
+            concise, concise_source,
         )  # fmt: skip
-        direction_ = dirs[layer]
+        direction_ = direction_ or dirs[layer]
+        if onset is not None and onset_direction is None:
+            onset_direction = dirs[onset[0]]
     d = direction_
+    assert d is not None
     art = AscArtifact(direction=d.direction, layer=layer, num_layers=info.num_layers, model=info.name)
+    if onset is not None:
+        assert onset_direction is not None
+        art.onset = Onset(onset_direction.direction, onset[0], onset[1], float(onset[2]))
     seqs = calib if calib is not None else calibration_set(engine, train[:calib_prompts], calib_tokens)
     meter = KLMeter(model, info, art, seqs, batch_tokens)
     cal = calibrate(meter, budgets)
@@ -319,15 +355,27 @@ def build_artifact(
         "pairs": len(train),
         "text": "chat: user question + assistant solution, trailing whitespace cut (no template: Q/A + EOS)",
         "direction_stats": d.stats,
+        "onset": None
+        if onset is None
+        else {
+            "layer": onset[0],
+            "tokens": onset[1],
+            "weight": onset[2],
+            "what": "the pairs' direction at this layer, strength γ·weight, generated tokens [0, tokens)",
+            "direction_stats": onset_direction.stats if onset_direction is not None else None,
+        },
         "calibration": {
-            "kl": "teacher-forced mean per-token KL(steered || unsteered), nats, generated positions t>=2",
+            "kl": "teacher-forced mean per-token KL(steered || unsteered), nats, generated positions t>=2; "
+            f"the table (budget -> gamma) holds its one-sided upper confidence bound (mean + {UPPER_Z} "
+            "standard errors over the calibration prompts), 'mean_kl' the means",
+            "mean_kl": cal.means,
             "prompts": len(seqs),
             "max_tokens": max(len(s.output) for s in seqs),
             "positions": meter.positions,
             "vFv": cal.vfv,
             "probe_gamma": cal.probe,
             "budget_gammas": cal.targets,
-            "measured": [[g, k] for g, k in cal.points],
+            "measured": [list(p) for p in cal.points],  # [gamma, mean, upper]
         },
     }
     return art

@@ -58,6 +58,15 @@ def add_cot_parser(sub: Any) -> None:
         help="concise side: the math-notation template, the model's own answer cut after its final answer, "
         "or its answer when asked to be brief",
     )
+    b.add_argument(
+        "--onset-layer",
+        type=int,
+        default=None,
+        help="layer of the onset push on the first generated tokens (default: 2/5 of the depth)",
+    )
+    b.add_argument("--onset-tokens", type=int, default=None, help="generated tokens it covers (16)")
+    b.add_argument("--onset-weight", type=float, default=None, help="onset strength / main strength (2.0)")
+    b.add_argument("--no-onset", action="store_true", help="the main push alone (plain ASC)")
     b.add_argument("--budgets", type=_floats, default=None, help="KL budgets to bisect, e.g. 0.05,0.1")
     b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -67,7 +76,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from actserve.interventions.cot_compression.artifact import save_artifact
-    from actserve.interventions.cot_compression.build import DEFAULT_BUDGETS, build_artifact, default_layer
+    from actserve.interventions.cot_compression.build import (
+        DEFAULT_BUDGETS,
+        DEFAULT_ONSET_TOKENS,
+        DEFAULT_ONSET_WEIGHT,
+        build_artifact,
+        default_layer,
+        default_onset_layer,
+    )
     from actserve.interventions.cot_compression.problems import train_problems
     from actserve.server.engine.config import EngineConfig
     from actserve.server.engine.llm_engine import LLMEngine
@@ -76,9 +92,23 @@ def run(args: argparse.Namespace) -> int:
     if args.pairs < 100:
         print("error: --pairs must be >= 100", file=sys.stderr)
         return 2
+    given = [x for x in (args.onset_layer, args.onset_tokens, args.onset_weight) if x is not None]
+    if args.no_onset and given:
+        print("error: --no-onset with an --onset-* option", file=sys.stderr)
+        return 2
     try:
         engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
-        layer = args.layer if args.layer is not None else default_layer(engine.model_info.num_layers)
+        num_layers = engine.model_info.num_layers
+        layer = args.layer if args.layer is not None else default_layer(num_layers)
+        onset = (
+            None
+            if args.no_onset
+            else (
+                args.onset_layer if args.onset_layer is not None else default_onset_layer(num_layers),
+                args.onset_tokens if args.onset_tokens is not None else DEFAULT_ONSET_TOKENS,
+                args.onset_weight if args.onset_weight is not None else DEFAULT_ONSET_WEIGHT,
+            )
+        )
         art = build_artifact(
             engine,
             layer,
@@ -90,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             verbose_source=args.verbose_source,
             verbose_tokens=args.verbose_tokens,
             concise_source=args.concise_source,
+            onset=onset,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -103,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "position": art.info["position"],
         "verbose_source": art.info["verbose_source"],
         "concise_source": art.info["concise_source"],
+        "onset": art.info["onset"] and {k: v for k, v in art.info["onset"].items() if k != "direction_stats"},
         "direction": art.info["direction_stats"],
         "calibration": [{"gamma": g, "kl": k} for g, k in zip(art.gammas, art.kls, strict=True)],
     }

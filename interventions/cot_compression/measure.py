@@ -10,6 +10,8 @@ through the plugin's own step hook, so what is measured is exactly what a reques
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,21 +48,40 @@ class Continuation:
     output: list[int]  # the unsteered greedy continuation
 
 
+UPPER_Z = 1.645  # one-sided 95 % normal quantile
+Steer = Callable[[float], tuple[Any, Any]]  # γ -> (plugin with a residual_hook, its prepared plan)
+
+
+def asc_steer(info: ModelInfo, artifact: AscArtifact) -> Steer:
+    """γ -> the CoT compression plugin's plan at strength γ, exactly as a request gets it."""
+    plugin = CoTCompressionPlugin(info)
+    plugin.context = {ASC_KEY: artifact}
+    return lambda gamma: (plugin, plugin.prepare(CoTCompressionSpec(strength=gamma), "cot_compression"))
+
+
 class KLMeter:
-    """Teacher-forced mean per-token KL(steered ‖ unsteered) over fixed continuations, for any γ."""
+    """Teacher-forced mean per-token KL(steered ‖ unsteered) over fixed continuations, for any γ.
+
+    `steer` makes the steered forward's plan for a γ (default: the artifact's CoT compression plan);
+    bench/cot_explore.py passes other ones (windows, several layers) to measure them the same way."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         info: ModelInfo,
-        artifact: AscArtifact,
+        artifact: AscArtifact | None,
         seqs: list[Continuation],
         batch_tokens: int = 4096,
         cache_bytes: int = 1 << 30,
+        steer: Steer | None = None,
+        z: float = UPPER_Z,
     ) -> None:
         self.model, self.seqs = model, [s for s in seqs if len(s.output) >= 2]
-        self.plugin = CoTCompressionPlugin(info)
-        self.plugin.context = {ASC_KEY: artifact}
+        if steer is None:
+            if artifact is None:
+                raise ValueError("KLMeter needs an artifact or a steer function")
+            steer = asc_steer(info, artifact)
+        self.steer, self.z = steer, z
         self.chunks: list[list[int]] = [[]]
         total = 0
         for i, s in enumerate(self.seqs):
@@ -73,7 +94,9 @@ class KLMeter:
         self.positions = sum(len(s.output) - 1 for s in self.seqs)
         fits = self.positions * info.vocab_size * 4 <= cache_bytes
         self._base = [self._logprobs(c, 0.0) for c in self.chunks] if fits else None
-        self.measured: dict[float, float] = {}
+        self._sums: dict[float, torch.Tensor] = {}
+        self.measured: dict[float, float] = {}  # γ -> mean per-token KL
+        self.upper: dict[float, float] = {}  # γ -> its upper confidence bound (`kl_upper`)
 
     @torch.inference_mode()
     def _logprobs(self, chunk: list[int], gamma: float) -> torch.Tensor:
@@ -84,8 +107,8 @@ class KLMeter:
         seqs = [self.seqs[i] for i in chunk]
         total = sum(len(s.prompt) + len(s.output) for s in seqs)
         cache = make_kv_cache(spec.num_layers, total, spec.num_kv_heads, spec.head_dim, dtype, device)
-        plan = self.plugin.prepare(CoTCompressionSpec(strength=gamma), "cot_compression")
-        self.plugin.activate(plan)
+        plugin, plan = self.steer(gamma)
+        plugin.activate(plan)
         slices, spans, rows, ids, pos, start = [], [], [], [], [], 0
         for s in seqs:
             toks = s.prompt + s.output
@@ -96,25 +119,57 @@ class KLMeter:
             ids.extend(toks)
             pos.extend(range(n))
             start += n
-        hook = self.plugin.residual_hook(spans, total)
-        hidden = self.model(
-            torch.tensor(ids, device=device),
-            torch.tensor(pos, device=device),
-            cache,
-            AttentionBatch(torch.arange(total, device=device), slices),
-            StepHooks([hook]) if hook is not None else None,
-        )
+        hook = plugin.residual_hook(spans, total)
+        try:
+            hidden = self.model(
+                torch.tensor(ids, device=device),
+                torch.tensor(pos, device=device),
+                cache,
+                AttentionBatch(torch.arange(total, device=device), slices),
+                StepHooks([hook]) if hook is not None else None,
+            )
+        finally:
+            plugin.release(plan)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])  # type: ignore[operator]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        return torch.log_softmax(logits.float(), dim=-1)  # on the model's device (a GPU keeps the cache)
+
+    def set_steer(self, steer: Steer) -> None:
+        """Measure another steering from now on (the unsteered log-probabilities stay cached)."""
+        self.steer = steer
+        self._sums, self.measured, self.upper = {}, {}, {}
+
+    def per_sequence(self, gamma: float) -> torch.Tensor:
+        """Each sequence's summed KL over its scored positions at strength γ, [sequences] float64
+        (memoised)."""
+        if gamma not in self._sums:
+            sums: list[torch.Tensor] = []
+            for k, chunk in enumerate(self.chunks):
+                base = self._base[k] if self._base is not None else self._logprobs(chunk, 0.0)
+                steered = self._logprobs(chunk, gamma)
+                per_row = (steered.exp() * (steered - base)).sum(-1).double().cpu()
+                sums.extend(x.sum() for x in per_row.split([len(self.seqs[i].output) - 1 for i in chunk]))
+            self._sums[gamma] = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+        return self._sums[gamma]
 
     def kl(self, gamma: float) -> float:
-        """Mean per-token KL at strength γ (memoised)."""
-        if gamma in self.measured:
-            return self.measured[gamma]
-        total = 0.0
-        for k, chunk in enumerate(self.chunks):
-            base = self._base[k] if self._base is not None else self._logprobs(chunk, 0.0)
-            steered = self._logprobs(chunk, gamma)
-            total += float((steered.exp() * (steered - base)).sum())
-        self.measured[gamma] = total / max(self.positions, 1)
+        """Mean per-token KL at strength γ, pooled over all scored positions (memoised)."""
+        if gamma not in self.measured:
+            self.measured[gamma] = float(self.per_sequence(gamma).sum()) / max(self.positions, 1)
         return self.measured[gamma]
+
+    def kl_upper(self, gamma: float) -> float:
+        """One-sided upper confidence bound of the mean per-token KL over prompts like these: the pooled
+        mean plus z standard errors of a ratio estimator (sequences are the sampled units, each of n_i
+        positions). Calibrating on it keeps the KL measured on other prompts inside the budget with
+        about 95 % confidence (`z` = 1.645), where the plain mean would overshoot half the time."""
+        if gamma not in self.upper:
+            sums = self.per_sequence(gamma)
+            m, mean = len(sums), self.kl(gamma)
+            if m < 2:
+                self.upper[gamma] = mean
+            else:
+                n = torch.tensor([len(s.output) - 1 for s in self.seqs], dtype=torch.float64)
+                resid = sums - mean * n
+                se = math.sqrt(float((resid**2).sum()) / (m * (m - 1))) / float(n.mean())
+                self.upper[gamma] = mean + self.z * se
+        return self.upper[gamma]

@@ -1,8 +1,10 @@
 """CoT compression (ASC): h <- h + γ·v at the ASC layer, for every generated token of the request.
 
-It is steering with one fixed vector, so it lives in the steering plugin's table: one slot of that
-table is reserved for the artifact's direction (resident once, shared by every request), each request's
-plan is a `SteeringPlan` with one vector in that slot (scale γ, generation phase only), and the
+With an artifact onset (`Onset`), also h <- h + γ·weight·u at the onset layer for the first few
+generated tokens. It is steering with fixed vectors, so it lives in the steering plugin's table: one slot
+of that table is reserved for each of the artifact's directions (resident once, shared by every
+request), each request's plan is a `SteeringPlan` with a vector in each slot (scale γ, resp. γ·weight
+with the onset's token window; generation phase only), and the
 registry hands its rows to the steering plugin together with the steering rows
 (`shares_steering_table`), so a step mixing steering and CoT compression is one fused kernel per layer
 and still replays from CUDA graphs. Without a steering plugin in the registry (a registry built for
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +44,15 @@ class CoTPlan(SteeringPlan):
     artifact: AscArtifact | None = None
 
 
+class _Part(NamedTuple):
+    """One of an artifact's pushes as a steering row: [num_layers, hidden] with the direction at `layer`."""
+
+    row: torch.Tensor
+    layer: int
+    weight: float
+    window: tuple[int, int | None] | None
+
+
 def cot_context(config: EngineConfig, info: ModelInfo) -> dict[str, Any]:
     """Registry context entries for `--cot-compression FILE`: the artifact, checked against the model."""
     if not config.cot_compression:
@@ -65,32 +76,39 @@ class CoTCompressionPlugin(InterventionPlugin):
 
     def __init__(self, model_info: ModelInfo) -> None:
         super().__init__(model_info)
-        self._table: tuple[SteeringPlugin, int] | None = None  # the steering table and the reserved slot
+        self._table: SteeringPlugin | None = None  # the steering table ...
+        self._slots: list[int] = []  # ... and the slots reserved there (main direction, onset)
         self._resident: AscArtifact | None = None
-        self._row_of: tuple[AscArtifact, torch.Tensor] | None = None  # artifact, its [layers, hidden] row
+        self._parts_of: tuple[AscArtifact, list[_Part]] | None = None  # one artifact at a time
 
-    def _slot(self) -> tuple[SteeringPlugin, int]:
-        """The registry's steering plugin (from the shared context) and the slot reserved there."""
+    def _reserved(self, count: int) -> tuple[SteeringPlugin, list[int]]:
+        """The registry's steering plugin (from the shared context) and `count` slots reserved there."""
         if self._table is None:
             shared = self.context.get(plugin_key("steering"))
-            if isinstance(shared, SteeringPlugin):
-                self._table = (shared, shared.reserve_slot())
-            else:
-                self._table = (SteeringPlugin(self.model_info, slots=1), 0)
-        return self._table
+            self._table = shared if isinstance(shared, SteeringPlugin) else SteeringPlugin(self.model_info, 2)
+        while len(self._slots) < count:
+            self._slots.append(self._table.reserve_slot())
+        return self._table, self._slots[:count]
 
     @property
     def artifact(self) -> AscArtifact | None:
         return self.context.get(ASC_KEY)
 
-    def _row(self, art: AscArtifact) -> torch.Tensor:
-        cached = self._row_of
+    def _parts(self, art: AscArtifact) -> list[_Part]:
+        cached = self._parts_of
         if cached is not None and cached[0] is art:
             return cached[1]
-        row = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
-        row[art.layer] = art.direction
-        self._row_of = (art, row)  # one artifact at a time
-        return row
+        pushes = [(art.direction, art.layer, 1.0, None)]
+        if art.onset is not None:
+            o = art.onset
+            pushes.append((o.direction, o.layer, o.weight, (0, o.tokens)))
+        parts = []
+        for direction, layer, weight, window in pushes:
+            row = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
+            row[layer] = direction
+            parts.append(_Part(row, layer, weight, window))
+        self._parts_of = (art, parts)
+        return parts
 
     def prepare(self, spec: CoTCompressionSpec, param: str) -> CoTPlan:  # type: ignore[override]
         art = self.artifact
@@ -107,20 +125,24 @@ class CoTCompressionPlugin(InterventionPlugin):
         else:
             assert spec.strength is not None
             gamma = spec.strength
+        parts = self._parts(art)
         vectors = []
         if gamma != 0.0:  # γ = 0 steers no row: the request runs exactly as an unsteered one
-            vectors.append(
+            slots = self._reserved(len(parts))[1]
+            vectors = [
                 PreparedVector(
-                    data=self._row(art),
-                    layers=[art.layer],
-                    scale=gamma,
+                    data=p.row,
+                    layers=[p.layer],
+                    scale=gamma * p.weight,
                     prompt=False,
                     generation=True,
                     normalize=False,
-                    slot=self._slot()[1],
+                    window=p.window,
+                    slot=slot,
                 )
-            )
-        layers = {art.layer}
+                for p, slot in zip(parts, slots, strict=True)
+            ]
+        layers = {p.layer for p in parts}
         return CoTPlan(vectors=vectors, layers=layers, gamma=gamma, kl_budget=spec.kl_budget, artifact=art)
 
     def activate(self, plan: CoTPlan) -> None:  # type: ignore[override]
@@ -128,11 +150,12 @@ class CoTCompressionPlugin(InterventionPlugin):
         normally is: one artifact per engine; swap artifacts only while no CoT request runs)."""
         if not plan.vectors or self._resident is plan.artifact:
             return
-        steering, slot = self._slot()
+        steering = self._reserved(len(plan.vectors))[0]
         table, mask = steering.table, steering.layer_mask
-        table[slot] = plan.vectors[0].data.to(table.device, table.dtype)
-        mask[slot] = False
-        mask[slot, plan.vectors[0].layers] = True
+        for vec in plan.vectors:
+            table[vec.slot] = vec.data.to(table.device, table.dtype)
+            mask[vec.slot] = False
+            mask[vec.slot, vec.layers] = True
         self._resident = plan.artifact
 
     def json_schema(self) -> dict[str, Any]:
@@ -146,6 +169,9 @@ class CoTCompressionPlugin(InterventionPlugin):
                 "layer": art.layer,
                 "model": art.model,
                 "kl_budget_max": art.max_kl,
+                "onset": None
+                if art.onset is None
+                else {"layer": art.onset.layer, "tokens": art.onset.tokens, "weight": art.onset.weight},
                 "calibration": [[g, k] for g, k in zip(art.gammas, art.kls, strict=True)],
             }
         )
@@ -153,4 +179,4 @@ class CoTCompressionPlugin(InterventionPlugin):
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
         """Used only without a shared steering plugin (the registry merges these rows into steering's)."""
-        return self._slot()[0].residual_hook(spans, num_rows)
+        return self._reserved(0)[0].residual_hook(spans, num_rows)

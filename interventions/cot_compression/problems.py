@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 TRAIN_SEED = 20240601
 HELDOUT_SEED = 7771
+DEV_SEED = 4049
+DEV_EXCLUDE_HELDOUT = 1000  # the dev split avoids this many held-out problems (any --problems up to it)
 OPS = {"+": "plus", "−": "minus", "×": "times", "÷": "divided by"}
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Nora", "Ben", "Lily", "Omar", "Ruby", "Eli"]
 
@@ -273,6 +275,14 @@ def train_problems(count: int = 120) -> list[Problem]:
 def heldout_problems(count: int = 60, train_count: int = 120) -> list[Problem]:
     """Evaluation problems: another seed, and no (template, numbers) shared with `train_problems`."""
     return draw_problems(count, HELDOUT_SEED, exclude={p.key for p in train_problems(train_count)})
+
+
+def dev_problems(count: int = 200, train_count: int = 120) -> list[Problem]:
+    """Tuning problems: a third seed, sharing nothing with the training problems or the first
+    `DEV_EXCLUDE_HELDOUT` held-out ones, so a configuration chosen on them is judged on unseen problems."""
+    seen = {p.key for p in train_problems(train_count)}
+    seen |= {p.key for p in heldout_problems(DEV_EXCLUDE_HELDOUT, train_count)}
+    return draw_problems(count, DEV_SEED, exclude=seen)
 
 
 _ANSWER = re.compile(r"(?:answer\s*(?:is\s*)?:?|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)

@@ -28,7 +28,8 @@ class CoTCompressionSpec(BaseModel):
         allow_inf_nan=False,
         description=(
             "mean per-token KL(steered ‖ unsteered) in nats, >= 0; mapped to γ by the model's calibration "
-            "table, so it may not exceed the largest KL calibrated for the model (GET /v1/interventions)"
+            "table (the γ whose 95% upper confidence bound of the KL, over the calibration prompts, equals "
+            "the budget); at most the largest KL calibrated for the model (GET /v1/interventions)"
         ),
     )
 
