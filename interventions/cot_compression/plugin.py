@@ -17,6 +17,7 @@ when the engine starts.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -78,17 +79,20 @@ class CoTCompressionPlugin(InterventionPlugin):
         super().__init__(model_info)
         self._table: SteeringPlugin | None = None  # the steering table ...
         self._slots: list[int] = []  # ... and the slots reserved there (main direction, onset)
+        self._reserve_lock = threading.Lock()
         self._resident: AscArtifact | None = None
         self._parts_of: tuple[AscArtifact, list[_Part]] | None = None  # one artifact at a time
 
     def _reserved(self, count: int) -> tuple[SteeringPlugin, list[int]]:
         """The registry's steering plugin (from the shared context) and `count` slots reserved there."""
-        if self._table is None:
-            shared = self.context.get(plugin_key("steering"))
-            self._table = shared if isinstance(shared, SteeringPlugin) else SteeringPlugin(self.model_info, 2)
-        while len(self._slots) < count:
-            self._slots.append(self._table.reserve_slot())
-        return self._table, self._slots[:count]
+        with self._reserve_lock:  # API threads prepare while the engine thread activates
+            if self._table is None:
+                shared = self.context.get(plugin_key("steering"))
+                own = not isinstance(shared, SteeringPlugin)  # a registry without steering
+                self._table = SteeringPlugin(self.model_info, 2) if own else shared
+            while len(self._slots) < count:
+                self._slots.append(self._table.reserve_slot())
+            return self._table, self._slots[:count]
 
     @property
     def artifact(self) -> AscArtifact | None:
