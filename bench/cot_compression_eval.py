@@ -38,7 +38,6 @@ import json
 import platform
 import re
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,13 +62,12 @@ from actserve.interventions.cot_compression.build import (
     model_solutions,
     prompt_ids,
 )
-from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
 from actserve.interventions.cot_compression.plugin import ASC_KEY
 from actserve.interventions.cot_compression.problems import (
     cut_after_answer,
     dev_problems,
     heldout_problems,
-    parse_answer,
     train_problems,
 )
 from actserve.server.engine.config import EngineConfig
@@ -162,20 +160,6 @@ def choose_headline(dev_rows: list[dict[str, Any]], swept: set[Key]) -> Key | No
         else max(ok, key=lambda r: r["reduction_pct"], default=None)
     )
     return None if best is None else row_key(best)
-
-
-def summarize(outs: list[list[int]], answers: list[int], tok: Any, cap: int) -> dict[str, Any]:
-    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
-    parsed = [parse_answer(t) for t in texts]
-    lens = [len(o) for o in outs]
-    return {
-        "mean_tokens": statistics.mean(lens),
-        "median_tokens": statistics.median(lens),
-        "hit_cap": sum(n >= cap for n in lens),
-        "accuracy": sum(p == a for p, a in zip(parsed, answers, strict=True)) / len(answers),
-        "answered": sum(p is not None for p in parsed) / len(answers),
-        "samples": texts[:3],
-    }
 
 
 def main() -> int:
@@ -271,7 +255,7 @@ def main() -> int:
         if i == 0:
             base, outs = outs[:n], outs[n:]
             rows.append({"config": "unsteered", **dict.fromkeys(KEY_NAMES), "gamma": 0.0,
-                         **summarize(base, answers, tok, args.max_tokens)})  # fmt: skip
+                         **answer_stats(tok, base, answers, args.max_tokens)})  # fmt: skip
         along = [Continuation(p, o) for p, o in zip(prompts, base, strict=True)]
         meter = KLMeter(model, info, arts[c], along, cache_bytes=(3 if args.device == "cpu" else 24) << 30)
         for k, b in enumerate(budgets[c]):
@@ -279,7 +263,7 @@ def main() -> int:
             rows.append({
                 "config": f"{label(c)} kl_budget={b}", **dict(zip(KEY_NAMES, (*c, b), strict=True)),
                 "gamma": gamma, "kl_measured": meter.kl(gamma),
-                **summarize(outs[k * n : (k + 1) * n], answers, tok, args.max_tokens),
+                **answer_stats(tok, outs[k * n : (k + 1) * n], answers, args.max_tokens),
             })  # fmt: skip
     timings["generation_and_kl"] = time.monotonic() - t
     base_mean = rows[0]["mean_tokens"]

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import re
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,11 +31,9 @@ from typing import Any
 import torch
 
 from actserve.interventions.cot_compression.build import asc_directions, prompt_ids
-from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
 from actserve.interventions.cot_compression.problems import (
-    cut_after_answer,
     dev_problems,
-    parse_answer,
     train_problems,
 )
 from actserve.interventions.steering.plugin import SteeringPlugin
@@ -112,26 +109,6 @@ def configs(quick: bool) -> list[Config]:
     return out
 
 
-def first_answer_tokens(tok: Any, out: list[int]) -> int:
-    """Tokens up to the end of the line with the first final answer (all of them if there is none)."""
-    text = tok.decode(out, skip_special_tokens=True)
-    cut = cut_after_answer(text)
-    return len(out) if cut == text else len(tok.encode(cut, add_special_tokens=False))
-
-
-def summarize(tok: Any, outs: list[list[int]], answers: list[int], cap: int) -> dict[str, Any]:
-    lens = [len(o) for o in outs]
-    parsed = [parse_answer(tok.decode(o, skip_special_tokens=True)) for o in outs]
-    return {
-        "mean_tokens": statistics.mean(lens),
-        "median_tokens": statistics.median(lens),
-        "hit_cap": sum(n >= cap for n in lens),
-        "accuracy": sum(p == a for p, a in zip(parsed, answers, strict=True)) / len(answers),
-        "first_answer_mean": statistics.mean(first_answer_tokens(tok, o) for o in outs),
-        "sample": tok.decode(outs[0], skip_special_tokens=True)[:400],
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +146,7 @@ def main() -> int:
         "dtype": args.dtype,
         "problems": len(dev),
         "max_tokens": args.max_tokens,
-        "unsteered": summarize(tok, base, answers, args.max_tokens),
+        "unsteered": answer_stats(tok, base, answers, args.max_tokens),
         "rows": [],
     }
     u = result["unsteered"]
@@ -203,7 +180,7 @@ def main() -> int:
             row = {
                 "config": c.name, "parts": [dataclasses.asdict(p) for p in c.parts], "gamma": gamma,
                 "kl": meter.kl(gamma),
-                **summarize(tok, outs, answers, args.max_tokens),
+                **answer_stats(tok, outs, answers, args.max_tokens),
             }  # fmt: skip
             row["reduction_pct"] = 100 * (1 - row["mean_tokens"] / u["mean_tokens"])
             row["seconds"] = time.monotonic() - t

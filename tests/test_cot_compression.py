@@ -33,7 +33,7 @@ from actserve.interventions.cot_compression.build import (
     prompt_ids,
     solution_ids,
 )
-from actserve.interventions.cot_compression.measure import Continuation, KLMeter, generate
+from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
 from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
 from actserve.interventions.cot_compression.problems import (
     OPS,
@@ -363,6 +363,20 @@ def test_cli_model_verbose_source(
         concise=[f"{a}\n#### 5" for a in own],
     )[LAYER].direction  # fmt: skip
     assert torch.allclose(cut.direction, d_cut, rtol=1e-4, atol=1e-5 * float(d_cut.abs().max()))
+
+
+def test_answer_stats(tok: Any) -> None:
+    texts = ["So 4 times 2 is 8.\nThe answer is 8.\nThen we say 8 and 8 again", "I do not know", "Answer: 13"]
+    outs = [tok.encode(t, add_special_tokens=False) for t in texts]
+    got = answer_stats(tok, outs, [8, 3, 12], cap=len(outs[0]))
+    lens = [len(o) for o in outs]
+    first = len(tok.encode("So 4 times 2 is 8.\nThe answer is 8.", add_special_tokens=False))
+    assert first < lens[0]
+    assert got["mean_tokens"] == sum(lens) / 3 and got["median_tokens"] == sorted(lens)[1]
+    assert got["hit_cap"] == 1  # only the first reaches the cap given
+    assert got["first_answer_mean"] == (first + lens[1] + lens[2]) / 3
+    assert got["accuracy"] == 1 / 3 and got["answered"] == 2 / 3  # 13 != 12; no number in the second
+    assert got["samples"] == [tok.decode(o, skip_special_tokens=True) for o in outs]
 
 
 def load_eval() -> Any:

@@ -11,6 +11,7 @@ through the plugin's own step hook, so what is measured is exactly what a reques
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from actserve.interventions.base import RowSpan
 from actserve.interventions.cot_compression.artifact import AscArtifact
 from actserve.interventions.cot_compression.plugin import ASC_KEY, CoTCompressionPlugin
+from actserve.interventions.cot_compression.problems import cut_after_answer, parse_answer
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.hooks import StepHooks
@@ -40,6 +42,28 @@ def generate(
     return run_batch(
         engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), interventions, tag
     )
+
+
+def answer_stats(tok: Any, outs: list[list[int]], answers: list[int], cap: int) -> dict[str, Any]:
+    """How long generated answers are and how many are right: mean/median tokens, answers at the token
+    cap (mostly loops), tokens up to the end of the line with the first final answer (all, if none),
+    accuracy (the parsed final number equals the problem's), answered (a number was found), 3 samples."""
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    parsed = [parse_answer(t) for t in texts]
+    lens = [len(o) for o in outs]
+    firsts = [
+        n if cut_after_answer(t) == t else len(tok.encode(cut_after_answer(t), add_special_tokens=False))
+        for n, t in zip(lens, texts, strict=True)
+    ]
+    return {
+        "mean_tokens": statistics.mean(lens),
+        "median_tokens": statistics.median(lens),
+        "hit_cap": sum(n >= cap for n in lens),
+        "first_answer_mean": statistics.mean(firsts),
+        "accuracy": sum(p == a for p, a in zip(parsed, answers, strict=True)) / len(answers),
+        "answered": sum(p is not None for p in parsed) / len(answers),
+        "samples": texts[:3],
+    }
 
 
 @dataclass
