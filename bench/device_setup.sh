@@ -5,4 +5,4 @@ set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 mkdir -p /tmp/site/actserve
 for d in server interventions kernels clients; do ln -sfn "$PWD/$d" "/tmp/site/actserve/$d"; done
-echo "export PYTHONPATH=/tmp/site:$PWD ACTSERVE_SHARED=$PWD/.carry/shared PYTHONUNBUFFERED=1"
+echo "export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1"

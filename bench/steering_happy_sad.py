@@ -42,7 +42,7 @@ from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "tinystories-656k"
+DEFAULT_MODEL = ROOT / "tests" / "data" / "tinystories-656k"
 OUT = ROOT / "bench" / "results" / "steering_happy_sad.json"
 
 PAIRS: list[tuple[str, str]] = [

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.pdl import pdl_args, pdl_sync
-
-MAX_ROWS = 16
 
 
 @dataclass(frozen=True)

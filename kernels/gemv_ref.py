@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# rows the Triton GEMV takes; here, so that callers can ask without importing triton (a CPU install)
+MAX_ROWS = 16
+
 
 def gemv_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False

@@ -17,15 +17,15 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(os.environ.get("ACTSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-TINYSTORIES = SHARED / "models" / "tinystories-656k"
+# TinyStories-656K ships with the repository (tests/data/tinystories-656k/README.md: source, licence)
+TINYSTORIES = Path(__file__).resolve().parent / "data" / "tinystories-656k"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 @pytest.fixture(scope="session")
 def tinystories_dir() -> Path:
     if not (TINYSTORIES / "model.safetensors").exists():
-        pytest.fail(f"TinyStories-656K not found at {TINYSTORIES}; set ACTSERVE_SHARED to the shared/ folder")
+        pytest.fail(f"TinyStories-656K not found at {TINYSTORIES} (it is part of the repository)")
     return TINYSTORIES
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actserve.kernels.gemv import MAX_ROWS
+from actserve.kernels.gemv_ref import MAX_ROWS
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
