@@ -53,9 +53,23 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "actserve.server", "serve", "--model", str(MODEL), "--port",
-               str(self.port), "--device", "cpu", "--engine-process", engine_process,
-               "--log-level", "warning", *flags]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "actserve.server",
+            "serve",
+            "--model",
+            str(MODEL),
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            "--engine-process",
+            engine_process,
+            "--log-level",
+            "warning",
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 120
@@ -101,7 +115,13 @@ def server(engine_process: str, *flags: str) -> Iterator[Server]:
 
 
 def body(max_tokens: int, stream: bool = True, prompt: str = "Once upon a time") -> dict[str, Any]:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 async def raw_request(url: str, payload: dict[str, Any], first_chunk_only: bool = False) -> dict[str, Any]:
@@ -158,7 +178,9 @@ def concurrency(mode: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             results = asyncio.run(_gather([raw_request(s.url, body(32)) for _ in range(256)]))
             ok = sum(1 for r in results if r["status"] == 200 and r["done"] and r["finish"])
-            rounds.append({"complete": ok, "of": 256, "seconds": time.perf_counter() - t0, "rss_mb": s.rss_mb()})
+            rounds.append(
+                {"complete": ok, "of": 256, "seconds": time.perf_counter() - t0, "rss_mb": s.rss_mb()}
+            )
         return {"rounds": rounds, "rss_growth_mb": rounds[-1]["rss_mb"] - rounds[0]["rss_mb"]}
 
 
@@ -178,8 +200,12 @@ def disconnects(mode: str) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         aborted = metric(s.url, "actserve_request_success_total", 'finished_reason="abort"') - before
-        return {"disconnected": 130, "aborted": aborted, "idle_after_s": time.perf_counter() - t0,
-                "kv_usage_after": kv}  # fmt: skip
+        return {
+            "disconnected": 130,
+            "aborted": aborted,
+            "idle_after_s": time.perf_counter() - t0,
+            "kv_usage_after": kv,
+        }
 
 
 def overload(mode: str) -> dict[str, Any]:
@@ -191,8 +217,12 @@ def overload(mode: str) -> dict[str, Any]:
             codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
         limited = [r for r in results if r["status"] in (429, 503)]
         after = asyncio.run(raw_request(s.url, body(8, stream=False)))
-        return {"codes": codes, "limited_with_retry_after": sum("retry-after" in r["headers"] for r in limited),
-                "limited": len(limited), "next_request_status": after["status"]}  # fmt: skip
+        return {
+            "codes": codes,
+            "limited_with_retry_after": sum("retry-after" in r["headers"] for r in limited),
+            "limited": len(limited),
+            "next_request_status": after["status"],
+        }
 
 
 def sigterm(mode: str, group: bool) -> dict[str, Any]:
@@ -212,8 +242,13 @@ def sigterm(mode: str, group: bool) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             code = None
         left = [pid for pid in core if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-        return {"streams": 32, "completed": sum(1 for r in results if r["done"] and r["finish"]),
-                "exit_code": code, "exit_s": time.perf_counter() - t0, "engine_processes_left": len(left)}  # fmt: skip
+        return {
+            "streams": 32,
+            "completed": sum(1 for r in results if r["done"] and r["finish"]),
+            "exit_code": code,
+            "exit_s": time.perf_counter() - t0,
+            "engine_processes_left": len(left),
+        }
 
 
 def core_killed() -> dict[str, Any]:
@@ -236,8 +271,12 @@ def core_killed() -> dict[str, Any]:
             code = s.proc.wait(30)
         except subprocess.TimeoutExpired:
             code = None
-        return {"streams": 16, "error_events": sum(1 for r in results if r["error_event"] or not r["done"]),
-                "all_answered_s": max(r["after_kill_s"] for r in results), "server_exit_code": code}  # fmt: skip
+        return {
+            "streams": 16,
+            "error_events": sum(1 for r in results if r["error_event"] or not r["done"]),
+            "all_answered_s": max(r["after_kill_s"] for r in results),
+            "server_exit_code": code,
+        }
 
 
 def big_body(mode: str) -> dict[str, Any]:
@@ -260,8 +299,12 @@ def big_body(mode: str) -> dict[str, Any]:
             big = await raw_request(s.url, body(4, stream=False, prompt="x " * 25_000_000))
             stop = True
             await poller
-            return {"status": big["status"], "seconds": big["seconds"], "slowest_health_s": slowest,
-                    "rss_growth_mb": s.rss_mb() - rss0}  # fmt: skip
+            return {
+                "status": big["status"],
+                "seconds": big["seconds"],
+                "slowest_health_s": slowest,
+                "rss_growth_mb": s.rss_mb() - rss0,
+            }
 
         return asyncio.run(drive())
 
@@ -270,10 +313,12 @@ SCENARIOS = {
     "concurrency": lambda: {m: concurrency(m) for m in ("off", "on")},
     "disconnects": lambda: {m: disconnects(m) for m in ("off", "on")},
     "overload": lambda: {m: overload(m) for m in ("off", "on")},
-    "sigterm": lambda: {f"{m}/{'group' if g else 'server'}": sigterm(m, g) for m in ("off", "on") for g in (False, True)},
+    "sigterm": lambda: {
+        f"{m}/{'group' if g else 'server'}": sigterm(m, g) for m in ("off", "on") for g in (False, True)
+    },
     "core_killed": lambda: {"on": core_killed()},
     "big_body": lambda: {m: big_body(m) for m in ("off", "on")},
-}  # fmt: skip
+}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -301,8 +346,12 @@ def main() -> None:
         t0 = time.perf_counter()
         results[name] = SCENARIOS[name]()
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    doc = {"command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
-           "machine": f"{os.cpu_count()} CPU cores", "model": "tinystories-656k", "results": results}  # fmt: skip
+    doc = {
+        "command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "model": "tinystories-656k",
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(table(results))
