@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,12 @@ from actserve.interventions.cot_compression.build import (
     solution_ids,
 )
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
-from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
+from actserve.interventions.cot_compression.plugin import (
+    ASC_KEY,
+    NOT_CONFIGURED,
+    SHIPPED_ARTIFACT,
+    resolve_artifact_path,
+)
 from actserve.interventions.cot_compression.problems import (
     OPS,
     cut_after_answer,
@@ -750,6 +756,34 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path,
     with pytest.raises(ArtifactError, match="hidden size 64"):
         LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64,
                                cot_compression=str(tmp_path / "wide.safetensors")))  # fmt: skip
+
+
+# -- the artifact shipped for the embedded default model ----------------------------------------------
+def test_shipped_default_artifact_fits_the_default_model(default_model_dir: Path) -> None:
+    """`--cot-compression default` on the embedded default model: the packaged file loads, fits its
+    shapes, is the default build (layer 15, onset 12 / 16 tokens / x2) and maps budget 0.1 to the
+    headline's γ; the engine serves it."""
+    from actserve.server.models.default_model import DEFAULT_MODEL_NAME
+
+    assert SHIPPED_ARTIFACT.stat().st_size < 64 * 2**10
+    art = load_artifact(SHIPPED_ARTIFACT)
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert (art.hidden_size, art.num_layers) == (config["hidden_size"], config["num_hidden_layers"])
+    assert (art.model, art.layer) == (DEFAULT_MODEL_NAME, 15)
+    assert art.onset is not None and (art.onset.layer, art.onset.tokens, art.onset.weight) == (12, 16, 2.0)
+    assert art.info["pairs"] == 120 and art.max_kl >= 0.5
+    assert art.gamma_for(0.1) == pytest.approx(0.317, abs=0.02)
+    eng = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=256, cot_compression="default"))
+    assert resolve_artifact_path("default", eng.model_info) == SHIPPED_ARTIFACT
+    assert torch.equal(eng.registry.context[ASC_KEY].direction, art.direction)
+    plan = eng.registry.prepare(cot(kl_budget=0.1))["cot_compression"]
+    assert plan.gamma == pytest.approx(art.gamma_for(0.1))
+    eng.registry.release({"cot_compression": plan})
+
+
+def test_default_artifact_is_refused_for_other_models(tinystories_dir: Path) -> None:
+    with pytest.raises(ArtifactError, match="shipped artifact is for the embedded default model"):
+        LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, cot_compression="default"))
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
