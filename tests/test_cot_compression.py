@@ -744,6 +744,8 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path,
         (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "0", "onset_weight": "2"}, "onset_tokens"),
         (tensors, {**meta, "onset_layer": "1", "onset_tokens": "4", "onset_weight": "2"}, "incomplete"),
         (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "4"}, "incomplete"),
+        (tensors, {**meta, "info": "[" * 50_000 + "]" * 50_000}, "RecursionError"),
+        (tensors, {**meta, "layer": "²"}, "incomplete"),
     ):
         save_file(bad_tensors, str(tmp_path / "bad.safetensors"), metadata=bad_meta)
         with pytest.raises(ArtifactError, match=match):
