@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -186,6 +186,11 @@ def _sse_data(line: str) -> dict[str, Any] | None:
     return chunk
 
 
+def _page_query(seen: list[dict[str, Any]]) -> str:
+    """Query of the next page of the vector list: the largest page, after the last name seen."""
+    return urlencode({"limit": 1000, **({"after": seen[-1]["name"]} if seen else {})})
+
+
 def _delta_text(chunk: dict[str, Any]) -> str:
     text = ""
     for c in chunk.get("choices", []):
@@ -346,8 +351,14 @@ class ActServeClient(_Base):
 
     # -- steering vector library (docs/api.md "Vector library") -----------------------------------
     def steering_vectors(self) -> list[dict[str, Any]]:
-        """Stored vectors: name, layers, norms, model_hint, hidden_size, num_layers, created, metadata."""
-        return self._get("/v1/steering/vectors")["data"]
+        """All stored vectors (every page): name, layers, norms, model_hint, hidden_size, num_layers,
+        created, warnings; `steering_vector(name)` adds metadata and directions."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self._get(f"/v1/steering/vectors?{_page_query(out)}")
+            out += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return out
 
     def steering_vector(self, name: str) -> dict[str, Any]:
         """One stored vector with its `directions` ({"L": [floats]})."""
@@ -482,7 +493,12 @@ class AsyncActServeClient(_Base):
         return parse_metrics(_check(await self._http.get("/metrics"), as_json=False))
 
     async def steering_vectors(self) -> list[dict[str, Any]]:
-        return (await self._get("/v1/steering/vectors"))["data"]
+        out: list[dict[str, Any]] = []
+        while True:
+            page = await self._get(f"/v1/steering/vectors?{_page_query(out)}")
+            out += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return out
 
     async def steering_vector(self, name: str) -> dict[str, Any]:
         return await self._get(f"/v1/steering/vectors/{quote(name)}")

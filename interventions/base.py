@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from actserve.server.layers.hooks import ResidualHook
 from actserve.server.models.loader import ModelInfo
@@ -56,6 +56,18 @@ class InterventionPlugin(ABC):
         self.model_info = model_info
         # shared by all plugins of one registry (e.g. the steering vector library); the registry sets it
         self.context: dict[str, Any] = {}
+
+    def parse(self, value: Any, param: str) -> BaseModel:
+        """The request's raw spec validated into `spec_model`; the first error becomes an
+        InterventionError naming the field under `param`. Plugins override it to refuse oversized input
+        cheaply before the schema walks every element."""
+        try:
+            return self.spec_model.model_validate(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"])
+            where = f"{param}{loc}"
+            raise InterventionError(f"{where}: {err['msg']}", where) from None
 
     @abstractmethod
     def prepare(self, spec: BaseModel, param: str) -> Any:

@@ -6,8 +6,6 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
-from pydantic import ValidationError
-
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.server.layers.hooks import StepHooks
 from actserve.server.models.loader import ModelInfo
@@ -82,13 +80,7 @@ class InterventionRegistry:
                 raise InterventionError(
                     f"unknown intervention {key!r}; available: {sorted(self.plugins)}", f"interventions.{key}"
                 )
-            try:
-                parsed = plugin.spec_model.model_validate(value)
-            except ValidationError as e:
-                err = e.errors()[0]
-                loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"])
-                param = f"interventions.{key}{loc}"
-                raise InterventionError(f"{param}: {err['msg']}", param) from None
+            parsed = plugin.parse(value, f"interventions.{key}")
             plans[key] = plugin.prepare(parsed, f"interventions.{key}")
         return plans
 

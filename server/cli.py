@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--cot-compression",
         default=None,
-        metavar="FILE",
-        help="ASC artifact from `actserve cot build`: enables the cot_compression intervention",
+        metavar="FILE|default",
+        help="ASC artifact from `actserve cot build`: enables the cot_compression intervention; 'default': "
+        "the artifact shipped for the embedded default model (only with no --model)",
     )
     s.add_argument(
         "--engine-process",

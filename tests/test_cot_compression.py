@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,12 +30,19 @@ from actserve.interventions.cot_compression.build import (
     asc_directions,
     brief_solutions,
     common_prefix,
+    default_layer,
+    default_onset_layer,
     model_solutions,
     prompt_ids,
     solution_ids,
 )
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
-from actserve.interventions.cot_compression.plugin import NOT_CONFIGURED
+from actserve.interventions.cot_compression.plugin import (
+    ASC_KEY,
+    NOT_CONFIGURED,
+    SHIPPED_ARTIFACT,
+    resolve_artifact_path,
+)
 from actserve.interventions.cot_compression.problems import (
     OPS,
     cut_after_answer,
@@ -303,6 +311,14 @@ def test_model_brief_pairs(plain: LLMEngine, ref: Any, tok: Any) -> None:
     want = hf_last(ref, plain_ids, 0)[2].mean(0) - hf_last(ref, verbose, 0)[2].mean(0)
     assert (got.verbose_source, got.concise_source) == ("model", "model_brief")
     assert (got.direction.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_default_layers_are_the_measured_ones() -> None:
+    """A default build must be what the README measured: main push at half the depth (15 of SmolLM2's
+    30; the earlier 2/3, layer 20, made answers only 1.7 % shorter), onset at 2/5 (12)."""
+    assert (default_layer(30), default_onset_layer(30)) == (15, 12)
+    assert (default_layer(2), default_onset_layer(2)) == (1, 1)  # TinyStories: in range
+    assert default_layer(32) == 16 and default_layer(1) == 0
 
 
 def test_cli_onset_options_conflict(tinystories_dir: Path, tmp_path: Path, capsys: Any) -> None:
@@ -728,6 +744,8 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path,
         (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "0", "onset_weight": "2"}, "onset_tokens"),
         (tensors, {**meta, "onset_layer": "1", "onset_tokens": "4", "onset_weight": "2"}, "incomplete"),
         (with_onset, {**meta, "onset_layer": "1", "onset_tokens": "4"}, "incomplete"),
+        (tensors, {**meta, "info": "[" * 50_000 + "]" * 50_000}, "RecursionError"),
+        (tensors, {**meta, "layer": "²"}, "incomplete"),
     ):
         save_file(bad_tensors, str(tmp_path / "bad.safetensors"), metadata=bad_meta)
         with pytest.raises(ArtifactError, match=match):
@@ -740,6 +758,34 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path,
     with pytest.raises(ArtifactError, match="hidden size 64"):
         LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64,
                                cot_compression=str(tmp_path / "wide.safetensors")))  # fmt: skip
+
+
+# -- the artifact shipped for the embedded default model ----------------------------------------------
+def test_shipped_default_artifact_fits_the_default_model(default_model_dir: Path) -> None:
+    """`--cot-compression default` on the embedded default model: the packaged file loads, fits its
+    shapes, is the default build (layer 15, onset 12 / 16 tokens / x2) and maps budget 0.1 to the
+    headline's γ; the engine serves it."""
+    from actserve.server.models.default_model import DEFAULT_MODEL_NAME
+
+    assert SHIPPED_ARTIFACT.stat().st_size < 64 * 2**10
+    art = load_artifact(SHIPPED_ARTIFACT)
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert (art.hidden_size, art.num_layers) == (config["hidden_size"], config["num_hidden_layers"])
+    assert (art.model, art.layer) == (DEFAULT_MODEL_NAME, 15)
+    assert art.onset is not None and (art.onset.layer, art.onset.tokens, art.onset.weight) == (12, 16, 2.0)
+    assert art.info["pairs"] == 120 and art.max_kl >= 0.5
+    assert art.gamma_for(0.1) == pytest.approx(0.317, abs=0.02)
+    eng = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=256, cot_compression="default"))
+    assert resolve_artifact_path("default", eng.model_info) == SHIPPED_ARTIFACT
+    assert torch.equal(eng.registry.context[ASC_KEY].direction, art.direction)
+    plan = eng.registry.prepare(cot(kl_budget=0.1))["cot_compression"]
+    assert plan.gamma == pytest.approx(art.gamma_for(0.1))
+    eng.registry.release({"cot_compression": plan})
+
+
+def test_default_artifact_is_refused_for_other_models(tinystories_dir: Path) -> None:
+    with pytest.raises(ArtifactError, match="shipped artifact is for the embedded default model"):
+        LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, cot_compression="default"))
 
 
 # -- HTTP ------------------------------------------------------------------------------------------

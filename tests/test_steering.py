@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,51 @@ def test_vector_order_kept_in_mixed_batches(eng: LLMEngine, ref: Any, prompts: l
     for step, (x, y) in enumerate(zip(seen["o1"], ref_logits, strict=True)):
         assert (x - y).abs().max().item() < 1e-4, f"step {step}"
     assert mixed_b == ref_tokens
+
+
+@pytest.mark.parametrize(
+    ("make", "param", "match"),
+    [
+        (
+            lambda: [{"directions": {str(i): [] for i in range(1_000_000)}}],
+            "interventions.steering.vectors[0].directions",
+            "1000000 layer keys; this model has 2 layers, so at most 2 keys in \\[0, 1\\]",
+        ),
+        (
+            lambda: [{"directions": {"1": [0.0] * 2_000_000}}],
+            "interventions.steering.vectors[0].directions.1",
+            "length 2000000, expected hidden_size = 128",
+        ),
+        (
+            lambda: [{"name": f"v{i}"} for i in range(1_000_000)],
+            "interventions.steering.vectors",
+            "1000000 vectors \\(named and inline together\\); at most 8",
+        ),
+        (
+            lambda: [{"name": "x" * 1_000_000}],
+            "interventions.steering.vectors[0].name",
+            "1000000 characters; a vector name has at most 128",
+        ),
+        (
+            lambda: [{"directions": {"7" * 10_000: [0.0] * 128}}],
+            "interventions.steering.vectors[0].directions." + "7" * 24 + "...",
+            "layer keys are integers in \\[0, 1\\]",
+        ),
+        (
+            lambda: [{"directions": {"٣": [0.0] * 128}}],
+            "interventions.steering.vectors[0].directions.٣",
+            "layer keys are integers",
+        ),
+    ],
+)
+def test_oversized_specs_are_refused_before_per_element_work(
+    eng: LLMEngine, make: Any, param: str, match: str
+) -> None:
+    """A spec is refused by its counts and lengths first, at a cost bounded by the allowed spec: the
+    1e6-key spec took 5.9 s through the schema. (Generous bound: 1 s; the checks take microseconds.)"""
+    vectors = make()
+    start = time.perf_counter()
+    with pytest.raises(InterventionError, match=match) as e:
+        eng.registry.prepare(spec(vectors))
+    assert time.perf_counter() - start < 1.0
+    assert e.value.param == param and len(str(e.value)) < 400

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save
 
 from actserve.clients import ActServeClient, ActServeError, SteeringVector
 from actserve.interventions.steering.formats import write_safetensors
@@ -48,7 +50,25 @@ def vector_dir(tmp_path_factory: pytest.TempPathFactory, hidden: int, engine_mod
     wide = {1: torch.ones(hidden * 2)}
     (folder / "too-wide.safetensors").write_bytes(write_safetensors(wide, "llama", "too-wide", 2))
     (folder / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 40)
+    for name, data in hostile_files(hidden).items():
+        (folder / f"hostile-{name}").write_bytes(data)
     return folder
+
+
+def hostile_files(hidden: int) -> dict[str, bytes]:
+    """Files the parsers must refuse without a 5xx or a failed start (name -> bytes)."""
+    ones = torch.ones(hidden)
+    deep = b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    good = write_safetensors({1: ones}, "llama", "g", 2)
+    return {
+        "superscript.safetensors": save({"direction.²": ones}),
+        "deep.safetensors": struct.pack("<Q", len(deep)) + deep,
+        "truncated.safetensors": good[:-5],
+        "ints.safetensors": save({"direction.1": torch.ones(hidden, dtype=torch.int16)}),
+        "nan.safetensors": save({"direction.1": torch.full((hidden,), float("nan"))}),
+        "count.safetensors": save({"direction.1": ones}, metadata={"layer_count": "30"}),
+        "meta.safetensors": write_safetensors({1: ones}, "llama", "m", 2, {"k": "v" * 70_000}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +99,7 @@ def text(client: ActServeClient, *vectors: SteeringVector) -> str:
 def test_preloaded_folder(client: ActServeClient, hidden: int) -> None:
     names = {v["name"]: v for v in client.steering_vectors()}
     assert set(names) >= {"repeng-sad"} and not {"too-wide", "broken"} & set(names)
+    assert not [n for n in names if n.startswith("hostile-")]
     v = names["repeng-sad"]
     assert v["layers"] == [1] and v["hidden_size"] == hidden and v["model_hint"] == "llama"
     assert v["norms"]["1"] == pytest.approx(float(direction(hidden, 1).norm() * 4), rel=1e-5)
@@ -191,3 +212,102 @@ def test_cli_flag() -> None:
 
     args = build_parser().parse_args(["serve", "--steering-vectors", "/srv/vectors"])
     assert engine_config(args).steering_vectors_dir == "/srv/vectors"
+
+
+UNREADABLE = {
+    "superscript.safetensors": "unexpected tensor 'direction.²'",
+    "deep.safetensors": "recursion limit",
+    "truncated.safetensors": "not a valid safetensors file",
+    "ints.safetensors": "not a float type",
+    "nan.safetensors": "NaN",
+    "count.safetensors": "layer_count: the header says 30 direction tensors, the file has 1",
+    "meta.safetensors": "metadata: ",
+}
+
+
+def test_unreadable_uploads_are_400s_naming_the_problem(http: httpx.Client, hidden: int) -> None:
+    raw = {"Content-Type": "application/octet-stream"}
+    files = hostile_files(hidden)
+    assert files.keys() == UNREADABLE.keys()
+    for name, data in files.items():
+        r = _post(http, content=data, params={"name": "e"}, headers=raw)
+        assert r.status_code == 400, (name, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "file" and UNREADABLE[name] in err["message"], (name, err)
+    gguf_count = gguf_with_layer_count(hidden, 30)
+    r = _post(http, content=gguf_count, params={"name": "e"}, headers=raw)
+    assert r.status_code == 400 and "the header says 30 direction tensors, the file has 2" in r.text
+    assert http.get("/health").status_code == 200
+
+
+def gguf_with_layer_count(hidden: int, layer_count: int) -> bytes:
+    return write_gguf_raw({1: np.ones(hidden, np.float32), 2: np.ones(hidden, np.float32)}, layer_count)
+
+
+def write_gguf_raw(directions: dict[int, np.ndarray], layer_count: int, hint: str = "llama") -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.gguf"
+        w = gguf.GGUFWriter(path, "controlvector")
+        w.add_string("controlvector.model_hint", hint)
+        w.add_uint32("controlvector.layer_count", layer_count)
+        for layer, d in directions.items():
+            w.add_tensor(f"direction.{layer}", d)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+
+def test_other_model_hint_is_accepted_with_warnings(http: httpx.Client, hidden: int) -> None:
+    data = write_gguf_raw({1: direction(hidden, 50).numpy()}, 1, hint="qwen2")
+    r = _post(http, content=data, params={"name": "from-qwen", "replace": "true"},
+              headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    (warning,) = r.json()["warnings"]
+    assert "'qwen2'" in warning
+    listed = {v["name"]: v for v in http.get(URL, params={"limit": 1000}).json()["data"]}
+    assert listed["from-qwen"]["warnings"] == [warning] and listed["repeng-sad"]["warnings"] == []
+    r = _post(http, json={"name": "same", "directions": {"1": direction(hidden, 51).tolist()},
+                          "model_hint": "llama", "replace": True})  # fmt: skip
+    assert r.status_code == 200 and r.json()["warnings"] == []
+
+
+def test_list_pages_and_leaves_out_metadata(http: httpx.Client, client: ActServeClient, hidden: int) -> None:
+    for i in range(3):
+        body = {"name": f"page-{i}", "directions": {"1": direction(hidden, 60 + i).tolist()},
+                "metadata": {"notes": "n" * 60_000}, "replace": True}  # fmt: skip
+        assert _post(http, json=body).status_code == 200
+    everything = [v["name"] for v in client.steering_vectors()]  # the client follows every page
+    assert everything == sorted(everything) and {"page-0", "page-1", "page-2"} <= set(everything)
+    first = http.get(URL, params={"limit": 1, "after": "page-"})
+    page = first.json()
+    assert first.status_code == 200 and len(first.content) < 2000
+    assert [v["name"] for v in page["data"]] == ["page-0"] and page["has_more"]
+    assert (page["first_id"], page["last_id"]) == ("page-0", "page-0") and "metadata" not in page["data"][0]
+    nxt = http.get(URL, params={"limit": 2, "after": page["last_id"]}).json()
+    assert [v["name"] for v in nxt["data"]] == ["page-1", "page-2"]
+    assert http.get(f"{URL}/page-1").json()["metadata"]["notes"] == "n" * 60_000  # GET one: full
+    for bad in ("0", "1001", "x", "-1", "1" * 50):
+        r = http.get(URL, params={"limit": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
+
+
+def test_json_body_caps(http: httpx.Client, hidden: int) -> None:
+    good = direction(hidden, 70).tolist()
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"directions": {"1": good}, "metadata": {"k": "v" * 70_000}}, "metadata", "at most 65536"),
+        ({"directions": {"1": good}, "model_hint": "h" * 300}, "model_hint", "at most 256"),
+        ({"directions": {str(i): [] for i in range(200_000)}}, "directions", "200000 layer keys"),
+        ({"directions": {"1": [0.0] * 1_000_000}}, "directions.1", "length 1000000, expected hidden_size"),
+        ({"directions": {"٣": good}}, "directions.٣", "layer keys are integers"),
+    ]
+    for body, param, match in cases:
+        r = _post(http, json={"name": "capped", **body})
+        assert r.status_code == 400, r.text[:300]
+        err = r.json()["error"]
+        assert err["param"] == param and match in err["message"], err
+        assert len(r.content) < 1000
+    assert http.get(f"{URL}/capped").status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_add_get_list_delete(info: ModelInfo) -> None:
         ({"directions": {1: d(0, 12)}}, "directions.1", "hidden_size: directions.1 has 12 values"),
         ({"directions": {1: torch.full((HIDDEN,), float("inf"))}}, "directions.1", "finite"),
         ({"directions": {1: d(0)}, "num_layers": 30}, "num_layers", "made for a model with 30"),
-        ({"directions": {1: d(0)}, "layer_count": 29}, "layer_count", "29 layers"),
+        ({"directions": {1: d(0)}, "layer_count": 29}, "layer_count", "29 direction tensors"),
         ({"directions": {1: d(0)}, "name": "../etc"}, "name", "vector name"),
         ({"directions": {1: d(0)}, "name": ""}, "name", "vector name"),
     ],
@@ -131,3 +132,82 @@ def test_concurrent_adds(info: ModelInfo, tmp_path: Path) -> None:
         t.join()
     assert not errors and len(lib) == 41
     assert len(list(tmp_path.glob("*.safetensors"))) == 41 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_preload_skips_each_bad_file_with_one_warning(
+    info: ModelInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files the parsers cannot read never stop the start: each is skipped with one warning that names
+    the file and the reason; the good ones load."""
+    from safetensors.torch import save
+
+    ones = torch.ones(HIDDEN)
+    good = write_safetensors({1: d(1)}, "llama", "good", LAYERS)
+    bad = {
+        "superscript.safetensors": (save({"direction.²": ones}), "unexpected tensor 'direction.²'"),
+        "deep.safetensors": (
+            struct.pack("<Q", 100_012) + b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}" + b" " * 6,
+            "recursion limit",
+        ),
+        "truncated.safetensors": (good[: len(good) - 9], "not a valid safetensors file"),
+        "ints.safetensors": (
+            save({"direction.1": torch.ones(HIDDEN, dtype=torch.int32)}),
+            "not a float type",
+        ),
+        "nan.safetensors": (save({"direction.1": torch.full((HIDDEN,), float("nan"))}), "NaN"),
+        "truncated.gguf": (write_gguf({1: d(1)}, "llama", "c", LAYERS)[:-3], "not a valid GGUF file"),
+        "meta.safetensors": (
+            write_safetensors({1: d(1)}, "llama", "m", LAYERS, {"k": "v" * 70_000}),
+            "metadata: ",
+        ),
+    }
+    for name, (data, _) in bad.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "good.safetensors").write_bytes(good)
+    with caplog.at_level(logging.WARNING):
+        lib = VectorLibrary(info, tmp_path)
+    assert [v.name for v in lib.list()] == ["good"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for name, (_, reason) in bad.items():
+        mine = [w for w in warnings if name in w]
+        assert len(mine) == 1 and reason in mine[0], (name, mine)
+
+
+def test_model_hint_of_another_family_is_accepted_with_a_warning(
+    info: ModelInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    lib = VectorLibrary(info)
+    assert lib.build("same", {1: d(1)}, model_hint="llama").warnings == ()
+    assert lib.build("arch", {1: d(1)}, model_hint="LlamaForCausalLM").warnings == ()
+    assert lib.build("none", {1: d(1)}, model_hint="").warnings == ()
+    with caplog.at_level(logging.WARNING):
+        vec = lib.add(lib.build("other", {1: d(1)}, model_hint="qwen2"))
+    (warning,) = vec.warnings
+    assert "'qwen2'" in warning and "model_hint" in warning
+    assert vec.summary()["warnings"] == [warning] and warning in caplog.text
+
+
+def test_metadata_and_hint_caps(info: ModelInfo) -> None:
+    lib = VectorLibrary(info)
+    with pytest.raises(LibraryError, match="at most 65536") as e:
+        lib.build("v", {1: d(1)}, metadata={"k": "x" * 70_000})
+    assert e.value.param == "metadata"
+    with pytest.raises(LibraryError, match="at most 256") as e:
+        lib.build("v", {1: d(1)}, model_hint="h" * 257)
+    assert e.value.param == "model_hint"
+    with pytest.raises(LibraryError, match=f"5 layers; this model .* has {LAYERS}"):
+        lib.build("v", {i: d(i) for i in range(5)})
+    with pytest.raises(LibraryError) as e:
+        lib.build("x" * 10_000, {1: d(1)})
+    assert len(str(e.value)) < 300  # a huge name is not echoed back
+
+
+def test_pages_and_list_summary_without_metadata(info: ModelInfo) -> None:
+    lib = VectorLibrary(info)
+    for i in range(5):
+        lib.add(lib.build(f"v{i}", {1: d(i)}, metadata={"k": "v" * 1000}))
+    first, more = lib.page(2)
+    assert [v.name for v in first] == ["v0", "v1"] and more
+    rest, more = lib.page(10, after="v1")
+    assert [v.name for v in rest] == ["v2", "v3", "v4"] and not more
+    assert "metadata" not in first[0].summary(metadata=False) and first[0].summary()["metadata"]["k"]

@@ -178,8 +178,8 @@ def load_artifact(path: str | Path) -> AscArtifact:
             info=json.loads(meta.get("info", "{}")),
             onset=onset,
         )
-    except (KeyError, ValueError) as e:
-        raise ArtifactError(f"{path}: incomplete ASC artifact ({e})") from None
+    except (KeyError, ValueError, RecursionError) as e:  # RecursionError: `info` JSON nested too deeply
+        raise ArtifactError(f"{path}: incomplete ASC artifact ({type(e).__name__}: {str(e)[:200]})") from None
     if direction.dim() != 1 or not bool(torch.isfinite(direction).all()):
         raise ArtifactError(f"{path}: direction must be a finite vector")
     if onset is not None:

@@ -59,8 +59,10 @@ BRIEF_INSTRUCTION = " Be very brief: one line of math, then the answer."
 
 
 def default_layer(num_layers: int) -> int:
-    """About two thirds of the depth (the ASC paper: layer 20 of 28 and of 32)."""
-    return min(num_layers - 1, round(num_layers * 2 / 3))
+    """Half the depth: layer 15 of SmolLM2-135M's 30, the layer its headline measured (with the onset,
+    38.0 % shorter at KL budget 0.1 on held-out problems). The ASC paper's 2/3 (layer 20 of 30) made
+    answers only 1.7 % shorter there (50 outside word problems; layer 15: 29.9 %)."""
+    return min(num_layers - 1, num_layers // 2)
 
 
 DEFAULT_ONSET_TOKENS, DEFAULT_ONSET_WEIGHT = 16, 2.0  # measured on SmolLM2-135M (bench/cot_explore.py)

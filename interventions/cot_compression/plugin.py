@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
-from actserve.interventions.cot_compression.artifact import AscArtifact, load_artifact
+from actserve.interventions.cot_compression.artifact import ArtifactError, AscArtifact, load_artifact
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.interventions.registry import plugin_key
 from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
@@ -34,6 +35,10 @@ from actserve.server.models.loader import ModelInfo
 log = logging.getLogger(__name__)
 ASC_KEY = "cot_compression.artifact"
 NOT_CONFIGURED = "cot_compression is not configured for this model; build it with `actserve cot build`"
+# `--cot-compression default`: the artifact shipped for the embedded default model (data/README.md says
+# how it was built), so the default model compresses without a 5-13 minute build
+DEFAULT_ARTIFACT = "default"
+SHIPPED_ARTIFACT = Path(__file__).with_name("data") / "smollm2-135m-instruct.asc.safetensors"
 
 
 @dataclass
@@ -54,11 +59,30 @@ class _Part(NamedTuple):
     window: tuple[int, int | None] | None
 
 
+def resolve_artifact_path(option: str, info: ModelInfo) -> Path:
+    """The file behind `--cot-compression`: a path, or `default` = the shipped artifact, which only the
+    embedded default model may use (its calibration belongs to those exact weights; another model of
+    the same shape would load it and be steered wrongly)."""
+    if option != DEFAULT_ARTIFACT:
+        return Path(option)
+    from actserve.server.models.default_model import DEFAULT_MODEL_NAME, is_complete
+
+    if not is_complete(Path(info.path)):
+        raise ArtifactError(
+            f"--cot-compression default: the shipped artifact is for the embedded default model "
+            f"({DEFAULT_MODEL_NAME}, served when --model is not given); this server runs {info.name} "
+            f"({info.path}). Build one for it: `actserve cot build --model {info.path} --out FILE`, then "
+            "`--cot-compression FILE` (a file named 'default': pass ./default)"
+        )
+    return SHIPPED_ARTIFACT
+
+
 def cot_context(config: EngineConfig, info: ModelInfo) -> dict[str, Any]:
-    """Registry context entries for `--cot-compression FILE`: the artifact, checked against the model."""
+    """Registry context entries for `--cot-compression FILE|default`: the artifact, checked against the
+    model."""
     if not config.cot_compression:
         return {}
-    art = load_artifact(config.cot_compression)
+    art = load_artifact(resolve_artifact_path(config.cot_compression, info))
     art.check_fits(info)
     if art.model and art.model != info.name:
         log.warning("CoT compression artifact was built on %r; serving %r", art.model, info.name)

@@ -10,6 +10,7 @@ do not fit the model are skipped with a log line) and vectors added later are sa
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
 import re
@@ -23,13 +24,21 @@ from typing import Any
 import torch
 
 from actserve.interventions.steering import formats
-from actserve.interventions.steering.formats import VectorFile, VectorFormatError
+from actserve.interventions.steering.formats import (
+    MAX_METADATA_BYTES,
+    MAX_MODEL_HINT_CHARS,
+    VectorFile,
+    VectorFormatError,
+    preview,
+)
 from actserve.server.models.loader import ModelInfo
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIXES = (".safetensors", ".gguf")
 LIBRARY_KEY = "steering.library"  # the library's key in the intervention registry's shared context
+# llama.cpp converts some HF model types to another GGUF architecture: its control vectors say that one
+HINT_ALIASES = {"mistral": ("llama",), "mixtral": ("llama",)}
 
 
 class LibraryError(ValueError):
@@ -65,6 +74,7 @@ class StoredVector:
     num_layers: int
     created: float = field(default_factory=time.time)
     metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # accepted, but worth telling (e.g. a model_hint of another family)
 
     @property
     def layers(self) -> list[int]:
@@ -74,9 +84,10 @@ class StoredVector:
     def norms(self) -> dict[int, float]:
         return formats.norms(self.directions)
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON of `GET /v1/steering/vectors` (no directions)."""
-        return {
+    def summary(self, metadata: bool = True) -> dict[str, Any]:
+        """The JSON of one vector without its directions; the list leaves out `metadata` (up to 64 KiB
+        each), so a page of the list stays small."""
+        out = {
             "object": "steering.vector",
             "name": self.name,
             "layers": self.layers,
@@ -85,8 +96,11 @@ class StoredVector:
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "created": int(self.created),
-            "metadata": dict(self.metadata),
+            "warnings": list(self.warnings),
         }
+        if metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
 
     def to_bytes(self, fmt: str) -> bytes:
         write = formats.write_gguf if fmt == "gguf" else formats.write_safetensors
@@ -97,10 +111,40 @@ def check_name(name: object, param: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise LibraryError(
             f"{param}: a vector name is 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
-            f"digit; got {name!r}",
+            f"digit; got {preview(name)}",
             param,
         )
     return name
+
+
+def check_metadata(metadata: dict[str, str] | None, model_hint: str | None) -> dict[str, str]:
+    """Caps on what a vector carries besides its directions (the list and every file repeat it)."""
+    if model_hint is not None and len(model_hint) > MAX_MODEL_HINT_CHARS:
+        raise LibraryError(
+            f"model_hint: {len(model_hint)} characters; at most {MAX_MODEL_HINT_CHARS}", "model_hint"
+        )
+    meta = dict(metadata or {})
+    size = len(json.dumps(meta).encode())
+    if size > MAX_METADATA_BYTES:
+        raise LibraryError(
+            f"metadata: {size} bytes as JSON; at most {MAX_METADATA_BYTES} (64 KiB)", "metadata"
+        )
+    return meta
+
+
+def hint_warnings(model_hint: str | None, info: ModelInfo) -> tuple[str, ...]:
+    """A model_hint naming another model family than the served one: accepted (the shapes were checked
+    and fit), with a warning, since a direction learned on another model is rarely meaningful here."""
+    hint = (model_hint or "").strip().lower()
+    served = {x.lower() for x in (info.model_type, info.architecture) if x}
+    served |= {a for x in served for a in HINT_ALIASES.get(x, ())}
+    if not hint or not served or hint in served:
+        return ()
+    return (
+        f"model_hint: the vector was made for a {model_hint!r} model; this server runs {info.name} "
+        f"({info.model_type or info.architecture}). Its shapes fit, so it was accepted; check that it "
+        "steers as intended.",
+    )
 
 
 class VectorLibrary:
@@ -140,9 +184,14 @@ class VectorLibrary:
             )
         if layer_count is not None and layer_count > info.num_layers:
             raise LibraryError(
-                f"layer_count: the vector has {layer_count} layers; this model ({info.name}) has only "
-                f"{info.num_layers}",
+                f"layer_count: the file has {layer_count} direction tensors; this model ({info.name}) has "
+                f"only {info.num_layers} decoder layers",
                 "layer_count",
+            )
+        meta = check_metadata(metadata, model_hint)
+        if len(directions) > info.num_layers:
+            raise LibraryError(
+                f"{param}: {len(directions)} layers; this model ({info.name}) has {info.num_layers}", param
             )
         clean: dict[int, torch.Tensor] = {}
         for layer, d in sorted(directions.items()):
@@ -169,7 +218,8 @@ class VectorLibrary:
             model_hint=model_hint if model_hint is not None else (info.model_type or info.architecture),
             hidden_size=info.hidden_size,
             num_layers=info.num_layers,
-            metadata=dict(metadata or {}),
+            metadata=meta,
+            warnings=hint_warnings(model_hint, info),
         )
 
     def from_file(self, file: VectorFile, name: str | None = None) -> StoredVector:
@@ -219,6 +269,8 @@ class VectorLibrary:
                 self._files[vector.name] = path
             self._vectors[vector.name] = vector
         log.info("steering vector %r stored (layers %s)", vector.name, vector.layers)
+        for warning in vector.warnings:
+            log.warning("steering vector %r: %s", vector.name, warning)
         return vector
 
     def get(self, name: str, param: str = "name") -> StoredVector:
@@ -231,6 +283,13 @@ class VectorLibrary:
     def list(self) -> builtins.list[StoredVector]:
         with self._lock:
             return [self._vectors[k] for k in sorted(self._vectors)]
+
+    def page(self, limit: int, after: str | None = None) -> tuple[builtins.list[StoredVector], bool]:
+        """Up to `limit` vectors in name order after the name `after` (a cursor: the last name of the
+        previous page), and whether more follow."""
+        with self._lock:
+            names = sorted(n for n in self._vectors if after is None or n > after)
+            return [self._vectors[n] for n in names[:limit]], len(names) > limit
 
     def delete(self, name: str) -> StoredVector:
         with self._lock:
@@ -275,6 +334,11 @@ class VectorLibrary:
             except (LibraryError, VectorFormatError, OSError) as e:
                 log.warning("steering vectors: skipping %s: %s", path, e)
                 continue
+            except Exception as e:  # noqa: BLE001 - a parser bug must not stop the server from starting
+                log.warning("steering vectors: skipping %s: unreadable (%s: %s)", path, type(e).__name__, e)
+                continue
+            for warning in vec.warnings:
+                log.warning("steering vectors: %s loaded with a warning: %s", path, warning)
             self._vectors[name] = vec
             self._files[name] = path
         log.info("steering vectors: %d loaded from %s", len(self._vectors), directory)

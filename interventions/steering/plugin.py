@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,14 @@ from actserve.interventions.base import (
     RowSpan,
     device_table,
 )
+from actserve.interventions.steering.formats import preview
 from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary, VectorNotFound
-from actserve.interventions.steering.schema import SteeringSpec, SteeringVectorSpec
+from actserve.interventions.steering.schema import (
+    SteeringSpec,
+    SteeringVectorSpec,
+    check_spec_size,
+    layer_index,
+)
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, apply_steering_ref
 from actserve.server.models.loader import ModelInfo
 
@@ -139,13 +146,19 @@ class SteeringPlugin(InterventionPlugin):
             lib = self.context.setdefault(LIBRARY_KEY, VectorLibrary(self.model_info))
         return lib
 
+    def parse(self, value: Any, param: str) -> SteeringSpec:  # type: ignore[override]
+        """Size caps first (cheap, O(allowed spec)), then the schema (O(input), now bounded)."""
+        check_spec_size(value, param, self.model_info.num_layers, self.model_info.hidden_size)
+        return super().parse(value, param)  # type: ignore[return-value]
+
     def _named(self, name: str, where: str) -> tuple[torch.Tensor, list[int]]:
         """A copy of a stored vector's data: deleting or replacing it later leaves this plan intact."""
         try:
             stored = self.library.get(name)
         except VectorNotFound:
             raise InterventionError(
-                f"{where}: no stored steering vector named {name!r} (GET /v1/steering/vectors lists them)",
+                f"{where}: no stored steering vector named {preview(name)} (GET /v1/steering/vectors lists "
+                "them)",
                 where,
             ) from None
         data = torch.zeros(self.model_info.num_layers, self.model_info.hidden_size, dtype=torch.float32)
@@ -171,12 +184,9 @@ class SteeringPlugin(InterventionPlugin):
             layers: list[int] = []
             for key, values in v.directions.items():
                 p = f"{where}.directions.{key}"
-                try:
-                    layer = int(key)
-                except ValueError:
-                    raise InterventionError(
-                        f"{p}: layer keys are integers in [0, {n_layers - 1}]", p
-                    ) from None
+                layer = layer_index(key)
+                if layer is None:
+                    raise InterventionError(f"{p}: layer keys are integers in [0, {n_layers - 1}]", p)
                 if not 0 <= layer < n_layers:
                     raise InterventionError(f"{p}: layer {layer} out of range [0, {n_layers - 1}]", p)
                 if len(values) != hidden:

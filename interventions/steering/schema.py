@@ -2,11 +2,73 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actserve.interventions.base import InterventionError
+
 MAX_VECTORS_PER_REQUEST = 8
+MAX_NAME_CHARS = 128  # as the library's names (library.NAME_RE)
+MAX_LAYER_KEY_CHARS = 10  # a layer index as a string
+
+
+def layer_index(key: object) -> int | None:
+    """A layer key ("12") as an int; None unless it is 1-10 ASCII digits (int() alone would also take
+    " 1", "1_0" or "٣")."""
+    if isinstance(key, str) and 0 < len(key) <= MAX_LAYER_KEY_CHARS and key.isascii() and key.isdigit():
+        return int(key)
+    return None
+
+
+def _key(key: object) -> str:
+    text = str(key)
+    return text if len(text) <= 24 else f"{text[:24]}..."
+
+
+def check_directions_size(directions: dict[Any, Any], where: str, num_layers: int, hidden: int) -> None:
+    """Counts and lengths of raw `{"L": [floats]}` before any per-element work: at most `num_layers` keys,
+    each short, each list `hidden` long. O(num_layers): a spec with a million keys fails on len()."""
+    if len(directions) > num_layers:
+        raise InterventionError(
+            f"{where}: {len(directions)} layer keys; this model has {num_layers} layers, so at most "
+            f"{num_layers} keys in [0, {num_layers - 1}]",
+            where,
+        )
+    for key, values in directions.items():
+        p = f"{where}.{_key(key)}"
+        if len(str(key)) > MAX_LAYER_KEY_CHARS:
+            raise InterventionError(f"{p}: layer keys are integers in [0, {num_layers - 1}]", p)
+        if isinstance(values, list) and len(values) != hidden:
+            raise InterventionError(f"{p}: length {len(values)}, expected hidden_size = {hidden}", p)
+
+
+def check_spec_size(value: object, param: str, num_layers: int, hidden: int) -> None:
+    """Refuse an oversized raw steering spec before the schema validates each of its elements: the
+    number of vectors (named or inline), name lengths, layer keys and direction lengths. Cost is
+    bounded by the allowed size (8 vectors x num_layers keys), not by the size of the input."""
+    vectors = value.get("vectors") if isinstance(value, dict) else None
+    if not isinstance(vectors, list):
+        return  # the schema reports it
+    if len(vectors) > MAX_VECTORS_PER_REQUEST:
+        raise InterventionError(
+            f"{param}.vectors: {len(vectors)} vectors (named and inline together); at most "
+            f"{MAX_VECTORS_PER_REQUEST} per request",
+            f"{param}.vectors",
+        )
+    for i, vec in enumerate(vectors):
+        if not isinstance(vec, dict):
+            continue
+        where = f"{param}.vectors[{i}]"
+        name = vec.get("name")
+        if isinstance(name, str) and len(name) > MAX_NAME_CHARS:
+            raise InterventionError(
+                f"{where}.name: {len(name)} characters; a vector name has at most {MAX_NAME_CHARS}",
+                f"{where}.name",
+            )
+        directions = vec.get("directions")
+        if isinstance(directions, dict):
+            check_directions_size(directions, f"{where}.directions", num_layers, hidden)
 
 
 class SteeringVectorSpec(BaseModel):

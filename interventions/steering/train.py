@@ -9,6 +9,11 @@ Methods (DESIGN.md §8):
   (as sklearn's PCA inside repeng does) removes exactly the shift shared by all pairs, which is the signal.
 
 Residuals come from `collect_residuals`, so layer L here is the layer where steering at L adds the vector.
+
+On a serving engine (`POST /v1/steering/vectors/train`) the forward passes must not hold the engine for
+the whole training: `chunks` cuts the examples into engine calls of at most CHUNK_TOKENS tokens and
+CHUNK_EXAMPLES examples each, so other requests decode between them; `prepare_examples` (tokenizer, no
+model) and `fit_vector` (CPU math) run off the engine.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from actserve.interventions.steering.hidden import Position, collect_residuals
 Method = Literal["mean_diff", "pca_diff"]
 METHODS: tuple[str, ...] = ("mean_diff", "pca_diff")
 POSITIONS: tuple[str, ...] = ("last", "mean")
-MAX_EXAMPLES = 1024  # per side, on the HTTP endpoint
+MAX_EXAMPLES = 512  # per side, on the HTTP endpoint (1024 pairs held the engine 18.6 s before chunking)
+MAX_EXAMPLE_CHARS = 4000  # per example, on the HTTP endpoint (also bounded by the model's max length)
+# one engine call of HTTP training: about one prefill step's work, so a decode step follows within it
+CHUNK_TOKENS, CHUNK_EXAMPLES = 1024, 8
 
 
 class TrainingError(ValueError):
@@ -146,11 +154,15 @@ def _tokenize(tokenizer: Any, field: str, texts: list[str], max_tokens: int | No
     return out
 
 
-def _chunks(prompts: list[list[int]], batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of at most batch_tokens tokens each (a longer prompt goes alone)."""
+def chunks(
+    prompts: list[list[int]], batch_tokens: int, max_examples: int | None = None
+) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most batch_tokens tokens (a longer prompt goes alone) and at most
+    `max_examples` prompts each."""
     ranges, start, total = [], 0, 0
     for i, p in enumerate(prompts):
-        if i > start and total + len(p) > batch_tokens:
+        full = max_examples is not None and i - start >= max_examples
+        if i > start and (total + len(p) > batch_tokens or full):
             ranges.append((start, i))
             start, total = i, 0
         total += len(p)
@@ -171,7 +183,7 @@ def residuals(
     with tqdm(
         total=len(prompts), desc="residuals", unit="ex", disable=None if progress is None else not progress
     ) as bar:
-        for start, end in _chunks(prompts, batch_tokens):
+        for start, end in chunks(prompts, batch_tokens):
             parts.append(collect_residuals(model, prompts[start:end], layers, position, batch_tokens))
             bar.update(end - start)
     return torch.cat(parts)
@@ -208,6 +220,71 @@ def layer_stats(pos: torch.Tensor, neg: torch.Tensor, d: torch.Tensor, paired: b
     )
 
 
+NOT_NATIVE = (
+    "model: training needs the native model implementation; this model runs through the transformers fallback"
+)
+
+
+def native_spec(model: torch.nn.Module) -> Any:
+    """The native model's spec (layers, hidden size); the transformers fallback has none."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise TrainingError(NOT_NATIVE, "model")
+    return spec
+
+
+def prepare_examples(
+    tokenizer: Any,
+    positive: list[str],
+    negative: list[str],
+    *,
+    num_layers: int,
+    layers: list[int] | None,
+    method: str,
+    position: str,
+    paired: bool,
+    max_tokens: int | None,
+) -> tuple[list[int], list[list[int]]]:
+    """Checked layers and the token ids of positive then negative examples (no model needed)."""
+    chosen = validate(positive, negative, layers, num_layers, method, position, paired)
+    prompts = _tokenize(tokenizer, "positive", positive, max_tokens)
+    return chosen, prompts + _tokenize(tokenizer, "negative", negative, max_tokens)
+
+
+def fit_vector(
+    h: torch.Tensor,
+    num_positive: int,
+    layers: list[int],
+    *,
+    method: Method,
+    position: Position,
+    paired: bool,
+    num_tokens: int,
+    num_layers: int,
+) -> TrainedVector:
+    """Directions and statistics from residuals h [positives + negatives, len(layers), hidden]."""
+    h = h.double()
+    pos, neg = h[:num_positive], h[num_positive:]
+    directions: dict[int, torch.Tensor] = {}
+    stats: dict[int, LayerStats] = {}
+    for k, layer in enumerate(layers):
+        d = direction(pos[:, k], neg[:, k], method)
+        directions[layer] = d.float().contiguous()
+        stats[layer] = layer_stats(pos[:, k], neg[:, k], d, paired)
+    return TrainedVector(
+        directions=directions,
+        stats=stats,
+        method=method,
+        position=position,
+        paired=paired,
+        num_positive=num_positive,
+        num_negative=h.shape[0] - num_positive,
+        num_tokens=num_tokens,
+        hidden_size=h.shape[-1],
+        num_layers=num_layers,
+    )
+
+
 def train_vector(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -222,37 +299,18 @@ def train_vector(
     max_tokens: int | None = None,
     progress: bool | None = None,
 ) -> TrainedVector:
-    """Train a per-layer steering direction (positive minus negative) on a native model.
+    """Train a per-layer steering direction (positive minus negative) on a native model, in one go (the
+    CLI; a serving engine runs `chunks` of it between steps instead).
 
     layers None = all; max_tokens: longest example allowed (the engine's max_model_len);
     progress None = a bar only on a terminal. Raises TrainingError naming the offending field."""
-    spec = getattr(model, "spec", None)
-    if spec is None:
-        raise TrainingError(
-            "model: training needs the native model implementation; this model runs through the "
-            "transformers fallback",
-            "model",
-        )
-    chosen = validate(positive, negative, layers, spec.num_layers, method, position, paired)
-    prompts = _tokenize(tokenizer, "positive", positive, max_tokens)
-    prompts += _tokenize(tokenizer, "negative", negative, max_tokens)
-    h = residuals(model, prompts, chosen, position, batch_tokens, progress).double()
-    pos, neg = h[: len(positive)], h[len(positive) :]
-    directions: dict[int, torch.Tensor] = {}
-    stats: dict[int, LayerStats] = {}
-    for k, layer in enumerate(chosen):
-        d = direction(pos[:, k], neg[:, k], method)
-        directions[layer] = d.float().contiguous()
-        stats[layer] = layer_stats(pos[:, k], neg[:, k], d, paired)
-    return TrainedVector(
-        directions=directions,
-        stats=stats,
-        method=method,
-        position=position,
-        paired=paired,
-        num_positive=len(positive),
-        num_negative=len(negative),
-        num_tokens=sum(map(len, prompts)),
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-    )
+    spec = native_spec(model)
+    chosen, prompts = prepare_examples(
+        tokenizer, positive, negative, num_layers=spec.num_layers, layers=layers, method=method,
+        position=position, paired=paired, max_tokens=max_tokens,
+    )  # fmt: skip
+    h = residuals(model, prompts, chosen, position, batch_tokens, progress)
+    return fit_vector(
+        h, len(positive), chosen, method=method, position=position, paired=paired,
+        num_tokens=sum(map(len, prompts)), num_layers=spec.num_layers,
+    )  # fmt: skip

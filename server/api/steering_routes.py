@@ -7,7 +7,12 @@
   its header, not its name), with `?name=` (else the name stored in the file) and `?replace=true`.
   Raw bytes rather than multipart, so curl's `--data-binary @file` works with no extra dependency.
 Bodies over 64 MiB get a 413. Parsing and file IO run off the event loop: in a worker thread, or in the
-engine process (process mode), which holds the library.
+engine process (process mode), which holds the library. Files the parsers cannot read are 400s naming
+what is wrong (`formats.VectorFormatError`), never a 5xx.
+
+`GET /v1/steering/vectors` pages (`?limit=` 1-1000, default 100; `?after=<last name of the previous
+page>`) and leaves out each vector's `metadata` (up to 64 KiB each): `GET /v1/steering/vectors/{name}`
+has it all. So a list answer stays well under a megabyte however many vectors are stored.
 """
 
 from __future__ import annotations
@@ -19,15 +24,25 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import from_json
 from starlette.concurrency import run_in_threadpool
 
-from actserve.interventions.steering.formats import VectorFormatError, read_vector
-from actserve.interventions.steering.library import LibraryError, StoredVector, VectorLibrary
+from actserve.interventions.base import InterventionError
+from actserve.interventions.steering.formats import VectorFormatError, cut, read_vector
+from actserve.interventions.steering.library import (
+    LibraryError,
+    StoredVector,
+    VectorLibrary,
+    check_metadata,
+)
+from actserve.interventions.steering.schema import check_directions_size, layer_index
 from actserve.server.api.errors import APIError
 from actserve.server.api.steering_train_route import train_route
 from actserve.server.engine.engine_client import EngineClient
+from actserve.server.models.loader import ModelInfo
 
 MAX_UPLOAD_BYTES = 64 * 2**20
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 router = APIRouter(prefix="/v1/steering/vectors", tags=["steering"])
 
 # POST /v1/steering/vectors/train: training from examples (server/api/steering_train_route.py) stores its
@@ -81,8 +96,15 @@ async def _guarded(request: Request, fn: Any, *args: Any) -> Any:
         raise _api_error(e) from None
 
 
-def _summaries(lib: VectorLibrary) -> list[dict[str, Any]]:
-    return [v.summary() for v in lib.list()]
+def _page(lib: VectorLibrary, limit: int, after: str | None) -> dict[str, Any]:
+    vectors, more = lib.page(limit, after)
+    return {
+        "object": "list",
+        "data": [v.summary(metadata=False) for v in vectors],
+        "first_id": vectors[0].name if vectors else None,
+        "last_id": vectors[-1].name if vectors else None,
+        "has_more": more,
+    }
 
 
 def _get(lib: VectorLibrary, name: str) -> StoredVector:
@@ -109,12 +131,34 @@ async def _read_body(request: Request) -> bytes:
 def _directions(raw: dict[str, list[float]]) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     for key, values in raw.items():
-        try:
-            layer = int(key)
-        except ValueError:
-            raise APIError(400, f"directions.{key}: layer keys are integers", f"directions.{key}") from None
+        layer = layer_index(key)
+        if layer is None:
+            raise APIError(400, f"directions.{key}: layer keys are integers", f"directions.{key}")
         out[layer] = torch.tensor(values, dtype=torch.float64)
     return out
+
+
+def _parse_create(raw: bytes, info: ModelInfo) -> CreateVector:
+    """The JSON body, refused by its sizes (layer keys, direction lengths, metadata) before the schema
+    validates every number: cost bounded by what the model allows, not by what was sent."""
+    try:
+        obj = from_json(raw or b"null")  # nesting-limited, unlike json.loads
+    except ValueError as e:
+        raise APIError(400, f"body: not valid JSON ({cut(str(e))})") from None
+    try:
+        if isinstance(obj, dict) and isinstance(obj.get("directions"), dict):
+            check_directions_size(obj["directions"], "directions", info.num_layers, info.hidden_size)
+    except InterventionError as e:
+        raise APIError(400, str(e), e.param) from None
+    try:
+        body = CreateVector.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    try:
+        check_metadata(body.metadata, body.model_hint)
+    except LibraryError as e:
+        raise APIError(e.status, str(e), e.param) from None
+    return body
 
 
 def _create_from_json(lib: VectorLibrary, body: CreateVector) -> StoredVector:
@@ -130,9 +174,22 @@ def _create_from_file(lib: VectorLibrary, data: bytes, name: str | None, replace
     return lib.add(lib.from_file(read_vector(data), name), replace=replace)
 
 
+def _list_limit(raw: str | None) -> int:
+    """`?limit=`: 1-1000 (default 100); anything else is a 400 naming the range."""
+    if raw is None:
+        return LIST_LIMIT_DEFAULT
+    if raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= LIST_LIMIT_MAX:
+        return int(raw)
+    message = f"limit: an integer in [1, {LIST_LIMIT_MAX}] (default {LIST_LIMIT_DEFAULT}); got {raw!r}"
+    raise APIError(400, cut(message), "limit")
+
+
 @router.get("")
-async def list_vectors(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": await _guarded(request, _summaries)}
+async def list_vectors(
+    request: Request, limit: str | None = None, after: str | None = None
+) -> dict[str, Any]:
+    """One page of stored vectors in name order, without their metadata."""
+    return await _guarded(request, _page, _list_limit(limit), after)
 
 
 @router.get("/{name}")
@@ -160,10 +217,7 @@ async def create_vector(request: Request, name: str | None = None, replace: bool
         vec = await _guarded(request, _create_from_file, data, name, replace)
     elif kind in ("application/json", ""):
         raw = await _read_body(request)
-        try:
-            body = CreateVector.model_validate_json(raw or b"null")
-        except ValidationError as e:
-            raise RequestValidationError(e.errors(include_url=False)) from None
+        body = await run_in_threadpool(_parse_create, raw, engine(request).model_info)
         vec = await _guarded(request, _create_from_json, body)
     else:
         raise APIError(

@@ -3,33 +3,52 @@
 Body: `{"name", "positive": [...], "negative": [...]}` (paired by index unless `"paired": false`) or
 `{"name", "pairs": [{"positive", "negative"}, ...]}`, plus `layers` (list or null/"all"), `method`
 (`mean_diff` | `pca_diff`), `position` (`last` | `mean`), `replace`. At most `MAX_EXAMPLES` examples per
-side, each at most the model's max length. The forward passes run on the engine thread between steps
-(the model and its device state belong to it; in process mode that is the engine process), so
-generation pauses while a vector trains.
+side, each at most `MAX_EXAMPLE_CHARS` characters and the model's max length in tokens. Validation and
+tokenization run in a worker thread; the forward passes run where the engine runs (it owns the model
+and its device state; in process mode that is the engine process), one chunk of at most CHUNK_TOKENS
+tokens / CHUNK_EXAMPLES examples per engine call, so other requests keep decoding between chunks
+instead of pausing for the whole training.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from starlette.concurrency import run_in_threadpool
 
+from actserve.interventions.steering.hidden import collect_residuals
 from actserve.interventions.steering.library import LibraryError, StoredVector, VectorLibrary, check_name
-from actserve.interventions.steering.train import MAX_EXAMPLES, TrainedVector, TrainingError, train_vector
+from actserve.interventions.steering.train import (
+    CHUNK_EXAMPLES,
+    CHUNK_TOKENS,
+    MAX_EXAMPLE_CHARS,
+    MAX_EXAMPLES,
+    NOT_NATIVE,
+    TrainedVector,
+    TrainingError,
+    chunks,
+    fit_vector,
+    native_spec,
+    prepare_examples,
+)
 from actserve.server.api.errors import APIError
 from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.llm_engine import LLMEngine
 
-Examples = list[str]
+MAX_LAYER_INDICES = 1024  # more than any model's layers; each is then checked against the model
+Example = Annotated[str, StringConstraints(max_length=MAX_EXAMPLE_CHARS)]
+Examples = list[Example]
 
 
 class TrainPair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    positive: str
-    negative: str
+    positive: Example
+    negative: Example
 
 
 class TrainRequest(BaseModel):
@@ -42,7 +61,9 @@ class TrainRequest(BaseModel):
     negative: Examples | None = Field(None, min_length=1, max_length=MAX_EXAMPLES)
     pairs: list[TrainPair] | None = Field(None, min_length=1, max_length=MAX_EXAMPLES)
     paired: bool = Field(True, description="positive[i] and negative[i] form a pair (needed by pca_diff)")
-    layers: list[int] | Literal["all"] | None = Field(None, description="layer indices; null or 'all': all")
+    layers: list[int] | Literal["all"] | None = Field(
+        None, max_length=MAX_LAYER_INDICES, description="layer indices; null or 'all': all"
+    )
     method: Literal["mean_diff", "pca_diff"] = "mean_diff"
     position: Literal["last", "mean"] = "last"
     replace: bool = False
@@ -85,21 +106,48 @@ def _contains(lib: VectorLibrary, name: str) -> bool:
     return name in lib
 
 
-def _train(eng: LLMEngine, body: TrainRequest, layers: list[int] | None) -> TrainedVector:
-    """Runs where the engine runs, between steps (module-level: it may be pickled to the engine process)."""
+def _residual_chunk(
+    eng: LLMEngine, prompts: list[list[int]], layers: list[int], position: str
+) -> torch.Tensor:
+    """One engine call of training: residuals of a few examples (module-level: it may be pickled to the
+    engine process). [len(prompts), len(layers), hidden] float32 on the CPU."""
+    native_spec(eng.runner.model)
+    return collect_residuals(eng.runner.model, prompts, layers, position, CHUNK_TOKENS)  # type: ignore[arg-type]
+
+
+async def _residuals(
+    engine: EngineClient, prompts: list[list[int]], layers: list[int], position: str
+) -> tuple[torch.Tensor, int]:
+    """All examples' residuals, one engine call per chunk; between calls the engine runs its steps."""
+    parts = []
+    ranges = chunks(prompts, CHUNK_TOKENS, CHUNK_EXAMPLES)
+    for start, end in ranges:
+        parts.append(await engine.run_in_engine(_residual_chunk, prompts[start:end], layers, position))
+    return torch.cat(parts), len(ranges)
+
+
+async def _train(
+    engine: EngineClient, body: TrainRequest, layers: list[int] | None
+) -> tuple[TrainedVector, int]:
+    """Validate and tokenize in a worker thread, forward in engine chunks, fit in a worker thread."""
     positive, negative = body.examples()
-    return train_vector(
-        eng.runner.model,
-        eng.tokenizer,
-        positive,
-        negative,
-        layers=layers,  # type: ignore[arg-type]
-        method=body.method,
-        position=body.position,
-        paired=body.paired,
-        max_tokens=eng.max_model_len,
-        progress=False,
-    )
+    info = engine.model_info
+    if info.implementation != "native":
+        raise TrainingError(NOT_NATIVE, "model")
+    chosen, prompts = await run_in_threadpool(
+        lambda: prepare_examples(
+            engine.tokenizer, positive, negative, num_layers=info.num_layers, layers=layers,
+            method=body.method, position=body.position, paired=body.paired, max_tokens=engine.max_model_len,
+        )
+    )  # fmt: skip
+    h, calls = await _residuals(engine, prompts, chosen, body.position)
+    vec = await run_in_threadpool(
+        lambda: fit_vector(
+            h, len(positive), chosen, method=body.method, position=body.position, paired=body.paired,
+            num_tokens=sum(map(len, prompts)), num_layers=info.num_layers,
+        )
+    )  # fmt: skip
+    return vec, calls
 
 
 async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:
@@ -115,7 +163,7 @@ async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:
         raise APIError(409, message, "name")
     layers = None if body.layers in (None, "all") else body.layers
     try:
-        vec: TrainedVector = await engine.run_in_engine(_train, body, layers)
+        vec, calls = await _train(engine, body, layers)
         stored: StoredVector = await engine.library_call(_store, body, vec)
     except TrainingError as e:
         raise _training_error(e, body) from None
@@ -123,6 +171,6 @@ async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:
         raise APIError(e.status, str(e), e.param) from None
     return {
         **stored.summary(),
-        "training": vec.summary(),
+        "training": {**vec.summary(), "engine_calls": calls},
         "directions": {str(k): d.tolist() for k, d in sorted(stored.directions.items())},
     }
