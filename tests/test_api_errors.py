@@ -357,6 +357,8 @@ def test_api_key_file_without_keys_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="api-key-file"):
         api_keys(build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
     assert api_keys(build_parser().parse_args(["serve"])) == []
+    assert build_parser().parse_args(["serve"]).max_request_bytes == 16 * 2**20
+    assert build_parser().parse_args(["serve", "--max-request-bytes", "1024"]).max_request_bytes == 1024
 
 
 def test_unexpected_error_is_an_openai_shaped_500(caplog: pytest.LogCaptureFixture) -> None:
