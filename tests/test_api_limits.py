@@ -4,6 +4,7 @@ that large tokenizer work stays off the event loop (a concurrent /health answers
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,32 @@ def test_large_tokenize_runs_off_the_event_loop(server: LiveServer) -> None:
             assert r.status_code == 200 and r.json()["count"] > 250_000
 
     asyncio.run(main())
+
+
+def test_thread_mode_prepares_interventions_off_the_event_loop(server: LiveServer) -> None:
+    """Validating an intervention spec (up to 8 vectors x layers x hidden_size floats, n copies) runs in a
+    worker thread, not on the server's event loop thread."""
+    state = server.server.config.app.state.actserve  # type: ignore[union-attr]
+    registry = getattr(getattr(state.engine, "engine", None), "registry", None)
+    if registry is None:
+        pytest.skip("process mode: plans are prepared in the engine process")
+    threads: list[int] = []
+    original = registry.prepare_many
+
+    def recording(*args: object) -> object:
+        threads.append(threading.get_ident())
+        return original(*args)
+
+    registry.prepare_many = recording
+    try:
+        vectors = [{"directions": {"1": [0.01] * 128}, "scale": 1.0}]
+        body = {
+            "prompt": "Once",
+            "max_tokens": 2,
+            "n": 2,
+            "interventions": {"steering": {"vectors": vectors}},
+        }
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        del registry.prepare_many
+    assert threads and server.thread.ident not in threads
