@@ -55,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA: a single fresh prompt of up to this many tokens prefills from a CUDA graph (0: never)",
     )  # fmt: skip
     s.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument(
+        "--api-key", action="append", default=None,
+        help="require 'Authorization: Bearer KEY' on the API routes; repeat for several accepted keys",
+    )  # fmt: skip
+    s.add_argument(
+        "--api-key-file", default=None, metavar="FILE",
+        help="accepted API keys, one per line (blank lines and # comments ignored); adds to --api-key",
+    )  # fmt: skip
+    s.add_argument(
+        "--max-request-bytes", type=positive, default=16 * 2**20,
+        help="largest request body in bytes (413 beyond it; vector uploads allow 64 MiB)",
+    )  # fmt: skip
     s.add_argument("--served-model-name", default=None)
     s.add_argument(
         "--allow-pickle-weights", action="store_true", help="allow .bin/.pt checkpoints (runs code)"
@@ -111,6 +122,27 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def read_key_file(path: str) -> list[str]:
+    """Keys of an --api-key-file: one per line; blank lines and lines starting with # are skipped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key (any number) plus the keys of --api-key-file; empty means no authentication."""
+    keys = [k for k in args.api_key or [] if k]
+    if args.api_key_file:
+        try:
+            from_file = read_key_file(args.api_key_file)
+        except OSError as e:
+            raise SystemExit(f"--api-key-file: {e}") from None
+        if not from_file:
+            raise SystemExit(f"--api-key-file {args.api_key_file}: no keys in the file")
+        keys += from_file
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "vectors":
@@ -126,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     from actserve.server.engine.async_engine import make_engine
 
     config = engine_config(args)
-    app = create_app(load=lambda: make_engine(config), api_key=args.api_key, max_waiting=args.max_waiting)
+    app = create_app(
+        load=lambda: make_engine(config),
+        api_key=api_keys(args),
+        max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -280,6 +280,67 @@ def test_echo_with_generation_appends_completion(client: OpenAI, ref: Reference)
     assert len(lp.token_logprobs) == len(ids) + plain.usage.completion_tokens
 
 
+def _echo_logprobs(
+    url: str, stream: bool, skip_special: bool, prompt: Any
+) -> tuple[str, list[str], list[int]]:
+    """text, tokens and text_offset of one echoed choice (streamed chunks joined)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "echo": True, "logprobs": 1,
+            "ignore_eos": True, "skip_special_tokens": skip_special, "stream": stream}  # fmt: skip
+    if not stream:
+        c = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        return c["text"], c["logprobs"]["tokens"], c["logprobs"]["text_offset"]
+    text, tokens, offsets = "", [], []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            c = json.loads(line[len("data: ") :])["choices"][0]
+            text += c["text"]
+            if c["logprobs"]:
+                tokens += c["logprobs"]["tokens"]
+                offsets += c["logprobs"]["text_offset"]
+    return text, tokens, offsets
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("skip_special", [True, False], ids=["skip-special", "keep-special"])
+def test_echo_text_offsets_index_the_returned_text(
+    url: str, ref: Reference, stream: bool, skip_special: bool
+) -> None:
+    """TinyStories adds a BOS (`<|start_story|>`), which `text` leaves out with skip_special_tokens:
+    every token whose text is in `text` starts at its text_offset; a token that adds nothing to `text`
+    (a skipped special token, the space its decoder strips after it) sits where the next one starts."""
+    ids = ref.encode(PROMPTS[0])
+    special = set(ref.tokenizer.all_special_tokens)
+    for prompt in (PROMPTS[0], ids):
+        text, tokens, offsets = _echo_logprobs(url, stream, skip_special, prompt)
+        assert len(tokens) == len(offsets) == len(ids) + 12
+        assert tokens[0] == "<|start_story|>" and offsets[0] == 0
+        assert text.startswith("<|start_story|>" if not skip_special else "Once upon a time")
+        assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+        for i, (tok, off) in enumerate(zip(tokens, offsets, strict=True)):
+            adds_nothing = i + 1 < len(offsets) and offsets[i + 1] == off
+            if skip_special and (tok in special or adds_nothing):
+                continue
+            assert text[off:].startswith(tok), (i, tok, off, text)
+        # the offsets spell the text: each token's text ends where the next begins
+        assert "".join(text[a:b] for a, b in zip(offsets, offsets[1:] + [len(text)], strict=True)) == text
+
+
+def test_generated_text_offsets_with_special_tokens_kept(url: str) -> None:
+    """Without echo, offsets count from the start of the generated text (as before), in both modes."""
+    for skip_special in (True, False):
+        body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "logprobs": 0,
+                "skip_special_tokens": skip_special}  # fmt: skip
+        c = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        lp = c["logprobs"]
+        assert lp["text_offset"][0] == 0
+        for tok, off in zip(lp["tokens"], lp["text_offset"], strict=True):
+            if c["finish_reason"] == "stop" and tok == lp["tokens"][-1]:
+                continue  # the stop token's text stays out of the text
+            assert c["text"][off:].startswith(tok)
+
+
 # ------------------------------------------------------------------------------------- streaming
 
 

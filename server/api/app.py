@@ -15,42 +15,64 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from actserve.server.api.admission import Admission, Reservation
 from actserve.server.api.chat import ChatHandler, render_chat
 from actserve.server.api.completions import CompletionHandler
-from actserve.server.api.errors import APIError, error_response, install_error_handlers
+from actserve.server.api.errors import (
+    APIError,
+    InternalErrorMiddleware,
+    error_response,
+    install_error_handlers,
+)
+from actserve.server.api.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
 from actserve.server.api.protocol import (
+    MAX_SEQUENCES,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check_fields,
 )
+from actserve.server.api.steering_routes import MAX_UPLOAD_BYTES
 from actserve.server.api.steering_routes import router as steering_router
+from actserve.server.api.tokens import PromptEncoder
 from actserve.server.engine.engine_client import EngineClient, EngineDeadError
 from actserve.server.version import __version__
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = {"/health", "/metrics", "/version", "/docs", "/openapi.json"}
+# probes, metrics and the API description (the same for all three doc routes) need no key
+OPEN_PATHS = {"/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+def key_list(api_key: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The accepted keys: one string, several, or none (no auth); empty strings are not keys."""
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    return [k for k in keys if k]
 
 
 class ServerState:
     """Engine slot filled once loading finishes (or the load error that prevented it)."""
 
-    def __init__(self, api_key: str | None, max_waiting: int) -> None:
+    def __init__(self, api_key: str | list[str] | None, max_waiting: int) -> None:
         self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
-        self.api_key = api_key
+        self.api_keys = key_list(api_key)
         self.max_waiting = max_waiting
+        self.admission = Admission(max_waiting)
         self.started = time.time()
         self.completions: CompletionHandler | None = None
         self.chat: ChatHandler | None = None
+        self.encoder: PromptEncoder | None = None
 
     def set_engine(self, engine: EngineClient) -> None:
         name = engine.model_name
-        self.completions = CompletionHandler(engine, name)
-        self.chat = ChatHandler(engine, name)
+        self.encoder = PromptEncoder(engine.tokenizer, engine.max_model_len)
+        self.completions = CompletionHandler(engine, name, self.encoder)
+        self.chat = ChatHandler(engine, name, self.encoder)
         self.engine = engine
 
     def ready(self) -> EngineClient:
@@ -72,12 +94,15 @@ class ServerState:
                 "model_not_found",
             )
 
-    def check_load(self) -> None:
-        engine = self.ready()
-        if engine.num_waiting() >= self.max_waiting:
+    def check_load(self, count: int, param: str) -> Reservation:
+        """Admit a request of `count` sequences (prompts x n) against `--max-waiting` (see admission.py);
+        the caller gives the reservation back when the request ends."""
+        self.ready()
+        if count > MAX_SEQUENCES:
             raise APIError(
-                429, f"server overloaded: {self.max_waiting} sequences already waiting; retry later"
+                400, f"{param}: prompts x n is {count}; at most {MAX_SEQUENCES} per request", param
             )
+        return self.admission.reserve(count, param)
 
 
 class APIKeyMiddleware:
@@ -91,24 +116,36 @@ class APIKeyMiddleware:
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = self.state.api_key
-        if key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        keys = self.state.api_keys
+        if keys and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = Headers(scope=scope).get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
+            if not key_matches(token, keys):
                 message = "missing or invalid API key (Authorization: Bearer ...)"
                 await error_response(401, message, code="invalid_api_key")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
+def key_matches(token: str, keys: list[str]) -> bool:
+    """Constant-time compare against every key (no early exit, so timing does not tell which key or
+    how many matched)."""
+    given = token.encode("utf-8", "surrogatepass")
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode("utf-8", "surrogatepass"))
+    return found
+
+
 def create_app(
     engine: EngineClient | None = None,
     load: Callable[[], EngineClient] | None = None,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     max_waiting: int = 4096,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    """Pass a ready engine, or a loader that runs in a thread when the app starts."""
+    """Pass a ready engine, or a loader that runs in a thread when the app starts. `api_key` is one key
+    or a list of accepted keys; `max_request_bytes` caps request bodies (413 beyond it)."""
     app = FastAPI(title="actserve", version=__version__)
     state = ServerState(api_key, max_waiting)
     app.state.actserve = state
@@ -135,7 +172,11 @@ def create_app(
         if state.engine is not None:
             state.engine.shutdown()
 
+    # outermost last: errors -> API key (before reading any body) -> body limits -> routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes,
+                       path_limits={"/v1/steering/vectors": MAX_UPLOAD_BYTES})  # fmt: skip
     app.add_middleware(APIKeyMiddleware, state=state)
+    app.add_middleware(InternalErrorMiddleware)
 
     @app.get("/health")
     async def health() -> Response:
@@ -189,35 +230,49 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Any:
         state.check_model(req.model)
-        state.check_load()
+        check_fields(req)
+        count = req.num_prompts() * req.n
+        admitted = state.check_load(count, "n" if req.n > 1 else "prompt")
         assert state.completions is not None
-        return await state.completions(req, raw)
+        return await state.completions(req, raw, admitted)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Any:
         state.check_model(req.model)
-        state.check_load()
+        check_fields(req)
+        admitted = state.check_load(req.n, "n")
         assert state.chat is not None
-        return await state.chat(req, raw)
+        return await state.chat(req, raw, admitted)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of any text (no context-length bound: this route counts tokens), tokenized in a
+        worker thread when large."""
         state.check_model(req.model)
-        eng = state.ready()
+        check_fields(req)
+        eng, encoder = state.ready(), state.encoder
+        assert encoder is not None
         if req.messages is not None:
-            ids = render_chat(eng.tokenizer, req.messages, req.add_generation_prompt)
+            ids = await render_chat(encoder, req.messages, req.add_generation_prompt, bounded=False)
         else:
-            ids = eng.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            assert req.prompt is not None
+            ids = await encoder.encode_unbounded(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": eng.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
+        """Text of at most max_model_len ids (more can never come from one request), decoded in a
+        worker thread."""
         state.check_model(req.model)
+        check_fields(req)
         eng = state.ready()
-        vocab = eng.model_info.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise APIError(400, f"tokens: ids must be in [0, {vocab - 1}]", "tokens")
-        return {"prompt": eng.tokenizer.decode(req.tokens)}
+        vocab, cap = eng.model_info.vocab_size, eng.max_model_len
+        if len(req.tokens) > cap:
+            raise APIError(400, f"tokens: at most {cap} ids (max_model_len); got {len(req.tokens)}", "tokens")
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens: ids must be in [0, {vocab - 1}]; got {bad[0]}", "tokens")
+        return {"prompt": await run_in_threadpool(eng.tokenizer.decode, req.tokens)}
 
     app.include_router(steering_router)
     return app

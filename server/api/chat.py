@@ -7,7 +7,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from actserve.server.api.admission import Reservation
 from actserve.server.api.errors import APIError, as_api_error, error_sse
 from actserve.server.api.generation import (
     PlanStream,
@@ -21,6 +23,7 @@ from actserve.server.api.generation import (
 )
 from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
 from actserve.server.api.sse import ChunkWriter
+from actserve.server.api.tokens import INLINE_CHARS, PromptEncoder
 from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.sequence import TokenLogprob
 
@@ -43,12 +46,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                continue_final: bool = False, kwargs: dict[str, Any] | None = None) -> list[int]:  # fmt: skip
+def render_chat_text(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                     continue_final: bool = False, kwargs: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The chat template applied to the messages; template errors are the caller's input (400)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     try:
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             message_dicts(messages),
             tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final,
@@ -59,7 +63,25 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         raise
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input
         raise APIError(400, f"messages: chat template failed: {e}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _content_chars(messages: list[ChatMessage]) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else len(str(m.content or "")) for m in messages)
+
+
+async def render_chat(encoder: PromptEncoder, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                      continue_final: bool = False, kwargs: dict[str, Any] | None = None,
+                      bounded: bool = True) -> list[int]:  # fmt: skip
+    """Token ids of the rendered conversation. Large conversations render and tokenize in a worker
+    thread; with `bounded`, a rendering whose length alone exceeds the context is refused untokenized."""
+    args = (encoder.tokenizer, messages, add_generation_prompt, continue_final, kwargs)
+    if _content_chars(messages) > INLINE_CHARS:
+        text = await run_in_threadpool(render_chat_text, *args)
+    else:
+        text = render_chat_text(*args)
+    if bounded:
+        encoder.check_length(text, "messages")
+    return await encoder.encode_unbounded(text, add_special_tokens=False)
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText, context: list[int]) -> dict[str, Any]:
@@ -78,27 +100,40 @@ def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText, context: l
 
 
 class ChatHandler:
-    def __init__(self, engine: EngineClient, model_name: str) -> None:
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: EngineClient, model_name: str, encoder: PromptEncoder) -> None:
+        self.engine, self.model_name, self.encoder = engine, model_name, encoder
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(self.tokenizer)
 
-    async def __call__(self, req: ChatCompletionRequest, raw: Request) -> Any:
-        ids = render_chat(
-            self.tokenizer,
-            req.messages,
-            req.add_generation_prompt,
-            req.continue_final_message,
-            req.chat_template_kwargs,
-        )
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
-        rid = new_id("chatcmpl")
-        pairs = await build_sequences(self.engine, rid, [ids], params, req.interventions)
-        if req.stream:
-            return PlanStream(self._stream(req, rid, [ids], pairs, raw), self.engine, pairs)
+    async def __call__(self, req: ChatCompletionRequest, raw: Request, admitted: Reservation) -> Any:
+        """Answer one admitted request; `admitted` is given back when the request ends (a stream takes
+        it over and gives it back when it ends)."""
+        streaming = False
+        try:
+            ids = await render_chat(
+                self.encoder,
+                req.messages,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template_kwargs,
+            )
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
+            rid = new_id("chatcmpl")
+            pairs = await build_sequences(self.engine, rid, [ids], params, req.interventions)
+            if req.stream:
+                streaming = True
+                stream = self._stream(req, rid, [ids], pairs, raw, admitted)
+                return PlanStream(stream, self.engine, pairs, admitted)
+            return await self._complete(req, rid, ids, pairs, raw, admitted)
+        finally:
+            if not streaming:
+                admitted.close()
+
+    async def _complete(self, req: ChatCompletionRequest, rid: str, ids: list[int], pairs: list[Any],
+                        raw: Request, admitted: Reservation) -> JSONResponse:  # fmt: skip
         choices = [c for c, _ in pairs]
-        async for c, out in run_choices(self.engine, pairs, raw):
+        async for c, out in run_choices(self.engine, pairs, raw, admitted):
             apply_output(c, out)
         body = {
             "id": rid,
@@ -120,7 +155,13 @@ class ChatHandler:
         return JSONResponse(body)
 
     async def _stream(
-        self, req: ChatCompletionRequest, rid: str, prompts: list[list[int]], pairs: list[Any], raw: Request
+        self,
+        req: ChatCompletionRequest,
+        rid: str,
+        prompts: list[list[int]],
+        pairs: list[Any],
+        raw: Request,
+        admitted: Reservation,
     ) -> AsyncIterator[str]:
         created, choices = now(), [c for c, _ in pairs]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -135,7 +176,7 @@ class ChatHandler:
                 role = {"role": "assistant", "content": ""}
                 yield chunk([{"index": c.index, "delta": role, "logprobs": None, "finish_reason": None}])
             lp_sent: dict[int, int] = {}  # per choice: tokens whose logprobs went out already
-            async for c, out in run_choices(self.engine, pairs, raw):
+            async for c, out in run_choices(self.engine, pairs, raw, admitted):
                 apply_output(c, out)
                 if not out.text and not out.finished:
                     continue  # text held back (a stop string may follow): its logprobs go with the next chunk

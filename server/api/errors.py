@@ -4,12 +4,14 @@ DESIGN.md §5; FastAPI's 422 becomes a 400 that names the offending field."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actserve.interventions.base import InterventionCapacityError, InterventionError
 from actserve.server.engine.engine_client import EngineDeadError
@@ -18,6 +20,10 @@ from actserve.server.engine.llm_engine import RequestRejected
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                409: "ConflictError", 413: "PayloadTooLargeError", 415: "UnsupportedMediaTypeError",
                429: "RateLimitError", 503: "ServiceUnavailableError", 500: "InternalServerError"}  # fmt: skip
+# Seconds a client should wait before retrying a 429 (queue full) or 503 (loading, slots in use): the
+# queue drains at the engine's step rate, so a short fixed hint is as good as an estimate.
+RETRY_AFTER_S = 1
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -26,13 +32,27 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def _printable(text: str | None) -> str | None:
+    """Text that always encodes as UTF-8 (messages and params may quote a client's invalid input)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
+    """OpenAI's error body; 429 and 503 carry `Retry-After` (seconds), as clients' retry logic expects."""
     body = {
-        "error": {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": code}
+        "error": {
+            "message": _printable(message),
+            "type": ERROR_TYPES.get(status, "Error"),
+            "param": _printable(param),
+            "code": code,
+        }
     }
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_sse(status: int, message: str, param: str | None = None) -> str:
@@ -68,6 +88,8 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     err = errors[0]
     kind = err.get("type")
     raw_loc = [x for x in err.get("loc", ()) if x != "body"]
+    if kind == "string_unicode" and not raw_loc:  # e.g. an object key with a lone surrogate
+        return "request body: a key is not valid Unicode (a lone UTF-16 surrogate such as \\ud800)", None
     if kind == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
     # the body itself is missing, not JSON-decodable, or not an object (a model-level check has a
@@ -91,8 +113,38 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     if bounds:
         text += f" (allowed: {bounds})"
     if got is not None and not isinstance(got, (dict, list)):
-        text += f"; got {got!r}"
+        shown = repr(got)
+        text += f"; got {shown[:80]}" + ("..." if len(shown) > 80 else "")
     return text, param or None
+
+
+class InternalErrorMiddleware:
+    """Last line of defence: an exception no handler mapped becomes OpenAI's 500 body (and a log entry
+    with its traceback) instead of Starlette's plain-text "Internal Server Error". Pure ASGI, like the
+    other middleware here (see APIKeyMiddleware on BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # the status line is gone: let the server close the connection
+            message = f"internal error ({type(e).__name__}); the server log has the details"
+            await error_response(500, message)(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from actserve.server.api.admission import Reservation
 from actserve.server.api.errors import APIError, as_api_error
 from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.llm_engine import SeqOutput
@@ -50,6 +51,17 @@ async def build_sequences(
 ) -> list[tuple[Choice, Sequence]]:
     """n sequences per prompt. Everything is validated before any intervention plan takes resources."""
     vocab = engine.model_info.vocab_size
+    bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+    if bad_stop:
+        raise APIError(
+            400, f"stop_token_ids: ids must be in [0, {vocab - 1}]; got {bad_stop[0]}", "stop_token_ids"
+        )
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens: must not exceed max_tokens ({params.max_tokens}); got {params.min_tokens}",
+            "min_tokens",
+        )
     for i, ids in enumerate(prompts):
         try:
             engine.check_fits(len(ids), params.max_tokens)
@@ -93,16 +105,21 @@ class PlanStream(StreamingResponse):
     cleanup would never run."""
 
     def __init__(
-        self, body: AsyncIterator[str], engine: EngineClient, pairs: list[tuple[Choice, Sequence]]
+        self,
+        body: AsyncIterator[str],
+        engine: EngineClient,
+        pairs: list[tuple[Choice, Sequence]],
+        admitted: Reservation,
     ) -> None:
         super().__init__(body, media_type="text/event-stream")
-        self.engine, self.pairs = engine, pairs
+        self.engine, self.pairs, self.admitted = engine, pairs, admitted
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             release_unsubmitted(self.engine, self.pairs)
+            self.admitted.close()
 
 
 async def watch_disconnect(request: Request | None, on_disconnect: Callable[[], None]) -> None:
@@ -115,19 +132,27 @@ async def watch_disconnect(request: Request | None, on_disconnect: Callable[[], 
 
 
 async def run_choices(
-    engine: EngineClient, pairs: list[tuple[Choice, Sequence]], request: Request | None
+    engine: EngineClient,
+    pairs: list[tuple[Choice, Sequence]],
+    request: Request | None,
+    admitted: Reservation | None = None,
 ) -> AsyncIterator[tuple[Choice, SeqOutput]]:
-    """Merge the deltas of all choices as they arrive; stop everything if the client disconnects."""
+    """Merge the deltas of all choices as they arrive; stop everything if the client disconnects.
+    A choice's first delta means its sequence left the engine's queue: its admission share goes back."""
     if len(pairs) == 1:  # the common case: no task and queue hop per delta
         choice, seq = pairs[0]
         gone = asyncio.CancelledError("client disconnected")
         watcher = asyncio.create_task(watch_disconnect(request, lambda: engine.interrupt(seq.seq_id, gone)))
         try:
             async for out in engine.generate(seq):
+                if admitted is not None:
+                    admitted.started(choice.index)
                 yield choice, out
         finally:
             watcher.cancel()
             release_unsubmitted(engine, pairs)
+            if admitted is not None:
+                admitted.close()
         return
     queue: asyncio.Queue[tuple[Choice, SeqOutput] | BaseException | None] = asyncio.Queue()
 
@@ -152,12 +177,16 @@ async def run_choices(
             elif isinstance(item, BaseException):
                 raise item
             else:
+                if admitted is not None:
+                    admitted.started(item[0].index)
                 yield item
     finally:
         watcher.cancel()
         for t in tasks:
             t.cancel()
         release_unsubmitted(engine, pairs)
+        if admitted is not None:
+            admitted.close()
 
 
 def apply_output(choice: Choice, out: SeqOutput) -> None:
@@ -183,24 +212,37 @@ class TokenText:
     Decoding a token alone is wrong for SentencePiece vocabularies, whose decoder drops the leading
     space of the first piece ("\u2581and" alone is "and", after "run" it is " and"); decoding it after
     a few tokens of context gives the text it really adds, so the token strings of a completion spell
-    its text, as OpenAI's do. Special tokens keep their text (they are shown, not skipped)."""
+    its text, as OpenAI's do. Special tokens keep their text (they are shown, not skipped).
+
+    With `skip_special=True` the call instead gives what the token adds to text decoded with
+    skip_special_tokens, which is what the returned `text` is: "" for a special token, and e.g. no
+    leading space for the first word after a skipped BOS. `text_offset`s advance by this."""
 
     CONTEXT = 4  # tokens of context; enough for SentencePiece spaces and multi-byte characters
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._single = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i]))
-        self._context = lru_cache(maxsize=4096)(lambda ids: tokenizer.decode(list(ids)))
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._single = lru_cache(maxsize=65536)(
+            lambda i, skip: tokenizer.decode([i], skip_special_tokens=skip)
+        )
+        self._context = lru_cache(maxsize=4096)(
+            lambda ids, skip: tokenizer.decode(list(ids), skip_special_tokens=skip)
+        )
 
-    def __call__(self, token_id: int, context: list[int] | tuple[int, ...] = ()) -> str:
+    def __call__(
+        self, token_id: int, context: list[int] | tuple[int, ...] = (), skip_special: bool = False
+    ) -> str:
+        if skip_special and token_id in self._special:
+            return ""
         ctx = tuple(context[-self.CONTEXT :])
         if not ctx:
-            return self._single(token_id)
-        before = self._context(ctx)
-        after = self._tokenizer.decode([*ctx, token_id])
+            return self._single(token_id, skip_special)
+        before = self._context(ctx, skip_special)
+        after = self._tokenizer.decode([*ctx, token_id], skip_special_tokens=skip_special)
         if after.startswith(before) and not before.endswith("\ufffd"):
             return after[len(before) :]
-        return self._single(token_id)  # a split multi-byte character: fall back to the bare token
+        return self._single(token_id, skip_special)  # a split multi-byte character: the bare token
 
 
 def now() -> int:

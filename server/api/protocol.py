@@ -1,16 +1,108 @@
 """OpenAI request bodies with vLLM's extra sampling fields; every bound is checked here, so the engine
-only ever sees valid parameters and a bad field becomes a 400 that names it."""
+only ever sees valid parameters and a bad field becomes a 400 that names it.
+
+Bounds that depend on the loaded model (token ids against the vocabulary, lengths against the context)
+are checked where the model is known: `generation.build_sequences` and the routes."""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from actserve.server.api.errors import APIError
 from actserve.server.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_SEQUENCES = 256  # prompts x n of one request (each is an engine sequence)
+MAX_STOP_TOKEN_IDS = 256
+
+# Fields OpenAI or vLLM define that this server does not implement, with the values that ask for nothing
+# (so clients that always send e.g. `response_format: {"type": "text"}` keep working). Any other value
+# is a 400 naming the field: silently ignoring a JSON schema or a logit bias would return output the
+# client did not ask for. Remove an entry when its feature lands.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "structural_tag": (None,),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "suffix": (None, ""),
+    "logits_processors": (None, []),
+    "prompt_logprobs": (None,),
+}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any) -> None:
+    """Raise if a string anywhere in `value` holds a lone UTF-16 surrogate (a JSON escape like \\ud800
+    that pairs with nothing): such text cannot be encoded as UTF-8, so the tokenizer (and any response
+    echoing it) would fail later with a 500."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ValueError("contains a lone UTF-16 surrogate (e.g. \\ud800); text must be valid Unicode")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, (str, list, tuple, dict)):
+                _check_text(v)
+
+
+class APIModel(BaseModel):
+    """Base of request bodies: every string must be valid Unicode, wherever it sits (a 400 naming the
+    field instead of an encoding error deep in the tokenizer)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, v: Any) -> Any:
+        _check_text(v)
+        return v
+
+    @model_validator(mode="after")
+    def _valid_extra_text(self) -> APIModel:
+        for key, value in (self.model_extra or {}).items():
+            try:
+                _check_text(key)
+                _check_text(value)
+            except ValueError as e:
+                raise ValueError(f"{ascii(key)}: {e}") from None
+        return self
+
+
+def check_fields(req: BaseModel) -> None:
+    """Refuse fields this server knows but does not implement; log (once per request) the unknown ones,
+    which are ignored as vLLM ignores them."""
+    extra = req.model_extra or {}
+    for name, value in extra.items():
+        allowed = UNSUPPORTED_FIELDS.get(name)
+        if allowed is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise APIError(400, f"{name}: not supported by this server", name)
+    unknown = sorted(ascii(k) for k in extra if k not in UNSUPPORTED_FIELDS)
+    if unknown:
+        log.warning("fields were present in the request but ignored: %s", ", ".join(unknown))
 
 
 class StreamOptions(BaseModel):
@@ -18,25 +110,26 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class SamplingFields(APIModel):
+    """Fields shared by /v1/completions and /v1/chat/completions. Other fields are kept aside
+    (`model_extra`) for `check_fields`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1 - MAX_N)  # choice j samples with seed + j
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -91,10 +184,9 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=2**31 - 1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -102,14 +194,13 @@ class CompletionRequest(SamplingFields):
     def _prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request; got {len(v)}")
         return v
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("not supported")
-        return v
+    def num_prompts(self) -> int:
+        p = self.prompt
+        return 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
 
     @field_validator("best_of")
     @classmethod
@@ -119,7 +210,7 @@ class CompletionRequest(SamplingFields):
         return v
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(APIModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -129,14 +220,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -145,15 +235,10 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("requires logprobs to be true")
         return v
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if v:
-            raise ValueError("tool calling is not supported")
-        return v
 
+class TokenizeRequest(APIModel):
+    model_config = ConfigDict(extra="allow")
 
-class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -167,6 +252,8 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(APIModel):
+    model_config = ConfigDict(extra="allow")
+
     model: str | None = None
     tokens: list[int]

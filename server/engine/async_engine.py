@@ -92,7 +92,10 @@ class AsyncEngine(EngineClient):
         return await run_in_threadpool(fn, self.engine.vector_library, *args)
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
-        return self.engine.registry.prepare_many(spec, count)
+        """In a worker thread: validating a large spec (vectors of hidden_size floats, named-vector
+        lookups, n copies) must not stall the event loop. The registry is safe to prepare from any
+        thread (plugins take their slots under a lock)."""
+        return await run_in_threadpool(self.engine.registry.prepare_many, spec, count)
 
     def release_interventions(self, plans: dict[str, Any]) -> None:
         self.engine.registry.release(plans)
