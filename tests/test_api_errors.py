@@ -80,11 +80,18 @@ CASES: list[tuple[str, Any, str | None, list[str]]] = [
     ("/v1/completions", {"prompt": "x", "interventions": steering({"first": vec()})},
      f"{STEER}.directions.first", ["integer"]),
     ("/v1/completions",  # Python's json (and so FastAPI) accepts NaN
-     '{"prompt": "x", "interventions": {"steering": {"vectors": [{"directions": {"1": [0.5]}, '
-     '"scale": NaN}]}}}', f"{STEER}.scale", ["finite"]),
+     '{"prompt": "x", "interventions": {"steering": {"vectors": [{"directions": {"1": [' + "0.5, " * 127
+     + '0.5]}, "scale": NaN}]}}}', f"{STEER}.scale", ["finite"]),
     ("/v1/completions",
      '{"prompt": "x", "interventions": {"steering": {"vectors": [{"directions": {"1": [' + "0.1, " * 127
      + 'NaN]}}]}}}', f"{STEER}.directions.1", ["finite"]),
+    # finite as float64, not in the float32 model: the residual would become inf
+    ("/v1/completions", {"prompt": "x", "interventions": steering({"1": [1e308] * 128})},
+     f"{STEER}.directions.1", ["finite"]),
+    ("/v1/completions", {"prompt": "x", "interventions": steering({"1": vec()}, scale=1e300)},
+     f"{STEER}.scale", ["finite"]),
+    ("/v1/completions", {"prompt": "x", "interventions": steering({"1": [1e20] * 128}, scale=1e20)},
+     f"{STEER}.scale", ["not finite"]),
     ("/v1/completions", {"prompt": "x", "interventions": {"steering": {"vectors": []}}},
      "interventions.steering.vectors", []),
     ("/v1/completions", {"prompt": "x", "interventions": {"steering": {"vectors": [{"name": "happy"}]}}},

@@ -171,10 +171,13 @@ class SteeringPlugin(InterventionPlugin):
         vectors: list[PreparedVector] = []
         for i, v in enumerate(spec.vectors):
             where = f"{param}.vectors[{i}]"
-            if not math.isfinite(v.scale):
-                raise InterventionError(f"{where}.scale: must be finite", f"{where}.scale")
+            if not math.isfinite(v.scale) or not np.isfinite(np.float32(v.scale)):
+                raise InterventionError(
+                    f"{where}.scale: must be finite in float32 (|scale| < 3.4e38)", f"{where}.scale"
+                )
             if v.name is not None:
                 data, layers = self._named(v.name, f"{where}.name")
+                self._check_product(data, v.scale, where)
                 vectors.append(self._prepared(v, data, layers))
                 continue
             assert v.directions is not None
@@ -191,11 +194,15 @@ class SteeringPlugin(InterventionPlugin):
                     raise InterventionError(f"{p}: layer {layer} out of range [0, {n_layers - 1}]", p)
                 if len(values) != hidden:
                     raise InterventionError(f"{p}: length {len(values)}, expected hidden_size = {hidden}", p)
-                row = torch.tensor(values, dtype=torch.float64)
+                row = torch.tensor(values, dtype=torch.float64).to(self.model_info.dtype)
                 if not bool(torch.isfinite(row).all()):
-                    raise InterventionError(f"{p}: values must be finite numbers", p)
+                    raise InterventionError(
+                        f"{p}: values must be finite numbers in the model's dtype ({self.model_info.dtype})",
+                        p,
+                    )
                 data[layer] = row.float()
                 layers.append(layer)
+            self._check_product(data, v.scale, where)
             vectors.append(self._prepared(v, data, sorted(layers)))
         with self._lock:
             if len(self._free) < len(vectors):
@@ -205,6 +212,16 @@ class SteeringPlugin(InterventionPlugin):
             for vec in vectors:
                 vec.slot = self._free.pop()
         return SteeringPlan(vectors=vectors, layers={layer for v in vectors for layer in v.layers})
+
+    def _check_product(self, data: torch.Tensor, scale: float, where: str) -> None:
+        """scale * direction must stay finite in the model's dtype: a float64-finite request (scale 1e308,
+        or 1e30 * 1e30) would otherwise turn the residual into inf and the answer into garbage."""
+        peak = float(data.abs().max()) * abs(scale)
+        if not torch.isfinite(torch.tensor(peak, dtype=torch.float64).to(self.model_info.dtype)):
+            raise InterventionError(
+                f"{where}: scale x direction reaches {peak:.3g}, not finite in {self.model_info.dtype}",
+                f"{where}.scale",
+            )
 
     @staticmethod
     def _prepared(v: SteeringVectorSpec, data: torch.Tensor, layers: list[int]) -> PreparedVector:
