@@ -29,6 +29,10 @@ class EngineDeadError(RuntimeError):
     """The engine stopped on an unexpected error (or its process died); the server reports 503."""
 
 
+class EngineRequestError(RuntimeError):
+    """An internal error of the engine hit this request (its step raised); the others go on. 500."""
+
+
 def merge_outputs(a: SeqOutput, b: SeqOutput) -> SeqOutput:
     """Two consecutive deltas of one sequence as one (b's state is the later one)."""
     return dataclasses.replace(
@@ -150,6 +154,9 @@ class EngineClient:
                     item = merge_outputs(item, nxt) if isinstance(nxt, SeqOutput) else nxt
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine has already let go of the sequence
+                    raise EngineRequestError(item.error)
                 finished = item.finished
                 yield item
                 if finished:
