@@ -249,3 +249,20 @@ def test_process_mode_core_survives_a_crafted_invalid_sequence(
         assert again == reference[0]
     finally:
         engine.shutdown()
+
+
+def test_a_fatal_device_error_stops_the_engine_and_tells_the_server(thread_server: LiveServer) -> None:
+    """A CUDA error poisons the device context: no later step could succeed, so the engine stops (503
+    for everyone) and the server is told to exit for a restart (`actserve serve` exits with code 1)."""
+    state = thread_server.server.config.app.state.actserve  # type: ignore[attr-defined]
+    told: list[tuple[int, str]] = []
+    state.fatal = lambda code, why: told.append((code, why))
+
+    def launch(batch: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    state.engine.engine.runner.launch = launch
+    r = httpx.post(f"{thread_server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi"}, timeout=30)
+    assert r.status_code == 503 and "engine stopped" in r.json()["error"]["message"]
+    assert len(told) == 1 and told[0][0] == 1 and "illegal memory access" in told[0][1]
+    assert httpx.get(f"{thread_server.url}/health").status_code == 503
