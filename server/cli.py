@@ -1,4 +1,7 @@
-"""`actserve serve ...`: parse flags, start uvicorn, load the model in the background."""
+"""`actserve serve ...`: parse flags, start uvicorn, load the model in the background.
+
+Exit codes of `serve`: 0 after SIGTERM/SIGINT (accepted requests drained), 1 when the engine died, 3 when
+the model failed to load (or the port was taken); see server/serving.py."""
 
 from __future__ import annotations
 
@@ -26,6 +29,29 @@ def non_negative(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {n}")
     return n
+
+
+def positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return x
+
+
+def add_lifecycle_flags(s: argparse.ArgumentParser) -> None:
+    """Engine threads, stall detection and shutdown (server/serving.py, server/engine/watchdog.py)."""
+    s.add_argument(
+        "--cpu-threads", type=positive, default=None, metavar="N",
+        help="torch threads of the engine (default: $OMP_NUM_THREADS if set, else all cores but one)",
+    )  # fmt: skip
+    s.add_argument(
+        "--engine-stall-timeout", type=positive_float, default=60.0, metavar="S",
+        help="/health answers 503 and open requests fail when the engine makes no progress this long",
+    )  # fmt: skip
+    s.add_argument(
+        "--shutdown-timeout", type=positive_float, default=30.0, metavar="S",
+        help="on SIGTERM/SIGINT, time for accepted requests to finish before they are aborted",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         help="run the engine core in its own process (auto: on for CUDA, off on CPU)",
     )
+    add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
     add_vectors_parser(sub)
     add_cot_parser(sub)
@@ -119,6 +146,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         steering_vectors_dir=args.steering_vectors,
         cot_compression=args.cot_compression,
         engine_process=args.engine_process,
+        cpu_threads=args.cpu_threads,
+        stall_timeout=args.engine_stall_timeout,
     )
 
 
@@ -154,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
+    from actserve.server import serving
     from actserve.server.api.app import create_app
     from actserve.server.engine.async_engine import make_engine
 
@@ -164,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         max_waiting=args.max_waiting,
         max_request_bytes=args.max_request_bytes,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    return serving.run(app.state.actserve, server_config, args.shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class EngineMetrics:
             lbl + ["intervention"],
             registry=r,
         )
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
         # every series exists from the start (at zero), as vLLM exports them, so rate() has a baseline
         hists = (self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode)

@@ -32,6 +32,19 @@ def test_flags_map_to_engine_config() -> None:
         build_parser().parse_args(["serve", "--cuda-graph-prefill-len", "-1"])
 
 
+def test_lifecycle_flags() -> None:
+    default = build_parser().parse_args(["serve"])
+    cfg = engine_config(default)
+    assert (cfg.cpu_threads, cfg.stall_timeout, default.shutdown_timeout) == (None, 60.0, 30.0)
+    args = ["serve", "--cpu-threads", "3", "--engine-stall-timeout", "5", "--shutdown-timeout", "2.5"]
+    given = build_parser().parse_args(args)
+    cfg = engine_config(given)
+    assert (cfg.cpu_threads, cfg.stall_timeout, given.shutdown_timeout) == (3, 5.0, 2.5)
+    for bad in (["--cpu-threads", "0"], ["--engine-stall-timeout", "0"], ["--shutdown-timeout", "-1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
+
+
 def test_module_alias_prints_help() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "actserve.server", "serve", "--help"], capture_output=True, text=True

@@ -2,7 +2,8 @@
 
 The API/e2e suites already run in both modes (the `tinystories_server` fixture); these tests cover what
 only process mode has: deltas equal to thread mode's, aborts that free the sequence in the other
-process, errors that cross the pipe with their type and HTTP status, the death of the core, shutdown."""
+process, errors that cross the pipe with their type and HTTP status, calls that time out, the death of the
+core, shutdown."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from actserve.interventions.steering.library import VectorLibrary
 from actserve.interventions.steering.train import TrainingError
+from actserve.server.engine import process_engine
 from actserve.server.engine.async_engine import AsyncEngine, make_engine
 from actserve.server.engine.config import EngineConfig
-from actserve.server.engine.engine_client import EngineClient, EngineDeadError
+from actserve.server.engine.engine_client import EngineClient, EngineDeadError, EngineStalledError
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.process_engine import ProcessEngine
 from actserve.server.engine.sequence import Sequence
@@ -45,6 +48,15 @@ def engine_state(eng: LLMEngine) -> tuple[int, int, int]:
 
 def raise_training_error(eng: LLMEngine, message: str) -> None:
     raise TrainingError(message, "positive[2]")
+
+
+def slow_library_call(lib: VectorLibrary, seconds: float) -> str:
+    time.sleep(seconds)
+    return "late"
+
+
+def free_steering_slots(eng: LLMEngine) -> int:
+    return len(eng.registry.plugins["steering"]._free)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,24 @@ def test_training_runs_in_the_engine_process(proc_server: LiveServer) -> None:
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 3,
             "interventions": {"steering": {"vectors": [{"name": "glad", "scale": 2.0}]}}}  # fmt: skip
     assert httpx.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"] == 3
+
+
+def test_calls_time_out_and_late_plans_are_given_back(
+    proc_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_of(proc_server)
+    assert isinstance(engine, ProcessEngine)
+    monkeypatch.setattr(process_engine, "CALL_TIMEOUT_S", 0.5)
+    with pytest.raises(EngineStalledError, match="did not answer within 0.5 s"):
+        asyncio.run(engine.library_call(slow_library_call, 2.0))
+    assert asyncio.run(engine.run_in_engine(engine_state))[0] == 0  # the core is fine
+    assert engine.health_problem() is None  # a call that runs is no stall
+    free = asyncio.run(engine.run_in_engine(free_steering_slots))
+    monkeypatch.setattr(process_engine, "CALL_TIMEOUT_S", 0.0)  # the caller gives up before the reply
+    spec = {"steering": {"vectors": [{"directions": {"1": [0.5] * 128}, "scale": 1.0}]}}
+    with pytest.raises(EngineStalledError):
+        asyncio.run(engine.prepare_interventions(spec, 2))
+    assert wait_for(lambda: asyncio.run(engine.run_in_engine(free_steering_slots)) == free)
 
 
 def test_core_death_is_503_not_a_hang(tinystories_dir: Path) -> None:

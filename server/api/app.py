@@ -1,7 +1,10 @@
 """The FastAPI app: OpenAI routes, health, metrics, tokenizer routes, interventions listing.
 
 The engine loads in a background thread after the socket is open, so `/health` answers 503 while the
-model loads and 200 once it serves."""
+model loads and 200 once it serves. It answers 503 too once the engine has died or stalled, and while the
+server drains for shutdown. A server that can never serve (the model failed to load, the engine died)
+calls `ServerState.fatal` when `actserve serve` has set it: the process then exits non-zero
+(server/serving.py), so a supervisor restarts it instead of /health reporting "loading" forever."""
 
 from __future__ import annotations
 
@@ -54,6 +57,10 @@ def key_list(api_key: str | list[str] | tuple[str, ...] | None) -> list[str]:
     return [k for k in keys if k]
 
 
+EXIT_ENGINE_DIED = 1  # exit codes of `actserve serve` when it stops on its own (0: stopped by a signal)
+EXIT_LOAD_FAILED = 3  # as uvicorn's own start-up failure
+
+
 class ServerState:
     """Engine slot filled once loading finishes (or the load error that prevented it)."""
 
@@ -61,6 +68,8 @@ class ServerState:
         self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
         self.api_keys = key_list(api_key)
+        self.draining = False  # shutting down: new requests get 503, accepted ones finish
+        self.fatal: Callable[[int, str], None] | None = None  # `actserve serve`: exit with this code
         self.max_waiting = max_waiting
         self.admission = Admission(max_waiting)
         self.started = time.time()
@@ -74,13 +83,35 @@ class ServerState:
         self.completions = CompletionHandler(engine, name, self.encoder)
         self.chat = ChatHandler(engine, name, self.encoder)
         self.engine = engine
+        engine.on_fatal = self.engine_died
+        if engine.error is not None:  # died before it was handed over
+            self.engine_died(f"engine stopped: {engine.error}")
+
+    def engine_died(self, why: str) -> None:
+        if self.fatal is not None:
+            self.fatal(EXIT_ENGINE_DIED, why)
+
+    def load_failed(self, error: BaseException) -> None:
+        self.load_error = error
+        if self.fatal is not None:
+            self.fatal(EXIT_LOAD_FAILED, f"model failed to load: {type(error).__name__}: {error}")
+
+    def problem(self) -> tuple[str, str] | None:
+        """(status, why) when the server cannot take requests now, else None."""
+        if self.draining:
+            return "shutting down", "server is shutting down"
+        if self.engine is None:
+            if self.load_error is not None:
+                return "unhealthy", f"model failed to load: {self.load_error}"
+            return "loading", "model is loading"
+        why = self.engine.health_problem()
+        return ("unhealthy", why) if why is not None else None
 
     def ready(self) -> EngineClient:
-        if self.engine is None:
-            why = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-            raise APIError(503, why)
-        if self.engine.error is not None:
-            raise APIError(503, f"engine stopped: {self.engine.error}")
+        problem = self.problem()
+        if problem is not None:
+            raise APIError(503, problem[1])
+        assert self.engine is not None
         return self.engine
 
     def check_model(self, model: str | None) -> None:
@@ -161,9 +192,9 @@ def create_app(
                 try:
                     state.set_engine(load())
                     log.info("model loaded; serving")
-                except BaseException as e:  # noqa: BLE001 - reported by /health
+                except BaseException as e:  # noqa: BLE001 - reported by /health, and fatal under the CLI
                     log.exception("model failed to load")
-                    state.load_error = e
+                    state.load_failed(e)
 
             threading.Thread(target=run, name="actserve-load", daemon=True).start()
 
@@ -180,10 +211,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if state.engine is not None and state.engine.error is None:
+        problem = state.problem()
+        if problem is None:
             return Response(status_code=200)
-        why = "loading" if state.load_error is None and state.engine is None else "unhealthy"
-        return JSONResponse({"status": why, "error": str(state.load_error or "")}, status_code=503)
+        status, why = problem
+        return JSONResponse({"status": status, "error": "" if status == "loading" else why}, status_code=503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

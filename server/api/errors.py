@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actserve.interventions.base import InterventionCapacityError, InterventionError
-from actserve.server.engine.engine_client import EngineDeadError
+from actserve.server.engine.engine_client import EngineDeadError, EngineRequestError
 from actserve.server.engine.llm_engine import RequestRejected
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -78,6 +78,8 @@ def as_api_error(e: Exception) -> APIError | None:
         return APIError(503, str(e), "interventions")
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e))
+    if isinstance(e, EngineRequestError):
+        return APIError(500, str(e))
     return None
 
 
@@ -168,5 +170,11 @@ def install_error_handlers(app: FastAPI) -> None:
         assert mapped is not None
         return error_response(mapped.status, mapped.message, mapped.param)
 
-    for cls in (InterventionError, RequestRejected, InterventionCapacityError, EngineDeadError):
+    for cls in (
+        InterventionError,
+        RequestRejected,
+        InterventionCapacityError,
+        EngineDeadError,
+        EngineRequestError,
+    ):
         app.add_exception_handler(cls, _mapped)

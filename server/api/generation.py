@@ -123,12 +123,18 @@ class PlanStream(StreamingResponse):
 
 
 async def watch_disconnect(request: Request | None, on_disconnect: Callable[[], None]) -> None:
-    """Poll for a client that hung up (a non-streamed request has no other way to notice)."""
+    """Call `on_disconnect` when the client hangs up (a non-streamed request has no other way to notice).
+
+    The handler has read the whole body by now, so the next ASGI message is `http.disconnect`, delivered
+    the moment the server sees the connection close: waiting on it notices at once. Polling
+    `is_disconnected()` every 0.25 s let a short request (480 tokens take 0.4 s in process mode) run to
+    its end after its client had gone. A server that answers with anything else is polled instead."""
     while request is not None:
-        await asyncio.sleep(0.25)
-        if await request.is_disconnected():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             on_disconnect()
             return
+        await asyncio.sleep(0.25)
 
 
 async def run_choices(

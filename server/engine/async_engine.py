@@ -3,6 +3,11 @@
 The event loop never runs a forward pass, so `/health` and `/metrics` answer during a long prefill. Simple
 and cheap to start (tests, CPU); the engine's host-side Python shares the GIL with HTTP work, which is why
 GPU serving uses `ProcessEngine` instead.
+
+The engine thread marks its progress after every step and every idle wait (at most 0.5 s apart); a
+thread stuck in a step for longer than the stall timeout makes `/health` answer 503 (watchdog.py). A
+command that raises (add, abort, a call) fails only its own request; a step that raises is handled by
+`LLMEngine.step` itself; anything else ends the loop, fails every request and calls `on_fatal`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import Any, TypeVar
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.config import EngineConfig, apply_cpu_threads
 from actserve.server.engine.engine_client import EngineClient, EngineDeadError, merge_outputs
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.sequence import Sequence
+from actserve.server.engine.watchdog import Progress, thread_cpu_clock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +75,9 @@ class AsyncEngine(EngineClient):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actserve-engine", daemon=True)
         self._thread.start()
+        on_cpu = engine.model_info.device.type == "cpu"
+        cpu = thread_cpu_clock(self._thread) if on_cpu else None
+        self._watch_progress(Progress(engine.config.stall_timeout, cpu))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -104,12 +113,13 @@ class AsyncEngine(EngineClient):
         return self.engine.registry.describe()
 
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return self.engine.scheduler.num_queued
 
     async def metrics_text(self) -> bytes:
         return generate_latest(self.engine.metrics.registry)
 
     def shutdown(self) -> None:
+        self._stop_watching()
         self._stop.set()
         self._commands.put(("noop", None))
         self._thread.join(timeout=10)
@@ -125,9 +135,13 @@ class AsyncEngine(EngineClient):
                 try:
                     self.engine.add(arg)
                 except Exception as e:  # noqa: BLE001 - reported to that request only
+                    self.engine.registry.release(arg.interventions)
                     self._deliver(e, arg.seq_id)
             elif cmd == "abort":
-                self.engine.abort(arg)
+                try:
+                    self.engine.abort(arg)
+                except Exception:  # noqa: BLE001 - its client is gone already; keep serving the others
+                    log.exception("aborting %s failed", arg)
             elif cmd == "call":
                 self._call(*arg)
             try:
@@ -142,17 +156,22 @@ class AsyncEngine(EngineClient):
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future,
     ) -> None:
+        assert self.progress is not None
         try:
-            result = fn(self.engine, *args)
+            with self.progress.exempt():
+                result = fn(self.engine, *args)
         except Exception as e:  # noqa: BLE001 - handed to the caller
             loop.call_soon_threadsafe(_settle, future, None, e)
         else:
             loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _loop(self) -> None:
+        apply_cpu_threads(self.engine.config.cpu_threads)  # per thread with OpenMP: set it here
         try:
             while not self._stop.is_set():
                 self._drain(block=not self.engine.has_work())
+                if self.progress is not None:
+                    self.progress.beat()
                 if not self.engine.has_work():
                     self.engine.metrics.refresh_memory()
                     continue

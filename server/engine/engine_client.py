@@ -4,12 +4,19 @@ process): model facts kept locally, per-request output streams, and calls execut
 The stream side lives here once: the engine (thread or IPC reader) hands each step's deltas over in one
 batch per event loop, `generate` merges a consumer's backlog into one delta, and a consumer that goes
 away (client disconnect) aborts its sequence, which frees its KV blocks in the engine.
+
+So does the engine's health: a watchdog thread follows the engine's progress (`watchdog.Progress`);
+once it has made none for the stall timeout, every open stream and pending call fails with
+EngineStalledError (503) and new requests are refused until it moves again. An engine that died calls
+`on_fatal`: the CLI then stops the server with a non-zero exit code, so that its supervisor restarts it
+(the core is not restarted in-process: a fresh process is the one state known to be clean).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import pickle
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -17,16 +24,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
 from actserve.server.engine.sequence import Sequence
+from actserve.server.engine.watchdog import Progress
 
 if TYPE_CHECKING:
     from actserve.server.models.loader import ModelInfo
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[SeqOutput | BaseException]"]
 
 
 class EngineDeadError(RuntimeError):
     """The engine stopped on an unexpected error (or its process died); the server reports 503."""
+
+
+class EngineStalledError(EngineDeadError):
+    """The engine made no progress for the stall timeout (or did not answer a call in time): 503. Unlike
+    a dead engine it may recover (e.g. a stopped process that is continued)."""
+
+
+class EngineRequestError(RuntimeError):
+    """An internal error of the engine hit this request (its step raised); the others go on. 500."""
 
 
 def merge_outputs(a: SeqOutput, b: SeqOutput) -> SeqOutput:
@@ -84,6 +102,10 @@ class EngineClient:
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
         self.error: BaseException | None = None
+        self.progress: Progress | None = None  # set by `_watch_progress`
+        self.stall: str | None = None  # why the engine counts as stalled now (the watchdog's verdict)
+        self.on_fatal: Callable[[str], None] | None = None  # called once when the engine dies
+        self._watch_stop = threading.Event()
 
     # -- what subclasses provide ---------------------------------------------------------------------
     def _submit(self, seq: Sequence) -> None:
@@ -130,6 +152,47 @@ class EngineClient:
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
+        if self.stall is not None:
+            raise EngineStalledError(self.stall)
+
+    def health_problem(self) -> str | None:
+        """Why this engine cannot serve now (dead or stalled), or None."""
+        if self.error is not None:
+            return f"engine stopped: {self.error}"
+        return self.stall
+
+    def num_streams(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # -- progress watchdog ------------------------------------------------------------------------------
+    def _watch_progress(self, progress: Progress) -> None:
+        """Start the thread that turns a lack of progress into a stall (and a resumed one back)."""
+        self.progress = progress
+        interval = max(0.05, min(0.5, progress.timeout / 4))
+
+        def watch() -> None:
+            while not self._watch_stop.wait(interval):
+                if self.error is not None:
+                    return
+                progress.poll()
+                why = progress.stalled()
+                if why is not None and self.stall is None:
+                    self.stall = why
+                    log.error("%s; failing %d open request(s)", why, self.num_streams())
+                    self.interrupt_all(EngineStalledError(f"{why}; request aborted"))
+                    self._on_stall(EngineStalledError(why))
+                elif why is None and self.stall is not None:
+                    log.warning("engine is making progress again")
+                    self.stall = None
+
+        threading.Thread(target=watch, name="actserve-engine-watchdog", daemon=True).start()
+
+    def _on_stall(self, error: EngineStalledError) -> None:
+        """Fail whatever else waits on the engine (process mode: pending calls)."""
+
+    def _stop_watching(self) -> None:
+        self._watch_stop.set()
 
     async def generate(self, seq: Sequence) -> AsyncIterator[SeqOutput]:
         """Yield deltas until the sequence finishes; closing the iterator early aborts it."""
@@ -150,6 +213,9 @@ class EngineClient:
                     item = merge_outputs(item, nxt) if isinstance(nxt, SeqOutput) else nxt
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine has already let go of the sequence
+                    raise EngineRequestError(item.error)
                 finished = item.finished
                 yield item
                 if finished:
@@ -163,6 +229,14 @@ class EngineClient:
     def interrupt(self, seq_id: str, error: BaseException) -> None:
         """End a stream from outside: its consumer raises `error` (e.g. the client disconnected)."""
         self._deliver(error, seq_id)
+
+    def interrupt_all(self, error: BaseException) -> int:
+        """End every open stream with `error` (their sequences are aborted); how many there were."""
+        with self._lock:
+            ids = list(self._streams)
+        for seq_id in ids:
+            self._deliver(error, seq_id)
+        return len(ids)
 
     def _deliver(self, out: SeqOutput | BaseException, seq_id: str) -> None:
         with self._lock:
@@ -183,9 +257,9 @@ class EngineClient:
             loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: BaseException) -> None:
-        """The engine is gone: every waiting stream gets EngineDeadError."""
+        """The engine is gone: every waiting stream gets EngineDeadError, then `on_fatal` is told."""
         self.error = error
-        with self._lock:
-            ids = list(self._streams)
-        for seq_id in ids:
-            self._deliver(EngineDeadError(f"engine stopped: {error}"), seq_id)
+        self._stop_watching()
+        self.interrupt_all(EngineDeadError(f"engine stopped: {error}"))
+        if self.on_fatal is not None:
+            self.on_fatal(f"engine stopped: {error}")

@@ -4,12 +4,19 @@
 API -> core: ("add", seq), ("abort", seq_id), ("call", id, fn, args), ("prepare", id, spec, count),
 ("release", plan_ids), ("stop",).
 Core -> API: ("ready", facts) or ("failed", error) once; then ("out", outputs, num_waiting) once per step
-(every sequence's delta in one message), ("err", seq_id, error), ("reply", id, ok, value), ("dead", error).
+(every sequence's delta in one message), ("beat", num_waiting) when nothing else was sent for a
+heartbeat interval (idle, or busy in a call), ("err", seq_id, error), ("reply", id, ok, value),
+("dead", error).
 
 A reader thread moves commands off the pipe into a queue at once, so the API process never blocks on a
 full pipe while a step runs; the main thread drains that queue between steps, as the thread mode does.
-The pipe's EOF (the API process died) stops the loop, and a watchdog thread exits the process when its
-parent is gone (also while loading), so the core never outlives its server.
+A command that raises fails only its own request (or call); a failing step is handled inside
+`LLMEngine.step`; only what escapes it (a fatal device error) ends the process with ("dead", error).
+
+The core ignores SIGTERM and SIGINT: they reach it with its server's process group (systemd, Kubernetes,
+Ctrl-C), and the server first drains its requests, then stops the core in order. The pipe's EOF (the API
+process died) stops the loop, and a watchdog thread exits the process when its parent is gone (also
+while loading), so the core never outlives its server.
 """
 
 from __future__ import annotations
@@ -24,11 +31,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
-from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.config import EngineConfig, apply_cpu_threads
 from actserve.server.engine.engine_client import pack_error
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.watchdog import heartbeat_interval
 
 log = logging.getLogger(__name__)
 REMOTE_PLAN = "\x00plan"  # key of a plan stand-in in the API process: {REMOTE_PLAN: id}
@@ -52,7 +58,17 @@ class EngineCore:
         self.plans: dict[int, dict[str, Any]] = {}  # prepared, not yet added (or released)
         self._plan_ids = itertools.count()
         self.running = True
+        self.beat_s = heartbeat_interval(engine.config.stall_timeout)
+        self._send_lock = threading.Lock()  # the main thread and the call heartbeat both send
+        self._last_sent = time.monotonic()
+        self._in_call = False
         threading.Thread(target=self._read, name="actserve-core-reader", daemon=True).start()
+        threading.Thread(target=self._beat_during_calls, name="actserve-core-beat", daemon=True).start()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
+            self._last_sent = time.monotonic()
 
     def _read(self) -> None:
         try:
@@ -61,26 +77,44 @@ class EngineCore:
         except (EOFError, OSError):
             self.commands.put(("stop",))  # the API process is gone
 
+    def _beat_during_calls(self) -> None:
+        """A call (training a vector, say) may hold the main thread for long; it is work, not a stall, so
+        this thread keeps the heartbeat going meanwhile. A stopped process beats from no thread."""
+        while self.running:
+            time.sleep(self.beat_s / 2)
+            if self._in_call and time.monotonic() - self._last_sent >= self.beat_s:
+                try:
+                    self.send(("beat", self.engine.scheduler.num_queued))
+                except (OSError, EOFError):
+                    return
+
     def run(self) -> None:
         eng = self.engine
         while self.running:
             self._drain(block=not eng.has_work())
             if not self.running:
                 return
-            if not eng.has_work():
+            if eng.has_work():
+                outputs = eng.step()
+                if outputs:
+                    self.send(("out", outputs, eng.scheduler.num_queued))
+            else:
                 eng.metrics.refresh_memory()
-                continue
-            outputs = eng.step()
-            if outputs:
-                self.conn.send(("out", outputs, len(eng.scheduler.waiting)))
+            if time.monotonic() - self._last_sent >= self.beat_s:
+                self.send(("beat", eng.scheduler.num_queued))
 
     def _drain(self, block: bool) -> None:
         try:
-            cmd = self.commands.get(block=block, timeout=0.5 if block else None)
+            cmd = self.commands.get(block=block, timeout=min(0.5, self.beat_s / 2) if block else None)
         except queue.Empty:
             return
         while True:
-            self._handle(cmd)
+            try:
+                self._handle(cmd)
+            except (OSError, EOFError):
+                raise  # the pipe is gone
+            except Exception:  # noqa: BLE001 - one command's failure is not the engine's
+                log.exception("engine core: command %r failed", cmd[0])
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
@@ -97,7 +131,7 @@ class EngineCore:
                 eng.add(seq)
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 eng.registry.release(seq.interventions)
-                self.conn.send(("err", seq.seq_id, pack_error(e)))
+                self.send(("err", seq.seq_id, pack_error(e)))
         elif kind == "abort":
             eng.abort(cmd[1])
         elif kind == "call":
@@ -120,23 +154,18 @@ class EngineCore:
         return refs
 
     def _reply(self, call_id: int, fn: Any, *args: Any) -> None:
+        self._in_call = True
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - handed to the caller
-            self.conn.send(("reply", call_id, False, pack_error(e)))
+            self.send(("reply", call_id, False, pack_error(e)))
             return
+        finally:
+            self._in_call = False
         try:
-            self.conn.send(("reply", call_id, True, result))
+            self.send(("reply", call_id, True, result))
         except Exception as e:  # noqa: BLE001 - e.g. a result that does not pickle
-            self.conn.send(("reply", call_id, False, pack_error(e)))
-
-
-def leave_a_core_to_the_server(engine: LLMEngine) -> None:
-    """On CPU the forward pass uses every core by default; the API process then preempts one of its
-    OpenMP threads mid-barrier and steps slow down many times over. Unless OMP_NUM_THREADS says
-    otherwise, the engine takes one core fewer."""
-    if engine.model_info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+            self.send(("reply", call_id, False, pack_error(e)))
 
 
 def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -155,13 +184,15 @@ def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
 
 def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, parent: int) -> None:
     """Entry point of the spawned process; `parent` is the server's pid."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
+    # the group's SIGTERM / Ctrl-C is the server's to act on: it drains, then sends us "stop"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exit_with_parent(parent)
     fmt = f"%(asctime)s %(levelname)s core[{os.getpid()}] %(name)s: %(message)s"
     logging.basicConfig(level=log_level, format=fmt)
     try:
+        apply_cpu_threads(config.cpu_threads)  # the main thread runs the steps (and the load)
         engine = LLMEngine(config)
-        leave_a_core_to_the_server(engine)
         conn.send(("ready", engine_facts(engine)))
     except BaseException as e:  # noqa: BLE001 - the API process reports it (/health, load error)
         log.exception("engine core failed to load the model")
@@ -172,8 +203,10 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
         core.run()
     except BaseException as e:  # noqa: BLE001 - tell the API process, then exit
         log.exception("engine core loop failed")
+        core.running = False
         try:
-            conn.send(("dead", pack_error(e)))
+            core.send(("dead", pack_error(e)))
         except Exception:  # noqa: BLE001 - the pipe may be gone too
             pass
         raise SystemExit(1) from None
+    core.running = False

@@ -1,4 +1,12 @@
-"""The synchronous engine core: owns the model, scheduler and tokenizer; `step()` runs one batch."""
+"""The synchronous engine core: owns the model, scheduler and tokenizer; `step()` runs one batch.
+
+A step that raises fails only the requests it concerns: their outputs carry an `error` (the API answers
+500 and says an internal error hit this request), their KV blocks and intervention plans are released,
+and the engine goes on serving the others. A sequence is failed only by a step it ran alone: when a
+batch of several fails, each of them is re-run in a step of its own (recomputed from scratch, like a
+preempted sequence), so the error lands on the row that causes it, and a transient fault or one that
+only a whole batch triggers fails nobody (every solo step still generates a token, so this ends).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ class SeqOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the engine failed this sequence (finished, with no finish_reason)
 
 
 class RequestRejected(ValueError):
@@ -48,6 +57,15 @@ class RequestRejected(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors after which no later step can succeed: a CUDA error leaves the device context unusable
+    (every later launch fails too), so the engine stops and the server exits for a restart."""
+    if not isinstance(error, Exception):
+        return True  # KeyboardInterrupt, SystemExit, ...
+    text = str(error)
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in text or "CUBLAS_STATUS" in text
 
 
 class LLMEngine:
@@ -84,6 +102,8 @@ class LLMEngine:
             else self.model_info.device.type == "cuda"
         )
         self._inflight: Any = None
+        self._touched: list[Sequence] = []  # sequences of the batches the current step has launched
+        self.failed_steps = 0
         self.chained_steps = 0
         self._preempt_seen = 0
         if self.model_info.device.type == "cuda":
@@ -132,21 +152,94 @@ class LLMEngine:
         """One engine step. On CUDA the steps overlap: as soon as step N's tokens are known and the
         sequences they end are retired, step N+1 is launched, and step N's detokenization, stop-string
         checks and outputs run while the GPU computes. A stop string thus ends its sequence one step
-        late (that extra token is computed and dropped); nothing else changes."""
+        late (that extra token is computed and dropped); nothing else changes.
+
+        Never raises for a failure of the step itself (only for fatal device errors): see the module
+        docstring. The last resort, a failure outside the guarded phases, fails the running sequences
+        and keeps the waiting ones."""
+        try:
+            return self._step()
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            log.exception("engine step failed outside its guarded phases; failing the running requests")
+            seqs = [*self._touched, *self.scheduler.running, *self.scheduler.isolated]
+            self._inflight = None
+            outputs = self._step_failed(e, seqs, retry=False)  # this step's state is unknown
+            self._update_gauges()
+            return outputs
+
+    def _step(self) -> list[SeqOutput]:
         pending = self._inflight
         self._inflight = None
-        if pending is None:
-            pending = self._launch()
+        self._touched = list(pending.seqs) if pending is not None else []
+        try:  # launch (unless in flight), chain the next one, collect: device work, no host state yet
             if pending is None:
-                self._update_gauges()
-                return []
-        chained = self._chain(pending) if self.overlap else None
-        appended = self._append(pending.collect())
+                pending = self._launch()
+                if pending is None:
+                    self._update_gauges()
+                    return []
+            chained = self._chain(pending) if self.overlap else None
+            appended = self._append(pending.collect())
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            outputs = self._step_failed(e, self._touched)
+            self._update_gauges()
+            return outputs
+        launch_error: Exception | None = None
         if self.overlap:
-            self._inflight = chained if chained is not None else self._launch()
+            if chained is not None:
+                self._inflight = chained
+            else:
+                self._touched = []
+                try:
+                    self._inflight = self._launch()
+                except Exception as e:  # its sequences' tokens of this step are still emitted below
+                    if is_fatal(e):
+                        raise
+                    launch_error = e
         outputs = self._emit(appended)
+        if launch_error is not None:
+            outputs += self._step_failed(launch_error, self._touched)
         self._update_gauges()
         return outputs
+
+    def _step_failed(self, error: Exception, seqs: list[Sequence], retry: bool = True) -> list[SeqOutput]:
+        """Fail the sequence of a step that raised when it ran alone; re-run each of several alone."""
+        self.failed_steps += 1
+        live = list({id(s): s for s in seqs if not s.final_sent}.values())
+        if not live:
+            return []
+        retry = retry and len(live) > 1
+        log.error(
+            "engine step failed for %d sequence(s) (%s); %s",
+            len(live),
+            ", ".join(s.seq_id for s in live[:8]),
+            "re-running each alone" if retry else "failing them",
+            exc_info=error,
+        )
+        if not retry:
+            return [self._fail(seq, error) for seq in live]
+        outputs = []
+        for seq in live:
+            if seq.is_finished:  # retired by this step before it raised: its end was never reported
+                outputs.append(self._fail(seq, error))
+            else:
+                self.scheduler.isolate(seq)
+        return outputs
+
+    def _fail(self, seq: Sequence, error: BaseException) -> SeqOutput:
+        """End `seq` with an error for its client; its blocks and intervention plans are given back."""
+        seq.error = (
+            f"internal error in the engine while generating this request ({type(error).__name__}: "
+            f"{error}); the request was stopped, other requests are unaffected"
+        )
+        self._retire(seq, "error")
+        self._record(seq, "error")
+        out = self._output(seq)
+        out.finish_reason, out.error = None, seq.error
+        return out
 
     def has_work(self) -> bool:
         return self._inflight is not None or self.scheduler.has_work()
@@ -157,6 +250,7 @@ class LLMEngine:
             self.metrics.preemptions.labels(self.model_name).inc(len(batch.preempted))
         if not batch:
             return None
+        self._touched.extend(batch.seqs)
         now = time.monotonic()
         for seq in batch.prefills:
             if seq.first_scheduled is None:
@@ -169,7 +263,7 @@ class LLMEngine:
         (they feed the next step on the device), when nothing else needs the scheduler: no request
         waiting, no penalties or logprobs that need the host-side tokens, a KV slot for every row."""
         seqs = getattr(pending, "seqs", None)
-        if not seqs or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+        if not seqs or self.scheduler.num_queued or len(seqs) != len(self.scheduler.running):
             return None
         if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
             return None
@@ -228,12 +322,12 @@ class LLMEngine:
     def _emit(self, pending: list[tuple[Sequence, int, str | None]]) -> list[SeqOutput]:
         """Detokenize all new tokens in one call, apply stop strings, record finishes, build outputs."""
         # a stop token's own text stays out of the output, as in vLLM
-        detokenizer.step_many(
-            self.tokenizer,
-            [s for s, t, stop in pending if t >= 0 and (stop is None or s.params.include_stop_str_in_output)],
+        outputs = self._detokenize(
+            [s for s, t, stop in pending if t >= 0 and (stop is None or s.params.include_stop_str_in_output)]
         )
-        outputs = []
         for seq, token, stop in pending:
+            if seq.error is not None:
+                continue  # failed while detokenizing: its error output is already in `outputs`
             if stop == "empty":
                 self._record(seq, "length")
             elif stop is not None:
@@ -248,6 +342,23 @@ class LLMEngine:
                 self._record(seq, "length")
             outputs.append(self._output(seq))
         return outputs
+
+    def _detokenize(self, seqs: list[Sequence]) -> list[SeqOutput]:
+        """All new tokens' text in one call; if that raises, one call per sequence, and the sequences
+        that still fail are failed (the error outputs are returned)."""
+        try:
+            detokenizer.step_many(self.tokenizer, seqs)
+            return []
+        except Exception as e:  # noqa: BLE001 - narrowed below
+            log.warning("batched detokenization failed (%s); retrying sequence by sequence", e)
+        failed = []
+        for seq in seqs:
+            try:
+                detokenizer.step_many(self.tokenizer, [seq])
+            except Exception as e:  # noqa: BLE001 - this sequence only
+                log.exception("detokenizing %s failed", seq.seq_id)
+                failed.append(self._fail(seq, e))
+        return failed
 
     def _stop_token(self, seq: Sequence, token: int) -> str | None:
         """'eos' or 'stop_token' when this token ends the sequence (after min_tokens), else None."""
@@ -316,6 +427,7 @@ class LLMEngine:
         lps = seq.logprobs[seq.sent_tokens :] if seq.params.logprobs is not None else []
         first = seq.sent_tokens == 0 and not seq.prompt_lp_sent
         seq.sent_tokens = len(seq.output_token_ids)
+        seq.final_sent = seq.is_finished
         out = SeqOutput(
             seq_id=seq.seq_id,
             text=text,
@@ -335,5 +447,5 @@ class LLMEngine:
     def _update_gauges(self) -> None:
         m, name = self.metrics, self.model_name
         m.running.labels(name).set(len(self.scheduler.running))
-        m.waiting.labels(name).set(len(self.scheduler.waiting))
+        m.waiting.labels(name).set(self.scheduler.num_queued)
         m.kv_usage.labels(name).set(self.blocks.usage)

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from typing import Any
 
+from actserve.server.engine.engine_client import EngineRequestError
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
@@ -31,16 +32,22 @@ def run_sequences(
     engine: LLMEngine, seqs: list[Sequence], step_ms: list[float] | None = None
 ) -> list[list[int]]:
     """Add all, step until the engine is idle; each sequence's generated token ids. `step_ms` receives
-    every step's wall time (benchmarks: prefill vs steady decode)."""
+    every step's wall time (benchmarks: prefill vs steady decode). A sequence the engine failed raises
+    EngineRequestError once the others are done (the engine itself goes on)."""
     for seq in seqs:
         engine.add(seq)
     out: dict[str, list[int]] = {s.seq_id: [] for s in seqs}
+    errors: list[str] = []
     while engine.has_work():
         t = time.perf_counter()
         for o in engine.step():
             out[o.seq_id].extend(o.token_ids)
+            if o.error is not None:
+                errors.append(f"{o.seq_id}: {o.error}")
         if step_ms is not None:
             step_ms.append(1e3 * (time.perf_counter() - t))
+    if errors:
+        raise EngineRequestError("; ".join(errors))
     return [out[s.seq_id] for s in seqs]
 
 

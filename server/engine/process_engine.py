@@ -4,7 +4,15 @@ The core (server/engine/engine_core_process.py) owns the model; this process kee
 facts and interventions listing it sent at start-up, so tokenization, validation and SSE never wait on
 it. A reader thread receives one message per engine step and hands all its deltas to the event loop in
 one callback; calls (vector library, training, metrics, intervention plans) are RPCs the core runs
-between steps. If the core dies, every stream and pending call gets EngineDeadError (503).
+between steps. Messages to the core go through a writer thread, so the event loop never blocks on a full
+pipe (a stopped core reads nothing).
+
+Every message from the core is a sign of progress (it sends one per step and a heartbeat while idle or
+busy in a call); the watchdog (watchdog.py) turns a silence longer than `--engine-stall-timeout` into a
+stall: 503 on `/health`, new requests and pending calls, open streams aborted. Calls also time out on
+their own (`CALL_TIMEOUT_S`). If the core dies, every stream and pending call gets EngineDeadError
+(503) and `on_fatal` is called: `actserve serve` then exits non-zero for its supervisor to restart it
+(the core is not restarted in-process).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,16 +34,22 @@ from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.engine_client import (
     EngineClient,
     EngineDeadError,
+    EngineStalledError,
     library_call_in_engine,
     unpack_error,
 )
 from actserve.server.engine.engine_core_process import REMOTE_PLAN, engine_core_main
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.sequence import Sequence
+from actserve.server.engine.watchdog import Progress, process_cpu_clock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STARTUP_POLL_S = 0.5
+# a call to the core (metrics, vector library, intervention plans) that has no answer after this long
+# fails with 503; `run_in_engine` (training) has no such limit, only the stall timeout
+CALL_TIMEOUT_S = 30.0
+STOP_WAIT_S = 10.0  # shutdown: how long the core may take to stop in order before it is killed
 
 
 def metrics_bytes(eng: LLMEngine) -> bytes:
@@ -42,7 +57,7 @@ def metrics_bytes(eng: LLMEngine) -> bytes:
 
 
 def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
-    if future.cancelled():
+    if future.done():
         return
     if ok:
         future.set_result(value)
@@ -64,23 +79,29 @@ class ProcessEngine(EngineClient):
         self.process.start()
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the child
         child.close()  # only the core holds its end: its exit is EOF here
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._abandoned: dict[int, str] = {}  # calls given up on (timeout, stall): kind, for late replies
         self._call_ids = itertools.count()
         self._waiting_reported = 0
         self._closed = False
         try:
             facts = self._await_ready()
         except BaseException:
-            self._terminate()
+            self._terminate(5)  # a core that failed to load exits by itself
             raise
         self.model_name = facts["model_name"]
         self.model_info = facts["model_info"]
         self.tokenizer = facts["tokenizer"]
         self.max_model_len = facts["max_model_len"]
         self._interventions = facts["interventions"]
+        self._writer = threading.Thread(target=self._write, name="actserve-core-send", daemon=True)
+        self._writer.start()
         self._reader = threading.Thread(target=self._read, name="actserve-core-ipc", daemon=True)
         self._reader.start()
+        assert self.process.pid is not None
+        cpu = process_cpu_clock(self.process.pid) if self.model_info.device.type == "cpu" else None
+        self._watch_progress(Progress(config.stall_timeout, cpu))
 
     def _await_ready(self) -> dict[str, Any]:
         while not self._conn.poll(STARTUP_POLL_S):
@@ -100,12 +121,22 @@ class ProcessEngine(EngineClient):
 
     # -- sending --------------------------------------------------------------------------------------
     def _send(self, msg: tuple[Any, ...]) -> None:
-        self._check_alive()
-        try:
-            with self._send_lock:
+        """Queue a message for the core (never blocks; a stalled core's messages wait in the queue)."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error}")
+        self._outbox.put(msg)
+
+    def _write(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
                 self._conn.send(msg)
-        except (OSError, EOFError) as e:
-            raise EngineDeadError(f"engine process is gone: {e}") from None
+            except (OSError, EOFError, ValueError):
+                return  # the core is gone: the reader sees the EOF and fails everything
+            except Exception:  # noqa: BLE001 - e.g. an argument that does not pickle; the caller times out
+                log.exception("could not send %r to the engine core", msg[0])
 
     def _submit(self, seq: Sequence) -> None:
         self._send(("add", seq))
@@ -117,27 +148,34 @@ class ProcessEngine(EngineClient):
         except EngineDeadError:
             pass  # nothing left to abort
 
-    async def _rpc(self, *msg: Any) -> Any:
+    async def _rpc(self, timeout: float | None, *msg: Any) -> Any:
+        """Send a call and wait for its reply, at most `timeout` seconds (None: until the core stalls)."""
+        self._check_alive()
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         call_id = next(self._call_ids)
         self._calls[call_id] = (loop, future)
         try:
             self._send((msg[0], call_id, *msg[1:]))
-            return await future
+            return await asyncio.wait_for(future, timeout)
+        except (asyncio.TimeoutError, EngineStalledError):
+            self._abandoned[call_id] = msg[0]
+            raise EngineStalledError(
+                self.stall or f"the engine did not answer within {timeout:g} s (busy or stalled)"
+            ) from None
         finally:
             self._calls.pop(call_id, None)
 
     async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._rpc("call", fn, args)
+        return await self._rpc(None, "call", fn, args)
 
     async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.run_in_engine(library_call_in_engine, fn, *args)
+        return await self._rpc(CALL_TIMEOUT_S, "call", library_call_in_engine, (fn, *args))
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
         if not spec:
             return [{} for _ in range(count)]
-        return await self._rpc("prepare", spec, count)
+        return await self._rpc(CALL_TIMEOUT_S, "prepare", spec, count)
 
     def release_interventions(self, plans: dict[str, Any]) -> None:
         if REMOTE_PLAN in plans:
@@ -153,7 +191,11 @@ class ProcessEngine(EngineClient):
         return self._waiting_reported
 
     async def metrics_text(self) -> bytes:
-        return await self.run_in_engine(metrics_bytes)
+        return await self._rpc(CALL_TIMEOUT_S, "call", metrics_bytes, ())
+
+    def _on_stall(self, error: EngineStalledError) -> None:
+        for loop, future in list(self._calls.values()):
+            loop.call_soon_threadsafe(_settle, future, False, error)
 
     # -- receiving (reader thread) --------------------------------------------------------------------
     def _read(self) -> None:
@@ -161,15 +203,16 @@ class ProcessEngine(EngineClient):
         try:
             while True:
                 msg = self._conn.recv()
+                if self.progress is not None:
+                    self.progress.beat()
                 kind = msg[0]
                 if kind == "out":
                     self._waiting_reported = msg[2]
                     self._deliver_many(msg[1])
+                elif kind == "beat":
+                    self._waiting_reported = msg[1]
                 elif kind == "reply":
-                    target = self._calls.get(msg[1])
-                    if target is not None:
-                        value = msg[3] if msg[2] else unpack_error(msg[3])
-                        target[0].call_soon_threadsafe(_settle, target[1], msg[2], value)
+                    self._on_reply(msg[1], msg[2], msg[3])
                 elif kind == "err":
                     self._deliver(unpack_error(msg[2]), msg[1])
                 elif kind == "dead":
@@ -187,10 +230,18 @@ class ProcessEngine(EngineClient):
         if error is not None and not isinstance(error, (EOFError, OSError)):
             why = f"{why}: {error}"
         log.error("%s", why)
-        self._fail_all(RuntimeError(why))
         dead = EngineDeadError(f"engine stopped: {why}")
         for loop, future in list(self._calls.values()):
             loop.call_soon_threadsafe(_settle, future, False, dead)
+        self._fail_all(RuntimeError(why))
+
+    def _on_reply(self, call_id: int, ok: bool, value: Any) -> None:
+        target = self._calls.get(call_id)
+        if target is not None:
+            target[0].call_soon_threadsafe(_settle, target[1], ok, value if ok else unpack_error(value))
+        elif self._abandoned.pop(call_id, None) == "prepare" and ok:
+            # plans prepared for a caller that gave up: nobody will add or release them
+            self._send(("release", [ref[REMOTE_PLAN] for ref in value]))
 
     # -- shutdown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -198,21 +249,23 @@ class ProcessEngine(EngineClient):
         if self._closed:
             return
         self._closed = True
+        self._stop_watching()
         atexit.unregister(self.shutdown)
-        try:
-            with self._send_lock:
-                self._conn.send(("stop",))
-        except (OSError, EOFError):
-            pass
-        self._terminate()
+        if hasattr(self, "_writer"):  # serving: the core stops in order after the commands before this
+            self._outbox.put(("stop",))
+            self._outbox.put(None)
+            self._terminate(STOP_WAIT_S)
+        else:  # still loading (the server is stopping before it was ready): nothing to lose
+            self._terminate(0)
 
-    def _terminate(self) -> None:
+    def _terminate(self, wait_s: float = 0) -> None:
+        """Wait up to `wait_s` for the core to exit, then kill it (it ignores SIGTERM and SIGINT: the
+        server stops it in order)."""
         self._closed = True
-        self.process.join(10)
+        self.process.join(wait_s)
         if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
+            if wait_s:
+                log.warning("engine core did not stop within %g s; killing it", wait_s)
             self.process.kill()
             self.process.join(5)
         self._conn.close()

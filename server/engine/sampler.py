@@ -74,12 +74,14 @@ def _apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     """In place on a float32 ``[B, V]`` tensor: min_tokens suppression, then the three penalties."""
     device = logits.device
 
-    # 1. min_tokens: forbid ending the sequence too early.
+    # 1. min_tokens: forbid ending the sequence too early. Ids outside the vocabulary can never be
+    # sampled, so there is nothing to suppress (indexing with them would fail the whole batch).
+    vocab = logits.shape[1]
     sup_rows: list[int] = []
     sup_ids: list[list[int]] = []
     for i, r in enumerate(rows):
         if len(r.output_token_ids) < r.params.min_tokens:
-            ids = [*r.eos_token_ids, *r.params.stop_token_ids]
+            ids = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if 0 <= t < vocab]
             if ids:
                 sup_rows.append(i)
                 sup_ids.append(ids)

@@ -1,6 +1,9 @@
 """Continuous batching at token granularity: every step decodes all running sequences and admits
 waiting ones within the token and sequence budgets; when KV blocks run out, the newest running
-sequence is preempted (its blocks freed, recomputed later). Nothing is dropped silently."""
+sequence is preempted (its blocks freed, recomputed later). Nothing is dropped silently.
+
+After a step fails, the engine may `isolate` its sequences: each then runs alone in a step of its own
+(recomputed from scratch, like a preempted one), so a failure is pinned on the sequence that causes it."""
 
 from __future__ import annotations
 
@@ -32,13 +35,19 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.isolated: deque[Sequence] = deque()  # to run one per step, alone (see `isolate`)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.isolated)
+
+    @property
+    def num_queued(self) -> int:
+        """Sequences not running now (waiting, or queued to run alone after a failed step)."""
+        return len(self.waiting) + len(self.isolated)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out wherever it is and give its blocks back (finish or abort)."""
@@ -46,7 +55,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.isolated:
+            self.isolated.remove(seq)
         self.blocks.release(seq)
+
+    def isolate(self, seq: Sequence) -> None:
+        """Queue `seq` to run alone in a later step, from scratch: its KV from the failed step is not
+        trusted (the step may have stopped half-way)."""
+        self.remove(seq)
+        seq.status = SeqStatus.WAITING
+        self.isolated.append(seq)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.blocks.release(seq)
@@ -57,6 +75,8 @@ class Scheduler:
         batch.preempted.append(seq)
 
     def schedule(self) -> ScheduledBatch:
+        if self.isolated:
+            return self._schedule_isolated()
         batch = ScheduledBatch()
         queue = list(self.running)
         while queue:
@@ -85,4 +105,20 @@ class Scheduler:
             batch.prefills.append(seq)
             self.running.append(seq)
             budget -= n
+        return batch
+
+    def _schedule_isolated(self) -> ScheduledBatch:
+        """The next isolated sequence, alone. Running sequences sit this step out (keeping their blocks)
+        unless it needs their blocks; one that cannot fit even then goes back to the normal queue."""
+        batch = ScheduledBatch()
+        seq = self.isolated.popleft()
+        while not self.blocks.can_allocate(seq.num_tokens) and self.running:
+            self._preempt(self.running.pop(), batch)
+        if not self.blocks.can_allocate(seq.num_tokens):
+            self.waiting.appendleft(seq)
+            return batch
+        self.blocks.allocate(seq, seq.num_tokens)
+        seq.status = SeqStatus.RUNNING
+        batch.prefills.append(seq)
+        self.running.append(seq)
         return batch

@@ -46,6 +46,8 @@ class Sequence:
     prompt_lp_sent: bool = False
     count_prompt: bool = True  # False for choices 2..n of one request: usage counts the prompt once
     submitted: bool = False  # handed to the engine, which from then on releases its intervention plans
+    error: str | None = None  # set when an engine failure ended this sequence (reported to its client)
+    final_sent: bool = False  # its last output (finished, or failed) has been built
     # text state (engine thread only)
     output_text: str = ""
     sent_text_len: int = 0
