@@ -42,6 +42,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "data" / "tinystories-656k"
 OUT = ROOT / "bench" / "results" / "hardening_cpu.json"
+DEVICE = "cpu"  # --device
 FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')
 
 
@@ -340,7 +341,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--only", nargs="*", choices=list(SCENARIOS), default=None)
+    ap.add_argument("--device", default="cpu", help="the server's --device (cpu, cuda)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     results = {}
     for name in args.only or SCENARIOS:
         t0 = time.perf_counter()
@@ -349,6 +353,7 @@ def main() -> None:
     doc = {
         "command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
         "machine": f"{os.cpu_count()} CPU cores",
+        "device": DEVICE,
         "model": "tinystories-656k",
         "results": results,
     }

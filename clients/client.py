@@ -161,6 +161,11 @@ def request_body(
     return body
 
 
+def train_body(name: str, positive: list[str], negative: list[str], **kw: Any) -> dict[str, Any]:
+    """Body of POST /v1/steering/vectors/train; unknown keywords are refused by the server (400)."""
+    return {"name": name, "positive": list(positive), "negative": list(negative), **kw}
+
+
 def _check(resp: httpx.Response, as_json: bool = True) -> Any:
     """The JSON (or text) body of a 2xx response, else the server's error as ActServeError."""
     if resp.is_success:
@@ -385,6 +390,13 @@ class ActServeClient(_Base):
     def delete_steering_vector(self, name: str) -> None:
         _check(self._http.delete(f"/v1/steering/vectors/{quote(name)}"))
 
+    def train_steering_vector(
+        self, name: str, positive: list[str], negative: list[str], **kw: Any
+    ) -> dict[str, Any]:
+        """Train a vector on the server from contrastive examples and store it (`layers`, `method`,
+        `position`, `paired`, `replace` as the route takes them); returns its summary."""
+        return self._post("/v1/steering/vectors/train", train_body(name, positive, negative, **kw))
+
 
 class AsyncActServeClient(_Base):
     """The asyncio twin of ActServeClient: same methods and arguments, awaited."""
@@ -521,6 +533,11 @@ class AsyncActServeClient(_Base):
 
     async def delete_steering_vector(self, name: str) -> None:
         _check(await self._http.delete(f"/v1/steering/vectors/{quote(name)}"))
+
+    async def train_steering_vector(
+        self, name: str, positive: list[str], negative: list[str], **kw: Any
+    ) -> dict[str, Any]:
+        return await self._post("/v1/steering/vectors/train", train_body(name, positive, negative, **kw))
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Typed builders for the request's `interventions` object (DESIGN.md §5).
+"""Typed builders for the request's `interventions` object (docs/api.md).
 
 Each helper's `to_dict()` returns exactly the JSON the server expects, so the same objects work with
 this package's clients and, through `extra_body(...)`, with the official `openai` SDK. Torch is never

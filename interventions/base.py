@@ -1,4 +1,4 @@
-"""The intervention plugin contract (DESIGN.md §4).
+"""The intervention plugin contract (docs/architecture.md §6).
 
 A plugin owns one key of a request's `interventions` object. The API thread validates and prepares
 (`spec_model`, `prepare`); the engine thread activates a plan when its sequence first runs, asks the

@@ -1,5 +1,5 @@
 """Error responses of the live server: OpenAI's body {"error": {"message", "type", "param", "code"}},
-400 for every invalid request (never FastAPI's 422), 401/404 as DESIGN.md §5 says, and a server that keeps
+400 for every invalid request (never FastAPI's 422), 401/404 as docs/api.md says, and a server that keeps
 serving normal requests afterwards."""
 
 from __future__ import annotations

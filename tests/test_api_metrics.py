@@ -1,4 +1,5 @@
-"""GET /metrics on a live server: the names, labels and buckets of DESIGN.md §6, counters that move by
+"""GET /metrics on a live server: the names, labels and buckets of docs/api.md "Metrics", counters that
+move by
 exactly what the responses report, aborts on client disconnect, and preemption under a tiny KV cache."""
 
 from __future__ import annotations

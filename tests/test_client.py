@@ -172,6 +172,28 @@ def test_async_client_matches_sync(tinystories_server: Any, client: ActServeClie
     assert ids == client.tokenize(PROMPT)
 
 
+def test_train_steering_vector_sync_and_async(tinystories_server: Any, client: ActServeClient) -> None:
+    """Both clients train the same vector from the same examples; the server's own field checks reach the
+    caller as ActServeError naming the field."""
+    pos = ["Lily was so happy and she laughed.", "The sun was bright and everyone smiled."]
+    neg = ["Lily was very sad and she cried.", "The sky was dark and everyone frowned."]
+    summary = client.train_steering_vector("client-trained", pos, neg, layers=[1], replace=True)
+    assert summary["layers"] == [1]
+
+    async def run() -> dict[str, Any]:
+        async with AsyncActServeClient(tinystories_server.url, model=MODEL) as ac:
+            await ac.train_steering_vector("client-trained-async", pos, neg, layers=[1], replace=True)
+            return await ac.steering_vector("client-trained-async")
+
+    sync_vec, async_vec = client.steering_vector("client-trained"), asyncio.run(run())
+    assert sync_vec["directions"] == async_vec["directions"] and list(sync_vec["directions"]) == ["1"]
+    with pytest.raises(ActServeError) as err:
+        client.train_steering_vector("bad", pos, neg, method="median")
+    assert err.value.status == 400 and err.value.param == "method"
+    for name in ("client-trained", "client-trained-async"):
+        client.delete_steering_vector(name)
+
+
 def test_api_key_and_401(tinystories_dir: Path) -> None:
     from tests.conftest import start_server
 

@@ -1,1 +1,2 @@
-"""Chain-of-thought compression (ASC, DESIGN.md §8): the plugin, its artifact, and the build pipeline."""
+"""Chain-of-thought compression (ASC, docs/architecture.md §10): the plugin, its artifact, the build
+pipeline."""

@@ -1,6 +1,7 @@
 """Arithmetic word problems with paired verbose / concise solutions, generated here (no downloaded data).
 
-ASC (DESIGN.md §8) needs pairs of solutions to the same problem that differ in style only: a VERBOSE one
+ASC (docs/architecture.md §10) needs pairs of solutions to the same problem that differ in style only:
+a VERBOSE one
 (English-heavy step-by-step reasoning, as a chat assistant writes it) and a CONCISE one
 (math-notation-heavy: "4×3=12; 12+5=17. Answer: 17"). Both are rendered from the same list of `Step`s,
 so they always agree on the arithmetic. Each template draws its numbers from a seeded RNG; the training

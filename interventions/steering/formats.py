@@ -3,7 +3,8 @@
 Both hold one float tensor per layer, named `direction.{L}`, of length hidden_size.
 
 Layer numbering. In both formats `direction.{L}` is added to the output of decoder block L, counted
-from 0, which is exactly our layer L (DESIGN.md §5: what a forward hook on `model.layers[L]` sees), so
+from 0, which is exactly our layer L (docs/api.md, "Interventions: steering": what a forward hook
+on `model.layers[L]` sees), so
 files map 1:1 with no offset. Evidence, read in the sources:
 - llama.cpp applies a control vector in every model graph as `cur = ggml_add(ctx0, cur, ffn_inp);
   cur = build_cvec(cur, il); cb(cur, "l_out", il);`: tensor `il` is added to block il's output (after

@@ -38,6 +38,9 @@ from actserve.server.models.loader import ModelInfo
 DEFAULT_SLOTS = 256
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # per-row scales travel as float32
+
+
 @dataclass
 class PreparedVector:
     data: torch.Tensor  # [num_layers, hidden] on the CPU, zero on layers not named
@@ -171,7 +174,7 @@ class SteeringPlugin(InterventionPlugin):
         vectors: list[PreparedVector] = []
         for i, v in enumerate(spec.vectors):
             where = f"{param}.vectors[{i}]"
-            if not math.isfinite(v.scale) or not np.isfinite(np.float32(v.scale)):
+            if not math.isfinite(v.scale) or abs(v.scale) > FLOAT32_MAX:
                 raise InterventionError(
                     f"{where}.scale: must be finite in float32 (|scale| < 3.4e38)", f"{where}.scale"
                 )

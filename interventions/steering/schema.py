@@ -1,4 +1,4 @@
-"""Request schema of `interventions.steering` (DESIGN.md §5)."""
+"""Request schema of `interventions.steering` (docs/api.md, "Interventions: steering")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Steering vectors from contrastive examples: one direction per layer at the steering hook point.
 
-Methods (DESIGN.md §8):
+Methods (docs/architecture.md §10):
 - `mean_diff` (CAA): mean(positive residuals) - mean(negative residuals). Keeps its natural norm, so
   `scale` 1 moves the residual by the measured gap between the two classes.
 - `pca_diff` (repeng): first principal component of the paired differences pos_i - neg_i, unit norm

@@ -1,5 +1,5 @@
 """OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the status codes of
-DESIGN.md §5; FastAPI's 422 becomes a 400 that names the offending field."""
+docs/api.md "Errors"; FastAPI's 422 becomes a 400 that names the offending field."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ class EngineClient:
         raise NotImplementedError
 
     async def metrics_text(self) -> bytes:
-        """The engine's Prometheus exposition (names of DESIGN.md §6)."""
+        """The engine's Prometheus exposition (names of docs/architecture.md §8)."""
         raise NotImplementedError
 
     def shutdown(self) -> None:

@@ -1,4 +1,4 @@
-"""Hook points the native layers expose to interventions (DESIGN.md §4), as plain per-step objects.
+"""Hook points the native layers expose to interventions (docs/architecture.md §6), as plain per-step objects.
 
 No Python forward hooks: the model calls `StepHooks` at fixed places, and a step without interventions
 passes `None`, so plain batches pay one `is None` check per layer. Steering (the common case) is not a

@@ -27,7 +27,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ModelInfo:
-    """What interventions validate against (DESIGN.md §4 `model_info`)."""
+    """What interventions validate against (docs/architecture.md §6, `model_info`)."""
 
     name: str
     path: str
