@@ -39,6 +39,9 @@ from typing import Any
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_load import wait_healthy  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "data" / "tinystories-656k"
 OUT = ROOT / "bench" / "results" / "hardening_cpu.json"
@@ -73,17 +76,7 @@ class Server:
         ]
         self.proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.proc.pid)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} while starting")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not healthy in 120 s")
+        wait_healthy(self.url, self.proc, 120)
 
     def family(self) -> list[psutil.Process]:
         try:

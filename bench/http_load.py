@@ -121,6 +121,21 @@ def cpu_seconds(server: psutil.Process) -> tuple[float, float]:
     return t.user + t.system, kids
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until `url`/health answers 200; raises if the server exits first or takes longer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} while starting")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy in {timeout_s:.0f} s")
+
+
 @contextmanager
 def serve(args: argparse.Namespace) -> Iterator[tuple[str, psutil.Process]]:
     """`actserve serve` in a child process; yields its URL (once /health answers 200) and process."""
@@ -135,16 +150,7 @@ def serve(args: argparse.Namespace) -> Iterator[tuple[str, psutil.Process]]:
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, proc, 600)
         yield url, psutil.Process(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)  # graceful: uvicorn stops, the engine process with it

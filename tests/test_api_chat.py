@@ -39,9 +39,9 @@ FILES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def chat_dir(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tinystories-chat") / MODEL
+def copy_with_chat_template(tinystories_dir: Path, parent: Path) -> Path:
+    """TinyStories (which has no chat template) copied under `parent` with TEMPLATE added."""
+    out = parent / MODEL
     out.mkdir()
     for name in FILES:
         if (tinystories_dir / name).exists():
@@ -50,6 +50,11 @@ def chat_dir(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     cfg["chat_template"] = TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_with_chat_template(tinystories_dir, tmp_path_factory.mktemp("tinystories-chat"))
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@ route, mode and seed are fixed, and each seed is fixed, so a run is repeatable a
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from tests.conftest import LiveServer
-from tests.test_api_chat import FILES, MODEL, TEMPLATE
+from tests.test_api_chat import copy_with_chat_template
 
 MAX_MODEL_LEN = 64
 MAX_GENERATED = 4
@@ -53,14 +51,7 @@ def fuzz_server(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from actserve.server.engine.async_engine import make_engine
     from actserve.server.engine.config import EngineConfig
 
-    folder = tmp_path_factory.mktemp("fuzz") / MODEL
-    folder.mkdir()
-    for name in FILES:
-        if (tinystories_dir / name).exists():
-            shutil.copy(tinystories_dir / name, folder / name)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    folder = copy_with_chat_template(tinystories_dir, tmp_path_factory.mktemp("fuzz"))
     config = EngineConfig(
         model=str(folder), num_kv_blocks=128, max_model_len=MAX_MODEL_LEN, engine_process="off"
     )
