@@ -7,8 +7,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
-from actserve.server.layers.hooks import StepHooks
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
+from actserve.server.contract.hooks import StepHooks
 
 log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"

@@ -29,8 +29,8 @@ from actserve.interventions.cot_compression.artifact import ArtifactError, AscAr
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.interventions.registry import plugin_key
 from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
+from actserve.server.contract import ModelInfo
 from actserve.server.engine.config import EngineConfig
-from actserve.server.models.loader import ModelInfo
 
 log = logging.getLogger(__name__)
 ASC_KEY = "cot_compression.artifact"

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actserve.interventions.base import InterventionCapacityError, InterventionError
+from actserve.server.contract import InterventionCapacityError, InterventionError
 from actserve.server.engine.engine_client import EngineDeadError, EngineRequestError
 from actserve.server.engine.llm_engine import RequestRejected
 

@@ -27,7 +27,7 @@ from actserve.server.engine.sequence import Sequence
 from actserve.server.engine.watchdog import Progress
 
 if TYPE_CHECKING:
-    from actserve.server.models.loader import ModelInfo
+    from actserve.server.contract import ModelInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from actserve.interventions.registry import InterventionRegistry
+from actserve.server.contract import ModelInfo
 from actserve.server.engine.config import EngineConfig
 from actserve.server.models.loader import (
-    ModelInfo,
     ModelLoadError,
     load_native,
     read_generation_eos,

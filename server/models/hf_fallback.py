@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
+from actserve.server.contract import RowSpan
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.engine.model_runner import PendingStep, StepResult, launch_sampling, prompt_logprobs
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence
-from actserve.server.layers.hooks import StepHooks
 
 
 def find_decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
