@@ -13,6 +13,7 @@ from actserve.server.contract import (
     RowSpan,
     StepHooks,
     device_table,
+    plugin_key,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "RowSpan",
     "StepHooks",
     "device_table",
+    "plugin_key",
 ]

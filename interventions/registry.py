@@ -6,7 +6,7 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan, plugin_key
 from actserve.server.contract import ModelInfo
 from actserve.server.contract.hooks import StepHooks
 
@@ -32,11 +32,6 @@ def discover() -> dict[str, type[InterventionPlugin]]:
 
         found["cot_compression"] = CoTCompressionPlugin
     return found
-
-
-def plugin_key(name: str) -> str:
-    """Where each plugin of a registry is found in the shared context (plugins that build on another)."""
-    return f"plugin.{name}"
 
 
 class InterventionRegistry:

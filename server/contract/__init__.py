@@ -13,6 +13,7 @@ from actserve.server.contract.plugin import (
     InterventionPlugin,
     RowSpan,
     device_table,
+    plugin_key,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "RowSpan",
     "StepHooks",
     "device_table",
+    "plugin_key",
 ]

@@ -42,6 +42,11 @@ class RowSpan:
     prompt_len: int
 
 
+def plugin_key(name: str) -> str:
+    """Where each plugin of a registry is found in the shared context (plugins that build on another)."""
+    return f"plugin.{name}"
+
+
 class InterventionPlugin(ABC):
     """One intervention kind. Instances are created once per loaded model."""
 
