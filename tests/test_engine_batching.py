@@ -89,6 +89,15 @@ def test_never_fitting_request_is_rejected(tinystories_dir: Path) -> None:
         check_fits(eng.max_model_len, 65, None)
     assert e.value.param == "prompt"
     assert check_fits(eng.max_model_len, 10, None) == 54
+    # the engine trusts checked sequences; one that was not is refused at `add` (its request only fails)
+    for bad in ([1] * 60, [1] * 65, []):
+        with pytest.raises(RequestRejected, match="not checked against the context"):
+            eng.add(Sequence("bad", bad, greedy(10), []))
+    with pytest.raises(RequestRejected):
+        eng.add(Sequence("none", [1] * 4, greedy(None), []))  # type: ignore[arg-type]
+    assert not eng.has_work()
+    eng.add(Sequence("ok", [1] * 4, greedy(10), []))
+    assert eng.has_work()
 
 
 def test_abort_frees_blocks(tinystories_dir: Path, prompts: list[list[int]]) -> None:
