@@ -6,9 +6,9 @@ import logging
 from importlib.metadata import entry_points
 from typing import Any
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
-from actserve.server.layers.hooks import StepHooks
-from actserve.server.models.loader import ModelInfo
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan, plugin_key
+from actserve.server.contract import ModelInfo
+from actserve.server.contract.hooks import StepHooks
 
 log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"
@@ -32,11 +32,6 @@ def discover() -> dict[str, type[InterventionPlugin]]:
 
         found["cot_compression"] = CoTCompressionPlugin
     return found
-
-
-def plugin_key(name: str) -> str:
-    """Where each plugin of a registry is found in the shared context (plugins that build on another)."""
-    return f"plugin.{name}"
 
 
 class InterventionRegistry:

@@ -7,4 +7,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
+lint-imports
 python -m pytest -q "$@"

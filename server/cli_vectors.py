@@ -87,8 +87,7 @@ def write_vector(
 def train(args: argparse.Namespace) -> int:
     from actserve.interventions.steering.library import LibraryError, check_name
     from actserve.interventions.steering.train import TrainingError, train_vector
-    from actserve.server.engine.config import EngineConfig
-    from actserve.server.models.builder import load_model
+    from actserve.server.models.builder import LoadConfig, load_model
     from actserve.server.models.loader import ModelLoadError
 
     try:
@@ -97,7 +96,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"--out: the file name must end in .safetensors or .gguf, got {args.out.name!r}")
         positive, negative = examples(args)
         layers = parse_layers(args.layers)
-        loaded = load_model(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        loaded = load_model(LoadConfig(model=args.model, device=args.device, dtype=args.dtype))
         vec = train_vector(
             loaded.model,
             loaded.tokenizer,

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from actserve.server.engine.config import EngineConfig
-from actserve.server.engine.llm_engine import LLMEngine, RequestRejected
+from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.outputs import RequestRejected, check_fits
 from actserve.server.engine.sequence import Sequence
 from tests.engine_utils import greedy, run
 
@@ -82,12 +83,21 @@ def test_max_num_seqs_bounds_the_batch(tinystories_dir: Path, prompts: list[list
 def test_never_fitting_request_is_rejected(tinystories_dir: Path) -> None:
     eng = engine(tinystories_dir, num_kv_blocks=256, max_model_len=64)
     with pytest.raises(RequestRejected) as e:
-        eng.check_fits(60, 10)
+        check_fits(eng.max_model_len, 60, 10)
     assert e.value.param == "max_tokens" and "64" in str(e.value)
     with pytest.raises(RequestRejected) as e:
-        eng.check_fits(65, None)
+        check_fits(eng.max_model_len, 65, None)
     assert e.value.param == "prompt"
-    assert eng.check_fits(10, None) == 54
+    assert check_fits(eng.max_model_len, 10, None) == 54
+    # the engine trusts checked sequences; one that was not is refused at `add` (its request only fails)
+    for bad in ([1] * 60, [1] * 65, []):
+        with pytest.raises(RequestRejected, match="not checked against the context"):
+            eng.add(Sequence("bad", bad, greedy(10), []))
+    with pytest.raises(RequestRejected):
+        eng.add(Sequence("none", [1] * 4, greedy(None), []))  # type: ignore[arg-type]
+    assert not eng.has_work()
+    eng.add(Sequence("ok", [1] * 4, greedy(10), []))
+    assert eng.has_work()
 
 
 def test_abort_frees_blocks(tinystories_dir: Path, prompts: list[list[int]]) -> None:

@@ -21,7 +21,8 @@ from actserve.server.engine import model_runner
 from actserve.server.engine.async_engine import make_engine
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.engine_client import EngineClient, EngineRequestError
-from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
+from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.outputs import SeqOutput
 from actserve.server.engine.process_engine import ProcessEngine
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence

@@ -197,3 +197,29 @@ def test_load_error_is_raised_and_shutdown_leaves_no_process(tinystories_dir: Pa
     engine.shutdown()
     assert not engine.process.is_alive() and engine.process.exitcode == 0
     assert time.monotonic() - t0 < 10
+
+
+def test_messages_pickle_round_trip() -> None:
+    """Every message between the API process and the core survives the pipe (frozen, slotted
+    dataclasses), and equal fields give equal messages."""
+    import pickle
+
+    from actserve.server.engine import messages as m
+    from actserve.server.engine.outputs import SeqOutput
+
+    out = SeqOutput("s", "hi", [1, 2], [], False)
+    for msg in (
+        m.Abort("s"),
+        m.Call(3, len, ((1, 2),)),
+        m.Prepare(4, {"steering": {}}, 2),
+        m.Release([1, 2]),
+        m.Stop(),
+        m.Outputs([out], 5),
+        m.Beat(0),
+        m.SeqFailed("s", (RuntimeError, ("x",), {}, "RuntimeError: x")),
+        m.Reply(3, True, 2),
+        m.Dead((RuntimeError, ("x",), {}, "RuntimeError: x")),
+    ):
+        back = pickle.loads(pickle.dumps(msg))
+        assert back == msg and type(back) is type(msg)
+        assert not hasattr(msg, "__dict__")

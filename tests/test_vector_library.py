@@ -17,7 +17,7 @@ from actserve.interventions.steering.library import (
     VectorLibrary,
     VectorNotFound,
 )
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
 
 LAYERS, HIDDEN = 4, 16
 

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
 
 FORMAT = "actserve.asc"
 VERSION = "2"

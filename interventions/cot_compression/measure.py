@@ -23,9 +23,9 @@ from actserve.interventions.cot_compression.artifact import AscArtifact
 from actserve.interventions.cot_compression.plugin import ASC_KEY, CoTCompressionPlugin
 from actserve.interventions.cot_compression.problems import cut_after_answer, parse_answer
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
+from actserve.server.contract import ModelInfo
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
-from actserve.server.layers.hooks import StepHooks
-from actserve.server.models.loader import ModelInfo
 
 
 def generate(

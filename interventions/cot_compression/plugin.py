@@ -10,7 +10,7 @@ registry hands its rows to the steering plugin together with the steering rows
 and still replays from CUDA graphs. Without a steering plugin in the registry (a registry built for
 CoT compression alone) it keeps a private one-slot table. γ comes from the request (`strength`) or
 from the artifact's calibration table (`kl_budget`). The artifact reaches the plugin through the
-registry's shared `context` (`ASC_KEY`), filled from `EngineConfig.cot_compression` by `cot_context`
+registry's shared `context` (`ASC_KEY`), filled from the `--cot-compression` option by `cot_context`
 when the engine starts.
 """
 
@@ -24,13 +24,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan, plugin_key
 from actserve.interventions.cot_compression.artifact import ArtifactError, AscArtifact, load_artifact
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
-from actserve.interventions.registry import plugin_key
 from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
-from actserve.server.engine.config import EngineConfig
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
 
 log = logging.getLogger(__name__)
 ASC_KEY = "cot_compression.artifact"
@@ -39,6 +37,7 @@ NOT_CONFIGURED = "cot_compression is not configured for this model; build it wit
 # how it was built), so the default model compresses without a 5-13 minute build
 DEFAULT_ARTIFACT = "default"
 SHIPPED_ARTIFACT = Path(__file__).with_name("data") / "smollm2-135m-instruct.asc.safetensors"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the model it was built for (server/models/default_model.py)
 
 
 @dataclass
@@ -65,24 +64,22 @@ def resolve_artifact_path(option: str, info: ModelInfo) -> Path:
     the same shape would load it and be steered wrongly)."""
     if option != DEFAULT_ARTIFACT:
         return Path(option)
-    from actserve.server.models.default_model import DEFAULT_MODEL_NAME, is_complete
-
-    if not is_complete(Path(info.path)):
+    if not info.embedded_default:
         raise ArtifactError(
             f"--cot-compression default: the shipped artifact is for the embedded default model "
-            f"({DEFAULT_MODEL_NAME}, served when --model is not given); this server runs {info.name} "
+            f"({DEFAULT_MODEL}, served when --model is not given); this server runs {info.name} "
             f"({info.path}). Build one for it: `actserve cot build --model {info.path} --out FILE`, then "
             "`--cot-compression FILE` (a file named 'default': pass ./default)"
         )
     return SHIPPED_ARTIFACT
 
 
-def cot_context(config: EngineConfig, info: ModelInfo) -> dict[str, Any]:
-    """Registry context entries for `--cot-compression FILE|default`: the artifact, checked against the
-    model."""
-    if not config.cot_compression:
+def cot_context(option: str | None, info: ModelInfo) -> dict[str, Any]:
+    """Registry context entries for `--cot-compression FILE|default` (`option`): the artifact, checked
+    against the model."""
+    if not option:
         return {}
-    art = load_artifact(resolve_artifact_path(config.cot_compression, info))
+    art = load_artifact(resolve_artifact_path(option, info))
     art.check_fits(info)
     if art.model and art.model != info.name:
         log.warning("CoT compression artifact was built on %r; serving %r", art.model, info.name)

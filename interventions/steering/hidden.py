@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
-from actserve.server.layers.hooks import StepHooks
 
 Position = Literal["last", "mean"]
 

@@ -31,7 +31,7 @@ from actserve.interventions.steering.formats import (
     VectorFormatError,
     preview,
 )
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

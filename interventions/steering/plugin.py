@@ -33,7 +33,7 @@ from actserve.interventions.steering.schema import (
     layer_index,
 )
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, apply_steering_ref
-from actserve.server.models.loader import ModelInfo
+from actserve.server.contract import ModelInfo
 
 DEFAULT_SLOTS = 256
 

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actserve.interventions.base import InterventionCapacityError, InterventionError
+from actserve.server.contract import InterventionCapacityError, InterventionError
 from actserve.server.engine.engine_client import EngineDeadError, EngineRequestError
-from actserve.server.engine.llm_engine import RequestRejected
+from actserve.server.engine.outputs import RequestRejected
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                409: "ConflictError", 413: "PayloadTooLargeError", 415: "UnsupportedMediaTypeError",

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from actserve.server.api.admission import Reservation
 from actserve.server.api.errors import APIError, as_api_error
 from actserve.server.engine.engine_client import EngineClient
-from actserve.server.engine.llm_engine import SeqOutput
+from actserve.server.engine.outputs import SeqOutput
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 
@@ -62,9 +62,10 @@ async def build_sequences(
             f"min_tokens: must not exceed max_tokens ({params.max_tokens}); got {params.min_tokens}",
             "min_tokens",
         )
+    max_tokens: list[int] = []  # resolved per prompt (None: up to the context)
     for i, ids in enumerate(prompts):
         try:
-            engine.check_fits(len(ids), params.max_tokens)
+            max_tokens.append(engine.check_fits(len(ids), params.max_tokens))
         except Exception as e:
             err = as_api_error(e)
             raise (
@@ -80,7 +81,8 @@ async def build_sequences(
     out: list[tuple[Choice, Sequence]] = []
     for i, ids in enumerate(prompts):
         for j in range(params.n):
-            p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + j)
+            seed = None if params.seed is None else params.seed + j
+            p = dataclasses.replace(params, seed=seed, max_tokens=max_tokens[i])
             k = i * params.n + j
             seq = Sequence(
                 f"{request_id}-{i}-{j}", list(ids), p, [], interventions=dict(plans[k]), count_prompt=j == 0

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import from_json
 from starlette.concurrency import run_in_threadpool
 
-from actserve.interventions.base import InterventionError
 from actserve.interventions.steering.formats import VectorFormatError, cut, read_vector
 from actserve.interventions.steering.library import (
     LibraryError,
@@ -38,8 +37,8 @@ from actserve.interventions.steering.library import (
 from actserve.interventions.steering.schema import check_directions_size, layer_index
 from actserve.server.api.errors import APIError
 from actserve.server.api.steering_train_route import train_route
+from actserve.server.contract import InterventionError, ModelInfo
 from actserve.server.engine.engine_client import EngineClient
-from actserve.server.models.loader import ModelInfo
 
 MAX_UPLOAD_BYTES = 64 * 2**20
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000

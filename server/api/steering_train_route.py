@@ -13,7 +13,7 @@ instead of pausing for the whole training.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from fastapi import Request
@@ -37,7 +37,9 @@ from actserve.interventions.steering.train import (
 )
 from actserve.server.api.errors import APIError
 from actserve.server.engine.engine_client import EngineClient
-from actserve.server.engine.llm_engine import LLMEngine
+
+if TYPE_CHECKING:  # the function that takes it runs in the engine (`run_in_engine`)
+    from actserve.server.engine.llm_engine import LLMEngine
 
 MAX_LAYER_INDICES = 1024  # more than any model's layers; each is then checked against the model
 Example = Annotated[str, StringConstraints(max_length=MAX_EXAMPLE_CHARS)]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from actserve.server.models.builder import LoadConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ class EngineConfig:
     engine_process: str = "auto"  # "on": engine core in its own process; "off": a thread; auto: on for CUDA
     cpu_threads: int | None = None  # torch threads of the engine; None: OMP_NUM_THREADS, else cores - 1
     stall_timeout: float = 60.0  # seconds without progress after which the engine counts as stalled
+
+    def load_config(self) -> LoadConfig:
+        """The part of these settings that loading the model needs (models sit below the engine)."""
+        return LoadConfig(**{f.name: getattr(self, f.name) for f in fields(LoadConfig)})
 
 
 def available_cores() -> int:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.layers.attention import AttentionBatch
-from actserve.server.layers.hooks import StepHooks
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from actserve.server.engine.llm_engine import LLMEngine, SeqOutput
+from actserve.server.engine.outputs import SeqOutput, check_fits
 from actserve.server.engine.sequence import Sequence
 from actserve.server.engine.watchdog import Progress
 
 if TYPE_CHECKING:
-    from actserve.server.models.loader import ModelInfo
+    from actserve.server.contract import ModelInfo
+    from actserve.server.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,8 +147,9 @@ class EngineClient:
 
     # -- shared ---------------------------------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
-        """The engine's own check (it reads only `max_model_len`), run here so errors precede queueing."""
-        return LLMEngine.check_fits(self, prompt_len, max_tokens)  # type: ignore[arg-type]
+        """`max_tokens` resolved for a prompt, or RequestRejected (this client's copy of `max_model_len`):
+        the one admission check of API requests, run when their sequences are made (api/generation.py)."""
+        return check_fits(self.max_model_len, prompt_len, max_tokens)
 
     def _check_alive(self) -> None:
         if self.error is not None:
@@ -197,7 +199,6 @@ class EngineClient:
     async def generate(self, seq: Sequence) -> AsyncIterator[SeqOutput]:
         """Yield deltas until the sequence finishes; closing the iterator early aborts it."""
         self._check_alive()
-        self.check_fits(seq.prompt_len, seq.params.max_tokens)  # raise before queueing
         q: asyncio.Queue[SeqOutput | BaseException] = asyncio.Queue()
         with self._lock:
             self._streams[seq.seq_id] = (asyncio.get_running_loop(), q)

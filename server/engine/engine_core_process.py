@@ -1,17 +1,15 @@
 """The engine-core process (`--engine-process on`): loads the model from the `EngineConfig` and runs the
 `LLMEngine` step loop, talking to the API process over one duplex pipe.
 
-API -> core: ("add", seq), ("abort", seq_id), ("call", id, fn, args), ("prepare", id, spec, count),
-("release", plan_ids), ("stop",).
-Core -> API: ("ready", facts) or ("failed", error) once; then ("out", outputs, num_waiting) once per step
-(every sequence's delta in one message), ("beat", num_waiting) when nothing else was sent for a
-heartbeat interval (idle, or busy in a call), ("err", seq_id, error), ("reply", id, ok, value),
-("dead", error).
+The messages are the dataclasses of messages.py: API -> core Add, Abort, Call, Prepare, Release, Stop;
+core -> API Ready or Failed once, then Outputs once per step (every sequence's delta in one message),
+Beat when nothing else was sent for a heartbeat interval (idle, or busy in a call), SeqFailed, Reply,
+Dead.
 
 A reader thread moves commands off the pipe into a queue at once, so the API process never blocks on a
 full pipe while a step runs; the main thread drains that queue between steps, as the thread mode does.
 A command that raises fails only its own request (or call); a failing step is handled inside
-`LLMEngine.step`; only what escapes it (a fatal device error) ends the process with ("dead", error).
+`LLMEngine.step`; only what escapes it (a fatal device error) ends the process with `Dead`.
 
 The core ignores SIGTERM and SIGINT: they reach it with its server's process group (systemd, Kubernetes,
 Ctrl-C), and the server first drains its requests, then stops the core in order. The pipe's EOF (the API
@@ -34,27 +32,44 @@ from typing import Any
 from actserve.server.engine.config import EngineConfig, apply_cpu_threads
 from actserve.server.engine.engine_client import pack_error
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.messages import (
+    Abort,
+    Add,
+    Beat,
+    Call,
+    Dead,
+    Failed,
+    FromCore,
+    Outputs,
+    Prepare,
+    Ready,
+    Release,
+    Reply,
+    SeqFailed,
+    Stop,
+    ToCore,
+)
 from actserve.server.engine.watchdog import heartbeat_interval
 
 log = logging.getLogger(__name__)
 REMOTE_PLAN = "\x00plan"  # key of a plan stand-in in the API process: {REMOTE_PLAN: id}
 
 
-def engine_facts(engine: LLMEngine) -> dict[str, Any]:
+def engine_facts(engine: LLMEngine) -> Ready:
     """What the API process keeps locally (no round trip per request)."""
-    return {
-        "model_name": engine.model_name,
-        "model_info": engine.model_info,
-        "tokenizer": engine.tokenizer,
-        "max_model_len": engine.max_model_len,
-        "interventions": engine.registry.describe(),
-    }
+    return Ready(
+        model_name=engine.model_name,
+        model_info=engine.model_info,
+        tokenizer=engine.tokenizer,
+        max_model_len=engine.max_model_len,
+        interventions=engine.registry.describe(),
+    )
 
 
 class EngineCore:
     def __init__(self, engine: LLMEngine, conn: Connection) -> None:
         self.engine, self.conn = engine, conn
-        self.commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.commands: queue.Queue[ToCore] = queue.Queue()
         self.plans: dict[int, dict[str, Any]] = {}  # prepared, not yet added (or released)
         self._plan_ids = itertools.count()
         self.running = True
@@ -65,7 +80,7 @@ class EngineCore:
         threading.Thread(target=self._read, name="actserve-core-reader", daemon=True).start()
         threading.Thread(target=self._beat_during_calls, name="actserve-core-beat", daemon=True).start()
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: FromCore) -> None:
         with self._send_lock:
             self.conn.send(msg)
             self._last_sent = time.monotonic()
@@ -75,7 +90,7 @@ class EngineCore:
             while True:
                 self.commands.put(self.conn.recv())
         except (EOFError, OSError):
-            self.commands.put(("stop",))  # the API process is gone
+            self.commands.put(Stop())  # the API process is gone
 
     def _beat_during_calls(self) -> None:
         """A call (training a vector, say) may hold the main thread for long; it is work, not a stall, so
@@ -84,7 +99,7 @@ class EngineCore:
             time.sleep(self.beat_s / 2)
             if self._in_call and time.monotonic() - self._last_sent >= self.beat_s:
                 try:
-                    self.send(("beat", self.engine.scheduler.num_queued))
+                    self.send(Beat(self.engine.scheduler.num_queued))
                 except (OSError, EOFError):
                     return
 
@@ -97,11 +112,11 @@ class EngineCore:
             if eng.has_work():
                 outputs = eng.step()
                 if outputs:
-                    self.send(("out", outputs, eng.scheduler.num_queued))
+                    self.send(Outputs(outputs, eng.scheduler.num_queued))
             else:
                 eng.metrics.refresh_memory()
             if time.monotonic() - self._last_sent >= self.beat_s:
-                self.send(("beat", eng.scheduler.num_queued))
+                self.send(Beat(eng.scheduler.num_queued))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -114,16 +129,16 @@ class EngineCore:
             except (OSError, EOFError):
                 raise  # the pipe is gone
             except Exception:  # noqa: BLE001 - one command's failure is not the engine's
-                log.exception("engine core: command %r failed", cmd[0])
+                log.exception("engine core: command %s failed", type(cmd).__name__)
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _handle(self, cmd: tuple[Any, ...]) -> None:
-        kind, eng = cmd[0], self.engine
-        if kind == "add":
-            seq = cmd[1]
+    def _handle(self, cmd: ToCore) -> None:
+        eng = self.engine
+        if isinstance(cmd, Add):
+            seq = cmd.seq
             ref = seq.interventions.get(REMOTE_PLAN)
             if ref is not None:
                 seq.interventions = self.plans.pop(ref, {})
@@ -131,18 +146,20 @@ class EngineCore:
                 eng.add(seq)
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 eng.registry.release(seq.interventions)
-                self.send(("err", seq.seq_id, pack_error(e)))
-        elif kind == "abort":
-            eng.abort(cmd[1])
-        elif kind == "call":
-            self._reply(cmd[1], cmd[2], eng, *cmd[3])
-        elif kind == "prepare":
-            self._reply(cmd[1], self._prepare, cmd[2], cmd[3])
-        elif kind == "release":
-            for ref in cmd[1]:
+                self.send(SeqFailed(seq.seq_id, pack_error(e)))
+        elif isinstance(cmd, Abort):
+            eng.abort(cmd.seq_id)
+        elif isinstance(cmd, Call):
+            self._reply(cmd.call_id, cmd.fn, eng, *cmd.args)
+        elif isinstance(cmd, Prepare):
+            self._reply(cmd.call_id, self._prepare, cmd.spec, cmd.count)
+        elif isinstance(cmd, Release):
+            for ref in cmd.plan_ids:
                 eng.registry.release(self.plans.pop(ref, {}))
-        elif kind == "stop":
+        elif isinstance(cmd, Stop):
             self.running = False
+        else:
+            raise TypeError(f"unknown command {type(cmd).__name__}")
 
     def _prepare(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
         made = self.engine.registry.prepare_many(spec, count)
@@ -158,14 +175,14 @@ class EngineCore:
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - handed to the caller
-            self.send(("reply", call_id, False, pack_error(e)))
+            self.send(Reply(call_id, False, pack_error(e)))
             return
         finally:
             self._in_call = False
         try:
-            self.send(("reply", call_id, True, result))
+            self.send(Reply(call_id, True, result))
         except Exception as e:  # noqa: BLE001 - e.g. a result that does not pickle
-            self.send(("reply", call_id, False, pack_error(e)))
+            self.send(Reply(call_id, False, pack_error(e)))
 
 
 def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -193,10 +210,10 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
     try:
         apply_cpu_threads(config.cpu_threads)  # the main thread runs the steps (and the load)
         engine = LLMEngine(config)
-        conn.send(("ready", engine_facts(engine)))
+        conn.send(engine_facts(engine))
     except BaseException as e:  # noqa: BLE001 - the API process reports it (/health, load error)
         log.exception("engine core failed to load the model")
-        conn.send(("failed", pack_error(e)))
+        conn.send(Failed(pack_error(e)))
         return
     core = EngineCore(engine, conn)
     try:
@@ -205,7 +222,7 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
         log.exception("engine core loop failed")
         core.running = False
         try:
-            core.send(("dead", pack_error(e)))
+            core.send(Dead(pack_error(e)))
         except Exception:  # noqa: BLE001 - the pipe may be gone too
             pass
         raise SystemExit(1) from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,39 +23,30 @@ from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.config import EngineConfig
-from actserve.server.engine.model_runner import StepResult
+from actserve.server.engine.model_runner import ModelRunner, StepResult
+from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
-from actserve.server.engine.sequence import SeqStatus, Sequence, TokenLogprob
+from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
 from actserve.server.models.builder import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SeqOutput:
-    """What changed for one sequence in one step (a streaming delta)."""
+def build_runner(loaded: LoadedModel, config: EngineConfig, registry: InterventionRegistry) -> Any:
+    """The runner for a loaded model: the native `ModelRunner`, or `HFRunner` on the transformers
+    fallback."""
+    info = loaded.info
+    if loaded.spec is None:
+        from actserve.server.engine.hf_runner import HFRunner
 
-    seq_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None  # the engine failed this sequence (finished, with no finish_reason)
-
-
-class RequestRejected(ValueError):
-    """A request that can never run on this engine (too long for the context or the KV cache)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+        return HFRunner(loaded.model, info.num_layers, registry)
+    graphs = 0 if config.enforce_eager else min(config.max_num_seqs, 256)
+    prefill = 0 if config.enforce_eager else min(config.cuda_graph_prefill_len, info.max_model_len)
+    return ModelRunner(
+        loaded.model, loaded.num_blocks, loaded.block_size, info.device, info.dtype, registry,
+        info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
+    )  # fmt: skip
 
 
 def is_fatal(error: BaseException) -> bool:
@@ -71,16 +61,16 @@ def is_fatal(error: BaseException) -> bool:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.loaded: LoadedModel = load_model(config)
+        self.loaded: LoadedModel = load_model(config.load_config())
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
         self.vector_library = VectorLibrary(self.model_info, config.steering_vectors_dir)
-        context = {LIBRARY_KEY: self.vector_library, **cot_context(config, self.model_info)}
+        context = {LIBRARY_KEY: self.vector_library, **cot_context(config.cot_compression, self.model_info)}
         self.registry = InterventionRegistry(self.model_info, context=context)
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
-        self.runner = self.loaded.make_runner(self.registry)
+        self.runner = build_runner(self.loaded, config, self.registry)
         num_blocks = self.loaded.num_blocks
         self.blocks = BlockManager(num_blocks, config.block_size)
         batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
@@ -114,22 +104,15 @@ class LLMEngine:
             gc.freeze()
 
     # -- requests ---------------------------------------------------------------------------------
-    def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
-        """Resolve max_tokens (None: up to the context) and reject what can never fit."""
-        limit = self.max_model_len
-        if prompt_len == 0:
-            raise RequestRejected("prompt is empty; send at least one token", "prompt")
-        if prompt_len > limit or (max_tokens is not None and prompt_len + max_tokens > limit):
-            asked = prompt_len + (max_tokens or 0)
-            raise RequestRejected(
-                f"This model's maximum context length is {limit} tokens; the request has {prompt_len} prompt "
-                f"tokens and asks for {max_tokens or 0} more ({asked} in all); shorten prompt or max_tokens.",
-                "max_tokens" if prompt_len <= limit else "prompt",
-            )
-        return limit - prompt_len if max_tokens is None else max_tokens
-
     def add(self, seq: Sequence) -> None:
-        seq.params.max_tokens = self.check_fits(seq.prompt_len, seq.params.max_tokens)
+        """Queue a sequence already checked against the context (`outputs.check_fits`, run by whoever
+        made it: the API, `offline.make_sequences`). One that was not is refused here, which fails just
+        its request (both front-ends report an `add` error to that request only)."""
+        if (
+            seq.params.max_tokens is None
+            or not 0 < seq.prompt_len <= seq.max_total_tokens <= self.max_model_len
+        ):
+            raise RequestRejected(f"sequence {seq.seq_id} was not checked against the context", "prompt")
         seq.eos_token_ids = seq.eos_token_ids or self.loaded.eos_token_ids
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.model_info.device).manual_seed(seq.params.seed)

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actserve.interventions.base import RowSpan
 from actserve.interventions.registry import InterventionRegistry
 from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
+from actserve.server.contract import RowSpan
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
-from actserve.server.layers.hooks import StepHooks
 
 # steering columns per row in a CUDA graph: a request's own vectors plus one resident direction (CoT
 # compression shares the steering table), so requests carrying both still replay from graphs

@@ -9,6 +9,7 @@ from typing import Any
 
 from actserve.server.engine.engine_client import EngineRequestError
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.outputs import check_fits
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
 
@@ -20,11 +21,15 @@ def make_sequences(
     interventions: list[dict[str, Any] | None] | None = None,
     tag: str = "g",
 ) -> list[Sequence]:
-    """One sequence per prompt, interventions validated and prepared (raises InterventionError)."""
+    """One sequence per prompt, checked against the context (raises RequestRejected), interventions
+    validated and prepared (raises InterventionError)."""
     seqs = []
     for i, p in enumerate(prompts):
+        resolved = dataclasses.replace(
+            params, max_tokens=check_fits(engine.max_model_len, len(p), params.max_tokens)
+        )
         plans = engine.registry.prepare(interventions[i] if interventions else None)
-        seqs.append(Sequence(f"{tag}{i}", list(p), dataclasses.replace(params), [], interventions=plans))
+        seqs.append(Sequence(f"{tag}{i}", list(p), resolved, [], interventions=plans))
     return seqs
 
 

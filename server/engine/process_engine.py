@@ -40,6 +40,22 @@ from actserve.server.engine.engine_client import (
 )
 from actserve.server.engine.engine_core_process import REMOTE_PLAN, engine_core_main
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.messages import (
+    Abort,
+    Add,
+    Beat,
+    Call,
+    Dead,
+    Failed,
+    Outputs,
+    Prepare,
+    Ready,
+    Release,
+    Reply,
+    SeqFailed,
+    Stop,
+    ToCore,
+)
 from actserve.server.engine.sequence import Sequence
 from actserve.server.engine.watchdog import Progress, process_cpu_clock
 
@@ -79,9 +95,9 @@ class ProcessEngine(EngineClient):
         self.process.start()
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the child
         child.close()  # only the core holds its end: its exit is EOF here
-        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[ToCore | None] = queue.SimpleQueue()
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._abandoned: dict[int, str] = {}  # calls given up on (timeout, stall): kind, for late replies
+        self._abandoned: dict[int, type] = {}  # calls given up on (timeout, stall): kind, for late replies
         self._call_ids = itertools.count()
         self._waiting_reported = 0
         self._closed = False
@@ -90,11 +106,11 @@ class ProcessEngine(EngineClient):
         except BaseException:
             self._terminate(5)  # a core that failed to load exits by itself
             raise
-        self.model_name = facts["model_name"]
-        self.model_info = facts["model_info"]
-        self.tokenizer = facts["tokenizer"]
-        self.max_model_len = facts["max_model_len"]
-        self._interventions = facts["interventions"]
+        self.model_name = facts.model_name
+        self.model_info = facts.model_info
+        self.tokenizer = facts.tokenizer
+        self.max_model_len = facts.max_model_len
+        self._interventions = facts.interventions
         self._writer = threading.Thread(target=self._write, name="actserve-core-send", daemon=True)
         self._writer.start()
         self._reader = threading.Thread(target=self._read, name="actserve-core-ipc", daemon=True)
@@ -103,7 +119,7 @@ class ProcessEngine(EngineClient):
         cpu = process_cpu_clock(self.process.pid) if self.model_info.device.type == "cpu" else None
         self._watch_progress(Progress(config.stall_timeout, cpu))
 
-    def _await_ready(self) -> dict[str, Any]:
+    def _await_ready(self) -> Ready:
         while not self._conn.poll(STARTUP_POLL_S):
             if not self.process.is_alive():
                 code = self.process.exitcode
@@ -115,12 +131,14 @@ class ProcessEngine(EngineClient):
             raise EngineDeadError(
                 f"engine process exited with code {self.process.exitcode} while loading"
             ) from None
-        if msg[0] == "failed":
-            raise unpack_error(msg[1])
-        return msg[1]
+        if isinstance(msg, Failed):
+            raise unpack_error(msg.error)
+        if not isinstance(msg, Ready):
+            raise EngineDeadError(f"engine process sent {type(msg).__name__} before it was ready")
+        return msg
 
     # -- sending --------------------------------------------------------------------------------------
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: ToCore) -> None:
         """Queue a message for the core (never blocks; a stalled core's messages wait in the queue)."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
@@ -136,30 +154,32 @@ class ProcessEngine(EngineClient):
             except (OSError, EOFError, ValueError):
                 return  # the core is gone: the reader sees the EOF and fails everything
             except Exception:  # noqa: BLE001 - e.g. an argument that does not pickle; the caller times out
-                log.exception("could not send %r to the engine core", msg[0])
+                log.exception("could not send %s to the engine core", type(msg).__name__)
 
     def _submit(self, seq: Sequence) -> None:
-        self._send(("add", seq))
+        self._send(Add(seq))
         self._waiting_reported += 1  # until the next step report says otherwise
 
     def abort(self, seq_id: str) -> None:
         try:
-            self._send(("abort", seq_id))
+            self._send(Abort(seq_id))
         except EngineDeadError:
             pass  # nothing left to abort
 
-    async def _rpc(self, timeout: float | None, *msg: Any) -> Any:
-        """Send a call and wait for its reply, at most `timeout` seconds (None: until the core stalls)."""
+    async def _rpc(self, timeout: float | None, make: Callable[[int], Call | Prepare]) -> Any:
+        """Send a call (`make(call_id)`) and wait for its reply, at most `timeout` seconds (None: until
+        the core stalls)."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         call_id = next(self._call_ids)
         self._calls[call_id] = (loop, future)
+        msg = make(call_id)
         try:
-            self._send((msg[0], call_id, *msg[1:]))
+            self._send(msg)
             return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, EngineStalledError):
-            self._abandoned[call_id] = msg[0]
+            self._abandoned[call_id] = type(msg)
             raise EngineStalledError(
                 self.stall or f"the engine did not answer within {timeout:g} s (busy or stalled)"
             ) from None
@@ -167,20 +187,22 @@ class ProcessEngine(EngineClient):
             self._calls.pop(call_id, None)
 
     async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._rpc(None, "call", fn, args)
+        return await self._rpc(None, lambda call_id: Call(call_id, fn, args))
 
     async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._rpc(CALL_TIMEOUT_S, "call", library_call_in_engine, (fn, *args))
+        return await self._rpc(
+            CALL_TIMEOUT_S, lambda call_id: Call(call_id, library_call_in_engine, (fn, *args))
+        )
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
         if not spec:
             return [{} for _ in range(count)]
-        return await self._rpc(CALL_TIMEOUT_S, "prepare", spec, count)
+        return await self._rpc(CALL_TIMEOUT_S, lambda call_id: Prepare(call_id, spec, count))
 
     def release_interventions(self, plans: dict[str, Any]) -> None:
         if REMOTE_PLAN in plans:
             try:
-                self._send(("release", [plans[REMOTE_PLAN]]))
+                self._send(Release([plans[REMOTE_PLAN]]))
             except EngineDeadError:
                 pass
 
@@ -191,7 +213,7 @@ class ProcessEngine(EngineClient):
         return self._waiting_reported
 
     async def metrics_text(self) -> bytes:
-        return await self._rpc(CALL_TIMEOUT_S, "call", metrics_bytes, ())
+        return await self._rpc(CALL_TIMEOUT_S, lambda call_id: Call(call_id, metrics_bytes, ()))
 
     def _on_stall(self, error: EngineStalledError) -> None:
         for loop, future in list(self._calls.values()):
@@ -205,19 +227,20 @@ class ProcessEngine(EngineClient):
                 msg = self._conn.recv()
                 if self.progress is not None:
                     self.progress.beat()
-                kind = msg[0]
-                if kind == "out":
-                    self._waiting_reported = msg[2]
-                    self._deliver_many(msg[1])
-                elif kind == "beat":
-                    self._waiting_reported = msg[1]
-                elif kind == "reply":
-                    self._on_reply(msg[1], msg[2], msg[3])
-                elif kind == "err":
-                    self._deliver(unpack_error(msg[2]), msg[1])
-                elif kind == "dead":
-                    error = unpack_error(msg[1])
+                if isinstance(msg, Outputs):
+                    self._waiting_reported = msg.num_waiting
+                    self._deliver_many(msg.outputs)
+                elif isinstance(msg, Beat):
+                    self._waiting_reported = msg.num_waiting
+                elif isinstance(msg, Reply):
+                    self._on_reply(msg.call_id, msg.ok, msg.value)
+                elif isinstance(msg, SeqFailed):
+                    self._deliver(unpack_error(msg.error), msg.seq_id)
+                elif isinstance(msg, Dead):
+                    error = unpack_error(msg.error)
                     break
+                else:
+                    log.error("engine core sent an unknown message %s", type(msg).__name__)
         except (EOFError, OSError) as e:
             error = e
         except BaseException as e:  # noqa: BLE001 - a message we cannot read: same as losing the core
@@ -239,9 +262,9 @@ class ProcessEngine(EngineClient):
         target = self._calls.get(call_id)
         if target is not None:
             target[0].call_soon_threadsafe(_settle, target[1], ok, value if ok else unpack_error(value))
-        elif self._abandoned.pop(call_id, None) == "prepare" and ok:
+        elif self._abandoned.pop(call_id, None) is Prepare and ok:
             # plans prepared for a caller that gave up: nobody will add or release them
-            self._send(("release", [ref[REMOTE_PLAN] for ref in value]))
+            self._send(Release([ref[REMOTE_PLAN] for ref in value]))
 
     # -- shutdown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -252,7 +275,7 @@ class ProcessEngine(EngineClient):
         self._stop_watching()
         atexit.unregister(self.shutdown)
         if hasattr(self, "_writer"):  # serving: the core stops in order after the commands before this
-            self._outbox.put(("stop",))
+            self._outbox.put(Stop())
             self._outbox.put(None)
             self._terminate(STOP_WAIT_S)
         else:  # still loading (the server is stopping before it was ready): nothing to lose

@@ -6,7 +6,17 @@ from typing import Any
 
 import torch
 
-from actserve.server.models.spec import rope_parameters
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings from either transformers 5 (`rope_parameters`) or 4.x (`rope_theta` + `rope_scaling`)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        out = dict(params)
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+        out["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
+    return out
 
 
 def rope_frequencies(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:

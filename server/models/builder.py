@@ -1,4 +1,8 @@
-"""From `EngineConfig` to a loaded model, its tokenizer, its `ModelInfo` and its KV cache size."""
+"""From a `LoadConfig` to a loaded model, its tokenizer, its `ModelInfo` and its KV cache size.
+
+Models sit below the engine: the engine turns its `EngineConfig` into a `LoadConfig`
+(`EngineConfig.load_config`) and builds the runner from the `LoadedModel` (`build_runner`,
+server/engine/llm_engine.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +13,9 @@ from typing import Any
 
 import torch
 
-from actserve.interventions.registry import InterventionRegistry
-from actserve.server.engine.config import EngineConfig
+from actserve.server.contract import ModelInfo
+from actserve.server.models.hf_fallback import load_transformers
 from actserve.server.models.loader import (
-    ModelInfo,
     ModelLoadError,
     load_native,
     read_generation_eos,
@@ -25,6 +28,24 @@ from actserve.server.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LoadConfig:
+    """What loading a model needs (the model-side part of the engine's `EngineConfig`, same names)."""
+
+    model: str | None = None  # None: the embedded default model
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
+    gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU
+    load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
+    allow_pickle_weights: bool = False
+    force_transformers: bool = False  # serve a native family through the transformers fallback
+
+
 @dataclass
 class LoadedModel:
     info: ModelInfo
@@ -35,22 +56,6 @@ class LoadedModel:
     num_blocks: int
     block_size: int
     weights_bytes: int
-    config: EngineConfig
-
-    def make_runner(self, registry: InterventionRegistry) -> Any:
-        if self.spec is None:
-            from actserve.server.models.hf_fallback import HFRunner
-
-            return HFRunner(self.model, self.info.num_layers, registry)
-        from actserve.server.engine.model_runner import ModelRunner
-
-        cfg = self.config
-        graphs = 0 if cfg.enforce_eager else min(cfg.max_num_seqs, 256)
-        prefill = 0 if cfg.enforce_eager else min(cfg.cuda_graph_prefill_len, self.info.max_model_len)
-        return ModelRunner(
-            self.model, self.num_blocks, self.block_size, self.info.device, self.info.dtype, registry,
-            self.info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
-        )  # fmt: skip
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,7 +71,7 @@ def resolve_device(device: str) -> torch.device:
 GPU_WORKSPACE_BYTES = 3 * 2**30  # activations of the largest prefill, logits, graph pools
 
 
-def gpu_kv_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
+def gpu_kv_blocks(config: LoadConfig, per_block: int, device: torch.device) -> int:
     """KV blocks that fit in --gpu-memory-utilization of the card after weights and workspace."""
     total = torch.cuda.get_device_properties(device).total_memory
     budget = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(device) - GPU_WORKSPACE_BYTES
@@ -77,7 +82,7 @@ def gpu_kv_blocks(config: EngineConfig, per_block: int, device: torch.device) ->
     return int(budget // per_block)
 
 
-def model_dir_and_name(config: EngineConfig) -> tuple[Path, str]:
+def model_dir_and_name(config: LoadConfig) -> tuple[Path, str]:
     if config.model is None:
         from actserve.server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
@@ -87,8 +92,10 @@ def model_dir_and_name(config: EngineConfig) -> tuple[Path, str]:
     return path, name
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: LoadConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
+
+    from actserve.server.models.default_model import is_complete
 
     model_dir, name = model_dir_and_name(config)
     device = resolve_device(config.device)
@@ -118,7 +125,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     else:
-        model = _load_transformers(model_dir, dtype, device, config.allow_pickle_weights)
+        model = load_transformers(model_dir, dtype, device, config.allow_pickle_weights)
         arch, impl = type(model).__name__, "transformers"
         layers, hidden = text_config.num_hidden_layers, text_config.hidden_size
         vocab = text_config.vocab_size
@@ -153,6 +160,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         device=device,
         is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
         model_type=str(getattr(hf_config, "model_type", "") or ""),
+        embedded_default=is_complete(model_dir),
     )
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
     return LoadedModel(
@@ -164,12 +172,4 @@ def load_model(config: EngineConfig) -> LoadedModel:
         num_blocks,
         config.block_size,
         weights_bytes,
-        config,
     )
-
-
-def _load_transformers(model_dir: Path, dtype: torch.dtype, device: torch.device, allow_pickle: bool) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=not allow_pickle)
-    return model.to(device).eval()

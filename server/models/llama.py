@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from actserve.server.contract.hooks import StepHooks
 from actserve.server.layers.attention import AttentionBatch, paged_attention
-from actserve.server.layers.hooks import StepHooks
 from actserve.server.layers.linear import linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,6 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """The model folder cannot be served; the message says what to change."""
-
-
-@dataclass
-class ModelInfo:
-    """What interventions validate against (docs/architecture.md §6, `model_info`)."""
-
-    name: str
-    path: str
-    architecture: str
-    implementation: str  # "native" or "transformers"
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    max_model_len: int
-    dtype: torch.dtype
-    device: torch.device
-    is_moe: bool = False
-    model_type: str = ""  # HF config.model_type (e.g. "llama"): the `model_hint` of control vectors
 
 
 def resolve_model_dir(model: str) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from actserve.server.layers.rotary import rope_parameters
+
 NATIVE_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -13,18 +15,6 @@ NATIVE_ARCHITECTURES = {
 }
 # RoPE types whose frequencies do not depend on the running sequence length, so one table serves all.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-
-
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """RoPE settings from either transformers 5 (`rope_parameters`) or 4.x (`rope_theta` + `rope_scaling`)."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        out = dict(params)
-    else:
-        out = dict(getattr(config, "rope_scaling", None) or {})
-        out["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    out["rope_type"] = out.get("rope_type", out.get("type", "default")) or "default"
-    return out
 
 
 @dataclass(frozen=True)

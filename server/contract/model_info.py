@@ -1,0 +1,28 @@
+"""What interventions validate against: the loaded model's facts (docs/architecture.md §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelInfo:
+    """What interventions validate against (docs/architecture.md §6, `model_info`)."""
+
+    name: str
+    path: str
+    architecture: str
+    implementation: str  # "native" or "transformers"
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+    is_moe: bool = False
+    model_type: str = ""  # HF config.model_type (e.g. "llama"): the `model_hint` of control vectors
+    # the embedded default model (server/models/default_model.py) is what is served: data shipped for
+    # it (e.g. the CoT-compression artifact) may be used
+    embedded_default: bool = False

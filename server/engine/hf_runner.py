@@ -1,0 +1,81 @@
+"""The engine's runner for the transformers fallback (server/models/hf_fallback.py): one transformers
+forward per sequence, each with its own transformers KV cache; steering reaches the residual stream
+through forward hooks on the decoder layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actserve.interventions.registry import InterventionRegistry
+from actserve.server.contract import RowSpan, StepHooks
+from actserve.server.engine.model_runner import PendingStep, StepResult, launch_sampling, prompt_logprobs
+from actserve.server.engine.scheduler import ScheduledBatch
+from actserve.server.engine.sequence import Sequence
+from actserve.server.models.hf_fallback import find_decoder_layers
+
+
+class HFRunner:
+    """Runs one transformers forward per sequence; keeps each sequence's transformers KV cache."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int, registry: InterventionRegistry) -> None:
+        self.model, self.registry = model, registry
+        self.device = next(model.parameters()).device
+        self.caches: dict[str, Any] = {}
+        self.kv_bytes = 0
+        self._hooks: StepHooks | None = None
+        for i, layer in enumerate(find_decoder_layers(model, num_layers)):
+            layer.register_forward_hook(self._make_hook(i))
+
+    def _make_hook(self, index: int) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+            if not self._hooks:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            steered = self._hooks.apply_all(index, hidden[0]).unsqueeze(0)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        return hook
+
+    def release(self, seq: Sequence) -> None:
+        self.caches.pop(seq.seq_id, None)
+
+    def execute(self, batch: ScheduledBatch) -> list[StepResult]:
+        return self.launch(batch).collect()
+
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
+        return launch_sampling(self._forward(batch), batch.seqs)
+
+    @torch.inference_mode()
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Each sequence's own forward; the last-position logits of all of them."""
+        from transformers import DynamicCache
+
+        last_logits = []
+        for seq in batch.seqs:
+            start = seq.num_computed
+            if start == 0 or seq.seq_id not in self.caches:
+                start = 0
+                self.caches[seq.seq_id] = DynamicCache()
+            ids = torch.tensor([seq.all_token_ids[start:]], device=self.device)
+            n = ids.shape[1]
+            spans = {k: [RowSpan(plan, 0, n, start, seq.prompt_len)] for k, plan in seq.interventions.items()}
+            self._hooks = self.registry.step_hooks(spans, n) if spans else None
+            try:
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=torch.arange(start, start + n, device=self.device).unsqueeze(0),
+                    past_key_values=self.caches[seq.seq_id],
+                    use_cache=True,
+                )
+            finally:
+                self._hooks = None
+            logits = out.logits[0].float()
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
+                seq.prompt_logprobs = prompt_logprobs(
+                    logits[: seq.prompt_len], seq.prompt_token_ids, seq.params.prompt_logprobs
+                )
+            seq.num_computed = seq.num_tokens
+            last_logits.append(logits[-1])
+        return torch.stack(last_logits)
