@@ -5,12 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-NATIVE_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 # RoPE types whose frequencies do not depend on the running sequence length, so one table serves all.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
@@ -49,10 +43,13 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
-        arch = (getattr(config, "architectures", None) or ["?"])[0]
-        family = NATIVE_ARCHITECTURES.get(arch)
-        if family is None:
+        from actserve.server.models.registry import architecture_of, lookup
+
+        arch = architecture_of(config)
+        entry = lookup(arch)
+        if entry is None:
             raise NotImplementedError(f"no native implementation for {arch}")
+        family = entry.family
         if getattr(config, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act={config.hidden_act} is not native")
         if getattr(config, "mlp_bias", False):
