@@ -139,10 +139,16 @@ class DenseFormat(WeightFormat):
         copy_rows(param, loaded, shard)
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        # the primary format's body is `dense_linear` inlined: one Python call more than a bare
+        # nn.Linear on the eager path, nothing on a CUDA graph replay
         if self.prefix:
             p = self.prefix
             return dense_linear(x, getattr(layer, p + "weight"), getattr(layer, p + "bias"))
-        return dense_linear(x, layer.weight, layer.bias)
+        if takes_gemv(x):
+            from actserve.kernels.gemv import gemv
+
+            return gemv(x, layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
 
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
         if self.prefix:
@@ -199,7 +205,10 @@ class LinearBase(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None
     ) -> None:
         """Put checkpoint tensor `loaded` into `param` (one of this layer's), at shard `shard_id`."""
-        name = next(n for n, p in self._parameters.items() if p is param)
+        names = [n for n, p in self._parameters.items() if p is param]
+        if not names:
+            raise ValueError(f"the parameter given is not one of this {type(self).__name__}'s")
+        name = names[0]
         fmt = self.owner(name)
         fmt.load_shard(self, name.removeprefix(fmt.prefix), param, loaded, self.shard(shard_id))
 

@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from actserve.server.models.spec import ModelSpec
+
 
 @dataclass(frozen=True)
 class NativeFamily:
@@ -53,13 +55,11 @@ class Resolution:
 
     architecture: str
     model_class: type | None
-    spec: Any  # ModelSpec | None
+    spec: ModelSpec | None
     fallback_reason: str | None
 
 
 def resolve(config: Any, force_transformers: bool = False) -> Resolution:
-    from actserve.server.models.spec import ModelSpec
-
     arch = architecture_of(config)
     if force_transformers:
         return Resolution(arch, None, None, "--force-transformers")
