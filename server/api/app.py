@@ -242,6 +242,7 @@ def create_app(
             "max_model_len": info.max_model_len,
             "architecture": info.architecture,
             "implementation": info.implementation,
+            "fallback_reason": info.fallback_reason,
             "dtype": str(info.dtype).removeprefix("torch."),
             "device": str(info.device),
         }

@@ -26,3 +26,4 @@ class ModelInfo:
     # the embedded default model (server/models/default_model.py) is what is served: data shipped for
     # it (e.g. the CoT-compression artifact) may be used
     embedded_default: bool = False
+    fallback_reason: str | None = None  # why a "transformers" implementation is not native

@@ -1,12 +1,27 @@
-"""The projections of the native models: decode-sized CUDA rows through the Triton GEMV, the rest through
-cuBLAS (`F.linear`), and on the CPU exactly what transformers computes.
+"""The projections of the native models: layers that own their weights through a `WeightFormat`.
 
-Only bf16/fp16 take the GEMV (fp32 would go through TF32 tensor cores there and lose precision the CPU
-tests rely on). Decode steps and short prefills (<= 16 rows) qualify, which at batch 1-16 removes
-cuBLAS's split-K reduction kernels and the separate silu·mul kernel (bench/decode_profile.py).
+A `Linear` (or `MergedColumnLinear`, several checkpoint matrices packed along the output rows, e.g.
+q/k/v or gate/up) does not hold a weight itself: its format creates the parameters (`create`), puts a
+checkpoint tensor into them (`load_shard`, through the layer's `weight_loader`) and computes with them
+(`apply`). Today's only format is `DenseFormat` (an `nn.Linear`-shaped bf16/fp16/fp32 weight); a packed
+format (data + scales) is a second class with the same three methods (docs/architecture.md §5).
+
+`DenseFormat.apply` is the fast path: decode-sized CUDA rows through the Triton GEMV, the rest through
+cuBLAS (`F.linear`), and on the CPU exactly what transformers computes. Only bf16/fp16 take the GEMV
+(fp32 would go through TF32 tensor cores there and lose precision the CPU tests rely on). Decode steps
+and short prefills (<= 16 rows) qualify, which at batch 1-16 removes cuBLAS's split-K reduction kernels
+and the separate silu·mul kernel (bench/decode_profile.py).
+
+One layer may own more than one format (`add_format`): the first is the layer's primary format, its
+parameters carry the checkpoint's names (`weight`, `bias`); another one's parameters are prefixed with
+its key (`<key>_weight`, ...) and it is reached through `layer.formats[key]`. Which rows use which
+format is not decided here (no per-row dispatch yet): the model calls `linear(x, layer)`, the primary.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +36,228 @@ def takes_gemv(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[0] <= MAX_ROWS and x.dtype in GEMV_DTYPES
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if takes_gemv(x):
         from actserve.kernels.gemv import gemv
 
-        return gemv(x, layer.weight, layer.bias)
-    return F.linear(x, layer.weight, layer.bias)
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
-def silu_mul_linear(gate_up: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(silu(gate) * up) for a fused [gate | up] input. The activation is fused into the GEMV for
-    one row only: on the 2-16 row tensor-core path it made the kernel 10x slower (decode_profile.json)."""
+def dense_silu_mul_linear(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """(silu(gate) * up) @ weight.T for a fused [gate | up] input. The activation is fused into the GEMV
+    for one row only: on the 2-16 row tensor-core path it made the kernel 10x slower
+    (decode_profile.json)."""
     if takes_gemv(gate_up) and gate_up.shape[0] == 1:
         from actserve.kernels.gemv import gemv
 
-        return gemv(gate_up, layer.weight, layer.bias, silu_mul=True)
+        return gemv(gate_up, weight, bias, silu_mul=True)
     if gate_up.is_cuda:
         from actserve.kernels.silu_mul import silu_mul
 
-        return linear(silu_mul(gate_up), layer)
+        return dense_linear(silu_mul(gate_up), weight, bias)
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, layer.weight, layer.bias)
+    return F.linear(F.silu(gate) * up, weight, bias)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where one checkpoint matrix sits in a packed layer: output rows [offset, offset + size)."""
+
+    offset: int
+    size: int
+
+
+class WeightFormat:
+    """How one linear layer stores its weight and computes with it. One instance per layer and format.
+
+    Subclasses implement `create` (register the parameters on the layer, named `self.prefix + ...`),
+    `load_shard` (a checkpoint tensor into one of those parameters) and `apply` (the forward).
+    """
+
+    # False: the checkpoint does not hold this format's tensors; `after_loading` derives them (e.g. a
+    # quantized copy of the dense weight), and the loader does not count them as missing
+    from_checkpoint = True
+    # parameter names (without prefix) that keep their own dtype when the model is cast to --dtype
+    # (e.g. float8 scales); everything else floating-point follows the model dtype
+    fixed_dtype: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.prefix = ""
+
+    def create(self, layer: LinearBase, params_dtype: torch.dtype | None) -> None:
+        raise NotImplementedError
+
+    def load_shard(
+        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
+    ) -> None:
+        """Copy checkpoint tensor `loaded` into parameter `name` (unprefixed) of this format, into the
+        rows of `shard` (None: the whole parameter). Raises ValueError on a shape mismatch."""
+        raise NotImplementedError
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
+        """apply(silu(gate) * up) for x = [gate | up]; a format may fuse the activation into its kernel."""
+        if gate_up.is_cuda:
+            from actserve.kernels.silu_mul import silu_mul
+
+            return self.apply(layer, silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.apply(layer, F.silu(gate) * up)
+
+    def after_loading(self, layer: LinearBase) -> None:
+        """Called once every checkpoint tensor is in (repacking, derived copies)."""
+
+
+def copy_rows(param: torch.Tensor, loaded: torch.Tensor, shard: Shard | None) -> None:
+    dest = param if shard is None else param.narrow(0, shard.offset, shard.size)
+    if dest.shape != loaded.shape:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(loaded)
+
+
+class DenseFormat(WeightFormat):
+    """An nn.Linear-shaped weight [out, in] (and bias [out]) in the model's floating dtype."""
+
+    def create(self, layer: LinearBase, params_dtype: torch.dtype | None) -> None:
+        out, k = layer.output_size, layer.input_size
+        weight = nn.Parameter(torch.empty(out, k, dtype=params_dtype))
+        layer.register_parameter(self.prefix + "weight", weight)
+        bias = nn.Parameter(torch.empty(out, dtype=params_dtype)) if layer.has_bias else None
+        layer.register_parameter(self.prefix + "bias", bias)
+        if not self.prefix:  # the primary format: what `layer.weight` / `layer.bias` read
+            layer.reset_dense_parameters()
+
+    def load_shard(
+        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
+    ) -> None:
+        copy_rows(param, loaded, shard)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        # the primary format's body is `dense_linear` inlined: one Python call more than a bare
+        # nn.Linear on the eager path, nothing on a CUDA graph replay
+        if self.prefix:
+            p = self.prefix
+            return dense_linear(x, getattr(layer, p + "weight"), getattr(layer, p + "bias"))
+        if takes_gemv(x):
+            from actserve.kernels.gemv import gemv
+
+            return gemv(x, layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.prefix:
+            p = self.prefix
+            return dense_silu_mul_linear(gate_up, getattr(layer, p + "weight"), getattr(layer, p + "bias"))
+        return dense_silu_mul_linear(gate_up, layer.weight, layer.bias)
+
+
+class LinearBase(nn.Module):
+    """y = x @ W.T (+ b) with W owned by `self.format` (and optionally further formats)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        weight_format: WeightFormat | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.has_bias = input_size, output_size, bias
+        self.params_dtype = params_dtype
+        self.formats: dict[str, WeightFormat] = {}
+        self._owners: dict[str, WeightFormat] = {}  # parameter name -> the format that created it
+        self.format: WeightFormat = self.add_format("", weight_format or DenseFormat())
+
+    def add_format(self, key: str, weight_format: WeightFormat) -> WeightFormat:
+        """Give this layer another format of the same matrix (its parameters prefixed `key_`); the hook
+        for holding e.g. a dense and an FP4 copy of one layer. The first format added is the primary."""
+        if key in self.formats:
+            raise ValueError(f"format {key!r} already on this layer")
+        weight_format.prefix = f"{key}_" if key else ""
+        before = set(self._parameters)
+        weight_format.create(self, self.params_dtype)
+        self._owners.update(dict.fromkeys(set(self._parameters) - before, weight_format))
+        self.formats[key] = weight_format
+        return weight_format
+
+    def owner(self, param_name: str) -> WeightFormat:
+        """The format that created parameter `param_name` of this layer."""
+        return self._owners[param_name]
+
+    def reset_dense_parameters(self) -> None:
+        """nn.Linear's initialisation, so a dense layer built off the meta device starts as nn.Linear did."""
+        if not self._parameters["weight"].is_meta:  # type: ignore[union-attr]
+            nn.Linear.reset_parameters(self)  # type: ignore[arg-type]  # reads self.weight / self.bias only
+
+    def shard(self, shard_id: Hashable | None) -> Shard | None:
+        if shard_id is None:
+            return None
+        raise KeyError(f"{type(self).__name__} has no shard {shard_id!r}")
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None
+    ) -> None:
+        """Put checkpoint tensor `loaded` into `param` (one of this layer's), at shard `shard_id`."""
+        names = [n for n, p in self._parameters.items() if p is param]
+        if not names:
+            raise ValueError(f"the parameter given is not one of this {type(self).__name__}'s")
+        name = names[0]
+        fmt = self.owner(name)
+        fmt.load_shard(self, name.removeprefix(fmt.prefix), param, loaded, self.shard(shard_id))
+
+    def after_loading(self) -> None:
+        for fmt in self.formats.values():
+            fmt.after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.format.apply(self, x)
+
+    def extra_repr(self) -> str:
+        formats = ", ".join(f"{k or 'primary'}={type(f).__name__}" for k, f in self.formats.items())
+        return f"in={self.input_size}, out={self.output_size}, bias={self.has_bias}, {formats}"
+
+
+class Linear(LinearBase):
+    """One checkpoint matrix, one layer (o_proj, down_proj, lm_head)."""
+
+
+class MergedColumnLinear(LinearBase):
+    """Several checkpoint matrices stacked along the output rows (q/k/v, gate/up), one matmul."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        shard_ids: Sequence[Hashable] | None = None,
+        bias: bool = False,
+        weight_format: WeightFormat | None = None,
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        ids = list(shard_ids) if shard_ids is not None else list(range(len(output_sizes)))
+        if len(ids) != len(output_sizes) or len(set(ids)) != len(ids):
+            raise ValueError(f"shard ids {ids} do not name the {len(output_sizes)} output blocks")
+        offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+        super().__init__(input_size, sum(output_sizes), bias, weight_format, params_dtype)
+        self.shards = {s: Shard(o, n) for s, o, n in zip(ids, offsets, output_sizes, strict=True)}
+
+    def shard(self, shard_id: Hashable | None) -> Shard | None:
+        if shard_id is None:  # the packed tensor itself (a checkpoint that is already fused)
+            return None
+        return self.shards[shard_id]
+
+
+def linear(x: torch.Tensor, layer: LinearBase) -> torch.Tensor:
+    """layer(x) through its primary format, without nn.Module.__call__ (the hot path)."""
+    return layer.format.apply(layer, x)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase) -> torch.Tensor:
+    """layer(silu(gate) * up) for a fused [gate | up] input, through the layer's primary format."""
+    return layer.format.apply_silu_mul(layer, gate_up)

@@ -23,6 +23,7 @@ from actserve.server.models.loader import (
     resolve_model_dir,
     weight_files,
 )
+from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,18 @@ def load_model(config: LoadConfig) -> LoadedModel:
     if config.load_format not in ("auto", "dummy"):
         raise ModelLoadError(f"--load-format must be auto or dummy, got {config.load_format!r}")
     files = [] if dummy else weight_files(model_dir, config.allow_pickle_weights)
-    spec: ModelSpec | None = None
-    if not config.force_transformers:
-        try:
-            spec = ModelSpec.from_hf_config(hf_config)
-        except NotImplementedError as why:
-            log.warning("serving %s through the transformers fallback: %s", name, why)
+    native = resolve_native(hf_config, config.force_transformers)  # the model registry
+    spec: ModelSpec | None = native.spec
+    if native.fallback_reason is not None:
+        log.warning(
+            "architecture %s: serving %s through the transformers fallback (%s)",
+            native.architecture, name, native.fallback_reason,
+        )  # fmt: skip
     if spec is not None:
-        model = load_native(spec, hf_config, files, dtype, device, max_len, random_init=dummy)
-        arch, impl = (hf_config.architectures or ["?"])[0], "native"
+        model = load_native(
+            spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class
+        )
+        arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
     else:
@@ -161,6 +165,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
         model_type=str(getattr(hf_config, "model_type", "") or ""),
         embedded_default=is_complete(model_dir),
+        fallback_reason=native.fallback_reason,
     )
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
     return LoadedModel(

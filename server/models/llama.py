@@ -1,32 +1,45 @@
 """Native Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) over packed batches and paged KV.
 
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); checkpoints keep transformers'
-names and are sliced in by `fused_slices`. The residual stream after decoder layer L is formed where
+names, and `packed_modules_mapping` says which checkpoint matrix is which shard of a fused layer (the
+layer's `weight_loader` puts it there). The residual stream after decoder layer L is formed where
 layer L+1's input norm (or the final norm) adds the MLP output, so steering at layer L happens there,
 fused with the add and the norm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from actserve.server.contract.hooks import StepHooks
 from actserve.server.layers.attention import AttentionBatch, paged_attention
-from actserve.server.layers.linear import linear, silu_mul_linear
+from actserve.server.layers.linear import Linear, MergedColumnLinear, WeightFormat, linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
 
+# a fresh WeightFormat per layer (None: dense)
+FormatFactory = Callable[[], WeightFormat] | None
+
+
+def _fmt(factory: FormatFactory) -> WeightFormat | None:
+    return factory() if factory is not None else None
+
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
         d = spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
         self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.num_heads * d, spec.hidden_size, bias=False)
+        self.qkv_proj = MergedColumnLinear(
+            spec.hidden_size, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
+            bias=spec.attention_bias, weight_format=_fmt(weight_format),
+        )  # fmt: skip
+        self.o_proj = Linear(spec.num_heads * d, spec.hidden_size, weight_format=_fmt(weight_format))
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -63,20 +76,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        inter = spec.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(
+            spec.hidden_size, [inter, inter], [0, 1], weight_format=_fmt(weight_format)
+        )
+        self.down_proj = Linear(inter, spec.hidden_size, weight_format=_fmt(weight_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, weight_format)
+        self.mlp = MLP(spec, weight_format)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -84,10 +100,10 @@ class DecoderLayer(nn.Module):
 class LlamaBody(nn.Module):
     """`model.*` in HF checkpoints: embeddings, decoder layers, final norm."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, weight_format) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -105,36 +121,25 @@ def add_norm(
 
 
 class LlamaForCausalLM(nn.Module):
-    """Forward over a packed step; the residual hook point sits after every decoder layer."""
+    """Forward over a packed step; the residual hook point sits after every decoder layer.
 
-    def __init__(self, spec: ModelSpec, rotary: nn.Module) -> None:
+    `weight_format` makes each decoder projection's format (dense when None); lm_head stays dense, as it
+    may be tied to the embedding."""
+
+    # fused layer -> the checkpoint matrices it packs, each with its shard id (MergedColumnLinear.shards)
+    packed_modules_mapping = {
+        "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
+        "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+    }
+
+    def __init__(self, spec: ModelSpec, rotary: nn.Module, weight_format: FormatFactory = None) -> None:
         super().__init__()
         self.spec = spec
-        self.model = LlamaBody(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.model = LlamaBody(spec, weight_format)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary
-
-    def fused_slices(self, name: str) -> tuple[str, int, int] | None:
-        """Where a transformers checkpoint tensor goes inside a fused parameter: (param, row0, row1)."""
-        spec = self.spec
-        q, kv, inter = (
-            spec.num_heads * spec.head_dim,
-            spec.num_kv_heads * spec.head_dim,
-            spec.intermediate_size,
-        )
-        parts = {
-            "self_attn.q_proj.": ("self_attn.qkv_proj.", 0, q),
-            "self_attn.k_proj.": ("self_attn.qkv_proj.", q, q + kv),
-            "self_attn.v_proj.": ("self_attn.qkv_proj.", q + kv, q + 2 * kv),
-            "mlp.gate_proj.": ("mlp.gate_up_proj.", 0, inter),
-            "mlp.up_proj.": ("mlp.gate_up_proj.", inter, 2 * inter),
-        }
-        for old, (new, lo, hi) in parts.items():
-            if old in name:
-                return name.replace(old, new), lo, hi
-        return None
 
     def forward(
         self,

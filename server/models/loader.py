@@ -94,52 +94,120 @@ def load_native(
     device: torch.device,
     max_positions: int,
     random_init: bool = False,
+    model_class: type | None = None,
+    weight_format: Any = None,
 ) -> torch.nn.Module:
-    """Build on the meta device, allocate once on the target, then copy tensors in (no random init)."""
-    from actserve.server.layers.rotary import RotaryEmbedding
-    from actserve.server.models.llama import LlamaForCausalLM
+    """Build on the meta device, allocate once on the target, then load tensors in (no random init).
 
+    `model_class` defaults to the registry's class for `spec.family`; `weight_format` (a factory of
+    `WeightFormat`s, None = dense) is passed to it."""
+    from actserve.server.layers.rotary import RotaryEmbedding
+    from actserve.server.models.registry import model_class_for_family
+
+    cls = model_class or model_class_for_family(spec.family)
     rotary = RotaryEmbedding(config, spec.head_dim, max_positions).to(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec, torch.nn.Module())
-    model = model.to_empty(device=device).to(dtype)
+        model = cls(spec, torch.nn.Module(), weight_format=weight_format)
+    model = cast_to_model_dtype(model.to_empty(device=device), dtype)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = rotary  # built outside the meta context: its tables are computed, not loaded
     if random_init:
-        return _random_init(model).eval()
+        _random_init(model)
+    else:
+        load_weights(model, files, tied=spec.tie_word_embeddings)
+    after_loading(model)
+    return model.eval()
+
+
+def cast_to_model_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, except parameters a layer's weight format keeps in their own dtype."""
+    for module in model.modules():
+        owner = getattr(module, "owner", None)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.is_floating_point() or p.dtype == dtype:
+                continue
+            fmt = owner(pname) if owner is not None else None
+            if fmt is not None and pname.removeprefix(fmt.prefix) in fmt.fixed_dtype:
+                continue
+            p.data = p.data.to(dtype)
+        for bname, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                module._buffers[bname] = b.to(dtype)
+    return model
+
+
+def after_loading(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        hook = getattr(module, "after_loading", None)
+        if hook is not None:
+            hook()
+
+
+def _checkpoint_targets(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
+    """Checkpoint module name -> (the model's module name, shard id), from `packed_modules_mapping`."""
+    mapping: dict[str, list[tuple[str, Any]]] = getattr(model, "packed_modules_mapping", {})
+    return {ckpt: (packed, shard) for packed, parts in mapping.items() for ckpt, shard in parts}
+
+
+def _expected_checkpoint_names(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> set[str]:
+    """Every checkpoint tensor the model needs: its own parameter names, a packed one's as its parts."""
+    mapping: dict[str, list[tuple[str, Any]]] = getattr(model, "packed_modules_mapping", {})
+    names: set[str] = set()
+    for name in params:
+        module_name, _, pname = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        owner = getattr(module, "owner", None)
+        if owner is not None and not owner(pname).from_checkpoint:
+            continue  # derived after loading (WeightFormat.after_loading)
+        parent, _, leaf = module_name.rpartition(".")
+        parts = mapping.get(leaf)
+        if parts is None:
+            names.add(name)
+        else:
+            names |= {f"{parent}.{ckpt}.{pname}" if parent else f"{ckpt}.{pname}" for ckpt, _ in parts}
+    return names
+
+
+def load_weights(model: torch.nn.Module, files: list[Path], tied: bool = False) -> None:
+    """One pass over the checkpoint: each tensor goes to its parameter through the owning layer's
+    `weight_loader(param, tensor, shard_id)` (a plain copy for modules without one), checkpoint names
+    renamed to packed layers through the model's `packed_modules_mapping`."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    missing = {n for n in params if ".qkv_proj." not in n and ".gate_up_proj." not in n}
-    for n in params:  # fused parameters are complete when each of their checkpoint parts arrived
-        if ".qkv_proj." in n:
-            missing |= {n.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")}
-        elif ".gate_up_proj." in n:
-            missing |= {n.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")}
+    targets = _checkpoint_targets(model)
+    missing = _expected_checkpoint_names(model, params)
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < 2**26) as bar:
         for name, tensor in iter_checkpoint(files):
-            fused = model.fused_slices(name)
-            if fused is not None:
-                target, lo, hi = fused
-                dest = params[target][lo:hi] if target in params else None
-                missing.discard(name)
-            else:
-                dest = params.get(name)
-                missing.discard(name)
-            if dest is None:
+            module_name, _, pname = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            shard_id = None
+            if leaf in targets:
+                leaf, shard_id = targets[leaf]
+                module_name = f"{parent}.{leaf}" if parent else leaf
+            target = f"{module_name}.{pname}"
+            param = params.get(target)
+            missing.discard(name)
+            if param is None:
                 if not name.endswith("rotary_emb.inv_freq"):
                     log.debug("ignoring checkpoint tensor %s", name)
                 continue
-            if dest.shape != tensor.shape:
-                raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(dest.shape)}")
-            with torch.no_grad():
-                dest.copy_(tensor)
+            loader = getattr(model.get_submodule(module_name), "weight_loader", None)
+            try:
+                if loader is not None:
+                    loader(param, tensor, shard_id)
+                elif param.shape != tensor.shape:
+                    raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                else:
+                    with torch.no_grad():
+                        param.copy_(tensor)
+            except ValueError as e:
+                raise ModelLoadError(f"{name}: {e}") from e
             bar.update(tensor.numel() * tensor.element_size())
-    if spec.tie_word_embeddings and ({"lm_head.weight", "model.embed_tokens.weight"} - missing):
+    if tied and ({"lm_head.weight", "model.embed_tokens.weight"} - missing):
         missing -= {"lm_head.weight", "model.embed_tokens.weight"}  # tied: either name fills both
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    return model.eval()
 
 
 def read_generation_eos(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:
@@ -163,6 +231,8 @@ def _random_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     depend on the values, and this avoids reading gigabytes of checkpoint."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue  # packed data of a quantized format: derived by its after_loading
         if p.dim() == 1 and "norm" in name:
             p.fill_(1.0)
         else:

@@ -7,12 +7,6 @@ from typing import Any
 
 from actserve.server.layers.rotary import rope_parameters
 
-NATIVE_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 # RoPE types whose frequencies do not depend on the running sequence length, so one table serves all.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
@@ -38,11 +32,9 @@ class ModelSpec:
     rope_type: str
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> ModelSpec:
-        arch = (getattr(config, "architectures", None) or ["?"])[0]
-        family = NATIVE_ARCHITECTURES.get(arch)
-        if family is None:
-            raise NotImplementedError(f"no native implementation for {arch}")
+    def from_hf_config(cls, config: Any, family: str) -> ModelSpec:
+        """`family` comes from the model registry (server/models/registry.py), which knows the
+        architectures; this reads the config's options for it and refuses the ones it lacks."""
         if getattr(config, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act={config.hidden_act} is not native")
         if getattr(config, "mlp_bias", False):
