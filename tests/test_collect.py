@@ -4,13 +4,17 @@ as they would without it (greedy, CPU float32, exact logits)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from actserve.interventions.steering.hidden import collect_residuals
 from actserve.interventions.steering.train import TrainingError, train_vector
+from actserve.server.api.errors import APIError
+from actserve.server.api.steering_train_route import _residuals
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.model_runner import NotEnoughBlocks
@@ -117,3 +121,20 @@ def test_transformers_fallback_refuses_collect(tinystories_dir: Path) -> None:
     with pytest.raises(TrainingError) as e:  # the callers check first and name the field
         train_vector(fb.runner, fb.tokenizer, ["happy"], ["sad"])
     assert e.value.param == "model"
+
+
+def test_training_route_answers_503_when_the_cache_is_full(eng: LLMEngine) -> None:
+    class Client:  # run_in_engine as the thread front-end does it: on the engine, between steps
+        async def run_in_engine(self, fn: Any, *args: Any) -> Any:
+            return fn(eng, *args)
+
+    prompts = [eng.tokenizer.encode(STORY * 5)]
+    taken = eng.blocks.borrow(eng.blocks.num_free - 1)
+    try:
+        with pytest.raises(APIError) as e:
+            asyncio.run(_residuals(Client(), prompts, [0], "last"))  # type: ignore[arg-type]
+    finally:
+        eng.blocks.give_back(taken)
+    assert e.value.status == 503 and "only 1 of 64 are free" in e.value.message
+    h, calls = asyncio.run(_residuals(Client(), prompts, [0], "last"))  # type: ignore[arg-type]
+    assert calls == 1 and torch.equal(h, collect_residuals(eng.runner, prompts, [0]))
