@@ -35,7 +35,15 @@ def kv_at(eng: LLMEngine, blocks: list[int]) -> list[torch.Tensor]:
     return [kv[:, slots].clone() for kv in eng.runner.kv_caches]
 
 
-def test_collect_on_a_live_engine_leaves_running_sequences_identical(eng: LLMEngine) -> None:
+@pytest.fixture(scope="module", params=[False, True], ids=["sequential", "overlapped"])
+def live(tinystories_dir: Path, request: pytest.FixtureRequest) -> LLMEngine:
+    """Sequential steps (the CPU default) and overlapped ones (the CUDA default, forced on here): then a
+    step is in flight, chained ahead, while collect runs between steps, as on a GPU server."""
+    return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, overlap_steps=request.param))
+
+
+def test_collect_on_a_live_engine_leaves_running_sequences_identical(live: LLMEngine) -> None:
+    eng = live
     tok = eng.tokenizer
     prompts = [tok.encode(t) for t in ("Once upon a time", "The dog ran to the", "Tom and Sue went")]
     texts = [
@@ -55,6 +63,7 @@ def test_collect_on_a_live_engine_leaves_running_sequences_identical(eng: LLMEng
                 out[o.seq_id].extend(o.token_ids)
         held = [b for s in seqs for b in s.block_table]
         assert held and all(not s.is_finished for s in seqs)
+        assert (eng._inflight is not None) == eng.overlap  # overlapped: the next step is already launched
         free_before, held_kv = list(eng.blocks.free), kv_at(eng, held)
         free_kv = kv_at(eng, free_before)
         forwards = eng.runner.collect_forwards
@@ -73,6 +82,7 @@ def test_collect_on_a_live_engine_leaves_running_sequences_identical(eng: LLMEng
         assert len(seen[f"a{i}"]) == len(seen[f"b{i}"]) == 24
         assert all(torch.equal(x, y) for x, y in zip(seen[f"a{i}"], seen[f"b{i}"], strict=True))
     assert eng.blocks.num_free == eng.blocks.num_blocks
+    assert (eng.chained_steps > 0) == eng.overlap
 
     # what collect read on the busy engine = the same call on the idle engine (other packing)
     assert got.residuals is not None and got.logits is not None
