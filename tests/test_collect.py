@@ -122,6 +122,11 @@ def test_collect_refuses_when_blocks_are_short_and_keeps_the_pool(eng: LLMEngine
         collect_residuals(eng.runner, [short], [2])
     with pytest.raises(ValueError, match="empty prompt"):
         collect_residuals(eng.runner, [short, []], [0])
+    too_long = tok.encode(STORY * 60)
+    assert len(too_long) > eng.max_model_len
+    with pytest.raises(ValueError, match="maximum length of 512"):
+        collect_residuals(eng.runner, [short, too_long], [0])
+    assert eng.blocks.num_free == eng.blocks.num_blocks
 
 
 def test_transformers_fallback_refuses_collect(tinystories_dir: Path) -> None:

@@ -153,6 +153,7 @@ class ModelRunner:
         )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if device.type == "cuda":
@@ -350,9 +351,13 @@ class ModelRunner:
             for i, (r, t) in enumerate(zip(logit_positions, token_lists, strict=True)):
                 if len(r) and not (0 <= min(r) and max(r) < len(t)):
                     raise ValueError(f"logit positions of sequence {i} outside its {len(t)} tokens")
-        long = [i for i, t in enumerate(token_lists) if len(t) > self.max_blocks * self.block_size]
+        long = [i for i, t in enumerate(token_lists) if len(t) > self.max_model_len]
         if long:
-            raise ValueError(f"sequence {long[0]} is longer than the model's maximum length")
+            i = long[0]
+            raise ValueError(
+                f"sequence {i} has {len(token_lists[i])} tokens, more than the model's maximum length of "
+                f"{self.max_model_len}"
+            )
         if self.block_manager is None:
             raise RuntimeError("collect needs the engine's block manager (LLMEngine binds it)")
         out = torch.zeros(len(token_lists), len(layers), spec.hidden_size) if layers else None
