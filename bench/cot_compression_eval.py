@@ -180,7 +180,7 @@ def main() -> int:
             kv_cache_memory_gb=3.0 if args.device == "cpu" else 16.0,
         )
     )  # fmt: skip
-    tok, model, info = engine.tokenizer, engine.runner.model, engine.model_info
+    tok, runner, info = engine.tokenizer, engine.runner, engine.model_info
     train = train_problems(120)
     if args.split == "dev":  # their own seed: neither training nor held-out problems
         held = dev_problems(args.problems or 200)
@@ -205,7 +205,7 @@ def main() -> int:
         layers = {c[3] for c in configs if c[:3] == kind}
         layers |= {c[4][0] for c in configs if c[:3] == kind and c[4] is not None}
         got = asc_directions(
-            model, tok, train, sorted(layers), progress=False, position=kind[2], verbose=verbose[kind[0]],
+            runner, tok, train, sorted(layers), progress=False, position=kind[2], verbose=verbose[kind[0]],
             concise=concise_texts(own, brief, kind[1]), concise_source=kind[1],
         )  # fmt: skip
         at.update({(*kind, layer): got[layer] for layer in layers})
@@ -257,7 +257,7 @@ def main() -> int:
             rows.append({"config": "unsteered", **dict.fromkeys(KEY_NAMES), "gamma": 0.0,
                          **answer_stats(tok, base, answers, args.max_tokens)})  # fmt: skip
         along = [Continuation(p, o) for p, o in zip(prompts, base, strict=True)]
-        meter = KLMeter(model, info, arts[c], along, cache_bytes=(3 if args.device == "cpu" else 24) << 30)
+        meter = KLMeter(runner, info, arts[c], along, cache_bytes=(3 if args.device == "cpu" else 24) << 30)
         for k, b in enumerate(budgets[c]):
             gamma = arts[c].gamma_for(b)
             rows.append({

@@ -126,14 +126,14 @@ def main() -> int:
             kv_cache_memory_gb=16.0 if args.device == "cuda" else 2.0,
         )
     )  # fmt: skip
-    tok, model, info = engine.tokenizer, engine.runner.model, engine.model_info
+    tok, runner, info = engine.tokenizer, engine.runner, engine.model_info
     train, dev = train_problems(120), dev_problems(args.problems)
     plan = [c for c in configs(args.quick) if re.search(args.match, c.name)]
     dirs: dict[tuple[str, int], torch.Tensor] = {}
     parts = [p for c in plan for p in c.parts]
     for position in dict.fromkeys(p.position for p in parts):
         layers = sorted({k for p in parts if p.position == position for k in p.layers})
-        got = asc_directions(model, tok, train, layers, progress=False, position=position)  # type: ignore[arg-type]
+        got = asc_directions(runner, tok, train, layers, progress=False, position=position)  # type: ignore[arg-type]
         dirs.update({(position, k): d.direction for k, d in got.items()})
     prompts = [prompt_ids(tok, p.question) for p in dev]
     answers = [p.answer for p in dev]
@@ -160,7 +160,7 @@ def main() -> int:
             return kl_plugin, kl_plugin.prepare(spec, "steering")
 
         if meter is None:
-            meter = KLMeter(model, info, None, along, cache_bytes=24 << 30, steer=steer)
+            meter = KLMeter(runner, info, None, along, cache_bytes=24 << 30, steer=steer)
         meter.set_steer(steer)
         for gamma in c.gammas:
             t = time.monotonic()

@@ -324,7 +324,7 @@ def main() -> None:
     t0 = time.time()
     engine = LLMEngine(EngineConfig(model=args.model, device="cpu", dtype="float32", num_kv_blocks=1024))
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tok, model = engine.tokenizer, engine.runner.model
+    tok, driver = engine.tokenizer, engine.runner  # the engine's forward driver (collect mode)
     runner = Runner(engine, ref, args.max_tokens)
     # a trailing space: this tokenizer ends words with "▁", so a prompt ending mid-token ("liked to")
     # would make the model finish that token first
@@ -332,14 +332,14 @@ def main() -> None:
     held = [tok.encode(t + " ") for t in HELD_OUT_PROMPTS]
     assert not set(TUNING_PROMPTS) & set(HELD_OUT_PROMPTS)
     # typical residual norm per layer over the tuning prompts' tokens: the unit of `strength`
-    res_norm = collect_residuals(model, tuning, [0, 1], "mean").norm(dim=-1).mean(0).tolist()
+    res_norm = collect_residuals(driver, tuning, [0, 1], "mean").norm(dim=-1).mean(0).tolist()
     tune_base = runner.run(tuning, None)
     held_base = runner.run(held, None)
     happy, sad = [p for p, _ in PAIRS], [s for _, s in PAIRS]
     variants: dict[str, Any] = {}
     for name, method, layer, position in VARIANTS:
         vec = train_vector(
-            model, tok, happy, sad, layers=[layer], method=method, position=position, progress=False
+            driver, tok, happy, sad, layers=[layer], method=method, position=position, progress=False
         )
         norm = float(vec.directions[layer].norm())
         to_scale = lambda s, layer=layer, norm=norm: s * res_norm[layer] / norm  # noqa: E731

@@ -87,7 +87,8 @@ def write_vector(
 def train(args: argparse.Namespace) -> int:
     from actserve.interventions.steering.library import LibraryError, check_name
     from actserve.interventions.steering.train import TrainingError, train_vector
-    from actserve.server.models.builder import LoadConfig, load_model
+    from actserve.server.engine.config import EngineConfig
+    from actserve.server.engine.llm_engine import LLMEngine
     from actserve.server.models.loader import ModelLoadError
 
     try:
@@ -96,10 +97,11 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"--out: the file name must end in .safetensors or .gguf, got {args.out.name!r}")
         positive, negative = examples(args)
         layers = parse_layers(args.layers)
-        loaded = load_model(LoadConfig(model=args.model, device=args.device, dtype=args.dtype))
+        # an engine, not just the model: its runner's collect mode (on its KV cache) runs the forwards
+        engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
         vec = train_vector(
-            loaded.model,
-            loaded.tokenizer,
+            engine.runner,
+            engine.tokenizer,
             positive,
             negative,
             layers=layers,
@@ -107,10 +109,10 @@ def train(args: argparse.Namespace) -> int:
             position=args.position,
             paired=not args.unpaired,
             batch_tokens=args.batch_tokens,
-            max_tokens=loaded.info.max_model_len,
+            max_tokens=engine.model_info.max_model_len,
             progress=True,
         )
-        info = loaded.info
+        info = engine.model_info
         hint = info.model_type or info.architecture
         write_vector(args.out, vec.directions, hint, args.name, info.num_layers, vec.metadata())
     except (TrainingError, LibraryError, ModelLoadError, ValueError, OSError) as e:

@@ -14,15 +14,16 @@ from safetensors import safe_open
 
 from actserve.interventions.steering.train import train_vector
 from actserve.server.cli import main
-from actserve.server.models.builder import LoadConfig, load_model
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine
 
 POS = ["Lily got a new doll. She was so happy.", "Tom laughed with his friends.", "The sun was warm."]
 NEG = ["Lily lost her doll. She was so sad.", "Tom cried alone at home.", "The rain was cold."]
 
 
 def reference(model_dir: Path, layers: list[int], method: str) -> dict[int, torch.Tensor]:
-    loaded = load_model(LoadConfig(model=str(model_dir)))
-    vec = train_vector(loaded.model, loaded.tokenizer, POS, NEG, layers=layers, method=method)  # type: ignore[arg-type]
+    engine = LLMEngine(EngineConfig(model=str(model_dir)))
+    vec = train_vector(engine.runner, engine.tokenizer, POS, NEG, layers=layers, method=method)  # type: ignore[arg-type]
     return vec.directions
 
 

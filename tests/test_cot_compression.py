@@ -198,7 +198,7 @@ def hf_last(ref: Any, texts: list[list[int]], layer: int) -> tuple[torch.Tensor,
 
 def test_direction_layer_and_sign_match_transformers(plain: LLMEngine, ref: Any, tok: Any) -> None:
     probs = train_problems()[:12]
-    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    got = asc_directions(plain.runner, tok, probs, [0, 1], progress=False)
     concise = [solution_ids(tok, p.question, p.concise()) for p in probs]
     verbose = [solution_ids(tok, p.question, p.verbose()) for p in probs]
     for layer in (0, 1):
@@ -220,8 +220,8 @@ def test_solution_mean_direction_matches_transformers(plain: LLMEngine, ref: Any
     """The "solution_mean" build option: per text, model.layers[L]'s output averaged over the tokens after
     the prompt (computed here token by token from one transformers forward each), concise − verbose."""
     probs = train_problems()[20:30]
-    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False, position="solution_mean")
-    last = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    got = asc_directions(plain.runner, tok, probs, [0, 1], progress=False, position="solution_mean")
+    last = asc_directions(plain.runner, tok, probs, [0, 1], progress=False)
     for layer in (0, 1):
         means: dict[str, list[torch.Tensor]] = {"concise": [], "verbose": []}
         for p in probs:
@@ -245,7 +245,7 @@ def test_solution_mean_direction_matches_transformers(plain: LLMEngine, ref: Any
         assert torch.nn.functional.cosine_similarity(d, want, dim=0) > 0.9999  # the sign
         assert (d - last[layer].direction.double()).norm() > 0.1 * d.norm()  # the option changes something
     with pytest.raises(ValueError, match="position"):
-        asc_directions(plain.runner.model, tok, probs, [0], position="first")  # type: ignore[arg-type]
+        asc_directions(plain.runner, tok, probs, [0], position="first")  # type: ignore[arg-type]
 
 
 def hf_answer(ref: Any, tok: Any, prompt: list[int], max_tokens: int) -> str:
@@ -265,8 +265,8 @@ def test_model_verbose_pairs_are_the_models_answers(plain: LLMEngine, ref: Any, 
     texts = model_solutions(plain, probs, cap)
     assert texts == [hf_answer(ref, tok, prompt_ids(tok, p.question), cap) for p in probs]
     assert all(t and t != p.verbose() for t, p in zip(texts, probs, strict=True))
-    got = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False, verbose=texts)
-    template = asc_directions(plain.runner.model, tok, probs, [0, 1], progress=False)
+    got = asc_directions(plain.runner, tok, probs, [0, 1], progress=False, verbose=texts)
+    template = asc_directions(plain.runner, tok, probs, [0, 1], progress=False)
     concise = [solution_ids(tok, p.question, p.concise()) for p in probs]
     verbose = [solution_ids(tok, p.question, t) for p, t in zip(probs, texts, strict=True)]
     for layer in (0, 1):
@@ -276,15 +276,15 @@ def test_model_verbose_pairs_are_the_models_answers(plain: LLMEngine, ref: Any, 
         assert (d - want).abs().max() < 1e-4 * want.abs().max(), f"layer {layer}"
         assert (d - template[layer].direction.double()).norm() > 0.1 * d.norm()  # the option changes it
     cut = [t + "\nThe answer is 5" for t in texts]  # concise side given as text: model_cut
-    both = asc_directions(plain.runner.model, tok, probs, [0], progress=False, verbose=texts, concise=cut)[0]
+    both = asc_directions(plain.runner, tok, probs, [0], progress=False, verbose=texts, concise=cut)[0]
     ids = [solution_ids(tok, p.question, t) for p, t in zip(probs, cut, strict=True)]
     want = hf_last(ref, ids, 0)[2].mean(0) - hf_last(ref, verbose, 0)[2].mean(0)
     assert (both.verbose_source, both.concise_source) == ("model", "model_cut")
     assert (both.direction.double() - want).abs().max() < 1e-4 * want.abs().max()
     with pytest.raises(ValueError, match="verbose solutions"):
-        asc_directions(plain.runner.model, tok, probs, [0], verbose=texts[:-1])
+        asc_directions(plain.runner, tok, probs, [0], verbose=texts[:-1])
     with pytest.raises(ValueError, match="concise solutions"):
-        asc_directions(plain.runner.model, tok, probs, [0], concise=texts[:-1])
+        asc_directions(plain.runner, tok, probs, [0], concise=texts[:-1])
 
 
 def test_model_brief_pairs(plain: LLMEngine, ref: Any, tok: Any) -> None:
@@ -297,7 +297,7 @@ def test_model_brief_pairs(plain: LLMEngine, ref: Any, tok: Any) -> None:
     assert brief != model_solutions(plain, probs, cap)  # the instruction changes what it writes
     own = model_solutions(plain, probs, cap)
     got = asc_directions(
-        plain.runner.model,
+        plain.runner,
         tok,
         probs,
         [0],
@@ -342,7 +342,7 @@ def test_cli_model_verbose_source(
     assert got.info["concise_source"] == art.info["concise_source"] == "template"
     probs = train_problems(100)
     own = model_solutions(plain, probs, 20)
-    want = asc_directions(plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False, verbose=own)
+    want = asc_directions(plain.runner, plain.tokenizer, probs, [LAYER], progress=False, verbose=own)
     d = want[LAYER].direction
     assert torch.allclose(got.direction, d, rtol=1e-4, atol=1e-5 * float(d.abs().max()))
     assert (got.direction - art.direction).norm() > 0.1 * got.direction.norm()
@@ -356,7 +356,7 @@ def test_cli_model_verbose_source(
     got_brief = load_artifact(brief_out)
     assert (got_brief.info["verbose_source"], got_brief.info["concise_source"]) == ("template", "model_brief")
     d_brief = asc_directions(
-        plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False,
+        plain.runner, plain.tokenizer, probs, [LAYER], progress=False,
         concise=brief_solutions(plain, probs, 20), concise_source="model_brief",
     )[LAYER].direction  # fmt: skip
     assert torch.allclose(got_brief.direction, d_brief, rtol=1e-4, atol=1e-5 * float(d_brief.abs().max()))
@@ -375,7 +375,7 @@ def test_cli_model_verbose_source(
     assert (cut.info["verbose_source"], cut.info["concise_source"]) == ("model", "model_cut")
     full = [f"{a}\n#### 5\nThe answer is: 5 and so on" for a in own]
     d_cut = asc_directions(
-        plain.runner.model, plain.tokenizer, probs, [LAYER], progress=False, verbose=full,
+        plain.runner, plain.tokenizer, probs, [LAYER], progress=False, verbose=full,
         concise=[f"{a}\n#### 5" for a in own],
     )[LAYER].direction  # fmt: skip
     assert torch.allclose(cut.direction, d_cut, rtol=1e-4, atol=1e-5 * float(d_cut.abs().max()))
@@ -552,7 +552,7 @@ def test_onset_kl_meter_matches_transformers(
     ps = [prompt_ids(tok, p.question) for p in train_problems()[:3]]
     seqs = [Continuation(p, out) for p, out in zip(ps, generate(onset_eng, ps, 20), strict=True)]
     gamma = 2.0
-    meter = KLMeter(onset_eng.runner.model, onset_eng.model_info, onset_art, seqs, batch_tokens=64)
+    meter = KLMeter(onset_eng.runner, onset_eng.model_info, onset_art, seqs, batch_tokens=64)
     total, count = 0.0, 0
     for s in seqs:
         ids, p = torch.tensor([s.prompt + s.output]), len(s.prompt)
@@ -656,7 +656,7 @@ def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifac
     ps = [prompt_ids(tok, p.question) for p in train_problems()[:3]]
     seqs = [Continuation(p, o) for p, o in zip(ps, generate(eng, ps, 20), strict=True)]
     gamma = 3.0
-    meter = KLMeter(eng.runner.model, eng.model_info, art, seqs, batch_tokens=64)  # several chunks
+    meter = KLMeter(eng.runner, eng.model_info, art, seqs, batch_tokens=64)  # several chunks
     total, count, sums, counts = 0.0, 0, [], []
     for s in seqs:
         ids, p = torch.tensor([s.prompt + s.output]), len(s.prompt)
@@ -683,7 +683,7 @@ def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifac
     m, mean, nbar = len(sums), total / count, count / len(counts)
     var = sum((k - mean * n) ** 2 for k, n in zip(sums, counts, strict=True)) / (m * (m - 1)) / nbar**2
     assert meter.kl_upper(gamma) == pytest.approx(mean + 1.645 * var**0.5, rel=1e-3)
-    plain = KLMeter(eng.runner.model, eng.model_info, art, seqs, z=0.0)
+    plain = KLMeter(eng.runner, eng.model_info, art, seqs, z=0.0)
     assert plain.kl_upper(gamma) == pytest.approx(meter.kl(gamma), rel=1e-6)
 
 

@@ -36,11 +36,11 @@ def test_matches_forward_hook(tinystories_dir: Path, position: str) -> None:
     ref = AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tinystories_dir)
     prompts = [tok.encode(t) for t in ("A happy dog", "The girl was very sad and cried all day", "Sun")]
-    got = collect_residuals(engine.runner.model, prompts, [0, 1], position, batch_tokens=12)  # type: ignore[arg-type]
+    got = collect_residuals(engine.runner, prompts, [0, 1], position, batch_tokens=12)  # type: ignore[arg-type]
     for i, p in enumerate(prompts):
         seen = hooked_outputs(ref, p, [0, 1])
         for k, layer in enumerate([0, 1]):
             want = seen[layer][-1] if position == "last" else seen[layer].mean(0)
             assert (got[i, k] - want).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="out of range"):
-        collect_residuals(engine.runner.model, prompts, [2])  # type: ignore[arg-type]
+        collect_residuals(engine.runner, prompts, [2])  # type: ignore[arg-type]

@@ -65,9 +65,7 @@ def hooked(ref: Any, tok: Any, texts: list[str], layer: int, position: str) -> n
 @pytest.mark.parametrize("position", ["last", "mean"])
 def test_mean_diff_equals_hooked_reference(eng: LLMEngine, ref: Any, position: str) -> None:
     pos, neg = POS, NEG[:4]  # unpaired lists of different lengths
-    vec = train_vector(
-        eng.runner.model, eng.tokenizer, pos, neg, position=position, paired=False, batch_tokens=40
-    )  # type: ignore[arg-type]
+    vec = train_vector(eng.runner, eng.tokenizer, pos, neg, position=position, paired=False, batch_tokens=40)
     assert sorted(vec.directions) == [0, 1] and (vec.num_positive, vec.num_negative) == (6, 4)
     for layer in (0, 1):
         want = hooked(ref, eng.tokenizer, pos, layer, position).mean(0)
@@ -79,7 +77,7 @@ def test_mean_diff_equals_hooked_reference(eng: LLMEngine, ref: Any, position: s
 
 
 def test_pca_diff_equals_numpy_svd(eng: LLMEngine, ref: Any) -> None:
-    vec = train_vector(eng.runner.model, eng.tokenizer, POS, NEG, layers=[1], method="pca_diff")
+    vec = train_vector(eng.runner, eng.tokenizer, POS, NEG, layers=[1], method="pca_diff")
     assert list(vec.directions) == [1]
     diffs = hooked(ref, eng.tokenizer, POS, 1, "last") - hooked(ref, eng.tokenizer, NEG, 1, "last")
     _, s, vh = np.linalg.svd(diffs, full_matrices=False)  # uncentered, as documented in train.py
@@ -93,7 +91,7 @@ def test_pca_diff_equals_numpy_svd(eng: LLMEngine, ref: Any) -> None:
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff"])
 def test_positives_project_higher(eng: LLMEngine, ref: Any, method: str) -> None:
-    vec = train_vector(eng.runner.model, eng.tokenizer, POS, NEG, method=method)  # type: ignore[arg-type]
+    vec = train_vector(eng.runner, eng.tokenizer, POS, NEG, method=method)  # type: ignore[arg-type]
     for layer, d in vec.directions.items():
         p = hooked(ref, eng.tokenizer, POS, layer, "last") @ d.double().numpy()
         n = hooked(ref, eng.tokenizer, NEG, layer, "last") @ d.double().numpy()
@@ -129,13 +127,13 @@ def test_rejects_model_without_native_spec(eng: LLMEngine) -> None:
 def test_validation_names_the_field(eng: LLMEngine, kw: dict[str, Any], param: str) -> None:
     args = {"positive": POS, "negative": NEG, **kw}
     with pytest.raises(TrainingError) as e:
-        train_vector(eng.runner.model, eng.tokenizer, **args)
+        train_vector(eng.runner, eng.tokenizer, **args)
     assert e.value.param == param
     assert str(e.value).startswith(param)
 
 
 def test_scale_zero_with_trained_vector_changes_nothing(eng: LLMEngine) -> None:
-    vec = train_vector(eng.runner.model, eng.tokenizer, POS, NEG)
+    vec = train_vector(eng.runner, eng.tokenizer, POS, NEG)
     directions = {str(k): v.tolist() for k, v in vec.directions.items()}
     prompts = [eng.tokenizer.encode(t) for t in ("Once upon a time, there was a ", "The dog ran to the ")]
 
@@ -169,7 +167,7 @@ def test_http_train_stores_and_returns(server: LiveServer, eng: LLMEngine) -> No
     r = httpx.post(server.url + URL + "/train", json=body, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
-    want = train_vector(eng.runner.model, eng.tokenizer, POS, NEG, layers=[1], method="pca_diff")
+    want = train_vector(eng.runner, eng.tokenizer, POS, NEG, layers=[1], method="pca_diff")
     assert out["name"] == "happy" and out["layers"] == [1] and out["training"]["method"] == "pca_diff"
     assert np.abs(np.array(out["directions"]["1"]) - want.directions[1].numpy()).max() < 1e-5
     stored = httpx.get(server.url + URL + "/happy").json()

@@ -115,7 +115,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def solution_means(
-    model: torch.nn.Module,
+    runner: Any,
     texts: list[list[int]],
     prefixes: list[list[int]],
     layers: list[int],
@@ -131,16 +131,16 @@ def solution_means(
     ks = [min(common_prefix(t, p), len(t) - 1) for t, p in zip(texts, prefixes, strict=True)]
     if any(k == 0 for k in ks):
         raise ValueError("a solution text shares no prefix with its prompt")
-    full = residuals(model, texts, layers, "mean", batch_tokens, progress).double()
+    full = residuals(runner, texts, layers, "mean", batch_tokens, progress).double()
     heads = [t[:k] for t, k in zip(texts, ks, strict=True)]
-    pre = residuals(model, heads, layers, "mean", batch_tokens, False).double()
+    pre = residuals(runner, heads, layers, "mean", batch_tokens, False).double()
     n = torch.tensor([len(t) for t in texts], dtype=torch.float64)[:, None, None]
     k = torch.tensor(ks, dtype=torch.float64)[:, None, None]
     return (n * full - k * pre) / (n - k)
 
 
 def asc_directions(
-    model: torch.nn.Module,
+    runner: Any,
     tokenizer: Any,
     problems: list[Problem],
     layers: list[int],
@@ -174,11 +174,11 @@ def asc_directions(
         solution_ids(tokenizer, p.question, v) for p, v in zip(problems, verbose_texts, strict=True)
     ]
     if position == "last":
-        h = residuals(model, concise_ids + verbose_ids, layers, "last", batch_tokens, progress).double()
+        h = residuals(runner, concise_ids + verbose_ids, layers, "last", batch_tokens, progress).double()
     else:
         prompts = [prompt_ids(tokenizer, p.question) for p in problems]
         h = solution_means(
-            model, concise_ids + verbose_ids, prompts + prompts, layers, batch_tokens, progress
+            runner, concise_ids + verbose_ids, prompts + prompts, layers, batch_tokens, progress
         )
     pos, neg = h[: len(problems)], h[len(problems) :]
     out = {}
@@ -304,8 +304,8 @@ def build_artifact(
     `concise_source` "model_cut": the concise side is that answer cut after its first final answer.
     `onset` (layer, tokens, weight): add an `Onset` read from the same pairs at that layer (or given
     as `onset_direction`); γ is then calibrated for both pushes together."""
-    model, info = engine.runner.model, engine.model_info
-    if getattr(model, "spec", None) is None:
+    runner, info = engine.runner, engine.model_info
+    if getattr(runner.model, "spec", None) is None:
         raise ValueError("cot build needs the native model implementation (not the transformers fallback)")
     if not 0 <= layer < info.num_layers:
         raise ValueError(f"--layer {layer} out of range [0, {info.num_layers - 1}]")
@@ -331,7 +331,7 @@ def build_artifact(
         verbose = own if verbose_source == "model" else None
         concise = concise_texts(own, brief, concise_source)
         dirs = asc_directions(
-            model, engine.tokenizer, train, sorted(set(need)), batch_tokens, progress, position, verbose,
+            runner, engine.tokenizer, train, sorted(set(need)), batch_tokens, progress, position, verbose,
             concise, concise_source,
         )  # fmt: skip
         direction_ = direction_ or dirs[layer]
@@ -344,7 +344,7 @@ def build_artifact(
         assert onset_direction is not None
         art.onset = Onset(onset_direction.direction, onset[0], onset[1], float(onset[2]))
     seqs = calib if calib is not None else calibration_set(engine, train[:calib_prompts], calib_tokens)
-    meter = KLMeter(model, info, art, seqs, batch_tokens)
+    meter = KLMeter(runner, info, art, seqs, batch_tokens)
     cal = calibrate(meter, budgets)
     art.gammas, art.kls = cal.gammas, cal.kls
     art.info = {

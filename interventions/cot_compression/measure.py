@@ -5,7 +5,8 @@ y of prompt x (teacher forcing), mean over generated positions t >= 2 of
 KL(p_γ(· | x, y<t) ‖ p_0(· | x, y<t)) in nats, pooled over all positions of all sequences. Steering acts
 on generated positions only (as served), so the first generated token, predicted from the prompt, is
 unchanged (KL 0) and left out; so is the distribution after the last token. The steered forward goes
-through the plugin's own step hook, so what is measured is exactly what a request gets.
+through the plugin's own step hook, so what is measured is exactly what a request gets, and the forwards
+are the engine's own (`ModelRunner.collect` on the serving KV cache, with borrowed free blocks).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from actserve.interventions.cot_compression.plugin import ASC_KEY, CoTCompressio
 from actserve.interventions.cot_compression.problems import cut_after_answer, parse_answer
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.server.contract import ModelInfo
-from actserve.server.contract.hooks import StepHooks
-from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 
 
 def generate(
@@ -86,12 +85,13 @@ def asc_steer(info: ModelInfo, artifact: AscArtifact) -> Steer:
 class KLMeter:
     """Teacher-forced mean per-token KL(steered ‖ unsteered) over fixed continuations, for any γ.
 
+    `runner` is the engine's native runner (`engine.runner`; its collect mode runs the forwards).
     `steer` makes the steered forward's plan for a γ (default: the artifact's CoT compression plan);
     bench/cot_explore.py passes other ones (windows, several layers) to measure them the same way."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        runner: Any,
         info: ModelInfo,
         artifact: AscArtifact | None,
         seqs: list[Continuation],
@@ -100,7 +100,8 @@ class KLMeter:
         steer: Steer | None = None,
         z: float = UPPER_Z,
     ) -> None:
-        self.model, self.seqs = model, [s for s in seqs if len(s.output) >= 2]
+        self.runner, self.seqs = runner, [s for s in seqs if len(s.output) >= 2]
+        self.batch_tokens = batch_tokens
         if steer is None:
             if artifact is None:
                 raise ValueError("KLMeter needs an artifact or a steer function")
@@ -125,37 +126,25 @@ class KLMeter:
     @torch.inference_mode()
     def _logprobs(self, chunk: list[int], gamma: float) -> torch.Tensor:
         """log p at the scored positions of the chunk's sequences, [positions, vocab] float32."""
-        spec = self.model.spec  # type: ignore[attr-defined]
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
         seqs = [self.seqs[i] for i in chunk]
-        total = sum(len(s.prompt) + len(s.output) for s in seqs)
-        cache = make_kv_cache(spec.num_layers, total, spec.num_kv_heads, spec.head_dim, dtype, device)
         plugin, plan = self.steer(gamma)
+
+        def hooks(rows: list[Any], num_rows: int) -> list[Any]:
+            spans = [RowSpan(plan, r.row0, r.num_rows, 0, len(seqs[r.index].prompt)) for r in rows]
+            hook = plugin.residual_hook(spans, num_rows)
+            return [hook] if hook is not None else []
+
         plugin.activate(plan)
-        slices, spans, rows, ids, pos, start = [], [], [], [], [], 0
-        for s in seqs:
-            toks = s.prompt + s.output
-            n, p = len(toks), len(s.prompt)
-            slices.append(SeqSlice(start, n, torch.arange(start, start + n, device=device)))
-            spans.append(RowSpan(plan, start, n, 0, p))
-            rows.extend(range(start + p, start + n - 1))  # generated positions, but the last
-            ids.extend(toks)
-            pos.extend(range(n))
-            start += n
-        hook = plugin.residual_hook(spans, total)
         try:
-            hidden = self.model(
-                torch.tensor(ids, device=device),
-                torch.tensor(pos, device=device),
-                cache,
-                AttentionBatch(torch.arange(total, device=device), slices),
-                StepHooks([hook]) if hook is not None else None,
-            )
+            got = self.runner.collect(
+                [s.prompt + s.output for s in seqs],
+                logit_positions=[range(len(s.prompt), len(s.prompt) + len(s.output) - 1) for s in seqs],
+                hooks=hooks,
+                max_tokens=self.batch_tokens,
+            )  # generated positions, but the last
         finally:
             plugin.release(plan)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)])  # type: ignore[operator]
-        return torch.log_softmax(logits.float(), dim=-1)  # on the model's device (a GPU keeps the cache)
+        return torch.log_softmax(got.logits.float(), dim=-1)  # on the model's device (a GPU keeps the cache)
 
     def set_steer(self, steer: Steer) -> None:
         """Measure another steering from now on (the unsteered log-probabilities stay cached)."""

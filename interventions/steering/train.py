@@ -8,7 +8,8 @@ Methods (docs/architecture.md §10):
   (mean_i (pos_i - neg_i) . d > 0). The SVD is taken on the raw, *uncentered* differences: centering
   (as sklearn's PCA inside repeng does) removes exactly the shift shared by all pairs, which is the signal.
 
-Residuals come from `collect_residuals`, so layer L here is the layer where steering at L adds the vector.
+Residuals come from `collect_residuals` (the engine runner's collect mode), so layer L here is the layer
+where steering at L adds the vector.
 
 On a serving engine (`POST /v1/steering/vectors/train`) the forward passes must not hold the engine for
 the whole training: `chunks` cuts the examples into engine calls of at most CHUNK_TOKENS tokens and
@@ -171,7 +172,7 @@ def chunks(
 
 
 def residuals(
-    model: torch.nn.Module,
+    runner: Any,
     prompts: list[list[int]],
     layers: list[int],
     position: Position,
@@ -184,7 +185,7 @@ def residuals(
         total=len(prompts), desc="residuals", unit="ex", disable=None if progress is None else not progress
     ) as bar:
         for start, end in chunks(prompts, batch_tokens):
-            parts.append(collect_residuals(model, prompts[start:end], layers, position, batch_tokens))
+            parts.append(collect_residuals(runner, prompts[start:end], layers, position, batch_tokens))
             bar.update(end - start)
     return torch.cat(parts)
 
@@ -227,7 +228,7 @@ NOT_NATIVE = (
 
 def native_spec(model: torch.nn.Module) -> Any:
     """The native model's spec (layers, hidden size); the transformers fallback has none."""
-    spec = getattr(model, "spec", None)
+    spec = getattr(model, "spec", None) if model is not None else None
     if spec is None:
         raise TrainingError(NOT_NATIVE, "model")
     return spec
@@ -286,7 +287,7 @@ def fit_vector(
 
 
 def train_vector(
-    model: torch.nn.Module,
+    runner: Any,
     tokenizer: Any,
     positive: list[str],
     negative: list[str],
@@ -299,17 +300,18 @@ def train_vector(
     max_tokens: int | None = None,
     progress: bool | None = None,
 ) -> TrainedVector:
-    """Train a per-layer steering direction (positive minus negative) on a native model, in one go (the
-    CLI; a serving engine runs `chunks` of it between steps instead).
+    """Train a per-layer steering direction (positive minus negative) on an engine's native model
+    (`runner` = `engine.runner`), in one go (the CLI; a serving engine runs `chunks` of it between steps
+    instead).
 
     layers None = all; max_tokens: longest example allowed (the engine's max_model_len);
     progress None = a bar only on a terminal. Raises TrainingError naming the offending field."""
-    spec = native_spec(model)
+    spec = native_spec(getattr(runner, "model", None))
     chosen, prompts = prepare_examples(
         tokenizer, positive, negative, num_layers=spec.num_layers, layers=layers, method=method,
         position=position, paired=paired, max_tokens=max_tokens,
     )  # fmt: skip
-    h = residuals(model, prompts, chosen, position, batch_tokens, progress)
+    h = residuals(runner, prompts, chosen, position, batch_tokens, progress)
     return fit_vector(
         h, len(positive), chosen, method=method, position=position, paired=paired,
         num_tokens=sum(map(len, prompts)), num_layers=spec.num_layers,

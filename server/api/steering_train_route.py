@@ -7,7 +7,8 @@ side, each at most `MAX_EXAMPLE_CHARS` characters and the model's max length in 
 tokenization run in a worker thread; the forward passes run where the engine runs (it owns the model
 and its device state; in process mode that is the engine process), one chunk of at most CHUNK_TOKENS
 tokens / CHUNK_EXAMPLES examples per engine call, so other requests keep decoding between chunks
-instead of pausing for the whole training.
+instead of pausing for the whole training. Each call is the runner's collect mode on the serving KV
+cache (free blocks borrowed and given back); when running requests hold too many blocks it is a 503.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from actserve.interventions.steering.train import (
 )
 from actserve.server.api.errors import APIError
 from actserve.server.engine.engine_client import EngineClient
+from actserve.server.engine.model_runner import NotEnoughBlocks
 
 if TYPE_CHECKING:  # the function that takes it runs in the engine (`run_in_engine`)
     from actserve.server.engine.llm_engine import LLMEngine
@@ -114,7 +116,7 @@ def _residual_chunk(
     """One engine call of training: residuals of a few examples (module-level: it may be pickled to the
     engine process). [len(prompts), len(layers), hidden] float32 on the CPU."""
     native_spec(eng.runner.model)
-    return collect_residuals(eng.runner.model, prompts, layers, position, CHUNK_TOKENS)  # type: ignore[arg-type]
+    return collect_residuals(eng.runner, prompts, layers, position, CHUNK_TOKENS)  # type: ignore[arg-type]
 
 
 async def _residuals(
@@ -124,7 +126,11 @@ async def _residuals(
     parts = []
     ranges = chunks(prompts, CHUNK_TOKENS, CHUNK_EXAMPLES)
     for start, end in ranges:
-        parts.append(await engine.run_in_engine(_residual_chunk, prompts[start:end], layers, position))
+        try:
+            parts.append(await engine.run_in_engine(_residual_chunk, prompts[start:end], layers, position))
+        except NotEnoughBlocks as e:
+            message = f"the KV cache is too full to train now: {e}"
+            raise APIError(503, message, None, "kv_cache_full") from None
     return torch.cat(parts), len(ranges)
 
 

@@ -41,6 +41,18 @@ class BlockManager:
     def needs_block(self, seq: Sequence, num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.block_size) > len(seq.block_table)
 
+    def borrow(self, num_blocks: int) -> list[int]:
+        """Take blocks off the free list for work outside any sequence (the runner's collect mode); every
+        borrowed block must come back through `give_back`."""
+        if num_blocks > len(self.free):
+            raise RuntimeError(f"borrow({num_blocks}) with only {len(self.free)} free blocks")
+        return [self.free.popleft() for _ in range(num_blocks)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        """Return borrowed blocks to the front of the free list, in order: after borrow + give_back the
+        free list is exactly what it was."""
+        self.free.extendleft(reversed(blocks))
+
     def release(self, seq: Sequence) -> None:
         self.free.extend(seq.block_table)
         seq.block_table = []

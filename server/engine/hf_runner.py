@@ -41,6 +41,14 @@ class HFRunner:
     def release(self, seq: Sequence) -> None:
         self.caches.pop(seq.seq_id, None)
 
+    def collect(self, token_lists: list[list[int]], layers: Any = (), **_: Any) -> Any:
+        """Collect mode (residual reads, teacher-forced logits) is native-only: its callers (vector
+        training, `cot build`, KL measurement) check for the native model first and refuse the fallback."""
+        raise NotImplementedError(
+            "collect mode needs the native model implementation; this model runs through the transformers "
+            "fallback"
+        )
+
     def execute(self, batch: ScheduledBatch) -> list[StepResult]:
         return self.launch(batch).collect()
 

@@ -73,6 +73,7 @@ class LLMEngine:
         self.runner = build_runner(self.loaded, config, self.registry)
         num_blocks = self.loaded.num_blocks
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
         batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
         if batched < self.max_model_len:
             raise ValueError(

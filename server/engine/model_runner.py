@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from actserve.interventions.registry import InterventionRegistry
 from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
 from actserve.server.contract import RowSpan
-from actserve.server.contract.hooks import StepHooks
+from actserve.server.contract.hooks import ResidualHook, StepHooks
+from actserve.server.engine.block_manager import BlockManager, blocks_for
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
@@ -47,6 +49,54 @@ class PendingStep:
                 lp = TokenLogprob(out.token_ids[i], out.logprobs[i], top)
             results.append(StepResult(s, out.token_ids[i], lp))
         return results
+
+
+class NotEnoughBlocks(RuntimeError):
+    """Collect mode found too few free KV blocks for one of its sequences (running requests hold them)."""
+
+
+@dataclass
+class CollectRows:
+    """Where sequence `index` of a collect call sits in one packed forward: rows [row0, row0 + num_rows),
+    positions 0 .. num_rows - 1 (hook factories turn these into `RowSpan`s)."""
+
+    index: int
+    row0: int
+    num_rows: int
+
+
+# (the sequences of one packed forward, its row count) -> residual hooks for that forward
+CollectHooks = Callable[[list[CollectRows], int], list[ResidualHook]]
+
+
+@dataclass
+class Collected:
+    """What `ModelRunner.collect` read: residuals [sequences, layers, hidden] float32 on the CPU (None
+    without layers) and logits [rows asked for, vocab] on the model's device (None without positions)."""
+
+    residuals: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+class _Capture:
+    """A residual hook that reduces each sequence's rows at chosen layers (last row or mean) and changes
+    nothing; it runs after every other hook, so it sees what steering at that layer produced."""
+
+    def __init__(self, layers: list[int], rows: list[CollectRows], position: str, out: torch.Tensor) -> None:
+        self._layers, self.rows, self.position, self.out = set(layers), rows, position, out
+        self.column = {layer: k for k, layer in enumerate(layers)}
+
+    def layers(self) -> set[int]:
+        return self._layers
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.detach().float()
+        parts = [
+            h[r.row0 + r.num_rows - 1] if self.position == "last" else h[r.row0 : r.row0 + r.num_rows].mean(0)
+            for r in self.rows
+        ]
+        self.out[[r.index for r in self.rows], self.column[layer]] = torch.stack(parts).cpu()
+        return hidden
 
 
 def launch_sampling(logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
@@ -103,6 +153,7 @@ class ModelRunner:
         )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         if device.type == "cuda":
@@ -122,6 +173,8 @@ class ModelRunner:
         self.graph_steps = 0
         self.eager_decode_steps = 0
         self.graph_prefills = 0
+        self.block_manager: BlockManager | None = None  # the engine's (LLMEngine binds it); collect borrows
+        self.collect_forwards = 0
 
     def release(self, seq: Sequence) -> None:
         """Paged KV needs no per-sequence cleanup beyond the block manager's."""
@@ -257,3 +310,135 @@ class ModelRunner:
             attn = AttentionBatch(torch.from_numpy(slots), [SeqSlice(i, 1, c) for i, c in enumerate(ctx)])
         hidden = self.model(ids_t, torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks)
         return self.model.compute_logits(hidden)
+
+    # -- collect mode: the one forward driver for residual reads and teacher-forced measurement -------
+    @torch.inference_mode()
+    def collect(
+        self,
+        token_lists: list[list[int]],
+        layers: list[int] | tuple[int, ...] = (),
+        *,
+        position: str = "last",
+        logit_positions: list[range] | None = None,
+        hooks: CollectHooks | None = None,
+        max_tokens: int = 4096,
+    ) -> Collected:
+        """Prefill-style forwards over `token_lists` (each a fresh sequence at positions 0..n-1), packed
+        into forwards of at most `max_tokens` tokens (a longer sequence goes alone), on the engine's own
+        KV cache: each forward borrows free blocks from the engine's block manager and gives them back
+        before the next, so running sequences' blocks are never touched and the free count is the same
+        after the call (also when it raises). A forward takes no more blocks than are free: the call is
+        cut into more forwards, and a sequence that needs more blocks than are free raises
+        `NotEnoughBlocks`. Call it on the engine thread between steps (`run_in_engine` on a server).
+
+        Reads: `layers` -> residuals after those decoder layers (the steering hook point), per sequence its
+        `position` ("last" row or "mean" over its rows); `logit_positions[i]` -> logits at those positions
+        of sequence i, all concatenated in sequence order. `hooks(rows, num_rows)` gives the residual
+        hooks of each packed forward (per-row interventions, e.g. a plugin's `residual_hook` over
+        `RowSpan`s built from `rows`); the residuals are read after them."""
+        layers = list(layers)
+        spec = self.model.spec  # type: ignore[attr-defined]
+        bad = [layer for layer in layers if not 0 <= layer < spec.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range [0, {spec.num_layers - 1}]")
+        if position not in ("last", "mean"):
+            raise ValueError(f"position must be 'last' or 'mean', got {position!r}")
+        if any(len(t) == 0 for t in token_lists):
+            raise ValueError("empty prompt")
+        if logit_positions is not None:
+            if len(logit_positions) != len(token_lists):
+                raise ValueError(f"{len(logit_positions)} position ranges for {len(token_lists)} sequences")
+            for i, (r, t) in enumerate(zip(logit_positions, token_lists, strict=True)):
+                if len(r) and not (0 <= min(r) and max(r) < len(t)):
+                    raise ValueError(f"logit positions of sequence {i} outside its {len(t)} tokens")
+        long = [i for i, t in enumerate(token_lists) if len(t) > self.max_model_len]
+        if long:
+            i = long[0]
+            raise ValueError(
+                f"sequence {i} has {len(token_lists[i])} tokens, more than the model's maximum length of "
+                f"{self.max_model_len}"
+            )
+        if self.block_manager is None:
+            raise RuntimeError("collect needs the engine's block manager (LLMEngine binds it)")
+        out = torch.zeros(len(token_lists), len(layers), spec.hidden_size) if layers else None
+        logits: list[torch.Tensor] = []
+        for chunk in self._collect_chunks(token_lists, max_tokens):
+            part = self._collect_forward(token_lists, chunk, layers, position, logit_positions, hooks, out)
+            if part is not None:
+                logits.append(part)
+        joined = None
+        if logit_positions is not None:
+            joined = torch.cat(logits) if logits else torch.zeros(0, spec.vocab_size, device=self.device)
+        return Collected(out, joined)
+
+    def _collect_chunks(self, token_lists: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Consecutive sequences per forward, within `max_tokens` and the blocks free now."""
+        assert self.block_manager is not None
+        free, bs = self.block_manager.num_free, self.block_size
+        chunks: list[list[int]] = []
+        tokens = blocks = 0
+        for i, t in enumerate(token_lists):
+            need = blocks_for(len(t), bs)
+            if need > free:
+                raise NotEnoughBlocks(
+                    f"collect: a sequence of {len(t)} tokens needs {need} KV blocks, but only {free} of "
+                    f"{self.block_manager.num_blocks} are free (running requests hold the rest); retry when "
+                    "the engine is less busy, or give the server more KV blocks"
+                )
+            if chunks and tokens + len(t) <= max_tokens and blocks + need <= free:
+                chunks[-1].append(i)
+                tokens, blocks = tokens + len(t), blocks + need
+            else:
+                chunks.append([i])
+                tokens, blocks = len(t), need
+        return chunks
+
+    def _collect_forward(
+        self,
+        token_lists: list[list[int]],
+        chunk: list[int],
+        layers: list[int],
+        position: str,
+        logit_positions: list[range] | None,
+        hooks: CollectHooks | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """One packed forward of the sequences `chunk` on borrowed blocks; their logits rows, if asked."""
+        assert self.block_manager is not None
+        bs, dev = self.block_size, self.device
+        fresh = dev.type == "cuda"  # CUDA: SDPA over the new K/V, as a served prefill; CPU: per sequence
+        borrowed = self.block_manager.borrow(sum(blocks_for(len(token_lists[i]), bs) for i in chunk))
+        try:
+            ids: list[int] = []
+            positions: list[int] = []
+            slot_parts: list[torch.Tensor] = []
+            slices: list[SeqSlice] = []
+            rows: list[CollectRows] = []
+            taken = 0
+            for i in chunk:
+                toks = token_lists[i]
+                n = len(toks)
+                own = torch.tensor(borrowed[taken : taken + blocks_for(n, bs)], dtype=torch.long)
+                taken += len(own)
+                slots = (own.unsqueeze(1) * bs + torch.arange(bs, dtype=torch.long)).flatten()[:n]
+                rows.append(CollectRows(i, len(ids), n))
+                slices.append(SeqSlice(len(ids), n, slots if fresh else slots.to(dev)))
+                slot_parts.append(slots)
+                ids.extend(toks)
+                positions.extend(range(n))
+            total = len(ids)
+            attn = AttentionBatch(torch.cat(slot_parts).to(dev), slices, fresh_prefill=fresh)
+            residual = list(hooks(rows, total)) if hooks is not None else []
+            if out is not None:
+                residual.append(_Capture(layers, rows, position, out))
+            step = StepHooks(residual) if residual else None
+            hidden = self.model(
+                torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, attn, step
+            )
+            self.collect_forwards += 1
+            if logit_positions is None:
+                return None
+            want = [r.row0 + p for r in rows for p in logit_positions[r.index]]
+            return self.model.compute_logits(hidden[torch.tensor(want, dtype=torch.long, device=dev)])
+        finally:
+            self.block_manager.give_back(borrowed)
