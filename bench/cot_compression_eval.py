@@ -247,7 +247,8 @@ def main() -> int:
     base: list[list[int]] = []
     t = time.monotonic()
     for i, c in enumerate(configs):
-        engine.registry.plugins["cot_compression"].artifact = arts[c]  # type: ignore[attr-defined]  # swapped between runs, never while one is in flight
+        # swapped between runs, never while one is in flight
+        engine.registry.plugins["cot_compression"].artifact = arts[c]  # type: ignore[attr-defined]
         specs: list[dict[str, Any] | None] = [None] * n if i == 0 else []
         specs += [{"cot_compression": {"kl_budget": b}} for b in budgets[c] for _ in range(n)]
         outs = generate(engine, prompts * (len(specs) // n), args.max_tokens, specs, tag=f"{label(c)}-")
