@@ -64,6 +64,11 @@ class InterventionRegistry:
     def plugin(self, name: str) -> InterventionPlugin | None:
         return self.plugins.get(name)
 
+    def service(self, name: str) -> Any:
+        """The service plugin `name` owns (e.g. steering's vector library); None if none or not loaded."""
+        plugin = self.plugins.get(name)
+        return None if plugin is None else plugin.service
+
     def graph_width(self) -> int:
         """Per-row columns of a fused CUDA-graph step: the fused plugin's plus its contributors'."""
         if self.fused is None:
