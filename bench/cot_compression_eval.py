@@ -63,7 +63,6 @@ from actserve.interventions.cot_compression.build import (
     prompt_ids,
 )
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
-from actserve.interventions.cot_compression.plugin import ASC_KEY
 from actserve.interventions.cot_compression.problems import (
     cut_after_answer,
     dev_problems,
@@ -248,7 +247,8 @@ def main() -> int:
     base: list[list[int]] = []
     t = time.monotonic()
     for i, c in enumerate(configs):
-        engine.registry.context[ASC_KEY] = arts[c]  # swapped between runs, never while one is in flight
+        # swapped between runs, never while one is in flight
+        engine.registry.plugins["cot_compression"].artifact = arts[c]  # type: ignore[attr-defined]
         specs: list[dict[str, Any] | None] = [None] * n if i == 0 else []
         specs += [{"cot_compression": {"kl_budget": b}} for b in budgets[c] for _ in range(n)]
         outs = generate(engine, prompts * (len(specs) // n), args.max_tokens, specs, tag=f"{label(c)}-")

@@ -5,6 +5,7 @@ this module is its stable public name.
 """
 
 from actserve.server.contract import (
+    FusedColumns,
     InterventionCapacityError,
     InterventionError,
     InterventionPlugin,
@@ -13,10 +14,10 @@ from actserve.server.contract import (
     RowSpan,
     StepHooks,
     device_table,
-    plugin_key,
 )
 
 __all__ = [
+    "FusedColumns",
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
@@ -25,5 +26,4 @@ __all__ = [
     "RowSpan",
     "StepHooks",
     "device_table",
-    "plugin_key",
 ]

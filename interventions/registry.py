@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan, plugin_key
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.server.contract import ModelInfo
 from actserve.server.contract.hooks import StepHooks
 
@@ -35,21 +36,59 @@ def discover() -> dict[str, type[InterventionPlugin]]:
 
 
 class InterventionRegistry:
-    """The plugins of one loaded model; turns request specs into plans and plans into step hooks."""
+    """The plugins of one loaded model; turns request specs into plans and plans into step hooks.
+
+    It names no plugin: plugins get their options from `options[name]` (`configure`), find each other
+    through `plugin(name)` / `InterventionPlugin.peer`, and a plugin that declares `contributes_to`
+    has its rows grouped with the named plugin's rows (one hook, one fused kernel)."""
 
     def __init__(
         self,
         model_info: ModelInfo,
         plugins: dict[str, type[InterventionPlugin]] | None = None,
-        context: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ):
-        """`context`: server-wide objects the plugins share (e.g. "steering.library": VectorLibrary)."""
+        """`options`: plugin name -> that plugin's options (`EngineConfig.plugin_options`)."""
         classes = plugins if plugins is not None else discover()
-        self.context: dict[str, Any] = context if context is not None else {}
         self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
+        options = options or {}
+        for plugin in self.plugins.values():
+            plugin.bind(self.plugins)
         for name, plugin in self.plugins.items():
-            plugin.context = self.context
-            self.context[plugin_key(name)] = plugin
+            plugin.configure(options.get(name) or {})
+        # the plugin (at most one) whose rows go through the fused residual-add + table + norm kernel
+        self.fused: InterventionPlugin | None = next(
+            (p for p in self.plugins.values() if p.fused_table() is not None), None
+        )
+
+    def plugin(self, name: str) -> InterventionPlugin | None:
+        return self.plugins.get(name)
+
+    def service(self, name: str) -> Any:
+        """The service plugin `name` owns (e.g. steering's vector library); None if none or not loaded."""
+        plugin = self.plugins.get(name)
+        return None if plugin is None else plugin.service
+
+    def graph_width(self) -> int:
+        """Per-row columns of a fused CUDA-graph step: the fused plugin's plus its contributors'."""
+        if self.fused is None:
+            return 0
+        name = self.fused.name
+        return self.fused.graph_columns + sum(
+            p.graph_columns for p in self.plugins.values() if p.contributes_to == name
+        )
+
+    def owner(self, name: str) -> str:
+        """The plugin whose hook takes `name`'s rows: the one it contributes to, if loaded, else itself."""
+        target = self.plugins[name].contributes_to
+        return target if target is not None and target in self.plugins else name
+
+    def group_spans(self, spans: dict[str, list[RowSpan]]) -> dict[str, list[RowSpan]]:
+        """A step's rows by the plugin whose hook runs them (contributors' rows join their owner's)."""
+        groups: dict[str, list[RowSpan]] = {}
+        for key, rows in spans.items():
+            groups.setdefault(self.owner(key), []).extend(rows)
+        return groups
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -99,28 +138,15 @@ class InterventionRegistry:
         for key, plan in plans.items():
             self.plugins[key].release(plan)
 
-    def steering_spans(self, spans: dict[str, list[RowSpan]]) -> tuple[list[RowSpan], list[str]]:
-        """The rows that go through the steering table (steering's own and those of plugins sharing it),
-        and the keys of the other plugins in the step."""
-        shared: list[RowSpan] = []
-        others: list[str] = []
-        for key, rows in spans.items():
-            if key == "steering" or (self.plugins[key].shares_steering_table and "steering" in self.plugins):
-                shared.extend(rows)
-            else:
-                others.append(key)
-        return shared, others
-
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
-        """Hooks for one packed step; None when no row carries an intervention (the plain fast path)."""
-        shared, others = self.steering_spans(spans)
+        """Hooks for one packed step; None when no row carries an intervention (the plain fast path).
+        The fused plugin's group runs first, then the others in the order the step met them."""
+        groups = self.group_spans(spans)
+        fused = self.fused.name if self.fused is not None else None
+        order = sorted(groups, key=lambda k: k != fused)
         hooks = []
-        if shared:
-            hook = self.plugins["steering"].residual_hook(shared, num_rows)
-            if hook is not None:
-                hooks.append(hook)
-        for key in others:
-            hook = self.plugins[key].residual_hook(spans[key], num_rows)
+        for key in order:
+            hook = self.plugins[key].residual_hook(groups[key], num_rows)
             if hook is not None:
                 hooks.append(hook)
         return StepHooks(hooks) if hooks else None

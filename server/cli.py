@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from actserve.interventions.cot_compression.cli import add_cot_parser
 from actserve.interventions.cot_compression.cli import run as run_cot
@@ -125,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The intervention plugins' options from their flags (plugin name -> its options)."""
+    options: dict[str, dict[str, Any]] = {}
+    if args.steering_vectors:
+        options["steering"] = {"vectors_dir": args.steering_vectors}
+    if args.cot_compression:
+        options["cot_compression"] = {"artifact": args.cot_compression}
+    return options
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
@@ -143,8 +154,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
-        steering_vectors_dir=args.steering_vectors,
-        cot_compression=args.cot_compression,
+        plugin_options=plugin_options(args),
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,
         stall_timeout=args.engine_stall_timeout,

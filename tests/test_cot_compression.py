@@ -38,7 +38,6 @@ from actserve.interventions.cot_compression.build import (
 )
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter, answer_stats, generate
 from actserve.interventions.cot_compression.plugin import (
-    ASC_KEY,
     NOT_CONFIGURED,
     SHIPPED_ARTIFACT,
     resolve_artifact_path,
@@ -154,7 +153,13 @@ def onset_eng(
 ) -> LLMEngine:
     path = tmp_path_factory.mktemp("asc_onset_copy") / "onset.safetensors"
     save_artifact(onset_art, path)
-    return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256, cot_compression=str(path)))
+    return LLMEngine(
+        EngineConfig(
+            model=str(tinystories_dir),
+            num_kv_blocks=256,
+            plugin_options={"cot_compression": {"artifact": str(path)}},
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +170,11 @@ def art(artifact_path: Path) -> AscArtifact:
 @pytest.fixture(scope="module")
 def eng(tinystories_dir: Path, artifact_path: Path) -> LLMEngine:
     return LLMEngine(
-        EngineConfig(model=str(tinystories_dir), num_kv_blocks=256, cot_compression=str(artifact_path))
+        EngineConfig(
+            model=str(tinystories_dir),
+            num_kv_blocks=256,
+            plugin_options={"cot_compression": {"artifact": str(artifact_path)}},
+        )
     )
 
 
@@ -756,8 +765,9 @@ def test_artifact_files(art: AscArtifact, tmp_path: Path, tinystories_dir: Path,
     wide = AscArtifact(torch.ones(64), 0, 2, "other", [1.0], [0.1])
     save_artifact(wide, tmp_path / "wide.safetensors")
     with pytest.raises(ArtifactError, match="hidden size 64"):
+        wide_path = str(tmp_path / "wide.safetensors")
         LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64,
-                               cot_compression=str(tmp_path / "wide.safetensors")))  # fmt: skip
+                               plugin_options={"cot_compression": {"artifact": wide_path}}))  # fmt: skip
 
 
 # -- the artifact shipped for the embedded default model ----------------------------------------------
@@ -775,9 +785,13 @@ def test_shipped_default_artifact_fits_the_default_model(default_model_dir: Path
     assert art.onset is not None and (art.onset.layer, art.onset.tokens, art.onset.weight) == (12, 16, 2.0)
     assert art.info["pairs"] == 120 and art.max_kl >= 0.5
     assert art.gamma_for(0.1) == pytest.approx(0.317, abs=0.02)
-    eng = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=256, cot_compression="default"))
+    eng = LLMEngine(
+        EngineConfig(
+            num_kv_blocks=16, max_model_len=256, plugin_options={"cot_compression": {"artifact": "default"}}
+        )
+    )
     assert resolve_artifact_path("default", eng.model_info) == SHIPPED_ARTIFACT
-    assert torch.equal(eng.registry.context[ASC_KEY].direction, art.direction)
+    assert torch.equal(eng.registry.plugins["cot_compression"].artifact.direction, art.direction)
     plan = eng.registry.prepare(cot(kl_budget=0.1))["cot_compression"]
     assert plan.gamma == pytest.approx(art.gamma_for(0.1))
     eng.registry.release({"cot_compression": plan})
@@ -785,13 +799,23 @@ def test_shipped_default_artifact_fits_the_default_model(default_model_dir: Path
 
 def test_default_artifact_is_refused_for_other_models(tinystories_dir: Path) -> None:
     with pytest.raises(ArtifactError, match="shipped artifact is for the embedded default model"):
-        LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, cot_compression="default"))
+        LLMEngine(
+            EngineConfig(
+                model=str(tinystories_dir),
+                num_kv_blocks=64,
+                plugin_options={"cot_compression": {"artifact": "default"}},
+            )
+        )
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tinystories_dir: Path, artifact_path: Path) -> Iterator[LiveServer]:
-    s = start_server(tinystories_dir, num_kv_blocks=128, cot_compression=str(artifact_path))
+    s = start_server(
+        tinystories_dir,
+        num_kv_blocks=128,
+        plugin_options={"cot_compression": {"artifact": str(artifact_path)}},
+    )
     yield s
     s.stop()
 

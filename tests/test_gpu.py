@@ -159,7 +159,7 @@ def test_steering_and_cot_compression_share_graphs(tinystories_dir: Path, tmp_pa
         cot = {"cot_compression": {"strength": 4.0}}
         specs = [None, steer, cot, {**steer, **cot}] * 2
         prompts = _prompts(tinystories_dir, 1) * len(specs)  # one prompt: only the interventions differ
-        kw = {"cot_compression": str(tmp_path / f"{name}.safetensors")}
+        kw = {"plugin_options": {"cot_compression": {"artifact": str(tmp_path / f"{name}.safetensors")}}}
         fast, slow = _engine(tinystories_dir, eager=False, **kw), _engine(tinystories_dir, eager=True, **kw)
         eager0 = fast.runner.eager_decode_steps
         a = run(fast, prompts, greedy(48), interventions=specs)

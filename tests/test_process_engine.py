@@ -20,6 +20,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from actserve.interventions.steering.library import VectorLibrary
+from actserve.interventions.steering.plugin import library_call
 from actserve.interventions.steering.train import TrainingError
 from actserve.server.engine import process_engine
 from actserve.server.engine.async_engine import AsyncEngine, make_engine
@@ -152,7 +153,7 @@ def test_calls_time_out_and_late_plans_are_given_back(
     assert isinstance(engine, ProcessEngine)
     monkeypatch.setattr(process_engine, "CALL_TIMEOUT_S", 0.5)
     with pytest.raises(EngineStalledError, match="did not answer within 0.5 s"):
-        asyncio.run(engine.library_call(slow_library_call, 2.0))
+        asyncio.run(engine.plugin_call("steering", library_call, slow_library_call, 2.0))
     assert asyncio.run(engine.run_in_engine(engine_state))[0] == 0  # the core is fine
     assert engine.health_problem() is None  # a call that runs is no stall
     free = asyncio.run(engine.run_in_engine(free_steering_slots))

@@ -99,7 +99,7 @@ def test_row_ranges_in_packed_steps() -> None:
 
 def test_named_equals_inline(eng: LLMEngine, prompts: list[list[int]]) -> None:
     d0, d1 = direction(51), direction(52)
-    lib = eng.vector_library
+    lib = eng.registry.plugins["steering"].library
     lib.add(lib.build("calm", {0: d0, 1: d1}), replace=True)
     opts = {"phases": ["generation"], "normalize": True, "window": [1, 9]}
     named = spec([{"name": "calm", "scale": 5.0, **opts}])
@@ -112,7 +112,7 @@ def test_named_equals_inline(eng: LLMEngine, prompts: list[list[int]]) -> None:
 
 
 def test_plan_keeps_its_copy_after_delete(eng: LLMEngine) -> None:
-    lib = eng.vector_library
+    lib = eng.registry.plugins["steering"].library
     d = direction(61)
     lib.add(lib.build("brief", {1: d}), replace=True)
     plans = eng.registry.prepare(spec([{"name": "brief", "scale": 2.0}]))

@@ -74,7 +74,10 @@ def hostile_files(hidden: int) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def server(tinystories_dir: Path, vector_dir: Path, engine_mode: str) -> Iterator[LiveServer]:
     live = start_server(
-        tinystories_dir, num_kv_blocks=256, steering_vectors_dir=str(vector_dir), engine_process=engine_mode
+        tinystories_dir,
+        num_kv_blocks=256,
+        plugin_options={"steering": {"vectors_dir": str(vector_dir)}},
+        engine_process=engine_mode,
     )
     yield live
     live.stop()
@@ -211,7 +214,7 @@ def test_cli_flag() -> None:
     from actserve.server.cli import build_parser, engine_config
 
     args = build_parser().parse_args(["serve", "--steering-vectors", "/srv/vectors"])
-    assert engine_config(args).steering_vectors_dir == "/srv/vectors"
+    assert engine_config(args).plugin_options["steering"]["vectors_dir"] == "/srv/vectors"
 
 
 UNREADABLE = {

@@ -21,7 +21,7 @@ import torch
 
 from actserve.interventions.base import RowSpan
 from actserve.interventions.cot_compression.artifact import AscArtifact
-from actserve.interventions.cot_compression.plugin import ASC_KEY, CoTCompressionPlugin
+from actserve.interventions.cot_compression.plugin import CoTCompressionPlugin
 from actserve.interventions.cot_compression.problems import cut_after_answer, parse_answer
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.server.contract import ModelInfo
@@ -78,7 +78,7 @@ Steer = Callable[[float], tuple[Any, Any]]  # γ -> (plugin with a residual_hook
 def asc_steer(info: ModelInfo, artifact: AscArtifact) -> Steer:
     """γ -> the CoT compression plugin's plan at strength γ, exactly as a request gets it."""
     plugin = CoTCompressionPlugin(info)
-    plugin.context = {ASC_KEY: artifact}
+    plugin.artifact = artifact
     return lambda gamma: (plugin, plugin.prepare(CoTCompressionSpec(strength=gamma), "cot_compression"))
 
 

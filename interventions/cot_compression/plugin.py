@@ -6,32 +6,33 @@ of that table is reserved for each of the artifact's directions (resident once, 
 request), each request's plan is a `SteeringPlan` with a vector in each slot (scale γ, resp. γ·weight
 with the onset's token window; generation phase only), and the
 registry hands its rows to the steering plugin together with the steering rows
-(`shares_steering_table`), so a step mixing steering and CoT compression is one fused kernel per layer
-and still replays from CUDA graphs. Without a steering plugin in the registry (a registry built for
-CoT compression alone) it keeps a private one-slot table. γ comes from the request (`strength`) or
-from the artifact's calibration table (`kl_budget`). The artifact reaches the plugin through the
-registry's shared `context` (`ASC_KEY`), filled from the `--cot-compression` option by `cot_context`
-when the engine starts.
+(`contributes_to = "steering"`), so a step mixing steering and CoT compression is one fused kernel per
+layer and still replays from CUDA graphs. The steering plugin is found by name among the registry's
+plugins (`peer`); its API is `reserve_slot` and its table. Without a steering plugin in the registry (a
+registry built for CoT compression alone) it keeps a private one-slot table. γ comes from the request
+(`strength`) or from the artifact's calibration table (`kl_budget`). The artifact comes from the
+plugin's option `artifact` (`--cot-compression FILE|default`), loaded by `configure` when the engine
+starts.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan, plugin_key
+from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.interventions.cot_compression.artifact import ArtifactError, AscArtifact, load_artifact
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
 from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
 from actserve.server.contract import ModelInfo
 
 log = logging.getLogger(__name__)
-ASC_KEY = "cot_compression.artifact"
 NOT_CONFIGURED = "cot_compression is not configured for this model; build it with `actserve cot build`"
 # `--cot-compression default`: the artifact shipped for the embedded default model (data/README.md says
 # how it was built), so the default model compresses without a 5-13 minute build
@@ -74,16 +75,15 @@ def resolve_artifact_path(option: str, info: ModelInfo) -> Path:
     return SHIPPED_ARTIFACT
 
 
-def cot_context(option: str | None, info: ModelInfo) -> dict[str, Any]:
-    """Registry context entries for `--cot-compression FILE|default` (`option`): the artifact, checked
-    against the model."""
+def load_configured(option: str | None, info: ModelInfo) -> AscArtifact | None:
+    """The artifact of `--cot-compression FILE|default` (`option`), checked against the model."""
     if not option:
-        return {}
+        return None
     art = load_artifact(resolve_artifact_path(option, info))
     art.check_fits(info)
     if art.model and art.model != info.name:
         log.warning("CoT compression artifact was built on %r; serving %r", art.model, info.name)
-    return {ASC_KEY: art}
+    return art
 
 
 class CoTCompressionPlugin(InterventionPlugin):
@@ -94,10 +94,13 @@ class CoTCompressionPlugin(InterventionPlugin):
     )
     hook_points = ("residual",)
     spec_model = CoTCompressionSpec
-    shares_steering_table = True
+    contributes_to = "steering"
+    graph_columns = 1  # one resident direction per row in a graph step (the onset's rows run eagerly)
 
     def __init__(self, model_info: ModelInfo) -> None:
         super().__init__(model_info)
+        # the artifact in use (`configure`; swap it only while no CoT request runs)
+        self.artifact: AscArtifact | None = None
         self._table: SteeringPlugin | None = None  # the steering table ...
         self._slots: list[int] = []  # ... and the slots reserved there (main direction, onset)
         self._reserve_lock = threading.Lock()
@@ -105,19 +108,19 @@ class CoTCompressionPlugin(InterventionPlugin):
         self._parts_of: tuple[AscArtifact, list[_Part]] | None = None  # one artifact at a time
 
     def _reserved(self, count: int) -> tuple[SteeringPlugin, list[int]]:
-        """The registry's steering plugin (from the shared context) and `count` slots reserved there."""
+        """The registry's steering plugin (a peer) and `count` slots reserved there."""
         with self._reserve_lock:  # API threads prepare while the engine thread activates
             if self._table is None:
-                shared = self.context.get(plugin_key("steering"))
+                shared = self.peer("steering")
                 own = not isinstance(shared, SteeringPlugin)  # a registry without steering
                 self._table = SteeringPlugin(self.model_info, 2) if own else shared
             while len(self._slots) < count:
                 self._slots.append(self._table.reserve_slot())
             return self._table, self._slots[:count]
 
-    @property
-    def artifact(self) -> AscArtifact | None:
-        return self.context.get(ASC_KEY)
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Option `artifact`: a file from `actserve cot build`, or `default` (the shipped one)."""
+        self.artifact = load_configured(options.get("artifact"), self.model_info)
 
     def _parts(self, art: AscArtifact) -> list[_Part]:
         cached = self._parts_of

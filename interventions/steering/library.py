@@ -36,7 +36,6 @@ from actserve.server.contract import ModelInfo
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIXES = (".safetensors", ".gguf")
-LIBRARY_KEY = "steering.library"  # the library's key in the intervention registry's shared context
 # llama.cpp converts some HF model types to another GGUF architecture: its control vectors say that one
 HINT_ALIASES = {"mistral": ("llama",), "mixtral": ("llama",)}
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from actserve.interventions.base import (
+    FusedColumns,
     InterventionCapacityError,
     InterventionError,
     InterventionPlugin,
@@ -25,8 +27,9 @@ from actserve.interventions.base import (
     device_table,
 )
 from actserve.interventions.steering.formats import preview
-from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary, VectorNotFound
+from actserve.interventions.steering.library import VectorLibrary, VectorNotFound
 from actserve.interventions.steering.schema import (
+    MAX_VECTORS_PER_REQUEST,
     SteeringSpec,
     SteeringVectorSpec,
     check_spec_size,
@@ -36,6 +39,7 @@ from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, apply_steering_r
 from actserve.server.contract import ModelInfo
 
 DEFAULT_SLOTS = 256
+T = TypeVar("T")
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # per-row scales travel as float32
@@ -131,6 +135,7 @@ class SteeringPlugin(InterventionPlugin):
     description = "Add per-layer direction vectors (inline or stored by name) to the residual stream."
     hook_points = ("residual",)
     spec_model = SteeringSpec
+    graph_columns = MAX_VECTORS_PER_REQUEST  # a request's own vectors
 
     def __init__(self, model_info: ModelInfo, slots: int = DEFAULT_SLOTS) -> None:
         super().__init__(model_info)
@@ -141,13 +146,24 @@ class SteeringPlugin(InterventionPlugin):
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Option `vectors_dir` (`--steering-vectors DIR`): named vectors preloaded from there, and new
+        ones saved there; without it the library is in memory only."""
+        self.service = VectorLibrary(self.model_info, options.get("vectors_dir"))
+
     @property
     def library(self) -> VectorLibrary:
-        """The server's named vectors, shared through the registry's context (in-memory by default)."""
-        lib = self.context.get(LIBRARY_KEY)
-        if lib is None:
-            lib = self.context.setdefault(LIBRARY_KEY, VectorLibrary(self.model_info))
-        return lib
+        """The server's named vectors: this plugin's service (in memory when not configured)."""
+        if self.service is None:
+            self.service = VectorLibrary(self.model_info)
+        return self.service
+
+    def fused_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.table, self.layer_mask
+
+    def fused_columns(self, spans: list[RowSpan], num_rows: int) -> FusedColumns | None:
+        cols = self.row_columns(spans, num_rows, need_used=False) if spans else None
+        return None if cols is None else (cols.index, cols.scale, cols.normalize)
 
     def parse(self, value: Any, param: str) -> SteeringSpec:  # type: ignore[override]
         """Size caps first (cheap, O(allowed spec)), then the schema (O(input), now bounded)."""
@@ -315,3 +331,9 @@ class SteeringPlugin(InterventionPlugin):
             torch.from_numpy(cols.normalize).to(dev),
             cols.used,
         )
+
+
+def library_call(plugin: SteeringPlugin, fn: Callable[..., T], *args: Any) -> T:
+    """fn(library, *args) on the steering plugin's vector library (its service), for
+    `EngineClient.plugin_call("steering", library_call, fn, ...)`: runs where the plugin lives."""
+    return fn(plugin.library, *args)

@@ -34,6 +34,7 @@ from actserve.interventions.steering.library import (
     VectorLibrary,
     check_metadata,
 )
+from actserve.interventions.steering.plugin import library_call
 from actserve.interventions.steering.schema import check_directions_size, layer_index
 from actserve.server.api.errors import APIError
 from actserve.server.api.steering_train_route import train_route
@@ -90,7 +91,7 @@ async def _guarded(request: Request, fn: Any, *args: Any) -> Any:
     """fn(library, *args) off the event loop (a worker thread, or the engine process that holds the
     library); its errors become OpenAI-shaped 4xx."""
     try:
-        return await engine(request).library_call(fn, *args)
+        return await engine(request).plugin_call("steering", library_call, fn, *args)
     except (LibraryError, VectorFormatError) as e:
         raise _api_error(e) from None
 

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from actserve.interventions.steering.hidden import collect_residuals
 from actserve.interventions.steering.library import LibraryError, StoredVector, VectorLibrary, check_name
+from actserve.interventions.steering.plugin import library_call
 from actserve.interventions.steering.train import (
     CHUNK_EXAMPLES,
     CHUNK_TOKENS,
@@ -165,14 +166,14 @@ async def train_route(request: Request, body: TrainRequest) -> dict[str, Any]:
         check_name(body.name)
     except LibraryError as e:
         raise APIError(e.status, str(e), e.param) from None
-    if not body.replace and await engine.library_call(_contains, body.name):
+    if not body.replace and await engine.plugin_call("steering", library_call, _contains, body.name):
         # fail before the forward passes; add() checks again
         message = f"name: a vector named {body.name!r} already exists; delete it or pass replace=true"
         raise APIError(409, message, "name")
     layers = None if body.layers in (None, "all") else body.layers
     try:
         vec, calls = await _train(engine, body, layers)
-        stored: StoredVector = await engine.library_call(_store, body, vec)
+        stored: StoredVector = await engine.plugin_call("steering", library_call, _store, body, vec)
     except TrainingError as e:
         raise _training_error(e, body) from None
     except LibraryError as e:

@@ -8,15 +8,16 @@ the layers; the layers take their hook protocols from here. It imports nothing e
 from actserve.server.contract.hooks import ResidualHook, StepHooks
 from actserve.server.contract.model_info import ModelInfo
 from actserve.server.contract.plugin import (
+    FusedColumns,
     InterventionCapacityError,
     InterventionError,
     InterventionPlugin,
     RowSpan,
     device_table,
-    plugin_key,
 )
 
 __all__ = [
+    "FusedColumns",
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
@@ -25,5 +26,4 @@ __all__ = [
     "RowSpan",
     "StepHooks",
     "device_table",
-    "plugin_key",
 ]

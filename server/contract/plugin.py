@@ -9,9 +9,11 @@ plugin for a per-step hook over the packed rows, and releases the plan when the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
@@ -42,9 +44,9 @@ class RowSpan:
     prompt_len: int
 
 
-def plugin_key(name: str) -> str:
-    """Where each plugin of a registry is found in the shared context (plugins that build on another)."""
-    return f"plugin.{name}"
+# a fused step's per-row columns on the host: (table index int64, scale float32, normalize bool), each
+# [rows, width]; index -1 = nothing for that row and column
+FusedColumns = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class InterventionPlugin(ABC):
@@ -54,14 +56,43 @@ class InterventionPlugin(ABC):
     description: ClassVar[str]
     hook_points: ClassVar[tuple[str, ...]]
     spec_model: ClassVar[type[BaseModel]]
-    # plans are SteeringPlans over the steering plugin's resident table: their rows join the steering
-    # rows of a step (one fused kernel, one set of CUDA-graph inputs) instead of a hook of their own
-    shares_steering_table: ClassVar[bool] = False
+    # the name of another plugin whose plans this plugin's plans are (e.g. fixed rows in its resident
+    # table): when that plugin is in the registry, this plugin's rows of a step join its rows and go
+    # through its hook (one fused kernel, one set of CUDA-graph inputs) instead of a hook of their own
+    contributes_to: ClassVar[str | None] = None
+    # columns one row of this plugin's plans may take in a fused step (`fused_columns`); the CUDA-graph
+    # width is the fused plugin's count plus those of the plugins contributing to it
+    graph_columns: ClassVar[int] = 0
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info
-        # shared by all plugins of one registry (e.g. the steering vector library); the registry sets it
-        self.context: dict[str, Any] = {}
+        # what this plugin offers beyond requests (e.g. a store of named vectors); the API reaches it
+        # with `EngineClient.plugin_call(name, fn, ...)`, which runs fn(plugin, ...) where plugins live
+        self.service: Any = None
+        self._peers: Mapping[str, InterventionPlugin] = {}  # the registry's plugins; set by the registry
+
+    def configure(self, options: Mapping[str, Any]) -> None:  # noqa: B027 - optional
+        """Server start, before any request: this plugin's own options (`EngineConfig.plugin_options`
+        under its name; {} when none were given). Raise to refuse them (the server does not start)."""
+
+    def bind(self, peers: Mapping[str, InterventionPlugin]) -> None:
+        """The registry hands each plugin the plugins loaded beside it (see `peer`)."""
+        self._peers = peers
+
+    def peer(self, name: str) -> InterventionPlugin | None:
+        """Another plugin of the same registry by name (None when not loaded), for plugins that use
+        another's API, e.g. to reserve rows in its table."""
+        return self._peers.get(name)
+
+    def fused_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table [slots, num_layers, hidden], layer mask [slots, num_layers]) when this plugin's rows go
+        through the fused residual-add + table + norm kernel; CUDA graphs capture with it. None: not fused."""
+        return None
+
+    def fused_columns(self, spans: list[RowSpan], num_rows: int) -> FusedColumns | None:
+        """The per-row columns of a fused step on the host (graph steps copy them into static inputs);
+        None when no row uses the table. Only called on a plugin whose `fused_table` is not None."""
+        return None
 
     def parse(self, value: Any, param: str) -> BaseModel:
         """The request's raw spec validated into `spec_model`; the first error becomes an

@@ -23,7 +23,12 @@ from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from actserve.server.engine.config import EngineConfig, apply_cpu_threads
-from actserve.server.engine.engine_client import EngineClient, EngineDeadError, merge_outputs
+from actserve.server.engine.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    merge_outputs,
+    plugin_call_in_engine,
+)
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.sequence import Sequence
 from actserve.server.engine.watchdog import Progress, thread_cpu_clock
@@ -97,8 +102,8 @@ class AsyncEngine(EngineClient):
         self._commands.put(("call", (fn, args, loop, future)))
         return await future
 
-    async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await run_in_threadpool(fn, self.engine.vector_library, *args)
+    async def plugin_call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(plugin_call_in_engine, self.engine, name, fn, *args)
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
         """In a worker thread: validating a large spec (vectors of hidden_size floats, named-vector

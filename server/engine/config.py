@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from actserve.server.models.builder import LoadConfig
 
@@ -31,8 +32,8 @@ class EngineConfig:
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
     seed: int = 0
-    steering_vectors_dir: str | None = None  # named steering vectors: preloaded, and new ones saved here
-    cot_compression: str | None = None  # ASC artifact (`actserve cot build`): enables cot_compression
+    # plugin name -> that plugin's options (opaque to the engine; the CLI fills them from plugin flags)
+    plugin_options: dict[str, Any] = field(default_factory=dict)
     engine_process: str = "auto"  # "on": engine core in its own process; "off": a thread; auto: on for CUDA
     cpu_threads: int | None = None  # torch threads of the engine; None: OMP_NUM_THREADS, else cores - 1
     stall_timeout: float = 60.0  # seconds without progress after which the engine counts as stalled

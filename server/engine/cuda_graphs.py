@@ -1,9 +1,9 @@
 """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
 
 Every per-step input is a static device buffer (token ids, positions, KV slots, context lengths, block
-tables, and the steering columns: slot index, scale, normalize), filled from pinned host buffers with
-three asynchronous copies per step. Batches mixing steered and plain requests replay the same graph;
-a row with index -1 is left untouched by the fused steering kernel.
+tables, and the fused table's per-row columns: slot index, scale, normalize, e.g. steering's), filled
+from pinned host buffers with three asynchronous copies per step. Batches mixing steered and plain
+requests replay the same graph; a row with index -1 is left untouched by the fused kernel.
 """
 
 from __future__ import annotations
@@ -66,24 +66,24 @@ class DecodeGraphs:
         max_blocks: int,
         max_bs: int,
         dummy_slot: int,
-        steer_table: tuple[torch.Tensor, torch.Tensor] | None,
-        steer_width: int,
+        fused_table: tuple[torch.Tensor, torch.Tensor] | None,
+        fused_width: int,
     ) -> None:
         dev = kv_caches[0].device
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
-        self.dummy_slot, self.max_bs, self.width, self.steer_table = (
+        self.dummy_slot, self.max_bs, self.width, self.fused_table = (
             dummy_slot,
             max_bs,
-            steer_width,
-            steer_table,
+            fused_width,
+            fused_table,
         )
         # int64 layout: ids | positions | slots | lens | steer index (max_bs x W) | normalize (max_bs x W)
-        n_int = max_bs * (4 + 2 * steer_width)
+        n_int = max_bs * (4 + 2 * fused_width)
         self.host_int = torch.zeros(n_int, dtype=torch.long, pin_memory=True)
-        self.host_scale = torch.zeros(max_bs, steer_width, dtype=torch.float32, pin_memory=True)
+        self.host_scale = torch.zeros(max_bs, fused_width, dtype=torch.float32, pin_memory=True)
         self.host_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
         self.dev_int = torch.zeros(n_int, dtype=torch.long, device=dev)
-        self.scale = torch.zeros(max_bs, steer_width, dtype=torch.float32, device=dev)
+        self.scale = torch.zeros(max_bs, fused_width, dtype=torch.float32, device=dev)
         self.tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.h = self._views(self.host_int)
         self.d = self._views(self.dev_int)
@@ -107,10 +107,10 @@ class DecodeGraphs:
         d = self.d
         attn = AttentionBatch(d["slots"][:b], [], self.tables[:b], d["lens"][:b], self.block_size)
         hooks = None
-        if self.steer_table is not None:
-            table, mask = self.steer_table
-            steer = SteeringTensors(table, mask, d["index"][:b], self.scale[:b], d["normalize"][:b])
-            hooks = StepHooks([], steer)
+        if self.fused_table is not None:
+            table, mask = self.fused_table
+            tensors = SteeringTensors(table, mask, d["index"][:b], self.scale[:b], d["normalize"][:b])
+            hooks = StepHooks([], tensors)
         hidden = self.model(d["ids"][:b], d["pos"][:b], self.kv_caches, attn, hooks)
         return self.model.compute_logits(hidden)
 
@@ -134,10 +134,10 @@ class DecodeGraphs:
     def run(
         self,
         inputs: DecodeInputs,
-        steer: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         device_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """steer: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
+        """fused: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
         input tokens when they are still on the device (chained steps)."""
         n = len(inputs.ids)
         b = self.bucket(n)
@@ -153,8 +153,8 @@ class DecodeGraphs:
         h["lens"][:n] = torch.from_numpy(inputs.context_lens)
         h["lens"][n:b] = 0
         h["index"][:b] = -1
-        if steer is not None:
-            index, scale, normalize = steer
+        if fused is not None:
+            index, scale, normalize = fused
             w = index.shape[1]
             h["index"][:n, :w] = torch.from_numpy(index)
             h["normalize"][:n, :w] = torch.from_numpy(normalize)

@@ -86,9 +86,16 @@ def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
         q.put_nowait(item)
 
 
-def library_call_in_engine(eng: LLMEngine, fn: Callable[..., T], *args: Any) -> T:
-    """Run a vector-library function where the library lives (the engine process, in process mode)."""
-    return fn(eng.vector_library, *args)
+def plugin_call_in_engine(eng: LLMEngine, name: str, fn: Callable[..., T], *args: Any) -> T:
+    """fn(plugin, *args) where the plugins live (the engine process, in process mode)."""
+    return fn(engine_plugin(eng, name), *args)
+
+
+def engine_plugin(eng: LLMEngine, name: str) -> Any:
+    plugin = eng.registry.plugin(name)
+    if plugin is None:
+        raise LookupError(f"no intervention plugin {name!r} is loaded")
+    return plugin
 
 
 class EngineClient:
@@ -120,9 +127,9 @@ class EngineClient:
         In process mode fn and args are pickled: pass a module-level function."""
         raise NotImplementedError
 
-    async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(vector_library, *args) off the event loop (module-level fn: it may run in the engine
-        process)."""
+    async def plugin_call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(plugin, *args) for the intervention plugin `name` (e.g. to use its `service`), off the
+        event loop: a worker thread, or the engine process in process mode (module-level fn: pickled)."""
         raise NotImplementedError
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:

@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from actserve.interventions.cot_compression.plugin import cot_context
 from actserve.interventions.registry import InterventionRegistry
-from actserve.interventions.steering.library import LIBRARY_KEY, VectorLibrary
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.config import EngineConfig
@@ -65,9 +63,7 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
-        self.vector_library = VectorLibrary(self.model_info, config.steering_vectors_dir)
-        context = {LIBRARY_KEY: self.vector_library, **cot_context(config.cot_compression, self.model_info)}
-        self.registry = InterventionRegistry(self.model_info, context=context)
+        self.registry = InterventionRegistry(self.model_info, options=config.plugin_options)
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)

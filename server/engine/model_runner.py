@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from actserve.interventions.registry import InterventionRegistry
-from actserve.interventions.steering.schema import MAX_VECTORS_PER_REQUEST
 from actserve.server.contract import RowSpan
 from actserve.server.contract.hooks import ResidualHook, StepHooks
 from actserve.server.engine.block_manager import BlockManager, blocks_for
@@ -20,10 +19,6 @@ from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_la
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
-
-# steering columns per row in a CUDA graph: a request's own vectors plus one resident direction (CoT
-# compression shares the steering table), so requests carrying both still replay from graphs
-GRAPH_STEER_COLUMNS = MAX_VECTORS_PER_REQUEST + 1
 
 
 @dataclass
@@ -161,11 +156,12 @@ class ModelRunner:
             # first request of each length); the flash / memory-efficient kernels need none
             torch.backends.cuda.enable_cudnn_sdp(False)
         if device.type == "cuda" and cuda_graph_max_bs > 0:
-            steering = registry.plugins.get("steering")
-            table = (steering.table, steering.layer_mask) if steering is not None else None  # type: ignore[attr-defined]
+            # the fused plugin's table, and per row the columns it and the plugins contributing to it
+            # declare, so requests carrying several of them still replay from graphs
+            table = registry.fused.fused_table() if registry.fused is not None else None
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
-                num_blocks * block_size, table, GRAPH_STEER_COLUMNS,
+                num_blocks * block_size, table, max(1, registry.graph_width()),
             )  # fmt: skip
         if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
             dummy = num_blocks * block_size
@@ -288,14 +284,14 @@ class ModelRunner:
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
             seq.num_computed = p + 1
-        shared, others = self.registry.steering_spans(spans)
-        if self.graphs is not None and not others and self.graphs.bucket(n) is not None:
-            steering = self.registry.plugins["steering"]
-            cols = steering.row_columns(shared, n, need_used=False) if shared else None  # type: ignore[attr-defined]
-            if cols is None or cols.index.shape[1] <= self.graphs.width:
+        groups = self.registry.group_spans(spans)
+        fused = self.registry.fused
+        unfused = [k for k in groups if fused is None or k != fused.name]
+        if self.graphs is not None and not unfused and self.graphs.bucket(n) is not None:
+            cols = fused.fused_columns(groups[fused.name], n) if fused is not None and groups else None
+            if cols is None or cols[0].shape[1] <= self.graphs.width:
                 self.graph_steps += 1
-                steer = (cols.index, cols.scale, cols.normalize) if cols is not None else None
-                return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), steer, device_ids)
+                return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), cols, device_ids)
         self.eager_decode_steps += 1
         hooks = self.registry.step_hooks(spans, n) if spans else None
         dev = self.device

@@ -3,7 +3,7 @@
 The core (server/engine/engine_core_process.py) owns the model; this process keeps the tokenizer, model
 facts and interventions listing it sent at start-up, so tokenization, validation and SSE never wait on
 it. A reader thread receives one message per engine step and hands all its deltas to the event loop in
-one callback; calls (vector library, training, metrics, intervention plans) are RPCs the core runs
+one callback; calls (plugin services, training, metrics, intervention plans) are RPCs the core runs
 between steps. Messages to the core go through a writer thread, so the event loop never blocks on a full
 pipe (a stopped core reads nothing).
 
@@ -35,7 +35,7 @@ from actserve.server.engine.engine_client import (
     EngineClient,
     EngineDeadError,
     EngineStalledError,
-    library_call_in_engine,
+    plugin_call_in_engine,
     unpack_error,
 )
 from actserve.server.engine.engine_core_process import REMOTE_PLAN, engine_core_main
@@ -62,7 +62,7 @@ from actserve.server.engine.watchdog import Progress, process_cpu_clock
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STARTUP_POLL_S = 0.5
-# a call to the core (metrics, vector library, intervention plans) that has no answer after this long
+# a call to the core (metrics, plugin services, intervention plans) that has no answer after this long
 # fails with 503; `run_in_engine` (training) has no such limit, only the stall timeout
 CALL_TIMEOUT_S = 30.0
 STOP_WAIT_S = 10.0  # shutdown: how long the core may take to stop in order before it is killed
@@ -189,9 +189,9 @@ class ProcessEngine(EngineClient):
     async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._rpc(None, lambda call_id: Call(call_id, fn, args))
 
-    async def library_call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def plugin_call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         return await self._rpc(
-            CALL_TIMEOUT_S, lambda call_id: Call(call_id, library_call_in_engine, (fn, *args))
+            CALL_TIMEOUT_S, lambda call_id: Call(call_id, plugin_call_in_engine, (name, fn, *args))
         )
 
     async def prepare_interventions(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
