@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+import numpy as np
+import torch
+
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.server.contract import ModelInfo
 from actserve.server.contract.hooks import StepHooks
@@ -50,6 +53,7 @@ class InterventionRegistry:
     ):
         """`options`: plugin name -> that plugin's options (`EngineConfig.plugin_options`)."""
         classes = plugins if plugins is not None else discover()
+        self.device = model_info.device
         self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
         options = options or {}
         for plugin in self.plugins.values():
@@ -138,15 +142,45 @@ class InterventionRegistry:
         for key, plan in plans.items():
             self.plugins[key].release(plan)
 
+    def row_inputs(self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int) -> dict[str, Any]:
+        """`plugin`'s declared per-row inputs of one step: host arrays pre-filled with each input's `none`,
+        filled by the plugin for its rows, then moved to the model's device (name -> [rows, width])."""
+        if not plugin.row_inputs:
+            return {}
+        arrays = {}
+        for spec in plugin.row_inputs:
+            dtype = torch.empty(0, dtype=spec.dtype).numpy().dtype
+            arrays[spec.name] = np.full((num_rows, spec.width), spec.none, dtype=dtype)
+        plugin.fill_row_inputs(spans, arrays)
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path).
-        The fused plugin's group runs first, then the others in the order the step met them."""
+        The fused plugin's group runs first, then the others in the order the step met them. Each plugin
+        with rows also gets its declared per-row inputs, and may add a logits and a linear-input hook."""
         groups = self.group_spans(spans)
         fused = self.fused.name if self.fused is not None else None
         order = sorted(groups, key=lambda k: k != fused)
         hooks = []
+        logits: list[Any] = []
+        linear: list[Any] = []
         for key in order:
-            hook = self.plugins[key].residual_hook(groups[key], num_rows)
+            plugin = self.plugins[key]
+            hook = plugin.residual_hook(groups[key], num_rows)
             if hook is not None:
                 hooks.append(hook)
-        return StepHooks(hooks) if hooks else None
+            lhook = plugin.logits_hook(groups[key], num_rows)
+            ihook = plugin.linear_hook(groups[key], num_rows)
+            if lhook is None and ihook is None:
+                continue
+            inputs = self.row_inputs(plugin, groups[key], num_rows)
+            if lhook is not None:
+                logits.append((lhook, inputs))
+            if ihook is not None:
+                mask = torch.zeros(num_rows, dtype=torch.bool)
+                for span in groups[key]:
+                    mask[span.start : span.start + span.count] = True
+                linear.append((ihook, inputs, mask.to(self.device)))
+        if not (hooks or logits or linear):
+            return None
+        return StepHooks(hooks, logits=logits, linear=linear)

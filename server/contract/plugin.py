@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from actserve.server.contract.hooks import ResidualHook
+from actserve.server.contract.hooks import LinearInputHook, LogitsHook, ResidualHook, RowInput
 from actserve.server.contract.model_info import ModelInfo
 
 
@@ -63,6 +63,11 @@ class InterventionPlugin(ABC):
     # columns one row of this plugin's plans may take in a fused step (`fused_columns`); the CUDA-graph
     # width is the fused plugin's count plus those of the plugins contributing to it
     graph_columns: ClassVar[int] = 0
+    # fixed-shape per-row inputs this plugin's hooks read (`fill_row_inputs`); the registry packs them
+    # per step and hands them to the hooks through `StepHooks`
+    row_inputs: ClassVar[tuple[RowInput, ...]] = ()
+    # its hooks only read `row_inputs` tensors (no host work per step), so a CUDA graph could replay them
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info
@@ -121,6 +126,18 @@ class InterventionPlugin(ABC):
     @abstractmethod
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> ResidualHook | None:
         """Per-step hook for the rows whose sequences carry a plan of this plugin (None: nothing to do)."""
+
+    def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:  # noqa: B027
+        """Write this step's rows of `spans` into `arrays` (name -> host array [rows, width] per declared
+        `RowInput`, pre-filled with its `none`); rows of other requests must keep `none`."""
+
+    def logits_hook(self, spans: list[RowSpan], num_rows: int) -> LogitsHook | None:
+        """Per-step hook on logits before sampling for these rows (None: nothing to do)."""
+        return None
+
+    def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook | None:
+        """Per-step hook on projection inputs for these rows (None: nothing to do)."""
+        return None
 
     def json_schema(self) -> dict[str, Any]:
         return self.spec_model.model_json_schema()

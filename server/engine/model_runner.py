@@ -249,8 +249,13 @@ class ModelRunner:
             seq.num_computed = seq.num_tokens
         last_rows = torch.tensor([s.start + s.num_queries - 1 for s in slices], device=self.device)
         logits = self.model.compute_logits(hidden[last_rows])
+        logit_hooks = hooks is not None and bool(hooks.logits)
+        if logit_hooks:  # plugins' logits hooks, before sampling (rows without one are untouched)
+            logits = hooks.apply_logits(logits, last_rows)  # type: ignore[union-attr]
         for seq, row0, n in want_prompt_lp:
             plog = self.model.compute_logits(hidden[row0 : row0 + n])
+            if logit_hooks:  # prompt logprobs see the same logits hooks
+                plog = hooks.apply_logits(plog, torch.arange(row0, row0 + n, device=self.device))  # type: ignore[union-attr]
             seq.prompt_logprobs = prompt_logprobs(plog, seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
         return logits
 
@@ -305,7 +310,10 @@ class ModelRunner:
             ctx = [self._slots(seq, int(p) + 1) for seq, p in zip(seqs, pos, strict=True)]
             attn = AttentionBatch(torch.from_numpy(slots), [SeqSlice(i, 1, c) for i, c in enumerate(ctx)])
         hidden = self.model(ids_t, torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        if hooks is not None and hooks.logits:  # plugins' logits hooks, before sampling
+            logits = hooks.apply_logits(logits)
+        return logits
 
     # -- collect mode: the one forward driver for residual reads and teacher-forced measurement -------
     @torch.inference_mode()

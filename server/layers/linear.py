@@ -20,7 +20,7 @@ format is not decided here (no per-row dispatch yet): the model calls `linear(x,
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,11 +253,33 @@ class MergedColumnLinear(LinearBase):
         return self.shards[shard_id]
 
 
-def linear(x: torch.Tensor, layer: LinearBase) -> torch.Tensor:
-    """layer(x) through its primary format, without nn.Module.__call__ (the hot path)."""
+# a projection's input hook of one step (the contract's `LinearInput`): called on the input [rows, in],
+# `row_mask` [rows] bool marks the rows it may change
+InputHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+def linear(x: torch.Tensor, layer: LinearBase, hook: InputHook | None = None) -> torch.Tensor:
+    """layer(x) through its primary format, without nn.Module.__call__ (the hot path); `hook` (a
+    plugin's linear-input hook, None on the plain path) acts on x first."""
+    if hook is not None:
+        x = hook(x)
     return layer.format.apply(layer, x)
 
 
-def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase) -> torch.Tensor:
-    """layer(silu(gate) * up) for a fused [gate | up] input, through the layer's primary format."""
-    return layer.format.apply_silu_mul(layer, gate_up)
+def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, hook: InputHook | None = None) -> torch.Tensor:
+    """layer(silu(gate) * up) for a fused [gate | up] input, through the layer's primary format.
+
+    With `hook`, the input silu(gate) * up is formed explicitly and the hook acts on it. On the CPU that
+    is the fast path itself. On CUDA the fast path never forms it (fused GEMV), so every row is computed
+    on the fast path and only the hook's rows (`hook.row_mask`) take the explicit product: rows without
+    the hook keep the fast path's bits."""
+    if hook is None:
+        return layer.format.apply_silu_mul(layer, gate_up)
+    if gate_up.is_cuda:
+        from actserve.kernels.silu_mul import silu_mul
+
+        fast = layer.format.apply_silu_mul(layer, gate_up)
+        hooked = layer.format.apply(layer, hook(silu_mul(gate_up)))
+        return torch.where(hook.row_mask.unsqueeze(1), hooked, fast)  # type: ignore[attr-defined]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return layer.format.apply(layer, hook(F.silu(gate) * up))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from actserve.server.contract.hooks import StepHooks
+from actserve.server.contract.hooks import LinearInput, StepHooks
 from actserve.server.layers.attention import AttentionBatch, paged_attention
 from actserve.server.layers.linear import Linear, MergedColumnLinear, WeightFormat, linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
@@ -54,9 +54,12 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
+        lin: dict[str, LinearInput] | None = None,
     ) -> torch.Tensor:
+        """`lin`: this layer's linear-input hooks by projection (None: none, the plain path)."""
         t = x.shape[0]
-        q, k, v = linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -72,7 +75,7 @@ class Attention(nn.Module):
         else:
             q, k = rotary(q, k, positions)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
-        return linear(o.reshape(t, -1), self.o_proj)
+        return linear(o.reshape(t, -1), self.o_proj, lin.get("o_proj") if lin is not None else None)
 
 
 class MLP(nn.Module):
@@ -84,8 +87,11 @@ class MLP(nn.Module):
         )
         self.down_proj = Linear(inter, spec.hidden_size, weight_format=_fmt(weight_format))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
+    def forward(self, x: torch.Tensor, lin: dict[str, LinearInput] | None = None) -> torch.Tensor:
+        if lin is None:
+            return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
+        gate_up = linear(x, self.gate_up_proj, lin.get("gate_up_proj"))
+        return silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj"))
 
 
 class DecoderLayer(nn.Module):
@@ -153,10 +159,11 @@ class LlamaForCausalLM(nn.Module):
         residual = self.model.embed_tokens(input_ids)
         x: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
+            lin = hooks.linear_at(i) if hooks is not None else None
             normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks)
-            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch)
+            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch, lin)
             normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
-            x = layer.mlp(normed)
+            x = layer.mlp(normed, lin)
         normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
         return normed
 
