@@ -152,7 +152,7 @@ class InterventionRegistry:
             dtype = torch.empty(0, dtype=spec.dtype).numpy().dtype
             arrays[spec.name] = np.full((num_rows, spec.width), spec.none, dtype=dtype)
         plugin.fill_row_inputs(spans, arrays)
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path).

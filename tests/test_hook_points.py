@@ -186,6 +186,22 @@ def test_plain_rows_bit_identical_to_a_server_without_the_plugins(
         assert (mixed_seen[f"x{i}"][0] - without_seen[f"w{i}"][0]).abs().max().item() > 1e-3, i
 
 
+def test_prompt_logprobs_see_the_logit_bias(eng: LLMEngine, ref: Any, prompts: list[list[int]]) -> None:
+    """The logits hook acts on prompt-logprob rows too: they equal log_softmax(transformers + bias)."""
+    from actserve.server.engine.offline import make_sequences, run_sequences
+
+    prompt, ids, bias = prompts[0], [prompts[0][3], 50], 5.0
+    (seq,) = make_sequences(eng, [prompt], greedy(1, prompt_logprobs=0), [bias_spec(ids, bias)], tag="lp")
+    run_sequences(eng, [seq])
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt])).logits[0].float()
+    logits[:, ids] += bias
+    want = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    assert seq.prompt_logprobs is not None and seq.prompt_logprobs[0] is None
+    got = torch.tensor([t.logprob for t in seq.prompt_logprobs[1:]])
+    assert (got - want).abs().max().item() < 1e-4
+
+
 def test_over_http(tinystories_dir: Path) -> None:
     server = start_server(tinystories_dir)
     try:

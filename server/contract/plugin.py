@@ -136,7 +136,9 @@ class InterventionPlugin(ABC):
         return None
 
     def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook | None:
-        """Per-step hook on projection inputs for these rows (None: nothing to do)."""
+        """Per-step hook on projection inputs for these rows (None: nothing to do). Native models only:
+        the transformers fallback does not call it, so a plugin that needs it refuses in `prepare` when
+        `model_info.implementation != "native"`."""
         return None
 
     def json_schema(self) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class HFRunner:
             ids = torch.tensor([seq.all_token_ids[start:]], device=self.device)
             n = ids.shape[1]
             spans = {k: [RowSpan(plan, 0, n, start, seq.prompt_len)] for k, plan in seq.interventions.items()}
-            self._hooks = self.registry.step_hooks(spans, n) if spans else None
+            hooks = self.registry.step_hooks(spans, n) if spans else None
+            self._hooks = hooks
             try:
                 out = self.model(
                     input_ids=ids,
@@ -80,6 +81,8 @@ class HFRunner:
             finally:
                 self._hooks = None
             logits = out.logits[0].float()
+            if hooks is not None and hooks.logits:  # plugins' logits hooks (all n rows are this sequence's)
+                logits = hooks.apply_logits(logits)
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
                 seq.prompt_logprobs = prompt_logprobs(
                     logits[: seq.prompt_len], seq.prompt_token_ids, seq.params.prompt_logprobs

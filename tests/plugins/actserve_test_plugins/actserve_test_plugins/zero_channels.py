@@ -62,6 +62,8 @@ class ZeroChannelsPlugin(InterventionPlugin):
 
     def prepare(self, spec: BaseModel, param: str) -> Any:
         assert isinstance(spec, ZeroChannelsSpec)
+        if self.model_info.implementation != "native":  # linear-input hooks exist in native models only
+            raise InterventionError("needs the native model implementation", param)
         if not 0 <= spec.layer < self.model_info.num_layers:
             raise InterventionError(f"layer {spec.layer} out of range", f"{param}.layer")
         if any(c < 0 for c in spec.channels):
