@@ -221,3 +221,16 @@ def test_over_http(tinystories_dir: Path) -> None:
         assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
     finally:
         server.stop()
+
+
+def test_transformers_fallback_logits_hook_and_refusal(
+    tinystories_dir: Path, prompts: list[list[int]]
+) -> None:
+    """The fallback runs logits hooks too; a linear-input plugin refuses it (InterventionError)."""
+    from actserve.interventions.base import InterventionError
+
+    fallback = LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, force_transformers=True))
+    (tokens,), _ = ours(fallback, [prompts[1]], [bias_spec([123], 1e4)], tag="hf")
+    assert tokens == [123] * STEPS
+    with pytest.raises(InterventionError):
+        fallback.registry.prepare(zero_spec(1, "down_proj", [1]))
