@@ -234,3 +234,27 @@ def test_transformers_fallback_logits_hook_and_refusal(
     assert tokens == [123] * STEPS
     with pytest.raises(InterventionError):
         fallback.registry.prepare(zero_spec(1, "down_proj", [1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("proj", ["down_proj", "o_proj"])
+def test_cuda_linear_hook_keeps_other_rows_on_the_fast_path(
+    tinystories_dir: Path, prompts: list[list[int]], proj: str
+) -> None:
+    """bf16 on CUDA (eager): plain rows beside a zero-channels row are bit-identical to the same batch
+    without it (down_proj: the fused silu·mul GEMV stays their path); the hooked row matches a float32
+    CPU run of the same request roughly and differs from its plain run."""
+    cuda = LLMEngine(
+        EngineConfig(model=str(tinystories_dir), dtype="bfloat16", enforce_eager=True, num_kv_blocks=256)
+    )
+    z = zero_spec(1, proj, list(range(0, 64, 3)))
+    plain, plain_seen = ours(cuda, prompts, [None] * 4, tag="cp")
+    mixed, mixed_seen = ours(cuda, prompts, [None, z, None, None], tag="cm")
+    for i in (0, 2, 3):
+        assert mixed[i] == plain[i]
+        for a, b in zip(mixed_seen[f"cm{i}"], plain_seen[f"cp{i}"], strict=True):
+            assert torch.equal(a, b), i
+    assert (mixed_seen["cm1"][0] - plain_seen["cp1"][0]).abs().max().item() > 1e-2
+    cpu = LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
+    _, cpu_seen = ours(cpu, [prompts[1]], [z], tag="cc")
+    assert (mixed_seen["cm1"][0].cpu() - cpu_seen["cc0"][0]).abs().max().item() < 0.1
