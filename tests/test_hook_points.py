@@ -236,6 +236,7 @@ def test_transformers_fallback_logits_hook_and_refusal(
         fallback.registry.prepare(zero_spec(1, "down_proj", [1]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("proj", ["down_proj", "o_proj"])
 def test_cuda_linear_hook_keeps_other_rows_on_the_fast_path(
