@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from actserve.interventions import registry as registry_module
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
-from tests.conftest import start_server
+from tests.conftest import ENGINE_MODES, start_server
 from tests.engine_utils import capture_logits, greedy, run
 
 STEPS = 8
@@ -202,8 +202,10 @@ def test_prompt_logprobs_see_the_logit_bias(eng: LLMEngine, ref: Any, prompts: l
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_over_http(tinystories_dir: Path) -> None:
-    server = start_server(tinystories_dir)
+@pytest.mark.parametrize("mode", list(ENGINE_MODES))
+def test_over_http(tinystories_dir: Path, mode: str) -> None:
+    """Thread and process engines: the plugins are listed, forced tokens come back, bad specs are 400s."""
+    server = start_server(tinystories_dir, engine_process=ENGINE_MODES[mode])
     try:
         listed = {d["name"]: d for d in httpx.get(f"{server.url}/v1/interventions").json()["data"]}
         assert set(TEST_PLUGINS) <= set(listed)
