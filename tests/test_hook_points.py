@@ -25,7 +25,7 @@ TEST_PLUGINS = ("test_logit_bias", "test_zero_channels")
 
 @pytest.fixture(scope="module")
 def eng(tinystories_dir: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
+    return LLMEngine(EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=256))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_plain_rows_bit_identical_to_a_server_without_the_plugins(
     monkeypatch.setattr(
         registry_module, "discover", lambda: {k: v for k, v in found.items() if k not in TEST_PLUGINS}
     )
-    bare = LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
+    bare = LLMEngine(EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=256))
     assert not set(TEST_PLUGINS) & set(bare.registry.plugins)
     # the same batch on both servers: plugin rows on the one that has them, plain rows there on the other
     batch = [prompts[0], prompts[1], prompts[3], prompts[2]]
@@ -231,7 +231,9 @@ def test_transformers_fallback_logits_hook_and_refusal(
     """The fallback runs logits hooks too; a linear-input plugin refuses it (InterventionError)."""
     from actserve.interventions.base import InterventionError
 
-    fallback = LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, force_transformers=True))
+    fallback = LLMEngine(
+        EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=64, force_transformers=True)
+    )
     (tokens,), _ = ours(fallback, [prompts[1]], [bias_spec([123], 1e4)], tag="hf")
     assert tokens == [123] * STEPS
     with pytest.raises(InterventionError):
@@ -250,7 +252,7 @@ def test_cuda_linear_hook_keeps_other_rows_on_the_fast_path(
     cuda = LLMEngine(
         EngineConfig(model=str(tinystories_dir), dtype="bfloat16", enforce_eager=True, num_kv_blocks=256)
     )
-    z = zero_spec(1, proj, list(range(0, 64, 3)))
+    z = zero_spec(1, proj, list(range(0, 64, 8)))  # the plugin takes at most 8 channels
     plain, plain_seen = ours(cuda, prompts, [None] * 4, tag="cp")
     mixed, mixed_seen = ours(cuda, prompts, [None, z, None, None], tag="cm")
     for i in (0, 2, 3):
@@ -258,6 +260,7 @@ def test_cuda_linear_hook_keeps_other_rows_on_the_fast_path(
         for a, b in zip(mixed_seen[f"cm{i}"], plain_seen[f"cp{i}"], strict=True):
             assert torch.equal(a, b), i
     assert (mixed_seen["cm1"][0] - plain_seen["cp1"][0]).abs().max().item() > 1e-2
-    cpu = LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
+    cpu = LLMEngine(EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=256))
     _, cpu_seen = ours(cpu, [prompts[1]], [z], tag="cc")
-    assert (mixed_seen["cm1"][0].cpu() - cpu_seen["cc0"][0]).abs().max().item() < 0.1
+    hooked, ref = mixed_seen["cm1"][0].float().cpu(), cpu_seen["cc0"][0]
+    assert ((hooked - ref).norm() / ref.norm()).item() < 0.03  # bf16 vs float32, as the other GPU tests
