@@ -12,7 +12,8 @@ import torch
 
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.server.contract import ModelInfo
-from actserve.server.contract.hooks import StepHooks
+from actserve.server.contract.hooks import BoundHooks, StepHooks
+from actserve.server.contract.weights import FormatRequest
 
 log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"
@@ -154,33 +155,40 @@ class InterventionRegistry:
         plugin.fill_row_inputs(spans, arrays)
         return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
+    def row_mask(self, spans: list[RowSpan], num_rows: int) -> torch.Tensor:
+        """[rows] bool on the model's device: the rows of `spans`."""
+        mask = torch.zeros(num_rows, dtype=torch.bool)
+        for span in spans:
+            mask[span.start : span.start + span.count] = True
+        return mask.to(self.device)
+
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path).
         The fused plugin's group runs first, then the others in the order the step met them. Each plugin
-        with rows also gets its declared per-row inputs, and may add a logits and a linear-input hook."""
+        with hooks beyond a residual one also gets its declared per-row inputs and its rows' mask."""
         groups = self.group_spans(spans)
         fused = self.fused.name if self.fused is not None else None
         order = sorted(groups, key=lambda k: k != fused)
-        hooks = []
-        logits: list[Any] = []
-        linear: list[Any] = []
+        residual: list[Any] = []
+        bound: list[BoundHooks] = []
         for key in order:
             plugin = self.plugins[key]
-            hook = plugin.residual_hook(groups[key], num_rows)
-            if hook is not None:
-                hooks.append(hook)
-            lhook = plugin.logits_hook(groups[key], num_rows)
-            ihook = plugin.linear_hook(groups[key], num_rows)
-            if lhook is None and ihook is None:
+            hooks = plugin.step_hooks(groups[key], num_rows)
+            if hooks.residual is not None:
+                residual.append(hooks.residual)
+                hooks.residual = None
+            if not hooks:
                 continue
             inputs = self.row_inputs(plugin, groups[key], num_rows)
-            if lhook is not None:
-                logits.append((lhook, inputs))
-            if ihook is not None:
-                mask = torch.zeros(num_rows, dtype=torch.bool)
-                for span in groups[key]:
-                    mask[span.start : span.start + span.count] = True
-                linear.append((ihook, inputs, mask.to(self.device)))
-        if not (hooks or logits or linear):
+            bound.append(BoundHooks(hooks, inputs, self.row_mask(groups[key], num_rows)))
+        if not (residual or bound):
             return None
-        return StepHooks(hooks, logits=logits, linear=linear)
+        return StepHooks(residual, plugins=bound)
+
+    def weight_formats(self) -> list[FormatRequest]:
+        """Every plugin's extra weight formats (installed on the model before the first step)."""
+        return [req for plugin in self.plugins.values() for req in plugin.weight_formats()]
+
+    def graph_safe(self) -> list[str]:
+        """Plugins whose rows may replay from decode CUDA graphs besides the fused one's (by name)."""
+        return [n for n, p in self.plugins.items() if p.graph_safe and p is not self.fused]

@@ -22,12 +22,10 @@ from actserve.server.layers.linear import (
     DenseFormat,
     LinearBase,
     MergedColumnLinear,
-    Shard,
-    WeightFormat,
-    copy_rows,
     linear,
     silu_mul_linear,
 )
+from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 from actserve.server.models import registry
 from actserve.server.models.llama import LlamaForCausalLM
 from actserve.server.models.loader import ModelLoadError, after_loading, load_native, load_weights

@@ -1,15 +1,20 @@
 """What interventions and the model layers share, below the engine (docs/architecture.md §1).
 
 Plugins depend on this package (and on actserve.kernels), never on the engine, the API, the models or
-the layers; the layers take their hook protocols from here. It imports nothing else from actserve.server
-(import-linter contracts in pyproject.toml).
+the layers; the layers take their hook protocols and the weight-format base from here. It imports
+nothing else from actserve.server (import-linter contracts in pyproject.toml).
 """
 
 from actserve.server.contract.hooks import (
     PROJECTIONS,
-    LinearInput,
+    AttentionHook,
+    BoundHooks,
     LinearInputHook,
+    LinearSite,
+    LinearWeightsHook,
     LogitsHook,
+    MoEHook,
+    PluginHooks,
     ResidualHook,
     RowInput,
     RowInputs,
@@ -24,21 +29,36 @@ from actserve.server.contract.plugin import (
     RowSpan,
     device_table,
 )
+from actserve.server.contract.weights import (
+    FormatRequest,
+    Shard,
+    WeightFormat,
+    copy_rows,
+)
 
 __all__ = [
+    "AttentionHook",
+    "BoundHooks",
+    "copy_rows",
+    "device_table",
+    "FormatRequest",
     "FusedColumns",
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
-    "LinearInput",
     "LinearInputHook",
+    "LinearSite",
+    "LinearWeightsHook",
     "LogitsHook",
     "ModelInfo",
+    "MoEHook",
+    "PluginHooks",
     "PROJECTIONS",
     "ResidualHook",
     "RowInput",
     "RowInputs",
     "RowSpan",
+    "Shard",
     "StepHooks",
-    "device_table",
+    "WeightFormat",
 ]

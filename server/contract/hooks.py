@@ -56,57 +56,176 @@ class LinearInputHook(Protocol):
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor: ...
 
 
-class LinearInput:
-    """The linear-input hooks of one projection in one step, as the layers call them: `row_mask` [rows]
-    bool says which rows some hook may change (the others must stay on the fast path)."""
+class LinearWeightsHook(Protocol):
+    """Chooses, per row, which of a projection's weight formats its matmul uses (the layer's primary
+    format unless a hook picks another). The formats themselves are installed at start from the plugin's
+    `weight_formats()` (contract/weights.py `FormatRequest`)."""
 
-    def __init__(self, layer: int, proj: str, hooks: list[tuple[LinearInputHook, RowInputs, torch.Tensor]]):
-        self.layer, self.proj, self.hooks = layer, proj, hooks
-        masks = [m for _, _, m in hooks]
-        self.row_mask = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
+    def sites(self) -> dict[tuple[int, str], tuple[str, ...]]:
+        """(layer, projection) -> the format keys this hook may pick there."""
+        ...
+
+    def select(self, layer: int, proj: str, key: str, inputs: RowInputs) -> torch.Tensor:
+        """[rows] bool: the rows whose matmul at this site uses format `key` (False for `none` rows)."""
+        ...
+
+
+class AttentionHook(Protocol):
+    """Which KV blocks a decode row reads, and an observer of KV blocks that fill.
+
+    `select` sees a decode step's block tables [rows, width] int32 (the row's logical blocks in order,
+    the last one partly filled) and context lengths [rows] int32, and returns a table and lengths of the
+    same shapes: a row reads the first `lens[r]` slots of the blocks its new table lists, in order (so a
+    row that keeps blocks b0, b5 of a 6-block context has table [b0, b5, ...] and length
+    bs + fill(b5)). Rows whose inputs are `none` must come back unchanged. Keys carry their rotary
+    position already, so dropping blocks keeps the others' positions."""
+
+    def layers(self) -> set[int]: ...
+
+    def select(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, inputs: RowInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def filled(
+        self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, inputs: RowInputs
+    ) -> None:
+        """After layer `layer` wrote this step's K/V: physical KV blocks `blocks` [k] int64 became full,
+        `rows` [k] int64 the packed row whose sequence owns each (-1 entries: none; k is fixed at decode,
+        one entry per row). `kv_cache` is the layer's [2, slots, kv_heads, head_dim] cache."""
+        ...
+
+
+class MoEHook(Protocol):
+    """Routing of a mixture-of-experts layer: router logits [rows, experts] -> per-row top-k experts and
+    their weights, e.g. to keep rows on experts that are resident (expert placement). Rows whose inputs
+    are `none` must get the model's own routing. No native MoE family calls it yet (they join the model
+    registry with the MoE work); the protocol is fixed here so the plugin side is written once."""
+
+    def layers(self) -> set[int]: ...
+
+    def route(
+        self, layer: int, router_logits: torch.Tensor, top_k: int, inputs: RowInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids [rows, top_k] int64, weights [rows, top_k] float32)."""
+        ...
+
+
+@dataclass
+class PluginHooks:
+    """One plugin's hooks of one step (or of a CUDA graph); any may be None."""
+
+    residual: ResidualHook | None = None
+    logits: LogitsHook | None = None
+    linear: LinearInputHook | None = None
+    weights: LinearWeightsHook | None = None
+    attention: AttentionHook | None = None
+    moe: MoEHook | None = None
+
+    def __bool__(self) -> bool:
+        hooks = (self.residual, self.logits, self.linear, self.weights, self.attention, self.moe)
+        return any(h is not None for h in hooks)
+
+
+@dataclass
+class BoundHooks:
+    """A plugin's hooks with that step's per-row inputs and the rows its plugin owns ([rows] bool)."""
+
+    hooks: PluginHooks
+    inputs: RowInputs
+    rows: torch.Tensor
+
+
+class LinearSite:
+    """What plugins do at one projection of one layer in one step, as the layers call it: input hooks
+    (`__call__` on the input; `row_mask` [rows] bool says which rows they may change, the others must
+    stay on the fast path) and weight-format choices (`choices()`: format key -> [rows] bool)."""
+
+    def __init__(self, layer: int, proj: str) -> None:
+        self.layer, self.proj = layer, proj
+        self.hooks: list[tuple[LinearInputHook, RowInputs, torch.Tensor]] = []
+        self.weights: list[tuple[LinearWeightsHook, RowInputs, tuple[str, ...]]] = []
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def row_mask(self) -> torch.Tensor:
+        if self._mask is None:
+            masks = [m for _, _, m in self.hooks]
+            self._mask = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
+        return self._mask
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for hook, inputs, _ in self.hooks:
             x = hook.apply(self.layer, self.proj, x, inputs)
         return x
 
+    def choices(self) -> list[tuple[str, torch.Tensor]]:
+        """(format key, [rows] bool) per weight-format choice here, in plugin order (a later plugin's
+        choice wins on rows two plugins both pick)."""
+        return [
+            (key, hook.select(self.layer, self.proj, key, inputs))
+            for hook, inputs, keys in self.weights
+            for key in keys
+        ]
+
 
 class StepHooks:
-    """The hooks of one step: at most one fused steering table, generic residual callbacks, and the
-    logits and linear-input hooks with their plugins' per-row inputs."""
+    """The hooks of one step: at most one fused steering table, generic residual callbacks, and every
+    plugin's other hooks with its per-row inputs, sorted by hook point for the layers to call."""
 
     def __init__(
         self,
         residual: list[ResidualHook],
         steer: SteeringTensors | None = None,
-        logits: list[tuple[LogitsHook, RowInputs]] | None = None,
-        linear: list[tuple[LinearInputHook, RowInputs, torch.Tensor]] | None = None,
+        plugins: list[BoundHooks] | None = None,
     ) -> None:
-        """`linear`: (hook, its inputs, row mask [rows] bool of the rows its plugin owns)."""
         self.steer = steer
-        self.logits = logits or []
-        self.linear: dict[int, dict[str, LinearInput]] = {}
-        sites: dict[tuple[int, str], list[tuple[LinearInputHook, RowInputs, torch.Tensor]]] = {}
-        for entry in linear or ():
-            for site in entry[0].sites():
-                sites.setdefault(site, []).append(entry)
-        for (layer, proj), entries in sites.items():
-            self.linear.setdefault(layer, {})[proj] = LinearInput(layer, proj, entries)
+        self.plugins = plugins or []
+        self.logits: list[tuple[LogitsHook, RowInputs]] = []
+        self.linear: dict[int, dict[str, LinearSite]] = {}
+        self.attention: dict[int, list[tuple[AttentionHook, RowInputs]]] = {}
+        self.moe: dict[int, list[tuple[MoEHook, RowInputs]]] = {}
         self.residual: dict[int, list[ResidualHook]] = {}
-        for hook in residual:
+        for hook in residual + [b.hooks.residual for b in self.plugins if b.hooks.residual is not None]:
             tensors = getattr(hook, "tensors", None)
             if isinstance(tensors, SteeringTensors) and self.steer is None:
                 self.steer = tensors
                 continue
             for layer in hook.layers():
                 self.residual.setdefault(layer, []).append(hook)
+        for b in self.plugins:
+            h = b.hooks
+            if h.logits is not None:
+                self.logits.append((h.logits, b.inputs))
+            if h.linear is not None:
+                for layer, proj in h.linear.sites():
+                    self._site(layer, proj).hooks.append((h.linear, b.inputs, b.rows))
+            if h.weights is not None:
+                for (layer, proj), keys in h.weights.sites().items():
+                    self._site(layer, proj).weights.append((h.weights, b.inputs, tuple(keys)))
+            if h.attention is not None:
+                for layer in h.attention.layers():
+                    self.attention.setdefault(layer, []).append((h.attention, b.inputs))
+            if h.moe is not None:
+                for layer in h.moe.layers():
+                    self.moe.setdefault(layer, []).append((h.moe, b.inputs))
+
+    def _site(self, layer: int, proj: str) -> LinearSite:
+        sites = self.linear.setdefault(layer, {})
+        if proj not in sites:
+            sites[proj] = LinearSite(layer, proj)
+        return sites[proj]
 
     def __bool__(self) -> bool:
-        return bool(self.residual) or self.steer is not None or bool(self.logits) or bool(self.linear)
+        plugin_points = self.logits or self.linear or self.attention or self.moe
+        return bool(self.residual or self.steer is not None or plugin_points)
 
-    def linear_at(self, layer: int) -> dict[str, LinearInput] | None:
-        """Layer `layer`'s projections with linear-input hooks (None: none, the plain path)."""
+    def linear_at(self, layer: int) -> dict[str, LinearSite] | None:
+        """Layer `layer`'s projections where some plugin acts (None: none, the plain path)."""
         return self.linear.get(layer)
+
+    def attention_at(self, layer: int) -> list[tuple[AttentionHook, RowInputs]] | None:
+        """Layer `layer`'s attention hooks (None: none, the plain path)."""
+        return self.attention.get(layer)
 
     def apply_logits(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The logits hooks over logits of packed rows `rows` (None: all rows, in order)."""

@@ -17,8 +17,18 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from actserve.server.contract.hooks import LinearInputHook, LogitsHook, ResidualHook, RowInput
+from actserve.server.contract.hooks import (
+    AttentionHook,
+    LinearInputHook,
+    LinearWeightsHook,
+    LogitsHook,
+    MoEHook,
+    PluginHooks,
+    ResidualHook,
+    RowInput,
+)
 from actserve.server.contract.model_info import ModelInfo
+from actserve.server.contract.weights import FormatRequest
 
 
 class InterventionError(ValueError):
@@ -66,7 +76,8 @@ class InterventionPlugin(ABC):
     # fixed-shape per-row inputs this plugin's hooks read (`fill_row_inputs`); the registry packs them
     # per step and hands them to the hooks through `StepHooks`
     row_inputs: ClassVar[tuple[RowInput, ...]] = ()
-    # its hooks only read `row_inputs` tensors (no host work per step), so a CUDA graph could replay them
+    # its `graph_hooks()` act on every site its rows may need and read only `row_inputs` tensors (no host
+    # work per step), so decode steps with its rows replay from CUDA graphs (captured with those hooks)
     graph_safe: ClassVar[bool] = False
 
     def __init__(self, model_info: ModelInfo) -> None:
@@ -140,6 +151,43 @@ class InterventionPlugin(ABC):
         the transformers fallback does not call it, so a plugin that needs it refuses in `prepare` when
         `model_info.implementation != "native"`."""
         return None
+
+    def weights_hook(self, spans: list[RowSpan], num_rows: int) -> LinearWeightsHook | None:
+        """Per-step choice of weight format per row and projection (None: the primary format for all).
+        Native models only, as `linear_hook`; the formats come from `weight_formats()`."""
+        return None
+
+    def weight_formats(self) -> list[FormatRequest]:
+        """Extra weight formats this plugin's rows may use, installed on the named projections at start
+        (before CUDA graphs are captured)."""
+        return []
+
+    def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
+        """Per-step KV-block selection at decode and observer of filled KV blocks (None: nothing to do).
+        Native models only, as `linear_hook`."""
+        return None
+
+    def moe_hook(self, spans: list[RowSpan], num_rows: int) -> MoEHook | None:
+        """Per-step routing of mixture-of-experts layers for these rows (None: the model's routing)."""
+        return None
+
+    def step_hooks(self, spans: list[RowSpan], num_rows: int) -> PluginHooks:
+        """All of this plugin's hooks for one eager step (the per-point methods above)."""
+        return PluginHooks(
+            residual=self.residual_hook(spans, num_rows),
+            logits=self.logits_hook(spans, num_rows),
+            linear=self.linear_hook(spans, num_rows),
+            weights=self.weights_hook(spans, num_rows),
+            attention=self.attention_hook(spans, num_rows),
+            moe=self.moe_hook(spans, num_rows),
+        )
+
+    def graph_hooks(self) -> PluginHooks:
+        """The hooks a decode CUDA graph captures for this plugin (`graph_safe` plugins only): the same
+        kinds as `step_hooks`, but independent of any step's spans (every site its rows may need) and
+        reading only `row_inputs` tensors, so that rows holding `none` stay as they are. Residual hooks
+        other than a fused table cannot be captured."""
+        raise NotImplementedError(f"{self.name} declares graph_safe but does not define graph_hooks()")
 
     def json_schema(self) -> dict[str, Any]:
         return self.spec_model.model_json_schema()

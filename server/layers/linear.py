@@ -21,13 +21,14 @@ format is not decided here (no per-row dispatch yet): the model calls `linear(x,
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from actserve.kernels.gemv_ref import MAX_ROWS
+from actserve.server.contract.hooks import LinearSite
+from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -60,65 +61,6 @@ def dense_silu_mul_linear(
         return dense_linear(silu_mul(gate_up), weight, bias)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, weight, bias)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Where one checkpoint matrix sits in a packed layer: output rows [offset, offset + size)."""
-
-    offset: int
-    size: int
-
-
-class WeightFormat:
-    """How one linear layer stores its weight and computes with it. One instance per layer and format.
-
-    Subclasses implement `create` (register the parameters on the layer, named `self.prefix + ...`),
-    `load_shard` (a checkpoint tensor into one of those parameters) and `apply` (the forward).
-    """
-
-    # False: the checkpoint does not hold this format's tensors; `after_loading` derives them (e.g. a
-    # quantized copy of the dense weight), and the loader does not count them as missing
-    from_checkpoint = True
-    # parameter names (without prefix) that keep their own dtype when the model is cast to --dtype
-    # (e.g. float8 scales); everything else floating-point follows the model dtype
-    fixed_dtype: frozenset[str] = frozenset()
-
-    def __init__(self) -> None:
-        self.prefix = ""
-
-    def create(self, layer: LinearBase, params_dtype: torch.dtype | None) -> None:
-        raise NotImplementedError
-
-    def load_shard(
-        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
-    ) -> None:
-        """Copy checkpoint tensor `loaded` into parameter `name` (unprefixed) of this format, into the
-        rows of `shard` (None: the whole parameter). Raises ValueError on a shape mismatch."""
-        raise NotImplementedError
-
-    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
-        """apply(silu(gate) * up) for x = [gate | up]; a format may fuse the activation into its kernel."""
-        if gate_up.is_cuda:
-            from actserve.kernels.silu_mul import silu_mul
-
-            return self.apply(layer, silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.apply(layer, F.silu(gate) * up)
-
-    def after_loading(self, layer: LinearBase) -> None:
-        """Called once every checkpoint tensor is in (repacking, derived copies)."""
-
-
-def copy_rows(param: torch.Tensor, loaded: torch.Tensor, shard: Shard | None) -> None:
-    dest = param if shard is None else param.narrow(0, shard.offset, shard.size)
-    if dest.shape != loaded.shape:
-        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
-    with torch.no_grad():
-        dest.copy_(loaded)
 
 
 class DenseFormat(WeightFormat):
@@ -253,33 +195,56 @@ class MergedColumnLinear(LinearBase):
         return self.shards[shard_id]
 
 
-# a projection's input hook of one step (the contract's `LinearInput`): called on the input [rows, in],
-# `row_mask` [rows] bool marks the rows it may change
-InputHook = Callable[[torch.Tensor], torch.Tensor]
+def _choose(layer: LinearBase, site: LinearSite, out: torch.Tensor, compute: FormatCall) -> torch.Tensor:
+    """`out` (the primary format's rows) with the rows each weight-format choice at `site` picks taken
+    from that format instead; rows no choice picks keep the primary's bits."""
+    for key, rows in site.choices():
+        alt = compute(layer.formats[key])
+        out = torch.where(rows.unsqueeze(1), alt, out)
+    return out
 
 
-def linear(x: torch.Tensor, layer: LinearBase, hook: InputHook | None = None) -> torch.Tensor:
-    """layer(x) through its primary format, without nn.Module.__call__ (the hot path); `hook` (a
-    plugin's linear-input hook, None on the plain path) acts on x first."""
-    if hook is not None:
-        x = hook(x)
-    return layer.format.apply(layer, x)
+# one format's forward over the site's (hooked) input
+FormatCall = Callable[[WeightFormat], torch.Tensor]
 
 
-def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, hook: InputHook | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
+    """layer(x) through its primary format, without nn.Module.__call__ (the hot path). `site` (what
+    plugins do at this projection this step; None on the plain path): input hooks act on x first, then
+    rows a weight-format choice picks use that format's matmul."""
+    if site is None:
+        return layer.format.apply(layer, x)
+    if site.hooks:
+        x = site(x)
+    out = layer.format.apply(layer, x)
+    if site.weights:
+        out = _choose(layer, site, out, lambda f: f.apply(layer, x))
+    return out
+
+
+def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
     """layer(silu(gate) * up) for a fused [gate | up] input, through the layer's primary format.
 
-    With `hook`, the input silu(gate) * up is formed explicitly and the hook acts on it. On the CPU that
-    is the fast path itself. On CUDA the fast path never forms it (fused GEMV), so every row is computed
-    on the fast path and only the hook's rows (`hook.row_mask`) take the explicit product: rows without
-    the hook keep the fast path's bits."""
-    if hook is None:
+    With input hooks at `site`, the input silu(gate) * up is formed explicitly and the hooks act on it.
+    On the CPU that is the fast path itself. On CUDA the fast path never forms it (fused GEMV), so every
+    row is computed on the fast path and only the hooks' rows (`site.row_mask`) take the explicit
+    product: rows without the hook keep the fast path's bits. Weight-format choices then replace the
+    rows they pick with that format's product."""
+    if site is None:
         return layer.format.apply_silu_mul(layer, gate_up)
+    if not site.hooks:
+        out = layer.format.apply_silu_mul(layer, gate_up)
+        return _choose(layer, site, out, lambda f: f.apply_silu_mul(layer, gate_up))
     if gate_up.is_cuda:
         from actserve.kernels.silu_mul import silu_mul
 
         fast = layer.format.apply_silu_mul(layer, gate_up)
-        hooked = layer.format.apply(layer, hook(silu_mul(gate_up)))
-        return torch.where(hook.row_mask.unsqueeze(1), hooked, fast)  # type: ignore[attr-defined]
-    gate, up = gate_up.chunk(2, dim=-1)
-    return layer.format.apply(layer, hook(F.silu(gate) * up))
+        x = site(silu_mul(gate_up))
+        out = torch.where(site.row_mask.unsqueeze(1), layer.format.apply(layer, x), fast)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = site(F.silu(gate) * up)
+        out = layer.format.apply(layer, x)
+    if site.weights:
+        out = _choose(layer, site, out, lambda f: f.apply(layer, x))
+    return out

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from actserve.server.contract.hooks import LinearInput, StepHooks
+from actserve.server.contract.hooks import LinearSite, StepHooks
 from actserve.server.layers.attention import AttentionBatch, paged_attention
 from actserve.server.layers.linear import Linear, MergedColumnLinear, WeightFormat, linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
@@ -54,9 +54,9 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
-        lin: dict[str, LinearInput] | None = None,
+        lin: dict[str, LinearSite] | None = None,
     ) -> torch.Tensor:
-        """`lin`: this layer's linear-input hooks by projection (None: none, the plain path)."""
+        """`lin`: what plugins do at this layer's projections (None: nothing, the plain path)."""
         t = x.shape[0]
         qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -87,7 +87,7 @@ class MLP(nn.Module):
         )
         self.down_proj = Linear(inter, spec.hidden_size, weight_format=_fmt(weight_format))
 
-    def forward(self, x: torch.Tensor, lin: dict[str, LinearInput] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lin: dict[str, LinearSite] | None = None) -> torch.Tensor:
         if lin is None:
             return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
         gate_up = linear(x, self.gate_up_proj, lin.get("gate_up_proj"))

@@ -1,0 +1,92 @@
+"""Weight formats: how a linear layer stores its matrix and computes with it (docs/architecture.md §5).
+
+The base class sits in the contract so that the layers (`server/layers/linear.py`, `DenseFormat`) and
+plugins (a format a plugin brings, e.g. a quantized copy) share one definition. A plugin asks for extra
+formats on chosen projections with `FormatRequest`s; the engine installs them before the first step, and
+the plugin's `LinearWeightsHook` picks, per row, which format a projection's matmul uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# the layer a format belongs to: a `LinearBase` of server/layers/linear.py (the contract cannot import it)
+LinearBase = Any
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where one checkpoint matrix sits in a packed layer: output rows [offset, offset + size)."""
+
+    offset: int
+    size: int
+
+
+class WeightFormat:
+    """How one linear layer stores its weight and computes with it. One instance per layer and format.
+
+    Subclasses implement `create` (register the parameters on the layer, named `self.prefix + ...`),
+    `load_shard` (a checkpoint tensor into one of those parameters) and `apply` (the forward). The layer
+    (`LinearBase`) has `input_size`, `output_size`, `has_bias`, `weight`/`bias` (its primary format's
+    parameters when dense) and `register_parameter`.
+    """
+
+    # False: the checkpoint does not hold this format's tensors; `after_loading` derives them (e.g. a
+    # quantized copy of the dense weight), and the loader does not count them as missing
+    from_checkpoint = True
+    # parameter names (without prefix) that keep their own dtype when the model is cast to --dtype
+    # (e.g. float8 scales); everything else floating-point follows the model dtype
+    fixed_dtype: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.prefix = ""
+
+    def create(self, layer: LinearBase, params_dtype: torch.dtype | None) -> None:
+        raise NotImplementedError
+
+    def load_shard(
+        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
+    ) -> None:
+        """Copy checkpoint tensor `loaded` into parameter `name` (unprefixed) of this format, into the
+        rows of `shard` (None: the whole parameter). Raises ValueError on a shape mismatch."""
+        raise NotImplementedError
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
+        """apply(silu(gate) * up) for x = [gate | up]; a format may fuse the activation into its kernel."""
+        if gate_up.is_cuda:
+            from actserve.kernels.silu_mul import silu_mul
+
+            return self.apply(layer, silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.apply(layer, F.silu(gate) * up)
+
+    def after_loading(self, layer: LinearBase) -> None:
+        """Called once every checkpoint tensor is in (repacking, derived copies)."""
+
+
+def copy_rows(param: torch.Tensor, loaded: torch.Tensor, shard: Shard | None) -> None:
+    dest = param if shard is None else param.narrow(0, shard.offset, shard.size)
+    if dest.shape != loaded.shape:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(loaded)
+
+
+@dataclass(frozen=True)
+class FormatRequest:
+    """A plugin's request for one more weight format on some projections: at start, every
+    (layer, projection) in `sites` gets `make()` under `key` (its parameters prefixed `key_`), derived
+    in its `after_loading` from the loaded layer (it is not in the checkpoint)."""
+
+    key: str
+    sites: frozenset[tuple[int, str]]
+    make: Callable[[], WeightFormat]
