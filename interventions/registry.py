@@ -143,24 +143,35 @@ class InterventionRegistry:
         for key, plan in plans.items():
             self.plugins[key].release(plan)
 
-    def row_inputs(self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int) -> dict[str, Any]:
-        """`plugin`'s declared per-row inputs of one step: host arrays pre-filled with each input's `none`,
-        filled by the plugin for its rows, then moved to the model's device (name -> [rows, width])."""
-        if not plugin.row_inputs:
-            return {}
+    def host_row_inputs(
+        self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int
+    ) -> dict[str, np.ndarray]:
+        """`plugin`'s declared per-row inputs of one step on the host: arrays [rows, width] pre-filled
+        with each input's `none`, then filled by the plugin for its rows."""
         arrays = {}
         for spec in plugin.row_inputs:
             dtype = torch.empty(0, dtype=spec.dtype).numpy().dtype
             arrays[spec.name] = np.full((num_rows, spec.width), spec.none, dtype=dtype)
-        plugin.fill_row_inputs(spans, arrays)
+        if arrays:
+            plugin.fill_row_inputs(spans, arrays)
+        return arrays
+
+    def row_inputs(self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int) -> dict[str, Any]:
+        """`host_row_inputs` on the model's device (name -> [rows, width])."""
+        arrays = self.host_row_inputs(plugin, spans, num_rows)
         return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
-    def row_mask(self, spans: list[RowSpan], num_rows: int) -> torch.Tensor:
-        """[rows] bool on the model's device: the rows of `spans`."""
-        mask = torch.zeros(num_rows, dtype=torch.bool)
+    @staticmethod
+    def host_row_mask(spans: list[RowSpan], num_rows: int) -> np.ndarray:
+        """[rows] bool on the host: the rows of `spans`."""
+        mask = np.zeros(num_rows, dtype=bool)
         for span in spans:
             mask[span.start : span.start + span.count] = True
-        return mask.to(self.device)
+        return mask
+
+    def row_mask(self, spans: list[RowSpan], num_rows: int) -> torch.Tensor:
+        """`host_row_mask` on the model's device."""
+        return torch.from_numpy(self.host_row_mask(spans, num_rows)).to(self.device)
 
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path).
@@ -189,6 +200,9 @@ class InterventionRegistry:
         """Every plugin's extra weight formats (installed on the model before the first step)."""
         return [req for plugin in self.plugins.values() for req in plugin.weight_formats()]
 
-    def graph_safe(self) -> list[str]:
-        """Plugins whose rows may replay from decode CUDA graphs besides the fused one's (by name)."""
-        return [n for n, p in self.plugins.items() if p.graph_safe and p is not self.fused]
+    def graph_safe(self) -> list[InterventionPlugin]:
+        """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph
+        hooks); a contributor to the fused plugin rides on its table instead."""
+        return [
+            p for n, p in self.plugins.items() if p.graph_safe and p is not self.fused and self.owner(n) == n
+        ]

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +28,15 @@ def tinystories_dir() -> Path:
     if not (TINYSTORIES / "model.safetensors").exists():
         pytest.fail(f"TinyStories-656K not found at {TINYSTORIES} (it is part of the repository)")
     return TINYSTORIES
+
+
+@pytest.fixture(scope="session")
+def ref(tinystories_dir: Path) -> Any:
+    """transformers' own TinyStories model in float32, the reference most tests compare against; shared
+    by the session, so a test that registers hooks on it removes them (try/finally)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
 def save_random_model(config: object, path: Path, seed: int = 0) -> Path:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from actserve.interventions.base import InterventionError
 from actserve.interventions.cot_compression.artifact import (
@@ -114,11 +114,6 @@ def tok(tinystories_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def plain(tinystories_dir: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
 
@@ -196,12 +191,14 @@ def hf_last(ref: Any, texts: list[list[int]], layer: int) -> tuple[torch.Tensor,
         lambda _m, _i, out: hooked.append((out[0] if isinstance(out, tuple) else out)[0, -1])
     )
     after, before = [], []
-    with torch.no_grad():
-        for ids in texts:
-            hs = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states
-            after.append(hs[layer + 1][0, -1])
-            before.append(hs[layer][0, -1])
-    handle.remove()
+    try:
+        with torch.no_grad():
+            for ids in texts:
+                hs = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states
+                after.append(hs[layer + 1][0, -1])
+                before.append(hs[layer][0, -1])
+    finally:
+        handle.remove()
     return torch.stack(after).double(), torch.stack(before).double(), torch.stack(hooked).double()
 
 
@@ -243,9 +240,11 @@ def test_solution_mean_direction_matches_transformers(plain: LLMEngine, ref: Any
                 handle = ref.model.layers[layer].register_forward_hook(
                     lambda _m, _i, out, seen=seen: seen.append(out[0] if isinstance(out, tuple) else out)
                 )
-                with torch.no_grad():
-                    ref(torch.tensor([ids]))
-                handle.remove()
+                try:
+                    with torch.no_grad():
+                        ref(torch.tensor([ids]))
+                finally:
+                    handle.remove()
                 means[style].append(seen[0][0, k:].double().mean(0))
         want = torch.stack(means["concise"]).mean(0) - torch.stack(means["verbose"]).mean(0)
         d = got[layer].direction.double()
@@ -679,8 +678,10 @@ def test_kl_meter_matches_transformers(eng: LLMEngine, ref: Any, art: AscArtifac
         with torch.no_grad():
             base = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
             handle = ref.model.layers[art.layer].register_forward_hook(hook)
-            steered = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
-            handle.remove()
+            try:
+                steered = torch.log_softmax(ref(ids).logits[0, p : len(ids[0]) - 1].float(), -1)
+            finally:
+                handle.remove()
         total += float((steered.exp() * (steered - base)).sum())
         count += base.shape[0]
         sums.append(float((steered.exp() * (steered - base)).sum()))

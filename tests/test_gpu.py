@@ -227,3 +227,55 @@ def test_default_model_on_gpu_matches_transformers() -> None:
                 n = min(len(a), len(b))
                 assert a[:n] == b[:n] and n > 0
         del eng
+
+
+def test_graph_safe_plugins_replay_from_graphs(tinystories_dir: Path, tmp_path: Path) -> None:
+    """A batch mixing steering, CoT compression and the graph-safe test plugins (installed through the
+    entry-point group) replays every decode step from CUDA graphs (0 eager steps), and every row gets
+    the tokens of the eager path; plain rows beside them are bit-identical to a batch without them."""
+    from actserve.interventions.cot_compression.artifact import AscArtifact, save_artifact
+    from tests.engine_utils import capture_logits, greedy, run
+
+    g = torch.Generator().manual_seed(3)
+    art = AscArtifact(torch.randn(128, generator=g) * 4, layer=1, num_layers=2, model="tinystories",
+                      gammas=[0.5, 1.0], kls=[0.1, 0.3])  # fmt: skip
+    save_artifact(art, tmp_path / "asc.safetensors")
+    kw = {"plugin_options": {"cot_compression": {"artifact": str(tmp_path / "asc.safetensors")}}}
+    fast, slow = _engine(tinystories_dir, eager=False, **kw), _engine(tinystories_dir, eager=True, **kw)
+    d = (torch.randn(128, generator=g) * 4).tolist()
+    specs: list[dict | None] = [
+        None,
+        {"steering": {"vectors": [{"directions": {"0": d}, "scale": 2.0}]}},
+        {"cot_compression": {"strength": 4.0}},
+        {"test_logit_bias": {"token_ids": [11, 13], "bias": 3.0}},
+        {"test_zero_channels": {"layer": 1, "projection": "down_proj", "channels": [0, 8, 16]}},
+        {"steering": {"vectors": [{"directions": {"1": d}, "scale": 1.0}]},
+         "test_logit_bias": {"token_ids": [5], "bias": 2.0}},
+        None,
+    ]  # fmt: skip
+    for name in fast.registry.plugins:  # the other graph-safe test plugins, where installed
+        extra = GRAPH_SAFE_EXTRA.get(name)
+        if extra is not None:
+            specs.append({name: extra})
+    prompts = _prompts(tinystories_dir, len(specs))
+    eager0, graph0 = fast.runner.eager_decode_steps, fast.runner.graph_steps
+    with capture_logits() as seen:
+        a = run(fast, prompts, greedy(24, min_tokens=24), interventions=specs, tag="g")
+        plain = run(fast, prompts, greedy(24, min_tokens=24), tag="p")
+    assert fast.runner.eager_decode_steps == eager0
+    assert fast.runner.graph_steps > graph0
+    b = run(slow, prompts, greedy(24, min_tokens=24), interventions=specs)
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    assert same >= len(specs) - 1, f"graph vs eager: {same}/{len(specs)} rows identical"
+    for i in (0, 6):  # the plain rows
+        assert a[i] == plain[i]
+        for x, y in zip(seen[f"g{i}"], seen[f"p{i}"], strict=True):
+            assert torch.equal(x, y), i
+    assert len({tuple(x) for x in a[1:]}) > 1
+
+
+# graph-safe test plugins added beside the first two: a spec of each for the mixed-batch graph test
+GRAPH_SAFE_EXTRA: dict[str, dict] = {
+    "test_kv_window": {"first": 1, "last": 1},
+    "test_perturbed_weights": {"layer": 1, "projection": "gate_up_proj"},
+}

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from actserve.interventions import registry as registry_module
 from actserve.server.engine.config import EngineConfig
@@ -26,11 +26,6 @@ TEST_PLUGINS = ("test_logit_bias", "test_zero_channels")
 @pytest.fixture(scope="module")
 def eng(tinystories_dir: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=256))
-
-
-@pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

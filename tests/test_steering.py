@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from actserve.interventions.base import InterventionError
 from actserve.server.engine.config import EngineConfig
@@ -23,11 +23,6 @@ TEXTS = ["Once upon a time, there was a", "The dog was happy because", "Sam saw 
 @pytest.fixture(scope="module")
 def eng(tinystories_dir: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
-
-
-@pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from actserve.interventions.base import InterventionError, RowSpan
 from actserve.interventions.steering.plugin import PreparedVector, row_ranges
@@ -19,11 +19,6 @@ from tests.test_steering import TEXTS, Edit, assert_matches, direction, ours, sp
 @pytest.fixture(scope="module")
 def eng(tinystories_dir: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=256))
-
-
-@pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

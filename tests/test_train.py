@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from actserve.interventions.steering.train import TrainingError, train_vector
 from actserve.server.engine.config import EngineConfig
@@ -44,21 +43,18 @@ def eng(tinystories_dir: Path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tinystories_dir), num_kv_blocks=128))
 
 
-@pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
-
-
 def hooked(ref: Any, tok: Any, texts: list[str], layer: int, position: str) -> np.ndarray:
     """float64 [len(texts), hidden]: what a forward hook on transformers' model.layers[layer] sees."""
     seen: list[torch.Tensor] = []
     handle = ref.model.layers[layer].register_forward_hook(
         lambda _m, _i, out: seen.append((out[0] if isinstance(out, tuple) else out)[0].double())
     )
-    with torch.no_grad():
-        for text in texts:
-            ref(torch.tensor([tok.encode(text)]))
-    handle.remove()
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ref(torch.tensor([tok.encode(text)]))
+    finally:
+        handle.remove()
     return np.stack([(h[-1] if position == "last" else h.mean(0)).numpy() for h in seen])
 
 

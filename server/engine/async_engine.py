@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from prometheus_client import generate_latest
@@ -30,6 +31,7 @@ from actserve.server.engine.engine_client import (
     plugin_call_in_engine,
 )
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.engine.messages import Abort, Add, Stop
 from actserve.server.engine.sequence import Sequence
 from actserve.server.engine.watchdog import Progress, thread_cpu_clock
 
@@ -68,6 +70,21 @@ def make_engine(config: EngineConfig) -> EngineClient:
     return AsyncEngine.from_config(config)
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadCall:
+    """`run_in_engine` in thread mode: fn(engine, *args) on the engine thread, settled on `loop`. The
+    process engine's `Call` carries an id instead (a loop and a future do not cross processes)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+# what the event loop sends the engine thread (the typed messages of engine/messages.py, and ThreadCall)
+Command = Add | Abort | ThreadCall | Stop
+
+
 class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine) -> None:
         super().__init__()
@@ -76,7 +93,7 @@ class AsyncEngine(EngineClient):
         self.tokenizer = engine.tokenizer
         self.model_info = engine.model_info
         self.max_model_len = engine.max_model_len
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actserve-engine", daemon=True)
         self._thread.start()
@@ -90,16 +107,16 @@ class AsyncEngine(EngineClient):
 
     # -- event-loop side ------------------------------------------------------------------------------
     def _submit(self, seq: Sequence) -> None:
-        self._commands.put(("add", seq))
+        self._commands.put(Add(seq))
 
     def abort(self, seq_id: str) -> None:
-        self._commands.put(("abort", seq_id))
+        self._commands.put(Abort(seq_id))
 
     async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
         self._check_alive()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._commands.put(("call", (fn, args, loop, future)))
+        self._commands.put(ThreadCall(fn, args, loop, future))
         return await future
 
     async def plugin_call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -126,31 +143,31 @@ class AsyncEngine(EngineClient):
     def shutdown(self) -> None:
         self._stop_watching()
         self._stop.set()
-        self._commands.put(("noop", None))
+        self._commands.put(Stop())
         self._thread.join(timeout=10)
 
     # -- engine-thread side ---------------------------------------------------------------------------
     def _drain(self, block: bool) -> None:
         try:
-            cmd, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+            cmd = self._commands.get(block=block, timeout=0.5 if block else None)
         except queue.Empty:
             return
         while True:
-            if cmd == "add":
+            if isinstance(cmd, Add):
                 try:
-                    self.engine.add(arg)
+                    self.engine.add(cmd.seq)
                 except Exception as e:  # noqa: BLE001 - reported to that request only
-                    self.engine.registry.release(arg.interventions)
-                    self._deliver(e, arg.seq_id)
-            elif cmd == "abort":
+                    self.engine.registry.release(cmd.seq.interventions)
+                    self._deliver(e, cmd.seq.seq_id)
+            elif isinstance(cmd, Abort):
                 try:
-                    self.engine.abort(arg)
+                    self.engine.abort(cmd.seq_id)
                 except Exception:  # noqa: BLE001 - its client is gone already; keep serving the others
-                    log.exception("aborting %s failed", arg)
-            elif cmd == "call":
-                self._call(*arg)
+                    log.exception("aborting %s failed", cmd.seq_id)
+            elif isinstance(cmd, ThreadCall):
+                self._call(cmd.fn, cmd.args, cmd.loop, cmd.future)
             try:
-                cmd, arg = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
 
@@ -186,9 +203,9 @@ class AsyncEngine(EngineClient):
             self._fail_all(e)
             while True:  # calls queued behind the failure get the error too, not a hang
                 try:
-                    cmd, arg = self._commands.get_nowait()
+                    cmd = self._commands.get_nowait()
                 except queue.Empty:
                     return
-                if cmd == "call":
+                if isinstance(cmd, ThreadCall):
                     dead = EngineDeadError(f"engine stopped: {e}")
-                    arg[2].call_soon_threadsafe(_settle, arg[3], None, dead)
+                    cmd.loop.call_soon_threadsafe(_settle, cmd.future, None, dead)

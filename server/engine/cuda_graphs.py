@@ -1,9 +1,15 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket and plugin variant.
 
 Every per-step input is a static device buffer (token ids, positions, KV slots, context lengths, block
 tables, and the fused table's per-row columns: slot index, scale, normalize, e.g. steering's), filled
 from pinned host buffers with three asynchronous copies per step. Batches mixing steered and plain
 requests replay the same graph; a row with index -1 is left untouched by the fused kernel.
+
+Graph-safe plugins (docs/architecture.md §6) get static buffers built from their `row_inputs`
+declarations plus a row mask, and a *variant* of the graphs captured with their `graph_hooks()`: the
+plain variant (no such plugin in the step) is captured at start for every bucket; a step whose rows carry
+graph-safe plugins replays the variant of exactly that set, captured the first time that set meets that
+bucket (at most `MAX_VARIANTS` sets), so plain and steering-only steps never pay for hooks they lack.
 """
 
 from __future__ import annotations
@@ -16,10 +22,20 @@ import numpy as np
 import torch
 
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
-from actserve.server.contract.hooks import StepHooks
+from actserve.server.contract.hooks import BoundHooks, PluginHooks, StepHooks
+from actserve.server.contract.plugin import InterventionPlugin
 from actserve.server.layers.attention import AttentionBatch
 
 log = logging.getLogger(__name__)
+
+# graph variants beyond the plain one (sets of graph-safe plugins met in steps); later sets run eager
+MAX_VARIANTS = 8
+
+# the graph-safe plugins of a step, by name, sorted: which variant of the graphs replays it
+Variant = tuple[str, ...]
+
+# one plugin's host inputs of a step: (name -> [rows, width] array per declared RowInput, row mask [rows])
+HostRows = tuple[dict[str, np.ndarray], np.ndarray]
 
 
 def bucket_sizes(max_bs: int) -> list[int]:
@@ -57,6 +73,48 @@ class DecodeInputs:
     context_lens: np.ndarray  # int64 [B]
 
 
+class GraphPlugin:
+    """A graph-safe plugin as the graphs see it: the hooks they capture and its static per-row inputs
+    (device buffers [max_bs, width] per declared RowInput, a row mask, pinned host twins)."""
+
+    def __init__(self, plugin: InterventionPlugin, max_bs: int, device: torch.device) -> None:
+        self.name, self.specs = plugin.name, plugin.row_inputs
+        self.hooks: PluginHooks = plugin.graph_hooks()
+        if self.hooks.residual is not None:
+            raise ValueError(
+                f"plugin {plugin.name}: graph_hooks() cannot hold a residual hook (not capturable)"
+            )
+        self.host = {
+            r.name: torch.full((max_bs, r.width), r.none, dtype=r.dtype).pin_memory() for r in self.specs
+        }
+        self.dev = {
+            r.name: torch.full((max_bs, r.width), r.none, dtype=r.dtype, device=device) for r in self.specs
+        }
+        self.host_rows = torch.zeros(max_bs, dtype=torch.bool, pin_memory=True)
+        self.dev_rows = torch.zeros(max_bs, dtype=torch.bool, device=device)
+
+    def reset(self) -> None:
+        """Every row `none` on the device (what a capture's warm-up reads)."""
+        for spec in self.specs:
+            self.dev[spec.name].fill_(spec.none)
+        self.dev_rows.fill_(False)
+
+    def stage(self, rows: HostRows, n: int, b: int) -> None:
+        """Copy this step's n rows (padding rows up to bucket b: `none`, not owned) to the device."""
+        arrays, mask = rows
+        for spec in self.specs:
+            host = self.host[spec.name]
+            host[:n] = torch.from_numpy(arrays[spec.name])
+            host[n:b] = spec.none
+            self.dev[spec.name][:b].copy_(host[:b], non_blocking=True)
+        self.host_rows[:n] = torch.from_numpy(mask)
+        self.host_rows[n:b] = False
+        self.dev_rows[:b].copy_(self.host_rows[:b], non_blocking=True)
+
+    def bound(self, b: int) -> BoundHooks:
+        return BoundHooks(self.hooks, {k: v[:b] for k, v in self.dev.items()}, self.dev_rows[:b])
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -68,7 +126,9 @@ class DecodeGraphs:
         dummy_slot: int,
         fused_table: tuple[torch.Tensor, torch.Tensor] | None,
         fused_width: int,
+        graph_safe: list[InterventionPlugin] | None = None,
     ) -> None:
+        """`graph_safe`: plugins (besides the fused one) whose rows may replay from graph variants."""
         dev = kv_caches[0].device
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.dummy_slot, self.max_bs, self.width, self.fused_table = (
@@ -87,7 +147,10 @@ class DecodeGraphs:
         self.tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.h = self._views(self.host_int)
         self.d = self._views(self.dev_int)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.plugins = {p.name: GraphPlugin(p, max_bs, dev) for p in graph_safe or ()}
+        self.graphs: dict[tuple[Variant, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.variants: set[Variant] = {()}
+        self.pool: object = None
         self.copied = torch.cuda.Event()  # the last step's host-to-device copies
         self.buckets = bucket_sizes(max_bs)
         self._capture()
@@ -103,45 +166,74 @@ class DecodeGraphs:
             "normalize": buf[4 * b + b * w :].view(b, w),
         }
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, variant: Variant = ()) -> torch.Tensor:
         d = self.d
         attn = AttentionBatch(d["slots"][:b], [], self.tables[:b], d["lens"][:b], self.block_size)
-        hooks = None
+        tensors = None
         if self.fused_table is not None:
             table, mask = self.fused_table
             tensors = SteeringTensors(table, mask, d["index"][:b], self.scale[:b], d["normalize"][:b])
-            hooks = StepHooks([], tensors)
+        bound = [self.plugins[name].bound(b) for name in variant]
+        hooks = StepHooks([], tensors, plugins=bound) if tensors is not None or bound else None
         hidden = self.model(d["ids"][:b], d["pos"][:b], self.kv_caches, attn, hooks)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        if hooks is not None and hooks.logits:
+            logits = hooks.apply_logits(logits)
+        return logits
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
+    def _reset_inputs(self) -> None:
+        """Static inputs every capture's warm-up may read safely: scratch slots, no plugin rows."""
         d = self.d
         d["slots"].fill_(self.dummy_slot)
         d["index"].fill_(-1)
         d["lens"].fill_(1)  # warm-up reads one (scratch) slot per row
         self.tables.fill_(self.dummy_slot // self.block_size)
+        for gp in self.plugins.values():
+            gp.reset()
+
+    def _capture_one(self, variant: Variant, b: int) -> None:
+        self.graphs[(variant, b)] = capture_graph(lambda: self._forward(b, variant), self.pool)
+        self.pool = self.graphs[(variant, b)][0].pool()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self._reset_inputs()
         for b in reversed(self.buckets):
-            self.graphs[b] = capture_graph(lambda b=b: self._forward(b), pool)
-            pool = self.graphs[b][0].pool()
+            self._capture_one((), b)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def bucket(self, n: int) -> int | None:
         return smallest_bucket(self.buckets, n)
 
+    def takes(self, names: list[str]) -> bool:
+        """Whether a step whose rows carry plugins `names` (besides the fused one) can replay a graph:
+        each is graph-safe and their set has a variant or the variant budget has room."""
+        variant = tuple(sorted(names))
+        if any(n not in self.plugins for n in variant):
+            return False
+        return variant in self.variants or len(self.variants) <= MAX_VARIANTS
+
     def run(
         self,
         inputs: DecodeInputs,
         fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         device_ids: torch.Tensor | None = None,
+        plugin_rows: dict[str, HostRows] | None = None,
     ) -> torch.Tensor:
         """fused: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
-        input tokens when they are still on the device (chained steps)."""
+        input tokens when they are still on the device (chained steps). plugin_rows: graph-safe plugin
+        name -> its host inputs of the step; the names pick the variant (check `takes` first)."""
         n = len(inputs.ids)
         b = self.bucket(n)
         assert b is not None
+        variant: Variant = tuple(sorted(plugin_rows)) if plugin_rows else ()
+        if (variant, b) not in self.graphs:  # the first step of this plugin set at this bucket
+            torch.cuda.synchronize()  # nothing in flight reads the static inputs the warm-up overwrites
+            self._reset_inputs()
+            self._capture_one(variant, b)
+            self.variants.add(variant)
+            log.info("captured a decode CUDA graph for plugins %s at batch size %d", list(variant), b)
         # a chained step is launched before the previous one's copies have surely run on the device:
         # wait for them before overwriting the pinned buffers they read (normally long done)
         self.copied.synchronize()
@@ -164,9 +256,12 @@ class DecodeGraphs:
         self.dev_int.copy_(self.host_int, non_blocking=True)
         self.scale.copy_(self.host_scale, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
+        for name in variant:
+            assert plugin_rows is not None
+            self.plugins[name].stage(plugin_rows[name], n, b)
         self.copied.record()
         if device_ids is not None:
             self.d["ids"][:n].copy_(device_ids)
-        graph, out = self.graphs[b]
+        graph, out = self.graphs[(variant, b)]
         graph.replay()
         return out[:n]

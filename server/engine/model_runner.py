@@ -126,7 +126,7 @@ class ModelRunner:
 
     CPU: one packed forward per step (prefills and decodes together). CUDA: fresh prefills in one eager
     forward (SDPA), decode rows through the paged-decode kernel, replayed from CUDA graphs when every
-    intervention in the step is steering (the fused kind)."""
+    intervention in the step is fused (steering and its contributors) or graph-safe."""
 
     def __init__(
         self,
@@ -161,7 +161,7 @@ class ModelRunner:
             table = registry.fused.fused_table() if registry.fused is not None else None
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
-                num_blocks * block_size, table, max(1, registry.graph_width()),
+                num_blocks * block_size, table, max(1, registry.graph_width()), registry.graph_safe(),
             )  # fmt: skip
         if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
             dummy = num_blocks * block_size
@@ -291,12 +291,19 @@ class ModelRunner:
             seq.num_computed = p + 1
         groups = self.registry.group_spans(spans)
         fused = self.registry.fused
-        unfused = [k for k in groups if fused is None or k != fused.name]
-        if self.graphs is not None and not unfused and self.graphs.bucket(n) is not None:
-            cols = fused.fused_columns(groups[fused.name], n) if fused is not None and groups else None
-            if cols is None or cols[0].shape[1] <= self.graphs.width:
+        others = [k for k in groups if fused is None or k != fused.name]
+        graphs = self.graphs
+        if graphs is not None and graphs.bucket(n) is not None and graphs.takes(others):
+            mine = groups.get(fused.name) if fused is not None else None
+            cols = fused.fused_columns(mine, n) if fused is not None and mine else None
+            if cols is None or cols[0].shape[1] <= graphs.width:
+                reg = self.registry
+                rows = {
+                    k: (reg.host_row_inputs(reg.plugins[k], groups[k], n), reg.host_row_mask(groups[k], n))
+                    for k in others
+                }
                 self.graph_steps += 1
-                return self.graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), cols, device_ids)
+                return graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), cols, device_ids, rows)
         self.eager_decode_steps += 1
         hooks = self.registry.step_hooks(spans, n) if spans else None
         dev = self.device

@@ -12,6 +12,7 @@ from actserve.interventions.base import (
     InterventionError,
     InterventionPlugin,
     LogitsHook,
+    PluginHooks,
     RowInput,
     RowInputs,
     RowSpan,
@@ -63,3 +64,6 @@ class LogitBiasPlugin(InterventionPlugin):
 
     def logits_hook(self, spans: list[RowSpan], num_rows: int) -> LogitsHook:
         return _Hook()
+
+    def graph_hooks(self) -> PluginHooks:
+        return PluginHooks(logits=_Hook())

@@ -14,6 +14,7 @@ from actserve.interventions.base import (
     InterventionError,
     InterventionPlugin,
     LinearInputHook,
+    PluginHooks,
     RowInput,
     RowInputs,
     RowSpan,
@@ -81,3 +82,8 @@ class ZeroChannelsPlugin(InterventionPlugin):
 
     def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook:
         return _Hook({(s.plan.layer, s.plan.projection) for s in spans})
+
+    def graph_hooks(self) -> PluginHooks:
+        """Every projection of every layer (the site input picks one per row)."""
+        sites = {(layer, proj) for layer in range(self.model_info.num_layers) for proj in PROJECTIONS}
+        return PluginHooks(linear=_Hook(sites))
