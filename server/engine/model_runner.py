@@ -279,8 +279,10 @@ class ModelRunner:
             if sl.num_queries == 1 and start > 0:
                 decode.append(i)
         dev = self.device
-        long = torch.long
-        attn.filled = (torch.tensor(blocks, dtype=long, device=dev), torch.tensor(rows, dtype=long, device=dev))
+        attn.filled = (
+            torch.tensor(blocks, dtype=torch.long, device=dev),
+            torch.tensor(rows, dtype=torch.long, device=dev),
+        )
         if dev.type == "cuda" or not decode:  # CUDA decode rows go through `_decode`
             return
         width = max(len(seqs[i].block_table) for i in decode)

@@ -106,7 +106,9 @@ def step_filled(positions: torch.Tensor, batch: AttentionBatch) -> tuple[torch.T
     return None
 
 
-def select_blocks(hooks: AttentionHooks, layer: int, q: torch.Tensor, batch: AttentionBatch) -> AttentionBatch:
+def select_blocks(
+    hooks: AttentionHooks, layer: int, q: torch.Tensor, batch: AttentionBatch
+) -> AttentionBatch:
     """The batch after the hooks' block selection for the step's decode rows (prefill rows keep their
     whole context). CUDA decode: new tables and lengths, device ops only (graph-capturable); CPU: the
     decode rows' context slots are rebuilt from their selected tables and lengths."""
