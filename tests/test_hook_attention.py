@@ -176,7 +176,8 @@ def test_observer_sees_transformers_keys_of_every_filled_block(
     for i in range(2):
         records = plugin.records[f"o{i}"]  # type: ignore[attr-defined]
         written = prompts[i] + outs[i][:-1]  # the last sampled token is never fed
-        cache = ref(torch.tensor([written]), use_cache=True).past_key_values
+        out = ref(torch.tensor([written]), use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5
         want = {(layer, j) for layer in range(layers) for j in range(len(written) // BS)}
         assert sorted((layer, j) for layer, j, _ in records) == sorted(want)
         for layer, j, mean in records:
