@@ -163,18 +163,17 @@ def test_plain_rows_bit_identical_to_a_server_without_the_plugins(
 
 
 @torch.no_grad()
-def test_observer_sees_transformers_keys_of_every_filled_block(
-    eng: LLMEngine, ref: Any, prompts: list[list[int]]
-) -> None:
-    """Each record's mean key equals transformers' cached (post-rotary) keys of that block's positions,
-    and the recorded blocks are exactly those that prompt + fed generated tokens complete, each once."""
+def check_observer(eng: LLMEngine, ref: Any, prompts: list[list[int]], tag: str) -> list[list[int]]:
+    """Two observer rows beside a plain and a window row: each record's mean key equals transformers'
+    cached (post-rotary) keys of that block's positions, and the recorded blocks are exactly those that
+    prompt + fed generated tokens complete, each once. Returns the batch's tokens."""
     plugin = eng.registry.plugin("test_block_observer")
     assert plugin is not None
-    specs = [{"test_block_observer": {"tag": f"o{i}"}} for i in range(2)] + [None, window(1, 1)]
-    outs, _ = ours(eng, prompts, specs, tag="o")
+    specs = [{"test_block_observer": {"tag": f"{tag}{i}"}} for i in range(2)] + [None, window(1, 1)]
+    outs = run(eng, prompts, greedy(STEPS), interventions=specs, tag=tag)  # no min_tokens: steps may chain
     layers = eng.model_info.num_layers
     for i in range(2):
-        records = plugin.records[f"o{i}"]  # type: ignore[attr-defined]
+        records = plugin.records[f"{tag}{i}"]  # type: ignore[attr-defined]
         written = prompts[i] + outs[i][:-1]  # the last sampled token is never fed
         out = ref(torch.tensor([written]), use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5
@@ -183,6 +182,22 @@ def test_observer_sees_transformers_keys_of_every_filled_block(
         for layer, j, mean in records:
             keys = cache.layers[layer].keys[0, :, j * BS : (j + 1) * BS]  # [kv_heads, BS, head_dim]
             assert (mean - keys.mean(1)).abs().max().item() < 1e-4, (i, layer, j)
+    return outs
+
+
+def test_observer_sees_transformers_keys_of_every_filled_block(
+    eng: LLMEngine, ref: Any, prompts: list[list[int]]
+) -> None:
+    check_observer(eng, ref, prompts, "o")
+
+
+def test_decode_only_steps(tinystories_dir: Path, ref: Any, prompts: list[list[int]]) -> None:
+    """Overlapping CPU steps decode through the runner's decode-only path (`_decode`): the tables come
+    from there and the filled blocks from `filled_blocks` (the device function graphs use)."""
+    overlap = engine(tinystories_dir, overlap_steps=True)
+    outs = check_observer(overlap, ref, prompts, "d")
+    assert overlap.runner.eager_decode_steps > 0  # type: ignore[attr-defined]
+    assert outs[3] == hf_window(ref, prompts[3], 1, 1)[0]
 
 
 def test_over_http(tinystories_dir: Path, ref: Any, prompts: list[list[int]]) -> None:
