@@ -200,6 +200,51 @@ def test_decode_only_steps(tinystories_dir: Path, ref: Any, prompts: list[list[i
     assert outs[3] == hf_window(ref, prompts[3], 1, 1)[0]
 
 
+def test_selected_tables_in_the_kernel_and_on_the_cpu() -> None:
+    """The CUDA path's pieces on fresh random inputs (the Triton kernel runs in its interpreter without a
+    GPU): the window's selected tables through the paged-decode kernel == the CPU path's rebuilt slots ==
+    attention over the kept positions by hand; a `none` row's table and length come back bit-identical;
+    `filled_blocks` names the block each completing row fills."""
+    from actserve_test_plugins.kv_window import _Hook
+
+    from actserve.kernels.paged_decode import paged_decode
+    from actserve.server.layers.attention import AttentionBatch, SeqSlice, filled_blocks, select_blocks
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(7)
+    rows, hq, hk, d, nblocks = 3, 4, 2, 16, 16
+    cache = torch.randn(2, nblocks * BS, hk, d, generator=g).to(dev)
+    q = torch.randn(rows, hq, d, generator=g).to(dev)
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:8] for _ in range(rows)]).to(dev, torch.int32)
+    lens = torch.tensor([24, 9, 23], dtype=torch.int32, device=dev)
+    inputs = {"window": torch.tensor([[1, 1], [-1, -1], [0, 2]], dtype=torch.int32, device=dev)}
+    hook = _Hook(1, BS)
+    new_tables, new_lens = hook.select(0, q, tables, lens, inputs)
+    assert torch.equal(new_tables[1], tables[1]) and int(new_lens[1]) == int(lens[1])
+    assert new_lens.tolist() == [8, 9, 7] and new_tables.dtype == torch.int32
+
+    def by_hand(r: int, positions: list[int]) -> torch.Tensor:
+        slots = torch.tensor([int(tables[r, p // BS]) * BS + p % BS for p in positions], device=dev)
+        k = cache[0, slots].repeat_interleave(hq // hk, 1)
+        v = cache[1, slots].repeat_interleave(hq // hk, 1)
+        w = (torch.einsum("hd,nhd->hn", q[r], k) * 0.25).softmax(-1)
+        return torch.einsum("hn,nhd->hd", w, v)
+
+    kept = [[*range(4), *range(20, 24)], list(range(9)), list(range(16, 23))]
+    want = torch.stack([by_hand(r, kept[r]) for r in range(rows)])
+    got = paged_decode(q, cache[0], cache[1], new_tables, new_lens, 0.25, BS, None, tile=16)
+    assert (got - want).abs().max().item() < 1e-4
+    slices = [SeqSlice(r, 1, torch.arange(int(lens[r]), device=dev)) for r in range(rows)]  # replaced
+    batch = AttentionBatch(torch.zeros(0, dtype=torch.long, device=dev), slices, tables, lens, BS)
+    batch.decode_seqs = list(range(rows))
+    cpu = select_blocks([(hook, inputs)], 0, q.cpu(), batch)
+    for r in range(rows):
+        slots = cpu.seqs[r].context_slots.tolist()
+        assert slots == [int(tables[r, p // BS]) * BS + p % BS for p in kept[r]], r
+    blocks, owners = filled_blocks(lens.long() - 1, tables, BS)
+    assert owners.tolist() == [0, -1, -1] and blocks.tolist() == [int(tables[0, 5]), -1, -1]
+
+
 def test_over_http(tinystories_dir: Path, ref: Any, prompts: list[list[int]]) -> None:
     """A window request over HTTP returns transformers' windowed greedy text; a bad spec is a 400."""
     server = start_server(
