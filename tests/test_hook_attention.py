@@ -200,6 +200,14 @@ def test_decode_only_steps(tinystories_dir: Path, ref: Any, prompts: list[list[i
     assert outs[3] == hf_window(ref, prompts[3], 1, 1)[0]
 
 
+def test_kv_window_graph_hooks_cover_every_layer(eng: LLMEngine) -> None:
+    """Its graph hooks (what a decode CUDA graph would capture) act at every layer, as its step hooks."""
+    plugin = eng.registry.plugin("test_kv_window")
+    assert plugin is not None and plugin.graph_safe and "test_kv_window" in eng.registry.graph_safe()
+    hook = plugin.graph_hooks().attention
+    assert hook is not None and hook.layers() == set(range(eng.model_info.num_layers))
+
+
 def test_selected_tables_in_the_kernel_and_on_the_cpu() -> None:
     """The CUDA path's pieces on fresh random inputs (the Triton kernel runs in its interpreter without a
     GPU): the window's selected tables through the paged-decode kernel == the CPU path's rebuilt slots ==
