@@ -78,7 +78,11 @@ class AttentionHook(Protocol):
     same shapes: a row reads the first `lens[r]` slots of the blocks its new table lists, in order (so a
     row that keeps blocks b0, b5 of a 6-block context has table [b0, b5, ...] and length
     bs + fill(b5)). Rows whose inputs are `none` must come back unchanged. Keys carry their rotary
-    position already, so dropping blocks keeps the others' positions."""
+    position already, so dropping blocks keeps the others' positions. Only decode rows (one new token
+    after a computed context) are selected; prefill rows read their whole context. In a CPU step that
+    packs prefills and decodes, `q`, the tables, lengths and `inputs` hold the decode rows only (in packed
+    order); on CUDA (decode steps, graphs too) every row, and `select` must use device ops of fixed shapes
+    only (no host sync). With a sliding window the window counts the selected slots, not positions."""
 
     def layers(self) -> set[int]: ...
 
@@ -90,8 +94,10 @@ class AttentionHook(Protocol):
         self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, inputs: RowInputs
     ) -> None:
         """After layer `layer` wrote this step's K/V: physical KV blocks `blocks` [k] int64 became full,
-        `rows` [k] int64 the packed row whose sequence owns each (-1 entries: none; k is fixed at decode,
-        one entry per row). `kv_cache` is the layer's [2, slots, kv_heads, head_dim] cache."""
+        `rows` [k] int64 the packed row that wrote each one's last token (-1 entries: none). Decode-only
+        steps (CUDA decode, graphs too): k = rows, -1 for rows that fill nothing; packed steps (prefills,
+        the CPU's mixed steps): the filled blocks only, listed by the runner. `kv_cache` is the layer's
+        [2, slots, kv_heads, head_dim] cache (slot = block * block_size + offset, `ModelInfo.block_size`)."""
         ...
 
 

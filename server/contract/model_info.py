@@ -27,3 +27,4 @@ class ModelInfo:
     # it (e.g. the CoT-compression artifact) may be used
     embedded_default: bool = False
     fallback_reason: str | None = None  # why a "transformers" implementation is not native
+    block_size: int = 16  # tokens per paged-KV block (what attention hooks' block tables count in)

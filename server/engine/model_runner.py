@@ -238,6 +238,8 @@ class ModelRunner:
         fresh = fresh and all(s.num_queries == s.context_len for s in slices)
         attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices, fresh_prefill=fresh)
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
+        if hooks is not None and hooks.attention:
+            self._attention_meta(attn, seqs)
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -258,6 +260,40 @@ class ModelRunner:
                 plog = hooks.apply_logits(plog, torch.arange(row0, row0 + n, device=self.device))  # type: ignore[union-attr]
             seq.prompt_logprobs = prompt_logprobs(plog, seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
         return logits
+
+    def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence]) -> None:
+        """What attention hooks need of a packed step (docs/architecture.md §6): the blocks it fills, each
+        with the row that writes its last token (host), and, on the CPU, the decode rows' block tables and
+        context lengths (a decode row: one new token after a computed context; prefill rows are not
+        restricted). Each slice's new tokens are the last `num_queries` of its context."""
+        bs = self.block_size
+        blocks: list[int] = []
+        rows: list[int] = []
+        decode: list[int] = []
+        for i, (seq, sl) in enumerate(zip(seqs, attn.seqs, strict=True)):
+            end = sl.context_len
+            start = end - sl.num_queries
+            for j in range(start // bs, end // bs):  # blocks whose last slot is written this step
+                blocks.append(seq.block_table[j])
+                rows.append(sl.start + (j + 1) * bs - 1 - start)
+            if sl.num_queries == 1 and start > 0:
+                decode.append(i)
+        dev = self.device
+        attn.filled = (
+            torch.tensor(blocks, dtype=torch.long, device=dev),
+            torch.tensor(rows, dtype=torch.long, device=dev),
+        )
+        if dev.type == "cuda" or not decode:  # CUDA decode rows go through `_decode`
+            return
+        width = max(len(seqs[i].block_table) for i in decode)
+        tables = torch.zeros(len(decode), width, dtype=torch.int32)
+        for r, i in enumerate(decode):
+            tables[r, : len(seqs[i].block_table)] = torch.tensor(seqs[i].block_table, dtype=torch.int32)
+        attn.block_tables = tables
+        attn.context_lens = torch.tensor([attn.seqs[i].context_len for i in decode], dtype=torch.int32)
+        attn.block_size = bs
+        attn.decode_seqs = decode
+        attn.decode_rows = torch.tensor([attn.seqs[i].start for i in decode])
 
     @torch.inference_mode()
     def launch_chained(self, prev: PendingStep) -> PendingStep:
@@ -316,6 +352,10 @@ class ModelRunner:
         else:  # the CPU attention reads each sequence's slots back from its block table
             ctx = [self._slots(seq, int(p) + 1) for seq, p in zip(seqs, pos, strict=True)]
             attn = AttentionBatch(torch.from_numpy(slots), [SeqSlice(i, 1, c) for i, c in enumerate(ctx)])
+            if hooks is not None and hooks.attention:  # attention hooks select from the tables
+                lens = torch.from_numpy((pos + 1).astype(np.int32))
+                attn = AttentionBatch(attn.slot_mapping, attn.seqs, torch.from_numpy(tables), lens, bs)
+                attn.decode_seqs = list(range(n))
         hidden = self.model(ids_t, torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks)
         logits = self.model.compute_logits(hidden)
         if hooks is not None and hooks.logits:  # plugins' logits hooks, before sampling

@@ -8,10 +8,15 @@ K/V directly, batched by prompt length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from actserve.server.contract.hooks import AttentionHook, RowInputs
+
+# one layer's attention hooks with their plugins' per-row inputs (StepHooks.attention_at)
+AttentionHooks = list[tuple[AttentionHook, RowInputs]]
 
 
 @dataclass
@@ -43,12 +48,21 @@ class AttentionBatch:
 
     slot_mapping: torch.Tensor  # [T] flat slot where each new token's K/V is written
     seqs: list[SeqSlice]
-    # GPU decode steps (one row per sequence): block tables [B, max_blocks] int32, lengths [B] int32
+    # GPU decode steps (one row per sequence): block tables [B, max_blocks] int32, lengths [B] int32.
+    # CPU steps with attention hooks: the same for the step's decode rows only (`decode_seqs`)
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_size: int = 16
     fresh_prefill: bool = False  # every sequence starts at position 0: its new K/V are its whole context
     prefill_groups: list[PrefillGroup] | None = None  # built by the first layer that needs them
+    # CPU steps with attention hooks: which `seqs` are decode rows (one new token after a computed
+    # context), in the order of the rows of `block_tables` (their slots are rebuilt after selection);
+    # `decode_rows`: their packed rows, None when every packed row is a decode row, in table order
+    decode_seqs: list[int] | None = None
+    decode_rows: torch.Tensor | None = None
+    # packed steps with attention hooks: (physical blocks [k], packed rows [k]) int64 that this step fills,
+    # computed on the host by the runner; decode-only steps compute it on the device (`filled_blocks`)
+    filled: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def make_kv_cache(
@@ -64,6 +78,66 @@ def make_kv_cache(
         torch.zeros(2, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         for _ in range(num_layers)
     ]
+
+
+def filled_blocks(
+    positions: torch.Tensor, tables: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows (one new token each at `positions` [B]): the physical block each row's token completes
+    and the row, both [B] int64, -1 where the token does not complete its block. Device ops only, fixed
+    shapes, so a decode CUDA graph can run it (a graph's padding rows may report a block: their row inputs
+    hold `none`, so no plugin acts on them)."""
+    pos = positions.long()
+    full = (pos + 1) % block_size == 0
+    col = (pos // block_size).clamp(max=tables.shape[1] - 1).unsqueeze(1)
+    blocks = tables.gather(1, col).squeeze(1).long()
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    none = torch.full_like(rows, -1)
+    return torch.where(full, blocks, none), torch.where(full, rows, none)
+
+
+def step_filled(positions: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The blocks this step fills: the runner's host list (packed steps), or computed on the device for a
+    decode-only step (every row one token, `block_tables` row r = packed row r); None otherwise."""
+    if batch.filled is not None:
+        return batch.filled
+    if batch.block_tables is not None and batch.decode_rows is None:
+        return filled_blocks(positions, batch.block_tables, batch.block_size)
+    return None
+
+
+def select_blocks(
+    hooks: AttentionHooks, layer: int, q: torch.Tensor, batch: AttentionBatch
+) -> AttentionBatch:
+    """The batch after the hooks' block selection for the step's decode rows (prefill rows keep their
+    whole context). CUDA decode: new tables and lengths, device ops only (graph-capturable); CPU: the
+    decode rows' context slots are rebuilt from their selected tables and lengths."""
+    tables, lens = batch.block_tables, batch.context_lens
+    if tables is None or lens is None:  # no decode rows in this step
+        return batch
+    rows = batch.decode_rows
+    qd = q if rows is None else q[rows]
+    for hook, inputs in hooks:
+        cut = inputs if rows is None else {k: v[rows] for k, v in inputs.items()}
+        tables, lens = hook.select(layer, qd, tables, lens, cut)
+    if batch.decode_seqs is None:
+        return replace(batch, block_tables=tables, context_lens=lens)
+    seqs = list(batch.seqs)
+    bs = batch.block_size
+    offsets = torch.arange(bs, device=tables.device)
+    for j, i in enumerate(batch.decode_seqs):
+        slots = (tables[j].long().unsqueeze(1) * bs + offsets).flatten()[: int(lens[j])]
+        seqs[i] = SeqSlice(seqs[i].start, seqs[i].num_queries, slots.to(seqs[i].context_slots.device))
+    return replace(batch, seqs=seqs)
+
+
+def notify_filled(
+    hooks: AttentionHooks, layer: int, kv_cache: torch.Tensor, filled: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Tell each hook which blocks this step filled, after the layer wrote its K/V."""
+    blocks, rows = filled
+    for hook, inputs in hooks:
+        hook.filled(layer, kv_cache, blocks, rows, inputs)
 
 
 def paged_attention(

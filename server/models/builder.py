@@ -166,6 +166,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         model_type=str(getattr(hf_config, "model_type", "") or ""),
         embedded_default=is_complete(model_dir),
         fallback_reason=native.fallback_reason,
+        block_size=config.block_size,
     )
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
     return LoadedModel(

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from actserve.server.contract.hooks import LinearSite, StepHooks
-from actserve.server.layers.attention import AttentionBatch, paged_attention
+from actserve.server.layers.attention import (
+    AttentionBatch,
+    AttentionHooks,
+    notify_filled,
+    paged_attention,
+    select_blocks,
+    step_filled,
+)
 from actserve.server.layers.linear import Linear, MergedColumnLinear, WeightFormat, linear, silu_mul_linear
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
@@ -55,8 +62,13 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
         lin: dict[str, LinearSite] | None = None,
+        hooks: AttentionHooks | None = None,
+        layer: int = 0,
+        filled: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`lin`: what plugins do at this layer's projections (None: nothing, the plain path)."""
+        """`lin`: what plugins do at this layer's projections (None: nothing, the plain path). `hooks`:
+        this layer's (`layer`) attention hooks: block selection for decode rows before attention, then
+        `filled` (the blocks this step completes) after the K/V write."""
         t = x.shape[0]
         qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -71,10 +83,16 @@ class Attention(nn.Module):
             q, k = rope_kv(
                 q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1]
             )
+            if hooks is not None:
+                batch = select_blocks(hooks, layer, q, batch)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False)
         else:
             q, k = rotary(q, k, positions)
+            if hooks is not None:
+                batch = select_blocks(hooks, layer, q, batch)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
+        if hooks is not None and filled is not None:
+            notify_filled(hooks, layer, kv_cache, filled)
         return linear(o.reshape(t, -1), self.o_proj, lin.get("o_proj") if lin is not None else None)
 
 
@@ -158,10 +176,13 @@ class LlamaForCausalLM(nn.Module):
         """Returns final-normed hidden states [T, hidden] for every packed row."""
         residual = self.model.embed_tokens(input_ids)
         x: torch.Tensor | None = None
+        # the KV blocks this step completes, for attention hooks' `filled` (once per forward)
+        filled = step_filled(positions, batch) if hooks is not None and hooks.attention else None
         for i, layer in enumerate(self.model.layers):
             lin = hooks.linear_at(i) if hooks is not None else None
+            att = hooks.attention_at(i) if hooks is not None else None
             normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks)
-            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch, lin)
+            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch, lin, att, i, filled)
             normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
             x = layer.mlp(normed, lin)
         normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
