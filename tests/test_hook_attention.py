@@ -203,7 +203,7 @@ def test_decode_only_steps(tinystories_dir: Path, ref: Any, prompts: list[list[i
 def test_kv_window_graph_hooks_cover_every_layer(eng: LLMEngine) -> None:
     """Its graph hooks (what a decode CUDA graph would capture) act at every layer, as its step hooks."""
     plugin = eng.registry.plugin("test_kv_window")
-    assert plugin is not None and plugin.graph_safe and "test_kv_window" in eng.registry.graph_safe()
+    assert plugin is not None and plugin.graph_safe and plugin in eng.registry.graph_safe()
     hook = plugin.graph_hooks().attention
     assert hook is not None and hook.layers() == set(range(eng.model_info.num_layers))
 
