@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.linear import (
     DenseFormat,
@@ -25,7 +26,6 @@ from actserve.server.layers.linear import (
     linear,
     silu_mul_linear,
 )
-from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 from actserve.server.models import registry
 from actserve.server.models.llama import LlamaForCausalLM
 from actserve.server.models.loader import ModelLoadError, after_loading, load_native, load_weights
