@@ -55,7 +55,7 @@ def install_plugin_formats(loaded: LoadedModel, registry: InterventionRegistry) 
     if not requests:
         return
     if loaded.spec is None:
-        log.warning("transformers fallback: weight formats of plugin(s) %s not installed", sorted(requests))
+        log.warning("weight formats of plugin(s) %s not installed: the model is not native", sorted(requests))
         return
     added = install_formats(loaded.model, requests, loaded.info.dtype)
     log.info("installed %d plugin weight format(s) for %s", added, sorted(requests))
