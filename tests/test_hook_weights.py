@@ -126,6 +126,32 @@ def test_perturbed_row_equals_transformers_with_swapped_weights(
     assert tokens == ref_tokens
 
 
+@pytest.mark.parametrize("proj", ["down_proj", "o_proj"])
+def test_with_a_linear_input_hook_at_the_same_site(
+    eng: LLMEngine, ref: Any, prompts: list[list[int]], proj: str
+) -> None:
+    """Input hook first, then the perturbed matmul: == transformers with W' and the channels zeroed."""
+    channels = [0, 3, 17, 40]
+    both = {**spec(1, proj), "test_zero_channels": {"layer": 1, "projection": proj, "channels": channels}}
+    (tokens,), seen = ours(eng, [prompts[3]], [both], tag="zw")
+
+    def pre(_m: Any, args: tuple) -> tuple:
+        x = args[0].clone()
+        x[..., channels] = 0
+        return (x, *args[1:])
+
+    block, (name,) = HF_MODULES[proj]
+    handle = getattr(getattr(ref.model.layers[1], block), name).register_forward_pre_hook(pre)
+    try:
+        with hf_swapped(ref, 1, proj):
+            ref_tokens, ref_logits = hf_generate(ref, prompts[3])
+    finally:
+        handle.remove()
+    for step, (a, b) in enumerate(zip(seen["zw0"], ref_logits, strict=True)):
+        assert (a - b).abs().max().item() < 1e-4, f"step {step}"
+    assert tokens == ref_tokens
+
+
 MIXED = [spec(0, "qkv_proj"), None, spec(1, "down_proj"), spec(0, "gate_up_proj")]
 
 
