@@ -196,9 +196,11 @@ class InterventionRegistry:
             return None
         return StepHooks(residual, plugins=bound)
 
-    def weight_formats(self) -> list[FormatRequest]:
-        """Every plugin's extra weight formats (installed on the model before the first step)."""
-        return [req for plugin in self.plugins.values() for req in plugin.weight_formats()]
+    def weight_formats(self) -> dict[str, list[FormatRequest]]:
+        """Each plugin's extra weight formats by plugin name, only plugins that ask for some (the engine
+        installs them before the runner is built, naming the plugin in any error)."""
+        asked = {name: plugin.weight_formats() for name, plugin in self.plugins.items()}
+        return {name: reqs for name, reqs in asked.items() if reqs}
 
     def graph_safe(self) -> list[InterventionPlugin]:
         """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph

@@ -27,6 +27,7 @@ from actserve.server.engine.scheduler import Scheduler
 from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
 from actserve.server.models.builder import LoadedModel, load_model
+from actserve.server.models.formats import install_formats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,19 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, registry: Interventi
     )  # fmt: skip
 
 
+def install_plugin_formats(loaded: LoadedModel, registry: InterventionRegistry) -> None:
+    """The plugins' extra weight formats on the native model. The transformers fallback has no hook
+    for them: they are skipped with a log line (such plugins refuse non-native models in `prepare`)."""
+    requests = registry.weight_formats()
+    if not requests:
+        return
+    if loaded.spec is None:
+        log.warning("weight formats of plugin(s) %s not installed: the model is not native", sorted(requests))
+        return
+    added = install_formats(loaded.model, requests, loaded.info.dtype)
+    log.info("installed %d plugin weight format(s) for %s", added, sorted(requests))
+
+
 def is_fatal(error: BaseException) -> bool:
     """Errors after which no later step can succeed: a CUDA error leaves the device context unusable
     (every later launch fails too), so the engine stops and the server exits for a restart."""
@@ -64,6 +78,7 @@ class LLMEngine:
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
         self.registry = InterventionRegistry(self.model_info, options=config.plugin_options)
+        install_plugin_formats(self.loaded, self.registry)  # before the runner: graphs capture weights
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)

@@ -14,8 +14,11 @@ and the separate silu·mul kernel (bench/decode_profile.py).
 
 One layer may own more than one format (`add_format`): the first is the layer's primary format, its
 parameters carry the checkpoint's names (`weight`, `bias`); another one's parameters are prefixed with
-its key (`<key>_weight`, ...) and it is reached through `layer.formats[key]`. Which rows use which
-format is not decided here (no per-row dispatch yet): the model calls `linear(x, layer)`, the primary.
+its key (`<key>_weight`, ...) and it is reached through `layer.formats[key]`. Plugins add such formats at
+start (`server/models/formats.py`) and pick them per row through the step's `LinearSite` (`site.choices()`:
+format key -> [rows] bool): `linear` / `silu_mul_linear` compute the primary for every row, then each
+chosen format's product, and take the latter only on its rows (`torch.where`), so other rows keep the
+primary's bits. Without a site (`site=None`, the plain path) only the primary runs.
 """
 
 from __future__ import annotations

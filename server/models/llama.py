@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from actserve.server.contract.hooks import LinearSite, StepHooks
+from actserve.server.contract.hooks import PROJECTIONS, LinearSite, StepHooks
 from actserve.server.layers.attention import (
     AttentionBatch,
     AttentionHooks,
@@ -23,7 +23,14 @@ from actserve.server.layers.attention import (
     select_blocks,
     step_filled,
 )
-from actserve.server.layers.linear import Linear, MergedColumnLinear, WeightFormat, linear, silu_mul_linear
+from actserve.server.layers.linear import (
+    Linear,
+    LinearBase,
+    MergedColumnLinear,
+    WeightFormat,
+    linear,
+    silu_mul_linear,
+)
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
@@ -187,6 +194,17 @@ class LlamaForCausalLM(nn.Module):
             x = layer.mlp(normed, lin)
         normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
         return normed
+
+    def projection(self, layer: int, name: str) -> LinearBase:
+        """Decoder layer `layer`'s projection `name` (one of PROJECTIONS), for callers that install
+        weight formats on it; ValueError naming what is wrong otherwise."""
+        if not 0 <= layer < len(self.model.layers):
+            raise ValueError(f"layer {layer} out of range (the model has {len(self.model.layers)})")
+        if name not in PROJECTIONS:
+            raise ValueError(f"unknown projection {name!r}; one of {', '.join(PROJECTIONS)}")
+        block = self.model.layers[layer]
+        parent = block.self_attn if name in ("qkv_proj", "o_proj") else block.mlp
+        return getattr(parent, name)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
