@@ -80,7 +80,7 @@ def device_spans(prof: torch.profiler.profile) -> list[tuple[float, float, str]]
 def step_profile(eng: LLMEngine, batch: int, trace: str | None = None) -> dict[str, Any]:
     graphs = eng.runner.graphs
     assert graphs is not None
-    graph, _ = graphs.graphs[graphs.bucket(batch)]  # type: ignore[index]
+    graph, _ = graphs.graphs[((), graphs.bucket(batch))]  # type: ignore[index]  # the plain variant
     graph.replay()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -218,7 +218,7 @@ def graph_replay_ms(eng: LLMEngine, batch: int, reps: int = 50) -> float:
     """GPU time of one captured decode step (no host work): the floor the engine's step time sits on."""
     graphs = eng.runner.graphs
     assert graphs is not None
-    graph, _ = graphs.graphs[graphs.bucket(batch)]  # type: ignore[index]
+    graph, _ = graphs.graphs[((), graphs.bucket(batch))]  # type: ignore[index]  # the plain variant
     graph.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
