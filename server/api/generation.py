@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,10 +20,6 @@ from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.outputs import SeqOutput
 from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence, TokenLogprob
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 @dataclass
