@@ -38,6 +38,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    prefix_keys: list[bytes] = field(default_factory=list)  # chain keys of its reusable prompt blocks
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache at admission
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
