@@ -6,7 +6,7 @@ prompt), `--streams` 128-token requests decode until warm, then one `--long`-tok
 table has the streams' longest inter-token gap while it prefills, and its TTFT against its solo TTFT at
 the same budget (idle engine). One engine serves every budget (the budget is the scheduler's).
 
-    python bench/chunked_prefill.py --out bench/results/chunked_prefill.json
+    python bench/prefill_under_load.py --out bench/results/prefill_under_load.json
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def long_prompt_under_load(eng: LLMEngine, long: list[int], streams: int, tag: s
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/chunked_prefill.json")
+    ap.add_argument("--out", default="bench/results/prefill_under_load.json")
     ap.add_argument("--long", type=int, default=32768)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--budgets", default="512,1024,2048,4096")
