@@ -45,6 +45,7 @@ class LoadConfig:
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
+    max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
 @dataclass
