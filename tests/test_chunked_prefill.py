@@ -202,6 +202,15 @@ def test_budget_below_max_num_seqs_refused(tinystories_dir: Path, batched: int, 
         engine(tinystories_dir, max_num_batched_tokens=batched, max_num_seqs=seqs)
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_cli_refuses_bad_budget(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from actserve.server.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-num-batched-tokens", value])
+    assert "--max-num-batched-tokens" in capsys.readouterr().err
+
+
 def test_default_budget(tinystories_dir: Path) -> None:
     assert engine(tinystories_dir).scheduler.max_num_batched_tokens == 512  # CPU
     assert engine(tinystories_dir, max_num_seqs=600).scheduler.max_num_batched_tokens == 600

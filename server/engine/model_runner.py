@@ -136,9 +136,11 @@ def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[
 class ModelRunner:
     """Owns the native model and its paged KV cache.
 
-    CPU: one packed forward per step (prefills and decodes together). CUDA: fresh prefills in one eager
-    forward (SDPA), decode rows through the paged-decode kernel, replayed from CUDA graphs when every
-    intervention in the step is fused (steering and its contributors) or graph-safe."""
+    CPU: one packed forward per step (prefill chunks and decodes together). CUDA: the step's prefill
+    chunks in one eager forward (SDPA over the new K/V when every chunk starts its prompt, else each chunk
+    over its context gathered from the paged cache), decode rows through the paged-decode kernel,
+    replayed from CUDA graphs when every intervention in the step is fused (steering and its
+    contributors) or graph-safe."""
 
     def __init__(
         self,
@@ -245,6 +247,8 @@ class ModelRunner:
         spans: dict[str, list[RowSpan]] = defaultdict(list)
         want_prompt_lp: list[tuple[Sequence, int, int, int]] = []
         last: list[int] = []
+        # CUDA: SDPA over the new K/V when every sequence starts at 0; else each reads its context slots
+        fresh = fresh and all(s.num_computed == 0 for s in seqs)
         for seq, n in zip(seqs, chunks, strict=True):
             start = seq.num_computed
             end = start + n
@@ -262,7 +266,6 @@ class ModelRunner:
                 want_prompt_lp.append((seq, row0, start, min(end, seq.prompt_len - 1)))
             if end == seq.num_tokens:
                 last.append(row0 + n - 1)
-        fresh = fresh and all(s.num_queries == s.context_len for s in slices)
         attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices, fresh_prefill=fresh)
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         if hooks is not None and hooks.attention:
