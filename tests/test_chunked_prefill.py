@@ -242,3 +242,30 @@ def test_cuda_bf16_chunked_equals_unchunked(cuda_engines: tuple[LLMEngine, LLMEn
         first = want_logits[f"r{i}"][0].float().topk(2).values
         if first[0] - first[1] > 0.2:  # no near-tie at the first token
             assert got[i][0] == want[i][0]
+
+
+def test_paged_prefill_kernel_in_the_engine(tinystories_dir: Path, unchunked: LLMEngine) -> None:
+    """The CUDA runner's chunk path (the paged-prefill kernel over block tables), turned on for the CPU
+    where the kernel runs in Triton's interpreter: chunks of 5 beside a decode = unchunked."""
+    prompts = random_prompts(23, [3, 30])
+    ref_tokens, ref_logits = run_logged(unchunked, prompts, greedy(4))
+    eng = engine(tinystories_dir, max_num_batched_tokens=6, max_num_seqs=2)
+    eng.runner.chunk_kernel = True
+    calls: list[int] = []
+    from actserve.kernels import paged_prefill as kernel
+
+    original = kernel.paged_prefill
+
+    def spy(*args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kw)
+
+    kernel.paged_prefill = spy  # type: ignore[assignment]
+    try:
+        tokens, logits = run_logged(eng, prompts, greedy(4))
+    finally:
+        kernel.paged_prefill = original  # type: ignore[assignment]
+    assert calls and tokens == ref_tokens
+    for key in ref_logits:
+        for a, b in zip(logits[key], ref_logits[key], strict=True):
+            close(a, b)

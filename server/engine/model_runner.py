@@ -18,7 +18,7 @@ from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
-from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
+from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache, paged_prefill_fits
 
 
 @dataclass
@@ -137,10 +137,10 @@ class ModelRunner:
     """Owns the native model and its paged KV cache.
 
     CPU: one packed forward per step (prefill chunks and decodes together). CUDA: the step's prefill
-    chunks in one eager forward (SDPA over the new K/V when every chunk starts its prompt, else each chunk
-    over its context gathered from the paged cache), decode rows through the paged-decode kernel,
-    replayed from CUDA graphs when every intervention in the step is fused (steering and its
-    contributors) or graph-safe."""
+    chunks in one eager forward (SDPA over the new K/V when every chunk starts its prompt, else the
+    paged-prefill kernel over each chunk's context in the paged cache), decode rows through the
+    paged-decode kernel, replayed from CUDA graphs when every intervention in the step is fused (steering
+    and its contributors) or graph-safe."""
 
     def __init__(
         self,
@@ -180,6 +180,9 @@ class ModelRunner:
         if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
             dummy = num_blocks * block_size
             self.prefill_graphs = PrefillGraphs(model, self.kv_caches, dummy, cuda_graph_prefill_len)
+        # chunks whose context is partly cached: the paged-prefill kernel (CUDA; tests may turn it on for
+        # the CPU, where it runs in Triton's interpreter), else SDPA per sequence over its gathered slots
+        self.chunk_kernel = device.type == "cuda" and paged_prefill_fits(spec.head_dim)
         self.graph_steps = 0
         self.eager_decode_steps = 0
         self.graph_prefills = 0
@@ -270,6 +273,9 @@ class ModelRunner:
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         if hooks is not None and hooks.attention:
             self._attention_meta(attn, seqs, len(seqs) if num_prefills is None else num_prefills)
+        elif self.chunk_kernel and not fresh:  # (attention hooks' selection rebuilds per-sequence slots)
+            attn.chunk_tables = self._tables(seqs)
+            attn.block_size = self.block_size
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -296,6 +302,13 @@ class ModelRunner:
             if len(seq.prompt_lp_parts) == seq.prompt_len:
                 seq.prompt_logprobs, seq.prompt_lp_parts = seq.prompt_lp_parts, []
         return logits
+
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The sequences' block tables, [len(seqs), longest] int32 on the device (zero-padded)."""
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        return torch.from_numpy(tables).to(self.device)
 
     def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence], num_prefills: int) -> None:
         """What attention hooks need of a packed step (docs/architecture.md §6): the blocks it fills, each

@@ -159,7 +159,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         workspace = GPU_WORKSPACE_BYTES
         if spec is not None:
             tokens = config.max_num_batched_tokens or max_len
-            peak = step_activation_bytes(model, spec, tokens, max_len, dtype, device)
+            peak = step_activation_bytes(model, spec, tokens, max_len, dtype, device, config.block_size)
             workspace = peak + GPU_GRAPH_RESERVE_BYTES
             log.info("a step of %d tokens peaks at %.2f GiB of activations (profiled)", tokens, peak / 2**30)
         num_blocks = gpu_kv_blocks(config, per_block, device, workspace)
