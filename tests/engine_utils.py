@@ -37,10 +37,10 @@ def capture_logits() -> Iterator[dict[str, list[torch.Tensor]]]:
     seen: dict[str, list[torch.Tensor]] = {}
     original = model_runner.launch_sampling
 
-    def spy(logits: torch.Tensor, seqs: list[Sequence], partial: list[Sequence] | None = None) -> Any:
+    def spy(logits: torch.Tensor, seqs: list[Sequence]) -> Any:
         for row, seq in zip(logits, seqs, strict=True):
             seen.setdefault(seq.seq_id, []).append(row.detach().clone())
-        return original(logits, seqs, partial)
+        return original(logits, seqs)
 
     model_runner.launch_sampling = spy
     try:

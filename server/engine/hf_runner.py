@@ -54,7 +54,9 @@ class HFRunner:
 
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         sampled, partial = batch.sampled, batch.partial  # before the forwards move num_computed
-        return launch_sampling(self._forward(batch), sampled, partial)
+        step = launch_sampling(self._forward(batch), sampled)
+        step.partial = partial
+        return step
 
     @torch.inference_mode()
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -97,11 +97,8 @@ class _Capture:
         return hidden
 
 
-def launch_sampling(
-    logits: torch.Tensor, seqs: list[Sequence], partial: list[Sequence] | None = None
-) -> PendingStep:
-    """Queue the sampler over one logits row per sequence (shared by every runner); `partial`: the step's
-    unfinished prefill chunks, which have no row."""
+def launch_sampling(logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
+    """Queue the sampler over one logits row per sequence (shared by every runner)."""
     rows = [
         SamplingRow(
             params=s.params,
@@ -112,7 +109,7 @@ def launch_sampling(
         )
         for s in seqs
     ]
-    return PendingStep(seqs, sample_launch(logits, rows), partial)
+    return PendingStep(seqs, sample_launch(logits, rows))
 
 
 def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
@@ -218,7 +215,9 @@ class ModelRunner:
             if batch.decodes:
                 parts.append(self._decode(batch.decodes))
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return launch_sampling(logits, sampled, partial)
+        step = launch_sampling(logits, sampled)
+        step.partial = partial
+        return step
 
     def _prefill_graph(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor | None:
         """One whole fresh prompt with no interventions and no prompt logprobs, from a prefill CUDA graph;
