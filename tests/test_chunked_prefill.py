@@ -269,3 +269,34 @@ def test_paged_prefill_kernel_in_the_engine(tinystories_dir: Path, unchunked: LL
     for key in ref_logits:
         for a, b in zip(logits[key], ref_logits[key], strict=True):
             close(a, b)
+
+
+def test_failed_chunked_step_is_pinned_on_its_sequence(
+    tinystories_dir: Path, unchunked: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that fails is re-run one sequence at a time; an isolated prompt longer than the budget
+    prefills alone, chunk by chunk, so only the faulty request fails and the others keep their tokens."""
+    from actserve.server.engine import model_runner
+    from actserve.server.engine.engine_client import EngineRequestError
+
+    prompts = random_prompts(29, [4, 40, 25])
+    want = run(unchunked, prompts, greedy(6))
+    eng = engine(tinystories_dir, max_num_batched_tokens=8, max_num_seqs=3)
+    original = model_runner.launch_sampling
+    solo_steps: list[int] = []
+
+    def launch(logits: torch.Tensor, seqs: list[Sequence]) -> Any:
+        if eng.scheduler.solo is not None:
+            solo_steps.append(1)
+        if any(s.seq_id == "f1" for s in seqs):
+            raise IndexError("injected sampler fault")
+        return original(logits, seqs)
+
+    monkeypatch.setattr(model_runner, "launch_sampling", launch)
+    seqs = make_sequences(eng, prompts, greedy(6), tag="f")
+    with pytest.raises(EngineRequestError, match="f1: .*injected sampler fault"):
+        run_sequences(eng, seqs)
+    assert seqs[1].error is not None and seqs[0].error is None and seqs[2].error is None
+    assert [seqs[0].output_token_ids, seqs[2].output_token_ids] == [want[0], want[2]]
+    assert solo_steps  # an isolated sequence did prefill over several steps alone
+    assert eng.blocks.num_free == eng.blocks.num_blocks
