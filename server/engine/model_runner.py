@@ -272,7 +272,8 @@ class ModelRunner:
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         if hooks is not None and hooks.attention:
             self._attention_meta(attn, seqs, len(seqs) if num_prefills is None else num_prefills)
-        elif self.chunk_kernel and not fresh:  # (attention hooks' selection rebuilds per-sequence slots)
+        # (not when attention hooks restrict decode rows here, on the CPU: their slots are rebuilt per row)
+        if self.chunk_kernel and not fresh and attn.decode_seqs is None:
             attn.chunk_tables = self._tables(seqs)
             attn.block_size = self.block_size
         hidden = self.model(
