@@ -300,3 +300,29 @@ def test_failed_chunked_step_is_pinned_on_its_sequence(
     assert [seqs[0].output_token_ids, seqs[2].output_token_ids] == [want[0], want[2]]
     assert solo_steps  # an isolated sequence did prefill over several steps alone
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_attention_hooks_across_chunks(tinystories_dir: Path, ref: Any, kernel: bool) -> None:
+    """Attention hook plugins with prompts split into chunks beside decodes: the filled-block observer
+    records every completed block once with transformers' keys, and a KV-window row (prompt rows
+    unrestricted, decode rows windowed) keeps transformers' windowed tokens; with the paged-prefill kernel
+    too (Triton's interpreter)."""
+    from transformers import AutoTokenizer
+
+    from tests.test_hook_attention import BS, TEXTS, check_observer, hf_window
+
+    tok = AutoTokenizer.from_pretrained(tinystories_dir)
+    prompts = [tok.encode(t) for t in TEXTS]
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tinystories_dir), device="cpu", num_kv_blocks=256, block_size=BS,
+            max_num_batched_tokens=5, max_num_seqs=4,
+        )
+    )  # fmt: skip
+    eng.runner.chunk_kernel = kernel
+    steps = spy_batches(eng)
+    outs = check_observer(eng, ref, prompts, "c")
+    assert outs[3] == hf_window(ref, prompts[3], 1, 1)[0]
+    assert any(len(c) and d for _, c, d, _ in steps)  # chunks beside decodes
+    assert all(n <= 5 for n, _, _, _ in steps)
