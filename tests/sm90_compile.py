@@ -145,7 +145,7 @@ VARIANTS.append(
     (
         _prefill_kernel,
         prefill_types,
-        dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, PREC="tf32"),
+        dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, PREC="tf32"),
     )
 )
 VARIANTS.append(

@@ -183,11 +183,12 @@ def paged_attention(
     if q.is_cuda and batch.fresh_prefill:
         return _prefill_sdpa(q, k, v, batch, scale, sliding_window)
     if batch.chunk_tables is not None:  # set by the runner on CUDA (see ModelRunner.chunk_kernel)
-        from actserve.kernels.paged_prefill import paged_prefill, prefill_meta
+        from actserve.kernels.paged_prefill import paged_prefill, prefill_meta, tile_positions
 
         if batch.chunk_meta is None:
             lens, nqs = [s.context_len for s in batch.seqs], [s.num_queries for s in batch.seqs]
-            batch.chunk_meta = prefill_meta(lens, nqs, q.device)
+            block_m = tile_positions(q.shape[1] // kv_cache.shape[2])
+            batch.chunk_meta = prefill_meta(lens, nqs, q.device, block_m)
         return paged_prefill(
             q, kv_cache[0], kv_cache[1], batch.chunk_tables, batch.chunk_meta, scale, batch.block_size,
             sliding_window,
