@@ -326,3 +326,18 @@ def test_attention_hooks_across_chunks(tinystories_dir: Path, ref: Any, kernel: 
     assert outs[3] == hf_window(ref, prompts[3], 1, 1)[0]
     assert any(len(c) and d for _, c, d, _ in steps)  # chunks beside decodes
     assert all(n <= 5 for n, _, _, _ in steps)
+
+
+def test_profiled_step_runs_both_attention_paths(unchunked: LLMEngine) -> None:
+    """The KV-sizing profile's dummy step (a budget-sized chunk at the end of the longest context) is a
+    valid forward on the CPU through either chunk path, and both give the same log-probabilities."""
+    from actserve.server.models.profile import heaviest_step
+
+    runner = unchunked.runner
+    spec = runner.model.spec
+    outs = []
+    for kernel in (False, True):
+        torch.manual_seed(0)
+        outs.append(heaviest_step(runner.model, spec, 40, 512, torch.float32, runner.device, 16, kernel))
+    assert outs[0].shape == (40, spec.vocab_size) and bool(outs[0].isfinite().all())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -10,6 +10,35 @@ from actserve.server.models.spec import ModelSpec
 
 
 @torch.inference_mode()
+def heaviest_step(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    tokens: int,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    chunk_kernel: bool,
+) -> torch.Tensor:
+    """The heaviest step a budget of `tokens` allows, on dummy data: one chunk of `tokens` prompt tokens
+    at the end of a `max_len` context, through the attention path the runner takes for it (the
+    paged-prefill kernel with `chunk_kernel`, else the per-sequence gather), with logits and log-softmax
+    over every row (as prompt logprobs). The dummy cache holds only the chunk's blocks: the context reads
+    them repeatedly, which costs the memory of distinct blocks. Returns the log-softmax."""
+    tokens = min(tokens, max_len)
+    blocks = -(-tokens // block_size)
+    kv = make_kv_cache(spec.num_layers, blocks * block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+    table = torch.arange(-(-max_len // block_size), device=device) % blocks
+    context = (table.unsqueeze(1) * block_size + torch.arange(block_size, device=device)).flatten()[:max_len]
+    batch = AttentionBatch(context[-tokens:], [SeqSlice(0, tokens, context)], block_size=block_size)
+    if chunk_kernel:
+        batch.chunk_tables = table.to(torch.int32).unsqueeze(0)
+    ids = torch.randint(0, spec.vocab_size, (tokens,), device=device)
+    positions = torch.arange(max_len - tokens, max_len, device=device)
+    hidden = model(ids, positions, kv, batch, None)
+    return torch.log_softmax(model.compute_logits(hidden), dim=-1)  # type: ignore[operator]
+
+
 def step_activation_bytes(
     model: torch.nn.Module,
     spec: ModelSpec,
@@ -19,30 +48,17 @@ def step_activation_bytes(
     device: torch.device,
     block_size: int,
 ) -> int:
-    """Peak CUDA memory above what is allocated now, of the heaviest step a budget of `tokens` allows:
-    one chunk of `tokens` prompt tokens at the end of a `max_len` context, through the attention path the
-    runner takes for it (the paged-prefill kernel, or the per-sequence gather for other head sizes), with
-    logits and log-softmax over every row (prompt logprobs). The dummy cache holds only the chunk's
-    blocks: the context reads them repeatedly, which costs the same memory as distinct blocks. Weights
-    are not touched; random token ids."""
-    tokens = min(tokens, max_len)
-    blocks = -(-tokens // block_size)
+    """Peak CUDA memory of `heaviest_step` above what is allocated now (the runner's CUDA attention
+    path: the kernel for power-of-two head sizes)."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    kv = make_kv_cache(spec.num_layers, blocks * block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
-    table = torch.arange(-(-max_len // block_size), device=device) % blocks
-    context = (table.unsqueeze(1) * block_size + torch.arange(block_size, device=device)).flatten()[:max_len]
-    batch = AttentionBatch(context[-tokens:], [SeqSlice(0, tokens, context)], block_size=block_size)
-    if paged_prefill_fits(spec.head_dim):
-        batch.chunk_tables = table.to(torch.int32).unsqueeze(0)
-    ids = torch.randint(0, spec.vocab_size, (tokens,), device=device)
-    positions = torch.arange(max_len - tokens, max_len, device=device)
-    hidden = model(ids, positions, kv, batch, None)
-    torch.log_softmax(model.compute_logits(hidden), dim=-1)  # type: ignore[operator]
+    out = heaviest_step(
+        model, spec, tokens, max_len, dtype, device, block_size, paged_prefill_fits(spec.head_dim)
+    )
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del kv, hidden
+    del out
     torch.cuda.empty_cache()
     return int(peak)
