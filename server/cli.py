@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--max-num-seqs", type=positive, default=64, help="sequences in one running batch")
     s.add_argument("--max-model-len", type=positive, default=None, help="context limit (prompt + output)")
-    s.add_argument("--max-num-batched-tokens", type=positive, default=None, help="tokens per step")
+    s.add_argument(
+        "--max-num-batched-tokens", type=positive, default=None,
+        help="token budget of a step (default 2048 on CUDA, 512 on CPU); longer prompts prefill in chunks",
+    )  # fmt: skip
     s.add_argument("--block-size", type=positive, default=16, help="tokens per KV block")
     s.add_argument("--num-kv-blocks", type=positive, default=None, help="KV blocks (overrides memory size)")
     s.add_argument(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,10 +27,14 @@ from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
 from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
-from actserve.server.models.builder import LoadedModel, load_model
+from actserve.server.models.builder import LoadedModel, load_model, resolve_device
 from actserve.server.models.formats import install_formats
 
 log = logging.getLogger(__name__)
+
+# the step token budget when --max-num-batched-tokens is not given (at least --max-num-seqs)
+DEFAULT_BATCHED_TOKENS_CUDA = 2048
+DEFAULT_BATCHED_TOKENS_CPU = 512
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, registry: InterventionRegistry) -> Any:
@@ -73,7 +78,16 @@ def is_fatal(error: BaseException) -> bool:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.loaded: LoadedModel = load_model(config.load_config())
+        device = resolve_device(config.device)
+        default_budget = DEFAULT_BATCHED_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCHED_TOKENS_CPU
+        batched = config.max_num_batched_tokens or max(default_budget, config.max_num_seqs)
+        if batched < config.max_num_seqs:  # refused before loading anything
+            raise ValueError(
+                f"--max-num-batched-tokens ({batched}) must be >= --max-num-seqs ({config.max_num_seqs}): "
+                "every running sequence's decode token must fit in one step's token budget"
+            )
+        load = replace(config.load_config(), max_num_batched_tokens=batched)
+        self.loaded: LoadedModel = load_model(load)
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
@@ -85,12 +99,6 @@ class LLMEngine:
         num_blocks = self.loaded.num_blocks
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
-        batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if batched < self.max_model_len:
-            raise ValueError(
-                f"--max-num-batched-tokens ({batched}) must be >= --max-model-len ({self.max_model_len}): "
-                "prompts are prefilled in one step"
-            )
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched)
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.set_static_memory(
@@ -167,7 +175,7 @@ class LLMEngine:
     def _step(self) -> list[SeqOutput]:
         pending = self._inflight
         self._inflight = None
-        self._touched = list(pending.seqs) if pending is not None else []
+        self._touched = [*pending.seqs, *getattr(pending, "partial", [])] if pending is not None else []
         try:  # launch (unless in flight), chain the next one, collect: device work, no host state yet
             if pending is None:
                 pending = self._launch()
@@ -260,6 +268,9 @@ class LLMEngine:
         seqs = getattr(pending, "seqs", None)
         if not seqs or self.scheduler.num_queued or len(seqs) != len(self.scheduler.running):
             return None
+        running = self.scheduler.running
+        if getattr(pending, "partial", None) or any(s.num_computed < s.num_tokens for s in running):
+            return None  # a prompt is mid-prefill: its next chunk needs the scheduler
         if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
             return None
         need = 0

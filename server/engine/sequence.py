@@ -46,6 +46,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_lp_sent: bool = False
+    prompt_lp_parts: list[TokenLogprob | None] = field(default_factory=list)  # chunks so far (prefill)
     count_prompt: bool = True  # False for choices 2..n of one request: usage counts the prompt once
     submitted: bool = False  # handed to the engine, which from then on releases its intervention plans
     error: str | None = None  # set when an engine failure ended this sequence (reported to its client)
