@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="token budget of a step (default 2048 on CUDA, 512 on CPU); longer prompts prefill in chunks",
     )  # fmt: skip
     s.add_argument("--block-size", type=positive, default=16, help="tokens per KV block")
+    s.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="reuse the KV of full prompt blocks already computed (keyed by tokens, dtype and prompt-phase "
+        "interventions); on by default",
+    )  # fmt: skip
     s.add_argument("--num-kv-blocks", type=positive, default=None, help="KV blocks (overrides memory size)")
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
@@ -154,6 +159,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,

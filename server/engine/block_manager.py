@@ -87,9 +87,10 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed == 0
         if not self.caching:
             return 0
-        reusable = reusable_blocks(seq.prompt_len, self.block_size)
-        keys = block_keys(seq.prompt_token_ids, self.block_size, extra, reusable)
-        seq.prefix_keys = keys
+        if not seq.prefix_keys:  # once per sequence (a waiting one is looked up every step)
+            reusable = reusable_blocks(seq.prompt_len, self.block_size)
+            seq.prefix_keys = block_keys(seq.prompt_token_ids, self.block_size, extra, reusable)
+        keys = seq.prefix_keys
         for key in keys:
             block = self.cached.get(key)
             if block is None:
@@ -100,22 +101,27 @@ class BlockManager:
             seq.block_table.append(block)
         reused = len(seq.block_table) * self.block_size
         seq.num_computed = seq.num_cached_tokens = reused
-        self.queries += seq.prompt_len
-        self.hits += reused
         return reused
+
+    def record_lookup(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup: its prompt tokens queried, its reused tokens hit."""
+        if self.caching:
+            self.queries += seq.prompt_len
+            self.hits += seq.num_cached_tokens
 
     def commit(self, seq: Sequence) -> None:
         """Key the prompt blocks `seq` has now computed, so later prompts can reuse them (a block whose
         key another block already holds stays unkeyed)."""
         if not self.caching or not seq.prefix_keys:
             return
-        done = min(seq.num_computed // self.block_size, len(seq.prefix_keys))
-        for i in range(done):
+        done = min(seq.num_computed // self.block_size, len(seq.prefix_keys), len(seq.block_table))
+        for i in range(seq.prefix_committed, done):
             block = seq.block_table[i]
             key = seq.prefix_keys[i]
             if block not in self.key_of and key not in self.cached:
                 self.cached[key] = block
                 self.key_of[block] = key
+        seq.prefix_committed = max(seq.prefix_committed, done)
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; unreferenced keyed blocks stay cached (evictable, newest last)."""
@@ -127,4 +133,4 @@ class BlockManager:
                 else:
                     self.free.append(block)
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.prefix_committed = 0

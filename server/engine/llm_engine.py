@@ -97,7 +97,10 @@ class LLMEngine:
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)
         num_blocks = self.loaded.num_blocks
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        # the prefix cache needs the native runner's paged KV (the fallback keeps its own caches)
+        self.prefix_caching = config.enable_prefix_caching and self.loaded.spec is not None
+        self.blocks = BlockManager(num_blocks, config.block_size, self.prefix_caching)
+        self._prefix_counted = (0, 0)
         self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched)
         self.metrics = EngineMetrics(self.model_name)
@@ -134,6 +137,8 @@ class LLMEngine:
         ):
             raise RequestRejected(f"sequence {seq.seq_id} was not checked against the context", "prompt")
         seq.eos_token_ids = seq.eos_token_ids or self.loaded.eos_token_ids
+        # what else shapes its prompt's KV, for the prefix cache: the dtype and prompt-phase interventions
+        seq.prefix_extra = (str(self.model_info.dtype), self.registry.prefix_key(seq.interventions))
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.model_info.device).manual_seed(seq.params.seed)
         detokenizer.start(seq)
@@ -183,7 +188,9 @@ class LLMEngine:
                     self._update_gauges()
                     return []
             chained = self._chain(pending) if self.overlap else None
-            appended = self._append(pending.collect())
+            results = pending.collect()
+            self._commit_prefixes(pending)  # before _append retires (frees) finished sequences
+            appended = self._append(results)
         except Exception as e:
             if is_fatal(e):
                 raise
@@ -260,6 +267,12 @@ class LLMEngine:
                 seq.first_scheduled = now
             self.registry.activate(seq.interventions)
         return self.runner.launch(batch)
+
+    def _commit_prefixes(self, pending: Any) -> None:
+        """Key the prompt blocks the collected step completed (the prefix cache may hand them out now)."""
+        if self.prefix_caching:
+            for seq in [*pending.seqs, *getattr(pending, "partial", [])]:
+                self.blocks.commit(seq)
 
     def _chain(self, pending: Any) -> Any:
         """Launch the next decode step of exactly `pending`'s sequences before its tokens reach the host
@@ -445,6 +458,7 @@ class LLMEngine:
             prompt_logprobs=seq.prompt_logprobs if first else None,
             num_prompt_tokens=seq.prompt_len,
             num_output_tokens=len(seq.output_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
         )
         if first and seq.prompt_logprobs is not None:
             seq.prompt_lp_sent = True
@@ -452,6 +466,11 @@ class LLMEngine:
 
     def _update_gauges(self) -> None:
         m, name = self.metrics, self.model_name
+        counted = (self.blocks.queries, self.blocks.hits)
+        if counted != self._prefix_counted:
+            m.prefix_queries.labels(name).inc(counted[0] - self._prefix_counted[0])
+            m.prefix_hits.labels(name).inc(counted[1] - self._prefix_counted[1])
+            self._prefix_counted = counted
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(self.scheduler.num_queued)
         m.kv_usage.labels(name).set(self.blocks.usage)

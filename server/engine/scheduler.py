@@ -2,8 +2,9 @@
 (`--max-num-batched-tokens`): running decodes take it first (one token each), then prompts are
 prefilled in chunks within what is left: a prompt may take several steps, tokens
 [num_computed, num_computed + chunk) in each, beside the decodes; only the step that completes it samples
-a token. When KV blocks run out, the newest running sequence is preempted (its blocks freed, recomputed
-later from scratch). Nothing is dropped silently.
+a token. A waiting prompt whose leading full blocks are in the prefix cache starts past them
+(`BlockManager.match_prefix`). When KV blocks run out, the newest running sequence is preempted (its
+blocks freed, recomputed later, from its cached prefix where that survived). Nothing is dropped silently.
 
 After a step fails, the engine may `isolate` its sequences: each then runs alone (recomputed from
 scratch, like a preempted one, every chunk of its prefill alone), so a failure is pinned on the sequence
@@ -152,10 +153,13 @@ class Scheduler:
         # then waiting prompts (FIFO), each admitted when its first chunk's blocks are free
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            chunk = min(seq.num_tokens, budget)
-            if not self.blocks.can_allocate(chunk):
+            self.blocks.match_prefix(seq, seq.prefix_extra)  # a cached prefix: those tokens are done
+            chunk = min(seq.num_tokens - seq.num_computed, budget)
+            if self._capacity(seq) < chunk:
+                self.blocks.release(seq)  # it keeps waiting; the cached blocks stay cached
                 break
             self.waiting.popleft()
+            self.blocks.record_lookup(seq)
             seq.status = SeqStatus.RUNNING
             self._add_prefill(batch, seq, chunk)
             self.running.append(seq)

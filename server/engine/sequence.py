@@ -38,8 +38,12 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
-    prefix_keys: list[bytes] = field(default_factory=list)  # chain keys of its reusable prompt blocks
-    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache at admission
+    # prefix cache (block_manager.py): what else shapes its prompt's KV (dtype, prompt-phase interventions),
+    # the chain keys of its reusable prompt blocks, how many are keyed, the tokens reused at admission
+    prefix_extra: tuple = ()
+    prefix_keys: list[bytes] = field(default_factory=list)
+    prefix_committed: int = 0
+    num_cached_tokens: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
