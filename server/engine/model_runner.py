@@ -232,7 +232,7 @@ class ModelRunner:
             slot_parts.append(ctx[start:])
             slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len))
+                spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids))
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
                 want_prompt_lp.append((seq, row0, seq.prompt_len))
         fresh = fresh and all(s.num_queries == s.context_len for s in slices)
@@ -323,7 +323,7 @@ class ModelRunner:
             pos[i] = p
             slots[i] = seq.block_table[p // bs] * bs + p % bs
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
+                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids))
             seq.num_computed = p + 1
         groups = self.registry.group_spans(spans)
         fused = self.registry.fused
