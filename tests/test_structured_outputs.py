@@ -263,7 +263,7 @@ BAD_SCHEMA = {"type": "objectx"}
         ({"guided_regex": "(ab"}, "guided_regex"),
         ({"guided_grammar": "root ::= "}, "guided_grammar"),
         ({"guided_choice": []}, "guided_choice"),
-        ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
+        ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
         ({"guided_choice": ["a"], "ignore_eos": True}, "ignore_eos"),
         ({"guided_choice": ["a"], "interventions": {"structured_output": {"regex": "a"}}}, "guided_choice"),
