@@ -279,3 +279,14 @@ def test_http_errors_name_the_field(server: Any, body: dict[str, Any], param: st
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
     assert post(server, {"guided_choice": ["ok"]}).json()["choices"][0]["text"] == "ok"  # engine unharmed
+
+
+def test_transformers_fallback(tinystories_dir: Path, tok: Any, prompts: list[list[int]]) -> None:
+    """The transformers fallback runs the same logits hooks: choices and regexes hold there too."""
+    fb = LLMEngine(
+        EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=64, force_transformers=True)
+    )
+    specs = [so(choice=["red ball", "blue sky"]), so(regex="[a-z]{3}-[0-9]{2}"), None]
+    outs = gen(fb, prompts[:3], sampled(random.randrange(2**31), 16), specs, "fb")
+    assert tok.decode(outs[0][0], skip_special_tokens=True) in ("red ball", "blue sky")
+    assert re.fullmatch("[a-z]{3}-[0-9]{2}", tok.decode(outs[1][0], skip_special_tokens=True))
