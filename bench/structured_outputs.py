@@ -9,6 +9,9 @@ with "stop" (target >= 90%) and, of those, the share that parse as JSON and vali
 (target 100%).
 
     python bench/structured_outputs.py [--schemas 30] [--temperature 0] [--out FILE.json]
+
+`--overhead-only` measures just the cost: the median decode-step time of the same batch constrained and
+unconstrained (`--overhead-tokens` steps, EOS ignored for the plain run), written to `--out`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,35 @@ def check(text: str, schema: dict[str, Any]) -> str | None:
     return None
 
 
+def overhead(eng: LLMEngine, prompts: list[list[int]], items: list[dict[str, Any]], args: Any) -> None:
+    """Median decode-step time, constrained vs plain, over the steps where every row is still running."""
+    n = args.overhead_tokens
+    result: dict[str, Any] = {}
+    for name, specs, ignore_eos in (
+        ("plain", None, True),
+        ("constrained", [{"structured_output": {"json_schema": it["schema"]}} for it in items], False),
+        ("plain", None, True),  # twice: the first run also warms up
+    ):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=ignore_eos)
+        seqs = make_sequences(eng, prompts, params, specs, name)
+        steps: list[float] = []
+        run_sequences(eng, seqs, steps)
+        alive = min(len(s.output_token_ids) for s in seqs)  # steps 1 .. alive-1 decode the whole batch
+        decode = sorted(steps[1:alive])
+        result[name] = {"median_decode_step_ms": round(decode[len(decode) // 2], 2), "steps": len(decode)}
+    plain, cons = result["plain"]["median_decode_step_ms"], result["constrained"]["median_decode_step_ms"]
+    result["overhead"] = round(cons / plain - 1, 4)
+    print(json.dumps(result, indent=1))
+    doc = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
+        "batch": len(prompts),
+        "result": result,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print("wrote", args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemas", type=int, default=30)
@@ -65,11 +97,16 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench/results/structured_outputs.json"))
+    ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument("--overhead-tokens", type=int, default=24)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     items = json.loads((ROOT / "bench/data/json_schemas.json").read_text())[: args.schemas]
     eng = LLMEngine(EngineConfig(model=str(ensure_default_model()), device="cpu", num_kv_blocks=2048))
     tok = eng.tokenizer
+    if args.overhead_only:
+        overhead(eng, [prompt_ids(tok, it) for it in items], items, args)
+        return
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     specs: list[dict[str, Any] | None] = [
         {"structured_output": {"json_schema": it["schema"]}} for it in items

@@ -143,9 +143,9 @@ def test_composes_with_steering(eng: LLMEngine, tok: Any, prompts: list[list[int
 
 def test_logit_bias_equals_transformers_plus_bias(eng: LLMEngine, ref: Any, prompts: list[list[int]]) -> None:
     rng = random.Random()
-    bias = {
-        str(t): round(rng.uniform(-100, 100), 3) for t in rng.sample(range(eng.model_info.vocab_size), 20)
-    }
+    # token 0 too: the hook's unused entries point at token 0 and must not overwrite its bias
+    picked = [0, *rng.sample(range(1, eng.model_info.vocab_size), 19)]
+    bias = {str(t): round(rng.uniform(-100, 100), 3) for t in picked}
     steps = 6
     with capture_logits() as seen:
         (ours, _), = gen(eng, prompts[:1], SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True),
@@ -266,6 +266,7 @@ BAD_SCHEMA = {"type": "objectx"}
         ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
         ({"guided_choice": ["a"], "ignore_eos": True}, "ignore_eos"),
+        ({"guided_regex": "a+", "min_tokens": 2}, "min_tokens"),
         ({"guided_choice": ["a"], "interventions": {"structured_output": {"regex": "a"}}}, "guided_choice"),
         ({"logit_bias": {"99999": 1}}, "logit_bias.99999"),
         ({"logit_bias": {"x": 1}}, "logit_bias.x"),

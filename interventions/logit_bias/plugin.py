@@ -36,9 +36,8 @@ class BiasHook:
     def apply(self, logits: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
         ids, bias = inputs["bias_ids"], inputs["bias"]
         valid = ids >= 0
-        add = torch.zeros_like(logits).scatter_(
-            1, ids.clamp(min=0), torch.where(valid, bias, 0).to(logits.dtype)
-        )
+        bias = torch.where(valid, bias, 0).to(logits.dtype)  # `none` entries add 0 to token 0
+        add = torch.zeros_like(logits).scatter_add_(1, ids.clamp(min=0), bias)
         return torch.where(valid.any(1, keepdim=True), logits + add, logits)
 
 

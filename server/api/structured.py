@@ -91,7 +91,7 @@ def constraint_of(req: StructuredFields) -> tuple[str, dict[str, Any]] | None:
 
 
 def request_interventions(
-    req: StructuredFields, interventions: dict[str, Any] | None, ignore_eos: bool
+    req: StructuredFields, interventions: dict[str, Any] | None, params: SamplingParams
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The request's interventions with its constraint and logit_bias added, and how to rename the
     plugins' error params (interventions.<plugin>.<key> -> the request's field)."""
@@ -102,10 +102,13 @@ def request_interventions(
         field, spec = constraint
         if STRUCTURED in out:
             raise APIError(400, f"{field}: cannot be combined with interventions.{STRUCTURED}", field)
-        if ignore_eos:
-            raise APIError(
-                400, "ignore_eos: cannot be combined with an output constraint (it ends at EOS)", "ignore_eos"
-            )
+        # a complete output allows only EOS: suppressing it would leave no token to sample
+        if params.ignore_eos:
+            msg = "ignore_eos: cannot be combined with an output constraint (a complete output ends at EOS)"
+            raise APIError(400, msg, "ignore_eos")
+        if params.min_tokens:
+            msg = "min_tokens: cannot be combined with an output constraint (its output may end sooner)"
+            raise APIError(400, msg, "min_tokens")
         out[STRUCTURED] = spec
         renames[f"interventions.{STRUCTURED}.{next(iter(spec))}"] = field
         renames[f"interventions.{STRUCTURED}"] = field.split(".")[0]
@@ -133,7 +136,7 @@ async def constrained_sequences(
     engine: EngineClient, rid: str, prompts: list[list[int]], params: SamplingParams, req: Any
 ) -> list[tuple[Choice, Sequence]]:
     """`build_sequences` with the request's constraint and logit_bias among its interventions."""
-    interventions, renames = request_interventions(req, req.interventions, params.ignore_eos)
+    interventions, renames = request_interventions(req, req.interventions, params)
     try:
         return await build_sequences(engine, rid, prompts, params, interventions)
     except Exception as e:
