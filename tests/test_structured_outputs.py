@@ -232,6 +232,8 @@ def test_http_fields(server: Any, tok: Any) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == tok.decode([123] * 3), r.text
     r = post(server, {"response_format": {"type": "text"}})
     assert r.status_code == 200
+    r = post(server, {"guided_choice": ["red", "green", "blue"], "n": 4, "temperature": 1.0})  # 4 matchers
+    assert [c["text"] in ("red", "green", "blue") for c in r.json()["choices"]] == [True] * 4, r.text
 
 
 def test_http_streaming(server: Any) -> None:
