@@ -293,3 +293,22 @@ def test_transformers_fallback(tinystories_dir: Path, tok: Any, prompts: list[li
     outs = gen(fb, prompts[:3], sampled(random.randrange(2**31), 16), specs, "fb")
     assert tok.decode(outs[0][0], skip_special_tokens=True) in ("red ball", "blue sky")
     assert re.fullmatch("[a-z]{3}-[0-9]{2}", tok.decode(outs[1][0], skip_special_tokens=True))
+
+
+def test_chat_endpoint(tinystories_dir: Path, tmp_path: Path) -> None:
+    """/v1/chat/completions takes the same fields (TinyStories with a chat template added)."""
+    from tests.test_api_chat import copy_with_chat_template
+
+    s = start_server(copy_with_chat_template(tinystories_dir, tmp_path), num_kv_blocks=128)
+    try:
+        body = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 16,
+                "guided_regex": "[a-z]{2,5} [a-z]{2,5}", "temperature": 1.0}  # fmt: skip
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert re.fullmatch("[a-z]{2,5} [a-z]{2,5}", choice["message"]["content"]), choice
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={**body, "guided_regex": "(x"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+    finally:
+        s.stop()
