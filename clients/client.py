@@ -85,6 +85,18 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (prompt_tokens_details)
+
+    @classmethod
+    def from_json(cls, u: dict[str, Any]) -> Usage:
+        """The fields this client knows; others (a newer server's) are ignored, not an error."""
+        details = u.get("prompt_tokens_details") or {}
+        return cls(
+            int(u.get("prompt_tokens", 0)),
+            int(u.get("completion_tokens", 0)),
+            int(u.get("total_tokens", 0)),
+            int(details.get("cached_tokens", 0)),
+        )
 
 
 @dataclass
@@ -126,7 +138,8 @@ def parse_completion(body: dict[str, Any]) -> Completion:
             )
         )
     u = body.get("usage")
-    return Completion(body.get("id", ""), body.get("model", ""), choices, Usage(**u) if u else None, body)
+    usage = Usage.from_json(u) if u else None
+    return Completion(body.get("id", ""), body.get("model", ""), choices, usage, body)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

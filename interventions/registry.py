@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -199,6 +199,12 @@ class InterventionRegistry:
         if not (residual or bound):
             return None
         return StepHooks(residual, plugins=bound)
+
+    def prefix_key(self, plans: dict[str, Any]) -> tuple[tuple[str, Hashable], ...]:
+        """The part of a request's prefix-cache key its interventions make: (plugin, its key) for each plan
+        that changes the prompt's KV, sorted by plugin name; () when none does."""
+        keys = ((name, self.plugins[name].prefix_key(plan)) for name, plan in plans.items())
+        return tuple(sorted((k for k in keys if k[1] is not None), key=lambda k: k[0]))
 
     def weight_formats(self) -> dict[str, list[FormatRequest]]:
         """Each plugin's extra weight formats by plugin name, only plugins that ask for some (the engine

@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actserve.interventions.cot_compression.cli import add_cot_parser
 from actserve.interventions.cot_compression.cli import run as run_cot
+from actserve.server import access_log
+from actserve.server.cli_http import add_http_flags, cors_config, served_names
 from actserve.server.cli_vectors import add_vectors_parser
 from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
 from actserve.server.version import __version__
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def positive(value: str) -> int:
@@ -69,8 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--max-num-seqs", type=positive, default=64, help="sequences in one running batch")
     s.add_argument("--max-model-len", type=positive, default=None, help="context limit (prompt + output)")
-    s.add_argument("--max-num-batched-tokens", type=positive, default=None, help="tokens per step")
+    s.add_argument(
+        "--max-num-batched-tokens", type=positive, default=None,
+        help="token budget of a step (default 2048 on CUDA, 512 on CPU); longer prompts prefill in chunks",
+    )  # fmt: skip
     s.add_argument("--block-size", type=positive, default=16, help="tokens per KV block")
+    s.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="reuse the KV of full prompt blocks already computed (keyed by tokens, dtype and prompt-phase "
+        "interventions); on by default",
+    )  # fmt: skip
     s.add_argument("--num-kv-blocks", type=positive, default=None, help="KV blocks (overrides memory size)")
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
@@ -94,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes", type=positive, default=16 * 2**20,
         help="largest request body in bytes (413 beyond it; vector uploads allow 64 MiB)",
     )  # fmt: skip
-    s.add_argument("--served-model-name", default=None)
+    add_http_flags(s)
     s.add_argument(
         "--allow-pickle-weights", action="store_true", help="allow .bin/.pt checkpoints (runs code)"
     )
@@ -139,13 +152,14 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=(served_names(args) or [None])[0],
         device=args.device,
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -182,6 +196,22 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The app `serve` runs, from its flags (the model loads in the background once it starts)."""
+    from actserve.server.api.app import create_app
+    from actserve.server.engine.async_engine import make_engine
+
+    config = engine_config(args)
+    return create_app(
+        load=lambda: make_engine(config),
+        api_key=api_keys(args),
+        max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
+        served_names=served_names(args),
+        cors=cors_config(args),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "vectors":
@@ -194,17 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from actserve.server import serving
-    from actserve.server.api.app import create_app
-    from actserve.server.engine.async_engine import make_engine
 
-    config = engine_config(args)
-    app = create_app(
-        load=lambda: make_engine(config),
-        api_key=api_keys(args),
-        max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes,
-    )
-    server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = build_app(args)
+    server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   access_log=not args.disable_uvicorn_access_log)  # fmt: skip
+    access_log.install(args.disable_access_log_for_endpoints)  # uvicorn.Config has set up its loggers
     return serving.run(app.state.actserve, server_config, args.shutdown_timeout)
 
 

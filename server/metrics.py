@@ -45,6 +45,13 @@ class EngineMetrics:
         self.success = Counter(
             "actserve_request_success", "Finished requests by reason.", lbl + ["finished_reason"], registry=r
         )
+        # vLLM's names: prompt tokens looked up in the prefix cache, and of them those found (reused)
+        self.prefix_queries = Counter(
+            "actserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lbl, registry=r
+        )
+        self.prefix_hits = Counter(
+            "actserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", lbl, registry=r
+        )
         self.preemptions = Counter(
             "actserve_num_preemptions", "Sequences preempted (recompute).", lbl, registry=r
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
+
+# the third-party-style test plugins (tests/plugins): their package from the source tree, their entry
+# points from the metadata scripts/setup.sh installs into .venv/test-plugins; only the test suite sees them
+# (a process engine's core inherits sys.path), so a server started from the same venv does not load them
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(_ROOT / "tests/plugins/actserve_test_plugins"), str(_ROOT / ".venv/test-plugins")]
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")

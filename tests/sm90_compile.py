@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
+from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
 from actserve.kernels.silu_mul import _silu_mul_kernel
 from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
@@ -131,6 +132,20 @@ VARIANTS.append(
             "kv_heads": "i32",
         },
         dict(SPLITS=33, SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
+    )
+)
+prefill_types = {
+    **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), BF),
+    **dict.fromkeys(("bt_ptr", "ctx_ptr", "nq_ptr", "qstart_ptr", "tile_seq_ptr", "tile_m_ptr"), I32),
+    "scale": "fp32",
+    **dict.fromkeys(("window", "stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_bt"), "i32"),
+    **dict.fromkeys(("stride_ot", "stride_oh"), "i32"),
+}
+VARIANTS.append(
+    (
+        _prefill_kernel,
+        prefill_types,
+        dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, PREC="tf32"),
     )
 )
 VARIANTS.append(

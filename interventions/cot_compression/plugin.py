@@ -29,7 +29,13 @@ import torch
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
 from actserve.interventions.cot_compression.artifact import ArtifactError, AscArtifact, load_artifact
 from actserve.interventions.cot_compression.schema import CoTCompressionSpec
-from actserve.interventions.steering.plugin import PreparedVector, SteeringHook, SteeringPlan, SteeringPlugin
+from actserve.interventions.steering.plugin import (
+    PreparedVector,
+    SteeringHook,
+    SteeringPlan,
+    SteeringPlugin,
+    prompt_key,
+)
 from actserve.server.contract import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -204,6 +210,9 @@ class CoTCompressionPlugin(InterventionPlugin):
             }
         )
         return schema
+
+    def prefix_key(self, plan: CoTPlan) -> tuple | None:  # type: ignore[override]
+        return prompt_key(plan)
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
         """Used only without a shared steering plugin (the registry merges these rows into steering's)."""

@@ -78,6 +78,10 @@ class LogitBiasPlugin(InterventionPlugin):
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
         return None
 
+    def prefix_key(self, plan: object) -> None:
+        """Logits only: the prompt's KV is a plain request's, so the prefix cache shares it."""
+        return None
+
     def logits_hook(self, spans: list[RowSpan], num_rows: int) -> LogitsHook:
         return BiasHook()
 

@@ -9,6 +9,7 @@ out of the VectorLibrary at `prepare`, so a plan never depends on the library af
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -128,6 +129,18 @@ def row_ranges(span: RowSpan, vec: PreparedVector) -> list[tuple[int, int]]:
         if lo < hi:
             out.append((span.start + lo - span.pos0, span.start + hi - span.pos0))
     return out
+
+
+def prompt_key(plan: SteeringPlan) -> tuple | None:
+    """The prefix-cache key of a plan (`InterventionPlugin.prefix_key`): its vectors that steer prompt
+    positions, by content (a digest of the direction data), layers, scale, normalize and window; None
+    when no vector steers the prompt (a generation-only plan leaves the prompt's KV plain)."""
+    parts = []
+    for v in plan.vectors:
+        if v.prompt:
+            digest = hashlib.sha256(v.data.float().contiguous().numpy().tobytes()).hexdigest()
+            parts.append((digest, tuple(v.layers), v.scale, v.normalize, v.window))
+    return tuple(parts) or None
 
 
 class SteeringPlugin(InterventionPlugin):
@@ -317,6 +330,9 @@ class SteeringPlugin(InterventionPlugin):
             return None
         used = {layer: sorted(cols) for layer, cols in used.items()}  # each row's vectors apply in order
         return RowColumns(index, scale, normalize, used)
+
+    def prefix_key(self, plan: SteeringPlan) -> tuple | None:  # type: ignore[override]
+        return prompt_key(plan)
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> SteeringHook | None:
         cols = self.row_columns(spans, num_rows)

@@ -119,6 +119,10 @@ class StructuredOutputPlugin(InterventionPlugin):
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
         return None
 
+    def prefix_key(self, plan: Any) -> None:
+        """Logits only: the prompt's KV is a plain request's, so the prefix cache shares it."""
+        return None
+
     def logits_hook(self, spans: list[RowSpan], num_rows: int) -> LogitsHook:
         return MaskHook()
 

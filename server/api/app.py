@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from actserve.server.api.admission import Admission, Reservation
 from actserve.server.api.chat import ChatHandler, render_chat
 from actserve.server.api.completions import CompletionHandler
+from actserve.server.api.cors import CORSConfig, install_cors
 from actserve.server.api.errors import (
     APIError,
     InternalErrorMiddleware,
@@ -40,6 +41,7 @@ from actserve.server.api.protocol import (
     TokenizeRequest,
     check_fields,
 )
+from actserve.server.api.request_id import RequestIdMiddleware
 from actserve.server.api.steering_routes import MAX_UPLOAD_BYTES
 from actserve.server.api.steering_routes import router as steering_router
 from actserve.server.api.tokens import PromptEncoder
@@ -64,8 +66,11 @@ EXIT_LOAD_FAILED = 3  # as uvicorn's own start-up failure
 class ServerState:
     """Engine slot filled once loading finishes (or the load error that prevented it)."""
 
-    def __init__(self, api_key: str | list[str] | None, max_waiting: int) -> None:
+    def __init__(
+        self, api_key: str | list[str] | None, max_waiting: int, served_names: list[str] | None = None
+    ) -> None:
         self.engine: EngineClient | None = None
+        self.aliases = list(served_names or [])  # --served-model-name: the engine serves the first
         self.load_error: BaseException | None = None
         self.api_keys = key_list(api_key)
         self.draining = False  # shutting down: new requests get 503, accepted ones finish
@@ -114,13 +119,18 @@ class ServerState:
         assert self.engine is not None
         return self.engine
 
+    def model_names(self) -> list[str]:
+        """Every name the model answers to, the engine's (reported when a request names none) first."""
+        first = self.ready().model_name
+        return [first, *(a for a in dict.fromkeys(self.aliases) if a != first)]
+
     def check_model(self, model: str | None) -> None:
-        engine = self.ready()
-        if model is not None and model != engine.model_name:
-            served = engine.model_name
+        names = self.model_names()
+        if model is not None and model not in names:
+            served = ", ".join(repr(n) for n in names)
             raise APIError(
                 404,
-                f"model {model!r} does not exist; this server serves {served!r}",
+                f"model {model!r} does not exist; this server serves {served}",
                 "model",
                 "model_not_found",
             )
@@ -174,11 +184,14 @@ def create_app(
     api_key: str | list[str] | None = None,
     max_waiting: int = 4096,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    served_names: list[str] | None = None,
+    cors: CORSConfig | None = None,
 ) -> FastAPI:
     """Pass a ready engine, or a loader that runs in a thread when the app starts. `api_key` is one key
-    or a list of accepted keys; `max_request_bytes` caps request bodies (413 beyond it)."""
+    or a list of accepted keys; `max_request_bytes` caps request bodies (413 beyond it); `served_names`
+    are more names the model answers to (the engine's own name stays the first); `cors` turns CORS on."""
     app = FastAPI(title="actserve", version=__version__)
-    state = ServerState(api_key, max_waiting)
+    state = ServerState(api_key, max_waiting, served_names)
     app.state.actserve = state
     install_error_handlers(app)
     if engine is not None:
@@ -203,11 +216,14 @@ def create_app(
         if state.engine is not None:
             state.engine.shutdown()
 
-    # outermost last: errors -> API key (before reading any body) -> body limits -> routes
+    # outermost last: CORS -> request id -> errors -> API key (before reading any body) -> body limits
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes,
                        path_limits={"/v1/steering/vectors": MAX_UPLOAD_BYTES})  # fmt: skip
     app.add_middleware(APIKeyMiddleware, state=state)
     app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    if cors is not None:
+        install_cors(app, cors)
 
     @app.get("/health")
     async def health() -> Response:
@@ -231,10 +247,10 @@ def create_app(
             return Response(b"", status_code=503, media_type=CONTENT_TYPE_LATEST)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict[str, Any]:
+    def model_card(name: str) -> dict[str, Any]:
         info = state.ready().model_info
         return {
-            "id": info.name,
+            "id": name,
             "object": "model",
             "created": int(state.started),
             "owned_by": "actserve",
@@ -249,12 +265,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names()]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
         state.check_model(model)
-        return model_card()
+        return model_card(model)
 
     @app.get("/v1/interventions")
     async def interventions() -> dict[str, Any]:

@@ -15,12 +15,12 @@ from actserve.server.api.generation import (
     PlanStream,
     TokenText,
     apply_output,
-    new_id,
     now,
     run_choices,
     usage,
 )
 from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
+from actserve.server.api.request_id import request_ids
 from actserve.server.api.sse import ChunkWriter
 from actserve.server.api.structured import constrained_sequences
 from actserve.server.api.tokens import INLINE_CHARS, PromptEncoder
@@ -119,8 +119,8 @@ class ChatHandler:
             )
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
-            rid = new_id("chatcmpl")
-            pairs = await constrained_sequences(self.engine, rid, [ids], params, req)
+            rid, seq_prefix = request_ids(raw, "chatcmpl")
+            pairs = await constrained_sequences(self.engine, seq_prefix, [ids], params, req)
             if req.stream:
                 streaming = True
                 stream = self._stream(req, rid, [ids], pairs, raw, admitted)
@@ -139,7 +139,7 @@ class ChatHandler:
             "id": rid,
             "object": "chat.completion",
             "created": now(),
-            "model": self.model_name,
+            "model": req.model or self.model_name,
             "choices": [
                 {
                     "index": c.index,
@@ -167,7 +167,7 @@ class ChatHandler:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         kind = "chat.completion.chunk"
-        envelope = {"id": rid, "object": kind, "created": created, "model": self.model_name}
+        envelope = {"id": rid, "object": kind, "created": created, "model": req.model or self.model_name}
         writer = ChunkWriter(envelope, include_usage)
         chunk = writer.chunk
 

@@ -15,12 +15,12 @@ from actserve.server.api.generation import (
     PlanStream,
     TokenText,
     apply_output,
-    new_id,
     now,
     run_choices,
     usage,
 )
 from actserve.server.api.protocol import CompletionRequest
+from actserve.server.api.request_id import request_ids
 from actserve.server.api.sse import ChunkWriter
 from actserve.server.api.structured import constrained_sequences
 from actserve.server.api.tokens import PromptEncoder
@@ -113,8 +113,8 @@ class CompletionHandler:
             prompts = await tokenize_prompts(self.encoder, req.prompt)
             prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
             params = req.sampling_params(req.max_tokens, req.logprobs, prompt_lp)
-            rid = new_id("cmpl")
-            pairs = await constrained_sequences(self.engine, rid, prompts, params, req)
+            rid, seq_prefix = request_ids(raw, "cmpl")
+            pairs = await constrained_sequences(self.engine, seq_prefix, prompts, params, req)
             if req.stream:
                 streaming = True
                 stream = self._stream(req, rid, prompts, pairs, raw, admitted)
@@ -129,7 +129,7 @@ class CompletionHandler:
             "id": rid,
             "object": "text_completion",
             "created": now(),
-            "model": self.model_name,
+            "model": req.model or self.model_name,
             "choices": [self._choice_body(req, c, prompts[c.prompt_index]) for c in choices],
             "usage": usage(choices, prompts),
         }
@@ -160,7 +160,8 @@ class CompletionHandler:
         created, choices = now(), [c for c, _ in pairs]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        envelope = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        model = req.model or self.model_name  # the alias the request used, else the first name
+        envelope = {"id": rid, "object": "text_completion", "created": created, "model": model}
         out_chunks = ChunkWriter(envelope, include_usage)
 
         sent_echo: set[int] = set()

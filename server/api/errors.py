@@ -142,7 +142,10 @@ class InternalErrorMiddleware:
         try:
             await self.app(scope, receive, tracked)
         except Exception as e:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            rid = scope.get("state", {}).get("request_id")  # set by RequestIdMiddleware
+            log.exception(
+                "unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), rid
+            )
             if started:
                 raise  # the status line is gone: let the server close the connection
             message = f"internal error ({type(e).__name__}); the server log has the details"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,10 +22,6 @@ from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 @dataclass
 class Choice:
     """Accumulated state of one choice (one engine sequence)."""
@@ -40,6 +35,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 async def build_sequences(
@@ -202,16 +198,27 @@ def apply_output(choice: Choice, out: SeqOutput) -> None:
     choice.token_ids += out.token_ids
     choice.logprobs += out.logprobs
     choice.num_prompt_tokens = out.num_prompt_tokens
+    choice.num_cached_tokens = out.num_cached_tokens
     if out.prompt_logprobs is not None:
         choice.prompt_logprobs = out.prompt_logprobs
     if out.finished:
         choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
 
 
-def usage(choices: list[Choice], prompts: list[list[int]]) -> dict[str, int]:
+def usage(choices: list[Choice], prompts: list[list[int]]) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: per prompt, the prompt tokens the
+    prefix cache supplied (the least over its n choices, which share the prompt), summed."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached: dict[int, int] = {}
+    for c in choices:
+        cached[c.prompt_index] = min(cached.get(c.prompt_index, c.num_cached_tokens), c.num_cached_tokens)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+    }
 
 
 class TokenText:

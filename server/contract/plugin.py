@@ -8,8 +8,9 @@ plugin for a per-step hook over the packed rows, and releases the plan when the 
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -195,6 +196,13 @@ class InterventionPlugin(ABC):
         reading only `row_inputs` tensors, so that rows holding `none` stay as they are. Residual hooks
         other than a fused table cannot be captured."""
         raise NotImplementedError(f"{self.name} declares graph_safe but does not define graph_hooks()")
+
+    def prefix_key(self, plan: Any) -> Hashable | None:
+        """What about `plan` changes the K/V of the request's prompt tokens, for the prefix cache: None
+        when nothing does (a logits-only or generation-only plan: the prompt's KV is a plain request's),
+        else a key equal for plans whose prompt KV is equal (e.g. vector identity, layers and scale). The
+        default never shares: a plugin that does not say is assumed to change every prompt's KV."""
+        return ("unshared", self.name, uuid.uuid4().hex)
 
     def json_schema(self) -> dict[str, Any]:
         return self.spec_model.model_json_schema()

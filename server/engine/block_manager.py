@@ -1,9 +1,16 @@
-"""Paged KV bookkeeping: a free list of fixed-size blocks and each sequence's block table."""
+"""Paged KV bookkeeping: fixed-size blocks, each sequence's block table, and the prefix cache.
+
+With prefix caching, a block may be shared: every block has a reference count, and a full prompt block
+that was computed keeps its chain key (prefix_cache.py) after its sequences let go of it, as an
+*evictable* block (LRU), until a new allocation needs the space. A sequence admitted with a cached
+prefix starts with those blocks in its table and `num_computed` past them."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 
+from actserve.server.engine.prefix_cache import block_keys, reusable_blocks
 from actserve.server.engine.sequence import Sequence
 
 
@@ -14,46 +21,116 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class BlockManager:
     """Hands out KV blocks; a sequence holds enough blocks for every token it has K/V for."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free: deque[int] = deque(range(num_blocks))
+        self.free: deque[int] = deque(range(num_blocks))  # no owner, no cached content
+        self.refs = [0] * num_blocks
+        self.caching = enable_prefix_caching
+        self.cached: dict[bytes, int] = {}  # chain key -> block holding that prefix block
+        self.key_of: dict[int, bytes] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self.queries = 0  # prompt tokens looked up in the cache
+        self.hits = 0  # of them, found (their K/V reused)
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        """Blocks an allocation may take: free ones and evictable cached ones."""
+        return len(self.free) + len(self.evictable)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - self.num_free / self.num_blocks
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return blocks_for(num_tokens, self.block_size) <= len(self.free)
+        return blocks_for(num_tokens, self.block_size) <= self.num_free
+
+    def _take(self) -> int:
+        """A block for new content: a free one, else the least recently used evictable one (uncached)."""
+        if self.free:
+            block = self.free.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.key_of.pop(block)]
+        self.refs[block] = 1
+        return block
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow the block table to hold num_tokens tokens."""
         need = blocks_for(num_tokens, self.block_size) - len(seq.block_table)
-        if need > len(self.free):
+        if need > self.num_free:
             raise RuntimeError("allocate() called without can_allocate()")
         for _ in range(max(need, 0)):
-            seq.block_table.append(self.free.popleft())
+            seq.block_table.append(self._take())
 
     def needs_block(self, seq: Sequence, num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.block_size) > len(seq.block_table)
 
     def borrow(self, num_blocks: int) -> list[int]:
-        """Take blocks off the free list for work outside any sequence (the runner's collect mode); every
-        borrowed block must come back through `give_back`."""
-        if num_blocks > len(self.free):
-            raise RuntimeError(f"borrow({num_blocks}) with only {len(self.free)} free blocks")
-        return [self.free.popleft() for _ in range(num_blocks)]
+        """Take blocks for work outside any sequence (the runner's collect mode); every borrowed block
+        must come back through `give_back`. Free blocks first; evictable ones only when those run out."""
+        if num_blocks > self.num_free:
+            raise RuntimeError(f"borrow({num_blocks}) with only {self.num_free} free blocks")
+        taken = [self._take() for _ in range(num_blocks)]
+        for block in taken:
+            self.refs[block] = 0
+        return taken
 
     def give_back(self, blocks: list[int]) -> None:
         """Return borrowed blocks to the front of the free list, in order: after borrow + give_back the
-        free list is exactly what it was."""
+        free list is exactly what it was (when no evictable block had to be borrowed)."""
         self.free.extendleft(reversed(blocks))
 
+    def match_prefix(self, seq: Sequence, extra: Hashable) -> int:
+        """Admit `seq` (no blocks yet) with the longest cached prefix of its prompt: those blocks join its
+        table, `num_computed` moves past them; returns the number of tokens reused (0 without caching)."""
+        assert not seq.block_table and seq.num_computed == 0
+        if not self.caching:
+            return 0
+        if not seq.prefix_keys:  # once per sequence (a waiting one is looked up every step)
+            reusable = reusable_blocks(seq.prompt_len, self.block_size)
+            seq.prefix_keys = block_keys(seq.prompt_token_ids, self.block_size, extra, reusable)
+        keys = seq.prefix_keys
+        for key in keys:
+            block = self.cached.get(key)
+            if block is None:
+                break
+            if self.refs[block] == 0:
+                del self.evictable[block]
+            self.refs[block] += 1
+            seq.block_table.append(block)
+        reused = len(seq.block_table) * self.block_size
+        seq.num_computed = seq.num_cached_tokens = reused
+        return reused
+
+    def record_lookup(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup: its prompt tokens queried, its reused tokens hit."""
+        if self.caching:
+            self.queries += seq.prompt_len
+            self.hits += seq.num_cached_tokens
+
+    def commit(self, seq: Sequence) -> None:
+        """Key the prompt blocks `seq` has now computed, so later prompts can reuse them (a block whose
+        key another block already holds stays unkeyed)."""
+        if not self.caching or not seq.prefix_keys:
+            return
+        done = min(seq.num_computed // self.block_size, len(seq.prefix_keys), len(seq.block_table))
+        for i in range(seq.prefix_committed, done):
+            block = seq.block_table[i]
+            key = seq.prefix_keys[i]
+            if block not in self.key_of and key not in self.cached:
+                self.cached[key] = block
+                self.key_of[block] = key
+        seq.prefix_committed = max(seq.prefix_committed, done)
+
     def release(self, seq: Sequence) -> None:
-        self.free.extend(seq.block_table)
+        """Drop the sequence's references; unreferenced keyed blocks stay cached (evictable, newest last)."""
+        for block in seq.block_table:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.key_of:
+                    self.evictable[block] = None
+                else:
+                    self.free.append(block)
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.prefix_committed = 0

@@ -22,6 +22,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     block_size: int = 16
+    enable_prefix_caching: bool = True  # reuse the KV of full prompt blocks other requests computed
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
     gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU

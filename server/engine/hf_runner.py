@@ -10,7 +10,7 @@ import torch
 
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.contract import RowSpan, StepHooks
-from actserve.server.engine.model_runner import PendingStep, StepResult, launch_sampling, prompt_logprobs
+from actserve.server.engine.model_runner import PendingStep, StepResult, launch_sampling, token_logprobs
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence
 from actserve.server.models.hf_fallback import find_decoder_layers
@@ -53,20 +53,25 @@ class HFRunner:
         return self.launch(batch).collect()
 
     def launch(self, batch: ScheduledBatch) -> PendingStep:
-        return launch_sampling(self._forward(batch), batch.seqs)
+        sampled, partial = batch.sampled, batch.partial  # before the forwards move num_computed
+        step = launch_sampling(self._forward(batch), sampled)
+        step.partial = partial
+        return step
 
     @torch.inference_mode()
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Each sequence's own forward; the last-position logits of all of them."""
+        """Each sequence's own forward over its chunk (a decode: its last token); the last-position logits
+        of those that reach their last token."""
         from transformers import DynamicCache
 
         last_logits = []
-        for seq in batch.seqs:
+        for seq, chunk in zip(batch.seqs, batch.chunks + [1] * len(batch.decodes), strict=True):
             start = seq.num_computed
+            end = start + chunk
             if start == 0 or seq.seq_id not in self.caches:
                 start = 0
                 self.caches[seq.seq_id] = DynamicCache()
-            ids = torch.tensor([seq.all_token_ids[start:]], device=self.device)
+            ids = torch.tensor([seq.all_token_ids[start:end]], device=self.device)
             n = ids.shape[1]
             spans = {
                 k: [RowSpan(plan, 0, n, start, seq.prompt_len, seq.output_token_ids)]
@@ -86,10 +91,19 @@ class HFRunner:
             logits = out.logits[0].float()
             if hooks is not None and hooks.logits:  # plugins' logits hooks (all n rows are this sequence's)
                 logits = hooks.apply_logits(logits)
-            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
-                seq.prompt_logprobs = prompt_logprobs(
-                    logits[: seq.prompt_len], seq.prompt_token_ids, seq.params.prompt_logprobs
-                )
-            seq.num_computed = seq.num_tokens
-            last_logits.append(logits[-1])
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                if start == 0:
+                    seq.prompt_lp_parts = [None]  # the first prompt token has none
+                stop = min(end, seq.prompt_len - 1)  # rows [start, stop) predict tokens start+1 .. stop
+                if stop > start:
+                    targets = seq.prompt_token_ids[start + 1 : stop + 1]
+                    k = seq.params.prompt_logprobs
+                    seq.prompt_lp_parts += token_logprobs(logits[: stop - start], targets, k)
+                if len(seq.prompt_lp_parts) == seq.prompt_len:
+                    seq.prompt_logprobs, seq.prompt_lp_parts = seq.prompt_lp_parts, []
+            seq.num_computed = end
+            if end == seq.num_tokens:
+                last_logits.append(logits[-1])
+        if not last_logits:
+            return torch.zeros(0, 1, device=self.device)  # every chunk was partial: nothing to sample
         return torch.stack(last_logits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,10 +27,14 @@ from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
 from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
-from actserve.server.models.builder import LoadedModel, load_model
+from actserve.server.models.builder import LoadedModel, load_model, resolve_device
 from actserve.server.models.formats import install_formats
 
 log = logging.getLogger(__name__)
+
+# the step token budget when --max-num-batched-tokens is not given (at least --max-num-seqs)
+DEFAULT_BATCHED_TOKENS_CUDA = 2048
+DEFAULT_BATCHED_TOKENS_CPU = 512
 
 
 def build_runner(loaded: LoadedModel, config: EngineConfig, registry: InterventionRegistry) -> Any:
@@ -73,7 +78,16 @@ def is_fatal(error: BaseException) -> bool:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.loaded: LoadedModel = load_model(config.load_config())
+        device = resolve_device(config.device)
+        default_budget = DEFAULT_BATCHED_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCHED_TOKENS_CPU
+        batched = config.max_num_batched_tokens or max(default_budget, config.max_num_seqs)
+        if batched < config.max_num_seqs:  # refused before loading anything
+            raise ValueError(
+                f"--max-num-batched-tokens ({batched}) must be >= --max-num-seqs ({config.max_num_seqs}): "
+                "every running sequence's decode token must fit in one step's token budget"
+            )
+        load = replace(config.load_config(), max_num_batched_tokens=batched)
+        self.loaded: LoadedModel = load_model(load)
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
@@ -83,14 +97,11 @@ class LLMEngine:
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)
         num_blocks = self.loaded.num_blocks
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        # the prefix cache needs the native runner's paged KV (the fallback keeps its own caches)
+        self.prefix_caching = config.enable_prefix_caching and self.loaded.spec is not None
+        self.blocks = BlockManager(num_blocks, config.block_size, self.prefix_caching)
+        self._prefix_counted = (0, 0)
         self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
-        batched = config.max_num_batched_tokens or max(self.max_model_len, 2048)
-        if batched < self.max_model_len:
-            raise ValueError(
-                f"--max-num-batched-tokens ({batched}) must be >= --max-model-len ({self.max_model_len}): "
-                "prompts are prefilled in one step"
-            )
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched)
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.set_static_memory(
@@ -126,6 +137,8 @@ class LLMEngine:
         ):
             raise RequestRejected(f"sequence {seq.seq_id} was not checked against the context", "prompt")
         seq.eos_token_ids = seq.eos_token_ids or self.loaded.eos_token_ids
+        # what else shapes its prompt's KV, for the prefix cache: the dtype and prompt-phase interventions
+        seq.prefix_extra = (str(self.model_info.dtype), self.registry.prefix_key(seq.interventions))
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.model_info.device).manual_seed(seq.params.seed)
         detokenizer.start(seq)
@@ -167,7 +180,7 @@ class LLMEngine:
     def _step(self) -> list[SeqOutput]:
         pending = self._inflight
         self._inflight = None
-        self._touched = list(pending.seqs) if pending is not None else []
+        self._touched = [*pending.seqs, *getattr(pending, "partial", [])] if pending is not None else []
         try:  # launch (unless in flight), chain the next one, collect: device work, no host state yet
             if pending is None:
                 pending = self._launch()
@@ -175,7 +188,9 @@ class LLMEngine:
                     self._update_gauges()
                     return []
             chained = self._chain(pending) if self.overlap else None
-            appended = self._append(pending.collect())
+            results = pending.collect()
+            self._commit_prefixes(pending)  # before _append retires (frees) finished sequences
+            appended = self._append(results)
         except Exception as e:
             if is_fatal(e):
                 raise
@@ -253,6 +268,12 @@ class LLMEngine:
             self.registry.activate(seq.interventions)
         return self.runner.launch(batch)
 
+    def _commit_prefixes(self, pending: Any) -> None:
+        """Key the prompt blocks the collected step completed (the prefix cache may hand them out now)."""
+        if self.prefix_caching:
+            for seq in [*pending.seqs, *getattr(pending, "partial", [])]:
+                self.blocks.commit(seq)
+
     def _chain(self, pending: Any) -> Any:
         """Launch the next decode step of exactly `pending`'s sequences before its tokens reach the host
         (they feed the next step on the device), when nothing else needs the scheduler: no request
@@ -260,6 +281,9 @@ class LLMEngine:
         seqs = getattr(pending, "seqs", None)
         if not seqs or self.scheduler.num_queued or len(seqs) != len(self.scheduler.running):
             return None
+        running = self.scheduler.running
+        if getattr(pending, "partial", None) or any(s.num_computed < s.num_tokens for s in running):
+            return None  # a prompt is mid-prefill: its next chunk needs the scheduler
         if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
             return None
         if any(self.registry.needs_output_tokens(seq.interventions) for seq in seqs):
@@ -436,6 +460,7 @@ class LLMEngine:
             prompt_logprobs=seq.prompt_logprobs if first else None,
             num_prompt_tokens=seq.prompt_len,
             num_output_tokens=len(seq.output_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
         )
         if first and seq.prompt_logprobs is not None:
             seq.prompt_lp_sent = True
@@ -443,6 +468,11 @@ class LLMEngine:
 
     def _update_gauges(self) -> None:
         m, name = self.metrics, self.model_name
+        counted = (self.blocks.queries, self.blocks.hits)
+        if counted != self._prefix_counted:
+            m.prefix_queries.labels(name).inc(counted[0] - self._prefix_counted[0])
+            m.prefix_hits.labels(name).inc(counted[1] - self._prefix_counted[1])
+            self._prefix_counted = counted
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(self.scheduler.num_queued)
         m.kv_usage.labels(name).set(self.blocks.usage)

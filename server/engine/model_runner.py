@@ -18,7 +18,7 @@ from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
-from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
+from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache, paged_prefill_fits
 
 
 @dataclass
@@ -29,10 +29,13 @@ class StepResult:
 
 
 class PendingStep:
-    """A launched step: `collect()` waits for its sampled tokens."""
+    """A launched step: `collect()` waits for its sampled tokens. `partial`: the step's prefills that did
+    not reach their last token (they sample nothing, but a failure of the step concerns them too)."""
 
-    def __init__(self, seqs: list[Sequence], pending: PendingSample) -> None:
-        self.seqs, self.pending = seqs, pending
+    def __init__(
+        self, seqs: list[Sequence], pending: PendingSample, partial: list[Sequence] | None = None
+    ) -> None:
+        self.seqs, self.pending, self.partial = seqs, pending, partial or []
 
     def collect(self) -> list[StepResult]:
         out = self.pending.result()
@@ -109,24 +112,32 @@ def launch_sampling(logits: torch.Tensor, seqs: list[Sequence]) -> PendingStep:
     return PendingStep(seqs, sample_launch(logits, rows))
 
 
-def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob | None]:
-    """logits[i] predicts token i+1; the first prompt token has no logprob (OpenAI returns null)."""
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """logits[i]'s logprob of targets[i], with its top k."""
+    if not targets:
+        return []
     logp = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor(token_ids[1:], device=logp.device)
-    chosen = logp[:-1].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
     if k > 0:
-        vals, ids = logp[:-1].topk(k, dim=-1)
+        vals, ids = logp.topk(k, dim=-1)
         tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
-    return [None] + [TokenLogprob(t, c, top) for t, c, top in zip(token_ids[1:], chosen, tops, strict=True)]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(targets, chosen, tops, strict=True)]
+
+
+def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """logits[i] predicts token i+1; the first prompt token has no logprob (OpenAI returns null)."""
+    return [None, *token_logprobs(logits[:-1], token_ids[1:], k)]
 
 
 class ModelRunner:
     """Owns the native model and its paged KV cache.
 
-    CPU: one packed forward per step (prefills and decodes together). CUDA: fresh prefills in one eager
-    forward (SDPA), decode rows through the paged-decode kernel, replayed from CUDA graphs when every
-    intervention in the step is fused (steering and its contributors) or graph-safe."""
+    CPU: one packed forward per step (prefill chunks and decodes together). CUDA: the step's prefill
+    chunks in one eager forward (SDPA over the new K/V when every chunk starts its prompt, else the
+    paged-prefill kernel over each chunk's context in the paged cache), decode rows through the
+    paged-decode kernel, replayed from CUDA graphs when every intervention in the step is fused (steering
+    and its contributors) or graph-safe."""
 
     def __init__(
         self,
@@ -166,6 +177,9 @@ class ModelRunner:
         if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
             dummy = num_blocks * block_size
             self.prefill_graphs = PrefillGraphs(model, self.kv_caches, dummy, cuda_graph_prefill_len)
+        # chunks whose context is partly cached: the paged-prefill kernel (CUDA; tests may turn it on for
+        # the CPU, where it runs in Triton's interpreter), else SDPA per sequence over its gathered slots
+        self.chunk_kernel = device.type == "cuda" and paged_prefill_fits(spec.head_dim)
         self.graph_steps = 0
         self.eager_decode_steps = 0
         self.graph_prefills = 0
@@ -185,27 +199,35 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
+        """One step: each prefill computes its chunk, each decode its last token; only the rows that end
+        on a sequence's last token (`batch.sampled`) get logits and a token."""
+        sampled, partial = batch.sampled, batch.partial  # before the forward moves num_computed
         if self.device.type != "cuda":
-            logits = self._packed(batch.seqs, fresh=False)
+            chunks = batch.chunks + [1] * len(batch.decodes)
+            logits = self._packed(batch.seqs, chunks, fresh=False, num_prefills=len(batch.prefills))
         else:
             parts = []
             if batch.prefills:
-                logits = self._prefill_graph(batch.prefills)
-                parts.append(logits if logits is not None else self._packed(batch.prefills, fresh=True))
+                logits = self._prefill_graph(batch.prefills, batch.chunks)
+                if logits is None:
+                    logits = self._packed(batch.prefills, batch.chunks, fresh=True)
+                parts.append(logits)
             if batch.decodes:
                 parts.append(self._decode(batch.decodes))
             logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return launch_sampling(logits, batch.seqs)
+        step = launch_sampling(logits, sampled)
+        step.partial = partial
+        return step
 
-    def _prefill_graph(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """One fresh prompt with no interventions and no prompt logprobs, from a prefill CUDA graph;
+    def _prefill_graph(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor | None:
+        """One whole fresh prompt with no interventions and no prompt logprobs, from a prefill CUDA graph;
         None when the step does not qualify (the eager path takes it)."""
         graphs = self.prefill_graphs
         if graphs is None or len(seqs) != 1:
             return None
         seq = seqs[0]
         n = seq.num_tokens
-        if seq.num_computed or seq.interventions or seq.params.prompt_logprobs is not None:
+        if seq.num_computed or chunks[0] != n or seq.interventions or seq.params.prompt_logprobs is not None:
             return None
         if graphs.bucket(n) is None:
             return None
@@ -214,32 +236,46 @@ class ModelRunner:
         self.graph_prefills += 1
         return logits
 
-    def _packed(self, seqs: list[Sequence], fresh: bool) -> torch.Tensor:
-        """One forward over the packed new tokens of `seqs`; logits of each sequence's last row."""
+    def _packed(
+        self, seqs: list[Sequence], chunks: list[int], fresh: bool, num_prefills: int | None = None
+    ) -> torch.Tensor:
+        """One forward over the packed new tokens of `seqs` (sequence i: tokens [num_computed, +chunks[i]),
+        its cached context before them); the logits of the last row of each sequence this completes.
+        Sequences from `num_prefills` on (default: none) are decode rows."""
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
         slices: list[SeqSlice] = []
         spans: dict[str, list[RowSpan]] = defaultdict(list)
-        want_prompt_lp: list[tuple[Sequence, int, int]] = []
-        for seq in seqs:
+        want_prompt_lp: list[tuple[Sequence, int, int, int]] = []
+        last: list[int] = []
+        # CUDA: SDPA over the new K/V when every sequence starts at 0; else each reads its context slots
+        fresh = fresh and all(s.num_computed == 0 for s in seqs)
+        for seq, n in zip(seqs, chunks, strict=True):
             start = seq.num_computed
-            n = seq.num_tokens - start
+            end = start + n
             row0 = len(ids)
-            ids.extend(seq.all_token_ids[start:])
-            positions.extend(range(start, seq.num_tokens))
-            ctx = self._slots(seq, seq.num_tokens)
+            ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            ctx = self._slots(seq, end)
             slot_parts.append(ctx[start:])
             slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
             for key, plan in seq.interventions.items():
                 spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids))
-            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None and start == 0:
-                want_prompt_lp.append((seq, row0, seq.prompt_len))
-        fresh = fresh and all(s.num_queries == s.context_len for s in slices)
+            if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
+                if start == 0:
+                    seq.prompt_lp_parts = [None]  # the first prompt token has none
+                want_prompt_lp.append((seq, row0, start, min(end, seq.prompt_len - 1)))
+            if end == seq.num_tokens:
+                last.append(row0 + n - 1)
         attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices, fresh_prefill=fresh)
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         if hooks is not None and hooks.attention:
-            self._attention_meta(attn, seqs)
+            self._attention_meta(attn, seqs, len(seqs) if num_prefills is None else num_prefills)
+        # (not when attention hooks restrict decode rows here, on the CPU: their slots are rebuilt per row)
+        if self.chunk_kernel and not fresh and attn.decode_seqs is None:
+            attn.chunk_tables = self._tables(seqs)
+            attn.block_size = self.block_size
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -247,25 +283,39 @@ class ModelRunner:
             attn,
             hooks,
         )
-        for seq in seqs:
-            seq.num_computed = seq.num_tokens
-        last_rows = torch.tensor([s.start + s.num_queries - 1 for s in slices], device=self.device)
+        for seq, n in zip(seqs, chunks, strict=True):
+            seq.num_computed += n
+        last_rows = torch.tensor(last, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[last_rows])
         logit_hooks = hooks is not None and bool(hooks.logits)
-        if logit_hooks:  # plugins' logits hooks, before sampling (rows without one are untouched)
+        if logit_hooks and last:  # plugins' logits hooks, before sampling (rows without one are untouched)
             logits = hooks.apply_logits(logits, last_rows)  # type: ignore[union-attr]
-        for seq, row0, n in want_prompt_lp:
-            plog = self.model.compute_logits(hidden[row0 : row0 + n])
-            if logit_hooks:  # prompt logprobs see the same logits hooks
-                plog = hooks.apply_logits(plog, torch.arange(row0, row0 + n, device=self.device))  # type: ignore[union-attr]
-            seq.prompt_logprobs = prompt_logprobs(plog, seq.prompt_token_ids, seq.params.prompt_logprobs or 0)
+        for seq, row0, start, stop in want_prompt_lp:
+            # rows at positions [start, stop) predict prompt tokens start+1 .. stop
+            if stop > start:
+                rows = torch.arange(row0, row0 + stop - start, device=self.device)
+                plog = self.model.compute_logits(hidden[rows])
+                if logit_hooks:  # prompt logprobs see the same logits hooks
+                    plog = hooks.apply_logits(plog, rows)  # type: ignore[union-attr]
+                k = seq.params.prompt_logprobs or 0
+                seq.prompt_lp_parts += token_logprobs(plog, seq.prompt_token_ids[start + 1 : stop + 1], k)
+            if len(seq.prompt_lp_parts) == seq.prompt_len:
+                seq.prompt_logprobs, seq.prompt_lp_parts = seq.prompt_lp_parts, []
         return logits
 
-    def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence]) -> None:
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The sequences' block tables, [len(seqs), longest] int32 on the device (zero-padded)."""
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        return torch.from_numpy(tables).to(self.device)
+
+    def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence], num_prefills: int) -> None:
         """What attention hooks need of a packed step (docs/architecture.md §6): the blocks it fills, each
         with the row that writes its last token (host), and, on the CPU, the decode rows' block tables and
-        context lengths (a decode row: one new token after a computed context; prefill rows are not
-        restricted). Each slice's new tokens are the last `num_queries` of its context."""
+        context lengths (decode rows: the sequences from `num_prefills` on, one new token after a computed
+        context; prefill rows, a prompt's one-token chunk included, are not restricted). Each slice's new
+        tokens are the last `num_queries` of its context."""
         bs = self.block_size
         blocks: list[int] = []
         rows: list[int] = []
@@ -276,7 +326,7 @@ class ModelRunner:
             for j in range(start // bs, end // bs):  # blocks whose last slot is written this step
                 blocks.append(seq.block_table[j])
                 rows.append(sl.start + (j + 1) * bs - 1 - start)
-            if sl.num_queries == 1 and start > 0:
+            if i >= num_prefills:
                 decode.append(i)
         dev = self.device
         attn.filled = (

@@ -24,6 +24,7 @@ class SeqOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # the engine failed this sequence (finished, with no finish_reason)
 

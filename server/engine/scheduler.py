@@ -1,9 +1,14 @@
-"""Continuous batching at token granularity: every step decodes all running sequences and admits
-waiting ones within the token and sequence budgets; when KV blocks run out, the newest running
-sequence is preempted (its blocks freed, recomputed later). Nothing is dropped silently.
+"""Continuous batching at token granularity with chunked prefill. Each step has a token budget
+(`--max-num-batched-tokens`): running decodes take it first (one token each), then prompts are
+prefilled in chunks within what is left: a prompt may take several steps, tokens
+[num_computed, num_computed + chunk) in each, beside the decodes; only the step that completes it samples
+a token. A waiting prompt whose leading full blocks are in the prefix cache starts past them
+(`BlockManager.match_prefix`). When KV blocks run out, the newest running sequence is preempted (its
+blocks freed, recomputed later, from its cached prefix where that survived). Nothing is dropped silently.
 
-After a step fails, the engine may `isolate` its sequences: each then runs alone in a step of its own
-(recomputed from scratch, like a preempted one), so a failure is pinned on the sequence that causes it."""
+After a step fails, the engine may `isolate` its sequences: each then runs alone (recomputed from
+scratch, like a preempted one, every chunk of its prefill alone), so a failure is pinned on the sequence
+that causes it."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from actserve.server.engine.sequence import SeqStatus, Sequence
 
 @dataclass
 class ScheduledBatch:
-    prefills: list[Sequence] = field(default_factory=list)  # compute every token from 0
+    prefills: list[Sequence] = field(default_factory=list)  # compute tokens [num_computed, + chunk)
+    chunks: list[int] = field(default_factory=list)  # tokens each prefill computes this step
     decodes: list[Sequence] = field(default_factory=list)  # compute the last token
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -24,18 +30,51 @@ class ScheduledBatch:
     def seqs(self) -> list[Sequence]:
         return self.prefills + self.decodes
 
+    @property
+    def completes(self) -> list[bool]:
+        """Per prefill: does this step's chunk reach its last token (then it samples a token)?"""
+        return [s.num_computed + n == s.num_tokens for s, n in zip(self.prefills, self.chunks, strict=True)]
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a token from this step: completed prefills, then decodes."""
+        done = [s for s, c in zip(self.prefills, self.completes, strict=True) if c]
+        return done + self.decodes
+
+    @property
+    def partial(self) -> list[Sequence]:
+        """Prefills still short of their last token after this step (no token, no output)."""
+        return [s for s, c in zip(self.prefills, self.completes, strict=True) if not c]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes (what the budget bounds)."""
+        return sum(self.chunks) + len(self.decodes)
+
     def __bool__(self) -> bool:
         return bool(self.prefills or self.decodes)
 
 
+def is_decode(seq: Sequence) -> bool:
+    """A running sequence past its prompt with only its last token left to compute. (A prompt's last
+    one-token chunk stays a prefill row: attention hooks restrict decode rows only, docs §6.)"""
+    return seq.num_tokens - seq.num_computed == 1 and seq.num_computed >= seq.prompt_len
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
+                f"({max_num_seqs}): every running sequence's decode token must fit in one step"
+            )
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.isolated: deque[Sequence] = deque()  # to run one per step, alone (see `isolate`)
+        self.solo: Sequence | None = None  # an isolated sequence still prefilling, alone
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -57,10 +96,12 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.isolated:
             self.isolated.remove(seq)
+        if self.solo is seq:
+            self.solo = None
         self.blocks.release(seq)
 
     def isolate(self, seq: Sequence) -> None:
-        """Queue `seq` to run alone in a later step, from scratch: its KV from the failed step is not
+        """Queue `seq` to run alone in later steps, from scratch: its KV from the failed step is not
         trusted (the step may have stopped half-way)."""
         self.remove(seq)
         seq.status = SeqStatus.WAITING
@@ -72,53 +113,88 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        if self.solo is seq:
+            self.solo = None
         batch.preempted.append(seq)
 
+    def _capacity(self, seq: Sequence) -> int:
+        """Tokens `seq` could compute next with its own blocks and every free one."""
+        return (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+
     def schedule(self) -> ScheduledBatch:
-        if self.isolated:
+        if self.solo is not None or self.isolated:
             return self._schedule_isolated()
         batch = ScheduledBatch()
-        queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
+        budget = self.max_num_batched_tokens
+        pending = list(self.running)  # not scheduled yet, oldest first: preemption takes the last
+        # decodes first, one token each (max_num_batched_tokens >= max_num_seqs: they always fit)
+        for seq in [s for s in self.running if is_decode(s)]:
+            if seq not in pending:
+                continue  # preempted for an older sequence
+            pending.remove(seq)
             while self.blocks.needs_block(seq, seq.num_tokens) and self.blocks.num_free == 0:
-                if queue:
-                    self._preempt(queue.pop(), batch)
-                else:
-                    self._preempt(seq, batch)
-                    seq = None
-                    break
-            if seq is None:
-                break
+                self._preempt(pending.pop() if pending else seq, batch)
+            if seq.status is SeqStatus.WAITING:
+                break  # preempted itself: nothing newer was left to free
             self.blocks.allocate(seq, seq.num_tokens)
             batch.decodes.append(seq)
-        self.running = list(batch.decodes)
-        budget = self.max_num_batched_tokens - len(batch.decodes)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+            budget -= 1
+        # then the running prefills' next chunks, oldest first
+        while pending and budget > 0:
+            seq = pending.pop(0)
+            while self._capacity(seq) <= 0 and pending and not batch:
+                self._preempt(pending.pop(), batch)  # nothing else runs: free a newer prefill's blocks
+            chunk = min(seq.num_tokens - seq.num_computed, budget, self._capacity(seq))
+            if chunk <= 0:
+                continue  # no block free now: it keeps its blocks and waits for the decodes to free some
+            self._add_prefill(batch, seq, chunk)
+            budget -= chunk
+        self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+        # then waiting prompts (FIFO), each admitted when its first chunk's blocks are free
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            n = seq.num_tokens
-            if n > budget or not self.blocks.can_allocate(n):
+            self.blocks.match_prefix(seq, seq.prefix_extra)  # a cached prefix: those tokens are done
+            chunk = min(seq.num_tokens - seq.num_computed, budget)
+            if self._capacity(seq) < chunk:
+                self.blocks.release(seq)  # it keeps waiting; the cached blocks stay cached
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, n)
+            self.blocks.record_lookup(seq)
             seq.status = SeqStatus.RUNNING
-            batch.prefills.append(seq)
+            self._add_prefill(batch, seq, chunk)
             self.running.append(seq)
-            budget -= n
+            budget -= chunk
         return batch
 
-    def _schedule_isolated(self) -> ScheduledBatch:
-        """The next isolated sequence, alone. Running sequences sit this step out (keeping their blocks)
-        unless it needs their blocks; one that cannot fit even then goes back to the normal queue."""
-        batch = ScheduledBatch()
-        seq = self.isolated.popleft()
-        while not self.blocks.can_allocate(seq.num_tokens) and self.running:
-            self._preempt(self.running.pop(), batch)
-        if not self.blocks.can_allocate(seq.num_tokens):
-            self.waiting.appendleft(seq)
-            return batch
-        self.blocks.allocate(seq, seq.num_tokens)
-        seq.status = SeqStatus.RUNNING
+    def _add_prefill(self, batch: ScheduledBatch, seq: Sequence, chunk: int) -> None:
+        self.blocks.allocate(seq, seq.num_computed + chunk)
         batch.prefills.append(seq)
-        self.running.append(seq)
+        batch.chunks.append(chunk)
+
+    def _schedule_isolated(self) -> ScheduledBatch:
+        """The next isolated sequence, alone, every chunk of its prefill (`solo` while it prefills).
+        Running sequences sit these steps out (keeping their blocks) unless it needs their blocks; one
+        that cannot fit even then goes back to the normal queue."""
+        batch = ScheduledBatch()
+        seq = self.solo
+        if seq is None:
+            seq = self.isolated.popleft()
+            chunk = min(seq.num_tokens, self.max_num_batched_tokens)
+            while not self.blocks.can_allocate(chunk) and self.running:
+                self._preempt(self.running.pop(), batch)
+            if not self.blocks.can_allocate(chunk):
+                self.waiting.appendleft(seq)
+                return batch
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+        else:
+            chunk = min(seq.num_tokens - seq.num_computed, self.max_num_batched_tokens)
+            others = [s for s in self.running if s is not seq]
+            while self._capacity(seq) < chunk and others:
+                victim = others.pop()
+                self.running.remove(victim)
+                self._preempt(victim, batch)
+            chunk = min(chunk, self._capacity(seq))
+        self._add_prefill(batch, seq, chunk)
+        self.solo = seq if seq.num_computed + chunk < seq.num_tokens else None
         return batch

@@ -38,12 +38,19 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    # prefix cache (block_manager.py): what else shapes its prompt's KV (dtype, prompt-phase interventions),
+    # the chain keys of its reusable prompt blocks, how many are keyed, the tokens reused at admission
+    prefix_extra: tuple = ()
+    prefix_keys: list[bytes] = field(default_factory=list)
+    prefix_committed: int = 0
+    num_cached_tokens: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_lp_sent: bool = False
+    prompt_lp_parts: list[TokenLogprob | None] = field(default_factory=list)  # chunks so far (prefill)
     count_prompt: bool = True  # False for choices 2..n of one request: usage counts the prompt once
     submitted: bool = False  # handed to the engine, which from then on releases its intervention plans
     error: str | None = None  # set when an engine failure ended this sequence (reported to its client)

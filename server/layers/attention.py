@@ -3,12 +3,14 @@
 On the CPU each sequence attends on its own (a loop over sequences, reading its blocks back), which
 keeps results independent of what else is in the batch and is the reference for the GPU paths: decode
 steps use the Triton paged-decode kernel (also inside CUDA graphs), fresh prefills use SDPA on the new
-K/V directly, batched by prompt length.
+K/V directly, batched by prompt length, and prefill chunks whose context is partly cached (chunked
+prefill) use the Triton paged-prefill kernel, which reads the context through block tables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,16 @@ class AttentionBatch:
     # packed steps with attention hooks: (physical blocks [k], packed rows [k]) int64 that this step fills,
     # computed on the host by the runner; decode-only steps compute it on the device (`filled_blocks`)
     filled: tuple[torch.Tensor, torch.Tensor] | None = None
+    # CUDA prefill steps with a chunk whose context is partly cached: every sequence's block table
+    # [S, max_blocks] int32 (rows in `seqs` order) for the paged-prefill kernel, and its tiling (built by
+    # the first layer)
+    chunk_tables: torch.Tensor | None = None
+    chunk_meta: Any = None
+
+
+def paged_prefill_fits(head_dim: int) -> bool:
+    """The paged-prefill kernel takes power-of-two head sizes of at least 16 (others: per sequence)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def make_kv_cache(
@@ -170,6 +182,17 @@ def paged_attention(
         )
     if q.is_cuda and batch.fresh_prefill:
         return _prefill_sdpa(q, k, v, batch, scale, sliding_window)
+    if batch.chunk_tables is not None:  # set by the runner on CUDA (see ModelRunner.chunk_kernel)
+        from actserve.kernels.paged_prefill import paged_prefill, prefill_meta, tile_positions
+
+        if batch.chunk_meta is None:
+            lens, nqs = [s.context_len for s in batch.seqs], [s.num_queries for s in batch.seqs]
+            block_m = tile_positions(q.shape[1] // kv_cache.shape[2])
+            batch.chunk_meta = prefill_meta(lens, nqs, q.device, block_m)
+        return paged_prefill(
+            q, kv_cache[0], kv_cache[1], batch.chunk_tables, batch.chunk_meta, scale, batch.block_size,
+            sliding_window,
+        )  # fmt: skip
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
     for s in batch.seqs:

@@ -23,6 +23,7 @@ from actserve.server.models.loader import (
     resolve_model_dir,
     weight_files,
 )
+from actserve.server.models.profile import step_activation_bytes
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
@@ -45,6 +46,7 @@ class LoadConfig:
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
+    max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
 @dataclass
@@ -57,6 +59,7 @@ class LoadedModel:
     num_blocks: int
     block_size: int
     weights_bytes: int
+    step_activation_bytes: int = 0  # CUDA native: the profiled peak of a step at the token budget
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,16 +72,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-GPU_WORKSPACE_BYTES = 3 * 2**30  # activations of the largest prefill, logits, graph pools
+GPU_WORKSPACE_BYTES = 3 * 2**30  # transformers fallback: activations of the largest prefill, logits
+GPU_GRAPH_RESERVE_BYTES = 2**30  # native: graph pools, sampling, allocator slack beside the profiled step
 
 
-def gpu_kv_blocks(config: LoadConfig, per_block: int, device: torch.device) -> int:
-    """KV blocks that fit in --gpu-memory-utilization of the card after weights and workspace."""
+def gpu_kv_blocks(config: LoadConfig, per_block: int, device: torch.device, workspace: int) -> int:
+    """KV blocks that fit in --gpu-memory-utilization of the card after weights and `workspace` (the
+    profiled step's activations plus a reserve, or a fixed guess on the transformers fallback)."""
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(device) - GPU_WORKSPACE_BYTES
+    budget = total * config.gpu_memory_utilization - torch.cuda.memory_allocated(device) - workspace
     if budget < per_block:
         raise ModelLoadError(
-            f"no GPU memory left for the KV cache at --gpu-memory-utilization {config.gpu_memory_utilization}"
+            "no GPU memory left for the KV cache at --gpu-memory-utilization "
+            f"{config.gpu_memory_utilization} after the weights and {workspace / 2**30:.2f} GiB of step "
+            "workspace; lower --max-num-batched-tokens or --max-model-len, or raise --gpu-memory-utilization"
         )
     return int(budget // per_block)
 
@@ -140,6 +147,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
     )
     min_blocks = -(-max_len // config.block_size)
+    peak = 0
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
         if num_blocks < min_blocks:
@@ -148,7 +156,19 @@ def load_model(config: LoadConfig) -> LoadedModel:
                 f"--max-model-len {max_len}; give at least {min_blocks} blocks or lower --max-model-len"
             )
     elif device.type == "cuda":
-        num_blocks = max(min_blocks, gpu_kv_blocks(config, per_block, device))
+        workspace = GPU_WORKSPACE_BYTES
+        if spec is not None:
+            tokens = config.max_num_batched_tokens or max_len
+            peak = step_activation_bytes(model, spec, tokens, max_len, dtype, device, config.block_size)
+            workspace = peak + GPU_GRAPH_RESERVE_BYTES
+            log.info("a step of %d tokens peaks at %.2f GiB of activations (profiled)", tokens, peak / 2**30)
+        num_blocks = gpu_kv_blocks(config, per_block, device, workspace)
+        if num_blocks < min_blocks:
+            raise ModelLoadError(
+                f"the KV cache fits {num_blocks * config.block_size} tokens after the weights and the step "
+                f"workspace, less than --max-model-len {max_len}: lower --max-model-len or "
+                "--max-num-batched-tokens, or raise --gpu-memory-utilization"
+            )
     else:
         num_blocks = max(min_blocks, int(config.kv_cache_memory_gb * 2**30 // per_block))
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
@@ -179,4 +199,5 @@ def load_model(config: LoadConfig) -> LoadedModel:
         num_blocks,
         config.block_size,
         weights_bytes,
+        peak,
     )

@@ -71,3 +71,6 @@ class BlockObserverPlugin(InterventionPlugin):
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook:
         return _Hook(self, spans)
+
+    def prefix_key(self, plan: Any) -> Any:
+        return None  # observes only

@@ -84,3 +84,6 @@ class KVWindowPlugin(InterventionPlugin):
 
     def graph_hooks(self) -> PluginHooks:
         return PluginHooks(attention=self._hook())
+
+    def prefix_key(self, plan: Any) -> Any:
+        return None  # selection at decode only: the prompt's KV is a plain request's

@@ -67,3 +67,6 @@ class LogitBiasPlugin(InterventionPlugin):
 
     def graph_hooks(self) -> PluginHooks:
         return PluginHooks(logits=_Hook())
+
+    def prefix_key(self, plan: Any) -> Any:
+        return None  # logits only: the prompt's KV is a plain request's

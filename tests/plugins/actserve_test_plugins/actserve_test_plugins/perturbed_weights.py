@@ -141,3 +141,6 @@ class PerturbedWeightsPlugin(InterventionPlugin):
 
     def graph_hooks(self) -> PluginHooks:
         return PluginHooks(weights=_Hook(set(self.sites)))
+
+    def prefix_key(self, plan: Any) -> Any:
+        return (plan.layer, plan.projection)

@@ -87,3 +87,6 @@ class ZeroChannelsPlugin(InterventionPlugin):
         """Every projection of every layer (the site input picks one per row)."""
         sites = {(layer, proj) for layer in range(self.model_info.num_layers) for proj in PROJECTIONS}
         return PluginHooks(linear=_Hook(sites))
+
+    def prefix_key(self, plan: Any) -> Any:
+        return (plan.layer, plan.projection, tuple(plan.channels))
