@@ -135,6 +135,10 @@ class InterventionRegistry:
             raise
         return made
 
+    def needs_output_tokens(self, plans: dict[str, Any]) -> bool:
+        """Whether a plugin of these plans reads the sequence's generated tokens on the host each step."""
+        return any(self.plugins[key].needs_output_tokens for key in plans)
+
     def activate(self, plans: dict[str, Any]) -> None:
         for key, plan in plans.items():
             self.plugins[key].activate(plan)

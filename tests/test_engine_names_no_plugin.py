@@ -17,7 +17,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ["server/engine", "server/models", "server/layers", "server/contract"]
 # words (split at "_", non-alphanumerics and camelCase) of the in-tree plugins' names and APIs
-FORBIDDEN = {"steering", "steer", "cot", "compression", "asc", "library", "vectorlibrary", "vector"}
+FORBIDDEN = {
+    "steering",
+    "steer",
+    "cot",
+    "compression",
+    "asc",
+    "library",
+    "vectorlibrary",
+    "vector",
+    "structured",
+    "grammar",
+    "xgrammar",
+    "matcher",
+    "bitmask",
+}
 # The one generic exception: the fused residual-add + per-row table add + RMSNorm kernel of
 # actserve.kernels (below the contract; named for its first user) and StepHooks.steer, the slot that
 # carries its per-row tensors to the layers. Any plugin with a fused table (`fused_table`) uses them.

@@ -15,7 +15,6 @@ from actserve.server.api.generation import (
     PlanStream,
     TokenText,
     apply_output,
-    build_sequences,
     now,
     run_choices,
     usage,
@@ -23,6 +22,7 @@ from actserve.server.api.generation import (
 from actserve.server.api.protocol import ChatCompletionRequest, ChatMessage
 from actserve.server.api.request_id import request_ids
 from actserve.server.api.sse import ChunkWriter
+from actserve.server.api.structured import constrained_sequences
 from actserve.server.api.tokens import INLINE_CHARS, PromptEncoder
 from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.sequence import TokenLogprob
@@ -120,7 +120,7 @@ class ChatHandler:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
             params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, None)
             rid, seq_prefix = request_ids(raw, "chatcmpl")
-            pairs = await build_sequences(self.engine, seq_prefix, [ids], params, req.interventions)
+            pairs = await constrained_sequences(self.engine, seq_prefix, [ids], params, req)
             if req.stream:
                 streaming = True
                 stream = self._stream(req, rid, [ids], pairs, raw, admitted)

@@ -15,7 +15,6 @@ from actserve.server.api.generation import (
     PlanStream,
     TokenText,
     apply_output,
-    build_sequences,
     now,
     run_choices,
     usage,
@@ -23,6 +22,7 @@ from actserve.server.api.generation import (
 from actserve.server.api.protocol import CompletionRequest
 from actserve.server.api.request_id import request_ids
 from actserve.server.api.sse import ChunkWriter
+from actserve.server.api.structured import constrained_sequences
 from actserve.server.api.tokens import PromptEncoder
 from actserve.server.engine.engine_client import EngineClient
 from actserve.server.engine.sequence import TokenLogprob
@@ -114,7 +114,7 @@ class CompletionHandler:
             prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
             params = req.sampling_params(req.max_tokens, req.logprobs, prompt_lp)
             rid, seq_prefix = request_ids(raw, "cmpl")
-            pairs = await build_sequences(self.engine, seq_prefix, prompts, params, req.interventions)
+            pairs = await constrained_sequences(self.engine, seq_prefix, prompts, params, req)
             if req.stream:
                 streaming = True
                 stream = self._stream(req, rid, prompts, pairs, raw, admitted)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actserve.server.api.errors import APIError
+from actserve.server.api.structured import StructuredFields
 from actserve.server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,10 @@ MAX_STOP_TOKEN_IDS = 256
 # is a 400 naming the field: silently ignoring a JSON schema or a logit bias would return output the
 # client did not ask for. Remove an entry when its feature lands.
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
     "structured_outputs": (None,),
     "structural_tag": (None,),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -110,7 +105,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(APIModel):
+class SamplingFields(APIModel, StructuredFields):
     """Fields shared by /v1/completions and /v1/chat/completions. Other fields are kept aside
     (`model_extra`) for `check_fields`."""
 

@@ -28,3 +28,4 @@ class ModelInfo:
     embedded_default: bool = False
     fallback_reason: str | None = None  # why a "transformers" implementation is not native
     block_size: int = 16  # tokens per paged-KV block (what attention hooks' block tables count in)
+    eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence (generation config, tokenizer)

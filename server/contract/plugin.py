@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +53,9 @@ class RowSpan:
     count: int
     pos0: int
     prompt_len: int
+    # the sequence's generated token ids so far, on the host (read-only; complete only for plugins that
+    # declare `needs_output_tokens`, since other steps may launch before the last token is known)
+    output_token_ids: Sequence[int] = ()
 
 
 # a fused step's per-row columns on the host: (table index int64, scale float32, normalize bool), each
@@ -80,6 +83,10 @@ class InterventionPlugin(ABC):
     # its `graph_hooks()` act on every site its rows may need and read only `row_inputs` tensors (no host
     # work per step), so decode steps with its rows replay from CUDA graphs (captured with those hooks)
     graph_safe: ClassVar[bool] = False
+    # its per-step work reads each row's generated tokens (`RowSpan.output_token_ids`, e.g. to advance a
+    # grammar): the engine then never launches a step of its rows before the previous step's tokens are
+    # on the host (no chained / overlapped decode for them)
+    needs_output_tokens: ClassVar[bool] = False
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info

@@ -73,7 +73,10 @@ class HFRunner:
                 self.caches[seq.seq_id] = DynamicCache()
             ids = torch.tensor([seq.all_token_ids[start:end]], device=self.device)
             n = ids.shape[1]
-            spans = {k: [RowSpan(plan, 0, n, start, seq.prompt_len)] for k, plan in seq.interventions.items()}
+            spans = {
+                k: [RowSpan(plan, 0, n, start, seq.prompt_len, seq.output_token_ids)]
+                for k, plan in seq.interventions.items()
+            }
             hooks = self.registry.step_hooks(spans, n) if spans else None
             self._hooks = hooks
             try:

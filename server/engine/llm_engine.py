@@ -277,7 +277,7 @@ class LLMEngine:
     def _chain(self, pending: Any) -> Any:
         """Launch the next decode step of exactly `pending`'s sequences before its tokens reach the host
         (they feed the next step on the device), when nothing else needs the scheduler: no request
-        waiting, no penalties or logprobs that need the host-side tokens, a KV slot for every row."""
+        waiting, no penalties, logprobs or plugins that need the host-side tokens, a KV slot for every row."""
         seqs = getattr(pending, "seqs", None)
         if not seqs or self.scheduler.num_queued or len(seqs) != len(self.scheduler.running):
             return None
@@ -286,6 +286,8 @@ class LLMEngine:
             return None  # a prompt is mid-prefill: its next chunk needs the scheduler
         if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
             return None
+        if any(self.registry.needs_output_tokens(seq.interventions) for seq in seqs):
+            return None  # a plugin reads each row's last token on the host before its next step
         need = 0
         for seq in seqs:
             p = seq.params

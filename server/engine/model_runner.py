@@ -261,7 +261,7 @@ class ModelRunner:
             slot_parts.append(ctx[start:])
             slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len))
+                spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids))
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
                 if start == 0:
                     seq.prompt_lp_parts = [None]  # the first prompt token has none
@@ -373,7 +373,7 @@ class ModelRunner:
             pos[i] = p
             slots[i] = seq.block_table[p // bs] * bs + p % bs
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len))
+                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids))
             seq.num_computed = p + 1
         groups = self.registry.group_spans(spans)
         fused = self.registry.fused

@@ -171,6 +171,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
             )
     else:
         num_blocks = max(min_blocks, int(config.kv_cache_memory_gb * 2**30 // per_block))
+    eos = read_generation_eos(model_dir, hf_config, tokenizer)
     info = ModelInfo(
         name=name,
         path=str(model_dir),
@@ -187,8 +188,8 @@ def load_model(config: LoadConfig) -> LoadedModel:
         embedded_default=is_complete(model_dir),
         fallback_reason=native.fallback_reason,
         block_size=config.block_size,
+        eos_token_ids=tuple(eos),
     )
-    eos = read_generation_eos(model_dir, hf_config, tokenizer)
     return LoadedModel(
         info,
         model,

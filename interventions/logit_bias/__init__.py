@@ -1,0 +1,1 @@
+"""OpenAI's `logit_bias`: per-row additive biases on chosen token ids' logits."""
