@@ -10,7 +10,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
   tests/plugins/actserve_test_plugins >/dev/null 2>&1
 tests="${1:-tests/test_gpu.py}"
 # shellcheck disable=SC2086
-PYTHONPATH="/tmp/test-plugins:$PYTHONPATH" timeout 240 python3 -m pytest -q -m gpu $tests \
+PYTHONPATH="/tmp/test-plugins:$PYTHONPATH" timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu $tests \
   >"$out/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?: $(tail -1 "$out/gpu_tests.log")"
 IFS=';' read -ra benches <<<"${2:-}"
@@ -18,7 +18,7 @@ for b in "${benches[@]}"; do
   name=$(echo "$b" | awk '{print $2}' | xargs basename | sed 's/\.py$//')
   start=$(date +%s)
   # shellcheck disable=SC2086
-  timeout 200 $b >"$out/$name.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-200}" $b >"$out/$name.log" 2>&1
   echo "$name rc=$? in $(( $(date +%s) - start )) s"
   tail -12 "$out/$name.log"
 done

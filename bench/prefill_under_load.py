@@ -108,13 +108,15 @@ def main() -> None:
             max_model_len=args.long + 512, max_num_batched_tokens=max(budgets), gpu_memory_utilization=0.9,
         ))  # fmt: skip
         res["kv_blocks"] = eng.blocks.num_blocks
-        long = random_prompts(1, args.long, eng.model_info.vocab_size, 3)[0]
-        time_to_first_token(eng, long[:4096])  # warm-up
+        vocab = eng.model_info.vocab_size
+        # a fresh long prompt for every measurement: a repeated one would come from the prefix cache
+        fresh = iter(random_prompts(2 * len(budgets) + 1, args.long, vocab, 3))
+        time_to_first_token(eng, next(fresh))  # warm-up: kernels at every context length
         rows = []
         for b in budgets:
             eng.scheduler.max_num_batched_tokens = b
-            solo = time_to_first_token(eng, long)
-            load = long_prompt_under_load(eng, long, args.streams, f"b{b}")
+            solo = time_to_first_token(eng, next(fresh))
+            load = long_prompt_under_load(eng, next(fresh), args.streams, f"b{b}")
             row = {"budget": b, "solo_ttft_s": solo, **load, "ttft_over_solo": load["ttft_s"] / solo}
             rows.append(row)
             print(json.dumps(row), flush=True)
