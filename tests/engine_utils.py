@@ -49,6 +49,19 @@ def capture_logits() -> Iterator[dict[str, list[torch.Tensor]]]:
         model_runner.launch_sampling = original
 
 
+def run_logged(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    interventions: list[dict[str, Any] | None] | None = None,
+    tag: str = "r",
+) -> tuple[list[list[int]], dict[str, list[torch.Tensor]]]:
+    """`run`, with the logits rows the sampler saw per sequence id (`capture_logits`)."""
+    with capture_logits() as seen:
+        out = run(engine, prompts, params, interventions, tag)
+    return out, seen
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll `cond` until it holds or `timeout` seconds pass; its last value."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from actserve.interventions import registry as registry_module
 from actserve.server.engine.config import EngineConfig
@@ -19,7 +19,7 @@ from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.offline import make_sequences
 from actserve.server.engine.sequence import Sequence
 from tests.conftest import start_server
-from tests.engine_utils import capture_logits, greedy, run
+from tests.engine_utils import greedy, run, run_logged
 
 BS = 4  # KV block size of these tests
 STEPS = 16
@@ -46,11 +46,6 @@ def eng(tinystories_dir: Path) -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def ref(tinystories_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def prompts(tinystories_dir: Path) -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(tinystories_dir)
     return [tok.encode(t) for t in TEXTS]
@@ -63,9 +58,8 @@ def window(first: int, last: int) -> dict[str, Any]:
 def ours(
     eng: LLMEngine, prompts: list[list[int]], specs: list[Any], tag: str
 ) -> tuple[list[list[int]], dict]:
-    with capture_logits() as seen:
-        outs = run(eng, prompts, greedy(STEPS, min_tokens=STEPS), interventions=specs, tag=tag)
-    return outs, seen
+    """STEPS greedy tokens each (min_tokens as transformers' min_new_tokens) and the logits seen."""
+    return run_logged(eng, prompts, greedy(STEPS, min_tokens=STEPS), specs, tag)
 
 
 def window_mask(prompt_len: int, total: int, first: int, last: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from actserve.interventions import registry as registry_module
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from tests.conftest import ENGINE_MODES, start_server
-from tests.engine_utils import capture_logits, greedy, run
+from tests.engine_utils import greedy, run_logged
 
 STEPS = 8
 TEXTS = ["Once upon a time, there was a", "The dog was happy because", "Sam saw a big tree", "Lily"]
@@ -37,9 +37,8 @@ def prompts(tinystories_dir: Path) -> list[list[int]]:
 def ours(
     eng: LLMEngine, prompts: list[list[int]], specs: list[Any], tag: str
 ) -> tuple[list[list[int]], dict]:
-    with capture_logits() as seen:
-        outs = run(eng, prompts, greedy(STEPS, min_tokens=STEPS), interventions=specs, tag=tag)
-    return outs, seen
+    """STEPS greedy tokens each (min_tokens as transformers' min_new_tokens) and the logits seen."""
+    return run_logged(eng, prompts, greedy(STEPS, min_tokens=STEPS), specs, tag)
 
 
 class _Bias(LogitsProcessor):

@@ -25,7 +25,7 @@ from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.models.formats import install_formats
 from tests.conftest import start_server
-from tests.engine_utils import capture_logits, greedy, run
+from tests.engine_utils import greedy, run_logged
 
 STEPS = 8
 TEXTS = ["Once upon a time, there was a", "The dog was happy because", "Sam saw a big tree", "Lily"]
@@ -40,6 +40,7 @@ def eng(tinystories_dir: Path) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def ref(tinystories_dir: Path) -> Any:
+    """This module's own transformers model (not the session's `ref`): its tests swap weights in it."""
     return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
@@ -52,9 +53,8 @@ def prompts(tinystories_dir: Path) -> list[list[int]]:
 def ours(
     eng: LLMEngine, prompts: list[list[int]], specs: list[Any], tag: str
 ) -> tuple[list[list[int]], dict]:
-    with capture_logits() as seen:
-        outs = run(eng, prompts, greedy(STEPS, min_tokens=STEPS), interventions=specs, tag=tag)
-    return outs, seen
+    """STEPS greedy tokens each (min_tokens as transformers' min_new_tokens) and the logits seen."""
+    return run_logged(eng, prompts, greedy(STEPS, min_tokens=STEPS), specs, tag)
 
 
 def spec(layer: int, proj: str) -> dict[str, Any]:
