@@ -75,9 +75,6 @@ class LogitBiasPlugin(InterventionPlugin):
             arrays["bias_ids"][row, : len(ids)] = ids
             arrays["bias"][row, : len(ids)] = bias
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def prefix_key(self, plan: object) -> None:
         """Logits only: the prompt's KV is a plain request's, so the prefix cache shares it."""
         return None

@@ -116,9 +116,6 @@ class StructuredOutputPlugin(InterventionPlugin):
         for t in self.model_info.eos_token_ids:
             bits[row, t // 32] |= np.array(1 << (t % 32), dtype=np.uint32).view(np.int32)
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def prefix_key(self, plan: Any) -> None:
         """Logits only: the prompt's KV is a plain request's, so the prefix cache shares it."""
         return None

@@ -142,9 +142,10 @@ class InterventionPlugin(ABC):
     def release(self, plan: Any) -> None:  # noqa: B027 - optional
         """Engine thread, when the sequence finishes, aborts or is preempted: free resident data."""
 
-    @abstractmethod
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> ResidualHook | None:
-        """Per-step hook for the rows whose sequences carry a plan of this plugin (None: nothing to do)."""
+        """Per-step hook on the residual stream for the rows whose sequences carry a plan of this plugin
+        (None, the default: nothing to do there, e.g. a logits-only plugin)."""
+        return None
 
     def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:  # noqa: B027
         """Write this step's rows of `spans` into `arrays` (name -> host array [rows, width] per declared

@@ -66,9 +66,6 @@ class BlockObserverPlugin(InterventionPlugin):
             raise InterventionError("needs the native model implementation", param)
         return spec
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook:
         return _Hook(self, spans)
 

@@ -73,9 +73,6 @@ class KVWindowPlugin(InterventionPlugin):
         for s in spans:
             arrays["window"][s.start : s.start + s.count] = (s.plan.first, s.plan.last)
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def _hook(self) -> AttentionHook:
         return _Hook(self.model_info.num_layers, self.model_info.block_size)
 

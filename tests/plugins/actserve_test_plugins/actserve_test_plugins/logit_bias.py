@@ -59,9 +59,6 @@ class LogitBiasPlugin(InterventionPlugin):
             arrays["bias_ids"][s.start : s.start + s.count, :k] = s.plan.token_ids
             arrays["bias"][s.start : s.start + s.count, :k] = s.plan.bias
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def logits_hook(self, spans: list[RowSpan], num_rows: int) -> LogitsHook:
         return _Hook()
 

@@ -133,9 +133,6 @@ class PerturbedWeightsPlugin(InterventionPlugin):
         for s in spans:
             arrays["site"][s.start : s.start + s.count, 0] = site_code(s.plan.layer, s.plan.projection)
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def weights_hook(self, spans: list[RowSpan], num_rows: int) -> LinearWeightsHook:
         return _Hook({(s.plan.layer, s.plan.projection) for s in spans})
 

@@ -77,9 +77,6 @@ class ZeroChannelsPlugin(InterventionPlugin):
             arrays["site"][rows, 0] = site_code(s.plan.layer, s.plan.projection)
             arrays["channels"][rows, : len(s.plan.channels)] = s.plan.channels
 
-    def residual_hook(self, spans: list[RowSpan], num_rows: int) -> None:
-        return None
-
     def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook:
         return _Hook({(s.plan.layer, s.plan.projection) for s in spans})
 
