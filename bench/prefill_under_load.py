@@ -110,8 +110,10 @@ def main() -> None:
         res["kv_blocks"] = eng.blocks.num_blocks
         vocab = eng.model_info.vocab_size
         # a fresh long prompt for every measurement: a repeated one would come from the prefix cache
-        fresh = iter(random_prompts(2 * len(budgets) + 1, args.long, vocab, 3))
-        time_to_first_token(eng, next(fresh))  # warm-up: kernels at every context length
+        fresh = iter(random_prompts(2 * len(budgets) + 2, args.long, vocab, 3))
+        for b in (min(budgets), max(budgets)):  # warm-up: the chunked and the one-step kernels
+            eng.scheduler.max_num_batched_tokens = b
+            time_to_first_token(eng, next(fresh))
         rows = []
         for b in budgets:
             eng.scheduler.max_num_batched_tokens = b

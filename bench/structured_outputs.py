@@ -21,6 +21,7 @@ time (matchers, bitmasks, masking) against the whole step, written to `--out`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import torch
 
 from actserve.server.engine.config import EngineConfig
@@ -54,6 +54,8 @@ def prompt_ids(tok: Any, item: dict[str, Any]) -> list[int]:
 
 def check(text: str, schema: dict[str, Any]) -> str | None:
     """None when `text` parses and validates, else why not."""
+    import jsonschema  # here, not at the top: the GPU machine has none (--throughput does without)
+
     try:
         value = json.loads(text)
     except ValueError as e:
@@ -85,9 +87,13 @@ def throughput(eng: LLMEngine, prompts: list[list[int]], items: list[dict[str, A
             stopped = [
                 (it, o) for it, o, s in zip(items, outs, seqs, strict=True) if s.finish_reason == "stop"
             ]
-            valid = sum(
-                check(eng.tokenizer.decode(o, skip_special_tokens=True), it["schema"]) is None
-                for it, o in stopped
+            valid = (  # None where jsonschema is missing (the GPU machine; its weights are random there)
+                sum(
+                    check(eng.tokenizer.decode(o, skip_special_tokens=True), it["schema"]) is None
+                    for it, o in stopped
+                )
+                if importlib.util.find_spec("jsonschema")
+                else None
             )
             runs.append(
                 {"run": name, "rep": rep, "median_decode_step_ms": round(med, 3),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Hashable, Mapping
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 
 from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
@@ -19,6 +22,16 @@ log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"
 
 
+def source_tree_plugins() -> dict[str, str]:
+    """The plugins this source tree's pyproject.toml declares (name -> "module:Class"), for running from a
+    checkout whose package metadata is not installed (the GPU machine links the tree into its path)."""
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.exists():  # an installed wheel: its metadata has the entry points
+        return {}
+    project = tomllib.loads(path.read_text()).get("project", {})
+    return dict(project.get("entry-points", {}).get(GROUP, {}))
+
+
 def discover() -> dict[str, type[InterventionPlugin]]:
     found: dict[str, type[InterventionPlugin]] = {}
     for ep in entry_points(group=GROUP):
@@ -28,14 +41,10 @@ def discover() -> dict[str, type[InterventionPlugin]]:
             log.exception("intervention plugin %s failed to load", ep.name)
             continue
         found[cls.name] = cls
-    if "steering" not in found:  # running from a source tree without installed metadata
-        from actserve.interventions.steering.plugin import SteeringPlugin
-
-        found["steering"] = SteeringPlugin
-    if "cot_compression" not in found:
-        from actserve.interventions.cot_compression.plugin import CoTCompressionPlugin
-
-        found["cot_compression"] = CoTCompressionPlugin
+    for name, target in source_tree_plugins().items():  # a source tree without installed metadata
+        if name not in found:
+            module, _, attr = target.partition(":")
+            found[name] = getattr(importlib.import_module(module), attr)
     return found
 
 

@@ -74,22 +74,24 @@ def _decode_split_kernel(
     tl.store(acc_ptr + (row * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])  # one compiled variant for every split count
 def _decode_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, kv_heads,
-    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, kv_heads, splits,
+    SPLITS_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, query head); all its splits are loaded at once (no serial loop, which
-    made this kernel cost 10 us per layer at batch 1 with 33 splits)."""
+    made this kernel cost 10 us per layer at batch 1 with 33 splits). The split count is a runtime value
+    (`splits` <= SPLITS_PAD): paged prefill varies it with every chunk and must not compile a variant
+    per count."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kvh, g = h // GROUP, h % GROUP
     pdl_sync(USE_PDL)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    s_ok = s < SPLITS
-    rows = ((b * kv_heads + kvh) * SPLITS + s) * GROUP_PAD + g
+    s_ok = s < splits
+    rows = ((b * kv_heads + kvh) * splits + s) * GROUP_PAD + g
     m = tl.load(m_ptr + rows, mask=s_ok, other=float("-inf"))
     m_all = tl.max(m, axis=0)
     w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))
@@ -140,8 +142,8 @@ def paged_decode(
     if splits == 1:
         return out
     _decode_merge_kernel[(batch, hq)](
-        m, lse, acc, out, out.stride(0), out.stride(1), hk,
-        SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=dim, **pdl_args(q),
+        m, lse, acc, out, out.stride(0), out.stride(1), hk, splits,
+        SPLITS_PAD=triton.next_power_of_2(splits), GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim,
+        **pdl_args(q),
     )  # fmt: skip
     return out

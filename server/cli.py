@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=positive, default=None,
         help="token budget of a step (default 2048 on CUDA, 512 on CPU); longer prompts prefill in chunks",
     )  # fmt: skip
+    s.add_argument(
+        "--attention-aware-chunks", action=argparse.BooleanOptionalAction, default=None,
+        help="beside decodes, a prefill chunk's attention over its context counts against the token budget, "
+        "so decodes' inter-token gaps stay flat as a long prompt prefills (default: on for CUDA)",
+    )  # fmt: skip
     s.add_argument("--block-size", type=positive, default=16, help="tokens per KV block")
     s.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -158,6 +163,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_aware_chunks=args.attention_aware_chunks,
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
         num_kv_blocks=args.num_kv_blocks,

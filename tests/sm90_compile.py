@@ -130,24 +130,38 @@ VARIANTS.append(
             "stride_ob": "i32",
             "stride_oh": "i32",
             "kv_heads": "i32",
+            "splits": "i32",
         },
-        dict(SPLITS=33, SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
+        dict(SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
     )
 )
 prefill_types = {
     **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), BF),
     **dict.fromkeys(("bt_ptr", "ctx_ptr", "nq_ptr", "qstart_ptr", "tile_seq_ptr", "tile_m_ptr"), I32),
-    "scale": "fp32",
-    **dict.fromkeys(("window", "stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_bt"), "i32"),
+    **dict.fromkeys(("m_ptr", "l_ptr", "acc_ptr"), F32),
+    "qk_scale": "fp32",
+    **dict.fromkeys(
+        ("window", "splits", "stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_bt"), "i32"
+    ),
     **dict.fromkeys(("stride_ot", "stride_oh"), "i32"),
 }
-VARIANTS.append(
-    (
-        _prefill_kernel,
-        prefill_types,
-        dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, PREC="tf32"),
+for block_m, block_n, partials in ((16, 64, False), (32, 128, False), (16, 64, True)):
+    VARIANTS.append(
+        (
+            _prefill_kernel,
+            prefill_types,
+            dict(
+                GROUP=4,
+                GROUP_PAD=4,
+                HEAD_DIM=128,
+                BLOCK_SIZE=16,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                PARTIALS=partials,
+                PREC="tf32",
+            ),
+        )
     )
-)
 VARIANTS.append(
     (
         _rope_kv_kernel,

@@ -86,6 +86,50 @@ def test_chunks_beside_decodes_equal_unchunked(
     assert sum(sum(c) for _, c, _, _ in steps) == 303  # every prompt token computed once
 
 
+def cost(n: int, start: int, break_even: int) -> float:
+    """A chunk's tokens plus its attention over positions [0, start + n), in tokens' worth."""
+    return n * (1 + (start + n / 2) / break_even)
+
+
+def linear_macs_per_layer(eng: LLMEngine) -> int:
+    """Multiply-adds per token of one decoder layer's matmuls, counted from its projections' primary
+    weights (test plugins add derived copies beside them, under other names)."""
+    layer = next(m for m in eng.loaded.model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    return sum(p.numel() for n, p in layer.named_parameters() if n.endswith("_proj.weight"))
+
+
+def test_attention_aware_chunks_beside_decodes(tinystories_dir: Path, unchunked: LLMEngine) -> None:
+    """Beside a decode, each chunk of a long prompt is the largest whose tokens plus its attention over
+    the context so far (a token per `break_even` context tokens) fit the budget, so chunks shrink as the
+    prompt advances; alone, a chunk takes the whole budget; outputs equal the unchunked engine's."""
+    prompts = random_prompts(21, [3, 450])
+    ref_tokens, ref_logits = run_logged(unchunked, prompts, greedy(40))
+    eng = engine(tinystories_dir, max_num_batched_tokens=65, max_num_seqs=2, attention_aware_chunks=True)
+    spec = eng.loaded.spec
+    assert spec is not None
+    break_even = eng.scheduler.attention_break_even
+    assert break_even == linear_macs_per_layer(eng) // (2 * spec.num_heads * spec.head_dim)
+    steps = spy_batches(eng)
+    tokens, logits = run_logged(eng, prompts, greedy(40))
+    assert tokens == ref_tokens
+    for key in ref_logits:
+        for a, b in zip(logits[key], ref_logits[key], strict=True):
+            close(a, b)
+    assert steps[0][1] == [3, 62]  # both prompts admitted in one step, no decode yet: by tokens
+    start, mixed = 62, []
+    for _, chunks, decodes, _ in steps[1:]:
+        if not chunks:
+            break
+        assert decodes == 1
+        (c,) = chunks
+        assert cost(c, start, break_even) <= 64 + 1e-9  # the decode took one token of 65
+        if start + c < 450:  # not the prompt's last chunk: the largest that fits
+            assert cost(c + 1, start, break_even) > 64
+        mixed.append(c)
+        start += c
+    assert start == 450 and len(mixed) > 4 and mixed[-2] < mixed[0]
+
+
 def test_chunked_equals_transformers(tinystories_dir: Path, ref: Any) -> None:
     """Chunks of 7 beside a decode against transformers' own model, step by step."""
     prompts = random_prompts(11, [4, 90])

@@ -111,3 +111,16 @@ def test_the_scan_sees_plugin_names() -> None:
     hits = [name for _, name in names(ast.parse(src)) if words(name) & FORBIDDEN]
     assert hits.count("vector_library") == 1 and "cot_compression" in hits and "MAX_STEERING" in hits
     assert "steering docstring" not in hits
+
+
+def test_source_tree_declares_the_installed_plugins() -> None:
+    """Running from a checkout without metadata (the GPU machine) finds the same built-in plugins as the
+    installed package's entry points."""
+    from importlib.metadata import entry_points
+
+    from actserve.interventions.registry import GROUP, source_tree_plugins
+
+    installed = {
+        e.name: e.value for e in entry_points(group=GROUP) if e.value.startswith("actserve.interventions.")
+    }
+    assert installed and source_tree_plugins() == installed

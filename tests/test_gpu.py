@@ -125,6 +125,37 @@ def test_prefill_graphs_match_eager(tinystories_dir: Path) -> None:
     assert fast.runner.graph_prefills == before
 
 
+def test_prefill_graphs_after_a_computed_context(tinystories_dir: Path) -> None:
+    """The rest of a prompt after a computed context replays a cached-context graph: a second turn whose
+    first blocks are in the prefix cache, and the last chunk of a prompt longer than the step budget.
+    First logits within bf16 tolerance of the eager engine's (same prefix cache, same chunks), the same
+    greedy continuations (which read the K/V the graph wrote)."""
+    from tests.engine_utils import capture_logits, greedy, run
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(10, 2000, (300,), generator=g).tolist()
+    fast = _engine(tinystories_dir, eager=False, cuda_graph_prefill_len=256, max_num_batched_tokens=128)
+    slow = _engine(tinystories_dir, eager=True, max_num_batched_tokens=128)
+    assert fast.runner.prefill_graphs is not None and fast.runner.prefill_graphs.cached is not None
+    for eng in (fast, slow):  # 300 tokens in chunks of 128, 128, 44: the last one after 256 computed
+        before = eng.runner.graph_prefills
+        run(eng, [base], greedy(4), tag="base-")
+        assert eng.runner.graph_prefills == before + (eng is fast)
+    for i, tail in enumerate((1, 7, 60, 120)):
+        p = base + torch.randint(10, 2000, (tail,), generator=g).tolist()
+        before, hits = fast.runner.graph_prefills, fast.blocks.hits
+        with capture_logits() as fl:
+            a = run(fast, [p], greedy(24), tag=f"f{i}-")
+        with capture_logits() as sl:
+            b = run(slow, [p], greedy(24), tag=f"s{i}-")
+        assert fast.blocks.hits - hits == 288  # 18 full blocks of the 300 shared tokens
+        assert fast.runner.graph_prefills == before + 1, tail
+        x, y = fl[f"f{i}-0"][0].float(), sl[f"s{i}-0"][0].float()
+        err = ((x - y).norm() / y.norm()).item()
+        assert err < 2e-2, (tail, err)
+        assert a == b, tail
+
+
 def test_steering_inside_graphs(tinystories_dir: Path) -> None:
     from tests.engine_utils import greedy, run
 

@@ -31,17 +31,18 @@ def case(group: int, dim: int, bs: int, seed: int, dtype: torch.dtype = torch.fl
 
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("block_m", [None, 4])
-def test_kernel_matches_reference(group: int, window: int | None, block_m: int | None) -> None:
+@pytest.mark.parametrize(("block_m", "splits"), [(None, 1), (4, 1), (None, 3)])
+def test_kernel_matches_reference(group: int, window: int | None, block_m: int | None, splits: int) -> None:
     """Tiles of the default shape (64 rows: 64 // group positions) and of 4 positions (a sequence's rows
-    over many tiles); a group of 3 pads to 4 heads per position."""
+    over many tiles); a group of 3 pads to 4 heads per position; the context of each tile in one program
+    or split over 3 (some splits then hold nothing a row may attend to: the window, short contexts)."""
     bs, dim = 8, 16
     block_m = block_m or tile_positions(group)
     q, k, v, tables = case(group, dim, bs, seed=group * 10 + (window or 0) + block_m)
     lens, nqs = [n for n, _ in SEQS], [nq for _, nq in SEQS]
     want = paged_prefill_ref(q, k, v, tables, lens, nqs, 0.3, bs, window)
     meta = prefill_meta(lens, nqs, q.device, block_m=block_m)
-    got = paged_prefill(q, k, v, tables, meta, 0.3, bs, window, block_n=16)
+    got = paged_prefill(q, k, v, tables, meta, 0.3, bs, window, block_n=16, splits=splits)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 

@@ -23,6 +23,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True  # reuse the KV of full prompt blocks other requests computed
+    # beside decodes, a prefill chunk's attention over its context counts against the token budget
+    # (Scheduler); None: on for CUDA
+    attention_aware_chunks: bool | None = None
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
     gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU

@@ -102,7 +102,12 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, self.prefix_caching)
         self._prefix_counted = (0, 0)
         self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched)
+        aware = config.attention_aware_chunks
+        if aware is None:
+            aware = self.model_info.device.type == "cuda"
+        spec = self.loaded.spec
+        break_even = spec.attention_break_even() if aware and spec is not None else None
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched, break_even)
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.set_static_memory(
             self.loaded.weights_bytes, self.runner.kv_bytes, self.model_info.device.type == "cuda"

@@ -174,12 +174,14 @@ class ModelRunner:
                 model, self.kv_caches, block_size, self.max_blocks, cuda_graph_max_bs,
                 num_blocks * block_size, table, max(1, registry.graph_width()), registry.graph_safe(),
             )  # fmt: skip
-        if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
-            dummy = num_blocks * block_size
-            self.prefill_graphs = PrefillGraphs(model, self.kv_caches, dummy, cuda_graph_prefill_len)
         # chunks whose context is partly cached: the paged-prefill kernel (CUDA; tests may turn it on for
         # the CPU, where it runs in Triton's interpreter), else SDPA per sequence over its gathered slots
         self.chunk_kernel = device.type == "cuda" and paged_prefill_fits(spec.head_dim)
+        if device.type == "cuda" and cuda_graph_prefill_len >= PREFILL_BUCKETS[0]:
+            dummy = num_blocks * block_size
+            group = spec.num_heads // spec.num_kv_heads
+            cached = (block_size, self.max_blocks, group) if self.chunk_kernel else None
+            self.prefill_graphs = PrefillGraphs(model, self.kv_caches, dummy, cuda_graph_prefill_len, cached)
         self.graph_steps = 0
         self.eager_decode_steps = 0
         self.graph_prefills = 0
@@ -220,18 +222,24 @@ class ModelRunner:
         return step
 
     def _prefill_graph(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor | None:
-        """One whole fresh prompt with no interventions and no prompt logprobs, from a prefill CUDA graph;
-        None when the step does not qualify (the eager path takes it)."""
+        """The rest of one prompt (all of it, or what follows its computed context) with no interventions
+        and no prompt logprobs, from a prefill CUDA graph; None when the step does not qualify (the eager
+        path takes it)."""
         graphs = self.prefill_graphs
         if graphs is None or len(seqs) != 1:
             return None
         seq = seqs[0]
-        n = seq.num_tokens
-        if seq.num_computed or chunks[0] != n or seq.interventions or seq.params.prompt_logprobs is not None:
+        n, start = seq.num_tokens, seq.num_computed
+        if start + chunks[0] != n or seq.interventions or seq.params.prompt_logprobs is not None:
             return None
-        if graphs.bucket(n) is None:
+        if graphs.bucket(n - start) is None or (start and graphs.cached is None):
             return None
-        logits = graphs.run(seq.all_token_ids, self._slots(seq, n))
+        if start:  # after a cached prefix or earlier chunks
+            logits = graphs.run_cached(
+                seq.all_token_ids[start:], start, self._slots(seq, n)[start:], seq.block_table
+            )
+        else:
+            logits = graphs.run(seq.all_token_ids, self._slots(seq, n))
         seq.num_computed = n
         self.graph_prefills += 1
         return logits

@@ -9,6 +9,8 @@ prompts share block i only when their first (i+1) blocks of tokens and their ext
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections.abc import Hashable, Sequence
 
 # the key of the (absent) block before the first one
@@ -24,13 +26,18 @@ def block_keys(
     if max_blocks is not None:
         n = min(n, max_blocks)
     tag = repr(extra).encode()
+    # the tokens as little-endian uint32 bytes, packed once (per-token to_bytes cost 3 ms for 4k tokens)
+    packed = array("I", tokens[: n * block_size])
+    if sys.byteorder == "big":
+        packed.byteswap()
+    data = memoryview(packed.tobytes())
+    width = block_size * packed.itemsize
     keys: list[bytes] = []
     parent = ROOT
     for i in range(n):
         h = hashlib.sha256(parent)
         h.update(tag)
-        chunk = tokens[i * block_size : (i + 1) * block_size]
-        h.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in chunk))
+        h.update(data[i * width : (i + 1) * width])
         parent = h.digest()
         keys.append(parent)
     return keys

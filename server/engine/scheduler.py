@@ -2,7 +2,10 @@
 (`--max-num-batched-tokens`): running decodes take it first (one token each), then prompts are
 prefilled in chunks within what is left: a prompt may take several steps, tokens
 [num_computed, num_computed + chunk) in each, beside the decodes; only the step that completes it samples
-a token. A waiting prompt whose leading full blocks are in the prefix cache starts past them
+a token. Beside decodes, a chunk also pays for its attention over the context before it
+(`chunk_within`), so a step stays about as long as a step of `budget` tokens with no context: the
+decodes' inter-token gap does not grow with the position a long prompt has reached. A waiting prompt
+whose leading full blocks are in the prefix cache starts past them
 (`BlockManager.match_prefix`). When KV blocks run out, the newest running sequence is preempted (its
 blocks freed, recomputed later, from its cached prefix where that survived). Nothing is dropped silently.
 
@@ -12,6 +15,7 @@ that causes it."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -55,6 +59,22 @@ class ScheduledBatch:
         return bool(self.prefills or self.decodes)
 
 
+def chunk_cost(chunk: int, start: int, break_even: int) -> int:
+    """Budget tokens a chunk of `chunk` prompt tokens from position `start` costs: its linear layers (one
+    per token) plus its attention over [0, start + chunk), a context of `break_even` tokens weighing as
+    much as the linear layers (`ModelSpec.attention_break_even`)."""
+    return math.ceil(chunk * (1 + (start + chunk / 2) / break_even))
+
+
+def chunk_within(budget: int, start: int, break_even: int) -> int:
+    """The largest chunk from position `start` whose `chunk_cost` fits `budget` (at least one token)."""
+    a = 1 + start / break_even
+    c = int(break_even * (math.sqrt(a * a + 2 * budget / break_even) - a))
+    while c > 1 and chunk_cost(c, start, break_even) > budget:  # float rounding
+        c -= 1
+    return max(1, min(c, budget))
+
+
 def is_decode(seq: Sequence) -> bool:
     """A running sequence past its prompt with only its last token left to compute. (A prompt's last
     one-token chunk stays a prefill row: attention hooks restrict decode rows only, docs §6.)"""
@@ -62,7 +82,14 @@ def is_decode(seq: Sequence) -> bool:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        attention_break_even: int | None = None,
+    ) -> None:
+        """`attention_break_even`: price chunks beside decodes by `chunk_cost` (None: by tokens only)."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
@@ -71,6 +98,7 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.attention_break_even = attention_break_even
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.isolated: deque[Sequence] = deque()  # to run one per step, alone (see `isolate`)
@@ -144,17 +172,19 @@ class Scheduler:
             seq = pending.pop(0)
             while self._capacity(seq) <= 0 and pending and not batch:
                 self._preempt(pending.pop(), batch)  # nothing else runs: free a newer prefill's blocks
-            chunk = min(seq.num_tokens - seq.num_computed, budget, self._capacity(seq))
+            chunk = min(
+                seq.num_tokens - seq.num_computed, self._affordable(batch, seq, budget), self._capacity(seq)
+            )
             if chunk <= 0:
                 continue  # no block free now: it keeps its blocks and waits for the decodes to free some
             self._add_prefill(batch, seq, chunk)
-            budget -= chunk
+            budget -= self._cost(batch, seq, chunk)
         self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
         # then waiting prompts (FIFO), each admitted when its first chunk's blocks are free
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq, seq.prefix_extra)  # a cached prefix: those tokens are done
-            chunk = min(seq.num_tokens - seq.num_computed, budget)
+            chunk = min(seq.num_tokens - seq.num_computed, self._affordable(batch, seq, budget))
             if self._capacity(seq) < chunk:
                 self.blocks.release(seq)  # it keeps waiting; the cached blocks stay cached
                 break
@@ -163,8 +193,26 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self._add_prefill(batch, seq, chunk)
             self.running.append(seq)
-            budget -= chunk
+            budget -= self._cost(batch, seq, chunk)
         return batch
+
+    def _priced(self, batch: ScheduledBatch) -> bool:
+        """Chunks pay for their attention only beside decodes: alone, nobody waits on the step's length."""
+        return self.attention_break_even is not None and bool(batch.decodes)
+
+    def _affordable(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        """The most tokens `seq`'s next chunk may have within `budget`."""
+        if not self._priced(batch):
+            return budget
+        assert self.attention_break_even is not None
+        return chunk_within(budget, seq.num_computed, self.attention_break_even)
+
+    def _cost(self, batch: ScheduledBatch, seq: Sequence, chunk: int) -> int:
+        """What `seq`'s chunk (already added: `num_computed` is its start) takes from the budget."""
+        if not self._priced(batch):
+            return chunk
+        assert self.attention_break_even is not None
+        return chunk_cost(chunk, seq.num_computed, self.attention_break_even)
 
     def _add_prefill(self, batch: ScheduledBatch, seq: Sequence, chunk: int) -> None:
         self.blocks.allocate(seq, seq.num_computed + chunk)

@@ -31,6 +31,14 @@ class ModelSpec:
     sliding_window: int | None
     rope_type: str
 
+    def attention_break_even(self) -> int:
+        """The context length at which a token's attention (QK^T and PV over its context) costs as many
+        multiply-adds as its linear layers: the scheduler's exchange rate between a prefill chunk's
+        context and tokens of the step budget (26.6k for Llama-3-8B, 3.1k for SmolLM2-135M)."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        linear = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
+        return max(1, linear // (2 * q))
+
     @classmethod
     def from_hf_config(cls, config: Any, family: str) -> ModelSpec:
         """`family` comes from the model registry (server/models/registry.py), which knows the
