@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from actserve.interventions.cot_compression.cli import add_cot_parser
 from actserve.interventions.cot_compression.cli import run as run_cot
+from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
 from actserve.server.cli_vectors import add_vectors_parser
@@ -112,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes", type=positive, default=16 * 2**20,
         help="largest request body in bytes (413 beyond it; vector uploads allow 64 MiB)",
     )  # fmt: skip
+    s.add_argument(
+        "--max-grammar-compile-seconds", type=positive_float, default=DEFAULT_COMPILE_TIMEOUT_S, metavar="S",
+        help="a structured-output constraint (response_format, guided_*) whose grammar takes longer to "
+        "compile is refused with a 400",
+    )  # fmt: skip
     add_http_flags(s)
     s.add_argument(
         "--allow-pickle-weights", action="store_true", help="allow .bin/.pt checkpoints (runs code)"
@@ -146,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The intervention plugins' options from their flags (plugin name -> its options)."""
-    options: dict[str, dict[str, Any]] = {}
+    options: dict[str, dict[str, Any]] = {
+        "structured_output": {"max_compile_seconds": args.max_grammar_compile_seconds}
+    }
     if args.steering_vectors:
         options["steering"] = {"vectors_dir": args.steering_vectors}
     if args.cot_compression:

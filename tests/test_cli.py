@@ -30,6 +30,11 @@ def test_flags_map_to_engine_config() -> None:
     assert engine_config(off).cuda_graph_prefill_len == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--cuda-graph-prefill-len", "-1"])
+    assert cfg.plugin_options["structured_output"] == {"max_compile_seconds": 5.0}
+    fast = build_parser().parse_args(["serve", "--max-grammar-compile-seconds", "0.25"])
+    assert engine_config(fast).plugin_options["structured_output"] == {"max_compile_seconds": 0.25}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-grammar-compile-seconds", "0"])
 
 
 def test_lifecycle_flags() -> None:

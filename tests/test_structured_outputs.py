@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from actserve.interventions.base import InterventionCapacityError
+from actserve.interventions.structured_output.grammar import GrammarEngine, GrammarTimeout
+from actserve.interventions.structured_output.schema import StructuredSpec
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.offline import make_sequences, run_sequences
 from actserve.server.engine.sampling_params import SamplingParams
-from tests.conftest import start_server
+from tests.conftest import ENGINE_MODES, start_server
 from tests.engine_utils import capture_logits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,9 +210,20 @@ def test_json_schema_outputs_validate(default_eng: LLMEngine) -> None:
     assert reason == "length" or isinstance(json.loads(tok.decode(ids, skip_special_tokens=True)), dict)
 
 
-@pytest.fixture(scope="module")
-def server(tinystories_dir: Path) -> Any:
-    s = start_server(tinystories_dir, num_kv_blocks=256)
+# the server's grammar compile limit (--max-grammar-compile-seconds), low enough for a test to wait it out
+COMPILE_LIMIT_S = 0.5
+# valid, 53 kB (under the 65536 limit), and slow to compile: each rule uses the next one twice (~3 s on
+# the CPU of the reference machine, for TinyStories' vocabulary)
+SLOW_GRAMMAR = (
+    "root ::= r0\n" + "".join(f'r{i} ::= "a" | r{i + 1} r{i + 1}\n' for i in range(2000)) + 'r2000 ::= "b"'
+)
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def server(tinystories_dir: Path, request: pytest.FixtureRequest) -> Any:
+    options = {"structured_output": {"max_compile_seconds": COMPILE_LIMIT_S}}
+    mode = ENGINE_MODES[request.param]
+    s = start_server(tinystories_dir, num_kv_blocks=256, plugin_options=options, engine_process=mode)
     yield s
     s.stop()
 
@@ -282,6 +298,45 @@ def test_http_errors_name_the_field(server: Any, body: dict[str, Any], param: st
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
     assert post(server, {"guided_choice": ["ok"]}).json()["choices"][0]["text"] == "ok"  # engine unharmed
+
+
+def test_slow_compile_is_a_400_after_the_limit(server: Any) -> None:
+    """A grammar that compiles longer than the limit is refused once the limit has passed, naming the
+    field; its compile goes on in the background, and the server serves meanwhile and afterwards (in
+    the engine-process mode too: its core prepares off the step loop, so a compile delays no request)."""
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, server, {"guided_grammar": SLOW_GRAMMAR + "\n\n"})
+        time.sleep(0.1)  # its compile has started
+        r = post(server, {"guided_regex": "[0-9]{3}", "max_tokens": 4})
+        assert r.status_code == 200 and not slow.done(), r.text
+        assert slow.result().status_code == 400
+    cases = [
+        ({"guided_grammar": SLOW_GRAMMAR}, "guided_grammar"),
+        ({"interventions": {"structured_output": {"grammar": SLOW_GRAMMAR + "\n"}}},  # not cached
+         "interventions.structured_output.grammar"),
+    ]  # fmt: skip
+    for body, param in cases:
+        start = time.monotonic()
+        r = post(server, body)
+        took = time.monotonic() - start
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert f"took longer than {COMPILE_LIMIT_S:g} s" in r.json()["error"]["message"], r.text
+        assert COMPILE_LIMIT_S <= took < COMPILE_LIMIT_S + 1.5, took
+    r = post(server, {"guided_regex": "[0-9]{3}"})  # both slow compiles still run
+    assert r.status_code == 200 and re.fullmatch("[0-9]{3}", r.json()["choices"][0]["text"]), r.text
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_abandoned_compiles_hold_their_slot(eng: LLMEngine) -> None:
+    """A compile given up on keeps its slot until it ends, so they cannot pile up: with the only slot
+    taken, the next compile gets a 503 (InterventionCapacityError) instead of another thread."""
+    info = eng.model_info
+    grammars = GrammarEngine(info.path, info.vocab_size, list(info.eos_token_ids), slots=1)
+    grammars.compile_timeout_s = 0.05
+    with pytest.raises(GrammarTimeout, match="took longer than 0.05 s"):
+        grammars.compile(StructuredSpec(grammar=SLOW_GRAMMAR + "\n\n"))
+    with pytest.raises(InterventionCapacityError, match="all 1 grammar compile slots are busy"):
+        grammars.compile(StructuredSpec(regex="[0-9]+"))
 
 
 def test_transformers_fallback(tinystories_dir: Path, tok: Any, prompts: list[list[int]]) -> None:

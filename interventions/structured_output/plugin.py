@@ -10,6 +10,7 @@ When the grammar is complete only the stop tokens remain allowed, so the sequenc
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from actserve.interventions.base import (
     RowInputs,
     RowSpan,
 )
-from actserve.interventions.structured_output.grammar import GrammarEngine, GrammarError
+from actserve.interventions.structured_output.grammar import GrammarEngine, GrammarError, GrammarTimeout
 from actserve.interventions.structured_output.schema import StructuredSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class StructuredOutputPlugin(InterventionPlugin):
         self.row_inputs = (RowInput(MASK, torch.int32, width, -1),)
         self.engine = GrammarEngine(model_info.path, model_info.vocab_size, list(model_info.eos_token_ids))
 
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Option `max_compile_seconds` (`--max-grammar-compile-seconds`): see GrammarEngine.compile."""
+        timeout = options.get("max_compile_seconds")
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"max_compile_seconds must be positive, got {timeout}")
+            self.engine.compile_timeout_s = float(timeout)
+
     def prepare(self, spec: BaseModel, param: str) -> Plan:
         assert isinstance(spec, StructuredSpec)
         if not self.model_info.eos_token_ids:
@@ -76,6 +85,8 @@ class StructuredOutputPlugin(InterventionPlugin):
         where = f"{param}.{spec.kind}"
         try:
             grammar = self.engine.compile(spec)
+        except GrammarTimeout as e:
+            raise InterventionError(f"{where}: the {spec.kind.replace('_', ' ')} {e}", where) from None
         except GrammarError as e:
             raise InterventionError(f"{where}: invalid {spec.kind.replace('_', ' ')}: {e}", where) from None
         return Plan(grammar, self.engine.matcher(grammar))

@@ -11,6 +11,9 @@ MAX_PATTERN_CHARS = 8192
 MAX_GRAMMAR_CHARS = 65536
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
+# and how long its compile may take (`--max-grammar-compile-seconds`; GrammarEngine.compile): the
+# size bounds do not bound the time, e.g. a 50 kB EBNF of rules that each use the next twice
+DEFAULT_COMPILE_TIMEOUT_S = 5.0
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 

@@ -8,6 +8,8 @@ Dead.
 
 A reader thread moves commands off the pipe into a queue at once, so the API process never blocks on a
 full pipe while a step runs; the main thread drains that queue between steps, as the thread mode does.
+Prepare alone runs in worker threads, as the thread mode's does: compiling a request's grammar may take
+seconds (up to `--max-grammar-compile-seconds`), and the step loop must not wait for it.
 A command that raises fails only its own request (or call); a failing step is handled inside
 `LLMEngine.step`; only what escapes it (a fatal device error) ends the process with `Dead`.
 
@@ -24,8 +26,10 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -53,6 +57,7 @@ from actserve.server.engine.watchdog import heartbeat_interval
 
 log = logging.getLogger(__name__)
 REMOTE_PLAN = "\x00plan"  # key of a plan stand-in in the API process: {REMOTE_PLAN: id}
+PREPARE_THREADS = 8  # requests' interventions prepared at once; more wait in line
 
 
 def engine_facts(engine: LLMEngine) -> Ready:
@@ -77,6 +82,7 @@ class EngineCore:
         self._send_lock = threading.Lock()  # the main thread and the call heartbeat both send
         self._last_sent = time.monotonic()
         self._in_call = False
+        self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="actserve-core-prepare")
         threading.Thread(target=self._read, name="actserve-core-reader", daemon=True).start()
         threading.Thread(target=self._beat_during_calls, name="actserve-core-beat", daemon=True).start()
 
@@ -151,8 +157,8 @@ class EngineCore:
             eng.abort(cmd.seq_id)
         elif isinstance(cmd, Call):
             self._reply(cmd.call_id, cmd.fn, eng, *cmd.args)
-        elif isinstance(cmd, Prepare):
-            self._reply(cmd.call_id, self._prepare, cmd.spec, cmd.count)
+        elif isinstance(cmd, Prepare):  # any thread may prepare; plans are stored before the reply
+            self._preparing.submit(self._answer, cmd.call_id, self._prepare, cmd.spec, cmd.count)
         elif isinstance(cmd, Release):
             for ref in cmd.plan_ids:
                 eng.registry.release(self.plans.pop(ref, {}))
@@ -171,14 +177,19 @@ class EngineCore:
         return refs
 
     def _reply(self, call_id: int, fn: Any, *args: Any) -> None:
+        """`_answer` on the main thread, which the heartbeat thread covers meanwhile."""
         self._in_call = True
+        try:
+            self._answer(call_id, fn, *args)
+        finally:
+            self._in_call = False
+
+    def _answer(self, call_id: int, fn: Any, *args: Any) -> None:
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 - handed to the caller
             self.send(Reply(call_id, False, pack_error(e)))
             return
-        finally:
-            self._in_call = False
         try:
             self.send(Reply(call_id, True, result))
         except Exception as e:  # noqa: BLE001 - e.g. a result that does not pickle
@@ -227,3 +238,9 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
             pass
         raise SystemExit(1) from None
     core.running = False
+    # stopped in order, but threads may still compile grammars that requests gave up on: the interpreter's
+    # finalization waited for them (seconds; up to STOP_WAIT_S and a kill), so leave as a forked child does
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
