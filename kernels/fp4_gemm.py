@@ -46,28 +46,30 @@ def _e2m1(code):
 
 
 @triton.jit
-def _block_scale(s_ptr, mask, gs_ptr, NVFP4: tl.constexpr):
-    """float32 multiplier of the blocks at s_ptr: E4M3 / global scale (one IEEE division, as the
-    reference), or the E8M0 power of two 2^(e - 127)."""
+def _block_scale(s_ptr, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4: tl.constexpr):
+    """float32 multiplier of the blocks at s_ptr: E4M3 / the global scale of row rn (one IEEE division,
+    as the reference; scales are never negative), or the E8M0 power of two 2^(e - 127)."""
     s = tl.load(s_ptr, mask=mask, other=0).to(tl.int32)
     if NVFP4:
         exp = (s >> 3) & 15
         man = s & 7
         normal = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
         val = tl.where(exp > 0, normal, man.to(tl.float32) * 0.001953125)  # subnormal: m * 2^-9
-        return tl.div_rn(val, tl.load(gs_ptr))
+        gs = tl.load(gs_ptr + rn * stride_gs, mask=n_ok, other=1.0)
+        return tl.div_rn(val, gs[:, None])
     return tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _weight_pair(w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, dtype,
+def _weight_pair(w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, stride_gs, dtype,
                  NVFP4: tl.constexpr, HALF_GROUP: tl.constexpr):  # fmt: skip
-    """The [BLOCK_N, BLOCK_K/2] weights of packed columns rj: (even columns, odd columns) in `dtype`."""
+    """The [BLOCK_N, BLOCK_K/2] weights of packed columns rj: (even columns, odd columns) in `dtype`.
+    The NVFP4 global scale is per row (stride_gs 1) or one for all (stride_gs 0)."""
     mask = n_ok[:, None] & j_ok[None, :]
     byte = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rj[None, :], mask=mask, other=0)
     byte = byte.to(tl.int32)
     s_at = s_ptr + rn.to(tl.int64)[:, None] * stride_sn + (rj // HALF_GROUP)[None, :]
-    scale = _block_scale(s_at, mask, gs_ptr, NVFP4)
+    scale = _block_scale(s_at, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4)
     even = (_e2m1(byte & 15) * scale).to(dtype)
     odd = (_e2m1(byte >> 4) * scale).to(dtype)
     return even, odd
@@ -76,7 +78,7 @@ def _weight_pair(w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn,
 @triton.jit
 def _fp4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_sn,
-    stride_ym, stride_ys,
+    stride_gs, stride_ym, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr,
     HALF_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -99,7 +101,19 @@ def _fp4_gemv_kernel(
         x_even = tl.load(x_at, mask=x_mask, other=0.0)
         x_odd = tl.load(x_at + 1, mask=x_mask, other=0.0)
         w_even, w_odd = _weight_pair(
-            w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, x_even.dtype, NVFP4, HALF_GROUP
+            w_ptr,
+            s_ptr,
+            gs_ptr,
+            rn,
+            n_ok,
+            rj,
+            j_ok,
+            stride_wn,
+            stride_sn,
+            stride_gs,
+            x_even.dtype,
+            NVFP4,
+            HALF_GROUP,
         )
         if BLOCK_M == 1:
             part = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
@@ -119,7 +133,7 @@ def _fp4_gemv_kernel(
 
 @triton.jit
 def _fp4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+    x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_gs, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr,
     HALF_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -138,7 +152,19 @@ def _fp4_gemm_kernel(
         x_even = tl.load(x_rows + 2 * rj[None, :], mask=x_mask, other=0.0)
         x_odd = tl.load(x_rows + 2 * rj[None, :] + 1, mask=x_mask, other=0.0)
         w_even, w_odd = _weight_pair(
-            w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, x_even.dtype, NVFP4, HALF_GROUP
+            w_ptr,
+            s_ptr,
+            gs_ptr,
+            rn,
+            n_ok,
+            rj,
+            j_ok,
+            stride_wn,
+            stride_sn,
+            stride_gs,
+            x_even.dtype,
+            NVFP4,
+            HALF_GROUP,
         )
         acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
         acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
@@ -148,8 +174,8 @@ def _fp4_gemm_kernel(
     tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _operands(x: torch.Tensor, w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checked shapes; (scales as bytes, global scale or a dummy pointer, packed)."""
+def _operands(x: torch.Tensor, w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked shapes; (scales as bytes, global scale or a dummy pointer, its row stride, packed)."""
     n, k = w.shape
     if x.shape[1] != k or x.stride(1) != 1 or w.packed.stride(1) != 1 or w.scales.stride(1) != 1:
         raise ValueError(f"fp4 matmul: x {tuple(x.shape)} does not match weight {(n, k)} (K-contiguous)")
@@ -157,7 +183,9 @@ def _operands(x: torch.Tensor, w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"{w.kind} needs K divisible by {GROUP[w.kind]}, got {k}")
     scales = w.scales.view(torch.uint8)
     gs = w.global_scale if w.global_scale is not None else scales
-    return scales, gs, w.packed
+    if gs.numel() not in (1, n) and w.global_scale is not None:
+        raise ValueError(f"NVFP4 global scale: {gs.numel()} values for {n} rows")
+    return scales, gs, int(gs.numel() == n and n > 1), w.packed
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -177,7 +205,7 @@ def fp4_gemv(
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fp4_gemv handles at most {MAX_ROWS} rows; got {m}")
-    scales, gs, packed = _operands(x, w)
+    scales, gs, stride_gs, packed = _operands(x, w)
     k = x.shape[1]
     n_tiles = triton.cdiv(n, cfg.block_n)
     splits = cfg.split_k or pick_split(n_tiles, k, cfg.block_k)
@@ -189,7 +217,7 @@ def fp4_gemv(
     out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
     _fp4_gemv_kernel[(n_tiles, splits)](
         x, packed, scales, gs, bias if bias is not None else x, out, m, n, k, k_split, x.stride(0),
-        packed.stride(0), scales.stride(0), out.stride(-2), out.stride(0),
+        packed.stride(0), scales.stride(0), stride_gs, out.stride(-2), out.stride(0),
         BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NVFP4=w.kind == "nvfp4", HALF_GROUP=GROUP[w.kind] // 2, HAS_BIAS=bias is not None,
         PARTIAL=splits > 1, PREC=_prec(x), **pdl_args(x), num_warps=cfg.num_warps,
@@ -209,12 +237,12 @@ def fp4_gemm(
     """x [M, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype, for prefill-sized M."""
     cfg = cfg or Fp4Config(block_m=64, block_n=64, block_k=64, num_stages=3)
     m, n = x.shape[0], w.shape[0]
-    scales, gs, packed = _operands(x, w)
+    scales, gs, stride_gs, packed = _operands(x, w)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         _fp4_gemm_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))](
             x, packed, scales, gs, bias if bias is not None else x, y, m, n, x.shape[1], x.stride(0),
-            packed.stride(0), scales.stride(0), y.stride(0),
+            packed.stride(0), scales.stride(0), stride_gs, y.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NVFP4=w.kind == "nvfp4",
             HALF_GROUP=GROUP[w.kind] // 2, HAS_BIAS=bias is not None, PREC=_prec(x),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

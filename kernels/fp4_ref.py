@@ -9,7 +9,9 @@ repacking:
   0, 0.5, 1, 1.5, 2, 3, 4, 6.
 - NVFP4 `scales` (`weight_scale`): float8_e4m3fn [N, K/16], one per 16 consecutive columns of a row, and
   `global_scale` (`weight_global_scale`): float32 [1], a DIVISOR: W = e2m1 * (float(scale) / global_scale),
-  with global_scale = 448 * 6 / amax(W) so the block scales use E4M3's whole range.
+  with global_scale = 448 * 6 / amax(W) so the block scales use E4M3's whole range. Here it may also be
+  [N], one per output row: a merged layer (q/k/v, gate/up) whose checkpoint matrices each carry their
+  own global scale then loads by copying each one into its shard's rows, without re-rounding any scale.
 - MXFP4 `scales` (`weight_scale`): uint8 [N, K/32], E8M0 biased exponents: W = e2m1 * 2^(scale - 127).
 
 `effective_scale` + `dequantize` define the weights bit for bit (float32 arithmetic); the Triton kernels
@@ -30,6 +32,7 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E8M0_BIAS = 127
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> |value|
+ENCODE_CHUNK = 1 << 24  # weights rounded at a time
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Fp4Weight:
     kind: Fp4Kind
     packed: torch.Tensor  # uint8 [N, K/2]
     scales: torch.Tensor  # nvfp4: float8_e4m3fn [N, K/16]; mxfp4: uint8 [N, K/32]
-    global_scale: torch.Tensor | None = None  # nvfp4: float32 [1] (a divisor); mxfp4: None
+    global_scale: torch.Tensor | None = None  # nvfp4: float32 [1] or [N] (a divisor); mxfp4: None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,7 +120,7 @@ def effective_scale(kind: Fp4Kind, scales: torch.Tensor, global_scale: torch.Ten
     if kind == "nvfp4":
         if global_scale is None:
             raise ValueError("NVFP4 needs a global scale")
-        return scales.float() / global_scale.float()
+        return scales.float() / global_scale.float().reshape(-1, 1)
     return e8m0_decode(scales)
 
 
@@ -153,7 +156,7 @@ def absmax_scales(
     if kind == "nvfp4":
         if global_scale is None:
             raise ValueError("NVFP4 needs a global scale")
-        return e4m3_encode((amax / E2M1_MAX * global_scale.double()).clamp(max=E4M3_MAX))
+        return e4m3_encode((amax / E2M1_MAX * global_scale.double().reshape(-1, 1)).clamp(max=E4M3_MAX))
     exps = e8m0_encode(amax).int() - 2
     return torch.where(amax > 0, exps, 0).clamp(0, 254).to(torch.uint8)
 
@@ -161,12 +164,17 @@ def absmax_scales(
 def encode_with_scales(
     weight: torch.Tensor, kind: Fp4Kind, scales: torch.Tensor, global_scale: torch.Tensor | None = None
 ) -> Fp4Weight:
-    """Round `weight` [N, K] onto the E2M1 grid of the given block scales and pack it."""
+    """Round `weight` [N, K] onto the E2M1 grid of the given block scales and pack it (rows a chunk at a
+    time: the float64 temporaries of a whole lm_head would take tens of GB)."""
     eff = effective_scale(kind, scales, global_scale).double()
-    groups = _groups(weight.double(), kind)
-    q = torch.where(eff[..., None] > 0, groups / eff[..., None], 0.0)
-    codes = e2m1_encode(q.reshape(weight.shape))
-    return Fp4Weight(kind, pack_nibbles(codes), scales, global_scale)
+    rows = max(1, ENCODE_CHUNK // max(weight.shape[1], 1))
+    packed = []
+    for i in range(0, weight.shape[0], rows):
+        groups = _groups(weight[i : i + rows].double(), kind)
+        e = eff[i : i + rows, :, None]
+        q = torch.where(e > 0, groups / e, 0.0)
+        packed.append(pack_nibbles(e2m1_encode(q.flatten(1))))
+    return Fp4Weight(kind, torch.cat(packed), scales, global_scale)
 
 
 def quantize_rtn(weight: torch.Tensor, kind: Fp4Kind) -> Fp4Weight:

@@ -65,7 +65,7 @@ fp4_types = {
     "b_ptr": BF,
     "y_ptr": BF,
     **dict.fromkeys(("M", "N", "K", "k_split", "stride_xm", "stride_wn", "stride_sn"), "i32"),
-    **dict.fromkeys(("stride_ym", "stride_ys"), "i32"),
+    **dict.fromkeys(("stride_gs", "stride_ym", "stride_ys"), "i32"),
 }
 for nvfp4 in (True, False):
     fp4 = dict(NVFP4=nvfp4, HALF_GROUP=8 if nvfp4 else 16, HAS_BIAS=True, PREC="tf32")

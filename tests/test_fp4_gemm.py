@@ -83,3 +83,21 @@ def test_refuses_what_it_cannot_do() -> None:
         fp4_gemv(torch.randn(17, 64).to(DEVICE), w)
     with pytest.raises(ValueError, match="does not match"):
         fp4_gemm(torch.randn(2, 32).to(DEVICE), w)
+
+
+def test_merged_shards_keep_their_global_scales() -> None:
+    """A merged layer (e.g. q/k/v) from shards quantized apart, each with its own NVFP4 global scale:
+    stacked rows and a per-row global scale give exactly each shard's weights, in the reference and
+    in both kernels, with no scale re-rounded."""
+    g = torch.Generator().manual_seed(21)
+    shards = [quantize_rtn(torch.randn(n, 64, generator=g) * s, "nvfp4") for n, s in ((20, 0.1), (12, 3.0))]
+    gs = torch.cat([q.global_scale.expand(q.shape[0]) for q in shards])  # type: ignore[union-attr]
+    merged = Fp4Weight(
+        "nvfp4", torch.cat([q.packed for q in shards]), torch.cat([q.scales for q in shards]), gs
+    )
+    assert torch.equal(dequantize(merged), torch.cat([dequantize(q) for q in shards]))
+    w = Fp4Weight("nvfp4", merged.packed.to(DEVICE), merged.scales.to(DEVICE), gs.to(DEVICE))
+    eye = torch.eye(64, device=DEVICE)
+    want = dequantize(merged).T
+    assert torch.equal(fp4_gemm(eye, w, cfg=Fp4Config(block_m=16, block_n=16, block_k=32)).cpu(), want)
+    assert torch.equal(fp4_gemv(eye[:16], w, cfg=Fp4Config(block_n=16, block_k=32)).cpu(), want[:16])
