@@ -76,6 +76,29 @@ def _weight_pair(w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn,
 
 
 @triton.jit
+def _accumulate(acc, x_rows, m_ok, rj, j_ok, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
+                stride_gs, NVFP4: tl.constexpr, HALF_GROUP: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] + the products over packed columns rj: x rows at x_rows (pointers to
+    their first element), the weights dequantized in registers; tl.dot (tensor cores) or, for one row,
+    a broadcast multiply and sum."""
+    x_mask = m_ok[:, None] & j_ok[None, :]
+    x_even = tl.load(x_rows + 2 * rj[None, :], mask=x_mask, other=0.0)
+    x_odd = tl.load(x_rows + 2 * rj[None, :] + 1, mask=x_mask, other=0.0)
+    w_even, w_odd = _weight_pair(
+        w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, stride_gs, x_even.dtype, NVFP4,
+        HALF_GROUP,
+    )  # fmt: skip
+    if DOT:
+        acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
+        acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
+    else:
+        part = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
+        acc += tl.sum(part, axis=1)[None, :]
+    return acc
+
+
+@triton.jit
 def _fp4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_sn,
     stride_gs, stride_ym, stride_ys,
@@ -90,37 +113,16 @@ def _fp4_gemv_kernel(
     n_ok = rn < N
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
+    x_rows = x_ptr + rm[:, None] * stride_xm
     k_end = tl.minimum(K, (split + 1) * k_split)
     pdl_sync(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * k_split, k_end, BLOCK_K):
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        j_ok = 2 * rj < k_end
-        x_at = x_ptr + rm[:, None] * stride_xm + 2 * rj[None, :]
-        x_mask = m_ok[:, None] & j_ok[None, :]
-        x_even = tl.load(x_at, mask=x_mask, other=0.0)
-        x_odd = tl.load(x_at + 1, mask=x_mask, other=0.0)
-        w_even, w_odd = _weight_pair(
-            w_ptr,
-            s_ptr,
-            gs_ptr,
-            rn,
-            n_ok,
-            rj,
-            j_ok,
-            stride_wn,
-            stride_sn,
-            stride_gs,
-            x_even.dtype,
-            NVFP4,
-            HALF_GROUP,
-        )
-        if BLOCK_M == 1:
-            part = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
-            acc += tl.sum(part, axis=1)[None, :]
-        else:
-            acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
-            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
+        acc = _accumulate(
+            acc, x_rows, m_ok, rj, 2 * rj < k_end, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
+            stride_gs, NVFP4, HALF_GROUP, BLOCK_M > 1, PREC,
+        )  # fmt: skip
     y_mask = m_ok[:, None] & n_ok[None, :]
     y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     if PARTIAL:
@@ -147,27 +149,10 @@ def _fp4_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        j_ok = 2 * rj < K
-        x_mask = m_ok[:, None] & j_ok[None, :]
-        x_even = tl.load(x_rows + 2 * rj[None, :], mask=x_mask, other=0.0)
-        x_odd = tl.load(x_rows + 2 * rj[None, :] + 1, mask=x_mask, other=0.0)
-        w_even, w_odd = _weight_pair(
-            w_ptr,
-            s_ptr,
-            gs_ptr,
-            rn,
-            n_ok,
-            rj,
-            j_ok,
-            stride_wn,
-            stride_sn,
-            stride_gs,
-            x_even.dtype,
-            NVFP4,
-            HALF_GROUP,
-        )
-        acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
-        acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
+        acc = _accumulate(
+            acc, x_rows, m_ok, rj, 2 * rj < K, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
+            stride_gs, NVFP4, HALF_GROUP, True, PREC,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_at = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
