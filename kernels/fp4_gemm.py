@@ -29,7 +29,7 @@ from actserve.kernels.pdl import pdl_args, pdl_sync
 class Fp4Config:
     block_m: int = 16  # GEMM only
     block_n: int = 32
-    block_k: int = 256  # unpacked columns per step; a multiple of the format's group
+    block_k: int = 256  # unpacked columns per step (a power of two >= 32: tl.dot needs 16 packed)
     split_k: int = 0  # GEMV only; 0: pick from the shape
     num_warps: int = 4
     num_stages: int = 2
