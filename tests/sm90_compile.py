@@ -12,6 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from actserve.kernels.fp4_gemm import _fp4_gemm_kernel, _fp4_gemv_kernel
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
@@ -19,7 +20,7 @@ from actserve.kernels.rope_kv import _rope_kv_kernel
 from actserve.kernels.silu_mul import _silu_mul_kernel
 from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
 
-BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
+BF, F32, I32, I64, U8 = "*bf16", "*fp32", "*i32", "*i64", "*u8"
 
 
 def signature(fn: Any, types: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
@@ -56,6 +57,28 @@ for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
             ),
         )
     )
+fp4_types = {
+    "x_ptr": BF,
+    "w_ptr": U8,
+    "s_ptr": U8,
+    "gs_ptr": F32,
+    "b_ptr": BF,
+    "y_ptr": BF,
+    **dict.fromkeys(("M", "N", "K", "k_split", "stride_xm", "stride_wn", "stride_sn"), "i32"),
+    **dict.fromkeys(("stride_gs", "stride_ym", "stride_ys"), "i32"),
+}
+for nvfp4 in (True, False):
+    fp4 = dict(NVFP4=nvfp4, HALF_GROUP=8 if nvfp4 else 16, HAS_BIAS=True, PREC="tf32")
+    for block_m, partial in ((1, False), (1, True), (16, False), (16, True)):
+        VARIANTS.append(
+            (
+                _fp4_gemv_kernel,
+                {**fp4_types, "y_ptr": F32} if partial else fp4_types,
+                dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, PARTIAL=partial, USE_PDL=True, **fp4),
+            )
+        )
+    gemm_types = {a: t for a, t in fp4_types.items() if a not in ("k_split", "stride_ys")}
+    VARIANTS.append((_fp4_gemm_kernel, gemm_types, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **fp4)))
 norm_types = {
     "x_ptr": BF,
     "res_ptr": BF,

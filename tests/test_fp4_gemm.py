@@ -1,0 +1,103 @@
+"""The FP4 W4A16 kernels (kernels/fp4_gemm.py) against the plain-torch reference on fresh random weights:
+under TRITON_INTERPRET=1 on the CPU with float32 activations (the interpreter's bf16 tl.dot is wrong),
+natively with bf16 too on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actserve.kernels.fp4_gemm import Fp4Config, fp4_gemm, fp4_gemv
+from actserve.kernels.fp4_ref import Fp4Weight, dequantize, fp4_matmul_ref, quantize_rtn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+KINDS = ["nvfp4", "mxfp4"]
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 2e-5 if dtype == torch.float32 else 2e-2
+
+
+def random_fp4(n: int, k: int, kind: str, g: torch.Generator) -> Fp4Weight:
+    """Quantized random weights with rows of different magnitudes (so block scales differ; the first
+    row's NVFP4 block scales are E4M3 subnormals)."""
+    w = torch.randn(n, k, generator=g) * torch.exp2(torch.randint(-4, 3, (n, 1), generator=g)).float()
+    w[0] *= 2.0**-16
+    q = quantize_rtn(w / k**0.5, kind)  # type: ignore[arg-type]
+    gs = q.global_scale.to(DEVICE) if q.global_scale is not None else None
+    return Fp4Weight(q.kind, q.packed.to(DEVICE), q.scales.to(DEVICE), gs)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    scale = max(1.0, want.float().abs().max().item())
+    return got.dtype == want.dtype and (got.float() - want.float()).abs().max().item() < tol(dtype) * scale
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv(kind: str, dtype: torch.dtype, rows: int, split_k: int) -> None:
+    """Odd N (masked tail), several K steps per split, split-K through the workspace, bias on half."""
+    g = torch.Generator().manual_seed(rows * 8 + split_k * 2 + len(kind))
+    n, k = 37, 192
+    w = random_fp4(n, k, kind, g)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype) if rows != 5 else None
+    got = fp4_gemv(x, w, bias, Fp4Config(block_n=16, block_k=64, split_k=split_k))
+    assert got.shape == (rows, n)
+    assert close(got, fp4_matmul_ref(x, w, bias), dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm(kind: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3 + len(kind))
+    n, k, m = 40, 128, 37
+    w = random_fp4(n, k, kind, g)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    got = fp4_gemm(x, w, bias, Fp4Config(block_m=16, block_n=16, block_k=64))
+    assert close(got, fp4_matmul_ref(x, w, bias), dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantization_is_bit_exact(kind: str) -> None:
+    """x = identity picks each weight column alone (the other products are exact zeros), so the
+    kernels' float32 dequantized weights must equal the reference's bit for bit."""
+    g = torch.Generator().manual_seed(11 + len(kind))
+    w = random_fp4(24, 64, kind, g)
+    gs = w.global_scale.cpu() if w.global_scale is not None else None
+    want = dequantize(Fp4Weight(w.kind, w.packed.cpu(), w.scales.cpu(), gs)).T
+    eye = torch.eye(64, device=DEVICE)
+    got = fp4_gemm(eye, w, cfg=Fp4Config(block_m=16, block_n=16, block_k=32))
+    assert torch.equal(got.cpu(), want)
+    rows = fp4_gemv(eye[:16], w, cfg=Fp4Config(block_n=16, block_k=32, split_k=2))
+    assert torch.equal(rows.cpu(), want[:16])
+
+
+def test_refuses_what_it_cannot_do() -> None:
+    w = random_fp4(8, 64, "mxfp4", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp4_gemv(torch.randn(17, 64).to(DEVICE), w)
+    with pytest.raises(ValueError, match="does not match"):
+        fp4_gemm(torch.randn(2, 32).to(DEVICE), w)
+
+
+def test_merged_shards_keep_their_global_scales() -> None:
+    """A merged layer (e.g. q/k/v) from shards quantized apart, each with its own NVFP4 global scale:
+    stacked rows and a per-row global scale give exactly each shard's weights, in the reference and
+    in both kernels, with no scale re-rounded."""
+    g = torch.Generator().manual_seed(21)
+    shards = [quantize_rtn(torch.randn(n, 64, generator=g) * s, "nvfp4") for n, s in ((20, 0.1), (12, 3.0))]
+    gs = torch.cat([q.global_scale.expand(q.shape[0]) for q in shards])  # type: ignore[union-attr]
+    merged = Fp4Weight(
+        "nvfp4", torch.cat([q.packed for q in shards]), torch.cat([q.scales for q in shards]), gs
+    )
+    assert torch.equal(dequantize(merged), torch.cat([dequantize(q) for q in shards]))
+    w = Fp4Weight("nvfp4", merged.packed.to(DEVICE), merged.scales.to(DEVICE), gs.to(DEVICE))
+    eye = torch.eye(64, device=DEVICE)
+    want = dequantize(merged).T
+    assert torch.equal(fp4_gemm(eye, w, cfg=Fp4Config(block_m=16, block_n=16, block_k=32)).cpu(), want)
+    assert torch.equal(fp4_gemv(eye[:16], w, cfg=Fp4Config(block_n=16, block_k=32)).cpu(), want[:16])
