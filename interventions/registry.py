@@ -148,6 +148,15 @@ class InterventionRegistry:
         """Whether a plugin of these plans reads the sequence's generated tokens on the host each step."""
         return any(self.plugins[key].needs_output_tokens for key in plans)
 
+    def late_logits(self, plans: dict[str, Any]) -> frozenset[str] | None:
+        """The plugins of `plans` that read the generated tokens on the host, when all of them hook the
+        logits only (their hooks can be bound after the step's forward is launched, before sampling);
+        None when one hooks anything else (the step must wait for the previous tokens)."""
+        keys = [key for key in plans if self.plugins[key].needs_output_tokens]
+        if any(set(self.plugins[key].hook_points) != {"logits"} for key in keys):
+            return None
+        return frozenset(keys)
+
     def activate(self, plans: dict[str, Any]) -> None:
         for key, plan in plans.items():
             self.plugins[key].activate(plan)
@@ -172,7 +181,17 @@ class InterventionRegistry:
     def row_inputs(self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int) -> dict[str, Any]:
         """`host_row_inputs` on the model's device (name -> [rows, width])."""
         arrays = self.host_row_inputs(plugin, spans, num_rows)
-        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        return {k: self._to_device(v) for k, v in arrays.items()}
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device. CUDA: through pinned memory, without waiting: a late logits
+        hook's inputs (`LateLogitsStep`) are copied while the step's forward still runs, and a pageable copy
+        would hold the host until the forward ends (torch's pinned allocator keeps the staging buffer until
+        the copy has read it)."""
+        t = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @staticmethod
     def host_row_mask(spans: list[RowSpan], num_rows: int) -> np.ndarray:
@@ -184,7 +203,7 @@ class InterventionRegistry:
 
     def row_mask(self, spans: list[RowSpan], num_rows: int) -> torch.Tensor:
         """`host_row_mask` on the model's device."""
-        return torch.from_numpy(self.host_row_mask(spans, num_rows)).to(self.device)
+        return self._to_device(self.host_row_mask(spans, num_rows))
 
     def step_hooks(self, spans: dict[str, list[RowSpan]], num_rows: int) -> StepHooks | None:
         """Hooks for one packed step; None when no row carries an intervention (the plain fast path).

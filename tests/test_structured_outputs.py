@@ -7,6 +7,7 @@ transformers' own logits plus the bias for logit_bias, and each request's solo r
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -167,23 +168,31 @@ def test_logit_bias_equals_transformers_plus_bias(eng: LLMEngine, ref: Any, prom
         seq = torch.cat([seq, torch.tensor([[ours[step]]])], 1)
 
 
-def test_no_chained_steps_for_rows_that_need_their_tokens(
-    tinystories_dir: Path, prompts: list[list[int]]
-) -> None:
-    """With step overlap on, plain batches chain decode steps on the device; a batch with a constrained
-    row never does (its matcher needs each token on the host), and its output is the sequential one."""
+def test_overlapped_steps_bind_the_mask_late(tinystories_dir: Path, prompts: list[list[int]]) -> None:
+    """With step overlap on, a batch with constrained rows chains its decode steps too: the forward runs
+    ahead, the grammar's mask is bound once the previous token is on the host (`LateLogitsStep`). The
+    output equals the strictly sequential engine's, the constrained row still matches its regex, and a
+    plugin that also hooked the residual stream would stop the chaining (`late_logits`)."""
     seq = LLMEngine(EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=128))
     ovl = LLMEngine(
         EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=128, overlap_steps=True)
     )
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    gen(ovl, prompts, params, [None] * 4, "p")
-    assert ovl.chained_steps > 0
     before = ovl.chained_steps
-    specs = [so(regex="[a-z ]{4,40}"), None, None, None]
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    assert gen(ovl, prompts, params, specs, "q") == gen(seq, prompts, params, specs, "q")
-    assert ovl.chained_steps == before
+    specs = [so(regex="[a-z ]{4,40}"), None, so(choice=["once upon a time there was a dog"]), None]
+    for params in (SamplingParams(max_tokens=12, temperature=0.0), sampled(3, 12)):
+        got = gen(ovl, prompts, params, specs, "q")
+        assert got == gen(seq, prompts, params, specs, "q")
+        assert re.fullmatch("[a-z ]{4,40}", ovl.tokenizer.decode(got[0][0], skip_special_tokens=True))
+    assert ovl.chained_steps > before
+    reg = ovl.registry
+    plans = {"structured_output": object(), "steering": object()}
+    assert reg.late_logits(plans) == frozenset({"structured_output"})
+    plugin = reg.plugins["structured_output"]
+    plugin.hook_points = ("logits", "residual")  # type: ignore[misc]
+    try:
+        assert reg.late_logits(plans) is None
+    finally:
+        del plugin.hook_points
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +259,18 @@ def test_http_fields(server: Any, tok: Any) -> None:
     assert r.status_code == 200
     r = post(server, {"guided_choice": ["red", "green", "blue"], "n": 4, "temperature": 1.0})  # 4 matchers
     assert [c["text"] in ("red", "green", "blue") for c in r.json()["choices"]] == [True] * 4, r.text
+
+
+def test_logprobs_of_masked_tokens_are_finite(server: Any) -> None:
+    """Tokens a constraint rules out report OpenAI's -9999.0 among the top logprobs (JSON has no -inf:
+    this was a 500); the chosen, allowed token keeps its true value."""
+    r = post(server, {"guided_choice": ["yes", "no"], "logprobs": 10, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    first = lp["top_logprobs"][0]
+    assert all(math.isfinite(v) and v >= -9999.0 for v in first.values())
+    assert -9999.0 in first.values()  # ten alternatives, at most a few allowed
+    assert lp["token_logprobs"][0] > -9999.0
 
 
 def test_http_streaming(server: Any) -> None:

@@ -2,8 +2,10 @@
 
 Each sequence's plan holds a grammar matcher. Per step, `fill_row_inputs` first advances the matcher
 over the tokens the sequence generated since (`RowSpan.output_token_ids`; the plugin declares
-`needs_output_tokens`, so the engine never launches a step of its rows before the previous token is on
-the host), then fills the row's next-token bitmask; the logits hook sets disallowed tokens to -inf.
+`needs_output_tokens`, so with step overlap the engine launches a step's forward early but binds this
+logits hook only once the previous token is on the host, just before sampling: the matcher and bitmask
+work runs while the GPU computes the forward), then fills the row's next-token bitmask; the logits hook
+sets disallowed tokens to -inf.
 When the grammar is complete only the stop tokens remain allowed, so the sequence ends with "stop".
 """
 

@@ -84,8 +84,9 @@ class InterventionPlugin(ABC):
     # work per step), so decode steps with its rows replay from CUDA graphs (captured with those hooks)
     graph_safe: ClassVar[bool] = False
     # its per-step work reads each row's generated tokens (`RowSpan.output_token_ids`, e.g. to advance a
-    # grammar): the engine then never launches a step of its rows before the previous step's tokens are
-    # on the host (no chained / overlapped decode for them)
+    # grammar). When its only hook point is "logits", the engine may launch a step's forward before the
+    # previous tokens reach the host and bind this plugin's logits hook (and fill its row inputs) once
+    # they have, just before sampling; with any other hook point no step of its rows launches early
     needs_output_tokens: ClassVar[bool] = False
 
     def __init__(self, model_info: ModelInfo) -> None:

@@ -196,6 +196,8 @@ class LLMEngine:
             results = pending.collect()
             self._commit_prefixes(pending)  # before _append retires (frees) finished sequences
             appended = self._append(results)
+            if chained is not None and hasattr(chained, "finish"):  # its late logits hooks read these tokens
+                chained = chained.finish()
         except Exception as e:
             if is_fatal(e):
                 raise
@@ -291,8 +293,12 @@ class LLMEngine:
             return None  # a prompt is mid-prefill: its next chunk needs the scheduler
         if not hasattr(self.runner, "launch_chained") or getattr(pending.pending, "tokens", None) is None:
             return None
-        if any(self.registry.needs_output_tokens(seq.interventions) for seq in seqs):
-            return None  # a plugin reads each row's last token on the host before its next step
+        late: frozenset[str] = frozenset()
+        for seq in seqs:
+            keys = self.registry.late_logits(seq.interventions)
+            if keys is None:
+                return None  # a plugin reads each row's last token on the host before its next forward
+            late |= keys
         need = 0
         for seq in seqs:
             p = seq.params
@@ -308,7 +314,7 @@ class LLMEngine:
         for seq in seqs:
             self.blocks.allocate(seq, seq.num_tokens + 1)
         self.chained_steps += 1
-        return self.runner.launch_chained(pending)
+        return self.runner.launch_chained(pending, late)
 
     def _append(self, results: list[StepResult]) -> list[tuple[Sequence, int, str | None]]:
         """Take each sampled token; retire (free) the sequences its token ends, so the next launch

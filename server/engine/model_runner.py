@@ -15,7 +15,7 @@ from actserve.server.contract.hooks import ResidualHook, StepHooks
 from actserve.server.engine.block_manager import BlockManager, blocks_for
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
-from actserve.server.engine.sampler import PendingSample, SamplingRow, sample_launch
+from actserve.server.engine.sampler import PendingSample, SamplingRow, log_probs, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache, paged_prefill_fits
@@ -47,6 +47,33 @@ class PendingStep:
                 lp = TokenLogprob(out.token_ids[i], out.logprobs[i], top)
             results.append(StepResult(s, out.token_ids[i], lp))
         return results
+
+
+class LateLogitsStep:
+    """A chained decode step launched before the previous step's tokens reached the host, whose plugins in
+    `late` read those tokens (a grammar matcher): its forward is running; `finish()`, called once the
+    tokens are appended, binds their logits hooks (filling their row inputs on the host while the GPU
+    still runs the forward) and launches sampling. Rows of sequences that ended meanwhile get no hooks
+    (their token is dropped)."""
+
+    def __init__(self, runner: ModelRunner, logits: torch.Tensor, seqs: list[Sequence], late: frozenset[str]):
+        self.runner, self.logits, self.seqs, self.late = runner, logits, seqs, late
+
+    def finish(self) -> PendingStep:
+        spans: dict[str, list[RowSpan]] = defaultdict(list)
+        for i, seq in enumerate(self.seqs):
+            if seq.is_finished:
+                continue
+            for key in self.late & seq.interventions.keys():
+                pos = seq.num_computed - 1  # this step's row: `_decode` moved num_computed past it
+                spans[key].append(
+                    RowSpan(seq.interventions[key], i, 1, pos, seq.prompt_len, seq.output_token_ids)
+                )
+        logits = self.logits
+        hooks = self.runner.registry.step_hooks(spans, len(self.seqs)) if spans else None
+        if hooks is not None and hooks.logits:
+            logits = hooks.apply_logits(logits)
+        return launch_sampling(logits, self.seqs)
 
 
 class NotEnoughBlocks(RuntimeError):
@@ -116,7 +143,7 @@ def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Tok
     """logits[i]'s logprob of targets[i], with its top k."""
     if not targets:
         return []
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_probs(logits)
     chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
     if k > 0:
@@ -354,17 +381,26 @@ class ModelRunner:
         attn.decode_rows = torch.tensor([attn.seqs[i].start for i in decode])
 
     @torch.inference_mode()
-    def launch_chained(self, prev: PendingStep) -> PendingStep:
+    def launch_chained(
+        self, prev: PendingStep, late: frozenset[str] = frozenset()
+    ) -> PendingStep | LateLogitsStep:
         """Decode the next token of every sequence of `prev` before `prev`'s tokens reach the host: the
         input ids are `prev`'s sampled tokens on the device. The engine checks eligibility (no waiting
-        requests, no penalties, blocks available) and allocates nothing else."""
+        requests, no penalties, blocks available) and allocates nothing else. With `late` plugins (they
+        read the tokens on the host, logits hooks only) the forward runs without their hooks and the
+        step samples once `finish()` has bound them, after `prev`'s tokens are appended."""
         assert prev.pending.tokens is not None
-        logits = self._decode(prev.seqs, prev.pending.tokens)
+        logits = self._decode(prev.seqs, prev.pending.tokens, skip=late)
+        if late:
+            return LateLogitsStep(self, logits, prev.seqs, late)
         return launch_sampling(logits, prev.seqs)
 
-    def _decode(self, seqs: list[Sequence], device_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _decode(
+        self, seqs: list[Sequence], device_ids: torch.Tensor | None = None, skip: frozenset[str] = frozenset()
+    ) -> torch.Tensor:
         """Decode rows: the paged-decode kernel (from a CUDA graph when the step allows it). With
-        `device_ids`, each row's input token is still on the device (not yet appended on the host)."""
+        `device_ids`, each row's input token is still on the device (not yet appended on the host).
+        Plugins in `skip` get no hooks here (their logits hooks come later, `LateLogitsStep`)."""
         n, bs = len(seqs), self.block_size
         ahead = 0 if device_ids is None else 1
         width = max(len(s.block_table) for s in seqs)
@@ -381,7 +417,8 @@ class ModelRunner:
             pos[i] = p
             slots[i] = seq.block_table[p // bs] * bs + p % bs
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids))
+                if key not in skip:
+                    spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids))
             seq.num_computed = p + 1
         groups = self.registry.group_spans(spans)
         fused = self.registry.fused

@@ -264,6 +264,16 @@ def sample_launch(logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSampl
     return PendingSample(logits, rows, tokens, host_tokens=host, ready=ready)
 
 
+# what a token the logits rule out (a grammar's mask, logit_bias -100) reports as its logprob: OpenAI's
+# value; -inf has no JSON form (a fuzzed request with top_logprobs and a constraint got a 500)
+LOGPROB_FLOOR = -9999.0
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of `logits` [rows, vocab], floored at LOGPROB_FLOOR."""
+    return torch.log_softmax(logits.to(torch.float32), dim=-1).clamp_(min=LOGPROB_FLOOR)
+
+
 def _finish_sample(
     logits: torch.Tensor,
     rows: list[SamplingRow],
@@ -281,7 +291,7 @@ def _finish_sample(
     if all(w is None for w in want):
         return SamplerOutput(token_ids=token_list, logprobs=None, top_logprobs=None)
 
-    raw = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    raw = log_probs(logits)
     chosen: list[float] = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     k_max = min(max(w or 0 for w in want), vocab)
     top: list[list[tuple[int, float]]] = [[] for _ in rows]
