@@ -24,6 +24,7 @@ from actserve.server.models.loader import (
     weight_files,
 )
 from actserve.server.models.profile import step_activation_bytes
+from actserve.server.models.quantization import projection_format
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
@@ -46,6 +47,7 @@ class LoadConfig:
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
+    quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
     max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
@@ -128,10 +130,12 @@ def load_model(config: LoadConfig) -> LoadedModel:
             "architecture %s: serving %s through the transformers fallback (%s)",
             native.architecture, name, native.fallback_reason,
         )  # fmt: skip
+    weight_format = projection_format(spec, hf_config, config.quantization, dummy, native.fallback_reason)
     if spec is not None:
         model = load_native(
-            spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class
-        )
+            spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
+            weight_format=weight_format,
+        )  # fmt: skip
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
@@ -142,6 +146,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         vocab = text_config.vocab_size
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+    # parameters as stored: an FP4 projection counts its packed codes and scales, no dense copy
     weights_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     per_block = (
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
