@@ -72,6 +72,12 @@ class WeightFormat:
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        """The [out, in] matrix this format computes with, as a floating-point tensor (a dequantized
+        temporary for a packed format): what a derived second format starts from
+        (`layer.dense_weight()`), whatever the primary format stores."""
+        raise NotImplementedError
+
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
         """apply(silu(gate) * up) for x = [gate | up]; a format may fuse the activation into its kernel."""
         if gate_up.is_cuda:

@@ -7,7 +7,7 @@
   llm-compressor writes it): the layer reads `weight_packed`, `weight_scale` and `weight_global_scale`
   as they are.
 - Second format (`layer.add_format("fp4", ...)`, e.g. for per-request precision): derived in
-  `after_loading` from the layer's primary dense weight, whole, by `quantize`.
+  `after_loading` from the layer's primary weight (`layer.dense_weight()`), whole, by `quantize`.
 
 Storage is the compressed-tensors layout of kernels/fp4_ref.py under compressed-tensors' parameter
 names (`weight_packed`, `weight_scale`, `weight_global_scale`, prefixed by the format's key). A primary
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight, fp4_matmul_ref, quantize_rtn
+from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight, dequantize, fp4_matmul_ref, quantize_rtn
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 from actserve.server.layers.linear import LinearBase
@@ -119,11 +119,8 @@ class FP4Format(WeightFormat):
     def after_loading(self, layer: LinearBase) -> None:
         if not self.derived:
             return
-        dense = layer._parameters.get("weight")
-        if dense is None:
-            raise ValueError("FP4Format needs the layer's dense weight")
         assert self.quantize is not None
-        self._store(layer, self.quantize(dense.detach().float(), self.kind), None)
+        self._store(layer, self.quantize(layer.dense_weight().detach().float(), self.kind), None)
 
     def weight(self, layer: LinearBase) -> Fp4Weight:
         p = self.prefix
@@ -131,6 +128,9 @@ class FP4Format(WeightFormat):
         return Fp4Weight(
             self.kind, getattr(layer, p + "weight_packed"), getattr(layer, p + "weight_scale"), gs
         )
+
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        return dequantize(self.weight(layer))
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         w, bias = self.weight(layer), layer.bias

@@ -103,6 +103,9 @@ class DenseFormat(WeightFormat):
             return gemv(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        return getattr(layer, self.prefix + "weight")
+
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
         if self.prefix:
             p = self.prefix
@@ -139,6 +142,10 @@ class LinearBase(nn.Module):
         self._owners.update(dict.fromkeys(set(self._parameters) - before, weight_format))
         self.formats[key] = weight_format
         return weight_format
+
+    def dense_weight(self) -> torch.Tensor:
+        """The primary format's matrix [out, in] as a float tensor (derived formats start from it)."""
+        return self.format.dense_weight(self)
 
     def owner(self, param_name: str) -> WeightFormat:
         """The format that created parameter `param_name` of this layer."""
