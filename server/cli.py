@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder projections in FP4 weights, quantized from the checkpoint at load (round-to-nearest; "
         "W4A16). A compressed-tensors NVFP4 checkpoint loads as NVFP4 without this flag",
     )  # fmt: skip
+    s.add_argument(
+        "--quantization-scale-search", action="store_true",
+        help="with --quantization: search each FP4 block scale to minimise the projection's output error on "
+        "the model's activations over a built-in calibration text (loads the dense model first)",
+    )  # fmt: skip
     s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
     s.add_argument(
         "--steering-vectors",
@@ -188,6 +193,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
         quantization=args.quantization,
+        quantization_scale_search=args.quantization_scale_search,
         plugin_options=plugin_options(args),
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,

@@ -20,15 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Weight, dequantize, quantize_rtn
 from actserve.server.cli import build_parser, engine_config
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.layers.fp4_format import FP4Format
+from actserve.server.layers.fp4_search import output_error, search_fp4
 from actserve.server.models.builder import LoadConfig, LoadedModel, load_model
 from actserve.server.models.loader import ModelLoadError
+from actserve.server.models.quantization import calibration_ids
 from tests.conftest import TOKENIZER_FILES, save_random_model
 from tests.engine_utils import capture_logits, greedy, run
 from tests.test_native_models import TOL, reference
@@ -226,3 +228,65 @@ def test_bad_flag_combinations_are_clear(tinystories_dir: Path, tmp_path: Path) 
         build_parser().parse_args(["serve", "--quantization", "int4"])
     args = build_parser().parse_args(["serve", "--quantization", "mxfp4"])
     assert engine_config(args).load_config().quantization == "mxfp4"
+
+
+# --------------------------------------------------------------------------------------- scale search
+
+
+def hf_projection_inputs(ref: torch.nn.Module, ids: list[int]) -> dict[str, torch.Tensor]:
+    """transformers' inputs to every checkpoint projection on `ids` (forward pre-hooks)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0][0].detach())
+        )
+        for name, module in ref.named_modules()
+        if name.rpartition(".")[2] in PROJECTIONS
+    ]
+    try:
+        with torch.no_grad():
+            ref(torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
+def test_scale_search_equals_search_on_transformers_activations(
+    kind: str, tinystories_dir: Path, ref: torch.nn.Module
+) -> None:
+    """--quantization-scale-search: each checkpoint matrix's FP4 form is `search_fp4` over the inputs
+    transformers' own model gives that projection on the calibration text, and beats round-to-nearest
+    there."""
+    loaded = load(tinystories_dir, quantization=kind, quantization_scale_search=True)
+    ids = calibration_ids(AutoTokenizer.from_pretrained(tinystories_dir), 512)
+    assert len(ids) > 200
+    inputs = hf_projection_inputs(ref, ids)
+    merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 128), "v_proj": ("qkv_proj", 192),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 384)}  # fmt: skip
+    for name, x in inputs.items():
+        parent, _, proj = name.rpartition(".")
+        target, offset = merged.get(proj, (proj, 0))
+        layer = loaded.model.get_submodule(f"{parent}.{target}")
+        w = ref.get_submodule(name).weight.detach()
+        rows = slice(offset, offset + w.shape[0])
+        want = search_fp4(w, x, kind)  # type: ignore[arg-type]
+        assert torch.equal(layer.weight_packed[rows], want.packed), name
+        assert torch.equal(layer.weight_scale[rows].view(torch.uint8), want.scales.view(torch.uint8)), name
+        if kind == "nvfp4":
+            assert torch.equal(layer.weight_global_scale[rows], want.global_scale.expand(w.shape[0])), name
+        rtn = quantize_rtn(w, kind)  # type: ignore[arg-type]
+        assert output_error(w, want, x).sum() < output_error(w, rtn, x).sum(), name
+    assert loaded.weights_bytes == load(tinystories_dir, quantization=kind).weights_bytes
+
+
+def test_scale_search_needs_the_quantization_flag(tinystories_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="--quantization-scale-search needs --quantization"):
+        load(tinystories_dir, quantization_scale_search=True)
+    with pytest.raises(ModelLoadError, match=r"needs .*\(not --load-format dummy\)"):
+        load(tinystories_dir, quantization="nvfp4", quantization_scale_search=True, load_format="dummy")
+    with pytest.raises(ModelLoadError, match="scale-search: the checkpoint is already quantized"):
+        load(NVFP4_DIR, quantization="nvfp4", quantization_scale_search=True)
+    args = build_parser().parse_args(["serve", "--quantization", "nvfp4", "--quantization-scale-search"])
+    assert engine_config(args).load_config().quantization_scale_search

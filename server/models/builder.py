@@ -24,7 +24,7 @@ from actserve.server.models.loader import (
     weight_files,
 )
 from actserve.server.models.profile import step_activation_bytes
-from actserve.server.models.quantization import projection_format
+from actserve.server.models.quantization import projection_format, quantize_calibrated
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
@@ -48,6 +48,7 @@ class LoadConfig:
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
+    quantization_scale_search: bool = False  # FP4 block scales searched on calibration activations
     max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
@@ -130,12 +131,17 @@ def load_model(config: LoadConfig) -> LoadedModel:
             "architecture %s: serving %s through the transformers fallback (%s)",
             native.architecture, name, native.fallback_reason,
         )  # fmt: skip
-    weight_format = projection_format(spec, hf_config, config.quantization, dummy, native.fallback_reason)
+    search = config.quantization_scale_search
+    weight_format = projection_format(
+        spec, hf_config, config.quantization, dummy, native.fallback_reason, scale_search=search
+    )
     if spec is not None:
         model = load_native(
             spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
-            weight_format=weight_format,
+            weight_format=None if search else weight_format,
         )  # fmt: skip
+        if search:  # loaded dense: calibrate, then each projection becomes FP4
+            quantize_calibrated(model, tokenizer, config.quantization, max_len)  # type: ignore[arg-type]
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim

@@ -2,6 +2,13 @@
 (`--quantization nvfp4|mxfp4`), or FP4 read from a checkpoint already in compressed-tensors'
 "nvfp4-pack-quantized" form (config.json `quantization_config`, as llm-compressor writes it).
 
+With `--quantization-scale-search` the block scales are not round-to-nearest's but searched to minimise
+each projection's output error on calibration activations (server/layers/fp4_search.py): the model loads
+dense, `CALIBRATION_TEXT` runs through it once while every projection records its input, then each
+projection is replaced by an FP4 one whose checkpoint matrices (q/k/v, gate/up shards, each with its own
+global scale) are searched over those inputs; the dense weights go with the layers they leave. Loading
+then needs the dense model's memory for a moment.
+
 Everything the server cannot serve faithfully is refused here, before any weight is read, with the flag
 or the config field to change: other checkpoint quantizations, NVFP4 checkpoints that also quantize
 activations or leave decoder projections dense, FP4 on the transformers fallback path, and models whose
@@ -14,9 +21,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from actserve.kernels.fp4_ref import GROUP, Fp4Kind
+import torch
+import torch.nn.functional as F
+
+from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight
+from actserve.server.contract.weights import Shard, WeightFormat
+from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.fp4_format import FP4Format
-from actserve.server.models.loader import ModelLoadError
+from actserve.server.layers.fp4_search import search_fp4
+from actserve.server.layers.linear import Linear, LinearBase, MergedColumnLinear
+from actserve.server.models.loader import ModelLoadError, cast_to_model_dtype
 from actserve.server.models.spec import ModelSpec
 
 QUANTIZATIONS: tuple[Fp4Kind, ...] = ("nvfp4", "mxfp4")
@@ -85,10 +99,18 @@ def projection_format(
     quantization: str | None,
     random_weights: bool,
     fallback_reason: str | None,
+    scale_search: bool = False,
 ) -> Callable[[], FP4Format] | None:
     """The factory of the native model's projection format (None: dense), from --quantization and the
     checkpoint's own quantization_config; ModelLoadError naming the flag for what cannot be served.
-    `random_weights` (--load-format dummy): the projections are quantized from random dense weights."""
+    `random_weights` (--load-format dummy): the projections are quantized from random dense weights.
+    `scale_search` (--quantization-scale-search): only checked here, the model loads dense and
+    `quantize_calibrated` converts it."""
+    if scale_search and (quantization is None or random_weights):
+        raise ModelLoadError(
+            "--quantization-scale-search needs --quantization nvfp4|mxfp4 and real weights "
+            "(not --load-format dummy)"
+        )
     if quantization is not None and quantization not in QUANTIZATIONS:
         choices = ", ".join(QUANTIZATIONS)
         raise ModelLoadError(f"--quantization must be one of {choices}, got {quantization!r}")
@@ -119,6 +141,112 @@ def projection_format(
                 f"{why}: {kind} needs every projection's input size to be a multiple of {group}; "
                 f"{proj} has {k}"
             )
+    if packed is not None and scale_search:
+        raise ModelLoadError(
+            "--quantization-scale-search: the checkpoint is already quantized (packed NVFP4)"
+        )
     if packed is not None and not random_weights:
         return lambda: FP4Format(kind, quantize=None)
     return lambda: FP4Format(kind)
+
+
+# what --quantization-scale-search calibrates on: short, varied English (story, instructions, facts,
+# numbers, dialogue, code), written for this project; activations are the model's own on it
+CALIBRATION_TEXT = """Once upon a time, in a small village by the sea, there lived a girl named Lily who loved
+to collect shells. Every morning she walked along the beach with her dog, Max, and her little brother Tom.
+One day they found a big blue shell that sang when you held it to your ear. "Listen!" said Lily. Tom
+laughed and said, "It sounds like the wind." They took it home and showed it to their mother, who
+smiled and told them a story about the old sailors who once lived there.
+
+To make a cup of tea, boil fresh water, warm the pot, add one spoon of leaves for each cup, pour the
+water and wait three to five minutes. Then pour it through a strainer and add milk or lemon to taste.
+
+The Earth goes around the Sun once every 365.25 days, and the Moon goes around the Earth about once a
+month. Water freezes at 0 degrees Celsius and boils at 100 degrees at sea level. In 1969, two people
+walked on the Moon for the first time.
+
+Q: What is 12 times 7? A: 84. Q: Which is larger, 3/4 or 2/3? A: 3/4, because 9/12 is more than 8/12.
+
+def average(values):
+    # the mean of a non-empty list of numbers
+    return sum(values) / len(values)
+
+The meeting is moved to Tuesday at 10:30. Please bring the report, the budget for next year and your
+questions. Thank you, and have a good weekend!"""
+CALIBRATION_TOKENS = 512  # at most: the text is shorter for most tokenizers
+
+
+class _Recorder(WeightFormat):
+    """Stands in for a projection's primary format during calibration: keeps each input, computes as it."""
+
+    def __init__(self, inner: WeightFormat) -> None:
+        super().__init__()
+        self.inner = inner
+        self.inputs: list[torch.Tensor] = []
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach())
+        return self.inner.apply(layer, x)
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.apply(layer, F.silu(gate) * up)
+
+
+def calibration_ids(tokenizer: Any, max_len: int) -> list[int]:
+    return list(tokenizer(CALIBRATION_TEXT)["input_ids"])[: min(max_len, CALIBRATION_TOKENS)]
+
+
+@torch.inference_mode()
+def projection_inputs(model: torch.nn.Module, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Module name of every decoder projection -> its inputs [T, K] on the prompt `ids` (one prefill)."""
+    spec: ModelSpec = model.spec  # type: ignore[assignment]
+    device = next(model.parameters()).device
+    recorders: dict[str, _Recorder] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and name.startswith("model.layers."):
+            recorders[name] = module.format = _Recorder(module.format)  # type: ignore[assignment]
+    try:
+        t = len(ids)
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        kv = make_kv_cache(spec.num_layers, t, spec.num_kv_heads, spec.head_dim, dtype, device)
+        slots = torch.arange(t, device=device)
+        batch = AttentionBatch(slots, [SeqSlice(0, t, slots)], fresh_prefill=True)
+        model(torch.tensor(ids, device=device), slots, kv, batch, None)
+    finally:
+        for name, rec in recorders.items():
+            model.get_submodule(name).format = rec.inner
+    return {name: torch.cat(rec.inputs) for name, rec in recorders.items()}
+
+
+def _fp4_copy(dense: LinearBase, x: torch.Tensor, kind: Fp4Kind) -> LinearBase:
+    """An FP4-primary layer for dense projection `dense`, each checkpoint matrix (shard) searched on its
+    own over the inputs `x` (its own global scale, as a checkpoint would hold it)."""
+
+    def search(w: torch.Tensor, k: Fp4Kind) -> Fp4Weight:
+        return search_fp4(w, x, k)
+
+    fmt = FP4Format(kind, quantize=search)
+    shards: dict[Any, Shard] | None = getattr(dense, "shards", None)
+    if shards is not None:
+        sizes = [s.size for s in shards.values()]
+        new: LinearBase = MergedColumnLinear(dense.input_size, sizes, list(shards), dense.has_bias, fmt)
+    else:
+        new = Linear(dense.input_size, dense.output_size, dense.has_bias, fmt)
+    weight = dense.dense_weight()
+    new = cast_to_model_dtype(new.to(weight.device), weight.dtype)  # type: ignore[assignment]
+    for shard_id, rows in (shards or {None: Shard(0, dense.output_size)}).items():
+        new.load_tensor("weight", weight.narrow(0, rows.offset, rows.size), shard_id)
+        if dense.has_bias:
+            new.load_tensor("bias", dense.bias.narrow(0, rows.offset, rows.size), shard_id)
+    return new
+
+
+def quantize_calibrated(model: torch.nn.Module, tokenizer: Any, kind: Fp4Kind, max_len: int) -> None:
+    """--quantization-scale-search: replace every decoder projection of the dense `model` by its FP4
+    form with scales searched on the model's own activations over `CALIBRATION_TEXT`."""
+    inputs = projection_inputs(model, calibration_ids(tokenizer, max_len))
+    for name, x in inputs.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, _fp4_copy(getattr(owner, leaf), x, kind))
