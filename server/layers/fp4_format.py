@@ -101,8 +101,8 @@ class FP4Format(WeightFormat):
             target = getattr(layer, self.prefix + "weight_packed").device
             self._store(layer, self.quantize(loaded.to(target, torch.float32), self.kind), rows)
             return
-        if param is None or (self.derived and name != "bias"):
-            raise ValueError(f"FP4Format's {name} is derived after loading, not read from the checkpoint")
+        if param is None or self.derived:
+            raise ValueError(f"this FP4Format does not read {name} from the checkpoint")
         if name == "weight_global_scale":  # one per checkpoint matrix: onto each of its rows
             loaded = loaded.reshape(-1).expand(shard.size if shard else param.shape[0])
         copy_rows(param, loaded, shard)
