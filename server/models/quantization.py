@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight
+from actserve.server.contract.hooks import PROJECTIONS
 from actserve.server.contract.weights import Shard, WeightFormat
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.fp4_format import FP4Format
@@ -198,25 +199,25 @@ def calibration_ids(tokenizer: Any, max_len: int) -> list[int]:
 
 
 @torch.inference_mode()
-def projection_inputs(model: torch.nn.Module, ids: list[int]) -> dict[str, torch.Tensor]:
-    """Module name of every decoder projection -> its inputs [T, K] on the prompt `ids` (one prefill)."""
+def projection_inputs(model: torch.nn.Module, ids: list[int]) -> dict[LinearBase, torch.Tensor]:
+    """Every decoder projection (`model.projection(layer, name)`) -> its inputs [T, K] on the prompt
+    `ids`, from one prefill through the model."""
     spec: ModelSpec = model.spec  # type: ignore[assignment]
-    device = next(model.parameters()).device
-    recorders: dict[str, _Recorder] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LinearBase) and name.startswith("model.layers."):
-            recorders[name] = module.format = _Recorder(module.format)  # type: ignore[assignment]
+    layers = [model.projection(i, p) for i in range(spec.num_layers) for p in PROJECTIONS]  # type: ignore[operator]
+    recorders: dict[LinearBase, _Recorder] = {}
+    for layer in layers:
+        recorders[layer] = layer.format = _Recorder(layer.format)
     try:
-        t = len(ids)
+        t, device = len(ids), next(model.parameters()).device
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         kv = make_kv_cache(spec.num_layers, t, spec.num_kv_heads, spec.head_dim, dtype, device)
         slots = torch.arange(t, device=device)
         batch = AttentionBatch(slots, [SeqSlice(0, t, slots)], fresh_prefill=True)
         model(torch.tensor(ids, device=device), slots, kv, batch, None)
     finally:
-        for name, rec in recorders.items():
-            model.get_submodule(name).format = rec.inner
-    return {name: torch.cat(rec.inputs) for name, rec in recorders.items()}
+        for layer, rec in recorders.items():
+            layer.format = rec.inner
+    return {layer: torch.cat(rec.inputs) for layer, rec in recorders.items()}
 
 
 def _fp4_copy(dense: LinearBase, x: torch.Tensor, kind: Fp4Kind) -> LinearBase:
@@ -246,7 +247,7 @@ def quantize_calibrated(model: torch.nn.Module, tokenizer: Any, kind: Fp4Kind, m
     """--quantization-scale-search: replace every decoder projection of the dense `model` by its FP4
     form with scales searched on the model's own activations over `CALIBRATION_TEXT`."""
     inputs = projection_inputs(model, calibration_ids(tokenizer, max_len))
-    for name, x in inputs.items():
-        parent, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, leaf, _fp4_copy(getattr(owner, leaf), x, kind))
+    names = {module: name for name, module in model.named_modules()}
+    for layer, x in inputs.items():
+        parent, _, leaf = names[layer].rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _fp4_copy(layer, x, kind))
