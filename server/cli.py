@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle-weights", action="store_true", help="allow .bin/.pt checkpoints (runs code)"
     )
     s.add_argument("--force-transformers", action="store_true", help="serve through transformers' model")
+    s.add_argument(
+        "--quantization", default=None, choices=["nvfp4", "mxfp4"],
+        help="decoder projections in FP4 weights, quantized from the checkpoint at load (round-to-nearest; "
+        "W4A16). A compressed-tensors NVFP4 checkpoint loads as NVFP4 without this flag",
+    )  # fmt: skip
+    s.add_argument(
+        "--quantization-scale-search", action="store_true",
+        help="with --quantization: search each FP4 block scale to minimise the projection's output error on "
+        "the model's activations over a built-in calibration text (loads the dense model first)",
+    )  # fmt: skip
     s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
     s.add_argument(
         "--steering-vectors",
@@ -182,6 +192,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
+        quantization=args.quantization,
+        quantization_scale_search=args.quantization_scale_search,
         plugin_options=plugin_options(args),
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,

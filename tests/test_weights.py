@@ -1,6 +1,6 @@
 """Layers own their weights (server/layers/linear.py) and the model registry (server/models/registry.py).
 
-The packed layers' weight_loader puts each checkpoint matrix in its slice; a second WeightFormat class
+The packed layers' load_tensor puts each checkpoint matrix in its slice; a second WeightFormat class
 plugs in without touching the model or the loader, and the forward goes through it; a layer can hold a
 second format of the same matrix, derived after loading; every native architecture resolves through
 the registry, and an unknown one falls back to transformers, says so in the log and in /v1/models.
@@ -127,10 +127,10 @@ def random_prompts(seed: int) -> list[list[int]]:
     return [torch.randint(3, 2048, (n,), generator=g).tolist() for n in (5, 11)]
 
 
-# ------------------------------------------------------------------------------------------ weight_loader
+# ------------------------------------------------------------------------------------------- load_tensor
 
 
-def test_merged_layer_weight_loader_puts_each_shard_in_its_rows() -> None:
+def test_merged_layer_load_tensor_puts_each_shard_in_its_rows() -> None:
     g = torch.Generator().manual_seed(1)
     layer = MergedColumnLinear(24, [16, 8, 8], ["q", "k", "v"], bias=True)
     parts = {
@@ -138,22 +138,22 @@ def test_merged_layer_weight_loader_puts_each_shard_in_its_rows() -> None:
         for s, n in zip("qkv", (16, 8, 8), strict=True)
     }
     for s in ("v", "q", "k"):  # any order
-        layer.weight_loader(layer.weight, parts[s][0], s)
-        layer.weight_loader(layer.bias, parts[s][1], s)
+        layer.load_tensor("weight", parts[s][0], s)
+        layer.load_tensor("bias", parts[s][1], s)
     assert torch.equal(layer.weight, torch.cat([parts[s][0] for s in "qkv"]))
     assert torch.equal(layer.bias, torch.cat([parts[s][1] for s in "qkv"]))
     x = torch.randn(5, 24, generator=g)
     want = torch.cat([F.linear(x, *parts[s]) for s in "qkv"], dim=-1)
     torch.testing.assert_close(linear(x, layer), want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="checkpoint shape"):
-        layer.weight_loader(layer.weight, torch.zeros(9, 24), "k")
+        layer.load_tensor("weight", torch.zeros(9, 24), "k")
     with pytest.raises(KeyError):
-        layer.weight_loader(layer.weight, parts["q"][0], "x")
+        layer.load_tensor("weight", parts["q"][0], "x")
 
     gate_up = MergedColumnLinear(24, [40, 40], [0, 1])
     gate, up = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
-    gate_up.weight_loader(gate_up.weight, up, 1)
-    gate_up.weight_loader(gate_up.weight, gate, 0)
+    gate_up.load_tensor("weight", up, 1)
+    gate_up.load_tensor("weight", gate, 0)
     assert torch.equal(gate_up.weight, torch.cat([gate, up]))
 
 

@@ -50,14 +50,32 @@ class WeightFormat:
     def create(self, layer: LinearBase, params_dtype: torch.dtype | None) -> None:
         raise NotImplementedError
 
+    def checkpoint_names(self, layer: LinearBase) -> frozenset[str] | None:
+        """The (unprefixed) checkpoint tensors this format reads, when they are not its own parameters'
+        names: e.g. a format that quantizes the checkpoint's dense `weight` as it loads. None: its
+        parameters (none at all when `from_checkpoint` is False)."""
+        return None
+
     def load_shard(
-        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
+        self,
+        layer: LinearBase,
+        name: str,
+        param: nn.Parameter | None,
+        loaded: torch.Tensor,
+        shard: Shard | None,
     ) -> None:
-        """Copy checkpoint tensor `loaded` into parameter `name` (unprefixed) of this format, into the
-        rows of `shard` (None: the whole parameter). Raises ValueError on a shape mismatch."""
+        """Put checkpoint tensor `name` (unprefixed) into this format, into the rows of `shard` (None: the
+        whole matrix); `param` is this format's parameter of that name, None when it has none (a tensor
+        it converts as it loads). Raises ValueError on a shape mismatch."""
         raise NotImplementedError
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        """The [out, in] matrix this format computes with, as a floating-point tensor (a dequantized
+        temporary for a packed format): what a derived second format starts from
+        (`layer.dense_weight()`), whatever the primary format stores."""
         raise NotImplementedError
 
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 A `Linear` (or `MergedColumnLinear`, several checkpoint matrices packed along the output rows, e.g.
 q/k/v or gate/up) does not hold a weight itself: its format creates the parameters (`create`), puts a
-checkpoint tensor into them (`load_shard`, through the layer's `weight_loader`) and computes with them
-(`apply`). Today's only format is `DenseFormat` (an `nn.Linear`-shaped bf16/fp16/fp32 weight); a packed
-format (data + scales) is a second class with the same three methods (docs/architecture.md §5).
+checkpoint tensor into them (`load_shard`, through the layer's `load_tensor`) and computes with them
+(`apply`). `DenseFormat` is an `nn.Linear`-shaped bf16/fp16/fp32 weight; `FP4Format`
+(server/layers/fp4_format.py) packed FP4 data + scales, with the same three methods
+(docs/architecture.md §5).
 
 `DenseFormat.apply` is the fast path: decode-sized CUDA rows through the Triton GEMV, the rest through
 cuBLAS (`F.linear`), and on the CPU exactly what transformers computes. Only bf16/fp16 take the GEMV
@@ -79,8 +80,15 @@ class DenseFormat(WeightFormat):
             layer.reset_dense_parameters()
 
     def load_shard(
-        self, layer: LinearBase, name: str, param: nn.Parameter, loaded: torch.Tensor, shard: Shard | None
+        self,
+        layer: LinearBase,
+        name: str,
+        param: nn.Parameter | None,
+        loaded: torch.Tensor,
+        shard: Shard | None,
     ) -> None:
+        if param is None:
+            raise ValueError(f"DenseFormat has no parameter {name!r}")
         copy_rows(param, loaded, shard)
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +102,9 @@ class DenseFormat(WeightFormat):
 
             return gemv(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
+
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        return getattr(layer, self.prefix + "weight")
 
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
         if self.prefix:
@@ -132,6 +143,10 @@ class LinearBase(nn.Module):
         self.formats[key] = weight_format
         return weight_format
 
+    def dense_weight(self) -> torch.Tensor:
+        """The primary format's matrix [out, in] as a float tensor (derived formats start from it)."""
+        return self.format.dense_weight(self)
+
     def owner(self, param_name: str) -> WeightFormat:
         """The format that created parameter `param_name` of this layer."""
         return self._owners[param_name]
@@ -146,15 +161,25 @@ class LinearBase(nn.Module):
             return None
         raise KeyError(f"{type(self).__name__} has no shard {shard_id!r}")
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None
-    ) -> None:
-        """Put checkpoint tensor `loaded` into `param` (one of this layer's), at shard `shard_id`."""
-        names = [n for n, p in self._parameters.items() if p is param]
-        if not names:
-            raise ValueError(f"the parameter given is not one of this {type(self).__name__}'s")
-        name = names[0]
-        fmt = self.owner(name)
+    def checkpoint_names(self) -> dict[str, WeightFormat]:
+        """Checkpoint tensor name (this layer's part of it, e.g. `weight`) -> the format that reads it."""
+        names: dict[str, WeightFormat] = {}
+        for fmt in self.formats.values():
+            reads = fmt.checkpoint_names(self)
+            if reads is None:
+                own = [n for n, f in self._owners.items() if f is fmt and self._parameters[n] is not None]
+                names.update(dict.fromkeys(own if fmt.from_checkpoint else [], fmt))
+            else:
+                names.update({fmt.prefix + n: fmt for n in reads})
+        return names
+
+    def load_tensor(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
+        """Put checkpoint tensor `name` (e.g. `weight`, `weight_packed`) into its format, at shard
+        `shard_id`; ValueError when no format of this layer reads it or the shape does not fit."""
+        fmt = self.checkpoint_names().get(name)
+        if fmt is None:
+            raise ValueError(f"this {type(self).__name__} reads no checkpoint tensor {name!r}")
+        param = self._parameters.get(name)
         fmt.load_shard(self, name.removeprefix(fmt.prefix), param, loaded, self.shard(shard_id))
 
     def after_loading(self) -> None:

@@ -24,6 +24,7 @@ from actserve.server.models.loader import (
     weight_files,
 )
 from actserve.server.models.profile import step_activation_bytes
+from actserve.server.models.quantization import projection_format, quantize_calibrated
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
@@ -46,6 +47,8 @@ class LoadConfig:
     load_format: str = "auto"  # "dummy": random weights of the right shapes (benchmarks)
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
+    quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
+    quantization_scale_search: bool = False  # FP4 block scales searched on calibration activations
     max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
@@ -128,10 +131,17 @@ def load_model(config: LoadConfig) -> LoadedModel:
             "architecture %s: serving %s through the transformers fallback (%s)",
             native.architecture, name, native.fallback_reason,
         )  # fmt: skip
+    search = config.quantization_scale_search
+    weight_format = projection_format(
+        spec, hf_config, config.quantization, dummy, native.fallback_reason, scale_search=search
+    )
     if spec is not None:
         model = load_native(
-            spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class
-        )
+            spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
+            weight_format=None if search else weight_format,
+        )  # fmt: skip
+        if search:  # loaded dense: calibrate, then each projection becomes FP4
+            quantize_calibrated(model, tokenizer, config.quantization, max_len)  # type: ignore[arg-type]
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
@@ -142,6 +152,7 @@ def load_model(config: LoadConfig) -> LoadedModel:
         vocab = text_config.vocab_size
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+    # parameters as stored: an FP4 projection counts its packed codes and scales, no dense copy
     weights_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     per_block = (
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()

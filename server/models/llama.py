@@ -2,7 +2,7 @@
 
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); checkpoints keep transformers'
 names, and `packed_modules_mapping` says which checkpoint matrix is which shard of a fused layer (the
-layer's `weight_loader` puts it there). The residual stream after decoder layer L is formed where
+layer's `load_tensor` puts it there). The residual stream after decoder layer L is formed where
 layer L+1's input norm (or the final norm) adds the MLP output, so steering at layer L happens there,
 fused with the add and the norm.
 """

@@ -150,32 +150,37 @@ def _checkpoint_targets(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     return {ckpt: (packed, shard) for packed, parts in mapping.items() for ckpt, shard in parts}
 
 
-def _expected_checkpoint_names(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> set[str]:
-    """Every checkpoint tensor the model needs: its own parameter names, a packed one's as its parts."""
+def _reads(module: torch.nn.Module) -> set[str]:
+    """The checkpoint tensors (names within the module) a module takes: a layer with weight formats says
+    (`LinearBase.checkpoint_names`), any other module its own parameters."""
+    names = getattr(module, "checkpoint_names", None)
+    if names is not None:
+        return set(names())
+    return {n for n, _ in module.named_parameters(recurse=False)}
+
+
+def _expected_checkpoint_names(model: torch.nn.Module) -> set[str]:
+    """Every checkpoint tensor the model needs: what its modules read, a packed layer's as its parts'."""
     mapping: dict[str, list[tuple[str, Any]]] = getattr(model, "packed_modules_mapping", {})
     names: set[str] = set()
-    for name in params:
-        module_name, _, pname = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        owner = getattr(module, "owner", None)
-        if owner is not None and not owner(pname).from_checkpoint:
-            continue  # derived after loading (WeightFormat.after_loading)
+    for module_name, module in model.named_modules():
         parent, _, leaf = module_name.rpartition(".")
         parts = mapping.get(leaf)
-        if parts is None:
-            names.add(name)
-        else:
-            names |= {f"{parent}.{ckpt}.{pname}" if parent else f"{ckpt}.{pname}" for ckpt, _ in parts}
+        for pname in _reads(module):
+            if parts is None:
+                names.add(f"{module_name}.{pname}" if module_name else pname)
+            else:
+                names |= {f"{parent}.{ckpt}.{pname}" if parent else f"{ckpt}.{pname}" for ckpt, _ in parts}
     return names
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], tied: bool = False) -> None:
-    """One pass over the checkpoint: each tensor goes to its parameter through the owning layer's
-    `weight_loader(param, tensor, shard_id)` (a plain copy for modules without one), checkpoint names
-    renamed to packed layers through the model's `packed_modules_mapping`."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    """One pass over the checkpoint: each tensor goes to its layer's `load_tensor(name, tensor,
+    shard_id)` (a plain copy into the parameter for modules without one), checkpoint names renamed to
+    packed layers through the model's `packed_modules_mapping`."""
+    modules = dict(model.named_modules())
     targets = _checkpoint_targets(model)
-    missing = _expected_checkpoint_names(model, params)
+    missing = _expected_checkpoint_names(model)
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < 2**26) as bar:
         for name, tensor in iter_checkpoint(files):
@@ -185,20 +190,20 @@ def load_weights(model: torch.nn.Module, files: list[Path], tied: bool = False) 
             if leaf in targets:
                 leaf, shard_id = targets[leaf]
                 module_name = f"{parent}.{leaf}" if parent else leaf
-            target = f"{module_name}.{pname}"
-            param = params.get(target)
+            module = modules.get(module_name)
             missing.discard(name)
-            if param is None:
+            if module is None or pname not in _reads(module):
                 if not name.endswith("rotary_emb.inv_freq"):
                     log.debug("ignoring checkpoint tensor %s", name)
                 continue
-            loader = getattr(model.get_submodule(module_name), "weight_loader", None)
+            load_tensor = getattr(module, "load_tensor", None)
             try:
-                if loader is not None:
-                    loader(param, tensor, shard_id)
-                elif param.shape != tensor.shape:
-                    raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                if load_tensor is not None:
+                    load_tensor(pname, tensor, shard_id)
                 else:
+                    param = module.get_parameter(pname)
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
                     with torch.no_grad():
                         param.copy_(tensor)
             except ValueError as e:
@@ -228,11 +233,18 @@ def read_generation_eos(model_dir: Path, config: Any, tokenizer: Any) -> list[in
 @torch.no_grad()
 def _random_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     """Benchmark weights (--load-format dummy): normal(0, std) matrices, unit norms; speed does not
-    depend on the values, and this avoids reading gigabytes of checkpoint."""
+    depend on the values, and this avoids reading gigabytes of checkpoint. A layer whose format converts
+    the dense `weight` as it loads (FP4 quantized at load) is given a random dense matrix to convert."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    converted: set[int] = set()
+    for module in model.modules():
+        if "weight" in _reads(module) and module._parameters.get("weight") is None:
+            out, k = module.output_size, module.input_size  # a LinearBase (only its formats convert)
+            module.load_tensor("weight", torch.randn(out, k, generator=gen, device=gen.device) * std)
+            converted |= {id(p) for n, p in module.named_parameters(recurse=False) if n != "bias"}
     for name, p in model.named_parameters():
-        if not p.is_floating_point():
-            continue  # packed data of a quantized format: derived by its after_loading
+        if id(p) in converted or not p.is_floating_point():
+            continue  # packed data of a quantized format: filled above or derived by its after_loading
         if p.dim() == 1 and "norm" in name:
             p.fill_(1.0)
         else:

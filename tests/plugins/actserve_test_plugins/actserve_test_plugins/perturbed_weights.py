@@ -48,7 +48,8 @@ def perturbed_weight(weight: torch.Tensor, layer: int, projection: str, scale: f
 
 
 class PerturbedFormat(WeightFormat):
-    """A dense perturbed copy of the layer's primary weight (derived after loading; the bias is shared)."""
+    """A dense perturbed copy of the layer's primary weight (derived after loading from
+    `layer.dense_weight()`, so also over an FP4 primary; the bias is shared)."""
 
     from_checkpoint = False
 
@@ -68,7 +69,7 @@ class PerturbedFormat(WeightFormat):
     def after_loading(self, layer: Any) -> None:
         dest = getattr(layer, self.prefix + "weight")
         with torch.no_grad():
-            dest.copy_(perturbed_weight(layer.weight, self.layer, self.projection, self.scale))
+            dest.copy_(perturbed_weight(layer.dense_weight(), self.layer, self.projection, self.scale))
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, getattr(layer, self.prefix + "weight"), layer.bias)
