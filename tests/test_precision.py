@@ -159,15 +159,16 @@ def test_prefix_cache_keeps_precisions_apart(tinystories_dir: Path, prompts: lis
 
 
 def test_prepare_refusals(eng: LLMEngine, bare: LLMEngine) -> None:
-    """Without --precisions an FP4 request names the field and what is loaded; bf16 and none pass."""
+    """Without --precisions an FP4 request names the field and what is loaded; bf16 and none pass as
+    plain requests (no plan)."""
     field = f"interventions.{PLUGIN}.weights"
     for weights in ("bf16", "none"):
-        bare.registry.prepare(spec(weights))
+        assert bare.registry.prepare(spec(weights)) == {} == eng.registry.prepare(spec(weights))
     for kind in FP4_KINDS:
         with pytest.raises(InterventionError, match=f"{kind} weights are not loaded.*loaded: bf16 ") as e:
             bare.registry.prepare(spec(kind))
         assert e.value.param == field
-        eng.registry.prepare(spec(kind))
+        assert eng.registry.prepare(spec(kind)) == {PLUGIN: kind}
 
 
 def test_unknown_names_refused_at_start(tinystories_dir: Path) -> None:
@@ -203,6 +204,10 @@ def test_over_http(tinystories_dir: Path, eng: LLMEngine, prompts: list[list[int
         assert r.status_code == 200, r.text
         (tokens,), _ = ours(eng, [prompts[1]], [spec("nvfp4")], tag="h")
         assert r.json()["choices"][0]["text"] == tok.decode(tokens), SEED
+        plain = httpx.post(f"{server.url}/v1/completions", json={**body, "interventions": None}, timeout=60)
+        as_bf16 = httpx.post(f"{server.url}/v1/completions", json={**body, "interventions": spec("bf16")})
+        assert as_bf16.status_code == 200, as_bf16.text
+        assert as_bf16.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
         bad = [
             (spec("fp8"), field, ["'bf16'", "'none'", "'nvfp4'", "'mxfp4'"]),
             (spec(4), field, ["'bf16'", "'nvfp4'"]),

@@ -7,18 +7,18 @@ loaded is an `FP4Format` on every projection of every decoder layer (qkv, o, gat
 embeddings and lm_head stay as loaded), quantized from the dense weight at start by round-to-nearest. A
 request for a copy the server did not load is refused, naming the field and the loaded precisions.
 
-Rows of other requests keep the primary format's bits (the layers take an FP4 product only on the rows
-this hook selects). The FP4 choice travels as a per-row input (the copy's index, -1 = primary), so the
-hook reads nothing else and decode steps replay from CUDA graphs (`graph_safe`). A prompt computed with
-FP4 weights has other K/V than a bf16 one: the copy's name is the plan's prefix-cache key.
+A request for the primary weights gets no plan (it is a plain request). Rows of other requests keep the
+primary format's bits (the layers take an FP4 product only on the rows this hook selects). The FP4
+choice travels as a per-row input (the copy's index, -1 = primary), so the hook reads nothing else and
+decode steps replay from CUDA graphs (`graph_safe`). A prompt computed with FP4 weights has other K/V
+than a bf16 one: the plan, the copy's name, is its prefix-cache key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -64,11 +64,6 @@ class PrecisionSpec(BaseModel):
     )
 
 
-@dataclass(frozen=True)
-class PrecisionPlan:
-    kind: Fp4Kind | None  # None: the primary weights
-
-
 class FP4Hook:
     """At every site, rows whose input holds a copy's index take that copy (key = the kind's name)."""
 
@@ -79,7 +74,7 @@ class FP4Hook:
         return self._sites
 
     def select(self, layer: int, proj: str, key: str, inputs: RowInputs) -> torch.Tensor:
-        return inputs[INPUT][:, 0] == FP4_KINDS.index(key)  # type: ignore[arg-type]
+        return inputs[INPUT][:, 0] == FP4_KINDS.index(key)
 
 
 class PrecisionPlugin(InterventionPlugin):
@@ -104,11 +99,12 @@ class PrecisionPlugin(InterventionPlugin):
     def weight_formats(self) -> list[FormatRequest]:
         return [FormatRequest(k, frozenset(self.sites), partial(FP4Format, k)) for k in self.loaded]
 
-    def prepare(self, spec: BaseModel, param: str) -> PrecisionPlan:
+    def prepare(self, spec: BaseModel, param: str) -> Fp4Kind | None:
+        """The FP4 kind asked for (the plan); None for the primary weights: no plan, a plain request."""
         assert isinstance(spec, PrecisionSpec)
         if spec.weights in PRIMARY:
-            return PrecisionPlan(None)
-        kind: Fp4Kind = spec.weights  # type: ignore[assignment]
+            return None
+        kind = cast(Fp4Kind, spec.weights)
         where = f"{param}.weights"
         if kind not in self.loaded:
             loaded = ", ".join(self.available())
@@ -118,12 +114,11 @@ class PrecisionPlugin(InterventionPlugin):
             )
         if self.model_info.implementation != "native":  # weight formats exist in native models only
             raise InterventionError(f"{where}: FP4 weights need the native model implementation", where)
-        return PrecisionPlan(kind)
+        return kind
 
     def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:
         for s in spans:
-            if s.plan.kind is not None:
-                arrays[INPUT][s.start : s.start + s.count, 0] = FP4_KINDS.index(s.plan.kind)
+            arrays[INPUT][s.start : s.start + s.count, 0] = FP4_KINDS.index(s.plan)
 
     def _hook(self, kinds: Iterable[str]) -> LinearWeightsHook | None:
         wanted = set(kinds)
@@ -131,12 +126,12 @@ class PrecisionPlugin(InterventionPlugin):
         return FP4Hook(dict.fromkeys(self.sites, keys)) if keys else None
 
     def weights_hook(self, spans: list[RowSpan], num_rows: int) -> LinearWeightsHook | None:
-        """Only the copies this step's rows asked for (a step of bf16 plans has no hook at all)."""
-        return self._hook(s.plan.kind for s in spans)
+        """Only the copies this step's rows asked for."""
+        return self._hook(s.plan for s in spans)
 
     def graph_hooks(self) -> PluginHooks:
         return PluginHooks(weights=self._hook(self.loaded))
 
-    def prefix_key(self, plan: PrecisionPlan) -> str | None:  # type: ignore[override]
-        """The FP4 copy's name; None for the primary weights, whose prompt K/V is a plain request's."""
-        return plan.kind
+    def prefix_key(self, plan: Fp4Kind) -> str:  # type: ignore[override]
+        """The FP4 copy's name: prompts share K/V only with prompts computed with the same copy."""
+        return plan
