@@ -46,14 +46,14 @@ def positive_float(value: str) -> float:
     return x
 
 
-def precision_list(value: str) -> list[str]:
-    """--precisions "bf16,nvfp4": the names, checked by the precision plugin's own parser."""
-    names = [n.strip() for n in value.split(",") if n.strip()]
+def precisions(value: str) -> str:
+    """--precisions "bf16,nvfp4", checked here by the precision plugin's own parser (which reads it again
+    from its options), so a typo stops the command line rather than the model load."""
     try:
-        parse_precisions(names)
+        parse_precisions(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return names
+    return value
 
 
 def add_lifecycle_flags(s: argparse.ArgumentParser) -> None:
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the artifact shipped for the embedded default model (only with no --model)",
     )
     s.add_argument(
-        "--precisions", type=precision_list, default=None, metavar="LIST",
+        "--precisions", type=precisions, default=None, metavar="LIST",
         help="weights a request may ask for (interventions.precision.weights), comma-separated: bf16 (the "
         "checkpoint's, always there) and FP4 copies of every decoder projection quantized at start, nvfp4 "
         "and/or mxfp4; e.g. bf16,nvfp4 (default: no FP4 copy)",

@@ -44,11 +44,12 @@ Weights = Literal["bf16", "none", "nvfp4", "mxfp4"]
 INPUT = "fp4"
 
 
-def parse_precisions(names: Iterable[str]) -> tuple[Fp4Kind, ...]:
-    """The FP4 copies a list of precision names asks for, in FP4_KINDS order (the primary names are
-    accepted and add nothing: the primary weights are always there). Raises ValueError on others."""
+def parse_precisions(names: str | Iterable[str]) -> tuple[Fp4Kind, ...]:
+    """The FP4 copies precision names ask for ("bf16,nvfp4" or a list), in FP4_KINDS order (the primary
+    names are accepted and add nothing: the primary weights are always there). ValueError on others."""
     wanted = set()
-    for name in names:
+    for raw in names.split(",") if isinstance(names, str) else names:
+        name = raw.strip()
         if name not in PRIMARY + FP4_KINDS:
             raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRIMARY[:1] + FP4_KINDS)}")
         wanted.add(name)
@@ -89,7 +90,7 @@ class PrecisionPlugin(InterventionPlugin):
     graph_safe = True
 
     def configure(self, options: Mapping[str, Any]) -> None:
-        """Option `precisions`: names (e.g. ["bf16", "nvfp4"]); none: no FP4 copy, FP4 requests refused."""
+        """Option `precisions` ("bf16,nvfp4" or a list of names); none: no FP4 copy, FP4 requests refused."""
         self.loaded = parse_precisions(options.get("precisions", ()))
         self.sites = [(layer, p) for layer in range(self.model_info.num_layers) for p in PROJECTIONS]
 
