@@ -129,7 +129,9 @@ class InterventionRegistry:
                     f"unknown intervention {key!r}; available: {sorted(self.plugins)}", f"interventions.{key}"
                 )
             parsed = plugin.parse(value, f"interventions.{key}")
-            plans[key] = plugin.prepare(parsed, f"interventions.{key}")
+            plan = plugin.prepare(parsed, f"interventions.{key}")
+            if plan is not None:  # None: nothing beyond a plain request (InterventionPlugin.prepare)
+                plans[key] = plan
         return plans
 
     def prepare_many(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:

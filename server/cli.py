@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from actserve.interventions.cot_compression.cli import add_cot_parser
 from actserve.interventions.cot_compression.cli import run as run_cot
+from actserve.interventions.precision.plugin import parse_precisions
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
@@ -43,6 +44,16 @@ def positive_float(value: str) -> float:
     if not x > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return x
+
+
+def precisions(value: str) -> str:
+    """--precisions "bf16,nvfp4", checked here by the precision plugin's own parser (which reads it again
+    from its options), so a typo stops the command line rather than the model load."""
+    try:
+        parse_precisions(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def add_lifecycle_flags(s: argparse.ArgumentParser) -> None:
@@ -148,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the artifact shipped for the embedded default model (only with no --model)",
     )
     s.add_argument(
+        "--precisions", type=precisions, default=None, metavar="LIST",
+        help="weights a request may ask for (interventions.precision.weights), comma-separated: bf16 (the "
+        "checkpoint's, always there) and FP4 copies of every decoder projection quantized at start, nvfp4 "
+        "and/or mxfp4; e.g. bf16,nvfp4 (default: no FP4 copy)",
+    )  # fmt: skip
+    s.add_argument(
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
@@ -169,6 +186,8 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options["steering"] = {"vectors_dir": args.steering_vectors}
     if args.cot_compression:
         options["cot_compression"] = {"artifact": args.cot_compression}
+    if args.precisions:
+        options["precision"] = {"precisions": args.precisions}
     return options
 
 

@@ -1,9 +1,10 @@
-"""Helpers for engine-level tests: run sequences to completion and capture the logits the sampler saw."""
+"""Helpers for engine-level tests: run sequences to completion, capture the logits the sampler saw, and
+the transformers reference with some projections' weights swapped (what a weight format should compute)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,3 +71,44 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return cond()
+
+
+# our projection -> transformers' (block, modules packed into it, in order)
+HF_MODULES = {
+    "qkv_proj": ("self_attn", ["q_proj", "k_proj", "v_proj"]),
+    "o_proj": ("self_attn", ["o_proj"]),
+    "gate_up_proj": ("mlp", ["gate_proj", "up_proj"]),
+    "down_proj": ("mlp", ["down_proj"]),
+}
+
+
+@contextmanager
+def hf_swapped(
+    ref: Any, sites: Iterable[tuple[int, str]], make: Callable[[torch.Tensor, int, str], torch.Tensor]
+) -> Iterator[None]:
+    """transformers with each (layer, projection)'s weight W replaced by make(W, layer, projection); W is
+    the packed matrix our layer holds ([q; k; v], [gate; up]), and the result is split back into parts."""
+    saved: list[tuple[list[Any], list[torch.Tensor]]] = []
+    try:
+        for layer, proj in sites:
+            block, names = HF_MODULES[proj]
+            mods = [getattr(getattr(ref.model.layers[layer], block), n) for n in names]
+            old = [m.weight.data for m in mods]
+            saved.append((mods, old))
+            w = make(torch.cat(old), layer, proj)
+            for m, part in zip(mods, w.split([t.shape[0] for t in old]), strict=True):
+                m.weight.data = part.contiguous()
+        yield
+    finally:
+        for mods, old in saved:
+            for m, t in zip(mods, old, strict=True):
+                m.weight.data = t
+
+
+def hf_generate(ref: Any, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy tokens (exactly `steps`: min_new_tokens, as our min_tokens) and logits."""
+    out = ref.generate(
+        torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+    )  # fmt: skip
+    return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]

@@ -1,4 +1,4 @@
-"""`FP4Format` (server/layers/fp4_format.py) as a second format of a dense layer: its forward equals
+"""`FP4Format` (server/contract/fp4_format.py) as a second format of a dense layer: its forward equals
 dequantize-then-matmul of the quantized primary weight, its scales keep their dtypes through the model
 cast, and a calibrated quantizer plugs in."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from actserve.kernels.fp4_ref import dequantize, quantize_rtn
-from actserve.server.layers.fp4_format import FP4Format
+from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.layers.fp4_search import output_error, search_fp4
 from actserve.server.layers.linear import Linear, MergedColumnLinear, linear
 from actserve.server.models.loader import cast_to_model_dtype

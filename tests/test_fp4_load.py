@@ -1,4 +1,4 @@
-"""FP4 as the primary format of a served model (server/models/quantization.py, server/layers/fp4_format.py).
+"""FP4 as the primary format of a served model (server/models/quantization.py, server/contract/fp4_format.py).
 
 - The committed NVFP4 checkpoint, written by compressed-tensors (tests/data/tinystories-656k-nvfp4,
   bench/make_nvfp4_checkpoint.py), loads packed, and the engine's logits (prefill and decode) equal
@@ -24,9 +24,9 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Weight, dequantize, quantize_rtn
 from actserve.server.cli import build_parser, engine_config
+from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
-from actserve.server.layers.fp4_format import FP4Format
 from actserve.server.layers.fp4_search import output_error, search_fp4
 from actserve.server.models.builder import LoadConfig, LoadedModel, load_model
 from actserve.server.models.loader import ModelLoadError

@@ -6,8 +6,7 @@ transformers with that layer's weights swapped for the same W'."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.models.formats import install_formats
 from tests.conftest import start_server
-from tests.engine_utils import greedy, run_logged
+from tests.engine_utils import HF_MODULES, greedy, hf_generate, hf_swapped, run_logged
 
 STEPS = 8
 TEXTS = ["Once upon a time, there was a", "The dog was happy because", "Sam saw a big tree", "Lily"]
@@ -61,37 +60,9 @@ def spec(layer: int, proj: str) -> dict[str, Any]:
     return {PLUGIN: {"layer": layer, "projection": proj}}
 
 
-# our projection -> transformers' (block, modules packed into it, in order)
-HF_MODULES = {
-    "qkv_proj": ("self_attn", ["q_proj", "k_proj", "v_proj"]),
-    "o_proj": ("self_attn", ["o_proj"]),
-    "gate_up_proj": ("mlp", ["gate_proj", "up_proj"]),
-    "down_proj": ("mlp", ["down_proj"]),
-}
-
-
-@contextmanager
-def hf_swapped(ref: Any, layer: int, proj: str) -> Iterator[None]:
-    """transformers with (layer, proj)'s weights replaced by W' (packed W' split back into its parts)."""
-    block, names = HF_MODULES[proj]
-    mods = [getattr(getattr(ref.model.layers[layer], block), n) for n in names]
-    saved = [m.weight.data for m in mods]
-    w = perturbed_weight(torch.cat(saved), layer, proj, DEFAULT_SCALE)
-    for m, part in zip(mods, w.split([s.shape[0] for s in saved]), strict=True):
-        m.weight.data = part.contiguous()
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, saved, strict=True):
-            m.weight.data = s
-
-
-def hf_generate(ref: Any, prompt: list[int]) -> tuple[list[int], list]:
-    out = ref.generate(
-        torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-    )  # fmt: skip
-    return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]
+def swapped(ref: Any, layer: int, proj: str) -> AbstractContextManager[None]:
+    """transformers with (layer, proj)'s weights replaced by W'."""
+    return hf_swapped(ref, [(layer, proj)], lambda w, i, p: perturbed_weight(w, i, p, DEFAULT_SCALE))
 
 
 def test_formats_installed_at_the_default_sites(eng: LLMEngine) -> None:
@@ -117,9 +88,9 @@ def test_perturbed_row_equals_transformers_with_swapped_weights(
     eng: LLMEngine, ref: Any, prompts: list[list[int]], layer: int, proj: str
 ) -> None:
     (tokens,), seen = ours(eng, [prompts[0]], [spec(layer, proj)], tag="w")
-    with hf_swapped(ref, layer, proj):
-        ref_tokens, ref_logits = hf_generate(ref, prompts[0])
-    _, plain_logits = hf_generate(ref, prompts[0])
+    with swapped(ref, layer, proj):
+        ref_tokens, ref_logits = hf_generate(ref, prompts[0], STEPS)
+    _, plain_logits = hf_generate(ref, prompts[0], STEPS)
     assert (ref_logits[0] - plain_logits[0]).abs().max().item() > 1e-2  # the perturbation acts
     for step, (a, b) in enumerate(zip(seen["w0"], ref_logits, strict=True)):
         assert (a - b).abs().max().item() < 1e-4, f"step {step}"
@@ -143,8 +114,8 @@ def test_with_a_linear_input_hook_at_the_same_site(
     block, (name,) = HF_MODULES[proj]
     handle = getattr(getattr(ref.model.layers[1], block), name).register_forward_pre_hook(pre)
     try:
-        with hf_swapped(ref, 1, proj):
-            ref_tokens, ref_logits = hf_generate(ref, prompts[3])
+        with swapped(ref, 1, proj):
+            ref_tokens, ref_logits = hf_generate(ref, prompts[3], STEPS)
     finally:
         handle.remove()
     for step, (a, b) in enumerate(zip(seen["zw0"], ref_logits, strict=True)):

@@ -5,6 +5,7 @@ the layers; the layers take their hook protocols and the weight-format base from
 nothing else from actserve.server (import-linter contracts in pyproject.toml).
 """
 
+from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.contract.hooks import (
     PROJECTIONS,
     AttentionHook,
@@ -42,6 +43,7 @@ __all__ = [
     "copy_rows",
     "device_table",
     "FormatRequest",
+    "FP4Format",
     "FusedColumns",
     "InterventionCapacityError",
     "InterventionError",

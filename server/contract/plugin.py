@@ -134,6 +134,8 @@ class InterventionPlugin(ABC):
     @abstractmethod
     def prepare(self, spec: BaseModel, param: str) -> Any:
         """Check `spec` against the model and return a plan; raise InterventionError(param=...) if invalid.
+        None: the spec asks for nothing a plain request lacks (e.g. the default setting spelled out), so
+        no plan is kept and the request runs, and shares prefix-cache blocks, as if it had no such key.
 
         Runs on the API thread, so it must not touch engine-owned device state."""
 

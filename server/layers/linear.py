@@ -4,7 +4,7 @@ A `Linear` (or `MergedColumnLinear`, several checkpoint matrices packed along th
 q/k/v or gate/up) does not hold a weight itself: its format creates the parameters (`create`), puts a
 checkpoint tensor into them (`load_shard`, through the layer's `load_tensor`) and computes with them
 (`apply`). `DenseFormat` is an `nn.Linear`-shaped bf16/fp16/fp32 weight; `FP4Format`
-(server/layers/fp4_format.py) packed FP4 data + scales, with the same three methods
+(server/contract/fp4_format.py) packed FP4 data + scales, with the same three methods
 (docs/architecture.md §5).
 
 `DenseFormat.apply` is the fast path: decode-sized CUDA rows through the Triton GEMV, the rest through

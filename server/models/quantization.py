@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight
+from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.contract.hooks import PROJECTIONS
 from actserve.server.contract.weights import Shard, WeightFormat
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
-from actserve.server.layers.fp4_format import FP4Format
 from actserve.server.layers.fp4_search import search_fp4
 from actserve.server.layers.linear import Linear, LinearBase, MergedColumnLinear
 from actserve.server.models.loader import ModelLoadError, cast_to_model_dtype

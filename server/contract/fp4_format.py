@@ -19,6 +19,10 @@ format's otherwise.
 
 `apply`: on CUDA, up to MAX_ROWS rows go through the split-K FP4 GEMV and more through the FP4 GEMM
 (kernels/fp4_gemm.py); on the CPU, the plain-torch reference (dequantize, then matmul).
+
+It sits in the contract, beside `WeightFormat`, so that plugins can ask for FP4 copies of projections
+(`FormatRequest(key, sites, partial(FP4Format, kind))`): a plugin imports only the contract and the
+kernels, never the layers.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ from torch import nn
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Kind, Fp4Weight, dequantize, fp4_matmul_ref, quantize_rtn
 from actserve.kernels.gemv_ref import MAX_ROWS
-from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
-from actserve.server.layers.linear import LinearBase
+from actserve.server.contract.weights import LinearBase, Shard, WeightFormat, copy_rows
 
 # (dense weight [N, K] float32, kind) -> its FP4 form
 Fp4Quantizer = Callable[[torch.Tensor, Fp4Kind], Fp4Weight]
