@@ -221,10 +221,10 @@ def test_overlap_never_chains_past_a_partial_prefill(tinystories_dir: Path, unch
     original = eng.runner.launch_chained
     chained_while_partial: list[int] = []
 
-    def launch_chained(prev: Any) -> Any:
+    def launch_chained(prev: Any, *late: Any) -> Any:
         running = eng.scheduler.running
         chained_while_partial.extend(1 for s in running if s.num_computed < s.num_tokens)
-        return original(prev)
+        return original(prev, *late)
 
     eng.runner.launch_chained = launch_chained  # type: ignore[method-assign]
     assert run(eng, prompts, greedy(20)) == want

@@ -101,9 +101,9 @@ def test_a_transient_fault_in_a_chained_step_fails_nobody(
         def collect(self) -> Any:
             raise RuntimeError("injected: collect of an in-flight step")
 
-    def flaky(prev: Any) -> Any:
+    def flaky(prev: Any, *late: Any) -> Any:
         calls["n"] += 1
-        pending = launch_chained(prev)
+        pending = launch_chained(prev, *late)
         return Broken(pending) if calls["n"] == chained_before + 3 else pending
 
     calls["n"] = chained_before
