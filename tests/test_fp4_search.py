@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actserve.kernels.fp4_ref import GROUP, dequantize, encode_with_scales, quantize_rtn
+from actserve.kernels.fp4_ref import GROUP, absmax_scales, dequantize, encode_with_scales, quantize_rtn
 from actserve.server.layers.fp4_search import output_error, search_fp4
 
 
@@ -47,3 +47,22 @@ def test_search_beats_round_to_nearest(kind: str, seed: int) -> None:
     again = encode_with_scales(w, kind, found.scales, found.global_scale)  # type: ignore[arg-type]
     assert torch.equal(again.packed, found.packed)
     assert dequantize(found).isfinite().all()
+
+
+def test_ratio_grid_is_respected() -> None:
+    """A grid of only 1.0 is round-to-nearest exactly; a shorter grid still never loses to it, picks only
+    its own candidates, and the grid must start with round-to-nearest."""
+    w, x, _ = case(11)
+    rtn = quantize_rtn(w, "nvfp4")
+    alone = search_fp4(w, x, "nvfp4", ratios=(1.0,))
+    assert torch.equal(alone.packed, rtn.packed) and torch.equal(
+        alone.scales.view(torch.uint8), rtn.scales.view(torch.uint8)
+    )
+    grid = (1.0, 0.9, 0.8, 0.7)
+    short = search_fp4(w, x, "nvfp4", ratios=grid)
+    err, base = output_error(w, short, x), output_error(w, rtn, x)
+    assert (err <= base * (1 + 1e-9)).all() and err.norm() < base.norm()
+    allowed = torch.stack([absmax_scales(w, "nvfp4", rtn.global_scale, r).view(torch.uint8) for r in grid])
+    assert (short.scales.view(torch.uint8).unsqueeze(0) == allowed).any(0).all()
+    with pytest.raises(ValueError, match="start with 1.0"):
+        search_fp4(w, x, "nvfp4", ratios=(0.9, 1.0))
