@@ -21,7 +21,6 @@ import logging
 
 import torch
 
-from actserve.kernels.paged_prefill import PrefillMeta, tile_positions
 from actserve.server.engine.cuda_graphs import capture_graph, smallest_bucket
 from actserve.server.layers.attention import AttentionBatch, SeqSlice
 
@@ -58,6 +57,8 @@ class PrefillGraphs:
             # int32 layout: context length | new rows | first row (0) | block table [width]
             self.meta_host = torch.zeros(3 + width, dtype=torch.int32, pin_memory=True)
             self.meta_dev = torch.zeros(3 + width, dtype=torch.int32, device=dev)
+            from actserve.kernels.paged_prefill import tile_positions  # Triton: CUDA only, not at import
+
             self.block_m = tile_positions(group)
         self._capture()
 
@@ -69,6 +70,8 @@ class PrefillGraphs:
 
     def _forward_cached(self, t: int) -> torch.Tensor:
         """Bucket `t` after a computed context: the paged-prefill kernel reads it through the table."""
+        from actserve.kernels.paged_prefill import PrefillMeta
+
         assert self.cached is not None
         n, d, m = self.n, self.dev, self.meta_dev
         block_size, width, _ = self.cached
