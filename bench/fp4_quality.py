@@ -61,7 +61,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actserve.kernels.fp4_ref import Fp4Kind, Fp4Weight, dequantize, quantize_rtn
 from actserve.server.layers.fp4_search import NVFP4_RATIOS, output_error, search_fp4
-from actserve.server.layers.llm_fp4 import LlmFp4Linear, quantize_linear
+from actserve.server.layers.llm_fp4 import LlmFp4Linear, attach, quantize_linear
 from actserve.server.models.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +241,7 @@ def llm_fp4_model(
     alphas: dict[str, int] = {}
     for name, lin in linears.items():
         q: LlmFp4Linear = quantize_linear(originals[name], *samples[name])
-        lin.weight.data.copy_(q.weight)
-        handles.append(lin.register_forward_pre_hook(lambda _m, args, q=q: (q.quantize_input(args[0]),)))
+        handles.append(attach(lin, q))
         alphas[str(q.alpha)] = alphas.get(str(q.alpha), 0) + 1
     return handles, {"alpha_chosen_count": alphas, "calibration_rows": LLM_FP4_ROWS}
 

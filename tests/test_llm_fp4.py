@@ -4,11 +4,17 @@ per-channel folding is exact, and the searches never do worse than round-to-near
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 
+from actserve.server.cli import build_parser, engine_config
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.layers.llm_fp4 import (
+    LlmFp4Format,
+    attach,
     channel_scales,
     fake_quant,
     fold,
@@ -16,6 +22,10 @@ from actserve.server.layers.llm_fp4 import (
     search_act_scale,
     search_weight,
 )
+from actserve.server.models.builder import LoadConfig, load_model
+from tests.engine_utils import HF_MODULES, assert_steps_close, capture_logits, greedy, hf_generate, run
+
+STEPS = 6
 
 
 def outlier_case(seed: int, n: int = 40, k: int = 96, t: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,3 +111,58 @@ def test_alpha_choice_never_worse_than_no_migration() -> None:
         q = quantize_linear(w, x, x.abs().amax(0), alphas=alphas)
         errs.append(float((q.quantize_input(x).double() @ q.weight.double().T - ref).norm()))
     assert errs[0] <= errs[1] * (1 + 1e-9)
+
+
+# ------------------------------------------------------------------- served: --quantization llm-fp4
+
+
+def test_served_logits_equal_the_bench_fake_quant_model(tinystories_dir: Path, ref: torch.nn.Module) -> None:
+    """`--quantization llm-fp4` on TinyStories: the engine's logits are transformers' with the bench's
+    fake-quant (`attach`: folded fake-quantized weight + input pre-hook) of the same LLM-FP4 forms."""
+    args = build_parser().parse_args(["serve", "--quantization", "llm-fp4"])
+    assert engine_config(args).load_config().quantization == "llm-fp4"
+    engine = LLMEngine(
+        EngineConfig(model=str(tinystories_dir), num_kv_blocks=64, block_size=8, quantization="llm-fp4")
+    )
+    ours = engine.loaded.model.model.layers
+    saved = {m: m.weight.detach().clone() for m in ref.modules() if isinstance(m, torch.nn.Linear)}
+    handles = []
+    try:
+        for i, layer in enumerate(ref.model.layers):
+            for proj, (block, names) in HF_MODULES.items():
+                fmt = getattr(getattr(ours[i], block), proj).format
+                assert isinstance(fmt, LlmFp4Format)
+                start = 0
+                for name in names:
+                    lin = getattr(getattr(layer, block), name)
+                    handles.append(attach(lin, fmt.q.rows(start, lin.out_features)))
+                    start += lin.out_features
+        prompts = [[5, 99, 431, 12, 7, 1500, 23], [3, 77, 640, 8, 1024, 9, 88, 300, 41, 17, 260]]
+        with capture_logits() as seen:
+            outs = run(engine, prompts, greedy(STEPS, min_tokens=STEPS), tag="s")
+        for i, prompt in enumerate(prompts):
+            tokens, logits = hf_generate(ref, prompt, STEPS)
+            assert_steps_close(seen[f"s{i}"], logits, 1e-4, f"prompt {i}")
+            assert outs[i] == tokens
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w in saved.items():
+            m.weight.data.copy_(w)
+    # and it is not the dense model
+    with torch.no_grad():
+        dense = ref(torch.tensor([prompts[0]])).logits[0, -1]
+    assert (dense - seen["s0"][0]).abs().max() > 1e-2
+
+
+def test_served_dense_weight_is_unfolded(tinystories_dir: Path) -> None:
+    """A served projection's `dense_weight` is the fake-quantized weight divided back by the channel
+    scales: with quantizers off, x @ dense_weight^T equals (x / s) @ (stored weight)^T."""
+    loaded = load_model(
+        LoadConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=64, quantization="llm-fp4")
+    )
+    qkv = loaded.model.model.layers[0].self_attn.qkv_proj
+    x = torch.randn(5, qkv.input_size)
+    s = qkv.format.q.in_scale
+    lin = torch.nn.functional.linear
+    torch.testing.assert_close(lin(x, qkv.dense_weight()), lin(x / s, qkv.weight), rtol=1e-5, atol=1e-5)

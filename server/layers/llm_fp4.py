@@ -23,6 +23,10 @@ What the paper does, and what is here:
   the W4A4 output error, since folding the whole activation range into a 4-bit weight row (alpha = 1,
   the paper's choice) can cost the weights more than it saves the activations; alpha = 1 is always a
   candidate.
+
+Used by bench/fp4_quality.py (`attach`: forward pre-hooks on transformers' nn.Linear) and by the server
+(`--quantization llm-fp4`: `LlmFp4Format` wraps a projection's dense format, server/models/quantization.py);
+a merged q/k/v or gate/up projection has one input there, so one input quantizer for its matrices.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from actserve.kernels.fp4_ref import E2M1_MAX, e2m1_decode, e2m1_encode
+from actserve.server.contract.weights import LinearBase, WeightFormat
 
 ACT_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # activation clip candidates, x absmax
 WEIGHT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # weight-row clip candidates, x row absmax
@@ -104,7 +111,38 @@ class LlmFp4Linear:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the W4A4 matmul multiplies: x / s rounded onto the per-tensor scaled E2M1 grid."""
-        return fake_quant(x / self.in_scale.to(x.dtype), torch.tensor(self.act_scale))
+        return fake_quant(x / self.in_scale.to(x.device, x.dtype), torch.tensor(self.act_scale))
+
+    def rows(self, start: int, size: int) -> LlmFp4Linear:
+        """The same input quantizer with output rows [start, start + size) of the weight (one checkpoint
+        matrix of a merged q/k/v or gate/up layer)."""
+        return LlmFp4Linear(self.in_scale, self.act_scale, self.weight[start : start + size], self.alpha)
+
+
+def attach(linear: nn.Linear, q: LlmFp4Linear) -> RemovableHandle:
+    """Make a torch nn.Linear compute in LLM-FP4 form: its weight becomes q's folded fake-quantized one
+    and a forward pre-hook quantizes its input (remove the handle to drop the input quantizer)."""
+    with torch.no_grad():
+        linear.weight.copy_(q.weight)
+    return linear.register_forward_pre_hook(lambda _m, args: (q.quantize_input(args[0]), *args[1:]))
+
+
+class LlmFp4Format(WeightFormat):
+    """Serving (`--quantization llm-fp4`): wraps a projection's loaded dense format, whose weight already
+    holds q's folded fake-quantized matrix, and quantizes the input before it (simulated W4A4)."""
+
+    def __init__(self, inner: WeightFormat, q: LlmFp4Linear) -> None:
+        super().__init__()
+        self.inner, self.q = inner, q
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.apply(layer, self.q.quantize_input(x))
+
+    def dense_weight(self, layer: LinearBase) -> torch.Tensor:
+        """The fake-quantized weight unfolded (W_hat / s, exact): what multiplies the unscaled input,
+        so a derived copy (e.g. `--precisions`) stays a weight for x, not for x / s."""
+        w = self.inner.dense_weight(layer)
+        return w / self.q.in_scale.to(w.device, w.dtype)
 
 
 def fold(weight: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:
