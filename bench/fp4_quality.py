@@ -1,5 +1,6 @@
-"""FP4 weight-only quality (issue 13): held-out perplexity of TinyStories-656K and SmolLM2-135M-Instruct,
-full precision vs NVFP4 / MXFP4, each round-to-nearest and with the scale search. CPU, float32.
+"""FP4 quality (issue 13): held-out perplexity of TinyStories-656K and SmolLM2-135M-Instruct, full
+precision vs weight-only NVFP4 / MXFP4 (each round-to-nearest and with the scale search) vs LLM-FP4 W4A4.
+CPU, float32.
 
 The models run in transformers (AutoModelForCausalLM, float32), not in our engine, so the numbers do not
 depend on it. Every linear projection of the decoder layers (q, k, v, o, gate, up, down) is fake-quantized:
@@ -12,6 +13,12 @@ models), and the norms stay full precision.
   activations. Each linear's Gram matrix H = X^T X is accumulated by forward hooks while the full-precision
   model reads the calibration text (all layers' inputs from the unquantized model, not sequentially from
   quantized earlier layers); the search gets a K x K factor F with F^T F = H, which is all it uses of X.
+- LLM-FP4 W4A4 (server/layers/llm_fp4.py, simulated): weights AND activations in E2M1. Per linear, from
+  LLM_FP4_ROWS evenly strided calibration input rows (and the per-channel absmax of all calibration
+  tokens) of the full-precision model: power-of-two per-input-channel scales folded into the weight,
+  a per-tensor activation scale and per-output-row weight scales, each searched for output error; the
+  activation fake-quant runs in a forward pre-hook on each decoder linear's input. "llm_fp4" in the
+  JSON counts the migration strengths chosen.
 - Full precision: the checkpoint's float32 weights. SmolLM2's float32 checkpoint is itself the dequantized
   Q4_1 GGUF the project ships (server/models/default_model.py), so its "full precision" is a 4-bit model.
 
@@ -54,6 +61,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actserve.kernels.fp4_ref import Fp4Kind, Fp4Weight, dequantize, quantize_rtn
 from actserve.server.layers.fp4_search import NVFP4_RATIOS, output_error, search_fp4
+from actserve.server.layers.llm_fp4 import LlmFp4Linear, attach, quantize_linear
 from actserve.server.models.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +69,8 @@ DATA = ROOT / "bench" / "data" / "fp4_quality"
 OUT = ROOT / "bench" / "results" / "fp4_quality.json"
 TINY = ROOT / "tests" / "data" / "tinystories-656k"
 WINDOW = 512  # tokens per SmolLM2 window; also the longest TinyStories sequence (its max positions)
+LLM_FP4 = "llm_fp4 w4a4"
+LLM_FP4_ROWS = 1024  # calibration tokens (evenly strided) per linear for the LLM-FP4 searches
 GOAL = 1.05  # issue 13: NVFP4 weight-only within +5% of full-precision perplexity
 FORMATS: tuple[tuple[str, Fp4Kind | None, bool], ...] = (
     ("full precision", None, False),
@@ -178,6 +188,64 @@ def gram_factors(
     return factors, tokens
 
 
+@torch.inference_mode()
+def activation_samples(
+    model: nn.Module, linears: dict[str, nn.Linear], data: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear, (every stride-th calibration input row [~LLM_FP4_ROWS, K], per-channel absmax over all
+    calibration tokens [K]) from the full-precision model; linears fed one tensor share the same pair."""
+    stride = max(1, sum(int(m.sum()) for _, m in data) // LLM_FP4_ROWS)
+    rows: dict[str, list[torch.Tensor]] = {}
+    amax: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    prev: dict[str, Any] = {}  # the last input seen (held, so its identity is not reused) and its linear
+    valid: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if prev.get("x") is x:  # the input of q/k/v or gate/up: one capture for all
+                alias[name] = prev["name"]
+                return
+            prev.update(x=x, name=name)
+            flat = x.reshape(-1, x.shape[-1])[valid["m"]]
+            rows.setdefault(name, []).append(flat[::stride].clone())
+            a = flat.abs().amax(dim=0)
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for ids, mask in data:
+            valid["m"] = mask.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        prev.clear()
+    out = {n: (torch.cat(r), amax[n]) for n, r in rows.items()}
+    for n, src in alias.items():
+        out[n] = out[src]
+    return out
+
+
+def llm_fp4_model(
+    linears: dict[str, nn.Linear],
+    originals: dict[str, torch.Tensor],
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[Any], dict[str, Any]]:
+    """Set every linear to its LLM-FP4 folded fake-quantized weight and hook the activation quantizer
+    on its input; the hook handles (to remove) and a summary of the chosen alphas."""
+    handles = []
+    alphas: dict[str, int] = {}
+    for name, lin in linears.items():
+        q: LlmFp4Linear = quantize_linear(originals[name], *samples[name])
+        handles.append(attach(lin, q))
+        alphas[str(q.alpha)] = alphas.get(str(q.alpha), 0) + 1
+    return handles, {"alpha_chosen_count": alphas, "calibration_rows": LLM_FP4_ROWS}
+
+
 def quantize(w: torch.Tensor, kind: Fp4Kind, factor: torch.Tensor | None, opts: dict[str, Any]) -> Fp4Weight:
     return quantize_rtn(w, kind) if factor is None else search_fp4(w, factor, kind, **opts)
 
@@ -232,18 +300,25 @@ def run_model(key: str, path: Path, manifest: dict[str, Any], args: argparse.Nam
         "nvfp4_ratios": list(opts.get("ratios", NVFP4_RATIOS)),
         "sweeps": opts.get("sweeps", 2),
     }
+    samples = activation_samples(model, linears, calib)
     nll: dict[str, torch.Tensor] = {}
-    for label, kind, searched in FORMATS:
+    for label, kind, searched in (*FORMATS, (LLM_FP4, None, True)):
         t0 = time.perf_counter()
-        for name, lin in linears.items():
-            w = originals[name]
-            if kind is not None:
-                w = dequantize(quantize(w, kind, factors[name] if searched else None, opts))
-            lin.weight.data.copy_(w)
+        handles: list[Any] = []
+        if label == LLM_FP4:
+            handles, res["llm_fp4"] = llm_fp4_model(linears, originals, samples)
+        else:
+            for name, lin in linears.items():
+                w = originals[name]
+                if kind is not None:
+                    w = dequantize(quantize(w, kind, factors[name] if searched else None, opts))
+                lin.weight.data.copy_(w)
         quant_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         with torch.inference_mode():
             nll[label] = sequence_nll(model, heldout)
+        for h in handles:
+            h.remove()
         ppl = perplexity(nll[label])
         res["formats"][label] = {
             "ppl": ppl,
@@ -304,6 +379,7 @@ def main() -> None:
         doc[f"ppl_ratio_nvfp4_rtn_{key}"] = f["nvfp4 rtn"]["ratio"]
         doc[f"ppl_ratio_mxfp4_{key}"] = f["mxfp4 search"]["ratio"]
         doc[f"ppl_ratio_mxfp4_rtn_{key}"] = f["mxfp4 rtn"]["ratio"]
+        doc[f"ppl_ratio_llm_fp4_w4a4_{key}"] = f[LLM_FP4]["ratio"]
     if len(results) == 2:
         doc["goal_met_nvfp4_search"] = all(doc[f"ppl_ratio_nvfp4_{k}"] <= GOAL for k in results)
         doc["goal_met_nvfp4_rtn"] = all(doc[f"ppl_ratio_nvfp4_rtn_{k}"] <= GOAL for k in results)

@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--force-transformers", action="store_true", help="serve through transformers' model")
     s.add_argument(
-        "--quantization", default=None, choices=["nvfp4", "mxfp4"],
+        "--quantization", default=None, choices=["nvfp4", "mxfp4", "llm-fp4"],
         help="decoder projections in FP4 weights, quantized from the checkpoint at load (round-to-nearest; "
-        "W4A16). A compressed-tensors NVFP4 checkpoint loads as NVFP4 without this flag",
+        "W4A16). A compressed-tensors NVFP4 checkpoint loads as NVFP4 without this flag. llm-fp4: "
+        "LLM-FP4 W4A4 simulated (fake-quant) for quality, not speed, calibrated at load",
     )  # fmt: skip
     s.add_argument(
         "--quantization-scale-search", action="store_true",

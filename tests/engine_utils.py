@@ -105,6 +105,13 @@ def hf_swapped(
                 m.weight.data = t
 
 
+def assert_steps_close(ours: list[torch.Tensor], theirs: list[torch.Tensor], tol: float, what: str) -> None:
+    """Every decode step's logits within `tol` (max abs difference) of the reference's, as many steps."""
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < tol, f"{what} step {step}: max |logit diff| {diff:.2e}"
+
+
 def hf_generate(ref: Any, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' greedy tokens (exactly `steps`: min_new_tokens, as our min_tokens) and logits."""
     out = ref.generate(

@@ -32,7 +32,7 @@ from actserve.server.models.builder import LoadConfig, LoadedModel, load_model
 from actserve.server.models.loader import ModelLoadError
 from actserve.server.models.quantization import calibration_ids
 from tests.conftest import TOKENIZER_FILES, save_random_model
-from tests.engine_utils import capture_logits, greedy, run
+from tests.engine_utils import assert_steps_close, capture_logits, greedy, run
 from tests.test_native_models import TOL, reference
 
 NVFP4_DIR = Path(__file__).parent / "data" / "tinystories-656k-nvfp4"
@@ -79,9 +79,7 @@ def assert_engine_matches(fp4: LLMEngine, ref_dir: Path) -> None:
         outs = run(fp4, batch, greedy(STEPS, min_tokens=STEPS), tag="s")
     for i, prompt in enumerate(batch):
         ref_tokens, ref_logits = reference(ref_dir, prompt, STEPS)
-        for step, (a, b) in enumerate(zip(seen[f"s{i}"], ref_logits, strict=True)):
-            diff = (a - b).abs().max().item()
-            assert diff < TOL, f"seed {seed} prompt {i} step {step}: max |logit diff| {diff:.2e}"
+        assert_steps_close(seen[f"s{i}"], ref_logits, TOL, f"seed {seed} prompt {i}")
         assert outs[i] == ref_tokens, f"seed {seed} prompt {i}"
 
 
@@ -213,7 +211,7 @@ def test_dummy_weights_are_quantized_too(tinystories_dir: Path) -> None:
 def test_bad_flag_combinations_are_clear(tinystories_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="--quantization nvfp4: FP4 weights need the native.*--force"):
         load(tinystories_dir, quantization="nvfp4", force_transformers=True)
-    with pytest.raises(ModelLoadError, match="--quantization must be one of nvfp4, mxfp4, got 'int4'"):
+    with pytest.raises(ModelLoadError, match="must be one of nvfp4, mxfp4, llm-fp4, got 'int4'"):
         load(tinystories_dir, quantization="int4")
     # down_proj's input (the intermediate size, 80) is a multiple of 16 but not of 32
     config = LlamaConfig(
@@ -228,6 +226,12 @@ def test_bad_flag_combinations_are_clear(tinystories_dir: Path, tmp_path: Path) 
         build_parser().parse_args(["serve", "--quantization", "int4"])
     args = build_parser().parse_args(["serve", "--quantization", "mxfp4"])
     assert engine_config(args).load_config().quantization == "mxfp4"
+    with pytest.raises(ModelLoadError, match="--quantization llm-fp4 calibrates on real weights"):
+        load(tinystories_dir, quantization="llm-fp4", load_format="dummy")
+    with pytest.raises(ModelLoadError, match="--quantization llm-fp4 needs the native"):
+        load(tinystories_dir, quantization="llm-fp4", force_transformers=True)
+    with pytest.raises(ModelLoadError, match="--quantization llm-fp4: the checkpoint is already quantized"):
+        load(NVFP4_DIR, quantization="llm-fp4")
 
 
 # --------------------------------------------------------------------------------------- scale search

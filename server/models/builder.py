@@ -24,7 +24,12 @@ from actserve.server.models.loader import (
     weight_files,
 )
 from actserve.server.models.profile import step_activation_bytes
-from actserve.server.models.quantization import projection_format, quantize_calibrated
+from actserve.server.models.quantization import (
+    LLM_FP4,
+    projection_format,
+    quantize_calibrated,
+    quantize_llm_fp4,
+)
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
 
@@ -142,6 +147,8 @@ def load_model(config: LoadConfig) -> LoadedModel:
         )  # fmt: skip
         if search:  # loaded dense: calibrate, then each projection becomes FP4
             quantize_calibrated(model, tokenizer, config.quantization, max_len)  # type: ignore[arg-type]
+        elif config.quantization == LLM_FP4:  # loaded dense: calibrate, then simulated W4A4
+            quantize_llm_fp4(model, tokenizer, max_len)
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim

@@ -9,6 +9,11 @@ projection is replaced by an FP4 one whose checkpoint matrices (q/k/v, gate/up s
 global scale) are searched over those inputs; the dense weights go with the layers they leave. Loading
 then needs the dense model's memory for a moment.
 
+`--quantization llm-fp4` (simulated W4A4, for quality, not speed: server/layers/llm_fp4.py): the model
+loads dense, `CALIBRATION_TEXT` runs through it as for the scale search, then each projection's dense
+weight becomes its folded fake-quantized LLM-FP4 form and its format a wrapper that fake-quantizes the
+input first (`LlmFp4Format`). A merged layer (q/k/v, gate/up) has one input, so one input quantizer.
+
 Everything the server cannot serve faithfully is refused here, before any weight is read, with the flag
 or the config field to change: other checkpoint quantizations, NVFP4 checkpoints that also quantize
 activations or leave decoder projections dense, FP4 on the transformers fallback path, and models whose
@@ -31,10 +36,12 @@ from actserve.server.contract.weights import Shard, WeightFormat
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
 from actserve.server.layers.fp4_search import search_fp4
 from actserve.server.layers.linear import Linear, LinearBase, MergedColumnLinear
+from actserve.server.layers.llm_fp4 import LlmFp4Format, quantize_linear
 from actserve.server.models.loader import ModelLoadError, cast_to_model_dtype
 from actserve.server.models.spec import ModelSpec
 
 QUANTIZATIONS: tuple[Fp4Kind, ...] = ("nvfp4", "mxfp4")
+LLM_FP4 = "llm-fp4"  # simulated W4A4 (dense storage, fake-quantized weights and inputs)
 CT_NVFP4 = "nvfp4-pack-quantized"  # compressed-tensors' format name for packed NVFP4 weights
 # the checkpoint module names of a decoder layer's projections (what an NVFP4 checkpoint must quantize)
 CHECKPOINT_PROJECTIONS = (
@@ -112,8 +119,11 @@ def projection_format(
             "--quantization-scale-search needs --quantization nvfp4|mxfp4 and real weights "
             "(not --load-format dummy)"
         )
+    if quantization == LLM_FP4:
+        _check_llm_fp4(spec, hf_config, random_weights, fallback_reason, scale_search)
+        return None  # loads dense; `quantize_llm_fp4` converts it
     if quantization is not None and quantization not in QUANTIZATIONS:
-        choices = ", ".join(QUANTIZATIONS)
+        choices = ", ".join((*QUANTIZATIONS, LLM_FP4))
         raise ModelLoadError(f"--quantization must be one of {choices}, got {quantization!r}")
     layers = spec.num_layers if spec is not None else getattr(hf_config, "num_hidden_layers", 0)
     packed = checkpoint_fp4(hf_config, layers)
@@ -149,6 +159,24 @@ def projection_format(
     if packed is not None and not random_weights:
         return lambda: FP4Format(kind, quantize=None)
     return lambda: FP4Format(kind)
+
+
+def _check_llm_fp4(
+    spec: ModelSpec | None, hf_config: Any, random_weights: bool, fallback_reason: str | None, search: bool
+) -> None:
+    """--quantization llm-fp4 needs real dense weights, the native implementation and no other search."""
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise ModelLoadError(f"--quantization {LLM_FP4}: the checkpoint is already quantized")
+    if random_weights or search:
+        raise ModelLoadError(
+            f"--quantization {LLM_FP4} calibrates on real weights: drop --load-format dummy and "
+            "--quantization-scale-search"
+        )
+    if spec is None:
+        raise ModelLoadError(
+            f"--quantization {LLM_FP4} needs the native implementation, and this model is served "
+            f"through the transformers fallback ({fallback_reason})"
+        )
 
 
 # what --quantization-scale-search calibrates on: short, varied English (story, instructions, facts,
@@ -251,3 +279,15 @@ def quantize_calibrated(model: torch.nn.Module, tokenizer: Any, kind: Fp4Kind, m
     for layer, x in inputs.items():
         parent, _, leaf = names[layer].rpartition(".")
         setattr(model.get_submodule(parent), leaf, _fp4_copy(layer, x, kind))
+
+
+def quantize_llm_fp4(model: torch.nn.Module, tokenizer: Any, max_len: int) -> None:
+    """--quantization llm-fp4: every decoder projection of the dense `model` in LLM-FP4 form (its weight
+    replaced in place, its format wrapped), calibrated on the model's own inputs over CALIBRATION_TEXT."""
+    inputs = projection_inputs(model, calibration_ids(tokenizer, max_len))
+    for layer, x in inputs.items():
+        xf = x.float()
+        q = quantize_linear(layer.dense_weight().detach().float(), xf, xf.abs().amax(0))
+        with torch.no_grad():
+            layer.weight.copy_(q.weight)
+        layer.format = LlmFp4Format(layer.format, q)
