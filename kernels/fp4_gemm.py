@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Weight
+from actserve.kernels.gemv import load_x
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
@@ -29,73 +30,91 @@ from actserve.kernels.pdl import pdl_args, pdl_sync
 class Fp4Config:
     block_m: int = 16  # GEMM only
     block_n: int = 32
-    block_k: int = 256  # unpacked columns per step (a power of two >= 32: tl.dot needs 16 packed)
+    block_k: int = 256  # unpacked columns per step: a power of two, >= 32 and >= the format's group
     split_k: int = 0  # GEMV only; 0: pick from the shape
     num_warps: int = 4
     num_stages: int = 2
 
 
-@triton.jit
-def _e2m1(code):
-    """float32 value of int32 E2M1 codes (bit 3 sign; 2^(e-1) * (1 + m/2), or m/2 when e = 0)."""
-    exp = (code >> 1) & 3
-    man = code & 1
-    normal = (((exp + 126) << 23) | (man << 22)).to(tl.float32, bitcast=True)
-    mag = tl.where(exp > 0, normal, man.to(tl.float32) * 0.5)
-    return tl.where((code & 8) != 0, -mag, mag)
+def pick_gemv_config(m: int, n: int, k: int) -> Fp4Config:
+    """Launch config per shape for 1-16 rows; see bench/results/fp4_gemv.json for the sweep."""
+    if m == 1:
+        return Fp4Config(block_n=16, block_k=512, num_warps=4, num_stages=3)
+    return Fp4Config(block_n=32, block_k=256, num_warps=4, num_stages=3)
+
+
+def pick_gemm_config(m: int, n: int, k: int) -> Fp4Config:
+    """Launch config of the prefill GEMM: small tiles for decode batches above 16 rows, large ones for
+    prompts (bench/results/fp4_gemv.json)."""
+    if m <= 64:
+        return Fp4Config(block_m=max(16, triton.next_power_of_2(m)), block_n=64, block_k=128, num_stages=4)
+    return Fp4Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
-def _block_scale(s_ptr, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4: tl.constexpr):
-    """float32 multiplier of the blocks at s_ptr: E4M3 / the global scale of row rn (one IEEE division,
-    as the reference; scales are never negative), or the E8M0 power of two 2^(e - 127)."""
-    s = tl.load(s_ptr, mask=mask, other=0).to(tl.int32)
+def _e2m1_lo(b):
+    """2^-14 x the E2M1 value of the low nibble of int16 bytes b, as float32.
+
+    The three magnitude bits go where a float16's exponent and first mantissa bit end (bits 9-11) and
+    the sign to bit 15: a float16 with exponent field e and mantissa m/2 is 2^(e-15)(1 + m/2), and for
+    e = 0 the subnormal m/2 * 2^-14, so every code lands exactly on 2^-14 x its value. Callers fold
+    2^14 into the block scale (exact: a power of two). Four integer operations, no select."""
+    bits = ((b & 7) << 9) | ((b & 8) << 12)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_hi(b):
+    """`_e2m1_lo` of the high nibble."""
+    bits = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _group_scales(s_at, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4: tl.constexpr):
+    """2^14 x the float32 multiplier of the blocks at s_at: E4M3 / the global scale of row rn (one IEEE
+    division, as the reference; scales are never negative), or the E8M0 power of two 2^(e - 127)."""
+    s = tl.load(s_at, mask=mask, other=0).to(tl.int32)
     if NVFP4:
         exp = (s >> 3) & 15
         man = s & 7
         normal = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
         val = tl.where(exp > 0, normal, man.to(tl.float32) * 0.001953125)  # subnormal: m * 2^-9
         gs = tl.load(gs_ptr + rn * stride_gs, mask=n_ok, other=1.0)
-        return tl.div_rn(val, gs[:, None])
-    return tl.where(s > 0, s << 23, 1 << 22).to(tl.float32, bitcast=True)
+        return tl.div_rn(val, gs[:, None]) * 16384.0
+    return (tl.minimum(s + 14, 255) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127 + 14)
 
 
 @triton.jit
-def _weight_pair(w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, stride_gs, dtype,
-                 NVFP4: tl.constexpr, HALF_GROUP: tl.constexpr):  # fmt: skip
-    """The [BLOCK_N, BLOCK_K/2] weights of packed columns rj: (even columns, odd columns) in `dtype`.
-    The NVFP4 global scale is per row (stride_gs 1) or one for all (stride_gs 0)."""
-    mask = n_ok[:, None] & j_ok[None, :]
-    byte = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rj[None, :], mask=mask, other=0)
-    byte = byte.to(tl.int32)
-    s_at = s_ptr + rn.to(tl.int64)[:, None] * stride_sn + (rj // HALF_GROUP)[None, :]
-    scale = _block_scale(s_at, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4)
-    even = (_e2m1(byte & 15) * scale).to(dtype)
-    odd = (_e2m1(byte >> 4) * scale).to(dtype)
-    return even, odd
+def _tile_bytes(w_rows, s_rows, gs_ptr, rn, n_ok, k0, k_end, stride_gs, BLOCK_K: tl.constexpr,
+                GROUP: tl.constexpr, NVFP4: tl.constexpr):  # fmt: skip
+    """Packed bytes [BLOCK_N, groups, GROUP/2] (int16) of columns k0 .. k0 + BLOCK_K, their 2^14-scaled
+    block multipliers [BLOCK_N, groups], and which groups lie before k_end [groups]."""
+    rg = tl.arange(0, BLOCK_K // GROUP)
+    g = k0 // GROUP + rg
+    g_ok = g * GROUP < k_end
+    jb = g[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
+    b = tl.load(w_rows + jb[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+    scale = _group_scales(
+        s_rows + g[None, :], n_ok[:, None] & g_ok[None, :], gs_ptr, rn, n_ok, stride_gs, NVFP4
+    )
+    return b.to(tl.int16), scale, g_ok
 
 
 @triton.jit
-def _accumulate(acc, x_rows, m_ok, rj, j_ok, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
-                stride_gs, NVFP4: tl.constexpr, HALF_GROUP: tl.constexpr, DOT: tl.constexpr,
-                PREC: tl.constexpr):  # fmt: skip
-    """acc [BLOCK_M, BLOCK_N] + the products over packed columns rj: x rows at x_rows (pointers to
-    their first element), the weights dequantized in registers; tl.dot (tensor cores) or, for one row,
-    a broadcast multiply and sum."""
-    x_mask = m_ok[:, None] & j_ok[None, :]
-    x_even = tl.load(x_rows + 2 * rj[None, :], mask=x_mask, other=0.0)
-    x_odd = tl.load(x_rows + 2 * rj[None, :] + 1, mask=x_mask, other=0.0)
-    w_even, w_odd = _weight_pair(
-        w_ptr, s_ptr, gs_ptr, rn, n_ok, rj, j_ok, stride_wn, stride_sn, stride_gs, x_even.dtype, NVFP4,
-        HALF_GROUP,
-    )  # fmt: skip
-    if DOT:
-        acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
-        acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
-    else:
-        part = w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
-        acc += tl.sum(part, axis=1)[None, :]
-    return acc
+def _dequant_tile(b, scale, dtype, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K/2] weights of even and odd columns, in `dtype`, from `_tile_bytes`."""
+    even = (_e2m1_lo(b) * scale[:, :, None]).to(dtype)
+    odd = (_e2m1_hi(b) * scale[:, :, None]).to(dtype)
+    return tl.reshape(even, (BLOCK_N, BLOCK_K // 2)), tl.reshape(odd, (BLOCK_N, BLOCK_K // 2))
+
+
+@triton.jit
+def _x_pairs(x_ptr, rows, k_half, pair, mask, SILU_MUL: tl.constexpr):
+    """(even, odd) activation columns at packed index `pair` (2-D; `rows` broadcasts to 3-D), loaded as
+    adjacent pairs."""
+    both = load_x(x_ptr, rows, k_half, 2 * pair[:, :, None] + tl.arange(0, 2), mask[:, :, None], SILU_MUL)
+    return tl.split(both)
 
 
 @triton.jit
@@ -103,41 +122,71 @@ def _fp4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_sn,
     stride_gs, stride_ym, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr,
-    HALF_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PARTIAL: tl.constexpr,
+    PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """Program (n tile, K split): with PARTIAL, float32 sums into slice `split` of the workspace y."""
+    """Program (n tile, K split): with PARTIAL, float32 sums into slice `split` of the workspace y.
+
+    One row: products summed within each block first, then scaled once per block (a multiply per 16
+    or 32 weights, not per weight). 2-16 rows: dequantized tiles through tl.dot on a 16-row tile."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
     k_end = tl.minimum(K, (split + 1) * k_split)
     pdl_sync(USE_PDL)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(split * k_split, k_end, BLOCK_K):
-        rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        acc = _accumulate(
-            acc, x_rows, m_ok, rj, 2 * rj < k_end, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
-            stride_gs, NVFP4, HALF_GROUP, BLOCK_M > 1, PREC,
-        )  # fmt: skip
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    if PARTIAL:
-        tl.store(y_at + split * stride_ys, acc, mask=y_mask)
+    if BLOCK_M == 1:
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+        for k0 in range(split * k_split, k_end, BLOCK_K):
+            b, scale, g_ok = _tile_bytes(
+                w_rows, s_rows, gs_ptr, rn, n_ok, k0, k_end, stride_gs, BLOCK_K, GROUP, NVFP4
+            )
+            pair = (k0 // GROUP + tl.arange(0, BLOCK_K // GROUP))[:, None] * (GROUP // 2) + tl.arange(
+                0, GROUP // 2
+            )
+            x_even, x_odd = _x_pairs(x_ptr, 0, K, pair, g_ok[:, None], SILU_MUL)
+            part = _e2m1_lo(b) * x_even.to(tl.float32)[None] + _e2m1_hi(b) * x_odd.to(tl.float32)[None]
+            acc1 += tl.sum(part, axis=2) * scale
+        out = tl.sum(acc1, axis=1)
+        if PARTIAL:
+            tl.store(y_ptr + split * stride_ys + rn, out, mask=n_ok)
+        else:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        rm = tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * k_split, k_end, BLOCK_K):
+            b, scale, g_ok = _tile_bytes(
+                w_rows, s_rows, gs_ptr, rn, n_ok, k0, k_end, stride_gs, BLOCK_K, GROUP, NVFP4
+            )
+            rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            x_mask = m_ok[:, None] & (2 * rj < k_end)[None, :]
+            x_even, x_odd = _x_pairs(
+                x_ptr, (rm[:, None] * stride_xm)[:, :, None], K, rj[None, :], x_mask, SILU_MUL
+            )
+            w_even, w_odd = _dequant_tile(b, scale, x_even.dtype, BLOCK_N, BLOCK_K)
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        if PARTIAL:
+            tl.store(y_at + split * stride_ys, acc, mask=y_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
 def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_gs, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr,
-    HALF_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -145,24 +194,33 @@ def _fp4_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    x_rows = (rm.to(tl.int64)[:, None] * stride_xm)[:, :, None]
+    w_rows = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        b, scale, g_ok = _tile_bytes(
+            w_rows, s_rows, gs_ptr, rn, n_ok, k0, K, stride_gs, BLOCK_K, GROUP, NVFP4
+        )
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        acc = _accumulate(
-            acc, x_rows, m_ok, rj, 2 * rj < K, w_ptr, s_ptr, gs_ptr, rn, n_ok, stride_wn, stride_sn,
-            stride_gs, NVFP4, HALF_GROUP, True, PREC,
-        )  # fmt: skip
+        x_mask = m_ok[:, None] & (2 * rj < K)[None, :]
+        x_even, x_odd = _x_pairs(x_ptr, x_rows, K, rj[None, :], x_mask, False)
+        w_even, w_odd = _dequant_tile(b, scale, x_even.dtype, BLOCK_N, BLOCK_K)
+        acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
+        acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_at = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _operands(x: torch.Tensor, w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Checked shapes; (scales as bytes, global scale or a dummy pointer, its row stride, packed)."""
+def _operands(
+    x: torch.Tensor, w: Fp4Weight, x_cols: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked shapes (x has `x_cols` columns, default K); (scales as bytes, global scale or a dummy
+    pointer, its row stride, packed)."""
     n, k = w.shape
-    if x.shape[1] != k or x.stride(1) != 1 or w.packed.stride(1) != 1 or w.scales.stride(1) != 1:
+    if x.shape[1] != (x_cols or k) or x.stride(1) != 1 or w.packed.stride(1) != 1 or w.scales.stride(1) != 1:
         raise ValueError(f"fp4 matmul: x {tuple(x.shape)} does not match weight {(n, k)} (K-contiguous)")
     if k % GROUP[w.kind]:
         raise ValueError(f"{w.kind} needs K divisible by {GROUP[w.kind]}, got {k}")
@@ -183,15 +241,20 @@ def pick_split(n_tiles: int, k: int, block_k: int) -> int:
 
 
 def fp4_gemv(
-    x: torch.Tensor, w: Fp4Weight, bias: torch.Tensor | None = None, cfg: Fp4Config | None = None
+    x: torch.Tensor,
+    w: Fp4Weight,
+    bias: torch.Tensor | None = None,
+    cfg: Fp4Config | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
-    """x [M <= 16, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype."""
-    cfg = cfg or Fp4Config()
+    """x [M <= 16, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype; with silu_mul, x is [M, 2K] =
+    [gate | up] and silu(gate)·up is formed while loading (as kernels/gemv.py does)."""
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fp4_gemv handles at most {MAX_ROWS} rows; got {m}")
-    scales, gs, stride_gs, packed = _operands(x, w)
-    k = x.shape[1]
+    k = w.shape[1]
+    scales, gs, stride_gs, packed = _operands(x, w, 2 * k if silu_mul else k)
+    cfg = cfg or pick_gemv_config(m, n, k)
     n_tiles = triton.cdiv(n, cfg.block_n)
     splits = cfg.split_k or pick_split(n_tiles, k, cfg.block_k)
     k_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
@@ -204,7 +267,7 @@ def fp4_gemv(
         x, packed, scales, gs, bias if bias is not None else x, out, m, n, k, k_split, x.stride(0),
         packed.stride(0), scales.stride(0), stride_gs, out.stride(-2), out.stride(0),
         BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NVFP4=w.kind == "nvfp4", HALF_GROUP=GROUP[w.kind] // 2, HAS_BIAS=bias is not None,
+        NVFP4=w.kind == "nvfp4", GROUP=GROUP[w.kind], HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
         PARTIAL=splits > 1, PREC=_prec(x), **pdl_args(x), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -220,16 +283,16 @@ def fp4_gemm(
     x: torch.Tensor, w: Fp4Weight, bias: torch.Tensor | None = None, cfg: Fp4Config | None = None
 ) -> torch.Tensor:
     """x [M, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype, for prefill-sized M."""
-    cfg = cfg or Fp4Config(block_m=64, block_n=64, block_k=64, num_stages=3)
     m, n = x.shape[0], w.shape[0]
     scales, gs, stride_gs, packed = _operands(x, w)
+    cfg = cfg or pick_gemm_config(m, n, w.shape[1])
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         _fp4_gemm_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))](
             x, packed, scales, gs, bias if bias is not None else x, y, m, n, x.shape[1], x.stride(0),
             packed.stride(0), scales.stride(0), stride_gs, y.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NVFP4=w.kind == "nvfp4",
-            HALF_GROUP=GROUP[w.kind] // 2, HAS_BIAS=bias is not None, PREC=_prec(x),
+            GROUP=GROUP[w.kind], HAS_BIAS=bias is not None, PREC=_prec(x),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return y

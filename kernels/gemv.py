@@ -42,7 +42,7 @@ def pick_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _load_x(x_ptr, rows, k_half, rk, mask, SILU_MUL: tl.constexpr):
+def load_x(x_ptr, rows, k_half, rk, mask, SILU_MUL: tl.constexpr):
     if SILU_MUL:
         gate = tl.load(x_ptr + rows + rk, mask=mask, other=0.0)
         up = tl.load(x_ptr + rows + k_half + rk, mask=mask, other=0.0)
@@ -69,13 +69,13 @@ def _gemv_kernel(
         k_ok = rk < K
         w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         pdl_sync(USE_PDL)
-        x = _load_x(x_ptr, 0, K, rk, k_ok, SILU_MUL)
+        x = load_x(x_ptr, 0, K, rk, k_ok, SILU_MUL)
         acc1 = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = _load_x(x_ptr, 0, K, rk, k_ok, SILU_MUL)
+            x = load_x(x_ptr, 0, K, rk, k_ok, SILU_MUL)
             acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -90,7 +90,7 @@ def _gemv_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = _load_x(
+            x = load_x(
                 x_ptr, rm[:, None] * stride_xm, K, rk[None, :], m_ok[:, None] & k_ok[None, :], SILU_MUL
             )
             acc += tl.dot(x, tl.trans(w), input_precision=PREC)

@@ -68,13 +68,21 @@ fp4_types = {
     **dict.fromkeys(("stride_gs", "stride_ym", "stride_ys"), "i32"),
 }
 for nvfp4 in (True, False):
-    fp4 = dict(NVFP4=nvfp4, HALF_GROUP=8 if nvfp4 else 16, HAS_BIAS=True, PREC="tf32")
+    fp4 = dict(NVFP4=nvfp4, GROUP=16 if nvfp4 else 32, HAS_BIAS=True, PREC="tf32")
     for block_m, partial in ((1, False), (1, True), (16, False), (16, True)):
         VARIANTS.append(
             (
                 _fp4_gemv_kernel,
                 {**fp4_types, "y_ptr": F32} if partial else fp4_types,
-                dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, PARTIAL=partial, USE_PDL=True, **fp4),
+                dict(
+                    BLOCK_M=block_m,
+                    BLOCK_N=32,
+                    BLOCK_K=256,
+                    PARTIAL=partial,
+                    USE_PDL=True,
+                    SILU_MUL=block_m == 1,
+                    **fp4,
+                ),
             )
         )
     gemm_types = {a: t for a, t in fp4_types.items() if a not in ("k_split", "stride_ys")}

@@ -101,3 +101,31 @@ def test_merged_shards_keep_their_global_scales() -> None:
     want = dequantize(merged).T
     assert torch.equal(fp4_gemm(eye, w, cfg=Fp4Config(block_m=16, block_n=16, block_k=32)).cpu(), want)
     assert torch.equal(fp4_gemv(eye[:16], w, cfg=Fp4Config(block_n=16, block_k=32)).cpu(), want[:16])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_fused_silu_mul(kind: str, rows: int) -> None:
+    """silu(gate)·up formed while loading equals the activation applied first (rounded to x's dtype
+    as kernels/silu_mul.py does), then the reference."""
+    g = torch.Generator().manual_seed(31 + rows + len(kind))
+    n, k = 24, 128
+    w = random_fp4(n, k, kind, g)
+    gate_up = torch.randn(rows, 2 * k, generator=g).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = fp4_matmul_ref(torch.nn.functional.silu(gate) * up, w)
+    got = fp4_gemv(gate_up, w, cfg=Fp4Config(block_n=16, block_k=64, split_k=2), silu_mul=True)
+    assert close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_configs_on_model_shapes(kind: str) -> None:
+    """The launch configs picked per shape (not the tests' small tiles) on a K of several tiles and an
+    N that is no multiple of any tile: one row, a decode batch, a batch past the GEMV, a prompt."""
+    g = torch.Generator().manual_seed(41 + len(kind))
+    n, k = 72, 1536
+    w = random_fp4(n, k, kind, g)
+    for m in (1, 9, 40, 130):
+        x = torch.randn(m, k, generator=g).to(DEVICE)
+        got = fp4_gemv(x, w) if m <= 16 else fp4_gemm(x, w)
+        assert close(got, fp4_matmul_ref(x, w), torch.float32), m

@@ -18,7 +18,8 @@ the derived copy has one for the whole layer. The scales keep their own dtypes w
 format's otherwise.
 
 `apply`: on CUDA, up to MAX_ROWS rows go through the split-K FP4 GEMV and more through the FP4 GEMM
-(kernels/fp4_gemm.py); on the CPU, the plain-torch reference (dequantize, then matmul).
+(kernels/fp4_gemm.py); on the CPU, the plain-torch reference (dequantize, then matmul). One row's
+silu(gate)·up is fused into the GEMV (`apply_silu_mul`).
 
 It sits in the contract, beside `WeightFormat`, so that plugins can ask for FP4 copies of projections
 (`FormatRequest(key, sites, partial(FP4Format, kind))`): a plugin imports only the contract and the
@@ -143,3 +144,11 @@ class FP4Format(WeightFormat):
 
         x = x.contiguous()
         return fp4_gemv(x, w, bias) if x.shape[0] <= MAX_ROWS else fp4_gemm(x, w, bias)
+
+    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
+        """One row on CUDA: the activation fused into the GEMV's loads, as the bf16 path does."""
+        if gate_up.is_cuda and gate_up.shape[0] == 1:
+            from actserve.kernels.fp4_gemm import fp4_gemv
+
+            return fp4_gemv(gate_up.contiguous(), self.weight(layer), layer.bias, silu_mul=True)
+        return super().apply_silu_mul(layer, gate_up)
