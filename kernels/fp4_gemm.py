@@ -8,8 +8,9 @@ accumulation. A byte holds an even and an odd column, so a tile is kept as two h
 
 `fp4_gemv` (1-16 rows, decode) tiles the output features and splits K over a second grid axis, so a
 batch-1 launch still has enough programs to stream the weights at full bandwidth; partial sums go
-through a float32 workspace. `fp4_gemm` (prefill) tiles M and N. Both are first, simple versions: the
-block sizes are placeholders for tuning on the H200.
+through a float32 workspace. `fp4_linear` (more rows: prefill) dequantizes the weight once with
+`fp4_dequantize` and hands it to cuBLAS. `fp4_gemm`, the fused GEMM that tiles M and N, is kept as the
+comparison (bench/fp4_gemv.py): every M tile redoes the dequant, and on the H200 it is far slower.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -214,14 +216,54 @@ def _fp4_gemm_kernel(
     tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _bf16_rne(v):
+    """float32 -> bfloat16, rounded to nearest even by integer arithmetic: the bits of the GPU's
+    cvt.rn.bf16.f32 (and torch's), also under TRITON_INTERPRET, whose float32 -> bfloat16 cast
+    truncates. NaN stays NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(v != v, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _fp4_dequant_kernel(
+    w_ptr, s_ptr, gs_ptr, y_ptr, N, K, stride_wn, stride_sn, stride_gs, stride_yn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """Program (n tile, k tile): its bytes and block scales loaded once, the even and odd columns
+    decoded as the GEMM tiles are (`_dequant_tile`), interleaved in registers so the store is one
+    contiguous run per row."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
+    b, scale, g_ok = _tile_bytes(w_rows, s_rows, gs_ptr, rn, n_ok, k0, K, stride_gs, BLOCK_K, GROUP, NVFP4)
+    even, odd = _dequant_tile(b, scale, tl.float32, BLOCK_N, BLOCK_K)
+    w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> columns 2j, 2j + 1
+    if y_ptr.dtype.element_ty == tl.bfloat16:
+        w = _bf16_rne(w)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    y_at = y_ptr + rn.to(tl.int64)[:, None] * stride_yn + rk[None, :]
+    tl.store(y_at, w.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & (rk < K)[None, :])
+
+
 def _operands(
     x: torch.Tensor, w: Fp4Weight, x_cols: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Checked shapes (x has `x_cols` columns, default K); (scales as bytes, global scale or a dummy
-    pointer, its row stride, packed)."""
+    """Checked shapes (x has `x_cols` columns, default K); `_weight_operands`."""
+    if x.shape[1] != (x_cols or w.shape[1]) or x.stride(1) != 1:
+        raise ValueError(f"fp4 matmul: x {tuple(x.shape)} does not match weight {w.shape} (K-contiguous)")
+    return _weight_operands(w)
+
+
+def _weight_operands(w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked weight: (scales as bytes, global scale or a dummy pointer, its row stride, packed)."""
     n, k = w.shape
-    if x.shape[1] != (x_cols or k) or x.stride(1) != 1 or w.packed.stride(1) != 1 or w.scales.stride(1) != 1:
-        raise ValueError(f"fp4 matmul: x {tuple(x.shape)} does not match weight {(n, k)} (K-contiguous)")
+    if w.packed.stride(1) != 1 or w.scales.stride(1) != 1:
+        raise ValueError(f"fp4 weight {(n, k)}: packed bytes and scales must be K-contiguous")
     if k % GROUP[w.kind]:
         raise ValueError(f"{w.kind} needs K divisible by {GROUP[w.kind]}, got {k}")
     scales = w.scales.view(torch.uint8)
@@ -296,3 +338,34 @@ def fp4_gemm(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return y
+
+
+DEQUANT_CONFIG = Fp4Config(block_n=32, block_k=256, num_warps=4)
+
+
+def fp4_dequantize(w: Fp4Weight, dtype: torch.dtype, cfg: Fp4Config | None = None) -> torch.Tensor:
+    """[N, K] in `dtype`, bit for bit `fp4_ref.dequantize(w).to(dtype)`: one bandwidth-bound pass
+    (reads ~0.56 bytes per weight, writes one `dtype` value); cfg: block_n, block_k, num_warps."""
+    n, k = w.shape
+    scales, gs, stride_gs, packed = _weight_operands(w)
+    cfg = cfg or DEQUANT_CONFIG
+    y = torch.empty(n, k, dtype=dtype, device=packed.device)
+    if n and k:
+        _fp4_dequant_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))](
+            packed, scales, gs, y, n, k, packed.stride(0), scales.stride(0), stride_gs, y.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NVFP4=w.kind == "nvfp4", GROUP=GROUP[w.kind],
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return y
+
+
+def fp4_linear(x: torch.Tensor, w: Fp4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize(w).T (+ bias) in x's dtype: the prefill path (more than MAX_ROWS rows).
+
+    The weight is dequantized once into a transient [N, K] copy and multiplied by cuBLAS. A fused
+    Triton GEMM (`fp4_gemm`) redoes the dequant in every M tile and its tile loop runs far below
+    cuBLAS (measured 8x slower at M=2048 on the H200). The dequant pass moves ~2.6 bytes per weight
+    (bf16) and cuBLAS then reads 2: small beside a prompt's FLOPs, not beside a decode batch's, which
+    is why up to MAX_ROWS rows go through `fp4_gemv`. Equal to `fp4_matmul_ref` up to cuBLAS's
+    summation order."""
+    return F.linear(x, fp4_dequantize(w, x.dtype), bias)

@@ -12,7 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from actserve.kernels.fp4_gemm import _fp4_gemm_kernel, _fp4_gemv_kernel
+from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp4_gemv_kernel
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
@@ -87,6 +87,15 @@ for nvfp4 in (True, False):
         )
     gemm_types = {a: t for a, t in fp4_types.items() if a not in ("k_split", "stride_ys")}
     VARIANTS.append((_fp4_gemm_kernel, gemm_types, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **fp4)))
+    dequant_types = {
+        "w_ptr": U8,
+        "s_ptr": U8,
+        "gs_ptr": F32,
+        "y_ptr": BF,  # what fp4_linear writes for bf16 activations (the integer rounding path)
+        **dict.fromkeys(("N", "K", "stride_wn", "stride_sn", "stride_gs", "stride_yn"), "i32"),
+    }
+    dequant = dict(BLOCK_N=32, BLOCK_K=256, NVFP4=nvfp4, GROUP=fp4["GROUP"])
+    VARIANTS.append((_fp4_dequant_kernel, dequant_types, dequant))
 norm_types = {
     "x_ptr": BF,
     "res_ptr": BF,

@@ -1,13 +1,16 @@
 """The FP4 W4A16 kernels (kernels/fp4_gemm.py) against the plain-torch reference on fresh random weights:
 under TRITON_INTERPRET=1 on the CPU with float32 activations (the interpreter's bf16 tl.dot is wrong),
-natively with bf16 too on a GPU."""
+natively with bf16 too on a GPU. The dequantize kernel has no tl.dot and rounds to bf16 by integer
+arithmetic (the interpreter's own cast truncates): it is checked bit for bit in bf16 everywhere."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from actserve.kernels.fp4_gemm import Fp4Config, fp4_gemm, fp4_gemv
+from actserve.kernels.fp4_gemm import Fp4Config, _bf16_rne, fp4_dequantize, fp4_gemm, fp4_gemv, fp4_linear
 from actserve.kernels.fp4_ref import Fp4Weight, dequantize, fp4_matmul_ref, quantize_rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,3 +132,80 @@ def test_default_configs_on_model_shapes(kind: str) -> None:
         x = torch.randn(m, k, generator=g).to(DEVICE)
         got = fp4_gemv(x, w) if m <= 16 else fp4_gemm(x, w)
         assert close(got, fp4_matmul_ref(x, w), torch.float32), m
+        if m > 16:
+            assert close(fp4_linear(x, w), fp4_matmul_ref(x, w), torch.float32), m
+
+
+def cpu_weight(w: Fp4Weight) -> Fp4Weight:
+    gs = w.global_scale.cpu() if w.global_scale is not None else None
+    return Fp4Weight(w.kind, w.packed.cpu(), w.scales.cpu(), gs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_k", [64, 256])
+def test_dequantize_is_bit_exact(kind: str, dtype: torch.dtype, block_k: int) -> None:
+    """Odd N (a masked row tail) and a K of several tiles with a partial last one (K a multiple of the
+    group only), with the tests' small tiles and the default ones: the interleaved even/odd columns
+    and the rounding to `dtype` equal the reference's, bit for bit."""
+    g = torch.Generator().manual_seed(51 + block_k + len(kind))
+    n, k = 37, 320
+    w = random_fp4(n, k, kind, g)
+    cfg = Fp4Config(block_n=16, block_k=block_k) if block_k != 256 else None
+    got = fp4_dequantize(w, dtype, cfg)
+    assert got.shape == (n, k) and got.dtype == dtype
+    assert torch.equal(got.cpu(), dequantize(cpu_weight(w)).to(dtype))
+
+
+def test_dequantize_per_row_global_scale() -> None:
+    """A merged layer's per-row NVFP4 global scales (test_merged_shards_keep_their_global_scales),
+    with the shard boundary inside an n tile."""
+    g = torch.Generator().manual_seed(23)
+    shards = [quantize_rtn(torch.randn(n, 96, generator=g) * s, "nvfp4") for n, s in ((20, 0.1), (13, 3.0))]
+    gs = torch.cat([q.global_scale.expand(q.shape[0]) for q in shards])  # type: ignore[union-attr]
+    packed, scales = torch.cat([q.packed for q in shards]), torch.cat([q.scales for q in shards])
+    w = Fp4Weight("nvfp4", packed.to(DEVICE), scales.to(DEVICE), gs.to(DEVICE))
+    want = torch.cat([dequantize(q) for q in shards])
+    for dtype in (torch.float32, torch.bfloat16):
+        got = fp4_dequantize(w, dtype, Fp4Config(block_n=16, block_k=64))
+        assert torch.equal(got.cpu(), want.to(dtype))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear(kind: str, dtype: torch.dtype) -> None:
+    """The prefill path (dequantize, then F.linear) on 3-D activations with a bias."""
+    g = torch.Generator().manual_seed(61 + len(kind))
+    n, k = 40, 192
+    w = random_fp4(n, k, kind, g)
+    x = torch.randn(2, 19, k, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    got = fp4_linear(x, w, bias)
+    assert got.shape == (2, 19, n)
+    assert close(got.reshape(-1, n), fp4_matmul_ref(x.reshape(-1, k), w, bias), dtype)
+
+
+@triton.jit
+def _bf16_rne_probe(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    tl.store(y_ptr + r, _bf16_rne(tl.load(x_ptr + r)))
+
+
+def test_bf16_rounding_is_torchs() -> None:
+    """The dequantize kernel's float32 -> bfloat16 rounding on the cases random weights rarely reach:
+    ties to the even and the odd neighbour, a carry into the exponent, overflow to inf, subnormals,
+    signed zeros, inf and NaN; then random bit patterns."""
+    ties = [0x3F808000, 0x3F818000, 0x3FFF8000, 0x7F7F8000, 0x00008000, 0x00018000]
+    special = ties + [0x3F80FFFF, 0x7F7FFFFF, 0x7F7F7FFF, 0x007FFFFF, 0, 0x7F800000, 0x7FC00000, 0x7F800001]
+    signed = special + [b - 2**31 for b in special]  # the same with the sign bit set, as int32
+    rand = torch.randint(
+        -(2**31), 2**31 - 1, (1024 - len(signed),), generator=torch.Generator().manual_seed(71)
+    )
+    bits = torch.cat([torch.tensor(signed), rand]).to(torch.int32)
+    x = bits.view(torch.float32).to(DEVICE)
+    y = torch.empty(1024, dtype=torch.bfloat16, device=DEVICE)
+    _bf16_rne_probe[(1,)](x, y, BLOCK=1024)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(y.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(y[ok].view(torch.int16), want[ok].view(torch.int16))

@@ -17,9 +17,10 @@ the derived copy has one for the whole layer. The scales keep their own dtypes w
 (`fixed_dtype`). The bias, if any, is read from the checkpoint by a primary format and is the dense
 format's otherwise.
 
-`apply`: on CUDA, up to MAX_ROWS rows go through the split-K FP4 GEMV and more through the FP4 GEMM
-(kernels/fp4_gemm.py); on the CPU, the plain-torch reference (dequantize, then matmul). One row's
-silu(gate)·up is fused into the GEMV (`apply_silu_mul`).
+`apply`: on CUDA, up to MAX_ROWS rows go through the split-K FP4 GEMV and more (prefill) through
+`fp4_linear`: the weight dequantized to the activations' dtype by one Triton pass, then cuBLAS, far
+faster than a GEMM that dequantizes in its tile loop (kernels/fp4_gemm.py); on the CPU, the plain-torch
+reference (dequantize, then matmul). One row's silu(gate)·up is fused into the GEMV (`apply_silu_mul`).
 
 It sits in the contract, beside `WeightFormat`, so that plugins can ask for FP4 copies of projections
 (`FormatRequest(key, sites, partial(FP4Format, kind))`): a plugin imports only the contract and the
@@ -140,10 +141,11 @@ class FP4Format(WeightFormat):
         w, bias = self.weight(layer), layer.bias
         if not x.is_cuda:
             return fp4_matmul_ref(x, w, bias)
-        from actserve.kernels.fp4_gemm import fp4_gemm, fp4_gemv
+        from actserve.kernels.fp4_gemm import fp4_gemv, fp4_linear
 
-        x = x.contiguous()
-        return fp4_gemv(x, w, bias) if x.shape[0] <= MAX_ROWS else fp4_gemm(x, w, bias)
+        if x.shape[0] > MAX_ROWS:
+            return fp4_linear(x, w, bias)
+        return fp4_gemv(x.contiguous(), w, bias)
 
     def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
         """One row on CUDA: the activation fused into the GEMV's loads, as the bf16 path does."""
