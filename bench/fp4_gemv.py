@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_profile import graph_time_us  # noqa: E402
 from shapes import LLAMA3_8B  # noqa: E402
 
-from actserve.kernels.fp4_gemm import Fp4Config, fp4_gemm, fp4_gemv  # noqa: E402
+from actserve.kernels.fp4_gemm import Fp4Config, fp4_gemm, fp4_gemv, fp4_linear  # noqa: E402
 from actserve.kernels.fp4_ref import Fp4Weight, fp4_matmul_ref, quantize_rtn  # noqa: E402
 from actserve.kernels.gemv import gemv  # noqa: E402
 from actserve.kernels.gemv_ref import MAX_ROWS  # noqa: E402
@@ -69,37 +69,17 @@ def int4_tinygemm(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | N
 GEMV_CONFIGS = {
     1: [
         Fp4Config(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
-        for bn, bk, nw, st in itertools.product((8, 16, 32), (256, 512, 1024), (4,), (2, 4))
+        for bn, bk, nw, st in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (3,))
     ]
-    + [Fp4Config(block_n=bn, block_k=512, num_warps=8, num_stages=3) for bn in (16, 32, 64)],
+    + [Fp4Config(block_n=bn, block_k=4096, num_warps=4, num_stages=3) for bn in (4, 8)],
     8: [
-        Fp4Config(block_n=bn, block_k=bk, num_warps=4, num_stages=st)
-        for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3,))
-    ]
-    + [Fp4Config(block_n=32, block_k=256, num_warps=8, num_stages=4)],
+        Fp4Config(block_n=bn, block_k=bk, num_warps=4, num_stages=3)
+        for bn, bk in itertools.product((32, 64), (128, 256))
+    ],
 }
 GEMM_CONFIGS = {
-    64: [
-        Fp4Config(block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=st)
-        for bm, bn, bk, st in (
-            (64, 64, 128, 4),
-            (64, 128, 128, 3),
-            (32, 64, 256, 3),
-            (64, 64, 256, 3),
-            (64, 32, 256, 4),
-        )
-    ],  # fmt: skip
-    2048: [
-        Fp4Config(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
-        for bm, bn, bk, nw, st in (
-            (128, 128, 64, 8, 3),
-            (128, 128, 128, 8, 3),
-            (128, 64, 128, 4, 3),
-            (64, 128, 128, 4, 4),
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 4, 4),
-        )
-    ],  # fmt: skip
+    64: [Fp4Config(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)],
+    2048: [Fp4Config(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)],
 }
 
 
@@ -180,6 +160,9 @@ def main() -> None:
                         best, cfg = t, c
             row["nvfp4_us"], row["nvfp4_config"] = best, cfg.__dict__ if cfg else None
             row["nvfp4_default_us"] = rotating(fn, x, fp4["nvfp4"])
+            if m > MAX_ROWS:  # what the engine runs there: dequantize, then cuBLAS
+                row["nvfp4_linear_us"] = rotating(fp4_linear, x, fp4["nvfp4"])
+                row["mxfp4_linear_us"] = rotating(fp4_linear, x, fp4["mxfp4"])
             # MXFP4 on the NVFP4 winner and the default (the same loop, other scales)
             mx_cfgs = [c for c in (cfg,) if c is not None]
             row["mxfp4_us"] = sweep(x, fp4["mxfp4"], mx_cfgs, fn)[0] if mx_cfgs else None
@@ -191,16 +174,26 @@ def main() -> None:
         sel = [r for r in rows_out if r["m"] == m]
         bf16 = sum(r["torch_bf16_us"] for r in sel)
         for kind in ("nvfp4", "mxfp4"):
-            res[f"{kind}_layer_speedup_m{m}"] = bf16 / sum(r[f"{kind}_us"] for r in sel)
+            if all(r[f"{kind}_us"] for r in sel):
+                res[f"{kind}_layer_speedup_m{m}"] = bf16 / sum(r[f"{kind}_us"] for r in sel)
             res[f"{kind}_default_layer_speedup_m{m}"] = bf16 / sum(r[f"{kind}_default_us"] for r in sel)
+            if m > MAX_ROWS:
+                res[f"{kind}_linear_layer_speedup_m{m}"] = bf16 / sum(r[f"{kind}_linear_us"] for r in sel)
         if all(r["int4_tinygemm_us"] for r in sel):
             res[f"int4_layer_speedup_m{m}"] = bf16 / sum(r["int4_tinygemm_us"] for r in sel)
     res["fp4_gemv_speedup_b1"] = res.get("nvfp4_default_layer_speedup_m1")
-    head = ("proj", "m", "bf16 us", "int4 us", "nvfp4 us", "nv dflt us", "mxfp4 us", "nvfp4 x")
+    head = ("proj", "m", "bf16 us", "int4 us", "nvfp4 us", "nv dflt us", "mxfp4 us", "nv linear", "nvfp4 x")
     print("\n" + "".join(f"{h:>13}" for h in head))
     for r in rows_out:
-        keys = ("torch_bf16_us", "int4_tinygemm_us", "nvfp4_us", "nvfp4_default_us", "mxfp4_us")
-        cells = [r[key] for key in keys]
+        keys = (
+            "torch_bf16_us",
+            "int4_tinygemm_us",
+            "nvfp4_us",
+            "nvfp4_default_us",
+            "mxfp4_us",
+            "nvfp4_linear_us",
+        )
+        cells = [r.get(key) for key in keys]
         print(
             f"{r['proj']:>13}{r['m']:>13}" + "".join(f"{c or float('nan'):>13.1f}" for c in cells),
             f"{r['torch_bf16_us'] / r['nvfp4_us']:>12.2f}",

@@ -15,6 +15,7 @@ comparison (bench/fp4_gemv.py): every M tile redoes the dequant, and on the H200
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,6 @@ import triton
 import triton.language as tl
 
 from actserve.kernels.fp4_ref import GROUP, Fp4Weight
-from actserve.kernels.gemv import load_x
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
@@ -40,8 +40,10 @@ class Fp4Config:
 
 def pick_gemv_config(m: int, n: int, k: int) -> Fp4Config:
     """Launch config per shape for 1-16 rows; see bench/results/fp4_gemv.json for the sweep."""
-    if m == 1:
-        return Fp4Config(block_n=16, block_k=512, num_warps=4, num_stages=3)
+    if m == 1:  # 8-row tiles won on every projection; long K tiles where there are few of them
+        if n >= 6144:
+            return Fp4Config(block_n=8, block_k=512, num_warps=8, num_stages=3)
+        return Fp4Config(block_n=8, block_k=2048, num_warps=4, num_stages=3)
     return Fp4Config(block_n=32, block_k=256, num_warps=4, num_stages=3)
 
 
@@ -72,19 +74,76 @@ def _e2m1_hi(b):
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
 
+# PTX for `_e2m1_word`: nibbles k and k + 4 of the word become one float16 pair (magnitude bits to 9-11
+# of each half, sign bits to 15), each half widened to float32 (operand 8 is the word, 0-7 the values).
+_WORD_PAIRS = ((9, 12, 0, 4), (5, 8, 1, 5), (1, 4, 2, 6), (-3, 0, 3, 7))  # shifts of magnitude, sign; k, k+4
+
+
+def _shift(reg: str, src: str, by: int) -> str:
+    op = "shl" if by > 0 else "shr"
+    return f"{op}.b32 {reg}, {src}, {abs(by)};" if by else f"mov.b32 {reg}, {src};"
+
+
+E2M1_WORD_PTX = tl.constexpr(
+    "{ .reg .b32 m, s; .reg .b16 lo, hi; "
+    + " ".join(
+        f"{_shift('m', '$8', mag)} and.b32 m, m, 0x0E000E00; {_shift('s', '$8', sign)} "
+        f"and.b32 s, s, 0x80008000; or.b32 m, m, s; mov.b32 {{lo, hi}}, m; "
+        f"cvt.f32.f16 ${k}, lo; cvt.f32.f16 ${k4}, hi;"
+        for mag, sign, k, k4 in _WORD_PAIRS
+    )
+    + " }"
+)
+
+
 @triton.jit
-def _group_scales(s_at, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4: tl.constexpr):
-    """2^14 x the float32 multiplier of the blocks at s_at: E4M3 / the global scale of row rn (one IEEE
-    division, as the reference; scales are never negative), or the E8M0 power of two 2^(e - 127)."""
-    s = tl.load(s_at, mask=mask, other=0).to(tl.int32)
+def _e2m1_nibble(w, k: tl.constexpr):
+    """`_e2m1_lo` of nibble k of int32 words w, in plain Triton (the interpreter's path)."""
+    c = w >> (4 * k)
+    bits = (((c & 7) << 9) | ((c & 8) << 12)).to(tl.int16)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_word(w, ASM: tl.constexpr):
+    """2^-14 x the E2M1 values of the eight nibbles of int32 words w (nibble k is column 8j + k of word
+    j), as eight float32 tensors. ASM: four shift-and-mask steps make float16 pairs (`_e2m1_lo`'s trick
+    on two nibbles at once) in inline PTX, about 3.5 instructions per value; else plain Triton."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            E2M1_WORD_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+        )
+    return (
+        _e2m1_nibble(w, 0), _e2m1_nibble(w, 1), _e2m1_nibble(w, 2), _e2m1_nibble(w, 3),
+        _e2m1_nibble(w, 4), _e2m1_nibble(w, 5), _e2m1_nibble(w, 6), _e2m1_nibble(w, 7),
+    )  # fmt: skip
+
+
+@triton.jit
+def _block_scales(s_at, mask, NVFP4: tl.constexpr, ASM: tl.constexpr):
+    """2^14 x the value of the block scales at s_at: E4M3 (never negative; ASM: the hardware's FP8
+    conversion, else bit arithmetic) or the E8M0 power of two 2^(e - 127)."""
+    s = tl.load(s_at, mask=mask, other=0)
     if NVFP4:
+        if ASM:
+            return s.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 16384.0
+        s = s.to(tl.int32)
         exp = (s >> 3) & 15
         man = s & 7
         normal = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
-        val = tl.where(exp > 0, normal, man.to(tl.float32) * 0.001953125)  # subnormal: m * 2^-9
+        return tl.where(exp > 0, normal, man.to(tl.float32) * 0.001953125) * 16384.0  # subnormal m*2^-9
+    return (tl.minimum(s.to(tl.int32) + 14, 255) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127 + 14)
+
+
+@triton.jit
+def _group_scales(s_at, mask, gs_ptr, rn, n_ok, stride_gs, NVFP4: tl.constexpr):
+    """2^14 x the float32 multiplier of the blocks at s_at: E4M3 / the global scale of row rn (one IEEE
+    division, as the reference, so dequantized weights match it bit for bit), or the E8M0 power of two."""
+    val = _block_scales(s_at, mask, NVFP4, False)
+    if NVFP4:
         gs = tl.load(gs_ptr + rn * stride_gs, mask=n_ok, other=1.0)
-        return tl.div_rn(val, gs[:, None]) * 16384.0
-    return (tl.minimum(s + 14, 255) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127 + 14)
+        return tl.div_rn(val * (1.0 / 16384.0), gs[:, None]) * 16384.0
+    return val
 
 
 @triton.jit
@@ -112,10 +171,10 @@ def _dequant_tile(b, scale, dtype, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _x_pairs(x_ptr, rows, k_half, pair, mask, SILU_MUL: tl.constexpr):
+def _x_pairs(x_ptr, rows, pair, mask):
     """(even, odd) activation columns at packed index `pair` (2-D; `rows` broadcasts to 3-D), loaded as
     adjacent pairs."""
-    both = load_x(x_ptr, rows, k_half, 2 * pair[:, :, None] + tl.arange(0, 2), mask[:, :, None], SILU_MUL)
+    both = tl.load(x_ptr + rows + 2 * pair[:, :, None] + tl.arange(0, 2), mask=mask[:, :, None], other=0.0)
     return tl.split(both)
 
 
@@ -124,8 +183,8 @@ def _fp4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_sn,
     stride_gs, stride_ym, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NVFP4: tl.constexpr,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PARTIAL: tl.constexpr,
-    PREC: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    PREC: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Program (n tile, K split): with PARTIAL, float32 sums into slice `split` of the workspace y.
 
@@ -139,19 +198,28 @@ def _fp4_gemv_kernel(
     s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
     k_end = tl.minimum(K, (split + 1) * k_split)
     pdl_sync(USE_PDL)
-    if BLOCK_M == 1:
+    if BLOCK_M == 1:  # w_ptr: the packed bytes as int32 words, stride_wn in words
         acc1 = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
         for k0 in range(split * k_split, k_end, BLOCK_K):
-            b, scale, g_ok = _tile_bytes(
-                w_rows, s_rows, gs_ptr, rn, n_ok, k0, k_end, stride_gs, BLOCK_K, GROUP, NVFP4
-            )
-            pair = (k0 // GROUP + tl.arange(0, BLOCK_K // GROUP))[:, None] * (GROUP // 2) + tl.arange(
-                0, GROUP // 2
-            )
-            x_even, x_odd = _x_pairs(x_ptr, 0, K, pair, g_ok[:, None], SILU_MUL)
-            part = _e2m1_lo(b) * x_even.to(tl.float32)[None] + _e2m1_hi(b) * x_odd.to(tl.float32)[None]
+            g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            g_ok = g * GROUP < k_end
+            wi = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # [groups, words]
+            words = tl.load(w_rows + wi[None], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            scale = _block_scales(s_rows + g[None, :], n_ok[:, None] & g_ok[None, :], NVFP4, ASM)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _e2m1_word(words, ASM)
+            x_ok = g_ok[:, None]
+            part = v0 * tl.load(x_ptr + 8 * wi, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v1 * tl.load(x_ptr + 8 * wi + 1, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v2 * tl.load(x_ptr + 8 * wi + 2, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v3 * tl.load(x_ptr + 8 * wi + 3, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v4 * tl.load(x_ptr + 8 * wi + 4, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v5 * tl.load(x_ptr + 8 * wi + 5, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v6 * tl.load(x_ptr + 8 * wi + 6, mask=x_ok, other=0.0).to(tl.float32)[None]
+            part += v7 * tl.load(x_ptr + 8 * wi + 7, mask=x_ok, other=0.0).to(tl.float32)[None]
             acc1 += tl.sum(part, axis=2) * scale
         out = tl.sum(acc1, axis=1)
+        if NVFP4:  # the global scale once per row, not per block: W = e2m1 * scale / global
+            out = tl.div_rn(out, tl.load(gs_ptr + rn * stride_gs, mask=n_ok, other=1.0))
         if PARTIAL:
             tl.store(y_ptr + split * stride_ys + rn, out, mask=n_ok)
         else:
@@ -168,9 +236,7 @@ def _fp4_gemv_kernel(
             )
             rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             x_mask = m_ok[:, None] & (2 * rj < k_end)[None, :]
-            x_even, x_odd = _x_pairs(
-                x_ptr, (rm[:, None] * stride_xm)[:, :, None], K, rj[None, :], x_mask, SILU_MUL
-            )
+            x_even, x_odd = _x_pairs(x_ptr, (rm[:, None] * stride_xm)[:, :, None], rj[None, :], x_mask)
             w_even, w_odd = _dequant_tile(b, scale, x_even.dtype, BLOCK_N, BLOCK_K)
             acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
             acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
@@ -206,7 +272,7 @@ def _fp4_gemm_kernel(
         )
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         x_mask = m_ok[:, None] & (2 * rj < K)[None, :]
-        x_even, x_odd = _x_pairs(x_ptr, x_rows, K, rj[None, :], x_mask, False)
+        x_even, x_odd = _x_pairs(x_ptr, x_rows, rj[None, :], x_mask)
         w_even, w_odd = _dequant_tile(b, scale, x_even.dtype, BLOCK_N, BLOCK_K)
         acc += tl.dot(x_even, tl.trans(w_even), input_precision=PREC)
         acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=PREC)
@@ -250,11 +316,9 @@ def _fp4_dequant_kernel(
     tl.store(y_at, w.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & (rk < K)[None, :])
 
 
-def _operands(
-    x: torch.Tensor, w: Fp4Weight, x_cols: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Checked shapes (x has `x_cols` columns, default K); `_weight_operands`."""
-    if x.shape[1] != (x_cols or w.shape[1]) or x.stride(1) != 1:
+def _operands(x: torch.Tensor, w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked shapes (x [M, K]); `_weight_operands`."""
+    if x.shape[1] != w.shape[1] or x.stride(1) != 1:
         raise ValueError(f"fp4 matmul: x {tuple(x.shape)} does not match weight {w.shape} (K-contiguous)")
     return _weight_operands(w)
 
@@ -273,6 +337,11 @@ def _weight_operands(w: Fp4Weight) -> tuple[torch.Tensor, torch.Tensor, int, tor
     return scales, gs, int(gs.numel() == n and n > 1), w.packed
 
 
+def _native(x: torch.Tensor) -> bool:
+    """Compiled for a GPU (inline PTX allowed), not run by the Triton interpreter."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -287,15 +356,14 @@ def fp4_gemv(
     w: Fp4Weight,
     bias: torch.Tensor | None = None,
     cfg: Fp4Config | None = None,
-    silu_mul: bool = False,
 ) -> torch.Tensor:
-    """x [M <= 16, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype; with silu_mul, x is [M, 2K] =
-    [gate | up] and silu(gate)·up is formed while loading (as kernels/gemv.py does)."""
+    """x [M <= 16, K] @ dequantize(w).T (+ bias) -> [M, N] in x's dtype. No fused silu·mul (unlike
+    kernels/gemv.py): fused into these loads it made batch-1 decode slower (server/contract/fp4_format.py)."""
     m, n = x.shape[0], w.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fp4_gemv handles at most {MAX_ROWS} rows; got {m}")
     k = w.shape[1]
-    scales, gs, stride_gs, packed = _operands(x, w, 2 * k if silu_mul else k)
+    scales, gs, stride_gs, packed = _operands(x, w)
     cfg = cfg or pick_gemv_config(m, n, k)
     n_tiles = triton.cdiv(n, cfg.block_n)
     splits = cfg.split_k or pick_split(n_tiles, k, cfg.block_k)
@@ -305,12 +373,14 @@ def fp4_gemv(
     if not m:
         return y
     out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    if m == 1:  # the one-row loop reads whole int32 words (8 codes)
+        packed = packed.view(torch.int32)
     _fp4_gemv_kernel[(n_tiles, splits)](
         x, packed, scales, gs, bias if bias is not None else x, out, m, n, k, k_split, x.stride(0),
         packed.stride(0), scales.stride(0), stride_gs, out.stride(-2), out.stride(0),
         BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NVFP4=w.kind == "nvfp4", GROUP=GROUP[w.kind], HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        PARTIAL=splits > 1, PREC=_prec(x), **pdl_args(x), num_warps=cfg.num_warps,
+        NVFP4=w.kind == "nvfp4", GROUP=GROUP[w.kind], HAS_BIAS=bias is not None,
+        PARTIAL=splits > 1, PREC=_prec(x), **pdl_args(x), ASM=_native(x), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits == 1:

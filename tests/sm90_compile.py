@@ -70,21 +70,11 @@ fp4_types = {
 for nvfp4 in (True, False):
     fp4 = dict(NVFP4=nvfp4, GROUP=16 if nvfp4 else 32, HAS_BIAS=True, PREC="tf32")
     for block_m, partial in ((1, False), (1, True), (16, False), (16, True)):
-        VARIANTS.append(
-            (
-                _fp4_gemv_kernel,
-                {**fp4_types, "y_ptr": F32} if partial else fp4_types,
-                dict(
-                    BLOCK_M=block_m,
-                    BLOCK_N=32,
-                    BLOCK_K=256,
-                    PARTIAL=partial,
-                    USE_PDL=True,
-                    SILU_MUL=block_m == 1,
-                    **fp4,
-                ),
-            )
-        )
+        types = {**fp4_types, "y_ptr": F32} if partial else dict(fp4_types)
+        if block_m == 1:  # one row reads the packed codes as int32 words
+            types["w_ptr"] = I32
+        consts = dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=256, PARTIAL=partial, USE_PDL=True, ASM=True)
+        VARIANTS.append((_fp4_gemv_kernel, types, dict(consts, **fp4)))
     gemm_types = {a: t for a, t in fp4_types.items() if a not in ("k_split", "stride_ys")}
     VARIANTS.append((_fp4_gemm_kernel, gemm_types, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **fp4)))
     dequant_types = {

@@ -107,21 +107,6 @@ def test_merged_shards_keep_their_global_scales() -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_fused_silu_mul(kind: str, rows: int) -> None:
-    """silu(gate)·up formed while loading equals the activation applied first (rounded to x's dtype
-    as kernels/silu_mul.py does), then the reference."""
-    g = torch.Generator().manual_seed(31 + rows + len(kind))
-    n, k = 24, 128
-    w = random_fp4(n, k, kind, g)
-    gate_up = torch.randn(rows, 2 * k, generator=g).to(DEVICE)
-    gate, up = gate_up.chunk(2, dim=-1)
-    want = fp4_matmul_ref(torch.nn.functional.silu(gate) * up, w)
-    got = fp4_gemv(gate_up, w, cfg=Fp4Config(block_n=16, block_k=64, split_k=2), silu_mul=True)
-    assert close(got, want, torch.float32)
-
-
-@pytest.mark.parametrize("kind", KINDS)
 def test_default_configs_on_model_shapes(kind: str) -> None:
     """The launch configs picked per shape (not the tests' small tiles) on a K of several tiles and an
     N that is no multiple of any tile: one row, a decode batch, a batch past the GEMV, a prompt."""
@@ -209,3 +194,28 @@ def test_bf16_rounding_is_torchs() -> None:
     assert torch.equal(y.isnan(), want.isnan())
     ok = ~want.isnan()
     assert torch.equal(y[ok].view(torch.int16), want[ok].view(torch.int16))
+
+
+def test_word_decoder_shifts_match_the_reference() -> None:
+    """The inline PTX of the one-row GEMV (compiled for GPUs only; the interpreter runs the plain path)
+    is built from `_WORD_PAIRS`: replaying its shifts and masks on random words in numpy gives every
+    nibble's E2M1 value, 2^-14-scaled, bit for bit."""
+    import numpy as np
+
+    from actserve.kernels.fp4_gemm import _WORD_PAIRS, E2M1_WORD_PTX
+    from actserve.kernels.fp4_ref import e2m1_table
+
+    table = e2m1_table().numpy()
+    words = np.random.default_rng(5).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    seen = set()
+    for mag, sign, k, k4 in _WORD_PAIRS:
+        assert f"cvt.f32.f16 ${k}, lo; cvt.f32.f16 ${k4}, hi;" in str(E2M1_WORD_PTX)
+        m = words << np.uint32(mag) if mag > 0 else words >> np.uint32(-mag)
+        s = words << np.uint32(sign) if sign > 0 else words
+        pair = (m & np.uint32(0x0E000E00)) | (s & np.uint32(0x80008000))
+        for nib, half in ((k, pair & 0xFFFF), (k4, pair >> 16)):
+            got = half.astype(np.uint16).view(np.float16).astype(np.float32) * 2.0**14
+            want = table[(words >> np.uint32(4 * nib)) & 15]
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), nib
+            seen.add(nib)
+    assert seen == set(range(8))

@@ -20,7 +20,9 @@ format's otherwise.
 `apply`: on CUDA, up to MAX_ROWS rows go through the split-K FP4 GEMV and more (prefill) through
 `fp4_linear`: the weight dequantized to the activations' dtype by one Triton pass, then cuBLAS, far
 faster than a GEMM that dequantizes in its tile loop (kernels/fp4_gemm.py); on the CPU, the plain-torch
-reference (dequantize, then matmul). One row's silu(gate)·up is fused into the GEMV (`apply_silu_mul`).
+reference (dequantize, then matmul). silu(gate)·up runs as its own kernel before the down projection:
+fused into the one-row FP4 GEMV's loads it cost more than it saved (H200, Llama-3-8B shape: batch-1
+decode 224 tok/s fused, 260 unfused; bench/results/fp4_e2e.json is the unfused run).
 
 It sits in the contract, beside `WeightFormat`, so that plugins can ask for FP4 copies of projections
 (`FormatRequest(key, sites, partial(FP4Format, kind))`): a plugin imports only the contract and the
@@ -146,11 +148,3 @@ class FP4Format(WeightFormat):
         if x.shape[0] > MAX_ROWS:
             return fp4_linear(x, w, bias)
         return fp4_gemv(x.contiguous(), w, bias)
-
-    def apply_silu_mul(self, layer: LinearBase, gate_up: torch.Tensor) -> torch.Tensor:
-        """One row on CUDA: the activation fused into the GEMV's loads, as the bf16 path does."""
-        if gate_up.is_cuda and gate_up.shape[0] == 1:
-            from actserve.kernels.fp4_gemm import fp4_gemv
-
-            return fp4_gemv(gate_up.contiguous(), self.weight(layer), layer.bias, silu_mul=True)
-        return super().apply_silu_mul(layer, gate_up)
