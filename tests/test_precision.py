@@ -171,6 +171,11 @@ def test_prepare_refusals(eng: LLMEngine, bare: LLMEngine) -> None:
             bare.registry.prepare(spec(kind))
         assert e.value.param == field
         assert eng.registry.prepare(spec(kind)) == {PLUGIN: kind}
+    # "fp4": the loaded copy, NVFP4 first; refused where none is loaded
+    assert eng.registry.prepare(spec("fp4")) == {PLUGIN: "nvfp4"}
+    with pytest.raises(InterventionError, match="fp4 weights are not loaded.*loaded: bf16 ") as e:
+        bare.registry.prepare(spec("fp4"))
+    assert e.value.param == field
 
 
 def test_unknown_names_refused_at_start(tinystories_dir: Path) -> None:

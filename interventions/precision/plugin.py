@@ -1,11 +1,11 @@
 """`precision`: a request's rows multiply by an FP4 copy of every projection's weight instead of the
-checkpoint's (the linear-weights hook point, docs/architecture.md §6).
-
-`{"precision": {"weights": "nvfp4"}}` (or "mxfp4"; "bf16" / "none": the primary weights, as without the
-field). Which FP4 copies exist is a server option (`precisions`, `--precisions bf16,nvfp4`): each one
-loaded is an `FP4Format` on every projection of every decoder layer (qkv, o, gate_up, down; the
-embeddings and lm_head stay as loaded), quantized from the dense weight at start by round-to-nearest. A
-request for a copy the server did not load is refused, naming the field and the loaded precisions.
+checkpoint's (the linear-weights hook point, docs/architecture.md §6). `{"precision": {"weights":
+"nvfp4"}}` (or "mxfp4"; "fp4": whichever FP4 copy is loaded, NVFP4 first; "bf16" / "none": the primary
+weights, as without the field). Which FP4 copies exist is a server option (`precisions`, `--precisions
+bf16,nvfp4`): each one loaded is an `FP4Format` on every projection of every decoder layer (qkv, o,
+gate_up, down; the embeddings and lm_head stay as loaded), quantized from the dense weight at start by
+round-to-nearest. A request for a copy the server did not load is refused, naming the field and the
+loaded precisions.
 
 A request for the primary weights gets no plan (it is a plain request). Rows of other requests keep the
 primary format's bits (the layers take an FP4 product only on the rows this hook selects). The FP4
@@ -40,7 +40,8 @@ from actserve.kernels.fp4_ref import Fp4Kind
 
 PRIMARY = ("bf16", "none")  # names of the checkpoint's own weights (whatever --dtype made of them)
 FP4_KINDS: tuple[Fp4Kind, ...] = get_args(Fp4Kind)  # ("nvfp4", "mxfp4"): a row input holds the index
-Weights = Literal["bf16", "none", "nvfp4", "mxfp4"]
+Weights = Literal["bf16", "none", "fp4", "nvfp4", "mxfp4"]
+ANY_FP4 = "fp4"  # the first loaded kind of FP4_KINDS
 INPUT = "fp4"
 
 
@@ -61,7 +62,8 @@ class PrecisionSpec(BaseModel):
 
     weights: Weights = Field(
         description="the weights this request's matmuls use: bf16 or none (the checkpoint's), nvfp4 or "
-        "mxfp4 (an FP4 copy of every decoder projection; only those the server loaded, --precisions)"
+        "mxfp4 (an FP4 copy of every decoder projection; only those the server loaded, --precisions), "
+        "or fp4 (the loaded FP4 copy, nvfp4 first)"
     )
 
 
@@ -105,8 +107,11 @@ class PrecisionPlugin(InterventionPlugin):
         assert isinstance(spec, PrecisionSpec)
         if spec.weights in PRIMARY:
             return None
-        kind = cast(Fp4Kind, spec.weights)
         where = f"{param}.weights"
+        if spec.weights == ANY_FP4 and self.loaded:
+            kind = self.loaded[0]
+        else:
+            kind = cast(Fp4Kind, spec.weights)
         if kind not in self.loaded:
             loaded = ", ".join(self.available())
             raise InterventionError(
