@@ -236,6 +236,11 @@ class InterventionRegistry:
         keys = ((name, self.plugins[name].prefix_key(plan)) for name, plan in plans.items())
         return tuple(sorted((k for k in keys if k[1] is not None), key=lambda k: k[0]))
 
+    def metric_labels(self, plans: dict[str, Any]) -> list[tuple[str, str]]:
+        """(plugin name, its `metric_label` or "") for each plan: the labels under which the engine counts
+        the sequence in `actserve_intervention_requests_total` without knowing any plugin."""
+        return [(name, self.plugins[name].metric_label(plan) or "") for name, plan in plans.items()]
+
     def weight_formats(self) -> dict[str, list[FormatRequest]]:
         """Each plugin's extra weight formats by plugin name, only plugins that ask for some (the engine
         installs them before the runner is built, naming the plugin in any error)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import psutil
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -61,11 +63,18 @@ class EngineMetrics:
         self.cpu_memory = Gauge(
             "actserve_cpu_memory_bytes", "CPU memory by kind.", lbl + ["kind"], registry=r
         )
+        # admitted sequences carrying each plugin's plan; `value`: the plugin's label of the plan
+        # (InterventionPlugin.metric_label, e.g. which weights the request runs on), "" when it gives none
         self.interventions = Counter(
             "actserve_intervention_requests",
-            "Requests carrying an intervention.",
-            lbl + ["intervention"],
+            "Sequences admitted with an intervention, by plugin and the plugin's label of the plan.",
+            lbl + ["intervention", "value"],
             registry=r,
+        )
+        # the model's parameters by how they are stored (wherever they live; on CUDA they sum to
+        # actserve_gpu_memory_bytes{kind="weights"}): a dtype for dense tensors, an FP4 kind for packed ones
+        self.weight_bytes = Gauge(
+            "actserve_weight_bytes", "Weight bytes by storage format.", lbl + ["format"], registry=r
         )
         for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
@@ -85,9 +94,13 @@ class EngineMetrics:
         self._kv_bytes = 0
         self._on_gpu = False
 
-    def set_static_memory(self, weights_bytes: int, kv_bytes: int, on_gpu: bool) -> None:
-        """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them."""
-        self._weights_bytes, self._kv_bytes, self._on_gpu = weights_bytes, kv_bytes, on_gpu
+    def set_static_memory(self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool) -> None:
+        """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them.
+        `weights_by_format`: bytes by storage format (their sum is the weights' total)."""
+        for fmt, size in weights_by_format.items():
+            self.weight_bytes.labels(self.model_name, fmt).set(size)
+        self._weights_bytes, self._kv_bytes = sum(weights_by_format.values()), kv_bytes
+        self._on_gpu = on_gpu
         self.refresh_memory()
 
     def refresh_memory(self) -> None:

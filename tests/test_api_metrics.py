@@ -44,6 +44,7 @@ LABELLED = {
     "actserve_gpu_memory_bytes": ("kind", {"weights", "kv_cache", "allocated", "reserved"}),
     "actserve_cpu_memory_bytes": ("kind", {"rss", "pinned"}),
     "actserve_intervention_requests_total": ("intervention", {"steering"}),
+    "actserve_weight_bytes": ("format", {"float32"}),
 }
 REQUEST_BUCKETS = {0.3, 7680.0}
 BUCKETS = {
@@ -167,12 +168,15 @@ def test_streamed_n_and_chat_count_too(url: str, client: OpenAI) -> None:
 
 
 def test_intervention_counter(url: str, client: OpenAI) -> None:
-    before = value(scrape(url), "actserve_intervention_requests_total", intervention="steering")
+    """Steering declares no label of its plans: its sequences count under value="" (per-kind labels:
+    tests/test_precision.py)."""
+    labels = {"intervention": "steering", "value": ""}
+    before = value(scrape(url), "actserve_intervention_requests_total", **labels)
     client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, extra_body={"interventions": steering(1.0)}
     )
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
-    after = value(scrape(url), "actserve_intervention_requests_total", intervention="steering")
+    after = value(scrape(url), "actserve_intervention_requests_total", **labels)
     assert after - before == 1
 
 
@@ -320,6 +324,7 @@ def test_every_series_is_exported_from_startup(small_kv_server: LiveServer) -> N
     assert value(samples, "actserve_num_requests_running") == 0
     assert value(samples, "actserve_prompt_tokens_total") == 0
     assert value(samples, "actserve_num_preemptions_total") == 0
+    assert value(samples, "actserve_weight_bytes", format="float32") > 0
     for h in HISTOGRAMS:
         assert value(samples, f"{h}_count") == 0, h
 

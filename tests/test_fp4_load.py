@@ -119,6 +119,8 @@ def test_nvfp4_checkpoint_loads_packed_and_equals_its_dequantization(tmp_path: P
     config = AutoConfig.from_pretrained(NVFP4_DIR)
     others = sum(4 * v.numel() for k, v in sd.items() if ".weight_" not in k)
     assert loaded.weights_bytes == others + projection_bytes(config, "nvfp4")
+    # by format: a primary FP4 format's tensors under its kind (no prefix to tell them by)
+    assert loaded.weights_by_format == {"float32": others, "nvfp4": projection_bytes(config, "nvfp4")}
 
     ref_dir = dense_copy(NVFP4_DIR, tmp_path / "dequantized", dequantized_checkpoint(NVFP4_DIR))
     engine = LLMEngine(EngineConfig(model=str(NVFP4_DIR), num_kv_blocks=64, block_size=8))
@@ -190,9 +192,11 @@ def test_quantization_flag_equals_rtn_reference(kind: str, tinystories_dir: Path
     dense_gate_up = dense.model.model.layers[0].mlp.gate_up_proj
     assert (gate_up(hidden) - dense_gate_up(hidden)).abs().max() > 1e-3
     # weights_bytes: the projections' float32 bytes replaced by their packed sizes, nothing else changed
+    # (compared without plugins: the engine's weights_bytes also holds the test plugins' dense copies)
     config = AutoConfig.from_pretrained(tinystories_dir)
     saved = projection_bytes(config, None) - projection_bytes(config, kind)
-    assert dense.weights_bytes - engine.loaded.weights_bytes == saved
+    assert dense.weights_bytes - load(tinystories_dir, quantization=kind).weights_bytes == saved
+    assert engine.loaded.weights_by_format[kind] == projection_bytes(config, kind)
     assert projection_bytes(config, kind) / projection_bytes(config, None) < 0.15
 
 

@@ -1,8 +1,9 @@
 """Per-request FP4 weights, the `precision` plugin (interventions/precision/), on TinyStories-656K in
 float32 on the CPU: an FP4 row equals transformers whose projections hold dequantize(quantize(W))
 (kernels/fp4_ref.py); mixed batches equal solo runs; bf16 rows keep the bits of a server without
---precisions; the prefix cache keeps FP4 and bf16 prompts apart; bad specs are 400s naming the field.
-Prompts are drawn afresh each run (the seed is in the failure messages)."""
+--precisions; the prefix cache keeps FP4 and bf16 prompts apart; bad specs are 400s naming the field;
+the copies' bytes are in weights_bytes before the KV cache is sized and in the metrics, and FP4 requests
+are counted by kind. Prompts are drawn afresh each run (the seed is in the failure messages)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from actserve.interventions.base import InterventionError
 from actserve.interventions.precision.plugin import FP4_KINDS, PrecisionPlugin
-from actserve.kernels.fp4_ref import dequantize, quantize_rtn
+from actserve.kernels.fp4_ref import GROUP, dequantize, quantize_rtn
 from actserve.server.cli import build_parser, plugin_options
+from actserve.server.engine import llm_engine
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.models.builder import LoadConfig, LoadedModel
+from actserve.server.models.formats import weight_bytes
 from tests.conftest import start_server
 from tests.engine_utils import greedy, hf_generate, hf_swapped, run_logged
 
@@ -232,5 +238,93 @@ def test_over_http(tinystories_dir: Path, eng: LLMEngine, prompts: list[list[int
             assert err["param"] == param, (interventions, r.text)
             for w in words:
                 assert w in err["message"], (interventions, err["message"])
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------- memory and metrics
+
+
+def copy_bytes(model: Path, kind: str) -> int:
+    """One FP4 copy's bytes from the config's shapes alone, per decoder projection as the layers merge
+    them (q/k/v, o, gate/up, down: [N, K]): N*K/2 of codes, a one-byte scale per group of K, and for
+    NVFP4 one float32 global scale per projection."""
+    c = AutoConfig.from_pretrained(model)
+    h, i, d = c.hidden_size, c.intermediate_size, c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    shapes = [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)] * c.num_hidden_layers
+    return sum(n * k // 2 + n * k // GROUP[kind] + (4 if kind == "nvfp4" else 0) for n, k in shapes)
+
+
+def checkpoint_bytes(model: Path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(model / "model.safetensors").values())
+
+
+def test_weight_bytes_by_format(tinystories_dir: Path, eng: LLMEngine, bare: LLMEngine) -> None:
+    """Each copy's packed codes and scales under its kind, everything else under its dtype; the parts add
+    up to weights_bytes, which grows by exactly the copies. (Without --precisions: the checkpoint's float32
+    tensors, plus any dense copy another plugin installs: the tests' `test_perturbed_weights` does.)"""
+    dense = bare.loaded.weights_by_format["float32"]
+    assert bare.loaded.weights_by_format == {"float32": dense} and bare.loaded.weights_bytes == dense
+    assert dense >= checkpoint_bytes(tinystories_dir)
+    nv, mx = copy_bytes(tinystories_dir, "nvfp4"), copy_bytes(tinystories_dir, "mxfp4")
+    assert eng.loaded.weights_by_format == {"float32": dense, "nvfp4": nv, "mxfp4": mx}
+    assert eng.loaded.weights_bytes == dense + nv + mx
+
+
+def test_kv_cache_is_sized_after_the_copies(tinystories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the KV cache gets what --gpu-memory-utilization leaves after `torch.cuda.memory_allocated()`
+    at `size_kv_cache` (and the profiled step): the copies must be on the model by then. They are: what
+    the model holds when the engine sizes the cache is what it holds when it serves, copies included."""
+    held: list[dict[str, int]] = []
+    size = llm_engine.size_kv_cache
+
+    def spy(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:
+        held.append(weight_bytes(loaded.model))
+        return size(loaded, config)
+
+    monkeypatch.setattr(llm_engine, "size_kv_cache", spy)
+    e = engine(tinystories_dir, ["bf16", "nvfp4"], num_kv_blocks=64)
+    assert held == [e.loaded.weights_by_format]
+    assert held[0]["nvfp4"] == copy_bytes(tinystories_dir, "nvfp4")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels without model_name): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def test_metrics_count_requests_by_kind_and_weight_bytes_by_format(
+    tinystories_dir: Path, bare: LLMEngine
+) -> None:
+    """actserve_intervention_requests_total{intervention="precision", value=<kind>} counts each admitted
+    sequence by the copy it runs on ("fp4" under the kind it picked, each of n choices); bf16 and plain
+    requests add nothing there. actserve_weight_bytes{format} holds the copies and sums to the total."""
+    options = {PLUGIN: {"precisions": ["nvfp4", "mxfp4"]}}
+    server = start_server(tinystories_dir, num_kv_blocks=256, plugin_options=options)
+    counter = "actserve_intervention_requests_total"
+    try:
+        before = scrape(server.url)
+        sent = [("nvfp4", 1), ("fp4", 1), ("mxfp4", 2), ("bf16", 1), (None, 1)]
+        for weights, n in sent:
+            body = {"model": "tinystories-656k", "prompt": "Once upon", "max_tokens": 2, "n": n,
+                    "interventions": None if weights is None else spec(weights)}  # fmt: skip
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+        after = scrape(server.url)
+        counted = {k[1]: v - before.get(k, 0.0) for k, v in after.items() if k[0] == counter}
+        assert counted == {
+            (("intervention", PLUGIN), ("value", "nvfp4")): 2,
+            (("intervention", PLUGIN), ("value", "mxfp4")): 2,
+        }
+        gauge = {dict(k[1])["format"]: v for k, v in after.items() if k[0] == "actserve_weight_bytes"}
+        nv, mx = copy_bytes(tinystories_dir, "nvfp4"), copy_bytes(tinystories_dir, "mxfp4")
+        assert gauge == {"float32": bare.loaded.weights_bytes, "nvfp4": nv, "mxfp4": mx}
     finally:
         server.stop()

@@ -138,6 +138,11 @@ class PrecisionPlugin(InterventionPlugin):
     def graph_hooks(self) -> PluginHooks:
         return PluginHooks(weights=self._hook(self.loaded))
 
+    def metric_label(self, plan: Fp4Kind) -> str:  # type: ignore[override]
+        """The FP4 kind ("nvfp4", "mxfp4"; "fp4" counts as the kind it picked). A primary-weights request
+        has no plan and is not counted here (only in the server's request counters)."""
+        return plan
+
     def prefix_key(self, plan: Fp4Kind) -> str:  # type: ignore[override]
         """The FP4 copy's name: prompts share K/V only with prompts computed with the same copy."""
         return plan

@@ -129,6 +129,10 @@ class FP4Format(WeightFormat):
         assert self.quantize is not None
         self._store(layer, self.quantize(layer.dense_weight().detach().float(), self.kind), None)
 
+    def storage(self, param: torch.Tensor) -> str:
+        """The kind ("nvfp4"), for codes, scales and a primary format's bias alike."""
+        return self.kind
+
     def weight(self, layer: LinearBase) -> Fp4Weight:
         p = self.prefix
         gs = getattr(layer, p + "weight_global_scale") if self.kind == "nvfp4" else None

@@ -208,6 +208,13 @@ class InterventionPlugin(ABC):
         default never shares: a plugin that does not say is assumed to change every prompt's KV."""
         return ("unshared", self.name, uuid.uuid4().hex)
 
+    def metric_label(self, plan: Any) -> str | None:
+        """The `value` label under which a sequence carrying `plan` is counted in
+        `actserve_intervention_requests_total{intervention, value}` (e.g. which weights it asked for);
+        None, the default: "" (the plugin's requests are counted under its name alone). Keep the set of
+        values small: each one is a time series."""
+        return None
+
     def json_schema(self) -> dict[str, Any]:
         return self.spec_model.model_json_schema()
 

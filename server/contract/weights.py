@@ -90,6 +90,17 @@ class WeightFormat:
     def after_loading(self, layer: LinearBase) -> None:
         """Called once every checkpoint tensor is in (repacking, derived copies)."""
 
+    def storage(self, param: torch.Tensor) -> str:
+        """What `param`, one of this format's parameters, is stored as, for the weight-bytes gauge
+        (`actserve_weight_bytes{format}`): its dtype by default (a dense matrix: "bfloat16"); a packed
+        format names itself, so that its scales count with its codes."""
+        return dtype_name(param.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
 
 def copy_rows(param: torch.Tensor, loaded: torch.Tensor, shard: Shard | None) -> None:
     dest = param if shard is None else param.narrow(0, shard.offset, shard.size)

@@ -27,7 +27,7 @@ from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
 from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
-from actserve.server.models.builder import LoadedModel, load_model, resolve_device
+from actserve.server.models.builder import LoadedModel, load_weights, resolve_device, size_kv_cache
 from actserve.server.models.formats import install_formats
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,15 @@ class LLMEngine:
                 "every running sequence's decode token must fit in one step's token budget"
             )
         load = replace(config.load_config(), max_num_batched_tokens=batched)
-        self.loaded: LoadedModel = load_model(load)
+        loaded = load_weights(load)
+        self.registry = InterventionRegistry(loaded.info, options=config.plugin_options)
+        # before the runner (graphs capture the weights) and before the KV cache is sized, so that it
+        # is sized after the extra formats (and the plugins' resident tables) took their memory
+        install_plugin_formats(loaded, self.registry)
+        self.loaded: LoadedModel = size_kv_cache(loaded, load)
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
-        self.registry = InterventionRegistry(self.model_info, options=config.plugin_options)
-        install_plugin_formats(self.loaded, self.registry)  # before the runner: graphs capture weights
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)
@@ -110,7 +113,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched, break_even)
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.set_static_memory(
-            self.loaded.weights_bytes, self.runner.kv_bytes, self.model_info.device.type == "cuda"
+            self.loaded.weights_by_format, self.runner.kv_bytes, self.model_info.device.type == "cuda"
         )
         self.seqs: dict[str, Sequence] = {}
         # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
@@ -149,8 +152,8 @@ class LLMEngine:
         detokenizer.start(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
-        for key in seq.interventions:
-            self.metrics.interventions.labels(self.model_name, key).inc()
+        for key, value in self.registry.metric_labels(seq.interventions):
+            self.metrics.interventions.labels(self.model_name, key, value).inc()
 
     def abort(self, seq_id: str) -> SeqOutput | None:
         seq = self.seqs.get(seq_id)

@@ -32,7 +32,7 @@ from torch import nn
 
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.server.contract.hooks import LinearSite
-from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
+from actserve.server.contract.weights import Shard, WeightFormat, copy_rows, dtype_name
 
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -150,6 +150,14 @@ class LinearBase(nn.Module):
     def owner(self, param_name: str) -> WeightFormat:
         """The format that created parameter `param_name` of this layer."""
         return self._owners[param_name]
+
+    def storage(self, param_name: str) -> str:
+        """How parameter `param_name` is stored (`WeightFormat.storage` of the format that created it; its
+        dtype if none did), for the weight-bytes gauge."""
+        param = self._parameters[param_name]
+        assert param is not None
+        fmt = self._owners.get(param_name)
+        return fmt.storage(param) if fmt is not None else dtype_name(param.dtype)
 
     def reset_dense_parameters(self) -> None:
         """nn.Linear's initialisation, so a dense layer built off the meta device starts as nn.Linear did."""

@@ -7,13 +7,14 @@ server/engine/llm_engine.py)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from actserve.server.contract import ModelInfo
+from actserve.server.models.formats import weight_bytes
 from actserve.server.models.hf_fallback import load_transformers
 from actserve.server.models.loader import (
     ModelLoadError,
@@ -66,8 +67,11 @@ class LoadedModel:
     spec: ModelSpec | None  # None on the transformers fallback path
     num_blocks: int
     block_size: int
-    weights_bytes: int
+    weights_bytes: int  # the parameters' bytes as stored, extra formats included (`size_kv_cache`)
     step_activation_bytes: int = 0  # CUDA native: the profiled peak of a step at the token budget
+    kv_block_bytes: int = 0  # K and V of one block, all layers
+    # weights_bytes by storage format (`formats.weight_bytes`: "bfloat16", "nvfp4", ...)
+    weights_by_format: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -109,6 +113,14 @@ def model_dir_and_name(config: LoadConfig) -> tuple[Path, str]:
 
 
 def load_model(config: LoadConfig) -> LoadedModel:
+    """`load_weights`, then `size_kv_cache`: a model with nothing added between them."""
+    return size_kv_cache(load_weights(config), config)
+
+
+def load_weights(config: LoadConfig) -> LoadedModel:
+    """The model, its tokenizer and `ModelInfo`, its KV cache not sized yet (`num_blocks` 0 and the
+    weights not counted until `size_kv_cache`): whoever adds weights first (plugins' extra formats, at
+    start) does it in between, so that the KV cache is sized after them."""
     from transformers import AutoConfig, AutoTokenizer
 
     from actserve.server.models.default_model import is_complete
@@ -159,11 +171,41 @@ def load_model(config: LoadConfig) -> LoadedModel:
         vocab = text_config.vocab_size
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
-    # parameters as stored: an FP4 projection counts its packed codes and scales, no dense copy
-    weights_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     per_block = (
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
     )
+    eos = read_generation_eos(model_dir, hf_config, tokenizer)
+    info = ModelInfo(
+        name=name,
+        path=str(model_dir),
+        architecture=arch,
+        implementation=impl,
+        num_layers=layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        max_model_len=max_len,
+        dtype=dtype,
+        device=device,
+        is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
+        model_type=str(getattr(hf_config, "model_type", "") or ""),
+        embedded_default=is_complete(model_dir),
+        fallback_reason=native.fallback_reason,
+        block_size=config.block_size,
+        eos_token_ids=tuple(eos),
+    )
+    return LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
+
+
+def size_kv_cache(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:
+    """Count the weights as they are now (`weight_bytes`, with any extra formats added since
+    `load_weights`) and size the KV cache: --num-kv-blocks as given; on CUDA what is left of
+    --gpu-memory-utilization after everything allocated so far (the weights, extra formats included) and
+    the profiled step; on the CPU --kv-cache-memory-gb. Fills `loaded` in place and returns it."""
+    info, model, spec = loaded.info, loaded.model, loaded.spec
+    max_len, dtype, device, per_block = info.max_model_len, info.dtype, info.device, loaded.kv_block_bytes
+    # parameters as stored: an FP4 projection counts its packed codes and scales, no dense copy
+    loaded.weights_by_format = weight_bytes(model)
+    loaded.weights_bytes = sum(loaded.weights_by_format.values())
     min_blocks = -(-max_len // config.block_size)
     peak = 0
     if config.num_kv_blocks is not None:
@@ -189,33 +231,5 @@ def load_model(config: LoadConfig) -> LoadedModel:
             )
     else:
         num_blocks = max(min_blocks, int(config.kv_cache_memory_gb * 2**30 // per_block))
-    eos = read_generation_eos(model_dir, hf_config, tokenizer)
-    info = ModelInfo(
-        name=name,
-        path=str(model_dir),
-        architecture=arch,
-        implementation=impl,
-        num_layers=layers,
-        hidden_size=hidden,
-        vocab_size=vocab,
-        max_model_len=max_len,
-        dtype=dtype,
-        device=device,
-        is_moe=bool(getattr(text_config, "num_local_experts", 0) or getattr(text_config, "num_experts", 0)),
-        model_type=str(getattr(hf_config, "model_type", "") or ""),
-        embedded_default=is_complete(model_dir),
-        fallback_reason=native.fallback_reason,
-        block_size=config.block_size,
-        eos_token_ids=tuple(eos),
-    )
-    return LoadedModel(
-        info,
-        model,
-        tokenizer,
-        eos,
-        spec,
-        num_blocks,
-        config.block_size,
-        weights_bytes,
-        peak,
-    )
+    loaded.num_blocks, loaded.step_activation_bytes = num_blocks, peak
+    return loaded

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from actserve.server.contract.weights import FormatRequest
+from actserve.server.contract.weights import FormatRequest, dtype_name
 from actserve.server.layers.linear import LinearBase
 
 
@@ -54,3 +54,20 @@ def install_formats(
                     fmt.after_loading(layer)
                 added += 1
     return added
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """The model's parameter bytes by storage format, each tensor once (tied embeddings count once): a
+    projection's parameters by the format that owns them, primary or added (`LinearBase.storage`: an FP4
+    kind, or the dtype of a dense weight), any other parameter by its dtype. The values sum to the bytes
+    the weights hold: what `LoadedModel.weights_bytes` reports and the KV cache is sized after."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            key = module.storage(name) if isinstance(module, LinearBase) else dtype_name(param.dtype)
+            out[key] = out.get(key, 0) + param.numel() * param.element_size()
+    return out
