@@ -1,6 +1,6 @@
 """FP4 quality (issue 13): held-out perplexity of TinyStories-656K and SmolLM2-135M-Instruct, full
-precision vs weight-only NVFP4 / MXFP4 (each round-to-nearest and with the scale search) vs LLM-FP4 W4A4.
-CPU, float32.
+precision vs weight-only NVFP4 / MXFP4 (each round-to-nearest, with the scale search, and with GPTQ) vs
+LLM-FP4 W4A4. CPU, float32.
 
 The models run in transformers (AutoModelForCausalLM, float32), not in our engine, so the numbers do not
 depend on it. Every linear projection of the decoder layers (q, k, v, o, gate, up, down) is fake-quantized:
@@ -13,6 +13,14 @@ models), and the norms stay full precision.
   activations. Each linear's Gram matrix H = X^T X is accumulated by forward hooks while the full-precision
   model reads the calibration text (all layers' inputs from the unquantized model, not sequentially from
   quantized earlier layers); the search gets a K x K factor F with F^T F = H, which is all it uses of X.
+- GPTQ: `server/layers/fp4_gptq.gptq_fp4` on the same H (error compensation through H^-1, block scales
+  decided from the updated weights), with `GptqConfig()`: the defaults `--quantization-method gptq`
+  serves. Those were chosen by `--select` on the calibration split only (SELECTION_RULE, below, and
+  bench/results/fp4_gptq_selection.json) before the held-out run, which refuses a GptqConfig default
+  other than the selection's winner.
+- "... server-text" rows: search / GPTQ with H from the text the server calibrates on
+  (server/models/quantization.CALIBRATION_TEXT, `calibration_ids`: 363 SmolLM2 tokens, 444 TinyStories
+  ones) instead of the calibration split: what `--quantization-method search|gptq` serves.
 - LLM-FP4 W4A4 (server/layers/llm_fp4.py, simulated): weights AND activations in E2M1. Per linear, from
   LLM_FP4_ROWS evenly strided calibration input rows (and the per-channel absmax of all calibration
   tokens) of the full-precision model: power-of-two per-input-channel scales folded into the weight,
@@ -37,7 +45,15 @@ leaves 0.36 of round-to-nearest's output error on layer 15 where the short one l
 time.
 
     python bench/fp4_quality.py [--smollm2-windows 24] [--smollm2-ratios R,...] [--smollm2-sweeps N]
-Writes bench/results/fp4_quality.json and prints the table last. About 6 minutes on 2 idle cores.
+        [--formats ROW,...] [--threads N]
+    python bench/fp4_quality.py --select [--threads N]
+Writes bench/results/fp4_quality.json and prints the table last. About 6 minutes on 2 idle cores for
+the rows without GPTQ; the GPTQ and server-text rows took 16 minutes with --threads 1 on a loaded
+machine, --select 34 minutes (the JSONs' "runs" and "runtime_s"). `--formats` runs only those rows
+(full precision always) and keeps the others from the JSON already there (its full-precision perplexity
+must agree). `--select` reads only the calibration split and writes bench/results/fp4_gptq_selection.json.
+`--threads 1` on a loaded machine: GPTQ's column loop is thousands of small ops, which an OpenMP team
+stalls on when cores are busy.
 """
 
 from __future__ import annotations
@@ -59,26 +75,64 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actserve.kernels.fp4_ref import Fp4Kind, Fp4Weight, dequantize, quantize_rtn
-from actserve.server.layers.fp4_search import NVFP4_RATIOS, output_error, search_fp4
+from actserve.kernels.fp4_ref import (
+    Fp4Kind,
+    Fp4Weight,
+    dequantize,
+    encode_with_scales,
+    nvfp4_global_scale,
+    quantize_rtn,
+)
+from actserve.server.layers.fp4_gptq import GPTQ_SCALES, GptqConfig, GptqScales, gptq_fp4
+from actserve.server.layers.fp4_search import (
+    NVFP4_RATIOS,
+    output_error,
+    scales_from_choice,
+    search_choice,
+    search_fp4,
+)
 from actserve.server.layers.llm_fp4 import LlmFp4Linear, attach, quantize_linear
 from actserve.server.models.default_model import ensure_default_model
+from actserve.server.models.quantization import calibration_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / "data" / "fp4_quality"
 OUT = ROOT / "bench" / "results" / "fp4_quality.json"
+SELECTION = ROOT / "bench" / "results" / "fp4_gptq_selection.json"
 TINY = ROOT / "tests" / "data" / "tinystories-656k"
 WINDOW = 512  # tokens per SmolLM2 window; also the longest TinyStories sequence (its max positions)
 LLM_FP4 = "llm_fp4 w4a4"
 LLM_FP4_ROWS = 1024  # calibration tokens (evenly strided) per linear for the LLM-FP4 searches
 GOAL = 1.05  # issue 13: NVFP4 weight-only within +5% of full-precision perplexity
-FORMATS: tuple[tuple[str, Fp4Kind | None, bool], ...] = (
-    ("full precision", None, False),
-    ("nvfp4 rtn", "nvfp4", False),
-    ("nvfp4 search", "nvfp4", True),
-    ("mxfp4 rtn", "mxfp4", False),
-    ("mxfp4 search", "mxfp4", True),
+FULL = "full precision"
+SERVER_TEXT = " server-text"  # rows calibrated on the server's CALIBRATION_TEXT instead of the split
+# (row, kind, method): method rtn | search | gptq
+FORMATS: tuple[tuple[str, Fp4Kind | None, str | None], ...] = (
+    (FULL, None, None),
+    ("nvfp4 rtn", "nvfp4", "rtn"),
+    ("nvfp4 search", "nvfp4", "search"),
+    ("nvfp4 gptq", "nvfp4", "gptq"),
+    ("mxfp4 rtn", "mxfp4", "rtn"),
+    ("mxfp4 search", "mxfp4", "search"),
+    ("mxfp4 gptq", "mxfp4", "gptq"),
+    ("nvfp4 search" + SERVER_TEXT, "nvfp4", "search"),
+    ("nvfp4 gptq" + SERVER_TEXT, "nvfp4", "gptq"),
 )
+ROWS = (*(f[0] for f in FORMATS), LLM_FP4)
+# written down before --select ran, and before any held-out run with GPTQ
+SELECTION_RULE = (
+    "On the calibration split only. Each model's calibration sequences are split into two folds "
+    "(alternate sequences); a configuration is fitted (H = X^T X of the full-precision model's inputs) on "
+    "one fold and the perplexity of the other fold measured, both ways; its score on a model is the "
+    "pooled ratio exp((NLL - NLL_full) / tokens) over both measured folds, and its score overall the "
+    "worse (max) of the two models' (ties at 4 decimals: the lower mean). NVFP4. Stage 1: damp 0.01, "
+    "natural order, with block scales absmax, search and local; stage 2: the stage-1 winner's scale rule "
+    "with (damp 0.01, act order), (damp 0.1, natural order), (damp 0.1, act order). The best of these six "
+    "becomes GptqConfig's default (what --quantization-method gptq serves) and the configuration of "
+    "the 'nvfp4 gptq' and 'mxfp4 gptq' rows. ppl_ratio_nvfp4_<model> (the server's quality default) "
+    "reports whichever of that GPTQ configuration and the scale search alone scores better the same way."
+)
+STAGE2 = ((0.01, True), (0.1, False), (0.1, True))  # (damp, act order) tried with the stage-1 scales
 
 
 def read_docs(name: str, manifest: dict[str, Any]) -> list[str]:
@@ -246,8 +300,14 @@ def llm_fp4_model(
     return handles, {"alpha_chosen_count": alphas, "calibration_rows": LLM_FP4_ROWS}
 
 
-def quantize(w: torch.Tensor, kind: Fp4Kind, factor: torch.Tensor | None, opts: dict[str, Any]) -> Fp4Weight:
-    return quantize_rtn(w, kind) if factor is None else search_fp4(w, factor, kind, **opts)
+def quantize(
+    w: torch.Tensor, kind: Fp4Kind, method: str, factor: torch.Tensor, opts: dict[str, Any]
+) -> Fp4Weight:
+    if method == "rtn":
+        return quantize_rtn(w, kind)
+    if method == "search":
+        return search_fp4(w, factor, kind, **opts)
+    return gptq_fp4(w, factor, kind, GptqConfig(), **opts)
 
 
 def full_grid_check(
@@ -300,9 +360,18 @@ def run_model(key: str, path: Path, manifest: dict[str, Any], args: argparse.Nam
         "nvfp4_ratios": list(opts.get("ratios", NVFP4_RATIOS)),
         "sweeps": opts.get("sweeps", 2),
     }
-    samples = activation_samples(model, linears, calib)
+    if any(r.endswith(" gptq") for r in args.rows):
+        res["gptq_config"] = GptqConfig().label()
+    # from the full-precision model, before any row changes its weights
+    samples = activation_samples(model, linears, calib) if LLM_FP4 in args.rows else {}
+    server_factors: dict[str, torch.Tensor] = {}
+    if any(r.endswith(SERVER_TEXT) for r in args.rows):
+        ids = calibration_ids(tok, WINDOW)
+        server_factors, res["server_text_tokens"] = gram_factors(model, linears, batches([ids], 1))
     nll: dict[str, torch.Tensor] = {}
-    for label, kind, searched in (*FORMATS, (LLM_FP4, None, True)):
+    for label, kind, method in (*FORMATS, (LLM_FP4, None, "llm")):
+        if label not in args.rows:
+            continue
         t0 = time.perf_counter()
         handles: list[Any] = []
         if label == LLM_FP4:
@@ -310,8 +379,9 @@ def run_model(key: str, path: Path, manifest: dict[str, Any], args: argparse.Nam
         else:
             for name, lin in linears.items():
                 w = originals[name]
-                if kind is not None:
-                    w = dequantize(quantize(w, kind, factors[name] if searched else None, opts))
+                if kind is not None and method is not None:
+                    f = server_factors if label.endswith(SERVER_TEXT) else factors
+                    w = dequantize(quantize(w, kind, method, f[name], opts))
                 lin.weight.data.copy_(w)
         quant_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -326,7 +396,7 @@ def run_model(key: str, path: Path, manifest: dict[str, Any], args: argparse.Nam
             "eval_s": round(time.perf_counter() - t0, 2),
         }
         res["heldout_tokens_scored"] = int(nll[label][:, 1].sum())
-        print(f"{key:<12} {label:<15} ppl {ppl:9.4f}  quantize {quant_s:6.1f} s", flush=True)
+        print(f"{key:<12} {label:<26} ppl {ppl:9.4f}  quantize {quant_s:6.1f} s", flush=True)
     base = res["formats"]["full precision"]["ppl"]
     for label, r in res["formats"].items():
         r["ratio"] = r["ppl"] / base
@@ -335,6 +405,147 @@ def run_model(key: str, path: Path, manifest: dict[str, Any], args: argparse.Nam
     if key == "smollm2" and args.full_grid_layer >= 0:
         res["full_grid_check"] = full_grid_check(originals, factors, args.full_grid_layer, opts)
     return res
+
+
+class CalibrationFolds:
+    """One model's calibration sequences in two folds (SELECTION_RULE): per fold, the Gram factors of
+    the full-precision model's linear inputs on it, and the full-precision NLL of the OTHER fold."""
+
+    def __init__(self, key: str, path: Path, manifest: dict[str, Any]) -> None:
+        split = manifest["split"][key]
+        tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        seqs = sequences(key, tok, read_docs(split["calibration"], manifest), None)
+        size = 2 if key == "smollm2" else 8
+        self.folds = [batches(seqs[i::2], size) for i in (0, 1)]
+        self.linears = decoder_linears(self.model)
+        self.originals = {n: m.weight.detach().clone() for n, m in self.linears.items()}
+        fitted = [gram_factors(self.model, self.linears, f) for f in self.folds]
+        self.factors = [f for f, _ in fitted]
+        self.tokens = [t for _, t in fitted]
+        with torch.inference_mode():
+            self.full = [sequence_nll(self.model, self.folds[1 - i]) for i in (0, 1)]
+        self._choices: dict[tuple[str, int], torch.Tensor] = {}
+
+    def choice(self, name: str, fold: int) -> torch.Tensor:
+        """The NVFP4 scale search's pick per block of linear `name` on fold `fold` (cached)."""
+        if (name, fold) not in self._choices:
+            f = self.factors[fold][name].to(torch.float64)
+            self._choices[name, fold] = search_choice(self.originals[name], f.T @ f, "nvfp4")
+        return self._choices[name, fold]
+
+    def score(self, make: Callable[[str, torch.Tensor, int], Fp4Weight]) -> dict[str, Any]:
+        """`make(name, weight, fold)` quantizes one linear fitted on `fold`; the pooled ratio over both
+        measured folds, and each fold's."""
+        t0 = time.perf_counter()
+        nll = []
+        for fold in (0, 1):
+            for name, lin in self.linears.items():
+                lin.weight.data.copy_(dequantize(make(name, self.originals[name], fold)))
+            with torch.inference_mode():
+                nll.append(sequence_nll(self.model, self.folds[1 - fold]))
+        for name, lin in self.linears.items():
+            lin.weight.data.copy_(self.originals[name])
+        diffs = [(q[:, 0].sum() - f[:, 0].sum(), f[:, 1].sum()) for q, f in zip(nll, self.full, strict=True)]
+        pooled = float((sum(d for d, _ in diffs) / sum(n for _, n in diffs)).exp())
+        return {
+            "ratio": round(pooled, 5),
+            "fold_ratios": [round(float((d / n).exp()), 5) for d, n in diffs],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
+
+def gptq_maker(cv: CalibrationFolds, config: GptqConfig) -> Callable[[str, torch.Tensor, int], Fp4Weight]:
+    def make(name: str, w: torch.Tensor, fold: int) -> Fp4Weight:
+        choice = cv.choice(name, fold) if config.scales == "search" else None
+        return gptq_fp4(w, cv.factors[fold][name], "nvfp4", config, choice=choice)
+
+    return make
+
+
+def search_maker(cv: CalibrationFolds) -> Callable[[str, torch.Tensor, int], Fp4Weight]:
+    """The scale search alone (search_fp4, from the cached choice: the same scales)."""
+
+    def make(name: str, w: torch.Tensor, fold: int) -> Fp4Weight:
+        gs = nvfp4_global_scale(w)
+        return encode_with_scales(w, "nvfp4", scales_from_choice(w, "nvfp4", gs, cv.choice(name, fold)), gs)
+
+    return make
+
+
+def overall(scores: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """(worst model's ratio rounded to 4 decimals, mean ratio): the sort key of SELECTION_RULE."""
+    ratios = [s["ratio"] for s in scores.values()]
+    return round(max(ratios), 4), sum(ratios) / len(ratios)
+
+
+def select(args: argparse.Namespace, manifest: dict[str, Any], paths: dict[str, Path]) -> None:
+    """--select: SELECTION_RULE on the calibration split of both models; writes SELECTION."""
+    started = time.perf_counter()
+    cvs = {key: CalibrationFolds(key, paths[key], manifest) for key in ("tinystories", "smollm2")}
+    doc: dict[str, Any] = {
+        "command": shlex.join(["python", "bench/fp4_quality.py", *sys.argv[1:]]),
+        "rule": SELECTION_RULE,
+        "data": {k: manifest["split"][k]["calibration"] for k in cvs},
+        "fold_tokens": {k: cv.tokens for k, cv in cvs.items()},
+        "configs": {},
+    }
+
+    def run(
+        label: str, makers: dict[str, Callable[[str, torch.Tensor, int], Fp4Weight]]
+    ) -> tuple[float, float]:
+        scores = {key: cvs[key].score(makers[key]) for key in cvs}
+        doc["configs"][label] = {"models": scores, "worst": overall(scores)[0]}
+        print(f"{label:<45} " + "  ".join(f"{k} {s['ratio']:.4f}" for k, s in scores.items()), flush=True)
+        return overall(scores)
+
+    run("nvfp4 rtn (reference)", {k: lambda n, w, f: quantize_rtn(w, "nvfp4") for k in cvs})
+    search_key = run("nvfp4 search", {k: search_maker(cv) for k, cv in cvs.items()})
+    results: dict[GptqConfig, tuple[float, float]] = {}
+    for scales in GPTQ_SCALES:
+        c = GptqConfig(0.01, False, scales)
+        results[c] = run("gptq " + c.label(), {k: gptq_maker(cv, c) for k, cv in cvs.items()})
+    stage1: GptqScales = min(results, key=lambda c: results[c]).scales
+    for damp, act in STAGE2:
+        c = GptqConfig(damp, act, stage1)
+        results[c] = run("gptq " + c.label(), {k: gptq_maker(cv, c) for k, cv in cvs.items()})
+    best = min(results, key=lambda c: results[c])
+    doc["stage1_scales"] = stage1
+    doc["winner"] = {"damp": best.damp, "act_order": best.act_order, "scales": best.scales,
+                     "label": best.label(), "worst": results[best][0]}  # fmt: skip
+    doc["quality_default"] = "nvfp4 gptq" if results[best] <= search_key else "nvfp4 search"
+    doc["runtime_s"] = round(time.perf_counter() - started, 1)
+    SELECTION.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {SELECTION}: winner {best.label()}, quality default {doc['quality_default']}")
+
+
+def check_selection() -> dict[str, Any]:
+    """The committed selection, and that GptqConfig's defaults are its winner (the held-out GPTQ rows
+    run only the configuration chosen on calibration data)."""
+    if not SELECTION.exists():
+        raise SystemExit(f"{SELECTION} missing: run --select first (calibration data only)")
+    sel = json.loads(SELECTION.read_text())
+    w = sel["winner"]
+    if GptqConfig(w["damp"], w["act_order"], w["scales"]) != GptqConfig():
+        raise SystemExit(f"GptqConfig() is {GptqConfig().label()}, the selection chose {w['label']}")
+    return sel
+
+
+def merge_previous(doc: dict[str, Any], results: dict[str, Any], rows: tuple[str, ...], out: Path) -> None:
+    """Rows not run this time: kept from the JSON at `out`, whose full-precision perplexity must be this
+    run's (same model, data and arithmetic); the runs that made the rows are listed."""
+    prev = json.loads(out.read_text())
+    first = {"command": prev["command"], "rows": list(next(iter(prev["models"].values()))["formats"])}
+    runs = prev.get("runs") or [{**first, "runtime_s": prev["runtime_s"]}]
+    for key, r in results.items():
+        old = prev["models"][key]
+        if abs(old["formats"][FULL]["ppl"] / r["formats"][FULL]["ppl"] - 1) > 1e-9:
+            raise SystemExit(f"{key}: full precision differs from {out}'s; run every row")
+        merged = {label: r["formats"].get(label, old["formats"].get(label)) for label in ROWS}
+        r["formats"] = {label: v for label, v in merged.items() if v is not None}
+        for k, v in old.items():
+            r.setdefault(k, v)
+    doc["runs"] = [*runs, {"command": doc["command"], "rows": list(rows), "runtime_s": doc["runtime_s"]}]
 
 
 def main() -> None:
@@ -357,11 +568,27 @@ def main() -> None:
     )
     ap.add_argument("--models", default="tinystories,smollm2")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--formats",
+        type=lambda v: tuple(v.split(",")),
+        default=ROWS,
+        help=f"rows to run ({', '.join(ROWS)}); the others are kept from --out",
+    )
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    ap.add_argument("--select", action="store_true", help="choose the GPTQ configuration on calibration data")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    unknown = set(args.formats) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"--formats: unknown rows {sorted(unknown)}; rows: {', '.join(ROWS)}")
+    args.rows = tuple(r for r in ROWS if r in args.formats or r == FULL)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     manifest = json.loads((DATA / "manifest.json").read_text())
     paths = {"tinystories": TINY, "smollm2": ensure_default_model()}
+    if args.select:
+        select(args, manifest, paths)
+        return
+    selection = check_selection() if any(r.endswith(" gptq") for r in args.rows) else None
     results = {key: run_model(key, paths[key], manifest, args) for key in args.models.split(",")}
     doc: dict[str, Any] = {
         "command": shlex.join(["python", "bench/fp4_quality.py", *sys.argv[1:]]),
@@ -372,19 +599,41 @@ def main() -> None:
         "data_manifest": "bench/data/fp4_quality/manifest.json",
         "data_split": manifest["split"],
         "goal": f"NVFP4 weight-only perplexity <= {GOAL} x full precision on both models",
+        "runtime_s": round(time.perf_counter() - started, 1),
     }
+    if set(args.rows) != set(ROWS):
+        merge_previous(doc, results, args.rows, args.out)
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    selection = selection or prev.get("gptq_selection")
+    default = "nvfp4 search"
+    if selection is not None:
+        default = selection["quality_default"]
+        doc["gptq_selection"] = {
+            "file": str(SELECTION.relative_to(ROOT)),
+            "rule": selection["rule"],
+            "winner": selection["winner"],
+            "quality_default": default,
+        }
+    method = default.split()[1]
+    doc["ppl_ratio_default_is"] = (
+        f"ppl_ratio_nvfp4_<model> / ppl_ratio_mxfp4_<model>: the rows of --quantization-method {method}, "
+        "the server's quality default, chosen on calibration data (gptq_selection.quality_default)"
+    )
     for key, r in results.items():
         f = r["formats"]
-        doc[f"ppl_ratio_nvfp4_{key}"] = f["nvfp4 search"]["ratio"]
-        doc[f"ppl_ratio_nvfp4_rtn_{key}"] = f["nvfp4 rtn"]["ratio"]
-        doc[f"ppl_ratio_mxfp4_{key}"] = f["mxfp4 search"]["ratio"]
-        doc[f"ppl_ratio_mxfp4_rtn_{key}"] = f["mxfp4 rtn"]["ratio"]
+        doc[f"ppl_ratio_nvfp4_{key}"] = f[f"nvfp4 {method}"]["ratio"]
+        doc[f"ppl_ratio_mxfp4_{key}"] = f[f"mxfp4 {method}"]["ratio"]
+        for row in f:
+            kind, _, how = row.partition(" ")
+            if kind in ("nvfp4", "mxfp4"):
+                doc[f"ppl_ratio_{kind}_{how.replace(' ', '_').replace('-', '_')}_{key}"] = f[row]["ratio"]
         doc[f"ppl_ratio_llm_fp4_w4a4_{key}"] = f[LLM_FP4]["ratio"]
     if len(results) == 2:
-        doc["goal_met_nvfp4_search"] = all(doc[f"ppl_ratio_nvfp4_{k}"] <= GOAL for k in results)
-        doc["goal_met_nvfp4_rtn"] = all(doc[f"ppl_ratio_nvfp4_rtn_{k}"] <= GOAL for k in results)
+        for how in ("search", "rtn", "gptq"):
+            if all(f"ppl_ratio_nvfp4_{how}_{k}" in doc for k in results):
+                doc[f"goal_met_nvfp4_{how}"] = all(doc[f"ppl_ratio_nvfp4_{how}_{k}"] <= GOAL for k in results)
+        doc["goal_met_nvfp4"] = all(doc[f"ppl_ratio_nvfp4_{k}"] <= GOAL for k in results)
     doc["models"] = results
-    doc["runtime_s"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}, {doc['runtime_s']} s")
     for key, r in results.items():
@@ -393,11 +642,11 @@ def main() -> None:
             f"in {r['heldout_sequences']} sequences, "
             f"calibration {r['calibration_tokens']} tokens; search grid {r['search_options']}"
         )
-    print(f"{'model':<12} {'format':<15} {'perplexity':>11} {'x full':>8}  {'95% CI':>17}")
+    print(f"{'model':<12} {'format':<26} {'perplexity':>11} {'x full':>8}  {'95% CI':>17}")
     for key, r in results.items():
         for label, f in r["formats"].items():
             lo, hi = f["ratio_95ci"]
-            print(f"{key:<12} {label:<15} {f['ppl']:>11.4f} {f['ratio']:>8.4f}  [{lo:.4f}, {hi:.4f}]")
+            print(f"{key:<12} {label:<26} {f['ppl']:>11.4f} {f['ratio']:>8.4f}  [{lo:.4f}, {hi:.4f}]")
 
 
 if __name__ == "__main__":

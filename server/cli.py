@@ -140,10 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         "W4A16). A compressed-tensors NVFP4 checkpoint loads as NVFP4 without this flag. llm-fp4: "
         "LLM-FP4 W4A4 simulated (fake-quant) for quality, not speed, calibrated at load",
     )  # fmt: skip
-    s.add_argument(
-        "--quantization-scale-search", action="store_true",
-        help="with --quantization: search each FP4 block scale to minimise the projection's output error on "
-        "the model's activations over a built-in calibration text (loads the dense model first)",
+    method = s.add_mutually_exclusive_group()
+    method.add_argument(
+        "--quantization-method", default="rtn", choices=["rtn", "search", "gptq"],
+        help="with --quantization nvfp4|mxfp4, how each projection becomes FP4: rtn round-to-nearest with "
+        "absmax block scales; search: block scales searched to minimise the projection's output error on "
+        "the model's activations over a built-in calibration text; gptq: GPTQ error compensation on those "
+        "activations (best quality; both calibrated ones load the dense model first)",
+    )  # fmt: skip
+    method.add_argument(
+        "--quantization-scale-search", dest="quantization_method", action="store_const", const="search",
+        help="the same as --quantization-method search (the older spelling)",
     )  # fmt: skip
     s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
     s.add_argument(
@@ -213,7 +220,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         allow_pickle_weights=args.allow_pickle_weights,
         force_transformers=args.force_transformers,
         quantization=args.quantization,
-        quantization_scale_search=args.quantization_scale_search,
+        quantization_method=args.quantization_method,
         plugin_options=plugin_options(args),
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,

@@ -27,6 +27,7 @@ from actserve.server.cli import build_parser, engine_config
 from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
+from actserve.server.layers.fp4_gptq import gptq_fp4
 from actserve.server.layers.fp4_search import output_error, search_fp4
 from actserve.server.models.builder import LoadConfig, LoadedModel, load_model
 from actserve.server.models.loader import ModelLoadError
@@ -264,10 +265,10 @@ def hf_projection_inputs(ref: torch.nn.Module, ids: list[int]) -> dict[str, torc
 def test_scale_search_equals_search_on_transformers_activations(
     kind: str, tinystories_dir: Path, ref: torch.nn.Module
 ) -> None:
-    """--quantization-scale-search: each checkpoint matrix's FP4 form is `search_fp4` over the inputs
+    """--quantization-method search: each checkpoint matrix's FP4 form is `search_fp4` over the inputs
     transformers' own model gives that projection on the calibration text, and beats round-to-nearest
     there."""
-    loaded = load(tinystories_dir, quantization=kind, quantization_scale_search=True)
+    loaded = load(tinystories_dir, quantization=kind, quantization_method="search")
     ids = calibration_ids(AutoTokenizer.from_pretrained(tinystories_dir), 512)
     assert len(ids) > 200
     inputs = hf_projection_inputs(ref, ids)
@@ -289,12 +290,75 @@ def test_scale_search_equals_search_on_transformers_activations(
     assert loaded.weights_bytes == load(tinystories_dir, quantization=kind).weights_bytes
 
 
-def test_scale_search_needs_the_quantization_flag(tinystories_dir: Path) -> None:
-    with pytest.raises(ModelLoadError, match="--quantization-scale-search needs --quantization"):
-        load(tinystories_dir, quantization_scale_search=True)
+@pytest.mark.parametrize("method", ["search", "gptq"])
+def test_calibrated_methods_need_the_quantization_flag(method: str, tinystories_dir: Path) -> None:
+    flag = f"--quantization-method {method}"
+    with pytest.raises(ModelLoadError, match=f"{flag} needs --quantization nvfp4"):
+        load(tinystories_dir, quantization_method=method)
+    with pytest.raises(ModelLoadError, match=f"{flag} needs --quantization nvfp4"):
+        load(tinystories_dir, quantization="llm-fp4", quantization_method=method)
     with pytest.raises(ModelLoadError, match=r"needs .*\(not --load-format dummy\)"):
-        load(tinystories_dir, quantization="nvfp4", quantization_scale_search=True, load_format="dummy")
-    with pytest.raises(ModelLoadError, match="scale-search: the checkpoint is already quantized"):
-        load(NVFP4_DIR, quantization="nvfp4", quantization_scale_search=True)
-    args = build_parser().parse_args(["serve", "--quantization", "nvfp4", "--quantization-scale-search"])
-    assert engine_config(args).load_config().quantization_scale_search
+        load(tinystories_dir, quantization="nvfp4", quantization_method=method, load_format="dummy")
+    with pytest.raises(ModelLoadError, match=f"{flag}: the checkpoint is already quantized"):
+        load(NVFP4_DIR, quantization="nvfp4", quantization_method=method)
+    args = build_parser().parse_args(["serve", "--quantization", "nvfp4", "--quantization-method", method])
+    assert engine_config(args).load_config().quantization_method == method
+
+
+def test_quantization_method_flag() -> None:
+    """rtn by default; --quantization-scale-search is the older spelling of search and cannot be mixed
+    with --quantization-method; unknown methods are refused by the parser and by the loader."""
+    parse = build_parser().parse_args
+    assert engine_config(parse(["serve", "--quantization", "nvfp4"])).quantization_method == "rtn"
+    old = parse(["serve", "--quantization", "nvfp4", "--quantization-scale-search"])
+    assert engine_config(old).load_config().quantization_method == "search"
+    for bad in (
+        ["--quantization-method", "gptq", "--quantization-scale-search"],
+        ["--quantization-method", "awq"],
+    ):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--quantization", "nvfp4", *bad])
+    with pytest.raises(
+        ModelLoadError, match="--quantization-method must be one of rtn, search, gptq, got 'awq'"
+    ):
+        load(NVFP4_DIR, quantization_method="awq")
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
+def test_gptq_serves_its_weights(
+    kind: str, tinystories_dir: Path, ref: torch.nn.Module, tmp_path: Path
+) -> None:
+    """--quantization-method gptq: each checkpoint matrix's FP4 form is `gptq_fp4` over the inputs
+    transformers' model gives that projection on the calibration text (its output error there below
+    round-to-nearest's and the search's), and the engine's logits equal transformers' float32 model with
+    the loaded codes dequantized by the reference."""
+    config = EngineConfig(
+        model=str(tinystories_dir),
+        num_kv_blocks=64,
+        block_size=8,
+        quantization=kind,
+        quantization_method="gptq",
+    )
+    engine = LLMEngine(config)
+    ids = calibration_ids(AutoTokenizer.from_pretrained(tinystories_dir), 512)
+    merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 128), "v_proj": ("qkv_proj", 192),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 384)}  # fmt: skip
+    weights = dict(load_file(tinystories_dir / "model.safetensors"))
+    for name, x in hf_projection_inputs(ref, ids).items():
+        parent, _, proj = name.rpartition(".")
+        target, offset = merged.get(proj, (proj, 0))
+        layer = engine.loaded.model.get_submodule(f"{parent}.{target}")
+        assert isinstance(layer.format, FP4Format) and "weight" not in dict(layer.named_parameters())
+        w = ref.get_submodule(name).weight.detach()
+        rows = slice(offset, offset + w.shape[0])
+        gs = layer.weight_global_scale[rows] if kind == "nvfp4" else None
+        packed, scales = layer.weight_packed[rows], layer.weight_scale[rows]
+        got = Fp4Weight(kind, packed, scales, gs)  # type: ignore[arg-type]
+        want = gptq_fp4(w, x, kind)  # type: ignore[arg-type]
+        assert torch.equal(got.packed, want.packed), name
+        assert torch.equal(got.scales.view(torch.uint8), want.scales.view(torch.uint8)), name
+        err = output_error(w, got, x).norm()
+        assert err < 0.9 * output_error(w, quantize_rtn(w, kind), x).norm(), name  # type: ignore[arg-type]
+        assert err < output_error(w, search_fp4(w, x, kind), x).norm(), name  # type: ignore[arg-type]
+        weights[f"{name}.weight"] = dequantize(got)
+    assert_engine_matches(engine, dense_copy(tinystories_dir, tmp_path / f"{kind}-gptq", weights))

@@ -36,7 +36,7 @@ class EngineConfig:
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
-    quantization_scale_search: bool = False  # FP4 block scales searched on calibration activations
+    quantization_method: str = "rtn"  # rtn / search / gptq: how projections become FP4 at load
     seed: int = 0
     # plugin name -> that plugin's options (opaque to the engine; the CLI fills them from plugin flags)
     plugin_options: dict[str, Any] = field(default_factory=dict)

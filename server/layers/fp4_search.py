@@ -34,16 +34,18 @@ NVFP4_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 1.05, 1.1)
 MXFP4_SHIFTS = (0, 1, -1)
 
 
-def _candidates(
+def scale_candidates(
     weight: torch.Tensor, kind: Fp4Kind, gs: torch.Tensor | None, ratios: tuple[float, ...]
 ) -> list[torch.Tensor]:
+    """The block scales [n, K/group] tried, round-to-nearest's first: NVFP4 one per ratio, MXFP4 one
+    per exponent shift."""
     if kind == "nvfp4":
         return [absmax_scales(weight, kind, gs, r) for r in ratios]
     base = absmax_scales(weight, kind).int()
     return [(base + s).clamp(0, 254).to(torch.uint8) for s in MXFP4_SHIFTS]
 
 
-def _search_rows(
+def _search_choice(
     weight: torch.Tensor,
     hess: torch.Tensor,
     kind: Fp4Kind,
@@ -51,9 +53,10 @@ def _search_rows(
     sweeps: int,
     ratios: tuple[float, ...],
 ) -> torch.Tensor:
-    """Block scales [n, K/group] for the rows of `weight`, by coordinate descent (module docstring)."""
+    """Index into `_candidates` [n, K/group] of each block's scale for the rows of `weight`, by
+    coordinate descent (module docstring); 0 (round-to-nearest) for rows the search did not improve."""
     group = GROUP[kind]
-    scales = _candidates(weight, kind, gs, ratios)
+    scales = scale_candidates(weight, kind, gs, ratios)
     w = weight.to(hess.dtype)
     # errors of each candidate's rounding [C, n, K]
     errs = torch.stack(
@@ -78,9 +81,54 @@ def _search_rows(
     rtn_err = ((errs[0] @ hess) * errs[0]).sum(-1)
     worse = ((d @ hess) * d).sum(-1) >= rtn_err
     choice[worse] = 0
+    return choice
+
+
+def _search_rows(
+    weight: torch.Tensor,
+    hess: torch.Tensor,
+    kind: Fp4Kind,
+    gs: torch.Tensor | None,
+    sweeps: int,
+    ratios: tuple[float, ...],
+) -> torch.Tensor:
+    """Block scales [n, K/group] for the rows of `weight`: the searched candidates'."""
+    choice = _search_choice(weight, hess, kind, gs, sweeps, ratios)
+    return scales_from_choice(weight, kind, gs, choice, ratios)
+
+
+def scales_from_choice(
+    weight: torch.Tensor,
+    kind: Fp4Kind,
+    gs: torch.Tensor | None,
+    choice: torch.Tensor,
+    ratios: tuple[float, ...] = NVFP4_RATIOS,
+) -> torch.Tensor:
+    """Block scales [n, K/group]: per block, candidate `choice` [n, K/group] of `scale_candidates`."""
+    scales = scale_candidates(weight, kind, gs, ratios)
     stacked = torch.stack([s.view(torch.uint8) for s in scales])  # [C, n, K/group]
     picked = stacked.gather(0, choice.unsqueeze(0)).squeeze(0)
     return picked.view(scales[0].dtype)
+
+
+def search_choice(
+    weight: torch.Tensor,
+    hess: torch.Tensor,
+    kind: Fp4Kind,
+    sweeps: int = 2,
+    row_chunk: int = 1024,
+    ratios: tuple[float, ...] = NVFP4_RATIOS,
+) -> torch.Tensor:
+    """long [N, K/group]: which candidate (NVFP4: index into `ratios`; MXFP4: into MXFP4_SHIFTS) the
+    search picks per block, for a Hessian `hess` = X^T X already in the arithmetic dtype. For reuse by
+    the GPTQ quantizer (server/layers/fp4_gptq.py), which applies the same choice to its updated weights."""
+    gs = nvfp4_global_scale(weight) if kind == "nvfp4" else None
+    return torch.cat(
+        [
+            _search_choice(weight[i : i + row_chunk], hess, kind, gs, sweeps, ratios)
+            for i in range(0, weight.shape[0], row_chunk)
+        ]
+    )
 
 
 def search_fp4(

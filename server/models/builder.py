@@ -54,7 +54,7 @@ class LoadConfig:
     allow_pickle_weights: bool = False
     force_transformers: bool = False  # serve a native family through the transformers fallback
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
-    quantization_scale_search: bool = False  # FP4 block scales searched on calibration activations
+    quantization_method: str = "rtn"  # rtn / search / gptq: how projections become FP4 at load
     max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
 
 
@@ -148,17 +148,18 @@ def load_weights(config: LoadConfig) -> LoadedModel:
             "architecture %s: serving %s through the transformers fallback (%s)",
             native.architecture, name, native.fallback_reason,
         )  # fmt: skip
-    search = config.quantization_scale_search
+    method = config.quantization_method
+    calibrated = method != "rtn"
     weight_format = projection_format(
-        spec, hf_config, config.quantization, dummy, native.fallback_reason, scale_search=search
+        spec, hf_config, config.quantization, dummy, native.fallback_reason, method=method
     )
     if spec is not None:
         model = load_native(
             spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
-            weight_format=None if search else weight_format,
+            weight_format=None if calibrated else weight_format,
         )  # fmt: skip
-        if search:  # loaded dense: calibrate, then each projection becomes FP4
-            quantize_calibrated(model, tokenizer, config.quantization, max_len)  # type: ignore[arg-type]
+        if calibrated:  # loaded dense: calibrate, then each projection becomes FP4
+            quantize_calibrated(model, tokenizer, config.quantization, max_len, method)  # type: ignore[arg-type]
         elif config.quantization == LLM_FP4:  # loaded dense: calibrate, then simulated W4A4
             quantize_llm_fp4(model, tokenizer, max_len)
         arch, impl = native.architecture, "native"

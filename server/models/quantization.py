@@ -2,12 +2,15 @@
 (`--quantization nvfp4|mxfp4`), or FP4 read from a checkpoint already in compressed-tensors'
 "nvfp4-pack-quantized" form (config.json `quantization_config`, as llm-compressor writes it).
 
-With `--quantization-scale-search` the block scales are not round-to-nearest's but searched to minimise
-each projection's output error on calibration activations (server/layers/fp4_search.py): the model loads
-dense, `CALIBRATION_TEXT` runs through it once while every projection records its input, then each
-projection is replaced by an FP4 one whose checkpoint matrices (q/k/v, gate/up shards, each with its own
-global scale) are searched over those inputs; the dense weights go with the layers they leave. Loading
-then needs the dense model's memory for a moment.
+`--quantization-method` picks how a dense projection becomes FP4: `rtn` (the default) rounds to nearest
+with absmax block scales as each checkpoint matrix is read. The two calibrated methods minimise each
+projection's output error on the model's own activations: `search` searches the block scales
+(server/layers/fp4_search.py), `gptq` also spreads each column's rounding error onto the columns not yet
+rounded (server/layers/fp4_gptq.py, `GptqConfig()`'s settings, chosen by bench/fp4_quality.py --select).
+For both, the model loads dense, `CALIBRATION_TEXT` runs through it once while every projection records
+its input, then each projection is replaced by an FP4 one whose checkpoint matrices (q/k/v, gate/up
+shards, each with its own global scale) are quantized over those inputs; the dense weights go with the
+layers they leave. Loading then needs the dense model's memory for a moment.
 
 `--quantization llm-fp4` (simulated W4A4, for quality, not speed: server/layers/llm_fp4.py): the model
 loads dense, `CALIBRATION_TEXT` runs through it as for the scale search, then each projection's dense
@@ -34,6 +37,7 @@ from actserve.server.contract.fp4_format import FP4Format
 from actserve.server.contract.hooks import PROJECTIONS
 from actserve.server.contract.weights import Shard, WeightFormat
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
+from actserve.server.layers.fp4_gptq import gptq_fp4
 from actserve.server.layers.fp4_search import search_fp4
 from actserve.server.layers.linear import Linear, LinearBase, MergedColumnLinear
 from actserve.server.layers.llm_fp4 import LlmFp4Format, quantize_linear
@@ -41,6 +45,7 @@ from actserve.server.models.loader import ModelLoadError, cast_to_model_dtype
 from actserve.server.models.spec import ModelSpec
 
 QUANTIZATIONS: tuple[Fp4Kind, ...] = ("nvfp4", "mxfp4")
+METHODS = ("rtn", "search", "gptq")  # --quantization-method; the last two calibrate (the model loads dense)
 LLM_FP4 = "llm-fp4"  # simulated W4A4 (dense storage, fake-quantized weights and inputs)
 CT_NVFP4 = "nvfp4-pack-quantized"  # compressed-tensors' format name for packed NVFP4 weights
 # the checkpoint module names of a decoder layer's projections (what an NVFP4 checkpoint must quantize)
@@ -107,20 +112,23 @@ def projection_format(
     quantization: str | None,
     random_weights: bool,
     fallback_reason: str | None,
-    scale_search: bool = False,
+    method: str = "rtn",
 ) -> Callable[[], FP4Format] | None:
     """The factory of the native model's projection format (None: dense), from --quantization and the
     checkpoint's own quantization_config; ModelLoadError naming the flag for what cannot be served.
     `random_weights` (--load-format dummy): the projections are quantized from random dense weights.
-    `scale_search` (--quantization-scale-search): only checked here, the model loads dense and
-    `quantize_calibrated` converts it."""
-    if scale_search and (quantization is None or random_weights):
+    `method` (--quantization-method): a calibrated one (search, gptq) is only checked here, the model
+    loads dense and `quantize_calibrated` converts it."""
+    if method not in METHODS:
+        raise ModelLoadError(f"--quantization-method must be one of {', '.join(METHODS)}, got {method!r}")
+    calibrated = method != "rtn"
+    if calibrated and (quantization not in QUANTIZATIONS or random_weights):
         raise ModelLoadError(
-            "--quantization-scale-search needs --quantization nvfp4|mxfp4 and real weights "
+            f"--quantization-method {method} needs --quantization nvfp4|mxfp4 and real weights "
             "(not --load-format dummy)"
         )
     if quantization == LLM_FP4:
-        _check_llm_fp4(spec, hf_config, random_weights, fallback_reason, scale_search)
+        _check_llm_fp4(spec, hf_config, random_weights, fallback_reason)
         return None  # loads dense; `quantize_llm_fp4` converts it
     if quantization is not None and quantization not in QUANTIZATIONS:
         choices = ", ".join((*QUANTIZATIONS, LLM_FP4))
@@ -152,9 +160,9 @@ def projection_format(
                 f"{why}: {kind} needs every projection's input size to be a multiple of {group}; "
                 f"{proj} has {k}"
             )
-    if packed is not None and scale_search:
+    if packed is not None and calibrated:
         raise ModelLoadError(
-            "--quantization-scale-search: the checkpoint is already quantized (packed NVFP4)"
+            f"--quantization-method {method}: the checkpoint is already quantized (packed NVFP4)"
         )
     if packed is not None and not random_weights:
         return lambda: FP4Format(kind, quantize=None)
@@ -162,16 +170,14 @@ def projection_format(
 
 
 def _check_llm_fp4(
-    spec: ModelSpec | None, hf_config: Any, random_weights: bool, fallback_reason: str | None, search: bool
+    spec: ModelSpec | None, hf_config: Any, random_weights: bool, fallback_reason: str | None
 ) -> None:
-    """--quantization llm-fp4 needs real dense weights, the native implementation and no other search."""
+    """--quantization llm-fp4 needs real dense weights and the native implementation (a calibrated
+    --quantization-method was refused before: it needs nvfp4 or mxfp4)."""
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ModelLoadError(f"--quantization {LLM_FP4}: the checkpoint is already quantized")
-    if random_weights or search:
-        raise ModelLoadError(
-            f"--quantization {LLM_FP4} calibrates on real weights: drop --load-format dummy and "
-            "--quantization-scale-search"
-        )
+    if random_weights:
+        raise ModelLoadError(f"--quantization {LLM_FP4} calibrates on real weights: drop --load-format dummy")
     if spec is None:
         raise ModelLoadError(
             f"--quantization {LLM_FP4} needs the native implementation, and this model is served "
@@ -179,8 +185,8 @@ def _check_llm_fp4(
         )
 
 
-# what --quantization-scale-search calibrates on: short, varied English (story, instructions, facts,
-# numbers, dialogue, code), written for this project; activations are the model's own on it
+# what --quantization-method search/gptq and llm-fp4 calibrate on: short, varied English (story,
+# instructions, facts, numbers, dialogue, code), written for this project; activations are the model's own
 CALIBRATION_TEXT = """Once upon a time, in a small village by the sea, there lived a girl named Lily who loved
 to collect shells. Every morning she walked along the beach with her dog, Max, and her little brother Tom.
 One day they found a big blue shell that sang when you held it to your ear. "Listen!" said Lily. Tom
@@ -248,14 +254,15 @@ def projection_inputs(model: torch.nn.Module, ids: list[int]) -> dict[LinearBase
     return {layer: torch.cat(rec.inputs) for layer, rec in recorders.items()}
 
 
-def _fp4_copy(dense: LinearBase, x: torch.Tensor, kind: Fp4Kind) -> LinearBase:
-    """An FP4-primary layer for dense projection `dense`, each checkpoint matrix (shard) searched on its
-    own over the inputs `x` (its own global scale, as a checkpoint would hold it)."""
+def _fp4_copy(dense: LinearBase, x: torch.Tensor, kind: Fp4Kind, method: str) -> LinearBase:
+    """An FP4-primary layer for dense projection `dense`, each checkpoint matrix (shard) quantized on its
+    own by `method` (search, gptq) over the inputs `x` (its own global scale, as a checkpoint would hold
+    it)."""
 
-    def search(w: torch.Tensor, k: Fp4Kind) -> Fp4Weight:
-        return search_fp4(w, x, k)
+    def calibrated(w: torch.Tensor, k: Fp4Kind) -> Fp4Weight:
+        return gptq_fp4(w, x, k) if method == "gptq" else search_fp4(w, x, k)
 
-    fmt = FP4Format(kind, quantize=search)
+    fmt = FP4Format(kind, quantize=calibrated)
     shards: dict[Any, Shard] | None = getattr(dense, "shards", None)
     if shards is not None:
         sizes = [s.size for s in shards.values()]
@@ -271,14 +278,18 @@ def _fp4_copy(dense: LinearBase, x: torch.Tensor, kind: Fp4Kind) -> LinearBase:
     return new
 
 
-def quantize_calibrated(model: torch.nn.Module, tokenizer: Any, kind: Fp4Kind, max_len: int) -> None:
-    """--quantization-scale-search: replace every decoder projection of the dense `model` by its FP4
-    form with scales searched on the model's own activations over `CALIBRATION_TEXT`."""
+def quantize_calibrated(
+    model: torch.nn.Module, tokenizer: Any, kind: Fp4Kind, max_len: int, method: str = "search"
+) -> None:
+    """--quantization-method search|gptq: replace every decoder projection of the dense `model` by its
+    FP4 form quantized by `method` on the model's own activations over `CALIBRATION_TEXT`."""
+    if method not in METHODS[1:]:
+        raise ValueError(f"calibrated FP4 methods are {', '.join(METHODS[1:])}, got {method!r}")
     inputs = projection_inputs(model, calibration_ids(tokenizer, max_len))
     names = {module: name for name, module in model.named_modules()}
     for layer, x in inputs.items():
         parent, _, leaf = names[layer].rpartition(".")
-        setattr(model.get_submodule(parent), leaf, _fp4_copy(layer, x, kind))
+        setattr(model.get_submodule(parent), leaf, _fp4_copy(layer, x, kind, method))
 
 
 def quantize_llm_fp4(model: torch.nn.Module, tokenizer: Any, max_len: int) -> None:
