@@ -35,7 +35,7 @@ from actserve.server.cli import build_parser, main, plugin_options
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from tests.conftest import assert_refused, start_server
-from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run_logged
+from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run, run_logged
 
 STEPS = 6
 PLUGIN = "sparsity"
@@ -49,8 +49,8 @@ def spec(level: Any, method: Any = "teal") -> dict[str, Any]:
 
 def engine(model: Path, calibration: Path | None, **kw: Any) -> LLMEngine:
     options = {PLUGIN: {"calibration": str(calibration)}} if calibration is not None else {}
-    cfg = {"num_kv_blocks": 256, "enable_prefix_caching": False, **kw}
-    return LLMEngine(EngineConfig(model=str(model), device="cpu", plugin_options=options, **cfg))
+    cfg = {"device": "cpu", "num_kv_blocks": 256, "enable_prefix_caching": False, **kw}
+    return LLMEngine(EngineConfig(model=str(model), plugin_options=options, **cfg))
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,40 @@ def test_over_http(tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompt
         assert_refused(server.url, body, bad)
     finally:
         server.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sparse_rows_replay_cuda_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[str]) -> None:
+    """bf16 on CUDA, calibrated there: decode steps mixing dense, level-0 and sparse rows of three levels
+    replay CUDA graphs (no eager decode step), give the eager engine's tokens, and the dense rows keep
+    the tokens of an all-dense batch."""
+    out = tmp_path / "cal.safetensors"
+    argv = [
+        "sparsity",
+        "calibrate",
+        "--model",
+        str(tinystories_dir),
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+    ]
+    assert main([*argv, "--text", str(CALIB), "--out", str(out), "--correction-tokens", "1024"]) == 0
+
+    def cuda_engine(eager: bool) -> LLMEngine:
+        return engine(tinystories_dir, out, device="cuda", dtype="bfloat16", enforce_eager=eager)
+
+    fast, slow = cuda_engine(False), cuda_engine(True)
+    tok = AutoTokenizer.from_pretrained(tinystories_dir)
+    prompts = [tok(t).input_ids[:16] for t in heldout[:6]]
+    specs = [None, spec(0.3), spec(0.6), None, spec(0.5), spec(0)]
+    params = greedy(24, min_tokens=24)
+    eager0, graph0 = fast.runner.eager_decode_steps, fast.runner.graph_steps
+    a = run(fast, prompts, params, specs, tag="g")
+    assert fast.runner.eager_decode_steps == eager0 and fast.runner.graph_steps > graph0
+    b = run(slow, prompts, params, specs, tag="e")
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= len(specs) - 1
+    plain = run(fast, prompts, params, [None] * len(specs), tag="p")
+    assert [a[i] for i in (0, 3, 5)] == [plain[i] for i in (0, 3, 5)]
+    assert any(a[i] != plain[i] for i in (1, 2, 4))

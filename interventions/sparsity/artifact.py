@@ -3,12 +3,16 @@
 Tensors: `histogram` int64 [num_layers, 4, bins + 2] (projections in PROJECTIONS order: qkv_proj, o_proj,
 gate_up_proj, down_proj; bin 0 holds |x| < edges[0], exact zeros included, bin i in 1..bins holds
 edges[i-1] <= |x| < edges[i], the last bin |x| >= edges[-1]) and `edges` float64 [bins + 1], fixed and
-log-spaced. Metadata (strings): `format` = "actserve.sparsity", `version`, `model`, `num_layers`,
-`hidden_size`, `tokens` (calibration tokens) and `info` (JSON: how it was made).
+log-spaced: the dense model's inputs. Optional, together: `teal.levels` float64 [G] (the correction's
+grid, 0.05 ... 0.90) and `teal.quantiles` float64 [G, num_layers, 4]: at level levels[g], the dense
+histogram's quantile that the site's threshold equals once the sparsity upstream is accounted for
+(calibrate.py); without them a level's thresholds are the dense quantiles (TEAL as published). Metadata
+(strings): `format` = "actserve.sparsity", `version`, `model`, `num_layers`, `hidden_size`, `tokens`
+(calibration tokens), `projections` and `info` (JSON: how it was made).
 
 Why histograms rather than thresholds: a TEAL threshold for any level is a quantile of them (below), and
-the methods still to come (issue 14) read other statistics from the same runs, so the file keeps what was
-measured, not one method's answer.
+the methods still to come (issue 14: CHESS's per-channel thresholds need per-channel statistics, which a
+later version adds) start from the same runs, so the file keeps what was measured, not a level table.
 
 Where it lives: `actserve sparsity calibrate --model DIR` writes `DIR/actserve-sparsity.safetensors`
 (beside the weights it describes) unless given `--out`; the server loads that file when it exists, or the
