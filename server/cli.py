@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from actserve.interventions.cot_compression.cli import add_cot_parser
 from actserve.interventions.cot_compression.cli import run as run_cot
 from actserve.interventions.precision.plugin import parse_precisions
+from actserve.interventions.sparsity.cli import add_sparsity_parser
+from actserve.interventions.sparsity.cli import run as run_sparsity
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
@@ -173,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and/or mxfp4; e.g. bf16,nvfp4 (default: no FP4 copy)",
     )  # fmt: skip
     s.add_argument(
+        "--sparsity-calibration", default=None, metavar="FILE",
+        help="calibration of the sparsity intervention from `actserve sparsity calibrate` (default: the "
+        "model folder's actserve-sparsity.safetensors when there is one; without either, sparsity "
+        "requests are refused)",
+    )  # fmt: skip
+    s.add_argument(
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
@@ -182,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     add_vectors_parser(sub)
     add_cot_parser(sub)
+    add_sparsity_parser(sub)
     return parser
 
 
@@ -196,6 +205,8 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options["cot_compression"] = {"artifact": args.cot_compression}
     if args.precisions:
         options["precision"] = {"precisions": args.precisions}
+    if args.sparsity_calibration:
+        options["sparsity"] = {"calibration": args.sparsity_calibration}
     return options
 
 
@@ -271,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_vectors(args)
     if args.command == "cot":
         return run_cot(args)
+    if args.command == "sparsity":
+        return run_sparsity(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -105,6 +105,18 @@ def start_server(model_dir: Path, api_key: str | None = None, **engine_kwargs: o
     return LiveServer(create_app(load=lambda: make_engine(config), api_key=api_key))
 
 
+def assert_refused(url: str, body: dict[str, Any], bad: list[tuple[Any, str, list[str]]]) -> None:
+    """Each (interventions, param, words) of `bad` sent as the body's interventions is a 400 whose error
+    names `param` and whose message holds every word."""
+    for interventions, param, words in bad:
+        r = httpx.post(f"{url}/v1/completions", json={**body, "interventions": interventions}, timeout=60)
+        assert r.status_code == 400, (interventions, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param, (interventions, r.text)
+        for w in words:
+            assert w in err["message"], (interventions, err["message"])
+
+
 ENGINE_MODES = {"thread": "off", "process": "on"}
 
 

@@ -119,3 +119,52 @@ def hf_generate(ref: Any, prompt: list[int], steps: int) -> tuple[list[int], lis
         output_logits=True, return_dict_in_generate=True, pad_token_id=0,
     )  # fmt: skip
     return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]
+
+
+class HFTeal:
+    """The independent TEAL reference: forward pre-hooks on transformers' q/k/v/o/gate/up/down that zero
+    the input entries with |x| < thresholds[layer, projection] (our projection order; q/k/v share
+    qkv_proj's, gate/up gate_up_proj's, as they share the input). `decode_only`: only forwards of one
+    position per sequence (generate's decode steps). Counts, per (layer, projection), the zero entries
+    after thresholding and all entries, over the rows `valid` marks ([batch * seq] bool; None: all)."""
+
+    def __init__(self, ref: Any, thresholds: torch.Tensor, decode_only: bool = False) -> None:
+        self.ref, self.thresholds, self.decode_only = ref, thresholds, decode_only
+        self.valid: torch.Tensor | None = None
+        self.counts: dict[tuple[int, str], list[int]] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, layer: int, proj: str, count: bool) -> Callable[..., Any]:
+        t = float(self.thresholds[layer, list(HF_MODULES).index(proj)])
+
+        def fn(_mod: Any, args: tuple[torch.Tensor, ...]) -> Any:
+            x = args[0]
+            if self.decode_only and x.shape[-2] != 1:
+                return None
+            y = x.masked_fill(x.abs() < t, 0)
+            if count:
+                rows = y.reshape(-1, y.shape[-1])
+                rows = rows if self.valid is None else rows[self.valid]
+                c = self.counts.setdefault((layer, proj), [0, 0])
+                c[0] += int((rows == 0).sum())
+                c[1] += rows.numel()
+            return (y, *args[1:])
+
+        return fn
+
+    def __enter__(self) -> HFTeal:
+        for layer, block_mods in enumerate(self.ref.model.layers):
+            for proj, (block, names) in HF_MODULES.items():
+                for j, name in enumerate(names):
+                    mod = getattr(getattr(block_mods, block), name)
+                    self._handles.append(mod.register_forward_pre_hook(self._hook(layer, proj, j == 0)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def sparsity(self) -> float:
+        """The fraction of zero entries, averaged over layers and projections."""
+        return sum(z / n for z, n in self.counts.values()) / len(self.counts)

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from actserve.interventions.safetensors_file import read_safetensors
 from actserve.server.contract import ModelInfo
 
 FORMAT = "actserve.asc"
@@ -144,12 +144,7 @@ def save_artifact(art: AscArtifact, path: str | Path) -> None:
 
 def load_artifact(path: str | Path) -> AscArtifact:
     """Read and check an artifact file; raises ArtifactError on anything that is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not readable"
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+    meta, tensors = read_safetensors(path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not an ASC artifact (metadata format {meta.get('format')!r})")
     if meta.get("version") not in READABLE_VERSIONS:

@@ -11,7 +11,7 @@ import torch
 
 from actserve.interventions.registry import InterventionRegistry
 from actserve.server.contract import RowSpan
-from actserve.server.contract.hooks import ResidualHook, StepHooks
+from actserve.server.contract.hooks import BoundHooks, LinearInputHook, PluginHooks, ResidualHook, StepHooks
 from actserve.server.engine.block_manager import BlockManager, blocks_for
 from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
@@ -467,6 +467,7 @@ class ModelRunner:
         position: str = "last",
         logit_positions: list[range] | None = None,
         hooks: CollectHooks | None = None,
+        linear: LinearInputHook | None = None,
         max_tokens: int = 4096,
     ) -> Collected:
         """Prefill-style forwards over `token_lists` (each a fresh sequence at positions 0..n-1), packed
@@ -481,7 +482,8 @@ class ModelRunner:
         `position` ("last" row or "mean" over its rows); `logit_positions[i]` -> logits at those positions
         of sequence i, all concatenated in sequence order. `hooks(rows, num_rows)` gives the residual
         hooks of each packed forward (per-row interventions, e.g. a plugin's `residual_hook` over
-        `RowSpan`s built from `rows`); the residuals are read after them."""
+        `RowSpan`s built from `rows`); the residuals are read after them. `linear` acts on every row's
+        projection inputs at its sites (e.g. to record activation statistics; inputs: none)."""
         layers = list(layers)
         spec = self.model.spec  # type: ignore[attr-defined]
         bad = [layer for layer in layers if not 0 <= layer < spec.num_layers]
@@ -509,7 +511,9 @@ class ModelRunner:
         out = torch.zeros(len(token_lists), len(layers), spec.hidden_size) if layers else None
         logits: list[torch.Tensor] = []
         for chunk in self._collect_chunks(token_lists, max_tokens):
-            part = self._collect_forward(token_lists, chunk, layers, position, logit_positions, hooks, out)
+            part = self._collect_forward(
+                token_lists, chunk, layers, position, logit_positions, hooks, linear, out
+            )
             if part is not None:
                 logits.append(part)
         joined = None
@@ -547,6 +551,7 @@ class ModelRunner:
         position: str,
         logit_positions: list[range] | None,
         hooks: CollectHooks | None,
+        linear: LinearInputHook | None,
         out: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """One packed forward of the sequences `chunk` on borrowed blocks; their logits rows, if asked."""
@@ -577,7 +582,11 @@ class ModelRunner:
             residual = list(hooks(rows, total)) if hooks is not None else []
             if out is not None:
                 residual.append(_Capture(layers, rows, position, out))
-            step = StepHooks(residual) if residual else None
+            plugins = []
+            if linear is not None:
+                every = torch.ones(total, dtype=torch.bool, device=dev)
+                plugins.append(BoundHooks(PluginHooks(linear=linear), {}, every))
+            step = StepHooks(residual, plugins=plugins) if residual or plugins else None
             hidden = self.model(
                 torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, attn, step
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from actserve.server.engine.engine_client import EngineRequestError
@@ -34,23 +35,31 @@ def make_sequences(
 
 
 def run_sequences(
-    engine: LLMEngine, seqs: list[Sequence], step_ms: list[float] | None = None
+    engine: LLMEngine,
+    seqs: list[Sequence],
+    step_ms: list[float] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[list[int]]:
     """Add all, step until the engine is idle; each sequence's generated token ids. `step_ms` receives
-    every step's wall time (benchmarks: prefill vs steady decode). A sequence the engine failed raises
-    EngineRequestError once the others are done (the engine itself goes on)."""
+    every step's wall time (benchmarks: prefill vs steady decode); `progress(n)` hears of the n tokens
+    each step made (a progress bar). A sequence the engine failed raises EngineRequestError once the
+    others are done (the engine itself goes on)."""
     for seq in seqs:
         engine.add(seq)
     out: dict[str, list[int]] = {s.seq_id: [] for s in seqs}
     errors: list[str] = []
     while engine.has_work():
         t = time.perf_counter()
+        made = 0
         for o in engine.step():
             out[o.seq_id].extend(o.token_ids)
+            made += len(o.token_ids)
             if o.error is not None:
                 errors.append(f"{o.seq_id}: {o.error}")
         if step_ms is not None:
             step_ms.append(1e3 * (time.perf_counter() - t))
+        if progress is not None:
+            progress(made)
     if errors:
         raise EngineRequestError("; ".join(errors))
     return [out[s.seq_id] for s in seqs]

@@ -1,0 +1,211 @@
+"""Calibration for the sparsity plugin: histograms of |x| at every projection input of every decoder
+layer (the down projection's input is silu(gate)·up), over calibration text, through the engine's own
+forwards (`ModelRunner.collect` with a linear-input hook), so the statistics are of exactly the tensors
+the plugin's hook will threshold, in the serving dtype.
+
+Two runs over the text:
+1. dense: the model as is; each site's histogram (the artifact's `histogram`). Its level-quantiles are
+   TEAL's thresholds as the paper computes them.
+2. correction: zeroing a site's inputs changes the inputs of every later site (sparser q/k/v give
+   smaller attention outputs, so o_proj's inputs shrink, and so on), so dense quantiles overshoot: on
+   TinyStories-656K's held-out text they gave 51.8 % zeros at level 0.5 and 74.6 % at 0.7. So for each
+   level of a grid (0.05 ... 0.90), a sample of the text runs as one forward with that level applied
+   and each site's threshold is fixed, in forward order, as the level-quantile of the inputs it sees
+   there, all earlier sites already thresholded: exact for the sample, in one run. The artifact keeps
+   each as the dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels
+   are interpolated in that quantile (artifact.py `level_quantiles`).
+
+Calibration text: given files (`--text`: JSON lines with a "text" field, or plain text), or by default
+the model's own samples (temperature 1.0, a fixed seed) continuing a few fixed, varied openings; no
+corpus can be downloaded where actserve is built, and a model's own text is text it meets at decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from actserve.interventions.sparsity.artifact import (
+    BINS_PER_OCTAVE,
+    EDGE_EXPONENTS,
+    SparsityCalibration,
+    bin_index,
+    cdf,
+    log_edges,
+    quantile_values,
+)
+from actserve.interventions.steering.train import chunks
+from actserve.server.contract import PROJECTIONS
+from actserve.server.engine.offline import make_sequences, run_sequences
+from actserve.server.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+# the levels the correction is measured at; levels between are interpolated
+CORRECTION_GRID = torch.arange(1, 19, dtype=torch.float64) * 0.05  # 0.05, 0.10, ..., 0.90
+# what the model continues when no text is given: varied registers, none of them the bench's held-out text
+OPENINGS = (
+    "Once upon a time",
+    "The history of the old bridge begins",
+    "To bake bread at home, you need",
+    "Q: Why is the sky blue?\nA:",
+    "Dear Anna,\nThank you for your letter.",
+    "In this chapter we will learn how",
+    "The meeting started at nine, and",
+    "Here are three tips for a good night's sleep:",
+)
+
+
+class _AllSites:
+    """A linear-input hook at every projection of every layer."""
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        self.edges = log_edges().to(device)
+        self.bins = len(self.edges) + 1
+        self._sites = {(layer, p) for layer in range(num_layers) for p in PROJECTIONS}
+        self.input_sizes: dict[str, int] = {}
+
+    def sites(self) -> set[tuple[int, str]]:
+        return self._sites
+
+    def histogram(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        self.input_sizes[proj] = x.shape[1]
+        return torch.bincount(bin_index(x).flatten(), minlength=self.bins)
+
+
+class HistogramRecorder(_AllSites):
+    """Adds each input's |x| histogram to `counts` [layers, 4, bins + 2]; changes nothing."""
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        super().__init__(num_layers, device)
+        self.counts = torch.zeros(num_layers, len(PROJECTIONS), self.bins, dtype=torch.int64, device=device)
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: Any) -> torch.Tensor:
+        self.counts[layer, PROJECTIONS.index(proj)] += self.histogram(proj, x)
+        return x
+
+
+class SequentialThresholds(_AllSites):
+    """At level `grid[self.level]`: the first time a site sees that level, its threshold becomes the
+    level-quantile of this forward's inputs there (`table` [G, layers, 4]); then inputs below it are
+    zeroed, so every later site of the forward sees the sparsified model."""
+
+    def __init__(self, grid: torch.Tensor, num_layers: int, device: torch.device) -> None:
+        super().__init__(num_layers, device)
+        self.grid = grid
+        self.table = torch.zeros(len(grid), num_layers, len(PROJECTIONS), dtype=torch.float64)
+        self.done = torch.zeros(self.table.shape, dtype=torch.bool)
+        self.level = 0
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: Any) -> torch.Tensor:
+        g, p = self.level, PROJECTIONS.index(proj)
+        if not self.done[g, layer, p]:
+            hist = self.histogram(proj, x).cpu()
+            self.table[g, layer, p] = quantile_values(hist, self.edges.cpu(), self.grid[g : g + 1])[0]
+            self.done[g, layer, p] = True
+        return x.masked_fill(x.abs() < float(self.table[g, layer, p]), 0)
+
+
+def read_texts(paths: list[Path]) -> list[str]:
+    """Documents of the files: a `.jsonl` file's lines' "text" fields, any other file whole."""
+    docs: list[str] = []
+    for path in paths:
+        raw = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            docs += [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        else:
+            docs.append(raw)
+    return docs
+
+
+def text_windows(tokenizer: Any, docs: list[str], window: int) -> list[list[int]]:
+    """Each document's tokens cut into windows of at most `window` (pieces under 2 tokens dropped)."""
+    out = []
+    for doc in docs:
+        ids = list(tokenizer(doc)["input_ids"])
+        out += [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2]
+    return out
+
+
+def _disable(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm's own choice (on for a terminal)
+
+
+def generated_windows(
+    engine: Any, samples: int, tokens: int, seed: int, progress: bool | None
+) -> list[list[int]]:
+    """`samples` sequences of the model's own text: OPENINGS in turn, each continued by up to `tokens`
+    sampled tokens (temperature 1.0, seed `seed` + i); prompt and continuation together."""
+    prompts = [list(engine.tokenizer(OPENINGS[i % len(OPENINGS)])["input_ids"]) for i in range(samples)]
+    params = SamplingParams(max_tokens=tokens, temperature=1.0)
+    seqs = [
+        make_sequences(engine, [p], dataclasses.replace(params, seed=seed + i), tag=f"calib{i}_")[0]
+        for i, p in enumerate(prompts)
+    ]
+    with tqdm(total=samples * tokens, desc="generating", unit="tok", disable=_disable(progress)) as bar:
+        outs = run_sequences(engine, seqs, progress=bar.update)
+    return [p + o for p, o in zip(prompts, outs, strict=True)]
+
+
+def spread(token_lists: list[list[int]], tokens: int) -> list[list[int]]:
+    """Every k-th sequence, k chosen so that about `tokens` tokens remain (at least one sequence): a
+    sample of the whole text, not of its first documents."""
+    total = sum(map(len, token_lists))
+    return token_lists[:: max(1, -(-total // tokens))]
+
+
+def calibrate(
+    engine: Any,
+    token_lists: list[list[int]],
+    batch_tokens: int = 4096,
+    progress: bool | None = None,
+    info: dict[str, Any] | None = None,
+    correction_tokens: int | None = 2048,
+    grid: torch.Tensor = CORRECTION_GRID,
+) -> SparsityCalibration:
+    """The dense model's histograms of every projection input over `token_lists` (each a fresh
+    sequence, forwards of at most `batch_tokens` tokens), then the correction (module doc) on about
+    `correction_tokens` of those tokens (every k-th sequence), one forward per grid level (None: no
+    correction, TEAL's dense quantiles)."""
+    mi = engine.model_info
+    if mi.implementation != "native":
+        raise ValueError(f"sparsity calibration needs the native model implementation ({mi.fallback_reason})")
+    if not token_lists:
+        raise ValueError("no calibration text")
+    runner = engine.runner
+    dense = HistogramRecorder(mi.num_layers, mi.device)
+    with tqdm(total=sum(map(len, token_lists)), desc="dense", unit="tok", disable=_disable(progress)) as bar:
+        for start, end in chunks(token_lists, batch_tokens):
+            runner.collect(token_lists[start:end], linear=dense, max_tokens=batch_tokens)
+            bar.update(sum(map(len, token_lists[start:end])))
+    counts = dense.counts.cpu()
+    lo, hi = EDGE_EXPONENTS
+    meta = {
+        "sequences": len(token_lists),
+        "dtype": str(mi.dtype).removeprefix("torch."),
+        "device": mi.device.type,
+        "input_sizes": dense.input_sizes,
+        "bins": {"log2_range": [lo, hi], "per_octave": BINS_PER_OCTAVE},
+        **(info or {}),
+    }
+    tokens = int(counts[0, 0].sum()) // dense.input_sizes[PROJECTIONS[0]]
+    cal = SparsityCalibration(counts, dense.edges.cpu(), mi.name, mi.hidden_size, tokens, meta)
+    if correction_tokens is None:
+        return cal
+    sample = spread(token_lists, correction_tokens)
+    n = sum(map(len, sample))
+    seq = SequentialThresholds(grid, mi.num_layers, mi.device)
+    forwards = runner.collect_forwards
+    for g in tqdm(range(len(grid)), desc="correction", unit="level", disable=_disable(progress)):
+        seq.level = g
+        runner.collect(sample, linear=seq, max_tokens=n)
+    if runner.collect_forwards - forwards > len(grid):  # too few free KV blocks for one forward
+        log.warning("the correction's sample took more than one forward per level: exact on the first only")
+    cal.grid, cal.quantiles = grid.clone(), cdf(counts, cal.edges, seq.table).cummax(0).values
+    meta["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
+    return cal
