@@ -269,6 +269,8 @@ def test_over_http(tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompt
     try:
         listed = {d["name"]: d for d in httpx.get(f"{server.url}/v1/interventions").json()["data"]}
         assert listed[PLUGIN]["hook_points"] == ["linear_input"]
+        shown = listed[PLUGIN]["schema"]["x-actserve-calibration"]
+        assert shown["file"] == str(artifact) and shown["tokens"] > 5000 and shown["corrected"]
         tok = AutoTokenizer.from_pretrained(tinystories_dir)
         body = {"model": "tinystories-656k", "prompt": prompts[1], "max_tokens": STEPS, "temperature": 0,
                 "min_tokens": STEPS, "interventions": spec(0.5)}  # fmt: skip

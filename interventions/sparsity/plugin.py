@@ -196,3 +196,15 @@ class SparsityPlugin(InterventionPlugin):
     def prefix_key(self, plan: Any) -> None:
         """None: the prompt runs dense, so its K/V is a plain request's."""
         return None
+
+    def json_schema(self) -> dict[str, Any]:
+        """The spec's schema, and under `x-actserve-calibration` the calibration in use (null: none, so
+        sparse requests are refused)."""
+        schema = super().json_schema()
+        cal = self.calibration
+        shown: dict[str, Any] | None = None
+        if cal is not None:
+            shown = {"file": str(self.source), "model": cal.model, "tokens": cal.tokens}
+            shown["corrected"] = cal.grid is not None
+        schema["x-actserve-calibration"] = shown
+        return schema
