@@ -20,6 +20,7 @@ from actserve.kernels.fp4_ref import (
 )
 from actserve.server.layers.fp4_gptq import GPTQ_SCALES, GptqConfig, gptq_fp4
 from actserve.server.layers.fp4_search import output_error, scales_from_choice, search_choice, search_fp4
+from tests.test_fp4_search import case as search_case
 
 KINDS = ["nvfp4", "mxfp4"]
 
@@ -29,19 +30,9 @@ def fresh_seed() -> int:
 
 
 def case(seed: int, n: int = 48, k: int = 256, t: int = 512, outliers: int = 3):
-    """Weights with `outliers` columns 8x larger; inputs x = z A (correlated channels), 4 channels 10x
-    larger; a second draw of the same inputs (not seen by the quantizers)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    w[:, torch.randperm(k, generator=g)[:outliers]] *= 8
-    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
-    loud = torch.randperm(k, generator=g)[:4]
-    xs = []
-    for rows in (t, 4 * t):
-        x = torch.randn(rows, k, generator=g) @ mix
-        x[:, loud] *= 10
-        xs.append(x)
-    return w.to(torch.bfloat16).float(), xs[0], xs[1]
+    """`test_fp4_search.case` (outlier weight columns, correlated inputs and a second draw of them),
+    larger by default."""
+    return search_case(seed, n, k, t, outliers)
 
 
 def decode_independently(packed: torch.Tensor, scales: torch.Tensor, kind: str, gs: torch.Tensor | None):

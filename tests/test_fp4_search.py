@@ -10,12 +10,12 @@ from actserve.kernels.fp4_ref import GROUP, absmax_scales, dequantize, encode_wi
 from actserve.server.layers.fp4_search import output_error, search_fp4
 
 
-def case(seed: int, n: int = 48, k: int = 128, t: int = 256):
-    """Weights with 3 outlier columns; inputs x = z A (correlated channels), 4 channels 10x larger;
+def case(seed: int, n: int = 48, k: int = 128, t: int = 256, outliers: int = 3):
+    """Weights with `outliers` columns 8x larger; inputs x = z A (correlated channels), 4 channels 10x larger;
     a held-out draw of the same distribution."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    w[:, torch.randperm(k, generator=g)[:3]] *= 8
+    w[:, torch.randperm(k, generator=g)[:outliers]] *= 8
     mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
     loud = torch.randperm(k, generator=g)[:4]
     xs = []
