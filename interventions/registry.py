@@ -13,7 +13,13 @@ import numpy as np
 import tomllib
 import torch
 
-from actserve.interventions.base import InterventionError, InterventionPlugin, RowSpan
+from actserve.interventions.base import (
+    InterventionError,
+    InterventionPlugin,
+    Observation,
+    PluginHistogram,
+    RowSpan,
+)
 from actserve.server.contract import ModelInfo
 from actserve.server.contract.hooks import BoundHooks, StepHooks
 from actserve.server.contract.weights import FormatRequest
@@ -240,6 +246,33 @@ class InterventionRegistry:
         """(plugin name, its `metric_label` or "") for each plan: the labels under which the engine counts
         the sequence in `actserve_intervention_requests_total` without knowing any plugin."""
         return [(name, self.plugins[name].metric_label(plan) or "") for name, plan in plans.items()]
+
+    def histograms(self) -> list[PluginHistogram]:
+        """Every plugin's per-request histograms (`InterventionPlugin.histograms`), for the engine to create;
+        ValueError when two plugins declare the same name."""
+        seen: dict[str, str] = {}
+        out: list[PluginHistogram] = []
+        for name, plugin in self.plugins.items():
+            for h in plugin.histograms:
+                if h.name in seen:
+                    raise ValueError(f"plugins {seen[h.name]} and {name} both declare histogram {h.name!r}")
+                seen[h.name] = name
+                out.append(h)
+        return out
+
+    def finish_observations(self, plans: dict[str, Any]) -> list[Observation]:
+        """What each plan's plugin observes at the sequence's finish (before `release`); a plugin that
+        raises is logged and skipped, so a metric never fails a request."""
+        out: list[Observation] = []
+        for key, plan in plans.items():
+            plugin = self.plugins[key]
+            if not plugin.histograms:
+                continue
+            try:
+                out += plugin.finish_observations(plan)
+            except Exception:  # noqa: BLE001 - metrics must not take the engine down
+                log.exception("plugin %s failed to report its finish observations", key)
+        return out
 
     def weight_formats(self) -> dict[str, list[FormatRequest]]:
         """Each plugin's extra weight formats by plugin name, only plugins that ask for some (the engine

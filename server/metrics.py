@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import psutil
 import torch
@@ -93,6 +94,24 @@ class EngineMetrics:
         self._weights_bytes = 0
         self._kv_bytes = 0
         self._on_gpu = False
+        # plugins' per-request histograms (`add_plugin_histograms`), by their name without the prefix
+        self.plugin_histograms: dict[str, tuple[Histogram, int]] = {}
+
+    def add_plugin_histograms(self, specs: Sequence[Any]) -> None:
+        """Create plugins' per-request histograms (`PluginHistogram`: name, doc, labels, buckets) as
+        `actserve_<name>{model_name, *labels}`."""
+        for h in specs:
+            hist = Histogram(
+                f"actserve_{h.name}", h.doc, ["model_name", *h.labels], buckets=list(h.buckets),
+                registry=self.registry,
+            )  # fmt: skip
+            self.plugin_histograms[h.name] = (hist, len(h.labels))
+
+    def observe_plugin(self, name: str, labels: Sequence[str], value: float) -> None:
+        """One plugin observation (`Observation`); an undeclared name or wrong labels are ignored."""
+        found = self.plugin_histograms.get(name)
+        if found is not None and len(labels) == found[1]:
+            found[0].labels(self.model_name, *labels).observe(value)
 
     def set_static_memory(self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool) -> None:
         """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them.

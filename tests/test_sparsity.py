@@ -268,7 +268,7 @@ def test_over_http(tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompt
     field = f"interventions.{PLUGIN}"
     try:
         listed = {d["name"]: d for d in httpx.get(f"{server.url}/v1/interventions").json()["data"]}
-        assert listed[PLUGIN]["hook_points"] == ["linear_input"]
+        assert listed[PLUGIN]["hook_points"] == ["linear_input", "linear_output"]
         shown = listed[PLUGIN]["schema"]["x-actserve-calibration"]
         assert shown["file"] == str(artifact) and shown["tokens"] > 5000 and shown["corrected"]
         tok = AutoTokenizer.from_pretrained(tinystories_dir)
@@ -286,8 +286,7 @@ def test_over_http(tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompt
             (spec(-0.1), f"{field}.level", ["greater than or equal to 0"]),
             (spec(0.555), f"{field}.level", ["multiple of 0.01"]),
             (spec("half"), f"{field}.level", []),
-            (spec(0.5, "chess"), f"{field}.method", ["'chess' is not built yet", "implemented: teal"]),
-            (spec(0.5, "magic"), f"{field}.method", ["'teal'"]),
+            (spec(0.5, "magic"), f"{field}.method", ["'teal'", "'chess'", "'r_sparse'", "'coreinfer'"]),
             ({PLUGIN: {"level": 0.5}}, f"{field}.method", ["required"]),
             ({PLUGIN: {"method": "teal"}}, f"{field}.level", ["required"]),
             ({PLUGIN: {"method": "teal", "level": 0.5, "layers": [1]}}, f"{field}.layers", []),

@@ -10,9 +10,14 @@ histogram's quantile that the site's threshold equals once the sparsity upstream
 (strings): `format` = "actserve.sparsity", `version`, `model`, `num_layers`, `hidden_size`, `tokens`
 (calibration tokens), `projections` and `info` (JSON: how it was made).
 
-Why histograms rather than thresholds: a TEAL threshold for any level is a quantile of them (below), and
-the methods still to come (issue 14: CHESS's per-channel thresholds need per-channel statistics, which a
-later version adds) start from the same runs, so the file keeps what was measured, not a level table.
+Optional sections, each from its method's calibration (version 2; a version-1 file is TEAL's only):
+`chess.*` (chess.py `ChessStats`: E|up| per FFN channel, the dense histogram of CHESS's FFN score, its
+corrected quantiles) and `r_sparse.*` (r_sparse.py `RSparseStats`: per projection the weight's column
+norms and top singular components, the sparse share alpha, the dense histogram of |x| * column norm, its
+corrected quantiles).
+
+Why histograms rather than thresholds: a threshold for any level is a quantile of them (below), so the
+file keeps what was measured, not a level table.
 
 Where it lives: `actserve sparsity calibrate --model DIR` writes `DIR/actserve-sparsity.safetensors`
 (beside the weights it describes) unless given `--out`; the server loads that file when it exists, or the
@@ -30,75 +35,32 @@ import torch
 from safetensors.torch import save_file
 
 from actserve.interventions.safetensors_file import read_safetensors
+from actserve.interventions.sparsity.chess import ChessStats
+from actserve.interventions.sparsity.histograms import (
+    BINS_PER_OCTAVE,
+    EDGE_EXPONENTS,
+    bin_index,
+    cdf,
+    corrected_quantiles,
+    log_edges,
+    quantile_values,
+)
+from actserve.interventions.sparsity.r_sparse import RSparseStats
 from actserve.server.contract import PROJECTIONS, ModelInfo
 
+__all__ = [  # the histogram helpers are re-exported: callers read them as part of the artifact's format
+    "ARTIFACT_NAME", "ArtifactError", "BINS_PER_OCTAVE", "EDGE_EXPONENTS", "SparsityCalibration", "bin_index",
+    "cdf", "default_path", "load_calibration", "log_edges", "quantile_values", "save_calibration",
+]  # fmt: skip
+
 FORMAT = "actserve.sparsity"
-VERSION = "1"
+VERSION = "2"
+READS = ("1", "2")  # version 1: TEAL only
 ARTIFACT_NAME = "actserve-sparsity.safetensors"
-# bins: 64 per octave over [2^-20, 2^12): a bin is 1.1 % wide in |x|, and a quantile is interpolated
-# within its bin, so a threshold's error in sparsity is a small fraction of one bin's share of entries
-EDGE_EXPONENTS = (-20, 12)
-BINS_PER_OCTAVE = 64
 
 
 class ArtifactError(ValueError):
     """A file that is not a sparsity calibration, or one made for a model of another shape."""
-
-
-def log_edges() -> torch.Tensor:
-    """The fixed bin edges, float64 [bins + 1]."""
-    lo, hi = EDGE_EXPONENTS
-    return torch.exp2(torch.linspace(lo, hi, (hi - lo) * BINS_PER_OCTAVE + 1, dtype=torch.float64))
-
-
-def bin_index(x: torch.Tensor) -> torch.Tensor:
-    """int64, x's shape: the bin of each |x| (layout in the module doc), from log2|x| directly (a search
-    over the edges costs 4x more); a value within float32 rounding of an edge may land beside it."""
-    lo, hi = EDGE_EXPONENTS
-    v = (torch.log2(x.detach().abs().float()) - lo) * BINS_PER_OCTAVE + 1
-    return v.clamp_(0, (hi - lo) * BINS_PER_OCTAVE + 1).long()
-
-
-def _bin_bounds(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each bin's [lo, hi): bin 0 spans [0, edges[0]); the top bin, which never holds a quantile below
-    0.9 with these edges, counts as [edges[-1], edges[-1]]."""
-    return torch.cat([edges.new_zeros(1), edges]), torch.cat([edges, edges[-1:]])
-
-
-def quantile_values(counts: torch.Tensor, edges: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """float64 [n, *counts.shape[:-1]]: per histogram, the value t with a fraction q of its entries below
-    it, linear within the bin it falls in. `q` is [n] (the same for every histogram) or [n,
-    *counts.shape[:-1]]. q = 0 gives 0: nothing is below a threshold of 0."""
-    c = counts.to(torch.float64)
-    cum = c.cumsum(-1).contiguous()
-    total = cum[..., -1:]
-    lo, hi = _bin_bounds(edges.to(torch.float64))
-    if q.dim() == 1:
-        q = q.reshape(-1, *([1] * (c.dim() - 1))).expand(-1, *c.shape[:-1])
-    out = []
-    for qi in q.to(torch.float64):
-        target = total * qi.unsqueeze(-1)  # [..., 1]
-        b = torch.searchsorted(cum, target.contiguous()).clamp(max=c.shape[-1] - 1)
-        n = c.gather(-1, b)
-        frac = ((target - (cum.gather(-1, b) - n)) / n.clamp(min=1)).clamp(0, 1)
-        t = (lo[b] + frac * (hi[b] - lo[b])).squeeze(-1)
-        out.append(torch.where(qi > 0, t, torch.zeros_like(t)))
-    return torch.stack(out)
-
-
-def cdf(counts: torch.Tensor, edges: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """float64, values' shape [n, *counts.shape[:-1]]: the fraction of each histogram's entries below
-    each value, linear within a bin (the inverse of `quantile_values`)."""
-    c = counts.to(torch.float64)
-    cum = c.cumsum(-1)
-    lo, hi = _bin_bounds(edges.to(torch.float64))
-    v = values.to(torch.float64)
-    b = torch.bucketize(v, edges.to(torch.float64), right=True)  # [n, ...]
-    n = c.unsqueeze(0).expand(len(v), *c.shape).gather(-1, b.unsqueeze(-1)).squeeze(-1)
-    before = cum.unsqueeze(0).expand(len(v), *c.shape).gather(-1, b.unsqueeze(-1)).squeeze(-1) - n
-    width = hi[b] - lo[b]
-    frac = torch.where(width > 0, (v - lo[b]) / width.clamp(min=1e-300), torch.ones_like(v)).clamp(0, 1)
-    return (before + frac * n) / cum[..., -1]
 
 
 @dataclass
@@ -113,6 +75,8 @@ class SparsityCalibration:
     # is the dense histogram's quantiles[g, layer, projection] rather than its grid[g]-quantile
     grid: torch.Tensor | None = None  # float64 [G], increasing in (0, 1)
     quantiles: torch.Tensor | None = None  # float64 [G, num_layers, len(PROJECTIONS)]
+    chess: ChessStats | None = None  # CHESS's statistics (chess.py), when calibrated for it
+    rsparse: RSparseStats | None = None  # R-Sparse's factors and statistics (r_sparse.py), likewise
 
     @property
     def num_layers(self) -> int:
@@ -122,15 +86,11 @@ class SparsityCalibration:
         """float64 [len(levels), num_layers, len(PROJECTIONS)]: the dense quantile each site thresholds
         at for each level: the level itself without a correction, else the correction interpolated
         linearly between its grid levels (through 0 at level 0)."""
-        s = levels.to(torch.float64)
         sites = self.counts.shape[:-1]
-        if self.grid is None or self.quantiles is None:
-            return s.reshape(-1, 1, 1).expand(-1, *sites).clone()
-        xs = torch.cat([s.new_zeros(1), self.grid.to(torch.float64)])
-        ys = torch.cat([s.new_zeros(1, *sites), self.quantiles.to(torch.float64)])
-        i = torch.searchsorted(xs, s, right=True).clamp(1, len(xs) - 1)
-        w = ((s - xs[i - 1]) / (xs[i] - xs[i - 1])).clamp(0, 1).reshape(-1, 1, 1)
-        return ys[i - 1] + w * (ys[i] - ys[i - 1])
+        base = levels.to(torch.float64).reshape(-1, 1, 1).expand(-1, *sites)
+        grid = self.grid
+        base_grid = None if grid is None else grid.to(torch.float64).reshape(-1, 1, 1).expand(-1, *sites)
+        return corrected_quantiles(levels, base, grid, self.quantiles, base_grid)
 
     def thresholds(self, levels: torch.Tensor) -> torch.Tensor:
         """float32 [len(levels), num_layers, len(PROJECTIONS)]: TEAL's threshold per level, layer and
@@ -164,6 +124,9 @@ def save_calibration(cal: SparsityCalibration, path: str | Path) -> None:
     tensors = {"histogram": cal.counts.to(torch.int64).cpu().contiguous(), "edges": cal.edges.cpu().double()}
     if cal.grid is not None and cal.quantiles is not None:
         tensors |= {"teal.levels": cal.grid.cpu().double(), "teal.quantiles": cal.quantiles.cpu().double()}
+    for section in (cal.chess, cal.rsparse):
+        if section is not None:
+            tensors |= section.tensors()
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -172,8 +135,10 @@ def load_calibration(path: str | Path) -> SparsityCalibration:
     meta, tensors = read_safetensors(path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a sparsity calibration (metadata format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise ArtifactError(f"{path}: sparsity calibration version {meta.get('version')!r}; reads {VERSION}")
+    if meta.get("version") not in READS:
+        raise ArtifactError(
+            f"{path}: sparsity calibration version {meta.get('version')!r}; reads {', '.join(READS)}"
+        )
     if meta.get("projections") != ",".join(PROJECTIONS):
         raise ArtifactError(f"{path}: projections {meta.get('projections')!r}, expected {PROJECTIONS}")
     try:
@@ -204,6 +169,11 @@ def load_calibration(path: str | Path) -> SparsityCalibration:
     if bool((counts < 0).any()) or bool((counts.sum(-1) == 0).any()):
         raise ArtifactError(f"{path}: every histogram needs entries, none negative")
     _check_correction(cal, path)
+    try:
+        cal.chess = ChessStats.read(tensors, cal.num_layers, counts.shape[2])
+        cal.rsparse = RSparseStats.read(tensors, cal.num_layers, counts.shape[2])
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     return cal
 
 

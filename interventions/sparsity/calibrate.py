@@ -40,6 +40,19 @@ from actserve.interventions.sparsity.artifact import (
     log_edges,
     quantile_values,
 )
+from actserve.interventions.sparsity.calibrate_methods import (
+    ALPHAS,
+    SEARCH_LEVELS,
+    AlphaSearch,
+    Chain,
+    ChessScores,
+    ScoreHistograms,
+    SequentialChess,
+    SequentialRSparse,
+    UpMean,
+    column_norms,
+)
+from actserve.interventions.sparsity.chess import ChessStats
 from actserve.interventions.steering.train import chunks
 from actserve.server.contract import PROJECTIONS
 from actserve.server.engine.offline import make_sequences, run_sequences
@@ -48,6 +61,7 @@ from actserve.server.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 # the levels the correction is measured at; levels between are interpolated
 CORRECTION_GRID = torch.arange(1, 19, dtype=torch.float64) * 0.05  # 0.05, 0.10, ..., 0.90
+METHODS = ("chess", "r_sparse")  # calibrated beside TEAL, whose histograms every calibration makes
 # what the model continues when no text is given: varied registers, none of them the bench's held-out text
 OPENINGS = (
     "Once upon a time",
@@ -167,22 +181,36 @@ def calibrate(
     info: dict[str, Any] | None = None,
     correction_tokens: int | None = 2048,
     grid: torch.Tensor = CORRECTION_GRID,
+    methods: tuple[str, ...] = METHODS,
+    rank_fraction: float = 0.125,
 ) -> SparsityCalibration:
     """The dense model's histograms of every projection input over `token_lists` (each a fresh
     sequence, forwards of at most `batch_tokens` tokens), then the correction (module doc) on about
     `correction_tokens` of those tokens (every k-th sequence), one forward per grid level (None: no
-    correction, TEAL's dense quantiles)."""
+    correction, TEAL's dense quantiles). `methods`: which of CHESS and R-Sparse to calibrate beside TEAL
+    (calibrate_methods.py); `rank_fraction`: R-Sparse's stored factors, at most that share of each weight."""
     mi = engine.model_info
     if mi.implementation != "native":
         raise ValueError(f"sparsity calibration needs the native model implementation ({mi.fallback_reason})")
     if not token_lists:
         raise ValueError("no calibration text")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown calibration methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     runner = engine.runner
     dense = HistogramRecorder(mi.num_layers, mi.device)
-    with tqdm(total=sum(map(len, token_lists)), desc="dense", unit="tok", disable=_disable(progress)) as bar:
-        for start, end in chunks(token_lists, batch_tokens):
-            runner.collect(token_lists[start:end], linear=dense, max_tokens=batch_tokens)
-            bar.update(sum(map(len, token_lists[start:end])))
+    observers: list[Any] = [dense]
+    up = UpMean(mi.num_layers, mi.intermediate_size, mi.device) if "chess" in methods else None
+    scores = None
+    if "r_sparse" in methods:
+        weights = {
+            (layer, p): runner.model.projection(layer, p).dense_weight().detach()
+            for layer in range(mi.num_layers)
+            for p in PROJECTIONS
+        }
+        scores = ScoreHistograms(column_norms(weights, mi.num_layers), mi.num_layers, mi.device)
+    observers += [h for h in (up, scores) if h is not None]
+    _passes(runner, token_lists, Chain(observers, mi.num_layers, mi.device), batch_tokens, "dense", progress)
     counts = dense.counts.cpu()
     lo, hi = EDGE_EXPONENTS
     meta = {
@@ -191,21 +219,66 @@ def calibrate(
         "device": mi.device.type,
         "input_sizes": dense.input_sizes,
         "bins": {"log2_range": [lo, hi], "per_octave": BINS_PER_OCTAVE},
+        "methods": ["teal", *[m for m in METHODS if m in methods]],
         **(info or {}),
     }
     tokens = int(counts[0, 0].sum()) // dense.input_sizes[PROJECTIONS[0]]
     cal = SparsityCalibration(counts, dense.edges.cpu(), mi.name, mi.hidden_size, tokens, meta)
+    if up is not None:
+        chess_scores = ChessScores(up.mean(), mi.device)
+        _passes(runner, token_lists, chess_scores, batch_tokens, "chess", progress)
+        cal.chess = ChessStats(up.mean().cpu(), chess_scores.counts.cpu())
+    sample = spread(token_lists, correction_tokens or 2048)
+    n = sum(map(len, sample))
+    if scores is not None:
+        search = AlphaSearch(weights, scores.colnorm, mi.num_layers, rank_fraction, mi.device)
+        runner.collect(sample, linear=search, max_tokens=n)
+        cal.rsparse = search.stats(scores.counts)
+        chosen = dict(zip(PROJECTIONS, cal.rsparse.alpha.mean(0).tolist(), strict=True))
+        meta["r_sparse"] = {
+            "rank_fraction": rank_fraction, "alphas": list(ALPHAS), "search_levels": list(SEARCH_LEVELS),
+            "search_tokens": n, "alpha_mean_by_projection": chosen,
+        }  # fmt: skip
     if correction_tokens is None:
         return cal
-    sample = spread(token_lists, correction_tokens)
-    n = sum(map(len, sample))
-    seq = SequentialThresholds(grid, mi.num_layers, mi.device)
     forwards = runner.collect_forwards
-    for g in tqdm(range(len(grid)), desc="correction", unit="level", disable=_disable(progress)):
-        seq.level = g
-        runner.collect(sample, linear=seq, max_tokens=n)
-    if runner.collect_forwards - forwards > len(grid):  # too few free KV blocks for one forward
-        log.warning("the correction's sample took more than one forward per level: exact on the first only")
+    seq = SequentialThresholds(grid, mi.num_layers, mi.device)
+    _levels(runner, sample, seq, grid, "correction (teal)", progress)
     cal.grid, cal.quantiles = grid.clone(), cdf(counts, cal.edges, seq.table).cummax(0).values
+    if cal.chess is not None:
+        q_size = mi.num_heads * mi.head_dim
+        chess = SequentialChess(grid, cal.chess.up_mean, q_size, mi.device)
+        _levels(runner, sample, chess, grid, "correction (chess)", progress)
+        site_counts = cal.chess.site_counts(counts)
+        cal.chess.grid = grid.clone()
+        cal.chess.quantiles = cdf(site_counts, cal.edges, chess.table).cummax(0).values
+    if cal.rsparse is not None:
+        rs = SequentialRSparse(grid, cal.rsparse, mi.device)
+        _levels(runner, sample, rs, grid, "correction (r_sparse)", progress)
+        cal.rsparse.grid = grid.clone()
+        cal.rsparse.quantiles = cdf(cal.rsparse.counts, cal.edges, rs.table).cummax(0).values
+    runs = 1 + (cal.chess is not None) + (cal.rsparse is not None)
+    if runner.collect_forwards - forwards > runs * len(grid):  # too few free KV blocks for one forward
+        log.warning("the correction's sample took more than one forward per level: exact on the first only")
     meta["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
     return cal
+
+
+def _passes(
+    runner: Any, token_lists: list[list[int]], hook: Any, batch_tokens: int, what: str, progress: bool | None
+) -> None:
+    """`hook` over every calibration sequence, in forwards of at most `batch_tokens` tokens."""
+    with tqdm(total=sum(map(len, token_lists)), desc=what, unit="tok", disable=_disable(progress)) as bar:
+        for start, end in chunks(token_lists, batch_tokens):
+            runner.collect(token_lists[start:end], linear=hook, max_tokens=batch_tokens)
+            bar.update(sum(map(len, token_lists[start:end])))
+
+
+def _levels(
+    runner: Any, sample: list[list[int]], hook: Any, grid: torch.Tensor, what: str, progress: bool | None
+) -> None:
+    """One forward of the sample per grid level, `hook.level` set to it."""
+    n = sum(map(len, sample))
+    for g in tqdm(range(len(grid)), desc=what, unit="level", disable=_disable(progress)):
+        hook.level = g
+        runner.collect(sample, linear=hook, max_tokens=n)

@@ -16,7 +16,7 @@ from typing import Any
 
 def add_sparsity_parser(sub: Any) -> None:
     """Register `sparsity calibrate` on the top-level subparsers of `actserve`."""
-    s = sub.add_parser("sparsity", help="activation sparsity (TEAL): calibrate a model")
+    s = sub.add_parser("sparsity", help="activation sparsity (TEAL, CHESS, R-Sparse): calibrate a model")
     ssub = s.add_subparsers(dest="sparsity_command", required=True)
     c = ssub.add_parser("calibrate", help="histograms of |x| at every projection input over calibration text")
     c.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded SmolLM2-135M)")
@@ -37,6 +37,15 @@ def add_sparsity_parser(sub: Any) -> None:
         "--correction-tokens", type=int, default=2048,
         help="calibration tokens that run once per level 0.05..0.90 to correct each projection's threshold "
         "for the sparsity before it (one forward each; 0: none, the dense quantiles)",
+    )  # fmt: skip
+    c.add_argument(
+        "--methods", default="chess,r_sparse",
+        help="methods calibrated beside TEAL (whose histograms every calibration makes): chess, r_sparse, "
+        "comma-separated, or none (coreinfer needs no calibration)",
+    )  # fmt: skip
+    c.add_argument(
+        "--rank-fraction", type=float, default=0.125,
+        help="R-Sparse: the low-rank factors stored per projection, at most this share of its weight's size",
     )  # fmt: skip
     c.add_argument("--batch-tokens", type=int, default=4096, help="tokens per calibration forward")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -65,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         print("error: --samples, --sample-tokens, --window, --batch-tokens must be positive", file=sys.stderr)
         return 2
+    methods = tuple(m for m in args.methods.split(",") if m and m != "none")
+    if not set(methods) <= {"chess", "r_sparse"} or not 0 < args.rank_fraction <= 1:
+        print("error: --methods takes chess, r_sparse or none; --rank-fraction is in (0, 1]", file=sys.stderr)
+        return 2
     try:
         engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
         out = args.out or default_path(engine.model_info.path)
@@ -78,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             source = {"generated": {"samples": args.samples, "tokens": tokens, "seed": args.seed}}
         cal = calibrate(
             engine, seqs, args.batch_tokens, info={"source": source},
-            correction_tokens=args.correction_tokens or None,
+            correction_tokens=args.correction_tokens or None, methods=methods,
+            rank_fraction=args.rank_fraction,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -99,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         "tokens": cal.tokens,
         "source": source,
         "mean_threshold_by_projection": {"projections": list(PROJECTIONS), **at},
+        "methods": cal.info.get("methods", ["teal"]),
     }
+    if cal.rsparse is not None:
+        summary["r_sparse_alpha_by_projection"] = cal.info["r_sparse"]["alpha_mean_by_projection"]
     print(json.dumps(summary, indent=2))
     return 0

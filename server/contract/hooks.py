@@ -7,6 +7,7 @@ Python callback at all: its per-row tensors go into the fused add + steering + n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,11 +50,32 @@ class LogitsHook(Protocol):
 
 
 class LinearInputHook(Protocol):
-    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs."""
+    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs. It may
+    also define `output` (`LinearOutputHook`) to act on the same projection's output."""
 
     def sites(self) -> set[tuple[int, str]]: ...
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One projection's call as an output hook sees it: `x_in` its input before any input hook, `x` after
+    them (what the matmul read), `y` the product [rows, out] (weight-format choices applied), and
+    `matmul(z)` the same product over another input z (e.g. to recompute some outputs from `x_in`)."""
+
+    x_in: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    matmul: Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearOutputHook(Protocol):
+    """The optional second method of a linear-input hook, at the same sites: the projection's output
+    after its matmul, e.g. to add a term computed from the input the hook dropped (R-Sparse's low-rank
+    path) or to zero output channels. Rows whose inputs are `none` must come back unchanged."""
+
+    def output(self, layer: int, proj: str, call: LinearCall, inputs: RowInputs) -> torch.Tensor: ...
 
 
 class LinearWeightsHook(Protocol):
@@ -149,6 +171,8 @@ class LinearSite:
     def __init__(self, layer: int, proj: str) -> None:
         self.layer, self.proj = layer, proj
         self.hooks: list[tuple[LinearInputHook, RowInputs, torch.Tensor]] = []
+        # the input hooks that also define `output`, in the same order (a subset of `hooks`)
+        self.outputs: list[tuple[LinearOutputHook, RowInputs]] = []
         self.weights: list[tuple[LinearWeightsHook, RowInputs, tuple[str, ...]]] = []
         self._mask: torch.Tensor | None = None
 
@@ -163,6 +187,18 @@ class LinearSite:
         for hook, inputs, _ in self.hooks:
             x = hook.apply(self.layer, self.proj, x, inputs)
         return x
+
+    def finish(
+        self,
+        x_in: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        matmul: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The output hooks over the product `y` of the hooked input `x` (`x_in` before the hooks)."""
+        for hook, inputs in self.outputs:
+            y = hook.output(self.layer, self.proj, LinearCall(x_in, x, y, matmul), inputs)
+        return y
 
     def choices(self) -> list[tuple[str, torch.Tensor]]:
         """(format key, [rows] bool) per weight-format choice here, in plugin order (a later plugin's
@@ -204,7 +240,10 @@ class StepHooks:
                 self.logits.append((h.logits, b.inputs))
             if h.linear is not None:
                 for layer, proj in h.linear.sites():
-                    self._site(layer, proj).hooks.append((h.linear, b.inputs, b.rows))
+                    site = self._site(layer, proj)
+                    site.hooks.append((h.linear, b.inputs, b.rows))
+                    if callable(getattr(h.linear, "output", None)):
+                        site.outputs.append((h.linear, b.inputs))  # type: ignore[arg-type]
             if h.weights is not None:
                 for (layer, proj), keys in h.weights.sites().items():
                     self._site(layer, proj).weights.append((h.weights, b.inputs, tuple(keys)))

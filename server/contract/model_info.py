@@ -29,3 +29,9 @@ class ModelInfo:
     fallback_reason: str | None = None  # why a "transformers" implementation is not native
     block_size: int = 16  # tokens per paged-KV block (what attention hooks' block tables count in)
     eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence (generation config, tokenizer)
+    # the decoder's shapes, for plugins that size per-channel tables or split fused projections (qkv_proj's
+    # output is q [num_heads * head_dim], k, v [num_kv_heads * head_dim] each; 0: not known)
+    intermediate_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0

@@ -58,6 +58,21 @@ class RowSpan:
     output_token_ids: Sequence[int] = ()
 
 
+@dataclass(frozen=True)
+class PluginHistogram:
+    """A Prometheus histogram a plugin observes once per finished request (`finish_observations`): the
+    engine creates it as `actserve_<name>` with labels `model_name` and `labels`, in its own registry."""
+
+    name: str
+    doc: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...]
+
+
+# one observation of a finished request: (histogram name, its label values in `labels` order, value)
+Observation = tuple[str, tuple[str, ...], float]
+
+
 # a fused step's per-row columns on the host: (table index int64, scale float32, normalize bool), each
 # [rows, width]; index -1 = nothing for that row and column
 FusedColumns = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -88,6 +103,8 @@ class InterventionPlugin(ABC):
     # previous tokens reach the host and bind this plugin's logits hook (and fill its row inputs) once
     # they have, just before sampling; with any other hook point no step of its rows launches early
     needs_output_tokens: ClassVar[bool] = False
+    # per-request histograms this plugin reports at each request's finish (`finish_observations`)
+    histograms: ClassVar[tuple[PluginHistogram, ...]] = ()
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info
@@ -144,6 +161,12 @@ class InterventionPlugin(ABC):
 
     def release(self, plan: Any) -> None:  # noqa: B027 - optional
         """Engine thread, when the sequence finishes, aborts or is preempted: free resident data."""
+
+    def finish_observations(self, plan: Any) -> list[Observation]:
+        """Engine thread, when the sequence finishes or is aborted, just before `release(plan)`: values to
+        observe in this plugin's `histograms` (e.g. a per-request statistic its hooks accumulated on the
+        device). Default: none."""
+        return []
 
     def residual_hook(self, spans: list[RowSpan], num_rows: int) -> ResidualHook | None:
         """Per-step hook on the residual stream for the rows whose sequences carry a plan of this plugin

@@ -112,6 +112,7 @@ class LLMEngine:
         break_even = spec.attention_break_even() if aware and spec is not None else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched, break_even)
         self.metrics = EngineMetrics(self.model_name)
+        self.metrics.add_plugin_histograms(self.registry.histograms())
         self.metrics.set_static_memory(
             self.loaded.weights_by_format, self.runner.kv_bytes, self.model_info.device.type == "cuda"
         )
@@ -434,6 +435,8 @@ class LLMEngine:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
+        for name, labels, value in self.registry.finish_observations(seq.interventions):
+            self.metrics.observe_plugin(name, labels, value)
         self.registry.release(seq.interventions)
         self.runner.release(seq)
         self.seqs.pop(seq.seq_id, None)

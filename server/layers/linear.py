@@ -19,7 +19,9 @@ its key (`<key>_weight`, ...) and it is reached through `layer.formats[key]`. Pl
 start (`server/models/formats.py`) and pick them per row through the step's `LinearSite` (`site.choices()`:
 format key -> [rows] bool): `linear` / `silu_mul_linear` compute the primary for every row, then each
 chosen format's product, and take the latter only on its rows (`torch.where`), so other rows keep the
-primary's bits. Without a site (`site=None`, the plain path) only the primary runs.
+primary's bits. Without a site (`site=None`, the plain path) only the primary runs. Input hooks that
+also define `output` then act on the product (`LinearSite.finish`), seeing the input before and after
+the input hooks and the site's product over any other input (`_product`).
 """
 
 from __future__ import annotations
@@ -244,17 +246,27 @@ def _choose(layer: LinearBase, site: LinearSite, out: torch.Tensor, compute: For
 FormatCall = Callable[[WeightFormat], torch.Tensor]
 
 
+def _product(layer: LinearBase, site: LinearSite, z: torch.Tensor) -> torch.Tensor:
+    """The site's product over another input z (primary format, then the weight-format choices): what
+    output hooks get as `LinearCall.matmul`."""
+    out = layer.format.apply(layer, z)
+    return _choose(layer, site, out, lambda f: f.apply(layer, z)) if site.weights else out
+
+
 def linear(x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
     """layer(x) through its primary format, without nn.Module.__call__ (the hot path). `site` (what
     plugins do at this projection this step; None on the plain path): input hooks act on x first, then
     rows a weight-format choice picks use that format's matmul."""
     if site is None:
         return layer.format.apply(layer, x)
+    x_in = x
     if site.hooks:
         x = site(x)
     out = layer.format.apply(layer, x)
     if site.weights:
         out = _choose(layer, site, out, lambda f: f.apply(layer, x))
+    if site.outputs:
+        out = site.finish(x_in, x, out, lambda z: _product(layer, site, z))
     return out
 
 
@@ -275,12 +287,16 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, site: LinearSite |
         from actserve.kernels.silu_mul import silu_mul
 
         fast = layer.format.apply_silu_mul(layer, gate_up)
-        x = site(silu_mul(gate_up))
+        x_in = silu_mul(gate_up)
+        x = site(x_in)
         out = torch.where(site.row_mask.unsqueeze(1), layer.format.apply(layer, x), fast)
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-        x = site(F.silu(gate) * up)
+        x_in = F.silu(gate) * up
+        x = site(x_in)
         out = layer.format.apply(layer, x)
     if site.weights:
         out = _choose(layer, site, out, lambda f: f.apply(layer, x))
+    if site.outputs:
+        out = site.finish(x_in, x, out, lambda z: _product(layer, site, z))
     return out

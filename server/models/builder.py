@@ -165,13 +165,16 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
         kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+        heads, inter = spec.num_heads, spec.intermediate_size
     else:
         model = load_transformers(model_dir, dtype, device, config.allow_pickle_weights)
         arch, impl = type(model).__name__, "transformers"
         layers, hidden = text_config.num_hidden_layers, text_config.hidden_size
         vocab = text_config.vocab_size
-        kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+        heads = text_config.num_attention_heads
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+        inter = int(getattr(text_config, "intermediate_size", 0) or 0)
     per_block = (
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
     )
@@ -193,6 +196,10 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         fallback_reason=native.fallback_reason,
         block_size=config.block_size,
         eos_token_ids=tuple(eos),
+        intermediate_size=inter,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
     )
     return LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
 

@@ -1,0 +1,103 @@
+"""The sparsity plugin's one linear hook of a step: each method's hook on its own rows, and the per-request
+counters of the achieved sparsity.
+
+Rows carry a method index (`METHOD`, -1: none) and a level index (`INPUT`, -1: dense or a prompt row);
+each method's hook sees the level index only on its own rows (-1 elsewhere), which every method's hook
+leaves bit-identical, so one step mixes methods and levels with tensor ops only (graph-safe). After the
+methods, at each site a method sparsifies, every decode row adds to its request's counters (`SLOT`
+column 0) the input entries it skips and the entries it has; R-Sparse rows subtract their low-rank
+path's cost, counted in input entries (r * (in + out) / out), so the ratio is the share of the dense
+projection's multiply-adds saved for every method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actserve.interventions.base import PROJECTIONS, LinearCall, RowInputs
+
+INPUT = "sparsity_level"  # per row: the level's index into the tables, -1 = dense or not decoding
+METHOD = "sparsity_method"  # per row: the index of its method in METHODS, -1 = none
+SLOT = "sparsity_slot"  # per row: (counter slot, core slot), -1 = none
+METHODS = ("teal", "chess", "r_sparse", "coreinfer")
+# the projection inputs each method sparsifies, whose zeros count as its achieved sparsity (CHESS: its
+# FFN channels show as zeros of the down projection's input)
+COUNTED = {
+    "teal": PROJECTIONS,
+    "chess": ("qkv_proj", "o_proj", "down_proj"),
+    "r_sparse": PROJECTIONS,
+    "coreinfer": ("down_proj",),
+}
+
+
+class Counters:
+    """Per request slot: (entries skipped, entries) over its decode rows' sparsified inputs, float64
+    [slots + 1, 2] on the device; row `slots` takes the rows of no request."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.table = torch.zeros(slots + 1, 2, dtype=torch.float64, device=device)
+        self.counted = torch.tensor(
+            [[p in COUNTED[m] for p in PROJECTIONS] for m in METHODS], dtype=torch.bool, device=device
+        )
+
+    def reset(self, slot: int) -> None:
+        self.table[slot].zero_()
+
+    def read(self, slot: int) -> tuple[float, float]:
+        skipped, total = self.table[slot].tolist()
+        return skipped, total
+
+    def add(self, proj: str, x: torch.Tensor, inputs: RowInputs, cost: torch.Tensor | None) -> None:
+        """Count this site's decode rows: zeros of x (less `cost` [rows], R-Sparse's) of x.shape[1]."""
+        method = inputs[METHOD][:, 0].long()
+        rows = (inputs[INPUT][:, 0] > 0) & (method >= 0)
+        rows = rows & self.counted[method.clamp(min=0), PROJECTIONS.index(proj)]
+        skipped = (x == 0).sum(1, dtype=torch.float64)
+        if cost is not None:
+            skipped = skipped - cost
+        dummy = self.table.shape[0] - 1
+        slot = torch.where(rows, inputs[SLOT][:, 0].long(), dummy)
+        values = torch.stack([skipped, torch.full_like(skipped, x.shape[1])], dim=1)
+        self.table.index_add_(0, slot, values * rows.unsqueeze(1))
+
+
+class SparsityHook:
+    """The step's hook: `parts` (method index, that method's hook) applied in turn, each through a view of
+    the row inputs where rows of other methods are at level -1; `counters` counted after them."""
+
+    def __init__(self, parts: list[tuple[int, Any]], counters: Counters, rsparse: Any = None) -> None:
+        self.parts, self.counters, self.rsparse = parts, counters, rsparse
+        self._sites = set().union(*(hook.sites() for _, hook in parts)) if parts else set()
+        self._outputs = [(m, h) for m, h in parts if callable(getattr(h, "output", None))]
+
+    def sites(self) -> set[tuple[int, str]]:
+        return self._sites
+
+    @staticmethod
+    def view(m: int, inputs: RowInputs) -> RowInputs:
+        """`inputs` with the level index of rows of other methods than m set to -1."""
+        level = torch.where(inputs[METHOD] == m, inputs[INPUT], -1)
+        return {**inputs, INPUT: level}
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
+        cost = None
+        for m, hook in self.parts:
+            if (layer, proj) in hook.sites():
+                view = self.view(m, inputs)
+                x = hook.apply(layer, proj, x, view)
+                if hook is self.rsparse:
+                    rank = hook.rank(layer, proj, view).double()
+                    cost = rank * (x.shape[1] + hook.u[proj].shape[1]) / hook.u[proj].shape[1]
+        self.counters.add(proj, x, inputs, cost)
+        return x
+
+    def output(self, layer: int, proj: str, call: LinearCall, inputs: RowInputs) -> torch.Tensor:
+        y = call.y
+        for m, hook in self._outputs:
+            if (layer, proj) in hook.sites():
+                y = hook.output(
+                    layer, proj, LinearCall(call.x_in, call.x, y, call.matmul), self.view(m, inputs)
+                )
+        return y
