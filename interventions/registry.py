@@ -128,16 +128,21 @@ class InterventionRegistry:
         if not isinstance(spec, dict):
             raise InterventionError("interventions must be an object", "interventions")
         plans: dict[str, Any] = {}
-        for key, value in spec.items():
-            plugin = self.plugins.get(key)
-            if plugin is None:
-                raise InterventionError(
-                    f"unknown intervention {key!r}; available: {sorted(self.plugins)}", f"interventions.{key}"
-                )
-            parsed = plugin.parse(value, f"interventions.{key}")
-            plan = plugin.prepare(parsed, f"interventions.{key}")
-            if plan is not None:  # None: nothing beyond a plain request (InterventionPlugin.prepare)
-                plans[key] = plan
+        try:
+            for key, value in spec.items():
+                plugin = self.plugins.get(key)
+                if plugin is None:
+                    raise InterventionError(
+                        f"unknown intervention {key!r}; available: {sorted(self.plugins)}",
+                        f"interventions.{key}",
+                    )
+                parsed = plugin.parse(value, f"interventions.{key}")
+                plan = plugin.prepare(parsed, f"interventions.{key}")
+                if plan is not None:  # None: nothing beyond a plain request (InterventionPlugin.prepare)
+                    plans[key] = plan
+        except Exception:
+            self.release(plans)  # a later key refused: give back what the earlier plans hold (slots)
+            raise
         return plans
 
     def prepare_many(self, spec: dict[str, Any] | None, count: int) -> list[dict[str, Any]]:

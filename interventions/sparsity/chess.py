@@ -76,7 +76,7 @@ class ChessStats:
         return quantile_values(counts, edges, q).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"chess.up_mean": self.up_mean.float().cpu(), "chess.histogram": self.counts.cpu()}
+        out = {"chess.up_mean": self.up_mean.float().cpu().contiguous(), "chess.histogram": self.counts.cpu()}
         if self.grid is not None and self.quantiles is not None:
             out |= {
                 "chess.levels": self.grid.cpu().double(),

@@ -67,9 +67,15 @@ class SparsityHook:
     """The step's hook: `parts` (method index, that method's hook) applied in turn, each through a view of
     the row inputs where rows of other methods are at level -1; `counters` counted after them."""
 
-    def __init__(self, parts: list[tuple[int, Any]], counters: Counters, rsparse: Any = None) -> None:
+    def __init__(
+        self, parts: list[tuple[int, Any]], counters: Counters, num_layers: int, rsparse: Any = None
+    ) -> None:
         self.parts, self.counters, self.rsparse = parts, counters, rsparse
-        self._sites = set().union(*(hook.sites() for _, hook in parts)) if parts else set()
+        # where the methods act, and where their zeros are counted (CHESS: also the down projection)
+        self._sites: set[tuple[int, str]] = set()
+        for m, hook in parts:
+            self._sites |= hook.sites()
+            self._sites |= {(layer, p) for layer in range(num_layers) for p in COUNTED[METHODS[m]]}
         self._outputs = [(m, h) for m, h in parts if callable(getattr(h, "output", None))]
 
     def sites(self) -> set[tuple[int, str]]:

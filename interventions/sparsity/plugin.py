@@ -288,7 +288,7 @@ class SparsityPlugin(InterventionPlugin):
                     assert self.core is not None
                     hook = CoreInferHook(self.core, observe)
                 parts.append((METHODS.index(m), hook))
-        return SparsityHook(parts, self.counters, self.hooks.get("r_sparse"))
+        return SparsityHook(parts, self.counters, self.model_info.num_layers, self.hooks.get("r_sparse"))
 
     def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook | None:
         """The methods of the spans with decode rows, CoreInfer's prompt chunks observed; None when there

@@ -1,0 +1,332 @@
+"""CHESS, R-Sparse and CoreInfer (interventions/sparsity/{chess,r_sparse,coreinfer}.py) and the per-request
+sparsity metrics, on TinyStories-656K in float32 on the CPU, calibrated on the FP4 bench's TinyStories
+calibration split, checked on its held-out split against independent references (tests/sparsity_refs.py:
+transformers with hooks doing what each paper describes): greedy tokens and logits; achieved sparsity
+within 1 % of the level; mixed methods and levels equal solo runs, dense and level-0 rows bit-identical;
+CoreInfer's masked path equals its gathered-weights path and its core set survives chunked prefill; the
+achieved-sparsity histogram and requests by method; the artifact's new sections round-trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from actserve.interventions.base import InterventionCapacityError, InterventionError
+from actserve.interventions.sparsity.artifact import ArtifactError, load_calibration, save_calibration
+from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size, gathered_ffn
+from actserve.interventions.sparsity.plugin import SparsityPlugin, levels
+from actserve.server.cli import main
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine
+from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run_logged
+from tests.sparsity_refs import HFChess, HFCoreInfer, HFRSparse
+
+STEPS = 6
+PLUGIN = "sparsity"
+DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "fp4_quality"
+CALIB, HELDOUT = DATA / "tinystories_calib.jsonl", DATA / "tinystories_heldout.jsonl"
+
+
+def spec(method: str, level: float) -> dict[str, Any]:
+    return {PLUGIN: {"method": method, "level": level}}
+
+
+def engine(model: Path, calibration: Path | None, **kw: Any) -> LLMEngine:
+    options = {PLUGIN: {"calibration": str(calibration)}} if calibration is not None else {}
+    cfg = {"device": "cpu", "num_kv_blocks": 256, "enable_prefix_caching": False, **kw}
+    return LLMEngine(EngineConfig(model=str(model), plugin_options=options, **cfg))
+
+
+@pytest.fixture(scope="module")
+def artifact(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sparsity_methods") / "tiny.safetensors"
+    argv = ["sparsity", "calibrate", "--model", str(tinystories_dir), "--device", "cpu", "--text", str(CALIB)]
+    assert main([*argv, "--out", str(out), "--correction-tokens", "1024"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def eng(tinystories_dir: Path, artifact: Path) -> LLMEngine:
+    return engine(tinystories_dir, artifact)
+
+
+@pytest.fixture(scope="module")
+def plugin(eng: LLMEngine) -> SparsityPlugin:
+    p = eng.registry.plugin(PLUGIN)
+    assert isinstance(p, SparsityPlugin)
+    return p
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[str]:
+    return [json.loads(line)["text"] for line in HELDOUT.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prompts(eng: LLMEngine, heldout: list[str]) -> list[list[int]]:
+    """The openings (12-24 tokens) of five held-out stories: fixed, so a threshold tie shows every run."""
+    return [list(eng.tokenizer(t)["input_ids"])[: 12 + 3 * i] for i, t in enumerate(heldout[:5])]
+
+
+def ours(eng: LLMEngine, prompts: list[list[int]], specs: list[Any], tag: str) -> tuple[list, dict]:
+    return run_logged(eng, prompts, greedy(STEPS, min_tokens=STEPS), specs, tag)
+
+
+def chess_ref(plugin: SparsityPlugin, ref: Any, level: float, decode_only: bool) -> HFChess:
+    assert plugin.calibration is not None and plugin.calibration.chess is not None
+    table = plugin.tables["chess"][round(level * 100)].cpu()
+    return HFChess(ref, table, plugin.calibration.chess.up_mean, decode_only)
+
+
+def rsparse_ref(plugin: SparsityPlugin, ref: Any, level: float, decode_only: bool) -> HFRSparse:
+    i = round(level * 100)
+    ranks = plugin.hooks["r_sparse"].rank_table[i].cpu()
+    return HFRSparse(ref, plugin.tables["r_sparse"][i].cpu(), ranks, decode_only)
+
+
+@pytest.mark.parametrize("method", ["chess", "r_sparse"])
+@pytest.mark.parametrize("level", [0.3, 0.6])
+def test_threshold_methods_equal_transformers(
+    eng: LLMEngine, plugin: SparsityPlugin, ref: Any, prompts: list[list[int]], method: str, level: float
+) -> None:
+    """Decode steps sparse by the method, the prompt dense (the first logits are the dense model's)."""
+    (tokens,), seen = ours(eng, [prompts[0]], [spec(method, level)], tag="g")
+    make = chess_ref if method == "chess" else rsparse_ref
+    with make(plugin, ref, level, decode_only=True):
+        ref_tokens, ref_logits = hf_generate(ref, prompts[0], STEPS)
+    _, dense_logits = hf_generate(ref, prompts[0], STEPS)
+    assert_steps_close(seen["g0"], ref_logits, 5e-5, f"{method} {level}")
+    assert tokens == ref_tokens
+    assert (seen["g0"][0] - dense_logits[0]).abs().max() < 5e-5  # the prompt ran dense
+    assert (seen["g0"][1] - dense_logits[1]).abs().max() > 1e-3  # the decode did not
+
+
+def test_rsparse_low_rank_path_is_used(plugin: SparsityPlugin) -> None:
+    """The calibration kept factors and some projection's chosen rank is positive at 0.5 (otherwise the
+    reference comparison would not test the low-rank path)."""
+    cal = plugin.calibration
+    assert cal is not None and cal.rsparse is not None
+    ranks = cal.rsparse.ranks(levels())
+    assert ranks[0].eq(0).all() and bool((ranks[50] > 0).any())
+    for p, vs in cal.rsparse.vs.items():
+        n_in, n_out, cap = cal.rsparse.shape(p)
+        assert 0 < cap <= 0.125 * n_in * n_out / (n_in + n_out) and vs.shape == (2, n_in, cap)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.5])
+def test_coreinfer_equals_transformers(
+    eng: LLMEngine, ref: Any, prompts: list[list[int]], level: float
+) -> None:
+    """Core neurons from the prompt (plain-Python selection in the reference), decode on them only."""
+    n = eng.model_info.intermediate_size
+    (tokens,), seen = ours(eng, [prompts[1]], [spec("coreinfer", level)], tag="c")
+    with HFCoreInfer(ref, core_size(level, n), TOKEN_FRACTION) as h:
+        ref_tokens, ref_logits = hf_generate(ref, prompts[1], STEPS)
+    assert_steps_close(seen["c0"], ref_logits, 5e-5, f"coreinfer {level}")
+    assert tokens == ref_tokens
+    assert all(int(m.sum()) == core_size(level, n) for m in h.core.values())
+
+
+def test_coreinfer_core_set_survives_chunked_prefill(
+    tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompts: list[list[int]]
+) -> None:
+    """A prompt prefilled in 5-token chunks (counts accumulated per chunk) gives the one-chunk outputs;
+    a CoreInfer prompt never reuses cached blocks (its core set needs every prompt token)."""
+    chunked = engine(tinystories_dir, artifact, max_num_batched_tokens=5, max_num_seqs=4)
+    p = prompts[3]
+    (a,), seen_a = ours(eng, [p], [spec("coreinfer", 0.5)], tag="u")
+    (b,), seen_b = ours(chunked, [p], [spec("coreinfer", 0.5)], tag="k")
+    assert a == b
+    assert_steps_close(seen_b["k0"], seen_a["u0"], 2e-5, "chunked")
+    cached = engine(tinystories_dir, artifact, block_size=4, enable_prefix_caching=True)
+    ours(cached, [p], [None], tag="w")
+    before = cached.blocks.hits
+    (c,), _ = ours(cached, [p], [spec("coreinfer", 0.5)], tag="h")
+    assert cached.blocks.hits == before and c == a
+    ours(cached, [p], [spec("teal", 0.5)], tag="t")
+    assert cached.blocks.hits > before  # the other methods share the dense prompt's blocks
+
+
+def test_coreinfer_masked_path_equals_gathered_weights(eng: LLMEngine) -> None:
+    """The masked FFN (down input zeroed outside the core) equals the gathered dense FFN over the core
+    neurons only, in float64 on the model's layer-1 weights and random inputs."""
+    mlp = eng.runner.model.model.layers[1].mlp
+    gate_up, down = mlp.gate_up_proj.weight.double(), mlp.down_proj.weight.double()
+    n = down.shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, gate_up.shape[1], generator=g, dtype=torch.float64)
+    core = torch.randperm(n, generator=g)[: core_size(0.6, n)].sort().values
+    h = F.linear(x, gate_up)
+    masked_input = F.silu(h[:, :n]) * h[:, n:]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[core] = True
+    masked = F.linear(masked_input.masked_fill(~keep, 0), down)
+    assert torch.allclose(gathered_ffn(x, gate_up, down, core), masked, atol=1e-12, rtol=1e-12)
+
+
+def test_achieved_sparsity_on_heldout_text(plugin: SparsityPlugin, ref: Any, heldout: list[str]) -> None:
+    """Over held-out stories (every position sparse, as each decode step is), CHESS's zero fraction of its
+    three thresholded tensors and R-Sparse's saved share of multiply-adds, averaged over layers and
+    sites, are within 0.01 of the level, between grid levels too (0.33)."""
+    tok = AutoTokenizer.from_pretrained(ref.name_or_path)
+    seqs = [tok(t).input_ids[:200] for t in heldout[:24]]
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    got = {}
+    for method, make in (("chess", chess_ref), ("r_sparse", rsparse_ref)):
+        for level in (0.25, 0.33, 0.5, 0.7):
+            with torch.inference_mode(), make(plugin, ref, level, decode_only=False) as h:
+                h.valid = mask.reshape(-1).bool()
+                ref(input_ids=ids, attention_mask=mask)
+            got[(method, level)] = round(h.sparsity(), 4)
+    assert all(abs(a - level) <= 0.01 for (_, level), a in got.items()), got
+
+
+def test_mixed_methods_and_levels_equal_solo_and_dense_rows_keep_their_bits(
+    eng: LLMEngine, prompts: list[list[int]]
+) -> None:
+    """One batch of all four methods at different levels, a dense row and a level-0 row: each sparse row
+    equals its solo run (tokens exact, logits within 2e-5: CPU matmuls of other batch widths may round
+    differently), the dense and level-0 rows equal an all-dense batch bit for bit."""
+    specs = [spec("teal", 0.3), spec("chess", 0.5), None, spec("r_sparse", 0.4), spec("coreinfer", 0.5)]
+    specs = [*specs, spec("chess", 0)]
+    ps = [*prompts, prompts[0]]
+    batched, seen = ours(eng, ps, specs, tag="x")
+    plain, plain_seen = ours(eng, ps, [None] * len(ps), tag="p")
+    for i in (2, 5):
+        assert batched[i] == plain[i]
+        for a, b in zip(seen[f"x{i}"], plain_seen[f"p{i}"], strict=True):
+            assert torch.equal(a, b), i
+    for i in (0, 1, 3, 4):
+        (solo,), solo_seen = ours(eng, [ps[i]], [specs[i]], tag=f"s{i}_")
+        assert batched[i] == solo, i
+        assert_steps_close(seen[f"x{i}"], solo_seen[f"s{i}_0"], 2e-5, f"row {i}")
+        assert batched[i] != plain[i], i
+
+
+def metric(eng: LLMEngine, name: str, **labels: str) -> float | None:
+    return eng.metrics.registry.get_sample_value(name, {"model_name": eng.model_name, **labels})
+
+
+def test_achieved_sparsity_histogram_and_requests_by_method(
+    tinystories_dir: Path, artifact: Path, plugin: SparsityPlugin, ref: Any, prompts: list[list[int]]
+) -> None:
+    """Each finished request observes its achieved sparsity once: the share of its decode's sparsified
+    projection-input entries that were zero (R-Sparse: less its low-rank cost), as the references count
+    it over the same decode steps; requests are counted by method."""
+    fresh = engine(tinystories_dir, artifact)
+    p = prompts[2]
+    n = fresh.model_info.intermediate_size
+    refs = {
+        "teal": lambda: HFTeal(ref, plugin.tables["teal"][40].cpu(), decode_only=True),
+        "chess": lambda: chess_ref(plugin, ref, 0.4, decode_only=True),
+        "r_sparse": lambda: rsparse_ref(plugin, ref, 0.4, decode_only=True),
+        "coreinfer": lambda: HFCoreInfer(ref, core_size(0.4, n), TOKEN_FRACTION),
+    }
+    for method, make in refs.items():
+        ours(fresh, [p], [spec(method, 0.4)], tag=method)
+        with make() as h:
+            hf_generate(ref, p, STEPS)
+        expect = sum(z for z, _ in h.counts.values()) / sum(e for _, e in h.counts.values())
+        total = metric(fresh, "actserve_sparsity_achieved_ratio_sum", method=method)
+        assert metric(fresh, "actserve_sparsity_achieved_ratio_count", method=method) == 1.0
+        assert total is not None and abs(total - expect) < 1e-3, (method, total, expect)
+        assert 0.3 < total < 0.5
+        key = {"intervention": PLUGIN, "value": method}
+        assert metric(fresh, "actserve_intervention_requests_total", **key) == 1.0
+
+
+def test_artifact_sections_round_trip_and_bad_ones_are_refused(
+    artifact: Path, tmp_path: Path, tinystories_dir: Path
+) -> None:
+    cal = load_calibration(artifact)
+    assert (
+        cal.chess is not None
+        and cal.rsparse is not None
+        and cal.info["methods"] == ["teal", "chess", "r_sparse"]
+    )
+    save_calibration(cal, tmp_path / "copy.safetensors")
+    again = load_calibration(tmp_path / "copy.safetensors")
+    assert again.chess is not None and again.rsparse is not None
+    lv = levels()
+    assert torch.equal(
+        again.chess.thresholds(lv, again.counts, again.edges), cal.chess.thresholds(lv, cal.counts, cal.edges)
+    )
+    assert torch.equal(again.rsparse.thresholds(lv, again.edges), cal.rsparse.thresholds(lv, cal.edges))
+    assert torch.equal(again.rsparse.ranks(lv), cal.rsparse.ranks(lv))
+    t = cal.chess.thresholds(lv, cal.counts, cal.edges)
+    assert t[0].eq(0).all() and (t[1:] > 0).all() and (t[1:] >= t[:-1]).all()
+    bad = cal.chess
+    cal.chess = type(bad)(bad.up_mean[:, :5], bad.counts, bad.grid, bad.quantiles)
+    cal.chess.counts = bad.counts[:1]
+    save_calibration(cal, tmp_path / "bad.safetensors")
+    with pytest.raises(ArtifactError, match="chess"):
+        load_calibration(tmp_path / "bad.safetensors")
+    cal.chess, cal.rsparse = None, None  # TEAL only: the other calibrated methods are refused
+    save_calibration(cal, tmp_path / "teal.safetensors")
+    only = engine(tinystories_dir, tmp_path / "teal.safetensors", num_kv_blocks=64)
+    with pytest.raises(InterventionError, match="has no chess tables") as e:
+        only.registry.prepare(spec("chess", 0.5))
+    assert e.value.param == f"interventions.{PLUGIN}"
+    assert only.registry.prepare(spec("coreinfer", 0.5))  # needs no calibration
+
+
+def test_slots_are_returned_and_their_exhaustion_is_a_capacity_error(
+    eng: LLMEngine, plugin: SparsityPlugin
+) -> None:
+    """CoreInfer's core tables have fewer slots than requests; running out is a 503-type error; a request
+    whose later intervention is refused gives its sparsity slot back."""
+    free, free_core = len(plugin._free), len(plugin._free_core)
+    held = [eng.registry.prepare(spec("coreinfer", 0.5)) for _ in range(free_core)]
+    with pytest.raises(InterventionCapacityError, match="CoreInfer"):
+        eng.registry.prepare(spec("coreinfer", 0.5))
+    for plans in held:
+        eng.registry.release(plans)
+    with pytest.raises(InterventionError):
+        eng.registry.prepare({**spec("teal", 0.5), "no_such_plugin": {}})
+    assert (len(plugin._free), len(plugin._free_core)) == (free, free_core)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_methods_replay_cuda_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[str]) -> None:
+    """bf16 on CUDA, calibrated there: decode steps mixing the four methods, dense and level-0 rows replay
+    CUDA graphs (no eager decode step), give the eager engine's tokens (all but one row at least), and the
+    dense rows keep the tokens of an all-dense batch."""
+    out = tmp_path / "cal.safetensors"
+    argv = [
+        "sparsity",
+        "calibrate",
+        "--model",
+        str(tinystories_dir),
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+    ]
+    assert main([*argv, "--text", str(CALIB), "--out", str(out), "--correction-tokens", "1024"]) == 0
+
+    def cuda_engine(eager: bool) -> LLMEngine:
+        return engine(tinystories_dir, out, device="cuda", dtype="bfloat16", enforce_eager=eager)
+
+    fast, slow = cuda_engine(False), cuda_engine(True)
+    tok = AutoTokenizer.from_pretrained(tinystories_dir)
+    prompts = [tok(t).input_ids[:16] for t in heldout[:6]]
+    specs = [None, spec("chess", 0.4), spec("r_sparse", 0.5), None, spec("coreinfer", 0.5), spec("teal", 0)]
+    params = greedy(24, min_tokens=24)
+    eager0, graph0 = fast.runner.eager_decode_steps, fast.runner.graph_steps
+    a, _ = run_logged(fast, prompts, params, specs, tag="g")
+    assert fast.runner.eager_decode_steps == eager0 and fast.runner.graph_steps > graph0
+    b, _ = run_logged(slow, prompts, params, specs, tag="e")
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= len(specs) - 1
+    plain, _ = run_logged(fast, prompts, params, [None] * len(specs), tag="p")
+    assert [a[i] for i in (0, 3, 5)] == [plain[i] for i in (0, 3, 5)]
+    assert any(a[i] != plain[i] for i in (1, 2, 4))
