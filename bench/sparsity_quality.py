@@ -1,35 +1,40 @@
-"""Activation-sparsity quality (issue 14): held-out perplexity and greedy agreement vs dense at sparsity
-levels 0.25 / 0.40 / 0.50 / 0.70, on TinyStories-656K and SmolLM2-135M-Instruct. CPU, float32. TEAL is
-the only method built so far, so it is also the "best method" of `ppl_ratio_best_s40_smollm2`.
+"""Activation-sparsity quality (issue 14): held-out perplexity and greedy agreement vs dense for the four
+methods of the `sparsity` plugin (teal, chess, r_sparse, coreinfer) at sparsity levels 0.25 / 0.40 /
+0.50 / 0.70 (`--levels`), on TinyStories-656K and SmolLM2-135M-Instruct. CPU, float32.
 
-Calibration: `interventions/sparsity/calibrate.py` (what `actserve sparsity calibrate --text FILE` runs)
-through our engine on each model's calibration split of bench/data/fp4_quality (the FP4 bench's text,
-manifest.json: split and sha256), never on the held-out split it is scored on.
+Calibration: `interventions/sparsity/calibrate.py` (what `actserve sparsity calibrate --text FILE` runs:
+TEAL, CHESS and R-Sparse) through our engine on each model's calibration split of bench/data/fp4_quality
+(the FP4 bench's text, manifest.json: split and sha256), never on the held-out split it is scored on.
+CoreInfer needs none (its token share beta = 0.2 is the paper's default).
 
-- Perplexity: transformers (AutoModelForCausalLM, float32, not our engine) with forward pre-hooks on
-  q/k/v/o/gate/up/down zeroing the entries below the artifact's thresholds at every position
-  (tests/engine_utils.py `HFTeal`, the tests' independent reference). With teacher forcing that is the
-  served behaviour exactly: the server sparsifies every generated token's forward, including the K/V it
-  writes, and keeps only the prompt dense; here the "prompt" is each sequence's first token, the one
-  not scored. Held-out sequences as bench/fp4_quality.py cuts them (SmolLM2: windows of 512 tokens of
-  The Rust Programming Language; TinyStories: one sampled story per sequence). "ratio_95ci": paired
-  bootstrap over sequences. "achieved": the zero fraction of the projection inputs over the scored
-  text, averaged over layers and projections (per projection too).
+- Perplexity: transformers (AutoModelForCausalLM, float32, not our engine) with the tests' independent
+  references of each method (tests/engine_utils.py `HFTeal`, tests/sparsity_refs.py `HFChess`,
+  `HFRSparse`, `HFCoreInfer`) from the artifact's tables. Teacher forcing as served: the threshold
+  methods sparsify every generated token's forward, including the K/V it writes, and keep only the
+  prompt dense; here the "prompt" is each sequence's first token, the one not scored. CoreInfer needs a
+  prompt to choose its core neurons from: its first CORE_PROMPT tokens (dense), the rest scored with the
+  FFN on the core neurons only; its ratio is against dense perplexity over the same positions. Held-out
+  sequences as bench/fp4_quality.py cuts them (SmolLM2: windows of 512 tokens of The Rust Programming
+  Language; TinyStories: one sampled story per sequence). "ratio_95ci": paired bootstrap over sequences.
+  "achieved": the method's achieved sparsity over the scored text, averaged over layers and sites (TEAL:
+  zero share of the four projection inputs; CHESS: of the q input, o input and FFN channels; R-Sparse:
+  the share of multiply-adds saved, net of the low-rank path; CoreInfer: the FFN neurons dropped).
+  "weights_skipped": the share of all decoder projection weights a decode step at that level need not
+  read (levels of different methods skip different amounts: CHESS keeps k, v and gate dense, CoreInfer
+  sparsifies the FFN only).
 - "top1_agreement": teacher-forced, the share of scored positions where the sparse model's most likely
   next token is the dense model's.
 - Greedy agreement: our engine serving the calibration (`--sparsity-calibration`), requests
-  `{"sparsity": {"method": "teal", "level": s}}` vs plain ones: the first PROMPT_TOKENS tokens of held-out
+  `{"sparsity": {"method": m, "level": s}}` vs plain ones: the first PROMPT_TOKENS tokens of held-out
   sequences as prompts (dense prefill, as served), GEN_TOKENS greedy tokens; "agreement" is the share of
   generated positions holding dense's token, "common_prefix" the mean number of tokens before the first
   difference.
-- "teal_dense_quantiles" (TinyStories by default, `--dense-quantiles`): the same at TEAL's plain
-  thresholds (the dense model's level-quantiles, no correction for the sparsity upstream), to show what
-  the correction changes. A run with both models (about 11 minutes on the 2 loaded cores) gave SmolLM2
-  at 40 %: ratio 1.1174 and 40.9 % zeros uncorrected, 1.1084 and 40.4 % corrected.
+- The best method (`ppl_ratio_best_s40_<model>`): chosen before the held-out run, by perplexity ratio at
+  0.40 on a slice of the calibration split (SELECT_SEQUENCES), then scored on the held-out split.
+- `--dense-quantiles MODELS`: TEAL also at its plain thresholds (no correction for the sparsity upstream).
 
-    python bench/sparsity_quality.py [--smollm2-windows 8] [--tinystories-stories 60] [--models ...]
-Writes bench/results/sparsity_quality.json and prints the table last. About 6 minutes on 2 loaded cores
-(SmolLM2's perplexity passes in transformers take most of it).
+    python bench/sparsity_quality.py [--levels 0.25,0.4,0.5,0.7] [--smollm2-windows 8] [--models ...]
+Writes bench/results/sparsity_quality.json and prints the table last.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -51,10 +57,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actserve.interventions.sparsity.artifact import save_calibration
+from actserve.interventions.sparsity.artifact import SparsityCalibration, save_calibration
 from actserve.interventions.sparsity.calibrate import calibrate, text_windows
+from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size
 from actserve.interventions.sparsity.plugin import levels
-from actserve.server.contract import PROJECTIONS
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.offline import generate
@@ -62,7 +68,7 @@ from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.models.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the FP4 bench's data helpers and the tests' TEAL reference
+sys.path.insert(0, str(ROOT))  # the FP4 bench's data helpers and the tests' references
 
 from bench.fp4_quality import (  # noqa: E402
     DATA,
@@ -75,39 +81,58 @@ from bench.fp4_quality import (  # noqa: E402
     sequences,
 )
 from tests.engine_utils import HFTeal  # noqa: E402
+from tests.sparsity_refs import HFChess, HFCoreInfer, HFRSparse  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "sparsity_quality.json"
 LEVELS = (0.25, 0.40, 0.50, 0.70)
+METHODS = ("teal", "chess", "r_sparse", "coreinfer")
 GOAL = 1.05  # issue 14: at 40 %, perplexity within +5 % of dense for the best method
 PROMPT_TOKENS, GEN_TOKENS, GREEDY_PROMPTS = 32, 32, 16
-CORRECTION_TOKENS = {"tinystories": 2048, "smollm2": 1024}  # SmolLM2's 18 levels x 1024 tokens: ~1 min
+CORE_PROMPT = 32  # CoreInfer's prompt in the perplexity runs: the core set comes from these tokens
+CORRECTION_TOKENS = {"tinystories": 2048, "smollm2": 1024}  # SmolLM2: 18 levels x 1024 tokens per method
+# calibration-split sequences the best method is picked on
+SELECT_SEQUENCES = {"tinystories": 24, "smollm2": 3}
+Reference = Callable[[float], AbstractContextManager[Any]]
+
+
+def references(model: Any, cal: SparsityCalibration) -> dict[str, Reference]:
+    """method -> (level -> the transformers reference at that level, from the calibration's tables)."""
+    lv = levels()
+    assert cal.chess is not None and cal.rsparse is not None
+    teal, chess = cal.thresholds(lv), cal.chess.thresholds(lv, cal.counts, cal.edges)
+    rs_thr, rs_ranks = cal.rsparse.thresholds(lv, cal.edges), cal.rsparse.ranks(lv)
+    up_mean, svd = cal.chess.up_mean, {}  # the SVDs once per model, not once per level
+    n = model.config.intermediate_size
+    return {
+        "teal": lambda s: HFTeal(model, teal[round(s * 100)]),
+        "chess": lambda s: HFChess(model, chess[round(s * 100)], up_mean),
+        "r_sparse": lambda s: HFRSparse(model, rs_thr[round(s * 100)], rs_ranks[round(s * 100)], svd=svd),
+        "coreinfer": lambda s: HFCoreInfer(model, core_size(s, n), TOKEN_FRACTION, prompt_len=CORE_PROMPT),
+    }
 
 
 def scored(
-    model: Any, data: list[tuple[torch.Tensor, torch.Tensor]], thr: torch.Tensor | None
+    model: Any,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    ref: AbstractContextManager[Any] | None,
+    start: int,
 ) -> dict[str, Any]:
-    """Per-sequence NLL [n, 2] (sum, count; every token after the first), the argmax token at every scored
-    position, and, with thresholds [layers, 4], the zero fractions of the projection inputs (valid rows)."""
+    """Per-sequence NLL [n, 2] (sum, count) of the tokens at positions >= start + 1 (predicted from rows >=
+    start), the argmax token at those positions, and with a reference the method's achieved sparsity."""
     rows, top1 = [], []
-    teal = HFTeal(model, thr) if thr is not None else None
-    with torch.inference_mode():
+    with torch.inference_mode(), ref or nullcontext() as h:
         for ids, mask in data:
-            if teal is not None:
-                teal.valid = mask.reshape(-1).bool()
-            with teal or nullcontext():
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].double()
+            if h is not None:
+                h.valid = mask.reshape(-1).bool()
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, start:-1].float()
+            target = ids[:, start + 1 :]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            keep = mask[:, start + 1 :].double()
             rows.append(torch.stack([(nll.double() * keep).sum(1), keep.sum(1)], dim=1))
-            top1.append(logits.argmax(-1)[mask[:, 1:].bool()])
+            top1.append(logits.argmax(-1)[mask[:, start + 1 :].bool()])
     out: dict[str, Any] = {"nll": torch.cat(rows), "top1": torch.cat(top1)}
-    if teal is not None:
-        out["achieved"] = teal.sparsity()
-        layers = len(model.model.layers)
-        out["achieved_by_projection"] = {
-            p: round(sum(z / n for (_, q), (z, n) in teal.counts.items() if q == p) / layers, 4)
-            for p in PROJECTIONS
-        }
+    if h is not None:
+        out["achieved"] = h.sparsity()
     return out
 
 
@@ -115,17 +140,46 @@ GREEDY = SamplingParams(max_tokens=GEN_TOKENS, min_tokens=GEN_TOKENS, temperatur
 
 
 def agreement(
-    engine: LLMEngine, prompts: list[list[int]], level: float, dense: list[list[int]]
+    engine: LLMEngine, prompts: list[list[int]], method: str, level: float, dense: list[list[int]]
 ) -> dict[str, float]:
-    """Greedy tokens at `level` vs the dense ones: share of equal positions, mean common prefix."""
-    spec = {"sparsity": {"method": "teal", "level": level}}
-    outs = generate(engine, prompts, GREEDY, [spec] * len(prompts), tag=f"s{level}_")
+    """Greedy tokens of `method` at `level` vs dense ones: share of equal positions, mean common prefix."""
+    spec = {"sparsity": {"method": method, "level": level}}
+    outs = generate(engine, prompts, GREEDY, [spec] * len(prompts), tag=f"{method}{level}_")
     same = [sum(a == b for a, b in zip(o, d, strict=True)) / len(d) for o, d in zip(outs, dense, strict=True)]
     prefix = []
     for o, d in zip(outs, dense, strict=True):
         k = next((i for i, (a, b) in enumerate(zip(o, d, strict=True)) if a != b), len(d))
         prefix.append(k)
     return {"agreement": sum(same) / len(same), "common_prefix": sum(prefix) / len(prefix)}
+
+
+def weights_skipped(config: Any, method: str, level: float) -> float:
+    """The share of the decoder projections' weights a decode step at `level` need not read, from the
+    model's shapes (what makes levels of different methods comparable): TEAL and R-Sparse (its budget)
+    s of all; CHESS s of q, o, up and down (k, v, gate stay dense); CoreInfer s of gate, up, down."""
+    h, n = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    total = h * (q + 2 * kv) + q * h + 3 * n * h
+    part = {"chess": h * q + q * h + 2 * n * h, "coreinfer": 3 * n * h}.get(method, total)
+    return round(level * part / total, 4)
+
+
+def start_of(method: str) -> int:
+    return CORE_PROMPT if method == "coreinfer" else 0
+
+
+def select_best(
+    model: Any, refs: dict[str, Reference], data: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict:
+    """Perplexity ratio at 0.40 of every method on calibration-split sequences; the lowest is the best."""
+    base = {start: scored(model, data, None, start)["nll"] for start in {start_of(m) for m in METHODS}}
+    ratios = {}
+    for m in METHODS:
+        nll = scored(model, data, refs[m](0.40), start_of(m))["nll"]
+        ratios[m] = round(perplexity(nll) / perplexity(base[start_of(m)]), 4)
+    return {"ppl_ratio_s40_calibration": ratios, "best": min(ratios, key=lambda m: ratios[m])}
 
 
 def run_model(
@@ -137,9 +191,8 @@ def run_model(
     batch = 2 if key == "smollm2" else 8
     held_seqs = sequences(key, tok, read_docs(split["heldout"], manifest), windows)
     if key == "tinystories":  # every k-th story: all four openings
-        held_seqs = held_seqs[:: max(1, len(held_seqs) // args.tinystories_stories)][
-            : args.tinystories_stories
-        ]
+        step = max(1, len(held_seqs) // args.tinystories_stories)
+        held_seqs = held_seqs[::step][: args.tinystories_stories]
     heldout = batches(held_seqs, batch)
     calib_docs = read_docs(split["calibration"], manifest)
     # calibration through our engine (float32 CPU), as `actserve sparsity calibrate --text` does
@@ -150,49 +203,61 @@ def run_model(
     calib_s = time.perf_counter() - t0
     art = tmp / f"{key}.safetensors"
     save_calibration(cal, art)
-    corrected = cal.thresholds(levels())
-    plain = dataclasses.replace(cal, grid=None, quantiles=None).thresholds(levels())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    refs = references(model, cal)
+    t0 = time.perf_counter()
+    pick = sequences(key, tok, calib_docs, None)[: SELECT_SEQUENCES[key]]
+    selection = select_best(model, refs, batches(pick, batch))
+    select_s = time.perf_counter() - t0
     res: dict[str, Any] = {
         "model": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
         "data": {split[r]: manifest["files"][split[r]]["sha256"] for r in ("calibration", "heldout")},
         "calibration_tokens": cal.tokens,
         "correction_tokens": cal.info["correction"]["tokens"],
         "calibration_s": round(calib_s, 1),
+        "r_sparse_alpha_mean_by_projection": cal.info["r_sparse"]["alpha_mean_by_projection"],
+        "selection": {**selection, "sequences": len(pick), "seconds": round(select_s, 1)},
         "heldout_sequences": len(held_seqs),
         "methods": {},
     }
+    print(f"{key:<12} selection {selection}", flush=True)
     t0 = time.perf_counter()
-    base = scored(model, heldout, None)
-    res["heldout_tokens_scored"] = int(base["nll"][:, 1].sum())
-    res["dense_ppl"] = perplexity(base["nll"])
-    # greedy: dense tokens once, then each level, on our engine serving the artifact
+    base = {start: scored(model, heldout, None, start) for start in (0, CORE_PROMPT)}
+    res["heldout_tokens_scored"] = int(base[0]["nll"][:, 1].sum())
+    res["dense_ppl"] = perplexity(base[0]["nll"])
+    res["dense_ppl_after_core_prompt"] = perplexity(base[CORE_PROMPT]["nll"])
+    # greedy: dense tokens once, then each method and level, on our engine serving the artifact
     served = LLMEngine(
         EngineConfig(model=str(path), device="cpu", dtype="float32", num_kv_blocks=1024,
                      plugin_options={"sparsity": {"calibration": str(art)}})
     )  # fmt: skip
     prompts = [s[:PROMPT_TOKENS] for s in held_seqs[:GREEDY_PROMPTS]]
     dense_tokens = generate(served, prompts, GREEDY, tag="dense")
-    methods = [("teal", corrected)] + [("teal_dense_quantiles", plain)] * (
-        key in args.dense_quantiles.split(",")
-    )
-    for method, table in methods:
+    runs: list[tuple[str, Reference]] = [(m, refs[m]) for m in args.methods.split(",")]
+    if key in args.dense_quantiles.split(","):
+        plain = dataclasses.replace(cal, grid=None, quantiles=None).thresholds(levels())
+        runs.append(("teal_dense_quantiles", lambda s: HFTeal(model, plain[round(s * 100)])))
+    for method, ref in runs:
         rows: dict[str, Any] = {}
-        for s in LEVELS:
-            got = scored(model, heldout, table[round(s * 100)])
-            ppl = perplexity(got["nll"])
+        start = start_of(method)
+        for s in args.levels:
+            got = scored(model, heldout, ref(s), start)
+            ppl, dense = perplexity(got["nll"]), base[start]
             row = {
                 "ppl": ppl,
-                "ppl_ratio": ppl / res["dense_ppl"],
-                "ratio_95ci": ratio_interval(got["nll"], base["nll"]),
-                "top1_agreement": round(float((got["top1"] == base["top1"]).double().mean()), 4),
+                "ppl_ratio": ppl / perplexity(dense["nll"]),
+                "ratio_95ci": ratio_interval(got["nll"], dense["nll"]),
+                "top1_agreement": round(float((got["top1"] == dense["top1"]).double().mean()), 4),
                 "achieved": round(got["achieved"], 4),
-                "achieved_by_projection": got["achieved_by_projection"],
+                "weights_skipped": weights_skipped(model.config, method.split("_dense")[0], s),
             }
-            if method == "teal":  # the served thresholds
-                row |= {k: round(v, 4) for k, v in agreement(served, prompts, s, dense_tokens).items()}
+            if method in METHODS:  # served
+                row |= {
+                    k: round(v, 4) for k, v in agreement(served, prompts, method, s, dense_tokens).items()
+                }
             rows[f"{s:.2f}"] = row
-            print(f"{key:<12} {method:<21} {s:.2f} ppl {ppl:9.4f} achieved {got['achieved']:.4f}", flush=True)
+            print(f"{key:<12} {method:<20} {s:.2f} x{row['ppl_ratio']:.4f} achieved {got['achieved']:.4f}",
+                  flush=True)  # fmt: skip
         res["methods"][method] = rows
     res["eval_s"] = round(time.perf_counter() - t0, 1)
     return res
@@ -200,14 +265,17 @@ def run_model(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default=",".join(f"{s:g}" for s in LEVELS))
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--smollm2-windows", type=int, default=8, help=f"held-out windows of {WINDOW} tokens")
     ap.add_argument("--tinystories-stories", type=int, default=60, help="held-out stories scored (of 120)")
     ap.add_argument("--models", default="tinystories,smollm2")
     ap.add_argument(
-        "--dense-quantiles", default="tinystories", help="models also scored at the uncorrected thresholds"
+        "--dense-quantiles", default="", help="models also scored at TEAL's uncorrected thresholds"
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    args.levels = [float(x) for x in args.levels.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
     manifest = json.loads((DATA / "manifest.json").read_text())
@@ -220,37 +288,44 @@ def main() -> None:
         "command": shlex.join(["python", "bench/sparsity_quality.py", *sys.argv[1:]]),
         "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform()},
         "versions": {n: version(n) for n in ("torch", "transformers")},
-        "sparsified": "the inputs of every decoder projection (q,k,v,o,gate,up,down; q/k/v and gate/up share "
-        "one threshold, as they share the input) at every scored position; float32",
-        "methods_built": ["teal"],
-        "not_built": ["chess", "r_sparse", "coreinfer"],
+        "sparsified": {
+            "teal": "the inputs of every decoder projection (q/k/v and gate/up share one threshold)",
+            "chess": "q and o projection inputs, FFN channels (per-channel thresholds); k/v dense",
+            "r_sparse": "every projection input; the dropped part through the weight's top singular vectors",
+            "coreinfer": f"FFN neurons outside the core set of the first {CORE_PROMPT} tokens",
+        },
+        "float": "float32; every scored position sparse (CoreInfer: after its prompt)",
         "data_manifest": "bench/data/fp4_quality/manifest.json",
         "data_split": manifest["split"],
         "greedy": {"prompts": GREEDY_PROMPTS, "prompt_tokens": PROMPT_TOKENS, "generated_tokens": GEN_TOKENS},
         "goal": f"at 40 % sparsity, perplexity <= {GOAL} x dense for the best method",
+        "best_rule": "lowest perplexity ratio at 0.40 on calibration-split sequences, before held-out runs",
     }
     for key, r in results.items():
-        for s in LEVELS:
-            doc[f"ppl_ratio_teal_s{round(s * 100)}_{key}"] = r["methods"]["teal"][f"{s:.2f}"]["ppl_ratio"]
-    if "smollm2" in results:
-        doc["ppl_ratio_best_s40_smollm2"] = doc["ppl_ratio_teal_s40_smollm2"]
-        doc["best_method_s40_smollm2"] = "teal (the only method built)"
+        for method, rows in r["methods"].items():
+            for level, row in rows.items():
+                doc[f"ppl_ratio_{method}_s{round(float(level) * 100)}_{key}"] = row["ppl_ratio"]
+        best = r["selection"]["best"]
+        if "0.40" in r["methods"].get(best, {}):
+            doc[f"best_method_s40_{key}"] = best
+            doc[f"ppl_ratio_best_s40_{key}"] = r["methods"][best]["0.40"]["ppl_ratio"]
+    if "ppl_ratio_best_s40_smollm2" in doc:
         doc["goal_met_s40_smollm2"] = doc["ppl_ratio_best_s40_smollm2"] <= GOAL
     doc["models"] = results
     doc["runtime_s"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}, {doc['runtime_s']} s")
-    head = ("model", "method", "level", "ppl", "x dense", "95% CI", "zeros", "top1", "greedy")
-    print("{:<12} {:<21} {:>5} {:>9} {:>8} {:>19} {:>6} {:>6} {:>6}".format(*head))
+    head = ("model", "method", "level", "ppl", "x dense", "95% CI", "achieved", "top1", "greedy")
+    print("{:<12} {:<20} {:>5} {:>9} {:>8} {:>19} {:>8} {:>6} {:>6}".format(*head))
     for key, r in results.items():
-        print(f"{key:<12} {'dense':<21} {0:>5.2f} {r['dense_ppl']:>9.4f} {1:>8.4f}")
+        print(f"{key:<12} {'dense':<20} {0:>5.2f} {r['dense_ppl']:>9.4f} {1:>8.4f}")
         for method, rows in r["methods"].items():
             for level, f in rows.items():
                 lo, hi = f["ratio_95ci"]
                 agree = f"{f['agreement']:>6.3f}" if "agreement" in f else f"{'-':>6}"
                 print(
-                    f"{key:<12} {method:<21} {level:>5} {f['ppl']:>9.4f} {f['ppl_ratio']:>8.4f}  "
-                    f"[{lo:.4f}, {hi:.4f}] {f['achieved']:>6.3f} {f['top1_agreement']:>6.3f} {agree}"
+                    f"{key:<12} {method:<20} {level:>5} {f['ppl']:>9.4f} {f['ppl_ratio']:>8.4f}  "
+                    f"[{lo:.4f}, {hi:.4f}] {f['achieved']:>8.4f} {f['top1_agreement']:>6.3f} {agree}"
                 )
 
 

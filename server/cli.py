@@ -178,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsity-calibration", default=None, metavar="FILE",
         help="calibration of the sparsity intervention from `actserve sparsity calibrate` (default: the "
         "model folder's actserve-sparsity.safetensors when there is one; without either, sparsity "
-        "requests are refused)",
+        "requests of the calibrated methods are refused)",
+    )  # fmt: skip
+    s.add_argument(
+        "--sparsity-coreinfer-slots", type=int, default=None, metavar="N",
+        help="CoreInfer sparsity requests admitted at once, each holding per-neuron tables of the FFN "
+        "(default 64; 0: CoreInfer off)",
     )  # fmt: skip
     s.add_argument(
         "--engine-process",
@@ -207,6 +212,8 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options["precision"] = {"precisions": args.precisions}
     if args.sparsity_calibration:
         options["sparsity"] = {"calibration": args.sparsity_calibration}
+    if args.sparsity_coreinfer_slots is not None:
+        options.setdefault("sparsity", {})["coreinfer_slots"] = args.sparsity_coreinfer_slots
     return options
 
 

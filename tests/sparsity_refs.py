@@ -108,17 +108,28 @@ class HFRSparse(_Hooks):
     singular components (float64 SVD of transformers' weights) added to each module's output. `thr`,
     `ranks` [layers, 4] in our projection order."""
 
-    def __init__(self, ref: Any, thr: torch.Tensor, ranks: torch.Tensor, decode_only: bool = False) -> None:
+    def __init__(
+        self,
+        ref: Any,
+        thr: torch.Tensor,
+        ranks: torch.Tensor,
+        decode_only: bool = False,
+        svd: dict[tuple[int, str], tuple[torch.Tensor, ...]] | None = None,
+    ) -> None:
+        """`svd`: a cache of (U, S, Vh) by (layer, projection), filled on first use (reused across levels)."""
         super().__init__(ref, decode_only)
         self.thr, self.ranks = thr.float(), ranks.long()
         self.dropped: dict[tuple[int, str], torch.Tensor] = {}
+        self.svd = svd if svd is not None else {}
 
     def __enter__(self) -> HFRSparse:
         for layer in range(len(self.ref.model.layers)):
             for k, (proj, (_, names)) in enumerate(HF_MODULES.items()):
                 w = torch.cat([self.module(layer, n).weight.detach() for n in names])
                 colnorm = w.float().norm(dim=0)
-                u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+                if (layer, proj) not in self.svd:
+                    self.svd[(layer, proj)] = torch.linalg.svd(w.double(), full_matrices=False)
+                u, s, vh = self.svd[(layer, proj)]
                 r = int(self.ranks[layer, k])
                 lr = (vh[:r].T * s[:r], u[:, :r])  # x_d @ (V_r S_r) @ U_r^T
                 start = 0
@@ -178,12 +189,14 @@ def python_core(rows: list[list[float]], keep: int, beta: float) -> set[int]:
 
 
 class HFCoreInfer(_Hooks):
-    """CoreInfer on a batch of one sequence: the prefill forward picks each layer's core neurons from the
-    down projection's input (`python_core`); decode forwards zero that input outside them."""
+    """CoreInfer. With `generate` on one sequence (prompt_len None): the prefill forward picks each layer's
+    core neurons from the down projection's input (`python_core`); decode forwards zero that input outside
+    them. Teacher-forced (prompt_len P): per sequence of the batch, its first P rows pick, its later rows
+    are zeroed outside the core (counted over the `valid` rows)."""
 
-    def __init__(self, ref: Any, keep: int, beta: float) -> None:
+    def __init__(self, ref: Any, keep: int, beta: float, prompt_len: int | None = None) -> None:
         super().__init__(ref, decode_only=True)
-        self.keep, self.beta = keep, beta
+        self.keep, self.beta, self.prompt_len = keep, beta, prompt_len
         self.core: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> HFCoreInfer:
@@ -191,14 +204,33 @@ class HFCoreInfer(_Hooks):
             self.pre(layer, "down_proj", self._down(layer))
         return self
 
+    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(rows.shape[-1], dtype=torch.bool)
+        mask[sorted(python_core(rows.double().tolist(), self.keep, self.beta))] = True
+        return mask
+
+    def _forced(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.prompt_len
+        assert p is not None
+        y = x.clone()
+        later = torch.zeros(x.shape[:2], dtype=torch.bool)
+        later[:, p:] = True
+        for b in range(x.shape[0]):
+            y[b, p:] = torch.where(self._pick(x[b, :p]), x[b, p:], torch.zeros_like(x[b, p:]))
+        valid = later.reshape(-1) if self.valid is None else later.reshape(-1) & self.valid
+        rows = y.reshape(-1, y.shape[-1])[valid]
+        c = self.counts.setdefault((layer, "down"), [0.0, 0.0])
+        c[0] += float((rows == 0).sum())
+        c[1] += rows.numel()
+        return y
+
     def _down(self, layer: int) -> Callable[..., Any]:
         def fn(_m: Any, args: tuple) -> Any:
             x = args[0]
+            if self.prompt_len is not None:
+                return (self._forced(layer, x), *args[1:])
             if x.shape[-2] > 1:  # the prompt
-                core = python_core(x[0].double().tolist(), self.keep, self.beta)
-                mask = torch.zeros(x.shape[-1], dtype=torch.bool)
-                mask[sorted(core)] = True
-                self.core[layer] = mask
+                self.core[layer] = self._pick(x[0])
                 return None
             y = torch.where(self.core[layer], x, torch.zeros_like(x))
             self.count(layer, "down", y == 0, y.shape[-1])

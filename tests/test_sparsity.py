@@ -256,6 +256,8 @@ def test_default_location_generated_text_and_refusals(
 def test_cli_flag() -> None:
     args = build_parser().parse_args(["serve", "--sparsity-calibration", "/x/cal.safetensors"])
     assert plugin_options(args)[PLUGIN] == {"calibration": "/x/cal.safetensors"}
+    args = build_parser().parse_args(["serve", "--sparsity-coreinfer-slots", "0"])
+    assert plugin_options(args)[PLUGIN] == {"coreinfer_slots": 0}
     assert PLUGIN not in plugin_options(build_parser().parse_args(["serve"]))
 
 

@@ -131,6 +131,11 @@ def test_coreinfer_equals_transformers(
     assert_steps_close(seen["c0"], ref_logits, 5e-5, f"coreinfer {level}")
     assert tokens == ref_tokens
     assert all(int(m.sum()) == core_size(level, n) for m in h.core.values())
+    # the teacher-forced form (bench/sparsity_quality.py's perplexity): the same logits in one forward
+    p = len(prompts[1])
+    with torch.inference_mode(), HFCoreInfer(ref, core_size(level, n), TOKEN_FRACTION, prompt_len=p):
+        forced = ref(input_ids=torch.tensor([prompts[1] + tokens[:-1]])).logits[0, p - 1 :]
+    assert_steps_close(seen["c0"], list(forced), 5e-5, f"coreinfer {level} teacher-forced")
 
 
 def test_coreinfer_core_set_survives_chunked_prefill(
@@ -293,6 +298,13 @@ def test_slots_are_returned_and_their_exhaustion_is_a_capacity_error(
     with pytest.raises(InterventionError):
         eng.registry.prepare({**spec("teal", 0.5), "no_such_plugin": {}})
     assert (len(plugin._free), len(plugin._free_core)) == (free, free_core)
+    off = SparsityPlugin(eng.model_info)
+    off.configure({"coreinfer_slots": 0})
+    assert off.core is None
+    with pytest.raises(InterventionError, match="CoreInfer is off"):
+        off.prepare(off.parse(spec("coreinfer", 0.5)[PLUGIN], "p"), "p")
+    with pytest.raises(ValueError, match="coreinfer_slots"):
+        off.configure({"coreinfer_slots": -1})
 
 
 @pytest.mark.gpu

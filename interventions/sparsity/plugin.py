@@ -74,7 +74,7 @@ NUM_LEVELS = round(MAX_LEVEL / LEVEL_STEP) + 1  # 0.00, 0.01, ..., 0.90
 IMPLEMENTED = METHODS
 CALIBRATED = ("teal", "chess", "r_sparse")  # the methods whose tables come from the calibration
 SLOTS = 256  # requests with a sparsity plan at once (per-request counters)
-CORE_SLOTS = 64  # of them CoreInfer requests (per-request core tables [layers, intermediate])
+CORE_SLOTS = 64  # of them CoreInfer requests, by default (per-request core tables [layers, intermediate])
 ACHIEVED = PluginHistogram(
     "sparsity_achieved_ratio",
     "Per finished request with activation sparsity: the share of its decode's projection multiply-adds "
@@ -175,17 +175,23 @@ class SparsityPlugin(InterventionPlugin):
         self.sites = {(layer, p) for layer in range(model_info.num_layers) for p in PROJECTIONS}
         self.counters = Counters(SLOTS, model_info.device)
         self.core: CoreState | None = None
-        if model_info.intermediate_size > 0:
-            n = model_info.intermediate_size
-            self.core = CoreState(CORE_SLOTS, model_info.num_layers, n, model_info.device)
-            self.hooks["coreinfer"] = CoreInferHook(self.core)
         self._free = list(range(SLOTS - 1, -1, -1))
-        self._free_core = list(range(CORE_SLOTS - 1, -1, -1))
+        self._free_core: list[int] = []
         self._lock = threading.Lock()
 
     def configure(self, options: Mapping[str, Any]) -> None:
         """Option `calibration` (a file from `actserve sparsity calibrate`); without it, the model folder's
-        own calibration file when there is one. A given file that does not load stops the server."""
+        own calibration file when there is one. A given file that does not load stops the server. Option
+        `coreinfer_slots` (default CORE_SLOTS): CoreInfer requests at once, each with core tables [layers,
+        intermediate] resident (0: CoreInfer off, nothing allocated)."""
+        slots = options.get("coreinfer_slots", CORE_SLOTS)
+        if not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"sparsity option coreinfer_slots must be an integer >= 0, got {slots!r}")
+        mi = self.model_info
+        if slots and mi.intermediate_size > 0:
+            self.core = CoreState(slots, mi.num_layers, mi.intermediate_size, mi.device)
+            self.hooks["coreinfer"] = CoreInferHook(self.core)
+            self._free_core = list(range(slots - 1, -1, -1))
         given = options.get("calibration")
         path = Path(given) if given else default_path(self.model_info.path)
         if not given and not path.is_file():
@@ -197,10 +203,9 @@ class SparsityPlugin(InterventionPlugin):
                 "sparsity calibration %s was made on %r; serving %r", path, cal.model, self.model_info.name
             )
         self.calibration, self.source = cal, path
-        dev, dtype = self.model_info.device, self.model_info.dtype
+        dev, dtype = mi.device, mi.dtype
         self.tables = {"teal": cal.thresholds(levels()).to(dev)}
         self.hooks["teal"] = TealHook(self.tables["teal"], self.sites)
-        mi = self.model_info
         if cal.chess is not None:
             self.tables["chess"] = cal.chess.thresholds(levels(), cal.counts, cal.edges).to(dev)
             q_size = mi.num_heads * mi.head_dim
@@ -238,6 +243,8 @@ class SparsityPlugin(InterventionPlugin):
         return plan
 
     def _missing(self, method: str, param: str) -> str:
+        if method == "coreinfer":
+            return f"{param}: CoreInfer is off on this server (started with --sparsity-coreinfer-slots 0)"
         where = default_path(self.model_info.path)
         how = (
             f"make one with `actserve sparsity calibrate --model {self.model_info.path}` (it writes {where}, "
