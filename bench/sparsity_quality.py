@@ -8,7 +8,7 @@ TEAL, CHESS and R-Sparse) through our engine on each model's calibration split o
 CoreInfer needs none (its token share beta = 0.2 is the paper's default).
 
 - Perplexity: transformers (AutoModelForCausalLM, float32, not our engine) with the tests' independent
-  references of each method (tests/engine_utils.py `HFTeal`, tests/sparsity_refs.py `HFChess`,
+  references of each method (tests/engine_utils.py `HFTeal`, tests/sparsity_utils.py `HFChess`,
   `HFRSparse`, `HFCoreInfer`) from the artifact's tables. Teacher forcing as served: the threshold
   methods sparsify every generated token's forward, including the K/V it writes, and keep only the
   prompt dense; here the "prompt" is each sequence's first token, the one not scored. CoreInfer needs a
@@ -81,7 +81,7 @@ from bench.fp4_quality import (  # noqa: E402
     sequences,
 )
 from tests.engine_utils import HFTeal  # noqa: E402
-from tests.sparsity_refs import HFChess, HFCoreInfer, HFRSparse  # noqa: E402
+from tests.sparsity_utils import HFChess, HFCoreInfer, HFRSparse  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "sparsity_quality.json"
 LEVELS = (0.25, 0.40, 0.50, 0.70)

@@ -46,6 +46,19 @@ def ref(tinystories_dir: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(tinystories_dir, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def sparsity_calibration(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TinyStories-656K's sparsity calibration (TEAL, CHESS, R-Sparse) on the FP4 bench's calibration
+    split, made once per session by `actserve sparsity calibrate` (tests/test_sparsity*.py)."""
+    from actserve.server.cli import main
+
+    calib = Path(__file__).resolve().parents[1] / "bench" / "data" / "fp4_quality" / "tinystories_calib.jsonl"
+    out = tmp_path_factory.mktemp("sparsity") / "tiny.safetensors"
+    argv = ["sparsity", "calibrate", "--model", str(tinystories_dir), "--device", "cpu", "--text", str(calib)]
+    assert main([*argv, "--out", str(out), "--correction-tokens", "1024"]) == 0
+    return out
+
+
 def save_random_model(config: object, path: Path, seed: int = 0) -> Path:
     """A random-init HF model of any family, saved with TinyStories' tokenizer (vocab 2048)."""
     from transformers import AutoModelForCausalLM

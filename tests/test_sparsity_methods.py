@@ -1,6 +1,6 @@
 """CHESS, R-Sparse and CoreInfer (interventions/sparsity/{chess,r_sparse,coreinfer}.py) and the per-request
 sparsity metrics, on TinyStories-656K in float32 on the CPU, calibrated on the FP4 bench's TinyStories
-calibration split, checked on its held-out split against independent references (tests/sparsity_refs.py:
+calibration split, checked on its held-out split against independent references (tests/sparsity_utils.py:
 transformers with hooks doing what each paper describes): greedy tokens and logits; achieved sparsity
 within 1 % of the level; mixed methods and levels equal solo runs, dense and level-0 rows bit-identical;
 CoreInfer's masked path equals its gathered-weights path and its core set survives chunked prefill; the
@@ -21,34 +21,20 @@ from actserve.interventions.base import InterventionCapacityError, InterventionE
 from actserve.interventions.sparsity.artifact import ArtifactError, load_calibration, save_calibration
 from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size, gathered_ffn
 from actserve.interventions.sparsity.plugin import SparsityPlugin, levels
-from actserve.server.cli import main
-from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run_logged
-from tests.sparsity_refs import HFChess, HFCoreInfer, HFRSparse
+from tests.sparsity_utils import HELDOUT, PLUGIN, HFChess, HFCoreInfer, HFRSparse, engine
 
 STEPS = 6
-PLUGIN = "sparsity"
-DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "fp4_quality"
-CALIB, HELDOUT = DATA / "tinystories_calib.jsonl", DATA / "tinystories_heldout.jsonl"
 
 
 def spec(method: str, level: float) -> dict[str, Any]:
     return {PLUGIN: {"method": method, "level": level}}
 
 
-def engine(model: Path, calibration: Path | None, **kw: Any) -> LLMEngine:
-    options = {PLUGIN: {"calibration": str(calibration)}} if calibration is not None else {}
-    cfg = {"device": "cpu", "num_kv_blocks": 256, "enable_prefix_caching": False, **kw}
-    return LLMEngine(EngineConfig(model=str(model), plugin_options=options, **cfg))
-
-
 @pytest.fixture(scope="module")
-def artifact(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sparsity_methods") / "tiny.safetensors"
-    argv = ["sparsity", "calibrate", "--model", str(tinystories_dir), "--device", "cpu", "--text", str(CALIB)]
-    assert main([*argv, "--out", str(out), "--correction-tokens", "1024"]) == 0
-    return out
+def artifact(sparsity_calibration: Path) -> Path:
+    return sparsity_calibration
 
 
 @pytest.fixture(scope="module")
@@ -305,40 +291,3 @@ def test_slots_are_returned_and_their_exhaustion_is_a_capacity_error(
         off.prepare(off.parse(spec("coreinfer", 0.5)[PLUGIN], "p"), "p")
     with pytest.raises(ValueError, match="coreinfer_slots"):
         off.configure({"coreinfer_slots": -1})
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mixed_methods_replay_cuda_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[str]) -> None:
-    """bf16 on CUDA, calibrated there: decode steps mixing the four methods, dense and level-0 rows replay
-    CUDA graphs (no eager decode step), give the eager engine's tokens (all but one row at least), and the
-    dense rows keep the tokens of an all-dense batch."""
-    out = tmp_path / "cal.safetensors"
-    argv = [
-        "sparsity",
-        "calibrate",
-        "--model",
-        str(tinystories_dir),
-        "--device",
-        "cuda",
-        "--dtype",
-        "bfloat16",
-    ]
-    assert main([*argv, "--text", str(CALIB), "--out", str(out), "--correction-tokens", "1024"]) == 0
-
-    def cuda_engine(eager: bool) -> LLMEngine:
-        return engine(tinystories_dir, out, device="cuda", dtype="bfloat16", enforce_eager=eager)
-
-    fast, slow = cuda_engine(False), cuda_engine(True)
-    tok = AutoTokenizer.from_pretrained(tinystories_dir)
-    prompts = [tok(t).input_ids[:16] for t in heldout[:6]]
-    specs = [None, spec("chess", 0.4), spec("r_sparse", 0.5), None, spec("coreinfer", 0.5), spec("teal", 0)]
-    params = greedy(24, min_tokens=24)
-    eager0, graph0 = fast.runner.eager_decode_steps, fast.runner.graph_steps
-    a, _ = run_logged(fast, prompts, params, specs, tag="g")
-    assert fast.runner.eager_decode_steps == eager0 and fast.runner.graph_steps > graph0
-    b, _ = run_logged(slow, prompts, params, specs, tag="e")
-    assert sum(x == y for x, y in zip(a, b, strict=True)) >= len(specs) - 1
-    plain, _ = run_logged(fast, prompts, params, [None] * len(specs), tag="p")
-    assert [a[i] for i in (0, 3, 5)] == [plain[i] for i in (0, 3, 5)]
-    assert any(a[i] != plain[i] for i in (1, 2, 4))

@@ -1,18 +1,33 @@
-"""Independent references of the sparsity methods (interventions/sparsity/): transformers' own model with
-forward hooks that do what each paper describes, on transformers' separate q/k/v/o/gate/up/down modules,
-from the thresholds and ranks of our calibration tables (what a method is calibrated to) but with their
-own masks, weights, SVD (float64) and core-neuron selection (plain Python sorting)."""
+"""What the sparsity tests share: the data, an engine serving a calibration, and the independent
+references of the methods (interventions/sparsity/): transformers' own model with forward hooks that do
+what each paper describes, on transformers' separate q/k/v/o/gate/up/down modules, from the thresholds and
+ranks of our calibration tables (what a method is calibrated to) but with their own masks, weights, SVD
+(float64) and core-neuron selection (plain Python sorting). TEAL's is tests/engine_utils.py `HFTeal`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.llm_engine import LLMEngine
 from tests.engine_utils import HF_MODULES
+
+PLUGIN = "sparsity"
+DATA = Path(__file__).resolve().parents[1] / "bench" / "data" / "fp4_quality"
+CALIB, HELDOUT = DATA / "tinystories_calib.jsonl", DATA / "tinystories_heldout.jsonl"
+
+
+def engine(model: Path, calibration: Path | None, **kw: Any) -> LLMEngine:
+    """A CPU engine serving `calibration` (None: none), prefix cache off unless asked."""
+    options = {PLUGIN: {"calibration": str(calibration)}} if calibration is not None else {}
+    cfg = {"device": "cpu", "num_kv_blocks": 256, "enable_prefix_caching": False, **kw}
+    return LLMEngine(EngineConfig(model=str(model), plugin_options=options, **cfg))
 
 
 class _Hooks:
