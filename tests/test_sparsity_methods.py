@@ -93,6 +93,26 @@ def test_threshold_methods_equal_transformers(
     assert (seen["g0"][1] - dense_logits[1]).abs().max() > 1e-3  # the decode did not
 
 
+def test_rsparse_low_rank_path_at_every_projection_equals_transformers(
+    tinystories_dir: Path, artifact: Path, ref: Any, prompts: list[list[int]], tmp_path: Path
+) -> None:
+    """The calibration picked alpha ~ 1 (little low-rank path) on this model: with alpha 0.6 written into
+    the artifact every projection takes rank > 0 at 0.4, and the engine still equals the reference."""
+    cal = load_calibration(artifact)
+    assert cal.rsparse is not None
+    cal.rsparse.alpha.fill_(0.6)
+    save_calibration(cal, tmp_path / "alpha.safetensors")
+    low = engine(tinystories_dir, tmp_path / "alpha.safetensors", num_kv_blocks=64)
+    plugin = low.registry.plugin(PLUGIN)
+    assert isinstance(plugin, SparsityPlugin)
+    assert bool((plugin.hooks["r_sparse"].rank_table[40] > 0).all())
+    (tokens,), seen = ours(low, [prompts[2]], [spec("r_sparse", 0.4)], tag="lr")
+    with rsparse_ref(plugin, ref, 0.4, decode_only=True):
+        ref_tokens, ref_logits = hf_generate(ref, prompts[2], STEPS)
+    assert_steps_close(seen["lr0"], ref_logits, 5e-5, "r_sparse alpha 0.6")
+    assert tokens == ref_tokens
+
+
 def test_rsparse_low_rank_path_is_used(plugin: SparsityPlugin) -> None:
     """The calibration kept factors and some projection's chosen rank is positive at 0.5 (otherwise the
     reference comparison would not test the low-rank path)."""

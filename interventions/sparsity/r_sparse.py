@@ -144,13 +144,13 @@ class RSparseStats:
             ok = c.dim() == 2 and a.dim() == 3 and b.dim() == 3 and c.shape[0] == a.shape[0] == b.shape[0]
             if not ok or c.shape != a.shape[:2] or a.shape[2] != b.shape[2] or a.shape[0] != num_layers:
                 raise ValueError(
-                    f"r_sparse.{p}: colnorm [layers, in], vs [layers, in, R], u [layers, out, R]"
+                    f"r_sparse.{p}: must be colnorm [layers, in], vs [layers, in, R], u [layers, out, R]"
                 )
             n_in, n_out, cap = a.shape[1], b.shape[1], a.shape[2]
-            if cap > math.floor(frac * n_in * n_out / (n_in + n_out)) or not bool(torch.isfinite(a).all()):
-                raise ValueError(
-                    f"r_sparse.{p}: {cap} components, more than rank_fraction allows, or not finite"
-                )
+            if cap > math.floor(frac * n_in * n_out / (n_in + n_out)):
+                raise ValueError(f"r_sparse.{p}: {cap} components, more than rank_fraction {frac} allows")
+            if not all(bool(torch.isfinite(t).all()) for t in (a, b, c)):
+                raise ValueError(f"r_sparse.{p}: factors and column norms must be finite")
         grid, q = tensors.get("r_sparse.levels"), tensors.get("r_sparse.quantiles")
         if (grid is None) != (q is None):
             raise ValueError("r_sparse.levels and r_sparse.quantiles come together")
