@@ -73,9 +73,12 @@ def check(
 
 def sweep_configs(m: int) -> list[SparseGemvConfig]:
     if m == 1:
-        grid = itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (1, 3), (264, 528, 1056, 4224))
-    else:
-        grid = itertools.product((32, 64, 128), (32, 64), (4,), (3,), (264, 528, 1056))
+        grid = itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (1, 3), (528, 1056, 2112, 4224))
+        return [
+            SparseGemvConfig(block_n=bn, block_k=bk, num_warps=nw, loop_stages=ls, programs=p)
+            for bn, bk, nw, ls, p in grid
+        ]
+    grid = itertools.product((32, 64, 128), (32, 64), (4, 8), (3, 4), (528, 1056, 2112))
     return [
         SparseGemvConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=st, programs=p)
         for bn, bk, nw, st, p in grid

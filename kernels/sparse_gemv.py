@@ -49,8 +49,12 @@ class SparseGemvConfig:
     splits: int = 0  # K splits; 0: from the shape (`pick_splits`)
     num_warps: int = 4
     num_stages: int = 3
+    # one row: 1 streams W^T from registers (occupancy hides the latency, as kernels/gemv.py's one-row
+    # loop); 2+ software-pipelines it through shared memory (cp.async), which the dependent mask keeps
+    # Triton from doing by itself. 2-16 rows are pipelined through tl.dot anyway (`num_stages`)
+    loop_stages: int = 1
     accum: Accum = "serial"
-    programs: int = 528  # the launch size `pick_splits` aims at (4 per H200 SM)
+    programs: int = 1056  # the launch size `pick_splits` aims at (8 per H200 SM)
 
 
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
@@ -73,7 +77,7 @@ def _sparse_gemv_kernel(
     stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
     some row, times the thresholded inputs, for BLOCK_N output columns."""
@@ -91,7 +95,7 @@ def _sparse_gemv_kernel(
         if THRESHOLD:
             thr = tl.load(thr_ptr)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             rk = k0 + tl.arange(0, BLOCK_K)
             on = rk < k_hi
             x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
@@ -165,17 +169,18 @@ def _sum_splits_kernel(
     tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+# per device, every counter buffer handed out, the largest last: never freed, since CUDA graphs keep the
+# pointer they captured
+_counters: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     """The "serial" mode's per-tile arrival counters on `device`: zero between launches (the last
-    program of each tile resets its own), shared by every launch on the device's one compute stream."""
-    have = _counters.get(device)
-    if have is None or have.numel() < n_tiles:
-        have = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
-        _counters[device] = have
-    return have
+    program of each tile resets its own), shared by the launches on the device's one compute stream."""
+    have = _counters.setdefault(device, [])
+    if not have or have[-1].numel() < n_tiles:
+        have.append(torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device))
+    return have[-1]
 
 
 def sparse_gemv(
@@ -220,7 +225,8 @@ def sparse_gemv(
         m, n, k, k_split, splits, x.stride(0), thr.stride(0) if thr is not None else 0, weight_t.stride(0),
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", **launch, num_warps=cfg.num_warps,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages, **launch,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if mode in (_WORKSPACE, _ATOMIC):
