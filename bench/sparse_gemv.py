@@ -169,12 +169,25 @@ def main() -> None:
                 for accum in ACCUMS:
                     check(x, wts[0], thr, silu, replace(pick_config(m, n, k), accum=accum), f"{name} m={m}")
                 check(x, wts[0], torch.zeros_like(thr), silu, pick_config(m, n, k), f"{name} m={m} dense")
-            if args.sweep and m in (1, 8, 16):
+            if args.sweep and m in (1, 8, 16) and not silu:
                 sweeps[f"{name}_m{m}"] = sweep(name, x, wts, thresholds(act, 0.5), silu)
             table += measure(name, n, k, x, ws, wts, levels)
         del ws, wts
         torch.cuda.empty_cache()
     res["rows"], res["sweep"] = table, sweeps
+    for m in (1, 8, 16):  # one config per row count: the least time summed over the layer's projections
+        runs = [v for key, v in sweeps.items() if key.endswith(f"_m{m}")]
+        sums: dict[str, list[Any]] = {}
+        for run in runs:
+            for r in run:
+                entry = sums.setdefault(json.dumps(r["config"], sort_keys=True), [0.0, 0])
+                entry[0] += r["us"]
+                entry[1] += 1
+        full = {c: t for c, (t, count) in sums.items() if count == len(runs)}
+        if full:
+            best = min(full, key=lambda c: full[c])
+            res[f"sweep_best_m{m}"] = {"config": json.loads(best), "layer_us": full[best]}
+            print(f"sweep best for {m} rows: {full[best]:.1f} us per layer, {best}", flush=True)
     layer = [p for p in shapes if p != "down_silu"]
 
     def total(level: float, m: int, key: str) -> float | None:
