@@ -27,6 +27,8 @@ from actserve.server.contract import (
     RowSpan,
     Shard,
     StepHooks,
+    ThresholdHook,
+    TransposedFormat,
     WeightFormat,
     copy_rows,
     device_table,
@@ -57,5 +59,7 @@ __all__ = [
     "RowSpan",
     "Shard",
     "StepHooks",
+    "ThresholdHook",
+    "TransposedFormat",
     "WeightFormat",
 ]

@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "requests are refused)",
     )  # fmt: skip
     s.add_argument(
+        "--sparsity-kernel", default="on", choices=["on", "off"],
+        help="on CUDA, run sparse decode steps through the sparse GEMV over a transposed copy of every "
+        "projection's weight (on, the default: the copy costs the projections' weight memory once more); "
+        "off: mask the inputs and multiply densely (same results, no speed-up)",
+    )  # fmt: skip
+    s.add_argument(
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
@@ -207,6 +213,8 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options["precision"] = {"precisions": args.precisions}
     if args.sparsity_calibration:
         options["sparsity"] = {"calibration": args.sparsity_calibration}
+    if args.sparsity_kernel == "off":
+        options.setdefault("sparsity", {})["kernel"] = False
     return options
 
 

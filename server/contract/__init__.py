@@ -20,6 +20,7 @@ from actserve.server.contract.hooks import (
     RowInput,
     RowInputs,
     StepHooks,
+    ThresholdHook,
 )
 from actserve.server.contract.model_info import ModelInfo
 from actserve.server.contract.plugin import (
@@ -30,6 +31,7 @@ from actserve.server.contract.plugin import (
     RowSpan,
     device_table,
 )
+from actserve.server.contract.transposed_format import TransposedFormat
 from actserve.server.contract.weights import (
     FormatRequest,
     Shard,
@@ -62,5 +64,7 @@ __all__ = [
     "RowSpan",
     "Shard",
     "StepHooks",
+    "ThresholdHook",
+    "TransposedFormat",
     "WeightFormat",
 ]

@@ -49,11 +49,31 @@ class LogitsHook(Protocol):
 
 
 class LinearInputHook(Protocol):
-    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs."""
+    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs.
+
+    A hook whose `apply` only zeroes the entries below a per-row magnitude may also define
+    `thresholds` (`ThresholdHook`), so that the layer fuses the mask into a matmul that skips the
+    weights of zeroed inputs instead of calling `apply`."""
 
     def sites(self) -> set[tuple[int, str]]: ...
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor: ...
+
+
+class ThresholdHook(LinearInputHook, Protocol):
+    """A linear-input hook whose `apply(x)` is `x.masked_fill(x.abs() < thr[:, None], 0)`: per-row
+    thresholds thr [rows] float32 (<= 0 keeps a row's every bit, +inf zeroes every finite entry).
+
+    `thresholds` hands them to the layer in place of `apply` (None: not this step, call `apply`). The
+    layer then computes *every* row of the step with a fused sparse matmul (kernels/sparse_gemv.py,
+    through a format's `apply_thresholded`) wherever it has one (CUDA, <= 16 half rows, a transposed
+    weight copy, no weight-format choice at the site); elsewhere it calls `apply` and its plain path. The
+    fused kernel sums in another order than the plain GEMV, and it reads the union of the rows' active
+    inputs, so a hook returns thresholds only for steps whose rows are all its own sparse rows: rows of
+    other requests keep the plain path's bits, and padding rows (a decode graph's bucket) may get +inf
+    so that they add nothing to the union."""
+
+    def thresholds(self, layer: int, proj: str, inputs: RowInputs) -> torch.Tensor | None: ...
 
 
 class LinearWeightsHook(Protocol):
@@ -163,6 +183,19 @@ class LinearSite:
         for hook, inputs, _ in self.hooks:
             x = hook.apply(self.layer, self.proj, x, inputs)
         return x
+
+    def thresholds(self) -> torch.Tensor | None:
+        """[rows] float32 when every input hook here hands over thresholds this step (`ThresholdHook`):
+        their elementwise max, since masks compose so (an entry survives both iff |x| >= both); None
+        when some hook does not (the layer then calls them in turn)."""
+        out: torch.Tensor | None = None
+        for hook, inputs, _ in self.hooks:
+            fn = getattr(hook, "thresholds", None)
+            thr = fn(self.layer, self.proj, inputs) if fn is not None else None
+            if thr is None:
+                return None
+            out = thr if out is None else torch.maximum(out, thr)
+        return out
 
     def choices(self) -> list[tuple[str, torch.Tensor]]:
         """(format key, [rows] bool) per weight-format choice here, in plugin order (a later plugin's
