@@ -44,7 +44,7 @@ def pick_gemv_config(m: int, n: int, k: int) -> Fp4Config:
         if n >= 6144:
             return Fp4Config(block_n=8, block_k=512, num_warps=8, num_stages=3)
         return Fp4Config(block_n=8, block_k=2048, num_warps=4, num_stages=3)
-    return Fp4Config(block_n=32, block_k=256, num_warps=4, num_stages=3)
+    return Fp4Config(block_n=64, block_k=256 if k > 8192 else 128, num_warps=4, num_stages=3)
 
 
 def pick_gemm_config(m: int, n: int, k: int) -> Fp4Config:

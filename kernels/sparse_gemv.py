@@ -58,10 +58,11 @@ class SparseGemvConfig:
 
 
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
-    """Launch config per shape (a placeholder until bench/sparse_gemv.py's sweep sets it)."""
+    """Launch config per row count: the H200 sweep's best over one Llama-3-8B layer at 50% sparsity
+    (bench/results/sparse_gemv_quick.json, `sweep_best_m1` / `sweep_best_m8`)."""
     if m == 1:
-        return SparseGemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=3)
-    return SparseGemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3)
+        return SparseGemvConfig(block_n=256, block_k=32, num_warps=4, num_stages=3, programs=528)
+    return SparseGemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=3, programs=528)
 
 
 def pick_splits(n_tiles: int, k: int, cfg: SparseGemvConfig) -> int:
