@@ -21,7 +21,7 @@ from actserve.server.contract.hooks import (
     RowInputs,
     StepHooks,
 )
-from actserve.server.contract.model_info import ModelInfo
+from actserve.server.contract.model_info import ModelInfo, MoEInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
     InterventionCapacityError,
@@ -54,6 +54,7 @@ __all__ = [
     "LogitsHook",
     "ModelInfo",
     "MoEHook",
+    "MoEInfo",
     "PluginHooks",
     "PROJECTIONS",
     "ResidualHook",

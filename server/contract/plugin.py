@@ -201,6 +201,12 @@ class InterventionPlugin(ABC):
         other than a fused table cannot be captured."""
         raise NotImplementedError(f"{self.name} declares graph_safe but does not define graph_hooks()")
 
+    def graph_takes(self, spans: list[RowSpan]) -> bool:
+        """Whether a decode step with these rows of this plugin fits what its `graph_hooks()` were
+        captured for (e.g. a per-row width within the captured one); False sends the step eager. Only
+        asked of `graph_safe` plugins; the default: always."""
+        return True
+
     def prefix_key(self, plan: Any) -> Hashable | None:
         """What about `plan` changes the K/V of the request's prompt tokens, for the prefix cache: None
         when nothing does (a logits-only or generation-only plan: the prompt's KV is a plain request's),

@@ -424,11 +424,16 @@ class ModelRunner:
         fused = self.registry.fused
         others = [k for k in groups if fused is None or k != fused.name]
         graphs = self.graphs
-        if graphs is not None and graphs.bucket(n) is not None and graphs.takes(others):
+        reg = self.registry
+        if (
+            graphs is not None
+            and graphs.bucket(n) is not None
+            and graphs.takes(others)
+            and all(reg.plugins[k].graph_takes(groups[k]) for k in others)
+        ):
             mine = groups.get(fused.name) if fused is not None else None
             cols = fused.fused_columns(mine, n) if fused is not None and mine else None
             if cols is None or cols[0].shape[1] <= graphs.width:
-                reg = self.registry
                 rows = {
                     k: (reg.host_row_inputs(reg.plugins[k], groups[k], n), reg.host_row_mask(groups[k], n))
                     for k in others

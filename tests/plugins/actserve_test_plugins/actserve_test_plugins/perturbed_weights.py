@@ -110,7 +110,8 @@ class PerturbedWeightsPlugin(InterventionPlugin):
         layers = options.get("layers", [i for i in DEFAULT_LAYERS if i < n])
         projections = options.get("projections", PROJECTIONS)
         self.scale = float(options.get("scale", DEFAULT_SCALE))
-        self.sites = {(int(layer), str(p)) for layer in layers for p in projections}
+        wanted = {(int(layer), str(p)) for layer in layers for p in projections}
+        self.sites = wanted & set(self.model_info.projection_sites())  # a MoE layer's MLP has none
 
     def weight_formats(self) -> list[FormatRequest]:
         # one request per site: each copy's noise is seeded by its own (layer, projection)
