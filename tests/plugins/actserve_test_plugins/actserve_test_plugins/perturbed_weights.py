@@ -111,7 +111,9 @@ class PerturbedWeightsPlugin(InterventionPlugin):
         projections = options.get("projections", PROJECTIONS)
         self.scale = float(options.get("scale", DEFAULT_SCALE))
         wanted = {(int(layer), str(p)) for layer in layers for p in projections}
-        self.sites = wanted & set(self.model_info.projection_sites())  # a MoE layer's MLP has none
+        moe = set(self.model_info.moe.layers) if self.model_info.moe is not None else set()
+        mlp = ("gate_up_proj", "down_proj")  # a MoE layer's experts are not projections
+        self.sites = {(layer, p) for layer, p in wanted if not (layer in moe and p in mlp)}
 
     def weight_formats(self) -> list[FormatRequest]:
         # one request per site: each copy's noise is seeded by its own (layer, projection)
