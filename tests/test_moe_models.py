@@ -185,6 +185,24 @@ def test_refusals(qwen3: LLMEngine, qwen3_dir: Path) -> None:
     assert e.value.param == field
 
 
+def test_unbuilt_paths_are_refused(qwen3: LLMEngine, qwen3_dir: Path) -> None:
+    """What does not reach experts yet is refused by name, never silently partial: FP4 weights at load
+    (--quantization) and per request (--precisions), sparsity; and the experts are no projections."""
+    from actserve.server.models.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="--quantization nvfp4: FP4 weights of mixture-of-experts"):
+        engine(qwen3_dir, quantization="nvfp4")
+    with pytest.raises(ValueError, match="precisions: FP4 copies of a mixture-of-experts"):
+        engine(qwen3_dir, plugin_options={"precision": {"precisions": "bf16,nvfp4"}})
+    with pytest.raises(InterventionError, match="mixture-of-experts") as e:
+        qwen3.registry.prepare({"sparsity": {"method": "teal", "level": 0.5}})
+    assert e.value.param == "interventions.sparsity"
+    assert (0, "gate_up_proj") not in qwen3.model_info.projection_sites()
+    assert (1, "o_proj") in qwen3.model_info.projection_sites()
+    with pytest.raises(ValueError, match="mixture of experts"):
+        qwen3.runner.model.projection(0, "down_proj")
+
+
 def test_over_http(qwen3_dir: Path, qwen3: LLMEngine) -> None:
     """Served: a request's top_k gives the engine's tokens; bad specs are 400s naming the field."""
     from transformers import AutoTokenizer
