@@ -161,7 +161,7 @@ def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: t
     row["speedup_vs_torch_loop"] = row["torch_loop_us"] / row["fused_us"]
     if sweep:
         t0 = time.time()
-        if m <= 64:
+        if m <= 8:
             timed = [
                 (graph_time_us(case.fused("decode", decode_cfg=c), reps=reps), str(c)) for c in DECODE_SWEEP
             ]

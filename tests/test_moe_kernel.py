@@ -63,14 +63,17 @@ def test_kernel_matches_reference(path: str, rows: int, k: int) -> None:
 
 def test_decode_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """One program per row and tile adding every column itself (a small program target), or columns
-    spread over programs and added by the sum kernel (a large one): the same result, bit for bit."""
+    spread over programs and added by the sum kernel (a large one): the same result (bit for bit under
+    the interpreter; compiled, the fused add may contract into an FMA)."""
     x, w13, w2, slots, weights = case(3, 4, seed=2)
     out = {}
     for target in (1, 4096):
         monkeypatch.setattr(moe, "DECODE_TARGET_PROGRAMS", target)
         out[target] = fused_moe(x, w13, w2, slots, weights, path="decode")
     assert (out[1] - fused_moe_ref(x, w13, w2, slots, weights)).abs().max().item() < 2e-5
-    assert torch.equal(out[1], out[4096])
+    if DEVICE == "cpu":
+        assert torch.equal(out[1], out[4096])
+    assert torch.allclose(out[1], out[4096], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)
