@@ -130,7 +130,7 @@ class Case:
 
 def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: torch.Generator, sweep: bool):
     case = Case(shape, layers, m, g)
-    e, k = shape["experts"], shape["top_k"]
+    k = shape["top_k"]
     distinct = sum(int(torch.unique(r[0]).numel()) for r in case.routed) / len(layers)
     row: dict[str, Any] = {
         "model": name,
@@ -143,12 +143,14 @@ def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: t
     x = case.x
     want = fused_moe_ref(x, w13, w2, slots, wts)
     paths = ("decode", "grouped") if m <= 64 else ("grouped",)
+    e = shape["experts"]
     for path in paths:
         err = rel_err(fused_moe(x, w13, w2, slots, wts, path=path), want)
         row[f"{path}_rel_err"] = err
         assert err < 1e-2, (name, m, path, err)
     row["torch_loop_rel_err"] = rel_err(torch_loop(x, w13, w2, ids, wts), want)
     reps = max(20, len(layers))
+    row["auto_path"] = "decode" if moe.takes_decode(m, k, e) else "grouped"
     row["fused_us"] = graph_time_us(case.fused(), reps=reps)
     row["fused_eager_us"] = event_time_us(case.fused())
     for path in paths:
@@ -194,6 +196,7 @@ def main() -> None:
         "note": "random bf16 weights and random routers (near-uniform routing: the most distinct experts "
         "per batch, the pessimistic case)",
         "decode_max_rows": moe.DECODE_MAX_ROWS,
+        "decode_limit_rows": moe.DECODE_LIMIT_ROWS,
     }
     rows_out: list[dict[str, Any]] = []
     for name in args.models.split(","):

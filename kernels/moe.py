@@ -27,17 +27,23 @@ import torch
 import triton
 import triton.language as tl
 
-# rows up to which the decode path runs (above: grouped); from bench/moe_kernel.py on the H200
+# the decode path runs up to DECODE_MAX_ROWS rows, and beyond while the pairs (rows x top_k) are at most
+# half the slots (few rows share an expert, so reading each pair's expert is not much more than each
+# chosen expert once); the grouped path otherwise. From bench/moe_kernel.py on the H200: Mixtral at 8 rows
+# grouped 569 us, decode 1090; Qwen3-30B-A3B at 8 rows (64 pairs, 128 experts) decode 163, grouped 193
 DECODE_MAX_ROWS = 4
+DECODE_LIMIT_ROWS = 16
 # programs a decode kernel aims for; columns are split over programs until the grid reaches it
 DECODE_TARGET_PROGRAMS = 1024
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    """H200 sweep (bench/results/moe_kernel.json): 8 warps beat 4 (Mixtral b1 256 -> 181 us)."""
+
     block_n: int = 16
     block_k: int = 256
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
 
 
@@ -51,13 +57,22 @@ class GroupedConfig:
 
 
 def pick_grouped(pairs: int, num_slots: int) -> GroupedConfig:
-    """Smaller row blocks when few pairs share a slot (less padding), larger when many do."""
+    """Small row blocks when few pairs share a slot (less padding), large when many do; the H200 sweep's
+    winners (bench/results/moe_kernel.json: Mixtral 64 rows 810 -> 721 us, 2048 rows 3935 -> 3141)."""
     per_slot = pairs / max(1, min(num_slots, pairs))
-    if per_slot <= 16:
-        return GroupedConfig(16, 64, 64, 4, 3)
+    if per_slot < 8:
+        return GroupedConfig(16, 128, 64, 4, 4)
     if per_slot <= 64:
-        return GroupedConfig(32, 64, 64, 4, 3)
-    return GroupedConfig(64, 128, 64, 8, 3)
+        return GroupedConfig(64, 64, 64, 4, 3)
+    return GroupedConfig(128, 128, 64, 8, 3)
+
+
+def takes_decode(rows: int, active_k: int, num_slots: int) -> bool:
+    """The path for `rows` rows of `active_k` experts each (fixed per row count: a graph bucket always
+    takes the same, and a row's bits do not depend on the step's width)."""
+    if rows <= DECODE_MAX_ROWS:
+        return True
+    return rows <= DECODE_LIMIT_ROWS and rows * active_k <= num_slots // 2
 
 
 def moe_align(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +279,9 @@ def fused_moe(
 ) -> torch.Tensor:
     """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter] (hidden-/inter-
     contiguous), slots [rows, k] int (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype;
-    what `fused_moe_ref` computes. `path`: "auto" (decode up to DECODE_MAX_ROWS rows), "decode" or
-    "grouped". `active_k`: how many columns are expected to hold an expert (the model's top_k; default
-    k), which sizes the decode grid."""
+    what `fused_moe_ref` computes. `path`: "auto" (`takes_decode`), "decode" or "grouped". `active_k`:
+    how many columns are expected to hold an expert (the model's top_k; default k), which picks the path
+    and sizes the decode grid."""
     rows, hidden = x.shape
     num_slots, two_inter, h2 = w13.shape
     inter = two_inter // 2
@@ -284,13 +299,13 @@ def fused_moe(
     out = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     if rows == 0 or k == 0:
         return out.zero_()
+    active = active_k or k
     if path == "auto":
-        path = "decode" if rows <= DECODE_MAX_ROWS else "grouped"
+        path = "decode" if takes_decode(rows, active, num_slots) else "grouped"
     pairs = rows * k
     inter_buf = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     if path == "decode":
         cfg = decode_cfg or DecodeConfig()
-        active = active_k or k
         tiles_i, tiles_h = triton.cdiv(inter, cfg.block_n), triton.cdiv(hidden, cfg.block_n)
         g_up = _groups(rows, tiles_i, k, active)
         launch = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps}
