@@ -240,6 +240,8 @@ class SparsityPlugin(InterventionPlugin):
             return None
         if self.model_info.implementation != "native":  # linear-input hooks exist in native models only
             raise InterventionError(f"{param}: sparsity needs the native model implementation", param)
+        if self.model_info.is_moe:  # the experts are not projections with linear-input hooks
+            raise InterventionError(f"{param}: sparsity of mixture-of-experts models is not built", param)
         if spec.method not in self.tables:
             where = default_path(self.model_info.path)
             raise InterventionError(

@@ -22,7 +22,7 @@ from actserve.server.contract.hooks import (
     StepHooks,
     ThresholdHook,
 )
-from actserve.server.contract.model_info import ModelInfo
+from actserve.server.contract.model_info import ModelInfo, MoEInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
     InterventionCapacityError,
@@ -56,6 +56,7 @@ __all__ = [
     "LogitsHook",
     "ModelInfo",
     "MoEHook",
+    "MoEInfo",
     "PluginHooks",
     "PROJECTIONS",
     "ResidualHook",

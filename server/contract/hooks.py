@@ -122,17 +122,25 @@ class AttentionHook(Protocol):
 
 
 class MoEHook(Protocol):
-    """Routing of a mixture-of-experts layer: router logits [rows, experts] -> per-row top-k experts and
-    their weights, e.g. to keep rows on experts that are resident (expert placement). Rows whose inputs
-    are `none` must get the model's own routing. No native MoE family calls it yet (they join the model
-    registry with the MoE work); the protocol is fixed here so the plugin side is written once."""
+    """Routing of a mixture-of-experts layer, per row: which experts and with which weights (e.g. a
+    per-request top-k, or keeping rows on resident experts).
+
+    `route` sees the router's logits [rows, experts] (the layer's input through its router, in the model
+    dtype) and the model's top_k, and returns (expert ids [rows, k] int64, weights [rows, k] float32) for
+    every row, with a width k >= 1 of the hook's choosing (fixed for a hook object, so a decode CUDA graph
+    captured with it replays), which may exceed top_k; a column holding no expert has id -1 and weight 0
+    (it costs no weight reads and adds exactly +0.0). Rows whose inputs are `none` must get the model's
+    own routing: `kernels.moe_ref.route_topk(router_logits, top_k, info.renormalize)` (`ModelInfo.moe`)
+    in the first top_k columns, -1 after, so their bits are a plain step's. The layer takes each hook's
+    result on its rows only (its row mask), in plugin order. Device ops of fixed shapes only (no host
+    sync): decode steps run it inside CUDA graphs."""
 
     def layers(self) -> set[int]: ...
 
     def route(
         self, layer: int, router_logits: torch.Tensor, top_k: int, inputs: RowInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids [rows, top_k] int64, weights [rows, top_k] float32)."""
+        """(expert ids [rows, k] int64, -1 = none; weights [rows, k] float32)."""
         ...
 
 
@@ -222,7 +230,7 @@ class StepHooks:
         self.logits: list[tuple[LogitsHook, RowInputs]] = []
         self.linear: dict[int, dict[str, LinearSite]] = {}
         self.attention: dict[int, list[tuple[AttentionHook, RowInputs]]] = {}
-        self.moe: dict[int, list[tuple[MoEHook, RowInputs]]] = {}
+        self.moe: dict[int, list[tuple[MoEHook, RowInputs, torch.Tensor]]] = {}
         self.residual: dict[int, list[ResidualHook]] = {}
         for hook in residual + [b.hooks.residual for b in self.plugins if b.hooks.residual is not None]:
             tensors = getattr(hook, "tensors", None)
@@ -246,7 +254,7 @@ class StepHooks:
                     self.attention.setdefault(layer, []).append((h.attention, b.inputs))
             if h.moe is not None:
                 for layer in h.moe.layers():
-                    self.moe.setdefault(layer, []).append((h.moe, b.inputs))
+                    self.moe.setdefault(layer, []).append((h.moe, b.inputs, b.rows))
 
     def _site(self, layer: int, proj: str) -> LinearSite:
         sites = self.linear.setdefault(layer, {})
@@ -265,6 +273,10 @@ class StepHooks:
     def attention_at(self, layer: int) -> list[tuple[AttentionHook, RowInputs]] | None:
         """Layer `layer`'s attention hooks (None: none, the plain path)."""
         return self.attention.get(layer)
+
+    def moe_at(self, layer: int) -> list[tuple[MoEHook, RowInputs, torch.Tensor]] | None:
+        """Layer `layer`'s routing hooks with their inputs and row masks (None: the model's routing)."""
+        return self.moe.get(layer)
 
     def apply_logits(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The logits hooks over logits of packed rows `rows` (None: all rows, in order)."""

@@ -202,11 +202,13 @@ class InterventionPlugin(ABC):
         that name one other than "" need the argument)."""
         raise NotImplementedError(f"{self.name} declares graph_safe but does not define graph_hooks()")
 
-    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
+    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str | None:
         """Which variant of this plugin's graph hooks a decode step of these rows replays: "" (the
         default, `graph_hooks()`), or a name the plugin picks from the step's spans on the host, e.g. a
         faster path valid only when every row of the step is its own; the engine captures one graph per
-        (plugin set, modes, batch bucket) and builds that variant's hooks with `graph_hooks(mode)`."""
+        (plugin set, modes, batch bucket) and builds that variant's hooks with `graph_hooks(mode)`. None:
+        no captured variant fits these rows (e.g. a per-row width beyond the captured one); the step runs
+        eager. Only asked of `graph_safe` plugins."""
         return ""
 
     def prefix_key(self, plan: Any) -> Hashable | None:

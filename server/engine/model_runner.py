@@ -425,8 +425,10 @@ class ModelRunner:
         others = [k for k in groups if fused is None or k != fused.name]
         graphs = self.graphs
         reg = self.registry
-        modes = {k: reg.plugins[k].graph_mode(groups[k], n) for k in others} if graphs is not None else {}
-        if graphs is not None and graphs.bucket(n) is not None and graphs.takes(modes):
+        asked = {k: reg.plugins[k].graph_mode(groups[k], n) for k in others} if graphs is not None else {}
+        modes = {k: m for k, m in asked.items() if m is not None}  # None: no captured variant fits
+        fits = len(modes) == len(asked)
+        if graphs is not None and fits and graphs.bucket(n) is not None and graphs.takes(modes):
             mine = groups.get(fused.name) if fused is not None else None
             cols = fused.fused_columns(mine, n) if fused is not None and mine else None
             if cols is None or cols[0].shape[1] <= graphs.width:
