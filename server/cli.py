@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 64; 0: CoreInfer off)",
     )  # fmt: skip
     s.add_argument(
+        "--sparsity-kernel", default="on", choices=["on", "off"],
+        help="on CUDA, run sparse decode steps through the sparse GEMV over a transposed copy of every "
+        "projection's weight (on, the default: the copy costs the projections' weight memory once more); "
+        "off: mask the inputs and multiply densely (same results, no speed-up)",
+    )  # fmt: skip
+    s.add_argument(
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
@@ -214,6 +220,8 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options["sparsity"] = {"calibration": args.sparsity_calibration}
     if args.sparsity_coreinfer_slots is not None:
         options.setdefault("sparsity", {})["coreinfer_slots"] = args.sparsity_coreinfer_slots
+    if args.sparsity_kernel == "off":
+        options.setdefault("sparsity", {})["kernel"] = False
     return options
 
 

@@ -18,6 +18,7 @@ from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_ke
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
 from actserve.kernels.silu_mul import _silu_mul_kernel
+from actserve.kernels.sparse_gemv import _sparse_gemv_kernel, _sum_splits_kernel
 from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
 
 BF, F32, I32, I64, U8 = "*bf16", "*fp32", "*i32", "*i64", "*u8"
@@ -57,6 +58,31 @@ for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
             ),
         )
     )
+sparse_types = {
+    **dict.fromkeys(("x_ptr", "wt_ptr", "b_ptr", "y_ptr"), BF),
+    "thr_ptr": F32,
+    "ws_ptr": F32,
+    "cnt_ptr": I32,
+    **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
+    **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
+}
+# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial)
+for block_m, thr, silu, accum in (
+    (1, True, False, 0), (1, True, True, 3), (1, False, False, 3), (16, True, False, 3), (16, True, True, 2),
+    (16, True, False, 1),
+):  # fmt: skip
+    consts = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32 if block_m == 1 else 64, THRESHOLD=thr)
+    consts.update(
+        HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True
+    )
+    VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
+sum_types = {
+    "ws_ptr": F32,
+    "b_ptr": BF,
+    "y_ptr": BF,
+    **dict.fromkeys(("N", "splits", "stride_ws", "stride_ym"), "i32"),
+}
+VARIANTS.append((_sum_splits_kernel, sum_types, dict(BLOCK=1024, HAS_BIAS=True, USE_PDL=True)))
 fp4_types = {
     "x_ptr": BF,
     "w_ptr": U8,

@@ -15,7 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from actserve.server.contract.weights import Shard, WeightFormat, copy_rows
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache
@@ -253,6 +263,10 @@ NATIVE = {
     "MistralForCausalLM": (MistralConfig, "mistral"),
     "Qwen2ForCausalLM": (Qwen2Config, "qwen2"),
     "Qwen3ForCausalLM": (Qwen3Config, "qwen3"),
+    "MixtralForCausalLM": (MixtralConfig, "mixtral"),
+    "Qwen2MoeForCausalLM": (Qwen2MoeConfig, "qwen2_moe"),
+    "Qwen3MoeForCausalLM": (Qwen3MoeConfig, "qwen3_moe"),
+    "OlmoeForCausalLM": (OlmoeConfig, "olmoe"),
 }
 
 

@@ -94,6 +94,11 @@ class PrecisionPlugin(InterventionPlugin):
     def configure(self, options: Mapping[str, Any]) -> None:
         """Option `precisions` ("bf16,nvfp4" or a list of names); none: no FP4 copy, FP4 requests refused."""
         self.loaded = parse_precisions(options.get("precisions", ()))
+        if self.loaded and self.model_info.moe is not None:
+            raise ValueError(
+                "precisions: FP4 copies of a mixture-of-experts model's experts are not built; "
+                "serve it without --precisions"
+            )
         self.sites = [(layer, p) for layer in range(self.model_info.num_layers) for p in PROJECTIONS]
 
     def available(self) -> tuple[str, ...]:

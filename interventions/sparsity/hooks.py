@@ -51,15 +51,21 @@ class Counters:
 
     def add(self, proj: str, x: torch.Tensor, inputs: RowInputs, cost: torch.Tensor | None) -> None:
         """Count this site's decode rows: zeros of x (less `cost` [rows], R-Sparse's) of x.shape[1]."""
+        skipped = (x == 0).sum(1, dtype=torch.float64)
+        self._add(proj, skipped if cost is None else skipped - cost, x.shape[1], inputs)
+
+    def add_below(self, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs) -> None:
+        """Count a fused step's rows (whose x the kernel thresholded without masking it): the entries
+        below each row's threshold thr [rows]."""
+        self._add(proj, (x.abs() < thr.unsqueeze(1)).sum(1, dtype=torch.float64), x.shape[1], inputs)
+
+    def _add(self, proj: str, skipped: torch.Tensor, entries: int, inputs: RowInputs) -> None:
         method = inputs[METHOD][:, 0].long()
         rows = (inputs[INPUT][:, 0] > 0) & (method >= 0)
         rows = rows & self.counted[method.clamp(min=0), PROJECTIONS.index(proj)]
-        skipped = (x == 0).sum(1, dtype=torch.float64)
-        if cost is not None:
-            skipped = skipped - cost
         dummy = self.table.shape[0] - 1
         slot = torch.where(rows, inputs[SLOT][:, 0].long(), dummy)
-        values = torch.stack([skipped, torch.full_like(skipped, x.shape[1])], dim=1)
+        values = torch.stack([skipped, torch.full_like(skipped, entries)], dim=1)
         self.table.index_add_(0, slot, values * rows.unsqueeze(1))
 
 

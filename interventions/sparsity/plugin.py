@@ -9,8 +9,18 @@ the request's generated tokens run with a fraction s of some decoder projection 
   low-rank one (R-Sparse: r_sparse.py; s is the share of the projection's multiply-adds saved);
 - `coreinfer`: the FFN neurons outside the request's core set, chosen from its prompt (CoreInfer:
   coreinfer.py; s is the share of FFN neurons dropped).
-The GPU kernel that skips the zeroed weight columns is another part of issue 14: here rows are zeroed,
-then multiplied densely (same numbers, no speed-up).
+
+Speed (CUDA, TEAL): in a *fused* step, one whose rows are all TEAL sparse decode rows (at most 16, and
+their expected union of active inputs at most `MAX_UNION`), the hook hands the layers its thresholds
+(`TealHook.thresholds`) and every projection runs the sparse GEMV (kernels/sparse_gemv.py) over a
+transposed copy of its weight (`TransposedFormat`, asked for at start with `weight_formats`; option
+`kernel`, `--sparsity-kernel off`, leaves it out), which reads only the weight rows of the inputs that
+stay active and thresholds and forms silu·mul in its loads. Decode graphs capture that as the plugin's
+"fused" graph mode, in which padding rows (-1) read an extra +inf level and so add nothing to the union.
+Any other step masks x (`apply`) and runs the plain path: a row of another request (or a prompt row) in
+the step would make the union all inputs anyway, and this way it keeps the bits of a server without
+the plugin, which the fused kernel's other summation order would not. The other methods mask and
+multiply densely (their kernels are not built); each graph mode holds the methods of its steps only.
 
 Tables: from the model's calibration (artifact.py; `actserve sparsity calibrate`; CoreInfer needs none),
 one resident table per method over the levels 0.00..0.90 by 0.01 on the model's device. A row's method
@@ -45,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actserve.interventions.base import (
     PROJECTIONS,
+    FormatRequest,
     InterventionCapacityError,
     InterventionError,
     InterventionPlugin,
@@ -56,6 +67,7 @@ from actserve.interventions.base import (
     RowInput,
     RowInputs,
     RowSpan,
+    TransposedFormat,
 )
 from actserve.interventions.sparsity.artifact import (
     SparsityCalibration,
@@ -66,6 +78,7 @@ from actserve.interventions.sparsity.chess import ChessHook
 from actserve.interventions.sparsity.coreinfer import CoreInferHook, CoreState, Observe, core_size
 from actserve.interventions.sparsity.hooks import INPUT, METHOD, METHODS, SLOT, Counters, SparsityHook
 from actserve.interventions.sparsity.r_sparse import RSparseHook
+from actserve.kernels.gemv_ref import MAX_ROWS
 
 log = logging.getLogger(__name__)
 LEVEL_STEP = 0.01
@@ -73,6 +86,13 @@ MAX_LEVEL = 0.9
 NUM_LEVELS = round(MAX_LEVEL / LEVEL_STEP) + 1  # 0.00, 0.01, ..., 0.90
 IMPLEMENTED = METHODS
 CALIBRATED = ("teal", "chess", "r_sparse")  # the methods whose tables come from the calibration
+FUSED = "fused"  # the graph mode of steps whose rows are all TEAL sparse rows (the sparse GEMV)
+TRANSPOSED = "transposed"  # the key of the W^T weight copies the sparse GEMV reads
+# a step is fused only while its rows' union of active inputs is expected (rows taken as independent)
+# to cover at most this fraction of the inputs. H200, one Llama-3-8B layer, one row
+# (bench/results/sparse_gemv.json): the sparse GEMV takes ~57 + 81 x active us, the dense GEMV 109 us,
+# so it pays below ~0.64 active; at 8 rows of 50% (union ~1) it ran at 0.76x the dense GEMV's speed
+MAX_UNION = 0.6
 SLOTS = 256  # requests with a sparsity plan at once (per-request counters)
 CORE_SLOTS = 64  # of them CoreInfer requests, by default (per-request core tables [layers, intermediate])
 ACHIEVED = PluginHistogram(
@@ -130,18 +150,57 @@ class SparsityPlan:
 
 
 class TealHook:
-    """At every site: x with entries |x| < the row's threshold zeroed (-1 rows read level 0's zeros)."""
+    """At every site: x with entries |x| < the row's threshold zeroed (-1 rows read level 0's zeros).
 
-    def __init__(self, table: torch.Tensor, sites: set[tuple[int, str]]) -> None:
-        self.table, self._sites = table, sites  # [levels, layers, projections]
+    `padded` (a fused step: every real row is a sparse row of this plugin): the table with one more
+    level, +inf, last, which -1 rows (a graph bucket's padding) read; the hook then hands its thresholds
+    to the layers (`thresholds`), which run the sparse GEMV where they can. `counters` (fused steps): the
+    per-request counters, fed at each layer's qkv projection from the input and thresholds the fused
+    matmul saw (`fused_input`; masked steps count in `SparsityHook`)."""
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        sites: set[tuple[int, str]],
+        padded: torch.Tensor | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.table, self._sites, self.padded = table, sites, padded  # [levels, layers, projections]
+        self.counters = counters
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sites(self) -> set[tuple[int, str]]:
         return self._sites
 
+    def _thresholds(self, inputs: RowInputs) -> torch.Tensor:
+        """[rows, layers, projections]: every site's threshold per row, gathered once per forward (its
+        sites share the step's input tensor; a new step, or a graph capture, brings a new one)."""
+        idx = inputs[INPUT]
+        if self._memo is None or self._memo[0] is not idx:
+            if self.padded is None:
+                thr = self.table[idx[:, 0].clamp(min=0).long()]
+            else:
+                thr = self.padded[idx[:, 0].long()]  # -1: the last level, +inf
+            self._memo = (idx, thr)
+        return self._memo[1]
+
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
-        idx = inputs[INPUT][:, 0].clamp(min=0).long()
-        thr = self.table[:, layer, PROJECTIONS.index(proj)][idx]  # [rows]
+        thr = self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]  # [rows]
         return x.masked_fill(x.abs() < thr.unsqueeze(1), 0)
+
+    def thresholds(self, layer: int, proj: str, inputs: RowInputs) -> torch.Tensor | None:
+        """[rows] float32 (a strided view) in a fused step; None otherwise (the layers call `apply`)."""
+        if self.padded is None:
+            return None
+        return self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]
+
+    def fused_input(
+        self, layer: int, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs
+    ) -> None:
+        """A fused step's count, at the qkv input only (the smallest, and one per layer: counting costs
+        kernel launches on the fast path): its entries below the row's threshold."""
+        if self.counters is not None and proj == "qkv_proj":
+            self.counters.add_below(proj, x, thr, inputs)
 
 
 def decode_rows(span: RowSpan) -> tuple[int, int]:
@@ -172,7 +231,9 @@ class SparsityPlugin(InterventionPlugin):
         self.source: Path | None = None
         self.hooks: dict[str, Any] = {}  # method -> its hook over the resident tables
         self.tables: dict[str, torch.Tensor] = {}  # method -> its resident threshold table
+        self.padded: dict[str, torch.Tensor] = {}  # method -> its table with a last level of +inf
         self.sites = {(layer, p) for layer in range(model_info.num_layers) for p in PROJECTIONS}
+        self.kernel = False  # fused steps run the sparse GEMV (CUDA, option `kernel`)
         self.counters = Counters(SLOTS, model_info.device)
         self.core: CoreState | None = None
         self._free = list(range(SLOTS - 1, -1, -1))
@@ -183,12 +244,17 @@ class SparsityPlugin(InterventionPlugin):
         """Option `calibration` (a file from `actserve sparsity calibrate`); without it, the model folder's
         own calibration file when there is one. A given file that does not load stops the server. Option
         `coreinfer_slots` (default CORE_SLOTS): CoreInfer requests at once, each with core tables [layers,
-        intermediate] resident (0: CoreInfer off, nothing allocated)."""
+        intermediate] resident (0: CoreInfer off, nothing allocated). Option `kernel` (default true): on
+        CUDA, W^T copies of the projections for TEAL's sparse GEMV."""
+        kernel = options.get("kernel", True)
+        if not isinstance(kernel, bool):
+            raise ValueError(f"sparsity option kernel must be true or false, got {kernel!r}")
+        self.kernel = kernel and self.model_info.device.type == "cuda"
         slots = options.get("coreinfer_slots", CORE_SLOTS)
         if not isinstance(slots, int) or slots < 0:
             raise ValueError(f"sparsity option coreinfer_slots must be an integer >= 0, got {slots!r}")
         mi = self.model_info
-        if slots and mi.intermediate_size > 0:
+        if slots and mi.intermediate_size > 0 and mi.moe is None:
             self.core = CoreState(slots, mi.num_layers, mi.intermediate_size, mi.device)
             self.hooks["coreinfer"] = CoreInferHook(self.core)
             self._free_core = list(range(slots - 1, -1, -1))
@@ -204,8 +270,10 @@ class SparsityPlugin(InterventionPlugin):
             )
         self.calibration, self.source = cal, path
         dev, dtype = mi.device, mi.dtype
-        self.tables = {"teal": cal.thresholds(levels()).to(dev)}
-        self.hooks["teal"] = TealHook(self.tables["teal"], self.sites)
+        table = cal.thresholds(levels()).to(dev)
+        self.tables = {"teal": table}
+        self.padded = {"teal": torch.cat([table, torch.full_like(table[:1], float("inf"))])}
+        self.hooks["teal"] = TealHook(table, self.sites)
         if cal.chess is not None:
             self.tables["chess"] = cal.chess.thresholds(levels(), cal.counts, cal.edges).to(dev)
             q_size = mi.num_heads * mi.head_dim
@@ -229,6 +297,8 @@ class SparsityPlugin(InterventionPlugin):
             return None
         if self.model_info.implementation != "native":  # linear-input hooks exist in native models only
             raise InterventionError(f"{param}: sparsity needs the native model implementation", param)
+        if self.model_info.is_moe:  # the experts are not projections with linear-input hooks
+            raise InterventionError(f"{param}: sparsity of mixture-of-experts models is not built", param)
         if spec.method not in self.hooks:
             raise InterventionError(self._missing(spec.method, param), param)
         plan = SparsityPlan(spec.method, index)
@@ -286,7 +356,34 @@ class SparsityPlugin(InterventionPlugin):
             arrays[METHOD][s.start : s.start + s.count, 0] = METHODS.index(s.plan.method)
             arrays[SLOT][s.start : s.start + s.count] = (s.plan.slot, s.plan.core_slot)
 
+    def weight_formats(self) -> list[FormatRequest]:
+        """A W^T copy of every projection for the sparse GEMV, when fused steps can run (the kernel on, a
+        calibration loaded); it costs the projections' weight bytes once more."""
+        if not (self.kernel and self.tables):
+            return []
+        return [FormatRequest(TRANSPOSED, frozenset(self.sites), TransposedFormat)]
+
+    def fused(self, spans: list[RowSpan], num_rows: int) -> bool:
+        """Whether a step of these rows is fused: the kernel is on and all `num_rows` rows (at most
+        MAX_ROWS) are TEAL decode rows of these spans, whose union of active inputs, rows taken as
+        independent (1 - the product of their levels), stays within MAX_UNION."""
+        if not self.kernel or num_rows > MAX_ROWS or "teal" not in self.padded:
+            return False
+        rows, dense = 0, 1.0
+        for s in spans:
+            if s.plan.method != "teal":
+                return False
+            lo, hi = decode_rows(s)
+            rows += hi - lo
+            dense *= (s.plan.level_index * LEVEL_STEP) ** (hi - lo)
+        return rows == num_rows and 1 - dense <= MAX_UNION
+
+    def _methods(self, spans: list[RowSpan]) -> set[str]:
+        """The methods of the spans that have decode rows here."""
+        return {s.plan.method for s in spans if decode_rows(s)[1] > decode_rows(s)[0]}
+
     def _hook(self, methods: set[str], observe: list[Observe] | None = None) -> SparsityHook:
+        """The masking hook of `methods` (CoreInfer observing the prompt chunks `observe`)."""
         parts = []
         for m in METHODS:
             if m in methods and m in self.hooks:
@@ -297,16 +394,20 @@ class SparsityPlugin(InterventionPlugin):
                 parts.append((METHODS.index(m), hook))
         return SparsityHook(parts, self.counters, self.model_info.num_layers, self.hooks.get("r_sparse"))
 
+    def _fused_hook(self) -> TealHook:
+        return TealHook(self.tables["teal"], self.sites, self.padded["teal"], self.counters)
+
     def linear_hook(self, spans: list[RowSpan], num_rows: int) -> LinearInputHook | None:
-        """The methods of the spans with decode rows, CoreInfer's prompt chunks observed; None when there
-        is neither (a prompt chunk of another method runs the plain path)."""
-        methods: set[str] = set()
+        """A fused step: TEAL handing its thresholds to the sparse GEMV. Otherwise the methods of the spans
+        with decode rows, CoreInfer's prompt chunks observed; None when there is neither (a prompt chunk
+        of another method runs the plain path)."""
+        if self.fused(spans, num_rows):
+            return self._fused_hook()
+        methods = self._methods(spans)
         observe: list[Observe] = []
         n = self.model_info.intermediate_size
         for s in spans:
-            lo, hi = decode_rows(s)
-            if hi > lo:
-                methods.add(s.plan.method)
+            lo = decode_rows(s)[0]
             if s.plan.method == "coreinfer" and lo > s.start:
                 assert self.core is not None
                 if s.pos0 == 0:  # the prompt starts (again, after a preemption): a fresh core set
@@ -316,8 +417,19 @@ class SparsityPlugin(InterventionPlugin):
                 methods.add("coreinfer")
         return self._hook(methods, observe) if methods else None
 
-    def graph_hooks(self) -> PluginHooks:
-        return PluginHooks(linear=self._hook(set(self.hooks)))
+    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
+        """FUSED for a fused step; the method's name when one method has all the sparse rows (a graph
+        with that method's ops only); "" (every method) for a mix."""
+        if self.fused(spans, num_rows):
+            return FUSED
+        methods = self._methods(spans)
+        return next(iter(methods)) if len(methods) == 1 else ""
+
+    def graph_hooks(self, mode: str = "") -> PluginHooks:
+        if mode == FUSED:
+            return PluginHooks(linear=self._fused_hook())
+        methods = {mode} if mode else set(self.hooks)
+        return PluginHooks(linear=self._hook(methods)) if methods & set(self.hooks) else PluginHooks()
 
     def prefix_key(self, plan: Any) -> Any:
         """None (the prompt runs dense, so its K/V is a plain request's), but for CoreInfer, whose core set

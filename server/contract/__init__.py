@@ -22,8 +22,9 @@ from actserve.server.contract.hooks import (
     RowInput,
     RowInputs,
     StepHooks,
+    ThresholdHook,
 )
-from actserve.server.contract.model_info import ModelInfo
+from actserve.server.contract.model_info import ModelInfo, MoEInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
     InterventionCapacityError,
@@ -34,6 +35,7 @@ from actserve.server.contract.plugin import (
     RowSpan,
     device_table,
 )
+from actserve.server.contract.transposed_format import TransposedFormat
 from actserve.server.contract.weights import (
     FormatRequest,
     Shard,
@@ -62,6 +64,7 @@ __all__ = [
     "MoEHook",
     "Observation",
     "PluginHistogram",
+    "MoEInfo",
     "PluginHooks",
     "PROJECTIONS",
     "ResidualHook",
@@ -70,5 +73,7 @@ __all__ = [
     "RowSpan",
     "Shard",
     "StepHooks",
+    "ThresholdHook",
+    "TransposedFormat",
     "WeightFormat",
 ]

@@ -50,8 +50,12 @@ class LogitsHook(Protocol):
 
 
 class LinearInputHook(Protocol):
-    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs. It may
-    also define `output` (`LinearOutputHook`) to act on the same projection's output."""
+    """Acts on a projection's input [rows, in] before its matmul, per row through its inputs.
+
+    A hook whose `apply` only zeroes the entries below a per-row magnitude may also define
+    `thresholds` (`ThresholdHook`), so that the layer fuses the mask into a matmul that skips the
+    weights of zeroed inputs instead of calling `apply`. A hook may also define `output`
+    (`LinearOutputHook`) to act on the same projection's output."""
 
     def sites(self) -> set[tuple[int, str]]: ...
 
@@ -76,6 +80,22 @@ class LinearOutputHook(Protocol):
     path) or to zero output channels. Rows whose inputs are `none` must come back unchanged."""
 
     def output(self, layer: int, proj: str, call: LinearCall, inputs: RowInputs) -> torch.Tensor: ...
+
+
+class ThresholdHook(LinearInputHook, Protocol):
+    """A linear-input hook whose `apply(x)` is `x.masked_fill(x.abs() < thr[:, None], 0)`: per-row
+    thresholds thr [rows] float32 (<= 0 keeps a row's every bit, +inf zeroes every finite entry).
+
+    `thresholds` hands them to the layer in place of `apply` (None: not this step, call `apply`). The
+    layer then computes *every* row of the step with a fused sparse matmul (kernels/sparse_gemv.py,
+    through a format's `apply_thresholded`) wherever it has one (CUDA, <= 16 half rows, a transposed
+    weight copy, no weight-format choice at the site); elsewhere it calls `apply` and its plain path. The
+    fused kernel sums in another order than the plain GEMV, and it reads the union of the rows' active
+    inputs, so a hook returns thresholds only for steps whose rows are all its own sparse rows: rows of
+    other requests keep the plain path's bits, and padding rows (a decode graph's bucket) may get +inf
+    so that they add nothing to the union."""
+
+    def thresholds(self, layer: int, proj: str, inputs: RowInputs) -> torch.Tensor | None: ...
 
 
 class LinearWeightsHook(Protocol):
@@ -124,17 +144,25 @@ class AttentionHook(Protocol):
 
 
 class MoEHook(Protocol):
-    """Routing of a mixture-of-experts layer: router logits [rows, experts] -> per-row top-k experts and
-    their weights, e.g. to keep rows on experts that are resident (expert placement). Rows whose inputs
-    are `none` must get the model's own routing. No native MoE family calls it yet (they join the model
-    registry with the MoE work); the protocol is fixed here so the plugin side is written once."""
+    """Routing of a mixture-of-experts layer, per row: which experts and with which weights (e.g. a
+    per-request top-k, or keeping rows on resident experts).
+
+    `route` sees the router's logits [rows, experts] (the layer's input through its router, in the model
+    dtype) and the model's top_k, and returns (expert ids [rows, k] int64, weights [rows, k] float32) for
+    every row, with a width k >= 1 of the hook's choosing (fixed for a hook object, so a decode CUDA graph
+    captured with it replays), which may exceed top_k; a column holding no expert has id -1 and weight 0
+    (it costs no weight reads and adds exactly +0.0). Rows whose inputs are `none` must get the model's
+    own routing: `kernels.moe_ref.route_topk(router_logits, top_k, info.renormalize)` (`ModelInfo.moe`)
+    in the first top_k columns, -1 after, so their bits are a plain step's. The layer takes each hook's
+    result on its rows only (its row mask), in plugin order. Device ops of fixed shapes only (no host
+    sync): decode steps run it inside CUDA graphs."""
 
     def layers(self) -> set[int]: ...
 
     def route(
         self, layer: int, router_logits: torch.Tensor, top_k: int, inputs: RowInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids [rows, top_k] int64, weights [rows, top_k] float32)."""
+        """(expert ids [rows, k] int64, -1 = none; weights [rows, k] float32)."""
         ...
 
 
@@ -200,6 +228,28 @@ class LinearSite:
             y = hook.output(self.layer, self.proj, LinearCall(x_in, x, y, matmul), inputs)
         return y
 
+    def thresholds(self) -> torch.Tensor | None:
+        """[rows] float32 when every input hook here hands over thresholds this step (`ThresholdHook`):
+        their elementwise max, since masks compose so (an entry survives both iff |x| >= both); None
+        when some hook does not (the layer then calls them in turn)."""
+        out: torch.Tensor | None = None
+        for hook, inputs, _ in self.hooks:
+            fn = getattr(hook, "thresholds", None)
+            thr = fn(self.layer, self.proj, inputs) if fn is not None else None
+            if thr is None:
+                return None
+            out = thr if out is None else torch.maximum(out, thr)
+        return out
+
+    def fused_input(self, x: torch.Tensor, thr: torch.Tensor) -> None:
+        """After a fused thresholded matmul (which called no `apply`): hooks that define `fused_input`
+        (e.g. to count the entries below the thresholds) see the site's input as the layer got it (for
+        down_proj the [gate | up] the kernel formed silu·mul from) and the thresholds [rows]."""
+        for hook, inputs, _ in self.hooks:
+            fn = getattr(hook, "fused_input", None)
+            if fn is not None:
+                fn(self.layer, self.proj, x, thr, inputs)
+
     def choices(self) -> list[tuple[str, torch.Tensor]]:
         """(format key, [rows] bool) per weight-format choice here, in plugin order (a later plugin's
         choice wins on rows two plugins both pick)."""
@@ -225,7 +275,7 @@ class StepHooks:
         self.logits: list[tuple[LogitsHook, RowInputs]] = []
         self.linear: dict[int, dict[str, LinearSite]] = {}
         self.attention: dict[int, list[tuple[AttentionHook, RowInputs]]] = {}
-        self.moe: dict[int, list[tuple[MoEHook, RowInputs]]] = {}
+        self.moe: dict[int, list[tuple[MoEHook, RowInputs, torch.Tensor]]] = {}
         self.residual: dict[int, list[ResidualHook]] = {}
         for hook in residual + [b.hooks.residual for b in self.plugins if b.hooks.residual is not None]:
             tensors = getattr(hook, "tensors", None)
@@ -252,7 +302,7 @@ class StepHooks:
                     self.attention.setdefault(layer, []).append((h.attention, b.inputs))
             if h.moe is not None:
                 for layer in h.moe.layers():
-                    self.moe.setdefault(layer, []).append((h.moe, b.inputs))
+                    self.moe.setdefault(layer, []).append((h.moe, b.inputs, b.rows))
 
     def _site(self, layer: int, proj: str) -> LinearSite:
         sites = self.linear.setdefault(layer, {})
@@ -271,6 +321,10 @@ class StepHooks:
     def attention_at(self, layer: int) -> list[tuple[AttentionHook, RowInputs]] | None:
         """Layer `layer`'s attention hooks (None: none, the plain path)."""
         return self.attention.get(layer)
+
+    def moe_at(self, layer: int) -> list[tuple[MoEHook, RowInputs, torch.Tensor]] | None:
+        """Layer `layer`'s routing hooks with their inputs and row masks (None: the model's routing)."""
+        return self.moe.get(layer)
 
     def apply_logits(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The logits hooks over logits of packed rows `rows` (None: all rows, in order)."""

@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+from actserve.server.contract.hooks import PROJECTIONS
+
+
+@dataclass(frozen=True)
+class MoEInfo:
+    """The native MoE model's routing, for plugins that change it (the `moe` hook point)."""
+
+    num_experts: int
+    top_k: int  # experts per token by default (config `num_experts_per_tok`)
+    renormalize: bool  # the top-k weights are renormalised to sum to 1 (Mixtral; `norm_topk_prob`)
+    layers: tuple[int, ...]  # the decoder layers whose MLP is a mixture of experts
+
 
 @dataclass
 class ModelInfo:
@@ -35,3 +47,13 @@ class ModelInfo:
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    moe: MoEInfo | None = None  # a native mixture-of-experts model's routing (None: dense, or the fallback)
+
+    def projection_sites(self) -> list[tuple[int, str]]:
+        """Every (layer, projection) that linear hooks and weight formats can reach: all of PROJECTIONS in
+        a dense layer, only qkv_proj and o_proj in a mixture-of-experts layer (its experts are not
+        projections of their own)."""
+        moe = set(self.moe.layers) if self.moe is not None else set()
+        attention = ("qkv_proj", "o_proj")
+        layers = range(self.num_layers)
+        return [(layer, p) for layer in layers for p in PROJECTIONS if layer not in moe or p in attention]

@@ -217,12 +217,22 @@ class InterventionPlugin(ABC):
             moe=self.moe_hook(spans, num_rows),
         )
 
-    def graph_hooks(self) -> PluginHooks:
+    def graph_hooks(self, mode: str = "") -> PluginHooks:
         """The hooks a decode CUDA graph captures for this plugin (`graph_safe` plugins only): the same
         kinds as `step_hooks`, but independent of any step's spans (every site its rows may need) and
         reading only `row_inputs` tensors, so that rows holding `none` stay as they are. Residual hooks
-        other than a fused table cannot be captured."""
+        other than a fused table cannot be captured. `mode`: the variant `graph_mode` named (only plugins
+        that name one other than "" need the argument)."""
         raise NotImplementedError(f"{self.name} declares graph_safe but does not define graph_hooks()")
+
+    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str | None:
+        """Which variant of this plugin's graph hooks a decode step of these rows replays: "" (the
+        default, `graph_hooks()`), or a name the plugin picks from the step's spans on the host, e.g. a
+        faster path valid only when every row of the step is its own; the engine captures one graph per
+        (plugin set, modes, batch bucket) and builds that variant's hooks with `graph_hooks(mode)`. None:
+        no captured variant fits these rows (e.g. a per-row width beyond the captured one); the step runs
+        eager. Only asked of `graph_safe` plugins."""
+        return ""
 
     def prefix_key(self, plan: Any) -> Hashable | None:
         """What about `plan` changes the K/V of the request's prompt tokens, for the prefix cache: None

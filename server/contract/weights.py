@@ -87,6 +87,16 @@ class WeightFormat:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.apply(layer, F.silu(gate) * up)
 
+    def apply_thresholded(
+        self, layer: LinearBase, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False
+    ) -> torch.Tensor | None:
+        """threshold(x) @ W.T (+ bias) in one fused pass, where this format has one for x: entries with
+        |x| < thr[row] count as 0 (thr [rows] float32; <= 0 keeps the row); with `silu_mul`, x is a fused
+        [gate | up] row thresholded after silu(gate) * up. None (the default): no fused path here, so the
+        layer masks x itself and runs its primary format (`LinearInputHook.thresholds`, §6). A layer uses
+        the first of its formats that overrides this."""
+        return None
+
     def after_loading(self, layer: LinearBase) -> None:
         """Called once every checkpoint tensor is in (repacking, derived copies)."""
 

@@ -8,8 +8,10 @@ requests replay the same graph; a row with index -1 is left untouched by the fus
 Graph-safe plugins (docs/architecture.md §6) get static buffers built from their `row_inputs`
 declarations plus a row mask, and a *variant* of the graphs captured with their `graph_hooks()`: the
 plain variant (no such plugin in the step) is captured at start for every bucket; a step whose rows carry
-graph-safe plugins replays the variant of exactly that set, captured the first time that set meets that
-bucket (at most `MAX_VARIANTS` sets), so plain and steering-only steps never pay for hooks they lack.
+graph-safe plugins replays the variant of exactly that set, each plugin in the mode it names for the step
+(`graph_mode`, "" for most; e.g. a fused path valid only when every row is the plugin's), captured the
+first time that set meets that bucket (at most `MAX_VARIANTS` variants), so plain and steering-only steps
+never pay for hooks they lack.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ from actserve.server.layers.attention import AttentionBatch
 
 log = logging.getLogger(__name__)
 
-# graph variants beyond the plain one (sets of graph-safe plugins met in steps); later sets run eager
+# graph variants beyond the plain one (sets of graph-safe plugins and their modes met in steps); later
+# sets run eager
 MAX_VARIANTS = 8
 
-# the graph-safe plugins of a step, by name, sorted: which variant of the graphs replays it
-Variant = tuple[str, ...]
+# the graph-safe plugins of a step and each one's mode (`graph_mode`), sorted by name: which variant of
+# the graphs replays it
+Variant = tuple[tuple[str, str], ...]
 
 # one plugin's host inputs of a step: (name -> [rows, width] array per declared RowInput, row mask [rows])
 HostRows = tuple[dict[str, np.ndarray], np.ndarray]
+
+
+def variant_of(modes: dict[str, str]) -> Variant:
+    """The variant of a step whose graph-safe plugins are `modes` (name -> mode)."""
+    return tuple(sorted(modes.items()))
 
 
 def bucket_sizes(max_bs: int) -> list[int]:
@@ -78,12 +87,9 @@ class GraphPlugin:
     (device buffers [max_bs, width] per declared RowInput, a row mask, pinned host twins)."""
 
     def __init__(self, plugin: InterventionPlugin, max_bs: int, device: torch.device) -> None:
-        self.name, self.specs = plugin.name, plugin.row_inputs
-        self.hooks: PluginHooks = plugin.graph_hooks()
-        if self.hooks.residual is not None:
-            raise ValueError(
-                f"plugin {plugin.name}: graph_hooks() cannot hold a residual hook (not capturable)"
-            )
+        self.name, self.specs, self.plugin = plugin.name, plugin.row_inputs, plugin
+        self.modes: dict[str, PluginHooks] = {}
+        self.hooks("")
         self.host = {
             r.name: torch.full((max_bs, r.width), r.none, dtype=r.dtype).pin_memory() for r in self.specs
         }
@@ -111,8 +117,19 @@ class GraphPlugin:
         self.host_rows[n:b] = False
         self.dev_rows[:b].copy_(self.host_rows[:b], non_blocking=True)
 
-    def bound(self, b: int) -> BoundHooks:
-        return BoundHooks(self.hooks, {k: v[:b] for k, v in self.dev.items()}, self.dev_rows[:b])
+    def hooks(self, mode: str) -> PluginHooks:
+        """The plugin's graph hooks in `mode` (built once per mode)."""
+        if mode not in self.modes:
+            hooks = self.plugin.graph_hooks(mode) if mode else self.plugin.graph_hooks()
+            if hooks.residual is not None:
+                raise ValueError(
+                    f"plugin {self.name}: graph_hooks() cannot hold a residual hook (not capturable)"
+                )
+            self.modes[mode] = hooks
+        return self.modes[mode]
+
+    def bound(self, b: int, mode: str) -> BoundHooks:
+        return BoundHooks(self.hooks(mode), {k: v[:b] for k, v in self.dev.items()}, self.dev_rows[:b])
 
 
 class DecodeGraphs:
@@ -173,7 +190,7 @@ class DecodeGraphs:
         if self.fused_table is not None:
             table, mask = self.fused_table
             tensors = SteeringTensors(table, mask, d["index"][:b], self.scale[:b], d["normalize"][:b])
-        bound = [self.plugins[name].bound(b) for name in variant]
+        bound = [self.plugins[name].bound(b, mode) for name, mode in variant]
         hooks = StepHooks([], tensors, plugins=bound) if tensors is not None or bound else None
         hidden = self.model(d["ids"][:b], d["pos"][:b], self.kv_caches, attn, hooks)
         logits = self.model.compute_logits(hidden)
@@ -206,13 +223,12 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return smallest_bucket(self.buckets, n)
 
-    def takes(self, names: list[str]) -> bool:
-        """Whether a step whose rows carry plugins `names` (besides the fused one) can replay a graph:
-        each is graph-safe and their set has a variant or the variant budget has room."""
-        variant = tuple(sorted(names))
-        if any(n not in self.plugins for n in variant):
+    def takes(self, modes: dict[str, str]) -> bool:
+        """Whether a step whose rows carry plugins `modes` (name -> its `graph_mode`; besides the fused
+        one) can replay a graph: each is graph-safe and their variant exists or the budget has room."""
+        if any(n not in self.plugins for n in modes):
             return False
-        return variant in self.variants or len(self.variants) <= MAX_VARIANTS
+        return variant_of(modes) in self.variants or len(self.variants) <= MAX_VARIANTS
 
     def run(
         self,
@@ -220,20 +236,23 @@ class DecodeGraphs:
         fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         device_ids: torch.Tensor | None = None,
         plugin_rows: dict[str, HostRows] | None = None,
+        modes: dict[str, str] | None = None,
     ) -> torch.Tensor:
         """fused: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
         input tokens when they are still on the device (chained steps). plugin_rows: graph-safe plugin
-        name -> its host inputs of the step; the names pick the variant (check `takes` first)."""
+        name -> its host inputs of the step; they and their `modes` ("" where absent) pick the variant
+        (check `takes` first)."""
         n = len(inputs.ids)
         b = self.bucket(n)
         assert b is not None
-        variant: Variant = tuple(sorted(plugin_rows)) if plugin_rows else ()
+        modes = modes or {}
+        variant = variant_of({name: modes.get(name, "") for name in plugin_rows or ()})
         if (variant, b) not in self.graphs:  # the first step of this plugin set at this bucket
             torch.cuda.synchronize()  # nothing in flight reads the static inputs the warm-up overwrites
             self._reset_inputs()
             self._capture_one(variant, b)
             self.variants.add(variant)
-            log.info("captured a decode CUDA graph for plugins %s at batch size %d", list(variant), b)
+            log.info("captured a decode CUDA graph for plugins %s at batch size %d", dict(variant), b)
         # a chained step is launched before the previous one's copies have surely run on the device:
         # wait for them before overwriting the pinned buffers they read (normally long done)
         self.copied.synchronize()
@@ -256,7 +275,7 @@ class DecodeGraphs:
         self.dev_int.copy_(self.host_int, non_blocking=True)
         self.scale.copy_(self.host_scale, non_blocking=True)
         self.tables[:n].copy_(self.host_tables[:n], non_blocking=True)
-        for name in variant:
+        for name, _ in variant:
             assert plugin_rows is not None
             self.plugins[name].stage(plugin_rows[name], n, b)
         self.copied.record()

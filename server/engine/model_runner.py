@@ -424,17 +424,21 @@ class ModelRunner:
         fused = self.registry.fused
         others = [k for k in groups if fused is None or k != fused.name]
         graphs = self.graphs
-        if graphs is not None and graphs.bucket(n) is not None and graphs.takes(others):
+        reg = self.registry
+        asked = {k: reg.plugins[k].graph_mode(groups[k], n) for k in others} if graphs is not None else {}
+        modes = {k: m for k, m in asked.items() if m is not None}  # None: no captured variant fits
+        fits = len(modes) == len(asked)
+        if graphs is not None and fits and graphs.bucket(n) is not None and graphs.takes(modes):
             mine = groups.get(fused.name) if fused is not None else None
             cols = fused.fused_columns(mine, n) if fused is not None and mine else None
             if cols is None or cols[0].shape[1] <= graphs.width:
-                reg = self.registry
                 rows = {
                     k: (reg.host_row_inputs(reg.plugins[k], groups[k], n), reg.host_row_mask(groups[k], n))
                     for k in others
                 }
                 self.graph_steps += 1
-                return graphs.run(DecodeInputs(ids, pos, slots, tables, pos + 1), cols, device_ids, rows)
+                inputs = DecodeInputs(ids, pos, slots, tables, pos + 1)
+                return graphs.run(inputs, cols, device_ids, rows, modes)
         self.eager_decode_steps += 1
         hooks = self.registry.step_hooks(spans, n) if spans else None
         dev = self.device

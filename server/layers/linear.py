@@ -22,6 +22,13 @@ chosen format's product, and take the latter only on its rows (`torch.where`), s
 primary's bits. Without a site (`site=None`, the plain path) only the primary runs. Input hooks that
 also define `output` then act on the product (`LinearSite.finish`), seeing the input before and after
 the input hooks and the site's product over any other input (`_product`).
+
+Input hooks that only zero small entries may hand the site per-row thresholds instead
+(`ThresholdHook.thresholds`); a layer that owns a format with a fused thresholded matmul
+(`WeightFormat.apply_thresholded`: `TransposedFormat`, the sparse GEMV over W^T) then computes every row
+of the step with it, in one pass that skips the weights of zeroed inputs, unless a weight-format choice
+also acts at the site. Where the format declines (CPU, fp32, more than 16 rows) the hooks' `apply` masks
+x and the plain path runs, as without thresholds (docs/architecture.md §6, "Activation sparsity").
 """
 
 from __future__ import annotations
@@ -131,6 +138,7 @@ class LinearBase(nn.Module):
         self.params_dtype = params_dtype
         self.formats: dict[str, WeightFormat] = {}
         self._owners: dict[str, WeightFormat] = {}  # parameter name -> the format that created it
+        self.thresholded: WeightFormat | None = None  # the first format with a fused thresholded matmul
         self.format: WeightFormat = self.add_format("", weight_format or DenseFormat())
 
     def add_format(self, key: str, weight_format: WeightFormat) -> WeightFormat:
@@ -143,6 +151,9 @@ class LinearBase(nn.Module):
         weight_format.create(self, self.params_dtype)
         self._owners.update(dict.fromkeys(set(self._parameters) - before, weight_format))
         self.formats[key] = weight_format
+        fused = type(weight_format).apply_thresholded is not WeightFormat.apply_thresholded
+        if fused and self.thresholded is None:
+            self.thresholded = weight_format
         return weight_format
 
     def dense_weight(self) -> torch.Tensor:
@@ -253,14 +264,34 @@ def _product(layer: LinearBase, site: LinearSite, z: torch.Tensor) -> torch.Tens
     return _choose(layer, site, out, lambda f: f.apply(layer, z)) if site.weights else out
 
 
+def _thresholded(
+    x: torch.Tensor, layer: LinearBase, site: LinearSite, silu_mul: bool = False
+) -> torch.Tensor | None:
+    """Every row through the layer's fused thresholded matmul, when the site's input hooks all hand over
+    thresholds this step, no weight-format choice or output hook acts here and the format takes x; None
+    otherwise. Hooks that observe fused steps then see x and the thresholds (`LinearSite.fused_input`)."""
+    fmt = layer.thresholded
+    if fmt is None or site.weights or site.outputs:
+        return None
+    thr = site.thresholds()
+    out = None if thr is None else fmt.apply_thresholded(layer, x, thr, silu_mul)
+    if out is not None:
+        site.fused_input(x, thr)  # type: ignore[arg-type]
+    return out
+
+
 def linear(x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
     """layer(x) through its primary format, without nn.Module.__call__ (the hot path). `site` (what
-    plugins do at this projection this step; None on the plain path): input hooks act on x first, then
-    rows a weight-format choice picks use that format's matmul."""
+    plugins do at this projection this step; None on the plain path): input hooks act on x first (or hand
+    thresholds to a fused thresholded matmul for every row, `_thresholded`), then rows a weight-format
+    choice picks use that format's matmul."""
     if site is None:
         return layer.format.apply(layer, x)
     x_in = x
     if site.hooks:
+        fused = _thresholded(x, layer, site)
+        if fused is not None:
+            return fused
         x = site(x)
     out = layer.format.apply(layer, x)
     if site.weights:
@@ -277,12 +308,16 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, site: LinearSite |
     On the CPU that is the fast path itself. On CUDA the fast path never forms it (fused GEMV), so every
     row is computed on the fast path and only the hooks' rows (`site.row_mask`) take the explicit
     product: rows without the hook keep the fast path's bits. Weight-format choices then replace the
-    rows they pick with that format's product."""
+    rows they pick with that format's product. Hooks that hand over thresholds go to the fused
+    thresholded matmul instead, which forms silu(gate) * up itself (`_thresholded`)."""
     if site is None:
         return layer.format.apply_silu_mul(layer, gate_up)
     if not site.hooks:
         out = layer.format.apply_silu_mul(layer, gate_up)
         return _choose(layer, site, out, lambda f: f.apply_silu_mul(layer, gate_up))
+    fused = _thresholded(gate_up, layer, site, silu_mul=True)
+    if fused is not None:
+        return fused
     if gate_up.is_cuda:
         from actserve.kernels.silu_mul import silu_mul
 

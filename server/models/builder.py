@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from actserve.server.contract import ModelInfo
+from actserve.server.contract import ModelInfo, MoEInfo
 from actserve.server.models.formats import weight_bytes
 from actserve.server.models.hf_fallback import load_transformers
 from actserve.server.models.loader import (
@@ -200,8 +200,18 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
+        moe=moe_info(spec),
     )
     return LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
+
+
+def moe_info(spec: ModelSpec | None) -> MoEInfo | None:
+    """The native MoE model's routing for plugins (None: dense, or the transformers fallback)."""
+    if spec is None or spec.moe is None:
+        return None
+    m = spec.moe
+    layers = tuple(i for i in range(spec.num_layers) if m.sparse(i))
+    return MoEInfo(m.num_experts, m.top_k, m.renormalize, layers)
 
 
 def size_kv_cache(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:

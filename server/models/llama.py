@@ -1,4 +1,6 @@
-"""Native Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) over packed batches and paged KV.
+"""Native Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) and the MoE families that share its
+attention (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: `SparseMoeBlock` in place of the MLP) over packed
+batches and paged KV.
 
 q/k/v and gate/up are fused into one matmul each (fewer, larger GEMMs); checkpoints keep transformers'
 names, and `packed_modules_mapping` says which checkpoint matrix is which shard of a fused layer (the
@@ -31,6 +33,7 @@ from actserve.server.layers.linear import (
     linear,
     silu_mul_linear,
 )
+from actserve.server.layers.moe import SparseMoeBlock
 from actserve.server.layers.norm import RMSNorm
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
@@ -53,11 +56,16 @@ class Attention(nn.Module):
             spec.hidden_size, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
             bias=spec.attention_bias, weight_format=_fmt(weight_format),
         )  # fmt: skip
-        self.o_proj = Linear(spec.num_heads * d, spec.hidden_size, weight_format=_fmt(weight_format))
-        if spec.qk_norm:
+        self.o_proj = Linear(
+            spec.num_heads * d, spec.hidden_size, bias=spec.o_bias, weight_format=_fmt(weight_format)
+        )
+        if spec.qk_norm:  # per head (Qwen3)
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
-        self.qk_norm = spec.qk_norm
+        elif spec.qk_norm_full:  # over all heads at once, before they split (OLMoE)
+            self.q_norm = RMSNorm(self.q_size, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size, spec.rms_norm_eps)
+        self.qk_norm, self.qk_norm_full, self.clip_qkv = spec.qk_norm, spec.qk_norm_full, spec.clip_qkv
         self.sliding_window = spec.sliding_window
         self.scale = d**-0.5
 
@@ -79,6 +87,10 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -104,9 +116,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, weight_format: FormatFactory = None, inter: int | None = None
+    ) -> None:
+        """`inter`: the hidden width (default the config's intermediate_size; a shared expert's own)."""
         super().__init__()
-        inter = spec.intermediate_size
+        inter = inter or spec.intermediate_size
         self.gate_up_proj = MergedColumnLinear(
             spec.hidden_size, [inter, inter], [0, 1], weight_format=_fmt(weight_format)
         )
@@ -119,11 +134,23 @@ class MLP(nn.Module):
         return silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj"))
 
 
+def moe_block(spec: ModelSpec, weight_format: FormatFactory = None) -> SparseMoeBlock:
+    """A MoE layer of `spec`'s family (its shared expert, when it has one, is a dense `MLP`)."""
+    moe = spec.moe
+    assert moe is not None
+    shared = MLP(spec, weight_format, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+    return SparseMoeBlock(
+        spec.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.renormalize,
+        moe.expert_names, shared,
+    )  # fmt: skip
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
+    def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None, index: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(spec, weight_format)
-        self.mlp = MLP(spec, weight_format)
+        self.is_moe = spec.moe is not None and spec.moe.sparse(index)
+        self.mlp: nn.Module = moe_block(spec, weight_format) if self.is_moe else MLP(spec, weight_format)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -134,7 +161,7 @@ class LlamaBody(nn.Module):
     def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, weight_format) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, weight_format, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -171,6 +198,8 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary
+        # checkpoint name substrings the loader rewrites first (Mixtral's MoE block is `block_sparse_moe`)
+        self.checkpoint_renames = ((".block_sparse_moe.", ".mlp."),) if spec.family == "mixtral" else ()
 
     def forward(
         self,
@@ -191,7 +220,10 @@ class LlamaForCausalLM(nn.Module):
             normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks)
             attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch, lin, att, i, filled)
             normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
-            x = layer.mlp(normed, lin)
+            if layer.is_moe:
+                x = layer.mlp(normed, hooks.moe_at(i) if hooks is not None else None, i)
+            else:
+                x = layer.mlp(normed, lin)
         normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
         return normed
 
@@ -203,6 +235,11 @@ class LlamaForCausalLM(nn.Module):
         if name not in PROJECTIONS:
             raise ValueError(f"unknown projection {name!r}; one of {', '.join(PROJECTIONS)}")
         block = self.model.layers[layer]
+        if block.is_moe and name not in ("qkv_proj", "o_proj"):
+            raise ValueError(
+                f"layer {layer}'s MLP is a mixture of experts: its experts are not {name} projections "
+                "(weight formats and linear hooks reach only qkv_proj and o_proj there)"
+            )
         parent = block.self_attn if name in ("qkv_proj", "o_proj") else block.mlp
         return getattr(parent, name)
 

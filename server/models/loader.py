@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +151,44 @@ def _checkpoint_targets(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     return {ckpt: (packed, shard) for packed, parts in mapping.items() for ckpt, shard in parts}
 
 
-def _reads(module: torch.nn.Module) -> set[str]:
-    """The checkpoint tensors (names within the module) a module takes: a layer with weight formats says
-    (`LinearBase.checkpoint_names`), any other module its own parameters."""
+def _reads(module: torch.nn.Module) -> Collection[str]:
+    """The checkpoint tensors (names within the module) a module takes: a layer that owns its weights says
+    (`LinearBase.checkpoint_names`, `FusedExperts.checkpoint_names`: names that may have dots, e.g.
+    `3.gate_proj.weight`), any other module its own parameters."""
     names = getattr(module, "checkpoint_names", None)
     if names is not None:
-        return set(names())
+        return names().keys()
     return {n for n, _ in module.named_parameters(recurse=False)}
+
+
+def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
+        name = name.replace(old, new)
+    return name
+
+
+def _locate(
+    name: str, modules: dict[str, torch.nn.Module], targets: dict[str, tuple[str, Any]]
+) -> tuple[torch.nn.Module, str, Any] | None:
+    """The module that reads checkpoint tensor `name`, the name within it and the shard id: its parent
+    module (renamed to a packed layer through `targets`), else the closest enclosing module that reads the
+    rest of the name (e.g. an experts layer reading `3.gate_proj.weight`); None when no module does."""
+    module_name, _, pname = name.rpartition(".")
+    parent, _, leaf = module_name.rpartition(".")
+    shard_id = None
+    if leaf in targets:
+        leaf, shard_id = targets[leaf]
+        module_name = f"{parent}.{leaf}" if parent else leaf
+    module = modules.get(module_name)
+    if module is not None and pname in _reads(module):
+        return module, pname, shard_id
+    cut = name.rfind(".", 0, len(name) - len(pname) - 1)
+    while cut > 0:
+        module = modules.get(name[:cut])
+        if module is not None and name[cut + 1 :] in _reads(module):
+            return module, name[cut + 1 :], None
+        cut = name.rfind(".", 0, cut)
+    return None
 
 
 def _expected_checkpoint_names(model: torch.nn.Module) -> set[str]:
@@ -180,22 +212,19 @@ def load_weights(model: torch.nn.Module, files: list[Path], tied: bool = False) 
     packed layers through the model's `packed_modules_mapping`."""
     modules = dict(model.named_modules())
     targets = _checkpoint_targets(model)
+    renames: tuple[tuple[str, str], ...] = getattr(model, "checkpoint_renames", ())
     missing = _expected_checkpoint_names(model)
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < 2**26) as bar:
-        for name, tensor in iter_checkpoint(files):
-            module_name, _, pname = name.rpartition(".")
-            parent, _, leaf = module_name.rpartition(".")
-            shard_id = None
-            if leaf in targets:
-                leaf, shard_id = targets[leaf]
-                module_name = f"{parent}.{leaf}" if parent else leaf
-            module = modules.get(module_name)
+        for raw_name, tensor in iter_checkpoint(files):
+            name = _rename(raw_name, renames)
             missing.discard(name)
-            if module is None or pname not in _reads(module):
+            found = _locate(name, modules, targets)
+            if found is None:
                 if not name.endswith("rotary_emb.inv_freq"):
-                    log.debug("ignoring checkpoint tensor %s", name)
+                    log.debug("ignoring checkpoint tensor %s", raw_name)
                 continue
+            module, pname, shard_id = found
             load_tensor = getattr(module, "load_tensor", None)
             try:
                 if load_tensor is not None:
@@ -207,7 +236,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], tied: bool = False) 
                     with torch.no_grad():
                         param.copy_(tensor)
             except ValueError as e:
-                raise ModelLoadError(f"{name}: {e}") from e
+                raise ModelLoadError(f"{raw_name}: {e}") from e
             bar.update(tensor.numel() * tensor.element_size())
     if tied and ({"lm_head.weight", "model.embed_tokens.weight"} - missing):
         missing -= {"lm_head.weight", "model.embed_tokens.weight"}  # tied: either name fills both

@@ -122,6 +122,11 @@ def projection_format(
     if method not in METHODS:
         raise ModelLoadError(f"--quantization-method must be one of {', '.join(METHODS)}, got {method!r}")
     calibrated = method != "rtn"
+    if quantization is not None and spec is not None and spec.moe is not None:
+        raise ModelLoadError(
+            f"--quantization {quantization}: FP4 weights of mixture-of-experts models are not built; "
+            "drop the flag"
+        )
     if calibrated and (quantization not in QUANTIZATIONS or random_weights):
         raise ModelLoadError(
             f"--quantization-method {method} needs --quantization nvfp4|mxfp4 and real weights "
@@ -144,6 +149,8 @@ def projection_format(
     if kind is None:
         return None
     why = f"--quantization {quantization}" if quantization else f"the {kind} checkpoint"
+    if spec is not None and spec.moe is not None:
+        raise ModelLoadError(f"{why}: FP4 weights of mixture-of-experts models are not built")
     if spec is None:
         raise ModelLoadError(
             f"{why}: FP4 weights need the native implementation, and this model is served through the "

@@ -31,6 +31,11 @@ NATIVE_MODELS: dict[str, NativeFamily] = {
     "MistralForCausalLM": NativeFamily("mistral", _LLAMA, "LlamaForCausalLM"),
     "Qwen2ForCausalLM": NativeFamily("qwen2", _LLAMA, "LlamaForCausalLM"),
     "Qwen3ForCausalLM": NativeFamily("qwen3", _LLAMA, "LlamaForCausalLM"),
+    # mixtures of experts: the same attention, a SparseMoeBlock in place of the MLP
+    "MixtralForCausalLM": NativeFamily("mixtral", _LLAMA, "LlamaForCausalLM"),
+    "Qwen2MoeForCausalLM": NativeFamily("qwen2_moe", _LLAMA, "LlamaForCausalLM"),
+    "Qwen3MoeForCausalLM": NativeFamily("qwen3_moe", _LLAMA, "LlamaForCausalLM"),
+    "OlmoeForCausalLM": NativeFamily("olmoe", _LLAMA, "LlamaForCausalLM"),
 }
 
 

@@ -110,7 +110,10 @@ class PerturbedWeightsPlugin(InterventionPlugin):
         layers = options.get("layers", [i for i in DEFAULT_LAYERS if i < n])
         projections = options.get("projections", PROJECTIONS)
         self.scale = float(options.get("scale", DEFAULT_SCALE))
-        self.sites = {(int(layer), str(p)) for layer in layers for p in projections}
+        wanted = {(int(layer), str(p)) for layer in layers for p in projections}
+        moe = set(self.model_info.moe.layers) if self.model_info.moe is not None else set()
+        mlp = ("gate_up_proj", "down_proj")  # a MoE layer's experts are not projections
+        self.sites = {(layer, p) for layer, p in wanted if not (layer in moe and p in mlp)}
 
     def weight_formats(self) -> list[FormatRequest]:
         # one request per site: each copy's noise is seeded by its own (layer, projection)

@@ -67,6 +67,8 @@ class ZeroChannelsPlugin(InterventionPlugin):
             raise InterventionError("needs the native model implementation", param)
         if not 0 <= spec.layer < self.model_info.num_layers:
             raise InterventionError(f"layer {spec.layer} out of range", f"{param}.layer")
+        if (spec.layer, spec.projection) not in self.model_info.projection_sites():
+            raise InterventionError(f"layer {spec.layer} has no {spec.projection}", f"{param}.projection")
         if any(c < 0 for c in spec.channels):
             raise InterventionError("channels must be >= 0", f"{param}.channels")
         return spec
@@ -82,8 +84,7 @@ class ZeroChannelsPlugin(InterventionPlugin):
 
     def graph_hooks(self) -> PluginHooks:
         """Every projection of every layer (the site input picks one per row)."""
-        sites = {(layer, proj) for layer in range(self.model_info.num_layers) for proj in PROJECTIONS}
-        return PluginHooks(linear=_Hook(sites))
+        return PluginHooks(linear=_Hook(set(self.model_info.projection_sites())))
 
     def prefix_key(self, plan: Any) -> Any:
         return (plan.layer, plan.projection, tuple(plan.channels))

@@ -1,0 +1,104 @@
+"""Plain-torch reference of the fused mixture-of-experts layer (kernels/moe.py): routing, each expert's
+gated MLP on the rows that chose it, and the weighted sum back per row, with the kernels' rounding points.
+
+Experts live in *slots* of stacked tensors, `w13` [slots, 2 * inter, hidden] (each expert's gate rows,
+then its up rows: the checkpoint's gate_proj and up_proj fused) and `w2` [slots, hidden, inter]
+(down_proj). The layer maps expert ids to slots before calling (all resident: slot = expert id), so a
+later expert cache can move one expert by rewriting one entry of its table. A slot of -1 means "no
+expert in this column": a row routed to fewer experts than the step's width has -1 columns with weight
+0, which contribute exactly nothing (the sum back adds +0.0), so its result is bit-identical to a
+narrower step's.
+
+Rounding as transformers' experts compute in the model dtype: gate/up products rounded to the dtype,
+silu(gate) rounded, its product with up rounded, the down product rounded; then (unlike transformers,
+which adds in the dtype) the routing weight is applied in float32, the columns summed in float32 in
+column order, and the sum rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, row_k: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts (float32), the `top_k` largest, optionally renormalised to sum to 1: the
+    routers of Mixtral (always renormalised), Qwen2/3-MoE and OLMoE (`norm_topk_prob`).
+
+    `row_k` [rows] int (None: every row takes `top_k`): a row keeps only its first `row_k[r]` columns
+    (the others get expert -1 and weight 0) before renormalising, which is exactly that router with
+    `num_experts_per_tok = row_k[r]`. Returns (expert ids [rows, top_k] int64, weights [rows, top_k]
+    float32), largest first."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if row_k is not None:
+        keep = torch.arange(top_k, device=ids.device) < row_k.to(ids.device).unsqueeze(1)
+        weights = weights.masked_fill(~keep, 0.0)
+        ids = ids.masked_fill(~keep, -1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def expert_slots(ids: torch.Tensor, slot_of: torch.Tensor | None) -> torch.Tensor:
+    """Expert ids [rows, k] (-1: none) -> slots through the table `slot_of` [experts] (None: identity),
+    int32, -1 kept; a device gather, no host sync."""
+    if slot_of is None:
+        return ids.to(torch.int32)
+    slots = slot_of[ids.clamp(min=0)].to(torch.int32)
+    return torch.where(ids >= 0, slots, torch.full_like(slots, -1))
+
+
+def sum_columns(y: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y [rows * k, hidden] float32 (pair r * k + c) -> [rows, hidden] in `dtype`: the columns added in
+    order, -1 columns as +0.0."""
+    rows, k = slots.shape
+    y = y.view(rows, k, -1)
+    acc = torch.zeros(rows, y.shape[2], dtype=torch.float32, device=y.device)
+    for c in range(k):
+        acc = acc + torch.where((slots[:, c] >= 0).unsqueeze(1), y[:, c], 0.0)
+    return acc.to(dtype)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter], slots [rows, k] int
+    (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype: sum over columns c of
+    weights[r, c] * down(silu(gate(x[r])) * up(x[r])) through slot slots[r, c]. One matmul per slot
+    present, over the rows that chose it (as transformers loops over experts); host syncs, CPU use."""
+    rows, k = slots.shape
+    flat = slots.reshape(-1)
+    flat_w = weights.reshape(-1).float()
+    y = torch.zeros(rows * k, x.shape[1], dtype=torch.float32, device=x.device)
+    inter = w2.shape[2]
+    for s in torch.unique(flat[flat >= 0]).tolist():
+        pairs = (flat == s).nonzero().squeeze(1)
+        gate_up = F.linear(x[pairs // k], w13[s])
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # rounded to x's dtype at each op
+        y[pairs] = F.linear(h, w2[s]).float() * flat_w[pairs].unsqueeze(1)
+    return sum_columns(y, slots, x.dtype)
+
+
+def align_ref(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[list[int], list[int]]:
+    """What `moe_align` computes, by plain loops: the pair indices (r * k + c) grouped by slot in slot
+    order, each group padded with the pad value (rows * k) to a multiple of `block_m`, and the slot of each
+    block. Pairs with slot -1 are dropped."""
+    flat = slots.reshape(-1).tolist()
+    pad = len(flat)
+    order: list[int] = []
+    block_slots: list[int] = []
+    for s in range(num_slots):
+        pairs = [p for p, v in enumerate(flat) if v == s]
+        if not pairs:
+            continue
+        padded = -(-len(pairs) // block_m) * block_m
+        order += pairs + [pad] * (padded - len(pairs))
+        block_slots += [s] * (padded // block_m)
+    return order, block_slots

@@ -1,0 +1,240 @@
+"""Sparse decode GEMV y = threshold(x) @ W^T (+ bias) for 1-16 rows: only the weight rows of active
+inputs are read (activation sparsity, TEAL; docs/architecture.md §6, "Activation sparsity").
+
+The weight is stored transposed, W^T [K, N], so that an input entry that is zero in every row of the
+step is one contiguous row of W^T that is not loaded at all (its loads are predicated off: no memory
+transaction). Each row m has a threshold thr[m] (float32): entries with |x| < thr[m] count as zero, as
+the sparsity plugin's mask has them (so thr <= 0 keeps every entry, +inf none); with several rows the
+weight rows of the union of their active entries are read. The threshold is applied here, in the loads,
+so no masked copy of x is written first; `silu_mul=True` forms the down projection's input
+silu(gate)·up from a fused [gate | up] row while loading (rounded to the storage dtype exactly as
+kernels/silu_mul.py does) and thresholds that.
+
+Grid: (N tiles, K splits). bf16 has no atomic add in Triton (TEAL's kernel is fp16-only for that
+reason), and a K split's partial sums are float32 anyway, so they meet in one of three ways (`accum`):
+- "serial": each program stores its partial tile in a float32 workspace [splits, M, N], then counts
+  itself in a per-tile counter; the last program of a tile sums the partials in split order, adds the
+  bias and writes the output (one launch, deterministic; the counters reset themselves);
+- "workspace": the same partials, summed by a second small kernel (two launches, deterministic);
+- "atomic": float32 atomic adds into a zeroed [M, N] buffer, then a cast kernel (three launches with
+  the zeroing; the order of the adds, hence the last bits, varies from run to run).
+One split writes the output directly. One row accumulates products elementwise and reduces once at
+the end; 2-16 rows use `tl.dot` on a 16-row tile (tensor cores). `threshold=None` is the same kernel
+without the mask: the dense GEMV on the transposed layout (bench/sparse_gemv.py compares layouts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+from actserve.kernels.gemv import load_x
+from actserve.kernels.gemv_ref import MAX_ROWS
+from actserve.kernels.pdl import pdl_args, pdl_sync
+
+Accum = Literal["serial", "workspace", "atomic"]
+ACCUMS: tuple[Accum, ...] = ("serial", "workspace", "atomic")
+_DIRECT, _WORKSPACE, _ATOMIC, _SERIAL = 0, 1, 2, 3
+_ACCUM_CODE = {"workspace": _WORKSPACE, "atomic": _ATOMIC, "serial": _SERIAL}
+
+
+@dataclass(frozen=True)
+class SparseGemvConfig:
+    block_n: int = 128
+    block_k: int = 32
+    splits: int = 0  # K splits; 0: from the shape (`pick_splits`)
+    num_warps: int = 4
+    num_stages: int = 3
+    # one row: 1 streams W^T from registers (occupancy hides the latency, as kernels/gemv.py's one-row
+    # loop); 2+ software-pipelines it through shared memory (cp.async), which the dependent mask keeps
+    # Triton from doing by itself. 2-16 rows are pipelined through tl.dot anyway (`num_stages`)
+    loop_stages: int = 1
+    accum: Accum = "serial"
+    programs: int = 1056  # the launch size `pick_splits` aims at (8 per H200 SM)
+
+
+def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
+    """Launch config per row count: the H200 sweep's best over one Llama-3-8B layer at 50% sparsity
+    (bench/results/sparse_gemv_quick.json, `sweep_best_m1` / `sweep_best_m8`)."""
+    if m == 1:
+        return SparseGemvConfig(block_n=256, block_k=32, num_warps=4, num_stages=3, programs=528)
+    return SparseGemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=3, programs=528)
+
+
+def pick_splits(n_tiles: int, k: int, cfg: SparseGemvConfig) -> int:
+    """K splits so that the launch has about `cfg.programs` programs (at least one K block each)."""
+    if cfg.splits:
+        return cfg.splits
+    return max(1, min(triton.cdiv(k, cfg.block_k), cfg.programs // max(n_tiles, 1)))
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, thr_ptr, wt_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_split, splits,
+    stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
+    some row, times the thresholded inputs, for BLOCK_N output columns."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    k_lo = split * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    w_cols = wt_ptr + rn[None, :]
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    pdl_sync(USE_PDL)
+    if BLOCK_M == 1:
+        if THRESHOLD:
+            thr = tl.load(thr_ptr)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            on = rk < k_hi
+            x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
+            if THRESHOLD:
+                on = on & ~(tl.abs(x) < thr)
+            w = tl.load(
+                w_cols + rk.to(tl.int64)[:, None] * stride_wk, mask=on[:, None] & n_ok[None, :], other=0.0
+            )
+            acc2 += w.to(tl.float32) * tl.where(on, x, 0.0)[:, None]
+        acc = tl.sum(acc2, axis=0)[None, :]
+    else:
+        if THRESHOLD:  # rows past M: +inf, never active
+            thr = tl.load(thr_ptr + rm * stride_thr, mask=m_ok, other=float("inf"))
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < k_hi
+            on = m_ok[:, None] & k_ok[None, :]
+            x = load_x(x_ptr, rm[:, None] * stride_xm, K, rk[None, :], on, SILU_MUL)
+            if THRESHOLD:
+                on = on & ~(tl.abs(x.to(tl.float32)) < thr[:, None])
+                x = tl.where(on, x, tl.zeros_like(x))
+                active = tl.max(on.to(tl.int32), axis=0) > 0  # the union over the rows
+            else:
+                active = k_ok
+            w_at = w_cols + rk.to(tl.int64)[:, None] * stride_wk
+            w = tl.load(w_at, mask=active[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(x, w, input_precision=PREC)
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    tile = rm[:, None] * N + rn[None, :]  # in a float32 [M, N] slice of the workspace
+    if ACCUM == 0:  # one split: the output itself
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    elif ACCUM == 2:
+        tl.atomic_add(ws_ptr + tile, acc, mask=y_mask, sem="relaxed")
+    else:
+        tl.store(ws_ptr + split * stride_ws + tile, acc, mask=y_mask)
+        if ACCUM == 3:
+            # every thread's partial is stored before the tile's counter moves (release); the program
+            # that brings it to `splits` reads them all back from L2 (.cg: not a stale L1 line)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, splits):
+                    at = ws_ptr + s * stride_ws + tile
+                    total += tl.load(at, mask=y_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+                tl.store(y_at, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
+
+
+@triton.jit
+def _sum_splits_kernel(
+    ws_ptr, b_ptr, y_ptr, N, splits, stride_ws, stride_ym,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """y[m] = sum over splits of ws[s, m] (in split order) + bias, cast to y's dtype."""
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = rn < N
+    pdl_sync(USE_PDL)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        total += tl.load(ws_ptr + s * stride_ws + m * N + rn, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# per device, every counter buffer handed out, the largest last: never freed, since CUDA graphs keep the
+# pointer they captured
+_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """The "serial" mode's per-tile arrival counters on `device`: zero between launches (the last
+    program of each tile resets its own), shared by the launches on the device's one compute stream."""
+    have = _counters.setdefault(device, [])
+    if not have or have[-1].numel() < n_tiles:
+        have.append(torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device))
+    return have[-1]
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    thr: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    cfg: SparseGemvConfig | None = None,
+) -> torch.Tensor:
+    """threshold(x [M, K], thr [M] float32) @ weight_t [K, N] (+ bias) -> [M, N] in x's dtype; thr None:
+    no threshold (dense); with silu_mul, x is [M, 2K] = [gate | up]. `thr` may be a strided view."""
+    m, kx = x.shape
+    k, n = weight_t.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"sparse_gemv handles at most {MAX_ROWS} rows; got {m}")
+    if kx != (2 * k if silu_mul else k) or weight_t.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(
+            f"sparse_gemv: x {tuple(x.shape)} does not match weight_t {tuple(weight_t.shape)} "
+            "(the transposed weight [K, N], N-contiguous)"
+        )
+    if thr is not None and (thr.shape != (m,) or thr.dtype != torch.float32):
+        raise ValueError(f"sparse_gemv: thresholds must be float32 [{m}], got {thr.dtype} {tuple(thr.shape)}")
+    cfg = cfg or pick_config(m, n, k)
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    k_split = triton.cdiv(triton.cdiv(k, pick_splits(n_tiles, k, cfg)), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if not m:
+        return y
+    mode = _DIRECT if splits == 1 else _ACCUM_CODE[cfg.accum]
+    ws, counters = y, y  # placeholders for pointers a mode does not read
+    if mode == _ATOMIC:
+        ws = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    elif mode != _DIRECT:
+        ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    if mode == _SERIAL:
+        counters = tile_counters(x.device, n_tiles)
+    launch = pdl_args(x)
+    _sparse_gemv_kernel[(n_tiles, splits)](
+        x, thr if thr is not None else x, weight_t, bias if bias is not None else x, y, ws, counters,
+        m, n, k, k_split, splits, x.stride(0), thr.stride(0) if thr is not None else 0, weight_t.stride(0),
+        y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages, **launch,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if mode in (_WORKSPACE, _ATOMIC):
+        parts = splits if mode == _WORKSPACE else 1
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(n, block), m)](
+            ws, bias if bias is not None else x, y, n, parts, m * n, y.stride(0), BLOCK=block,
+            HAS_BIAS=bias is not None, **launch,
+        )  # fmt: skip
+    return y

@@ -1,0 +1,162 @@
+"""Mixture-of-experts layers: the experts' weights (owned by the layer, in slots) and the sparse MoE block
+(router, routing hooks, experts, optional shared expert) of Mixtral, Qwen2/3-MoE and OLMoE.
+
+Storage (docs/architecture.md §5, "MoE experts"): one layer's experts are two stacked parameters,
+`w13` [slots, 2 * inter, hidden] (an expert's gate_proj rows, then its up_proj rows: gate/up fused) and
+`w2` [slots, hidden, inter], plus `slot_of` [experts] int32, the indirection from expert id to slot.
+Every expert is resident today (slots = experts, slot_of = identity); an expert cache can keep fewer
+slots and move one expert by copying it into a slot and rewriting its entry (-1: not resident), without
+touching the kernels, which compute on slots.
+
+Routing: softmax over the router's logits, top-k, renormalised as the family's config says
+(`kernels/moe_ref.route_topk`); then each `moe` hook of the step may change the routing of its rows
+(ids and weights, possibly more columns than top_k; -1 columns are empty). On CUDA the experts run in
+the fused Triton kernel (`kernels/moe.py`), on the CPU through the plain-torch reference, which loops
+over experts as transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actserve.kernels.moe_ref import expert_slots, fused_moe_ref, route_topk
+from actserve.server.contract.hooks import MoEHook, RowInputs
+from actserve.server.layers.linear import Linear, linear
+
+# a step's moe hooks at one layer: (hook, its row inputs, its rows [rows] bool)
+MoEHooks = list[tuple[MoEHook, RowInputs, torch.Tensor]]
+
+# pairs (rows x columns) of one call to the kernel: larger steps are cut into row chunks, so a wide
+# per-request top_k at a long prefill does not allocate rows * k * hidden float32 at once
+MAX_PAIRS = 1 << 16
+
+
+class FusedExperts(nn.Module):
+    """The experts of one MoE layer: `w13`, `w2` and the expert -> slot table `slot_of` (module doc).
+
+    Reads the checkpoint's per-expert matrices, `{e}.{gate}.weight`, `{e}.{up}.weight` and
+    `{e}.{down}.weight` under this module (names per family: `expert_names`)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        expert_names: tuple[str, str, str],
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=params_dtype))
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=params_dtype))
+        self.register_buffer("slot_of", torch.arange(e, dtype=torch.int32), persistent=False)
+        gate, up, down = expert_names
+        # checkpoint name (under this module) -> (expert, parameter, output-row block)
+        self._names = {
+            f"{x}.{name}.weight": (x, param, part)
+            for x in range(e)
+            for name, param, part in ((gate, "w13", 0), (up, "w13", 1), (down, "w2", 0))
+        }
+
+    def checkpoint_names(self) -> dict[str, tuple[int, str, int]]:
+        return self._names
+
+    def load_tensor(self, name: str, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """One expert's checkpoint matrix into its slot (all resident: the slot is the expert id)."""
+        target = self._names.get(name)
+        if target is None:
+            raise ValueError(f"FusedExperts reads no checkpoint tensor {name!r}")
+        expert, param, part = target
+        i = self.intermediate_size
+        dest = self.w13[expert, part * i : (part + 1) * i] if param == "w13" else self.w2[expert]
+        if dest.shape != loaded.shape:
+            raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(loaded)
+
+    def after_loading(self) -> None:
+        """Every expert resident in the slot of its own id (the table is not in the checkpoint, and a
+        model built on the meta device has no values in it yet)."""
+        with torch.no_grad():
+            self.slot_of.copy_(torch.arange(self.num_experts, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int) -> torch.Tensor:
+        """x [rows, hidden], expert ids [rows, k] (-1: none), weights [rows, k] float32 -> [rows, hidden].
+        `top_k`: the model's experts per row (sizes the decode kernel's grid when k is wider)."""
+        slots = expert_slots(ids, self.slot_of)
+        if not x.is_cuda:
+            return fused_moe_ref(x, self.w13, self.w2, slots, weights)
+        from actserve.kernels.moe import fused_moe
+
+        k = max(1, ids.shape[1])
+        step = max(1, MAX_PAIRS // k)
+        if x.shape[0] <= step:
+            return fused_moe(x, self.w13, self.w2, slots, weights, active_k=top_k)
+        cuts = [slice(r, r + step) for r in range(0, x.shape[0], step)]
+        parts = [fused_moe(x[c], self.w13, self.w2, slots[c], weights[c], active_k=top_k) for c in cuts]
+        return torch.cat(parts)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
+
+
+def _widen(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    return t if t.shape[1] >= k else F.pad(t, (0, k - t.shape[1]), value=fill)
+
+
+def apply_moe_hooks(
+    hooks: MoEHooks, layer: int, logits: torch.Tensor, top_k: int, ids: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's routing (`ids`, `weights`) with each hook's routing on that hook's rows; the result is
+    as wide as the widest of them (-1 / 0 columns added)."""
+    for hook, inputs, rows in hooks:
+        h_ids, h_w = hook.route(layer, logits, top_k, inputs)
+        k = max(ids.shape[1], h_ids.shape[1])
+        keep = rows.unsqueeze(1)
+        ids = torch.where(keep, _widen(h_ids, k, -1), _widen(ids, k, -1))
+        weights = torch.where(keep, _widen(h_w.float(), k, 0.0), _widen(weights, k, 0.0))
+    return ids, weights
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`, [experts, hidden]), experts, and Qwen2-MoE's sigmoid-gated shared expert when
+    `shared` is given (a dense MLP module taking (x,)), as transformers' sparse MoE blocks compute."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        expert_names: tuple[str, str, str],
+        shared: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = Linear(hidden_size, num_experts)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, expert_names)
+        self.shared_expert = shared
+        if shared is not None:
+            self.shared_expert_gate = Linear(hidden_size, 1)
+
+    def route(
+        self, x: torch.Tensor, hooks: MoEHooks | None = None, layer: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids [rows, k], weights [rows, k] float32): the router's, then the hooks' on their rows."""
+        logits = linear(x, self.gate)
+        ids, weights = route_topk(logits, self.top_k, self.renormalize)
+        if hooks:
+            ids, weights = apply_moe_hooks(hooks, layer, logits, self.top_k, ids, weights)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor, hooks: MoEHooks | None = None, layer: int = 0) -> torch.Tensor:
+        ids, weights = self.route(x, hooks, layer)
+        out = self.experts(x, ids, weights, self.top_k)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            out = out + torch.sigmoid(linear(x, self.shared_expert_gate)) * shared
+        return out
