@@ -199,7 +199,9 @@ def run_model(
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", num_kv_blocks=1024))
     cal_seqs = text_windows(eng.tokenizer, calib_docs, WINDOW)
-    cal = calibrate(eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False)
+    cal = calibrate(
+        eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False, methods=("chess", "r_sparse")
+    )
     calib_s = time.perf_counter() - t0
     art = tmp / f"{key}.safetensors"
     save_calibration(cal, art)

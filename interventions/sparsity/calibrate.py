@@ -181,14 +181,15 @@ def calibrate(
     info: dict[str, Any] | None = None,
     correction_tokens: int | None = 2048,
     grid: torch.Tensor = CORRECTION_GRID,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = (),
     rank_fraction: float = 0.125,
 ) -> SparsityCalibration:
     """The dense model's histograms of every projection input over `token_lists` (each a fresh
     sequence, forwards of at most `batch_tokens` tokens), then the correction (module doc) on about
     `correction_tokens` of those tokens (every k-th sequence), one forward per grid level (None: no
-    correction, TEAL's dense quantiles). `methods`: which of CHESS and R-Sparse to calibrate beside TEAL
-    (calibrate_methods.py); `rank_fraction`: R-Sparse's stored factors, at most that share of each weight."""
+    correction, TEAL's dense quantiles). `methods`: which of METHODS (CHESS, R-Sparse) to calibrate beside
+    TEAL (calibrate_methods.py; the CLI's default is both); `rank_fraction`: R-Sparse's stored factors, at
+    most that share of each weight."""
     mi = engine.model_info
     if mi.implementation != "native":
         raise ValueError(f"sparsity calibration needs the native model implementation ({mi.fallback_reason})")
