@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import psutil
 import torch
@@ -93,6 +94,41 @@ class EngineMetrics:
         self._weights_bytes = 0
         self._kv_bytes = 0
         self._on_gpu = False
+        self._model_series: dict[str, Any] = {}
+        self._model_totals: dict[str, float] = {}
+
+    def add_model_series(self, series: Iterable[Any]) -> None:
+        """Series a part of the model declares (objects with `name`, `kind` counter / gauge / histogram,
+        `doc`, `buckets`: server/layers/telemetry.py), registered as `actserve_<name>` at zero."""
+        r, lbl = self.registry, ["model_name"]
+        for s in series:
+            name = f"actserve_{s.name}"
+            if s.kind == "counter":
+                metric: Any = Counter(name, s.doc, lbl, registry=r)
+            elif s.kind == "gauge":
+                metric = Gauge(name, s.doc, lbl, registry=r)
+            else:
+                metric = Histogram(name, s.doc, lbl, buckets=list(s.buckets), registry=r)
+            metric.labels(self.model_name)
+            self._model_series[s.name] = metric
+            self._model_totals[s.name] = 0.0
+
+    def update_model_series(
+        self, counters: Mapping[str, float], gauges: Mapping[str, float], samples: Mapping[str, list[float]]
+    ) -> None:
+        """The model's numbers as they are now: counter totals (the increase since the last call is added),
+        gauge values, and new histogram samples."""
+        m = self.model_name
+        for name, total in counters.items():
+            grown = total - self._model_totals.get(name, 0.0)
+            if grown > 0:
+                self._model_series[name].labels(m).inc(grown)
+            self._model_totals[name] = total
+        for name, value in gauges.items():
+            self._model_series[name].labels(m).set(value)
+        for name, values in samples.items():
+            for v in values:
+                self._model_series[name].labels(m).observe(v)
 
     def set_static_memory(self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool) -> None:
         """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them.
