@@ -123,6 +123,7 @@ class LLMEngine:
         for telemetry in self.loaded.telemetry:  # the model's own series, counted from here on
             telemetry.reset()
             self.metrics.add_model_series(telemetry.series)
+            self.metrics.update_model_series(telemetry.counters, telemetry.gauges, {})
         self.seqs: dict[str, Sequence] = {}
         # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
         self.overlap = (

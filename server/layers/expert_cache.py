@@ -131,6 +131,15 @@ class CostModel:
         return copy, cpu
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queued work: on CUDA through a pinned
+    staging buffer (the pinned allocator keeps it until the copy has run), so a layer's later rounds
+    do not wait for its earlier kernels on the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class LayerCache:
     """One MoE layer's device slots: which expert each holds, the expert -> slot table, the last use of
     each expert (a tick), the pending copy handle of each slot, and this step's prediction."""
@@ -245,6 +254,9 @@ class ExpertOffload:
         self.telemetry = Telemetry(SERIES)
         self.tick = 0
         self.embed, self.router_norm = embed, router_norm
+        # sum every pair's float32 product once (exact; the CPU), or add each round's and the CPU experts'
+        # results (CUDA, whose kernel sums its own columns); tests set False on the CPU to run the latter
+        self.pairwise = device.type == "cpu"
         self._distinct: list[int] = []
         self.running_experts: set[int] = set()  # used at the first MoE layer by the last forward
         self._token_experts: dict[int, set[int]] = {}
@@ -346,6 +358,7 @@ class ExpertOffload:
         top, idx = torch.topk(probs, min(block.top_k, probs.shape[1]), dim=-1)
         return torch.zeros_like(probs).scatter_(1, idx, top).sum(0)
 
+    @torch.no_grad()
     def run(
         self, cache: LayerCache, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int
     ) -> torch.Tensor:
@@ -437,12 +450,12 @@ class ExpertOffload:
             copy, cpu = sorted((int(e) for e in misses), key=lambda e: (-counts[e], e)), []
         else:
             copy, cpu = self.cost.assign([(int(e), int(counts[e])) for e in misses], cache.expert_bytes)
-        on_cpu = x.device.type == "cpu"
+        pairwise = self.pairwise
         mine = np.isin(ids_h, cpu) if cpu else None
         # CUDA: the CPU experts' inputs on the host now, before this layer's kernels are queued (reading
         # them later would wait for those kernels, and the CPU work would no longer overlap them)
-        host_in = None if on_cpu or mine is None else self._cpu_inputs(x, weights, ids_h, mine)
-        y = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float32) if on_cpu else None
+        host_in = None if pairwise or mine is None else self._cpu_inputs(x, weights, ids_h, mine)
+        y = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float32) if pairwise else None
         parts: list[torch.Tensor] = []
         todo = np.zeros(cache.num_experts, dtype=bool)
         todo[hits] = True
@@ -472,10 +485,10 @@ class ExpertOffload:
                 raise RuntimeError(f"expert cache of layer {cache.layer}: no slot for the step's experts")
             table = np.full(cache.num_experts, -1, dtype=np.int32)
             table[this] = cache.slot_of[this]
-            tab = torch.from_numpy(table).to(x.device)
+            tab = to_device(torch.from_numpy(table), x.device)
             slots = torch.where(ids_t >= 0, tab[ids_t.clamp(min=0)], -1)
             cache.wait_for(cache.slot_of[this])
-            if on_cpu:
+            if pairwise:
                 expert_pairs_ref(x, m.w13, m.w2, slots, weights, y)
             else:
                 from actserve.server.layers.moe import run_experts
@@ -488,12 +501,12 @@ class ExpertOffload:
                 self._prefetch(layer, scores)
         if cpu:
             t.add(CPU_EXPERTS, len(cpu))
-            if on_cpu:
+            if pairwise:
                 assert mine is not None
                 expert_pairs_ref(
                     x, m.host_w13, m.host_w2, torch.from_numpy(np.where(mine, ids_h, -1)), weights, y
                 )
-        if on_cpu:
+        if pairwise:
             assert y is not None
             return sum_columns(y, ids, x.dtype)
         if len(parts) == 1 and host_in is None:
@@ -504,7 +517,7 @@ class ExpertOffload:
         if host_in is not None:
             rows_t, x_h, w_h, sub = host_in
             part = sum_columns(expert_pairs_ref(x_h, m.host_w13, m.host_w2, sub, w_h), sub, torch.float32)
-            acc.index_add_(0, rows_t, part.to(x.device))
+            acc.index_add_(0, rows_t, to_device(part, x.device))
         return acc.to(x.dtype)
 
     @staticmethod
