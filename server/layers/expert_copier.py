@@ -85,7 +85,8 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch
         return t
     try:
         cudart = torch.cuda.cudart()
-        torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
+            raise RuntimeError("cudaHostRegister failed")
         # unregistered before the memory goes back to the host allocator (a later engine in the process
         # may get the same pages)
         weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())

@@ -273,7 +273,9 @@ def _random_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
         host = getattr(module, "host_weights", None)
         for t in host() if host is not None else []:
             for e in range(t.shape[0]):
-                t[e].copy_(torch.randn(t.shape[1:], generator=gen, device=gen.device) * std)
+                t[e].copy_(
+                    torch.randn(t.shape[1:], generator=gen, device=gen.device, dtype=t.dtype).mul_(std)
+                )
     converted: set[int] = set()
     for module in model.modules():
         if "weight" in _reads(module) and module._parameters.get("weight") is None:
