@@ -94,6 +94,7 @@ class EngineMetrics:
         self._weights_bytes = 0
         self._kv_bytes = 0
         self._on_gpu = False
+        self._pinned = 0
         self._model_series: dict[str, Any] = {}
         self._model_totals: dict[str, float] = {}
 
@@ -130,19 +131,22 @@ class EngineMetrics:
             for v in values:
                 self._model_series[name].labels(m).observe(v)
 
-    def set_static_memory(self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool) -> None:
+    def set_static_memory(
+        self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool, pinned_bytes: int = 0
+    ) -> None:
         """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them.
-        `weights_by_format`: bytes by storage format (their sum is the weights' total)."""
+        `weights_by_format`: bytes by storage format (their sum is the weights' total); `pinned_bytes`:
+        page-locked host memory the model holds (offloaded experts on CUDA)."""
         for fmt, size in weights_by_format.items():
             self.weight_bytes.labels(self.model_name, fmt).set(size)
         self._weights_bytes, self._kv_bytes = sum(weights_by_format.values()), kv_bytes
-        self._on_gpu = on_gpu
+        self._on_gpu, self._pinned = on_gpu, pinned_bytes
         self.refresh_memory()
 
     def refresh_memory(self) -> None:
         m = self.model_name
         self.cpu_memory.labels(m, "rss").set(psutil.Process().memory_info().rss)
-        self.cpu_memory.labels(m, "pinned").set(0)
+        self.cpu_memory.labels(m, "pinned").set(self._pinned)
         gpu = self.gpu_memory
         if self._on_gpu and torch.cuda.is_available():
             gpu.labels(m, "weights").set(self._weights_bytes)

@@ -117,9 +117,9 @@ class LLMEngine:
             self.blocks, config.max_num_seqs, batched, break_even, admission=self.loaded.admission
         )
         self.metrics = EngineMetrics(self.model_name)
-        self.metrics.set_static_memory(
-            self.loaded.weights_by_format, self.runner.kv_bytes, self.model_info.device.type == "cuda"
-        )
+        on_gpu = self.model_info.device.type == "cuda"
+        pinned = self.loaded.host_weight_bytes if on_gpu else 0
+        self.metrics.set_static_memory(self.loaded.weights_by_format, self.runner.kv_bytes, on_gpu, pinned)
         for telemetry in self.loaded.telemetry:  # the model's own series, counted from here on
             telemetry.reset()
             self.metrics.add_model_series(telemetry.series)

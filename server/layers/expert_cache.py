@@ -267,6 +267,10 @@ class ExpertOffload:
     def slots(self) -> int:
         return self.caches[self.order[0]].slots
 
+    def host_bytes(self) -> int:
+        """The host copy of every expert, all MoE layers."""
+        return sum(c.num_experts * c.expert_bytes for c in self.caches.values())
+
     def resident_bytes(self) -> int:
         return sum(c.slots * c.expert_bytes for c in self.caches.values())
 

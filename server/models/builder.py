@@ -86,6 +86,8 @@ class LoadedModel:
     admission: Any = None
     # why steps must run eager (no CUDA graphs), if they must
     eager_reason: str | None = None
+    # weights kept in host memory beside the device's (offloaded experts; pinned on CUDA)
+    host_weight_bytes: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -220,6 +222,7 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         cache.measure_costs()
         loaded.telemetry.append(cache.telemetry)
         loaded.admission = cache
+        loaded.host_weight_bytes = cache.host_bytes()
         loaded.eager_reason = (
             "experts are offloaded: each MoE layer reads its routing on the host to make its experts resident"
         )
