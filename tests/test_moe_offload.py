@@ -453,7 +453,7 @@ def test_metrics_served_after_a_request(qwen3_dir: Path) -> None:
 @pytest.mark.parametrize("mode", ["never", "always", "auto"])
 def test_offloaded_on_cuda_equals_resident(mode: str, tmp_path: Path) -> None:
     """float32 on CUDA (side-stream copies, events, the fused kernel, CPU experts from pinned memory): each
-    step's logits equal the all-resident engine's to 1e-5 and the tokens are the same."""
+    step's logits equal the all-resident engine's to 1e-4 and the tokens are the same."""
     model_dir = save_random_model(FAMILIES["mixtral-window"](), tmp_path / "mix")
     kw: dict[str, Any] = {"device": "cuda", "dtype": "float32", "max_num_seqs": 8}
     batch = prompts(4, 9, VOCAB, seed=3)
@@ -464,6 +464,6 @@ def test_offloaded_on_cuda_equals_resident(mode: str, tmp_path: Path) -> None:
     tokens, seen = run_logged(eng, batch, params, tag="g")
     assert tokens == want_tokens
     for key in want:
-        assert_steps_close([t.cpu() for t in seen[key]], [t.cpu() for t in want[key]], 1e-5, f"{mode} {key}")
+        assert_steps_close([t.cpu() for t in seen[key]], [t.cpu() for t in want[key]], 1e-4, f"{mode} {key}")
     host = eng.loaded.model.model.layers[0].mlp.experts.host_w13
     assert host.is_pinned()
