@@ -62,6 +62,34 @@ def sum_columns(y: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     return acc.to(dtype)
 
 
+def expert_pairs_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each (row, column) pair's weighted expert output, float32 [rows * k, hidden] (pair r * k + c), for
+    the pairs whose slot is >= 0 (the others are left as they are in `y`, zeros when None): one matmul per
+    slot present, over the rows that chose it in pair order (as transformers loops over experts). An
+    expert cache fills the pairs of different experts from different weights (resident slots, the host
+    copy) into one `y`; a pair's bits depend only on its expert's rows, so they equal the all-resident
+    ones. Host syncs, CPU use."""
+    rows, k = slots.shape
+    flat = slots.reshape(-1)
+    flat_w = weights.reshape(-1).float()
+    if y is None:
+        y = torch.zeros(rows * k, x.shape[1], dtype=torch.float32, device=x.device)
+    inter = w2.shape[2]
+    for s in torch.unique(flat[flat >= 0]).tolist():
+        pairs = (flat == s).nonzero().squeeze(1)
+        gate_up = F.linear(x[pairs // k], w13[s])
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # rounded to x's dtype at each op
+        y[pairs] = F.linear(h, w2[s]).float() * flat_w[pairs].unsqueeze(1)
+    return y
+
+
 def fused_moe_ref(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -71,19 +99,9 @@ def fused_moe_ref(
 ) -> torch.Tensor:
     """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter], slots [rows, k] int
     (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype: sum over columns c of
-    weights[r, c] * down(silu(gate(x[r])) * up(x[r])) through slot slots[r, c]. One matmul per slot
-    present, over the rows that chose it (as transformers loops over experts); host syncs, CPU use."""
-    rows, k = slots.shape
-    flat = slots.reshape(-1)
-    flat_w = weights.reshape(-1).float()
-    y = torch.zeros(rows * k, x.shape[1], dtype=torch.float32, device=x.device)
-    inter = w2.shape[2]
-    for s in torch.unique(flat[flat >= 0]).tolist():
-        pairs = (flat == s).nonzero().squeeze(1)
-        gate_up = F.linear(x[pairs // k], w13[s])
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # rounded to x's dtype at each op
-        y[pairs] = F.linear(h, w2[s]).float() * flat_w[pairs].unsqueeze(1)
-    return sum_columns(y, slots, x.dtype)
+    weights[r, c] * down(silu(gate(x[r])) * up(x[r])) through slot slots[r, c] (`expert_pairs_ref`, then
+    the columns added in order)."""
+    return sum_columns(expert_pairs_ref(x, w13, w2, slots, weights), slots, x.dtype)
 
 
 def align_ref(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[list[int], list[int]]:

@@ -58,6 +58,37 @@ def precisions(value: str) -> str:
     return value
 
 
+def fraction(value: str) -> float:
+    x = float(value)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
+def add_expert_flags(s: argparse.ArgumentParser) -> None:
+    """Expert offloading of mixture-of-experts models (docs/architecture.md §5, "Expert offloading")."""
+    size = s.add_mutually_exclusive_group()
+    size.add_argument(
+        "--expert-cache-gb", type=positive_float, default=None, metavar="GB",
+        help="MoE models: keep every expert in host memory and a device cache of this many GiB of experts "
+        "(over all MoE layers); misses are copied or computed on the CPU (refused for other models)",
+    )  # fmt: skip
+    size.add_argument(
+        "--resident-experts", type=fraction, default=None, metavar="F",
+        help="MoE models: like --expert-cache-gb, sized as a fraction 0 < F <= 1 of each layer's experts",
+    )  # fmt: skip
+    s.add_argument(
+        "--expert-prefetch-depth", type=non_negative, default=None, metavar="D",
+        help="with expert offloading: the routers of the next D MoE layers predict their experts from the "
+        "current hidden state and copy them ahead of need (default 1; 0: no prefetch)",
+    )  # fmt: skip
+    s.add_argument(
+        "--expert-cpu-compute", default=None, choices=["auto", "never", "always"],
+        help="with expert offloading: compute a missing expert on the CPU instead of copying it when the "
+        "measured costs say so (auto, the default), never, or always (no copies after start)",
+    )  # fmt: skip
+
+
 def add_lifecycle_flags(s: argparse.ArgumentParser) -> None:
     """Engine threads, stall detection and shutdown (server/serving.py, server/engine/watchdog.py)."""
     s.add_argument(
@@ -154,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization-scale-search", dest="quantization_method", action="store_const", const="search",
         help="the same as --quantization-method search (the older spelling)",
     )  # fmt: skip
+    add_expert_flags(s)
     s.add_argument("--max-waiting", type=positive, default=4096, help="queued sequences before 429")
     s.add_argument(
         "--steering-vectors",
@@ -247,6 +279,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         force_transformers=args.force_transformers,
         quantization=args.quantization,
         quantization_method=args.quantization_method,
+        expert_cache_gb=args.expert_cache_gb,
+        resident_experts=args.resident_experts,
+        expert_prefetch_depth=args.expert_prefetch_depth,
+        expert_cpu_compute=args.expert_cpu_compute,
         plugin_options=plugin_options(args),
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,

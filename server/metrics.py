@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -96,6 +96,9 @@ class EngineMetrics:
         self._on_gpu = False
         # plugins' per-request histograms (`add_plugin_histograms`), by their name without the prefix
         self.plugin_histograms: dict[str, tuple[Histogram, int]] = {}
+        self._pinned = 0
+        self._model_series: dict[str, Any] = {}
+        self._model_totals: dict[str, float] = {}
 
     def add_plugin_histograms(self, specs: Sequence[Any]) -> None:
         """Create plugins' per-request histograms (`PluginHistogram`: name, doc, labels, buckets) as
@@ -113,19 +116,55 @@ class EngineMetrics:
         if found is not None and len(labels) == found[1]:
             found[0].labels(self.model_name, *labels).observe(value)
 
-    def set_static_memory(self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool) -> None:
+    def add_model_series(self, series: Iterable[Any]) -> None:
+        """Series a part of the model declares (objects with `name`, `kind` counter / gauge / histogram,
+        `doc`, `buckets`: server/layers/telemetry.py), registered as `actserve_<name>` at zero."""
+        r, lbl = self.registry, ["model_name"]
+        for s in series:
+            name = f"actserve_{s.name}"
+            if s.kind == "counter":
+                metric: Any = Counter(name, s.doc, lbl, registry=r)
+            elif s.kind == "gauge":
+                metric = Gauge(name, s.doc, lbl, registry=r)
+            else:
+                metric = Histogram(name, s.doc, lbl, buckets=list(s.buckets), registry=r)
+            metric.labels(self.model_name)
+            self._model_series[s.name] = metric
+            self._model_totals[s.name] = 0.0
+
+    def update_model_series(
+        self, counters: Mapping[str, float], gauges: Mapping[str, float], samples: Mapping[str, list[float]]
+    ) -> None:
+        """The model's numbers as they are now: counter totals (the increase since the last call is added),
+        gauge values, and new histogram samples."""
+        m = self.model_name
+        for name, total in counters.items():
+            grown = total - self._model_totals.get(name, 0.0)
+            if grown > 0:
+                self._model_series[name].labels(m).inc(grown)
+            self._model_totals[name] = total
+        for name, value in gauges.items():
+            self._model_series[name].labels(m).set(value)
+        for name, values in samples.items():
+            for v in values:
+                self._model_series[name].labels(m).observe(v)
+
+    def set_static_memory(
+        self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool, pinned_bytes: int = 0
+    ) -> None:
         """Weights and KV sizes are fixed after start-up; where they live decides which gauge holds them.
-        `weights_by_format`: bytes by storage format (their sum is the weights' total)."""
+        `weights_by_format`: bytes by storage format (their sum is the weights' total); `pinned_bytes`:
+        page-locked host memory the model holds (offloaded experts on CUDA)."""
         for fmt, size in weights_by_format.items():
             self.weight_bytes.labels(self.model_name, fmt).set(size)
         self._weights_bytes, self._kv_bytes = sum(weights_by_format.values()), kv_bytes
-        self._on_gpu = on_gpu
+        self._on_gpu, self._pinned = on_gpu, pinned_bytes
         self.refresh_memory()
 
     def refresh_memory(self) -> None:
         m = self.model_name
         self.cpu_memory.labels(m, "rss").set(psutil.Process().memory_info().rss)
-        self.cpu_memory.labels(m, "pinned").set(0)
+        self.cpu_memory.labels(m, "pinned").set(self._pinned)
         gpu = self.gpu_memory
         if self._on_gpu and torch.cuda.is_available():
             gpu.labels(m, "weights").set(self._weights_bytes)

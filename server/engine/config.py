@@ -37,6 +37,12 @@ class EngineConfig:
     force_transformers: bool = False  # serve a native family through the transformers fallback
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
     quantization_method: str = "rtn"  # rtn / search / gptq: how projections become FP4 at load
+    # expert offloading of MoE models (docs/architecture.md §5): device expert slots in GiB over all MoE
+    # layers, or a fraction of each layer's experts (one of them); prefetch depth, CPU compute mode
+    expert_cache_gb: float | None = None
+    resident_experts: float | None = None
+    expert_prefetch_depth: int | None = None
+    expert_cpu_compute: str | None = None
     seed: int = 0
     # plugin name -> that plugin's options (opaque to the engine; the CLI fills them from plugin flags)
     plugin_options: dict[str, Any] = field(default_factory=dict)

@@ -45,8 +45,11 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, registry: Interventi
         from actserve.server.engine.hf_runner import HFRunner
 
         return HFRunner(loaded.model, info.num_layers, registry)
-    graphs = 0 if config.enforce_eager else min(config.max_num_seqs, 256)
-    prefill = 0 if config.enforce_eager else min(config.cuda_graph_prefill_len, info.max_model_len)
+    eager = config.enforce_eager or loaded.eager_reason is not None
+    if loaded.eager_reason is not None and info.device.type == "cuda" and not config.enforce_eager:
+        log.info("no CUDA graphs: %s", loaded.eager_reason)
+    graphs = 0 if eager else min(config.max_num_seqs, 256)
+    prefill = 0 if eager else min(config.cuda_graph_prefill_len, info.max_model_len)
     return ModelRunner(
         loaded.model, loaded.num_blocks, loaded.block_size, info.device, info.dtype, registry,
         info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
@@ -110,12 +113,18 @@ class LLMEngine:
             aware = self.model_info.device.type == "cuda"
         spec = self.loaded.spec
         break_even = spec.attention_break_even() if aware and spec is not None else None
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, batched, break_even)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, batched, break_even, admission=self.loaded.admission
+        )
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.add_plugin_histograms(self.registry.histograms())
-        self.metrics.set_static_memory(
-            self.loaded.weights_by_format, self.runner.kv_bytes, self.model_info.device.type == "cuda"
-        )
+        on_gpu = self.model_info.device.type == "cuda"
+        pinned = self.loaded.host_weight_bytes if on_gpu else 0
+        self.metrics.set_static_memory(self.loaded.weights_by_format, self.runner.kv_bytes, on_gpu, pinned)
+        for telemetry in self.loaded.telemetry:  # the model's own series, counted from here on
+            telemetry.reset()
+            self.metrics.add_model_series(telemetry.series)
+            self.metrics.update_model_series(telemetry.counters, telemetry.gauges, {})
         self.seqs: dict[str, Sequence] = {}
         # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
         self.overlap = (
@@ -490,6 +499,8 @@ class LLMEngine:
             m.prefix_queries.labels(name).inc(counted[0] - self._prefix_counted[0])
             m.prefix_hits.labels(name).inc(counted[1] - self._prefix_counted[1])
             self._prefix_counted = counted
+        for telemetry in self.loaded.telemetry:
+            m.update_model_series(telemetry.counters, telemetry.gauges, telemetry.drain())
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(self.scheduler.num_queued)
         m.kv_usage.labels(name).set(self.blocks.usage)

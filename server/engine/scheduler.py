@@ -11,16 +11,33 @@ blocks freed, recomputed later, from its cached prefix where that survived). Not
 
 After a step fails, the engine may `isolate` its sequences: each then runs alone (recomputed from
 scratch, like a preempted one, every chunk of its prefill alone), so a failure is pinned on the sequence
-that causes it."""
+that causes it.
+
+Admission order is FIFO unless the model gives an `AdmissionPreference`: then, among the first
+ADMISSION_WINDOW waiting sequences, the one it scores highest is admitted first (ties: the older), and a
+sequence passed over MAX_PASSED times is admitted next whatever the scores, so none starves. (A MoE model
+whose experts are offloaded prefers prompts whose predicted experts the running batch already uses.)"""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.sequence import SeqStatus, Sequence
+
+ADMISSION_WINDOW = 8  # waiting sequences an admission preference chooses among
+MAX_PASSED = 4  # times a waiting sequence may be passed over for a preferred one
+
+
+class AdmissionPreference(Protocol):
+    """The model's preference among waiting sequences (their token ids, oldest first): one score each,
+    higher admitted first. A generic hook: the scheduler knows nothing of what the scores mean."""
+
+    def scores(self, token_ids: list[list[int]]) -> list[float]: ...
 
 
 @dataclass
@@ -88,8 +105,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         attention_break_even: int | None = None,
+        admission: AdmissionPreference | None = None,
     ) -> None:
-        """`attention_break_even`: price chunks beside decodes by `chunk_cost` (None: by tokens only)."""
+        """`attention_break_even`: price chunks beside decodes by `chunk_cost` (None: by tokens only).
+        `admission`: the model's preference among waiting sequences (None: FIFO)."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-num-seqs "
@@ -104,6 +123,8 @@ class Scheduler:
         self.isolated: deque[Sequence] = deque()  # to run one per step, alone (see `isolate`)
         self.solo: Sequence | None = None  # an isolated sequence still prefilling, alone
         self.num_preemptions = 0
+        self.admission = admission
+        self._passed: dict[str, int] = {}  # waiting sequence -> times a preferred one went first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -122,6 +143,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self._passed.pop(seq.seq_id, None)
         elif seq in self.isolated:
             self.isolated.remove(seq)
         if self.solo is seq:
@@ -182,6 +204,7 @@ class Scheduler:
         self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
         # then waiting prompts (FIFO), each admitted when its first chunk's blocks are free
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            self._prefer()
             seq = self.waiting[0]
             self.blocks.match_prefix(seq, seq.prefix_extra)  # a cached prefix: those tokens are done
             chunk = min(seq.num_tokens - seq.num_computed, self._affordable(batch, seq, budget))
@@ -189,12 +212,30 @@ class Scheduler:
                 self.blocks.release(seq)  # it keeps waiting; the cached blocks stay cached
                 break
             self.waiting.popleft()
+            self._passed.pop(seq.seq_id, None)
             self.blocks.record_lookup(seq)
             seq.status = SeqStatus.RUNNING
             self._add_prefill(batch, seq, chunk)
             self.running.append(seq)
             budget -= self._cost(batch, seq, chunk)
         return batch
+
+    def _prefer(self) -> None:
+        """Move the preferred waiting sequence to the front (module doc); FIFO without a preference, with
+        nothing running to prefer against, or when the oldest has been passed over MAX_PASSED times."""
+        if self.admission is None or len(self.waiting) < 2 or not self.running:
+            return
+        window = list(itertools.islice(self.waiting, ADMISSION_WINDOW))
+        if self._passed.get(window[0].seq_id, 0) >= MAX_PASSED:
+            return
+        scores = self.admission.scores([s.all_token_ids for s in window])
+        best = max(range(len(window)), key=lambda i: (scores[i], -i))
+        if best == 0:
+            return
+        for s in window[:best]:
+            self._passed[s.seq_id] = self._passed.get(s.seq_id, 0) + 1
+        self.waiting.remove(window[best])
+        self.waiting.appendleft(window[best])
 
     def _priced(self, batch: ScheduledBatch) -> bool:
         """Chunks pay for their attention only beside decodes: alone, nobody waits on the step's length."""

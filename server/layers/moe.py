@@ -4,9 +4,10 @@
 Storage (docs/architecture.md §5, "MoE experts"): one layer's experts are two stacked parameters,
 `w13` [slots, 2 * inter, hidden] (an expert's gate_proj rows, then its up_proj rows: gate/up fused) and
 `w2` [slots, hidden, inter], plus `slot_of` [experts] int32, the indirection from expert id to slot.
-Every expert is resident today (slots = experts, slot_of = identity); an expert cache can keep fewer
-slots and move one expert by copying it into a slot and rewriting its entry (-1: not resident), without
-touching the kernels, which compute on slots.
+Every expert is resident by default (slots = experts, slot_of = identity). With expert offloading
+(`offload_to_host`, server/layers/expert_cache.py) the layer keeps every expert in a host copy, fewer
+slots on the device, and its `cache` resolves each step's experts to slots (copying, or computing on the
+CPU) before the kernels run; the kernels, which compute on slots, do not change.
 
 Routing: softmax over the router's logits, top-k, renormalised as the family's config says
 (`kernels/moe_ref.route_topk`); then each `moe` hook of the step may change the routing of its rows
@@ -17,13 +18,19 @@ over experts as transformers does.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from actserve.kernels.moe_ref import expert_slots, fused_moe_ref, route_topk
 from actserve.server.contract.hooks import MoEHook, RowInputs
+from actserve.server.layers.expert_copier import pinned_empty
 from actserve.server.layers.linear import Linear, linear
+
+if TYPE_CHECKING:
+    from actserve.server.layers.expert_cache import LayerCache
 
 # a step's moe hooks at one layer: (hook, its row inputs, its rows [rows] bool)
 MoEHooks = list[tuple[MoEHook, RowInputs, torch.Tensor]]
@@ -53,6 +60,10 @@ class FusedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=params_dtype))
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=params_dtype))
         self.register_buffer("slot_of", torch.arange(e, dtype=torch.int32), persistent=False)
+        # expert offloading (`offload_to_host`): every expert's weights on the host, and the slots' cache
+        self.host_w13: torch.Tensor | None = None
+        self.host_w2: torch.Tensor | None = None
+        self.cache: LayerCache | None = None
         gate, up, down = expert_names
         # checkpoint name (under this module) -> (expert, parameter, output-row block)
         self._names = {
@@ -64,14 +75,31 @@ class FusedExperts(nn.Module):
     def checkpoint_names(self) -> dict[str, tuple[int, str, int]]:
         return self._names
 
+    def offload_to_host(self, slots: int, dtype: torch.dtype, pin: bool) -> None:
+        """Before the model is allocated (its parameters still on the meta device): every expert's weights
+        in host tensors of `dtype` (page-locked when `pin`), and `slots` device slots instead of one per
+        expert. The checkpoint then loads into the host copy."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        self.host_w13 = pinned_empty((e, 2 * i, h), dtype, pin)
+        self.host_w2 = pinned_empty((e, h, i), dtype, pin)
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * i, h, device="meta", dtype=self.w13.dtype))
+        self.w2 = nn.Parameter(torch.empty(slots, h, i, device="meta", dtype=self.w2.dtype))
+
+    def host_weights(self) -> list[torch.Tensor]:
+        """The host copies that random initialisation must fill (none unless offloaded)."""
+        return [t for t in (self.host_w13, self.host_w2) if t is not None]
+
     def load_tensor(self, name: str, loaded: torch.Tensor, shard_id: object = None) -> None:
-        """One expert's checkpoint matrix into its slot (all resident: the slot is the expert id)."""
+        """One expert's checkpoint matrix into its slot (all resident: the slot is the expert id), or into
+        the host copy when offloaded."""
         target = self._names.get(name)
         if target is None:
             raise ValueError(f"FusedExperts reads no checkpoint tensor {name!r}")
         expert, param, part = target
         i = self.intermediate_size
-        dest = self.w13[expert, part * i : (part + 1) * i] if param == "w13" else self.w2[expert]
+        w13 = self.host_w13 if self.host_w13 is not None else self.w13
+        w2 = self.host_w2 if self.host_w2 is not None else self.w2
+        dest = w13[expert, part * i : (part + 1) * i] if param == "w13" else w2[expert]
         if dest.shape != loaded.shape:
             raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {tuple(dest.shape)}")
         with torch.no_grad():
@@ -79,28 +107,52 @@ class FusedExperts(nn.Module):
 
     def after_loading(self) -> None:
         """Every expert resident in the slot of its own id (the table is not in the checkpoint, and a
-        model built on the meta device has no values in it yet)."""
+        model built on the meta device has no values in it yet); offloaded, the cache fills the slots."""
         with torch.no_grad():
             self.slot_of.copy_(torch.arange(self.num_experts, dtype=torch.int32))
+        if self.cache is not None:
+            self.cache.fill()
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int) -> torch.Tensor:
         """x [rows, hidden], expert ids [rows, k] (-1: none), weights [rows, k] float32 -> [rows, hidden].
         `top_k`: the model's experts per row (sizes the decode kernel's grid when k is wider)."""
+        if self.cache is not None:
+            return self.cache.forward(x, ids, weights, top_k)
         slots = expert_slots(ids, self.slot_of)
-        if not x.is_cuda:
-            return fused_moe_ref(x, self.w13, self.w2, slots, weights)
-        from actserve.kernels.moe import fused_moe
-
-        k = max(1, ids.shape[1])
-        step = max(1, MAX_PAIRS // k)
-        if x.shape[0] <= step:
-            return fused_moe(x, self.w13, self.w2, slots, weights, active_k=top_k)
-        cuts = [slice(r, r + step) for r in range(0, x.shape[0], step)]
-        parts = [fused_moe(x[c], self.w13, self.w2, slots[c], weights[c], active_k=top_k) for c in cuts]
-        return torch.cat(parts)
+        return run_experts(x, self.w13, self.w2, slots, weights, top_k, self.num_experts)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
+
+
+def run_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    top_k: int,
+    num_experts: int,
+) -> torch.Tensor:
+    """The experts kernel over `slots` (the plain-torch reference on the CPU), cut into row chunks of at
+    most MAX_PAIRS pairs. The path and launch config depend on the model's expert count, not the slot
+    count, so an expert cache with fewer slots runs the very kernels the all-resident layer runs."""
+    if not x.is_cuda:
+        return fused_moe_ref(x, w13, w2, slots, weights)
+    from actserve.kernels.moe import fused_moe, pick_grouped, takes_decode
+
+    k = max(1, slots.shape[1])
+    step = max(1, MAX_PAIRS // k)
+
+    def call(c: slice) -> torch.Tensor:
+        rows = x[c].shape[0]
+        path = "decode" if takes_decode(rows, top_k, num_experts) else "grouped"
+        cfg = pick_grouped(rows * slots.shape[1], num_experts)
+        return fused_moe(x[c], w13, w2, slots[c], weights[c], path=path, active_k=top_k, grouped_cfg=cfg)
+
+    if x.shape[0] <= step:
+        return call(slice(None))
+    return torch.cat([call(slice(r, r + step)) for r in range(0, x.shape[0], step)])
 
 
 def _widen(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from actserve.server.contract import ModelInfo, MoEInfo
+from actserve.server.layers.telemetry import Telemetry
+from actserve.server.models.expert_offload import attach_offload, offload_config
 from actserve.server.models.formats import weight_bytes
 from actserve.server.models.hf_fallback import load_transformers
 from actserve.server.models.loader import (
@@ -56,6 +58,12 @@ class LoadConfig:
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
     quantization_method: str = "rtn"  # rtn / search / gptq: how projections become FP4 at load
     max_num_batched_tokens: int | None = None  # CUDA: the step token budget whose activations are profiled
+    # expert offloading (server/models/expert_offload.py): device slots as GiB over all MoE layers, or as a
+    # fraction of each layer's experts (one of them); the prefetch depth and CPU compute mode (None: default)
+    expert_cache_gb: float | None = None
+    resident_experts: float | None = None
+    expert_prefetch_depth: int | None = None
+    expert_cpu_compute: str | None = None
 
 
 @dataclass
@@ -72,6 +80,14 @@ class LoadedModel:
     kv_block_bytes: int = 0  # K and V of one block, all layers
     # weights_bytes by storage format (`formats.weight_bytes`: "bfloat16", "nvfp4", ...)
     weights_by_format: dict[str, int] = field(default_factory=dict)
+    # what parts of the model report for the engine to export (the expert cache's counters)
+    telemetry: list[Telemetry] = field(default_factory=list)
+    # the engine scheduler's admission preference (`scores(token_ids) -> list[float]`), if the model has one
+    admission: Any = None
+    # why steps must run eager (no CUDA graphs), if they must
+    eager_reason: str | None = None
+    # weights kept in host memory beside the device's (offloaded experts; pinned on CUDA)
+    host_weight_bytes: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -153,10 +169,15 @@ def load_weights(config: LoadConfig) -> LoadedModel:
     weight_format = projection_format(
         spec, hf_config, config.quantization, dummy, native.fallback_reason, method=method
     )
+    offload = offload_config(
+        spec, dtype, name, native.fallback_reason, config.expert_cache_gb, config.resident_experts,
+        config.expert_prefetch_depth, config.expert_cpu_compute,
+    )  # fmt: skip
     if spec is not None:
+        prepare = None if offload is None else (lambda m: attach_offload(m, offload, dtype, device))
         model = load_native(
             spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
-            weight_format=None if calibrated else weight_format,
+            weight_format=None if calibrated else weight_format, prepare=prepare,
         )  # fmt: skip
         if calibrated:  # loaded dense: calibrate, then each projection becomes FP4
             quantize_calibrated(model, tokenizer, config.quantization, max_len, method)  # type: ignore[arg-type]
@@ -202,7 +223,17 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         head_dim=head_dim,
         moe=moe_info(spec),
     )
-    return LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
+    loaded = LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
+    cache = getattr(model, "expert_offload", None)
+    if cache is not None:
+        cache.measure_costs()
+        loaded.telemetry.append(cache.telemetry)
+        loaded.admission = cache
+        loaded.host_weight_bytes = cache.host_bytes()
+        loaded.eager_reason = (
+            "experts are offloaded: each MoE layer reads its routing on the host to make its experts resident"
+        )
+    return loaded
 
 
 def moe_info(spec: ModelSpec | None) -> MoEInfo | None:

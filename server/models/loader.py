@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +97,13 @@ def load_native(
     random_init: bool = False,
     model_class: type | None = None,
     weight_format: Any = None,
+    prepare: Callable[[torch.nn.Module], object] | None = None,
 ) -> torch.nn.Module:
     """Build on the meta device, allocate once on the target, then load tensors in (no random init).
 
     `model_class` defaults to the registry's class for `spec.family`; `weight_format` (a factory of
-    `WeightFormat`s, None = dense) is passed to it."""
+    `WeightFormat`s, None = dense) is passed to it. `prepare(model)` runs on the model still on the meta
+    device, before anything is allocated (expert offloading moves the experts to host memory there)."""
     from actserve.server.layers.rotary import RotaryEmbedding
     from actserve.server.models.registry import model_class_for_family
 
@@ -109,6 +111,8 @@ def load_native(
     rotary = RotaryEmbedding(config, spec.head_dim, max_positions).to(device)
     with torch.device("meta"):
         model = cls(spec, torch.nn.Module(), weight_format=weight_format)
+    if prepare is not None:
+        prepare(model)
     model = cast_to_model_dtype(model.to_empty(device=device), dtype)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -265,6 +269,13 @@ def _random_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     depend on the values, and this avoids reading gigabytes of checkpoint. A layer whose format converts
     the dense `weight` as it loads (FP4 quantized at load) is given a random dense matrix to convert."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for module in model.modules():  # offloaded experts' host copies: drawn on the device, copied over
+        host = getattr(module, "host_weights", None)
+        for t in host() if host is not None else []:
+            for e in range(t.shape[0]):
+                t[e].copy_(
+                    torch.randn(t.shape[1:], generator=gen, device=gen.device, dtype=t.dtype).mul_(std)
+                )
     converted: set[int] = set()
     for module in model.modules():
         if "weight" in _reads(module) and module._parameters.get("weight") is None:

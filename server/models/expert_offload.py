@@ -1,0 +1,118 @@
+"""Expert offloading's flags turned into the cache's configuration, and the cache attached to a native
+mixture-of-experts model before it is allocated (docs/architecture.md §5, "Expert offloading").
+
+`--expert-cache-gb X` (GiB of device slots over all MoE layers) or `--resident-experts F` (a fraction of
+each layer's experts, 0 < F <= 1), mutually exclusive; `--expert-prefetch-depth D` and
+`--expert-cpu-compute auto|never|always` only with one of them. A size that holds every expert leaves the
+model as it is (nothing offloaded, CUDA graphs kept)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from actserve.server.layers.expert_cache import CPU_MODES, ExpertOffload, OffloadConfig
+from actserve.server.models.loader import ModelLoadError
+from actserve.server.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFETCH_DEPTH = 1
+
+
+def expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """One expert's gate, up and down matrices."""
+    assert spec.moe is not None
+    return 3 * spec.hidden_size * spec.moe.intermediate_size * torch.tensor([], dtype=dtype).element_size()
+
+
+def offload_config(
+    spec: ModelSpec | None,
+    dtype: torch.dtype,
+    name: str,
+    fallback_reason: str | None,
+    cache_gb: float | None,
+    resident: float | None,
+    prefetch_depth: int | None,
+    cpu_compute: str | None,
+) -> OffloadConfig | None:
+    """The cache's configuration from the flags (None: no offloading), or a ModelLoadError naming the flag."""
+    if cache_gb is None and resident is None:
+        for flag, value in (
+            ("--expert-prefetch-depth", prefetch_depth),
+            ("--expert-cpu-compute", cpu_compute),
+        ):
+            if value is not None:
+                raise ModelLoadError(
+                    f"{flag} needs expert offloading: give --expert-cache-gb or --resident-experts"
+                )
+        return None
+    if cache_gb is not None and resident is not None:
+        raise ModelLoadError("--expert-cache-gb and --resident-experts are mutually exclusive: give one")
+    flag = "--expert-cache-gb" if cache_gb is not None else "--resident-experts"
+    if resident is not None and not 0 < resident <= 1:
+        raise ModelLoadError(
+            f"--resident-experts must be in (0, 1] (a fraction of each layer's experts), got {resident}"
+        )
+    if cache_gb is not None and not cache_gb > 0:
+        raise ModelLoadError(
+            f"--expert-cache-gb must be > 0 (GiB of device memory for experts), got {cache_gb}"
+        )
+    if prefetch_depth is not None and prefetch_depth < 0:
+        raise ModelLoadError(f"--expert-prefetch-depth must be >= 0 (0: no prefetch), got {prefetch_depth}")
+    if cpu_compute is not None and cpu_compute not in CPU_MODES:
+        raise ModelLoadError(
+            f"--expert-cpu-compute must be one of {', '.join(CPU_MODES)}, got {cpu_compute!r}"
+        )
+    if spec is None or spec.moe is None:
+        if fallback_reason is not None:
+            why = f"the transformers fallback serves {name} ({fallback_reason})"
+        else:
+            why = f"{name} is not a mixture-of-experts model"
+        raise ModelLoadError(
+            f"{flag}: expert offloading needs a natively served mixture-of-experts model; {why}"
+        )
+    moe = spec.moe
+    layers = sum(1 for i in range(spec.num_layers) if moe.sparse(i))
+    per_expert = expert_bytes(spec, dtype)
+    if cache_gb is not None:
+        slots = int(cache_gb * 2**30 // (layers * per_expert))
+        if slots < 1:
+            need = layers * per_expert / 2**30
+            raise ModelLoadError(
+                f"--expert-cache-gb {cache_gb} holds less than one expert per MoE layer ({layers} layers x "
+                f"{per_expert / 2**20:.1f} MiB); give at least {need:.3f}"
+            )
+    else:
+        assert resident is not None
+        slots = max(1, math.floor(resident * moe.num_experts + 1e-9))
+    if slots >= moe.num_experts:
+        log.info("%s: every expert fits (%d per layer): nothing offloaded", flag, moe.num_experts)
+        return None
+    depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
+    config = OffloadConfig(slots, depth, cpu_compute or "auto")
+    log.info(
+        "expert offloading: %d of %d experts per layer on the device (%.2f GiB over %d layers), the rest "
+        "in host memory; prefetch depth %d, CPU compute %s", slots, moe.num_experts,
+        slots * layers * per_expert / 2**30, layers, depth, config.cpu_compute,
+    )  # fmt: skip
+    return config
+
+
+def attach_offload(
+    model: Any, config: OffloadConfig, dtype: torch.dtype, device: torch.device
+) -> ExpertOffload:
+    """On the model still on the meta device: each MoE layer's experts moved to host copies with
+    `config.slots` device slots, and the cache over them (`model.expert_offload`). The admission
+    preference predicts with the first MoE layer's router on its post-attention norm of an embedding."""
+    layers = model.model.layers
+    blocks = [(i, layer.mlp) for i, layer in enumerate(layers) if layer.is_moe]
+    for _, block in blocks:
+        block.experts.offload_to_host(config.slots, dtype, pin=device.type == "cuda")
+    first = layers[blocks[0][0]]
+    offload = ExpertOffload(blocks, config, device, model.model.embed_tokens, first.post_attention_layernorm)
+    model.expert_offload = offload
+    return offload
