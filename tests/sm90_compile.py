@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 
 from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp4_gemv_kernel
 from actserve.kernels.gemv import _gemv_kernel
+from actserve.kernels.kv_scores import _kv_scores_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -247,6 +248,21 @@ VARIANTS.append(
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )
+
+kv_scores_types = {
+    "a_ptr": F32,
+    "b_ptr": F32,
+    "x_ptr": BF,
+    "y_ptr": BF,
+    "bt_ptr": I32,
+    "n_ptr": I32,
+    "out_ptr": F32,
+    **dict.fromkeys(("stride_ar", "stride_ag", "stride_xi", "stride_xg", "stride_bt", "stride_or"), "i32"),
+}
+for has_b in (False, True):  # InfLLM / ActQKV (one summary), Quest (min and max)
+    VARIANTS.append(
+        (_kv_scores_kernel, kv_scores_types, dict(KV_HEADS=8, HEAD_DIM=128, BLOCK_C=64, HAS_B=has_b))
+    )
 
 
 def main() -> int:

@@ -16,12 +16,14 @@ from actserve.server.contract.hooks import (
     LogitsHook,
     MoEHook,
     PluginHooks,
+    QueryHook,
     ResidualHook,
     RowInput,
     RowInputs,
     StepHooks,
     ThresholdHook,
 )
+from actserve.server.contract.kv_space import KVResidency, KVSpace, KVTier
 from actserve.server.contract.model_info import ModelInfo, MoEInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
@@ -50,6 +52,9 @@ __all__ = [
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
+    "KVResidency",
+    "KVSpace",
+    "KVTier",
     "LinearInputHook",
     "LinearSite",
     "LinearWeightsHook",
@@ -59,6 +64,7 @@ __all__ = [
     "MoEInfo",
     "PluginHooks",
     "PROJECTIONS",
+    "QueryHook",
     "ResidualHook",
     "RowInput",
     "RowInputs",

@@ -42,6 +42,10 @@ class ModelInfo:
     block_size: int = 16  # tokens per paged-KV block (what attention hooks' block tables count in)
     eos_token_ids: tuple[int, ...] = ()  # the tokens that end a sequence (generation config, tokenizer)
     moe: MoEInfo | None = None  # a native mixture-of-experts model's routing (None: dense, or the fallback)
+    # attention's shape: query heads, key/value heads (grouped-query attention when fewer), head size
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
     def projection_sites(self) -> list[tuple[int, str]]:
         """Every (layer, projection) that linear hooks and weight formats can reach: all of PROJECTIONS in

@@ -69,7 +69,9 @@ class LoadedModel:
     block_size: int
     weights_bytes: int  # the parameters' bytes as stored, extra formats included (`size_kv_cache`)
     step_activation_bytes: int = 0  # CUDA native: the profiled peak of a step at the token budget
-    kv_block_bytes: int = 0  # K and V of one block, all layers
+    kv_block_bytes: int = 0  # K and V of one block, all layers (plus plugins' per-block data when sized)
+    # GPU blocks beyond the pool, set aside for plugins with a host tier (the engine sets it)
+    reserved_kv_blocks: int = 0
     # weights_bytes by storage format (`formats.weight_bytes`: "bfloat16", "nvfp4", ...)
     weights_by_format: dict[str, int] = field(default_factory=dict)
 
@@ -164,7 +166,7 @@ def load_weights(config: LoadConfig) -> LoadedModel:
             quantize_llm_fp4(model, tokenizer, max_len)
         arch, impl = native.architecture, "native"
         layers, hidden, vocab = spec.num_layers, spec.hidden_size, spec.vocab_size
-        kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+        kv_heads, head_dim, heads = spec.num_kv_heads, spec.head_dim, spec.num_heads
     else:
         model = load_transformers(model_dir, dtype, device, config.allow_pickle_weights)
         arch, impl = type(model).__name__, "transformers"
@@ -172,6 +174,7 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         vocab = text_config.vocab_size
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+        heads = text_config.num_attention_heads
     per_block = (
         2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
     )
@@ -194,6 +197,9 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         block_size=config.block_size,
         eos_token_ids=tuple(eos),
         moe=moe_info(spec),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
     )
     return LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
 
