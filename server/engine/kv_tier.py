@@ -37,6 +37,7 @@ class HostTier:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store)
 
+    @torch.no_grad()
     def offload(self, gpu_ids: list[int], host_ids: list[int]) -> None:
         """Copy every layer's K/V of GPU blocks `gpu_ids` into host blocks `host_ids`."""
         if not gpu_ids:
@@ -55,6 +56,7 @@ class HostTier:
             self._offloaded = torch.cuda.Event()
             self._offloaded.record()
 
+    @torch.no_grad()
     def recall(self, layers: np.ndarray, host_ids: np.ndarray, gpu_ids: np.ndarray) -> None:
         """`KVTier.recall`: layer layers[i]'s K/V of host block host_ids[i] into GPU block gpu_ids[i]."""
         if len(layers) == 0:
