@@ -224,7 +224,8 @@ def main() -> int:
             res[f"kvr_speedup_ctx{ctx}_b{b}"] = full / by[(ctx, b, "kvr")]["step_ms"]
             res[f"kvr_tier_speedup_ctx{ctx}_b{b}"] = full / by[(ctx, b, "tier")]["step_ms"]
         res[f"kvr_gpu_kv_ratio_ctx{ctx}"] = by[(ctx, max(batches), "tier")]["gpu_kv_ratio"]
-    print(f"\n{'context':>8} {'batch':>5} {'full ms':>9} {'kvr ms':>9} {'tier ms':>9} {'speedup':>8} {'tier x':>7}")
+    cols = f"{'full ms':>9} {'kvr ms':>9} {'tier ms':>9} {'speedup':>8} {'tier x':>7}"
+    print(f"\n{'context':>8} {'batch':>5} {cols}")
     for ctx in contexts:
         for b in batches:
             f, k, t = (by[(ctx, b, m)]["step_ms"] for m in ("full", "kvr", "tier"))

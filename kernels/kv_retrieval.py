@@ -67,7 +67,7 @@ def _append_kernel(
     tl.store(var_ptr + slot * stride_ms + c, v2, mask=cm)
     tl.store(cnt_ptr + slot, tl.minimum(n, cap))
     mv = tl.sum(tl.where(cm, v2, 0.0), axis=0) / C
-    dev = (x - mu2) * (x - mu2) / (v2 + mv / 100)
+    dev = (x - mu2) * (x - mu2) / tl.maximum(v2 + mv / 100, 1e-20)
     bias = tl.sum(tl.where(cm, dev, 0.0), axis=0) / C
     at = p % T
     tl.store(rq_ptr + slot * stride_rqs + at * stride_rqt + c, xq.to(rq_ptr.dtype.element_ty), mask=cm)
@@ -110,7 +110,7 @@ def _query_vectors_kernel(
             wi = tl.where((rpi >= 0) & (rpi <= p) & (rpi > p - T), wi, 0.0)
             x = tl.load(rq_ptr + slot * stride_rqs + i * stride_rqt + ch, mask=hm[:, None], other=0.0)
             acc += wi * tl.sum(x.to(tl.float32), axis=0)
-        a = acc
+        a = a + acc  # the current query beside the window's probe
     tl.store(a_ptr + r * stride_a + g * D + d, a)
     tl.store(b_ptr + r * stride_a + g * D + d, b)
 

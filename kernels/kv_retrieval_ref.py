@@ -58,7 +58,7 @@ def append_ref(
     mu2 = mu + delta / n.unsqueeze(1)
     v2 = (v * n0.unsqueeze(1) + delta * (x - mu2)) / n.unsqueeze(1)
     mean[s], var[s], count[s] = mu2, v2, n.clamp(max=cap)
-    denom = v2 + v2.mean(1, keepdim=True) / 100
+    denom = (v2 + v2.mean(1, keepdim=True) / 100).clamp_min(1e-20)  # a first query: 0 / 0 -> 0
     at = p % ring_q.shape[1]
     ring_q[s, at] = q[mine].to(ring_q.dtype)
     ring_pos[s, at] = p
@@ -75,9 +75,10 @@ def query_vectors_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) [R, Hk, D] float32, per row by its method, summed over each KV head's query heads: InfLLM
     a = q, b = 0; Quest a = max(q, 0), b = min(q, 0) (sum_d max(q mn, q mx) = max(q,0).mx + min(q,0).mn);
-    ActQKV a = the probe sum_t w_t x_t over the slot's ring entries of the last T positions (the current
-    one included: `append` ran first), w = their activation biases normalised to sum to 1. Rows of other
-    requests get a = q, b = 0 (their scores are never used)."""
+    ActQKV a = q + the probe sum_t w_t x_t over the slot's ring entries of the last T positions (the
+    current one included: `append` ran first), w = their activation biases normalised to sum to 1 (the
+    current query keeps its own weight beside the window's). Rows of other requests get a = q, b = 0
+    (their scores are never used)."""
     r, hq, d = q.shape
     g = hq // kv_heads
     qf = q.float()
@@ -92,7 +93,7 @@ def query_vectors_ref(
     probe = torch.einsum("rt,rthd->rhd", w, ring_q[s].float())
     quest = (method == QUEST).view(r, 1, 1)
     act = (method == ACTQKV) & (cfg[:, SLOT] >= 0)
-    a = torch.where(act.view(r, 1, 1), probe, torch.where(quest, qf.clamp(min=0), qf))
+    a = torch.where(act.view(r, 1, 1), qf + probe, torch.where(quest, qf.clamp(min=0), qf))
     b = torch.where(quest, qf.clamp(max=0), torch.zeros_like(qf))
     return a.view(r, kv_heads, g, d).sum(2), b.view(r, kv_heads, g, d).sum(2)
 

@@ -22,7 +22,6 @@ from actserve.kernels.kv_retrieval import (
     _summaries_kernel,
     _tables_kernel,
 )
-from actserve.kernels.kv_scores import _kv_scores_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -256,21 +255,6 @@ VARIANTS.append(
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )
-
-kv_scores_types = {
-    "a_ptr": F32,
-    "b_ptr": F32,
-    "x_ptr": BF,
-    "y_ptr": BF,
-    "bt_ptr": I32,
-    "n_ptr": I32,
-    "out_ptr": F32,
-    **dict.fromkeys(("stride_ar", "stride_ag", "stride_xi", "stride_xg", "stride_bt", "stride_or"), "i32"),
-}
-for has_b in (False, True):  # InfLLM / ActQKV (one summary), Quest (min and max)
-    VARIANTS.append(
-        (_kv_scores_kernel, kv_scores_types, dict(KV_HEADS=8, HEAD_DIM=128, BLOCK_C=64, HAS_B=has_b))
-    )
 
 # KV retrieval's decode kernels at Llama-3-8B's shape (32 query heads, 8 KV heads, head size 128, 16-token
 # blocks, a 64-query ring); "*i32" row configuration

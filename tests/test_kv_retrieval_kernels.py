@@ -1,5 +1,6 @@
 """The KV-retrieval decode kernels (kernels/kv_retrieval.py) against their plain-torch references
-(kernels/kv_retrieval_ref.py) on fresh random state: Triton's interpreter on the CPU, natively on a GPU.
+(kernels/kv_retrieval_ref.py) on fresh random state, and the paged-decode kernel reading the per-row
+lists of chosen blocks they build: Triton's interpreter on the CPU, natively on a GPU.
 Each kernel gets rows of every method, a row of another request (slot -1) and, where it matters, an
 offloaded row and a row whose budget covers its context."""
 
@@ -10,8 +11,11 @@ import torch
 
 from actserve.kernels import kv_retrieval as K
 from actserve.kernels import kv_retrieval_ref as R
+from actserve.kernels.paged_decode import paged_decode
+from actserve.kernels.paged_decode_ref import paged_decode_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 HQ, HK, D, BS, T, SLOTS, IDS, LAYERS = 4, 2, 16, 4, 8, 5, 50, 3
 
 
@@ -120,9 +124,9 @@ def test_budget() -> None:
     col = torch.arange(tables.shape[1], device=DEVICE)
     cand = (col >= sink[:, None]) & (col < ws[:, None])
     sc = torch.where(cand, torch.randn(tables.shape, generator=g).to(DEVICE) * 2, float("-inf"))
+    a = state(torch.Generator().manual_seed(9))
+    b = clone(a)
     for layer in range(LAYERS):  # the blocks left carry from layer to layer
-        a = state(torch.Generator().manual_seed(9)) if layer == 0 else a
-        b = clone(a) if layer == 0 else b
         want = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, 12, BS)
         got = K.budget(sc, cfg, lens, b["entropy"], b["remaining"], layer, 12, BS, R.ENTROPY_RATE)
         assert torch.equal(got, want), layer
@@ -135,8 +139,10 @@ def test_tables() -> None:
     cfg = cfg_rows(ROWS)
     tables, lens = tables_and_lens(g)
     kk = 6
-    sc = R.scores_ref(*(torch.randn(len(ROWS), HK, D, generator=g).to(DEVICE) for _ in range(2)), cfg, tables, lens,
-                      torch.randn(IDS, HK, D, generator=g).to(DEVICE), None, None, BS)  # fmt: skip
+    qa, qb = (torch.randn(len(ROWS), HK, D, generator=g).to(DEVICE) for _ in range(2))
+    sc = R.scores_ref(
+        qa, qb, cfg, tables, lens, torch.randn(IDS, HK, D, generator=g).to(DEVICE), None, None, BS
+    )
     val, idx = sc.topk(kk, dim=1)
     k_sel = torch.tensor([3, 2, 5, 0, 4, 2], device=DEVICE)
     att_ids = torch.randint(0, IDS, (SLOTS + 1, 9), generator=g).to(DEVICE, torch.int32)
@@ -181,3 +187,27 @@ def test_summaries(reps: int) -> None:
     for k in ("rep", "kmin", "kmax"):
         assert close(b[k], a[k], 1e-5), k
     assert torch.equal(a["rep"][7], st["rep"][7]) and not torch.equal(a["rep"][11], st["rep"][11])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_reads_selected_block_lists(dtype: torch.dtype) -> None:
+    """A row's table may be any ordered list of blocks (sink, chosen, window: not its logical blocks) with
+    its length counting their tokens; entries past the length are never read (a retrieving row's table
+    keeps stale or host-tier ids there)."""
+    g = torch.Generator().manual_seed(11)
+    batch, hk, group, dim, bs, nblocks = 3, 2, 3, 16, 4, 30
+    k_cache = torch.randn(nblocks * bs, hk, dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(nblocks * bs, hk, dim, generator=g).to(DEVICE, dtype)
+    q = torch.randn(batch, hk * group, dim, generator=g).to(DEVICE, dtype)
+    width = 20
+    tables = torch.full((batch, width), 10**7, dtype=torch.int32)  # ids far outside the cache
+    lists = [[0, 17, 4, 9, 28, 12], [3, 21], [5, 6, 7, 8, 25, 26, 27, 29]]
+    lens = []
+    for r, blocks in enumerate(lists):
+        tables[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        lens.append((len(blocks) - 1) * bs + 1 + r)  # the last listed block partly filled
+    tables, lens_t = tables.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    want = paged_decode_ref(q, k_cache, v_cache, tables, lens_t, 0.3, bs)
+    got = paged_decode(q, k_cache, v_cache, tables, lens_t, 0.3, bs, tile=16)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - want.float()).abs().max().item() < tol

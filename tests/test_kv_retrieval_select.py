@@ -1,20 +1,22 @@
 """kv_retrieval's hook against plain-torch references written from the methods' definitions, one row at
-a time in float64, on fresh random inputs (docs/architecture.md §10, "KV retrieval"): each method's
-block choice and the table it builds, ActQKV's probe and per-layer budget across layers, the block
-summaries written when blocks fill, and the running statistics of the queries."""
+a time in float64, on fresh random inputs (docs/architecture.md §10, "KV retrieval"): each method's block
+choice and the table it builds (decode path, and the packed path's decode rows), ActQKV's probe and
+per-layer budget across layers, the block summaries written when blocks fill, and the running
+statistics and activation biases of the queries."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from actserve.interventions.base import ModelInfo
-from actserve.interventions.kv_retrieval import methods as M
-from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, RetrievalHook
+from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, STAT_CAP, RetrievalHook
 from actserve.interventions.kv_retrieval.staging import Staging
 from actserve.interventions.kv_retrieval.state import RetrievalState
+from actserve.kernels import kv_retrieval_ref as R
 
 LAYERS, HQ, HK, D, BS, RING, WIDTH, IDS, SLOTS = 2, 4, 2, 8, 4, 8, 12, 60, 4
 INFO = ModelInfo(
@@ -31,50 +33,50 @@ def random_state(g: torch.Generator) -> RetrievalState:
     st.kmin.copy_(torch.minimum(a, b))
     st.kmax.copy_(torch.maximum(a, b))
     st.ring_q.copy_(torch.randn(st.ring_q.shape, generator=g))
+    st.ring_bias.copy_(torch.rand(st.ring_bias.shape, generator=g) + 0.1)
     st.mean.copy_(torch.randn(st.mean.shape, generator=g) * 0.3)
     st.var.copy_(torch.rand(st.var.shape, generator=g) + 0.2)
+    st.count.fill_(10)
     st.entropy.copy_(torch.rand(st.entropy.shape, generator=g) * 0.8 + 0.1)
     return st
 
 
-def hook(st: RetrievalState, offload: bool = False) -> RetrievalHook:
-    return RetrievalHook(st, LAYERS, HK, BS, D**-0.5, 2, frozenset(M.METHODS.values()), offload)
+def hook(st: RetrievalState, decode: bool = True) -> RetrievalHook:
+    return RetrievalHook(st, LAYERS, HK, BS, D**-0.5, 2, decode)
 
 
-# -- references, one row at a time ----------------------------------------------------------------
-def ref_scores(
-    method: int, q: torch.Tensor, ids: list[int], st: RetrievalState, layer: int, probe: torch.Tensor
-):
+def rows_input(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    cfg = torch.full((len(rows), COLUMNS), -1, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        if r[0] >= 0:
+            cfg[i] = torch.tensor(r, dtype=torch.int32)
+    return {INPUT: cfg}
+
+
+# -- references, one row at a time, float64 ------------------------------------------------------------
+def ref_scores(method: int, a: torch.Tensor, ids: list[int], st: RetrievalState, layer: int) -> list[float]:
+    """InfLLM / ActQKV: sum_h a_h . rep[g(h)]; Quest: sum_h sum_d max(q_hd min_d, q_hd max_d) (a = q)."""
     g = HQ // HK
     out = []
     for b in ids:
         s = 0.0
         for h in range(HQ):
-            if method == M.QUEST:
+            if method == R.QUEST:
                 lo, hi = st.kmin[layer, b, h // g].double(), st.kmax[layer, b, h // g].double()  # type: ignore[index]
-                qh = q[h].double()
-                s += float(torch.maximum(qh * lo, qh * hi).sum())
+                s += float(torch.maximum(a[h] * lo, a[h] * hi).sum())
             else:
-                v = probe if method == M.ACTQKV else q
-                s += float(v[h].double() @ st.rep[layer, b, h // g].double())  # type: ignore[index]
+                s += float(a[h] @ st.rep[layer, b, h // g].double())  # type: ignore[index]
         out.append(s)
     return out
 
 
 def ref_probe(st: RetrievalState, layer: int, slot: int, pos: int, q: torch.Tensor) -> torch.Tensor:
-    """The last RING positions before `pos` found in the slot's ring, plus the current query, weighted by
-    their activation bias."""
-    xs = [
-        st.ring_q[layer, slot, i].double().flatten()
-        for i in range(RING)
-        if pos - RING < st.ring_pos[layer, slot, i] < pos
-    ]
-    xs.append(q.double().flatten())
-    mu, var = st.mean[layer, slot].double(), st.var[layer, slot].double()
-    denom = var + var.mean() / 100
-    bias = torch.stack([((x - mu) ** 2 / denom).mean() for x in xs])
-    w = bias / bias.sum()
-    return sum(wi * x for wi, x in zip(w, xs, strict=True)).view(HQ, D)  # type: ignore[return-value]
+    """q + the activation-bias-weighted mean of the ring's queries of the last RING positions (the
+    current one included: the hook appended it before selecting)."""
+    keep = [i for i in range(RING) if pos - RING < int(st.ring_pos[layer, slot, i]) <= pos]
+    w = torch.tensor([float(st.ring_bias[layer, slot, i]) for i in keep], dtype=torch.float64)
+    xs = torch.stack([st.ring_q[layer, slot, i].double() for i in keep])
+    return q.double() + torch.einsum("t,thd->hd", w / w.sum(), xs)
 
 
 def ref_select(
@@ -88,10 +90,10 @@ def ref_select(
     n = -(-length // BS)
     ws = max(n - window, sink)
     cands = list(range(sink, ws))
-    probe = ref_probe(st, layer, slot, pos, q) if method == M.ACTQKV else q
-    scores = ref_scores(method, q, [table[c] for c in cands], st, layer, probe)
+    a = ref_probe(st, layer, slot, pos, q) if method == R.ACTQKV else q.double()
+    scores = ref_scores(method, a, [table[c] for c in cands], st, layer)
     k_sel = k
-    if method == M.ACTQKV:
+    if method == R.ACTQKV:
         if len(cands) >= 2:
             p = torch.tensor(scores, dtype=torch.float64).softmax(0)
             h = float(-(p * p.log()).sum()) / math.log(len(cands))
@@ -99,7 +101,7 @@ def ref_select(
         if layer == 0:
             remaining = float(k * LAYERS)
         share = float(entropy[layer] / entropy[layer:].sum())
-        k_sel = int(min(max(round(share * remaining), max(1, k // 2)), min(2 * k, WIDTH)))
+        k_sel = int(min(max(math.floor(share * remaining + 0.5), max(1, k // 2)), min(2 * k, WIDTH)))
         remaining -= k_sel
     if len(cands) <= k:
         return table, length, remaining
@@ -109,41 +111,41 @@ def ref_select(
     return new, (sink + len(chosen)) * BS + length - ws * BS, remaining
 
 
-def rows_input(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    cfg = torch.full((len(rows), COLUMNS), -1, dtype=torch.int32)
-    for i, r in enumerate(rows):
-        if r[0] >= 0:
-            cfg[i] = torch.tensor(r, dtype=torch.int32)
-    return {INPUT: cfg}
+ROWS = [  # slot, method, retrieve, sink, window, pos, offload
+    [0, R.INFLLM, 3, 1, 2, 45, 0],
+    [1, R.QUEST, 2, 2, 1, 50, 0],
+    [2, R.ACTQKV, 3, 1, 1, 53, 0],
+    [-1] * COLUMNS,
+    [3, R.INFLLM, 9, 1, 1, 20, 0],  # 6 blocks of 21 tokens: 4 candidates <= 9, nothing changes
+]
 
 
-def test_selection_equals_each_methods_reference() -> None:
+def setup_rows(
+    g: torch.Generator,
+) -> tuple[RetrievalState, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    st = random_state(g)
+    for i in range(SLOTS):  # ring positions: some in the row's window, some stale (future or too old)
+        p = ROWS[i][5] if i < 3 else ROWS[4][5]
+        st.ring_pos[:, i] = torch.tensor([p - 1 - j if j % 3 else p + 5 for j in range(RING)])
+    tables = torch.stack([torch.randperm(IDS, generator=g)[:14] for _ in ROWS]).to(torch.int32)
+    lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in ROWS], dtype=torch.int32)
+    return st, tables, lens, rows_input(ROWS)
+
+
+def test_decode_selection_equals_each_methods_reference() -> None:
     """Rows of each method (slots 0..2), a row of another request and a row whose budget covers its
     context, over two layers (ActQKV's budget carries from layer 0 to layer 1)."""
     g = torch.Generator().manual_seed(3)
-    st = random_state(g)
-    w = 14
-    rows = [  # slot, method, retrieve, sink, window, pos, offload
-        [0, M.INFLLM, 3, 1, 2, 45, 0],
-        [1, M.QUEST, 2, 2, 1, 50, 0],
-        [2, M.ACTQKV, 3, 1, 1, 53, 0],
-        [-1] * COLUMNS,
-        [3, M.INFLLM, 9, 1, 1, 20, 0],  # 6 blocks of 21 tokens: 4 candidates <= 9, nothing changes
-    ]
-    lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in rows], dtype=torch.int32)
-    for i in range(SLOTS):  # ring positions: some valid for the row, some stale
-        st.ring_pos[:, i] = torch.tensor(
-            [rows[i][5] - 1 - j if j % 3 else rows[i][5] + 5 for j in range(RING)]
-        )
-    tables = torch.stack([torch.randperm(IDS, generator=g)[:w] for _ in rows]).to(torch.int32)
-    inputs = rows_input(rows)
+    st, tables, lens, inputs = setup_rows(g)
     hk = hook(st)
     ent = st.entropy.clone().double()
-    remaining = [0.0] * len(rows)
+    remaining = [0.0] * len(ROWS)
+    pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in ROWS])
     for layer in range(LAYERS):
-        q = torch.randn(len(rows), HQ, D, generator=g)
+        q = torch.randn(len(ROWS), HQ, D, generator=g)
+        hk.queries(layer, q, pos, inputs)
         new_t, new_l = hk.select(layer, q, tables.clone(), lens.clone(), inputs)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(ROWS):
             want_t, want_l, remaining[i] = ref_select(
                 st, layer, q[i], tables[i].tolist(), int(lens[i]), row, remaining[i],
                 ent[row[0]] if row[0] >= 0 else ent[-1].clone(),
@@ -155,6 +157,30 @@ def test_selection_equals_each_methods_reference() -> None:
                 assert torch.equal(new_t[i], tables[i]) and int(new_l[i]) == int(lens[i])
         assert int(new_l[2]) < int(lens[2])  # retrieval acted on the ActQKV row
     assert torch.allclose(st.entropy[2].double(), ent[2], atol=1e-6)
+    # 3 retrieving rows x 2 layers; InfLLM takes 3 blocks, Quest 2, ActQKV its layer's share
+    assert st.counters.tolist() == [2 * (3 + 2) + int(st.sel_n[0, 2]) + int(st.sel_n[1, 2]), 6]
+
+
+def test_packed_step_selects_as_the_decode_path() -> None:
+    """Decode rows beside prompt rows in one packed (CPU) step choose what they would in a decode step:
+    their queries go through the packed path's statistics and rings."""
+    outs = []
+    for decode in (True, False):
+        g = torch.Generator().manual_seed(4)
+        st, tables, lens, inputs = setup_rows(g)
+        hk = hook(st, decode)
+        pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in ROWS])
+        res = []
+        for layer in range(LAYERS):
+            q = torch.randn(len(ROWS), HQ, D, generator=g)
+            hk.queries(layer, q, pos, inputs)
+            res.append(hk.select(layer, q, tables.clone(), lens.clone(), inputs))
+            hk._stash.pop(layer, None)
+        outs.append((res, st.mean.clone(), st.var.clone()))
+    (a, mean_a, var_a), (b, mean_b, var_b) = outs
+    for (ta, la), (tb, lb) in zip(a, b, strict=True):
+        assert torch.equal(la, lb) and torch.equal(ta, tb)
+    assert torch.allclose(mean_a, mean_b, atol=1e-5) and torch.allclose(var_a, var_b, atol=1e-5)
 
 
 def test_offloaded_rows_read_the_staged_blocks() -> None:
@@ -162,18 +188,19 @@ def test_offloaded_rows_read_the_staged_blocks() -> None:
     layer's fresh choice is recorded (as columns) for the next step."""
     g = torch.Generator().manual_seed(4)
     st = random_state(g)
-    rows = [[1, M.INFLLM, 2, 1, 1, 40, 1]]
+    rows = [[1, R.INFLLM, 2, 1, 1, 40, 1]]
     tables = torch.randperm(IDS, generator=g)[:12].to(torch.int32).unsqueeze(0)
     lens = torch.tensor([41], dtype=torch.int32)
-    st.att_ids[1, 0, :3] = torch.tensor([55, 56, 57], dtype=torch.int32)
-    st.att_n[1, 0] = 3
-    new_t, new_l = hook(st, offload=True).select(
-        0, torch.randn(1, HQ, D, generator=g), tables, lens, rows_input(rows)
-    )
+    st.att_ids[0, 1, :3] = torch.tensor([55, 56, 57], dtype=torch.int32)
+    st.att_n[0, 1] = 3
+    hk = hook(st)
+    q = torch.randn(1, HQ, D, generator=g)
+    hk.queries(0, q, torch.tensor([40]), rows_input(rows))
+    new_t, new_l = hk.select(0, q, tables, lens, rows_input(rows))
     n = 11
     assert new_t[0, :5].tolist() == [int(tables[0, 0]), 55, 56, 57, int(tables[0, n - 1])]
     assert int(new_l[0]) == (1 + 3) * BS + 41 - (n - 1) * BS
-    assert int(st.sel_n[1, 0]) == 2 and all(1 <= c < n - 1 for c in st.sel_cols[1, 0, :2].tolist())
+    assert int(st.sel_n[0, 1]) == 2 and all(1 <= c < n - 1 for c in st.sel_cols[0, 1, :2].tolist())
 
 
 def ref_representative(qb: torch.Tensor, kb: torch.Tensor, count: int) -> torch.Tensor:
@@ -199,7 +226,7 @@ def test_representatives_equal_infllms_rule() -> None:
     qb = torch.randn(6, 16, HQ, D, generator=g) * 2
     kb = torch.randn(6, 16, HK, D, generator=g) * 2
     for count in (1, 3):
-        got = M.representatives(qb, kb, D**-0.5, count)
+        got = R.representatives_ref(qb, kb, D**-0.5, count)
         for i in range(qb.shape[0]):
             assert torch.allclose(got[i].double(), ref_representative(qb[i], kb[i], count), atol=1e-5)
 
@@ -222,9 +249,9 @@ def test_block_summaries_when_blocks_fill() -> None:
         st.ring_pos[layer, 0, p % RING] = p
     q = torch.randn(9, HQ, D, generator=g)
     pos = torch.tensor([*range(10, 18), 3])
-    rows = [[0, M.INFLLM, 2, 1, 1, int(p), 0] for p in pos[:8]] + [[-1] * COLUMNS]
+    rows = [[0, R.INFLLM, 2, 1, 1, int(p), 0] for p in pos[:8]] + [[-1] * COLUMNS]
     inputs = rows_input(rows)
-    hk = hook(st)
+    hk = hook(st, decode=False)
     hk.queries(layer, q, pos, inputs)
     blocks = torch.tensor([21, 33, 7])  # positions 8..11 (rows 0,1 + ring 8,9), 12..15 (rows 2..5), other
     filled_rows = torch.tensor([1, 5, 8])
@@ -242,32 +269,58 @@ def test_block_summaries_when_blocks_fill() -> None:
     assert all(torch.equal(held[int(p)], q[i]) for i, p in enumerate(pos[:8]))
 
 
-def test_running_statistics_of_the_queries() -> None:
-    """Two steps of queries into two slots (and rows of another request): each slot's mean and variance
-    equal those of all its queries so far, in float64; a row at position 0 starts its slot afresh."""
+@pytest.mark.parametrize("decode", [True, False])
+def test_running_statistics_and_biases(decode: bool) -> None:
+    """Steps of queries into two slots (and rows of another request): each slot's mean and variance
+    equal those of all its queries so far, in float64, and each query's activation bias in the ring is
+    mean_c (x - mean)^2 / (var + mean(var) / 100) against the statistics that include it; a row at
+    position 0 starts its slot afresh. Decode steps hold one row per slot; packed steps several."""
     g = torch.Generator().manual_seed(6)
     st = RetrievalState(INFO, SLOTS, RING, WIDTH, IDS, quest=False, reps=True)
-    hk = hook(st)
+    hk = hook(st, decode)
+    steps = [([0, 1, -1], [0, 0, 0]), ([1, 0, -1], [1, 1, 9]), ([0, 1], [2, 2])]
+    if not decode:
+        steps = [([0, 0, 0, 1, -1], [0, 1, 2, 0, 0]), ([1, 0, -1, 1], [1, 3, 9, 2])]
     seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-    for slots, start in [([0, 0, 0, 1, -1], [0, 1, 2, 0, 0]), ([1, 0, -1, 1], [1, 3, 9, 2])]:
+    for slots, start in steps:
         q = torch.randn(len(slots), HQ, D, generator=g)
         rows = [
-            [s, M.ACTQKV, 2, 1, 1, p, 0] if s >= 0 else [-1] * COLUMNS
+            [s, R.ACTQKV, 2, 1, 1, p, 0] if s >= 0 else [-1] * COLUMNS
             for s, p in zip(slots, start, strict=True)
         ]
-        hk.queries(0, q, torch.tensor(start), rows_input(rows))
-        hk._stash.clear()
+        inputs = rows_input(rows)
+        hk.queries(0, q, torch.tensor(start), inputs)
+        if not decode:
+            hk.filled(
+                0,
+                torch.zeros(2, IDS * BS, HK, D),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+                inputs,
+            )
         for i, s in enumerate(slots):
             if s >= 0:
                 seen[s].append(q[i].flatten().double())
+        for i, s in enumerate(slots):  # the biases of this step's queries, against the merged statistics
+            if s < 0:
+                continue
+            x = torch.stack(seen[s])
+            mu, var = x.mean(0), x.var(0, unbiased=False)
+            denom = (var + var.mean() / 100).clamp_min(1e-20)  # a slot's first query: bias 0
+            want = float(((q[i].flatten().double() - mu) ** 2 / denom).mean())
+            at = start[i] % RING
+            assert int(st.ring_pos[0, s, at]) == start[i]
+            assert math.isclose(float(st.ring_bias[0, s, at]), want, rel_tol=1e-4, abs_tol=1e-6), (
+                s,
+                start[i],
+            )
     for s, xs in seen.items():
         x = torch.stack(xs)
         assert torch.allclose(st.mean[0, s].double(), x.mean(0), atol=1e-5)
         assert torch.allclose(st.var[0, s].double(), x.var(0, unbiased=False), atol=1e-5)
-        assert int(st.count[0, s]) == len(xs)
-    # a restart at position 0 forgets what came before
-    q = torch.randn(1, HQ, D, generator=g)
-    hk.queries(0, q, torch.tensor([0]), rows_input([[0, M.ACTQKV, 2, 1, 1, 0, 0]]))
+        assert int(st.count[0, s]) == min(len(xs), STAT_CAP)
+    q = torch.randn(1, HQ, D, generator=g)  # a restart at position 0 forgets what came before
+    hk.queries(0, q, torch.tensor([0]), rows_input([[0, R.ACTQKV, 2, 1, 1, 0, 0]]))
     assert torch.allclose(st.mean[0, 0], q.flatten()) and int(st.count[0, 0]) == 1
 
 

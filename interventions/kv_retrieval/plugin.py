@@ -42,21 +42,11 @@ from actserve.interventions.base import (
     RowSpan,
 )
 from actserve.interventions.kv_retrieval import methods as M
-from actserve.interventions.kv_retrieval.hook import (
-    COLUMNS,
-    INPUT,
-    METHOD,
-    OFFLOAD,
-    POS,
-    RETRIEVE,
-    SINK,
-    SLOT,
-    WINDOW,
-    RetrievalHook,
-)
+from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, RetrievalHook
 from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec, RetrievalPlan, plan_of
 from actserve.interventions.kv_retrieval.staging import Staging
 from actserve.interventions.kv_retrieval.state import RetrievalState
+from actserve.kernels.kv_retrieval_ref import METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
 
 DEFAULTS: dict[str, Any] = {
     "slots": 16,  # retrieving sequences at once
@@ -86,7 +76,7 @@ class KVRetrievalPlugin(InterventionPlugin):
         self.state: RetrievalState | None = None
         self.kv: KVSpace | None = None
         self.staging: Staging | None = None
-        self._hooks: dict[str, RetrievalHook] = {}
+        self._hooks: dict[bool, RetrievalHook] = {}
         self.methods = frozenset(M.METHODS.values())
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -214,7 +204,7 @@ class KVRetrievalPlugin(InterventionPlugin):
     def stats(self) -> dict[str, float]:
         if self.state is None:
             return {}
-        blocks, selections = self.state.counters.tolist()
+        blocks, selections = (float(x) for x in self.state.counters.tolist())
         out = {"retrieved_blocks": blocks, "retrieval_selections": selections}
         if self.staging is not None:
             out["recalled_blocks"] = float(self.staging.copied)
@@ -250,11 +240,11 @@ class KVRetrievalPlugin(InterventionPlugin):
         assert st is not None and staging is not None and kv is not None and kv.tier is not None
         bs = self.model_info.block_size
         slots = torch.tensor([sp.plan.slot for sp in spans], device=st.sel_cols.device)
-        cols_all = st.sel_cols[slots].cpu().numpy()
-        n_all = st.sel_n[slots].cpu().numpy()
+        cols_all = st.sel_cols[:, slots].transpose(0, 1).cpu().numpy()  # [rows, L, K]
+        n_all = st.sel_n[:, slots].transpose(0, 1).cpu().numpy()
         layers, host, gpu = [], [], []
-        ids = np.zeros((len(spans), *st.att_ids.shape[1:]), dtype=np.int32)
-        counts = np.zeros((len(spans), st.att_n.shape[1]), dtype=np.int32)
+        ids = np.zeros((len(spans), st.att_ids.shape[0], st.att_ids.shape[2]), dtype=np.int32)
+        counts = np.zeros((len(spans), st.att_n.shape[0]), dtype=np.int32)
         for i, sp in enumerate(spans):
             p, table = sp.plan, np.asarray(sp.block_table, dtype=np.int64)
             n_now = -(-(sp.pos0 + 1) // bs)
@@ -268,29 +258,27 @@ class KVRetrievalPlugin(InterventionPlugin):
             gpu.append(rg)
         kv.tier.recall(np.concatenate(layers), np.concatenate(host), np.concatenate(gpu))
         dev = st.att_ids.device
-        st.att_ids[slots] = torch.from_numpy(ids).to(dev)
-        st.att_n[slots] = torch.from_numpy(counts).to(dev)
+        st.att_ids[:, slots] = torch.from_numpy(ids).to(dev).transpose(0, 1)
+        st.att_n[:, slots] = torch.from_numpy(counts).to(dev).transpose(0, 1)
 
-    def _hook(self, methods: frozenset[int]) -> RetrievalHook:
-        key = ",".join(str(m) for m in sorted(methods))
-        if key not in self._hooks:
+    def _hook(self, decode: bool) -> RetrievalHook:
+        if decode not in self._hooks:
             assert self.state is not None
             info = self.model_info
-            self._hooks[key] = RetrievalHook(
+            self._hooks[decode] = RetrievalHook(
                 self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
-                self.options["representatives"], methods, self.staging is not None,
+                self.options["representatives"], decode,
             )  # fmt: skip
-        return self._hooks[key]
+        return self._hooks[decode]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
+        """The decode path when every row of the step is a decode row of its sequence (one each), the
+        packed path otherwise (prompt chunks)."""
         if self.state is None:
             return None
-        return self._hook(frozenset(sp.plan.method for sp in spans))
+        decode = num_rows == len(spans) and all(sp.count == 1 and sp.pos0 >= sp.prompt_len for sp in spans)
+        return self._hook(decode)
 
-    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
-        """One graph variant per set of methods in the step (each scores only its own methods)."""
-        return ",".join(str(m) for m in sorted({sp.plan.method for sp in spans}))
-
-    def graph_hooks(self, mode: str = "") -> PluginHooks:
-        methods = frozenset(int(m) for m in mode.split(",") if m) or self.methods
-        return PluginHooks(attention=self._hook(methods))
+    def graph_hooks(self) -> PluginHooks:
+        """Decode graphs: the decode path (every method is served by the same kernels)."""
+        return PluginHooks(attention=self._hook(True))
