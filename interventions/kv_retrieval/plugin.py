@@ -272,12 +272,11 @@ class KVRetrievalPlugin(InterventionPlugin):
         return self._hooks[decode]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
-        """The decode path when every row of the step is a decode row of its sequence (one each), the
-        packed path otherwise (prompt chunks)."""
+        """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
+        prompt's one-token chunk; other requests' rows do not matter), the packed path otherwise."""
         if self.state is None:
             return None
-        decode = num_rows == len(spans) and all(sp.count == 1 and sp.pos0 >= sp.prompt_len for sp in spans)
-        return self._hook(decode)
+        return self._hook(all(sp.count == 1 for sp in spans))
 
     def graph_hooks(self) -> PluginHooks:
         """Decode graphs: the decode path (every method is served by the same kernels)."""
