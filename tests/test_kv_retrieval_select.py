@@ -350,3 +350,35 @@ def test_staging_recalls_only_what_is_missing() -> None:
     assert list(zip(layers2.tolist(), host2.tolist(), strict=True)) == [(0, 104)]
     assert int(gpu2[0]) == stage[(0, 101)]  # reuses the block that held what was dropped
     assert ids2[0, :3].tolist() == [stage[(0, 102)], stage[(0, 101)], 6] and n2.tolist() == [3, 4]
+
+
+def test_staging_equals_a_per_layer_loop() -> None:
+    """Random choices over several steps: the ids the kernel reads and the copies equal a plain loop
+    that keeps, per layer, which host block each reserved block holds (copies only what is missing)."""
+    rng = np.random.default_rng(7)
+    layers, k, width, host_base = 3, 6, 8, 1000
+    table = np.concatenate([rng.permutation(40)[:10], 1000 + rng.permutation(200)[:30]])
+    sg = Staging(slots=1, layers=layers, width=width, reserved=range(500, 500 + width), host_base=host_base)
+    held = [dict() for _ in range(layers)]  # reserved position -> host id
+    for _ in range(6):
+        count = rng.integers(0, k + 1, layers)
+        cols = np.stack([np.sort(rng.choice(35, k, replace=False)) for _ in range(layers)])
+        extra = np.array(
+            sorted(rng.choice(np.arange(35, 40), rng.integers(0, 2), replace=False)), dtype=np.int64
+        )
+        ids, n, (lay, host, gpu) = sg.stage(0, table, cols, count, extra)
+        copies = set()
+        for layer in range(layers):
+            want_cols = sorted(set(cols[layer, : count[layer]].tolist()) | set(extra.tolist()))
+            need = [int(table[c]) for c in want_cols if table[c] >= host_base]
+            for pos in [p for p, h in held[layer].items() if h not in need]:
+                del held[layer][pos]
+            for h in need:
+                if h not in held[layer].values():
+                    pos = min(p for p in range(width) if p not in held[layer])
+                    held[layer][pos] = h
+                    copies.add((layer, h, 500 + pos))
+            where = {h: 500 + p for p, h in held[layer].items()}
+            want_ids = [where.get(int(table[c]), int(table[c])) for c in want_cols]
+            assert int(n[layer]) == len(want_cols) and ids[layer, : n[layer]].tolist() == want_ids
+        assert set(zip(lay.tolist(), host.tolist(), gpu.tolist(), strict=True)) == copies
