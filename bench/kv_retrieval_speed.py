@@ -173,7 +173,7 @@ def main() -> int:
     if smoke:
         per_token = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * 32 * 4
     need_gb = max(batches) * top * per_token / 2**30
-    offload_gb = a.offload_gb if a.offload_gb is not None else need_gb * 1.05 + 0.01
+    offload_gb = a.offload_gb if a.offload_gb is not None else need_gb * 1.01 + 0.01
     slots = max(batches)
     cfg = EngineConfig(
         model=str(model_dir), device="cpu" if smoke else "cuda", dtype="float32" if smoke else "bfloat16",

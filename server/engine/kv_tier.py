@@ -1,6 +1,7 @@
 """The host tier of the paged KV cache (`--kv-offload-gb`, docs/architecture.md §3 "KV tiers"): K/V of
-blocks that moved off the GPU, in pinned host memory on CUDA (plain memory on the CPU), one tensor per
-layer [blocks, 2, block_size, kv_heads, head_dim] so a block of one layer is one contiguous piece.
+blocks that moved off the GPU, in pinned host memory on CUDA (page-locked in place; plain memory on the
+CPU), one tensor per layer [blocks, 2, block_size, kv_heads, head_dim] so a block of one layer is one
+contiguous piece.
 
 Moving out (`offload`) copies each layer's blocks in runs of consecutive host ids, on the current stream
 (a later step that reuses the freed GPU blocks is ordered after the copy); the host reads nothing until a
@@ -15,6 +16,17 @@ import numpy as np
 import torch
 
 
+def pin(t: torch.Tensor) -> None:
+    """Page-lock a host tensor where it is (cudaHostRegister, portable): torch's pinned allocator rounds
+    every allocation up to a power of two, which would double a tier of tens of GiB."""
+    size = t.numel() * t.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 1))
+    if err != 0:
+        raise RuntimeError(
+            f"--kv-offload-gb: pinning {size / 2**30:.1f} GiB of host memory failed (cudaError {err})"
+        )
+
+
 class HostTier:
     def __init__(
         self, kv_caches: list[torch.Tensor], block_size: int, num_blocks: int, host_base: int
@@ -26,7 +38,10 @@ class HostTier:
         self.block_size, self.num_blocks, self.host_base = block_size, num_blocks, host_base
         self.kv = [c.view(2, -1, block_size, kvh, d) for c in kv_caches]
         shape = (num_blocks, 2, block_size, kvh, d)
-        self.store = [torch.empty(shape, dtype=first.dtype, pin_memory=self.cuda) for _ in kv_caches]
+        self.store = [torch.empty(shape, dtype=first.dtype) for _ in kv_caches]
+        if self.cuda:
+            for t in self.store:
+                pin(t)
         self.layer_block_bytes = 2 * block_size * kvh * d * first.element_size()
         self.bytes_to_host = 0
         self.bytes_to_device = 0
