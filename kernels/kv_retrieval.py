@@ -5,8 +5,8 @@ which inside a CUDA graph still cost a few microseconds each.
 Per layer: `append` (grid rows: the query into the slot's ring, its running statistics and activation
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
 column tiles: each candidate block's summaries read by id through the row's table, no gathered copy),
-`budget` (grid rows: ActQKV's entropy over the scores and its share of the step's blocks), a torch
-top-k, `tables` (grid rows: the chosen columns sorted, the new table and length); after attention,
+a torch top-k, `pick` (grid rows: ActQKV's entropy over the scores and its share of the step's blocks,
+then the chosen columns sorted, the row's table copied and rewritten, its length); after attention,
 `summaries` (grid rows x KV heads: a block's representative key and min/max when the row's token
 completed it). No host sync; fixed shapes: they run inside decode CUDA graphs.
 """
@@ -154,76 +154,82 @@ def _scores_kernel(
 
 
 @triton.jit
-def _budget_kernel(
-    s_ptr, cfg_ptr, len_ptr, ent_ptr, rem_ptr, ksel_ptr,
-    layer, L, W, width, stride_s, stride_cfg, stride_e,
-    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+def _layer_blocks(
+    s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
+    BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)
-    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
-    method = tl.load(cfg_ptr + r * stride_cfg + METHOD)
-    k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
-    _, _, _, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
-    out = tl.where(slot >= 0, tl.minimum(k, n_cand), 0)
-    if (slot >= 0) & (method == ACTQKV):
-        m = tl.full([], float("-inf"), tl.float32)
-        for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            m = tl.maximum(
-                m, tl.max(tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf")), 0)
-            )
-        z = tl.zeros([], tl.float32)
-        s1 = tl.zeros([], tl.float32)
-        for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
-            live = x > float("-inf")
-            dx = tl.where(live, x - m, 0.0)
-            e = tl.where(live, tl.exp(dx), 0.0)
-            z += tl.sum(e, axis=0)
-            s1 += tl.sum(e * dx, axis=0)
-        h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
-        hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
-        ent = tl.load(ent_ptr + slot * stride_e + layer)
-        if n_cand >= 2:
-            ent = (1.0 - RATE) * ent + RATE * hn
-            tl.store(ent_ptr + slot * stride_e + layer, ent)
-        j = tl.arange(0, L_PAD)
-        later = tl.load(ent_ptr + slot * stride_e + j, mask=(j > layer) & (j < L), other=0.0)
-        total = tl.maximum(ent + tl.sum(later, axis=0), 1e-6)
-        rem = tl.load(rem_ptr + slot)
-        if layer == 0:
-            rem = (k * L).to(tl.float32)
-        kl = tl.floor(ent / total * rem + 0.5)
-        kl = tl.minimum(
-            tl.maximum(kl, tl.maximum(k // 2, 1).to(tl.float32)), tl.minimum(2 * k, width).to(tl.float32)
-        )
-        tl.store(rem_ptr + slot, rem - kl)
-        out = tl.minimum(kl.to(tl.int64), n_cand)
-    tl.store(ksel_ptr + r, out)
+    """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
+    candidates, its running mean for the layer, and the layer's share of the blocks left."""
+    m = tl.full([], float("-inf"), tl.float32)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        m = tl.maximum(m, tl.max(tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf")), 0))
+    z = tl.zeros([], tl.float32)
+    s1 = tl.zeros([], tl.float32)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
+        live = x > float("-inf")
+        dx = tl.where(live, x - m, 0.0)
+        e = tl.where(live, tl.exp(dx), 0.0)
+        z += tl.sum(e, axis=0)
+        s1 += tl.sum(e * dx, axis=0)
+    h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
+    hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
+    ent = tl.load(ent_ptr + slot * stride_e + layer)
+    if n_cand >= 2:
+        ent = (1.0 - RATE) * ent + RATE * hn
+        tl.store(ent_ptr + slot * stride_e + layer, ent)
+    j = tl.arange(0, L_PAD)
+    later = tl.load(ent_ptr + slot * stride_e + j, mask=(j > layer) & (j < L), other=0.0)
+    total = tl.maximum(ent + tl.sum(later, axis=0), 1e-6)
+    rem = tl.load(rem_ptr + slot)
+    if layer == 0:
+        rem = (k * L).to(tl.float32)
+    kl = tl.floor(ent / total * rem + 0.5)
+    lo = tl.maximum(k // 2, 1).to(tl.float32)
+    kl = tl.minimum(tl.maximum(kl, lo), tl.minimum(2 * k, width).to(tl.float32))
+    tl.store(rem_ptr + slot, rem - kl)
+    return tl.minimum(kl.to(tl.int64), n_cand)
 
 
 @triton.jit
-def _tables_kernel(
-    bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, idx_ptr, val_ptr, ksel_ptr,
+def _pick_kernel(
+    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, idx_ptr, val_ptr, ent_ptr, rem_ptr,
     att_ptr, attn_ptr, sel_ptr, Sn_ptr, cnt_ptr,
-    W, KK, stride_bt, stride_cfg, stride_idx, stride_att, stride_sel,
-    BS: tl.constexpr, K_PAD: tl.constexpr, WIN_TILE: tl.constexpr,
+    layer, L, W, width, KK, stride_s, stride_bt, stride_cfg, stride_idx, stride_e, stride_att, stride_sel,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    K_PAD: tl.constexpr, WIN_TILE: tl.constexpr,
 ):  # fmt: skip
+    """budget_ref then tables_ref for one row: its table copied, then (a retrieving row) rewritten."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        tl.store(
+            out_ptr + r * stride_bt + cols,
+            tl.load(bt_ptr + r * stride_bt + cols, mask=cols < W),
+            mask=cols < W,
+        )
+    tl.debug_barrier()  # the copy lands before the rewrite below (other threads may store the same entries)
     if slot < 0:
         tl.store(newlen_ptr + r, length)
         return
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
     k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
+    k_sel = tl.minimum(k, n_cand)
+    if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
+        k_sel = _layer_blocks(
+            s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
+            BLOCK_W, L_PAD, RATE,
+        )  # fmt: skip
     off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD) > 0
     j = tl.arange(0, K_PAD)
     jm = j < KK
     idx = tl.load(idx_ptr + r * stride_idx + j, mask=jm, other=0).to(tl.int64)
     val = tl.load(val_ptr + r * stride_idx + j, mask=jm, other=float("-inf"))
-    picked = (j < tl.load(ksel_ptr + r)) & (val > float("-inf")) & jm
+    picked = (j < k_sel) & (val > float("-inf")) & jm
     cols = tl.sort(tl.where(picked, idx, W), 0)
     m = tl.sum(picked.to(tl.int64), axis=0)
     tl.store(sel_ptr + slot * stride_sel + j, cols.to(tl.int32), mask=jm)
@@ -345,33 +351,25 @@ def scores(
     return out
 
 
-def budget(
-    sc: torch.Tensor, cfg: torch.Tensor, lens: torch.Tensor, entropy: torch.Tensor, remaining: torch.Tensor,
-    layer: int, width: int, block_size: int, rate: float,
-) -> torch.Tensor:  # fmt: skip
-    rows, w = sc.shape
-    ksel = torch.empty(rows, dtype=torch.int64, device=sc.device)
-    layers = entropy.shape[1]
-    _budget_kernel[(rows,)](
-        sc, cfg, lens, entropy, remaining, ksel, layer, layers, w, width, sc.stride(0), cfg.stride(0),
-        entropy.stride(0), BS=block_size, BLOCK_W=1024, L_PAD=triton.next_power_of_2(layers), RATE=rate,
-    )  # fmt: skip
-    return ksel
-
-
-def tables(
-    bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
-    k_sel: torch.Tensor, att_ids: torch.Tensor, att_n: torch.Tensor, sel_cols: torch.Tensor,
-    sel_n: torch.Tensor, counters: torch.Tensor, block_size: int,
+def pick(
+    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, idx: torch.Tensor,
+    val: torch.Tensor, entropy: torch.Tensor, remaining: torch.Tensor, att_ids: torch.Tensor,
+    att_n: torch.Tensor, sel_cols: torch.Tensor, sel_n: torch.Tensor, counters: torch.Tensor, layer: int,
+    width: int, block_size: int, rate: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`budget_ref` then `tables_ref` in one launch: (new tables, new lengths); state updated in place.
+    idx/val: the top-k of the scores (best first)."""
     rows, w = bt.shape
-    out = bt.clone()
+    out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
     kk = idx.shape[1]
-    _tables_kernel[(rows,)](
-        bt, out, lens, new_len, cfg, idx, val, k_sel, att_ids, att_n, sel_cols, sel_n, counters, w, kk,
-        bt.stride(0), cfg.stride(0), idx.stride(0), att_ids.stride(0), sel_cols.stride(0),
-        BS=block_size, K_PAD=triton.next_power_of_2(max(kk, att_ids.shape[1])), WIN_TILE=128,
+    layers = entropy.shape[1]
+    _pick_kernel[(rows,)](
+        sc, bt, out, lens, new_len, cfg, idx, val, entropy, remaining, att_ids, att_n, sel_cols, sel_n,
+        counters, layer, layers, w, width, kk, sc.stride(0), bt.stride(0), cfg.stride(0), idx.stride(0),
+        entropy.stride(0), att_ids.stride(0), sel_cols.stride(0),
+        BS=block_size, BLOCK_W=1024, L_PAD=triton.next_power_of_2(layers), RATE=rate,
+        K_PAD=triton.next_power_of_2(max(kk, att_ids.shape[1])), WIN_TILE=128,
     )  # fmt: skip
     return out, new_len
 

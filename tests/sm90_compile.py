@@ -16,11 +16,10 @@ from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.kv_retrieval import (
     _append_kernel,
-    _budget_kernel,
+    _pick_kernel,
     _query_vectors_kernel,
     _scores_kernel,
     _summaries_kernel,
-    _tables_kernel,
 )
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
@@ -282,9 +281,12 @@ for has_rep, has_mm in ((True, True), (True, False)):
             dict(HK=8, D=128, BS=16, BLOCK_W=64, HAS_REP=has_rep, HAS_MINMAX=has_mm),
         )
     )
-VARIANTS.append((_budget_kernel, kvr_types, dict(BS=16, BLOCK_W=1024, L_PAD=32, RATE=0.1)))
 VARIANTS.append(
-    (_tables_kernel, {**kvr_types, "out_ptr": I32, "cnt_ptr": I64}, dict(BS=16, K_PAD=256, WIN_TILE=128))
+    (
+        _pick_kernel,
+        {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
+        dict(BS=16, BLOCK_W=1024, L_PAD=32, RATE=0.1, K_PAD=512, WIN_TILE=128),
+    )
 )
 VARIANTS.append(
     (

@@ -47,30 +47,44 @@ def test_decode_kernels_at_llama3_8b_shape() -> None:
     fin = torch.isfinite(want)
     assert torch.equal(fin, torch.isfinite(got))
     assert ((got[fin] - want[fin]).abs() <= 1e-2 * (1 + want[fin].abs())).all()
-    ent, rem = (
-        torch.rand(slots + 1, 32, device="cuda", generator=g) + 0.1,
-        torch.zeros(slots + 1, device="cuda"),
-    )
-    ent2, rem2 = ent.clone(), rem.clone()
-    k_ref = R.budget_ref(want, cfg, lens, ent, rem, 0, 256, bs)
-    k_got = K.budget(want, cfg, lens, ent2, rem2, 0, 256, bs, R.ENTROPY_RATE)
-    assert torch.equal(k_got, k_ref) and torch.allclose(ent2, ent, atol=1e-5)
+    ent = torch.rand(slots + 1, 32, device="cuda", generator=g) + 0.1
+    rem = torch.zeros(slots + 1, device="cuda")
     val, idx = want.topk(256, dim=1)
     outs = []
-    for fn in (R.tables_ref, K.tables):
+    for fn in ("ref", "kernel"):
+        e, m = ent.clone(), rem.clone()
         sel = torch.zeros(slots + 1, 256, dtype=torch.int32, device="cuda")
         sel_n = torch.zeros(slots + 1, dtype=torch.int32, device="cuda")
         att = torch.zeros(slots + 1, 257, dtype=torch.int32, device="cuda")
         att_n = torch.zeros(slots + 1, dtype=torch.int32, device="cuda")
         cnt = torch.zeros(2, dtype=torch.int64, device="cuda")
-        if fn is R.tables_ref:
+        if fn == "ref":
+            k_sel = R.budget_ref(want, cfg, lens, e, m, 0, 256, bs)
             out = tables.clone()
-            new_len = fn(out, lens, cfg, idx, val, k_ref, att, att_n, sel, sel_n, cnt, bs)
+            new_len = R.tables_ref(out, lens, cfg, idx, val, k_sel, att, att_n, sel, sel_n, cnt, bs)
         else:
-            out, new_len = fn(tables, lens, cfg, idx, val, k_ref, att, att_n, sel, sel_n, cnt, bs)
-        outs.append((out, new_len, cnt))
-    (o1, l1, c1), (o2, l2, c2) = outs
-    assert torch.equal(l1, l2) and torch.equal(c1, c2)
+            out, new_len = K.pick(
+                want,
+                tables,
+                lens,
+                cfg,
+                idx,
+                val,
+                e,
+                m,
+                att,
+                att_n,
+                sel,
+                sel_n,
+                cnt,
+                0,
+                256,
+                bs,
+                R.ENTROPY_RATE,
+            )
+        outs.append((out, new_len, cnt, e))
+    (o1, l1, c1, e1), (o2, l2, c2, e2) = outs
+    assert torch.equal(l1, l2) and torch.equal(c1, c2) and torch.allclose(e1, e2, atol=1e-5)
     for r in range(3):
         used = -(-int(l1[r]) // bs)
         assert torch.equal(o1[r, :used], o2[r, :used])

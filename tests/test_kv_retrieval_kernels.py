@@ -116,60 +116,49 @@ def test_scores(kinds: str) -> None:
     assert torch.isfinite(want).any() and not torch.isfinite(want[3]).any()
 
 
-def test_budget() -> None:
+def test_pick() -> None:
+    """ActQKV's layer budget (the blocks left carry from layer to layer) and the table each row reads,
+    in one kernel, equal `budget_ref` then `tables_ref`."""
     g = torch.Generator().manual_seed(4)
     cfg = cfg_rows(ROWS)
     tables, lens = tables_and_lens(g)
-    n, sink, ws, _ = R.geometry(cfg, lens, BS)
-    col = torch.arange(tables.shape[1], device=DEVICE)
-    cand = (col >= sink[:, None]) & (col < ws[:, None])
-    sc = torch.where(cand, torch.randn(tables.shape, generator=g).to(DEVICE) * 2, float("-inf"))
-    a = state(torch.Generator().manual_seed(9))
-    b = clone(a)
-    for layer in range(LAYERS):  # the blocks left carry from layer to layer
-        want = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, 12, BS)
-        got = K.budget(sc, cfg, lens, b["entropy"], b["remaining"], layer, 12, BS, R.ENTROPY_RATE)
-        assert torch.equal(got, want), layer
-        assert close(b["entropy"], a["entropy"], 1e-5) and close(b["remaining"], a["remaining"], 1e-5)
-    assert int(want[3]) == 0 and int(want[0]) == 3
-
-
-def test_tables() -> None:
-    g = torch.Generator().manual_seed(5)
-    cfg = cfg_rows(ROWS)
-    tables, lens = tables_and_lens(g)
-    kk = 6
     qa, qb = (torch.randn(len(ROWS), HK, D, generator=g).to(DEVICE) for _ in range(2))
-    sc = R.scores_ref(
-        qa, qb, cfg, tables, lens, torch.randn(IDS, HK, D, generator=g).to(DEVICE), None, None, BS
-    )
+    st = state(torch.Generator().manual_seed(9))
+    sc = R.scores_ref(qa, qb, cfg, tables, lens, st["rep"], st["kmin"], st["kmax"], BS)
+    kk = 6
     val, idx = sc.topk(kk, dim=1)
-    k_sel = torch.tensor([3, 2, 5, 0, 4, 2], device=DEVICE)
     att_ids = torch.randint(0, IDS, (SLOTS + 1, 9), generator=g).to(DEVICE, torch.int32)
     att_n = torch.tensor([0, 0, 0, 0, 3, 0], dtype=torch.int32, device=DEVICE)  # slot 4: row 5's
-    outs = []
-    for fn in (R.tables_ref, K.tables):
-        sel_cols = torch.zeros(SLOTS + 1, 8, dtype=torch.int32, device=DEVICE)
-        sel_n = torch.zeros(SLOTS + 1, dtype=torch.int32, device=DEVICE)
-        counters = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-        if fn is R.tables_ref:
-            out = tables.clone()
-            new_len = fn(out, lens, cfg, idx, val, k_sel, att_ids, att_n, sel_cols, sel_n, counters, BS)
-        else:
-            out, new_len = fn(
-                tables, lens, cfg, idx, val, k_sel, att_ids, att_n, sel_cols, sel_n, counters, BS
-            )
-        outs.append((out, new_len, sel_cols[:, :kk], sel_n, counters))
-    (o1, l1, c1, n1, k1), (o2, l2, c2, n2, k2) = outs
-    assert torch.equal(l2, l1) and torch.equal(n2, n1) and torch.equal(k2, k1)
-    for r in range(len(ROWS)):
-        used = -(-int(l1[r]) // BS)
-        assert torch.equal(o2[r, :used], o1[r, :used]), r
-        assert torch.equal(c2[r, : int(n1[r])], c1[r, : int(n1[r])]), r
-    assert int(l1[3]) == int(lens[3]) and torch.equal(o1[3], tables[3])  # another request's row
-    assert int(l1[4]) == int(lens[4])  # covered: unchanged
+    sides = []
+    for _ in range(2):
+        sides.append({
+            "entropy": st["entropy"].clone(), "remaining": st["remaining"].clone(),
+            "sel": torch.zeros(SLOTS + 1, 8, dtype=torch.int32, device=DEVICE),
+            "sel_n": torch.zeros(SLOTS + 1, dtype=torch.int32, device=DEVICE),
+            "cnt": torch.zeros(2, dtype=torch.int64, device=DEVICE),
+        })  # fmt: skip
+    a, b = sides
+    for layer in range(LAYERS):
+        k_sel = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, 12, BS)
+        o1 = tables.clone()
+        l1 = R.tables_ref(o1, lens, cfg, idx, val, k_sel, att_ids, att_n, a["sel"], a["sel_n"], a["cnt"], BS)
+        o2, l2 = K.pick(
+            sc, tables, lens, cfg, idx, val, b["entropy"], b["remaining"], att_ids, att_n, b["sel"],
+            b["sel_n"], b["cnt"], layer, 12, BS, R.ENTROPY_RATE,
+        )  # fmt: skip
+        assert torch.equal(l2, l1), layer
+        for r in range(len(ROWS)):
+            used = -(-int(l1[r]) // BS)
+            assert torch.equal(o2[r, :used], o1[r, :used]), (layer, r)
+            n = int(a["sel_n"][r])
+            assert torch.equal(b["sel"][r, :n], a["sel"][r, :n]), (layer, r)
+        for key in ("entropy", "remaining"):
+            assert close(b[key], a[key], 1e-5), (layer, key)
+        assert torch.equal(b["sel_n"], a["sel_n"]) and torch.equal(b["cnt"], a["cnt"])
+    assert int(l1[3]) == int(lens[3]) and torch.equal(o2[3], tables[3])  # another request's row
+    assert torch.equal(o2[4], tables[4]) and int(l1[4]) == int(lens[4])  # covered: unchanged
     assert o1[5, 1:4].tolist() == att_ids[4, :3].tolist()  # offloaded: the staged ids after its sink
-    assert int(k1[1]) == 4  # rows 0, 1, 2 and 5 retrieve
+    assert int(a["cnt"][1]) == 4 * LAYERS  # rows 0, 1, 2 and 5 retrieve at every layer
 
 
 @pytest.mark.parametrize("reps", [1, 2])

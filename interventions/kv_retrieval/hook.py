@@ -7,7 +7,7 @@ slot -1 = not a retrieving row, whose table and length come back unchanged), and
 of fixed shapes, so decode steps replay it from CUDA graphs. Two paths:
 
 - decode steps (one row per sequence; `decode=True`): the KV-retrieval kernels (kernels/kv_retrieval.py,
-  a few launches per layer) on CUDA, their plain-torch references on the CPU: `queries` appends the
+  five launches and a top-k per layer) on CUDA, their plain-torch references on the CPU: `queries` appends the
   query to its slot (ring, statistics, activation bias), `select` scores, budgets and builds the tables,
   `filled` writes the completed blocks' summaries;
 - packed steps (prompt chunks, and on the CPU decode rows beside them): torch ops over the chunk:
@@ -118,13 +118,10 @@ class RetrievalHook:
 
             a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)
             sc = kern.scores(a, b, cfg, tables, lens, rep, lo, hi, bs)
-            k_sel = kern.budget(
-                sc, cfg, lens, st.entropy, st.remaining, layer, st.width, bs, ref.ENTROPY_RATE
-            )
             val, idx = sc.topk(kk, dim=1)
-            return kern.tables(
-                tables, lens, cfg, idx, val, k_sel, st.att_ids[layer], st.att_n[layer],
-                st.sel_cols[layer], st.sel_n[layer], st.counters, bs,
+            return kern.pick(
+                sc, tables, lens, cfg, idx, val, st.entropy, st.remaining, st.att_ids[layer], st.att_n[layer],
+                st.sel_cols[layer], st.sel_n[layer], st.counters, layer, st.width, bs, ref.ENTROPY_RATE,
             )  # fmt: skip
         if self.decode:
             a, b = ref.query_vectors_ref(q, cfg, *views, self.kv_heads)
