@@ -22,6 +22,7 @@ from actserve.interventions.base import (
 )
 from actserve.server.contract import ModelInfo
 from actserve.server.contract.hooks import BoundHooks, StepHooks
+from actserve.server.contract.kv_space import KVResidency, KVSpace, KVTier
 from actserve.server.contract.weights import FormatRequest
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,44 @@ class InterventionRegistry:
         installs them before the runner is built, naming the plugin in any error)."""
         asked = {name: plugin.weight_formats() for name, plugin in self.plugins.items()}
         return {name: reqs for name, reqs in asked.items() if reqs}
+
+    # -- the KV cache (docs/architecture.md §3, "KV tiers") -----------------------------------------
+    def kv_block_bytes(self) -> int:
+        """Device bytes every plugin keeps per KV block id, summed (the KV cache is sized with them)."""
+        return sum(p.kv_block_bytes() for p in self.plugins.values())
+
+    def reserved_kv_blocks(self) -> int:
+        """GPU blocks the plugins ask to set aside when there is a host tier, summed."""
+        return sum(p.reserved_kv_blocks() for p in self.plugins.values())
+
+    def bind_kv(
+        self, block_size: int, gpu_blocks: int, first_reserved: int, num_ids: int, tier: KVTier | None
+    ) -> None:
+        """Hand each plugin the sized cache; with a tier, its reserved blocks are consecutive ids from
+        `first_reserved`, in plugin order."""
+        at = first_reserved
+        for plugin in self.plugins.values():
+            n = plugin.reserved_kv_blocks() if tier is not None else 0
+            plugin.bind_kv(KVSpace(block_size, gpu_blocks, num_ids, range(at, at + n), tier))
+            at += n
+
+    def kv_residency(self, plans: dict[str, Any]) -> KVResidency | None:
+        """Which blocks of a sequence with these plans stay on the GPU with a host tier: the widest sink
+        and window any plan asks for; None when none asks (all blocks stay)."""
+        asked = [
+            r for name, plan in plans.items() if (r := self.plugins[name].kv_residency(plan)) is not None
+        ]
+        if not asked:
+            return None
+        return KVResidency(max(r.sink_blocks for r in asked), max(r.window_blocks for r in asked))
+
+    def blocks_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for plugin in self.plugins.values():
+            plugin.blocks_moved(src, dst)
+
+    def stats(self) -> dict[tuple[str, str], float]:
+        """(plugin, counter) -> value for every plugin's `stats`."""
+        return {(name, k): v for name, p in self.plugins.items() for k, v in p.stats().items()}
 
     def graph_safe(self) -> list[InterventionPlugin]:
         """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph

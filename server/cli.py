@@ -48,6 +48,13 @@ def positive_float(value: str) -> float:
     return x
 
 
+def non_negative_float(value: str) -> float:
+    x = float(value)
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {value}")
+    return x
+
+
 def precisions(value: str) -> str:
     """--precisions "bf16,nvfp4", checked here by the precision plugin's own parser (which reads it again
     from its options), so a typo stops the command line rather than the model load."""
@@ -138,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=1.0, help="KV cache size when not given in blocks"
     )
+    s.add_argument(
+        "--kv-offload-gb", type=non_negative_float, default=0.0,
+        help="host tier of the KV cache (GiB, pinned on CUDA): cold blocks of kv_retrieval requests move "
+        "there; 0: none",
+    )  # fmt: skip
+    s.add_argument(
+        "--kv-retrieval-slots", type=positive, default=16,
+        help="kv_retrieval requests at once (each holds per-sequence state, and with a host tier reserved "
+        "GPU blocks)",
+    )  # fmt: skip
+    s.add_argument(
+        "--kv-retrieval-max-budget", type=positive, default=4096,
+        help="the largest kv_retrieval budget_tokens a request may ask for (sizes its per-step work)",
+    )  # fmt: skip
+    s.add_argument(
+        "--kv-retrieval-methods", default="actqkv,infllm,quest",
+        help="kv_retrieval methods to serve (each keeps a summary per KV block: quest two keys, the others "
+        "one shared key; 'none' turns the plugin off and frees that memory)",
+    )  # fmt: skip
     s.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="CUDA: share of GPU memory")
     s.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode or prefill CUDA graphs")
     s.add_argument(
@@ -254,6 +280,11 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options.setdefault("sparsity", {})["coreinfer_slots"] = args.sparsity_coreinfer_slots
     if args.sparsity_kernel == "off":
         options.setdefault("sparsity", {})["kernel"] = False
+    options["kv_retrieval"] = {
+        "slots": args.kv_retrieval_slots,
+        "max_budget_tokens": args.kv_retrieval_max_budget,
+        "methods": args.kv_retrieval_methods,
+    }
     return options
 
 
@@ -271,6 +302,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        kv_offload_gb=args.kv_offload_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         cuda_graph_prefill_len=args.cuda_graph_prefill_len,

@@ -77,6 +77,30 @@ class EngineMetrics:
         self.weight_bytes = Gauge(
             "actserve_weight_bytes", "Weight bytes by storage format.", lbl + ["format"], registry=r
         )
+        # the paged KV cache by tier (docs/architecture.md §3, "KV tiers"): blocks some sequence holds, and
+        # the bytes moved between the GPU and the host tier
+        self.kv_blocks = Gauge(
+            "actserve_kv_blocks",
+            "KV blocks held by sequences, by tier (gpu, cpu).",
+            lbl + ["tier"],
+            registry=r,
+        )
+        self.kv_transfer = Counter(
+            "actserve_kv_transfer_bytes",
+            "KV bytes copied between the GPU and the host tier, by direction (to_host, to_device).",
+            lbl + ["direction"],
+            registry=r,
+        )
+        # plugins' own cumulative counters (InterventionPlugin.stats), e.g. KV blocks retrieved
+        self.plugin_stats = Counter(
+            "actserve_intervention_stat", "Plugins' own counters.", lbl + ["intervention", "stat"], registry=r
+        )
+        self._transfer = {"to_host": 0, "to_device": 0}
+        self._stats: dict[tuple[str, str], float] = {}
+        for tier in ("gpu", "cpu"):
+            self.kv_blocks.labels(model_name, tier)
+        for direction in self._transfer:
+            self.kv_transfer.labels(model_name, direction)
         for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
         # every series exists from the start (at zero), as vLLM exports them, so rate() has a baseline
@@ -93,6 +117,7 @@ class EngineMetrics:
             metric.labels(model_name)
         self._weights_bytes = 0
         self._kv_bytes = 0
+        self.pinned_bytes = 0  # the KV host tier's (pinned on CUDA)
         self._on_gpu = False
         # plugins' per-request histograms (`add_plugin_histograms`), by their name without the prefix
         self.plugin_histograms: dict[str, tuple[Histogram, int]] = {}
@@ -149,6 +174,21 @@ class EngineMetrics:
             for v in values:
                 self._model_series[name].labels(m).observe(v)
 
+    def set_kv_transfer(self, to_host: int, to_device: int) -> None:
+        """The host tier's byte totals so far (counted by the tier; the counters follow)."""
+        for direction, total in (("to_host", to_host), ("to_device", to_device)):
+            if total > self._transfer[direction]:
+                self.kv_transfer.labels(self.model_name, direction).inc(total - self._transfer[direction])
+                self._transfer[direction] = total
+
+    def set_plugin_stats(self, stats: Mapping[tuple[str, str], float]) -> None:
+        """Plugins' cumulative counters ((plugin, name) -> total so far); the counters follow."""
+        for (plugin, name), total in stats.items():
+            seen = self._stats.get((plugin, name), 0.0)
+            if total > seen:
+                self.plugin_stats.labels(self.model_name, plugin, name).inc(total - seen)
+                self._stats[(plugin, name)] = total
+
     def set_static_memory(
         self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool, pinned_bytes: int = 0
     ) -> None:
@@ -164,7 +204,7 @@ class EngineMetrics:
     def refresh_memory(self) -> None:
         m = self.model_name
         self.cpu_memory.labels(m, "rss").set(psutil.Process().memory_info().rss)
-        self.cpu_memory.labels(m, "pinned").set(self._pinned)
+        self.cpu_memory.labels(m, "pinned").set(self._pinned + self.pinned_bytes)
         gpu = self.gpu_memory
         if self._on_gpu and torch.cuda.is_available():
             gpu.labels(m, "weights").set(self._weights_bytes)

@@ -14,6 +14,13 @@ from triton.compiler import ASTSource
 
 from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp4_gemv_kernel
 from actserve.kernels.gemv import _gemv_kernel
+from actserve.kernels.kv_retrieval import (
+    _append_kernel,
+    _pick_kernel,
+    _query_vectors_kernel,
+    _scores_kernel,
+    _summaries_kernel,
+)
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -246,6 +253,47 @@ VARIANTS.append(
 )
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
+)
+
+# KV retrieval's decode kernels at Llama-3-8B's shape (32 query heads, 8 KV heads, head size 128, 16-token
+# blocks, a 64-query ring); "*i32" row configuration
+i32s = dict.fromkeys(("C", "T", "W", "KK", "L", "layer", "width"), "i32")
+kvr_strides = [
+    "stride_q", "stride_cfg", "stride_rqs", "stride_rqt", "stride_rps", "stride_ms", "stride_a", "stride_bt",
+    "stride_xi", "stride_xg", "stride_o", "stride_s", "stride_e", "stride_idx", "stride_att", "stride_sel",
+    "stride_ks", "stride_kh",
+]  # fmt: skip
+kvr_types = {
+    "q_ptr": BF, "cfg_ptr": I32, "rq_ptr": BF, "rp_ptr": I64, "rb_ptr": F32, "mean_ptr": F32, "var_ptr": F32,
+    "cnt_ptr": F32, "cap": "fp32", "a_ptr": F32, "b_ptr": F32, "bt_ptr": I32, "len_ptr": I32, "rep_ptr": BF,
+    "kmin_ptr": BF, "kmax_ptr": BF, "out_ptr": F32, "s_ptr": F32, "ent_ptr": F32, "rem_ptr": F32,
+    "ksel_ptr": I64, "newlen_ptr": I32, "idx_ptr": I64, "val_ptr": F32, "att_ptr": I32, "attn_ptr": I32,
+    "sel_ptr": I32, "Sn_ptr": I32, "blk_ptr": I64, "k_ptr": BF, "scale": "fp32",
+    **i32s, **dict.fromkeys(kvr_strides, "i32"),
+}  # fmt: skip
+VARIANTS.append((_append_kernel, {**kvr_types}, dict(BLOCK_C=4096)))
+VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64)))
+for has_rep, has_mm in ((True, True), (True, False)):
+    VARIANTS.append(
+        (
+            _scores_kernel,
+            kvr_types,
+            dict(HK=8, D=128, BS=16, BLOCK_W=64, HAS_REP=has_rep, HAS_MINMAX=has_mm),
+        )
+    )
+VARIANTS.append(
+    (
+        _pick_kernel,
+        {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
+        dict(BS=16, BLOCK_W=1024, L_PAD=32, RATE=0.1, K_PAD=512, WIN_TILE=128),
+    )
+)
+VARIANTS.append(
+    (
+        _summaries_kernel,
+        kvr_types,
+        dict(G=4, D=128, BS=16, REPS=2, HAS_REP=True, HAS_MINMAX=True, USE_DOT=True),
+    )
 )
 
 

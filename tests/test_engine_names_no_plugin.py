@@ -31,6 +31,10 @@ FORBIDDEN = {
     "xgrammar",
     "matcher",
     "bitmask",
+    "retrieval",
+    "actqkv",
+    "infllm",
+    "quest",
 }
 # The one generic exception: the fused residual-add + per-row table add + RMSNorm kernel of
 # actserve.kernels (below the contract; named for its first user) and StepHooks.steer, the slot that

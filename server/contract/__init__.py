@@ -18,12 +18,14 @@ from actserve.server.contract.hooks import (
     LogitsHook,
     MoEHook,
     PluginHooks,
+    QueryHook,
     ResidualHook,
     RowInput,
     RowInputs,
     StepHooks,
     ThresholdHook,
 )
+from actserve.server.contract.kv_space import KVResidency, KVSpace, KVTier
 from actserve.server.contract.model_info import ModelInfo, MoEInfo
 from actserve.server.contract.plugin import (
     FusedColumns,
@@ -54,6 +56,9 @@ __all__ = [
     "InterventionCapacityError",
     "InterventionError",
     "InterventionPlugin",
+    "KVResidency",
+    "KVSpace",
+    "KVTier",
     "LinearCall",
     "LinearInputHook",
     "LinearOutputHook",
@@ -67,6 +72,7 @@ __all__ = [
     "MoEInfo",
     "PluginHooks",
     "PROJECTIONS",
+    "QueryHook",
     "ResidualHook",
     "RowInput",
     "RowInputs",

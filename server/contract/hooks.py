@@ -143,6 +143,18 @@ class AttentionHook(Protocol):
         ...
 
 
+class QueryHook(AttentionHook, Protocol):
+    """An attention hook that also sees every row's queries (prefill and decode rows alike), before the
+    decode rows' block selection: e.g. to keep recent queries for scoring KV blocks later, or running
+    statistics of them. Optional: the layers call `queries` only on hooks that define it.
+
+    `q` [rows, heads, head_dim] carries its rotary position (as the KV cache's keys do); `positions`
+    [rows] int64 each row's position in its sequence; `inputs` the plugin's row inputs of every packed
+    row (rows of other requests hold `none`). Device ops of fixed shapes only: decode CUDA graphs run it."""
+
+    def queries(self, layer: int, q: torch.Tensor, positions: torch.Tensor, inputs: RowInputs) -> None: ...
+
+
 class MoEHook(Protocol):
     """Routing of a mixture-of-experts layer, per row: which experts and with which weights (e.g. a
     per-request top-k, or keeping rows on resident experts).

@@ -28,6 +28,7 @@ from actserve.server.contract.hooks import (
     ResidualHook,
     RowInput,
 )
+from actserve.server.contract.kv_space import KVResidency, KVSpace
 from actserve.server.contract.model_info import ModelInfo
 from actserve.server.contract.weights import FormatRequest
 
@@ -56,6 +57,8 @@ class RowSpan:
     # the sequence's generated token ids so far, on the host (read-only; complete only for plugins that
     # declare `needs_output_tokens`, since other steps may launch before the last token is known)
     output_token_ids: Sequence[int] = ()
+    # the sequence's KV block table on the host (read-only; ids as in `KVSpace`, host-tier ids included)
+    block_table: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,35 @@ class InterventionPlugin(ABC):
         no captured variant fits these rows (e.g. a per-row width beyond the captured one); the step runs
         eager. Only asked of `graph_safe` plugins."""
         return ""
+
+    def kv_block_bytes(self) -> int:
+        """Bytes of device memory this plugin keeps per KV block id (e.g. a summary of each block's keys):
+        the engine sizes the KV cache with it, so each block costs its K/V plus this. 0 by default."""
+        return 0
+
+    def reserved_kv_blocks(self) -> int:
+        """GPU KV blocks to set aside for this plugin when the server has a host tier (e.g. to recall
+        offloaded blocks into); they are given in `bind_kv` (`KVSpace.reserved`). 0 by default."""
+        return 0
+
+    def bind_kv(self, kv: KVSpace) -> None:  # noqa: B027 - optional
+        """Once the KV cache is sized (before any request): its block ids and host tier, to allocate side
+        data per block id or use the reserved blocks. Native models only."""
+
+    def kv_residency(self, plan: Any) -> KVResidency | None:
+        """With a host tier: which blocks of this plan's sequence stay on the GPU (the others move to the
+        host once its prompt is computed); None, the default: all of them (its hooks read any block)."""
+        return None
+
+    def blocks_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:  # noqa: B027 - optional
+        """KV blocks `src` [n] int64 now live at ids `dst` [n] (a move between tiers): side data kept per
+        block id follows them. Engine thread, between steps."""
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters of this plugin (name -> value, never decreasing), exported as
+        `actserve_intervention_stat_total{intervention, stat}`; read between steps, at most once a second
+        on a busy server (a plugin may sync its device counters here). {} by default."""
+        return {}
 
     def prefix_key(self, plan: Any) -> Hashable | None:
         """What about `plan` changes the K/V of the request's prompt tokens, for the prefix cache: None

@@ -21,10 +21,22 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class BlockManager:
     """Hands out KV blocks; a sequence holds enough blocks for every token it has K/V for."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = False,
+        host_base: int = 0,
+        num_host_blocks: int = 0,
+    ) -> None:
+        """`host_base`, `num_host_blocks`: the host tier's ids [host_base, host_base + num_host_blocks)
+        (docs/architecture.md §3, "KV tiers"); none by default."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free: deque[int] = deque(range(num_blocks))  # no owner, no cached content
+        self.host_base = host_base or num_blocks
+        self.host_free: deque[int] = deque(range(host_base, host_base + num_host_blocks))
+        self.num_host_blocks = num_host_blocks
         self.refs = [0] * num_blocks
         self.caching = enable_prefix_caching
         self.cached: dict[bytes, int] = {}  # chain key -> block holding that prefix block
@@ -124,8 +136,12 @@ class BlockManager:
         seq.prefix_committed = max(seq.prefix_committed, done)
 
     def release(self, seq: Sequence) -> None:
-        """Drop the sequence's references; unreferenced keyed blocks stay cached (evictable, newest last)."""
+        """Drop the sequence's references; unreferenced keyed blocks stay cached (evictable, newest last);
+        its host-tier blocks go back to the host's free list."""
         for block in seq.block_table:
+            if block >= self.host_base:
+                self.host_free.append(block)
+                continue
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.key_of:
@@ -134,3 +150,40 @@ class BlockManager:
                     self.free.append(block)
         seq.block_table = []
         seq.num_computed = seq.prefix_committed = 0
+
+    # -- the host tier (docs/architecture.md §3, "KV tiers") -------------------------------------------
+    @property
+    def num_host_used(self) -> int:
+        return self.num_host_blocks - len(self.host_free)
+
+    @property
+    def num_gpu_used(self) -> int:
+        """GPU blocks some sequence holds (cached unreferenced ones count as free)."""
+        return self.num_blocks - self.num_free
+
+    def move_to_host(self, seq: Sequence, keep_first: int, keep_last: int) -> tuple[list[int], list[int]]:
+        """Move `seq`'s full GPU blocks outside its first `keep_first` and last `keep_last` blocks to the
+        host tier, as far as host blocks are free; blocks other sequences share stay. Their GPU blocks are
+        freed (and uncached: the prefix cache hands out GPU blocks only). Returns (GPU ids, host ids) of
+        the moved blocks, in table order: the caller copies their K/V before anything reuses the GPU ids
+        (on CUDA, stream order does it)."""
+        table = seq.block_table
+        end = min(len(table) - keep_last, seq.num_computed // self.block_size)
+        src: list[int] = []
+        dst: list[int] = []
+        for j in range(keep_first, end):
+            block = table[j]
+            if block >= self.host_base or self.refs[block] != 1:
+                continue
+            if not self.host_free:
+                break
+            host = self.host_free.popleft()
+            key = self.key_of.pop(block, None)
+            if key is not None:
+                del self.cached[key]
+            self.refs[block] = 0
+            self.free.append(block)
+            table[j] = host
+            src.append(block)
+            dst.append(host)
+        return src, dst

@@ -28,6 +28,9 @@ class EngineConfig:
     attention_aware_chunks: bool | None = None
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # CPU: KV cache size when not given in blocks
+    # host tier of the KV cache (GiB of pinned host memory): cold blocks of sequences whose plugin allows
+    # it (`kv_residency`) move there; 0: none
+    kv_offload_gb: float = 0.0
     gpu_memory_utilization: float = 0.85  # CUDA: weights + KV + workspace within this share of the GPU
     enforce_eager: bool = False  # CUDA: no decode or prefill graphs
     cuda_graph_prefill_len: int = 512  # CUDA: single fresh prompts up to this many tokens prefill from graphs

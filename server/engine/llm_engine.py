@@ -22,6 +22,7 @@ from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.config import EngineConfig
+from actserve.server.engine.kv_tier import HostTier
 from actserve.server.engine.model_runner import ModelRunner, StepResult
 from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
@@ -29,6 +30,7 @@ from actserve.server.engine.sequence import SeqStatus, Sequence
 from actserve.server.metrics import EngineMetrics
 from actserve.server.models.builder import LoadedModel, load_weights, resolve_device, size_kv_cache
 from actserve.server.models.formats import install_formats
+from actserve.server.models.loader import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, registry: Interventi
     return ModelRunner(
         loaded.model, loaded.num_blocks, loaded.block_size, info.device, info.dtype, registry,
         info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
+        extra_blocks=loaded.reserved_kv_blocks,
     )  # fmt: skip
 
 
@@ -95,7 +98,10 @@ class LLMEngine:
         # before the runner (graphs capture the weights) and before the KV cache is sized, so that it
         # is sized after the extra formats (and the plugins' resident tables) took their memory
         install_plugin_formats(loaded, self.registry)
+        kv_only = loaded.kv_block_bytes
+        loaded.kv_block_bytes += self.registry.kv_block_bytes()  # plugins' data per block, beside its K/V
         self.loaded: LoadedModel = size_kv_cache(loaded, load)
+        self._plan_host_tier(config, kv_only)
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
         self.model_name = self.model_info.name
@@ -105,7 +111,18 @@ class LLMEngine:
         num_blocks = self.loaded.num_blocks
         # the prefix cache needs the native runner's paged KV (the fallback keeps its own caches)
         self.prefix_caching = config.enable_prefix_caching and self.loaded.spec is not None
-        self.blocks = BlockManager(num_blocks, config.block_size, self.prefix_caching)
+        host_base = num_blocks + 1 + self.loaded.reserved_kv_blocks  # after the scratch and reserved blocks
+        self.host_tier: HostTier | None = None
+        if self.host_blocks and self.loaded.spec is not None:
+            self.host_tier = HostTier(self.runner.kv_caches, config.block_size, self.host_blocks, host_base)
+        hosted = self.host_blocks if self.host_tier is not None else 0
+        self.blocks = BlockManager(
+            num_blocks, config.block_size, self.prefix_caching, host_base if hosted else 0, hosted
+        )
+        self.registry.bind_kv(
+            config.block_size, num_blocks, num_blocks + 1, host_base + hosted, self.host_tier
+        )
+        self._stats_read = 0.0
         self._prefix_counted = (0, 0)
         self.runner.block_manager = self.blocks  # collect mode borrows free blocks of the serving cache
         aware = config.attention_aware_chunks
@@ -125,6 +142,8 @@ class LLMEngine:
             telemetry.reset()
             self.metrics.add_model_series(telemetry.series)
             self.metrics.update_model_series(telemetry.counters, telemetry.gauges, {})
+        if self.host_tier is not None:
+            self.metrics.pinned_bytes = self.host_tier.nbytes
         self.seqs: dict[str, Sequence] = {}
         # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
         self.overlap = (
@@ -143,6 +162,33 @@ class LLMEngine:
             # engines and frozen cycles would never be freed)
             gc.collect()
             gc.freeze()
+
+    def _plan_host_tier(self, config: EngineConfig, kv_only: int) -> None:
+        """Size the host tier (`--kv-offload-gb`, in blocks) and set aside the GPU blocks plugins reserve
+        for it. The plugins' per-block data of host blocks and the reserved blocks come out of the GPU
+        pool when it was sized from memory (a given --num-kv-blocks is kept: they are added to it)."""
+        loaded = self.loaded
+        self.host_blocks = int(config.kv_offload_gb * 2**30 // kv_only) if config.kv_offload_gb > 0 else 0
+        if not self.host_blocks or loaded.spec is None:
+            self.host_blocks = 0
+            return
+        reserved = self.registry.reserved_kv_blocks()
+        loaded.reserved_kv_blocks = reserved
+        if config.num_kv_blocks is None:
+            side = self.host_blocks * self.registry.kv_block_bytes()
+            cut = reserved + -(-side // loaded.kv_block_bytes)
+            min_blocks = -(-loaded.info.max_model_len // config.block_size)
+            if loaded.num_blocks - cut < min_blocks:
+                raise ModelLoadError(
+                    f"--kv-offload-gb {config.kv_offload_gb} leaves {loaded.num_blocks - cut} GPU KV blocks "
+                    f"(plugins set {cut} aside for the host tier), fewer than --max-model-len needs "
+                    f"({min_blocks}): lower --kv-offload-gb or --max-model-len"
+                )
+            loaded.num_blocks -= cut
+        log.info(
+            "KV host tier: %d blocks (%.2f GiB), %d GPU blocks reserved for it",
+            self.host_blocks, self.host_blocks * kv_only / 2**30, reserved,
+        )  # fmt: skip
 
     # -- requests ---------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -209,6 +255,7 @@ class LLMEngine:
             results = pending.collect()
             self._commit_prefixes(pending)  # before _append retires (frees) finished sequences
             appended = self._append(results)
+            self._offload_cold()
             if chained is not None and hasattr(chained, "finish"):  # its late logits hooks read these tokens
                 chained = chained.finish()
         except Exception as e:
@@ -364,6 +411,29 @@ class LLMEngine:
             m.generation_tokens.labels(name).inc(generated)
         return pending
 
+    def _offload_cold(self) -> None:
+        """With a host tier: move the cold blocks of running sequences whose plans allow it
+        (`kv_residency`: all but their first and last blocks) to the host, once their prompt is computed
+        and a decode step has run (so their plugin has made a choice it can recall)."""
+        tier = self.host_tier
+        if tier is None or not self.blocks.host_free:
+            return
+        src: list[int] = []
+        dst: list[int] = []
+        for seq in self.scheduler.running:
+            if seq.is_finished or seq.num_computed < seq.prompt_len or len(seq.output_token_ids) < 2:
+                continue
+            keep = self.registry.kv_residency(seq.interventions)
+            if keep is None:
+                continue
+            # one block more than the window: a chained step may already run one token ahead
+            a, b = self.blocks.move_to_host(seq, keep.sink_blocks, keep.window_blocks + 1)
+            src += a
+            dst += b
+        if src:
+            tier.offload(src, dst)
+            self.registry.blocks_moved(torch.tensor(src), torch.tensor(dst))
+
     def _emit(self, pending: list[tuple[Sequence, int, str | None]]) -> list[SeqOutput]:
         """Detokenize all new tokens in one call, apply stop strings, record finishes, build outputs."""
         # a stop token's own text stays out of the output, as in vLLM
@@ -504,3 +574,11 @@ class LLMEngine:
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(self.scheduler.num_queued)
         m.kv_usage.labels(name).set(self.blocks.usage)
+        m.kv_blocks.labels(name, "gpu").set(self.blocks.num_gpu_used)
+        m.kv_blocks.labels(name, "cpu").set(self.blocks.num_host_used)
+        if self.host_tier is not None:
+            m.set_kv_transfer(self.host_tier.bytes_to_host, self.host_tier.bytes_to_device)
+        now = time.monotonic()
+        if now - self._stats_read >= 1.0 or not self.scheduler.running:  # plugins may sync to read them
+            self._stats_read = now
+            m.set_plugin_stats(self.registry.stats())

@@ -177,12 +177,16 @@ class ModelRunner:
         max_model_len: int,
         cuda_graph_max_bs: int = 0,
         cuda_graph_prefill_len: int = 0,
+        extra_blocks: int = 0,
     ) -> None:
+        """`extra_blocks`: GPU blocks after the pool and its scratch block, set aside for plugins (a host
+        tier's reserved blocks, docs/architecture.md §3)."""
         spec = model.spec
         self.model, self.block_size, self.device, self.registry = model, block_size, device, registry
-        # one extra block at the end: the scratch slot that padded graph rows write to
+        # one extra block after the pool: the scratch slot that padded graph rows write to
+        slots = (num_blocks + 1 + extra_blocks) * block_size
         self.kv_caches = make_kv_cache(
-            spec.num_layers, (num_blocks + 1) * block_size, spec.num_kv_heads, spec.head_dim, dtype, device
+            spec.num_layers, slots, spec.num_kv_heads, spec.head_dim, dtype, device
         )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
@@ -296,7 +300,9 @@ class ModelRunner:
             slot_parts.append(ctx[start:])
             slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
             for key, plan in seq.interventions.items():
-                spans[key].append(RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids))
+                spans[key].append(
+                    RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids, seq.block_table)
+                )
             if seq.params.prompt_logprobs is not None and seq.prompt_logprobs is None:
                 if start == 0:
                     seq.prompt_lp_parts = [None]  # the first prompt token has none
@@ -418,7 +424,9 @@ class ModelRunner:
             slots[i] = seq.block_table[p // bs] * bs + p % bs
             for key, plan in seq.interventions.items():
                 if key not in skip:
-                    spans[key].append(RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids))
+                    spans[key].append(
+                        RowSpan(plan, i, 1, p, seq.prompt_len, seq.output_token_ids, seq.block_table)
+                    )
             seq.num_computed = p + 1
         groups = self.registry.group_spans(spans)
         fused = self.registry.fused

@@ -143,6 +143,14 @@ def select_blocks(
     return replace(batch, seqs=seqs)
 
 
+def observe_queries(hooks: AttentionHooks, layer: int, q: torch.Tensor, positions: torch.Tensor) -> None:
+    """Hand every row's queries to the hooks that watch them (`QueryHook.queries`), before selection."""
+    for hook, inputs in hooks:
+        watch = getattr(hook, "queries", None)
+        if watch is not None:
+            watch(layer, q, positions, inputs)
+
+
 def notify_filled(
     hooks: AttentionHooks, layer: int, kv_cache: torch.Tensor, filled: tuple[torch.Tensor, torch.Tensor]
 ) -> None:

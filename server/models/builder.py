@@ -77,7 +77,9 @@ class LoadedModel:
     block_size: int
     weights_bytes: int  # the parameters' bytes as stored, extra formats included (`size_kv_cache`)
     step_activation_bytes: int = 0  # CUDA native: the profiled peak of a step at the token budget
-    kv_block_bytes: int = 0  # K and V of one block, all layers
+    kv_block_bytes: int = 0  # K and V of one block, all layers (plus plugins' per-block data when sized)
+    # GPU blocks beyond the pool, set aside for plugins with a host tier (the engine sets it)
+    reserved_kv_blocks: int = 0
     # weights_bytes by storage format (`formats.weight_bytes`: "bfloat16", "nvfp4", ...)
     weights_by_format: dict[str, int] = field(default_factory=dict)
     # what parts of the model report for the engine to export (the expert cache's counters)

@@ -21,6 +21,7 @@ from actserve.server.layers.attention import (
     AttentionBatch,
     AttentionHooks,
     notify_filled,
+    observe_queries,
     paged_attention,
     select_blocks,
     step_filled,
@@ -82,7 +83,8 @@ class Attention(nn.Module):
         filled: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`lin`: what plugins do at this layer's projections (None: nothing, the plain path). `hooks`:
-        this layer's (`layer`) attention hooks: block selection for decode rows before attention, then
+        this layer's (`layer`) attention hooks: every row's queries to those that watch them, block selection
+        for decode rows before attention, then
         `filled` (the blocks this step completes) after the K/V write."""
         t = x.shape[0]
         qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
@@ -103,11 +105,13 @@ class Attention(nn.Module):
                 q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1]
             )
             if hooks is not None:
+                observe_queries(hooks, layer, q, positions)
                 batch = select_blocks(hooks, layer, q, batch)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False)
         else:
             q, k = rotary(q, k, positions)
             if hooks is not None:
+                observe_queries(hooks, layer, q, positions)
                 batch = select_blocks(hooks, layer, q, batch)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
         if hooks is not None and filled is not None:

@@ -1,0 +1,242 @@
+"""Decode speed of KV retrieval at long contexts (issue 16): Llama-3-8B's shape with random bf16 weights,
+full attention in the same run, 32k / 64k / 128k contexts, batch 1 and 4, a 2048-token ActQKV budget,
+the host tier (CPU) off and on, and the GPU KV memory a retrieving sequence holds.
+
+No prompt is prefilled (a 128k prefill per row would take the whole time budget and decides nothing
+here): each row's blocks are allocated and the whole KV cache and the plugin's block summaries are
+filled with random values, then the rows decode one token per step through the engine's decode path
+(`ModelRunner._decode`: CUDA graphs, the plugin's hooks and, with the tier, its host-side staging and
+recall of the previous step's choice). A step is timed on the host from launch to the logits being
+ready (torch.cuda.synchronize), median of --steps after --warmup. "tier" rows first run two decode
+steps, then move their cold blocks to the host (what the engine does after a step) and warm up again.
+
+GPU KV memory of a retrieving row with the tier on, as a fraction of full attention's (its whole
+context's K/V): its blocks still on the GPU (sink, window) + the GPU blocks reserved for its slot
+(where recalled blocks land) + the summaries of all its blocks (resident on the GPU, indexed by block
+id). Prefill still reads the whole context, so a server needs GPU room for one prompt being prefilled;
+what the tier saves is the memory of the sequences that decode.
+
+    python bench/kv_retrieval_speed.py --out bench/results/kv_retrieval_speed.json   # H200, < 8 minutes
+    python bench/kv_retrieval_speed.py --cpu-smoke                                    # tiny, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
+
+from actserve.server.engine.config import EngineConfig  # noqa: E402
+from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
+from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
+from actserve.server.engine.sequence import Sequence  # noqa: E402
+
+TINY = {
+    **LLAMA3_8B,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 2048,
+}
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_rows(eng: LLMEngine, batch: int, ctx: int, spec: dict[str, Any] | None, tag: str) -> list[Sequence]:
+    """`batch` sequences with `ctx` tokens of K/V (random) and one generated token, ready to decode."""
+    rng = random.Random(ctx + batch)
+    vocab = eng.model_info.vocab_size
+    seqs = []
+    for i in range(batch):
+        plans = eng.registry.prepare(spec)
+        prompt = [rng.randrange(3, vocab) for _ in range(ctx)]
+        s = Sequence(f"{tag}{i}", prompt, SamplingParams(max_tokens=4096), [], interventions=plans)
+        s.output_token_ids = [rng.randrange(3, vocab)]
+        eng.blocks.allocate(s, s.num_tokens)
+        s.num_computed = ctx
+        eng.registry.activate(plans)
+        seqs.append(s)
+    return seqs
+
+
+def drop_rows(eng: LLMEngine, seqs: list[Sequence]) -> None:
+    for s in seqs:
+        eng.blocks.release(s)
+        eng.registry.release(s.interventions)
+
+
+@torch.inference_mode()
+def decode_step(eng: LLMEngine, seqs: list[Sequence]) -> float:
+    """One decode step of `seqs` (ms, launch to logits ready); then each row takes a token."""
+    dev = eng.model_info.device
+    for s in seqs:
+        eng.blocks.allocate(s, s.num_tokens)
+    sync(dev)
+    t = time.perf_counter()
+    logits = eng.runner._decode(seqs)
+    sync(dev)
+    ms = 1e3 * (time.perf_counter() - t)
+    del logits
+    for s in seqs:
+        s.output_token_ids.append(7)
+    return ms
+
+
+def offload(eng: LLMEngine, seqs: list[Sequence]) -> None:
+    """What the engine does after a step: cold blocks of these rows to the host tier."""
+    running = eng.scheduler.running
+    eng.scheduler.running = list(seqs)
+    try:
+        eng._offload_cold()
+    finally:
+        eng.scheduler.running = running
+
+
+def measure(eng: LLMEngine, batch: int, ctx: int, mode: str, spec: dict[str, Any], a: argparse.Namespace):
+    seqs = make_rows(eng, batch, ctx, None if mode == "full" else spec, f"{mode}{ctx}b{batch}-")
+    try:
+        for _ in range(a.warmup):
+            decode_step(eng, seqs)
+        row: dict[str, Any] = {"context": ctx, "batch": batch, "mode": mode}
+        if mode == "tier":
+            while len(seqs[0].output_token_ids) < 3:
+                decode_step(eng, seqs)
+            offload(eng, seqs)
+            for _ in range(a.warmup):
+                decode_step(eng, seqs)
+            info = eng.model_info
+            kv_block = 2 * info.num_layers * info.num_kv_heads * info.head_dim * eng.block_size * 2
+            plugin = eng.registry.plugin("kv_retrieval")
+            assert plugin is not None
+            side = plugin.kv_block_bytes()
+            s = seqs[0]
+            on_gpu = sum(1 for b in s.block_table if b < eng.blocks.num_blocks)
+            reserved = plugin.width + 1  # type: ignore[attr-defined]
+            full_bytes = len(s.block_table) * kv_block
+            held = (on_gpu + reserved) * kv_block + len(s.block_table) * side
+            row.update(gpu_blocks=on_gpu, host_blocks=len(s.block_table) - on_gpu, reserved_blocks=reserved)
+            row["gpu_kv_ratio"] = held / full_bytes
+        graphs0 = eng.runner.graph_steps
+        times = [decode_step(eng, seqs) for _ in range(a.steps)]
+        row["graph_steps"] = eng.runner.graph_steps - graphs0
+        row["step_ms"] = statistics.median(times)
+        row["step_ms_min"] = min(times)
+        row["tok_s"] = 1e3 * batch / row["step_ms"]
+        return row
+    finally:
+        drop_rows(eng, seqs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU, short contexts")
+    ap.add_argument("--contexts", default=None, help="default 32768,65536,131072 (smoke: 512,1024)")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--budget", type=int, default=None, help="budget_tokens (default 2048; smoke 128)")
+    ap.add_argument("--method", default="actqkv")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--offload-gb", type=float, default=None, help="host tier size (default: enough)")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    smoke = a.cpu_smoke
+    contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    budget = a.budget or (128 if smoke else 2048)
+    if smoke:
+        a.steps, a.warmup = min(a.steps, 4), min(a.warmup, 2)
+    config = dict(TINY if smoke else LLAMA3_8B)
+    top = max(contexts) + a.warmup * 3 + a.steps + 64
+    config["max_position_embeddings"] = top
+    model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "kvr-model", config)
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * 128 * (4 if smoke else 2)
+    if smoke:
+        per_token = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * 32 * 4
+    need_gb = max(batches) * top * per_token / 2**30
+    offload_gb = a.offload_gb if a.offload_gb is not None else need_gb * 1.01 + 0.01
+    slots = max(batches)
+    cfg = EngineConfig(
+        model=str(model_dir), device="cpu" if smoke else "cuda", dtype="float32" if smoke else "bfloat16",
+        load_format="dummy", max_num_seqs=max(batches), max_model_len=top, enable_prefix_caching=False,
+        gpu_memory_utilization=0.9, kv_offload_gb=offload_gb, overlap_steps=False,
+        num_kv_blocks=(max(batches) * top // 16 + 64) if smoke else None,
+        plugin_options={"kv_retrieval": {"methods": a.method, "max_budget_tokens": budget, "slots": slots}},
+    )  # fmt: skip
+    t0 = time.time()
+    eng = LLMEngine(cfg)
+    print(f"engine ready in {time.time() - t0:.0f} s", flush=True)
+    gen = torch.Generator(device=eng.model_info.device).manual_seed(0)
+    for c in eng.runner.kv_caches:  # random K/V everywhere (no prompt is prefilled)
+        c.normal_(generator=gen)
+    plugin = eng.registry.plugin("kv_retrieval")
+    st = getattr(plugin, "state", None)
+    for t in (st.rep, st.kmin, st.kmax) if st is not None else ():
+        if t is not None:
+            t.normal_(generator=gen)
+    spec: dict[str, Any] = {"kv_retrieval": {"method": a.method, "budget_tokens": budget}}
+    if smoke:  # the defaults (sink 64, window 256) do not fit the smoke's budget
+        spec["kv_retrieval"].update(sink_tokens=16, window_tokens=32)
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            for mode in ("full", "kvr", "tier"):
+                r = measure(eng, b, ctx, mode, spec, a)
+                rows.append(r)
+                print(
+                    f"[{time.time() - t0:5.0f}s] ctx {ctx:>6} b{b} {mode:<4} {r['step_ms']:8.2f} ms/step "
+                    f"({r['tok_s']:8.1f} tok/s, {r['graph_steps']}/{a.steps} from graphs)",
+                    flush=True,
+                )
+    res: dict[str, Any] = {
+        "bench": "kv_retrieval_speed",
+        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not smoke else "cpu",
+        "model": "tiny llama (smoke)" if smoke else "Llama-3-8B shape, random bf16 weights",
+        "method": a.method,
+        "budget_tokens": budget,
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+    }
+    by = {(r["context"], r["batch"], r["mode"]): r for r in rows}
+    for ctx in contexts:
+        for b in batches:
+            full = by[(ctx, b, "full")]["step_ms"]
+            res[f"kvr_speedup_ctx{ctx}_b{b}"] = full / by[(ctx, b, "kvr")]["step_ms"]
+            res[f"kvr_tier_speedup_ctx{ctx}_b{b}"] = full / by[(ctx, b, "tier")]["step_ms"]
+        res[f"kvr_gpu_kv_ratio_ctx{ctx}"] = by[(ctx, max(batches), "tier")]["gpu_kv_ratio"]
+    cols = f"{'full ms':>9} {'kvr ms':>9} {'tier ms':>9} {'speedup':>8} {'tier x':>7}"
+    print(f"\n{'context':>8} {'batch':>5} {cols}")
+    for ctx in contexts:
+        for b in batches:
+            f, k, t = (by[(ctx, b, m)]["step_ms"] for m in ("full", "kvr", "tier"))
+            print(f"{ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} {f / k:8.2f} {f / t:7.2f}")
+    for ctx in contexts:
+        print(f"GPU KV ratio with the tier at {ctx}: {res[f'kvr_gpu_kv_ratio_ctx{ctx}']:.3f}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

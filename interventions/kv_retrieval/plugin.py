@@ -1,0 +1,283 @@
+"""`kv_retrieval`: long-context decoding over a budget of KV blocks per layer (docs/architecture.md §10
+"KV retrieval", docs/api.md). `{"kv_retrieval": {"method": "actqkv", "budget_tokens": 2048}}`: at each
+decode step every layer attends to the sequence's first blocks (sink), its last blocks (window) and the
+best-scoring blocks between them, chosen by the request's method:
+
+- `infllm`: each full block keeps a representative key per KV head (the mean of the `representatives`
+  keys that receive the most attention within the block); a block's score is the current query's dot
+  product with it, summed over heads;
+- `quest`: each full block keeps the elementwise min and max of its keys; its score is the upper bound
+  sum_h sum_d max(q_hd min_d, q_hd max_d);
+- `actqkv`: InfLLM's blocks, scored against a probe query (the last `ring_tokens` queries weighted by
+  their activation bias: deviation from the sequence's running mean, scaled by its running variance),
+  and the step's retrieved blocks spread over layers by the entropy of their block scores.
+
+Rows without the key attend to everything, unchanged. A budget that covers the whole context changes
+nothing either. Options (`configure`): slots, ring_tokens, representatives, max_budget_tokens, methods.
+With a host tier (`--kv-offload-gb`) a retrieving sequence's blocks outside its sink and window move to
+host memory once a decode step has run; each step then reads the blocks its previous step chose
+(one step stale), recalled into GPU blocks reserved per slot before the step launches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from actserve.interventions.base import (
+    AttentionHook,
+    InterventionCapacityError,
+    InterventionError,
+    InterventionPlugin,
+    KVResidency,
+    KVSpace,
+    ModelInfo,
+    PluginHooks,
+    RowInput,
+    RowSpan,
+)
+from actserve.interventions.kv_retrieval import methods as M
+from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, RetrievalHook
+from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec, RetrievalPlan, plan_of
+from actserve.interventions.kv_retrieval.staging import Staging
+from actserve.interventions.kv_retrieval.state import RetrievalState
+from actserve.kernels.kv_retrieval_ref import METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
+
+DEFAULTS: dict[str, Any] = {
+    "slots": 16,  # retrieving sequences at once
+    "ring_tokens": 64,  # queries kept per sequence (ActQKV's probe window; at least a block)
+    "representatives": 2,  # InfLLM's representative keys per block (averaged)
+    "max_budget_tokens": 4096,  # the largest budget_tokens a request may ask for
+    "methods": "actqkv,infllm,quest",  # which summaries to keep (quest: min and max; others: one key)
+}
+
+
+class KVRetrievalPlugin(InterventionPlugin):
+    name = "kv_retrieval"
+    description = (
+        "Long-context KV retrieval: each decode step attends, per layer, to the initial tokens, a local "
+        "window and the best-scoring KV blocks in between (actqkv, infllm or quest), within budget_tokens."
+    )
+    hook_points = ("attention",)
+    spec_model = KVRetrievalSpec
+    row_inputs = (RowInput(INPUT, torch.int32, COLUMNS, -1),)
+    graph_safe = True
+
+    def __init__(self, model_info: ModelInfo) -> None:
+        super().__init__(model_info)
+        self.options = dict(DEFAULTS)
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self.state: RetrievalState | None = None
+        self.kv: KVSpace | None = None
+        self.staging: Staging | None = None
+        self._hooks: dict[bool, RetrievalHook] = {}
+        self.methods = frozenset(M.METHODS.values())
+
+    # -- start-up ----------------------------------------------------------------------------------
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Options: slots, ring_tokens, representatives, max_budget_tokens, methods (see DEFAULTS)."""
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"kv_retrieval: unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.options.update(options)
+        o, bs = self.options, self.model_info.block_size
+        for key in ("slots", "ring_tokens", "representatives", "max_budget_tokens"):
+            if not isinstance(o[key], int) or o[key] < 1:
+                raise ValueError(f"kv_retrieval option {key} must be a positive integer, got {o[key]!r}")
+        if o["ring_tokens"] < bs:
+            raise ValueError(f"kv_retrieval option ring_tokens must be >= the KV block size {bs}")
+        if o["representatives"] > bs:
+            raise ValueError(f"kv_retrieval option representatives must be <= the KV block size {bs}")
+        if o["max_budget_tokens"] < 3 * bs:
+            raise ValueError(f"kv_retrieval option max_budget_tokens must be >= 3 blocks ({3 * bs} tokens)")
+        names = [m.strip() for m in str(o["methods"]).split(",") if m.strip() and m.strip() != "none"]
+        bad = [m for m in names if m not in M.METHODS]
+        if bad:
+            raise ValueError(
+                f"kv_retrieval option methods: unknown {bad}; choose among {sorted(M.METHODS)} or 'none'"
+            )
+        self.methods = frozenset(M.METHODS[m] for m in names)
+        self._free = list(range(o["slots"] - 1, -1, -1))
+
+    @property
+    def width(self) -> int:
+        """Blocks a layer may retrieve at most (ActQKV may give a layer twice the mean)."""
+        return 2 * (self.options["max_budget_tokens"] // self.model_info.block_size)
+
+    def _native(self) -> bool:
+        """Serving at all: a native model, and some method enabled."""
+        info = self.model_info
+        return info.implementation == "native" and info.num_kv_heads > 0 and bool(self.methods)
+
+    def kv_block_bytes(self) -> int:
+        if not self._native():
+            return 0
+        quest = M.QUEST in self.methods
+        return RetrievalState.block_bytes(self.model_info, quest, bool(self.methods - {M.QUEST}))
+
+    def reserved_kv_blocks(self) -> int:
+        """With a host tier: per slot, one GPU block per retrieved block a layer may read (+ one that
+        left the window since the choice)."""
+        return self.options["slots"] * (self.width + 1) if self._native() else 0
+
+    def bind_kv(self, kv: KVSpace) -> None:
+        if not self._native():
+            return
+        self.kv = kv
+        self.state = RetrievalState(
+            self.model_info,
+            self.options["slots"],
+            self.options["ring_tokens"],
+            self.width,
+            kv.num_ids,
+            quest=M.QUEST in self.methods,
+            reps=bool(self.methods - {M.QUEST}),
+        )
+        if kv.tier is not None:
+            self.staging = Staging(
+                self.options["slots"], self.model_info.num_layers, self.width + 1, kv.reserved, kv.host_base
+            )
+
+    # -- requests ----------------------------------------------------------------------------------
+    def prepare(self, spec: BaseModel, param: str) -> RetrievalPlan:
+        assert isinstance(spec, KVRetrievalSpec)
+        info = self.model_info
+        if not self.methods:
+            raise InterventionError(
+                f"{param}: KV retrieval is turned off on this server (--kv-retrieval-methods none)", param
+            )
+        if not self._native():
+            why = info.fallback_reason or "not a native model"
+            raise InterventionError(f"{param}: needs the native model implementation ({why})", param)
+        if M.METHODS[spec.method] not in self.methods:
+            raise InterventionError(
+                f"{param}.method {spec.method!r} is not enabled on this server (kv_retrieval option methods: "
+                f"{sorted(k for k, v in M.METHODS.items() if v in self.methods)})",
+                f"{param}.method",
+            )
+        plan = plan_of(spec, param, info.block_size, self.options["max_budget_tokens"])
+        with self._lock:
+            if not self._free:
+                raise InterventionCapacityError(
+                    f"all {self.options['slots']} kv_retrieval slots are in use; retry shortly"
+                )
+            plan.slot = self._free.pop()
+        return plan
+
+    def activate(self, plan: RetrievalPlan) -> None:  # type: ignore[override]
+        if plan.active:
+            return
+        plan.active = True
+        if self.state is not None:
+            self.state.reset(plan.slot)
+        if self.staging is not None:
+            self.staging.reset(plan.slot)
+
+    def release(self, plan: RetrievalPlan) -> None:  # type: ignore[override]
+        if plan.released:
+            return
+        plan.released = True
+        with self._lock:
+            self._free.append(plan.slot)
+
+    def kv_residency(self, plan: RetrievalPlan) -> KVResidency:  # type: ignore[override]
+        return KVResidency(plan.sink, plan.window)
+
+    def blocks_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state.move(src.to(self.model_info.device), dst.to(self.model_info.device))
+
+    def prefix_key(self, plan: RetrievalPlan) -> tuple[str]:  # type: ignore[override]
+        """The prompt's K/V is a plain request's, but a retrieving request needs the block summaries that
+        only retrieving requests write: its prompt blocks are shared among retrieving requests only."""
+        return ("block summaries",)
+
+    def metric_label(self, plan: RetrievalPlan) -> str:  # type: ignore[override]
+        return next(k for k, v in M.METHODS.items() if v == plan.method)
+
+    def stats(self) -> dict[str, float]:
+        if self.state is None:
+            return {}
+        blocks, selections = (float(x) for x in self.state.counters.tolist())
+        out = {"retrieved_blocks": blocks, "retrieval_selections": selections}
+        if self.staging is not None:
+            out["recalled_blocks"] = float(self.staging.copied)
+        return out
+
+    # -- steps -------------------------------------------------------------------------------------
+    def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:
+        """Each row's slot, method, sizes and position; with a host tier, the rows whose cold blocks
+        are on the host also get their previous choice recalled here (this is the plugin's host call
+        before every step of its rows)."""
+        out = arrays[INPUT]
+        staged = []
+        for sp in spans:
+            p = sp.plan
+            rows = out[sp.start : sp.start + sp.count]
+            rows[:, SLOT], rows[:, METHOD], rows[:, RETRIEVE] = p.slot, p.method, p.retrieve
+            rows[:, SINK], rows[:, WINDOW], rows[:, OFFLOAD] = p.sink, p.window, 0
+            rows[:, POS] = np.arange(sp.pos0, sp.pos0 + sp.count)
+            if self.staging is None:
+                continue
+            if sp.count > 1 or sp.pos0 < sp.prompt_len:  # a prompt chunk: a (re)start holds no host blocks
+                self.staging.reset(p.slot)
+            elif sp.block_table and max(sp.block_table) >= self.staging.host_base:
+                rows[:, OFFLOAD] = 1
+                staged.append(sp)
+        if staged:
+            self._stage(staged)
+
+    def _stage(self, spans: list[RowSpan]) -> None:
+        """Recall the blocks each offloaded row chose at its previous step (and any block that left its
+        window since), and tell the hook which ids to read in their place."""
+        st, staging, kv = self.state, self.staging, self.kv
+        assert st is not None and staging is not None and kv is not None and kv.tier is not None
+        bs = self.model_info.block_size
+        slots = torch.tensor([sp.plan.slot for sp in spans], device=st.sel_cols.device)
+        cols_all = st.sel_cols[:, slots].transpose(0, 1).cpu().numpy()  # [rows, L, K]
+        n_all = st.sel_n[:, slots].transpose(0, 1).cpu().numpy()
+        layers, host, gpu = [], [], []
+        ids = np.zeros((len(spans), st.att_ids.shape[0], st.att_ids.shape[2]), dtype=np.int32)
+        counts = np.zeros((len(spans), st.att_n.shape[0]), dtype=np.int32)
+        for i, sp in enumerate(spans):
+            p, table = sp.plan, np.asarray(sp.block_table, dtype=np.int64)
+            n_now = -(-(sp.pos0 + 1) // bs)
+            ws_now = max(n_now - p.window, p.sink)
+            ws_prev = max(-(-sp.pos0 // bs) - p.window, p.sink)
+            extra = np.arange(ws_prev, ws_now, dtype=np.int64)
+            a, c, (rl, rh, rg) = staging.stage(p.slot, table, cols_all[i], n_all[i], extra)
+            ids[i], counts[i] = a, c
+            layers.append(rl)
+            host.append(rh)
+            gpu.append(rg)
+        kv.tier.recall(np.concatenate(layers), np.concatenate(host), np.concatenate(gpu))
+        dev = st.att_ids.device
+        st.att_ids[:, slots] = torch.from_numpy(ids).to(dev).transpose(0, 1)
+        st.att_n[:, slots] = torch.from_numpy(counts).to(dev).transpose(0, 1)
+
+    def _hook(self, decode: bool) -> RetrievalHook:
+        if decode not in self._hooks:
+            assert self.state is not None
+            info = self.model_info
+            self._hooks[decode] = RetrievalHook(
+                self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
+                self.options["representatives"], decode,
+            )  # fmt: skip
+        return self._hooks[decode]
+
+    def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
+        """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
+        prompt's one-token chunk; other requests' rows do not matter), the packed path otherwise."""
+        if self.state is None:
+            return None
+        return self._hook(all(sp.count == 1 for sp in spans))
+
+    def graph_hooks(self) -> PluginHooks:
+        """Decode graphs: the decode path (every method is served by the same kernels)."""
+        return PluginHooks(attention=self._hook(True))

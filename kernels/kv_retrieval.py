@@ -1,0 +1,393 @@
+"""KV-retrieval decode kernels (Triton versions of kernels/kv_retrieval_ref.py; semantics there): a
+decode step of retrieving rows costs a few launches per layer instead of hundreds of small torch ops,
+which inside a CUDA graph still cost a few microseconds each.
+
+Per layer: `append` (grid rows: the query into the slot's ring, its running statistics and activation
+bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
+column tiles: each candidate block's summaries read by id through the row's table, no gathered copy),
+a torch top-k, `pick` (grid rows: ActQKV's entropy over the scores and its share of the step's blocks,
+then the chosen columns sorted, the row's table copied and rewritten, its length); after attention,
+`summaries` (grid rows x KV heads: a block's representative key and min/max when the row's token
+completed it). No host sync; fixed shapes: they run inside decode CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from actserve.kernels import kv_retrieval_ref as ref
+
+# the row configuration's columns and the method ids (kv_retrieval_ref), as constants the kernels may read
+SLOT = tl.constexpr(ref.SLOT)
+METHOD = tl.constexpr(ref.METHOD)
+RETRIEVE = tl.constexpr(ref.RETRIEVE)
+SINK = tl.constexpr(ref.SINK)
+WINDOW = tl.constexpr(ref.WINDOW)
+POS = tl.constexpr(ref.POS)
+OFFLOAD = tl.constexpr(ref.OFFLOAD)
+QUEST = tl.constexpr(ref.QUEST)
+ACTQKV = tl.constexpr(ref.ACTQKV)
+
+
+@triton.jit
+def _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS: tl.constexpr):
+    n = (tl.load(len_ptr + r).to(tl.int64) + BS - 1) // BS
+    sink = tl.maximum(tl.load(cfg_ptr + r * stride_cfg + SINK).to(tl.int64), 0)
+    win = tl.maximum(tl.load(cfg_ptr + r * stride_cfg + WINDOW).to(tl.int64), 0)
+    ws = tl.maximum(n - win, sink)
+    return n, sink, ws, tl.maximum(ws - sink, 0)
+
+
+@triton.jit
+def _append_kernel(
+    q_ptr, cfg_ptr, rq_ptr, rp_ptr, rb_ptr, mean_ptr, var_ptr, cnt_ptr,
+    cap, C, T, stride_q, stride_cfg, stride_rqs, stride_rqt, stride_rps, stride_ms,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    if slot < 0:
+        return
+    p = tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    fresh = p == 0
+    n0 = tl.where(fresh, 0.0, tl.load(cnt_ptr + slot))
+    n = n0 + 1.0
+    xq = tl.load(q_ptr + r * stride_q + c, mask=cm, other=0.0)
+    x = xq.to(tl.float32)
+    mu = tl.where(fresh, 0.0, tl.load(mean_ptr + slot * stride_ms + c, mask=cm, other=0.0))
+    v = tl.where(fresh, 1.0, tl.load(var_ptr + slot * stride_ms + c, mask=cm, other=1.0))
+    delta = x - mu
+    mu2 = mu + delta / n
+    v2 = (v * n0 + delta * (x - mu2)) / n
+    tl.store(mean_ptr + slot * stride_ms + c, mu2, mask=cm)
+    tl.store(var_ptr + slot * stride_ms + c, v2, mask=cm)
+    tl.store(cnt_ptr + slot, tl.minimum(n, cap))
+    mv = tl.sum(tl.where(cm, v2, 0.0), axis=0) / C
+    dev = (x - mu2) * (x - mu2) / tl.maximum(v2 + mv / 100, 1e-20)
+    bias = tl.sum(tl.where(cm, dev, 0.0), axis=0) / C
+    at = p % T
+    tl.store(rq_ptr + slot * stride_rqs + at * stride_rqt + c, xq.to(rq_ptr.dtype.element_ty), mask=cm)
+    tl.store(rp_ptr + slot * stride_rps + at, p)
+    tl.store(rb_ptr + slot * stride_rps + at, bias)
+
+
+@triton.jit
+def _query_vectors_kernel(
+    q_ptr, cfg_ptr, rq_ptr, rp_ptr, rb_ptr, a_ptr, b_ptr,
+    T, stride_q, stride_cfg, stride_rqs, stride_rqt, stride_rps, stride_a,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, T_PAD: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    method = tl.load(cfg_ptr + r * stride_cfg + METHOD)
+    h = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    hm = h < G
+    ch = (g * G + h)[:, None] * D + d[None, :]
+    qg = tl.load(q_ptr + r * stride_q + ch, mask=hm[:, None], other=0.0).to(tl.float32)
+    a = tl.sum(qg, axis=0)
+    b = tl.zeros([D], tl.float32)
+    if (slot >= 0) & (method == QUEST):
+        a = tl.sum(tl.maximum(qg, 0.0), axis=0)
+        b = tl.sum(tl.minimum(qg, 0.0), axis=0)
+    if (slot >= 0) & (method == ACTQKV):
+        p = tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64)
+        t = tl.arange(0, T_PAD)
+        rp = tl.load(rp_ptr + slot * stride_rps + t, mask=t < T, other=-1)
+        ok = (rp >= 0) & (rp <= p) & (rp > p - T)
+        wsum = tl.sum(
+            tl.where(ok, tl.load(rb_ptr + slot * stride_rps + t, mask=t < T, other=0.0), 0.0), axis=0
+        )
+        acc = tl.zeros([D], tl.float32)
+        for i in range(T):
+            rpi = tl.load(rp_ptr + slot * stride_rps + i)
+            wi = tl.load(rb_ptr + slot * stride_rps + i) / tl.maximum(wsum, 1e-30)
+            wi = tl.where((rpi >= 0) & (rpi <= p) & (rpi > p - T), wi, 0.0)
+            x = tl.load(rq_ptr + slot * stride_rqs + i * stride_rqt + ch, mask=hm[:, None], other=0.0)
+            acc += wi * tl.sum(x.to(tl.float32), axis=0)
+        a = a + acc  # the current query beside the window's probe
+    tl.store(a_ptr + r * stride_a + g * D + d, a)
+    tl.store(b_ptr + r * stride_a + g * D + d, b)
+
+
+@triton.jit
+def _scores_kernel(
+    a_ptr, b_ptr, cfg_ptr, bt_ptr, len_ptr, rep_ptr, kmin_ptr, kmax_ptr, out_ptr,
+    W, stride_a, stride_cfg, stride_bt, stride_xi, stride_xg, stride_o,
+    HK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_REP: tl.constexpr, HAS_MINMAX: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT)
+    method = tl.load(cfg_ptr + r * stride_cfg + METHOD)
+    _, sink, ws, _ = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    ws = tl.where(slot >= 0, ws, 0)  # rows of other requests: no candidate
+    if not HAS_MINMAX:  # nor rows of a method whose summaries this server does not keep
+        ws = tl.where(method == QUEST, 0, ws)
+    if not HAS_REP:
+        ws = tl.where(method != QUEST, 0, ws)
+    cand = (cols >= sink) & (cols < ws) & (cols < W)
+    ids = tl.load(bt_ptr + r * stride_bt + cols, mask=cand, other=0).to(tl.int64)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_W], tl.float32)
+    quest = method == QUEST
+    for g in range(HK):
+        av = tl.load(a_ptr + r * stride_a + g * D + d)
+        off = ids[:, None] * stride_xi + g * stride_xg + d[None, :]
+        if HAS_MINMAX:
+            if quest:
+                bv = tl.load(b_ptr + r * stride_a + g * D + d)
+                hi = tl.load(kmax_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
+                lo = tl.load(kmin_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
+                acc += tl.sum(hi * av[None, :] + lo * bv[None, :], axis=1)
+        if HAS_REP:
+            if not quest:
+                x = tl.load(rep_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
+                acc += tl.sum(x * av[None, :], axis=1)
+    tl.store(out_ptr + r * stride_o + cols, tl.where(cand, acc, float("-inf")), mask=cols < W)
+
+
+@triton.jit
+def _layer_blocks(
+    s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
+    BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+):  # fmt: skip
+    """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
+    candidates, its running mean for the layer, and the layer's share of the blocks left."""
+    m = tl.full([], float("-inf"), tl.float32)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        m = tl.maximum(m, tl.max(tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf")), 0))
+    z = tl.zeros([], tl.float32)
+    s1 = tl.zeros([], tl.float32)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
+        live = x > float("-inf")
+        dx = tl.where(live, x - m, 0.0)
+        e = tl.where(live, tl.exp(dx), 0.0)
+        z += tl.sum(e, axis=0)
+        s1 += tl.sum(e * dx, axis=0)
+    h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
+    hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
+    ent = tl.load(ent_ptr + slot * stride_e + layer)
+    if n_cand >= 2:
+        ent = (1.0 - RATE) * ent + RATE * hn
+        tl.store(ent_ptr + slot * stride_e + layer, ent)
+    j = tl.arange(0, L_PAD)
+    later = tl.load(ent_ptr + slot * stride_e + j, mask=(j > layer) & (j < L), other=0.0)
+    total = tl.maximum(ent + tl.sum(later, axis=0), 1e-6)
+    rem = tl.load(rem_ptr + slot)
+    if layer == 0:
+        rem = (k * L).to(tl.float32)
+    kl = tl.floor(ent / total * rem + 0.5)
+    lo = tl.maximum(k // 2, 1).to(tl.float32)
+    kl = tl.minimum(tl.maximum(kl, lo), tl.minimum(2 * k, width).to(tl.float32))
+    tl.store(rem_ptr + slot, rem - kl)
+    return tl.minimum(kl.to(tl.int64), n_cand)
+
+
+@triton.jit
+def _pick_kernel(
+    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, idx_ptr, val_ptr, ent_ptr, rem_ptr,
+    att_ptr, attn_ptr, sel_ptr, Sn_ptr, cnt_ptr,
+    layer, L, W, width, KK, stride_s, stride_bt, stride_cfg, stride_idx, stride_e, stride_att, stride_sel,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    K_PAD: tl.constexpr, WIN_TILE: tl.constexpr,
+):  # fmt: skip
+    """budget_ref then tables_ref for one row: its table copied, then (a retrieving row) rewritten."""
+    r = tl.program_id(0).to(tl.int64)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    length = tl.load(len_ptr + r)
+    for c0 in range(0, W, BLOCK_W):
+        cols = c0 + tl.arange(0, BLOCK_W)
+        tl.store(
+            out_ptr + r * stride_bt + cols,
+            tl.load(bt_ptr + r * stride_bt + cols, mask=cols < W),
+            mask=cols < W,
+        )
+    tl.debug_barrier()  # the copy lands before the rewrite below (other threads may store the same entries)
+    if slot < 0:
+        tl.store(newlen_ptr + r, length)
+        return
+    n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
+    k_sel = tl.minimum(k, n_cand)
+    if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
+        k_sel = _layer_blocks(
+            s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
+            BLOCK_W, L_PAD, RATE,
+        )  # fmt: skip
+    off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD) > 0
+    j = tl.arange(0, K_PAD)
+    jm = j < KK
+    idx = tl.load(idx_ptr + r * stride_idx + j, mask=jm, other=0).to(tl.int64)
+    val = tl.load(val_ptr + r * stride_idx + j, mask=jm, other=float("-inf"))
+    picked = (j < k_sel) & (val > float("-inf")) & jm
+    cols = tl.sort(tl.where(picked, idx, W), 0)
+    m = tl.sum(picked.to(tl.int64), axis=0)
+    tl.store(sel_ptr + slot * stride_sel + j, cols.to(tl.int32), mask=jm)
+    tl.store(Sn_ptr + slot, m.to(tl.int32))
+    retrieve = (n_cand > k) | off
+    if retrieve:
+        tl.atomic_add(cnt_ptr, m)
+        tl.atomic_add(cnt_ptr + 1, 1)
+        mid_n = m
+        if off:
+            mid_n = tl.load(attn_ptr + slot).to(tl.int64)
+            aj = tl.load(att_ptr + slot * stride_att + j, mask=j < mid_n, other=0)
+            tl.store(out_ptr + r * stride_bt + sink + j, aj, mask=j < mid_n)
+        else:
+            ids = tl.load(bt_ptr + r * stride_bt + cols, mask=j < m, other=0)
+            tl.store(out_ptr + r * stride_bt + sink + j, ids, mask=j < m)
+        start = sink + mid_n
+        for t0 in range(0, n - ws, WIN_TILE):
+            t = t0 + tl.arange(0, WIN_TILE)
+            tm = t < n - ws
+            wv = tl.load(bt_ptr + r * stride_bt + ws + t, mask=tm, other=0)
+            tl.store(out_ptr + r * stride_bt + start + t, wv, mask=tm)
+        length = ((sink + mid_n) * BS + length - ws * BS).to(length.dtype)
+    tl.store(newlen_ptr + r, length)
+
+
+@triton.jit
+def _summaries_kernel(
+    cfg_ptr, blk_ptr, k_ptr, rq_ptr, rep_ptr, kmin_ptr, kmax_ptr,
+    T, scale, stride_cfg, stride_ks, stride_kh, stride_rqs, stride_rqt, stride_xi, stride_xg,
+    G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, REPS: tl.constexpr,
+    HAS_REP: tl.constexpr, HAS_MINMAX: tl.constexpr, USE_DOT: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    blk = tl.load(blk_ptr + r).to(tl.int64)
+    if slot < 0 or blk < 0:
+        return
+    p = tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64)
+    j = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    kb = tl.load(k_ptr + (blk * BS + j)[:, None] * stride_ks + g * stride_kh + d[None, :]).to(tl.float32)
+    dst = blk * stride_xi + g * stride_xg + d
+    if HAS_MINMAX:
+        tl.store(kmin_ptr + dst, tl.min(kb, axis=0).to(kmin_ptr.dtype.element_ty))
+        tl.store(kmax_ptr + dst, tl.max(kb, axis=0).to(kmax_ptr.dtype.element_ty))
+    if HAS_REP:
+        ring = (p - (BS - 1) + j) % T
+        received = tl.zeros([BS], tl.float32)
+        for h in range(G):
+            qh = tl.load(
+                rq_ptr + slot * stride_rqs + ring[:, None] * stride_rqt + (g * G + h) * D + d[None, :]
+            )
+            if USE_DOT:
+                logits = tl.dot(qh.to(tl.float32), tl.trans(kb), input_precision="ieee") * scale
+            else:  # blocks or heads too small for tl.dot (tests)
+                logits = tl.sum(qh.to(tl.float32)[:, None, :] * kb[None, :, :], axis=2) * scale
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])  # [query, key]
+            received += tl.sum(e / tl.sum(e, axis=1)[:, None], axis=0)
+        chosen = tl.zeros([BS], tl.int32)
+        for _ in range(REPS):
+            left = tl.where(chosen > 0, float("-inf"), received)
+            best = tl.max(left, axis=0)
+            first = tl.min(tl.where(left == best, j, BS), axis=0)
+            chosen = tl.where(j == first, 1, chosen)
+        rep = tl.sum(tl.where(chosen[:, None] > 0, kb, 0.0), axis=0) / REPS
+        tl.store(rep_ptr + dst, rep.to(rep_ptr.dtype.element_ty))
+
+
+# -- launchers -----------------------------------------------------------------------------------------
+def append(
+    q: torch.Tensor, cfg: torch.Tensor, ring_q: torch.Tensor, ring_pos: torch.Tensor, ring_bias: torch.Tensor,
+    mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, cap: float,
+) -> None:  # fmt: skip
+    rows, c = q.shape[0], mean.shape[1]
+    qf = q.reshape(rows, c)
+    _append_kernel[(rows,)](
+        qf, cfg, ring_q, ring_pos, ring_bias, mean, var, count, float(cap), c, ring_q.shape[1],
+        qf.stride(0), cfg.stride(0), ring_q.stride(0), ring_q.stride(1), ring_pos.stride(0), mean.stride(0),
+        BLOCK_C=triton.next_power_of_2(c), num_warps=8,
+    )  # fmt: skip
+
+
+def query_vectors(
+    q: torch.Tensor, cfg: torch.Tensor, ring_q: torch.Tensor, ring_pos: torch.Tensor, ring_bias: torch.Tensor,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    rows, hq, d = q.shape
+    g = hq // kv_heads
+    a = torch.empty(rows, kv_heads, d, dtype=torch.float32, device=q.device)
+    b = torch.empty_like(a)
+    qf = q.reshape(rows, hq * d)
+    t = ring_q.shape[1]
+    _query_vectors_kernel[(rows, kv_heads)](
+        qf, cfg, ring_q, ring_pos, ring_bias, a, b, t, qf.stride(0), cfg.stride(0), ring_q.stride(0),
+        ring_q.stride(1), ring_pos.stride(0), a.stride(0),
+        G=g, G_PAD=triton.next_power_of_2(g), D=d, T_PAD=triton.next_power_of_2(t),
+    )  # fmt: skip
+    return a, b
+
+
+def scores(
+    a: torch.Tensor, b: torch.Tensor, cfg: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    rep: torch.Tensor | None, kmin: torch.Tensor | None, kmax: torch.Tensor | None, block_size: int,
+    block_w: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    rows, w = tables.shape
+    x = rep if rep is not None else kmax
+    assert x is not None
+    out = torch.empty(rows, w, dtype=torch.float32, device=a.device)
+    _scores_kernel[(rows, triton.cdiv(w, block_w))](
+        a, b, cfg, tables, lens, rep if rep is not None else x, kmin if kmin is not None else x,
+        kmax if kmax is not None else x, out, w, a.stride(0), cfg.stride(0), tables.stride(0), x.stride(0),
+        x.stride(1), out.stride(0),
+        HK=x.shape[1], D=x.shape[2], BS=block_size, BLOCK_W=block_w, HAS_REP=rep is not None,
+        HAS_MINMAX=kmin is not None and kmax is not None,
+    )  # fmt: skip
+    return out
+
+
+def pick(
+    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, idx: torch.Tensor,
+    val: torch.Tensor, entropy: torch.Tensor, remaining: torch.Tensor, att_ids: torch.Tensor,
+    att_n: torch.Tensor, sel_cols: torch.Tensor, sel_n: torch.Tensor, counters: torch.Tensor, layer: int,
+    width: int, block_size: int, rate: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`budget_ref` then `tables_ref` in one launch: (new tables, new lengths); state updated in place.
+    idx/val: the top-k of the scores (best first)."""
+    rows, w = bt.shape
+    out = torch.empty_like(bt)
+    new_len = torch.empty_like(lens)
+    kk = idx.shape[1]
+    layers = entropy.shape[1]
+    _pick_kernel[(rows,)](
+        sc, bt, out, lens, new_len, cfg, idx, val, entropy, remaining, att_ids, att_n, sel_cols, sel_n,
+        counters, layer, layers, w, width, kk, sc.stride(0), bt.stride(0), cfg.stride(0), idx.stride(0),
+        entropy.stride(0), att_ids.stride(0), sel_cols.stride(0),
+        BS=block_size, BLOCK_W=1024, L_PAD=triton.next_power_of_2(layers), RATE=rate,
+        K_PAD=triton.next_power_of_2(max(kk, att_ids.shape[1])), WIN_TILE=128,
+    )  # fmt: skip
+    return out, new_len
+
+
+def summaries(
+    cfg: torch.Tensor, blocks: torch.Tensor, k_cache: torch.Tensor, ring_q: torch.Tensor,
+    rep: torch.Tensor | None, kmin: torch.Tensor | None, kmax: torch.Tensor | None, block_size: int,
+    scale: float, count: int,
+) -> None:  # fmt: skip
+    rows = cfg.shape[0]
+    hq, d = ring_q.shape[2], ring_q.shape[3]
+    hk = k_cache.shape[1]
+    x = rep if rep is not None else kmax
+    assert x is not None
+    _summaries_kernel[(rows, hk)](
+        cfg, blocks, k_cache, ring_q, rep if rep is not None else x, kmin if kmin is not None else x,
+        kmax if kmax is not None else x, ring_q.shape[1], scale, cfg.stride(0), k_cache.stride(0),
+        k_cache.stride(1), ring_q.stride(0), ring_q.stride(1), x.stride(0), x.stride(1),
+        G=hq // hk, D=d, BS=block_size, REPS=count, HAS_REP=rep is not None,
+        HAS_MINMAX=kmin is not None and kmax is not None, USE_DOT=block_size >= 16 and d >= 16,
+    )  # fmt: skip

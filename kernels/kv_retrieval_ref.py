@@ -1,0 +1,267 @@
+"""Plain-torch reference of the KV-retrieval decode kernels (kernels/kv_retrieval.py): one decode row per
+sequence, each holding a slot of per-sequence state (docs/architecture.md §10, "KV retrieval").
+
+Row configuration `cfg` [R, 7] int32 (slot -1: a row of another request, which these leave alone):
+slot, method (0 InfLLM, 1 Quest, 2 ActQKV), retrieved blocks per layer k, sink blocks, window blocks,
+position, offloaded (1: its cold blocks are on the host). All state tensors are one layer's views.
+
+Per layer and step: `append` (the row's query into its slot's ring, its running statistics, its
+activation bias), `query_vectors` (what scores a block: the query, its signed parts, or ActQKV's probe,
+summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), a top-k, and
+`tables` (the table the attention kernel reads). `summaries` writes a block's summaries when the row's
+token completes it. These functions are also what the plugin runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SLOT, METHOD, RETRIEVE, SINK, WINDOW, POS, OFFLOAD = range(7)
+INFLLM, QUEST, ACTQKV = 0, 1, 2
+ENTROPY_RATE = 0.1
+
+
+def geometry(cfg: torch.Tensor, lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Per row: (blocks n, sink, window start, candidates) as int64: candidates are the columns
+    [sink, window start), the window the last `window` blocks (the partly filled one among them)."""
+    n = (lens.long() + block_size - 1) // block_size
+    sink = cfg[:, SINK].long().clamp(min=0)
+    ws = torch.maximum(n - cfg[:, WINDOW].long().clamp(min=0), sink)
+    return n, sink, ws, (ws - sink).clamp(min=0)
+
+
+def append_ref(
+    q: torch.Tensor,
+    cfg: torch.Tensor,
+    ring_q: torch.Tensor,
+    ring_pos: torch.Tensor,
+    ring_bias: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: torch.Tensor,
+    cap: float,
+) -> None:
+    """The row's query x joins its slot: running mean and variance per channel (Welford; the count
+    stops at `cap`, after which the update weighs the newest query by 1/cap; position 0 starts afresh),
+    then its activation bias mean_c (x - mean)^2 / (var + mean(var) / 100) and x itself go into the ring
+    at position % ring size. ring_q [S, T, Hq, D], ring_pos/ring_bias [S, T], mean/var [S, C], count [S]."""
+    mine = cfg[:, SLOT] >= 0
+    s = cfg[mine, SLOT].long()
+    p = cfg[mine, POS].long()
+    x = q[mine].float().flatten(1)
+    fresh = (p == 0).unsqueeze(1)
+    n0 = torch.where(p == 0, torch.zeros_like(count[s]), count[s])
+    mu = torch.where(fresh, torch.zeros_like(x), mean[s])
+    v = torch.where(fresh, torch.ones_like(x), var[s])
+    n = n0 + 1
+    delta = x - mu
+    mu2 = mu + delta / n.unsqueeze(1)
+    v2 = (v * n0.unsqueeze(1) + delta * (x - mu2)) / n.unsqueeze(1)
+    mean[s], var[s], count[s] = mu2, v2, n.clamp(max=cap)
+    denom = (v2 + v2.mean(1, keepdim=True) / 100).clamp_min(1e-20)  # a first query: 0 / 0 -> 0
+    at = p % ring_q.shape[1]
+    ring_q[s, at] = q[mine].to(ring_q.dtype)
+    ring_pos[s, at] = p
+    ring_bias[s, at] = ((x - mu2) ** 2 / denom).mean(1)
+
+
+def query_vectors_ref(
+    q: torch.Tensor,
+    cfg: torch.Tensor,
+    ring_q: torch.Tensor,
+    ring_pos: torch.Tensor,
+    ring_bias: torch.Tensor,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) [R, Hk, D] float32, per row by its method, summed over each KV head's query heads: InfLLM
+    a = q, b = 0; Quest a = max(q, 0), b = min(q, 0) (sum_d max(q mn, q mx) = max(q,0).mx + min(q,0).mn);
+    ActQKV a = q + the probe sum_t w_t x_t over the slot's ring entries of the last T positions (the
+    current one included: `append` ran first), w = their activation biases normalised to sum to 1 (the
+    current query keeps its own weight beside the window's). Rows of other requests get a = q, b = 0
+    (their scores are never used)."""
+    r, hq, d = q.shape
+    g = hq // kv_heads
+    qf = q.float()
+    method = cfg[:, METHOD].long()
+    s = cfg[:, SLOT].long().clamp(min=0)
+    p = cfg[:, POS].long()
+    t = ring_q.shape[1]
+    rp = ring_pos[s]
+    valid = (cfg[:, SLOT] >= 0).unsqueeze(1) & (rp >= 0) & (rp <= p[:, None]) & (rp > p[:, None] - t)
+    w = torch.where(valid, ring_bias[s], torch.zeros_like(ring_bias[s]))
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    probe = torch.einsum("rt,rthd->rhd", w, ring_q[s].float())
+    quest = (method == QUEST).view(r, 1, 1)
+    act = (method == ACTQKV) & (cfg[:, SLOT] >= 0)
+    a = torch.where(act.view(r, 1, 1), qf + probe, torch.where(quest, qf.clamp(min=0), qf))
+    b = torch.where(quest, qf.clamp(max=0), torch.zeros_like(qf))
+    return a.view(r, kv_heads, g, d).sum(2), b.view(r, kv_heads, g, d).sum(2)
+
+
+def scores_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    rep: torch.Tensor | None,
+    kmin: torch.Tensor | None,
+    kmax: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """[R, W] float32: a row's candidate blocks scored by its method (Quest: a . max + b . min of the
+    block's keys; the others: a . its representative key, summed over KV heads); -inf elsewhere and on
+    rows of other requests."""
+    _, sink, ws, _ = geometry(cfg, lens, block_size)
+    ids = tables.long()
+    col = torch.arange(tables.shape[1], device=tables.device).unsqueeze(0)
+    cand = (col >= sink[:, None]) & (col < ws[:, None]) & (cfg[:, SLOT] >= 0).unsqueeze(1)
+    out = torch.full(tables.shape, float("-inf"), dtype=torch.float32, device=a.device)
+    quest = cfg[:, METHOD] == QUEST
+    safe = torch.where(cand, ids, torch.zeros_like(ids))
+    if kmin is not None and kmax is not None:
+        sq = torch.einsum("rgd,rcgd->rc", a, kmax[safe].float()) + torch.einsum(
+            "rgd,rcgd->rc", b, kmin[safe].float()
+        )
+        out = torch.where(cand & quest.unsqueeze(1), sq, out)
+    if rep is not None:
+        sr = torch.einsum("rgd,rcgd->rc", a, rep[safe].float())
+        out = torch.where(cand & ~quest.unsqueeze(1), sr, out)
+    return out
+
+
+def budget_ref(
+    scores: torch.Tensor,
+    cfg: torch.Tensor,
+    lens: torch.Tensor,
+    entropy: torch.Tensor,
+    remaining: torch.Tensor,
+    layer: int,
+    width: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Blocks each row takes at this layer [R] int64: min(k, candidates), except ActQKV rows, whose
+    layer gets the share ent[l] / sum_{j>=l} ent[j] of the blocks left for it and the layers after it
+    (layer 0 starts from layers x k), within [max(1, k/2), min(2k, width)], where ent [S, L] are running
+    means (EMA, weight 0.1 on the newest) of each layer's entropy of softmax(scores) over the candidates
+    divided by log(candidates). Updates `entropy` and `remaining` [S] of ActQKV rows."""
+    _, _, _, n_cand = geometry(cfg, lens, block_size)
+    k = cfg[:, RETRIEVE].long()
+    mine = cfg[:, SLOT] >= 0
+    act = mine & (cfg[:, METHOD] == ACTQKV)
+    s = cfg[:, SLOT].long().clamp(min=0)
+    logp = scores.log_softmax(1)
+    pr = logp.exp()
+    h = -torch.where(pr > 0, pr * logp, torch.zeros_like(pr)).sum(1)
+    h = (h / n_cand.clamp(min=2).float().log()).nan_to_num(1.0)
+    upd = act & (n_cand >= 2)
+    ent = entropy[s].clone()
+    ent[:, layer] = torch.where(upd, (1 - ENTROPY_RATE) * ent[:, layer] + ENTROPY_RATE * h, ent[:, layer])
+    rem = (k * entropy.shape[1]).float() if layer == 0 else remaining[s]
+    share = ent[:, layer] / ent[:, layer:].sum(1).clamp_min(1e-6)
+    kmin, kmax = (k // 2).clamp(min=1), torch.clamp(2 * k, max=width)
+    k_l = torch.minimum(torch.maximum(torch.floor(share * rem + 0.5), kmin.float()), kmax.float()).long()
+    entropy[s[act]] = ent[act]
+    remaining[s[act]] = (rem - k_l.float())[act]
+    k_sel = torch.where(act, k_l, k)
+    return torch.where(mine, torch.minimum(k_sel, n_cand), torch.zeros_like(k_sel))
+
+
+def tables_ref(
+    out: torch.Tensor,
+    lens: torch.Tensor,
+    cfg: torch.Tensor,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    k_sel: torch.Tensor,
+    att_ids: torch.Tensor,
+    att_n: torch.Tensor,
+    sel_cols: torch.Tensor,
+    sel_n: torch.Tensor,
+    counters: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The first k_sel[r] top-k picks (idx/val [R, K], best first; -inf values are not picks), in
+    ascending column order, become the row's choice (sel_cols/sel_n of its slot: what the host recalls
+    for the next step with a host tier). A retrieving row (more candidates than k, or offloaded) gets
+    its table rewritten in `out` (a copy of the tables): its sink blocks, then the chosen blocks (an
+    offloaded row: the ids the host staged, att_ids/att_n), then its window; entries after are left as
+    they were. counters += (blocks chosen, 1) per retrieving row. Returns the new lengths."""
+    n, sink, ws, n_cand = geometry(cfg, lens, block_size)
+    w = out.shape[1]
+    kk = idx.shape[1]
+    mine = cfg[:, SLOT] >= 0
+    s = cfg[:, SLOT].long().clamp(min=0)
+    off = mine & (cfg[:, OFFLOAD] > 0)
+    rank = torch.arange(kk, device=idx.device).unsqueeze(0)
+    picked = (rank < k_sel.unsqueeze(1)) & torch.isfinite(val)
+    cols = torch.where(picked, idx.long(), torch.full_like(idx.long(), w)).sort(1).values
+    m = picked.sum(1)
+    sel_cols[s[mine], :kk] = cols[mine].to(sel_cols.dtype)
+    sel_n[s[mine]] = m[mine].to(sel_n.dtype)
+    retrieve = mine & ((n_cand > cfg[:, RETRIEVE].long()) | off)
+    counters += torch.stack([(m * retrieve).sum(), retrieve.sum()]).to(counters.dtype)
+    mid_n = torch.where(off, att_n[s].long(), m)
+    j = torch.arange(w, device=out.device).unsqueeze(0)
+    sk, mn, w0 = sink.unsqueeze(1), mid_n.unsqueeze(1), ws.unsqueeze(1)
+    in_sink = j < sk
+    in_mid = (j >= sk) & (j < sk + mn)
+    in_win = (j >= sk + mn) & (j < sk + mn + n.unsqueeze(1) - w0)
+    base = out.gather(1, torch.where(in_sink, j, w0 + j - sk - mn).clamp(0, w - 1))
+    mid_pos = (j - sk).clamp(0, kk - 1)
+    from_cols = out.gather(1, cols.gather(1, mid_pos).clamp(max=w - 1))
+    kw = att_ids.shape[1]
+    from_ids = att_ids[s].gather(1, (j - sk).clamp(0, kw - 1)).to(out.dtype)
+    mid = torch.where(off.unsqueeze(1), from_ids, from_cols)
+    new = torch.where(in_mid, mid, base)
+    write = retrieve.unsqueeze(1) & (in_sink | in_mid | in_win)
+    out.copy_(torch.where(write, new, out))
+    new_len = (sink + mid_n) * block_size + lens.long() - ws * block_size
+    return torch.where(retrieve, new_len, lens.long()).to(lens.dtype)
+
+
+def representatives_ref(qb: torch.Tensor, kb: torch.Tensor, scale: float, count: int) -> torch.Tensor:
+    """InfLLM's representative keys of full blocks: qb [k, bs, Hq, D] the block's queries, kb [k, bs, Hk,
+    D] its keys. Each query's softmax over the block's keys; a key's score is the attention it receives
+    from the block's queries and its KV head's query heads; the mean of the `count` best keys per KV
+    head. -> [k, Hk, D] float32."""
+    k, bs, hq, d = qb.shape
+    hk = kb.shape[2]
+    qf = qb.float().view(k, bs, hk, hq // hk, d)
+    kf = kb.float()
+    att = (torch.einsum("kjhgd,kmhd->khgjm", qf, kf) * scale).softmax(-1)
+    received = att.sum(dim=(2, 3))  # [k, Hk, bs]
+    top = received.topk(count, dim=-1).indices
+    keys = kf.permute(0, 2, 1, 3)  # [k, Hk, bs, D]
+    return keys.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, d)).mean(2)
+
+
+def summaries_ref(
+    cfg: torch.Tensor,
+    blocks: torch.Tensor,
+    k_cache: torch.Tensor,
+    ring_q: torch.Tensor,
+    rep: torch.Tensor | None,
+    kmin: torch.Tensor | None,
+    kmax: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    count: int,
+) -> None:
+    """Rows of this plugin whose token completed block blocks[r] (>= 0) write its summaries: InfLLM's
+    representative (`representatives_ref`, the block's queries read from the slot's ring) and Quest's
+    elementwise min and max of its keys. k_cache [slots, Hk, D]."""
+    sel = (cfg[:, SLOT] >= 0) & (blocks >= 0)
+    if not bool(sel.any()):
+        return
+    s = cfg[sel, SLOT].long()
+    p = cfg[sel, POS].long()
+    b = blocks[sel].long()
+    offs = torch.arange(block_size, device=blocks.device)
+    t = (p.unsqueeze(1) - (block_size - 1) + offs) % ring_q.shape[1]
+    qb = ring_q[s.unsqueeze(1), t]
+    kb = k_cache[b.unsqueeze(1) * block_size + offs]
+    if rep is not None:
+        rep[b] = representatives_ref(qb, kb, scale, count).to(rep.dtype)
+    if kmin is not None and kmax is not None:
+        kmin[b], kmax[b] = kb.amin(1), kb.amax(1)
