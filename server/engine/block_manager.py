@@ -149,7 +149,7 @@ class BlockManager:
                 else:
                     self.free.append(block)
         seq.block_table = []
-        seq.num_computed = seq.prefix_committed = 0
+        seq.num_computed = seq.prefix_committed = seq.host_checked = 0
 
     # -- the host tier (docs/architecture.md §3, "KV tiers") -------------------------------------------
     @property
@@ -164,19 +164,23 @@ class BlockManager:
     def move_to_host(self, seq: Sequence, keep_first: int, keep_last: int) -> tuple[list[int], list[int]]:
         """Move `seq`'s full GPU blocks outside its first `keep_first` and last `keep_last` blocks to the
         host tier, as far as host blocks are free; blocks other sequences share stay. Their GPU blocks are
-        freed (and uncached: the prefix cache hands out GPU blocks only). Returns (GPU ids, host ids) of
+        freed (and uncached: the prefix cache hands out GPU blocks only); a block shared when it was
+        considered stays for good (`Sequence.host_checked`: each block is considered once, so a step costs
+        the blocks that turned cold since the last one). Returns (GPU ids, host ids) of
         the moved blocks, in table order: the caller copies their K/V before anything reuses the GPU ids
         (on CUDA, stream order does it)."""
         table = seq.block_table
         end = min(len(table) - keep_last, seq.num_computed // self.block_size)
         src: list[int] = []
         dst: list[int] = []
-        for j in range(keep_first, end):
+        start = max(keep_first, seq.host_checked)  # blocks before it were considered at earlier steps
+        for j in range(start, end):
             block = table[j]
             if block >= self.host_base or self.refs[block] != 1:
                 continue
             if not self.host_free:
-                break
+                seq.host_checked = j  # the rest when host blocks free up
+                return src, dst
             host = self.host_free.popleft()
             key = self.key_of.pop(block, None)
             if key is not None:
@@ -186,4 +190,5 @@ class BlockManager:
             table[j] = host
             src.append(block)
             dst.append(host)
+        seq.host_checked = max(seq.host_checked, end)
         return src, dst

@@ -44,6 +44,7 @@ class Sequence:
     prefix_keys: list[bytes] = field(default_factory=list)
     prefix_committed: int = 0
     num_cached_tokens: int = 0
+    host_checked: int = 0  # blocks before this index were considered for the KV host tier (block_manager)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
