@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -253,8 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
-        help="run the engine core in its own process (auto: on for CUDA, off on CPU)",
+        help="run the engine core in its own process (auto: on for CUDA or tensor parallelism, off on CPU)",
     )
+    s.add_argument(
+        "--tensor-parallel-size", type=positive, default=1, metavar="N",
+        help="split the model over N ranks (GPUs; gloo processes on the CPU): heads, KV cache, MLP and "
+        "vocabulary sharded, the engine on rank 0. Alone it starts the other N-1 ranks on this host; under "
+        "torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) each process is one rank, rank 0 serves HTTP",
+    )  # fmt: skip
+    s.add_argument(
+        "--tp-allreduce", default="nccl", choices=["nccl", "symm_mem"],
+        help="with --tensor-parallel-size on CUDA: the all-reduce after attention and MLP, NCCL (captured in "
+        "CUDA graphs) or torch's symmetric-memory one-shot all-reduce for messages up to 1 MiB",
+    )  # fmt: skip
     add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
     add_vectors_parser(sub)
@@ -280,12 +292,23 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options.setdefault("sparsity", {})["coreinfer_slots"] = args.sparsity_coreinfer_slots
     if args.sparsity_kernel == "off":
         options.setdefault("sparsity", {})["kernel"] = False
-    options["kv_retrieval"] = {
+    retrieval = {
         "slots": args.kv_retrieval_slots,
         "max_budget_tokens": args.kv_retrieval_max_budget,
         "methods": args.kv_retrieval_methods,
     }
+    if args.tensor_parallel_size > 1:  # only flags given (a plugin that cannot run there refuses them)
+        defaults = build_parser().parse_args(["serve"])
+        retrieval = {
+            k: v
+            for (k, v), flag in zip(retrieval.items(), RETRIEVAL_FLAGS, strict=True)
+            if v != getattr(defaults, flag)
+        }
+    options["kv_retrieval"] = retrieval
     return options
+
+
+RETRIEVAL_FLAGS = ("kv_retrieval_slots", "kv_retrieval_max_budget", "kv_retrieval_methods")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -319,6 +342,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,
         stall_timeout=args.engine_stall_timeout,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_allreduce=args.tp_allreduce,
     )
 
 
@@ -370,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0") or 0) > 0:
+        # torchrun started this process as a rank other than 0: it runs the model's shards, no HTTP
+        from actserve.server.engine.tp_worker import worker_from_env
+
+        return worker_from_env(engine_config(args))
     import uvicorn
 
     from actserve.server import serving

@@ -201,6 +201,19 @@ class EngineMetrics:
         self._on_gpu, self._pinned = on_gpu, pinned_bytes
         self.refresh_memory()
 
+    def set_rank_memory(self, ranks: list[dict[str, int]]) -> None:
+        """Tensor parallelism: each rank's weights and KV cache bytes (fixed after start-up), as
+        `actserve_tp_rank_memory_bytes{rank, kind}`; the other memory gauges are rank 0's."""
+        gauge = Gauge(
+            "actserve_tp_rank_memory_bytes",
+            "Tensor parallelism: each rank's weights and KV cache bytes.",
+            ["model_name", "rank", "kind"],
+            registry=self.registry,
+        )
+        for r in ranks:
+            for kind in ("weights", "kv_cache"):
+                gauge.labels(self.model_name, str(r["rank"]), kind).set(r[kind])
+
     def refresh_memory(self) -> None:
         m = self.model_name
         self.cpu_memory.labels(m, "rss").set(psutil.Process().memory_info().rss)

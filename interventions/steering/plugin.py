@@ -149,6 +149,7 @@ class SteeringPlugin(InterventionPlugin):
     hook_points = ("residual",)
     spec_model = SteeringSpec
     graph_columns = MAX_VECTORS_PER_REQUEST  # a request's own vectors
+    tp_mode = "replicated"  # tensor parallelism: every rank adds to the replicated residual
 
     def __init__(self, model_info: ModelInfo, slots: int = DEFAULT_SLOTS) -> None:
         super().__init__(model_info)

@@ -108,6 +108,13 @@ class InterventionPlugin(ABC):
     needs_output_tokens: ClassVar[bool] = False
     # per-request histograms this plugin reports at each request's finish (`finish_observations`)
     histograms: ClassVar[tuple[PluginHistogram, ...]] = ()
+    # how the plugin runs when the model is split over tensor-parallel ranks (docs/architecture.md §11):
+    # "replicated": every rank keeps the plugin and gets each plan's `activate` / `release` (the plans are
+    # pickled to the other ranks), and its residual hooks run on every rank over the replicated residual
+    # (a fused table must be filled by `activate` alone); "rank0": its hooks act on the logits only, which
+    # exist on rank 0 alone; None (the default): refused with --tensor-parallel-size above 1 (its requests
+    # get a 400, its options stop the server)
+    tp_mode: ClassVar[str | None] = None
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info

@@ -53,7 +53,7 @@ from actserve.server.engine.messages import (
     Stop,
     ToCore,
 )
-from actserve.server.engine.watchdog import heartbeat_interval
+from actserve.server.engine.watchdog import exit_with_parent, heartbeat_interval
 
 log = logging.getLogger(__name__)
 REMOTE_PLAN = "\x00plan"  # key of a plan stand-in in the API process: {REMOTE_PLAN: id}
@@ -194,20 +194,6 @@ class EngineCore:
             self.send(Reply(call_id, True, result))
         except Exception as e:  # noqa: BLE001 - e.g. a result that does not pickle
             self.send(Reply(call_id, False, pack_error(e)))
-
-
-def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
-    """A thread that ends this process once `parent` (the server's pid, passed at spawn: it may already
-    be gone by the time this runs) is no longer its parent. A SIGKILLed server never stops the core in
-    order, and while the model loads nobody reads the pipe, so its EOF would go unseen until then."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        log.warning("the server process (pid %d) is gone: engine core exiting", parent)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="actserve-core-parent-watch", daemon=True).start()
 
 
 def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, parent: int) -> None:
