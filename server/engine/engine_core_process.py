@@ -222,8 +222,10 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
             core.send(Dead(pack_error(e)))
         except Exception:  # noqa: BLE001 - the pipe may be gone too
             pass
+        engine.close()  # tensor parallelism: the other ranks stop (or are killed)
         raise SystemExit(1) from None
     core.running = False
+    engine.close()
     # stopped in order, but threads may still compile grammars that requests gave up on: the interpreter's
     # finalization waited for them (seconds; up to STOP_WAIT_S and a kill), so leave as a forked child does
     logging.shutdown()

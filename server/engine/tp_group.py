@@ -14,6 +14,7 @@ the process exits by itself after `EXIT_GRACE_S`, so a dead rank never leaves a 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -127,6 +128,8 @@ class TPGroup:
         self._serving = self._closed = False
         self._registry: InterventionRegistry | None = None
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.rank == 0:  # before multiprocessing's own exit hook joins the ranks spawned here
+            atexit.register(self.close)
         log.info("tensor parallelism: rank %d of %d (%s)", env.rank, env.world, backend)
 
     # -- both sides ---------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class TPGroup:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         if self._serving and self.dead is None:
             try:
                 with self._lock:
