@@ -16,6 +16,8 @@ from tests.engine_utils import capture_logits, greedy, run
 from tests.test_native_models import FAMILIES, prompts
 from tests.test_tp_engine import close
 
+pytestmark = pytest.mark.slow  # processes of their own: seconds each
+
 STEPS = 8
 
 
