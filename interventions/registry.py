@@ -103,6 +103,11 @@ class InterventionRegistry:
                     f"--tensor-parallel-size {tp} ranks); serve it with --tensor-parallel-size 1"
                 )
             classes = {n: c for n, c in classes.items() if n not in self.refused}
+            if self.refused:
+                log.info(
+                    "tensor parallelism: interventions %s are not available (they refuse requests)",
+                    sorted(self.refused),
+                )
         self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
         # tensor parallelism on rank 0: the activations and releases of "replicated" plugins' plans since
         # the runner last sent a step to the other ranks (None: not recorded)

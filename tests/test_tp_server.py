@@ -78,6 +78,11 @@ def test_answers_equal_one_rank(one: LiveServer, two: Served) -> None:
     assert want[2] != want[1]  # the steering acts
 
 
+def test_model_card_says_how_many_ranks(one: LiveServer, two: Served) -> None:
+    assert httpx.get(f"{two.url}/v1/models", timeout=30).json()["data"][0]["tensor_parallel_size"] == 2
+    assert httpx.get(f"{one.url}/v1/models", timeout=30).json()["data"][0]["tensor_parallel_size"] == 1
+
+
 def test_refused_intervention_is_a_400(two: Served) -> None:
     body = {**COMPLETION, "interventions": {"precision": {"weights": "nvfp4"}}}
     r = httpx.post(f"{two.url}/v1/completions", json=body, timeout=60)

@@ -56,6 +56,8 @@ class LLMEngine:
         # tensor parallelism (docs/architecture.md §11): this process is rank 0; the other ranks start now
         # (spawned here, or by torchrun) and load, size and capture in step with it
         self.tp: TPGroup | None = None
+        if config.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {config.tensor_parallel_size}")
         if config.tensor_parallel_size > 1:
             self.tp = start_rank0(config, load, device, worker_main)
         try:
