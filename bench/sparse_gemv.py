@@ -123,20 +123,21 @@ def load_teal(path: str | None) -> Kernel | None:
     return mod.splitk_sparse_gemv
 
 
-def teal_us(teal: Kernel, x: torch.Tensor, wts: list[torch.Tensor], level: float) -> float:
+def teal_us(teal: Kernel, x: torch.Tensor, wts: list[torch.Tensor], level: float) -> tuple[float, float]:
     """TEAL's kernel on fp16 copies (x [1, K]; its weight argument is W [N, K] with K-major storage,
-    i.e. W^T contiguous), after a check against the reference; its autotuning runs on the first call."""
+    i.e. W^T contiguous), and its relative error against the reference (fp32 sums); its autotuning runs
+    on the first call."""
     x16 = x.half()[None]  # [1, 1, K]
     thr = float(thresholds(x16[0], level)[0])
     w16 = [w.half().t() for w in wts]
     want = sparse_gemv_ref(x16[0], w16[0].t(), torch.tensor([thr], device=x.device)).float()
     got = teal(x16, w16[0], thr, round(level * 100))[0].float()
     err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-    if not err < 1e-2:
+    if not err < 0.1:  # its K splits meet in fp16 atomic adds: a few percent off, by design
         sys.exit(f"WRONG TEAL kernel: relative error {err:.3g}; aborting")
     t = rotating(lambda w: teal(x16, w, thr, round(level * 100)), w16)
     del w16
-    return t
+    return t, err
 
 
 def measure(
@@ -174,7 +175,7 @@ def measure(
             px = lambda w, c=cfg, t=thr: sparse_gemv(x, w, t, silu_mul=silu, cfg=c)  # noqa: E731
             row["sparse_px_us"] = rotating(px, wts)
             if teal is not None and not silu:
-                row["teal_fp16_us"] = teal_us(teal, x, wts, level)
+                row["teal_fp16_us"], row["teal_rel_err"] = teal_us(teal, x, wts, level)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
