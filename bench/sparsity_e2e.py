@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_profile import profile_calls  # noqa: E402
 from engine_runs import generate, random_prompts  # noqa: E402
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
@@ -72,6 +73,9 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
     for tag, level in kinds:
         for b in BATCHES:
             spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
+            # this kind's graph variant for this batch bucket is captured (and its kernels compiled) on
+            # first use: not inside the timed run
+            generate(eng, random_prompts(b, PROMPT, vocab, 50 + b), 4, [spec] * b)
             graphs0, eager0 = eng.runner.graph_steps, eng.runner.eager_decode_steps
             dt, outs = generate(eng, random_prompts(b, PROMPT, vocab, b), new, [spec] * b)
             assert all(len(o) == new for o in outs)
@@ -79,7 +83,31 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
             res[f"{tag}_graph_steps_b{b}"] = eng.runner.graph_steps - graphs0
             res[f"{tag}_eager_steps_b{b}"] = eng.runner.eager_decode_steps - eager0
             print(f"{tag} b{b}: {res[f'{tag}_tok_s_b{b}']:.1f} tok/s", flush=True)
+    if not smoke:
+        for tag, level in kinds:
+            for b in (1, 2):
+                spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
+                res[f"{tag}_profile_b{b}"] = steady_profile(eng, b, spec)
+                top = res[f"{tag}_profile_b{b}"]["top"][:6]
+                print(f"{tag} b{b} profile:", json.dumps(top), flush=True)
     return res
+
+
+def steady_profile(eng: Any, b: int, spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Kernels of 5 steady decode steps of b rows of `spec` (decode_profile.profile_calls)."""
+    from actserve.server.engine.offline import make_sequences
+    from actserve.server.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    seqs = make_sequences(eng, random_prompts(b, PROMPT, eng.model_info.vocab_size, 77), params, [spec] * b)
+    for s in seqs:
+        eng.add(s)
+    while min(len(s.output_token_ids) for s in seqs) < 4:
+        eng.step()
+    out = profile_calls(eng.step, calls=5)
+    while eng.has_work():
+        eng.step()
+    return out
 
 
 def child(args: list[str]) -> dict[str, Any]:
