@@ -26,6 +26,7 @@ from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
 from actserve.kernels.silu_mul import _silu_mul_kernel
 from actserve.kernels.sparse_gemv import _sparse_gemv_kernel, _sum_splits_kernel
+from actserve.kernels.sparsity_ops import _count_kernel, _mask_kernel
 from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
 
 BF, F32, I32, I64, U8 = "*bf16", "*fp32", "*i32", "*i64", "*u8"
@@ -297,6 +298,20 @@ VARIANTS.append(
         dict(G=4, D=128, BS=16, REPS=2, HAS_REP=True, HAS_MINMAX=True, USE_DOT=True),
     )
 )
+count_types = {
+    "table_ptr": "*fp64", "x_ptr": BF, "counted_ptr": I32, "level_ptr": I32, "method_ptr": I32,
+    "slot_ptr": I32, "thr_ptr": F32, "cost_ptr": "*fp64",
+    **dict.fromkeys(("K", "stride_x", "stride_level", "stride_method", "stride_slot", "stride_thr"), "i32"),
+}  # fmt: skip
+for thr, cost in ((True, False), (False, True)):
+    VARIANTS.append((_count_kernel, count_types, dict(HAS_THR=thr, HAS_COST=cost, BLOCK_K=1024)))
+mask_types = {
+    "x_ptr": BF,
+    "thr_ptr": F32,
+    "y_ptr": BF,
+    **dict.fromkeys(("K", "stride_x", "stride_thr", "stride_y"), "i32"),
+}
+VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024)))
 
 
 def main() -> int:
