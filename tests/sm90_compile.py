@@ -275,7 +275,7 @@ kvr_types = {
     **i32s, **dict.fromkeys(kvr_strides, "i32"),
 }  # fmt: skip
 VARIANTS.append((_append_kernel, {**kvr_types}, dict(BLOCK_C=4096)))
-VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64)))
+VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64, T_CHUNK=8)))
 for has_rep, has_mm in ((True, True), (True, False)):
     VARIANTS.append(
         (
