@@ -375,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     from actserve.server import serving
 
     app = build_app(args)
+    # h11, not httptools even where installed (ray[serve] brings it): with httptools a non-streamed
+    # request whose client hung up is not seen as disconnected (tests/test_api_metrics.py)
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   access_log=not args.disable_uvicorn_access_log)  # fmt: skip
+                                   access_log=not args.disable_uvicorn_access_log, http="h11")  # fmt: skip
     access_log.install(args.disable_access_log_for_endpoints)  # uvicorn.Config has set up its loggers
     return serving.run(app.state.actserve, server_config, args.shutdown_timeout)
 
