@@ -18,6 +18,8 @@ from actserve.interventions.sparsity.cli import run as run_sparsity
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
+from actserve.server.cli_ray import add_ray_parser
+from actserve.server.cli_ray import run as run_ray
 from actserve.server.cli_vectors import add_vectors_parser
 from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
+    add_ray_parser(sub, s)
     add_vectors_parser(sub)
     add_cot_parser(sub)
     add_sparsity_parser(sub)
@@ -349,14 +352,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     from actserve.server.engine.async_engine import make_engine
 
     config = engine_config(args)
-    return create_app(
-        load=lambda: make_engine(config),
-        api_key=api_keys(args),
-        max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes,
-        served_names=served_names(args),
-        cors=cors_config(args),
-    )
+    return create_app(load=lambda: make_engine(config), **app_options(args))
+
+
+def app_options(args: argparse.Namespace) -> dict[str, Any]:
+    """create_app's options besides the engine, from the `serve` flags (also each serve-ray replica's)."""
+    return {
+        "api_key": api_keys(args),
+        "max_waiting": args.max_waiting,
+        "max_request_bytes": args.max_request_bytes,
+        "served_names": served_names(args),
+        "cors": cors_config(args),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_cot(args)
     if args.command == "sparsity":
         return run_sparsity(args)
+    if args.command == "serve-ray":
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return run_ray(args, engine_config(args), app_options(args))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
