@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ def endpoint(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from ray import serve
 
     vectors = tmp_path_factory.mktemp("shared-vectors")  # the replicas' shared folder
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # loopback only (tests/conftest.py)
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         port = free_port()
