@@ -17,6 +17,8 @@ from actserve.interventions.sparsity.cli import add_sparsity_parser
 from actserve.interventions.sparsity.cli import run as run_sparsity
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
+from actserve.server.cli_chat import add_chat_parser
+from actserve.server.cli_chat import run as run_chat
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
 from actserve.server.cli_ray import add_ray_parser
 from actserve.server.cli_ray import run as run_ray
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
     add_ray_parser(sub, s)
+    add_chat_parser(sub)
     add_vectors_parser(sub)
     add_cot_parser(sub)
     add_sparsity_parser(sub)
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cot(args)
     if args.command == "sparsity":
         return run_sparsity(args)
+    if args.command == "chat":
+        return run_chat(args)
     if args.command == "serve-ray":
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
