@@ -134,11 +134,11 @@ def test_killed_replica_is_replaced_and_its_requests_get_503(endpoint: str) -> N
 
     probe = complete(endpoint, "Once upon a time")
     victim = probe.headers[REPLICA_HEADER]
-    prompts = [f"Long story {i}: once upon a time" for i in range(12)]
-    with ThreadPoolExecutor(12) as pool:
+    prompts = [f"Long story {i}: once upon a time" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
         started = time.monotonic()
         futures = [pool.submit(complete, endpoint, p, None, 480) for p in prompts]
-        time.sleep(0.5)  # every request is generating on one of the two replicas (for 2 s or more)
+        time.sleep(1.0)  # the requests are spread over both replicas, generating for 2 s or more
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         results = [f.result() for f in futures]
     assert time.monotonic() - started < TIMEOUT  # nothing hung
