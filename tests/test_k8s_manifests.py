@@ -16,10 +16,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import ray
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
-from ray.serve.schema import ServeDeploySchema
 
 from actserve.server.cli import build_parser
 from actserve.server.replicas.options import from_builder_args
@@ -151,11 +149,20 @@ def check_promql(expr: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def serve_config(text: str) -> Any:
+    """A Ray Serve config checked by Ray's own schema (imported here: Ray is heavy to import)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(text))
+
+
 def test_rayservice_runs_the_replicas_app(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import ray
+
     objs = rendered["ray"]
     svc = one(objs, "RayService")
     spec = svc["spec"]
-    config = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
+    config = serve_config(spec["serveConfigV2"])
     (app,) = config.applications
     assert app.import_path == "actserve.server.replicas.app:app_builder"
     dep = from_builder_args(app.args)  # what the builder will be given
@@ -180,9 +187,7 @@ def test_rayservice_runs_the_replicas_app(rendered: dict[str, list[dict[str, Any
 
 
 def test_ray_serve_config_file() -> None:
-    config = ServeDeploySchema.model_validate(
-        yaml.safe_load((ROOT / "deploy/ray/serve_config.yaml").read_text())
-    )
+    config = serve_config((ROOT / "deploy/ray/serve_config.yaml").read_text())
     (app,) = config.applications
     dep = from_builder_args(app.args)
     assert dep.engine.plugin_options["steering"]["vectors_dir"]

@@ -21,9 +21,12 @@ import pytest
 import torch
 
 from actserve.server.engine.config import EngineConfig
-from actserve.server.replicas.app import APP_NAME, ENGINE, REPLICA_HEADER, build
 from actserve.server.replicas.options import Deployment, ReplicaOptions
 from tests.conftest import free_port
+
+# the replicas' names and response header (server/replicas/app.py, which imports Ray: imported by the
+# fixture, so collecting this file costs nothing)
+APP_NAME, ENGINE, REPLICA_HEADER = "actserve", "EngineReplica", "x-actserve-replica"
 
 HIDDEN, LAYERS = 128, 2
 TIMEOUT = 120  # per request: a hang fails the test instead of blocking it
@@ -34,6 +37,9 @@ def endpoint(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     import ray
     from ray import serve
 
+    from actserve.server.replicas import app
+
+    assert (app.APP_NAME, app.ENGINE, app.REPLICA_HEADER) == (APP_NAME, ENGINE, REPLICA_HEADER)
     vectors = tmp_path_factory.mktemp("shared-vectors")  # the replicas' shared folder
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # loopback only (tests/conftest.py)
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
@@ -44,7 +50,7 @@ def endpoint(tinystories_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         config = EngineConfig(model=str(tinystories_dir), device="cpu", num_kv_blocks=512, cpu_threads=1,
                               engine_process="off", plugin_options=steering)  # fmt: skip
         options = ReplicaOptions(min_replicas=2, max_replicas=2, cpus_per_replica=1, affinity_slack=2)
-        serve.run(build(Deployment(engine=config, replicas=options)), name=APP_NAME, route_prefix="/")
+        serve.run(app.build(Deployment(engine=config, replicas=options)), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
