@@ -324,6 +324,10 @@ class InterventionRegistry:
         """(plugin, counter) -> value for every plugin's `stats`."""
         return {(name, k): v for name, p in self.plugins.items() for k, v in p.stats().items()}
 
+    def gauges(self) -> dict[tuple[str, str], float]:
+        """(plugin, gauge) -> value for every plugin's `gauges`."""
+        return {(name, k): v for name, p in self.plugins.items() for k, v in p.gauges().items()}
+
     def graph_safe(self) -> list[InterventionPlugin]:
         """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph
         hooks); a contributor to the fused plugin rides on its table instead."""

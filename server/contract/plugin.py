@@ -266,6 +266,11 @@ class InterventionPlugin(ABC):
         on a busy server (a plugin may sync its device counters here). {} by default."""
         return {}
 
+    def gauges(self) -> dict[str, float]:
+        """Current levels of this plugin (name -> value, may go down), exported as
+        `actserve_intervention_gauge{intervention, gauge}` and read like `stats`. {} by default."""
+        return {}
+
     def prefix_key(self, plan: Any) -> Hashable | None:
         """What about `plan` changes the K/V of the request's prompt tokens, for the prefix cache: None
         when nothing does (a logits-only or generation-only plan: the prompt's KV is a plain request's),

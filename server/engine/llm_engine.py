@@ -582,3 +582,4 @@ class LLMEngine:
         if now - self._stats_read >= 1.0 or not self.scheduler.running:  # plugins may sync to read them
             self._stats_read = now
             m.set_plugin_stats(self.registry.stats())
+            m.set_plugin_gauges(self.registry.gauges())
