@@ -95,19 +95,38 @@ def step_profile(eng: LLMEngine, batch: int, trace: str | None = None) -> dict[s
         for ev in prof.events()
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0
     )
+    return {**per_kernel(prof, 3), "first_kernels": [f"{d:8.1f} us {n[:60]}" for _, d, n in seq[:16]]}
+
+
+def per_kernel(prof: torch.profiler.profile, calls: int, top: int = 14) -> dict[str, Any]:
+    """Device time and launches per kernel name, per call of what ran `calls` times under `prof`."""
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            per[ev.name][0] += ev.device_time / 3
-            per[ev.name][1] += 1 / 3
+            per[ev.name][0] += ev.device_time / calls
+            per[ev.name][1] += 1 / calls
     kernels = sorted(((k, v[0], v[1]) for k, v in per.items()), key=lambda r: -r[1])
-    total = sum(v for _, v, _ in kernels)
     return {
-        "kernel_us_total": total,
+        "kernel_us_total": sum(v for _, v, _ in kernels),
         "kernels_per_step": sum(c for _, _, c in kernels),
-        "top": [{"name": n[:90], "us": round(t, 1), "count": round(c)} for n, t, c in kernels[:14]],
-        "first_kernels": [f"{d:8.1f} us {n[:60]}" for _, d, n in seq[:16]],
+        "top": [{"name": n[:90], "us": round(t, 1), "count": round(c)} for n, t, c in kernels[:top]],
     }
+
+
+def profile_calls(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
+    """`per_kernel` of `calls` calls of fn (after one unprofiled call), plus their wall time per call."""
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    wall_ms = 1e3 * (time.perf_counter() - t0) / calls
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    host_top = [{"name": e.key[:60], "self_cpu_us": round(e.self_cpu_time_total / calls, 1)} for e in host]
+    return {"wall_ms_profiled": wall_ms, **per_kernel(prof, calls), "host_top": host_top}
 
 
 def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = None) -> dict[str, Any]:

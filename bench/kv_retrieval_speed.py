@@ -136,6 +136,11 @@ def measure(eng: LLMEngine, batch: int, ctx: int, mode: str, spec: dict[str, Any
             held = (on_gpu + reserved) * kv_block + len(s.block_table) * side
             row.update(gpu_blocks=on_gpu, host_blocks=len(s.block_table) - on_gpu, reserved_blocks=reserved)
             row["gpu_kv_ratio"] = held / full_bytes
+        if f"{ctx},{batch},{mode}" in a.profile.split(";"):
+            from decode_profile import profile_calls
+
+            row["profile"] = profile_calls(lambda: decode_step(eng, seqs), 3)
+            print(f"profile {ctx} b{batch} {mode}: {json.dumps(row['profile'])[:1500]}", flush=True)
         graphs0 = eng.runner.graph_steps
         times = [decode_step(eng, seqs) for _ in range(a.steps)]
         row["graph_steps"] = eng.runner.graph_steps - graphs0
@@ -158,6 +163,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--offload-gb", type=float, default=None, help="host tier size (default: enough)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--profile", default="", help="CTX,BATCH,MODE[;...]: also profile those steps' kernels (CUDA)"
+    )
     a = ap.parse_args()
     smoke = a.cpu_smoke
     contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]

@@ -14,13 +14,20 @@ a mismatch). The down projection is also timed on its engine input, the fused [g
 runs rows 1 and 8 at 0 / 0.5. Prints tables last; writes JSON (`--out`) whose figures include
 `sparse_gemv_speedup_s{25,40,50,75}_b{1,8,16}`: one layer's four projections, torch bf16 time over the
 sparse kernel's (default config), and `sparse_pays_up_to_b_s{..}`: the most rows at which it still wins.
+One row is also timed with the inputs loaded a block ahead (`prefetch_x`, key `sparse_px_speedup_*`).
 
-    python bench/sparse_gemv.py --out bench/results/sparse_gemv.json
+TEAL's own kernel (`--teal-src FILE`: its kernels/sparse_gemv.py, which is not part of this repository)
+runs in the same process on fp16 copies of the same weights and inputs, one row, as TEAL serves it
+(W^T storage, a scalar threshold, fp16 atomics; its autotuning runs before the timed graphs): keys
+`teal_gemv_speedup_s{..}_b1`, torch bf16 time over TEAL's, summed over the same four projections.
+
+    python bench/sparse_gemv.py --out bench/results/sparse_gemv.json [--teal-src TEAL_SPARSE_GEMV_PY]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import shlex
@@ -44,6 +51,7 @@ from actserve.kernels.sparse_gemv import ACCUMS, SparseGemvConfig, pick_config, 
 from actserve.kernels.sparse_gemv_ref import silu_mul_ref_rounded, sparse_gemv_ref  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
+Kernel = Callable[..., torch.Tensor]
 LEVELS = (0.0, 0.25, 0.4, 0.5, 0.75)
 
 
@@ -104,9 +112,38 @@ def sweep(
     return out
 
 
+def load_teal(path: str | None) -> Kernel | None:
+    """TEAL's `splitk_sparse_gemv` from its source file, or None."""
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("teal_sparse_gemv", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.splitk_sparse_gemv
+
+
+def teal_us(teal: Kernel, x: torch.Tensor, wts: list[torch.Tensor], level: float) -> tuple[float, float]:
+    """TEAL's kernel on fp16 copies (x [1, K]; its weight argument is W [N, K] with K-major storage,
+    i.e. W^T contiguous), and its relative error against the reference (fp32 sums); its autotuning runs
+    on the first call."""
+    x16 = x.half()[None]  # [1, 1, K]
+    thr = float(thresholds(x16[0], level)[0])
+    w16 = [w.half().t() for w in wts]
+    want = sparse_gemv_ref(x16[0], w16[0].t(), torch.tensor([thr], device=x.device)).float()
+    got = teal(x16, w16[0], thr, round(level * 100))[0].float()
+    err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+    if not err < 0.1:  # its K splits meet in fp16 atomic adds: a few percent off, by design
+        sys.exit(f"WRONG TEAL kernel: relative error {err:.3g}; aborting")
+    t = rotating(lambda w: teal(x16, w, thr, round(level * 100)), w16)
+    del w16
+    return t, err
+
+
 def measure(
-    name: str, n: int, k: int, x: torch.Tensor, ws: list[torch.Tensor], wts: list[torch.Tensor], levels: tuple
-) -> list[dict[str, Any]]:
+    name: str, n: int, k: int, x: torch.Tensor, ws: list[torch.Tensor], wts: list[torch.Tensor],
+    levels: tuple, teal: Kernel | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """One projection at x's rows: the dense baselines once, the sparse kernel (each way of summing its
     K splits) at each level."""
     m, silu = x.shape[0], name == "down_silu"
@@ -133,6 +170,12 @@ def measure(
                 lambda w, c=cfg, t=thr: sparse_gemv(x, w, t, silu_mul=silu, cfg=c), wts
             )
         row["sparse_us"] = row[f"sparse_{pick_config(m, n, k).accum}_us"]
+        if m == 1:
+            cfg = replace(pick_config(m, n, k), prefetch_x=True)
+            px = lambda w, c=cfg, t=thr: sparse_gemv(x, w, t, silu_mul=silu, cfg=c)  # noqa: E731
+            row["sparse_px_us"] = rotating(px, wts)
+            if teal is not None and not silu:
+                row["teal_fp16_us"], row["teal_rel_err"] = teal_us(teal, x, wts, level)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -143,7 +186,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/sparse_gemv.json")
     ap.add_argument("--quick", action="store_true", help="rows 1 and 8, levels 0 and 0.5")
     ap.add_argument("--sweep", action="store_true", help="time launch configs first (rows 1, 8, 16)")
+    ap.add_argument("--teal-src", help="TEAL's kernels/sparse_gemv.py, to time its kernel in the same run")
     args = ap.parse_args()
+    teal = load_teal(args.teal_src)
     rows_set, levels = ((1, 8), (0.0, 0.5)) if args.quick else (ROWS, LEVELS)
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -171,7 +216,7 @@ def main() -> None:
                 check(x, wts[0], torch.zeros_like(thr), silu, pick_config(m, n, k), f"{name} m={m} dense")
             if args.sweep and m in (1, 8, 16) and not silu:
                 sweeps[f"{name}_m{m}"] = sweep(name, x, wts, thresholds(act, 0.5), silu)
-            table += measure(name, n, k, x, ws, wts, levels)
+            table += measure(name, n, k, x, ws, wts, levels, teal)
         del ws, wts
         torch.cuda.empty_cache()
     res["rows"], res["sweep"] = table, sweeps
@@ -204,6 +249,11 @@ def main() -> None:
         res[f"dense_t_speedup_b{m}"] = torch_t / total(level, m, "dense_t_us")  # type: ignore[operator]
         for accum in ACCUMS:
             res[f"sparse_{accum}_speedup_{tag}"] = torch_t / total(level, m, f"sparse_{accum}_us")  # type: ignore[operator]
+        for key, name in (("sparse_px_us", "sparse_px"), ("teal_fp16_us", "teal")):
+            have = all(key in r for r in table if r["m"] == m and r["proj"] in layer)
+            other = total(level, m, key) if have else None
+            if other:
+                res[f"{name}_{'gemv_' if name == 'teal' else ''}speedup_{tag}"] = torch_t / other
     for level in levels:
         if level:
             wins = [m for m in rows_set if res.get(f"sparse_gemv_speedup_s{round(level * 100)}_b{m}", 0) > 1]

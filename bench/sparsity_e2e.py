@@ -4,9 +4,10 @@ process), first calibrated (`calibrate`, the code of `actserve sparsity calibrat
 activations over random-token prompts: random weights have no text distribution of their own), then
 served twice, each in its own process: dense (no calibration, so no transposed weight copies) and with
 the calibration (the sparsity plugin's W^T copies and fused sparse GEMV steps). Per process: decode tok/s
-at batch 1 and 8 (128-token prompts, 128 new tokens, greedy, CUDA graphs as served) for plain requests
-and, in the sparse one, for requests at levels 0.4 and 0.5, plus its steps replayed from graphs and run
-eager. Speedups are over the dense process's plain requests. Prints a table last; writes JSON.
+at batch 1, 2, 4, 8 and 16 (128-token prompts, 128 new tokens, greedy, CUDA graphs as served) for plain
+requests and, in the sparse one, for requests at levels 0.4 and 0.5, plus its steps replayed from graphs
+and run eager. Speedups are over the dense process's plain requests; `sparse_e2e_pays_up_to_b_s{40,50}` is the
+largest batch at which the level still beats dense. Prints a table last; writes JSON.
 
     python bench/sparsity_e2e.py --out bench/results/sparsity_e2e.json
     python bench/sparsity_e2e.py --cpu-smoke --out /tmp/s.json   # runs end to end; its times mean nothing
@@ -26,10 +27,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_profile import profile_calls  # noqa: E402
 from engine_runs import generate, random_prompts  # noqa: E402
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
-PROMPT, NEW, BATCHES, LEVELS = 128, 128, (1, 8), (0.4, 0.5)
+PROMPT, NEW, BATCHES, LEVELS = 128, 128, (1, 2, 4, 8, 16), (0.4, 0.5)
 TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
         "torch_dtype": "float32"}  # fmt: skip
@@ -71,6 +73,9 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
     for tag, level in kinds:
         for b in BATCHES:
             spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
+            # this kind's graph variant for this batch bucket is captured (and its kernels compiled) on
+            # first use: not inside the timed run
+            generate(eng, random_prompts(b, PROMPT, vocab, 50 + b), 4, [spec] * b)
             graphs0, eager0 = eng.runner.graph_steps, eng.runner.eager_decode_steps
             dt, outs = generate(eng, random_prompts(b, PROMPT, vocab, b), new, [spec] * b)
             assert all(len(o) == new for o in outs)
@@ -78,7 +83,31 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
             res[f"{tag}_graph_steps_b{b}"] = eng.runner.graph_steps - graphs0
             res[f"{tag}_eager_steps_b{b}"] = eng.runner.eager_decode_steps - eager0
             print(f"{tag} b{b}: {res[f'{tag}_tok_s_b{b}']:.1f} tok/s", flush=True)
+    if not smoke:
+        for tag, level in kinds:
+            for b in (1, 2):
+                spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
+                res[f"{tag}_profile_b{b}"] = steady_profile(eng, b, spec)
+                top = res[f"{tag}_profile_b{b}"]["top"][:6]
+                print(f"{tag} b{b} profile:", json.dumps(top), flush=True)
     return res
+
+
+def steady_profile(eng: Any, b: int, spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Kernels of 5 steady decode steps of b rows of `spec` (decode_profile.profile_calls)."""
+    from actserve.server.engine.offline import make_sequences
+    from actserve.server.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    seqs = make_sequences(eng, random_prompts(b, PROMPT, eng.model_info.vocab_size, 77), params, [spec] * b)
+    for s in seqs:
+        eng.add(s)
+    while min(len(s.output_token_ids) for s in seqs) < 4:
+        eng.step()
+    out = profile_calls(eng.step, calls=5)
+    while eng.has_work():
+        eng.step()
+    return out
 
 
 def child(args: list[str]) -> dict[str, Any]:
@@ -130,6 +159,10 @@ def main() -> int:
             res[f"sparse_e2e_speedup_{tag}_b{b}"] = (
                 res["sparse"][f"{tag}_tok_s_b{b}"] / base[f"dense_tok_s_b{b}"]
             )
+    for lv in LEVELS:
+        tag = f"s{round(lv * 100)}"
+        wins = [b for b in BATCHES if res[f"sparse_e2e_speedup_{tag}_b{b}"] > 1]
+        res[f"sparse_e2e_pays_up_to_b_{tag}"] = max(wins, default=0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"\n{'run':<14}" + "".join(f"{'tok/s b' + str(b):>14}" for b in BATCHES))

@@ -91,7 +91,7 @@ class InterventionRegistry:
         classes = plugins if plugins is not None else discover()
         self.device = model_info.device
         options = options or {}
-        # tensor parallelism (docs/architecture.md §11): plugins that do not declare how they run over
+        # tensor parallelism (docs/architecture.md §12): plugins that do not declare how they run over
         # several ranks are not loaded; their requests get a 400 saying why, their options stop the server
         tp = model_info.tensor_parallel_size
         self.refused: dict[str, str] = {}
@@ -387,6 +387,10 @@ class InterventionRegistry:
     def stats(self) -> dict[tuple[str, str], float]:
         """(plugin, counter) -> value for every plugin's `stats`."""
         return {(name, k): v for name, p in self.plugins.items() for k, v in p.stats().items()}
+
+    def gauges(self) -> dict[tuple[str, str], float]:
+        """(plugin, gauge) -> value for every plugin's `gauges`."""
+        return {(name, k): v for name, p in self.plugins.items() for k, v in p.gauges().items()}
 
     def graph_safe(self) -> list[InterventionPlugin]:
         """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph

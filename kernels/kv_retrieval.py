@@ -5,8 +5,9 @@ which inside a CUDA graph still cost a few microseconds each.
 Per layer: `append` (grid rows: the query into the slot's ring, its running statistics and activation
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
 column tiles: each candidate block's summaries read by id through the row's table, no gathered copy),
-a torch top-k, `pick` (grid rows: ActQKV's entropy over the scores and its share of the step's blocks,
-then the chosen columns sorted, the row's table copied and rewritten, its length); after attention,
+a torch top-k (unsorted), `pick` (grid rows: the top-k ordered, ActQKV's entropy over the scores and
+its share of the step's blocks, then the chosen columns sorted, the row's table copied and rewritten,
+its length); after attention,
 `summaries` (grid rows x KV heads: a block's representative key and min/max when the row's token
 completed it). No host sync; fixed shapes: they run inside decode CUDA graphs.
 """
@@ -79,7 +80,7 @@ def _append_kernel(
 def _query_vectors_kernel(
     q_ptr, cfg_ptr, rq_ptr, rp_ptr, rb_ptr, a_ptr, b_ptr,
     T, stride_q, stride_cfg, stride_rqs, stride_rqt, stride_rps, stride_a,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, T_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, T_PAD: tl.constexpr, T_CHUNK: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -103,13 +104,18 @@ def _query_vectors_kernel(
         wsum = tl.sum(
             tl.where(ok, tl.load(rb_ptr + slot * stride_rps + t, mask=t < T, other=0.0), 0.0), axis=0
         )
+        # T_CHUNK ring entries per load (each iteration's loads independent of the last): one query
+        # at a time made this kernel a chain of T dependent round trips to memory
         acc = tl.zeros([D], tl.float32)
-        for i in range(T):
-            rpi = tl.load(rp_ptr + slot * stride_rps + i)
-            wi = tl.load(rb_ptr + slot * stride_rps + i) / tl.maximum(wsum, 1e-30)
-            wi = tl.where((rpi >= 0) & (rpi <= p) & (rpi > p - T), wi, 0.0)
-            x = tl.load(rq_ptr + slot * stride_rqs + i * stride_rqt + ch, mask=hm[:, None], other=0.0)
-            acc += wi * tl.sum(x.to(tl.float32), axis=0)
+        for t0 in range(0, T, T_CHUNK):
+            tc = t0 + tl.arange(0, T_CHUNK)
+            tm = tc < T
+            rpc = tl.load(rp_ptr + slot * stride_rps + tc, mask=tm, other=-1)
+            wc = tl.load(rb_ptr + slot * stride_rps + tc, mask=tm, other=0.0) / tl.maximum(wsum, 1e-30)
+            wc = tl.where((rpc >= 0) & (rpc <= p) & (rpc > p - T), wc, 0.0)
+            at = rq_ptr + slot * stride_rqs + tc[:, None, None].to(tl.int64) * stride_rqt + ch[None, :, :]
+            x = tl.load(at, mask=tm[:, None, None] & hm[None, :, None], other=0.0)
+            acc += tl.sum(wc[:, None] * tl.sum(x.to(tl.float32), axis=1), axis=0)
         a = a + acc  # the current query beside the window's probe
     tl.store(a_ptr + r * stride_a + g * D + d, a)
     tl.store(b_ptr + r * stride_a + g * D + d, b)
@@ -229,7 +235,15 @@ def _pick_kernel(
     jm = j < KK
     idx = tl.load(idx_ptr + r * stride_idx + j, mask=jm, other=0).to(tl.int64)
     val = tl.load(val_ptr + r * stride_idx + j, mask=jm, other=float("-inf"))
-    picked = (j < k_sel) & (val > float("-inf")) & jm
+    # the top-k comes unsorted (torch's sort of it cost more than the selection): order it best first
+    # here, by one int64 key per entry (the score's bits made order-preserving as a signed int32, high;
+    # the column, low), non-candidates last
+    vi = val.to(tl.int32, bitcast=True)
+    vi = tl.where(vi < 0, vi ^ 0x7FFFFFFF, vi)
+    vi = tl.where((val > float("-inf")) & jm, vi, -2147483648)
+    key = tl.sort((vi.to(tl.int64) << 32) | idx, 0, descending=True)
+    idx = key & 0xFFFFFFFF
+    picked = (j < k_sel) & ((key >> 32) > -2147483648)
     cols = tl.sort(tl.where(picked, idx, W), 0)
     m = tl.sum(picked.to(tl.int64), axis=0)
     tl.store(sel_ptr + slot * stride_sel + j, cols.to(tl.int32), mask=jm)
@@ -328,6 +342,7 @@ def query_vectors(
         qf, cfg, ring_q, ring_pos, ring_bias, a, b, t, qf.stride(0), cfg.stride(0), ring_q.stride(0),
         ring_q.stride(1), ring_pos.stride(0), a.stride(0),
         G=g, G_PAD=triton.next_power_of_2(g), D=d, T_PAD=triton.next_power_of_2(t),
+        T_CHUNK=min(8, triton.next_power_of_2(t)),
     )  # fmt: skip
     return a, b
 
@@ -358,7 +373,7 @@ def pick(
     width: int, block_size: int, rate: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`budget_ref` then `tables_ref` in one launch: (new tables, new lengths); state updated in place.
-    idx/val: the top-k of the scores (best first)."""
+    idx/val: the top-k of the scores, in any order."""
     rows, w = bt.shape
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)

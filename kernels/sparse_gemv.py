@@ -13,8 +13,9 @@ kernels/silu_mul.py does) and thresholds that.
 Grid: (N tiles, K splits). bf16 has no atomic add in Triton (TEAL's kernel is fp16-only for that
 reason), and a K split's partial sums are float32 anyway, so they meet in one of three ways (`accum`):
 - "serial": each program stores its partial tile in a float32 workspace [splits, M, N], then counts
-  itself in a per-tile counter; the last program of a tile sums the partials in split order, adds the
-  bias and writes the output (one launch, deterministic; the counters reset themselves);
+  itself in a per-tile counter; the last program of a tile sums the partials (a few splits per load, in
+  a fixed order), adds the bias and writes the output (one launch, deterministic; the counters reset
+  themselves);
 - "workspace": the same partials, summed by a second small kernel (two launches, deterministic);
 - "atomic": float32 atomic adds into a zeroed [M, N] buffer, then a cast kernel (three launches with
   the zeroing; the order of the adds, hence the last bits, varies from run to run).
@@ -55,6 +56,9 @@ class SparseGemvConfig:
     loop_stages: int = 1
     accum: Accum = "serial"
     programs: int = 1056  # the launch size `pick_splits` aims at (8 per H200 SM)
+    # one row: load the next K block's inputs while this block's weight rows stream, so the weight
+    # loads (whose predicate needs the inputs) do not wait on an input load each iteration
+    prefetch_x: bool = False
 
 
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
@@ -78,7 +82,7 @@ def _sparse_gemv_kernel(
     stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, PREFETCH_X: tl.constexpr, SUM_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
     some row, times the thresholded inputs, for BLOCK_N output columns."""
@@ -96,10 +100,17 @@ def _sparse_gemv_kernel(
         if THRESHOLD:
             thr = tl.load(thr_ptr)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        rk = k_lo + tl.arange(0, BLOCK_K)
+        x_next = load_x(x_ptr, 0, K, rk, rk < k_hi, SILU_MUL).to(tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             rk = k0 + tl.arange(0, BLOCK_K)
             on = rk < k_hi
-            x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
+            if PREFETCH_X:
+                x = x_next
+                rk_next = rk + BLOCK_K
+                x_next = load_x(x_ptr, 0, K, rk_next, rk_next < k_hi, SILU_MUL).to(tl.float32)
+            else:
+                x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
             if THRESHOLD:
                 on = on & ~(tl.abs(x) < thr)
             w = tl.load(
@@ -141,10 +152,15 @@ def _sparse_gemv_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == splits - 1:
+                # SUM_CHUNK partials per load, summed in a fixed tree: a few round trips to L2 for the
+                # tile's last program instead of one per split (the launch's tail)
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(0, splits):
-                    at = ws_ptr + s * stride_ws + tile
-                    total += tl.load(at, mask=y_mask, other=0.0, cache_modifier=".cg")
+                rs = tl.arange(0, SUM_CHUNK)
+                for s0 in range(0, splits, SUM_CHUNK):
+                    ss = s0 + rs
+                    at = ws_ptr + ss[:, None, None] * stride_ws + tile[None, :, :]
+                    part_ok = (ss < splits)[:, None, None] & y_mask[None, :, :]
+                    total += tl.sum(tl.load(at, mask=part_ok, other=0.0, cache_modifier=".cg"), axis=0)
                 if HAS_BIAS:
                     total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -226,7 +242,8 @@ def sparse_gemv(
         m, n, k, k_split, splits, x.stride(0), thr.stride(0) if thr is not None else 0, weight_t.stride(0),
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages, **launch,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages,
+        PREFETCH_X=cfg.prefetch_x, SUM_CHUNK=8 if m == 1 else 2, **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -18,7 +18,11 @@ from actserve.interventions.sparsity.cli import add_sparsity_parser
 from actserve.interventions.sparsity.cli import run as run_sparsity
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
+from actserve.server.cli_chat import add_chat_parser
+from actserve.server.cli_chat import run as run_chat
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
+from actserve.server.cli_ray import add_ray_parser
+from actserve.server.cli_ray import run as run_ray
 from actserve.server.cli_vectors import add_vectors_parser
 from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
@@ -269,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
+    add_ray_parser(sub, s)
+    add_chat_parser(sub)
     add_vectors_parser(sub)
     add_cot_parser(sub)
     add_sparsity_parser(sub)
@@ -374,14 +380,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     from actserve.server.engine.async_engine import make_engine
 
     config = engine_config(args)
-    return create_app(
-        load=lambda: make_engine(config),
-        api_key=api_keys(args),
-        max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes,
-        served_names=served_names(args),
-        cors=cors_config(args),
-    )
+    return create_app(load=lambda: make_engine(config), **app_options(args))
+
+
+def app_options(args: argparse.Namespace) -> dict[str, Any]:
+    """create_app's options besides the engine, from the `serve` flags (also each serve-ray replica's)."""
+    return {
+        "api_key": api_keys(args),
+        "max_waiting": args.max_waiting,
+        "max_request_bytes": args.max_request_bytes,
+        "served_names": served_names(args),
+        "cors": cors_config(args),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_cot(args)
     if args.command == "sparsity":
         return run_sparsity(args)
+    if args.command == "chat":
+        return run_chat(args)
+    if args.command == "serve-ray":
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return run_ray(args, engine_config(args), app_options(args))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -405,8 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     from actserve.server import serving
 
     app = build_app(args)
+    # h11, not httptools even where installed (ray[serve] brings it): with httptools a non-streamed
+    # request whose client hung up is not seen as disconnected (tests/test_api_metrics.py)
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   access_log=not args.disable_uvicorn_access_log)  # fmt: skip
+                                   access_log=not args.disable_uvicorn_access_log, http="h11")  # fmt: skip
     access_log.install(args.disable_access_log_for_endpoints)  # uvicorn.Config has set up its loggers
     return serving.run(app.state.actserve, server_config, args.shutdown_timeout)
 

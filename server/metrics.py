@@ -95,6 +95,10 @@ class EngineMetrics:
         self.plugin_stats = Counter(
             "actserve_intervention_stat", "Plugins' own counters.", lbl + ["intervention", "stat"], registry=r
         )
+        # plugins' own levels (InterventionPlugin.gauges), e.g. steering slots in use
+        self.plugin_gauges = Gauge(
+            "actserve_intervention_gauge", "Plugins' own levels.", lbl + ["intervention", "gauge"], registry=r
+        )
         self._transfer = {"to_host": 0, "to_device": 0}
         self._stats: dict[tuple[str, str], float] = {}
         for tier in ("gpu", "cpu"):
@@ -188,6 +192,11 @@ class EngineMetrics:
             if total > seen:
                 self.plugin_stats.labels(self.model_name, plugin, name).inc(total - seen)
                 self._stats[(plugin, name)] = total
+
+    def set_plugin_gauges(self, gauges: Mapping[tuple[str, str], float]) -> None:
+        """Plugins' levels as they are now ((plugin, name) -> value)."""
+        for (plugin, name), value in gauges.items():
+            self.plugin_gauges.labels(self.model_name, plugin, name).set(value)
 
     def set_static_memory(
         self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool, pinned_bytes: int = 0

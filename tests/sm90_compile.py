@@ -26,6 +26,7 @@ from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
 from actserve.kernels.silu_mul import _silu_mul_kernel
 from actserve.kernels.sparse_gemv import _sparse_gemv_kernel, _sum_splits_kernel
+from actserve.kernels.sparsity_ops import _count_kernel, _mask_kernel
 from actserve.kernels.steer_rmsnorm import _add_steer_rmsnorm_kernel
 
 BF, F32, I32, I64, U8 = "*bf16", "*fp32", "*i32", "*i64", "*u8"
@@ -73,15 +74,17 @@ sparse_types = {
     **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
     **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
 }
-# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial)
-for block_m, thr, silu, accum in (
-    (1, True, False, 0), (1, True, True, 3), (1, False, False, 3), (16, True, False, 3), (16, True, True, 2),
-    (16, True, False, 1),
+# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial, inputs ahead)
+for block_m, thr, silu, accum, ahead in (
+    (1, True, False, 0, False), (1, True, True, 3, True), (1, False, False, 3, False),
+    (1, True, False, 3, True), (16, True, False, 3, False), (16, True, True, 2, False),
+    (16, True, False, 1, False),
 ):  # fmt: skip
     consts = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32 if block_m == 1 else 64, THRESHOLD=thr)
     consts.update(
-        HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True
-    )
+        HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True,
+        PREFETCH_X=ahead, SUM_CHUNK=8 if block_m == 1 else 2,
+    )  # fmt: skip
     VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
 sum_types = {
     "ws_ptr": F32,
@@ -272,7 +275,7 @@ kvr_types = {
     **i32s, **dict.fromkeys(kvr_strides, "i32"),
 }  # fmt: skip
 VARIANTS.append((_append_kernel, {**kvr_types}, dict(BLOCK_C=4096)))
-VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64)))
+VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64, T_CHUNK=8)))
 for has_rep, has_mm in ((True, True), (True, False)):
     VARIANTS.append(
         (
@@ -295,6 +298,20 @@ VARIANTS.append(
         dict(G=4, D=128, BS=16, REPS=2, HAS_REP=True, HAS_MINMAX=True, USE_DOT=True),
     )
 )
+count_types = {
+    "table_ptr": "*fp64", "x_ptr": BF, "counted_ptr": I32, "level_ptr": I32, "method_ptr": I32,
+    "slot_ptr": I32, "thr_ptr": F32, "cost_ptr": "*fp64",
+    **dict.fromkeys(("K", "stride_x", "stride_level", "stride_method", "stride_slot", "stride_thr"), "i32"),
+}  # fmt: skip
+for thr, cost in ((True, False), (False, True)):
+    VARIANTS.append((_count_kernel, count_types, dict(HAS_THR=thr, HAS_COST=cost, BLOCK_K=1024)))
+mask_types = {
+    "x_ptr": BF,
+    "thr_ptr": F32,
+    "y_ptr": BF,
+    **dict.fromkeys(("K", "stride_x", "stride_thr", "stride_y"), "i32"),
+}
+VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024)))
 
 
 def main() -> int:

@@ -118,7 +118,7 @@ def test_scores(kinds: str) -> None:
 
 def test_pick() -> None:
     """ActQKV's layer budget (the blocks left carry from layer to layer) and the table each row reads,
-    in one kernel, equal `budget_ref` then `tables_ref`."""
+    in one kernel from the top-k in any order, equal `budget_ref` then `tables_ref` from it sorted."""
     g = torch.Generator().manual_seed(4)
     cfg = cfg_rows(ROWS)
     tables, lens = tables_and_lens(g)
@@ -142,9 +142,10 @@ def test_pick() -> None:
         k_sel = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, 12, BS)
         o1 = tables.clone()
         l1 = R.tables_ref(o1, lens, cfg, idx, val, k_sel, att_ids, att_n, a["sel"], a["sel_n"], a["cnt"], BS)
+        shuffled = torch.randperm(kk, generator=g).to(DEVICE)  # the kernel takes the top-k unordered
         o2, l2 = K.pick(
-            sc, tables, lens, cfg, idx, val, b["entropy"], b["remaining"], att_ids, att_n, b["sel"],
-            b["sel_n"], b["cnt"], layer, 12, BS, R.ENTROPY_RATE,
+            sc, tables, lens, cfg, idx[:, shuffled], val[:, shuffled], b["entropy"], b["remaining"],
+            att_ids, att_n, b["sel"], b["sel_n"], b["cnt"], layer, 12, BS, R.ENTROPY_RATE,
         )  # fmt: skip
         assert torch.equal(l2, l1), layer
         for r in range(len(ROWS)):

@@ -118,7 +118,7 @@ class RetrievalHook:
 
             a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)
             sc = kern.scores(a, b, cfg, tables, lens, rep, lo, hi, bs)
-            val, idx = sc.topk(kk, dim=1)
+            val, idx = sc.topk(kk, dim=1, sorted=False)  # `pick` orders them
             return kern.pick(
                 sc, tables, lens, cfg, idx, val, st.entropy, st.remaining, st.att_ids[layer], st.att_n[layer],
                 st.sel_cols[layer], st.sel_n[layer], st.counters, layer, st.width, bs, ref.ENTROPY_RATE,

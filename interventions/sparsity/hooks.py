@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from actserve.interventions.base import PROJECTIONS, LinearCall, RowInputs
+from actserve.kernels.sparsity_ops import count_skipped
+from actserve.kernels.sparsity_ops_ref import count_skipped_ref
 
 INPUT = "sparsity_level"  # per row: the level's index into the tables, -1 = dense or not decoding
 METHOD = "sparsity_method"  # per row: the index of its method in METHODS, -1 = none
@@ -38,8 +40,9 @@ class Counters:
 
     def __init__(self, slots: int, device: torch.device) -> None:
         self.table = torch.zeros(slots + 1, 2, dtype=torch.float64, device=device)
+        # per projection, per method: 1 where the method counts that projection's zeros
         self.counted = torch.tensor(
-            [[p in COUNTED[m] for p in PROJECTIONS] for m in METHODS], dtype=torch.bool, device=device
+            [[p in COUNTED[m] for m in METHODS] for p in PROJECTIONS], dtype=torch.int32, device=device
         )
 
     def reset(self, slot: int) -> None:
@@ -51,22 +54,21 @@ class Counters:
 
     def add(self, proj: str, x: torch.Tensor, inputs: RowInputs, cost: torch.Tensor | None) -> None:
         """Count this site's decode rows: zeros of x (less `cost` [rows], R-Sparse's) of x.shape[1]."""
-        skipped = (x == 0).sum(1, dtype=torch.float64)
-        self._add(proj, skipped if cost is None else skipped - cost, x.shape[1], inputs)
+        self._add(proj, x, None, cost, inputs)
 
     def add_below(self, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs) -> None:
         """Count a fused step's rows (whose x the kernel thresholded without masking it): the entries
         below each row's threshold thr [rows]."""
-        self._add(proj, (x.abs() < thr.unsqueeze(1)).sum(1, dtype=torch.float64), x.shape[1], inputs)
+        self._add(proj, x, thr, None, inputs)
 
-    def _add(self, proj: str, skipped: torch.Tensor, entries: int, inputs: RowInputs) -> None:
-        method = inputs[METHOD][:, 0].long()
-        rows = (inputs[INPUT][:, 0] > 0) & (method >= 0)
-        rows = rows & self.counted[method.clamp(min=0), PROJECTIONS.index(proj)]
-        dummy = self.table.shape[0] - 1
-        slot = torch.where(rows, inputs[SLOT][:, 0].long(), dummy)
-        values = torch.stack([skipped, torch.full_like(skipped, entries)], dim=1)
-        self.table.index_add_(0, slot, values * rows.unsqueeze(1))
+    def _add(
+        self, proj: str, x: torch.Tensor, thr: torch.Tensor | None, cost: torch.Tensor | None,
+        inputs: RowInputs,
+    ) -> None:  # fmt: skip
+        """One launch on CUDA (kernels/sparsity_ops.py), its torch reference elsewhere."""
+        count = count_skipped if x.is_cuda else count_skipped_ref
+        cols = (inputs[INPUT][:, 0], inputs[METHOD][:, 0], inputs[SLOT][:, 0])
+        count(self.table, x.contiguous(), self.counted[PROJECTIONS.index(proj)], *cols, thr, cost)
 
 
 class SparsityHook:
@@ -83,15 +85,19 @@ class SparsityHook:
             self._sites |= hook.sites()
             self._sites |= {(layer, p) for layer in range(num_layers) for p in COUNTED[METHODS[m]]}
         self._outputs = [(m, h) for m, h in parts if callable(getattr(h, "output", None))]
+        self._views: dict[int, tuple[torch.Tensor, RowInputs]] = {}
 
     def sites(self) -> set[tuple[int, str]]:
         return self._sites
 
-    @staticmethod
-    def view(m: int, inputs: RowInputs) -> RowInputs:
-        """`inputs` with the level index of rows of other methods than m set to -1."""
-        level = torch.where(inputs[METHOD] == m, inputs[INPUT], -1)
-        return {**inputs, INPUT: level}
+    def view(self, m: int, inputs: RowInputs) -> RowInputs:
+        """`inputs` with the level index of rows of other methods than m set to -1 (made once per step and
+        method: a step's sites share its input tensors, a new step or a capture brings new ones)."""
+        memo = self._views.get(m)
+        if memo is None or memo[0] is not inputs[INPUT]:
+            level = torch.where(inputs[METHOD] == m, inputs[INPUT], -1)
+            memo = self._views[m] = (inputs[INPUT], {**inputs, INPUT: level})
+        return memo[1]
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
         cost = None

@@ -79,6 +79,8 @@ from actserve.interventions.sparsity.coreinfer import CoreInferHook, CoreState, 
 from actserve.interventions.sparsity.hooks import INPUT, METHOD, METHODS, SLOT, Counters, SparsityHook
 from actserve.interventions.sparsity.r_sparse import RSparseHook
 from actserve.kernels.gemv_ref import MAX_ROWS
+from actserve.kernels.sparsity_ops import threshold_mask
+from actserve.kernels.sparsity_ops_ref import threshold_mask_ref
 
 log = logging.getLogger(__name__)
 LEVEL_STEP = 0.01
@@ -186,7 +188,9 @@ class TealHook:
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
         thr = self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]  # [rows]
-        return x.masked_fill(x.abs() < thr.unsqueeze(1), 0)
+        if x.is_cuda and x.stride(1) == 1:
+            return threshold_mask(x, thr)  # one launch
+        return threshold_mask_ref(x, thr)
 
     def thresholds(self, layer: int, proj: str, inputs: RowInputs) -> torch.Tensor | None:
         """[rows] float32 (a strided view) in a fused step; None otherwise (the layers call `apply`)."""

@@ -160,6 +160,13 @@ class SteeringPlugin(InterventionPlugin):
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
+    def gauges(self) -> dict[str, float]:
+        """Resident slots held by running requests' vectors, and how many there are (when all are held, new
+        steered requests are refused with a retryable error: `InterventionCapacityError`)."""
+        with self._lock:
+            free = len(self._free)
+        return {"slots_in_use": float(self.table.shape[0] - free), "slots": float(self.table.shape[0])}
+
     def configure(self, options: Mapping[str, Any]) -> None:
         """Option `vectors_dir` (`--steering-vectors DIR`): named vectors preloaded from there, and new
         ones saved there; without it the library is in memory only."""

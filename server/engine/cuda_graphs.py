@@ -93,8 +93,9 @@ class GraphPlugin:
 
     def __init__(self, plugin: InterventionPlugin, max_bs: int, device: torch.device) -> None:
         self.name, self.specs, self.plugin = plugin.name, plugin.row_inputs, plugin
+        # built when a variant is first captured, not here: the runner (and these graphs) exist before the
+        # plugins are bound to the KV cache, and hooks may need what `bind_kv` creates
         self.modes: dict[str, PluginHooks] = {}
-        self.hooks("")
         self.host = {
             r.name: torch.full((max_bs, r.width), r.none, dtype=r.dtype).pin_memory() for r in self.specs
         }

@@ -53,7 +53,7 @@ class LLMEngine:
         device = resolve_device(config.device)
         batched = step_budget(config, device)  # refused before loading anything
         load = replace(config.load_config(), max_num_batched_tokens=batched)
-        # tensor parallelism (docs/architecture.md §11): this process is rank 0; the other ranks start now
+        # tensor parallelism (docs/architecture.md §12): this process is rank 0; the other ranks start now
         # (spawned here, or by torchrun) and load, size and capture in step with it
         self.tp: TPGroup | None = None
         if config.tensor_parallel_size < 1:
@@ -563,3 +563,4 @@ class LLMEngine:
         if now - self._stats_read >= 1.0 or not self.scheduler.running:  # plugins may sync to read them
             self._stats_read = now
             m.set_plugin_stats(self.registry.stats())
+            m.set_plugin_gauges(self.registry.gauges())

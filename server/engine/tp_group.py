@@ -1,4 +1,4 @@
-"""Tensor parallelism's processes and their channels, rank 0's side (docs/architecture.md §11).
+"""Tensor parallelism's processes and their channels, rank 0's side (docs/architecture.md §12).
 
 Ranks come from the environment as torchrun sets it (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
 `LOCAL_RANK`), so the same command runs across hosts; a server started alone with

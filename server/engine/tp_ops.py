@@ -1,6 +1,6 @@
 """What one forward of the model needs, as host data: the runner builds these ops, and with tensor
 parallelism rank 0 sends a step's ops to the other ranks in one message before running them itself, so
-every rank runs the same forwards (and the same collectives) in the same order (docs/architecture.md §11).
+every rank runs the same forwards (and the same collectives) in the same order (docs/architecture.md §12).
 
 Hooks cross ranks as data: the fused table's per-row columns (the table itself is replicated on every rank
 through the plugins' activations, or, for a table the other ranks do not keep, the rows the step reads are

@@ -1,4 +1,4 @@
-"""A tensor-parallel rank other than 0 (docs/architecture.md §11): it loads its shards, sizes its KV
+"""A tensor-parallel rank other than 0 (docs/architecture.md §12): it loads its shards, sizes its KV
 cache and captures its CUDA graphs in step with rank 0 (the same `model_setup` calls), then runs the
 forwards rank 0 sends, one `StepMessage` per step, and takes part in their collectives. It schedules
 nothing, samples nothing and serves no HTTP; it exits on `Shutdown`, when rank 0's messages stop, when

@@ -1,5 +1,5 @@
 """Tensor parallelism as the layers see it: this rank, the world size and the few collectives they call
-(docs/architecture.md §11).
+(docs/architecture.md §12).
 
 Every collective of the forward goes through one `Communicator`, so the all-reduce implementation can be
 swapped in one place: torch.distributed's (gloo on the CPU, NCCL on CUDA, also inside CUDA graphs) or, on

@@ -1,4 +1,4 @@
-"""The tensor-parallel layers (docs/architecture.md §11): each owns its rank's shard of a weight and loads
+"""The tensor-parallel layers (docs/architecture.md §12): each owns its rank's shard of a weight and loads
 it from the full checkpoint tensor itself (`load_tensor`), as the layers of linear.py do.
 
 - `MergedColumnParallelLinear`: q/k/v or gate/up, each segment split along its output rows (a rank holds

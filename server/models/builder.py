@@ -67,7 +67,7 @@ class LoadConfig:
     resident_experts: float | None = None
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
-    tensor_parallel_size: int = 1  # ranks the model is split over (docs/architecture.md §11)
+    tensor_parallel_size: int = 1  # ranks the model is split over (docs/architecture.md §12)
     tp_allreduce: str = "nccl"  # CUDA: "nccl", or "symm_mem" (symmetric-memory one-shot, small messages)
 
 

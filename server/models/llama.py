@@ -58,7 +58,7 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
         d = spec.head_dim
-        # tensor parallelism (docs/architecture.md §11): this rank's heads of q, k and v, o_proj over them
+        # tensor parallelism (docs/architecture.md §12): this rank's heads of q, k and v, o_proj over them
         self.tp = tp = current_tp()
         heads = tp.split(spec.num_heads, "num_attention_heads")
         kv_heads = tp.split(spec.num_kv_heads, "num_key_value_heads")

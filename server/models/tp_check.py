@@ -1,5 +1,5 @@
 """What a model must be to be split over `--tensor-parallel-size N` ranks, checked before any rank loads
-(docs/architecture.md §11): a native dense family, unquantized, whose heads, KV heads and MLP width
+(docs/architecture.md §12): a native dense family, unquantized, whose heads, KV heads and MLP width
 divide by N. Anything else is refused at start with a message naming the flag (never split wrongly)."""
 
 from __future__ import annotations
