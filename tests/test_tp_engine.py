@@ -19,6 +19,7 @@ import torch
 from actserve.interventions.base import InterventionError
 from actserve.interventions.cot_compression.artifact import AscArtifact, Onset, load_artifact, save_artifact
 from actserve.interventions.cot_compression.measure import Continuation, KLMeter
+from actserve.interventions.steering.train import train_vector
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.offline import make_sequences, run_sequences
@@ -156,6 +157,18 @@ def test_collect_residuals_and_logits_gathered_on_rank0(
     assert a.logits is not None and b.logits is not None
     assert close(b.logits, a.logits) < 1
     assert two.blocks.num_free == two.blocks.num_blocks  # borrowed blocks given back
+
+
+def test_vector_training_equals_one_rank(one: LLMEngine, two: LLMEngine) -> None:
+    """`train_vector` (the training route's and the CLI's path) reads residuals on rank 0."""
+    pos = ["The dog was very happy and laughed.", "She smiled at the sun all day."]
+    neg = ["The dog was very sad and cried.", "She frowned at the rain all day."]
+    got = [
+        train_vector(eng.runner, eng.tokenizer, pos, neg, method="pca_diff", position="mean", progress=False)
+        for eng in (one, two)
+    ]
+    for layer, d in got[0].directions.items():
+        assert close(got[1].directions[layer], d) < 1, layer
 
 
 def test_kl_meter_private_table(

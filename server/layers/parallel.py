@@ -131,11 +131,13 @@ def shard_range(n: int, comm: Communicator) -> tuple[int, int]:
 
 # --- CUDA only, not testable on the CPU: torch symmetric memory's one-shot all-reduce --------------------
 class SymmMemAllReduce:
-    """All-reduce of small messages through torch's symmetric memory (`one_shot_all_reduce`: every rank
-    reads all peers' buffers over NVLink and sums, one kernel, no NCCL protocol): the batch-1 decode
-    messages (8-16 KB) are latency-bound, where NCCL's ring/tree setup dominates. Each message is copied
-    into one rendezvoused buffer first (the op reads symmetric memory only). Chosen by
-    `--tp-allreduce symm_mem`; bench/tp_bench.py measures both. Untested on the CPU (needs 2 GPUs)."""
+    """All-reduce of small messages through torch's symmetric memory (one-shot: every rank reads all
+    peers' buffers over NVLink and sums, one kernel, no NCCL protocol): the batch-1 decode messages
+    (8-16 KB) are latency-bound, where NCCL's ring/tree setup dominates. One rendezvoused buffer serves
+    every call: `one_shot_all_reduce_copy_out` copies the message into it inside the kernel, behind the
+    kernel's barrier, so a rank never overwrites its buffer while a peer still reads the previous message
+    from it (a plain copy before `one_shot_all_reduce_out` could). Chosen by `--tp-allreduce symm_mem`;
+    bench/tp_bench.py measures it beside NCCL. Untested on the CPU (needs 2 GPUs)."""
 
     def __init__(self, group: Any, dtype: torch.dtype, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -154,9 +156,9 @@ class SymmMemAllReduce:
         return x.is_cuda and x.dtype == self.dtype and x.numel() <= self.max_elems
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.numel()
-        inp = self.buf[:n]
-        inp.copy_(x.reshape(-1))
-        out = torch.empty_like(inp)
-        torch.ops.symm_mem.one_shot_all_reduce_out(inp, "sum", self.group_name, out)
+        flat = x.reshape(-1)
+        out = torch.empty_like(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(
+            self.buf[: flat.numel()], flat, "sum", self.group_name, out
+        )
         return out.view_as(x)
