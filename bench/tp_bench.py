@@ -19,7 +19,7 @@ Each part runs in a process of its own (GPU memory is returned between them). JS
 figures: `tp2_speedup_b1_8b`, `tp2_roofline_frac_b1_70b`, `allreduce_us_8KB`.
 
     python bench/tp_bench.py --out bench/results/tp_bench.json      # two H200s (nvidia-h200-x2)
-    python bench/tp_bench.py --parts allreduce,decode8b --out ...    # a subset
+    python bench/tp_bench.py --parts allreduce,decode8b --out F      # a subset (added to F's figures)
     python bench/tp_bench.py --cpu-smoke                             # the same, tiny, on the CPU (gloo)
 """
 
@@ -284,6 +284,9 @@ def main() -> int:
         "gpus": 0 if a.cpu_smoke else torch.cuda.device_count(),
         "tp_allreduce": a.allreduce,
     }
+    if a.out is not None and a.out.exists() and set(parts) != set(PARTS):  # a subset adds to an earlier run
+        before = json.loads(a.out.read_text())
+        res = {**before, **res, "command": f"{before.get('command', '')}; {res['command']}".lstrip("; ")}
     if "allreduce" in parts:
         res |= run_child(a, "--child", "allreduce")
         print(
