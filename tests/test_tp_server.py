@@ -24,6 +24,8 @@ from tests.test_api_chat import MESSAGES, copy_with_chat_template
 from tests.test_cli import health_status
 from tests.test_serve_lifecycle import MODEL, STREAM, Served, Streams, assert_no_process_left, exited, started
 
+pytestmark = pytest.mark.slow  # servers of their own (four): seconds each
+
 CHAT = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 24, "ignore_eos": True}
 STEER = {
     "steering": {"vectors": [{"directions": {"1": [0.25 * ((i % 7) - 3) for i in range(128)]}, "scale": 4}]}
