@@ -46,7 +46,13 @@ from shapes import LLAMA3_8B  # noqa: E402
 
 from actserve.kernels.gemv import gemv  # noqa: E402
 from actserve.kernels.silu_mul import silu_mul  # noqa: E402
-from actserve.kernels.sparse_gemv import ACCUMS, SparseGemvConfig, pick_config, sparse_gemv  # noqa: E402
+from actserve.kernels.sparse_gemv import (  # noqa: E402
+    ACCUMS,
+    ONE_BLOCK,
+    SparseGemvConfig,
+    pick_config,
+    sparse_gemv,
+)
 from actserve.kernels.sparse_gemv_ref import silu_mul_ref_rounded, sparse_gemv_ref  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16)
@@ -79,11 +85,15 @@ def check(
 
 
 def sweep_configs(m: int) -> list[SparseGemvConfig]:
-    if m == 1:
-        grid = itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (1, 3), (528, 1056, 2112, 4224))
-        return [
-            SparseGemvConfig(block_n=bn, block_k=bk, num_warps=nw, loop_stages=ls, programs=p)
-            for bn, bk, nw, ls, p in grid
+    if m == 1:  # ONE_BLOCK programs read one [block_k, block_n] tile each (ONE_SHOT: no loop)
+        grid = itertools.product(("atomic", "atomic_cast"), (16, 32, 64), (128, 256, 512), (1, 2, 4))
+        loops = [  # the loop's best of the earlier sweeps (bench/results/sparse_gemv_sweep_loop.json)
+            SparseGemvConfig(block_n=256, block_k=32, programs=528, accum=a) for a in ("serial", "atomic")
+        ] + [SparseGemvConfig(block_n=128, block_k=32, programs=1056, accum="atomic")]
+        return loops + [
+            SparseGemvConfig(block_n=bn, block_k=bk, num_warps=nw, programs=ONE_BLOCK, accum=a)  # type: ignore[arg-type]
+            for a, bn, bk, nw in grid
+            if 64 * nw * 32 <= bn * bk <= 256 * nw * 32  # 64 to 256 weights a thread
         ]
     grid = itertools.product((32, 64, 128), (32, 64), (4, 8), (3, 4), (528, 1056, 2112))
     return [
@@ -93,10 +103,14 @@ def sweep_configs(m: int) -> list[SparseGemvConfig]:
 
 
 def sweep(
-    name: str, x: torch.Tensor, wts: list[torch.Tensor], thr: torch.Tensor, silu: bool
-) -> list[dict[str, Any]]:
-    """Every config of `sweep_configs` (serial sums) on one shape: checked, then timed."""
-    out = []
+    name: str, x: torch.Tensor, wts: list[torch.Tensor], thr: torch.Tensor, silu: bool,
+    teal: Kernel | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every config of `sweep_configs` on one shape at level 0.5: checked, then timed (and TEAL's kernel
+    beside them, one row, when given: config "teal")."""
+    out: list[dict[str, Any]] = []
+    if teal is not None and x.shape[0] == 1 and not silu:
+        out.append({"config": "teal", "us": teal_us(teal, x, wts, 0.5)[0]})
     for cfg in sweep_configs(x.shape[0]):
         try:
             check(x, wts[0], thr, silu, cfg, name)
@@ -180,9 +194,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/sparse_gemv.json")
     ap.add_argument("--quick", action="store_true", help="rows 1 and 8, levels 0 and 0.5")
-    ap.add_argument("--sweep", action="store_true", help="time launch configs first (rows 1, 8, 16)")
+    ap.add_argument("--sweep", action="store_true", help="time launch configs first (--sweep-rows)")
+    ap.add_argument("--sweep-rows", default="1,8,16", help="row counts the sweep times (comma-separated)")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (its JSON only)")
     ap.add_argument("--teal-src", help="TEAL's kernels/sparse_gemv.py, to time its kernel in the same run")
     args = ap.parse_args()
+    args.sweep_rows = tuple(int(r) for r in args.sweep_rows.split(","))
     teal = load_teal(args.teal_src)
     rows_set, levels = ((1, 8), (0.0, 0.5)) if args.quick else (ROWS, LEVELS)
     dev = torch.device("cuda")
@@ -209,9 +226,10 @@ def main() -> None:
                 for accum in ACCUMS:
                     check(x, wts[0], thr, silu, replace(pick_config(m, n, k), accum=accum), f"{name} m={m}")
                 check(x, wts[0], torch.zeros_like(thr), silu, pick_config(m, n, k), f"{name} m={m} dense")
-            if args.sweep and m in (1, 8, 16) and not silu:
-                sweeps[f"{name}_m{m}"] = sweep(name, x, wts, thresholds(act, 0.5), silu)
-            table += measure(name, n, k, x, ws, wts, levels, teal)
+            if args.sweep and m in args.sweep_rows and name != "down_proj":
+                sweeps[f"{name}_m{m}"] = sweep(name, x, wts, thresholds(act, 0.5), silu, teal)
+            if not args.sweep_only:
+                table += measure(name, n, k, x, ws, wts, levels, teal)
         del ws, wts
         torch.cuda.empty_cache()
     res["rows"], res["sweep"] = table, sweeps
@@ -220,6 +238,8 @@ def main() -> None:
         sums: dict[str, list[Any]] = {}
         for run in runs:
             for r in run:
+                if r["config"] == "teal":
+                    continue
                 entry = sums.setdefault(json.dumps(r["config"], sort_keys=True), [0.0, 0])
                 entry[0] += r["us"]
                 entry[1] += 1

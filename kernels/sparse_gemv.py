@@ -17,8 +17,13 @@ reason), and a K split's partial sums are float32 anyway, so they meet in one of
   a fixed order), adds the bias and writes the output (one launch, deterministic; the counters reset
   themselves);
 - "workspace": the same partials, summed by a second small kernel (two launches, deterministic);
-- "atomic": float32 atomic adds into a zeroed [M, N] buffer, then a cast kernel (three launches with
-  the zeroing; the order of the adds, hence the last bits, varies from run to run).
+- "atomic": float32 atomic adds into a [M, N] buffer kept zero between launches; the last program of a
+  tile (counted as in "serial") casts it to the output and zeroes it (one launch, no partials stored;
+  the order of the adds, hence the last bits, varies from run to run);
+- "atomic_cast": the same adds, without the counter; a second small kernel casts and zeroes the buffer
+  (two launches; no program waits on its adds, as the counter's fence makes it).
+A program of one row whose K split is one block (`ONE_SHOT`) loads its x block and then its whole weight
+tile at once, and reduces it across the threads: no loop of dependent loads.
 One split writes the output directly. One row accumulates products elementwise and reduces once at
 the end; 2-16 rows use `tl.dot` on a 16-row tile (tensor cores). `threshold=None` is the same kernel
 without the mask: the dense GEMV on the transposed layout (bench/sparse_gemv.py compares layouts).
@@ -37,10 +42,10 @@ from actserve.kernels.gemv import load_x
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
-Accum = Literal["serial", "workspace", "atomic"]
-ACCUMS: tuple[Accum, ...] = ("serial", "workspace", "atomic")
-_DIRECT, _WORKSPACE, _ATOMIC, _SERIAL = 0, 1, 2, 3
-_ACCUM_CODE = {"workspace": _WORKSPACE, "atomic": _ATOMIC, "serial": _SERIAL}
+Accum = Literal["serial", "workspace", "atomic", "atomic_cast"]
+ACCUMS: tuple[Accum, ...] = ("serial", "workspace", "atomic", "atomic_cast")
+_DIRECT, _WORKSPACE, _ATOMIC, _SERIAL, _ATOMIC_CAST = 0, 1, 2, 3, 4
+_ACCUM_CODE = {"workspace": _WORKSPACE, "atomic": _ATOMIC, "serial": _SERIAL, "atomic_cast": _ATOMIC_CAST}
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,16 @@ class SparseGemvConfig:
     programs: int = 1056  # the launch size `pick_splits` aims at (8 per H200 SM)
 
 
+ONE_BLOCK = 1 << 20  # a `programs` value that gives every program one K block (ONE_SHOT for one row)
+
+
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
-    """Launch config per row count: the H200 sweep's best over one Llama-3-8B layer at 50% sparsity
-    (bench/results/sparse_gemv_quick.json, `sweep_best_m1` / `sweep_best_m8`)."""
+    """Launch config per row count: the H200 sweeps' best over one Llama-3-8B layer at 50% sparsity.
+    One row: narrow tiles of one K block each, 128 weights a thread, atomic sums (72.6 us a layer against
+    TEAL's kernel's 80+ and the loop's best 96; bench/results/sparse_gemv_sweep.json); more rows: the
+    loop (bench/results/sparse_gemv_quick.json, `sweep_best_m8`)."""
     if m == 1:
-        return SparseGemvConfig(block_n=256, block_k=32, num_warps=4, num_stages=3, programs=528)
+        return SparseGemvConfig(block_n=32, block_k=256, num_warps=2, programs=ONE_BLOCK, accum="atomic_cast")
     return SparseGemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=3, programs=528)
 
 
@@ -79,7 +89,7 @@ def _sparse_gemv_kernel(
     stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, SUM_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, SUM_CHUNK: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
     some row, times the thresholded inputs, for BLOCK_N output columns."""
@@ -93,7 +103,17 @@ def _sparse_gemv_kernel(
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
     pdl_sync(USE_PDL)
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and ONE_SHOT:
+        # one [BLOCK_K, BLOCK_N] tile per program: x, then the weight rows it keeps, in flight at once
+        rk = k_lo + tl.arange(0, BLOCK_K)
+        on = rk < K
+        x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
+        if THRESHOLD:
+            on = on & ~(tl.abs(x) < tl.load(thr_ptr))
+        w_at = w_cols + rk.to(tl.int64)[:, None] * stride_wk
+        w = tl.load(w_at, mask=on[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc = tl.sum(w.to(tl.float32) * tl.where(on, x, 0.0)[:, None], axis=0)[None, :]
+    elif BLOCK_M == 1:
         if THRESHOLD:
             thr = tl.load(thr_ptr)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -132,8 +152,22 @@ def _sparse_gemv_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    elif ACCUM == 2:
+    elif ACCUM == 4:  # the second kernel casts and zeroes
         tl.atomic_add(ws_ptr + tile, acc, mask=y_mask, sem="relaxed")
+    elif ACCUM == 2:
+        # float32 adds into a workspace that is zero between launches; the tile's last program (counted
+        # as in "serial") casts it to the output and zeroes it again: one launch, no partials stored
+        tl.atomic_add(ws_ptr + tile, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            total = tl.load(ws_ptr + tile, mask=y_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y_at = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(y_at, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.store(ws_ptr + tile, tl.zeros_like(total), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
     else:
         tl.store(ws_ptr + split * stride_ws + tile, acc, mask=y_mask)
         if ACCUM == 3:
@@ -161,9 +195,10 @@ def _sparse_gemv_kernel(
 @triton.jit
 def _sum_splits_kernel(
     ws_ptr, b_ptr, y_ptr, N, splits, stride_ws, stride_ym,
-    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """y[m] = sum over splits of ws[s, m] (in split order) + bias, cast to y's dtype."""
+    """y[m] = sum over splits of ws[s, m] (in split order) + bias, cast to y's dtype; ZERO: one split,
+    zeroed after the read ("atomic_cast": the buffer stays zero between launches)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n_ok = rn < N
@@ -174,6 +209,8 @@ def _sum_splits_kernel(
     if HAS_BIAS:
         total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if ZERO:
+        tl.store(ws_ptr + m * N + rn, tl.zeros_like(total), mask=n_ok)
 
 
 # per device, every counter buffer handed out, the largest last: never freed, since CUDA graphs keep the
@@ -181,13 +218,29 @@ def _sum_splits_kernel(
 _counters: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    """The "serial" mode's per-tile arrival counters on `device`: zero between launches (the last
-    program of each tile resets its own), shared by the launches on the device's one compute stream."""
-    have = _counters.setdefault(device, [])
-    if not have or have[-1].numel() < n_tiles:
-        have.append(torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device))
+def _zeroed(
+    store: dict[torch.device, list[torch.Tensor]], device: torch.device, size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """A zeroed buffer of at least `size` from `store`, grown by a new one (the old stay alive)."""
+    have = store.setdefault(device, [])
+    if not have or have[-1].numel() < size:
+        have.append(torch.zeros(max(size, 4096), dtype=dtype, device=device))
     return have[-1]
+
+
+def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
+    """The "serial" and "atomic" modes' per-tile arrival counters on `device`: zero between launches (the
+    last program of each tile resets its own), shared by the launches on the device's one compute stream."""
+    return _zeroed(_counters, device, n_tiles, torch.int32)
+
+
+_sums: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def atomic_sums(device: torch.device, size: int) -> torch.Tensor:
+    """The "atomic" mode's float32 sums on `device`, zero between launches (each tile's last program
+    zeroes its own), shared like `tile_counters`."""
+    return _zeroed(_sums, device, size, torch.float32)
 
 
 def sparse_gemv(
@@ -220,11 +273,11 @@ def sparse_gemv(
         return y
     mode = _DIRECT if splits == 1 else _ACCUM_CODE[cfg.accum]
     ws, counters = y, y  # placeholders for pointers a mode does not read
-    if mode == _ATOMIC:
-        ws = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    if mode in (_ATOMIC, _ATOMIC_CAST):
+        ws = atomic_sums(x.device, m * n)
     elif mode != _DIRECT:
         ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    if mode == _SERIAL:
+    if mode in (_SERIAL, _ATOMIC):
         counters = tile_counters(x.device, n_tiles)
     launch = pdl_args(x)
     _sparse_gemv_kernel[(n_tiles, splits)](
@@ -233,15 +286,14 @@ def sparse_gemv(
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages,
-        SUM_CHUNK=8 if m == 1 else 2, **launch,
+        SUM_CHUNK=8 if m == 1 else 2, ONE_SHOT=m == 1 and k_split == cfg.block_k, **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    if mode in (_WORKSPACE, _ATOMIC):
-        parts = splits if mode == _WORKSPACE else 1
+    if mode in (_WORKSPACE, _ATOMIC_CAST):
         block = 1024
         _sum_splits_kernel[(triton.cdiv(n, block), m)](
-            ws, bias if bias is not None else x, y, n, parts, m * n, y.stride(0), BLOCK=block,
-            HAS_BIAS=bias is not None, **launch,
+            ws, bias if bias is not None else x, y, n, splits if mode == _WORKSPACE else 1, m * n,
+            y.stride(0), BLOCK=block, HAS_BIAS=bias is not None, ZERO=mode == _ATOMIC_CAST, **launch,
         )  # fmt: skip
     return y

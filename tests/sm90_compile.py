@@ -74,15 +74,15 @@ sparse_types = {
     **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
     **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
 }
-# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial)
+# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial, 4 atomic_cast)
 for block_m, thr, silu, accum in (
     (1, True, False, 0), (1, True, True, 3), (1, False, False, 3), (16, True, False, 3), (16, True, True, 2),
-    (16, True, False, 1),
+    (1, True, True, 2), (1, True, False, 4), (16, True, False, 4), (16, True, False, 1),
 ):  # fmt: skip
     consts = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32 if block_m == 1 else 64, THRESHOLD=thr)
     consts.update(
         HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True,
-        SUM_CHUNK=8 if block_m == 1 else 2,
+        SUM_CHUNK=8 if block_m == 1 else 2, ONE_SHOT=block_m == 1 and accum in (2, 4),
     )  # fmt: skip
     VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
 sum_types = {
@@ -91,7 +91,7 @@ sum_types = {
     "y_ptr": BF,
     **dict.fromkeys(("N", "splits", "stride_ws", "stride_ym"), "i32"),
 }
-VARIANTS.append((_sum_splits_kernel, sum_types, dict(BLOCK=1024, HAS_BIAS=True, USE_PDL=True)))
+VARIANTS.append((_sum_splits_kernel, sum_types, dict(BLOCK=1024, HAS_BIAS=True, ZERO=True, USE_PDL=True)))
 fp4_types = {
     "x_ptr": BF,
     "w_ptr": U8,
