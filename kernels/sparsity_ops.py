@@ -9,17 +9,23 @@ import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.pdl import pdl_args, pdl_sync
+
 BLOCK = 1024
+# a row of up to this many entries is counted in one load (a one-row decode step's count sits between
+# the norm and the qkv GEMV: each loop trip there is a memory latency on the step's critical path)
+COUNT_BLOCK = 8192
 
 
 @triton.jit
 def _count_kernel(
     table_ptr, x_ptr, counted_ptr, level_ptr, method_ptr, slot_ptr, thr_ptr, cost_ptr,
     K, stride_x, stride_level, stride_method, stride_slot, stride_thr,
-    HAS_THR: tl.constexpr, HAS_COST: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_THR: tl.constexpr, HAS_COST: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One row: its skipped entries and its width, added to its slot's counters (float64 atomics)."""
     r = tl.program_id(0).to(tl.int64)
+    pdl_sync(USE_PDL)
     level = tl.load(level_ptr + r * stride_level)
     method = tl.load(method_ptr + r * stride_method)
     counts = tl.load(counted_ptr + tl.maximum(method, 0))
@@ -64,14 +70,18 @@ def count_skipped(
     _count_kernel[(rows,)](
         table, x, counted, level, method, slot, thr_arg, cost if cost is not None else table,
         k, x.stride(0), level.stride(0), method.stride(0), slot.stride(0), thr_stride,
-        HAS_THR=thr is not None, HAS_COST=cost is not None, BLOCK_K=min(BLOCK, triton.next_power_of_2(k)),
+        HAS_THR=thr is not None, HAS_COST=cost is not None,
+        BLOCK_K=min(COUNT_BLOCK, triton.next_power_of_2(k)), **pdl_args(x),
     )  # fmt: skip
 
 
 @triton.jit
-def _mask_kernel(x_ptr, thr_ptr, y_ptr, K, stride_x, stride_thr, stride_y, BLOCK_K: tl.constexpr):
+def _mask_kernel(
+    x_ptr, thr_ptr, y_ptr, K, stride_x, stride_thr, stride_y, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr
+):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pdl_sync(USE_PDL)
     x = tl.load(x_ptr + r * stride_x + k, mask=k < K, other=0.0)
     thr = tl.load(thr_ptr + r * stride_thr)
     tl.store(y_ptr + r * stride_y + k, tl.where(tl.abs(x.to(tl.float32)) < thr, 0.0, x), mask=k < K)
@@ -84,6 +94,6 @@ def threshold_mask(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     if rows:
         assert x.stride(1) == 1 and thr.dtype == torch.float32
         _mask_kernel[(rows, triton.cdiv(k, BLOCK))](
-            x, thr, y, k, x.stride(0), thr.stride(0), y.stride(0), BLOCK_K=BLOCK
+            x, thr, y, k, x.stride(0), thr.stride(0), y.stride(0), BLOCK_K=BLOCK, **pdl_args(x)
         )
     return y

@@ -303,14 +303,15 @@ count_types = {
     **dict.fromkeys(("K", "stride_x", "stride_level", "stride_method", "stride_slot", "stride_thr"), "i32"),
 }  # fmt: skip
 for thr, cost in ((True, False), (False, True)):
-    VARIANTS.append((_count_kernel, count_types, dict(HAS_THR=thr, HAS_COST=cost, BLOCK_K=1024)))
+    consts = dict(HAS_THR=thr, HAS_COST=cost, BLOCK_K=8192, USE_PDL=True)
+    VARIANTS.append((_count_kernel, count_types, consts))
 mask_types = {
     "x_ptr": BF,
     "thr_ptr": F32,
     "y_ptr": BF,
     **dict.fromkeys(("K", "stride_x", "stride_thr", "stride_y"), "i32"),
 }
-VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024)))
+VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024, USE_PDL=True)))
 
 
 def main() -> int:
