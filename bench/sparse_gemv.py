@@ -194,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/sparse_gemv.json")
     ap.add_argument("--quick", action="store_true", help="rows 1 and 8, levels 0 and 0.5")
+    ap.add_argument("--rows", help="row counts to time (comma-separated; default 1,2,4,8,16)")
     ap.add_argument("--sweep", action="store_true", help="time launch configs first (--sweep-rows)")
     ap.add_argument("--sweep-rows", default="1,8,16", help="row counts the sweep times (comma-separated)")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (its JSON only)")
@@ -202,6 +203,8 @@ def main() -> None:
     args.sweep_rows = tuple(int(r) for r in args.sweep_rows.split(","))
     teal = load_teal(args.teal_src)
     rows_set, levels = ((1, 8), (0.0, 0.5)) if args.quick else (ROWS, LEVELS)
+    if args.rows:
+        rows_set = tuple(int(r) for r in args.rows.split(","))
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     res: dict[str, Any] = {
