@@ -312,6 +312,12 @@ class ExpertOffload:
             and cpu != "always"
             and (cpu == "never" or self.cost.copy_s(cache.expert_bytes) <= self.cost.cpu_s(1))
         )
+        host = cache.experts.host_w13
+        if on and self.device.type == "cuda" and not host.is_pinned():
+            if mode == "on":
+                raise ValueError("expert zero copy needs the host copy of the experts in pinned memory")
+            log.warning("expert cache: the host copy is not pinned; zero copy off (eager steps)")
+            on = False
         self.zero_copy = ZeroCopySteps(self, self.config.admit_after) if on else None
         self.telemetry.on_read = self.zero_copy.poll if self.zero_copy is not None else None
         for c in self.caches.values():
