@@ -353,7 +353,8 @@ def run_offloaded(
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         eng = build(model_dir, cuda, resident_experts=share, expert_zero_copy="on" if zero else "off")
-        eng.overlap = False  # counters per step stay with their step
+        if not zero:  # eager: counters per step stay with their step (zero copy counts on the device)
+            eng.overlap = False
         offload = eng.loaded.model.expert_offload
         cost = offload.cost
         starts[tag] = {

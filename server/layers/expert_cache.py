@@ -206,8 +206,13 @@ class LayerCache:
     def publish(self, table: np.ndarray) -> None:
         """Copy `table` [experts] int32 into the device table, queued on the compute stream (after the
         kernels queued so far, before those queued next)."""
+        dest = self.experts.slot_of
+        src = torch.from_numpy(table)
         with torch.no_grad():
-            self.experts.slot_of.copy_(to_device(torch.from_numpy(table), self.experts.slot_of.device))
+            if dest.is_cuda:  # from pinned memory, without waiting (the host allocator keeps it alive)
+                dest.copy_(src.pin_memory(), non_blocking=True)
+            else:
+                dest.copy_(src)
 
     def victim(self, protect: np.ndarray) -> int | None:
         """A free slot, else the slot of the least recently used expert not in `protect` (a bool mask

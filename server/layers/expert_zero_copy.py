@@ -118,10 +118,17 @@ class ZeroCopySteps:
         self.caches: list[LayerCache] = caches
         e = caches[0].num_experts
         self.stats = StepStats(len(caches), e, manager.device)
+        # every layer's host table and last uses as rows of one matrix (the caches keep views of their
+        # rows), so that the work between steps is a few array operations however many layers there are
+        self.slot_of = np.stack([c.slot_of for c in caches])
+        self.last_use = np.stack([c.last_use for c in caches])
+        for i, c in enumerate(caches):
+            c.slot_of, c.last_use = self.slot_of[i], self.last_use[i]
         self.streak = np.zeros((len(caches), e), dtype=np.int64)
         self.last_counts = np.zeros((len(caches), e), dtype=np.int64)
         self.tick = 0  # the LRU tick of the newest harvested step
         self.dirty: set[int] = set(range(len(caches)))  # layers whose device table must be uploaded
+        self.started = False  # the first step zeroes what start-up forwards (graph captures) counted
 
     def counts(self, cache: LayerCache) -> torch.Tensor:
         return self.stats.counts[self.caches.index(cache)]
@@ -130,6 +137,9 @@ class ZeroCopySteps:
     @torch.no_grad()
     def before_step(self) -> None:
         """Read what finished steps counted, publish landed copies, admit recent misses (no waiting)."""
+        if not self.started:
+            self.started = True
+            self.stats.counts.zero_()
         for h in self.stats.ready():
             self.harvest(h)
         self.land()
@@ -158,9 +168,9 @@ class ZeroCopySteps:
     def tables(self, extra: dict[int, list[tuple[int, int]]] | None = None) -> np.ndarray:
         """Every layer's device table as the kernels must see it: an expert's slot once its copy has
         landed, else -1 (also for the `extra` fills about to be queued)."""
-        out = np.stack([c.slot_of for c in self.caches]).astype(np.int32)
+        out = self.slot_of.astype(np.int32)
         for i, c in enumerate(self.caches):
-            for slot in c.pending:
+            for slot in c.pending:  # usually none: a dict per layer
                 e = int(c.expert_at[slot])
                 if e >= 0:
                     out[i, e] = -1
@@ -179,8 +189,7 @@ class ZeroCopySteps:
         per_layer = used.sum(1)
         if per_layer.any():
             t.observe(DISTINCT, float(per_layer.mean()))
-        for i, c in enumerate(self.caches):
-            c.last_use[used[i]] = self.tick
+        self.last_use[used] = self.tick
         m.running_experts = set(np.nonzero(used[0])[0].tolist())
         self.streak = np.where(missed, self.streak + 1, 0)
         self.last_counts = h.counts.astype(np.int64)
@@ -188,6 +197,8 @@ class ZeroCopySteps:
     def land(self) -> None:
         copier = self.manager.copier
         for i, c in enumerate(self.caches):
+            if not c.pending:
+                continue
             done = [s for s, handle in c.pending.items() if copier.done(handle)]
             for s in done:
                 del c.pending[s]
@@ -199,10 +210,10 @@ class ZeroCopySteps:
         fills: dict[int, list[tuple[int, int]]] = {}
         if self.admit_after <= 0:
             return fills
-        for i, c in enumerate(self.caches):
-            want = np.nonzero((self.streak[i] >= self.admit_after) & (c.slot_of < 0))[0]
-            if not want.size:
-                continue
+        candidates = (self.streak >= self.admit_after) & (self.slot_of < 0)
+        for i in np.nonzero(candidates.any(1))[0].tolist():
+            c = self.caches[i]
+            want = np.nonzero(candidates[i])[0]
             order = want[np.argsort(-self.last_counts[i][want], kind="stable")]
             for e in order.tolist():
                 slot = self.victim(c)
