@@ -16,21 +16,29 @@ transformers + accelerate CPU offload of the same model in the same run.
 - All resident (CUDA graphs as served): tok/s vs the roofline of the bytes a token reads (the non-expert
   weights except the embedding table, its top-k experts at every MoE layer, its KV) at the measured
   device copy bandwidth (and at the 4.8 TB/s peak).
-- Offloaded (eager: the layer reads its routing on the host): per setting (resident share, prefetch depth
-  0 = plain LRU or 1 = ExpertFlow prefetch, CPU compute never / auto / always), tok/s, hit rate,
-  prefetch precision and recall, bytes copied per token, experts run on the CPU per token, and the copy
-  bound: host->device bandwidth / bytes copied per token (what the copies allow if fully hidden behind
-  compute). `bound_frac` = tok/s over that bound.
+- Offloaded, two kinds of engine per resident share (`--modes`):
+  - **zero-copy** (the served default): decode steps replay CUDA graphs, a missing expert is read by the
+    kernel from pinned host memory, the cache is refilled between steps; per `--admit` value (an expert
+    is copied into a slot once it missed that many steps in a row; 0 never);
+  - **eager** (`--expert-zero-copy off`: host syncs per layer): per prefetch depth (`--depths`; 0 = plain
+    LRU, 1 = ExpertFlow router-ahead prefetch) and CPU compute mode (never / auto / always).
+  Each: tok/s, hit rate, prefetch precision and recall (eager), bytes over PCIe per token (copies and
+  zero-copy reads), experts run on the CPU per token, peak GPU memory. Bounds: the copy bound = host->
+  device bandwidth / PCIe bytes per token (what the transfers allow if nothing else took time), and the
+  bound with copies fully hidden behind compute = min(copy bound, the all-resident tok/s of the same run).
+  `bound_frac` = tok/s over the latter; `copy_bound_frac` over the former (the pre-zero-copy definition,
+  which exceeds 1 x the all-resident speed where copies are few).
 - accelerate: transformers' model with `infer_auto_device_map` under the GPU memory our 25% engine's
   weights take, `dispatch_model` (the rest offloaded to the CPU, moved per forward), greedy decode.
-  Skipped with a message when accelerate is not installed.
+  Skipped with a message when accelerate is not installed, or with `--skip-accelerate`.
 
     python bench/moe_offload.py --out bench/results/moe_offload.json [--quick]
+    python bench/moe_offload.py --modes zero-copy --admit 0,1,2 --out /tmp/zc.json   # the zero-copy part only
     python bench/moe_offload.py --cpu-smoke --out /tmp/moe_offload_smoke.json   # tiny, CPU, end to end
 
 JSON keys for the issue: moe_resident_roofline_frac_b1_{mixtral,qwen3}, moe_offload25_bound_frac_b1_*
-(ExpertFlow prefetch, copies only, uniform router), moe_offload25_vs_accelerate_b1_* (the served default:
-prefetch depth 1, CPU compute auto, uniform router).
+(the served default at 25%: zero copy with the default admit-after, uniform router; over the bound with
+copies hidden behind compute), moe_offload25_vs_accelerate_b1_* (the same setting over accelerate).
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import tempfile
 import time
@@ -87,12 +94,9 @@ SMOKE = {
     },
 }
 
-# (resident share, prefetch depth, CPU compute): the settings measured on the offloading engine
-SETTINGS = [
-    (0.25, 1, "never"), (0.25, 0, "never"), (0.25, 1, "auto"), (0.25, 0, "always"),
-    (0.5, 1, "never"), (0.5, 0, "never"),
-]  # fmt: skip
-QUICK_SETTINGS = [(0.25, 1, "never"), (0.25, 0, "never"), (0.25, 1, "auto")]
+# eager engines (--expert-zero-copy off): (prefetch depth or None for each of --depths, CPU compute)
+EAGER_MODES = [(None, "never"), (0, "auto"), (0, "always")]
+DEFAULT_ADMIT = 1  # server/models/expert_offload.py DEFAULT_ADMIT_AFTER: the served setting
 
 _ids = [0]
 
@@ -143,24 +147,51 @@ def build(model_dir: Path, cuda: bool, **kw: Any) -> LLMEngine:
 
 
 def zipf_bias(eng: LLMEngine, on: bool, seed: int = 0) -> None:
-    """Each MoE layer's gate biased by -ZIPF_S * ln(rank), ranks a seeded permutation per layer (or none)."""
+    """Each MoE layer's gate biased by -ZIPF_S * ln(rank), ranks a seeded permutation per layer (or 0). The
+    bias parameter is created once and then written in place, and the decode graphs are captured again
+    the first time it appears (a graph captured without a bias would not add it)."""
     g = torch.Generator().manual_seed(seed)
+    created = False
     for layer in eng.loaded.model.model.layers:
         if not layer.is_moe:
             continue
         gate = layer.mlp.gate
-        if not on:
-            gate.bias = None
-            continue
         e = gate.weight.shape[0]
+        if gate.bias is None:
+            gate.bias = torch.nn.Parameter(torch.zeros(e, dtype=gate.weight.dtype, device=gate.weight.device))
+            gate.bias.requires_grad_(False)
+            created = True
         rank = torch.randperm(e, generator=g).float() + 1
-        gate.bias = torch.nn.Parameter(
-            (-ZIPF_S * rank.log()).to(gate.weight.dtype).to(gate.weight.device), requires_grad=False
-        )
+        with torch.no_grad():
+            gate.bias.copy_(-ZIPF_S * rank.log() if on else torch.zeros(e))
+    if created and eng.runner.graphs is not None:
+        recapture(eng)
+
+
+def recapture(eng: LLMEngine) -> None:
+    """The engine's decode graphs captured again (after a parameter appeared)."""
+    from actserve.server.engine.cuda_graphs import DecodeGraphs
+
+    sync()
+    g = eng.runner.graphs
+    assert g is not None
+    plugins = [gp.plugin for gp in g.plugins.values()]
+    eng.runner.graphs = None
+    del g.graphs
+    eng.runner.graphs = DecodeGraphs(
+        g.model, g.kv_caches, g.block_size, eng.runner.max_blocks, g.max_bs, g.dummy_slot, g.fused_table,
+        g.width, plugins,
+    )  # fmt: skip
 
 
 def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def flush(eng: LLMEngine) -> None:
+    offload = getattr(eng.loaded.model, "expert_offload", None)
+    if offload is not None:
+        offload.flush_stats()  # zero-copy steps' statistics reach the host one step late
 
 
 def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
@@ -172,6 +203,7 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
     eng.add(Sequence(f"d{_ids[0]}", prompt, params, []))
     eng.step()
     sync()
+    flush(eng)
     tel = eng.loaded.telemetry[0] if eng.loaded.telemetry else None
     before = dict(tel.counters) if tel is not None else {}
     t0 = time.perf_counter()
@@ -179,6 +211,7 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
         eng.step()
     sync()
     dt = time.perf_counter() - t0
+    flush(eng)
     out: dict[str, Any] = {"tok_s": (tokens - 1) / dt, "decode_tokens": tokens - 1}
     if tel is not None:
         d = {k: (tel.counters[k] - before.get(k, 0.0)) / (tokens - 1) for k in tel.counters}
@@ -186,6 +219,8 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
         out.update(
             hit_rate=hits / max(1e-9, hits + misses),
             copy_bytes_per_token=d["moe_expert_copy_bytes"],
+            zero_copy_bytes_per_token=d["moe_expert_zero_copy_bytes"],
+            pcie_bytes_per_token=d["moe_expert_copy_bytes"] + d["moe_expert_zero_copy_bytes"],
             misses_per_token=misses,
             cpu_experts_per_token=d["moe_cpu_experts"],
             prefetch_precision=ratio(d["moe_prefetch_correct"], d["moe_prefetch_predicted"]),
@@ -283,6 +318,96 @@ def accelerate_run(
     return res
 
 
+def offload_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One entry per engine to build: its share, zero copy or not, and the runs on it."""
+    out = []
+    for share in args.shares:
+        if "zero-copy" in args.modes:
+            out.append({"share": share, "zero_copy": True, "runs": [{"admit_after": a} for a in args.admit]})
+        if "eager" in args.modes:
+            runs = []
+            for depth, mode in EAGER_MODES:
+                for d in args.depths if depth is None else [depth]:
+                    runs.append({"prefetch_depth": d, "cpu_compute": mode})
+            out.append({"share": share, "zero_copy": False, "runs": runs})
+    return out
+
+
+def run_offloaded(
+    name: str,
+    model_dir: Path,
+    args: argparse.Namespace,
+    bw: dict[str, float],
+    resident_tok_s: float,
+    cuda: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Every offloading engine and its runs; also the start figures, and the accelerate result (under the
+    first 25% engine's GPU weight bytes) when asked."""
+    runs: list[dict[str, Any]] = []
+    starts: dict[str, Any] = {}
+    acc: Any = "skipped (--skip-accelerate)" if args.skip_accelerate else "skipped: no 25% engine was built"
+    for plan in offload_settings(args):
+        share, zero = plan["share"], plan["zero_copy"]
+        tag = f"{share:g}_{'zero_copy' if zero else 'eager'}"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        eng = build(model_dir, cuda, resident_experts=share, expert_zero_copy="on" if zero else "off")
+        if not zero:  # eager: counters per step stay with their step (zero copy counts on the device)
+            eng.overlap = False
+        offload = eng.loaded.model.expert_offload
+        cost = offload.cost
+        starts[tag] = {
+            "start_s": time.perf_counter() - t0, "graphs": eng.runner.graphs is not None,
+            "cost_model": {"h2d_bytes_per_s": cost.bandwidth, "cpu_fixed_s": cost.cpu_fixed,
+                           "cpu_per_row_s": cost.cpu_per_row, "measured": cost.measured},
+            "host_pinned": bool(cuda and eng.loaded.model.model.layers[0].mlp.experts.host_w13.is_pinned()),
+            "slots": offload.slots, "weights_gb": eng.loaded.weights_bytes / 1e9,
+        }  # fmt: skip
+        for router in args.routers:
+            zipf_bias(eng, router == "zipf")
+            for run in plan["runs"]:
+                if time.perf_counter() > args.deadline and (runs or router != args.routers[0]):
+                    print(f"{name}: past --deadline-s, skipping {tag} {run} ({router})", flush=True)
+                    continue
+                offload.configure(**run)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                slow = run.get("cpu_compute") == "always"  # the CPU runs most experts: slow at Mixtral's size
+                decode(eng, 2 if slow else 3, seed=3)  # warm-up: this setting's experts cached
+                r = decode(eng, 4 if slow else args.tokens, seed=4)
+                pcie = r["pcie_bytes_per_token"]
+                copy_bound = bw["h2d_bytes_per_s"] / pcie if pcie else None
+                bound = min(copy_bound, resident_tok_s) if copy_bound else resident_tok_s
+                r.update(
+                    router=router, resident_share=share, slots=offload.slots, zero_copy=zero,
+                    admit_after=offload.config.admit_after if zero else None,
+                    prefetch_depth=None if zero else offload.config.prefetch_depth,
+                    cpu_compute=offload.config.cpu_compute, copy_bound_tok_s=copy_bound,
+                    copy_bound_frac=r["tok_s"] / copy_bound if copy_bound else None,
+                    bound_tok_s=bound, bound_frac=r["tok_s"] / bound,
+                    resident_expert_gb=offload.resident_bytes() / 1e9,
+                    peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+                )  # fmt: skip
+                runs.append(r)
+                print(json.dumps({name: r}), flush=True)
+        zipf_bias(eng, False)
+        if share == 0.25 and not args.skip_accelerate and not isinstance(acc, dict):
+            offload.configure(**plan["runs"][0])
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                acc = accelerate_run(model_dir, eng, eng.loaded.weights_bytes, max(3, args.tokens // 4), cuda)
+            except Exception as e:  # noqa: BLE001 - the baseline's failure must not lose the rest
+                acc = f"failed: {type(e).__name__}: {e}"
+            print(json.dumps({name: {"accelerate": acc}}), flush=True)
+        del eng, offload
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return runs, starts, acc
+
+
 def run_model(
     name: str, config: dict[str, Any], args: argparse.Namespace, bw: dict[str, float]
 ) -> dict[str, Any]:
@@ -314,96 +439,97 @@ def run_model(
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        # offloaded: one engine, settings changed in place
-        t0 = time.perf_counter()
-        eng = build(model_dir, cuda, resident_experts=0.25)
-        res["offload_start_s"] = time.perf_counter() - t0
-        eng.overlap = False  # counters per step stay with their step
-        offload = eng.loaded.model.expert_offload
-        cost = offload.cost
-        res["cost_model"] = {"h2d_bytes_per_s": cost.bandwidth, "cpu_fixed_s": cost.cpu_fixed,
-                             "cpu_per_row_s": cost.cpu_per_row, "measured": cost.measured}  # fmt: skip
-        host = eng.loaded.model.model.layers[0].mlp.experts.host_w13
-        res["host_pinned"] = bool(cuda and host.is_pinned())
-        weights_25 = eng.loaded.weights_bytes
-        experts = offload.caches[offload.order[0]].num_experts
-        runs: list[dict[str, Any]] = []
-        for router in ("uniform", "zipf"):
-            zipf_bias(eng, router == "zipf")
-            for share, depth, mode in QUICK_SETTINGS if args.quick else SETTINGS:
-                if time.perf_counter() > args.deadline and (share, depth, mode) not in QUICK_SETTINGS:
-                    print(
-                        f"{name}: past --deadline-s, skipping {share} d{depth} {mode} ({router})", flush=True
-                    )
-                    continue
-                slots = max(1, math.floor(share * experts + 1e-9))
-                offload.configure(slots=slots, prefetch_depth=depth, cpu_compute=mode)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                n = tokens if mode != "always" else 4  # the CPU runs most experts: slow at Mixtral's size
-                decode(eng, 2 if mode == "always" else 3, seed=3)  # warm-up: this setting's experts cached
-                r = decode(eng, n, seed=4)
-                bound = (
-                    bw["h2d_bytes_per_s"] / r["copy_bytes_per_token"] if r["copy_bytes_per_token"] else None
-                )
-                r.update(
-                    router=router, resident_share=share, slots=slots, prefetch_depth=depth, cpu_compute=mode,
-                    copy_bound_tok_s=bound, bound_frac=r["tok_s"] / bound if bound else None,
-                    resident_expert_gb=offload.resident_bytes() / 1e9,
-                    peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-                )  # fmt: skip
-                runs.append(r)
-                print(json.dumps({name: r}), flush=True)
-        zipf_bias(eng, False)
-        res["offload"] = runs
-        # accelerate under the GPU weight bytes of our 25% engine (non-expert weights + 25% of the experts)
-        offload.configure(slots=max(1, math.floor(0.25 * experts + 1e-9)))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            acc = accelerate_run(model_dir, eng, weights_25, max(3, args.tokens // 4), cuda)
-        except Exception as e:  # noqa: BLE001 - the baseline's failure must not lose the rest
-            acc = f"failed: {type(e).__name__}: {e}"
-        res["accelerate"] = acc
-        print(json.dumps({name: {"accelerate": acc}}), flush=True)
-        del eng
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-
-    def pick(share: float, depth: int, mode: str, router: str = "uniform") -> dict[str, Any]:
-        want = (share, depth, mode, router)
-        keys = ("resident_share", "prefetch_depth", "cpu_compute", "router")
-        return next(r for r in res["offload"] if tuple(r[k] for k in keys) == want)
-
-    prefetch, served = pick(0.25, 1, "never"), pick(0.25, 1, "auto")
-    lru = pick(0.25, 0, "never")
-    res["summary"] = {
-        "resident_roofline_frac": res["resident"]["roofline_frac"],
-        "offload25_bound_frac": prefetch["bound_frac"],
-        "offload25_auto_over_copy_bound": served["tok_s"] / prefetch["copy_bound_tok_s"]
-        if prefetch["copy_bound_tok_s"] else None,
-        "offload25_vs_accelerate": served["tok_s"] / acc["tok_s"] if isinstance(acc, dict) else None,
-        "hit_rate_prefetch_vs_lru_25": (prefetch["hit_rate"], lru["hit_rate"]),
-    }  # fmt: skip
+        runs, starts, acc = run_offloaded(name, model_dir, args, bw, run["tok_s"], cuda)
+        res["offload"], res["offload_engines"], res["accelerate"] = runs, starts, acc
+    res["summary"] = summary(res, args)
     return res
+
+
+def summary(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The issue's figures from the runs that were made (None where a setting was not measured)."""
+
+    def pick(router: str = "uniform", share: float = 0.25, **want: Any) -> dict[str, Any] | None:
+        for r in res["offload"]:
+            if (
+                r["router"] == router
+                and r["resident_share"] == share
+                and all(r.get(k) == v for k, v in want.items())
+            ):
+                return r
+        return None
+
+    served = pick(zero_copy=True, admit_after=DEFAULT_ADMIT) or pick(zero_copy=True)
+    acc = res["accelerate"]
+    out: dict[str, Any] = {
+        "resident_roofline_frac": res["resident"]["roofline_frac"],
+        "offload25_bound_frac": served["bound_frac"] if served else None,
+        "offload25_copy_bound_frac": served["copy_bound_frac"] if served else None,
+        "offload25_vs_accelerate": served["tok_s"] / acc["tok_s"]
+        if served and isinstance(acc, dict)
+        else None,
+    }
+    for router in args.routers:  # the measurements that choose the defaults
+        for share in args.shares:
+            zc = {a: pick(router, share, zero_copy=True, admit_after=a) for a in args.admit}
+            zc = {a: r for a, r in zc.items() if r}
+            if zc:
+                out[f"admit_after_tok_s_{router}_{share:g}"] = {a: r["tok_s"] for a, r in zc.items()}
+                out[f"admit_after_hit_rate_{router}_{share:g}"] = {a: r["hit_rate"] for a, r in zc.items()}
+            eager = {
+                d: pick(router, share, zero_copy=False, prefetch_depth=d, cpu_compute="never")
+                for d in args.depths
+            }
+            eager = {d: r for d, r in eager.items() if r}
+            if eager:
+                out[f"prefetch_depth_tok_s_{router}_{share:g}"] = {d: r["tok_s"] for d, r in eager.items()}
+                out[f"prefetch_depth_hit_rate_{router}_{share:g}"] = {
+                    d: r["hit_rate"] for d, r in eager.items()
+                }
+    cpu = pick(zero_copy=False, cpu_compute="auto")
+    copy_only = pick(zero_copy=False, prefetch_depth=0, cpu_compute="never")
+    if cpu and copy_only and copy_only["copy_bound_tok_s"]:
+        out["offload25_eager_auto_over_copy_bound"] = cpu["tok_s"] / copy_only["copy_bound_tok_s"]
+    return out
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/moe_offload.json")
-    ap.add_argument("--quick", action="store_true", help="fewer settings and tokens")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, the zero-copy engine at 25%% only")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU, end to end")
     ap.add_argument("--mixtral-layers", type=int, default=8)
     ap.add_argument("--qwen3-layers", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens per measurement")
     ap.add_argument("--models", default="mixtral,qwen3")
+    ap.add_argument("--modes", default="zero-copy,eager", help="offloading engines: zero-copy, eager")
+    ap.add_argument("--shares", type=floats, default=[0.25, 0.5], help="resident shares, e.g. 0.25,0.5")
+    ap.add_argument("--admit", type=ints, default=[0, 1, 2], help="zero copy: admit-after values to measure")
+    ap.add_argument("--depths", type=ints, default=[0, 1], help="eager: prefetch depths to measure")
+    ap.add_argument("--routers", default="uniform,zipf", help="uniform, zipf (Zipf-skewed gate bias)")
+    ap.add_argument("--skip-accelerate", action="store_true", help="no transformers + accelerate baseline")
     ap.add_argument(
         "--deadline-s", type=float, default=420.0,
-        help="after this many seconds only the settings of --quick are still measured (one-call limits)",
+        help="after this many seconds only each engine's first setting is still measured (one-call limits)",
     )  # fmt: skip
     args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.routers = [r for r in args.routers.split(",") if r]
+    for what, got, allowed in (
+        ("--modes", args.modes, ("zero-copy", "eager")),
+        ("--routers", args.routers, ("uniform", "zipf")),
+    ):
+        if not got or any(g not in allowed for g in got):
+            sys.exit(f"{what} takes a comma-separated subset of {', '.join(allowed)}, got {','.join(got)}")
+    if args.quick:
+        args.modes, args.shares = ["zero-copy"], [0.25]
     cuda = not args.cpu_smoke
     if cuda and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --cpu-smoke for the CPU smoke test")
@@ -439,20 +565,28 @@ def main() -> None:
     out["wall_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    report(out, args)
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> None:
+    fmt = lambda v: f"{v:6.2f}" if isinstance(v, float) else "     -"  # noqa: E731
     print(
-        "\nmodel   setting                      router   tok/s   hit    prec   recall copyMB/tok bound_frac"
+        "\nmodel   setting                        router   tok/s   hit    prec   PCIe MB/tok bound_frac "
+        "copy_frac"
     )
     for name in args.models.split(","):
         r = out[name]["resident"]
-        print(f"{name:7} all resident                 -        {r['tok_s']:7.1f} roofline "
+        print(f"{name:7} all resident                   -        {r['tok_s']:7.1f} roofline "
               f"{r['roofline_tok_s']:.1f} tok/s ({r['roofline_frac']:.2f}; at peak "
               f"{r['roofline_frac_at_peak']:.2f})")  # fmt: skip
         for o in out[name]["offload"]:
-            setting = f"{o['resident_share']:.0%} d{o['prefetch_depth']} cpu={o['cpu_compute']}"
-            fmt = lambda v: f"{v:6.2f}" if isinstance(v, float) else "     -"  # noqa: E731
-            print(f"{name:7} {setting:28} {o['router']:8} {o['tok_s']:7.1f} {fmt(o['hit_rate'])} "
-                  f"{fmt(o['prefetch_precision'])} {fmt(o['prefetch_recall'])} "
-                  f"{o['copy_bytes_per_token'] / 1e6:10.1f} {fmt(o['bound_frac'])}")  # fmt: skip
+            if o["zero_copy"]:
+                setting = f"{o['resident_share']:.0%} zero-copy admit={o['admit_after']}"
+            else:
+                setting = f"{o['resident_share']:.0%} eager d{o['prefetch_depth']} cpu={o['cpu_compute']}"
+            print(f"{name:7} {setting:30} {o['router']:8} {o['tok_s']:7.1f} {fmt(o['hit_rate'])} "
+                  f"{fmt(o['prefetch_precision'])} {o['pcie_bytes_per_token'] / 1e6:11.1f} "
+                  f"{fmt(o['bound_frac'])} {fmt(o['copy_bound_frac'])}")  # fmt: skip
         acc = out[name]["accelerate"]
         print(f"{name:7} accelerate: " + (acc if isinstance(acc, str) else f"{acc['tok_s']:.2f} tok/s"))
     for key in sorted(k for k in out if k.startswith("moe_")):

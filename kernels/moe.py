@@ -2,7 +2,7 @@
 back per row, reading only the chosen experts' weights (reference: kernels/moe_ref.py, same layout,
 same rounding points).
 
-A step's (row, column) *pairs* (pair = row * k + column; each column holds one chosen expert's slot, or -1)
+A step's (row, column) *pairs* (pair = row * k + column; each column holds one chosen expert, or -1)
 go through one of two paths, picked by the row count alone (a CUDA-graph bucket always takes the same):
 - **decode** (few rows): one program per (row, group of columns, output tile) streams the chosen
   slots' weight tiles (a broadcast-multiply-sum, fp32 accumulation); no sorting. A -1 column runs no
@@ -17,6 +17,15 @@ epilogue), the routing weight applied to the down product in float32, and the co
 column order (a -1 column adds +0.0: bit-identical to a narrower step). Shapes are fixed by the row count
 and the width k (the grouped path sizes its buffers for the worst case), nothing reads back to the host:
 capturable in CUDA graphs.
+
+*Expert ids, slots and host memory*: a column holds an expert id. Without a `table` the id is the slot
+(every expert resident, slot = id). With a table [experts] int32 (an expert cache,
+server/layers/expert_cache.py) each pair reads its expert's slot from the table inside the kernel; a
+slot of -1 (not resident) makes the kernel read that expert's weights from `host`, the pinned host copy
+[experts, ...], through its unified-virtual-address pointer (zero-copy over PCIe), in the same launch. The
+arithmetic does not depend on where the weights come from, so a step's bits are the all-resident ones
+whatever the table says, and no host sync is needed to make an expert resident first. `counts`
+[experts] int32 (optional) adds each routed pair to its expert: the cache's statistics, read between steps.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from actserve.kernels.pdl import pdl_args, pdl_sync
 
 # the decode path runs up to DECODE_MAX_ROWS rows, and beyond while the pairs (rows x top_k) are at most
 # half the slots (few rows share an expert, so reading each pair's expert is not much more than each
@@ -76,7 +87,8 @@ def takes_decode(rows: int, active_k: int, num_slots: int) -> bool:
 
 
 def moe_align(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs sorted by slot, each slot's group padded to a multiple of `block_m`.
+    """Pairs sorted by slot (or by expert id, when a table maps ids to slots in the kernel), each group
+    padded to a multiple of `block_m`.
 
     slots [rows, k] int (-1: none) -> (sorted pair indices [blocks * block_m] int32, pad value rows * k;
     the slot of each block [blocks] int32, -1 for blocks past the last group). `blocks` is the worst case
@@ -116,21 +128,40 @@ def _silu_mul(acc_g, acc_u, dtype: tl.constexpr):
 
 
 @triton.jit
+def _expert_ptr(w_ptr, host_ptr, table_ptr, e, stride_ws, TABLE: tl.constexpr, HOST: tl.constexpr):
+    """Where expert `e`'s matrix starts: slot e (no table), its slot through the table, or (slot -1, with
+    HOST) its pinned host copy, read over PCIe. `e` < 0 gives slot 0's address (the caller reads nothing)."""
+    safe = tl.maximum(e, 0).to(tl.int64)
+    base = w_ptr + safe * stride_ws
+    if TABLE:
+        slot = tl.load(table_ptr + safe).to(tl.int64)
+        base = w_ptr + tl.maximum(slot, 0) * stride_ws
+        if HOST:
+            base = tl.where(slot >= 0, base, host_ptr + safe * stride_ws)
+    return base
+
+
+@triton.jit
 def _decode_up_kernel(
-    x_ptr, w13_ptr, slot_ptr, inter_ptr, K, H, NI, COLS, stride_ws, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w13_ptr, host_ptr, table_ptr, cnt_ptr, ids_ptr, inter_ptr, K, H, NI, COLS, stride_ws, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr, HOST: tl.constexpr,
+    COUNT: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < NI
     dtype = inter_ptr.dtype.element_ty
+    pdl_sync(USE_PDL)
     for c in range(0, COLS):
         col = grp * COLS + c
         pair = row * K + col
-        slot = tl.load(slot_ptr + pair, mask=col < K, other=-1)
-        on = (slot >= 0).to(tl.int32)  # 0 for a -1 column: its loops run no iteration, its stores none
-        w_base = w13_ptr + slot.to(tl.int64) * stride_ws
+        e = tl.load(ids_ptr + pair, mask=col < K, other=-1)
+        on = (e >= 0).to(tl.int32)  # 0 for a -1 column: its loops run no iteration, its stores none
+        if COUNT:
+            if tl.program_id(2) == 0:  # one count per pair
+                tl.atomic_add(cnt_ptr + tl.maximum(e, 0), on)
+        w_base = _expert_ptr(w13_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
         g_rows = w_base + rn.to(tl.int64)[:, None] * stride_wn
         u_rows = w_base + (rn + NI).to(tl.int64)[:, None] * stride_wn
         acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -150,8 +181,9 @@ def _decode_up_kernel(
 
 @triton.jit
 def _decode_down_kernel(
-    inter_ptr, w2_ptr, slot_ptr, wt_ptr, y_ptr, out_ptr, K, H, NI, COLS, stride_ws, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM: tl.constexpr,
+    inter_ptr, w2_ptr, host_ptr, table_ptr, ids_ptr, wt_ptr, y_ptr, out_ptr, K, H, NI, COLS, stride_ws,
+    stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM: tl.constexpr, TABLE: tl.constexpr,
+    HOST: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """SUM (all K columns in this program): add the columns here and store the row's output; else store
     each pair's weighted product in y for `_sum_kernel`."""
@@ -161,12 +193,14 @@ def _decode_down_kernel(
     n_ok = rn < H
     dtype = inter_ptr.dtype.element_ty
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    pdl_sync(USE_PDL)
     for c in range(0, COLS):
         col = grp * COLS + c
         pair = row * K + col
-        slot = tl.load(slot_ptr + pair, mask=col < K, other=-1)
-        on = (slot >= 0).to(tl.int32)
-        w_rows = w2_ptr + slot.to(tl.int64) * stride_ws + rn.to(tl.int64)[:, None] * stride_wn
+        e = tl.load(ids_ptr + pair, mask=col < K, other=-1)
+        on = (e >= 0).to(tl.int32)
+        w_base = _expert_ptr(w2_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
+        w_rows = w_base + rn.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, NI * on, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -185,34 +219,39 @@ def _decode_down_kernel(
 
 
 @triton.jit
-def _sum_kernel(y_ptr, slot_ptr, out_ptr, K, H, BLOCK_N: tl.constexpr):
+def _sum_kernel(y_ptr, ids_ptr, out_ptr, K, H, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """out[row] = sum over columns in order of y[row * K + c] (-1 columns: +0.0), rounded once."""
     row = tl.program_id(0).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < H
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    pdl_sync(USE_PDL)
     for c in range(0, K):
         pair = row * K + c
-        on = (tl.load(slot_ptr + pair) >= 0).to(tl.int32)
+        on = (tl.load(ids_ptr + pair) >= 0).to(tl.int32)
         total += tl.load(y_ptr + pair * H + rn, mask=rn < H * on, other=0.0)
     tl.store(out_ptr + row * H + rn, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _grouped_up_kernel(
-    x_ptr, w13_ptr, sorted_ptr, bslot_ptr, inter_ptr, P, K, H, NI, stride_ws, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, w13_ptr, host_ptr, table_ptr, cnt_ptr, sorted_ptr, bslot_ptr, inter_ptr, P, K, H, NI, stride_ws,
+    stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    TABLE: tl.constexpr, HOST: tl.constexpr, COUNT: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(0)
-    slot = tl.load(bslot_ptr + pid_b)
-    on = (slot >= 0).to(tl.int32)  # 0 for blocks past the last group: no iteration, no store
+    e = tl.load(bslot_ptr + pid_b)  # the block's slot, or its expert id when a table maps ids to slots
+    on = (e >= 0).to(tl.int32)  # 0 for blocks past the last group: no iteration, no store
     pairs = tl.load(sorted_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
     p_ok = pairs < P
+    if COUNT:
+        if tl.program_id(1) == 0:
+            tl.atomic_add(cnt_ptr + tl.maximum(e, 0), tl.sum(p_ok.to(tl.int32), axis=0) * on)
     rows = (pairs // K).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < NI
     dtype = inter_ptr.dtype.element_ty
-    w_base = w13_ptr + slot.to(tl.int64) * stride_ws
+    w_base = _expert_ptr(w13_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
     g_cols = w_base + rn.to(tl.int64)[None, :] * stride_wn
     u_cols = w_base + (rn + NI).to(tl.int64)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -233,18 +272,20 @@ def _grouped_up_kernel(
 
 @triton.jit
 def _grouped_down_kernel(
-    inter_ptr, w2_ptr, sorted_ptr, bslot_ptr, wt_ptr, y_ptr, P, H, NI, stride_ws, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    inter_ptr, w2_ptr, host_ptr, table_ptr, sorted_ptr, bslot_ptr, wt_ptr, y_ptr, P, H, NI, stride_ws,
+    stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    TABLE: tl.constexpr, HOST: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(0)
-    slot = tl.load(bslot_ptr + pid_b)
-    on = (slot >= 0).to(tl.int32)
+    e = tl.load(bslot_ptr + pid_b)
+    on = (e >= 0).to(tl.int32)
     pairs = tl.load(sorted_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     p_ok = pairs < P
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < H
     dtype = inter_ptr.dtype.element_ty
-    w_cols = w2_ptr + slot.to(tl.int64) * stride_ws + rn.to(tl.int64)[None, :] * stride_wn
+    w_base = _expert_ptr(w2_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
+    w_cols = w_base + rn.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, NI * on, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -276,12 +317,20 @@ def fused_moe(
     active_k: int | None = None,
     decode_cfg: DecodeConfig | None = None,
     grouped_cfg: GroupedConfig | None = None,
+    table: torch.Tensor | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter] (hidden-/inter-
     contiguous), slots [rows, k] int (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype;
     what `fused_moe_ref` computes. `path`: "auto" (`takes_decode`), "decode" or "grouped". `active_k`:
     how many columns are expected to hold an expert (the model's top_k; default k), which picks the path
-    and sizes the decode grid."""
+    and sizes the decode grid.
+
+    `table` [experts] int32: `slots` holds expert ids, mapped to slots in the kernel; a -1 entry reads
+    that expert from `host` = (host_w13 [experts, 2 * inter, hidden], host_w2 [experts, hidden, inter]),
+    pinned host memory laid out as the slots (required when the table may hold -1). `counts` [experts]
+    int32: each routed pair adds 1 at its expert (with a table: the expert id, else the slot)."""
     rows, hidden = x.shape
     num_slots, two_inter, h2 = w13.shape
     inter = two_inter // 2
@@ -293,8 +342,12 @@ def fused_moe(
         )
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe: x, w13 and w2 must be contiguous along their last dimension")
+    buckets = num_slots if table is None else table.shape[0]
+    host13, host2 = _check_host(w13, w2, table, host, counts, buckets)
     x = x.contiguous()
-    slots = slots.to(torch.int32).contiguous()
+    if slots.dtype not in (torch.int32, torch.int64):
+        slots = slots.to(torch.int32)
+    slots = slots.contiguous()
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
     if rows == 0 or k == 0:
@@ -304,44 +357,84 @@ def fused_moe(
         path = "decode" if takes_decode(rows, active, num_slots) else "grouped"
     pairs = rows * k
     inter_buf = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    flags = {"TABLE": table is not None, "HOST": host is not None}
+    tab = table if table is not None else slots  # a placeholder pointer where TABLE is off
+    cnt = counts if counts is not None else slots
+    pdl = pdl_args(x)
     if path == "decode":
         cfg = decode_cfg or DecodeConfig()
         tiles_i, tiles_h = triton.cdiv(inter, cfg.block_n), triton.cdiv(hidden, cfg.block_n)
         g_up = _groups(rows, tiles_i, k, active)
-        launch = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps}
+        launch = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, **flags, **pdl}
         _decode_up_kernel[(rows, g_up, tiles_i)](
-            x, w13, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up), w13.stride(0), w13.stride(1),
-            **launch, num_stages=cfg.num_stages,
+            x, w13, host13, tab, cnt, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up),
+            w13.stride(0), w13.stride(1), **launch, num_stages=cfg.num_stages, COUNT=counts is not None,
         )  # fmt: skip
         g_down = _groups(rows, tiles_h, k, active)
         fused_sum = g_down == 1
         y = out if fused_sum else torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _decode_down_kernel[(rows, g_down, tiles_h)](
-            inter_buf, w2, slots, weights, y, out, k, hidden, inter, triton.cdiv(k, g_down), w2.stride(0),
-            w2.stride(1), **launch, num_stages=cfg.num_stages, SUM=fused_sum,
+            inter_buf, w2, host2, tab, slots, weights, y, out, k, hidden, inter, triton.cdiv(k, g_down),
+            w2.stride(0), w2.stride(1), **launch, num_stages=cfg.num_stages, SUM=fused_sum,
         )  # fmt: skip
         if fused_sum:
             return out
     elif path == "grouped":
+        pdl = {"USE_PDL": False, "launch_pdl": False}  # moe_align's torch ops come before these kernels
         gcfg = grouped_cfg or pick_grouped(pairs, num_slots)
-        sorted_pairs, block_slot = moe_align(slots, num_slots, gcfg.block_m)
+        sorted_pairs, block_slot = moe_align(slots, buckets, gcfg.block_m)
         blocks = block_slot.shape[0]
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
         launch = {
             "BLOCK_M": gcfg.block_m, "BLOCK_N": gcfg.block_n, "BLOCK_K": gcfg.block_k, "PREC": prec,
-            "num_warps": gcfg.num_warps, "num_stages": gcfg.num_stages,
+            "num_warps": gcfg.num_warps, "num_stages": gcfg.num_stages, **flags,
         }  # fmt: skip
         _grouped_up_kernel[(blocks, triton.cdiv(inter, gcfg.block_n))](
-            x, w13, sorted_pairs, block_slot, inter_buf, pairs, k, hidden, inter, w13.stride(0),
-            w13.stride(1), **launch,
+            x, w13, host13, tab, cnt, sorted_pairs, block_slot, inter_buf, pairs, k, hidden, inter,
+            w13.stride(0), w13.stride(1), **launch, COUNT=counts is not None,
         )  # fmt: skip
         y = torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _grouped_down_kernel[(blocks, triton.cdiv(hidden, gcfg.block_n))](
-            inter_buf, w2, sorted_pairs, block_slot, weights, y, pairs, hidden, inter, w2.stride(0),
-            w2.stride(1), **launch,
+            inter_buf, w2, host2, tab, sorted_pairs, block_slot, weights, y, pairs, hidden, inter,
+            w2.stride(0), w2.stride(1), **launch,
         )  # fmt: skip
     else:
         raise ValueError(f"fused_moe: path must be auto, decode or grouped, got {path!r}")
     block = 256
-    _sum_kernel[(rows, triton.cdiv(hidden, block))](y, slots, out, k, hidden, BLOCK_N=block)
+    _sum_kernel[(rows, triton.cdiv(hidden, block))](y, slots, out, k, hidden, BLOCK_N=block, **pdl)
     return out
+
+
+def _check_host(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    table: torch.Tensor | None,
+    host: tuple[torch.Tensor, torch.Tensor] | None,
+    counts: torch.Tensor | None,
+    buckets: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host copies to pass (the slots themselves as placeholders when there are none), after checking
+    that the table, host copies and counts fit the slots: same layout, so one stride serves both."""
+    if host is not None and table is None:
+        raise ValueError("fused_moe: host weights need a table (which experts are not in a slot)")
+    if table is not None and (table.dim() != 1 or table.dtype != torch.int32):
+        raise ValueError(f"fused_moe: table must be [experts] int32, got {tuple(table.shape)} {table.dtype}")
+    if counts is not None and (tuple(counts.shape) != (buckets,) or counts.dtype != torch.int32):
+        raise ValueError(
+            f"fused_moe: counts must be [{buckets}] int32, got {tuple(counts.shape)} {counts.dtype}"
+        )
+    if host is None:
+        return w13, w2
+    h13, h2 = host
+    for h, w in ((h13, w13), (h2, w2)):
+        if (
+            h.shape[0] != buckets
+            or h.shape[1:] != w.shape[1:]
+            or h.dtype != w.dtype
+            or h.stride() != (w.stride(0), w.stride(1), 1)
+        ):
+            raise ValueError(
+                f"fused_moe: host copy {tuple(h.shape)} {h.dtype} strides {h.stride()} must be [experts] x "
+                f"the slots' {tuple(w.shape[1:])} {w.dtype} with their strides {w.stride()}"
+            )
+    return h13, h2

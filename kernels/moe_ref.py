@@ -62,6 +62,25 @@ def sum_columns(y: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     return acc.to(dtype)
 
 
+def expert_weights(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    e: int,
+    table: torch.Tensor | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert (or slot, without a table) `e`'s (w13, w2): slot e; through the table its slot; or, where
+    the table says -1, its host copy (what the kernel reads over PCIe)."""
+    if table is None:
+        return w13[e], w2[e]
+    slot = int(table[e])
+    if slot >= 0:
+        return w13[slot], w2[slot]
+    if host is None:
+        raise ValueError(f"expert {e} is in no slot (table entry -1) and no host copy was given")
+    return host[0][e], host[1][e]
+
+
 def expert_pairs_ref(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -69,13 +88,17 @@ def expert_pairs_ref(
     slots: torch.Tensor,
     weights: torch.Tensor,
     y: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each (row, column) pair's weighted expert output, float32 [rows * k, hidden] (pair r * k + c), for
     the pairs whose slot is >= 0 (the others are left as they are in `y`, zeros when None): one matmul per
     slot present, over the rows that chose it in pair order (as transformers loops over experts). An
     expert cache fills the pairs of different experts from different weights (resident slots, the host
     copy) into one `y`; a pair's bits depend only on its expert's rows, so they equal the all-resident
-    ones. Host syncs, CPU use."""
+    ones. With `table`, `slots` holds expert ids and each expert's weights come from `expert_weights`;
+    `counts` [experts] adds each pair to its id. Host syncs, CPU use."""
     rows, k = slots.shape
     flat = slots.reshape(-1)
     flat_w = weights.reshape(-1).float()
@@ -84,9 +107,12 @@ def expert_pairs_ref(
     inter = w2.shape[2]
     for s in torch.unique(flat[flat >= 0]).tolist():
         pairs = (flat == s).nonzero().squeeze(1)
-        gate_up = F.linear(x[pairs // k], w13[s])
+        if counts is not None:
+            counts[s] += pairs.numel()
+        e13, e2 = expert_weights(w13, w2, s, table, host)
+        gate_up = F.linear(x[pairs // k], e13)
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # rounded to x's dtype at each op
-        y[pairs] = F.linear(h, w2[s]).float() * flat_w[pairs].unsqueeze(1)
+        y[pairs] = F.linear(h, e2).float() * flat_w[pairs].unsqueeze(1)
     return y
 
 
@@ -96,12 +122,16 @@ def fused_moe_ref(
     w2: torch.Tensor,
     slots: torch.Tensor,
     weights: torch.Tensor,
+    table: torch.Tensor | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter], slots [rows, k] int
     (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype: sum over columns c of
     weights[r, c] * down(silu(gate(x[r])) * up(x[r])) through slot slots[r, c] (`expert_pairs_ref`, then
-    the columns added in order)."""
-    return sum_columns(expert_pairs_ref(x, w13, w2, slots, weights), slots, x.dtype)
+    the columns added in order). `table`, `host`, `counts`: as `fused_moe` (kernels/moe.py) takes them."""
+    y = expert_pairs_ref(x, w13, w2, slots, weights, table=table, host=host, counts=counts)
+    return sum_columns(y, slots, x.dtype)
 
 
 def align_ref(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[list[int], list[int]]:

@@ -1,5 +1,7 @@
 """Rotary embedding of q and k fused with the paged KV-cache write: one launch per layer instead of a
-dozen small ones (gathers, casts, rotate-half, index writes), which dominate small-batch decode."""
+dozen small ones (gathers, casts, rotate-half, index writes), which dominate small-batch decode. With
+per-head q/k RMSNorm weights (Qwen3, Qwen3-MoE) the norms run first in the same launch (in torch they
+are eight small kernels each for q and k)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,24 @@ from actserve.kernels.pdl import pdl_args, pdl_sync
 
 
 @triton.jit
+def _head_norm(x1, x2, w_ptr, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, dtype: tl.constexpr):
+    """RMSNorm of one head given as its two halves (float32), rounded where `RMSNorm` (server/layers/
+    norm.py) rounds: the normalised head in the model dtype, then times the weight, rounded again."""
+    d = tl.arange(0, HALF)
+    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM
+    r = tl.rsqrt(var + eps)
+    n1 = (x1 * r).to(dtype).to(tl.float32)
+    n2 = (x2 * r).to(dtype).to(tl.float32)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+    return (w1 * n1).to(dtype).to(tl.float32), (w2 * n2).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rope_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, kc_ptr, vc_ptr,
-    stride_q, stride_k, stride_v, stride_cos, stride_kc, n_q, n_kv,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
+    qw_ptr, kw_ptr, eps, stride_q, stride_k, stride_v, stride_cos, stride_kc, n_q, n_kv,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -28,6 +44,8 @@ def _rope_kv_kernel(
         base = q_ptr + t * stride_q + h * HEAD_DIM
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
+        if NORM:
+            x1, x2 = _head_norm(x1, x2, qw_ptr, eps, HEAD_DIM, HALF, dtype)
         out = q_out_ptr + (t * n_q + h) * HEAD_DIM
         tl.store(out + d, (x1 * cos - x2 * sin).to(dtype))
         tl.store(out + HALF + d, (x2 * cos + x1 * sin).to(dtype))
@@ -36,6 +54,8 @@ def _rope_kv_kernel(
         base = k_ptr + t * stride_k + kh * HEAD_DIM
         x1 = tl.load(base + d).to(tl.float32)
         x2 = tl.load(base + HALF + d).to(tl.float32)
+        if NORM:
+            x1, x2 = _head_norm(x1, x2, kw_ptr, eps, HEAD_DIM, HALF, dtype)
         r1 = (x1 * cos - x2 * sin).to(dtype)
         r2 = (x2 * cos + x1 * sin).to(dtype)
         slot = tl.load(slot_ptr + t)
@@ -61,18 +81,21 @@ def rope_kv(
     slots: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `rope_kv_ref`. q/k/v may be row-strided views (e.g. slices of a fused qkv)
-    whose heads are contiguous within a row."""
+    whose heads are contiguous within a row. `norm`: (q weight [head_dim], k weight [head_dim], eps) of
+    a per-head RMSNorm applied to q and k before the rotation."""
     t, n_q, dim = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(t, n_q, dim, dtype=q.dtype, device=q.device)
     k_out = torch.empty(t, n_kv, dim, dtype=k.dtype, device=k.device)
     if t == 0:
         return q_out, k_out
+    qw, kw, eps = norm if norm is not None else (q, k, 0.0)
     _rope_kv_kernel[(t, n_q + n_kv)](
-        q, k, v, cos, sin, positions, slots, q_out, k_out, k_cache, v_cache,
+        q, k, v, cos, sin, positions, slots, q_out, k_out, k_cache, v_cache, qw, kw, eps,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), n_q, n_kv,
-        HEAD_DIM=dim, HALF=dim // 2, **pdl_args(q),
+        HEAD_DIM=dim, HALF=dim // 2, NORM=norm is not None, **pdl_args(q),
     )  # fmt: skip
     return q_out, k_out

@@ -21,6 +21,14 @@ from actserve.kernels.kv_retrieval import (
     _scores_kernel,
     _summaries_kernel,
 )
+from actserve.kernels.moe import (
+    _decode_down_kernel,
+    _decode_up_kernel,
+    _grouped_down_kernel,
+    _grouped_up_kernel,
+    _sum_kernel,
+)
+from actserve.kernels.moe_route import _route_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -227,32 +235,47 @@ for block_m, block_n, partials in ((16, 64, False), (32, 128, False), (16, 64, T
             ),
         )
     )
-VARIANTS.append(
-    (
-        _rope_kv_kernel,
-        {
-            "q_ptr": BF,
-            "k_ptr": BF,
-            "v_ptr": BF,
-            "cos_ptr": F32,
-            "sin_ptr": F32,
-            "pos_ptr": I64,
-            "slot_ptr": I64,
-            "q_out_ptr": BF,
-            "k_out_ptr": BF,
-            "kc_ptr": BF,
-            "vc_ptr": BF,
-            "stride_q": "i32",
-            "stride_k": "i32",
-            "stride_v": "i32",
-            "stride_cos": "i32",
-            "stride_kc": "i32",
-            "n_q": "i32",
-            "n_kv": "i32",
-        },
-        dict(HEAD_DIM=128, HALF=64, USE_PDL=True),
-    )
-)
+rope_types = {
+    **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_out_ptr", "kc_ptr", "vc_ptr"), BF),
+    **dict.fromkeys(("qw_ptr", "kw_ptr"), BF),
+    "cos_ptr": F32,
+    "sin_ptr": F32,
+    "pos_ptr": I64,
+    "slot_ptr": I64,
+    "eps": "fp32",
+    **dict.fromkeys(("stride_q", "stride_k", "stride_v", "stride_cos", "stride_kc", "n_q", "n_kv"), "i32"),
+}
+for norm in (False, True):  # Qwen3's per-head q/k norm fused in, or not
+    VARIANTS.append((_rope_kv_kernel, rope_types, dict(HEAD_DIM=128, HALF=64, NORM=norm, USE_PDL=True)))
+
+# the fused MoE layer at Qwen3-30B-A3B's shape: all resident (ids are slots), and an expert cache (a table
+# mapping int64 expert ids to slots, misses read from a host copy, pairs counted)
+moe_types = {
+    **dict.fromkeys(("x_ptr", "w13_ptr", "w2_ptr", "host_ptr", "inter_ptr", "out_ptr"), BF),
+    "table_ptr": I32,
+    "cnt_ptr": I32,
+    "ids_ptr": I64,
+    "sorted_ptr": I32,
+    "bslot_ptr": I32,
+    "wt_ptr": F32,
+    "y_ptr": F32,
+    **dict.fromkeys(("K", "H", "NI", "COLS", "P", "stride_ws", "stride_wn"), "i32"),
+}
+for table, host, count in ((False, False, False), (True, True, True), (True, False, False)):
+    cache = dict(TABLE=table, HOST=host)
+    dec = dict(BLOCK_N=16, BLOCK_K=256, USE_PDL=True, **cache)
+    VARIANTS.append((_decode_up_kernel, moe_types, dict(dec, COUNT=count)))
+    for fused in (False, True):
+        down_types = {**moe_types, "y_ptr": BF} if fused else moe_types
+        VARIANTS.append((_decode_down_kernel, down_types, dict(dec, SUM=fused)))
+    grp = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, PREC="tf32", **cache)
+    VARIANTS.append((_grouped_up_kernel, moe_types, dict(grp, COUNT=count)))
+    VARIANTS.append((_grouped_down_kernel, moe_types, grp))
+VARIANTS.append((_sum_kernel, moe_types, dict(BLOCK_N=256, USE_PDL=True)))
+route_types = {"logits_ptr": BF, "ids_ptr": I64, "wt_ptr": F32, "E": "i32", "stride_l": "i32"}
+for k, renorm in ((8, True), (2, False)):
+    consts = dict(K=k, K_PAD=k, BLOCK_E=128, RENORM=renorm, USE_PDL=True)
+    VARIANTS.append((_route_kernel, route_types, consts))
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )

@@ -95,11 +95,14 @@ def test_paged_decode(dtype: torch.dtype, group: int, window: int | None, splits
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_kv(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_kv(dtype: torch.dtype, qk_norm: bool) -> None:
+    """Rotary and the KV write (with Qwen3's per-head q/k RMSNorm first, when given) against the plain-torch
+    reference, on row-strided views of a fused qkv as the attention layer passes them."""
     from actserve.kernels.rope_kv import rope_kv
     from actserve.kernels.rope_kv_ref import rope_kv_ref
 
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(5 + qk_norm)
     t, hq, hk, dim, slots = 5, 4, 2, 16, 20
     qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=g).to(DEVICE, dtype)
     q, k, v = (x.view(t, -1, dim) for x in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
@@ -109,8 +112,13 @@ def test_rope_kv(dtype: torch.dtype) -> None:
     where = torch.randperm(slots, generator=g)[:t].to(DEVICE)
     caches = [torch.randn(slots, hk, dim, generator=g).to(DEVICE, dtype) for _ in range(2)]
     caches += [c.clone() for c in caches]
-    want = rope_kv_ref(q, k, v, cos, sin, pos, where, caches[0], caches[1])
-    got = rope_kv(q, k, v, cos, sin, pos, where, caches[2], caches[3])
+    norm = None
+    if qk_norm:  # weights away from 1 and inputs away from unit scale, so a missing norm would show
+        qw, kw = (torch.rand(dim, generator=g) + 0.5 for _ in range(2))
+        norm = (qw.to(DEVICE, dtype), kw.to(DEVICE, dtype), 1e-6)
+        qkv.mul_(3)
+    want = rope_kv_ref(q, k, v, cos, sin, pos, where, caches[0], caches[1], norm)
+    got = rope_kv(q, k, v, cos, sin, pos, where, caches[2], caches[3], norm)
     for a, b in [*zip(got, want, strict=True), (caches[2], caches[0]), (caches[3], caches[1])]:
         assert (a.float() - b.float()).abs().max().item() < tol(dtype) * 4
 

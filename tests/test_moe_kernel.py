@@ -1,7 +1,10 @@
-"""The fused MoE kernel (kernels/moe.py) against its plain-torch reference (kernels/moe_ref.py), and the
-reference against float64 per-row arithmetic, on fresh random inputs. On the CPU the Triton kernels run
-under TRITON_INTERPRET=1 (conftest.py) at tiny shapes; on a GPU the same tests run natively, plus bf16
-at real layer shapes and a CUDA-graph replay (marked gpu)."""
+"""The fused MoE kernel (kernels/moe.py) and the fused router (kernels/moe_route.py) against their
+plain-torch references (kernels/moe_ref.py), and the reference against float64 per-row arithmetic, on
+fresh random inputs; expert ids mapped to slots through a table in the kernel, with missing experts read
+from a host copy (zero copy). On the CPU the Triton kernels run under TRITON_INTERPRET=1 (conftest.py) at
+tiny shapes, where the "host" copy is another CPU tensor (the same index logic); on a GPU the same tests
+run natively, plus bf16 at real layer shapes, a CUDA-graph replay, and the host copy in pinned memory read
+over PCIe inside a graph (marked gpu)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from actserve.kernels import moe
 from actserve.kernels.moe import fused_moe, moe_align
 from actserve.kernels.moe_ref import align_ref, expert_slots, fused_moe_ref, route_topk
+from actserve.kernels.moe_route import route_topk as fused_route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["decode", "grouped"]
@@ -127,6 +131,90 @@ def test_slot_table_indirection() -> None:
     assert torch.equal(before, after)
 
 
+def cached(experts: int, slots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random expert -> slot table: `slots` experts resident in a random order, the rest -1; and the
+    slot -> expert map (the experts resident in each slot)."""
+    g = torch.Generator().manual_seed(seed)
+    resident = torch.randperm(experts, generator=g)[:slots]
+    table = torch.full((experts,), -1, dtype=torch.int32)
+    table[resident] = torch.arange(slots, dtype=torch.int32)
+    return table.to(DEVICE), resident.to(DEVICE)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("rows", "k", "slots"), [(1, 3, 2), (5, 2, 3), (9, 4, 0)])
+def test_table_and_host_copy_equal_all_resident(path: str, rows: int, k: int, slots: int) -> None:
+    """Ids mapped through a random table, experts not in it read from the host copy: bit-identical to the
+    kernel on all experts resident, and `counts` holds each expert's routed pairs."""
+    x, w13, w2, ids, weights = case(rows, k, seed=rows * 7 + k, slots=6)
+    table, resident = cached(6, slots, seed=rows + k)
+    dev13, dev2 = torch.zeros(max(slots, 1), *w13.shape[1:]), torch.zeros(max(slots, 1), *w2.shape[1:])
+    dev13, dev2 = dev13.to(DEVICE), dev2.to(DEVICE)
+    dev13[:slots], dev2[:slots] = w13[resident], w2[resident]
+    counts = torch.zeros(6, dtype=torch.int32, device=DEVICE)
+    got = fused_moe(
+        x, dev13, dev2, ids, weights, path=path, active_k=2, table=table, host=(w13, w2), counts=counts
+    )
+    want = fused_moe(x, w13, w2, ids, weights, path=path, active_k=2)
+    assert torch.equal(got, want)
+    assert (got - fused_moe_ref(x, w13, w2, ids, weights)).abs().max().item() < 2e-5
+    flat = ids.reshape(-1)
+    assert counts.tolist() == torch.bincount(flat[flat >= 0].long(), minlength=6).tolist()
+    ref_counts = torch.zeros(6, dtype=torch.int32, device=DEVICE)
+    ref = fused_moe_ref(x, dev13, dev2, ids, weights, table=table, host=(w13, w2), counts=ref_counts)
+    assert torch.equal(ref, fused_moe_ref(x, w13, w2, ids, weights))
+    assert torch.equal(ref_counts, counts)
+
+
+def test_table_checks() -> None:
+    x, w13, w2, ids, weights = case(2, 2, seed=3)
+    table = torch.arange(6, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="host weights need a table"):
+        fused_moe(x, w13, w2, ids, weights, host=(w13, w2))
+    with pytest.raises(ValueError, match="table must be"):
+        fused_moe(x, w13, w2, ids, weights, table=table.long())
+    with pytest.raises(ValueError, match="host copy"):
+        fused_moe(x, w13[:2], w2[:2], ids, weights, table=table, host=(w13[:, :4], w2))
+    with pytest.raises(ValueError, match="counts must be"):
+        fused_moe(x, w13, w2, ids, weights, counts=torch.zeros(5, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="no host copy"):
+        fused_moe_ref(x, w13, w2, ids, weights, table=torch.full_like(table, -1))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(("rows", "experts", "k"), [(1, 8, 2), (5, 12, 3), (3, 128, 8)])
+def test_fused_router_matches_reference(renormalize: bool, rows: int, experts: int, k: int) -> None:
+    """Softmax, top-k and renormalisation in one kernel: the reference's ids (largest first) and weights on
+    float32 logits; on bf16 logits, where equal logits are common and torch orders ties as it likes, the
+    same top-k values, ties to the lower id, and each id's own (renormalised) probability."""
+    g = torch.Generator().manual_seed(rows * experts + k)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(rows, experts, generator=g) * 3).to(DEVICE, dtype)
+        ids, weights = fused_route(logits, k, renormalize)
+        want_ids, want_w = route_topk(logits, k, renormalize)
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        if dtype == torch.float32:
+            assert ids.tolist() == want_ids.tolist()
+            assert (weights - want_w).abs().max().item() < 1e-6
+            continue
+        chosen = logits.float().gather(1, ids)
+        assert torch.equal(chosen, logits.float().topk(k, dim=-1).values)
+        same = chosen[:, 1:] == chosen[:, :-1]
+        assert (ids[:, 1:][same] > ids[:, :-1][same]).all()
+        probs = torch.softmax(logits.float(), -1).gather(1, ids)
+        probs = probs / probs.sum(-1, keepdim=True) if renormalize else probs
+        assert (weights - probs).abs().max().item() < 1e-6
+
+
+def test_fused_router_ties_go_to_the_lower_expert() -> None:
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0, 2.0, 0.0]], device=DEVICE)
+    ids, weights = fused_route(logits, 4, True)
+    assert ids.tolist() == [[1, 2, 4, 0]]
+    assert abs(weights.sum().item() - 1.0) < 1e-6
+    with pytest.raises(ValueError, match="top_k must be"):
+        fused_route(logits, 7, True)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -170,3 +258,83 @@ def test_cuda_graph_replay() -> None:
         weights.copy_(fresh[4])
         graph.replay()
         assert (out - fused_moe_ref(x, w13, w2, slots, weights)).abs().max().item() < 2e-5
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", PATHS)
+def test_pinned_host_copy_read_inside_a_graph(path: str) -> None:
+    """bf16 at Qwen3-30B-A3B's expert shape: 3 of 16 experts in slots, the rest only in pinned host memory
+    (registered as the expert cache registers it). Captured in a CUDA graph, replayed with fresh routing
+    and a rewritten table: bit-identical to the kernel with every expert resident, counts exact."""
+    from actserve.server.layers.expert_copier import pinned_empty
+
+    hidden, inter, experts, k, rows = 2048, 768, 16, 8, 4 if path == "decode" else 40
+    g = torch.Generator(device="cuda").manual_seed(11)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g) / hidden**0.5).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=g) / inter**0.5).bfloat16()
+    h13 = pinned_empty(tuple(w13.shape), torch.bfloat16, pin=True)
+    h2 = pinned_empty(tuple(w2.shape), torch.bfloat16, pin=True)
+    h13.copy_(w13)
+    h2.copy_(w2)
+    assert h13.is_pinned() and not h13.is_cuda
+    table = torch.full((experts,), -1, dtype=torch.int32, device="cuda")
+    slots13, slots2 = torch.empty_like(w13[:3]), torch.empty_like(w2[:3])
+    counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
+    x = torch.randn(rows, hidden, device="cuda", generator=g).bfloat16()
+    ids, weights = route_topk(torch.randn(rows, experts, device="cuda", generator=g), k, True)
+
+    def place(resident: list[int]) -> None:
+        table.fill_(-1)
+        for s, e in enumerate(resident):
+            slots13[s].copy_(w13[e])
+            slots2[s].copy_(w2[e])
+            table[e] = s
+
+    def run() -> torch.Tensor:
+        return fused_moe(
+            x,
+            slots13,
+            slots2,
+            ids,
+            weights,
+            path=path,
+            active_k=k,
+            table=table,
+            host=(h13, h2),
+            counts=counts,
+        )
+
+    place([0, 1, 2])
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed, resident in ((1, [5, 9, 2]), (2, [15, 0, 7])):
+        gg = torch.Generator(device="cuda").manual_seed(seed)
+        x.copy_(torch.randn(rows, hidden, device="cuda", generator=gg).bfloat16())
+        new_ids, new_w = route_topk(torch.randn(rows, experts, device="cuda", generator=gg), k, True)
+        ids.copy_(new_ids)
+        weights.copy_(new_w)
+        place(resident)
+        counts.zero_()
+        graph.replay()
+        want = fused_moe(x, w13, w2, ids, weights, path=path, active_k=k)
+        assert torch.equal(out, want), (path, seed)
+        assert counts.tolist() == torch.bincount(ids.reshape(-1), minlength=experts).tolist()
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_router_in_a_graph() -> None:
+    logits = torch.randn(8, 128, device="cuda").bfloat16()
+    fused_route(logits, 8, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, weights = fused_route(logits, 8, True)
+    logits.copy_(torch.randn(8, 128, device="cuda").bfloat16())
+    graph.replay()
+    want_ids, want_w = route_topk(logits, 8, True)
+    assert torch.equal(ids, want_ids) and (weights - want_w).abs().max().item() < 1e-6

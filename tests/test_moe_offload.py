@@ -46,9 +46,10 @@ def counters(eng: LLMEngine) -> dict[str, float]:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_offloaded_logits_bit_identical_to_resident(family: str, tmp_path: Path) -> None:
-    """Every cache size from one slot per layer to all but one, each CPU compute mode, a batch mixing the
-    model's top_k with 1 and every expert: the sampler sees the all-resident engine's logits bit for bit
-    (every pair's product is computed from the same weights over the same rows and summed once)."""
+    """Every cache size from one slot per layer to all but one, each CPU compute mode, eager steps and
+    zero-copy steps (misses read from the host copy, refills between steps), a batch mixing the model's
+    top_k with 1 and every expert: the sampler sees the all-resident engine's logits bit for bit (every
+    pair's product is computed from the same weights over the same rows and summed once)."""
     model_dir = save_random_model(FAMILIES[family](), tmp_path / family)
     base = engine(model_dir)
     moe = base.model_info.moe
@@ -58,21 +59,29 @@ def test_offloaded_logits_bit_identical_to_resident(family: str, tmp_path: Path)
     specs = [None, top_k(1), top_k(e)]
     params = greedy(STEPS, min_tokens=STEPS)
     want_tokens, want = run_logged(base, batch, params, specs, tag="o")
-    settings = [(1, "never", 1), (e // 2, "always", 1), (e - 1, "auto", 2)]
-    for slots, mode, depth in settings:
+    # (slots, CPU compute, prefetch depth, zero copy)
+    settings = [(1, "never", 1, "off"), (e // 2, "always", 1, "auto"), (e - 1, "auto", 2, "off")]
+    settings += [(1, "never", 0, "on"), (e // 2, "auto", 0, "auto")]
+    for slots, mode, depth, zero_copy in settings:
         eng = engine(
-            model_dir, resident_experts=slots / e, expert_cpu_compute=mode, expert_prefetch_depth=depth
-        )
+            model_dir, resident_experts=slots / e, expert_cpu_compute=mode, expert_prefetch_depth=depth,
+            expert_zero_copy=zero_copy,
+        )  # fmt: skip
         offload = eng.loaded.model.expert_offload
         assert offload.slots == slots
         assert all(c.experts.w13.shape[0] == slots for c in offload.caches.values())
+        zero = zero_copy != "off" and mode != "always"
+        assert (offload.zero_copy is not None) == zero and (eng.loaded.eager_reason is None) == zero
         tokens, seen = run_logged(eng, batch, params, specs, tag="o")
         assert tokens == want_tokens, (slots, mode)
         same_steps(seen, want)
+        offload.flush_stats()
         got = counters(eng)
         assert got["moe_expert_cache_misses"] > 0, (slots, mode)
         assert (got["moe_cpu_experts"] > 0) == (mode == "always")
-        assert (got["moe_expert_copy_bytes"] > 0) == (mode != "always")
+        assert (got["moe_expert_zero_copy_bytes"] > 0) == zero
+        if not zero:
+            assert (got["moe_expert_copy_bytes"] > 0) == (mode != "always")
     # a size that holds every expert offloads nothing (and keeps the plain path)
     full = engine(model_dir, resident_experts=1.0)
     assert getattr(full.loaded.model, "expert_offload", None) is None
@@ -86,7 +95,8 @@ def test_cpu_experts_chosen_by_cost_model_stay_exact(tmp_path: Path) -> None:
     batch = prompts(2, 7, VOCAB, seed=3)
     params = greedy(STEPS, min_tokens=STEPS)
     want_tokens, want = run_logged(engine(model_dir), batch, params, tag="c")
-    eng = engine(model_dir, resident_experts=0.25, expert_prefetch_depth=0)  # prefetches are copies
+    # eager steps (zero copy would read misses on the device); prefetches are copies
+    eng = engine(model_dir, resident_experts=0.25, expert_prefetch_depth=0, expert_zero_copy="off")
     eng.loaded.model.expert_offload.cost = CostModel(bandwidth=1e3, cpu_fixed=1e-6, cpu_per_row=1e-6)
     tokens, seen = run_logged(eng, batch, params, tag="c")
     assert tokens == want_tokens
@@ -280,7 +290,9 @@ def test_prefetch_counters_equal_plain_torch(tmp_path: Path) -> None:
     """Depth 2 on 3 MoE layers: predicted / used / correct and the distinct-experts histogram equal a
     plain-torch recomputation from each forward's MoE inputs (softmax top-k of the later layers' routers
     on the earlier layer's input, unions over rows)."""
-    eng = engine(three_layer_qwen3(tmp_path), resident_experts=0.5, expert_prefetch_depth=2)
+    eng = engine(
+        three_layer_qwen3(tmp_path), resident_experts=0.5, expert_prefetch_depth=2, expert_zero_copy="off"
+    )
     blocks = [layer.mlp for layer in eng.loaded.model.model.layers]
     inputs: list[list[torch.Tensor]] = []
 
@@ -389,6 +401,14 @@ def test_flags_refused_with_clear_errors(qwen3_dir: Path) -> None:
         (dict(expert_cpu_compute="always"), "--expert-cpu-compute needs expert offloading"),
         (dict(resident_experts=0.5, expert_cpu_compute="sometimes"), "auto, never, always"),
         (dict(resident_experts=0.5, expert_prefetch_depth=-1), "must be >= 0"),
+        (dict(expert_zero_copy="on"), "--expert-zero-copy needs expert offloading"),
+        (dict(expert_admit_after=2), "--expert-admit-after needs expert offloading"),
+        (dict(resident_experts=0.5, expert_zero_copy="yes"), "auto, on, off"),
+        (
+            dict(resident_experts=0.5, expert_zero_copy="on", expert_cpu_compute="always"),
+            "cannot be combined",
+        ),
+        (dict(resident_experts=0.5, expert_admit_after=-1), "must be >= 0"),
     ]
     for kw, msg in cases:
         model = kw.pop("model", qwen3_dir)
@@ -400,11 +420,18 @@ def test_flags_refused_with_clear_errors(qwen3_dir: Path) -> None:
     for argv in (["--resident-experts", "0"], ["--resident-experts", "0.5", "--expert-cache-gb", "2"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *argv])
-    args = parser.parse_args(["serve", "--expert-cache-gb", "1.5", "--expert-prefetch-depth", "2"])
+    for argv in (["--expert-zero-copy", "maybe"], ["--expert-admit-after", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--resident-experts", "0.5", *argv])
+    args = parser.parse_args(
+        ["serve", "--expert-cache-gb", "1.5", "--expert-prefetch-depth", "2", "--expert-zero-copy", "off",
+         "--expert-admit-after", "3"]
+    )  # fmt: skip
     from actserve.server.cli import engine_config
 
     cfg = engine_config(args)
     assert (cfg.expert_cache_gb, cfg.expert_prefetch_depth, cfg.resident_experts) == (1.5, 2, None)
+    assert (cfg.expert_zero_copy, cfg.expert_admit_after) == ("off", 3)
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +465,8 @@ def test_metrics_served_after_a_request(qwen3_dir: Path) -> None:
         }
         assert values["actserve_moe_expert_cache_misses_total"] > 0
         assert values["actserve_moe_expert_cache_hits_total"] >= 0
-        assert values["actserve_moe_expert_copy_bytes_total"] > 0
+        assert values["actserve_moe_expert_zero_copy_bytes_total"] > 0  # zero copy: the default here
+        assert "actserve_moe_expert_copy_bytes_total" in values
         assert values["actserve_moe_resident_expert_bytes"] == 2 * 2 * 3 * 64 * 48 * 4
         assert values["actserve_moe_step_distinct_experts_count"] >= 4
         for name in ("predicted", "used", "correct"):
@@ -450,20 +478,61 @@ def test_metrics_served_after_a_request(qwen3_dir: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["never", "always", "auto"])
-def test_offloaded_on_cuda_equals_resident(mode: str, tmp_path: Path) -> None:
-    """float32 on CUDA (side-stream copies, events, the fused kernel, CPU experts from pinned memory): each
-    step's logits equal the all-resident engine's to 1e-4 and the tokens are the same."""
+@pytest.mark.parametrize(("mode", "zero_copy"), [("never", "off"), ("always", "auto"), ("auto", "off")])
+def test_offloaded_on_cuda_equals_resident(mode: str, zero_copy: str, tmp_path: Path) -> None:
+    """float32 on CUDA, eager steps (side-stream copies, events, the fused kernel, CPU experts from pinned
+    memory): each step's logits equal the all-resident engine's to 1e-4 and the tokens are the same."""
     model_dir = save_random_model(FAMILIES["mixtral-window"](), tmp_path / "mix")
     kw: dict[str, Any] = {"device": "cuda", "dtype": "float32", "max_num_seqs": 8}
     batch = prompts(4, 9, VOCAB, seed=3)
     params = greedy(STEPS, min_tokens=STEPS)
     want_tokens, want = run_logged(engine(model_dir, **kw), batch, params, tag="g")
-    eng = engine(model_dir, resident_experts=0.25, expert_cpu_compute=mode, **kw)
+    eng = engine(model_dir, resident_experts=0.25, expert_cpu_compute=mode, expert_zero_copy=zero_copy, **kw)
     assert eng.runner.graphs is None
     tokens, seen = run_logged(eng, batch, params, tag="g")
     assert tokens == want_tokens
     for key in want:
         assert_steps_close([t.cpu() for t in seen[key]], [t.cpu() for t in want[key]], 1e-4, f"{mode} {key}")
+    host = eng.loaded.model.model.layers[0].mlp.experts.host_w13
+    assert host.is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("family", "dtype"), [("mixtral-window", "float32"), ("qwen3moe-normtopk-headdim", "bfloat16")]
+)
+def test_zero_copy_on_cuda_is_bit_identical_with_graphs(family: str, dtype: str, tmp_path: Path) -> None:
+    """Zero copy on CUDA: decode steps replay CUDA graphs whose MoE kernels read missing experts from pinned
+    host memory, the cache refilled between steps on the side stream. Every step's logits are the
+    all-resident engine's bit for bit (the same kernels and launch configs, weights from wherever the
+    table points), in float32 and bf16, with a batch mixing the model's top_k with 1 and 2 (within the
+    graphs' width; wider rows run eager, covered on the CPU)."""
+    model_dir = save_random_model(FAMILIES[family](), tmp_path / family)
+    kw: dict[str, Any] = {"device": "cuda", "dtype": dtype, "max_num_seqs": 8}
+    batch = prompts(4, 9, VOCAB, seed=5)
+    params = greedy(2 * STEPS, min_tokens=2 * STEPS)
+    base = engine(model_dir, **kw)
+    e = base.model_info.moe.num_experts
+    specs = [None, top_k(1), top_k(2), None]
+    want_tokens, want = run_logged(base, batch, params, specs, tag="z")
+    for slots, admit in ((1, 1), (e // 2, 1), (e // 2, 0)):
+        eng = engine(model_dir, resident_experts=slots / e, expert_admit_after=admit, **kw)
+        offload = eng.loaded.model.expert_offload
+        assert offload.zero_copy is not None and eng.runner.graphs is not None
+        graph_steps = eng.runner.graph_steps
+        tokens, seen = run_logged(eng, batch, params, specs, tag="z")
+        assert eng.runner.graph_steps > graph_steps
+        assert tokens == want_tokens, (slots, admit)
+        same_steps(
+            {k: [t.cpu() for t in v] for k, v in seen.items()},
+            {k: [t.cpu() for t in v] for k, v in want.items()},
+        )
+        offload.flush_stats()
+        got = counters(eng)
+        assert got["moe_expert_zero_copy_bytes"] > 0 and got["moe_expert_cache_misses"] > 0
+        if admit == 0:
+            assert got["moe_expert_copy_bytes"] == 0
+        assert got["moe_cpu_experts"] == 0
     host = eng.loaded.model.model.layers[0].mlp.experts.host_w13
     assert host.is_pinned()

@@ -41,11 +41,14 @@ class EngineConfig:
     quantization: str | None = None  # "nvfp4" / "mxfp4": projections quantized to FP4 at load
     quantization_method: str = "rtn"  # rtn / search / gptq: how projections become FP4 at load
     # expert offloading of MoE models (docs/architecture.md §5): device expert slots in GiB over all MoE
-    # layers, or a fraction of each layer's experts (one of them); prefetch depth, CPU compute mode
+    # layers, or a fraction of each layer's experts (one of them); prefetch depth, CPU compute mode, zero
+    # copy of misses, and the misses in a row that copy an expert into a slot between zero-copy steps
     expert_cache_gb: float | None = None
     resident_experts: float | None = None
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
+    expert_zero_copy: str | None = None
+    expert_admit_after: int | None = None
     seed: int = 0
     # plugin name -> that plugin's options (opaque to the engine; the CLI fills them from plugin flags)
     plugin_options: dict[str, Any] = field(default_factory=dict)

@@ -551,6 +551,7 @@ class LLMEngine:
             m.prefix_hits.labels(name).inc(counted[1] - self._prefix_counted[1])
             self._prefix_counted = counted
         for telemetry in self.loaded.telemetry:
+            telemetry.refresh()
             m.update_model_series(telemetry.counters, telemetry.gauges, telemetry.drain())
         m.running.labels(name).set(len(self.scheduler.running))
         m.waiting.labels(name).set(self.scheduler.num_queued)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,14 @@ from actserve.server.engine.tp_ops import (
 )
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache, paged_prefill_fits
 from actserve.server.layers.parallel import SINGLE
+
+
+class StepObserver(Protocol):
+    """A part of the model told around each step's forward ops (the expert cache's refill)."""
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
 
 
 @dataclass
@@ -197,11 +206,14 @@ class ModelRunner:
         cuda_graph_max_bs: int = 0,
         cuda_graph_prefill_len: int = 0,
         extra_blocks: int = 0,
+        step_observers: list[StepObserver] | None = None,
     ) -> None:
         """`extra_blocks`: GPU blocks after the pool and its scratch block, set aside for plugins (a host
-        tier's reserved blocks, docs/architecture.md §3)."""
+        tier's reserved blocks, docs/architecture.md §3). `step_observers`: parts of the model told before
+        and after each step's forward ops (`before_step()`, `after_step()`; `LoadedModel.step_observers`)."""
         spec = model.spec
         self.model, self.block_size, self.device, self.registry = model, block_size, device, registry
+        self.step_observers = list(step_observers or ())
         # one extra block after the pool: the scratch slot that padded graph rows write to
         slots = (num_blocks + 1 + extra_blocks) * block_size
         # tensor parallelism: this rank's KV heads (all of them otherwise); `comm` its group
@@ -313,7 +325,11 @@ class ModelRunner:
                 planned.append(graph or self._pack(batch.prefills, batch.chunks, fresh=True))
             if batch.decodes:
                 planned.append(self._plan_decode(batch.decodes))
+        for obs in self.step_observers:
+            obs.before_step()
         results = self.run_ops([op for op, _ in planned])
+        for obs in self.step_observers:
+            obs.after_step()
         parts = [finish(out) for (_, finish), out in zip(planned, results, strict=True)]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         step = launch_sampling(logits, sampled)

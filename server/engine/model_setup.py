@@ -80,5 +80,5 @@ def build_runner(loaded: LoadedModel, config: EngineConfig, registry: Interventi
     return ModelRunner(
         loaded.model, loaded.num_blocks, loaded.block_size, info.device, info.dtype, registry,
         info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
-        extra_blocks=loaded.reserved_kv_blocks,
+        extra_blocks=loaded.reserved_kv_blocks, step_observers=loaded.step_observers,
     )  # fmt: skip

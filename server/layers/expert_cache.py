@@ -20,6 +20,13 @@ Results: on the CPU every pair's float32 product is computed from the same weigh
 with every expert resident, and the columns are summed once, so the logits are bit-identical. On CUDA a
 step with one round and no CPU expert launches the all-resident kernels on the same data (identical
 bits); several rounds or CPU experts add float32 partial sums (rounding differs by the last bits).
+
+The above is the *eager* path (host syncs every layer, no CUDA graphs). With zero copy on
+(`OffloadConfig.zero_copy`, the default where the measured costs allow it) steps of up to
+ZERO_COPY_PAIRS_PER_EXPERT pairs per expert (decode steps, short prompts, every CUDA-graph capture) take
+none of it: the kernel reads a missing expert from its pinned host copy, and the cache is refilled
+between steps (server/layers/expert_zero_copy.py); longer prompts still take the eager path, which copies
+each expert once instead of reading it over PCIe once per block of rows.
 """
 
 from __future__ import annotations
@@ -36,8 +43,21 @@ from torch import nn
 
 from actserve.kernels.moe_ref import expert_pairs_ref, sum_columns
 from actserve.server.layers.expert_copier import make_copier
+from actserve.server.layers.expert_metrics import (
+    COPY_BYTES,
+    CORRECT,
+    CPU_EXPERTS,
+    DISTINCT,
+    HITS,
+    MISSES,
+    PREDICTED,
+    RESIDENT_BYTES,
+    SERIES,
+    USED,
+)
+from actserve.server.layers.expert_zero_copy import ZeroCopySteps
 from actserve.server.layers.linear import linear
-from actserve.server.layers.telemetry import Series, Telemetry
+from actserve.server.layers.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from actserve.server.layers.moe import SparseMoeBlock
@@ -45,45 +65,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CPU_MODES = ("auto", "never", "always")
+ZERO_COPY_MODES = ("auto", "on", "off")
 
-# the series the expert cache reports (the engine exports each as actserve_<name>)
-HITS, MISSES = "moe_expert_cache_hits", "moe_expert_cache_misses"
-PREDICTED, USED, CORRECT = "moe_prefetch_predicted", "moe_prefetch_used", "moe_prefetch_correct"
-COPY_BYTES, CPU_EXPERTS = "moe_expert_copy_bytes", "moe_cpu_experts"
-RESIDENT_BYTES, DISTINCT = "moe_resident_expert_bytes", "moe_step_distinct_experts"
-SERIES = [
-    Series(HITS, "counter", "Experts a MoE layer needed that were resident in its device cache."),
-    Series(
-        MISSES, "counter", "Experts a MoE layer needed that were not resident (copied or run on the CPU)."
-    ),
-    Series(
-        PREDICTED, "counter", "Experts the prefetcher predicted for a MoE layer (precision = correct / this)."
-    ),
-    Series(USED, "counter", "Experts used at MoE layers that had a prediction (recall = correct / this)."),
-    Series(CORRECT, "counter", "Predicted experts that the layer then used."),
-    Series(COPY_BYTES, "counter", "Expert bytes copied host to device (misses and prefetches)."),
-    Series(
-        CPU_EXPERTS, "counter", "Expert computations run on the CPU (one expert at one layer in one step)."
-    ),
-    Series(RESIDENT_BYTES, "gauge", "Bytes of expert slots on the device (all MoE layers)."),
-    Series(
-        DISTINCT,
-        "histogram",
-        "Distinct experts per MoE layer in one step (mean over the layers).",
-        (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256),
-    ),
-]
+# zero-copy steps: at most this many routed pairs per expert on average (rows x k / experts); the grouped
+# kernel reads an expert once per block of rows (up to 128), so beyond this an eager copy is cheaper
+ZERO_COPY_PAIRS_PER_EXPERT = 64
 
 
 @dataclass(frozen=True)
 class OffloadConfig:
     """`slots`: device slots per MoE layer (1 .. experts - 1). `prefetch_depth`: MoE layers ahead whose
-    routers predict (0: no prefetch). `cpu_compute`: misses go to the CPU when the cost model says so
-    ("auto"), never while a slot can take them ("never"), or always ("always": no copy after start)."""
+    routers predict, in eager steps (0: no prefetch). `cpu_compute`: misses of eager steps go to the CPU
+    when the cost model says so ("auto"), never while a slot can take them ("never"), or always ("always":
+    no copy after start). `zero_copy`: small steps read misses from host memory in the kernel and run in
+    CUDA graphs ("on"), never ("off"), or when the measured costs say reading an expert over PCIe beats
+    computing it on the CPU ("auto"). `admit_after`: zero-copy steps: an expert missed in this many
+    consecutive steps is copied into a slot between steps (0: never)."""
 
     slots: int
-    prefetch_depth: int = 1
+    prefetch_depth: int = 0
     cpu_compute: str = "auto"
+    zero_copy: str = "auto"
+    admit_after: int = 1
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -94,6 +97,17 @@ class OffloadConfig:
             raise ValueError(
                 f"expert CPU compute must be one of {', '.join(CPU_MODES)}, got {self.cpu_compute!r}"
             )
+        if self.zero_copy not in ZERO_COPY_MODES:
+            raise ValueError(
+                f"expert zero copy must be one of {', '.join(ZERO_COPY_MODES)}, got {self.zero_copy!r}"
+            )
+        if self.zero_copy == "on" and self.cpu_compute == "always":
+            raise ValueError(
+                "expert zero copy on reads missing experts on the GPU: it cannot be combined with CPU "
+                "compute always"
+            )
+        if self.admit_after < 0:
+            raise ValueError(f"expert admit-after must be >= 0 (0: never copy), got {self.admit_after}")
 
 
 @dataclass(frozen=True)
@@ -181,9 +195,24 @@ class LayerCache:
         self.upload()
 
     def upload(self) -> None:
-        """The device table `slot_of` (-1: not resident), for what reads it outside a layer call."""
+        """The device table `slot_of` (-1: not resident, or its copy still in flight), which zero-copy
+        kernels read."""
+        table = self.slot_of.astype(np.int32)
+        for slot in self.pending:
+            if self.expert_at[slot] >= 0:
+                table[self.expert_at[slot]] = -1
+        self.publish(table)
+
+    def publish(self, table: np.ndarray) -> None:
+        """Copy `table` [experts] int32 into the device table, queued on the compute stream (after the
+        kernels queued so far, before those queued next)."""
+        dest = self.experts.slot_of
+        src = torch.from_numpy(table)
         with torch.no_grad():
-            self.experts.slot_of.copy_(torch.from_numpy(self.slot_of.astype(np.int32)))
+            if dest.is_cuda:  # from pinned memory, without waiting (the host allocator keeps it alive)
+                dest.copy_(src.pin_memory(), non_blocking=True)
+            else:
+                dest.copy_(src)
 
     def victim(self, protect: np.ndarray) -> int | None:
         """A free slot, else the slot of the least recently used expert not in `protect` (a bool mask
@@ -203,11 +232,15 @@ class LayerCache:
         old = int(self.expert_at[slot])
         if old >= 0:
             self.slot_of[old] = -1
+        self.copy_in(expert, slot)
+        self.expert_at[slot], self.slot_of[expert] = expert, slot
+        self.last_use[expert] = tick
+
+    def copy_in(self, expert: int, slot: int) -> None:
+        """Queue the copy of `expert`'s weights into `slot` on the copier (the host state is the caller's)."""
         m, copier = self.experts, self.manager.copier
         copier.copy(m.w13[slot], m.host_w13[expert])
         copier.copy(m.w2[slot], m.host_w2[expert])
-        self.expert_at[slot], self.slot_of[expert] = expert, slot
-        self.last_use[expert] = tick
         self.manager.telemetry.add(COPY_BYTES, self.expert_bytes)
 
     def loaded(self, slots: Iterable[int]) -> None:
@@ -228,7 +261,17 @@ class LayerCache:
                 self.manager.copier.wait(handle)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int) -> torch.Tensor:
-        return self.manager.run(self, x, ids, weights, top_k)
+        steps = self.manager.zero_copy_steps(x.shape[0] * ids.shape[1], self.num_experts)
+        if steps is None:
+            return self.manager.run(self, x, ids, weights, top_k)
+        from actserve.server.layers.moe import run_experts
+
+        m = self.experts
+        assert m.host_w13 is not None and m.host_w2 is not None
+        return run_experts(
+            x, m.w13, m.w2, ids, weights, top_k, self.num_experts, table=m.slot_of,
+            host=(m.host_w13, m.host_w2), counts=steps.counts(self),
+        )  # fmt: skip
 
 
 class ExpertOffload:
@@ -261,6 +304,54 @@ class ExpertOffload:
         self.running_experts: set[int] = set()  # used at the first MoE layer by the last forward
         self._token_experts: dict[int, set[int]] = {}
         self.telemetry.set(RESIDENT_BYTES, self.resident_bytes())
+        self.zero_copy: ZeroCopySteps | None = None  # `start` decides
+
+    def start(self) -> None:
+        """After loading: measure the costs (CUDA), then turn zero-copy steps on where the configuration
+        asks or (auto) where reading an expert over PCIe beats computing it on the CPU for one row."""
+        self.measure_costs()
+        mode, cpu = self.config.zero_copy, self.config.cpu_compute
+        cache = self.caches[self.order[0]]
+        on = mode == "on" or (
+            mode == "auto"
+            and cpu != "always"
+            and (cpu == "never" or self.cost.copy_s(cache.expert_bytes) <= self.cost.cpu_s(1))
+        )
+        host = cache.experts.host_w13
+        if on and self.device.type == "cuda" and not host.is_pinned():
+            if mode == "on":
+                raise ValueError("expert zero copy needs the host copy of the experts in pinned memory")
+            log.warning("expert cache: the host copy is not pinned; zero copy off (eager steps)")
+            on = False
+        self.zero_copy = ZeroCopySteps(self, self.config.admit_after) if on else None
+        self.telemetry.on_read = self.zero_copy.poll if self.zero_copy is not None else None
+        for c in self.caches.values():
+            c.upload()
+
+    def zero_copy_steps(self, pairs: int, experts: int) -> ZeroCopySteps | None:
+        """The zero-copy state when a layer call of `pairs` routed pairs takes the zero-copy path: always
+        while a CUDA graph is captured, else up to ZERO_COPY_PAIRS_PER_EXPERT pairs per expert."""
+        if self.zero_copy is None:
+            return None
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing or pairs <= ZERO_COPY_PAIRS_PER_EXPERT * experts:
+            return self.zero_copy
+        return None
+
+    def before_step(self) -> None:
+        """The engine, before a step's forward ops: the zero-copy refill (nothing when eager)."""
+        if self.zero_copy is not None:
+            self.zero_copy.before_step()
+
+    def after_step(self) -> None:
+        """The engine, after a step's forward ops are queued: their statistics towards the host."""
+        if self.zero_copy is not None:
+            self.zero_copy.after_step()
+
+    def flush_stats(self) -> None:
+        """Wait for the zero-copy statistics of every step run so far and count them (benchmarks, tests)."""
+        if self.zero_copy is not None:
+            self.zero_copy.flush()
 
     # -- set-up --------------------------------------------------------------------------------------
     @property
@@ -282,16 +373,32 @@ class ExpertOffload:
         self.telemetry.set(RESIDENT_BYTES, self.resident_bytes())
 
     def configure(
-        self, slots: int | None = None, prefetch_depth: int | None = None, cpu_compute: str | None = None
+        self,
+        slots: int | None = None,
+        prefetch_depth: int | None = None,
+        cpu_compute: str | None = None,
+        admit_after: int | None = None,
     ) -> None:
         """Change the cache at run time (benchmarks compare settings on one loaded model): a new slot count
-        reallocates the device slots and refills them."""
+        reallocates the device slots and refills them (not with zero copy on CUDA: graphs captured the
+        slots' addresses). Whether steps are zero-copy is fixed at start."""
         new = OffloadConfig(
             slots if slots is not None else self.config.slots,
             prefetch_depth if prefetch_depth is not None else self.config.prefetch_depth,
             cpu_compute if cpu_compute is not None else self.config.cpu_compute,
+            self.config.zero_copy,
+            admit_after if admit_after is not None else self.config.admit_after,
         )
+        if self.zero_copy is not None:
+            if new.cpu_compute == "always":
+                raise ValueError("CPU compute always needs the eager path; this cache runs zero-copy steps")
+            self.zero_copy.admit_after = new.admit_after
         if new.slots != self.config.slots:
+            if self.zero_copy is not None and self.device.type == "cuda":
+                raise ValueError(
+                    "zero-copy steps replay CUDA graphs that hold the slots' addresses: build the engine "
+                    "with the new cache size instead"
+                )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             for c in self.caches.values():
@@ -395,6 +502,8 @@ class ExpertOffload:
         )
         if cache.layer == self.order[-1] and self._distinct:
             self.telemetry.observe(DISTINCT, float(np.mean(self._distinct)))
+        if self.zero_copy is not None:  # later zero-copy kernels read this layer's new residency
+            cache.upload()
         return out
 
     def _count_prediction(self, cache: LayerCache, needed: np.ndarray) -> None:

@@ -4,8 +4,10 @@ interface so the cache's ordering logic is the same, and tested, on the CPU.
 The protocol of a layer call: `begin()` orders the copies that follow after everything the compute stream
 has queued so far (the kernels that still read a slot about to be overwritten); `copy(dst, src)` queues
 one copy; `mark()` returns a handle for the point after the copies queued so far; `wait(handle)` makes the
-compute stream wait for that point before its next kernel. The cache keeps one handle per slot whose copy
-is pending and waits for exactly the handles of the slots a kernel is about to read.
+compute stream wait for that point before its next kernel; `done(handle)` says, without waiting, whether
+the copies before it have landed. The cache keeps one handle per slot whose copy is pending and waits for
+exactly the handles of the slots a kernel is about to read (eager steps), or publishes a slot only once
+its handle is done (zero-copy steps, which never wait).
 
 `SyncCopier` (CPU, or CUDA without overlap) copies at once; its handles are already reached. `StreamCopier`
 (CUDA) copies on a side stream with CUDA events as handles, so a prefetch overlaps the layers before it.
@@ -39,6 +41,9 @@ class SyncCopier:
     def wait(self, handle: Any) -> None:
         self.waits += 1
 
+    def done(self, handle: Any) -> bool:
+        return True
+
 
 class StreamCopier:
     """Copies on a side CUDA stream from pinned host memory; handles are CUDA events on it."""
@@ -69,6 +74,9 @@ class StreamCopier:
     def wait(self, handle: Any) -> None:
         torch.cuda.current_stream(self.device).wait_event(handle)
         self.waits += 1
+
+    def done(self, handle: Any) -> bool:
+        return bool(handle.query())
 
 
 def make_copier(device: torch.device) -> SyncCopier | StreamCopier:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actserve.kernels.moe_ref import expert_slots, fused_moe_ref, route_topk
+from actserve.kernels.moe_ref import fused_moe_ref, route_topk
 from actserve.server.contract.hooks import MoEHook, RowInputs
 from actserve.server.layers.expert_copier import pinned_empty
 from actserve.server.layers.linear import Linear, linear
@@ -118,8 +118,8 @@ class FusedExperts(nn.Module):
         `top_k`: the model's experts per row (sizes the decode kernel's grid when k is wider)."""
         if self.cache is not None:
             return self.cache.forward(x, ids, weights, top_k)
-        slots = expert_slots(ids, self.slot_of)
-        return run_experts(x, self.w13, self.w2, slots, weights, top_k, self.num_experts)
+        # every expert resident in the slot of its id: the ids are the slots
+        return run_experts(x, self.w13, self.w2, ids, weights, top_k, self.num_experts)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
@@ -133,22 +133,30 @@ def run_experts(
     weights: torch.Tensor,
     top_k: int,
     num_experts: int,
+    table: torch.Tensor | None = None,
+    host: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The experts kernel over `slots` (the plain-torch reference on the CPU), cut into row chunks of at
     most MAX_PAIRS pairs. The path and launch config depend on the model's expert count, not the slot
-    count, so an expert cache with fewer slots runs the very kernels the all-resident layer runs."""
+    count, so an expert cache with fewer slots runs the very kernels the all-resident layer runs.
+    `table`, `host`, `counts`: `slots` holds expert ids mapped in the kernel, -1 entries read from the
+    host copy, pairs counted per expert (kernels/moe.py)."""
     if not x.is_cuda:
-        return fused_moe_ref(x, w13, w2, slots, weights)
+        return fused_moe_ref(x, w13, w2, slots, weights, table=table, host=host, counts=counts)
     from actserve.kernels.moe import fused_moe, pick_grouped, takes_decode
 
     k = max(1, slots.shape[1])
     step = max(1, MAX_PAIRS // k)
+    extra = {"table": table, "host": host, "counts": counts}
 
     def call(c: slice) -> torch.Tensor:
         rows = x[c].shape[0]
         path = "decode" if takes_decode(rows, top_k, num_experts) else "grouped"
         cfg = pick_grouped(rows * slots.shape[1], num_experts)
-        return fused_moe(x[c], w13, w2, slots[c], weights[c], path=path, active_k=top_k, grouped_cfg=cfg)
+        return fused_moe(
+            x[c], w13, w2, slots[c], weights[c], path=path, active_k=top_k, grouped_cfg=cfg, **extra
+        )
 
     if x.shape[0] <= step:
         return call(slice(None))
@@ -200,7 +208,12 @@ class SparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids [rows, k], weights [rows, k] float32): the router's, then the hooks' on their rows."""
         logits = linear(x, self.gate)
-        ids, weights = route_topk(logits, self.top_k, self.renormalize)
+        if logits.is_cuda:  # softmax, top-k and renormalisation in one launch
+            from actserve.kernels.moe_route import route_topk as fused_route
+
+            ids, weights = fused_route(logits, self.top_k, self.renormalize)
+        else:
+            ids, weights = route_topk(logits, self.top_k, self.renormalize)
         if hooks:
             ids, weights = apply_moe_hooks(hooks, layer, logits, self.top_k, ids, weights)
         return ids, weights

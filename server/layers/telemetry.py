@@ -7,6 +7,7 @@ after every step (`EngineMetrics.add_model_series` / `update_model_series`), nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -30,7 +31,15 @@ class Telemetry:
                 raise ValueError(f"series {s.name}: kind must be counter, gauge or histogram, got {s.kind!r}")
         self.series = list(series)
         self._kinds = {s.name: s.kind for s in series}
+        # the owner's way to bring the numbers up to date before they are read (e.g. statistics the device
+        # counted, read back without waiting); None: they always are
+        self.on_read: Callable[[], None] | None = None
         self.reset()
+
+    def refresh(self) -> None:
+        """Bring the numbers up to date (the engine calls it before it copies them over)."""
+        if self.on_read is not None:
+            self.on_read()
 
     def reset(self) -> None:
         """Zero every counter and drop pending samples (gauges keep their values): the engine calls it once

@@ -67,6 +67,8 @@ class LoadConfig:
     resident_experts: float | None = None
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
+    expert_zero_copy: str | None = None
+    expert_admit_after: int | None = None
     tensor_parallel_size: int = 1  # ranks the model is split over (docs/architecture.md §12)
     tp_allreduce: str = "nccl"  # CUDA: "nccl", or "symm_mem" (symmetric-memory one-shot, small messages)
 
@@ -93,6 +95,9 @@ class LoadedModel:
     admission: Any = None
     # why steps must run eager (no CUDA graphs), if they must
     eager_reason: str | None = None
+    # parts of the model told before and after each step's forward ops (`before_step()`, `after_step()`:
+    # the expert cache's refill between zero-copy steps)
+    step_observers: list[Any] = field(default_factory=list)
     # weights kept in host memory beside the device's (offloaded experts; pinned on CUDA)
     host_weight_bytes: int = 0
     # tensor parallelism: this rank's group (weights, KV heads and the byte counts above are this rank's)
@@ -200,7 +205,8 @@ def load_weights(config: LoadConfig, comm: Communicator = SINGLE) -> LoadedModel
     )
     offload = offload_config(
         spec, dtype, name, native.fallback_reason, config.expert_cache_gb, config.resident_experts,
-        config.expert_prefetch_depth, config.expert_cpu_compute,
+        config.expert_prefetch_depth, config.expert_cpu_compute, config.expert_zero_copy,
+        config.expert_admit_after,
     )  # fmt: skip
     if spec is not None:
         prepare = None if offload is None else (lambda m: attach_offload(m, offload, dtype, device))
@@ -261,13 +267,16 @@ def load_weights(config: LoadConfig, comm: Communicator = SINGLE) -> LoadedModel
     )
     cache = getattr(model, "expert_offload", None)
     if cache is not None:
-        cache.measure_costs()
+        cache.start()
         loaded.telemetry.append(cache.telemetry)
         loaded.admission = cache
+        loaded.step_observers.append(cache)
         loaded.host_weight_bytes = cache.host_bytes()
-        loaded.eager_reason = (
-            "experts are offloaded: each MoE layer reads its routing on the host to make its experts resident"
-        )
+        if cache.zero_copy is None:
+            loaded.eager_reason = (
+                "experts are offloaded without zero copy: each MoE layer reads its routing on the host to "
+                "make its experts resident"
+            )
     return loaded
 
 

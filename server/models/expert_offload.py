@@ -14,13 +14,18 @@ from typing import Any
 
 import torch
 
-from actserve.server.layers.expert_cache import CPU_MODES, ExpertOffload, OffloadConfig
+from actserve.server.layers.expert_cache import CPU_MODES, ZERO_COPY_MODES, ExpertOffload, OffloadConfig
 from actserve.server.models.loader import ModelLoadError
 from actserve.server.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFETCH_DEPTH = 1
+# measured on the H200 (bench/results/moe_offload.json, eager steps): plain LRU (depth 0) beat the
+# router-ahead prefetch (depth 1) on Mixtral and Qwen3-30B-A3B shapes under uniform and Zipf routers alike
+# (12.5 vs 9.4, 13.5 vs 10.2, 36.6 vs 34.9, 41.5 vs 32.3 tok/s): wrong guesses cost copies
+DEFAULT_PREFETCH_DEPTH = 0
+# zero-copy steps: copy an expert into a slot once it missed in this many consecutive steps
+DEFAULT_ADMIT_AFTER = 1
 
 
 def expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -38,12 +43,16 @@ def offload_config(
     resident: float | None,
     prefetch_depth: int | None,
     cpu_compute: str | None,
+    zero_copy: str | None = None,
+    admit_after: int | None = None,
 ) -> OffloadConfig | None:
     """The cache's configuration from the flags (None: no offloading), or a ModelLoadError naming the flag."""
     if cache_gb is None and resident is None:
         for flag, value in (
             ("--expert-prefetch-depth", prefetch_depth),
             ("--expert-cpu-compute", cpu_compute),
+            ("--expert-zero-copy", zero_copy),
+            ("--expert-admit-after", admit_after),
         ):
             if value is not None:
                 raise ModelLoadError(
@@ -67,6 +76,17 @@ def offload_config(
         raise ModelLoadError(
             f"--expert-cpu-compute must be one of {', '.join(CPU_MODES)}, got {cpu_compute!r}"
         )
+    if zero_copy is not None and zero_copy not in ZERO_COPY_MODES:
+        raise ModelLoadError(
+            f"--expert-zero-copy must be one of {', '.join(ZERO_COPY_MODES)}, got {zero_copy!r}"
+        )
+    if zero_copy == "on" and cpu_compute == "always":
+        raise ModelLoadError(
+            "--expert-zero-copy on reads missing experts on the GPU; it cannot be combined with "
+            "--expert-cpu-compute always (give one of them)"
+        )
+    if admit_after is not None and admit_after < 0:
+        raise ModelLoadError(f"--expert-admit-after must be >= 0 (0: never copy), got {admit_after}")
     if spec is None or spec.moe is None:
         if fallback_reason is not None:
             why = f"the transformers fallback serves {name} ({fallback_reason})"
@@ -93,11 +113,13 @@ def offload_config(
         log.info("%s: every expert fits (%d per layer): nothing offloaded", flag, moe.num_experts)
         return None
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
-    config = OffloadConfig(slots, depth, cpu_compute or "auto")
+    admit = DEFAULT_ADMIT_AFTER if admit_after is None else admit_after
+    config = OffloadConfig(slots, depth, cpu_compute or "auto", zero_copy or "auto", admit)
     log.info(
         "expert offloading: %d of %d experts per layer on the device (%.2f GiB over %d layers), the rest "
-        "in host memory; prefetch depth %d, CPU compute %s", slots, moe.num_experts,
-        slots * layers * per_expert / 2**30, layers, depth, config.cpu_compute,
+        "in host memory; prefetch depth %d, CPU compute %s, zero copy %s (admit after %d misses)", slots,
+        moe.num_experts, slots * layers * per_expert / 2**30, layers, depth, config.cpu_compute,
+        config.zero_copy, admit,
     )  # fmt: skip
     return config
 

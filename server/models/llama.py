@@ -119,19 +119,21 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if x.is_cuda:  # rotary + KV write in one kernel
+        if x.is_cuda:  # (per-head q/k norm,) rotary and the KV write in one kernel
             from actserve.kernels.rope_kv import rope_kv
 
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
             q, k = rope_kv(
-                q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1]
-            )
+                q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1],
+                norm,
+            )  # fmt: skip
             if hooks is not None:
                 observe_queries(hooks, layer, q, positions)
                 batch = select_blocks(hooks, layer, q, batch)
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False)
         else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = rotary(q, k, positions)
             if hooks is not None:
                 observe_queries(hooks, layer, q, positions)
