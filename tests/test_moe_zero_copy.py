@@ -69,7 +69,7 @@ def zero_copy_blocks(
     blocks, full = [], []
     cuda = device == "cuda"
     for _ in range(layers):
-        b = SparseMoeBlock(hidden, experts, k, inter, True, ("gate_proj", "up_proj", "down_proj"))
+        b = SparseMoeBlock(hidden, experts, k, inter, True, ("gate_proj", "up_proj", "down_proj")).to(dtype)
         w13 = (torch.randn(experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
         w2 = (torch.randn(experts, hidden, inter) / inter**0.5).to(dtype)
         b.experts.offload_to_host(slots, dtype, pin=cuda)
