@@ -68,10 +68,10 @@ ONE_BLOCK = 1 << 20  # a `programs` value that gives every program one K block (
 
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
     """Launch config per row count: the H200 sweeps' best over one Llama-3-8B layer at 50% sparsity.
-    One row: narrow tiles of one K block each, one warp, atomic sums (65.1 us a layer, against 72.6 for
-    two warps of 256 x 32 (K x N) tiles, 96 for the loop's best, and TEAL's kernel's 12.0 + 9.3 + 38.1
-    us on qkv, o and gate_up alone; bench/results/sparse_gemv.json `sweep_best_m1`,
-    sparse_gemv_sweep*.json); more rows: the loop (bench/results/sparse_gemv_quick.json, `sweep_best_m8`)."""
+    One row: narrow tiles of one K block each, one warp, atomic sums (65.1 us a layer against 72.6 for
+    two warps of 256 x 32 (K x N) tiles and 96 for the loop's best: bench/results/sparse_gemv_sweep2.json
+    `sweep_best_m1`, sparse_gemv_sweep.json; then 1.78x torch bf16 a layer, TEAL's kernel 1.40x, in
+    bench/results/sparse_gemv.json); more rows: the loop (sparse_gemv_quick.json, `sweep_best_m8`)."""
     if m == 1:
         return SparseGemvConfig(block_n=64, block_k=128, num_warps=1, programs=ONE_BLOCK, accum="atomic_cast")
     return SparseGemvConfig(block_n=128, block_k=32, num_warps=4, num_stages=3, programs=528)

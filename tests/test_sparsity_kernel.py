@@ -173,8 +173,8 @@ def span(level: float, start: int, count: int = 1, prompt: bool = False) -> RowS
 
 def test_fused_steps(eng: LLMEngine) -> None:
     """A step is fused only with the kernel on, every row a decode row of the plugin, at most 16 rows and
-    an expected union of active inputs within MAX_UNION; graph mode and hooks follow; the W^T copies are
-    asked for only with the kernel on."""
+    (2+ rows) an expected union of active inputs within MAX_UNION; graph mode and hooks follow; the W^T
+    copies are asked for only with the kernel on."""
     plugin = eng.registry.plugin(PLUGIN)
     assert isinstance(plugin, SparsityPlugin) and not plugin.kernel  # on the CPU: off
     assert plugin.weight_formats() == [] and not plugin.fused([span(0.5, 0)], 1)
@@ -182,6 +182,10 @@ def test_fused_steps(eng: LLMEngine) -> None:
     try:
         assert plugin.fused([span(0.5, 0)], 1) and plugin.graph_mode([span(0.5, 0)], 1) == FUSED
         assert not plugin.fused([span(0.5, 0)], 2)  # another request's row
+        # one row: every level above 0 (the one-row kernel is as fast as the dense GEMV when dense);
+        # level 0 keeps the dense path's bits
+        assert plugin.fused([span(0.05, 0)], 1) and plugin.fused([span(0.9, 0)], 1)
+        assert not plugin.fused([span(0.0, 0)], 1)
         assert not plugin.fused([span(0.5, 0, 3, prompt=True)], 3)  # prompt rows
         assert plugin.fused([span(0.5, 0, 2), span(0.5, 2)], 3) == (1 - 0.5**3 <= MAX_UNION)
         assert not plugin.fused([span(0.5, i) for i in range(8)], 8)  # the union covers ~all inputs
