@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from actserve.server.engine.sampling_params import SamplingParams
@@ -74,3 +75,39 @@ def test_chained_decode_steps_are_counted_and_refill_the_cache(tmp_path: Path) -
     per_expert = next(iter(offload.caches.values())).expert_bytes
     assert got["moe_expert_zero_copy_bytes"] == misses * per_expert
     assert admitted_while_decoding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_steps_count_every_lookup(tmp_path: Path) -> None:
+    """CUDA, bf16, the served defaults (overlap, chained steps replaying decode graphs, zero copy): at
+    batch 1 each decode token routes top_k distinct experts at each MoE layer, so the hits and misses
+    counted over the decode steps add up to exactly top_k x MoE layers x steps (the H200 run counted 0),
+    and each miss read one expert's bytes from host memory."""
+    eng = engine(
+        three_layer_qwen3(tmp_path), device="cuda", dtype="bfloat16", resident_experts=0.25,
+        expert_zero_copy="on", expert_admit_after=0,
+    )  # fmt: skip
+    offload = eng.loaded.model.expert_offload
+    assert offload.zero_copy is not None and eng.overlap and eng.runner.graphs is not None
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    eng.add(Sequence("g", prompts(1, 7, VOCAB, seed=6)[0], params, []))
+    eng.overlap = False  # the prompt's step alone, then every decode step counted below
+    eng.step()
+    eng.overlap = True
+    offload.flush_stats()
+    tel = eng.loaded.telemetry[0]
+    before = dict(tel.counters)
+    graphs, chained = eng.runner.graph_steps, eng.chained_steps
+    while eng.has_work():
+        eng.step()
+    offload.flush_stats()
+    assert eng.runner.graph_steps - graphs == TOKENS - 1 and eng.chained_steps > chained
+    d = {k: tel.counters[k] - before[k] for k in tel.counters}
+    moe = eng.model_info.moe
+    assert moe is not None
+    lookups = moe.top_k * len(offload.order) * (TOKENS - 1)
+    assert d["moe_expert_cache_hits"] + d["moe_expert_cache_misses"] == lookups
+    assert d["moe_expert_cache_misses"] > 0  # 2 of 8 experts resident, never refilled (admit after 0)
+    per_expert = next(iter(offload.caches.values())).expert_bytes
+    assert d["moe_expert_zero_copy_bytes"] == d["moe_expert_cache_misses"] * per_expert
