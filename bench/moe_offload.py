@@ -27,7 +27,9 @@ transformers + accelerate CPU offload of the same model in the same run.
   device bandwidth / PCIe bytes per token (what the transfers allow if nothing else took time), and the
   bound with copies fully hidden behind compute = min(copy bound, the all-resident tok/s of the same run).
   `bound_frac` = tok/s over the latter; `copy_bound_frac` over the former (the pre-zero-copy definition,
-  which exceeds 1 x the all-resident speed where copies are few).
+  which exceeds 1 x the all-resident speed where copies are few). Both None, with `bound_note` saying
+  why, when the counters cannot be trusted (fewer lookups counted than the tokens made, or misses without
+  PCIe bytes; bench/moe_bounds.py): a lost byte count must not pass as the all-resident bound.
 - accelerate: transformers' model with `infer_auto_device_map` under the GPU memory our 25% engine's
   weights take, `dispatch_model` (the rest offloaded to the CPU, moved per forward), greedy decode.
   Skipped with a message when accelerate is not installed, or with `--skip-accelerate`.
@@ -56,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_runs import random_prompts  # noqa: E402
+from moe_bounds import offload_bound  # noqa: E402
 from shapes import make_model_dir  # noqa: E402
 
 from actserve.server.engine.config import EngineConfig  # noqa: E402
@@ -138,10 +141,13 @@ def bandwidths(cuda: bool, quick: bool) -> dict[str, float]:
 
 
 def build(model_dir: Path, cuda: bool, **kw: Any) -> LLMEngine:
+    """Overlapped (chained) decode steps as CUDA serves them, on the CPU smoke too: the path whose
+    statistics issue 15 found uncounted."""
     cfg = EngineConfig(
         model=str(model_dir), device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32",
         load_format="dummy", max_num_seqs=1, max_model_len=1024, block_size=16, num_kv_blocks=256,
-        cuda_graph_prefill_len=0, enable_prefix_caching=False, engine_process="off", **kw,
+        cuda_graph_prefill_len=0, enable_prefix_caching=False, engine_process="off",
+        overlap_steps=True, **kw,
     )  # fmt: skip
     return LLMEngine(cfg)
 
@@ -201,7 +207,9 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
     prompt = random_prompts(1, PROMPT, eng.model_info.vocab_size, seed)[0]
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     eng.add(Sequence(f"d{_ids[0]}", prompt, params, []))
-    eng.step()
+    keep, eng.overlap = eng.overlap, False  # the prompt's step alone: an overlapped engine would chain
+    eng.step()  # the first decode step to it, before the clock and the counters start
+    eng.overlap = keep
     sync()
     flush(eng)
     tel = eng.loaded.telemetry[0] if eng.loaded.telemetry else None
@@ -218,6 +226,7 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
         hits, misses = d["moe_expert_cache_hits"], d["moe_expert_cache_misses"]
         out.update(
             hit_rate=hits / max(1e-9, hits + misses),
+            lookups_per_token=hits + misses,
             copy_bytes_per_token=d["moe_expert_copy_bytes"],
             zero_copy_bytes_per_token=d["moe_expert_zero_copy_bytes"],
             pcie_bytes_per_token=d["moe_expert_copy_bytes"] + d["moe_expert_zero_copy_bytes"],
@@ -227,6 +236,13 @@ def decode(eng: LLMEngine, tokens: int, seed: int) -> dict[str, Any]:
             prefetch_recall=ratio(d["moe_prefetch_correct"], d["moe_prefetch_used"]),
         )
     return out
+
+
+def expected_lookups(eng: LLMEngine) -> int:
+    """Expert-cache lookups one batch-1 decode token makes: its top_k distinct experts per MoE layer."""
+    spec = eng.loaded.spec
+    assert spec is not None and spec.moe is not None
+    return spec.moe.top_k * sum(1 for layer in eng.loaded.model.model.layers if layer.is_moe)
 
 
 def token_bytes(eng: LLMEngine, context: int) -> dict[str, float]:
@@ -357,6 +373,7 @@ def run_offloaded(
             eng.overlap = False
         offload = eng.loaded.model.expert_offload
         cost = offload.cost
+        lookups = expected_lookups(eng)
         starts[tag] = {
             "start_s": time.perf_counter() - t0, "graphs": eng.runner.graphs is not None,
             "cost_model": {"h2d_bytes_per_s": cost.bandwidth, "cpu_fixed_s": cost.cpu_fixed,
@@ -376,16 +393,14 @@ def run_offloaded(
                 slow = run.get("cpu_compute") == "always"  # the CPU runs most experts: slow at Mixtral's size
                 decode(eng, 2 if slow else 3, seed=3)  # warm-up: this setting's experts cached
                 r = decode(eng, 4 if slow else args.tokens, seed=4)
-                pcie = r["pcie_bytes_per_token"]
-                copy_bound = bw["h2d_bytes_per_s"] / pcie if pcie else None
-                bound = min(copy_bound, resident_tok_s) if copy_bound else resident_tok_s
+                r.update(offload_bound(r, bw["h2d_bytes_per_s"], resident_tok_s, lookups))
+                if r["bound_note"]:
+                    print(f"{name} {tag} {run} ({router}): {r['bound_note']}", flush=True)
                 r.update(
                     router=router, resident_share=share, slots=offload.slots, zero_copy=zero,
                     admit_after=offload.config.admit_after if zero else None,
                     prefetch_depth=None if zero else offload.config.prefetch_depth,
-                    cpu_compute=offload.config.cpu_compute, copy_bound_tok_s=copy_bound,
-                    copy_bound_frac=r["tok_s"] / copy_bound if copy_bound else None,
-                    bound_tok_s=bound, bound_frac=r["tok_s"] / bound,
+                    cpu_compute=offload.config.cpu_compute,
                     resident_expert_gb=offload.resident_bytes() / 1e9,
                     peak_gpu_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
                 )  # fmt: skip
@@ -585,7 +600,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
             else:
                 setting = f"{o['resident_share']:.0%} eager d{o['prefetch_depth']} cpu={o['cpu_compute']}"
             print(f"{name:7} {setting:30} {o['router']:8} {o['tok_s']:7.1f} {fmt(o['hit_rate'])} "
-                  f"{fmt(o['prefetch_precision'])} {o['pcie_bytes_per_token'] / 1e6:11.1f} "
+                  f"{fmt(o['prefetch_precision'])} {(o.get('pcie_bytes_per_token') or 0) / 1e6:11.1f} "
                   f"{fmt(o['bound_frac'])} {fmt(o['copy_bound_frac'])}")  # fmt: skip
         acc = out[name]["accelerate"]
         print(f"{name:7} accelerate: " + (acc if isinstance(acc, str) else f"{acc['tok_s']:.2f} tok/s"))

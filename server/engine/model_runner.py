@@ -267,17 +267,26 @@ class ModelRunner:
     # -- running ops: every forward goes through `run_ops` (tensor parallelism: one message per call) --
     def run_ops(self, ops: list[Op]) -> list[list[torch.Tensor | None]]:
         """Run a step's ops in order; each gives the logits it reads (None on tensor-parallel ranks other
-        than 0). Tensor parallelism on rank 0: the ops go to the other ranks first, in one message, and a
-        failure after that is fatal (the ranks may have run different collectives)."""
+        than 0). The step observers are told before and after, here where every forward passes (a
+        launched step, a chained decode step, a collect forward): a chained step they missed would leave
+        the expert cache's counts on the device, uncounted, and the cache unrefilled (issue 15). Tensor
+        parallelism on rank 0: the ops go to the other ranks first, in one message, and a failure after
+        that is fatal (the ranks may have run different collectives)."""
+        for obs in self.step_observers:
+            obs.before_step()
         if self.mirror is None:
-            return [self.run_op(op) for op in ops]
-        self.mirror(ops)
-        try:
-            return [self.run_op(op) for op in ops]
-        except Exception as e:
-            raise TensorParallelError(
-                f"a tensor-parallel step failed after the other ranks started it: {e}"
-            ) from e
+            out = [self.run_op(op) for op in ops]
+        else:
+            self.mirror(ops)
+            try:
+                out = [self.run_op(op) for op in ops]
+            except Exception as e:
+                raise TensorParallelError(
+                    f"a tensor-parallel step failed after the other ranks started it: {e}"
+                ) from e
+        for obs in self.step_observers:
+            obs.after_step()
+        return out
 
     def run_op(self, op: Op) -> list[torch.Tensor | None]:
         if isinstance(op, ForwardOp):
@@ -325,11 +334,7 @@ class ModelRunner:
                 planned.append(graph or self._pack(batch.prefills, batch.chunks, fresh=True))
             if batch.decodes:
                 planned.append(self._plan_decode(batch.decodes))
-        for obs in self.step_observers:
-            obs.before_step()
-        results = self.run_ops([op for op, _ in planned])
-        for obs in self.step_observers:
-            obs.after_step()
+        results = self.run_ops([op for op, _ in planned])  # the step observers around it
         parts = [finish(out) for (_, finish), out in zip(planned, results, strict=True)]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         step = launch_sampling(logits, sampled)
