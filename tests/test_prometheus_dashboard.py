@@ -100,8 +100,9 @@ def servers(
         FAMILIES["qwen3moe-normtopk-headdim"](), tmp_path_factory.mktemp("moe") / "q3"
     )
     try:
+        # zero copy off: its steps do not prefetch, and the prefetch panel needs predictions to show
         moe = start_server(moe_dir, num_kv_blocks=64, block_size=8, max_model_len=256, resident_experts=0.25,
-                           expert_prefetch_depth=1, engine_process="off")  # fmt: skip
+                           expert_prefetch_depth=1, expert_zero_copy="off", engine_process="off")  # fmt: skip
     except BaseException:
         dense.stop()
         raise
