@@ -72,8 +72,14 @@ def metrics_bytes(eng: LLMEngine) -> bytes:
     return generate_latest(eng.metrics.registry)
 
 
-def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+def _settle(
+    future: asyncio.Future, ok: bool, value: Any, dropped: Callable[[Any], None] | None = None
+) -> None:
+    """Settle `future` from a reply, unless its caller gave up first: then `dropped(value)` (a
+    successful reply's clean-up, e.g. plans to give back), since nobody else will see the value."""
     if future.done():
+        if dropped is not None and ok:
+            dropped(value)
         return
     if ok:
         future.set_result(value)
@@ -96,8 +102,12 @@ class ProcessEngine(EngineClient):
         atexit.register(self.shutdown)  # before multiprocessing's own exit hook joins the child
         child.close()  # only the core holds its end: its exit is EOF here
         self._outbox: queue.SimpleQueue[ToCore | None] = queue.SimpleQueue()
-        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._abandoned: dict[int, type] = {}  # calls given up on (timeout, stall): kind, for late replies
+        # calls awaiting a reply: (loop, future, message kind); given up on (timeout, stall): kind, for
+        # late replies. A reply and a give-up race (reader thread, event loop): both sides move a call
+        # between the two under this lock, so a late plan is given back whichever comes first
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, type]] = {}
+        self._abandoned: dict[int, type] = {}
+        self._calls_lock = threading.Lock()
         self._call_ids = itertools.count()
         self._waiting_reported = 0
         self._closed = False
@@ -173,18 +183,22 @@ class ProcessEngine(EngineClient):
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         call_id = next(self._call_ids)
-        self._calls[call_id] = (loop, future)
         msg = make(call_id)
+        with self._calls_lock:
+            self._calls[call_id] = (loop, future, type(msg))
         try:
             self._send(msg)
             return await asyncio.wait_for(future, timeout)
         except (asyncio.TimeoutError, EngineStalledError):
-            self._abandoned[call_id] = type(msg)
+            with self._calls_lock:  # no reply taken yet: the reader gives back what it brings
+                if self._calls.pop(call_id, None) is not None:
+                    self._abandoned[call_id] = type(msg)
             raise EngineStalledError(
                 self.stall or f"the engine did not answer within {timeout:g} s (busy or stalled)"
             ) from None
         finally:
-            self._calls.pop(call_id, None)
+            with self._calls_lock:
+                self._calls.pop(call_id, None)
 
     async def run_in_engine(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._rpc(None, lambda call_id: Call(call_id, fn, args))
@@ -216,7 +230,7 @@ class ProcessEngine(EngineClient):
         return await self._rpc(CALL_TIMEOUT_S, lambda call_id: Call(call_id, metrics_bytes, ()))
 
     def _on_stall(self, error: EngineStalledError) -> None:
-        for loop, future in list(self._calls.values()):
+        for loop, future, _ in list(self._calls.values()):
             loop.call_soon_threadsafe(_settle, future, False, error)
 
     # -- receiving (reader thread) --------------------------------------------------------------------
@@ -254,17 +268,25 @@ class ProcessEngine(EngineClient):
             why = f"{why}: {error}"
         log.error("%s", why)
         dead = EngineDeadError(f"engine stopped: {why}")
-        for loop, future in list(self._calls.values()):
+        for loop, future, _ in list(self._calls.values()):
             loop.call_soon_threadsafe(_settle, future, False, dead)
         self._fail_all(RuntimeError(why))
 
     def _on_reply(self, call_id: int, ok: bool, value: Any) -> None:
-        target = self._calls.get(call_id)
+        with self._calls_lock:
+            target = self._calls.pop(call_id, None)
+            kind = target[2] if target is not None else self._abandoned.pop(call_id, None)
+        # plans prepared for a caller that gave up (before or while this reply came): nobody will add or
+        # release them
+        give_back = self._give_back if kind is Prepare else None
         if target is not None:
-            target[0].call_soon_threadsafe(_settle, target[1], ok, value if ok else unpack_error(value))
-        elif self._abandoned.pop(call_id, None) is Prepare and ok:
-            # plans prepared for a caller that gave up: nobody will add or release them
-            self._send(Release([ref[REMOTE_PLAN] for ref in value]))
+            loop, future, _ = target
+            loop.call_soon_threadsafe(_settle, future, ok, value if ok else unpack_error(value), give_back)
+        elif give_back is not None and ok:
+            give_back(value)
+
+    def _give_back(self, plans: Any) -> None:
+        self._send(Release([ref[REMOTE_PLAN] for ref in plans]))
 
     # -- shutdown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
