@@ -1,7 +1,8 @@
 """The sparsity plugin's per-site allocation (interventions/sparsity/allocation.py, probe.py): cost curves
 against a float64 plain-Python interpolation; the greedy against a brute-force search over every
 allocation of a small model (float64, random convex costs); CHESS's coupled sites; the probes' KL and
-thresholds against transformers with the same single site thresholded (TinyStories-656K, float32)."""
+thresholds against transformers with the same single site thresholded (TinyStories-656K, float32), and
+the probes one method takes from another's."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from actserve.interventions.sparsity.allocation import (
     greedy_allocation,
     site_weights,
 )
+from actserve.interventions.sparsity.artifact import load_calibration
 from actserve.interventions.sparsity.calibrate import CORRECTION_GRID, SequentialThresholds
+from actserve.interventions.sparsity.calibrate_methods import SequentialChess, SequentialRSparse
 from actserve.interventions.sparsity.probe import Prober, probe_text
 from actserve.server.contract import PROJECTIONS
 from tests.engine_utils import HFTeal
@@ -145,3 +148,32 @@ def test_probe_equals_transformers_with_that_site_thresholded(
     assert expect > 1e-4 and math.isclose(kl, expect, rel_tol=2e-3), (kl, expect)
     z, n = h.counts[(layer, proj)]
     assert abs(z / n - level) < 0.02  # the quantile of a histogram of 64 bins per octave
+
+
+def test_shared_probes_drop_what_teal_drops(tiny: Any, sparsity_calibration: Path) -> None:
+    """The probes the calibration takes from TEAL's: CHESS at its o site, R-Sparse at a projection whose
+    alpha is 1, give TEAL's KL there, bit for bit; elsewhere they differ (CHESS's q site keeps k and v)."""
+    cal = load_calibration(sparsity_calibration)
+    assert cal.chess is not None and cal.rsparse is not None
+    dev = tiny.model_info.device
+    prober = Prober(tiny.runner, [list(range(5, 70))])
+    q_size = tiny.model_info.num_heads * tiny.model_info.head_dim
+
+    def probe(make: Any, layer: int, site: int) -> float:
+        target = torch.zeros(1, 2, 4, dtype=torch.float64)
+        target[0, layer, site] = 0.6
+        return prober.kl(make(target))
+
+    def teal(t: torch.Tensor) -> Any:
+        return SequentialThresholds(t, dev)
+
+    def chess(t: torch.Tensor) -> Any:
+        return SequentialChess(t, cal.chess.up_mean, q_size, dev)  # type: ignore[union-attr]
+
+    def rsparse(t: torch.Tensor) -> Any:
+        return SequentialRSparse(t, cal.rsparse, dev)  # type: ignore[arg-type]
+
+    assert probe(chess, 1, 1) == probe(teal, 1, 1)
+    layer, p = (int(v) for v in (cal.rsparse.alpha == 1).nonzero()[0])
+    assert probe(rsparse, layer, p) == probe(teal, layer, p)
+    assert probe(chess, 0, 0) != probe(teal, 0, 0)

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 # the levels the correction is measured at; levels between are interpolated
 CORRECTION_GRID = torch.arange(1, 19, dtype=torch.float64) * 0.05  # 0.05, 0.10, ..., 0.90
 METHODS = ("chess", "r_sparse")  # calibrated beside TEAL, whose histograms every calibration makes
-PROBE_TOKENS = 256  # the text each allocation probe reads (probe.py)
+PROBE_TOKENS = 512  # the text each allocation probe reads (probe.py)
 # what the model continues when no text is given: varied registers, none of them the bench's held-out text
 OPENINGS = (
     "Once upon a time",
@@ -306,26 +306,27 @@ def _allocations(
     progress: bool | None,
 ) -> dict[str, torch.Tensor]:
     """Per calibrated method, each site's level at each grid level (allocation.py), from probes over the
-    last `probe_tokens` tokens of the text (probe.py). CHESS's o and down sites are TEAL's o and down
-    (the same threshold on the same input), so their probes are TEAL's. `shapes`: hidden, q, k/v and
+    last `probe_tokens` tokens of the text (probe.py). Where a method drops the same entries as TEAL at a
+    site, it takes TEAL's probe: CHESS's o and down sites (the same threshold on the same input), and
+    R-Sparse's projections whose alpha is 1 (|x| alone, no low-rank part). `shapes`: hidden, q, k/v and
     intermediate sizes."""
     layers, q_size = cal.num_layers, shapes[1]
     prober = Prober(runner, probe_text(token_lists, probe_tokens))
     disable = _disable(progress)
-    teal = prober.costs(lambda t: SequentialThresholds(t, device), layers, [0, 1, 2, 3], 4, "teal", disable)
+    every = torch.ones(layers, 4, dtype=torch.bool)
+    teal = prober.costs(lambda t: SequentialThresholds(t, device), every, "teal", disable)
     costs = {"teal": teal}
     if cal.chess is not None:
         up_mean = cal.chess.up_mean
-        chess = prober.costs(
-            lambda t: SequentialChess(t, up_mean, q_size, device), layers, [0, 2], 4, "chess", disable
-        )
-        chess[:, 1], chess[:, 3] = teal[:, 1], teal[:, 3]
-        costs["chess"] = chess
+        own = every.clone()
+        own[:, [SITES_CHESS.index("o"), SITES_CHESS.index("down")]] = False
+        chess = prober.costs(lambda t: SequentialChess(t, up_mean, q_size, device), own, "chess", disable)
+        costs["chess"] = torch.where(own.unsqueeze(-1), chess, teal)
     if cal.rsparse is not None:
         rsparse = cal.rsparse
-        costs["r_sparse"] = prober.costs(
-            lambda t: SequentialRSparse(t, rsparse, device), layers, [0, 1, 2, 3], 4, "r_sparse", disable
-        )
+        own = rsparse.alpha < 1  # where alpha = 1, R-Sparse drops by |x| with no low-rank part: TEAL's probe
+        rs = prober.costs(lambda t: SequentialRSparse(t, rsparse, device), own, "r_sparse", disable)
+        costs["r_sparse"] = torch.where(own.unsqueeze(-1), rs, teal)
     out = {}
     for m, c in costs.items():
         coupled = (SITES_CHESS.index("ffn"), SITES_CHESS.index("down")) if m == "chess" else None

@@ -50,7 +50,7 @@ def add_sparsity_parser(sub: Any) -> None:
     c.add_argument(
         "--probe-tokens", type=int, default=None,
         help="tokens of calibration text each allocation probe reads (one forward per site and probe level: "
-        "each site's own level comes from them; default 256 with the correction, which it needs); 0: every "
+        "each site's own level comes from them; default 512 with the correction, which it needs); 0: every "
         "site at the requested level (the papers' rule)",
     )  # fmt: skip
     c.add_argument("--batch-tokens", type=int, default=4096, help="tokens per calibration forward")

@@ -54,20 +54,16 @@ class Prober:
         return float((self.dense.exp() * (self.dense - lp)).sum(-1).mean())
 
     def costs(
-        self,
-        make: ProbeHook,
-        num_layers: int,
-        sites: list[int],
-        num_sites: int,
-        what: str,
-        disable: bool | None,
+        self, make: ProbeHook, which: torch.Tensor, what: str, disable: bool | None,
         levels: tuple[float, ...] = PROBE_LEVELS,
-    ) -> torch.Tensor:
-        """float64 [num_layers, num_sites, len(levels)]: the cost of each of `sites` (others stay 0)."""
-        out = torch.zeros(num_layers, num_sites, len(levels), dtype=torch.float64)
-        jobs = [(layer, site, i) for layer in range(num_layers) for site in sites for i in range(len(levels))]
+    ) -> torch.Tensor:  # fmt: skip
+        """float64 [layers, sites, len(levels)]: the cost of each (layer, site) `which` [layers, sites]
+        marks (the others stay 0)."""
+        layers, sites = which.shape
+        out = torch.zeros(layers, sites, len(levels), dtype=torch.float64)
+        jobs = [(int(a), int(b), i) for a, b in which.nonzero().tolist() for i in range(len(levels))]
         for layer, site, i in tqdm(jobs, desc=f"probes ({what})", unit="probe", disable=disable):
-            target = torch.zeros(1, num_layers, num_sites, dtype=torch.float64)
+            target = torch.zeros(1, layers, sites, dtype=torch.float64)
             target[0, layer, site] = levels[i]
             out[layer, site, i] = self.kl(make(target))
         return out
