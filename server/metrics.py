@@ -95,6 +95,10 @@ class EngineMetrics:
         self.plugin_stats = Counter(
             "actserve_intervention_stat", "Plugins' own counters.", lbl + ["intervention", "stat"], registry=r
         )
+        # plugins' own levels (InterventionPlugin.gauges), e.g. steering slots in use
+        self.plugin_gauges = Gauge(
+            "actserve_intervention_gauge", "Plugins' own levels.", lbl + ["intervention", "gauge"], registry=r
+        )
         self._transfer = {"to_host": 0, "to_device": 0}
         self._stats: dict[tuple[str, str], float] = {}
         for tier in ("gpu", "cpu"):
@@ -189,6 +193,11 @@ class EngineMetrics:
                 self.plugin_stats.labels(self.model_name, plugin, name).inc(total - seen)
                 self._stats[(plugin, name)] = total
 
+    def set_plugin_gauges(self, gauges: Mapping[tuple[str, str], float]) -> None:
+        """Plugins' levels as they are now ((plugin, name) -> value)."""
+        for (plugin, name), value in gauges.items():
+            self.plugin_gauges.labels(self.model_name, plugin, name).set(value)
+
     def set_static_memory(
         self, weights_by_format: Mapping[str, int], kv_bytes: int, on_gpu: bool, pinned_bytes: int = 0
     ) -> None:
@@ -200,6 +209,19 @@ class EngineMetrics:
         self._weights_bytes, self._kv_bytes = sum(weights_by_format.values()), kv_bytes
         self._on_gpu, self._pinned = on_gpu, pinned_bytes
         self.refresh_memory()
+
+    def set_rank_memory(self, ranks: list[dict[str, int]]) -> None:
+        """Tensor parallelism: each rank's weights and KV cache bytes (fixed after start-up), as
+        `actserve_tp_rank_memory_bytes{rank, kind}`; the other memory gauges are rank 0's."""
+        gauge = Gauge(
+            "actserve_tp_rank_memory_bytes",
+            "Tensor parallelism: each rank's weights and KV cache bytes.",
+            ["model_name", "rank", "kind"],
+            registry=self.registry,
+        )
+        for r in ranks:
+            for kind in ("weights", "kv_cache"):
+                gauge.labels(self.model_name, str(r["rank"]), kind).set(r[kind])
 
     def refresh_memory(self) -> None:
         m = self.model_name

@@ -74,16 +74,15 @@ sparse_types = {
     **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
     **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
 }
-# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial, inputs ahead)
-for block_m, thr, silu, accum, ahead in (
-    (1, True, False, 0, False), (1, True, True, 3, True), (1, False, False, 3, False),
-    (1, True, False, 3, True), (16, True, False, 3, False), (16, True, True, 2, False),
-    (16, True, False, 1, False),
+# (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial)
+for block_m, thr, silu, accum in (
+    (1, True, False, 0), (1, True, True, 3), (1, False, False, 3), (16, True, False, 3), (16, True, True, 2),
+    (16, True, False, 1),
 ):  # fmt: skip
     consts = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32 if block_m == 1 else 64, THRESHOLD=thr)
     consts.update(
         HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True,
-        PREFETCH_X=ahead, SUM_CHUNK=8 if block_m == 1 else 2,
+        SUM_CHUNK=8 if block_m == 1 else 2,
     )  # fmt: skip
     VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
 sum_types = {

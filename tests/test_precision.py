@@ -22,7 +22,7 @@ from actserve.interventions.base import InterventionError
 from actserve.interventions.precision.plugin import FP4_KINDS, PrecisionPlugin
 from actserve.kernels.fp4_ref import GROUP, dequantize, quantize_rtn
 from actserve.server.cli import build_parser, plugin_options
-from actserve.server.engine import llm_engine
+from actserve.server.engine import model_setup
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.models.builder import LoadConfig, LoadedModel
@@ -271,13 +271,13 @@ def test_kv_cache_is_sized_after_the_copies(tinystories_dir: Path, monkeypatch: 
     at `size_kv_cache` (and the profiled step): the copies must be on the model by then. They are: what
     the model holds when the engine sizes the cache is what it holds when it serves, copies included."""
     held: list[dict[str, int]] = []
-    size = llm_engine.size_kv_cache
+    size = model_setup.size_kv_cache  # where the engine's start (every rank's) sizes it
 
     def spy(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:
         held.append(weight_bytes(loaded.model))
         return size(loaded, config)
 
-    monkeypatch.setattr(llm_engine, "size_kv_cache", spy)
+    monkeypatch.setattr(model_setup, "size_kv_cache", spy)
     e = engine(tinystories_dir, ["bf16", "nvfp4"], num_kv_blocks=64)
     assert held == [e.loaded.weights_by_format]
     assert held[0]["nvfp4"] == copy_bytes(tinystories_dir, "nvfp4")

@@ -124,3 +124,25 @@ def test_cached_tokens_in_usage_and_metrics(tinystories_dir: Path) -> None:
         assert values["actserve_prefix_cache_hits_total"] == (n - 1) // BS * BS
     finally:
         server.stop()
+
+
+def test_prompt_logprobs_of_a_cached_prompt_are_whole(tinystories_dir: Path, prompt: list[int]) -> None:
+    """A cached block keeps K/V, not its tokens' logits: a request asking for prompt logprobs of a prompt
+    already cached gets every position, equal to an uncached server's, and reuses no block."""
+    from actserve.server.engine.offline import make_sequences, run_sequences
+
+    def logprobs(eng: LLMEngine, tag: str) -> tuple[list[Any], int]:
+        hits0 = eng.blocks.hits
+        (seq,) = make_sequences(eng, [prompt], greedy(2, prompt_logprobs=1), tag=tag)
+        run_sequences(eng, [seq])
+        assert seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == len(prompt)
+        return seq.prompt_logprobs, eng.blocks.hits - hits0
+
+    eng = engine(tinystories_dir)
+    run(eng, [prompt], greedy(2), tag="warm")  # the prompt's blocks are now cached
+    got, hits = logprobs(eng, "lp")
+    want, _ = logprobs(engine(tinystories_dir, caching=False), "cold")
+    assert hits == 0 and got[0] is None and want[0] is None
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5
+    assert go(eng, [prompt], None, "after")[2] > 0  # plain requests still hit

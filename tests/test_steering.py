@@ -249,3 +249,21 @@ def test_oversized_specs_are_refused_before_per_element_work(
         eng.registry.prepare(spec(vectors))
     assert time.perf_counter() - start < 1.0
     assert e.value.param == param and len(str(e.value)) < 400
+
+
+def test_slots_in_use_gauge_follows_prepare_and_release(eng: LLMEngine) -> None:
+    """actserve_intervention_gauge{intervention="steering"}: slots held by prepared plans, back once released;
+    the engine exports the plugin's levels under that name."""
+    plugin = eng.registry.plugins["steering"]
+    before = plugin.gauges()
+    assert before["slots"] == plugin.table.shape[0]
+    plans = eng.registry.prepare(spec([vec({0: direction(3)}, 1.0), vec({1: direction(4)}, 1.0)]))
+    assert plugin.gauges()["slots_in_use"] == before["slots_in_use"] + 2
+    eng.registry.release(plans)
+    assert plugin.gauges() == before
+    eng.metrics.set_plugin_gauges(eng.registry.gauges())
+    got = eng.metrics.registry.get_sample_value(
+        "actserve_intervention_gauge",
+        {"model_name": eng.model_name, "intervention": "steering", "gauge": "slots"},
+    )
+    assert got == before["slots"]

@@ -211,3 +211,28 @@ def test_pages_and_list_summary_without_metadata(info: ModelInfo) -> None:
     rest, more = lib.page(10, after="v1")
     assert [v.name for v in rest] == ["v2", "v3", "v4"] and not more
     assert "metadata" not in first[0].summary(metadata=False) and first[0].summary()["metadata"]["k"]
+
+
+def test_servers_sharing_the_folder_see_each_others_changes(info: ModelInfo, tmp_path: Path) -> None:
+    """Two libraries on one folder (two replicas on a shared volume): an add, a replace and a delete
+    through one are seen by the other at its next read; an add of a name the other stored first is a 409
+    even when the other's in-memory view is stale (the file is created only if absent)."""
+    a, b = VectorLibrary(info, tmp_path), VectorLibrary(info, tmp_path)
+    a.add(a.build("calm", {1: d(1)}))
+    assert torch.equal(b.get("calm").directions[1], d(1)) and "calm" in b and len(b) == 1
+    a.add(a.build("calm", {2: d(2)}), replace=True)
+    assert b.get("calm").layers == [2] and torch.equal(b.get("calm").directions[2], d(2))
+    b.add(b.build("brief", {0: d(3)}))
+    assert [v.name for v in a.list()] == ["brief", "calm"]
+    a.delete("calm")
+    with pytest.raises(VectorNotFound):
+        b.get("calm")
+    with pytest.raises(VectorNotFound):
+        b.delete("calm")
+    with pytest.raises(VectorExists):
+        a.add(a.build("brief", {1: d(4)}))
+    # the race: b stores "late" after a's last look; a's add without replace must not overwrite it
+    a.list()
+    b.add(b.build("late", {1: d(5)}))
+    assert not a._write(tmp_path / "late.safetensors", b"x", exclusive=True)
+    assert torch.equal(a.get("late").directions[1], d(5)) and not list(tmp_path.glob(".*tmp"))

@@ -102,6 +102,7 @@ class CoTCompressionPlugin(InterventionPlugin):
     spec_model = CoTCompressionSpec
     contributes_to = "steering"
     graph_columns = 1  # one resident direction per row in a graph step (the onset's rows run eagerly)
+    tp_mode = "replicated"  # tensor parallelism: every rank adds to the replicated residual
 
     def __init__(self, model_info: ModelInfo) -> None:
         super().__init__(model_info)

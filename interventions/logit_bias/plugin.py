@@ -51,6 +51,7 @@ class LogitBiasPlugin(InterventionPlugin):
         RowInput("bias", torch.float32, MAX_ENTRIES, 0.0),
     )
     graph_safe = True
+    tp_mode = "rank0"  # tensor parallelism: logits only: where they are (rank 0)
 
     def prepare(self, spec: BaseModel, param: str) -> tuple[list[int], list[float]]:
         assert isinstance(spec, LogitBiasSpec)

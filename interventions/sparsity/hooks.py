@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from actserve.interventions.base import PROJECTIONS, LinearCall, ModelInfo, RowInputs
-from actserve.kernels.sparsity_ops import count_skipped
 from actserve.kernels.sparsity_ops_ref import count_skipped_ref
 
 INPUT = "sparsity_level"  # per row: the level's index into the tables, -1 = dense or not decoding
@@ -96,8 +95,11 @@ class Counters:
         self, proj: str, x: torch.Tensor, thr: torch.Tensor | None, cost: torch.Tensor | None,
         inputs: RowInputs, counted: torch.Tensor,
     ) -> None:  # fmt: skip
-        """One launch on CUDA (kernels/sparsity_ops.py), its torch reference elsewhere."""
-        count = count_skipped if x.is_cuda else count_skipped_ref
+        """One launch on CUDA (kernels/sparsity_ops.py, imported there: CPU servers run without Triton),
+        its torch reference elsewhere."""
+        count = count_skipped_ref
+        if x.is_cuda:
+            from actserve.kernels.sparsity_ops import count_skipped as count
         cols = (inputs[INPUT][:, 0], inputs[METHOD][:, 0], inputs[SLOT][:, 0])
         count(self.table[PROJECTIONS.index(proj)], x.contiguous(), counted, *cols, thr, cost)
 

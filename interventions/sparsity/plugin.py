@@ -91,7 +91,6 @@ from actserve.interventions.sparsity.hooks import (
 )
 from actserve.interventions.sparsity.r_sparse import RSparseHook
 from actserve.kernels.gemv_ref import MAX_ROWS
-from actserve.kernels.sparsity_ops import threshold_mask
 from actserve.kernels.sparsity_ops_ref import threshold_mask_ref
 
 log = logging.getLogger(__name__)
@@ -201,6 +200,8 @@ class TealHook:
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
         thr = self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]  # [rows]
         if x.is_cuda and x.stride(1) == 1:
+            from actserve.kernels.sparsity_ops import threshold_mask  # Triton: CUDA only
+
             return threshold_mask(x, thr)  # one launch
         return threshold_mask_ref(x, thr)
 

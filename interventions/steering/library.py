@@ -5,6 +5,14 @@ into its plan at `prepare`, so deleting or replacing a vector never changes a re
 With a folder (`--steering-vectors DIR`) every *.safetensors / *.gguf in it loads at start (files that
 do not fit the model are skipped with a log line) and vectors added later are saved there as
 `<name>.safetensors`; deleting a vector deletes its file, so the folder is the library across restarts.
+
+Several servers may share the folder (replicas on Ray Serve or Kubernetes, on a shared volume): each
+looks at the folder's modification time before it reads the library and re-reads what changed (files
+added, replaced or removed), so a vector uploaded, trained or deleted through one is seen by all. Files
+are written to a temporary name and renamed into place, which changes the folder's time. A folder
+changed less than `SETTLE_S` before the last look is looked at again (file systems with coarse
+timestamps can give two changes the same time). An add without `replace` that races another server's
+add of the same name loses with a 409 (the file is created only if absent).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIXES = (".safetensors", ".gguf")
 # llama.cpp converts some HF model types to another GGUF architecture: its control vectors say that one
 HINT_ALIASES = {"mistral": ("llama",), "mixtral": ("llama",)}
+SETTLE_S = 2.0
 
 
 class LibraryError(ValueError):
@@ -154,10 +163,16 @@ class VectorLibrary:
         self.directory = Path(directory) if directory is not None else None
         self._vectors: dict[str, StoredVector] = {}
         self._files: dict[str, Path] = {}
+        self._seen: dict[Path, tuple[int, int, int]] = {}  # file -> (mtime_ns, size, inode) when read
+        self._rejected: dict[Path, tuple[int, int, int]] = {}  # files skipped as they were then
+        self._folder_time: int | None = None  # the folder's mtime_ns at the last scan
+        self._scanned_at = 0.0
         self._lock = threading.RLock()
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._preload(self.directory)
+            with self._lock:
+                self._sync()
+            log.info("steering vectors: %d loaded from %s", len(self._vectors), self.directory)
 
     # -- building -------------------------------------------------------------------------------------
     def build(
@@ -254,18 +269,22 @@ class VectorLibrary:
     def add(self, vector: StoredVector, replace: bool = False) -> StoredVector:
         """Store (and persist) a built vector; an existing name is refused unless replace=True."""
         with self._lock:
+            self._sync()
+            exists = VectorExists(
+                f"name: a vector named {vector.name!r} already exists; delete it or pass replace=true", "name"
+            )
             if vector.name in self._vectors and not replace:
-                raise VectorExists(
-                    f"name: a vector named {vector.name!r} already exists; delete it or pass replace=true",
-                    "name",
-                )
+                raise exists
             if self.directory is not None:
                 path = self.directory / f"{vector.name}.safetensors"
-                self._write(path, vector.to_bytes("safetensors"))
+                if not self._write(path, vector.to_bytes("safetensors"), exclusive=not replace):
+                    raise exists
                 old = self._files.get(vector.name)
                 if old is not None and old != path:
                     old.unlink(missing_ok=True)
+                    self._seen.pop(old, None)
                 self._files[vector.name] = path
+                self._remember(path)
             self._vectors[vector.name] = vector
         log.info("steering vector %r stored (layers %s)", vector.name, vector.layers)
         for warning in vector.warnings:
@@ -274,6 +293,7 @@ class VectorLibrary:
 
     def get(self, name: str, param: str = "name") -> StoredVector:
         with self._lock:
+            self._sync()
             vec = self._vectors.get(name)
         if vec is None:
             raise VectorNotFound(f"{param}: no stored steering vector named {name!r}", param)
@@ -281,12 +301,14 @@ class VectorLibrary:
 
     def list(self) -> builtins.list[StoredVector]:
         with self._lock:
+            self._sync()
             return [self._vectors[k] for k in sorted(self._vectors)]
 
     def page(self, limit: int, after: str | None = None) -> tuple[builtins.list[StoredVector], bool]:
         """Up to `limit` vectors in name order after the name `after` (a cursor: the last name of the
         previous page), and whether more follow."""
         with self._lock:
+            self._sync()
             names = sorted(n for n in self._vectors if after is None or n > after)
             return [self._vectors[n] for n in names[:limit]], len(names) > limit
 
@@ -296,6 +318,7 @@ class VectorLibrary:
             del self._vectors[name]
             path = self._files.pop(name, None)
             if path is not None:
+                self._seen.pop(path, None)
                 try:
                     path.unlink(missing_ok=True)
                 except OSError as e:
@@ -304,40 +327,97 @@ class VectorLibrary:
 
     def __contains__(self, name: object) -> bool:
         with self._lock:
+            self._sync()
             return name in self._vectors
 
     def __len__(self) -> int:
         with self._lock:
+            self._sync()
             return len(self._vectors)
 
     # -- disk -----------------------------------------------------------------------------------------
     @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        """Atomic: a crash leaves the old file or the new one, never half of one."""
-        tmp = path.with_name(f".{path.name}.tmp")
+    def _write(path: Path, data: bytes, exclusive: bool = False) -> bool:
+        """Atomic: a crash leaves the old file or the new one, never half of one. `exclusive`: only if no
+        file is there (False when one is: another server stored that name first)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             tmp.write_bytes(data)
-            os.replace(tmp, path)
+            if not exclusive:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # fails if the name exists, unlike a rename
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: a rename (last writer wins)
+                os.replace(tmp, path)
+            return True
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise VectorStorageError(f"could not save the vector to {path}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _preload(self, directory: Path) -> None:
-        """Load every vector file that fits the model; log and skip the others (never fail the start)."""
-        for path in sorted(p for p in directory.iterdir() if p.suffix in SUFFIXES and p.is_file()):
+    def _remember(self, path: Path) -> None:
+        st = path.stat()
+        self._seen[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _sync(self) -> None:
+        """Under the lock: re-read the folder if it may have changed since the last scan."""
+        if self.directory is None:
+            return
+        try:
+            folder_time = self.directory.stat().st_mtime_ns
+        except OSError as e:
+            log.warning("steering vectors: cannot read %s: %s", self.directory, e)
+            return
+        settled = self._scanned_at - folder_time / 1e9 > SETTLE_S
+        if folder_time == self._folder_time and settled:
+            return
+        self._scanned_at = time.time()
+        self._folder_time = folder_time
+        self._scan(self.directory)
+
+    def _scan(self, directory: Path) -> None:
+        """Load every vector file that is new or changed and fits the model (log and skip the others,
+        never fail); drop the vectors whose file is gone."""
+        present: dict[str, Path] = {}
+        for path in sorted(
+            p for p in directory.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".")
+        ):
             name = path.stem
             try:
-                if name in self._vectors:
-                    raise LibraryError(f"a vector named {name!r} was already loaded from {self._files[name]}")
+                st = path.stat()
+            except OSError:
+                continue  # removed while listing
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if name in present:
+                if self._rejected.get(path) != key:
+                    log.warning("steering vectors: skipping %s: %r is in %s", path, name, present[name])
+                    self._rejected[path] = key
+                continue
+            if self._files.get(name) == path and self._seen.get(path) == key:
+                present[name] = path
+                continue
+            if self._rejected.get(path) == key:
+                continue  # told once already
+            try:
                 vec = self.from_file(formats.read_vector_path(path), name)
             except (LibraryError, VectorFormatError, OSError) as e:
                 log.warning("steering vectors: skipping %s: %s", path, e)
+                self._rejected[path] = key
                 continue
             except Exception as e:  # noqa: BLE001 - a parser bug must not stop the server from starting
                 log.warning("steering vectors: skipping %s: unreadable (%s: %s)", path, type(e).__name__, e)
+                self._rejected[path] = key
                 continue
+            self._rejected.pop(path, None)
             for warning in vec.warnings:
                 log.warning("steering vectors: %s loaded with a warning: %s", path, warning)
             self._vectors[name] = vec
             self._files[name] = path
-        log.info("steering vectors: %d loaded from %s", len(self._vectors), directory)
+            self._seen[path] = key
+            present[name] = path
+        for name in [n for n in self._files if n not in present]:
+            self._seen.pop(self._files.pop(name), None)
+            self._vectors.pop(name, None)

@@ -149,6 +149,7 @@ class SteeringPlugin(InterventionPlugin):
     hook_points = ("residual",)
     spec_model = SteeringSpec
     graph_columns = MAX_VECTORS_PER_REQUEST  # a request's own vectors
+    tp_mode = "replicated"  # tensor parallelism: every rank adds to the replicated residual
 
     def __init__(self, model_info: ModelInfo, slots: int = DEFAULT_SLOTS) -> None:
         super().__init__(model_info)
@@ -158,6 +159,13 @@ class SteeringPlugin(InterventionPlugin):
         )
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
+
+    def gauges(self) -> dict[str, float]:
+        """Resident slots held by running requests' vectors, and how many there are (when all are held, new
+        steered requests are refused with a retryable error: `InterventionCapacityError`)."""
+        with self._lock:
+            free = len(self._free)
+        return {"slots_in_use": float(self.table.shape[0] - free), "slots": float(self.table.shape[0])}
 
     def configure(self, options: Mapping[str, Any]) -> None:
         """Option `vectors_dir` (`--steering-vectors DIR`): named vectors preloaded from there, and new

@@ -64,6 +64,7 @@ class StructuredOutputPlugin(InterventionPlugin):
     hook_points = ("logits",)
     spec_model = StructuredSpec
     graph_safe = True
+    tp_mode = "rank0"  # tensor parallelism: logits only: the grammar masks rank 0's logits
     needs_output_tokens = True
 
     def __init__(self, model_info: Any) -> None:

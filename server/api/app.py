@@ -261,6 +261,7 @@ def create_app(
             "fallback_reason": info.fallback_reason,
             "dtype": str(info.dtype).removeprefix("torch."),
             "device": str(info.device),
+            "tensor_parallel_size": info.tensor_parallel_size,
         }
 
     @app.get("/v1/models")

@@ -48,6 +48,9 @@ class ModelInfo:
     num_kv_heads: int = 0
     head_dim: int = 0
     moe: MoEInfo | None = None  # a native mixture-of-experts model's routing (None: dense, or the fallback)
+    # ranks the model is split over (--tensor-parallel-size); the shapes above stay the whole model's.
+    # Plugins that do not declare `tp_mode` are refused when it is above 1 (docs/architecture.md §12)
+    tensor_parallel_size: int = 1
 
     def projection_sites(self) -> list[tuple[int, str]]:
         """Every (layer, projection) that linear hooks and weight formats can reach: all of PROJECTIONS in

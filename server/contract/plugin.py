@@ -108,6 +108,13 @@ class InterventionPlugin(ABC):
     needs_output_tokens: ClassVar[bool] = False
     # per-request histograms this plugin reports at each request's finish (`finish_observations`)
     histograms: ClassVar[tuple[PluginHistogram, ...]] = ()
+    # how the plugin runs when the model is split over tensor-parallel ranks (docs/architecture.md §12):
+    # "replicated": every rank keeps the plugin and gets each plan's `activate` / `release` (the plans are
+    # pickled to the other ranks), and its residual hooks run on every rank over the replicated residual
+    # (a fused table must be filled by `activate` alone); "rank0": its hooks act on the logits only, which
+    # exist on rank 0 alone; None (the default): refused with --tensor-parallel-size above 1 (its requests
+    # get a 400, its options stop the server)
+    tp_mode: ClassVar[str | None] = None
 
     def __init__(self, model_info: ModelInfo) -> None:
         self.model_info = model_info
@@ -264,6 +271,11 @@ class InterventionPlugin(ABC):
         """Cumulative counters of this plugin (name -> value, never decreasing), exported as
         `actserve_intervention_stat_total{intervention, stat}`; read between steps, at most once a second
         on a busy server (a plugin may sync its device counters here). {} by default."""
+        return {}
+
+    def gauges(self) -> dict[str, float]:
+        """Current levels of this plugin (name -> value, may go down), exported as
+        `actserve_intervention_gauge{intervention, gauge}` and read like `stats`. {} by default."""
         return {}
 
     def prefix_key(self, plan: Any) -> Hashable | None:

@@ -51,7 +51,16 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 def use_engine_process(config: EngineConfig) -> bool:
     """auto: a process on CUDA (the engine's host work and HTTP work then use different cores), a thread
-    on CPU (where the forward pass is the bottleneck and a spawned process costs seconds to start)."""
+    on CPU (where the forward pass is the bottleneck and a spawned process costs seconds to start).
+    Tensor parallelism always uses a process: a rank that dies ends it, and the server answers 503 and
+    exits (a thread could only take the whole server down without answering)."""
+    if config.tensor_parallel_size > 1:
+        if config.engine_process == "off":
+            raise ValueError(
+                "--tensor-parallel-size above 1 runs the engine core in its own process; "
+                "drop --engine-process off"
+            )
+        return True
     if config.engine_process != "auto":
         return config.engine_process == "on"
     if config.device != "auto":

@@ -95,14 +95,16 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence, extra: Hashable) -> int:
         """Admit `seq` (no blocks yet) with the longest cached prefix of its prompt: those blocks join its
-        table, `num_computed` moves past them; returns the number of tokens reused (0 without caching)."""
+        table, `num_computed` moves past them; returns the number of tokens reused (0 without caching).
+        A sequence that asks for prompt logprobs reuses nothing (a cached block keeps K/V, not the logits
+        of its tokens), though its own blocks are cached for others as usual."""
         assert not seq.block_table and seq.num_computed == 0
         if not self.caching:
             return 0
         if not seq.prefix_keys:  # once per sequence (a waiting one is looked up every step)
             reusable = reusable_blocks(seq.prompt_len, self.block_size)
             seq.prefix_keys = block_keys(seq.prompt_token_ids, self.block_size, extra, reusable)
-        keys = seq.prefix_keys
+        keys = seq.prefix_keys if seq.params.prompt_logprobs is None else []
         for key in keys:
             block = self.cached.get(key)
             if block is None:

@@ -52,6 +52,10 @@ class EngineConfig:
     engine_process: str = "auto"  # "on": engine core in its own process; "off": a thread; auto: on for CUDA
     cpu_threads: int | None = None  # torch threads of the engine; None: OMP_NUM_THREADS, else cores - 1
     stall_timeout: float = 60.0  # seconds without progress after which the engine counts as stalled
+    # tensor parallelism (docs/architecture.md §12): ranks the model is split over (rank 0 runs this engine,
+    # the others run tp_worker.py), and the CUDA all-reduce: "nccl" (in CUDA graphs) or "symm_mem"
+    tensor_parallel_size: int = 1
+    tp_allreduce: str = "nccl"
 
     def load_config(self) -> LoadConfig:
         """The part of these settings that loading the model needs (models sit below the engine)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
 from actserve.server.contract.hooks import BoundHooks, PluginHooks, StepHooks
@@ -61,12 +62,16 @@ def smallest_bucket(buckets: list[int], n: int) -> int | None:
 
 
 def capture_graph(fn: Callable[[], torch.Tensor], pool: object) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Warm `fn` up twice (Triton compiles, cuBLAS picks its kernels), then capture it into `pool`."""
+    """Warm `fn` up twice (Triton compiles, cuBLAS picks its kernels), then capture it into `pool`.
+    Tensor parallelism: every rank captures the same graphs in the same order (their warm-ups run the
+    collectives for real, the capture records NCCL's); the capture is thread-local so that the process
+    group's watchdog thread may still query its events meanwhile."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    mode = "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
         out = fn()
     return graph, out
 
@@ -106,8 +111,11 @@ class GraphPlugin:
             self.dev[spec.name].fill_(spec.none)
         self.dev_rows.fill_(False)
 
-    def stage(self, rows: HostRows, n: int, b: int) -> None:
-        """Copy this step's n rows (padding rows up to bucket b: `none`, not owned) to the device."""
+    def stage(self, rows: HostRows | None, n: int, b: int) -> None:
+        """Copy this step's n rows (padding rows up to bucket b: `none`, not owned) to the device. None:
+        a tensor-parallel rank other than 0, where this plugin's hooks act on no tensor (logits only)."""
+        if rows is None:
+            return
         arrays, mask = rows
         for spec in self.specs:
             host = self.host[spec.name]
@@ -194,8 +202,8 @@ class DecodeGraphs:
         bound = [self.plugins[name].bound(b, mode) for name, mode in variant]
         hooks = StepHooks([], tensors, plugins=bound) if tensors is not None or bound else None
         hidden = self.model(d["ids"][:b], d["pos"][:b], self.kv_caches, attn, hooks)
-        logits = self.model.compute_logits(hidden)
-        if hooks is not None and hooks.logits:
+        logits = self.model.compute_logits(hidden)  # None on tensor-parallel ranks other than 0
+        if hooks is not None and hooks.logits and logits is not None:
             logits = hooks.apply_logits(logits)
         return logits
 
@@ -236,9 +244,9 @@ class DecodeGraphs:
         inputs: DecodeInputs,
         fused: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         device_ids: torch.Tensor | None = None,
-        plugin_rows: dict[str, HostRows] | None = None,
+        plugin_rows: dict[str, HostRows | None] | None = None,
         modes: dict[str, str] | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """fused: host (index, scale, normalize) columns for the n rows, or None. device_ids: the rows'
         input tokens when they are still on the device (chained steps). plugin_rows: graph-safe plugin
         name -> its host inputs of the step; they and their `modes` ("" where absent) pick the variant
@@ -284,4 +292,4 @@ class DecodeGraphs:
             self.d["ids"][:n].copy_(device_ids)
         graph, out = self.graphs[(variant, b)]
         graph.replay()
-        return out[:n]
+        return out[:n] if out is not None else None  # None: a tensor-parallel rank other than 0

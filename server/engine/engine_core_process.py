@@ -53,7 +53,7 @@ from actserve.server.engine.messages import (
     Stop,
     ToCore,
 )
-from actserve.server.engine.watchdog import heartbeat_interval
+from actserve.server.engine.watchdog import exit_with_parent, heartbeat_interval
 
 log = logging.getLogger(__name__)
 REMOTE_PLAN = "\x00plan"  # key of a plan stand-in in the API process: {REMOTE_PLAN: id}
@@ -196,20 +196,6 @@ class EngineCore:
             self.send(Reply(call_id, False, pack_error(e)))
 
 
-def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
-    """A thread that ends this process once `parent` (the server's pid, passed at spawn: it may already
-    be gone by the time this runs) is no longer its parent. A SIGKILLed server never stops the core in
-    order, and while the model loads nobody reads the pipe, so its EOF would go unseen until then."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        log.warning("the server process (pid %d) is gone: engine core exiting", parent)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="actserve-core-parent-watch", daemon=True).start()
-
-
 def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, parent: int) -> None:
     """Entry point of the spawned process; `parent` is the server's pid."""
     # the group's SIGTERM / Ctrl-C is the server's to act on: it drains, then sends us "stop"
@@ -236,8 +222,10 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int, par
             core.send(Dead(pack_error(e)))
         except Exception:  # noqa: BLE001 - the pipe may be gone too
             pass
+        engine.close()  # tensor parallelism: the other ranks stop (or are killed)
         raise SystemExit(1) from None
     core.running = False
+    engine.close()
     # stopped in order, but threads may still compile grammars that requests gave up on: the interpreter's
     # finalization waited for them (seconds; up to STOP_WAIT_S and a kill), so leave as a forked child does
     logging.shutdown()

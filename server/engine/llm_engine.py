@@ -18,64 +18,30 @@ from typing import Any
 
 import torch
 
-from actserve.interventions.registry import InterventionRegistry
 from actserve.server.engine import detokenizer
 from actserve.server.engine.block_manager import BlockManager
 from actserve.server.engine.config import EngineConfig
 from actserve.server.engine.kv_tier import HostTier
-from actserve.server.engine.model_runner import ModelRunner, StepResult
+from actserve.server.engine.model_runner import StepResult
+from actserve.server.engine.model_setup import build_runner, load_and_size, step_budget
 from actserve.server.engine.outputs import RequestRejected, SeqOutput
 from actserve.server.engine.scheduler import Scheduler
 from actserve.server.engine.sequence import SeqStatus, Sequence
+from actserve.server.engine.tp_group import TPGroup, start_rank0
+from actserve.server.engine.tp_worker import worker_main
+from actserve.server.layers.parallel import SINGLE
 from actserve.server.metrics import EngineMetrics
-from actserve.server.models.builder import LoadedModel, load_weights, resolve_device, size_kv_cache
-from actserve.server.models.formats import install_formats
+from actserve.server.models.builder import LoadConfig, resolve_device
 from actserve.server.models.loader import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# the step token budget when --max-num-batched-tokens is not given (at least --max-num-seqs)
-DEFAULT_BATCHED_TOKENS_CUDA = 2048
-DEFAULT_BATCHED_TOKENS_CPU = 512
-
-
-def build_runner(loaded: LoadedModel, config: EngineConfig, registry: InterventionRegistry) -> Any:
-    """The runner for a loaded model: the native `ModelRunner`, or `HFRunner` on the transformers
-    fallback."""
-    info = loaded.info
-    if loaded.spec is None:
-        from actserve.server.engine.hf_runner import HFRunner
-
-        return HFRunner(loaded.model, info.num_layers, registry)
-    eager = config.enforce_eager or loaded.eager_reason is not None
-    if loaded.eager_reason is not None and info.device.type == "cuda" and not config.enforce_eager:
-        log.info("no CUDA graphs: %s", loaded.eager_reason)
-    graphs = 0 if eager else min(config.max_num_seqs, 256)
-    prefill = 0 if eager else min(config.cuda_graph_prefill_len, info.max_model_len)
-    return ModelRunner(
-        loaded.model, loaded.num_blocks, loaded.block_size, info.device, info.dtype, registry,
-        info.max_model_len, cuda_graph_max_bs=graphs, cuda_graph_prefill_len=prefill,
-        extra_blocks=loaded.reserved_kv_blocks,
-    )  # fmt: skip
-
-
-def install_plugin_formats(loaded: LoadedModel, registry: InterventionRegistry) -> None:
-    """The plugins' extra weight formats on the native model. The transformers fallback has no hook
-    for them: they are skipped with a log line (such plugins refuse non-native models in `prepare`)."""
-    requests = registry.weight_formats()
-    if not requests:
-        return
-    if loaded.spec is None:
-        log.warning("weight formats of plugin(s) %s not installed: the model is not native", sorted(requests))
-        return
-    added = install_formats(loaded.model, requests, loaded.info.dtype)
-    log.info("installed %d plugin weight format(s) for %s", added, sorted(requests))
-
 
 def is_fatal(error: BaseException) -> bool:
     """Errors after which no later step can succeed: a CUDA error leaves the device context unusable
-    (every later launch fails too), so the engine stops and the server exits for a restart."""
-    if not isinstance(error, Exception):
+    (every later launch fails too), and an error that says so (`fatal`: a tensor-parallel rank failed,
+    the ranks may be out of step), so the engine stops and the server exits for a restart."""
+    if not isinstance(error, Exception) or getattr(error, "fatal", False):
         return True  # KeyboardInterrupt, SystemExit, ...
     text = str(error)
     return type(error).__name__ == "AcceleratorError" or "CUDA error" in text or "CUBLAS_STATUS" in text
@@ -85,22 +51,25 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         device = resolve_device(config.device)
-        default_budget = DEFAULT_BATCHED_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCHED_TOKENS_CPU
-        batched = config.max_num_batched_tokens or max(default_budget, config.max_num_seqs)
-        if batched < config.max_num_seqs:  # refused before loading anything
-            raise ValueError(
-                f"--max-num-batched-tokens ({batched}) must be >= --max-num-seqs ({config.max_num_seqs}): "
-                "every running sequence's decode token must fit in one step's token budget"
-            )
+        batched = step_budget(config, device)  # refused before loading anything
         load = replace(config.load_config(), max_num_batched_tokens=batched)
-        loaded = load_weights(load)
-        self.registry = InterventionRegistry(loaded.info, options=config.plugin_options)
-        # before the runner (graphs capture the weights) and before the KV cache is sized, so that it
-        # is sized after the extra formats (and the plugins' resident tables) took their memory
-        install_plugin_formats(loaded, self.registry)
-        kv_only = loaded.kv_block_bytes
-        loaded.kv_block_bytes += self.registry.kv_block_bytes()  # plugins' data per block, beside its K/V
-        self.loaded: LoadedModel = size_kv_cache(loaded, load)
+        # tensor parallelism (docs/architecture.md §12): this process is rank 0; the other ranks start now
+        # (spawned here, or by torchrun) and load, size and capture in step with it
+        self.tp: TPGroup | None = None
+        if config.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {config.tensor_parallel_size}")
+        if config.tensor_parallel_size > 1:
+            self.tp = start_rank0(config, load, device, worker_main)
+        try:
+            self._build(config, load)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+
+    def _build(self, config: EngineConfig, load: LoadConfig) -> None:
+        comm = self.tp.comm if self.tp is not None else SINGLE
+        self.loaded, self.registry, kv_only = load_and_size(config, load, comm)
         self._plan_host_tier(config, kv_only)
         self.tokenizer = self.loaded.tokenizer
         self.model_info = self.loaded.info
@@ -108,6 +77,8 @@ class LLMEngine:
         self.block_size = config.block_size
         self.max_model_len = self.model_info.max_model_len
         self.runner = build_runner(self.loaded, config, self.registry)
+        if self.tp is not None:  # from here on rank 0 sends every step's ops to the other ranks
+            self.tp.serve(self.runner, self.registry, self.loaded)
         num_blocks = self.loaded.num_blocks
         # the prefix cache needs the native runner's paged KV (the fallback keeps its own caches)
         self.prefix_caching = config.enable_prefix_caching and self.loaded.spec is not None
@@ -130,6 +101,8 @@ class LLMEngine:
             aware = self.model_info.device.type == "cuda"
         spec = self.loaded.spec
         break_even = spec.attention_break_even() if aware and spec is not None else None
+        batched = load.max_num_batched_tokens
+        assert batched is not None
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, batched, break_even, admission=self.loaded.admission
         )
@@ -144,6 +117,8 @@ class LLMEngine:
             self.metrics.update_model_series(telemetry.counters, telemetry.gauges, {})
         if self.host_tier is not None:
             self.metrics.pinned_bytes = self.host_tier.nbytes
+        if self.tp is not None:  # every rank's weights and KV bytes (the gauges above are rank 0's)
+            self.metrics.set_rank_memory(self.tp.rank_memory)
         self.seqs: dict[str, Sequence] = {}
         # CUDA: overlap steps (CPU steps stay strictly sequential unless asked, e.g. to test the overlap)
         self.overlap = (
@@ -162,6 +137,12 @@ class LLMEngine:
             # engines and frozen cycles would never be freed)
             gc.collect()
             gc.freeze()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and leave their process groups (nothing to do without
+        tensor parallelism); the engine takes no step afterwards."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _plan_host_tier(self, config: EngineConfig, kv_only: int) -> None:
         """Size the host tier (`--kv-offload-gb`, in blocks) and set aside the GPU blocks plugins reserve
@@ -582,3 +563,4 @@ class LLMEngine:
         if now - self._stats_read >= 1.0 or not self.scheduler.running:  # plugins may sync to read them
             self._stats_read = now
             m.set_plugin_stats(self.registry.stats())
+            m.set_plugin_gauges(self.registry.gauges())

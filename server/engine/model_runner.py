@@ -13,12 +13,21 @@ from actserve.interventions.registry import InterventionRegistry
 from actserve.server.contract import RowSpan
 from actserve.server.contract.hooks import BoundHooks, LinearInputHook, PluginHooks, ResidualHook, StepHooks
 from actserve.server.engine.block_manager import BlockManager, blocks_for
-from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from actserve.server.engine.cuda_graphs import DecodeGraphs, DecodeInputs, HostRows
 from actserve.server.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
 from actserve.server.engine.sampler import PendingSample, SamplingRow, log_probs, sample_launch
 from actserve.server.engine.scheduler import ScheduledBatch
 from actserve.server.engine.sequence import Sequence, TokenLogprob
+from actserve.server.engine.tp_ops import (
+    ForwardOp,
+    GraphDecodeOp,
+    Op,
+    PrefillGraphOp,
+    TensorParallelError,
+    on_device,
+)
 from actserve.server.layers.attention import AttentionBatch, SeqSlice, make_kv_cache, paged_prefill_fits
+from actserve.server.layers.parallel import SINGLE
 
 
 @dataclass
@@ -76,6 +85,13 @@ class LateLogitsStep:
         return launch_sampling(logits, self.seqs)
 
 
+def _only(out: list[torch.Tensor | None]) -> torch.Tensor:
+    """A graph op's logits (rank 0)."""
+    logits = out[0]
+    assert logits is not None
+    return logits
+
+
 class NotEnoughBlocks(RuntimeError):
     """Collect mode found too few free KV blocks for one of its sequences (running requests hold them)."""
 
@@ -105,7 +121,10 @@ class Collected:
 
 class _Capture:
     """A residual hook that reduces each sequence's rows at chosen layers (last row or mean) and changes
-    nothing; it runs after every other hook, so it sees what steering at that layer produced."""
+    nothing; it runs after every other hook, so it sees what steering at that layer produced. With tensor
+    parallelism it runs on rank 0 alone (`rank_local`): the residual is the same on every rank."""
+
+    rank_local = True
 
     def __init__(self, layers: list[int], rows: list[CollectRows], position: str, out: torch.Tensor) -> None:
         self._layers, self.rows, self.position, self.out = set(layers), rows, position, out
@@ -185,9 +204,12 @@ class ModelRunner:
         self.model, self.block_size, self.device, self.registry = model, block_size, device, registry
         # one extra block after the pool: the scratch slot that padded graph rows write to
         slots = (num_blocks + 1 + extra_blocks) * block_size
-        self.kv_caches = make_kv_cache(
-            spec.num_layers, slots, spec.num_kv_heads, spec.head_dim, dtype, device
-        )
+        # tensor parallelism: this rank's KV heads (all of them otherwise); `comm` its group
+        self.comm = getattr(model, "tp", SINGLE)
+        kv_heads = getattr(model, "local_kv_heads", spec.num_kv_heads)
+        self.kv_caches = make_kv_cache(spec.num_layers, slots, kv_heads, spec.head_dim, dtype, device)
+        # tensor parallelism on rank 0: sends a step's ops to the other ranks before they run (tp_group.py)
+        self.mirror: Callable[[list[Op]], None] | None = None
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
@@ -230,29 +252,77 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[StepResult]:
         return self.launch(batch).collect()
 
+    # -- running ops: every forward goes through `run_ops` (tensor parallelism: one message per call) --
+    def run_ops(self, ops: list[Op]) -> list[list[torch.Tensor | None]]:
+        """Run a step's ops in order; each gives the logits it reads (None on tensor-parallel ranks other
+        than 0). Tensor parallelism on rank 0: the ops go to the other ranks first, in one message, and a
+        failure after that is fatal (the ranks may have run different collectives)."""
+        if self.mirror is None:
+            return [self.run_op(op) for op in ops]
+        self.mirror(ops)
+        try:
+            return [self.run_op(op) for op in ops]
+        except Exception as e:
+            raise TensorParallelError(
+                f"a tensor-parallel step failed after the other ranks started it: {e}"
+            ) from e
+
+    def run_op(self, op: Op) -> list[torch.Tensor | None]:
+        if isinstance(op, ForwardOp):
+            dev = self.device
+            ids = op.ids.to(dev) if op.ids is not None else self._device_ids(op.device_ids, len(op.positions))
+            attn = on_device(op.attn, dev)
+            hidden = self.model(ids, op.positions.to(dev), self.kv_caches, attn, op.hooks)
+            return [
+                self.model.compute_logits(hidden if rows is None else hidden[rows.to(dev)])
+                for rows in op.logit_rows
+            ]
+        if isinstance(op, GraphDecodeOp):
+            assert self.graphs is not None
+            ids = self._device_ids(op.device_ids, len(op.inputs.ids))
+            return [self.graphs.run(op.inputs, op.fused, ids, op.plugin_rows, op.modes)]
+        assert self.prefill_graphs is not None
+        if op.start:
+            assert op.table is not None
+            return [self.prefill_graphs.run_cached(op.ids, op.start, op.slots, op.table)]
+        return [self.prefill_graphs.run(op.ids, op.slots)]
+
+    def _device_ids(self, device_ids: torch.Tensor | str | None, n: int) -> torch.Tensor | None:
+        """A decode step's input tokens still on the device (chained steps): rank 0's tensor, broadcast to
+        the other ranks with tensor parallelism (they receive it here)."""
+        if device_ids is None:
+            return None
+        if isinstance(device_ids, torch.Tensor):
+            if self.comm.parallel:
+                device_ids = self.comm.broadcast(device_ids.contiguous())
+            return device_ids
+        return self.comm.broadcast(torch.empty(n, dtype=torch.long, device=self.device))
+
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """One step: each prefill computes its chunk, each decode its last token; only the rows that end
         on a sequence's last token (`batch.sampled`) get logits and a token."""
         sampled, partial = batch.sampled, batch.partial  # before the forward moves num_computed
+        planned: list[tuple[Op, Callable[[list[torch.Tensor | None]], torch.Tensor]]] = []
         if self.device.type != "cuda":
             chunks = batch.chunks + [1] * len(batch.decodes)
-            logits = self._packed(batch.seqs, chunks, fresh=False, num_prefills=len(batch.prefills))
+            planned.append(self._pack(batch.seqs, chunks, fresh=False, num_prefills=len(batch.prefills)))
         else:
-            parts = []
             if batch.prefills:
-                logits = self._prefill_graph(batch.prefills, batch.chunks)
-                if logits is None:
-                    logits = self._packed(batch.prefills, batch.chunks, fresh=True)
-                parts.append(logits)
+                graph = self._prefill_graph(batch.prefills, batch.chunks)
+                planned.append(graph or self._pack(batch.prefills, batch.chunks, fresh=True))
             if batch.decodes:
-                parts.append(self._decode(batch.decodes))
-            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+                planned.append(self._plan_decode(batch.decodes))
+        results = self.run_ops([op for op, _ in planned])
+        parts = [finish(out) for (_, finish), out in zip(planned, results, strict=True)]
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         step = launch_sampling(logits, sampled)
         step.partial = partial
         return step
 
-    def _prefill_graph(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor | None:
+    def _prefill_graph(
+        self, seqs: list[Sequence], chunks: list[int]
+    ) -> tuple[Op, Callable[[list[torch.Tensor | None]], torch.Tensor]] | None:
         """The rest of one prompt (all of it, or what follows its computed context) with no interventions
         and no prompt logprobs, from a prefill CUDA graph; None when the step does not qualify (the eager
         path takes it)."""
@@ -266,21 +336,29 @@ class ModelRunner:
         if graphs.bucket(n - start) is None or (start and graphs.cached is None):
             return None
         if start:  # after a cached prefix or earlier chunks
-            logits = graphs.run_cached(
-                seq.all_token_ids[start:], start, self._slots(seq, n)[start:], seq.block_table
+            op = PrefillGraphOp(
+                seq.all_token_ids[start:], self._slots(seq, n)[start:], start, seq.block_table
             )
         else:
-            logits = graphs.run(seq.all_token_ids, self._slots(seq, n))
+            op = PrefillGraphOp(seq.all_token_ids, self._slots(seq, n))
         seq.num_computed = n
         self.graph_prefills += 1
-        return logits
+        return op, _only
 
     def _packed(
         self, seqs: list[Sequence], chunks: list[int], fresh: bool, num_prefills: int | None = None
     ) -> torch.Tensor:
+        """One forward over the packed new tokens of `seqs` (`_pack`), run now; its logits."""
+        op, finish = self._pack(seqs, chunks, fresh, num_prefills)
+        return finish(self.run_ops([op])[0])
+
+    def _pack(
+        self, seqs: list[Sequence], chunks: list[int], fresh: bool, num_prefills: int | None = None
+    ) -> tuple[ForwardOp, Callable[[list[torch.Tensor | None]], torch.Tensor]]:
         """One forward over the packed new tokens of `seqs` (sequence i: tokens [num_computed, +chunks[i]),
-        its cached context before them); the logits of the last row of each sequence this completes.
-        Sequences from `num_prefills` on (default: none) are decode rows."""
+        its cached context before them), and what turns its logits into the logits of the last row of
+        each sequence this completes (logits hooks, prompt logprobs). Sequences from `num_prefills` on
+        (default: none) are decode rows."""
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
@@ -298,7 +376,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             ctx = self._slots(seq, end)
             slot_parts.append(ctx[start:])
-            slices.append(SeqSlice(row0, n, ctx if fresh else ctx.to(self.device)))
+            slices.append(SeqSlice(row0, n, ctx))
             for key, plan in seq.interventions.items():
                 spans[key].append(
                     RowSpan(plan, row0, n, start, seq.prompt_len, seq.output_token_ids, seq.block_table)
@@ -309,7 +387,7 @@ class ModelRunner:
                 want_prompt_lp.append((seq, row0, start, min(end, seq.prompt_len - 1)))
             if end == seq.num_tokens:
                 last.append(row0 + n - 1)
-        attn = AttentionBatch(torch.cat(slot_parts).to(self.device), slices, fresh_prefill=fresh)
+        attn = AttentionBatch(torch.cat(slot_parts), slices, fresh_prefill=fresh)
         hooks: StepHooks | None = self.registry.step_hooks(spans, len(ids)) if spans else None
         if hooks is not None and hooks.attention:
             self._attention_meta(attn, seqs, len(seqs) if num_prefills is None else num_prefills)
@@ -317,39 +395,48 @@ class ModelRunner:
         if self.chunk_kernel and not fresh and attn.decode_seqs is None:
             attn.chunk_tables = self._tables(seqs)
             attn.block_size = self.block_size
-        hidden = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            self.kv_caches,
-            attn,
-            hooks,
-        )
-        for seq, n in zip(seqs, chunks, strict=True):
-            seq.num_computed += n
-        last_rows = torch.tensor(last, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
-        logit_hooks = hooks is not None and bool(hooks.logits)
-        if logit_hooks and last:  # plugins' logits hooks, before sampling (rows without one are untouched)
-            logits = hooks.apply_logits(logits, last_rows)  # type: ignore[union-attr]
-        for seq, row0, start, stop in want_prompt_lp:
-            # rows at positions [start, stop) predict prompt tokens start+1 .. stop
-            if stop > start:
-                rows = torch.arange(row0, row0 + stop - start, device=self.device)
-                plog = self.model.compute_logits(hidden[rows])
-                if logit_hooks:  # prompt logprobs see the same logits hooks
-                    plog = hooks.apply_logits(plog, rows)  # type: ignore[union-attr]
-                k = seq.params.prompt_logprobs or 0
-                seq.prompt_lp_parts += token_logprobs(plog, seq.prompt_token_ids[start + 1 : stop + 1], k)
-            if len(seq.prompt_lp_parts) == seq.prompt_len:
-                seq.prompt_logprobs, seq.prompt_lp_parts = seq.prompt_lp_parts, []
-        return logits
+        last_rows = torch.tensor(last, dtype=torch.long)
+        lp_rows = [
+            torch.arange(r0, r0 + stop - start) for _, r0, start, stop in want_prompt_lp if stop > start
+        ]
+        reads = ([last_rows] if last else []) + lp_rows
+        op = ForwardOp(torch.tensor(ids), torch.tensor(positions), attn, hooks, reads)
+
+        def finish(out: list[torch.Tensor | None]) -> torch.Tensor:
+            for seq, n in zip(seqs, chunks, strict=True):
+                seq.num_computed += n
+            dev = self.device
+            logits = out[0] if last else torch.empty(0, self.model.spec.vocab_size, device=dev)
+            assert logits is not None
+            logit_hooks = hooks is not None and bool(hooks.logits)
+            if logit_hooks and last:  # plugins' logits hooks, before sampling (rows without one untouched)
+                logits = hooks.apply_logits(logits, last_rows.to(dev))  # type: ignore[union-attr]
+            k = 1 if last else 0
+            for seq, row0, start, stop in want_prompt_lp:
+                # rows at positions [start, stop) predict prompt tokens start+1 .. stop
+                if stop > start:
+                    plog = out[k]
+                    k += 1
+                    assert plog is not None
+                    if logit_hooks:  # prompt logprobs see the same logits hooks
+                        rows = torch.arange(row0, row0 + stop - start, device=dev)
+                        plog = hooks.apply_logits(plog, rows)  # type: ignore[union-attr]
+                    lp_k = seq.params.prompt_logprobs or 0
+                    seq.prompt_lp_parts += token_logprobs(
+                        plog, seq.prompt_token_ids[start + 1 : stop + 1], lp_k
+                    )
+                if len(seq.prompt_lp_parts) == seq.prompt_len:
+                    seq.prompt_logprobs, seq.prompt_lp_parts = seq.prompt_lp_parts, []
+            return logits
+
+        return op, finish
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        """The sequences' block tables, [len(seqs), longest] int32 on the device (zero-padded)."""
+        """The sequences' block tables, [len(seqs), longest] int32 on the host (zero-padded)."""
         tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
         for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = s.block_table
-        return torch.from_numpy(tables).to(self.device)
+        return torch.from_numpy(tables)
 
     def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence], num_prefills: int) -> None:
         """What attention hooks need of a packed step (docs/architecture.md §6): the blocks it fills, each
@@ -369,12 +456,8 @@ class ModelRunner:
                 rows.append(sl.start + (j + 1) * bs - 1 - start)
             if i >= num_prefills:
                 decode.append(i)
-        dev = self.device
-        attn.filled = (
-            torch.tensor(blocks, dtype=torch.long, device=dev),
-            torch.tensor(rows, dtype=torch.long, device=dev),
-        )
-        if dev.type == "cuda" or not decode:  # CUDA decode rows go through `_decode`
+        attn.filled = (torch.tensor(blocks, dtype=torch.long), torch.tensor(rows, dtype=torch.long))
+        if self.device.type == "cuda" or not decode:  # CUDA decode rows go through `_decode`
             return
         width = max(len(seqs[i].block_table) for i in decode)
         tables = torch.zeros(len(decode), width, dtype=torch.int32)
@@ -404,6 +487,13 @@ class ModelRunner:
     def _decode(
         self, seqs: list[Sequence], device_ids: torch.Tensor | None = None, skip: frozenset[str] = frozenset()
     ) -> torch.Tensor:
+        """Decode rows (`_plan_decode`), run now; their logits."""
+        op, finish = self._plan_decode(seqs, device_ids, skip)
+        return finish(self.run_ops([op])[0])
+
+    def _plan_decode(
+        self, seqs: list[Sequence], device_ids: torch.Tensor | None = None, skip: frozenset[str] = frozenset()
+    ) -> tuple[Op, Callable[[list[torch.Tensor | None]], torch.Tensor]]:
         """Decode rows: the paged-decode kernel (from a CUDA graph when the step allows it). With
         `device_ids`, each row's input token is still on the device (not yet appended on the host).
         Plugins in `skip` get no hooks here (their logits hooks come later, `LateLogitsStep`)."""
@@ -440,22 +530,19 @@ class ModelRunner:
             mine = groups.get(fused.name) if fused is not None else None
             cols = fused.fused_columns(mine, n) if fused is not None and mine else None
             if cols is None or cols[0].shape[1] <= graphs.width:
-                rows = {
+                rows: dict[str, HostRows | None] = {
                     k: (reg.host_row_inputs(reg.plugins[k], groups[k], n), reg.host_row_mask(groups[k], n))
                     for k in others
                 }
                 self.graph_steps += 1
                 inputs = DecodeInputs(ids, pos, slots, tables, pos + 1)
-                return graphs.run(inputs, cols, device_ids, rows, modes)
+                return GraphDecodeOp(inputs, cols, rows, modes, device_ids), _only
         self.eager_decode_steps += 1
         hooks = self.registry.step_hooks(spans, n) if spans else None
-        dev = self.device
-        ids_t = device_ids.to(dev) if device_ids is not None else torch.from_numpy(ids).to(dev)
-        if dev.type == "cuda":
-            lens = torch.from_numpy((pos + 1).astype(np.int32)).to(dev)
-            attn = AttentionBatch(
-                torch.from_numpy(slots).to(dev), [], torch.from_numpy(tables).to(dev), lens, bs
-            )
+        ids_t = torch.from_numpy(ids) if device_ids is None else None
+        if self.device.type == "cuda":
+            lens = torch.from_numpy((pos + 1).astype(np.int32))
+            attn = AttentionBatch(torch.from_numpy(slots), [], torch.from_numpy(tables), lens, bs)
         else:  # the CPU attention reads each sequence's slots back from its block table
             ctx = [self._slots(seq, int(p) + 1) for seq, p in zip(seqs, pos, strict=True)]
             attn = AttentionBatch(torch.from_numpy(slots), [SeqSlice(i, 1, c) for i, c in enumerate(ctx)])
@@ -463,11 +550,16 @@ class ModelRunner:
                 lens = torch.from_numpy((pos + 1).astype(np.int32))
                 attn = AttentionBatch(attn.slot_mapping, attn.seqs, torch.from_numpy(tables), lens, bs)
                 attn.decode_seqs = list(range(n))
-        hidden = self.model(ids_t, torch.from_numpy(pos).to(dev), self.kv_caches, attn, hooks)
-        logits = self.model.compute_logits(hidden)
-        if hooks is not None and hooks.logits:  # plugins' logits hooks, before sampling
-            logits = hooks.apply_logits(logits)
-        return logits
+        op = ForwardOp(ids_t, torch.from_numpy(pos), attn, hooks, [None], device_ids)
+
+        def finish(out: list[torch.Tensor | None]) -> torch.Tensor:
+            logits = out[0]
+            assert logits is not None
+            if hooks is not None and hooks.logits:  # plugins' logits hooks, before sampling
+                logits = hooks.apply_logits(logits)
+            return logits
+
+        return op, finish
 
     # -- collect mode: the one forward driver for residual reads and teacher-forced measurement -------
     @torch.inference_mode()
@@ -520,6 +612,11 @@ class ModelRunner:
             )
         if self.block_manager is None:
             raise RuntimeError("collect needs the engine's block manager (LLMEngine binds it)")
+        if linear is not None and self.comm.parallel:
+            raise ValueError(
+                "collect(linear=...) reads projection inputs, which tensor parallelism splits over ranks; "
+                "run it on a server with --tensor-parallel-size 1"
+            )
         out = torch.zeros(len(token_lists), len(layers), spec.hidden_size) if layers else None
         logits: list[torch.Tensor] = []
         for chunk in self._collect_chunks(token_lists, max_tokens):
@@ -585,12 +682,12 @@ class ModelRunner:
                 taken += len(own)
                 slots = (own.unsqueeze(1) * bs + torch.arange(bs, dtype=torch.long)).flatten()[:n]
                 rows.append(CollectRows(i, len(ids), n))
-                slices.append(SeqSlice(len(ids), n, slots if fresh else slots.to(dev)))
+                slices.append(SeqSlice(len(ids), n, slots))
                 slot_parts.append(slots)
                 ids.extend(toks)
                 positions.extend(range(n))
             total = len(ids)
-            attn = AttentionBatch(torch.cat(slot_parts).to(dev), slices, fresh_prefill=fresh)
+            attn = AttentionBatch(torch.cat(slot_parts), slices, fresh_prefill=fresh)
             residual = list(hooks(rows, total)) if hooks is not None else []
             if out is not None:
                 residual.append(_Capture(layers, rows, position, out))
@@ -599,13 +696,14 @@ class ModelRunner:
                 every = torch.ones(total, dtype=torch.bool, device=dev)
                 plugins.append(BoundHooks(PluginHooks(linear=linear), {}, every))
             step = StepHooks(residual, plugins=plugins) if residual or plugins else None
-            hidden = self.model(
-                torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, attn, step
-            )
+            reads: list[torch.Tensor | None] = []
+            if logit_positions is not None:
+                want = [r.row0 + p for r in rows for p in logit_positions[r.index]]
+                reads.append(torch.tensor(want, dtype=torch.long))
+            # the hooks here are the caller's, over tables the other tensor-parallel ranks need not keep
+            op = ForwardOp(torch.tensor(ids), torch.tensor(positions), attn, step, reads, shared_table=False)
+            logits = self.run_ops([op])[0]
             self.collect_forwards += 1
-            if logit_positions is None:
-                return None
-            want = [r.row0 + p for r in rows for p in logit_positions[r.index]]
-            return self.model.compute_logits(hidden[torch.tensor(want, dtype=torch.long, device=dev)])
+            return logits[0] if logits else None
         finally:
             self.block_manager.give_back(borrowed)

@@ -10,11 +10,15 @@ host spinning in its wait), and no healthy CUDA step comes near the timeout.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 BUSY_SHARE = 0.1  # CPU seconds per wall second above which a CPU engine counts as working
 
@@ -100,3 +104,18 @@ class Progress:
         if silent <= self.timeout:
             return None
         return f"engine stalled: no progress for {silent:.0f} s (--engine-stall-timeout {self.timeout:g})"
+
+
+def exit_with_parent(parent: int, poll_s: float = 0.5, what: str = "engine core") -> None:
+    """A thread that ends this process once `parent` (the server's pid, passed at spawn: it may already
+    be gone by the time this runs) is no longer its parent. A SIGKILLed server never stops the core in
+    order, and while the model loads nobody reads the pipe, so its EOF would go unseen until then (the
+    same holds for a tensor-parallel worker and the rank 0 that spawned it)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("the process that started this one (pid %d) is gone: %s exiting", parent, what)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="actserve-core-parent-watch", daemon=True).start()

@@ -7,6 +7,7 @@ server/engine/llm_engine.py)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from actserve.server.contract import ModelInfo, MoEInfo
+from actserve.server.layers.parallel import SINGLE, Communicator, SymmMemAllReduce, dist_world
 from actserve.server.layers.telemetry import Telemetry
 from actserve.server.models.expert_offload import attach_offload, offload_config
 from actserve.server.models.formats import weight_bytes
@@ -35,6 +37,7 @@ from actserve.server.models.quantization import (
 )
 from actserve.server.models.registry import resolve as resolve_native
 from actserve.server.models.spec import ModelSpec
+from actserve.server.models.tp_check import check_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class LoadConfig:
     resident_experts: float | None = None
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
+    tensor_parallel_size: int = 1  # ranks the model is split over (docs/architecture.md §12)
+    tp_allreduce: str = "nccl"  # CUDA: "nccl", or "symm_mem" (symmetric-memory one-shot, small messages)
 
 
 @dataclass
@@ -90,6 +95,8 @@ class LoadedModel:
     eager_reason: str | None = None
     # weights kept in host memory beside the device's (offloaded experts; pinned on CUDA)
     host_weight_bytes: int = 0
+    # tensor parallelism: this rank's group (weights, KV heads and the byte counts above are this rank's)
+    comm: Communicator = SINGLE
 
 
 def resolve_device(device: str) -> torch.device:
@@ -135,10 +142,27 @@ def load_model(config: LoadConfig) -> LoadedModel:
     return size_kv_cache(load_weights(config), config)
 
 
-def load_weights(config: LoadConfig) -> LoadedModel:
+def check_config(config: LoadConfig) -> None:
+    """What can be refused from the config alone before any process loads weights (tensor parallelism:
+    before the other ranks start)."""
+    from transformers import AutoConfig
+
+    if config.tensor_parallel_size == 1:
+        return
+    model_dir, _ = model_dir_and_name(config)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    native = resolve_native(hf_config, config.force_transformers)
+    check_tensor_parallel(
+        config.tensor_parallel_size, native.spec, native.architecture, native.fallback_reason, hf_config,
+        config.quantization,
+    )  # fmt: skip
+
+
+def load_weights(config: LoadConfig, comm: Communicator = SINGLE) -> LoadedModel:
     """The model, its tokenizer and `ModelInfo`, its KV cache not sized yet (`num_blocks` 0 and the
     weights not counted until `size_kv_cache`): whoever adds weights first (plugins' extra formats, at
-    start) does it in between, so that the KV cache is sized after them."""
+    start) does it in between, so that the KV cache is sized after them. `comm`: tensor parallelism,
+    this rank's group (the model holds this rank's shards; `ModelInfo` stays the whole model's)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from actserve.server.models.default_model import is_complete
@@ -161,6 +185,9 @@ def load_weights(config: LoadConfig) -> LoadedModel:
     files = [] if dummy else weight_files(model_dir, config.allow_pickle_weights)
     native = resolve_native(hf_config, config.force_transformers)  # the model registry
     spec: ModelSpec | None = native.spec
+    check_tensor_parallel(
+        comm.world, spec, native.architecture, native.fallback_reason, hf_config, config.quantization
+    )
     if native.fallback_reason is not None:
         log.warning(
             "architecture %s: serving %s through the transformers fallback (%s)",
@@ -179,8 +206,10 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         prepare = None if offload is None else (lambda m: attach_offload(m, offload, dtype, device))
         model = load_native(
             spec, hf_config, files, dtype, device, max_len, random_init=dummy, model_class=native.model_class,
-            weight_format=None if calibrated else weight_format, prepare=prepare,
+            weight_format=None if calibrated else weight_format, prepare=prepare, comm=comm,
         )  # fmt: skip
+        if comm.parallel and device.type == "cuda" and config.tp_allreduce == "symm_mem":
+            comm.symm = SymmMemAllReduce(comm.group or dist_world(), dtype, device)  # every rank, in order
         if calibrated:  # loaded dense: calibrate, then each projection becomes FP4
             quantize_calibrated(model, tokenizer, config.quantization, max_len, method)  # type: ignore[arg-type]
         elif config.quantization == LLM_FP4:  # loaded dense: calibrate, then simulated W4A4
@@ -198,9 +227,10 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
         head_dim = getattr(text_config, "head_dim", None) or hidden // heads
         inter = int(getattr(text_config, "intermediate_size", 0) or 0)
-    per_block = (
-        2 * layers * kv_heads * head_dim * config.block_size * torch.tensor([], dtype=dtype).element_size()
-    )
+    per_block = (  # this rank's KV heads (all of them without tensor parallelism)
+        2 * layers * (kv_heads // comm.world) * head_dim * config.block_size
+        * torch.tensor([], dtype=dtype).element_size()
+    )  # fmt: skip
     eos = read_generation_eos(model_dir, hf_config, tokenizer)
     info = ModelInfo(
         name=name,
@@ -224,8 +254,11 @@ def load_weights(config: LoadConfig) -> LoadedModel:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         moe=moe_info(spec),
+        tensor_parallel_size=comm.world,
     )
-    loaded = LoadedModel(info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block)
+    loaded = LoadedModel(
+        info, model, tokenizer, eos, spec, 0, config.block_size, 0, kv_block_bytes=per_block, comm=comm
+    )
     cache = getattr(model, "expert_offload", None)
     if cache is not None:
         cache.measure_costs()
@@ -245,6 +278,26 @@ def moe_info(spec: ModelSpec | None) -> MoEInfo | None:
     m = spec.moe
     layers = tuple(i for i in range(spec.num_layers) if m.sparse(i))
     return MoEInfo(m.num_experts, m.top_k, m.renormalize, layers)
+
+
+def agreed_kv_blocks(comm: Communicator, fit: Callable[[], int]) -> int:
+    """`fit()` on this rank, then the least over the tensor-parallel ranks (every rank's cache holds the
+    same block ids). A rank whose `fit` raises still joins the agreement (with 0) before raising, so the
+    others fail too instead of waiting for it."""
+    try:
+        mine, error = fit(), None
+    except ModelLoadError as e:
+        mine, error = 0, e
+    agreed = comm.agree_min(mine)
+    if error is not None:
+        raise error
+    if agreed == 0:
+        raise ModelLoadError(
+            "another tensor-parallel rank has no GPU memory left for the KV cache (its log says why)"
+        )
+    if agreed < mine:
+        log.info("KV cache: %d blocks fit on this rank, %d on every rank: using %d", mine, agreed, agreed)
+    return agreed
 
 
 def size_kv_cache(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:
@@ -273,7 +326,9 @@ def size_kv_cache(loaded: LoadedModel, config: LoadConfig) -> LoadedModel:
             peak = step_activation_bytes(model, spec, tokens, max_len, dtype, device, config.block_size)
             workspace = peak + GPU_GRAPH_RESERVE_BYTES
             log.info("a step of %d tokens peaks at %.2f GiB of activations (profiled)", tokens, peak / 2**30)
-        num_blocks = gpu_kv_blocks(config, per_block, device, workspace)
+        num_blocks = agreed_kv_blocks(
+            loaded.comm, lambda: gpu_kv_blocks(config, per_block, device, workspace)
+        )
         if num_blocks < min_blocks:
             raise ModelLoadError(
                 f"the KV cache fits {num_blocks * config.block_size} tokens after the weights and the step "

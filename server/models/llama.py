@@ -36,6 +36,13 @@ from actserve.server.layers.linear import (
 )
 from actserve.server.layers.moe import SparseMoeBlock
 from actserve.server.layers.norm import RMSNorm
+from actserve.server.layers.parallel import current as current_tp
+from actserve.server.layers.parallel_linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from actserve.server.layers.rotary import RotaryEmbedding
 from actserve.server.models.spec import ModelSpec
 
@@ -51,15 +58,31 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
         d = spec.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
-        self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
-        self.qkv_proj = MergedColumnLinear(
-            spec.hidden_size, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"],
-            bias=spec.attention_bias, weight_format=_fmt(weight_format),
-        )  # fmt: skip
-        self.o_proj = Linear(
-            spec.num_heads * d, spec.hidden_size, bias=spec.o_bias, weight_format=_fmt(weight_format)
-        )
+        # tensor parallelism (docs/architecture.md §12): this rank's heads of q, k and v, o_proj over them
+        self.tp = tp = current_tp()
+        heads = tp.split(spec.num_heads, "num_attention_heads")
+        kv_heads = tp.split(spec.num_kv_heads, "num_key_value_heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, d
+        self.q_size, self.kv_size = heads * d, kv_heads * d
+        full = [spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d]
+        if tp.parallel:
+            if spec.qk_norm_full:
+                raise ValueError("a q/k norm over all heads (OLMoE) is not split over tensor-parallel ranks")
+            self.qkv_proj: MergedColumnLinear = MergedColumnParallelLinear(
+                spec.hidden_size, full, ["q", "k", "v"], bias=spec.attention_bias,
+                weight_format=_fmt(weight_format), what="attention heads",
+            )  # fmt: skip
+            self.o_proj: Linear = RowParallelLinear(
+                full[0], spec.hidden_size, bias=spec.o_bias, weight_format=_fmt(weight_format)
+            )
+        else:
+            self.qkv_proj = MergedColumnLinear(
+                spec.hidden_size, full, ["q", "k", "v"], bias=spec.attention_bias,
+                weight_format=_fmt(weight_format),
+            )  # fmt: skip
+            self.o_proj = Linear(
+                full[0], spec.hidden_size, bias=spec.o_bias, weight_format=_fmt(weight_format)
+            )
         if spec.qk_norm:  # per head (Qwen3)
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -116,7 +139,8 @@ class Attention(nn.Module):
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
         if hooks is not None and filled is not None:
             notify_filled(hooks, layer, kv_cache, filled)
-        return linear(o.reshape(t, -1), self.o_proj, lin.get("o_proj") if lin is not None else None)
+        out = linear(o.reshape(t, -1), self.o_proj, lin.get("o_proj") if lin is not None else None)
+        return self.tp.all_reduce(out)  # tensor parallelism: the ranks' partial products summed
 
 
 class MLP(nn.Module):
@@ -126,16 +150,26 @@ class MLP(nn.Module):
         """`inter`: the hidden width (default the config's intermediate_size; a shared expert's own)."""
         super().__init__()
         inter = inter or spec.intermediate_size
-        self.gate_up_proj = MergedColumnLinear(
-            spec.hidden_size, [inter, inter], [0, 1], weight_format=_fmt(weight_format)
-        )
-        self.down_proj = Linear(inter, spec.hidden_size, weight_format=_fmt(weight_format))
+        self.tp = tp = current_tp()
+        if tp.parallel:  # this rank's channels of gate and up, down_proj over them
+            self.gate_up_proj: MergedColumnLinear = MergedColumnParallelLinear(
+                spec.hidden_size, [inter, inter], [0, 1], weight_format=_fmt(weight_format),
+                what="intermediate_size",
+            )  # fmt: skip
+            self.down_proj: Linear = RowParallelLinear(
+                inter, spec.hidden_size, weight_format=_fmt(weight_format), what="intermediate_size"
+            )
+        else:
+            self.gate_up_proj = MergedColumnLinear(
+                spec.hidden_size, [inter, inter], [0, 1], weight_format=_fmt(weight_format)
+            )
+            self.down_proj = Linear(inter, spec.hidden_size, weight_format=_fmt(weight_format))
 
     def forward(self, x: torch.Tensor, lin: dict[str, LinearSite] | None = None) -> torch.Tensor:
         if lin is None:
-            return silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj)
+            return self.tp.all_reduce(silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj))
         gate_up = linear(x, self.gate_up_proj, lin.get("gate_up_proj"))
-        return silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj"))
+        return self.tp.all_reduce(silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj")))
 
 
 def moe_block(spec: ModelSpec, weight_format: FormatFactory = None) -> SparseMoeBlock:
@@ -154,6 +188,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(spec, weight_format)
         self.is_moe = spec.moe is not None and spec.moe.sparse(index)
+        if self.is_moe and current_tp().parallel:
+            raise ValueError("mixture-of-experts layers are not split over tensor-parallel ranks")
         self.mlp: nn.Module = moe_block(spec, weight_format) if self.is_moe else MLP(spec, weight_format)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -164,7 +200,12 @@ class LlamaBody(nn.Module):
 
     def __init__(self, spec: ModelSpec, weight_format: FormatFactory = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        parallel = current_tp().parallel  # tensor parallelism: this rank's rows of the vocabulary
+        self.embed_tokens: nn.Module = (
+            VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
+            if parallel
+            else nn.Embedding(spec.vocab_size, spec.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(spec, weight_format, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -197,8 +238,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, rotary: nn.Module, weight_format: FormatFactory = None) -> None:
         super().__init__()
         self.spec = spec
+        self.tp = current_tp()
         self.model = LlamaBody(spec, weight_format)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+        # the KV heads this rank keeps in its cache (all of them without tensor parallelism)
+        self.local_kv_heads = self.tp.split(spec.num_kv_heads, "num_key_value_heads")
+        self.lm_head: Linear = (
+            ParallelLMHead(spec.hidden_size, spec.vocab_size)
+            if self.tp.parallel
+            else Linear(spec.hidden_size, spec.vocab_size)
+        )
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary
@@ -248,4 +296,9 @@ class LlamaForCausalLM(nn.Module):
         return getattr(parent, name)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head).float()
+        """Float32 logits [rows, vocab]. Tensor parallelism: every rank computes its rows of the
+        vocabulary, rank 0 gets them all (other ranks get None; only rank 0 samples)."""
+        if not self.tp.parallel:
+            return linear(hidden, self.lm_head).float()
+        full = self.lm_head.logits(linear(hidden, self.lm_head))  # type: ignore[attr-defined]
+        return full.float() if full is not None else None  # type: ignore[return-value]

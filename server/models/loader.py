@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from actserve.server.layers.parallel import SINGLE, Communicator
+from actserve.server.layers.parallel import use as use_comm
 from actserve.server.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -98,18 +100,20 @@ def load_native(
     model_class: type | None = None,
     weight_format: Any = None,
     prepare: Callable[[torch.nn.Module], object] | None = None,
+    comm: Communicator | None = None,
 ) -> torch.nn.Module:
     """Build on the meta device, allocate once on the target, then load tensors in (no random init).
 
     `model_class` defaults to the registry's class for `spec.family`; `weight_format` (a factory of
     `WeightFormat`s, None = dense) is passed to it. `prepare(model)` runs on the model still on the meta
-    device, before anything is allocated (expert offloading moves the experts to host memory there)."""
+    device, before anything is allocated (expert offloading moves the experts to host memory there).
+    `comm`: tensor parallelism, this rank's group (its layers hold and load their shards only)."""
     from actserve.server.layers.rotary import RotaryEmbedding
     from actserve.server.models.registry import model_class_for_family
 
     cls = model_class or model_class_for_family(spec.family)
     rotary = RotaryEmbedding(config, spec.head_dim, max_positions).to(device)
-    with torch.device("meta"):
+    with torch.device("meta"), use_comm(comm or SINGLE):
         model = cls(spec, torch.nn.Module(), weight_format=weight_format)
     if prepare is not None:
         prepare(model)

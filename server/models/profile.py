@@ -27,7 +27,8 @@ def heaviest_step(
     them repeatedly, which costs the memory of distinct blocks. Returns the log-softmax."""
     tokens = min(tokens, max_len)
     blocks = -(-tokens // block_size)
-    kv = make_kv_cache(spec.num_layers, blocks * block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+    kv_heads = getattr(model, "local_kv_heads", spec.num_kv_heads)  # tensor parallelism: this rank's
+    kv = make_kv_cache(spec.num_layers, blocks * block_size, kv_heads, spec.head_dim, dtype, device)
     table = torch.arange(-(-max_len // block_size), device=device) % blocks
     context = (table.unsqueeze(1) * block_size + torch.arange(block_size, device=device)).flatten()[:max_len]
     batch = AttentionBatch(context[-tokens:], [SeqSlice(0, tokens, context)], block_size=block_size)
@@ -36,7 +37,9 @@ def heaviest_step(
     ids = torch.randint(0, spec.vocab_size, (tokens,), device=device)
     positions = torch.arange(max_len - tokens, max_len, device=device)
     hidden = model(ids, positions, kv, batch, None)
-    return torch.log_softmax(model.compute_logits(hidden), dim=-1)  # type: ignore[operator]
+    logits = model.compute_logits(hidden)  # type: ignore[operator]
+    # tensor parallelism: the ranks other than 0 get no logits (rank 0's profile holds them)
+    return torch.log_softmax(logits, dim=-1) if logits is not None else hidden
 
 
 def step_activation_bytes(
