@@ -3,17 +3,20 @@ layer (the down projection's input is silu(gate)·up), over calibration text, th
 forwards (`ModelRunner.collect` with a linear-input hook), so the statistics are of exactly the tensors
 the plugin's hook will threshold, in the serving dtype.
 
-Two runs over the text:
+Three steps:
 1. dense: the model as is; each site's histogram (the artifact's `histogram`). Its level-quantiles are
    TEAL's thresholds as the paper computes them.
-2. correction: zeroing a site's inputs changes the inputs of every later site (sparser q/k/v give
+2. allocation (allocation.py, probe.py): each site's own level at each grid level (0.05 ... 0.90), from
+   one forward per site and probe level over the last `probe_tokens` tokens of the text, with only that
+   site sparsified (its KL to dense), and a greedy that spends the level where it costs least.
+3. correction: zeroing a site's inputs changes the inputs of every later site (sparser q/k/v give
    smaller attention outputs, so o_proj's inputs shrink, and so on), so dense quantiles overshoot: on
    TinyStories-656K's held-out text they gave 51.8 % zeros at level 0.5 and 74.6 % at 0.7. So for each
-   level of a grid (0.05 ... 0.90), a sample of the text runs as one forward with that level applied
-   and each site's threshold is fixed, in forward order, as the level-quantile of the inputs it sees
-   there, all earlier sites already thresholded: exact for the sample, in one run. The artifact keeps
-   each as the dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels
-   are interpolated in that quantile (artifact.py `level_quantiles`).
+   grid level a sample of the text runs as one forward with every site at its allocated level, and each
+   site's threshold is fixed, in forward order, as that quantile of the inputs it sees there, all
+   earlier sites already thresholded: exact for the sample, in one run. The artifact keeps each as the
+   dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels are interpolated
+   in that quantile (artifact.py `level_quantiles`).
 
 Calibration text: given files (`--text`: JSON lines with a "text" field, or plain text), or by default
 the model's own samples (temperature 1.0, a fixed seed) continuing a few fixed, varied openings; no
