@@ -308,6 +308,8 @@ def main() -> None:
     ap.add_argument("--select-only", action="store_true", help="calibration and the selection slice only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.probe_tokens < 0 or args.probe_tokens == 1:
+        ap.error("--probe-tokens: 0 (every site at the level) or at least 2")
     args.out = args.out or (SELECT_OUT if args.select_only else OUT)
     args.levels = [float(x) for x in args.levels.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)

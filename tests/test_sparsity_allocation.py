@@ -29,7 +29,7 @@ from actserve.interventions.sparsity.calibrate_methods import SequentialChess, S
 from actserve.interventions.sparsity.probe import Prober, probe_text
 from actserve.server.contract import PROJECTIONS
 from tests.engine_utils import HFTeal
-from tests.sparsity_utils import engine
+from tests.sparsity_utils import CALIB, engine
 
 K = round(MAX_SITE_LEVEL / STEP)
 
@@ -177,3 +177,45 @@ def test_shared_probes_drop_what_teal_drops(tiny: Any, sparsity_calibration: Pat
     layer, p = (int(v) for v in (cal.rsparse.alpha == 1).nonzero()[0])
     assert probe(rsparse, layer, p) == probe(teal, layer, p)
     assert probe(chess, 0, 0) != probe(teal, 0, 0)
+
+
+def test_cli_probe_tokens(tinystories_dir: Path, ref: Any, tmp_path: Path, capsys: Any) -> None:
+    """`actserve sparsity calibrate --probe-tokens N`: the probes read the text's last N tokens and each
+    grid level's allocation saves that share of the multiply-adds (weights from transformers' config),
+    not every site at the level; `--probe-tokens 0` puts every site at the level (no probes); a bad value,
+    or probes without the correction, is refused naming the flag."""
+    from actserve.server.cli import main
+
+    text = tmp_path / "calib.jsonl"
+    text.write_text("".join(CALIB.read_text().splitlines(keepends=True)[:6]))
+    argv = ["sparsity", "calibrate", "--model", str(tinystories_dir), "--device", "cpu", "--text", str(text)]
+    argv += ["--methods", "none", "--correction-tokens", "256"]
+    n = int(torch.randint(40, 90, (1,)))
+    grid = torch.arange(1, 19, dtype=torch.float64) * 0.05
+    c = ref.config
+    h, q, kv, inter = (
+        c.hidden_size,
+        c.hidden_size,
+        c.num_key_value_heads * c.hidden_size // c.num_attention_heads,
+        c.intermediate_size,
+    )
+    w = torch.tensor([h * (q + 2 * kv), q * h, 2 * inter * h, inter * h], dtype=torch.float64)
+    for tokens in (n, 0):
+        out = tmp_path / f"p{tokens}.safetensors"
+        assert main([*argv, "--probe-tokens", str(tokens), "--out", str(out)]) == 0
+        cal = load_calibration(out)
+        assert cal.allocation is not None and cal.grid is not None
+        assert torch.allclose(cal.grid, grid)
+        share = (cal.allocation * w).sum((1, 2)) / (c.num_hidden_layers * w.sum())
+        assert torch.allclose(share, grid, atol=1e-9)
+        uniform = torch.allclose(cal.allocation, grid.reshape(-1, 1, 1).expand_as(cal.allocation))
+        if tokens:
+            assert cal.info["allocation"]["probe_tokens"] == n and not uniform
+        else:
+            assert "allocation" not in cal.info and uniform
+    capsys.readouterr()
+    for bad, said in (("1", "--probe-tokens 0 or at least 2"), ("-3", "--probe-tokens 0 or at least 2")):
+        assert main([*argv, "--probe-tokens", bad]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv[:-1], "0", "--probe-tokens", "64"]) == 2
+    assert "--probe-tokens needs the correction" in capsys.readouterr().err

@@ -213,6 +213,12 @@ def calibrate(
         raise ValueError(f"sparsity calibration needs the native model implementation ({mi.fallback_reason})")
     if not token_lists:
         raise ValueError("no calibration text")
+    if probe_tokens is not None and (probe_tokens == 1 or probe_tokens < 0):
+        raise ValueError(f"probe tokens: 0 (no allocation) or at least 2, not {probe_tokens}")
+    if probe_tokens and correction_tokens is None:
+        raise ValueError(
+            "probe tokens need the correction (its thresholds are fixed at the allocated levels)"
+        )
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown calibration methods {sorted(unknown)}; choose from {', '.join(METHODS)}")

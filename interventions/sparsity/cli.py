@@ -78,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if (
         min(args.samples, args.sample_tokens, args.window, args.batch_tokens) < 1
         or min(args.correction_tokens, args.probe_tokens or 0) < 0
+        or args.probe_tokens == 1
     ):
         print(
             "error: --samples, --sample-tokens, --window, --batch-tokens must be positive; "
-            "--correction-tokens and --probe-tokens at least 0",
+            "--correction-tokens at least 0; --probe-tokens 0 or at least 2",
             file=sys.stderr,
         )
         return 2
