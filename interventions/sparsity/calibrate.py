@@ -16,7 +16,7 @@ Three steps:
    site's threshold is fixed, in forward order, as that quantile of the inputs it sees there, all
    earlier sites already thresholded: exact for the sample, in one run. The artifact keeps each as the
    dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels are interpolated
-   in that quantile (artifact.py `level_quantiles`).
+   in that quantile (histograms.py `corrected_quantiles`).
 
 Calibration text: given files (`--text`: JSON lines with a "text" field, or plain text), or by default
 the model's own samples (temperature 1.0, a fixed seed) continuing a few fixed, varied openings; no
