@@ -5,7 +5,9 @@ methods of the `sparsity` plugin (teal, chess, r_sparse, coreinfer) at sparsity 
 Calibration: `interventions/sparsity/calibrate.py` (what `actserve sparsity calibrate --text FILE` runs:
 TEAL, CHESS and R-Sparse) through our engine on each model's calibration split of bench/data/fp4_quality
 (the FP4 bench's text, manifest.json: split and sha256), never on the held-out split it is scored on.
-CoreInfer needs none (its token share beta = 0.2 is the paper's default).
+Each site's own level comes from the greedy allocation (allocation.py: probes of every site over the
+last PROBE_TOKENS tokens of the calibration split, KL to dense; `--probe-tokens 0`: every site at the
+level, the papers' rule). CoreInfer needs none (its token share beta = 0.2 is the paper's default).
 
 - Perplexity: transformers (AutoModelForCausalLM, float32, not our engine) with the tests' independent
   references of each method (tests/engine_utils.py `HFTeal`, tests/sparsity_utils.py `HFChess`,
@@ -16,9 +18,10 @@ CoreInfer needs none (its token share beta = 0.2 is the paper's default).
   FFN on the core neurons only; its ratio is against dense perplexity over the same positions. Held-out
   sequences as bench/fp4_quality.py cuts them (SmolLM2: windows of 512 tokens of The Rust Programming
   Language; TinyStories: one sampled story per sequence). "ratio_95ci": paired bootstrap over sequences.
-  "achieved": the method's achieved sparsity over the scored text, averaged over layers and sites (TEAL:
-  zero share of the four projection inputs; CHESS: of the q input, o input and FFN channels; R-Sparse:
-  the share of multiply-adds saved, net of the low-rank path; CoreInfer: the FFN neurons dropped).
+  "achieved": the method's achieved sparsity over the scored text: the share of the multiply-adds of its
+  sites saved, each site's zero share weighed by its weights' size (TEAL: the four projections; CHESS:
+  the q part of qkv, o, the up rows of the masked FFN channels, the down columns of the down input's
+  zeros; R-Sparse: the four projections, net of the low-rank path; CoreInfer: the FFN neurons dropped).
   "weights_skipped": the share of all decoder projection weights a decode step at that level need not
   read (levels of different methods skip different amounts: CHESS keeps k, v and gate dense, CoreInfer
   sparsifies the FFN only).
@@ -32,8 +35,11 @@ CoreInfer needs none (its token share beta = 0.2 is the paper's default).
 - The best method (`ppl_ratio_best_s40_<model>`): chosen before the held-out run, by perplexity ratio at
   0.40 on a slice of the calibration split (SELECT_SEQUENCES), then scored on the held-out split.
 - `--dense-quantiles MODELS`: TEAL also at its plain thresholds (no correction for the sparsity upstream).
+- `--select-only`: calibration and the selection slice only (every method at every level), written to
+  bench/results/sparsity_selection.json (`--out`): where rules are compared; it reads no held-out text.
 
     python bench/sparsity_quality.py [--levels 0.25,0.4,0.5,0.7] [--smollm2-windows 8] [--models ...]
+        [--probe-tokens N] [--select-only]
 Writes bench/results/sparsity_quality.json and prints the table last.
 """
 
@@ -57,8 +63,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actserve.interventions.sparsity.allocation import PROBE_LEVELS
 from actserve.interventions.sparsity.artifact import SparsityCalibration, save_calibration
-from actserve.interventions.sparsity.calibrate import calibrate, text_windows
+from actserve.interventions.sparsity.calibrate import PROBE_TOKENS, calibrate, text_windows
 from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size
 from actserve.interventions.sparsity.plugin import levels
 from actserve.server.engine.config import EngineConfig
@@ -84,6 +91,7 @@ from tests.engine_utils import HFTeal  # noqa: E402
 from tests.sparsity_utils import HFChess, HFCoreInfer, HFRSparse  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "sparsity_quality.json"
+SELECT_OUT = ROOT / "bench" / "results" / "sparsity_selection.json"
 LEVELS = (0.25, 0.40, 0.50, 0.70)
 METHODS = ("teal", "chess", "r_sparse", "coreinfer")
 GOAL = 1.05  # issue 14: at 40 %, perplexity within +5 % of dense for the best method
@@ -106,7 +114,9 @@ def references(model: Any, cal: SparsityCalibration) -> dict[str, Reference]:
     return {
         "teal": lambda s: HFTeal(model, teal[round(s * 100)]),
         "chess": lambda s: HFChess(model, chess[round(s * 100)], up_mean),
-        "r_sparse": lambda s: HFRSparse(model, rs_thr[round(s * 100)], rs_ranks[round(s * 100)], svd=svd),
+        "r_sparse": lambda s: HFRSparse(
+            model, rs_thr[round(s * 100)], rs_ranks[round(s * 100)], cal.rsparse.alpha, svd=svd
+        ),
         "coreinfer": lambda s: HFCoreInfer(model, core_size(s, n), TOKEN_FRACTION, prompt_len=CORE_PROMPT),
     }
 
@@ -171,15 +181,25 @@ def start_of(method: str) -> int:
 
 
 def select_best(
-    model: Any, refs: dict[str, Reference], data: list[tuple[torch.Tensor, torch.Tensor]]
+    model: Any,
+    refs: dict[str, Reference],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    levels_: tuple[float, ...] = (0.40,),
 ) -> dict:
-    """Perplexity ratio at 0.40 of every method on calibration-split sequences; the lowest is the best."""
+    """Perplexity ratio at 0.40 of every method on calibration-split sequences; the lowest is the best.
+    Other `levels_` (--select-only) are reported beside it, with the achieved sparsity."""
     base = {start: scored(model, data, None, start)["nll"] for start in {start_of(m) for m in METHODS}}
-    ratios = {}
-    for m in METHODS:
-        nll = scored(model, data, refs[m](0.40), start_of(m))["nll"]
-        ratios[m] = round(perplexity(nll) / perplexity(base[start_of(m)]), 4)
-    return {"ppl_ratio_s40_calibration": ratios, "best": min(ratios, key=lambda m: ratios[m])}
+    out: dict[str, Any] = {}
+    for s in levels_:
+        ratios, achieved = {}, {}
+        for m in METHODS:
+            got = scored(model, data, refs[m](s), start_of(m))
+            ratios[m] = round(perplexity(got["nll"]) / perplexity(base[start_of(m)]), 4)
+            achieved[m] = round(got["achieved"], 4)
+        out[f"ppl_ratio_s{round(s * 100)}_calibration"] = ratios
+        out[f"achieved_s{round(s * 100)}_calibration"] = achieved
+    ratios = out["ppl_ratio_s40_calibration"]
+    return {**out, "best": min(ratios, key=lambda m: ratios[m])}
 
 
 def run_model(
@@ -200,8 +220,9 @@ def run_model(
     eng = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", num_kv_blocks=1024))
     cal_seqs = text_windows(eng.tokenizer, calib_docs, WINDOW)
     cal = calibrate(
-        eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False, methods=("chess", "r_sparse")
-    )
+        eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False,
+        methods=("chess", "r_sparse"), probe_tokens=args.probe_tokens or None,
+    )  # fmt: skip
     calib_s = time.perf_counter() - t0
     art = tmp / f"{key}.safetensors"
     save_calibration(cal, art)
@@ -209,7 +230,9 @@ def run_model(
     refs = references(model, cal)
     t0 = time.perf_counter()
     pick = sequences(key, tok, calib_docs, None)[: SELECT_SEQUENCES[key]]
-    selection = select_best(model, refs, batches(pick, batch))
+    selection = select_best(
+        model, refs, batches(pick, batch), tuple(args.levels) if args.select_only else (0.40,)
+    )
     select_s = time.perf_counter() - t0
     res: dict[str, Any] = {
         "model": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name,
@@ -218,11 +241,14 @@ def run_model(
         "correction_tokens": cal.info["correction"]["tokens"],
         "calibration_s": round(calib_s, 1),
         "r_sparse_alpha_mean_by_projection": cal.info["r_sparse"]["alpha_mean_by_projection"],
+        "allocation": {k: v for k, v in cal.info.get("allocation", {}).items() if k != "probe_kl"},
         "selection": {**selection, "sequences": len(pick), "seconds": round(select_s, 1)},
         "heldout_sequences": len(held_seqs),
         "methods": {},
     }
     print(f"{key:<12} selection {selection}", flush=True)
+    if args.select_only:
+        return res
     t0 = time.perf_counter()
     base = {start: scored(model, heldout, None, start) for start in (0, CORE_PROMPT)}
     res["heldout_tokens_scored"] = int(base[0]["nll"][:, 1].sum())
@@ -275,8 +301,16 @@ def main() -> None:
     ap.add_argument(
         "--dense-quantiles", default="", help="models also scored at TEAL's uncorrected thresholds"
     )
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--probe-tokens", type=int, default=PROBE_TOKENS,
+        help="the allocation's probe text (0: every site at the level)",
+    )  # fmt: skip
+    ap.add_argument("--select-only", action="store_true", help="calibration and the selection slice only")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.probe_tokens < 0 or args.probe_tokens == 1:
+        ap.error("--probe-tokens: 0 (every site at the level) or at least 2")
+    args.out = args.out or (SELECT_OUT if args.select_only else OUT)
     args.levels = [float(x) for x in args.levels.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
@@ -292,10 +326,19 @@ def main() -> None:
         "versions": {n: version(n) for n in ("torch", "transformers")},
         "sparsified": {
             "teal": "the inputs of every decoder projection (q/k/v and gate/up share one threshold)",
-            "chess": "q and o projection inputs, FFN channels (per-channel thresholds); k/v dense",
-            "r_sparse": "every projection input; the dropped part through the weight's top singular vectors",
+            "chess": "q and o projection inputs, FFN channels (per-channel thresholds), then the down input "
+            "(threshold on |silu(gate)·up|); k/v and gate dense",
+            "r_sparse": "every projection input; the dropped part through the weight's top singular vectors "
+            "(score |x|*||W[:, j]||, |x| where alpha = 1)",
             "coreinfer": f"FFN neurons outside the core set of the first {CORE_PROMPT} tokens",
         },
+        "allocation": (
+            f"each site's own level from a greedy allocation (allocation.py) on probes of every site at "
+            f"{list(PROBE_LEVELS)} over the last {args.probe_tokens} tokens of the calibration split (KL to "
+            "dense); the level is the multiply-add-weighted share of the method's sites saved"
+            if args.probe_tokens
+            else "every site at the level (the papers' rule)"
+        ),
         "float": "float32; every scored position sparse (CoreInfer: after its prompt)",
         "data_manifest": "bench/data/fp4_quality/manifest.json",
         "data_split": manifest["split"],
@@ -303,6 +346,14 @@ def main() -> None:
         "goal": f"at 40 % sparsity, perplexity <= {GOAL} x dense for the best method",
         "best_rule": "lowest perplexity ratio at 0.40 on calibration-split sequences, before held-out runs",
     }
+    if args.select_only:
+        doc |= {"models": results, "runtime_s": round(time.perf_counter() - started, 1)}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}, {doc['runtime_s']} s")
+        for key, r in results.items():
+            for k, v in r["selection"].items():
+                print(f"{key:<12} {k:<30} {v}")
+        return
     for key, r in results.items():
         for method, rows in r["methods"].items():
             for level, row in rows.items():

@@ -126,12 +126,15 @@ class HFTeal:
     the input entries with |x| < thresholds[layer, projection] (our projection order; q/k/v share
     qkv_proj's, gate/up gate_up_proj's, as they share the input). `decode_only`: only forwards of one
     position per sequence (generate's decode steps). Counts, per (layer, projection), the zero entries
-    after thresholding and all entries, over the rows `valid` marks ([batch * seq] bool; None: all)."""
+    after thresholding and all entries, over the rows `valid` marks ([batch * seq] bool; None: all); the
+    achieved sparsity weighs them by the projections' weight sizes (multiply-adds)."""
 
     def __init__(self, ref: Any, thresholds: torch.Tensor, decode_only: bool = False) -> None:
         self.ref, self.thresholds, self.decode_only = ref, thresholds, decode_only
         self.valid: torch.Tensor | None = None
         self.counts: dict[tuple[int, str], list[int]] = {}
+        self.macs: dict[tuple[int, str], int] = {}  # per site: its weights' size (multiply-adds per token)
+        self.width: dict[tuple[int, str], int] = {}  # per site: its input's width
         self._handles: list[Any] = []
 
     def _hook(self, layer: int, proj: str, count: bool) -> Callable[..., Any]:
@@ -158,6 +161,8 @@ class HFTeal:
                 for j, name in enumerate(names):
                     mod = getattr(getattr(block_mods, block), name)
                     self._handles.append(mod.register_forward_pre_hook(self._hook(layer, proj, j == 0)))
+                    self.macs[(layer, proj)] = self.macs.get((layer, proj), 0) + mod.weight.numel()
+                    self.width[(layer, proj)] = mod.weight.shape[1]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,5 +171,16 @@ class HFTeal:
         self._handles.clear()
 
     def sparsity(self) -> float:
-        """The fraction of zero entries, averaged over layers and projections."""
-        return sum(z / n for z, n in self.counts.values()) / len(self.counts)
+        """The share of the projections' multiply-adds skipped: each site's zero fraction weighed by its
+        weights' size."""
+        return sum(self.macs[k] * z / n for k, (z, n) in self.counts.items()) / sum(
+            self.macs[k] for k in self.counts
+        )
+
+    def pooled(self) -> float:
+        """The same over the rows counted, pooled (as a request's counters add up its decode rows): each
+        zero entry weighs what its weight column costs."""
+        per_entry = {k: self.macs[k] / self.width[k] for k in self.counts}
+        return sum(per_entry[k] * z for k, (z, _) in self.counts.items()) / sum(
+            per_entry[k] * n for k, (_, n) in self.counts.items()
+        )

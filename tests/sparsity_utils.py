@@ -31,28 +31,43 @@ def engine(model: Path, calibration: Path | None, **kw: Any) -> LLMEngine:
 
 
 class _Hooks:
-    """Hook bookkeeping: register, remove; zero counts per (layer, site) over the `valid` rows."""
+    """Hook bookkeeping: register, remove; zero counts per (layer, site) over the `valid` rows, with the
+    multiply-adds per token of the weights a site's entries stand for."""
 
     def __init__(self, ref: Any, decode_only: bool) -> None:
         self.ref, self.decode_only = ref, decode_only
         self.valid: torch.Tensor | None = None  # [batch * seq] bool: rows counted (None: all)
         self.counts: dict[tuple[int, str], list[float]] = {}
+        self.macs: dict[tuple[int, str], float] = {}  # per site: multiply-adds per token of its weights
+        self.width: dict[tuple[int, str], int] = {}  # per site: entries per row
         self._handles: list[Any] = []
 
     def skip(self, x: torch.Tensor) -> bool:
         return self.decode_only and x.shape[-2] != 1
 
-    def count(self, layer: int, site: str, zeros: torch.Tensor, entries: int, less: float = 0.0) -> None:
-        """`zeros` [..., in] bool; `less`: entries to subtract per row (R-Sparse's low-rank cost)."""
+    def count(
+        self, layer: int, site: str, zeros: torch.Tensor, entries: int, macs: float, less: float = 0.0
+    ) -> None:
+        """`zeros` [..., in] bool; `macs`: the site's weights' multiply-adds per token (all its entries);
+        `less`: entries to subtract per row (R-Sparse's low-rank cost)."""
         rows = zeros.reshape(-1, zeros.shape[-1])
         rows = rows if self.valid is None or len(rows) != len(self.valid) else rows[self.valid]
         c = self.counts.setdefault((layer, site), [0.0, 0.0])
         c[0] += float(rows.sum()) - less * len(rows)
         c[1] += entries * len(rows)
+        self.macs[(layer, site)], self.width[(layer, site)] = float(macs), entries
 
     def sparsity(self) -> float:
-        """The share of skipped entries, averaged over layers and sites."""
-        return sum(z / n for z, n in self.counts.values()) / len(self.counts)
+        """The share of the sites' multiply-adds skipped: each site's zero share weighed by its weights."""
+        total = sum(self.macs[k] for k in self.counts)
+        return sum(self.macs[k] * z / n for k, (z, n) in self.counts.items()) / total
+
+    def pooled(self) -> float:
+        """The same pooled over the rows counted (as a request's counters add up its decode rows)."""
+        per = {k: self.macs[k] / self.width[k] for k in self.counts}
+        return sum(per[k] * c[0] for k, c in self.counts.items()) / sum(
+            per[k] * c[1] for k, c in self.counts.items()
+        )
 
     def module(self, layer: int, name: str) -> Any:
         block = self.ref.model.layers[layer]
@@ -73,7 +88,9 @@ class _Hooks:
 
 class HFChess(_Hooks):
     """CHESS: q_proj's and o_proj's inputs zeroed below their thresholds (k/v untouched), gate_proj's
-    output zeroed where |silu(g_i)| * up_mean_i < lambda. `table` [layers, 3] (q, o, lambda)."""
+    output zeroed where |silu(g_i)| * up_mean_i < lambda, then down_proj's input below its threshold.
+    `table` [layers, 4] (q, o, lambda, down). Achieved: the q, o, up (the masked channels) and down
+    weights' multiply-adds skipped."""
 
     def __init__(self, ref: Any, table: torch.Tensor, up_mean: torch.Tensor, decode_only: bool = False):
         super().__init__(ref, decode_only)
@@ -81,59 +98,57 @@ class HFChess(_Hooks):
 
     def __enter__(self) -> HFChess:
         for layer in range(len(self.ref.model.layers)):
-            for name, k in (("q_proj", 0), ("o_proj", 1)):
+            for name, k in (("q_proj", 0), ("o_proj", 1), ("down_proj", 3)):
                 self.pre(layer, name, self._threshold(layer, name, float(self.table[layer, k])))
             self.post(layer, "gate_proj", self._ffn(layer))
-            self.pre(layer, "down_proj", self._count_down(layer))
         return self
 
     def _threshold(self, layer: int, name: str, t: float) -> Callable[..., Any]:
+        macs = self.module(layer, name).weight.numel()
+
         def fn(_m: Any, args: tuple) -> Any:
             x = args[0]
             if self.skip(x):
                 return None
             y = torch.where(x.abs() < t, torch.zeros_like(x), x)
-            self.count(layer, name, y == 0, y.shape[-1])
+            self.count(layer, name, y == 0, y.shape[-1], macs)
             return (y, *args[1:])
 
         return fn
 
     def _ffn(self, layer: int) -> Callable[..., Any]:
         lam = float(self.table[layer, 2])
+        macs = self.module(layer, "up_proj").weight.numel()
 
         def fn(_m: Any, args: tuple, out: torch.Tensor) -> Any:
             if self.skip(out):
                 return None
-            score = F.silu(out).abs() * self.up_mean[layer]
-            return torch.where(score < lam, torch.zeros_like(out), out)
-
-        return fn
-
-    def _count_down(self, layer: int) -> Callable[..., Any]:
-        def fn(_m: Any, args: tuple) -> None:
-            if not self.skip(args[0]):
-                self.count(layer, "down", args[0] == 0, args[0].shape[-1])
+            drop = F.silu(out).abs() * self.up_mean[layer] < lam
+            self.count(layer, "ffn", drop, out.shape[-1], macs)
+            return torch.where(drop, torch.zeros_like(out), out)
 
         return fn
 
 
 class HFRSparse(_Hooks):
     """R-Sparse: at each of our four projections (q/k/v and gate/up as one fused matrix, as calibrated),
-    the inputs with |x_j| * ||W[:, j]|| < thr zeroed and the dropped part's product through W's top `rank`
-    singular components (float64 SVD of transformers' weights) added to each module's output. `thr`,
-    `ranks` [layers, 4] in our projection order."""
+    the inputs with |x_j| * ||W[:, j]|| < thr zeroed (|x_j| < thr where the projection's alpha is 1: no
+    low-rank part) and the dropped part's product through W's top `rank` singular components (float64 SVD
+    of transformers' weights) added to each module's output. `thr`, `ranks`, `alpha` [layers, 4] in our
+    projection order."""
 
     def __init__(
         self,
         ref: Any,
         thr: torch.Tensor,
         ranks: torch.Tensor,
+        alpha: torch.Tensor,
         decode_only: bool = False,
         svd: dict[tuple[int, str], tuple[torch.Tensor, ...]] | None = None,
     ) -> None:
         """`svd`: a cache of (U, S, Vh) by (layer, projection), filled on first use (reused across levels)."""
         super().__init__(ref, decode_only)
-        self.thr, self.ranks = thr.float(), ranks.long()
+        self.thr, self.ranks, self.alpha = thr.float(), ranks.long(), alpha.double()
         self.dropped: dict[tuple[int, str], torch.Tensor] = {}
         self.svd = svd if svd is not None else {}
 
@@ -141,7 +156,7 @@ class HFRSparse(_Hooks):
         for layer in range(len(self.ref.model.layers)):
             for k, (proj, (_, names)) in enumerate(HF_MODULES.items()):
                 w = torch.cat([self.module(layer, n).weight.detach() for n in names])
-                colnorm = w.float().norm(dim=0)
+                colnorm = w.float().norm(dim=0) if self.alpha[layer, k] < 1 else torch.ones(w.shape[1])
                 if (layer, proj) not in self.svd:
                     self.svd[(layer, proj)] = torch.linalg.svd(w.double(), full_matrices=False)
                 u, s, vh = self.svd[(layer, proj)]
@@ -171,7 +186,7 @@ class HFRSparse(_Hooks):
             self.dropped[(layer, name)] = torch.where(drop, x, torch.zeros_like(x))
             y = torch.where(drop, torch.zeros_like(x), x)
             if first:
-                self.count(layer, proj, y == 0, n_in, less=r * (n_in + n_out) / n_out)
+                self.count(layer, proj, y == 0, n_in, w.numel(), less=r * (n_in + n_out) / n_out)
             return (y, *args[1:])
 
         return fn
@@ -237,6 +252,7 @@ class HFCoreInfer(_Hooks):
         c = self.counts.setdefault((layer, "down"), [0.0, 0.0])
         c[0] += float((rows == 0).sum())
         c[1] += rows.numel()
+        self.macs[(layer, "down")], self.width[(layer, "down")] = 3.0 * x.shape[-1], x.shape[-1]
         return y
 
     def _down(self, layer: int) -> Callable[..., Any]:
@@ -248,7 +264,7 @@ class HFCoreInfer(_Hooks):
                 self.core[layer] = self._pick(x[0])
                 return None
             y = torch.where(self.core[layer], x, torch.zeros_like(x))
-            self.count(layer, "down", y == 0, y.shape[-1])
+            self.count(layer, "down", y == 0, y.shape[-1], 3 * y.shape[-1])
             return (y, *args[1:])
 
         return fn

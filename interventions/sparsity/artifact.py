@@ -6,15 +6,18 @@ edges[i-1] <= |x| < edges[i], the last bin |x| >= edges[-1]) and `edges` float64
 log-spaced: the dense model's inputs. Optional, together: `teal.levels` float64 [G] (the correction's
 grid, 0.05 ... 0.90) and `teal.quantiles` float64 [G, num_layers, 4]: at level levels[g], the dense
 histogram's quantile that the site's threshold equals once the sparsity upstream is accounted for
-(calibrate.py); without them a level's thresholds are the dense quantiles (TEAL as published). Metadata
+(calibrate.py), at the site's own allocated level (`teal.allocation` float64 [G, num_layers, 4], kept for
+the record; allocation.py); without them a level's thresholds are the dense quantiles (TEAL's rule with
+every site at the level). Metadata
 (strings): `format` = "actserve.sparsity", `version`, `model`, `num_layers`, `hidden_size`, `tokens`
 (calibration tokens), `projections` and `info` (JSON: how it was made).
 
-Optional sections, each from its method's calibration (version 2; a version-1 file is TEAL's only):
+Optional sections, each from its method's calibration (version 3; a version-1 file is TEAL's only;
+version 2, before the allocation and CHESS's down site, is refused with the command that remakes it):
 `chess.*` (chess.py `ChessStats`: E|up| per FFN channel, the dense histogram of CHESS's FFN score, its
-corrected quantiles) and `r_sparse.*` (r_sparse.py `RSparseStats`: per projection the weight's column
-norms and top singular components, the sparse share alpha, the dense histogram of |x| * column norm, its
-corrected quantiles).
+corrected quantiles and allocation over its four sites) and `r_sparse.*` (r_sparse.py `RSparseStats`: per
+projection the weight's column norms and top singular components, the sparse share alpha, the dense
+histogram of its score, its corrected quantiles and allocation, which its ranks are computed from).
 
 Why histograms rather than thresholds: a threshold for any level is a quantile of them (below), so the
 file keeps what was measured, not a level table.
@@ -35,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from actserve.interventions.safetensors_file import read_safetensors
+from actserve.interventions.sparsity.allocation import check_allocation
 from actserve.interventions.sparsity.chess import ChessStats
 from actserve.interventions.sparsity.histograms import (
     BINS_PER_OCTAVE,
@@ -54,8 +58,8 @@ __all__ = [  # the histogram helpers are re-exported: callers read them as part 
 ]  # fmt: skip
 
 FORMAT = "actserve.sparsity"
-VERSION = "2"
-READS = ("1", "2")  # version 1: TEAL only
+VERSION = "3"
+READS = ("1", "3")  # version 1: TEAL only; 2: before the per-site allocation and CHESS's down site
 ARTIFACT_NAME = "actserve-sparsity.safetensors"
 
 
@@ -75,6 +79,8 @@ class SparsityCalibration:
     # is the dense histogram's quantiles[g, layer, projection] rather than its grid[g]-quantile
     grid: torch.Tensor | None = None  # float64 [G], increasing in (0, 1)
     quantiles: torch.Tensor | None = None  # float64 [G, num_layers, len(PROJECTIONS)]
+    # each site's level at grid[g] (allocation.py; the correction's thresholds are those quantiles)
+    allocation: torch.Tensor | None = None  # float64 [G, num_layers, len(PROJECTIONS)]
     chess: ChessStats | None = None  # CHESS's statistics (chess.py), when calibrated for it
     rsparse: RSparseStats | None = None  # R-Sparse's factors and statistics (r_sparse.py), likewise
 
@@ -124,6 +130,8 @@ def save_calibration(cal: SparsityCalibration, path: str | Path) -> None:
     tensors = {"histogram": cal.counts.to(torch.int64).cpu().contiguous(), "edges": cal.edges.cpu().double()}
     if cal.grid is not None and cal.quantiles is not None:
         tensors |= {"teal.levels": cal.grid.cpu().double(), "teal.quantiles": cal.quantiles.cpu().double()}
+    if cal.allocation is not None:
+        tensors["teal.allocation"] = cal.allocation.cpu().double()
     for section in (cal.chess, cal.rsparse):
         if section is not None:
             tensors |= section.tensors()
@@ -136,8 +144,10 @@ def load_calibration(path: str | Path) -> SparsityCalibration:
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a sparsity calibration (metadata format {meta.get('format')!r})")
     if meta.get("version") not in READS:
+        again = " (made before the per-site allocation: run `actserve sparsity calibrate` again)"
         raise ArtifactError(
             f"{path}: sparsity calibration version {meta.get('version')!r}; reads {', '.join(READS)}"
+            + (again if meta.get("version") == "2" else "")
         )
     if meta.get("projections") != ",".join(PROJECTIONS):
         raise ArtifactError(f"{path}: projections {meta.get('projections')!r}, expected {PROJECTIONS}")
@@ -152,6 +162,7 @@ def load_calibration(path: str | Path) -> SparsityCalibration:
             info=json.loads(meta.get("info", "{}")),
             grid=tensors.get("teal.levels"),
             quantiles=tensors.get("teal.quantiles"),
+            allocation=tensors.get("teal.allocation"),
         )
     except (KeyError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{path}: incomplete sparsity calibration ({type(e).__name__}: {e})") from None
@@ -170,6 +181,8 @@ def load_calibration(path: str | Path) -> SparsityCalibration:
         raise ArtifactError(f"{path}: every histogram needs entries, none negative")
     _check_correction(cal, path)
     try:
+        if cal.allocation is not None:
+            check_allocation(cal.allocation, cal.grid, cal.num_layers, len(PROJECTIONS), "teal")
         cal.chess = ChessStats.read(tensors, cal.num_layers, counts.shape[2])
         cal.rsparse = RSparseStats.read(tensors, cal.num_layers, counts.shape[2])
     except ValueError as e:

@@ -3,17 +3,20 @@ layer (the down projection's input is silu(gate)·up), over calibration text, th
 forwards (`ModelRunner.collect` with a linear-input hook), so the statistics are of exactly the tensors
 the plugin's hook will threshold, in the serving dtype.
 
-Two runs over the text:
+Three steps:
 1. dense: the model as is; each site's histogram (the artifact's `histogram`). Its level-quantiles are
    TEAL's thresholds as the paper computes them.
-2. correction: zeroing a site's inputs changes the inputs of every later site (sparser q/k/v give
+2. allocation (allocation.py, probe.py): each site's own level at each grid level (0.05 ... 0.90), from
+   one forward per site and probe level over the last `probe_tokens` tokens of the text, with only that
+   site sparsified (its KL to dense), and a greedy that spends the level where it costs least.
+3. correction: zeroing a site's inputs changes the inputs of every later site (sparser q/k/v give
    smaller attention outputs, so o_proj's inputs shrink, and so on), so dense quantiles overshoot: on
    TinyStories-656K's held-out text they gave 51.8 % zeros at level 0.5 and 74.6 % at 0.7. So for each
-   level of a grid (0.05 ... 0.90), a sample of the text runs as one forward with that level applied
-   and each site's threshold is fixed, in forward order, as the level-quantile of the inputs it sees
-   there, all earlier sites already thresholded: exact for the sample, in one run. The artifact keeps
-   each as the dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels
-   are interpolated in that quantile (artifact.py `level_quantiles`).
+   grid level a sample of the text runs as one forward with every site at its allocated level, and each
+   site's threshold is fixed, in forward order, as that quantile of the inputs it sees there, all
+   earlier sites already thresholded: exact for the sample, in one run. The artifact keeps each as the
+   dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels are interpolated
+   in that quantile (histograms.py `corrected_quantiles`).
 
 Calibration text: given files (`--text`: JSON lines with a "text" field, or plain text), or by default
 the model's own samples (temperature 1.0, a fixed seed) continuing a few fixed, varied openings; no
@@ -31,6 +34,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from actserve.interventions.sparsity.allocation import (
+    PROBE_LEVELS,
+    cost_curves,
+    greedy_allocation,
+    site_weights,
+)
 from actserve.interventions.sparsity.artifact import (
     BINS_PER_OCTAVE,
     EDGE_EXPONENTS,
@@ -52,7 +61,9 @@ from actserve.interventions.sparsity.calibrate_methods import (
     UpMean,
     column_norms,
 )
+from actserve.interventions.sparsity.chess import SITES as SITES_CHESS
 from actserve.interventions.sparsity.chess import ChessStats
+from actserve.interventions.sparsity.probe import Prober, probe_text
 from actserve.interventions.steering.train import chunks
 from actserve.server.contract import PROJECTIONS
 from actserve.server.engine.offline import make_sequences, run_sequences
@@ -62,6 +73,7 @@ log = logging.getLogger(__name__)
 # the levels the correction is measured at; levels between are interpolated
 CORRECTION_GRID = torch.arange(1, 19, dtype=torch.float64) * 0.05  # 0.05, 0.10, ..., 0.90
 METHODS = ("chess", "r_sparse")  # calibrated beside TEAL, whose histograms every calibration makes
+PROBE_TOKENS = 512  # the text each allocation probe reads (probe.py)
 # what the model continues when no text is given: varied registers, none of them the bench's held-out text
 OPENINGS = (
     "Once upon a time",
@@ -105,24 +117,28 @@ class HistogramRecorder(_AllSites):
 
 
 class SequentialThresholds(_AllSites):
-    """At level `grid[self.level]`: the first time a site sees that level, its threshold becomes the
-    level-quantile of this forward's inputs there (`table` [G, layers, 4]); then inputs below it are
-    zeroed, so every later site of the forward sees the sparsified model."""
+    """At per-site levels `targets[self.level]` ([G, layers, 4]): the first time a site sees that level,
+    its threshold becomes its target quantile of this forward's inputs there (`table` [G, layers, 4]; a
+    target of 0: none); then inputs below it are zeroed, so every later site of the forward sees the
+    sparsified model."""
 
-    def __init__(self, grid: torch.Tensor, num_layers: int, device: torch.device) -> None:
-        super().__init__(num_layers, device)
-        self.grid = grid
-        self.table = torch.zeros(len(grid), num_layers, len(PROJECTIONS), dtype=torch.float64)
+    def __init__(self, targets: torch.Tensor, device: torch.device) -> None:
+        super().__init__(targets.shape[1], device)
+        self.targets = targets.to(torch.float64)
+        self.table = torch.zeros(targets.shape, dtype=torch.float64)
         self.done = torch.zeros(self.table.shape, dtype=torch.bool)
         self.level = 0
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: Any) -> torch.Tensor:
         g, p = self.level, PROJECTIONS.index(proj)
         if not self.done[g, layer, p]:
-            hist = self.histogram(proj, x).cpu()
-            self.table[g, layer, p] = quantile_values(hist, self.edges.cpu(), self.grid[g : g + 1])[0]
+            target = self.targets[g, layer, p : p + 1]
+            if float(target) > 0:
+                hist = self.histogram(proj, x).cpu()
+                self.table[g, layer, p] = quantile_values(hist, self.edges.cpu(), target)[0]
             self.done[g, layer, p] = True
-        return x.masked_fill(x.abs() < float(self.table[g, layer, p]), 0)
+        thr = float(self.table[g, layer, p])
+        return x.masked_fill(x.abs() < thr, 0) if thr > 0 else x
 
 
 def read_texts(paths: list[Path]) -> list[str]:
@@ -183,18 +199,26 @@ def calibrate(
     grid: torch.Tensor = CORRECTION_GRID,
     methods: tuple[str, ...] = (),
     rank_fraction: float = 0.125,
+    probe_tokens: int | None = PROBE_TOKENS,
 ) -> SparsityCalibration:
     """The dense model's histograms of every projection input over `token_lists` (each a fresh
     sequence, forwards of at most `batch_tokens` tokens), then the correction (module doc) on about
     `correction_tokens` of those tokens (every k-th sequence), one forward per grid level (None: no
     correction, TEAL's dense quantiles). `methods`: which of METHODS (CHESS, R-Sparse) to calibrate beside
     TEAL (calibrate_methods.py; the CLI's default is both); `rank_fraction`: R-Sparse's stored factors, at
-    most that share of each weight."""
+    most that share of each weight; `probe_tokens`: the text the allocation's probes read (None or 0:
+    every site at the level itself, no probes; needs the correction)."""
     mi = engine.model_info
     if mi.implementation != "native":
         raise ValueError(f"sparsity calibration needs the native model implementation ({mi.fallback_reason})")
     if not token_lists:
         raise ValueError("no calibration text")
+    if probe_tokens is not None and (probe_tokens == 1 or probe_tokens < 0):
+        raise ValueError(f"probe tokens: 0 (no allocation) or at least 2, not {probe_tokens}")
+    if probe_tokens and correction_tokens is None:
+        raise ValueError(
+            "probe tokens need the correction (its thresholds are fixed at the allocated levels)"
+        )
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown calibration methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
@@ -234,7 +258,7 @@ def calibrate(
     if scores is not None:
         search = AlphaSearch(weights, scores.colnorm, mi.num_layers, rank_fraction, mi.device)
         runner.collect(sample, linear=search, max_tokens=n)
-        cal.rsparse = search.stats(scores.counts)
+        cal.rsparse = search.stats(scores.counts, counts)
         chosen = dict(zip(PROJECTIONS, cal.rsparse.alpha.mean(0).tolist(), strict=True))
         meta["r_sparse"] = {
             "rank_fraction": rank_fraction, "alphas": list(ALPHAS), "search_levels": list(SEARCH_LEVELS),
@@ -242,27 +266,87 @@ def calibrate(
         }  # fmt: skip
     if correction_tokens is None:
         return cal
+    q_size, kv_size = mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim
+    alloc = {m: uniform(grid, mi.num_layers, 4) for m in ("teal", *(k for k in METHODS if k in methods))}
+    if probe_tokens:
+        shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
+        alloc = _allocations(runner, cal, token_lists, probe_tokens, grid, shapes, mi.device, progress)
     forwards = runner.collect_forwards
-    seq = SequentialThresholds(grid, mi.num_layers, mi.device)
+    seq = SequentialThresholds(alloc["teal"], mi.device)
     _levels(runner, sample, seq, grid, "correction (teal)", progress)
     cal.grid, cal.quantiles = grid.clone(), cdf(counts, cal.edges, seq.table).cummax(0).values
+    cal.allocation = alloc["teal"]
     if cal.chess is not None:
-        q_size = mi.num_heads * mi.head_dim
-        chess = SequentialChess(grid, cal.chess.up_mean, q_size, mi.device)
+        chess = SequentialChess(alloc["chess"], cal.chess.up_mean, q_size, mi.device)
         _levels(runner, sample, chess, grid, "correction (chess)", progress)
         site_counts = cal.chess.site_counts(counts)
-        cal.chess.grid = grid.clone()
-        cal.chess.quantiles = cdf(site_counts, cal.edges, chess.table).cummax(0).values
+        cal.chess.grid, cal.chess.allocation = grid.clone(), alloc["chess"]
+        q = cdf(site_counts, cal.edges, chess.table)
+        # monotone in the level but at the down site, whose threshold falls as the channel mask takes more
+        # of its zeros (the allocation's d - f may shrink)
+        down = SITES_CHESS.index("down")
+        q[..., :down] = q[..., :down].cummax(0).values
+        cal.chess.quantiles = q
     if cal.rsparse is not None:
-        rs = SequentialRSparse(grid, cal.rsparse, mi.device)
+        cal.rsparse.grid, cal.rsparse.allocation = grid.clone(), alloc["r_sparse"]
+        rs = SequentialRSparse(alloc["r_sparse"], cal.rsparse, mi.device)
         _levels(runner, sample, rs, grid, "correction (r_sparse)", progress)
-        cal.rsparse.grid = grid.clone()
         cal.rsparse.quantiles = cdf(cal.rsparse.counts, cal.edges, rs.table).cummax(0).values
     runs = 1 + (cal.chess is not None) + (cal.rsparse is not None)
     if runner.collect_forwards - forwards > runs * len(grid):  # too few free KV blocks for one forward
         log.warning("the correction's sample took more than one forward per level: exact on the first only")
     meta["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
     return cal
+
+
+def uniform(grid: torch.Tensor, num_layers: int, sites: int) -> torch.Tensor:
+    """float64 [G, layers, sites]: every site at the level itself (the papers' rule, no allocation)."""
+    return grid.to(torch.float64).reshape(-1, 1, 1).expand(-1, num_layers, sites).clone()
+
+
+def _allocations(
+    runner: Any,
+    cal: SparsityCalibration,
+    token_lists: list[list[int]],
+    probe_tokens: int,
+    grid: torch.Tensor,
+    shapes: tuple[int, int, int, int],
+    device: torch.device,
+    progress: bool | None,
+) -> dict[str, torch.Tensor]:
+    """Per calibrated method, each site's level at each grid level (allocation.py), from probes over the
+    last `probe_tokens` tokens of the text (probe.py). Where a method drops the same entries as TEAL at a
+    site, it takes TEAL's probe: CHESS's o and down sites (the same threshold on the same input), and
+    R-Sparse's projections whose alpha is 1 (|x| alone, no low-rank part). `shapes`: hidden, q, k/v and
+    intermediate sizes."""
+    layers, q_size = cal.num_layers, shapes[1]
+    prober = Prober(runner, probe_text(token_lists, probe_tokens))
+    disable = _disable(progress)
+    every = torch.ones(layers, 4, dtype=torch.bool)
+    teal = prober.costs(lambda t: SequentialThresholds(t, device), every, "teal", disable)
+    costs = {"teal": teal}
+    if cal.chess is not None:
+        up_mean = cal.chess.up_mean
+        own = every.clone()
+        own[:, [SITES_CHESS.index("o"), SITES_CHESS.index("down")]] = False
+        chess = prober.costs(lambda t: SequentialChess(t, up_mean, q_size, device), own, "chess", disable)
+        costs["chess"] = torch.where(own.unsqueeze(-1), chess, teal)
+    if cal.rsparse is not None:
+        rsparse = cal.rsparse
+        own = rsparse.alpha < 1  # where alpha = 1, R-Sparse drops by |x| with no low-rank part: TEAL's probe
+        rs = prober.costs(lambda t: SequentialRSparse(t, rsparse, device), own, "r_sparse", disable)
+        costs["r_sparse"] = torch.where(own.unsqueeze(-1), rs, teal)
+    out = {}
+    for m, c in costs.items():
+        coupled = (SITES_CHESS.index("ffn"), SITES_CHESS.index("down")) if m == "chess" else None
+        out[m] = greedy_allocation(cost_curves(c), site_weights(m, *shapes), grid, coupled)
+    at = int(torch.argmin((grid - 0.4).abs()))
+    cal.info["allocation"] = {
+        "probe_tokens": prober.tokens, "probe_levels": list(PROBE_LEVELS),
+        "probe_kl": {m: c.tolist() for m, c in costs.items()},
+        f"mean_level_by_site_at_{float(grid[at]):.2f}": {m: a[at].mean(0).tolist() for m, a in out.items()},
+    }  # fmt: skip
+    return out
 
 
 def _passes(

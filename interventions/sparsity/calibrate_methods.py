@@ -3,12 +3,15 @@ through the engine's own forwards (`collect(linear=...)`), as TEAL's.
 
 - CHESS: E|up_i| per FFN channel over the dense pass (`UpMean`), then a second dense pass for the
   histogram of the FFN score |silu(gate_i)| * E|up_i| (`ChessScores`), then the correction: per grid
-  level one forward with CHESS applied, each site's threshold fixed in forward order as the level-quantile
-  of what it sees (`SequentialChess`).
+  level one forward with CHESS applied at each site's allocated level (allocation.py), each site's
+  threshold fixed in forward order as that quantile of what it sees (`SequentialChess`).
 - R-Sparse: each projection's weight column norms, the histogram of |x_j| * ||W[:, j]|| over the dense
   pass (`ScoreHistograms`), the SVD of each weight and its sparse share alpha (`AlphaSearch`, one forward
   over the correction sample: per projection, the candidate with the lowest relative error of its output
-  on those inputs, averaged over SEARCH_LEVELS), then the correction (`SequentialRSparse`).
+  on those inputs, averaged over SEARCH_LEVELS; where alpha = 1 the score is |x_j|, as the paper's code
+  does for a projection without a low-rank part), then the correction (`SequentialRSparse`).
+
+The same hooks at one nonzero site and level are the allocation's probes (probe.py).
 """
 
 from __future__ import annotations
@@ -113,38 +116,48 @@ class ChessScores(_Sites):
 
 
 class SequentialChess(_Sites):
-    """CHESS at level `grid[self.level]` over one forward: each site's threshold, the first time it sees
-    that level, is the level-quantile of this forward's values there (`table` [G, layers, 3]: q-input,
-    o-input thresholds, FFN lambda), then applied, so later sites see the sparsified model."""
+    """CHESS at per-site levels `targets[self.level]` ([G, layers, 4] over SITES: q input, o input, FFN
+    channels, down input) over one forward: each site's threshold, the first time it sees that level, is
+    its target quantile of this forward's values there (`table` [G, layers, 4]: thresholds on |x| and the
+    FFN's lambda), then applied, so later sites see the sparsified model. The down input's target counts
+    the FFN's zeroed channels too (a target at or below their share adds no threshold)."""
 
-    def __init__(self, grid: torch.Tensor, up_mean: torch.Tensor, q_size: int, device: torch.device) -> None:
+    def __init__(
+        self, targets: torch.Tensor, up_mean: torch.Tensor, q_size: int, device: torch.device
+    ) -> None:
         super().__init__(up_mean.shape[0], device)
-        self.grid, self.up_mean, self.q_size = grid, up_mean.to(device), q_size
-        self.table = torch.zeros(len(grid), up_mean.shape[0], len(CHESS_SITES), dtype=torch.float64)
+        self.targets, self.up_mean, self.q_size = targets.to(torch.float64), up_mean.to(device), q_size
+        self.table = torch.zeros(targets.shape, dtype=torch.float64)
         self.done = torch.zeros(self.table.shape, dtype=torch.bool)
         self.level = 0
 
     def _threshold(self, layer: int, site: str, values: torch.Tensor) -> float:
         g, k = self.level, CHESS_SITES.index(site)
         if not self.done[g, layer, k]:
-            self.table[g, layer, k] = self.quantile(values, float(self.grid[g]))
+            target = float(self.targets[g, layer, k])
+            self.table[g, layer, k] = self.quantile(values, target) if target > 0 else 0.0
             self.done[g, layer, k] = True
         return float(self.table[g, layer, k])
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: Any) -> torch.Tensor:
-        if proj not in ("qkv_proj", "o_proj"):
+        site = {"qkv_proj": "q", "o_proj": "o", "down_proj": "down"}.get(proj)
+        if site is None:
             return x
-        thr = self._threshold(layer, "q" if proj == "qkv_proj" else "o", x.abs())
-        return x.masked_fill(x.abs() < thr, 0)
+        thr = self._threshold(layer, site, x.abs())
+        return x.masked_fill(x.abs() < thr, 0) if thr > 0 else x
 
     def output(self, layer: int, proj: str, call: LinearCall, inputs: Any) -> torch.Tensor:
         y = call.y
         if proj == "qkv_proj":
+            if self._threshold(layer, "q", call.x_in.abs()) == 0:
+                return y
             return torch.cat([y[:, : self.q_size], call.matmul(call.x_in)[:, self.q_size :]], dim=1)
         if proj != "gate_up_proj":
             return y
         gate = y[:, : y.shape[1] // 2]
         lam = self._threshold(layer, "ffn", F.silu(gate.float()).abs() * self.up_mean[layer])
+        if lam == 0:
+            return y
         lam_rows = torch.full((y.shape[0], 1), lam, dtype=torch.float32, device=y.device)
         return zero_ffn_channels(y, ffn_mask(gate, self.up_mean[layer], lam_rows))
 
@@ -187,7 +200,7 @@ def search_alpha(
     vs = vh.T * s  # [in, k]
     n_out, n_in = w.shape
     ref = (x @ w.T).pow(2).sum().clamp(min=1e-30)
-    score = (x.abs() * colnorm).flatten()
+    scores = {True: x.abs().flatten(), False: (x.abs() * colnorm).flatten()}  # alpha = 1: |x|, as TEAL
     errors: dict[str, float] = {}
     best: tuple[float, float] | None = None
     for a in ALPHAS:
@@ -196,8 +209,9 @@ def search_alpha(
             lv = torch.tensor(level, dtype=torch.float64)
             r = int(budget_rank(lv, torch.tensor(a, dtype=torch.float64), n_in, n_out, cap))
             t = float(dropped_fraction(lv, torch.tensor(r), n_in, n_out))
+            score = scores[a == 1]
             thr = torch.quantile(score, t) if t > 0 else score.new_zeros(())
-            x_d = x * (x.abs() * colnorm < thr)
+            x_d = x * (score.reshape(x.shape) < thr)
             total += float((x_d @ vs)[:, r:].pow(2).sum() / ref)
         errors[f"{a:g}"] = total / len(SEARCH_LEVELS)
         if best is None or errors[f"{a:g}"] < best[1]:
@@ -236,8 +250,10 @@ class AlphaSearch(_Sites):
         self.errors[f"{layer}.{proj}"] = errors
         return x
 
-    def stats(self, counts: torch.Tensor) -> RSparseStats:
-        """The R-Sparse section (no correction yet) from this search and the score histograms."""
+    def stats(self, counts: torch.Tensor, teal_counts: torch.Tensor) -> RSparseStats:
+        """The R-Sparse section (no allocation or correction yet) from this search, the histograms of
+        |x_j| * ||W[:, j]|| (`counts`) and of |x| (`teal_counts`, the score where alpha = 1)."""
+        counts = torch.where((self.alpha == 1).unsqueeze(-1), teal_counts.cpu(), counts.cpu())
         layers = range(self.num_layers)
         vs = {p: torch.stack([self.vs[(i, p)] for i in layers]) for p in PROJECTIONS}
         u = {p: torch.stack([self.u[(i, p)] for i in layers]) for p in PROJECTIONS}
@@ -246,29 +262,31 @@ class AlphaSearch(_Sites):
 
 
 class SequentialRSparse(_Sites):
-    """R-Sparse at level `grid[self.level]` over one forward (`table` [G, layers, 4]: the thresholds on
-    |x_j| * ||W[:, j]||, each the t(s)-quantile of what its site sees when first met)."""
+    """R-Sparse at per-site levels `site_levels[self.level]` ([G, layers, 4]) over one forward (`table` [G,
+    layers, 4]: the thresholds on the score, each the t(level)-quantile of what its site sees when first
+    met; the score is |x_j| * ||W[:, j]||, or |x_j| where alpha = 1)."""
 
-    def __init__(self, grid: torch.Tensor, stats: RSparseStats, device: torch.device) -> None:
+    def __init__(self, site_levels: torch.Tensor, stats: RSparseStats, device: torch.device) -> None:
         super().__init__(stats.alpha.shape[0], device)
-        self.grid, self.level = grid, 0
-        self.targets, self.ranks = stats.targets(grid), stats.ranks(grid)
-        self.colnorm = {p: c.to(device) for p, c in stats.colnorm.items()}
+        self.level = 0
+        self.targets, self.ranks = stats.targets_at(site_levels), stats.ranks_at(site_levels)
+        self.scale = {p: c.to(device) for p, c in stats.scale().items()}
         self.vs = {p: t.to(device) for p, t in stats.vs.items()}
         self.u = {p: t.to(device) for p, t in stats.u.items()}
-        self.table = torch.zeros(len(grid), self.num_layers, len(PROJECTIONS), dtype=torch.float64)
+        self.table = torch.zeros(site_levels.shape, dtype=torch.float64)
         self.done = torch.zeros(self.table.shape, dtype=torch.bool)
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: Any) -> torch.Tensor:
         g, p = self.level, PROJECTIONS.index(proj)
-        colnorm = self.colnorm[proj][layer]
+        scale = self.scale[proj][layer]
         if not self.done[g, layer, p]:
-            self.table[g, layer, p] = self.quantile(
-                x.abs().float() * colnorm, float(self.targets[g, layer, p])
-            )
+            target = float(self.targets[g, layer, p])
+            self.table[g, layer, p] = self.quantile(x.abs().float() * scale, target) if target > 0 else 0.0
             self.done[g, layer, p] = True
+        if self.table[g, layer, p] == 0:
+            return x
         thr = torch.full((x.shape[0], 1), float(self.table[g, layer, p]), device=x.device)
-        return x.masked_fill(drop_mask(x, colnorm, thr), 0)
+        return x.masked_fill(drop_mask(x, scale, thr), 0)
 
     def output(self, layer: int, proj: str, call: LinearCall, inputs: Any) -> torch.Tensor:
         r = int(self.ranks[self.level, layer, PROJECTIONS.index(proj)])

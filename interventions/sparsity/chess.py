@@ -13,7 +13,16 @@ The rule (the paper's, as its public code computes it):
   (one threshold per layer each, on |x|); k and v are computed from the dense input, since they go into
   the KV cache that every later token reads. Our q/k/v are one fused matmul: the hook zeroes the qkv
   input, and its output hook recomputes the k/v part of the row from the dense input.
-- The same level s everywhere: each of the three thresholded tensors of a layer has a fraction s zeroed.
+
+Ours goes further in two ways (measured on SmolLM2-135M's calibration text, bench/sparsity_quality.py):
+- The down input: after the channel mask, the down projection's input silu(gate)·up is known exactly, and
+  its entries below a threshold per layer are zeroed too (TEAL's rule at that one site): its column of
+  the down weight is not read. The channel mask saves the up row and the down column of a channel, this
+  threshold the down column only.
+- Levels per site: a request's level s is the share of the multiply-adds of CHESS's sites saved (the q
+  part of qkv, o, the up rows, the down columns), shared among the layers' four sites by the greedy
+  allocation of allocation.py (the paper uses s at every site). `SITES` order: the q input, the o input,
+  the FFN channels, the down input (its share counts the masked channels too).
 
 As for TEAL (calibrate.py), zeroing one site changes the inputs of the later ones, so the calibration
 corrects each site's threshold at grid levels 0.05..0.90 with a sequential pass (the paper's code uses
@@ -28,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from actserve.interventions.base import PROJECTIONS, LinearCall, RowInputs
+from actserve.interventions.sparsity.allocation import check_allocation
 from actserve.interventions.sparsity.histograms import corrected_quantiles, quantile_values
 
 # CHESS's thresholded tensors per layer, in the order of its tables: the q projection's input (our
-# qkv_proj input), the o projection's input, the FFN's importance score
-SITES = ("q", "o", "ffn")
+# qkv_proj input), the o projection's input, the FFN's importance score, the down projection's input
+SITES = ("q", "o", "ffn", "down")
 INPUT = "sparsity_level"  # the per-row level index (plugin.py's row input), -1: not this method's row
 
 
@@ -49,24 +59,25 @@ def zero_ffn_channels(y: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ChessStats:
-    """What the artifact keeps for CHESS (tensors `chess.*`); the attention sites reuse TEAL's dense |x|
-    histograms of the qkv and o inputs (the artifact's `histogram`)."""
+    """What the artifact keeps for CHESS (tensors `chess.*`); the q, o and down sites reuse TEAL's dense
+    |x| histograms of the qkv, o and down inputs (the artifact's `histogram`)."""
 
     up_mean: torch.Tensor  # float32 [layers, N]: E|up_i| of the dense model over the calibration tokens
     counts: torch.Tensor  # int64 [layers, bins + 2]: dense histogram of the FFN score |silu(g_i)| * E|up_i|
     grid: torch.Tensor | None = None  # float64 [G]: the correction's levels
-    quantiles: torch.Tensor | None = None  # float64 [G, layers, 3]: per SITES, the corrected dense quantile
+    quantiles: torch.Tensor | None = None  # float64 [G, layers, 4]: per SITES, the corrected dense quantile
+    allocation: torch.Tensor | None = None  # float64 [G, layers, 4]: per SITES, its level at grid[g]
 
     def site_counts(self, teal_counts: torch.Tensor) -> torch.Tensor:
-        """int64 [layers, 3, bins + 2]: the dense histogram of each SITES tensor."""
-        qkv, o = PROJECTIONS.index("qkv_proj"), PROJECTIONS.index("o_proj")
-        return torch.stack([teal_counts[:, qkv], teal_counts[:, o], self.counts], dim=1)
+        """int64 [layers, 4, bins + 2]: the dense histogram of each SITES tensor."""
+        qkv, o, down = (PROJECTIONS.index(p) for p in ("qkv_proj", "o_proj", "down_proj"))
+        return torch.stack([teal_counts[:, qkv], teal_counts[:, o], self.counts, teal_counts[:, down]], dim=1)
 
     def thresholds(
         self, levels: torch.Tensor, teal_counts: torch.Tensor, edges: torch.Tensor
     ) -> torch.Tensor:
-        """float32 [len(levels), layers, 3]: per level, the q-input and o-input thresholds on |x| and the
-        FFN's lambda (level 0: 0)."""
+        """float32 [len(levels), layers, 4]: per level, the q-input and o-input thresholds on |x|, the
+        FFN's lambda and the down-input threshold on |x| (level 0: 0)."""
         counts = self.site_counts(teal_counts)
         base = levels.to(torch.float64).reshape(-1, 1, 1).expand(-1, *counts.shape[:-1])
         base_grid = None
@@ -82,6 +93,8 @@ class ChessStats:
                 "chess.levels": self.grid.cpu().double(),
                 "chess.quantiles": self.quantiles.cpu().double(),
             }
+        if self.allocation is not None:
+            out["chess.allocation"] = self.allocation.cpu().double()
         return out
 
     @classmethod
@@ -107,18 +120,20 @@ class ChessStats:
                 raise ValueError("chess.levels must increase within (0, 1)")
             if not bool(((q >= 0) & (q <= 1)).all()):
                 raise ValueError("chess.quantiles must lie in [0, 1]")
-        return cls(up.float(), counts, grid, q)
+        alloc = tensors.get("chess.allocation")
+        if alloc is not None:
+            check_allocation(alloc, grid, num_layers, len(SITES), "chess")
+        return cls(up.float(), counts, grid, q, alloc)
 
 
 class ChessHook:
     """CHESS at decode for the rows whose level index (`INPUT`, -1: none) is >= 1: the q/o inputs
-    thresholded, k/v recomputed dense, the FFN's channels below their thresholds zeroed."""
+    thresholded, k/v recomputed dense, the FFN's channels below their thresholds zeroed, the down input
+    thresholded."""
 
     def __init__(self, table: torch.Tensor, up_mean: torch.Tensor, q_size: int, num_layers: int) -> None:
-        self.table, self.up_mean, self.q_size = table, up_mean, q_size  # [levels, layers, 3], [layers, N]
-        self._sites = {
-            (layer, p) for layer in range(num_layers) for p in ("qkv_proj", "o_proj", "gate_up_proj")
-        }
+        self.table, self.up_mean, self.q_size = table, up_mean, q_size  # [levels, layers, 4], [layers, N]
+        self._sites = {(layer, p) for layer in range(num_layers) for p in PROJECTIONS}
 
     def sites(self) -> set[tuple[int, str]]:
         return self._sites
@@ -131,7 +146,8 @@ class ChessHook:
         if proj == "gate_up_proj":
             return x
         idx, _ = self._level(inputs)
-        thr = self.table[:, layer, SITES.index("q" if proj == "qkv_proj" else "o")][idx]  # [rows]
+        site = {"qkv_proj": "q", "o_proj": "o", "down_proj": "down"}[proj]
+        thr = self.table[:, layer, SITES.index(site)][idx]  # [rows]
         return x.masked_fill(x.abs() < thr.unsqueeze(1), 0)
 
     def output(self, layer: int, proj: str, call: LinearCall, inputs: RowInputs) -> torch.Tensor:

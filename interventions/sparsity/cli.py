@@ -47,6 +47,12 @@ def add_sparsity_parser(sub: Any) -> None:
         "--rank-fraction", type=float, default=0.125,
         help="R-Sparse: the low-rank factors stored per projection, at most this share of its weight's size",
     )  # fmt: skip
+    c.add_argument(
+        "--probe-tokens", type=int, default=None,
+        help="tokens of calibration text each allocation probe reads (one forward per site and probe level: "
+        "each site's own level comes from them; default 512 with the correction, which it needs); 0: every "
+        "site at the requested level (the papers' rule)",
+    )  # fmt: skip
     c.add_argument("--batch-tokens", type=int, default=4096, help="tokens per calibration forward")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from actserve.interventions.sparsity.artifact import default_path, save_calibration
     from actserve.interventions.sparsity.calibrate import (
+        PROBE_TOKENS,
         calibrate,
         generated_windows,
         read_texts,
@@ -70,10 +77,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if (
         min(args.samples, args.sample_tokens, args.window, args.batch_tokens) < 1
-        or args.correction_tokens < 0
+        or min(args.correction_tokens, args.probe_tokens or 0) < 0
+        or args.probe_tokens == 1
     ):
-        print("error: --samples, --sample-tokens, --window, --batch-tokens must be positive", file=sys.stderr)
+        print(
+            "error: --samples, --sample-tokens, --window, --batch-tokens must be positive; "
+            "--correction-tokens at least 0; --probe-tokens 0 or at least 2",
+            file=sys.stderr,
+        )
         return 2
+    if args.probe_tokens and not args.correction_tokens:
+        print("error: --probe-tokens needs the correction (--correction-tokens > 0)", file=sys.stderr)
+        return 2
+    if args.probe_tokens is None:
+        args.probe_tokens = PROBE_TOKENS if args.correction_tokens else 0
     methods = tuple(m for m in args.methods.split(",") if m and m != "none")
     if not set(methods) <= {"chess", "r_sparse"} or not 0 < args.rank_fraction <= 1:
         print("error: --methods takes chess, r_sparse or none; --rank-fraction is in (0, 1]", file=sys.stderr)
@@ -92,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         cal = calibrate(
             engine, seqs, args.batch_tokens, info={"source": source},
             correction_tokens=args.correction_tokens or None, methods=methods,
-            rank_fraction=args.rank_fraction,
+            rank_fraction=args.rank_fraction, probe_tokens=args.probe_tokens or None,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -117,5 +134,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if cal.rsparse is not None:
         summary["r_sparse_alpha_by_projection"] = cal.info["r_sparse"]["alpha_mean_by_projection"]
+    if "allocation" in cal.info:
+        key = next(k for k in cal.info["allocation"] if k.startswith("mean_level_by_site"))
+        summary[key] = {m: [round(v, 3) for v in row] for m, row in cal.info["allocation"][key].items()}
     print(json.dumps(summary, indent=2))
     return 0

@@ -3,12 +3,16 @@ the request's generated tokens run with a fraction s of some decoder projection 
 
 - `teal`: at every projection's input (qkv, o, gate_up, and the down projection's silu(gate)·up) the
   entries with |x| below that layer's and projection's threshold (TEAL);
-- `chess`: the FFN's channels whose |silu(gate_i)| * E|up_i| is below one threshold per layer, and the
-  q and o projections' inputs below theirs; k and v stay dense (CHESS: chess.py);
+- `chess`: the FFN's channels whose |silu(gate_i)| * E|up_i| is below one threshold per layer, then the
+  down input below its threshold, and the q and o projections' inputs below theirs; k and v stay dense
+  (CHESS: chess.py);
 - `r_sparse`: every projection's input entries with a low |x_j| * ||W[:, j]||, their product replaced by a
-  low-rank one (R-Sparse: r_sparse.py; s is the share of the projection's multiply-adds saved);
+  low-rank one (R-Sparse: r_sparse.py);
 - `coreinfer`: the FFN neurons outside the request's core set, chosen from its prompt (CoreInfer:
   coreinfer.py; s is the share of FFN neurons dropped).
+
+For the first three s is the share of the multiply-adds of the method's sites saved; each site's own
+level, and so its threshold, comes from the calibration's allocation (allocation.py).
 
 Speed (CUDA, TEAL): in a *fused* step, one whose rows are all TEAL sparse decode rows (at most 16, and
 their expected union of active inputs at most `MAX_UNION`), the hook hands the layers its thresholds
@@ -76,7 +80,15 @@ from actserve.interventions.sparsity.artifact import (
 )
 from actserve.interventions.sparsity.chess import ChessHook
 from actserve.interventions.sparsity.coreinfer import CoreInferHook, CoreState, Observe, core_size
-from actserve.interventions.sparsity.hooks import INPUT, METHOD, METHODS, SLOT, Counters, SparsityHook
+from actserve.interventions.sparsity.hooks import (
+    INPUT,
+    METHOD,
+    METHODS,
+    SLOT,
+    Counters,
+    SparsityHook,
+    entry_macs,
+)
 from actserve.interventions.sparsity.r_sparse import RSparseHook
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.sparsity_ops_ref import threshold_mask_ref
@@ -241,7 +253,7 @@ class SparsityPlugin(InterventionPlugin):
         self.padded: dict[str, torch.Tensor] = {}  # method -> its table with a last level of +inf
         self.sites = {(layer, p) for layer in range(model_info.num_layers) for p in PROJECTIONS}
         self.kernel = False  # fused steps run the sparse GEMV (CUDA, option `kernel`)
-        self.counters = Counters(SLOTS, model_info.device)
+        self.counters = Counters(SLOTS, model_info.device, entry_macs(model_info))
         self.core: CoreState | None = None
         self._free = list(range(SLOTS - 1, -1, -1))
         self._free_core: list[int] = []
@@ -291,7 +303,7 @@ class SparsityPlugin(InterventionPlugin):
             self.tables["r_sparse"] = rs.thresholds(levels(), cal.edges).to(dev)
             self.hooks["r_sparse"] = RSparseHook(
                 self.tables["r_sparse"], rs.ranks(levels()).to(dev),
-                {p: t.to(dev) for p, t in rs.colnorm.items()},
+                {p: t.to(dev) for p, t in rs.scale().items()},
                 {p: t.to(dev, dtype) for p, t in rs.vs.items()},
                 {p: t.to(dev, dtype) for p, t in rs.u.items()},
             )  # fmt: skip
@@ -353,7 +365,7 @@ class SparsityPlugin(InterventionPlugin):
         """The request's achieved sparsity, when it decoded anything sparse (one device read)."""
         if plan.slot < 0 or not plan.active:
             return []
-        skipped, total = self.counters.read(plan.slot)
+        skipped, total = self.counters.read(plan.slot, plan.method)
         return [(ACHIEVED.name, (plan.method,), skipped / total)] if total > 0 else []
 
     def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:

@@ -3,7 +3,8 @@
 
 For a projection y = W x (W [out, in], SVD W = U S V^T), R-Sparse keeps the input channels whose score
 |x_j| * ||W[:, j]|| (the weight column's norm: the paper code's `scale`) is above a threshold and sends
-the dropped part x_d through the top-r singular components of W:
+the dropped part x_d through the top-r singular components of W (a projection whose budget goes all to
+the sparse path, alpha = 1, scores by |x_j| alone, as the paper's code does):
 
     y = W x_s + U_r S_r V_r^T x_d
 
@@ -15,13 +16,16 @@ fraction of the weight's size), and the dropped fraction t is whatever keeps the
 
     t(s) = s + r(s) (in + out) / (in * out),   r(s) = min(floor((1 - s)(1 - alpha) in*out / (in + out)), R)
 
-alpha: the paper finds a per-layer ratio by an evolutionary search over the whole model; here each
-projection's alpha is picked at calibration from a few candidates by the relative error of its own
-output on calibration inputs, averaged over a few levels (calibrate.py), and is the same at every level.
-q/k/v and gate/up are one fused matrix each here (one mask, one SVD), as in our fused projections.
+alpha and s per projection: the paper searches both per layer (evolutionary) over the whole model. Here
+each projection's alpha is picked at calibration from a few candidates by the relative error of its own
+output on calibration inputs, averaged over a few levels (calibrate_methods.py), the same at every level;
+and a model-wide level s is shared among the projections by the greedy allocation of allocation.py (each
+projection's own s_i, the multiply-add-weighted mean of the s_i equal to s; `allocation`). q/k/v and
+gate/up are one fused matrix each here (one mask, one SVD), as in our fused projections.
 
 Achieved sparsity (what the metric reports, and the tests check): 1 - ((1 - z) in*out + r (in + out)) /
-(in*out), z the zero fraction of the sparse path's input; it equals s when z = t(s).
+(in*out), z the zero fraction of the sparse path's input; it equals s_i when z = t(s_i). Over a layer's
+projections, weighted by their sizes in*out, it is s.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actserve.interventions.base import PROJECTIONS, LinearCall, RowInputs
+from actserve.interventions.sparsity.allocation import allocated_levels, check_allocation
 from actserve.interventions.sparsity.histograms import corrected_quantiles, quantile_values
 
 INPUT = "sparsity_level"  # the per-row level index (plugin.py's row input), -1: not this method's row
@@ -49,9 +54,10 @@ def dropped_fraction(level: torch.Tensor, rank: torch.Tensor, n_in: int, n_out: 
     return (level.to(torch.float64) + rank.to(torch.float64) * (n_in + n_out) / (n_in * n_out)).clamp(0, 1)
 
 
-def drop_mask(x: torch.Tensor, colnorm: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """[rows, in] bool: the inputs the sparse path drops, |x| * ||W[:, j]|| < thr (thr [rows, 1]; 0: none)."""
-    return (x.abs().float() * colnorm) < thr
+def drop_mask(x: torch.Tensor, scale: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """[rows, in] bool: the inputs the sparse path drops, |x| * scale < thr (scale [in]: ||W[:, j]||, or 1
+    where alpha = 1; thr [rows, 1]; 0: none)."""
+    return (x.abs().float() * scale) < thr
 
 
 def low_rank(x_d: torch.Tensor, vs: torch.Tensor, u: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
@@ -70,34 +76,59 @@ class RSparseStats:
     colnorm: dict[str, torch.Tensor]  # p -> float32 [layers, in]: ||W[:, j]||
     vs: dict[str, torch.Tensor]  # p -> float32 [layers, in, R]: V S, top R components
     u: dict[str, torch.Tensor]  # p -> float32 [layers, out, R]: U
-    counts: torch.Tensor  # int64 [layers, 4, bins + 2]: dense histogram of |x_j| * ||W[:, j]||
+    counts: torch.Tensor  # int64 [layers, 4, bins + 2]: dense histogram of the score (`scale`)
     grid: torch.Tensor | None = None  # float64 [G]
     quantiles: torch.Tensor | None = None  # float64 [G, layers, 4]: corrected dense quantiles
     rank_fraction: float = field(default=0.125)  # R <= rank_fraction * in*out / (in + out)
+    allocation: torch.Tensor | None = None  # float64 [G, layers, 4]: each projection's level at grid[g]
 
     def shape(self, p: str) -> tuple[int, int, int]:
         """(in, out, R) of projection p."""
         return self.vs[p].shape[1], self.u[p].shape[1], self.vs[p].shape[2]
 
-    def ranks(self, levels: torch.Tensor) -> torch.Tensor:
-        """int64 [len(levels), layers, 4]."""
+    def scale(self) -> dict[str, torch.Tensor]:
+        """p -> float32 [layers, in]: what |x_j| is multiplied by in the score: ||W[:, j]||, or 1 at the
+        projections whose alpha is 1."""
+        out = {}
+        for i, p in enumerate(PROJECTIONS):
+            c = self.colnorm[p].float()
+            out[p] = torch.where((self.alpha[:, i] < 1).unsqueeze(1), c, torch.ones_like(c))
+        return out
+
+    def site_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """float64 [len(levels), layers, 4]: each projection's own level at the model-wide `levels` (the
+        allocation's, or the level itself without one)."""
+        if self.allocation is None or self.grid is None:
+            return levels.to(torch.float64).reshape(-1, 1, 1).expand(-1, *self.alpha.shape).clone()
+        return allocated_levels(levels, self.grid, self.allocation)
+
+    def ranks_at(self, site_levels: torch.Tensor) -> torch.Tensor:
+        """int64 [n, layers, 4]: r at each projection's own level (site_levels [n, layers, 4])."""
         out = []
         for i, p in enumerate(PROJECTIONS):
             n_in, n_out, cap = self.shape(p)
-            out.append(budget_rank(levels.reshape(-1, 1), self.alpha[:, i].reshape(1, -1), n_in, n_out, cap))
+            out.append(budget_rank(site_levels[..., i], self.alpha[:, i].reshape(1, -1), n_in, n_out, cap))
         return torch.stack(out, dim=2)
 
-    def targets(self, levels: torch.Tensor) -> torch.Tensor:
-        """float64 [len(levels), layers, 4]: t(s), the dropped fraction of each projection's input."""
-        ranks = self.ranks(levels)
+    def targets_at(self, site_levels: torch.Tensor) -> torch.Tensor:
+        """float64 [n, layers, 4]: t at each projection's own level, the dropped fraction of its input."""
+        ranks = self.ranks_at(site_levels)
         cols = []
         for i, p in enumerate(PROJECTIONS):
             n_in, n_out, _ = self.shape(p)
-            cols.append(dropped_fraction(levels.reshape(-1, 1), ranks[..., i], n_in, n_out))
+            cols.append(dropped_fraction(site_levels[..., i], ranks[..., i], n_in, n_out))
         return torch.stack(cols, dim=2)
 
+    def ranks(self, levels: torch.Tensor) -> torch.Tensor:
+        """int64 [len(levels), layers, 4]."""
+        return self.ranks_at(self.site_levels(levels))
+
+    def targets(self, levels: torch.Tensor) -> torch.Tensor:
+        """float64 [len(levels), layers, 4]: t(s_i), the dropped fraction of each projection's input."""
+        return self.targets_at(self.site_levels(levels))
+
     def thresholds(self, levels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """float32 [len(levels), layers, 4]: the threshold on |x_j| * ||W[:, j]|| (level 0: 0)."""
+        """float32 [len(levels), layers, 4]: the threshold on the score (level 0: 0)."""
         base_grid = None if self.grid is None else self.targets(self.grid)
         q = corrected_quantiles(levels, self.targets(levels), self.grid, self.quantiles, base_grid)
         return quantile_values(self.counts, edges, q).float()
@@ -116,6 +147,8 @@ class RSparseStats:
                 "r_sparse.levels": self.grid.cpu().double(),
                 "r_sparse.quantiles": self.quantiles.cpu().double(),
             }
+        if self.allocation is not None:
+            out["r_sparse.allocation"] = self.allocation.cpu().double()
         return out
 
     @classmethod
@@ -161,7 +194,10 @@ class RSparseStats:
                 raise ValueError("r_sparse.levels must increase within (0, 1)")
             if not bool(((q >= 0) & (q <= 1)).all()):
                 raise ValueError("r_sparse.quantiles must lie in [0, 1]")
-        return cls(alpha.double(), colnorm, vs, u, counts, grid, q, frac)
+        alloc = tensors.get("r_sparse.allocation")
+        if alloc is not None:
+            check_allocation(alloc, grid, num_layers, len(PROJECTIONS), "r_sparse")
+        return cls(alpha.double(), colnorm, vs, u, counts, grid, q, frac, alloc)
 
 
 class RSparseHook:
@@ -172,12 +208,12 @@ class RSparseHook:
         self,
         thresholds: torch.Tensor,
         ranks: torch.Tensor,
-        colnorm: dict[str, torch.Tensor],
+        scale: dict[str, torch.Tensor],
         vs: dict[str, torch.Tensor],
         u: dict[str, torch.Tensor],
     ) -> None:
         self.thresholds, self.rank_table = thresholds, ranks  # [levels, layers, 4] each
-        self.colnorm, self.vs, self.u = colnorm, vs, u
+        self.scale, self.vs, self.u = scale, vs, u  # scale: RSparseStats.scale
         layers = thresholds.shape[1]
         self._sites = {(layer, p) for layer in range(layers) for p in PROJECTIONS}
 
@@ -192,7 +228,7 @@ class RSparseHook:
     def apply(self, layer: int, proj: str, x: torch.Tensor, inputs: RowInputs) -> torch.Tensor:
         idx = inputs[INPUT][:, 0].clamp(min=0).long()
         thr = self.thresholds[:, layer, PROJECTIONS.index(proj)][idx].unsqueeze(1)
-        return x.masked_fill(drop_mask(x, self.colnorm[proj][layer], thr), 0)
+        return x.masked_fill(drop_mask(x, self.scale[proj][layer], thr), 0)
 
     def output(self, layer: int, proj: str, call: LinearCall, inputs: RowInputs) -> torch.Tensor:
         rank = self.rank(layer, proj, inputs)
