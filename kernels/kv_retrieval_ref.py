@@ -7,9 +7,11 @@ position, offloaded (1: its cold blocks are on the host). All state tensors are 
 
 Per layer and step: `append` (the row's query into its slot's ring, its running statistics, its
 activation bias), `query_vectors` (what scores a block: the query, its signed parts, or ActQKV's probe,
-summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), a top-k, and
-`tables` (the table the attention kernel reads). `summaries` writes a block's summaries when the row's
-token completes it. These functions are also what the plugin runs on the CPU.
+summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), `choose` (the
+best ones, ties in column order), `tables` (the table the attention kernel reads) and, with a host
+tier, `stage` (chosen host blocks read through the slot's reserved GPU blocks; the copies to make).
+`summaries` writes a block's summaries when a row's token completes it. These functions are also what
+the plugin runs on the CPU.
 """
 
 from __future__ import annotations
