@@ -189,19 +189,8 @@ class RetrievalHook:
         lo = st.kmin[layer] if st.kmin is not None else None
         hi = st.kmax[layer] if st.kmax is not None else None
         if self.decode:  # the blocks rows completed (-1 none), each with its row
-            args = (
-                cfg,
-                blocks,
-                rows,
-                kv_cache[0],
-                st.ring_q[layer],
-                rep,
-                lo,
-                hi,
-                self.bs,
-                self.scale,
-                self.reps,
-            )
+            summaries = (cfg, blocks, rows, kv_cache[0], st.ring_q[layer], rep, lo, hi)
+            args = (*summaries, self.bs, self.scale, self.reps)
             if self._kernels(blocks):
                 from actserve.kernels import kv_retrieval as kern
 
