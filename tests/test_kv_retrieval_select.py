@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from actserve.interventions.base import KVSpace, ModelInfo
+from actserve.interventions.base import KVSpace, ModelInfo, RowSpan
 from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, STAT_CAP, RetrievalHook
+from actserve.interventions.kv_retrieval.plugin import KVRetrievalPlugin
+from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec
 from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels import kv_retrieval_ref as R
 
@@ -249,6 +251,40 @@ def test_offloaded_rows_read_their_choice_through_reserved_blocks() -> None:
             if step == 1:
                 assert copies == []  # held from the step before
     assert seen_host and int(tiered.counters[2]) == len(seen_host)
+
+
+def test_offloaded_rows_and_the_graph_variant_agree() -> None:
+    """A decode row is offloaded (its `kv_retrieval` input says so, and the step replays the graph variant
+    with the tier's work) once the engine has asked which of its blocks stay (`kv_residency`) and its
+    table holds a host id; a prompt chunk (a restart) clears that and the slot's reserved blocks."""
+    plugin = KVRetrievalPlugin(INFO)
+    plugin.configure({"slots": 2, "max_budget_tokens": 24})
+    plugin.bind_kv(KVSpace(BS, 40, IDS, range(100, 100 + 2 * plugin.width), RecordingTier()))
+    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4)
+    hosted, plain = plugin.prepare(spec, "p"), plugin.prepare(spec, "q")
+    for plan in (hosted, plain):
+        plugin.activate(plan)
+    gpu_table, host_table = list(range(12)), [0, 41, 42, 43, 4, 5, 6, 7, 8, 9, 10, 11]
+
+    def step(count: int = 1, pos0: int = 45) -> tuple[str, list[int]]:
+        spans = [
+            RowSpan(hosted, 0, count, pos0, 30, (), host_table),
+            RowSpan(plain, count, 1, 45, 30, (), gpu_table),
+        ]
+        mode = plugin.graph_mode(spans, count + 1)
+        arrays = {INPUT: np.full((count + 1, COLUMNS), -1, dtype=np.int32)}
+        plugin.fill_row_inputs(spans, arrays)
+        return mode, arrays[INPUT][:, R.OFFLOAD].tolist()
+
+    assert step() == ("", [0, 0])  # host ids, but the engine has not moved anything yet
+    for plan in (hosted, plain):
+        plugin.kv_residency(plan)
+    assert step() == ("host", [1, 0])
+    assert plugin.state is not None and plugin.state.held is not None
+    plugin.state.held[:, hosted.slot] = 7  # as if it held blocks
+    assert step(count=3, pos0=0) == ("", [0, 0, 0, 0])  # a restart: prompt chunk
+    assert bool((plugin.state.held[:, hosted.slot] == -1).all()) and not hosted.may_host
+    assert step() == ("", [0, 0])  # its table is looked at again once the engine asks
 
 
 def stage_loop(

@@ -48,6 +48,8 @@ from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec, Retrieva
 from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels.kv_retrieval_ref import METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
 
+HOST = "host"  # the graph variant of steps with offloaded rows
+
 DEFAULTS: dict[str, Any] = {
     "slots": 16,  # retrieving sequences at once
     "ring_tokens": 64,  # queries kept per sequence (ActQKV's probe window; at least a block)
@@ -75,7 +77,7 @@ class KVRetrievalPlugin(InterventionPlugin):
         self._free: list[int] = []
         self.state: RetrievalState | None = None
         self.kv: KVSpace | None = None
-        self._hooks: dict[bool, RetrievalHook] = {}
+        self._hooks: dict[tuple[bool, bool], RetrievalHook] = {}
         self.methods = frozenset(M.METHODS.values())
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -180,6 +182,9 @@ class KVRetrievalPlugin(InterventionPlugin):
             self._free.append(plan.slot)
 
     def kv_residency(self, plan: RetrievalPlan) -> KVResidency:  # type: ignore[override]
+        """The engine asks before it moves the sequence's cold blocks: from now on its table may hold host
+        ids (`_on_host` looks)."""
+        plan.may_host = True
         return KVResidency(plan.sink, plan.window)
 
     def blocks_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -204,13 +209,22 @@ class KVRetrievalPlugin(InterventionPlugin):
         return out
 
     # -- steps -------------------------------------------------------------------------------------
+    def _on_host(self, sp: RowSpan) -> bool:
+        """Whether this decode row's table holds host-tier ids (its cold blocks moved): looked up once the
+        engine may have moved them, then remembered until the sequence (re)starts (a prompt chunk)."""
+        p = sp.plan
+        if sp.count > 1 or sp.pos0 < sp.prompt_len:
+            return False
+        if not p.on_host and p.may_host and self.kv is not None and sp.block_table:
+            p.on_host = max(sp.block_table) >= self.kv.host_base
+        return p.on_host
+
     def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:
         """Each row's slot, method, sizes and position, and whether its cold blocks are on the host (its
         table holds host ids: the hook maps them to the slot's reserved blocks)."""
         out = arrays[INPUT]
         st = self.state
         tier = st is not None and st.held is not None
-        host_base = self.kv.host_base if self.kv is not None else 0
         for sp in spans:
             p = sp.plan
             rows = out[sp.start : sp.start + sp.count]
@@ -220,19 +234,22 @@ class KVRetrievalPlugin(InterventionPlugin):
             if not tier:
                 continue
             if sp.count > 1 or sp.pos0 < sp.prompt_len:  # a prompt chunk: a (re)start holds no host blocks
-                st.forget_host(p.slot)  # type: ignore[union-attr]
-            elif sp.block_table and max(sp.block_table) >= host_base:
+                if p.may_host or p.on_host:
+                    st.forget_host(p.slot)  # type: ignore[union-attr]
+                p.may_host = p.on_host = False
+            elif self._on_host(sp):
                 rows[:, OFFLOAD] = 1
 
-    def _hook(self, decode: bool) -> RetrievalHook:
-        if decode not in self._hooks:
+    def _hook(self, decode: bool, host: bool = True) -> RetrievalHook:
+        """`host`: with the host tier's work (offloaded rows' mapping and recalls), if the server has one."""
+        if (decode, host) not in self._hooks:
             assert self.state is not None
             info = self.model_info
-            self._hooks[decode] = RetrievalHook(
+            self._hooks[decode, host] = RetrievalHook(
                 self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
-                self.options["representatives"], decode, self.kv,
+                self.options["representatives"], decode, self.kv if host else None,
             )  # fmt: skip
-        return self._hooks[decode]
+        return self._hooks[decode, host]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
         """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
@@ -241,6 +258,13 @@ class KVRetrievalPlugin(InterventionPlugin):
             return None
         return self._hook(all(sp.count == 1 for sp in spans))
 
-    def graph_hooks(self) -> PluginHooks:
-        """Decode graphs: the decode path (every method is served by the same kernels)."""
-        return PluginHooks(attention=self._hook(True))
+    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
+        """HOST when a row of the step has blocks on the host tier (the graph maps them and recalls them),
+        "" otherwise: no tier work in the graph (the same flag `fill_row_inputs` sets)."""
+        tier = self.kv is not None and self.kv.tier is not None
+        return HOST if tier and any(self._on_host(sp) for sp in spans) else ""
+
+    def graph_hooks(self, mode: str = "") -> PluginHooks:
+        """Decode graphs: the decode path (every method is served by the same kernels), with the host
+        tier's work in the HOST variant only."""
+        return PluginHooks(attention=self._hook(True, host=mode == HOST))
