@@ -4,12 +4,14 @@ which inside a CUDA graph still cost a few microseconds each.
 
 Per layer: `append` (grid rows: the query into the slot's ring, its running statistics and activation
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
-column tiles: each candidate block's summaries read by id through the row's table, no gathered copy),
-a torch top-k (unsorted), `pick` (grid rows: the top-k ordered, ActQKV's entropy over the scores and
-its share of the step's blocks, then the chosen columns sorted, the row's table copied and rewritten,
-its length); after attention,
-`summaries` (grid rows x KV heads: a block's representative key and min/max when the row's token
-completed it). No host sync; fixed shapes: they run inside decode CUDA graphs.
+column tiles: each candidate block's summaries, all KV heads in one load, read by id through the row's
+table, no gathered copy), `select` (grid rows: ActQKV's entropy and its share of the step's blocks, the
+k-th best score found by bisection on its bits with the row's scores held in registers, the chosen
+columns compacted in ascending order into the row's new table, its length; with a host tier, the
+chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
+kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
+representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
+inside decode CUDA graphs.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def _query_vectors_kernel(
         wsum = tl.sum(
             tl.where(ok, tl.load(rb_ptr + slot * stride_rps + t, mask=t < T, other=0.0), 0.0), axis=0
         )
-        # T_CHUNK ring entries per load (each iteration's loads independent of the last): one query
-        # at a time made this kernel a chain of T dependent round trips to memory
+        # T_CHUNK ring entries per load (32: two round trips to memory for the default ring of 64; one
+        # query at a time made this kernel a chain of T dependent round trips)
         acc = tl.zeros([D], tl.float32)
         for t0 in range(0, T, T_CHUNK):
             tc = t0 + tl.arange(0, T_CHUNK)
@@ -125,7 +127,7 @@ def _query_vectors_kernel(
 def _scores_kernel(
     a_ptr, b_ptr, cfg_ptr, bt_ptr, len_ptr, rep_ptr, kmin_ptr, kmax_ptr, out_ptr,
     W, stride_a, stride_cfg, stride_bt, stride_xi, stride_xg, stride_o,
-    HK: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_W: tl.constexpr,
+    HK: tl.constexpr, D: tl.constexpr, HD_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_W: tl.constexpr,
     HAS_REP: tl.constexpr, HAS_MINMAX: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
@@ -140,46 +142,40 @@ def _scores_kernel(
         ws = tl.where(method != QUEST, 0, ws)
     cand = (cols >= sink) & (cols < ws) & (cols < W)
     ids = tl.load(bt_ptr + r * stride_bt + cols, mask=cand, other=0).to(tl.int64)
-    d = tl.arange(0, D)
+    # every KV head's summary of a block in one load (one contiguous piece per id)
+    hd = tl.arange(0, HD_PAD)
+    hm = hd < HK * D
+    av = tl.load(a_ptr + r * stride_a + hd, mask=hm, other=0.0)
+    off = ids[:, None] * stride_xi + ((hd // D) * stride_xg + hd % D)[None, :]
+    m2 = cand[:, None] & hm[None, :]
     acc = tl.zeros([BLOCK_W], tl.float32)
     quest = method == QUEST
-    for g in range(HK):
-        av = tl.load(a_ptr + r * stride_a + g * D + d)
-        off = ids[:, None] * stride_xi + g * stride_xg + d[None, :]
-        if HAS_MINMAX:
-            if quest:
-                bv = tl.load(b_ptr + r * stride_a + g * D + d)
-                hi = tl.load(kmax_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
-                lo = tl.load(kmin_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
-                acc += tl.sum(hi * av[None, :] + lo * bv[None, :], axis=1)
-        if HAS_REP:
-            if not quest:
-                x = tl.load(rep_ptr + off, mask=cand[:, None], other=0.0).to(tl.float32)
-                acc += tl.sum(x * av[None, :], axis=1)
+    if HAS_MINMAX:
+        if quest:
+            bv = tl.load(b_ptr + r * stride_a + hd, mask=hm, other=0.0)
+            hi = tl.load(kmax_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            lo = tl.load(kmin_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            acc += tl.sum(hi * av[None, :] + lo * bv[None, :], axis=1)
+    if HAS_REP:
+        if not quest:
+            x = tl.load(rep_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            acc += tl.sum(x * av[None, :], axis=1)
     tl.store(out_ptr + r * stride_o + cols, tl.where(cand, acc, float("-inf")), mask=cols < W)
 
 
 @triton.jit
 def _layer_blocks(
-    s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
-    BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD: tl.constexpr, RATE: tl.constexpr,
 ):  # fmt: skip
     """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
-    candidates, its running mean for the layer, and the layer's share of the blocks left."""
-    m = tl.full([], float("-inf"), tl.float32)
-    for c0 in range(0, W, BLOCK_W):
-        cols = c0 + tl.arange(0, BLOCK_W)
-        m = tl.maximum(m, tl.max(tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf")), 0))
-    z = tl.zeros([], tl.float32)
-    s1 = tl.zeros([], tl.float32)
-    for c0 in range(0, W, BLOCK_W):
-        cols = c0 + tl.arange(0, BLOCK_W)
-        x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
-        live = x > float("-inf")
-        dx = tl.where(live, x - m, 0.0)
-        e = tl.where(live, tl.exp(dx), 0.0)
-        z += tl.sum(e, axis=0)
-        s1 += tl.sum(e * dx, axis=0)
+    candidates (`x`: the row's scores, -inf elsewhere), its running mean for the layer, and the
+    layer's share of the blocks left."""
+    live = x > float("-inf")
+    m = tl.max(x, axis=0)
+    dx = tl.where(live, x - m, 0.0)
+    e = tl.where(live, tl.exp(dx), 0.0)
+    z = tl.sum(e, axis=0)
+    s1 = tl.sum(e * dx, axis=0)
     h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
     hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
     ent = tl.load(ent_ptr + slot * stride_e + layer)
@@ -200,88 +196,140 @@ def _layer_blocks(
 
 
 @triton.jit
-def _pick_kernel(
-    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, idx_ptr, val_ptr, ent_ptr, rem_ptr,
-    att_ptr, attn_ptr, sel_ptr, Sn_ptr, cnt_ptr,
-    layer, L, W, width, KK, stride_s, stride_bt, stride_cfg, stride_idx, stride_e, stride_att, stride_sel,
-    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
-    K_PAD: tl.constexpr, WIN_TILE: tl.constexpr,
+def _stage(
+    base, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width, res_base, host_base,
+    stride_held, stride_w, stride_c, K_PAD: tl.constexpr, H_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """budget_ref then tables_ref for one row: its table copied, then (a retrieving row) rewritten."""
+    """stage_ref for one offloaded row: its chosen ids (at `base`, `m` of them) that are host ids are
+    read from the slot's reserved blocks; `work` (2 x width per row) holds which positions keep a chosen
+    block, then the free positions in order."""
+    tl.debug_barrier()  # the chosen ids stored by all threads are visible
+    j = tl.arange(0, K_PAD)
+    jm = j < m
+    ids = tl.load(base + j, mask=jm, other=-1)
+    need = jm & (ids >= host_base)
+    hit = tl.full([K_PAD], -1, tl.int32)
+    wrow = work_ptr + r * stride_w
+    hrow = held_ptr + slot * stride_held
+    for p0 in range(0, width, H_CHUNK):
+        p = p0 + tl.arange(0, H_CHUNK)
+        pm = p < width
+        h = tl.load(hrow + p, mask=pm, other=-1)
+        eq = need[:, None] & pm[None, :] & (ids[:, None] == h[None, :])
+        hit = tl.maximum(hit, tl.max(tl.where(eq, p[None, :], -1), axis=1))
+        tl.store(wrow + p, tl.max(eq.to(tl.int32), axis=0), mask=pm)
+    tl.debug_barrier()
+    keep = tl.load(wrow + j, mask=j < width, other=1)
+    free = (keep == 0).to(tl.int32)
+    tl.store(wrow + width + tl.cumsum(free, axis=0) - free, j, mask=free > 0)
+    tl.debug_barrier()
+    miss = need & (hit < 0)
+    mi = miss.to(tl.int32)
+    rank = tl.cumsum(mi, axis=0) - mi
+    tgt = tl.load(wrow + width + rank, mask=miss, other=0)
+    staged = (res_base + slot * width + tl.where(miss, tgt, hit)).to(tl.int32)
+    tl.store(base + j, staged, mask=need)
+    tl.store(hrow + tgt, ids, mask=miss)
+    tl.store(csrc_ptr + r * stride_c + rank, ids, mask=miss)
+    tl.store(cdst_ptr + r * stride_c + rank, staged, mask=miss)
+    copies = tl.sum(mi, axis=0)
+    tl.store(cn_ptr + r, copies)
+    tl.atomic_add(cnt_ptr + 2, copies.to(tl.int64))
+
+
+@triton.jit
+def _select_kernel(
+    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
+    held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr,
+    layer, L, W, width, res_base, host_base,
+    stride_s, stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr,
+):  # fmt: skip
+    """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
-    for c0 in range(0, W, BLOCK_W):
-        cols = c0 + tl.arange(0, BLOCK_W)
-        tl.store(
-            out_ptr + r * stride_bt + cols,
-            tl.load(bt_ptr + r * stride_bt + cols, mask=cols < W),
-            mask=cols < W,
-        )
-    tl.debug_barrier()  # the copy lands before the rewrite below (other threads may store the same entries)
-    if slot < 0:
+    if TIER:
+        tl.store(cn_ptr + r, 0)
+    cols = tl.arange(0, BLOCK_W)
+    row_in = bt_ptr + r * stride_bt
+    row_out = out_ptr + r * stride_bt
+    if slot < 0:  # another request's row: its table as it is
+        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
         tl.store(newlen_ptr + r, length)
         return
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    # int32 scalars from here: per-column arithmetic against int64 would widen every column
+    n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
     k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
+    x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
     k_sel = tl.minimum(k, n_cand)
     if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
-        k_sel = _layer_blocks(
-            s_ptr, ent_ptr, rem_ptr, r, slot, k, n_cand, layer, L, W, width, stride_s, stride_e,
-            BLOCK_W, L_PAD, RATE,
-        )  # fmt: skip
-    off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD) > 0
-    j = tl.arange(0, K_PAD)
-    jm = j < KK
-    idx = tl.load(idx_ptr + r * stride_idx + j, mask=jm, other=0).to(tl.int64)
-    val = tl.load(val_ptr + r * stride_idx + j, mask=jm, other=float("-inf"))
-    # the top-k comes unsorted (torch's sort of it cost more than the selection): order it best first
-    # here, by one int64 key per entry (the score's bits made order-preserving as a signed int32, high;
-    # the column, low), non-candidates last
-    vi = val.to(tl.int32, bitcast=True)
-    vi = tl.where(vi < 0, vi ^ 0x7FFFFFFF, vi)
-    vi = tl.where((val > float("-inf")) & jm, vi, -2147483648)
-    key = tl.sort((vi.to(tl.int64) << 32) | idx, 0, descending=True)
-    idx = key & 0xFFFFFFFF
-    picked = (j < k_sel) & ((key >> 32) > -2147483648)
-    cols = tl.sort(tl.where(picked, idx, W), 0)
-    m = tl.sum(picked.to(tl.int64), axis=0)
-    tl.store(sel_ptr + slot * stride_sel + j, cols.to(tl.int32), mask=jm)
-    tl.store(Sn_ptr + slot, m.to(tl.int32))
-    retrieve = (n_cand > k) | off
-    if retrieve:
-        tl.atomic_add(cnt_ptr, m)
-        tl.atomic_add(cnt_ptr + 1, 1)
-        mid_n = m
-        if off:
-            mid_n = tl.load(attn_ptr + slot).to(tl.int64)
-            aj = tl.load(att_ptr + slot * stride_att + j, mask=j < mid_n, other=0)
-            tl.store(out_ptr + r * stride_bt + sink + j, aj, mask=j < mid_n)
-        else:
-            ids = tl.load(bt_ptr + r * stride_bt + cols, mask=j < m, other=0)
-            tl.store(out_ptr + r * stride_bt + sink + j, ids, mask=j < m)
-        start = sink + mid_n
-        for t0 in range(0, n - ws, WIN_TILE):
-            t = t0 + tl.arange(0, WIN_TILE)
-            tm = t < n - ws
-            wv = tl.load(bt_ptr + r * stride_bt + ws + t, mask=tm, other=0)
-            tl.store(out_ptr + r * stride_bt + start + t, wv, mask=tm)
-        length = ((sink + mid_n) * BS + length - ws * BS).to(length.dtype)
-    tl.store(newlen_ptr + r, length)
+        k_sel = _layer_blocks(x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD, RATE)
+    off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
+    if (n_cand <= k) & (off <= 0):  # a covered context keeps its table: full attention bit for bit
+        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
+        tl.store(newlen_ptr + r, length)
+        return
+    # the k_sel best finite candidates: a threshold t on an int32 key whose order is the float's, found
+    # by bisection on its bits (counting passes over the keys in registers; other columns get INT_MIN,
+    # which no pass counts), stopping once exactly kk keys are >= t; equal keys at t are taken in
+    # column order; the chosen columns are compacted in ascending order (no sort)
+    ok = (cols >= sink) & (cols < ws) & (cols < W) & (x == x) & (tl.abs(x) < float("inf"))
+    n_ok = tl.sum(ok.to(tl.int32), axis=0)
+    kk = tl.minimum(k_sel, n_ok).to(tl.int32)
+    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # -0.0 ranks as 0.0
+    key = tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648)
+    above = tl.sum((key >= 0).to(tl.int32), axis=0)
+    t = tl.where(above >= kk, 0, -2147483648)
+    n_t = tl.where(above >= kk, above, n_ok)  # keys >= t (t = INT_MIN: every eligible one)
+    b = 30
+    while (b >= 0) & (n_t != kk):  # invariant: n_t = #keys >= t >= kk
+        c = t + (1 << b)
+        n_c = tl.sum((key >= c).to(tl.int32), axis=0)
+        t = tl.where(n_c >= kk, c, t)
+        n_t = tl.where(n_c >= kk, n_c, n_t)
+        b -= 1
+    gt = (key > t).to(tl.int32)
+    eq = ((key == t) & ok).to(tl.int32)
+    need = kk - tl.sum(gt, axis=0)
+    if need < tl.sum(eq, axis=0):  # ties at t: the first ones in column order
+        eq = tl.where(tl.cumsum(eq, axis=0) - eq < need, eq, 0)
+    take = gt | eq
+    m = tl.sum(take, axis=0)
+    # the row's entries in one load and one store: sink in place, the chosen compacted after it, the window
+    at = tl.where(
+        take > 0, sink + tl.cumsum(take, axis=0) - take, tl.where(cols < sink, cols, sink + m - ws + cols)
+    )
+    used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
+    tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+    tl.atomic_add(cnt_ptr, m.to(tl.int64))
+    tl.atomic_add(cnt_ptr + 1, 1)
+    tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
+    if TIER:
+        if off > 0:
+            _stage(
+                row_out + sink, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width,
+                res_base, host_base, stride_held, stride_w, stride_c, K_PAD, H_CHUNK,
+            )  # fmt: skip
 
 
 @triton.jit
 def _summaries_kernel(
-    cfg_ptr, blk_ptr, k_ptr, rq_ptr, rep_ptr, kmin_ptr, kmax_ptr,
+    cfg_ptr, blk_ptr, row_ptr, k_ptr, rq_ptr, rep_ptr, kmin_ptr, kmax_ptr,
     T, scale, stride_cfg, stride_ks, stride_kh, stride_rqs, stride_rqt, stride_xi, stride_xg,
     G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, REPS: tl.constexpr,
     HAS_REP: tl.constexpr, HAS_MINMAX: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
+    r = tl.load(row_ptr + i).to(tl.int64)
+    blk = tl.load(blk_ptr + i).to(tl.int64)
+    if r < 0 or blk < 0:
+        return
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
-    blk = tl.load(blk_ptr + r).to(tl.int64)
-    if slot < 0 or blk < 0:
+    if slot < 0:
         return
     p = tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64)
     j = tl.arange(0, BS)
@@ -342,7 +390,7 @@ def query_vectors(
         qf, cfg, ring_q, ring_pos, ring_bias, a, b, t, qf.stride(0), cfg.stride(0), ring_q.stride(0),
         ring_q.stride(1), ring_pos.stride(0), a.stride(0),
         G=g, G_PAD=triton.next_power_of_2(g), D=d, T_PAD=triton.next_power_of_2(t),
-        T_CHUNK=min(8, triton.next_power_of_2(t)),
+        T_CHUNK=min(32, triton.next_power_of_2(t)), num_warps=8,
     )  # fmt: skip
     return a, b
 
@@ -350,57 +398,71 @@ def query_vectors(
 def scores(
     a: torch.Tensor, b: torch.Tensor, cfg: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
     rep: torch.Tensor | None, kmin: torch.Tensor | None, kmax: torch.Tensor | None, block_size: int,
-    block_w: int = 64,
+    block_w: int = 8,
 ) -> torch.Tensor:  # fmt: skip
+    """Small column tiles (8 blocks x every KV head's summary): many programs even at batch 1."""
     rows, w = tables.shape
     x = rep if rep is not None else kmax
     assert x is not None
+    hd = triton.next_power_of_2(x.shape[1] * x.shape[2])
     out = torch.empty(rows, w, dtype=torch.float32, device=a.device)
     _scores_kernel[(rows, triton.cdiv(w, block_w))](
         a, b, cfg, tables, lens, rep if rep is not None else x, kmin if kmin is not None else x,
         kmax if kmax is not None else x, out, w, a.stride(0), cfg.stride(0), tables.stride(0), x.stride(0),
         x.stride(1), out.stride(0),
-        HK=x.shape[1], D=x.shape[2], BS=block_size, BLOCK_W=block_w, HAS_REP=rep is not None,
-        HAS_MINMAX=kmin is not None and kmax is not None,
+        HK=x.shape[1], D=x.shape[2], HD_PAD=hd, BS=block_size, BLOCK_W=block_w, HAS_REP=rep is not None,
+        HAS_MINMAX=kmin is not None and kmax is not None, num_warps=8 if block_w * hd >= 8192 else 4,
     )  # fmt: skip
     return out
 
 
-def pick(
-    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, idx: torch.Tensor,
-    val: torch.Tensor, entropy: torch.Tensor, remaining: torch.Tensor, att_ids: torch.Tensor,
-    att_n: torch.Tensor, sel_cols: torch.Tensor, sel_n: torch.Tensor, counters: torch.Tensor, layer: int,
-    width: int, block_size: int, rate: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`budget_ref` then `tables_ref` in one launch: (new tables, new lengths); state updated in place.
-    idx/val: the top-k of the scores, in any order."""
+def select(
+    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
+    remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
+    tier: tuple[torch.Tensor, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
+    """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
+    first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
+    state updated in place. A new table's entries past its new length are undefined."""
     rows, w = bt.shape
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
-    kk = idx.shape[1]
-    layers = entropy.shape[1]
-    _pick_kernel[(rows,)](
-        sc, bt, out, lens, new_len, cfg, idx, val, entropy, remaining, att_ids, att_n, sel_cols, sel_n,
-        counters, layer, layers, w, width, kk, sc.stride(0), bt.stride(0), cfg.stride(0), idx.stride(0),
-        entropy.stride(0), att_ids.stride(0), sel_cols.stride(0),
-        BS=block_size, BLOCK_W=1024, L_PAD=triton.next_power_of_2(layers), RATE=rate,
-        K_PAD=triton.next_power_of_2(max(kk, att_ids.shape[1])), WIN_TILE=128,
+    block = max(1024, triton.next_power_of_2(w))  # few variants: one compile per power of two from 1024
+    if tier is not None:
+        held, res_base, host_base = tier
+        assert held.shape[1] == width
+        work = torch.empty(rows, 2 * width, dtype=torch.int32, device=bt.device)
+        src = torch.empty(rows, width, dtype=torch.int32, device=bt.device)
+        dst, count = torch.empty_like(src), torch.empty(rows, dtype=torch.int32, device=bt.device)
+    else:
+        held, res_base, host_base = bt, 0, 0
+        work = src = dst = bt
+        count = lens
+    _select_kernel[(rows,)](
+        sc, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
+        layer, entropy.shape[1], w, width, res_base, host_base, sc.stride(0), bt.stride(0), cfg.stride(0),
+        entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
+        BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
+        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None,
+        num_warps=max(4, min(16, block // 512)),
     )  # fmt: skip
-    return out, new_len
+    return out, new_len, ((src, dst, count) if tier is not None else None)
 
 
 def summaries(
-    cfg: torch.Tensor, blocks: torch.Tensor, k_cache: torch.Tensor, ring_q: torch.Tensor,
+    cfg: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor, ring_q: torch.Tensor,
     rep: torch.Tensor | None, kmin: torch.Tensor | None, kmax: torch.Tensor | None, block_size: int,
     scale: float, count: int,
 ) -> None:  # fmt: skip
-    rows = cfg.shape[0]
+    """One program per (filled block, KV head); rows[i] < 0 or blocks[i] < 0: nothing filled."""
+    if blocks.numel() == 0:
+        return
     hq, d = ring_q.shape[2], ring_q.shape[3]
     hk = k_cache.shape[1]
     x = rep if rep is not None else kmax
     assert x is not None
-    _summaries_kernel[(rows, hk)](
-        cfg, blocks, k_cache, ring_q, rep if rep is not None else x, kmin if kmin is not None else x,
+    _summaries_kernel[(blocks.shape[0], hk)](
+        cfg, blocks, rows, k_cache, ring_q, rep if rep is not None else x, kmin if kmin is not None else x,
         kmax if kmax is not None else x, ring_q.shape[1], scale, cfg.stride(0), k_cache.stride(0),
         k_cache.stride(1), ring_q.stride(0), ring_q.stride(1), x.stride(0), x.stride(1),
         G=hq // hk, D=d, BS=block_size, REPS=count, HAS_REP=rep is not None,

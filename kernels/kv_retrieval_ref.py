@@ -7,9 +7,11 @@ position, offloaded (1: its cold blocks are on the host). All state tensors are 
 
 Per layer and step: `append` (the row's query into its slot's ring, its running statistics, its
 activation bias), `query_vectors` (what scores a block: the query, its signed parts, or ActQKV's probe,
-summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), a top-k, and
-`tables` (the table the attention kernel reads). `summaries` writes a block's summaries when the row's
-token completes it. These functions are also what the plugin runs on the CPU.
+summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), `choose` (the
+best ones, ties in column order), `tables` (the table the attention kernel reads) and, with a host
+tier, `stage` (chosen host blocks read through the slot's reserved GPU blocks; the copies to make).
+`summaries` writes a block's summaries when a row's token completes it. These functions are also what
+the plugin runs on the CPU.
 """
 
 from __future__ import annotations
@@ -167,57 +169,91 @@ def budget_ref(
     return torch.where(mine, torch.minimum(k_sel, n_cand), torch.zeros_like(k_sel))
 
 
+def choose_ref(scores: torch.Tensor, k_sel: torch.Tensor) -> torch.Tensor:
+    """[R, W] bool: each row's `k_sel[r]` best finite scores (-inf marks non-candidates), equal scores
+    taken in ascending column order (a stable sort: the kernel breaks ties the same way)."""
+    finite = torch.isfinite(scores)
+    key = torch.where(finite, scores, torch.full_like(scores, float("-inf")))
+    order = key.sort(dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return finite & (rank < k_sel.unsqueeze(1))
+
+
 def tables_ref(
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    cfg: torch.Tensor,
+    chosen: torch.Tensor,
+    counters: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables, lengths) the attention kernel reads: a retrieving row (more candidates than k, or
+    offloaded) gets its sink blocks, then its chosen columns' blocks (`chosen` [R, W], in ascending
+    column order), then its window; entries past its new length are not read (here: left as they
+    were). Other rows keep theirs. counters[:2] += (blocks chosen, 1) per retrieving row."""
+    n, sink, ws, n_cand = geometry(cfg, lens, block_size)
+    w = tables.shape[1]
+    mine = cfg[:, SLOT] >= 0
+    off = mine & (cfg[:, OFFLOAD] > 0)
+    m = chosen.sum(1)
+    col = torch.arange(w, device=tables.device).unsqueeze(0)
+    cols = torch.where(chosen, col, torch.full_like(col, w)).sort(1).values  # chosen first, ascending
+    retrieve = mine & ((n_cand > cfg[:, RETRIEVE].long()) | off)
+    counters[:2] += torch.stack([(m * retrieve).sum(), retrieve.sum()]).to(counters.dtype)
+    sk, mn, w0 = sink.unsqueeze(1), m.unsqueeze(1), ws.unsqueeze(1)
+    in_sink = col < sk
+    in_mid = (col >= sk) & (col < sk + mn)
+    in_win = (col >= sk + mn) & (col < sk + mn + n.unsqueeze(1) - w0)
+    src = torch.where(in_sink, col, w0 + col - sk - mn)
+    src = torch.where(in_mid, cols.gather(1, (col - sk).clamp(0, w - 1)), src).clamp(0, w - 1)
+    write = retrieve.unsqueeze(1) & (in_sink | in_mid | in_win)
+    out = torch.where(write, tables.gather(1, src), tables)
+    new_len = (sink + m) * block_size + lens.long() - ws * block_size
+    return out, torch.where(retrieve, new_len, lens.long()).to(lens.dtype)
+
+
+def stage_ref(
     out: torch.Tensor,
     lens: torch.Tensor,
     cfg: torch.Tensor,
-    idx: torch.Tensor,
-    val: torch.Tensor,
-    k_sel: torch.Tensor,
-    att_ids: torch.Tensor,
-    att_n: torch.Tensor,
-    sel_cols: torch.Tensor,
-    sel_n: torch.Tensor,
+    chosen_n: torch.Tensor,
+    held: torch.Tensor,
+    reserved_base: int,
+    host_base: int,
     counters: torch.Tensor,
     block_size: int,
-) -> torch.Tensor:
-    """The first k_sel[r] top-k picks (idx/val [R, K], best first; -inf values are not picks), in
-    ascending column order, become the row's choice (sel_cols/sel_n of its slot: what the host recalls
-    for the next step with a host tier). A retrieving row (more candidates than k, or offloaded) gets
-    its table rewritten in `out` (a copy of the tables): its sink blocks, then the chosen blocks (an
-    offloaded row: the ids the host staged, att_ids/att_n), then its window; entries after are left as
-    they were. counters += (blocks chosen, 1) per retrieving row. Returns the new lengths."""
-    n, sink, ws, n_cand = geometry(cfg, lens, block_size)
-    w = out.shape[1]
-    kk = idx.shape[1]
-    mine = cfg[:, SLOT] >= 0
-    s = cfg[:, SLOT].long().clamp(min=0)
-    off = mine & (cfg[:, OFFLOAD] > 0)
-    rank = torch.arange(kk, device=idx.device).unsqueeze(0)
-    picked = (rank < k_sel.unsqueeze(1)) & torch.isfinite(val)
-    cols = torch.where(picked, idx.long(), torch.full_like(idx.long(), w)).sort(1).values
-    m = picked.sum(1)
-    sel_cols[s[mine], :kk] = cols[mine].to(sel_cols.dtype)
-    sel_n[s[mine]] = m[mine].to(sel_n.dtype)
-    retrieve = mine & ((n_cand > cfg[:, RETRIEVE].long()) | off)
-    counters += torch.stack([(m * retrieve).sum(), retrieve.sum()]).to(counters.dtype)
-    mid_n = torch.where(off, att_n[s].long(), m)
-    j = torch.arange(w, device=out.device).unsqueeze(0)
-    sk, mn, w0 = sink.unsqueeze(1), mid_n.unsqueeze(1), ws.unsqueeze(1)
-    in_sink = j < sk
-    in_mid = (j >= sk) & (j < sk + mn)
-    in_win = (j >= sk + mn) & (j < sk + mn + n.unsqueeze(1) - w0)
-    base = out.gather(1, torch.where(in_sink, j, w0 + j - sk - mn).clamp(0, w - 1))
-    mid_pos = (j - sk).clamp(0, kk - 1)
-    from_cols = out.gather(1, cols.gather(1, mid_pos).clamp(max=w - 1))
-    kw = att_ids.shape[1]
-    from_ids = att_ids[s].gather(1, (j - sk).clamp(0, kw - 1)).to(out.dtype)
-    mid = torch.where(off.unsqueeze(1), from_ids, from_cols)
-    new = torch.where(in_mid, mid, base)
-    write = retrieve.unsqueeze(1) & (in_sink | in_mid | in_win)
-    out.copy_(torch.where(write, new, out))
-    new_len = (sink + mid_n) * block_size + lens.long() - ws * block_size
-    return torch.where(retrieve, new_len, lens.long()).to(lens.dtype)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The host tier for offloaded rows, after `tables_ref`: each chosen block with a host id (>=
+    `host_base`) is read from one of the slot's reserved GPU blocks instead (reserved_base + slot x
+    width + position, `held` [S, width] the host id each position holds, -1 none): the position that
+    holds it already, else the free positions (those holding no chosen block) in ascending order, taken
+    by the missing ids in table order. `out` is rewritten and `held` updated in place; returns the
+    copies to make, (host ids [R, width], GPU ids [R, width], counts [R]) int32, and counters[2] +=
+    the copies."""
+    _, sink, _, _ = geometry(cfg, lens, block_size)
+    rows, width = out.shape[0], held.shape[1]
+    src = torch.zeros(rows, width, dtype=torch.int32, device=out.device)
+    dst = torch.zeros_like(src)
+    count = torch.zeros(rows, dtype=torch.int32, device=out.device)
+    off = (cfg[:, SLOT] >= 0) & (cfg[:, OFFLOAD] > 0)
+    for r in off.nonzero().flatten().tolist():
+        s, sk, m = int(cfg[r, SLOT]), int(sink[r]), int(chosen_n[r])
+        ids = out[r, sk : sk + m].long()
+        need = ids >= host_base
+        eq = need.unsqueeze(1) & (ids.unsqueeze(1) == held[s].long().unsqueeze(0))  # [m, width]
+        pos = torch.where(eq.any(1), eq.int().argmax(1), -1)
+        free = (~eq.any(0)).nonzero().flatten()
+        miss = (need & (pos < 0)).nonzero().flatten()
+        pos[miss] = free[: len(miss)]
+        staged = reserved_base + s * width + pos
+        held[s, pos[miss]] = ids[miss].to(held.dtype)
+        out[r, sk : sk + m] = torch.where(need, staged, ids).to(out.dtype)
+        src[r, : len(miss)] = ids[miss].to(torch.int32)
+        dst[r, : len(miss)] = staged[miss].to(torch.int32)
+        count[r] = len(miss)
+    counters[2] += count.sum().to(counters.dtype)
+    return src, dst, count
 
 
 def representatives_ref(qb: torch.Tensor, kb: torch.Tensor, scale: float, count: int) -> torch.Tensor:
@@ -239,6 +275,7 @@ def representatives_ref(qb: torch.Tensor, kb: torch.Tensor, scale: float, count:
 def summaries_ref(
     cfg: torch.Tensor,
     blocks: torch.Tensor,
+    rows: torch.Tensor,
     k_cache: torch.Tensor,
     ring_q: torch.Tensor,
     rep: torch.Tensor | None,
@@ -248,15 +285,17 @@ def summaries_ref(
     scale: float,
     count: int,
 ) -> None:
-    """Rows of this plugin whose token completed block blocks[r] (>= 0) write its summaries: InfLLM's
-    representative (`representatives_ref`, the block's queries read from the slot's ring) and Quest's
-    elementwise min and max of its keys. k_cache [slots, Hk, D]."""
-    sel = (cfg[:, SLOT] >= 0) & (blocks >= 0)
+    """Each block `blocks[i]` that row `rows[i]`'s token completed (-1: none) writes its summaries if the
+    row is this plugin's: InfLLM's representative (`representatives_ref`, the block's queries read from
+    the slot's ring) and Quest's elementwise min and max of its keys. k_cache [slots, Hk, D]."""
+    ok = (rows >= 0) & (blocks >= 0)
+    r = rows[ok].long()
+    sel = cfg[r, SLOT] >= 0
     if not bool(sel.any()):
         return
-    s = cfg[sel, SLOT].long()
-    p = cfg[sel, POS].long()
-    b = blocks[sel].long()
+    r, b = r[sel], blocks[ok][sel].long()
+    s = cfg[r, SLOT].long()
+    p = cfg[r, POS].long()
     offs = torch.arange(block_size, device=blocks.device)
     t = (p.unsqueeze(1) - (block_size - 1) + offs) % ring_q.shape[1]
     qb = ring_q[s.unsqueeze(1), t]

@@ -16,11 +16,12 @@ from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.kv_retrieval import (
     _append_kernel,
-    _pick_kernel,
     _query_vectors_kernel,
     _scores_kernel,
+    _select_kernel,
     _summaries_kernel,
 )
+from actserve.kernels.kv_tier import _recall_kernel
 from actserve.kernels.moe import (
     _decode_down_kernel,
     _decode_up_kernel,
@@ -282,37 +283,40 @@ VARIANTS.append(
 
 # KV retrieval's decode kernels at Llama-3-8B's shape (32 query heads, 8 KV heads, head size 128, 16-token
 # blocks, a 64-query ring); "*i32" row configuration
-i32s = dict.fromkeys(("C", "T", "W", "KK", "L", "layer", "width"), "i32")
+i32s = dict.fromkeys(("C", "T", "W", "L", "layer", "width", "res_base", "host_base", "half"), "i32")
 kvr_strides = [
     "stride_q", "stride_cfg", "stride_rqs", "stride_rqt", "stride_rps", "stride_ms", "stride_a", "stride_bt",
-    "stride_xi", "stride_xg", "stride_o", "stride_s", "stride_e", "stride_idx", "stride_att", "stride_sel",
+    "stride_xi", "stride_xg", "stride_o", "stride_s", "stride_e", "stride_held", "stride_w", "stride_c",
     "stride_ks", "stride_kh",
 ]  # fmt: skip
 kvr_types = {
     "q_ptr": BF, "cfg_ptr": I32, "rq_ptr": BF, "rp_ptr": I64, "rb_ptr": F32, "mean_ptr": F32, "var_ptr": F32,
     "cnt_ptr": F32, "cap": "fp32", "a_ptr": F32, "b_ptr": F32, "bt_ptr": I32, "len_ptr": I32, "rep_ptr": BF,
     "kmin_ptr": BF, "kmax_ptr": BF, "out_ptr": F32, "s_ptr": F32, "ent_ptr": F32, "rem_ptr": F32,
-    "ksel_ptr": I64, "newlen_ptr": I32, "idx_ptr": I64, "val_ptr": F32, "att_ptr": I32, "attn_ptr": I32,
-    "sel_ptr": I32, "Sn_ptr": I32, "blk_ptr": I64, "k_ptr": BF, "scale": "fp32",
+    "newlen_ptr": I32, "held_ptr": I32, "work_ptr": I32, "csrc_ptr": I32, "cdst_ptr": I32, "cn_ptr": I32,
+    "blk_ptr": I64, "row_ptr": I64, "k_ptr": BF, "scale": "fp32", "store_ptr": BF, "kv_ptr": BF,
+    "src_ptr": I32, "dst_ptr": I32, "n_ptr": I32,
     **i32s, **dict.fromkeys(kvr_strides, "i32"),
 }  # fmt: skip
 VARIANTS.append((_append_kernel, {**kvr_types}, dict(BLOCK_C=4096)))
-VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64, T_CHUNK=8)))
-for has_rep, has_mm in ((True, True), (True, False)):
+VARIANTS.append((_query_vectors_kernel, kvr_types, dict(G=4, G_PAD=4, D=128, T_PAD=64, T_CHUNK=32)))
+for has_rep, has_mm in ((True, True), (True, False), (False, True)):
     VARIANTS.append(
         (
             _scores_kernel,
             kvr_types,
-            dict(HK=8, D=128, BS=16, BLOCK_W=64, HAS_REP=has_rep, HAS_MINMAX=has_mm),
+            dict(HK=8, D=128, HD_PAD=1024, BS=16, BLOCK_W=8, HAS_REP=has_rep, HAS_MINMAX=has_mm),
         )
     )
-VARIANTS.append(
-    (
-        _pick_kernel,
-        {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
-        dict(BS=16, BLOCK_W=1024, L_PAD=32, RATE=0.1, K_PAD=512, WIN_TILE=128),
+# a 128k-token table (8192 blocks; graphs at that max length: 16384) and a short one, with and without tier
+for block_w, tier in ((16384, True), (8192, False), (2048, True)):
+    VARIANTS.append(
+        (
+            _select_kernel,
+            {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
+            dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier),
+        )
     )
-)
 VARIANTS.append(
     (
         _summaries_kernel,
@@ -320,6 +324,7 @@ VARIANTS.append(
         dict(G=4, D=128, BS=16, REPS=2, HAS_REP=True, HAS_MINMAX=True, USE_DOT=True),
     )
 )
+VARIANTS.append((_recall_kernel, {**kvr_types, "cnt_ptr": I64}, dict(E=16384, E_PAD=16384, PROGRAMS=32)))
 count_types = {
     "table_ptr": "*fp64", "x_ptr": BF, "counted_ptr": I32, "level_ptr": I32, "method_ptr": I32,
     "slot_ptr": I32, "thr_ptr": F32, "cost_ptr": "*fp64",

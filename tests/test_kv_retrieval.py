@@ -4,7 +4,9 @@
 - a budget that covers the whole context changes nothing: each method equals full attention (logits to
   1e-5, tokens), also with the host tier on (cold blocks offloaded and recalled every step);
 - a small budget acts, and a batch mixing methods, budgets and a plain row equals each request alone;
-- the host tier's copies are bit-exact and its accounting (blocks by tier, bytes) adds up;
+- with the host tier a small budget reads what it reads without it (tokens and logits bit for bit): each
+  layer's chosen cold blocks come back within the step; its copies are bit-exact and its accounting
+  (blocks by tier, bytes, blocks recalled) adds up;
 - bad specs are 400s naming the field.
 """
 
@@ -135,15 +137,27 @@ def test_host_tier_with_covering_budget_equals_full_attention(
     }) > 0  # fmt: skip
 
 
-def test_host_tier_with_small_budget_runs(tinystories_dir: Path, prompts: list[list[int]]) -> None:
-    """With a small budget each step reads the blocks chosen one step earlier (recalled): a mixed batch
-    runs to the end and frees every block of both tiers."""
-    eng = engine(tinystories_dir, kv_offload_gb=0.001)
+def test_host_tier_with_small_budget_equals_no_tier(
+    eng: LLMEngine, tinystories_dir: Path, prompts: list[list[int]]
+) -> None:
+    """With a small budget each layer reads the blocks it chooses at this step, the cold ones recalled
+    from the host into its slot's reserved blocks: a mixed batch gives the tokens and logits of the same
+    batch without the tier (the same K/V in the same order) and frees every block of both tiers."""
     specs = [spec("actqkv", 32), None, spec("quest", 40, sink=8, window=4)]
-    out, _ = run_logged(eng, prompts[:3], greedy(STEPS), specs, "t")
-    assert all(len(t) == STEPS for t in out)
-    assert eng.host_tier is not None and eng.host_tier.bytes_to_device > 0
-    assert eng.blocks.num_host_used == 0 and eng.blocks.num_gpu_used == 0
+    want, want_seen = run_logged(eng, prompts[:3], greedy(STEPS), specs, "u")
+    tiered = engine(tinystories_dir, kv_offload_gb=0.001)
+    out, seen = run_logged(tiered, prompts[:3], greedy(STEPS), specs, "u")
+    assert out == want
+    for i in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(seen[f"u{i}"], want_seen[f"u{i}"], strict=True)), i
+    tier = tiered.host_tier
+    assert tier is not None and tier.bytes_to_device > 0
+    plugin = tiered.registry.plugin("kv_retrieval")
+    assert plugin is not None
+    stats = plugin.stats()
+    assert 0 < stats["recalled_blocks"] < stats["retrieved_blocks"]  # a block held is not copied again
+    assert tier.bytes_to_device == stats["recalled_blocks"] * tier.layer_block_bytes
+    assert tiered.blocks.num_host_used == 0 and tiered.blocks.num_gpu_used == 0
 
 
 def test_host_tier_round_trip_is_bit_exact() -> None:
@@ -154,13 +168,18 @@ def test_host_tier_round_trip_is_bit_exact() -> None:
     tier.offload([2, 5, 7], [100, 101, 104])
     for c in caches:
         c.zero_()
-    import numpy as np
 
-    tier.recall(np.array([1, 0, 1]), np.array([104, 101, 100]), np.array([9, 3, 11]))
+    def ids(*x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32)
+
+    # layer 1: host blocks 104 and 100 into GPU blocks 9 and 11 (one row); layer 0: 101 into 3
+    tier.recall(1, ids([104, 100]), ids([9, 11]), torch.tensor([2], dtype=torch.int32))
+    tier.recall(0, ids([101, 0], [0, 0]), ids([3, 0], [0, 0]), torch.tensor([1, 0], dtype=torch.int32))
     view = [c.view(2, -1, BS, 3, 8) for c in caches]
     was = [c.view(2, -1, BS, 3, 8) for c in before]
     assert torch.equal(view[1][:, 9], was[1][:, 7]) and torch.equal(view[0][:, 3], was[0][:, 5])
     assert torch.equal(view[1][:, 11], was[1][:, 2])
+    assert int(view[0].count_nonzero()) == int(view[0][:, 3].numel())  # nothing else was written
     assert (
         tier.bytes_to_host == 3 * 2 * tier.layer_block_bytes
         and tier.bytes_to_device == 3 * tier.layer_block_bytes

@@ -1,7 +1,8 @@
 """kv_retrieval on a GPU (skipped without CUDA): the decode kernels at Llama-3-8B's attention shape
-against their references, and the engine on TinyStories in float32 with decode CUDA graphs: a covering
-budget gives full attention's tokens from graphs, small budgets run from graphs beside plain rows, and
-the host tier round-trips."""
+against their references (the selection also at a graph's table width), the host tier's recall kernel
+reading pinned host memory from a CUDA graph, and the engine on TinyStories in float32 with decode CUDA
+graphs: a covering budget gives full attention's tokens from graphs, small budgets run from graphs beside
+plain rows, and with the host tier they give the tokens and logits of the same run without it."""
 
 from __future__ import annotations
 
@@ -47,48 +48,52 @@ def test_decode_kernels_at_llama3_8b_shape() -> None:
     fin = torch.isfinite(want)
     assert torch.equal(fin, torch.isfinite(got))
     assert ((got[fin] - want[fin]).abs() <= 1e-2 * (1 + want[fin].abs())).all()
+    width = 256
     ent = torch.rand(slots + 1, 32, device="cuda", generator=g) + 0.1
     rem = torch.zeros(slots + 1, device="cuda")
-    val, idx = want.topk(256, dim=1)
-    outs = []
-    for fn in ("ref", "kernel"):
-        e, m = ent.clone(), rem.clone()
-        sel = torch.zeros(slots + 1, 256, dtype=torch.int32, device="cuda")
-        sel_n = torch.zeros(slots + 1, dtype=torch.int32, device="cuda")
-        att = torch.zeros(slots + 1, 257, dtype=torch.int32, device="cuda")
-        att_n = torch.zeros(slots + 1, dtype=torch.int32, device="cuda")
-        cnt = torch.zeros(2, dtype=torch.int64, device="cuda")
-        if fn == "ref":
-            k_sel = R.budget_ref(want, cfg, lens, e, m, 0, 256, bs)
-            out = tables.clone()
-            new_len = R.tables_ref(out, lens, cfg, idx, val, k_sel, att, att_n, sel, sel_n, cnt, bs)
-        else:
-            out, new_len = K.pick(
-                want,
-                tables,
-                lens,
-                cfg,
-                idx,
-                val,
-                e,
-                m,
-                att,
-                att_n,
-                sel,
-                sel_n,
-                cnt,
-                0,
-                256,
-                bs,
-                R.ENTROPY_RATE,
-            )
-        outs.append((out, new_len, cnt, e))
-    (o1, l1, c1, e1), (o2, l2, c2, e2) = outs
-    assert torch.equal(l1, l2) and torch.equal(c1, c2) and torch.allclose(e1, e2, atol=1e-5)
-    for r in range(3):
-        used = -(-int(l1[r]) // bs)
-        assert torch.equal(o1[r, :used], o2[r, :used])
-    assert int(l1[0]) < 2048 + bs  # sink + 108 blocks + window: about the budget
+    for graph_width in (w, 16384):  # the tables as a step passes them, and as wide as a graph's
+        tab = torch.zeros(len(rows), graph_width, dtype=torch.int32, device="cuda")
+        tab[:, :w] = tables
+        sc = torch.full((len(rows), graph_width), float("-inf"), device="cuda")
+        sc[:, :w] = want
+        e1, m1, e2, m2 = ent.clone(), rem.clone(), ent.clone(), rem.clone()
+        c1 = torch.zeros(3, dtype=torch.int64, device="cuda")
+        c2 = c1.clone()
+        k_sel = R.budget_ref(sc, cfg, lens, e1, m1, 0, width, bs)
+        o1, l1 = R.tables_ref(tab, lens, cfg, R.choose_ref(sc, k_sel), c1, bs)
+        o2, l2, _ = K.select(sc, tab, lens, cfg, e2, m2, c2, 0, width, bs, R.ENTROPY_RATE)
+        assert torch.equal(l1, l2) and torch.equal(c1, c2) and torch.allclose(e1, e2, atol=1e-5)
+        for r in range(3):
+            used = -(-int(l1[r]) // bs)
+            assert torch.equal(o1[r, :used], o2[r, :used]), (graph_width, r)
+        assert int(l1[0]) < 2048 + bs  # sink + 108 blocks + window: about the budget
+
+
+def test_recall_reads_pinned_host_memory() -> None:
+    """The host tier's recall kernel reads blocks straight from a registered (pinned, mapped) host tensor
+    through its address, at Llama-3-8B's block shape, bit-exact, from inside a CUDA graph."""
+    from actserve.kernels.kv_tier import recall_blocks
+    from actserve.server.engine.kv_tier import pin
+
+    g = torch.Generator().manual_seed(3)
+    store = torch.randn(64, 2, 16, 8, 128, generator=g).to(torch.bfloat16)
+    pin(store)
+    kv = torch.zeros(2, 100, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    src = torch.tensor([[1000 + 5, 1000 + 63, 1000 + 0], [1000 + 17, 0, 0]], dtype=torch.int32, device="cuda")
+    dst = torch.tensor([[7, 99, 3], [50, 0, 0]], dtype=torch.int32, device="cuda")
+    count = torch.tensor([3, 1], dtype=torch.int32, device="cuda")
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    recall_blocks(store, kv, src, dst, count, 1000, counter)  # compiles outside the capture
+    kv.zero_()
+    counter.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recall_blocks(store, kv, src, dst, count, 1000, counter)
+    graph.replay()
+    torch.cuda.synchronize()
+    for h, b in ((5, 7), (63, 99), (0, 3), (17, 50)):
+        assert torch.equal(kv[:, b].cpu(), store[h]), (h, b)
+    assert int(kv.count_nonzero()) == 4 * store[0].numel() and int(counter) == 4
 
 
 def engine(model_dir: Path, **kw: Any):  # type: ignore[no-untyped-def]
@@ -122,9 +127,15 @@ def test_engine_from_cuda_graphs(tinystories_dir: Path, tier: float) -> None:
             < 1e-3
         )
     specs = [spec("actqkv", 96), None, spec("quest", 128)]
-    out, _ = run_logged(eng, prompts, greedy(24), specs, "m")
+    out, logged = run_logged(eng, prompts, greedy(24), specs, "m")
     assert all(len(t) == 24 for t in out)
     assert eng.runner.graph_steps > graphs0  # retrieving rows decode from CUDA graphs
     assert eng.blocks.num_gpu_used == 0 and eng.blocks.num_host_used == 0
-    if tier:
+    if tier:  # each layer's chosen cold blocks came back within the step: what the GPU tier reads
         assert eng.host_tier is not None and eng.host_tier.bytes_to_device > 0
+        ref = engine(tinystories_dir)
+        want, want_logged = run_logged(ref, prompts, greedy(24), specs, "m")
+        assert out == want
+        for i in range(3):  # the same K/V in the same order (float32: to rounding, were a launch to differ)
+            pairs = zip(logged[f"m{i}"], want_logged[f"m{i}"], strict=True)
+            assert max((a - b).abs().max().item() for a, b in pairs) < 1e-5, i

@@ -6,11 +6,15 @@ offloaded row and a row whose budget covers its context."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from actserve.kernels import kv_retrieval as K
 from actserve.kernels import kv_retrieval_ref as R
+from actserve.kernels import kv_tier as TK
+from actserve.kernels import kv_tier_ref as TR
 from actserve.kernels.paged_decode import paged_decode
 from actserve.kernels.paged_decode_ref import paged_decode_ref
 
@@ -116,50 +120,166 @@ def test_scores(kinds: str) -> None:
     assert torch.isfinite(want).any() and not torch.isfinite(want[3]).any()
 
 
-def test_pick() -> None:
-    """ActQKV's layer budget (the blocks left carry from layer to layer) and the table each row reads,
-    in one kernel from the top-k in any order, equal `budget_ref` then `tables_ref` from it sorted."""
-    g = torch.Generator().manual_seed(4)
+def choose_loop(scores: torch.Tensor, k_sel: list[int]) -> list[list[int]]:
+    """Per row: the columns of its k_sel best finite scores, equal scores in column order (a stable
+    sort in plain Python)."""
+    out = []
+    for row, k in zip(scores.tolist(), k_sel, strict=True):
+        cols = [c for c in range(len(row)) if math.isfinite(row[c])]
+        out.append(sorted(sorted(cols, key=lambda c: -row[c])[:k]))
+    return out
+
+
+def test_choose_ref_takes_the_best_with_ties_in_column_order() -> None:
+    g = torch.Generator().manual_seed(12)
+    sc = torch.randint(-3, 4, (5, 40), generator=g).float()  # many ties
+    sc[0, :5] = float("-inf")
+    sc[1, 3] = float("nan")
+    sc[2] = torch.where(sc[2] == 0, torch.tensor(-0.0), sc[2])
+    k_sel = torch.tensor([0, 7, 12, 40, 3])
+    got = R.choose_ref(sc, k_sel)
+    want = choose_loop(sc, k_sel.tolist())
+    assert [got[r].nonzero().flatten().tolist() for r in range(5)] == want
+
+
+@pytest.mark.parametrize("tie_scores", [False, True])
+def test_select(tie_scores: bool) -> None:
+    """ActQKV's layer budget (the blocks left carry from layer to layer), the choice (the k-th best
+    score by bisection on its bits, ties in column order) and the table each row reads, in one kernel,
+    equal `budget_ref`, `choose_ref` and `tables_ref`; with a host tier the offloaded row's chosen host
+    blocks map to its slot's reserved blocks as `stage_ref` maps them, over layers (blocks held from a
+    previous layer's step are not copied again)."""
+    g = torch.Generator().manual_seed(4 + tie_scores)
     cfg = cfg_rows(ROWS)
     tables, lens = tables_and_lens(g)
-    qa, qb = (torch.randn(len(ROWS), HK, D, generator=g).to(DEVICE) for _ in range(2))
+    # host ids [40, 50) (the state's summaries cover every id), reserved blocks from 100 (in a server they
+    # sit below the host ids; the kernel does not mind)
+    host_base, res_base, width = 40, 100, 12
+    h = [host_base + i for i in range(9)]
+    tables[5] = torch.tensor([3, h[0], h[1], 7, h[2], h[3], h[4], 8, h[5], 9, h[6], h[7], h[8], 5, 6, 2])
     st = state(torch.Generator().manual_seed(9))
-    sc = R.scores_ref(qa, qb, cfg, tables, lens, st["rep"], st["kmin"], st["kmax"], BS)
-    kk = 6
-    val, idx = sc.topk(kk, dim=1)
-    att_ids = torch.randint(0, IDS, (SLOTS + 1, 9), generator=g).to(DEVICE, torch.int32)
-    att_n = torch.tensor([0, 0, 0, 0, 3, 0], dtype=torch.int32, device=DEVICE)  # slot 4: row 5's
+    held0 = torch.full((SLOTS + 1, width), -1, dtype=torch.int32, device=DEVICE)
+    held0[4, 2], held0[4, 5] = h[3], h[4]  # slot 4 (row 5) holds two host blocks already
     sides = []
     for _ in range(2):
         sides.append({
             "entropy": st["entropy"].clone(), "remaining": st["remaining"].clone(),
-            "sel": torch.zeros(SLOTS + 1, 8, dtype=torch.int32, device=DEVICE),
-            "sel_n": torch.zeros(SLOTS + 1, dtype=torch.int32, device=DEVICE),
-            "cnt": torch.zeros(2, dtype=torch.int64, device=DEVICE),
+            "cnt": torch.zeros(3, dtype=torch.int64, device=DEVICE), "held": held0.clone(),
         })  # fmt: skip
     a, b = sides
     for layer in range(LAYERS):
-        k_sel = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, 12, BS)
-        o1 = tables.clone()
-        l1 = R.tables_ref(o1, lens, cfg, idx, val, k_sel, att_ids, att_n, a["sel"], a["sel_n"], a["cnt"], BS)
-        shuffled = torch.randperm(kk, generator=g).to(DEVICE)  # the kernel takes the top-k unordered
-        o2, l2 = K.pick(
-            sc, tables, lens, cfg, idx[:, shuffled], val[:, shuffled], b["entropy"], b["remaining"],
-            att_ids, att_n, b["sel"], b["sel_n"], b["cnt"], layer, 12, BS, R.ENTROPY_RATE,
+        qa, qb = (torch.randn(len(ROWS), HK, D, generator=g).to(DEVICE) for _ in range(2))
+        sc = R.scores_ref(qa, qb, cfg, tables, lens, st["rep"], st["kmin"], st["kmax"], BS)
+        if tie_scores:  # integer scores: many ties, and zeros of both signs
+            sc = torch.where(torch.isfinite(sc), sc.round().clamp(-2, 2), sc)
+            sc = torch.where(sc == 0, torch.where(torch.rand(sc.shape, generator=g) < 0.5, -0.0, 0.0), sc)
+        k_sel = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, width, BS)
+        chosen = R.choose_ref(sc, k_sel)
+        o1, l1 = R.tables_ref(tables, lens, cfg, chosen, a["cnt"], BS)
+        c1 = R.stage_ref(o1, lens, cfg, chosen.sum(1), a["held"], res_base, host_base, a["cnt"], BS)
+        o2, l2, c2 = K.select(
+            sc, tables, lens, cfg, b["entropy"], b["remaining"], b["cnt"], layer, width, BS, R.ENTROPY_RATE,
+            (b["held"], res_base, host_base),
         )  # fmt: skip
+        assert c2 is not None
         assert torch.equal(l2, l1), layer
         for r in range(len(ROWS)):
             used = -(-int(l1[r]) // BS)
             assert torch.equal(o2[r, :used], o1[r, :used]), (layer, r)
-            n = int(a["sel_n"][r])
-            assert torch.equal(b["sel"][r, :n], a["sel"][r, :n]), (layer, r)
         for key in ("entropy", "remaining"):
             assert close(b[key], a[key], 1e-5), (layer, key)
-        assert torch.equal(b["sel_n"], a["sel_n"]) and torch.equal(b["cnt"], a["cnt"])
+        assert torch.equal(b["cnt"], a["cnt"]) and torch.equal(b["held"], a["held"]), layer
+        assert torch.equal(c2[2], c1[2]), layer
+        for r in range(len(ROWS)):
+            n = int(c1[2][r])
+            assert torch.equal(c2[0][r, :n], c1[0][r, :n]) and torch.equal(c2[1][r, :n], c1[1][r, :n])
+        # the offloaded row reads no host id, and a chosen host block sits in one of its slot's blocks
+        used = -(-int(l1[5]) // BS)
+        mid = o1[5, :used]
+        assert ((mid < host_base) | ((mid >= res_base + 4 * width) & (mid < res_base + 5 * width))).all()
     assert int(l1[3]) == int(lens[3]) and torch.equal(o2[3], tables[3])  # another request's row
     assert torch.equal(o2[4], tables[4]) and int(l1[4]) == int(lens[4])  # covered: unchanged
-    assert o1[5, 1:4].tolist() == att_ids[4, :3].tolist()  # offloaded: the staged ids after its sink
     assert int(a["cnt"][1]) == 4 * LAYERS  # rows 0, 1, 2 and 5 retrieve at every layer
+    assert 0 < int(a["cnt"][2]) < int(a["cnt"][0])  # host blocks were recalled, not all of them
+
+
+def test_select_without_tier() -> None:
+    """The same kernel without a host tier (no staging arguments): the tables of `tables_ref`."""
+    g = torch.Generator().manual_seed(14)
+    rows = [r[:6] + [0] for r in ROWS]
+    cfg = cfg_rows(rows)
+    tables, lens = tables_and_lens(g)
+    st = state(torch.Generator().manual_seed(3))
+    qa, qb = (torch.randn(len(rows), HK, D, generator=g).to(DEVICE) for _ in range(2))
+    sc = R.scores_ref(qa, qb, cfg, tables, lens, st["rep"], st["kmin"], st["kmax"], BS)
+    ent, rem = st["entropy"].clone(), st["remaining"].clone()
+    cnt = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    chosen = R.choose_ref(sc, R.budget_ref(sc, cfg, lens, ent, rem, 1, 12, BS))
+    o1, l1 = R.tables_ref(tables, lens, cfg, chosen, cnt, BS)
+    cnt2 = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    o2, l2, copies = K.select(
+        sc, tables, lens, cfg, st["entropy"], st["remaining"], cnt2, 1, 12, BS, R.ENTROPY_RATE
+    )
+    assert copies is None and torch.equal(l1, l2) and torch.equal(cnt, cnt2)
+    for r in range(len(rows)):
+        used = -(-int(l1[r]) // BS)
+        assert torch.equal(o2[r, :used], o1[r, :used]), r
+
+
+@pytest.mark.parametrize("kind", ["spread", "equal"])
+def test_select_wide_rows(kind: str) -> None:
+    """Rows of 700 columns (several hundred candidates, a 1024-wide register tile): scores of mixed signs
+    and magnitudes, or all equal (the choice is then the first columns); the chosen blocks equal
+    `choose_ref`'s."""
+    g = torch.Generator().manual_seed(16)
+    w, bs = 700, 16
+    rows = [
+        [0, R.INFLLM, 60, 2, 3, 11000, 0],
+        [1, R.QUEST, 17, 0, 1, 9000, 0],
+        [2, R.INFLLM, 90, 4, 4, 7000, 0],
+    ]
+    cfg = cfg_rows(rows)
+    lens = torch.tensor([r[5] + 1 for r in rows], dtype=torch.int32, device=DEVICE)
+    tables = torch.stack([torch.randperm(5000, generator=g)[:w] for _ in rows]).to(DEVICE, torch.int32)
+    sc = torch.randn(len(rows), w, generator=g) * torch.exp(torch.randn(len(rows), w, generator=g) * 3)
+    if kind == "equal":
+        sc = torch.full_like(sc, 0.25)
+    _, sink, ws, _ = R.geometry(cfg.cpu(), lens.cpu(), bs)
+    col = torch.arange(w)
+    sc = torch.where((col >= sink[:, None]) & (col < ws[:, None]), sc, float("-inf")).to(DEVICE)
+    cnt = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    ent = torch.ones(SLOTS + 1, LAYERS, device=DEVICE)
+    rem = torch.zeros(SLOTS + 1, device=DEVICE)
+    k_sel = R.budget_ref(sc, cfg, lens, ent.clone(), rem.clone(), 0, 200, bs)
+    o1, l1 = R.tables_ref(tables, lens, cfg, R.choose_ref(sc, k_sel), cnt.clone(), bs)
+    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 200, bs, R.ENTROPY_RATE)
+    assert torch.equal(l1, l2)
+    for r in range(len(rows)):
+        used = -(-int(l1[r]) // bs)
+        assert torch.equal(o2[r, :used], o1[r, :used]), r
+    if kind == "equal":  # the first k candidates after the sink
+        assert o1[0, 2:62].tolist() == tables[0, 2:62].tolist()
+
+
+def test_recall_blocks_copies_bit_exact() -> None:
+    """The host tier's recall kernel copies each listed host block's K and V into the listed GPU block of
+    the layer and nothing else, as its reference does; it counts the blocks."""
+    g = torch.Generator().manual_seed(15)
+    store = torch.randn(9, 2, BS, HK, D, generator=g)
+    kv = torch.randn(2, 20, BS, HK, D, generator=g).to(DEVICE)
+    src = torch.tensor([[103, 100, 0], [108, 0, 0], [0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    dst = torch.tensor([[4, 17, 0], [9, 0, 0], [0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    count = torch.tensor([2, 1, 0], dtype=torch.int32, device=DEVICE)
+    want, got = kv.clone(), kv.clone()
+    c1 = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    c2 = c1.clone()
+    TR.recall_blocks_ref(store, want, src, dst, count, 100, c1)
+    TK.recall_blocks(store.to(DEVICE), got, src, dst, count, 100, c2, programs=2)
+    assert torch.equal(got, want) and int(c2) == int(c1) == 3
+    assert torch.equal(want[:, 4], store[3].to(DEVICE)) and torch.equal(want[:, 17], store[0].to(DEVICE))
+    assert torch.equal(want[:, 9], store[8].to(DEVICE))
+    untouched = [i for i in range(20) if i not in (4, 17, 9)]
+    assert torch.equal(want[:, untouched], kv[:, untouched])
 
 
 @pytest.mark.parametrize("reps", [1, 2])
@@ -169,11 +289,14 @@ def test_summaries(reps: int) -> None:
     st = state(g)
     k_cache = torch.randn(IDS * BS, HK, D, generator=g).to(DEVICE) * 2
     st["ring_q"] *= 2
-    blocks = torch.tensor([11, -1, 13, 7, -1, 30], device=DEVICE)  # row 3: another request's
+    # (block, row) pairs in any order: row 3 is another request's, -1 marks no block
+    blocks = torch.tensor([30, 11, -1, 13, 7, -1], device=DEVICE)
+    rows = torch.tensor([5, 0, 1, 2, 3, -1], device=DEVICE)
     a, b = clone(st), clone(st)
     scale = D**-0.5
-    R.summaries_ref(cfg, blocks, k_cache, a["ring_q"], a["rep"], a["kmin"], a["kmax"], BS, scale, reps)
-    K.summaries(cfg, blocks, k_cache, b["ring_q"], b["rep"], b["kmin"], b["kmax"], BS, scale, reps)
+    args = (BS, scale, reps)
+    R.summaries_ref(cfg, blocks, rows, k_cache, a["ring_q"], a["rep"], a["kmin"], a["kmax"], *args)
+    K.summaries(cfg, blocks, rows, k_cache, b["ring_q"], b["rep"], b["kmin"], b["kmax"], *args)
     for k in ("rep", "kmin", "kmax"):
         assert close(b[k], a[k], 1e-5), k
     assert torch.equal(a["rep"][7], st["rep"][7]) and not torch.equal(a["rep"][11], st["rep"][11])

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from actserve.interventions.base import ModelInfo
+from actserve.interventions.base import KVSpace, ModelInfo, RowSpan
 from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, STAT_CAP, RetrievalHook
-from actserve.interventions.kv_retrieval.staging import Staging
+from actserve.interventions.kv_retrieval.plugin import KVRetrievalPlugin
+from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec
 from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels import kv_retrieval_ref as R
 
@@ -141,6 +142,7 @@ def test_decode_selection_equals_each_methods_reference() -> None:
     ent = st.entropy.clone().double()
     remaining = [0.0] * len(ROWS)
     pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in ROWS])
+    act_blocks = 0
     for layer in range(LAYERS):
         q = torch.randn(len(ROWS), HQ, D, generator=g)
         hk.queries(layer, q, pos, inputs)
@@ -150,6 +152,8 @@ def test_decode_selection_equals_each_methods_reference() -> None:
                 st, layer, q[i], tables[i].tolist(), int(lens[i]), row, remaining[i],
                 ent[row[0]] if row[0] >= 0 else ent[-1].clone(),
             )  # fmt: skip
+            if i == 2:  # the ActQKV row's table: its sink block, its layer's blocks, its window block
+                act_blocks += -(-want_l // BS) - 2
             assert int(new_l[i]) == want_l, (layer, i)
             n_tok = -(-want_l // BS)
             assert new_t[i, :n_tok].tolist() == want_t[:n_tok], (layer, i)
@@ -158,7 +162,7 @@ def test_decode_selection_equals_each_methods_reference() -> None:
         assert int(new_l[2]) < int(lens[2])  # retrieval acted on the ActQKV row
     assert torch.allclose(st.entropy[2].double(), ent[2], atol=1e-6)
     # 3 retrieving rows x 2 layers; InfLLM takes 3 blocks, Quest 2, ActQKV its layer's share
-    assert st.counters.tolist() == [2 * (3 + 2) + int(st.sel_n[0, 2]) + int(st.sel_n[1, 2]), 6]
+    assert st.counters.tolist() == [2 * (3 + 2) + act_blocks, 6, 0]
 
 
 def test_packed_step_selects_as_the_decode_path() -> None:
@@ -183,24 +187,168 @@ def test_packed_step_selects_as_the_decode_path() -> None:
     assert torch.allclose(mean_a, mean_b, atol=1e-5) and torch.allclose(var_a, var_b, atol=1e-5)
 
 
-def test_offloaded_rows_read_the_staged_blocks() -> None:
-    """With a host tier a row reads sink + the ids the host staged for this layer + window, while the
-    layer's fresh choice is recorded (as columns) for the next step."""
+class RecordingTier:
+    """A host tier that records what it is asked to recall."""
+
+    host_base = 40
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[tuple[int, int]]]] = []
+
+    def recall(self, layer: int, host_ids: torch.Tensor, gpu_ids: torch.Tensor, counts: torch.Tensor) -> None:
+        pairs = [
+            (int(host_ids[r, j]), int(gpu_ids[r, j]))
+            for r in range(len(counts))
+            for j in range(int(counts[r]))
+        ]
+        self.calls.append((layer, pairs))
+
+
+def test_offloaded_rows_read_their_choice_through_reserved_blocks() -> None:
+    """With a host tier a row reads the blocks it chooses at this step: the chosen host blocks through
+    its slot's reserved GPU blocks (recalled now; a block the slot holds already is not copied again),
+    in the order and with the length of the same choice without the tier."""
     g = torch.Generator().manual_seed(4)
+    tier = RecordingTier()
+    reserved = range(100, 100 + SLOTS * WIDTH)
+    kv = KVSpace(BS, 40, IDS, reserved, tier)
     st = random_state(g)
-    rows = [[1, R.INFLLM, 2, 1, 1, 40, 1]]
-    tables = torch.randperm(IDS, generator=g)[:12].to(torch.int32).unsqueeze(0)
+    tiered = RetrievalState(INFO, SLOTS, RING, WIDTH, IDS, quest=True, reps=True, tier=True)
+    for name in ("rep", "kmin", "kmax", "ring_q", "ring_pos", "ring_bias", "mean", "var", "count", "entropy"):
+        getattr(tiered, name).copy_(getattr(st, name))
+    row = [1, R.INFLLM, 3, 1, 1, 40, 0]
+    ids = torch.randperm(40, generator=g)[:12].to(torch.int32)
+    host = ids.clone()
+    host[1:10] = torch.arange(40, 49, dtype=torch.int32)  # the cold blocks' host ids
+    tiered.move(ids[1:10].long(), host[1:10].long())  # their summaries follow (`blocks_moved`)
     lens = torch.tensor([41], dtype=torch.int32)
-    st.att_ids[0, 1, :3] = torch.tensor([55, 56, 57], dtype=torch.int32)
-    st.att_n[0, 1] = 3
-    hk = hook(st)
-    q = torch.randn(1, HQ, D, generator=g)
-    hk.queries(0, q, torch.tensor([40]), rows_input(rows))
-    new_t, new_l = hk.select(0, q, tables, lens, rows_input(rows))
-    n = 11
-    assert new_t[0, :5].tolist() == [int(tables[0, 0]), 55, 56, 57, int(tables[0, n - 1])]
-    assert int(new_l[0]) == (1 + 3) * BS + 41 - (n - 1) * BS
-    assert int(st.sel_n[0, 1]) == 2 and all(1 <= c < n - 1 for c in st.sel_cols[0, 1, :2].tolist())
+    plain, offloaded = hook(st), RetrievalHook(tiered, LAYERS, HK, BS, D**-0.5, 2, True, kv)
+    seen_host: set[tuple[int, int]] = set()
+    for step in range(2):  # the same query twice: the second step's choice is held already
+        q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(30))
+        for layer in range(LAYERS):
+            pos = torch.tensor([40 + step])
+            inp0 = rows_input([row[:5] + [40 + step, 0]])
+            inp1 = rows_input([row[:5] + [40 + step, 1]])  # offloaded
+            plain.queries(layer, q, pos, inp0)
+            offloaded.queries(layer, q, pos, inp1)
+            t0, l0 = plain.select(layer, q, ids.unsqueeze(0), lens + step, inp0)
+            t1, l1 = offloaded.select(layer, q, host.unsqueeze(0), lens + step, inp1)
+            assert torch.equal(l0, l1)
+            used = -(-int(l0[0]) // BS)
+            assert int(t1[0, 0]) == int(ids[0]) and int(t1[0, used - 1]) == int(ids[10])  # sink, window
+            mid0, mid1 = t0[0, 1 : used - 1].tolist(), t1[0, 1 : used - 1].tolist()
+            copies = tier.calls[-1][1]
+            assert tier.calls[-1][0] == layer
+            for a, b in zip(mid0, mid1, strict=True):  # each chosen block, or the slot's copy of it
+                col = ids.tolist().index(a)
+                if int(host[col]) >= tier.host_base:
+                    assert b in range(100 + WIDTH, 100 + 2 * WIDTH)  # slot 1's reserved blocks
+                    assert (int(host[col]), b) in copies or step == 1
+                    seen_host.add((layer, int(host[col])))
+                else:
+                    assert b == a
+            if step == 1:
+                assert copies == []  # held from the step before
+    assert seen_host and int(tiered.counters[2]) == len(seen_host)
+
+
+def test_offloaded_rows_and_the_graph_variant_agree() -> None:
+    """A decode row is offloaded (its `kv_retrieval` input says so, and the step replays the graph variant
+    with the tier's work) once the engine has asked which of its blocks stay (`kv_residency`) and its
+    table holds a host id; a prompt chunk (a restart) clears that and the slot's reserved blocks."""
+    plugin = KVRetrievalPlugin(INFO)
+    plugin.configure({"slots": 2, "max_budget_tokens": 24})
+    plugin.bind_kv(KVSpace(BS, 40, IDS, range(100, 100 + 2 * plugin.width), RecordingTier()))
+    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4)
+    hosted, plain = plugin.prepare(spec, "p"), plugin.prepare(spec, "q")
+    for plan in (hosted, plain):
+        plugin.activate(plan)
+    gpu_table, host_table = list(range(12)), [0, 41, 42, 43, 4, 5, 6, 7, 8, 9, 10, 11]
+
+    def step(count: int = 1, pos0: int = 45) -> tuple[str, list[int]]:
+        spans = [
+            RowSpan(hosted, 0, count, pos0, 30, (), host_table),
+            RowSpan(plain, count, 1, 45, 30, (), gpu_table),
+        ]
+        mode = plugin.graph_mode(spans, count + 1)
+        arrays = {INPUT: np.full((count + 1, COLUMNS), -1, dtype=np.int32)}
+        plugin.fill_row_inputs(spans, arrays)
+        return mode, arrays[INPUT][:, R.OFFLOAD].tolist()
+
+    assert step() == ("", [0, 0])  # host ids, but the engine has not moved anything yet
+    for plan in (hosted, plain):
+        plugin.kv_residency(plan)
+    assert step() == ("host", [1, 0])
+    assert plugin.state is not None and plugin.state.held is not None
+    plugin.state.held[:, hosted.slot] = 7  # as if it held blocks
+    assert step(count=3, pos0=0) == ("", [0, 0, 0, 0])  # a restart: prompt chunk
+    assert bool((plugin.state.held[:, hosted.slot] == -1).all()) and not hosted.may_host
+    assert step() == ("", [0, 0])  # its table is looked at again once the engine asks
+
+
+def stage_loop(
+    held: list[dict[int, int]], slot: int, chosen: list[int], host_base: int, base: int, width: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """stage_ref for one row, in plain Python: positions keep the chosen host ids they hold, missing
+    ones take the lowest free positions in table order. -> (ids read, copies (host id, GPU id))."""
+    pos_of = {h: p for p, h in held[slot].items()}
+    keep = {pos_of[h] for h in chosen if h >= host_base and h in pos_of}
+    free = [p for p in range(width) if p not in keep]
+    out, copies = [], []
+    for h in chosen:
+        if h < host_base:
+            out.append(h)
+            continue
+        if h in pos_of:
+            out.append(base + slot * width + pos_of[h])
+            continue
+        p = free.pop(0)
+        held[slot][p] = h
+        out.append(base + slot * width + p)
+        copies.append((h, base + slot * width + p))
+    return out, copies
+
+
+def test_stage_ref_equals_a_plain_loop() -> None:
+    """Random choices over several steps for two offloaded rows (and a row that is not offloaded): the
+    ids read and the copies equal a loop that keeps which host block each reserved block holds."""
+    rng = np.random.default_rng(7)
+    width, host_base, base, bs = 6, 1000, 500, 4
+    held_t = torch.full((3, width), -1, dtype=torch.int32)
+    held_l: list[dict[int, int]] = [{} for _ in range(3)]
+    cfg = torch.tensor(
+        [[0, 0, 3, 1, 1, 99, 1], [2, 0, 3, 2, 1, 99, 1], [1, 0, 3, 1, 1, 99, 0]], dtype=torch.int32
+    )
+    lens = torch.full((3,), 100, dtype=torch.int32)
+    counters = torch.zeros(3, dtype=torch.int64)
+    total = 0
+    for _ in range(6):
+        out = torch.zeros(3, 30, dtype=torch.int32)
+        m = torch.tensor([int(rng.integers(0, width + 1)) for _ in range(3)])
+        chosen = []
+        for r in range(3):
+            ids = [
+                int(x) for x in rng.choice(np.r_[np.arange(20), host_base + np.arange(12)], int(m[r]), False)
+            ]
+            sink = int(cfg[r, 3])
+            out[r, sink : sink + len(ids)] = torch.tensor(ids, dtype=torch.int32)
+            chosen.append(ids)
+        before = out.clone()
+        src, dst, n = R.stage_ref(out, lens, cfg, m, held_t, base, host_base, counters, bs)
+        for r in range(3):
+            sink = int(cfg[r, 3])
+            if r == 2:  # not offloaded: untouched
+                assert torch.equal(out[r], before[r]) and int(n[r]) == 0
+                continue
+            want, copies = stage_loop(held_l, int(cfg[r, 0]), chosen[r], host_base, base, width)
+            assert out[r, sink : sink + len(want)].tolist() == want
+            got = list(zip(src[r, : n[r]].tolist(), dst[r, : n[r]].tolist(), strict=True))
+            assert got == copies
+            total += len(copies)
+        for s in range(3):
+            assert {p: h for p, h in enumerate(held_t[s].tolist()) if h >= 0} == held_l[s]
+    assert int(counters[2]) == total > 0
 
 
 def ref_representative(qb: torch.Tensor, kb: torch.Tensor, count: int) -> torch.Tensor:
@@ -322,63 +470,3 @@ def test_running_statistics_and_biases(decode: bool) -> None:
     q = torch.randn(1, HQ, D, generator=g)  # a restart at position 0 forgets what came before
     hk.queries(0, q, torch.tensor([0]), rows_input([[0, R.ACTQKV, 2, 1, 1, 0, 0]]))
     assert torch.allclose(st.mean[0, 0], q.flatten()) and int(st.count[0, 0]) == 1
-
-
-def test_staging_recalls_only_what_is_missing() -> None:
-    """The host side of the tier: host ids chosen are mapped to the slot's reserved blocks, blocks already
-    held are not copied again, GPU ids pass through."""
-    host_base = 100
-    sg = Staging(slots=2, layers=2, width=4, reserved=range(50, 58), host_base=host_base)
-    table = np.array([0, 1, 101, 102, 103, 5, 104, 6])
-    cols = np.array([[2, 3, 5, 0], [1, 4, 6, 0]])
-    count = np.array([3, 3])
-    ids, n, (layers, host, gpu) = sg.stage(1, table, cols, count, np.array([], dtype=np.int64))
-    assert n.tolist() == [3, 3]
-    assert sorted(zip(layers.tolist(), host.tolist(), strict=True)) == [
-        (0, 101),
-        (0, 102),
-        (1, 103),
-        (1, 104),
-    ]
-    stage = {(int(a), int(h)): int(b) for a, h, b in zip(layers, host, gpu, strict=True)}
-    assert ids[0, :3].tolist() == [stage[(0, 101)], stage[(0, 102)], 5]
-    assert ids[1, :3].tolist() == [1, stage[(1, 103)], stage[(1, 104)]]
-    assert all(54 <= b < 58 for b in gpu.tolist())  # slot 1's reserved blocks
-    # next step: layer 0 keeps 102, drops 101, adds 104 (one copy); layer 1 the same blocks (none)
-    cols2 = np.array([[3, 6, 0, 0], [1, 4, 6, 0]])
-    ids2, n2, (layers2, host2, gpu2) = sg.stage(1, table, cols2, np.array([2, 3]), np.array([7]))
-    assert list(zip(layers2.tolist(), host2.tolist(), strict=True)) == [(0, 104)]
-    assert int(gpu2[0]) == stage[(0, 101)]  # reuses the block that held what was dropped
-    assert ids2[0, :3].tolist() == [stage[(0, 102)], stage[(0, 101)], 6] and n2.tolist() == [3, 4]
-
-
-def test_staging_equals_a_per_layer_loop() -> None:
-    """Random choices over several steps: the ids the kernel reads and the copies equal a plain loop
-    that keeps, per layer, which host block each reserved block holds (copies only what is missing)."""
-    rng = np.random.default_rng(7)
-    layers, k, width, host_base = 3, 6, 8, 1000
-    table = np.concatenate([rng.permutation(40)[:10], 1000 + rng.permutation(200)[:30]])
-    sg = Staging(slots=1, layers=layers, width=width, reserved=range(500, 500 + width), host_base=host_base)
-    held = [dict() for _ in range(layers)]  # reserved position -> host id
-    for _ in range(6):
-        count = rng.integers(0, k + 1, layers)
-        cols = np.stack([np.sort(rng.choice(35, k, replace=False)) for _ in range(layers)])
-        extra = np.array(
-            sorted(rng.choice(np.arange(35, 40), rng.integers(0, 2), replace=False)), dtype=np.int64
-        )
-        ids, n, (lay, host, gpu) = sg.stage(0, table, cols, count, extra)
-        copies = set()
-        for layer in range(layers):
-            want_cols = sorted(set(cols[layer, : count[layer]].tolist()) | set(extra.tolist()))
-            need = [int(table[c]) for c in want_cols if table[c] >= host_base]
-            for pos in [p for p, h in held[layer].items() if h not in need]:
-                del held[layer][pos]
-            for h in need:
-                if h not in held[layer].values():
-                    pos = min(p for p in range(width) if p not in held[layer])
-                    held[layer][pos] = h
-                    copies.add((layer, h, 500 + pos))
-            where = {h: 500 + p for p, h in held[layer].items()}
-            want_ids = [where.get(int(table[c]), int(table[c])) for c in want_cols]
-            assert int(n[layer]) == len(want_cols) and ids[layer, : n[layer]].tolist() == want_ids
-        assert set(zip(lay.tolist(), host.tolist(), gpu.tolist(), strict=True)) == copies

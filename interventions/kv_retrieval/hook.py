@@ -7,9 +7,10 @@ slot -1 = not a retrieving row, whose table and length come back unchanged), and
 of fixed shapes, so decode steps replay it from CUDA graphs. Two paths:
 
 - decode steps (one row per sequence; `decode=True`): the KV-retrieval kernels (kernels/kv_retrieval.py,
-  five launches and a top-k per layer) on CUDA, their plain-torch references on the CPU: `queries` appends the
-  query to its slot (ring, statistics, activation bias), `select` scores, budgets and builds the tables,
-  `filled` writes the completed blocks' summaries;
+  five launches per layer, a sixth with a host tier) on CUDA, their plain-torch references on the CPU:
+  `queries` appends the query to its slot (ring, statistics, activation bias), `select` scores, budgets,
+  chooses and builds the tables (with a host tier: maps the chosen host blocks to the slot's reserved GPU
+  blocks and recalls the missing ones, `KVTier.recall`), `filled` writes the completed blocks' summaries;
 - packed steps (prompt chunks, and on the CPU decode rows beside them): torch ops over the chunk:
   `queries` merges the chunk into its slots' statistics and keeps the step's queries, `select` (the
   decode rows) scores as the decode path does, `filled` writes the summaries of the blocks the step
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from actserve.interventions.base import RowInputs
+from actserve.interventions.base import KVSpace, RowInputs
 from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels import kv_retrieval_ref as ref
 
@@ -39,9 +40,11 @@ class RetrievalHook:
         scale: float,
         representatives: int,
         decode: bool,
+        kv: KVSpace | None = None,
     ) -> None:
         self.st, self.num_layers, self.kv_heads, self.bs = state, num_layers, kv_heads, block_size
         self.scale, self.reps, self.decode = scale, representatives, decode
+        self.kv = kv if kv is not None and kv.tier is not None else None  # the host tier's, if any
         self._layers = set(range(num_layers))
         # packed steps, per layer: this step's (queries, positions, slots, owned, biases) for `filled`
         self._stash: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -112,29 +115,38 @@ class RetrievalHook:
         rep = st.rep[layer] if st.rep is not None else None
         lo = st.kmin[layer] if st.kmin is not None else None
         hi = st.kmax[layer] if st.kmax is not None else None
-        kk = min(st.width, tables.shape[1])
+        tier = self.kv
         if self.decode and self._kernels(q):
             from actserve.kernels import kv_retrieval as kern
 
             a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)
             sc = kern.scores(a, b, cfg, tables, lens, rep, lo, hi, bs)
-            val, idx = sc.topk(kk, dim=1, sorted=False)  # `pick` orders them
-            return kern.pick(
-                sc, tables, lens, cfg, idx, val, st.entropy, st.remaining, st.att_ids[layer], st.att_n[layer],
-                st.sel_cols[layer], st.sel_n[layer], st.counters, layer, st.width, bs, ref.ENTROPY_RATE,
+            staging = None
+            if tier is not None:
+                assert st.held is not None
+                staging = (st.held[layer], tier.reserved.start, tier.host_base)
+            out, new_len, copies = kern.select(
+                sc, tables, lens, cfg, st.entropy, st.remaining, st.counters, layer, st.width, bs,
+                ref.ENTROPY_RATE, staging,
             )  # fmt: skip
-        if self.decode:
-            a, b = ref.query_vectors_ref(q, cfg, *views, self.kv_heads)
         else:
-            a, b = self._packed_vectors(layer, q, cfg)
-        sc = ref.scores_ref(a, b, cfg, tables, lens, rep, lo, hi, bs)
-        k_sel = ref.budget_ref(sc, cfg, lens, st.entropy, st.remaining, layer, st.width, bs)
-        val, idx = sc.topk(kk, dim=1)
-        out = tables.clone()
-        new_len = ref.tables_ref(
-            out, lens, cfg, idx, val, k_sel, st.att_ids[layer], st.att_n[layer],
-            st.sel_cols[layer], st.sel_n[layer], st.counters, bs,
-        )  # fmt: skip
+            if self.decode:
+                a, b = ref.query_vectors_ref(q, cfg, *views, self.kv_heads)
+            else:
+                a, b = self._packed_vectors(layer, q, cfg)
+            sc = ref.scores_ref(a, b, cfg, tables, lens, rep, lo, hi, bs)
+            k_sel = ref.budget_ref(sc, cfg, lens, st.entropy, st.remaining, layer, st.width, bs)
+            chosen = ref.choose_ref(sc, k_sel)
+            out, new_len = ref.tables_ref(tables, lens, cfg, chosen, st.counters, bs)
+            copies = None
+            if tier is not None:
+                assert st.held is not None
+                copies = ref.stage_ref(
+                    out, lens, cfg, chosen.sum(1), st.held[layer], tier.reserved.start, tier.host_base,
+                    st.counters, bs,
+                )  # fmt: skip
+        if tier is not None and tier.tier is not None and copies is not None:
+            tier.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
         return out, new_len
 
     def _packed_vectors(
@@ -176,12 +188,9 @@ class RetrievalHook:
         rep = st.rep[layer] if st.rep is not None else None
         lo = st.kmin[layer] if st.kmin is not None else None
         hi = st.kmax[layer] if st.kmax is not None else None
-        if self.decode:  # one row per sequence: the block each row completes, -1 where none
-            n = cfg.shape[0]
-            at = torch.where(rows >= 0, rows, n)
-            per_row = torch.full((n + 1,), -1, dtype=torch.long, device=blocks.device)
-            per_row = per_row.scatter(0, at.long(), blocks.long())[:n]
-            args = (cfg, per_row, kv_cache[0], st.ring_q[layer], rep, lo, hi, self.bs, self.scale, self.reps)
+        if self.decode:  # the blocks rows completed (-1 none), each with its row
+            summaries = (cfg, blocks, rows, kv_cache[0], st.ring_q[layer], rep, lo, hi)
+            args = (*summaries, self.bs, self.scale, self.reps)
             if self._kernels(blocks):
                 from actserve.kernels import kv_retrieval as kern
 

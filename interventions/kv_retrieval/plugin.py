@@ -15,8 +15,9 @@ best-scoring blocks between them, chosen by the request's method:
 Rows without the key attend to everything, unchanged. A budget that covers the whole context changes
 nothing either. Options (`configure`): slots, ring_tokens, representatives, max_budget_tokens, methods.
 With a host tier (`--kv-offload-gb`) a retrieving sequence's blocks outside its sink and window move to
-host memory once a decode step has run; each step then reads the blocks its previous step chose
-(one step stale), recalled into GPU blocks reserved per slot before the step launches.
+host memory once a decode step has run; each layer then reads the blocks it chose at this step, the
+ones on the host through GPU blocks reserved per slot, recalled within the step (on the device, from
+pinned host memory: no host sync) unless the slot holds them already.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ from actserve.interventions.base import (
 from actserve.interventions.kv_retrieval import methods as M
 from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, RetrievalHook
 from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec, RetrievalPlan, plan_of
-from actserve.interventions.kv_retrieval.staging import Staging
 from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels.kv_retrieval_ref import METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
+
+HOST = "host"  # the graph variant of steps with offloaded rows
 
 DEFAULTS: dict[str, Any] = {
     "slots": 16,  # retrieving sequences at once
@@ -75,8 +77,7 @@ class KVRetrievalPlugin(InterventionPlugin):
         self._free: list[int] = []
         self.state: RetrievalState | None = None
         self.kv: KVSpace | None = None
-        self.staging: Staging | None = None
-        self._hooks: dict[bool, RetrievalHook] = {}
+        self._hooks: dict[tuple[bool, bool], RetrievalHook] = {}
         self.methods = frozenset(M.METHODS.values())
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -122,9 +123,8 @@ class KVRetrievalPlugin(InterventionPlugin):
         return RetrievalState.block_bytes(self.model_info, quest, bool(self.methods - {M.QUEST}))
 
     def reserved_kv_blocks(self) -> int:
-        """With a host tier: per slot, one GPU block per retrieved block a layer may read (+ one that
-        left the window since the choice)."""
-        return self.options["slots"] * (self.width + 1) if self._native() else 0
+        """With a host tier: per slot, one GPU block per retrieved block a layer may read."""
+        return self.options["slots"] * self.width if self._native() else 0
 
     def bind_kv(self, kv: KVSpace) -> None:
         if not self._native():
@@ -138,11 +138,8 @@ class KVRetrievalPlugin(InterventionPlugin):
             kv.num_ids,
             quest=M.QUEST in self.methods,
             reps=bool(self.methods - {M.QUEST}),
+            tier=kv.tier is not None,
         )
-        if kv.tier is not None:
-            self.staging = Staging(
-                self.options["slots"], self.model_info.num_layers, self.width + 1, kv.reserved, kv.host_base
-            )
 
     # -- requests ----------------------------------------------------------------------------------
     def prepare(self, spec: BaseModel, param: str) -> RetrievalPlan:
@@ -176,8 +173,6 @@ class KVRetrievalPlugin(InterventionPlugin):
         plan.active = True
         if self.state is not None:
             self.state.reset(plan.slot)
-        if self.staging is not None:
-            self.staging.reset(plan.slot)
 
     def release(self, plan: RetrievalPlan) -> None:  # type: ignore[override]
         if plan.released:
@@ -187,6 +182,9 @@ class KVRetrievalPlugin(InterventionPlugin):
             self._free.append(plan.slot)
 
     def kv_residency(self, plan: RetrievalPlan) -> KVResidency:  # type: ignore[override]
+        """The engine asks before it moves the sequence's cold blocks: from now on its table may hold host
+        ids (`_on_host` looks)."""
+        plan.may_host = True
         return KVResidency(plan.sink, plan.window)
 
     def blocks_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -204,72 +202,54 @@ class KVRetrievalPlugin(InterventionPlugin):
     def stats(self) -> dict[str, float]:
         if self.state is None:
             return {}
-        blocks, selections = (float(x) for x in self.state.counters.tolist())
+        blocks, selections, recalled = (float(x) for x in self.state.counters.tolist())
         out = {"retrieved_blocks": blocks, "retrieval_selections": selections}
-        if self.staging is not None:
-            out["recalled_blocks"] = float(self.staging.copied)
+        if self.state.held is not None:
+            out["recalled_blocks"] = recalled
         return out
 
     # -- steps -------------------------------------------------------------------------------------
+    def _on_host(self, sp: RowSpan) -> bool:
+        """Whether this decode row's table holds host-tier ids (its cold blocks moved): looked up once the
+        engine may have moved them, then remembered until the sequence (re)starts (a prompt chunk)."""
+        p = sp.plan
+        if sp.count > 1 or sp.pos0 < sp.prompt_len:
+            return False
+        if not p.on_host and p.may_host and self.kv is not None and sp.block_table:
+            p.on_host = max(sp.block_table) >= self.kv.host_base
+        return p.on_host
+
     def fill_row_inputs(self, spans: list[RowSpan], arrays: dict[str, np.ndarray]) -> None:
-        """Each row's slot, method, sizes and position; with a host tier, the rows whose cold blocks
-        are on the host also get their previous choice recalled here (this is the plugin's host call
-        before every step of its rows)."""
+        """Each row's slot, method, sizes and position, and whether its cold blocks are on the host (its
+        table holds host ids: the hook maps them to the slot's reserved blocks)."""
         out = arrays[INPUT]
-        staged = []
+        st = self.state
+        tier = st is not None and st.held is not None
         for sp in spans:
             p = sp.plan
             rows = out[sp.start : sp.start + sp.count]
             rows[:, SLOT], rows[:, METHOD], rows[:, RETRIEVE] = p.slot, p.method, p.retrieve
             rows[:, SINK], rows[:, WINDOW], rows[:, OFFLOAD] = p.sink, p.window, 0
             rows[:, POS] = np.arange(sp.pos0, sp.pos0 + sp.count)
-            if self.staging is None:
+            if not tier:
                 continue
             if sp.count > 1 or sp.pos0 < sp.prompt_len:  # a prompt chunk: a (re)start holds no host blocks
-                self.staging.reset(p.slot)
-            elif sp.block_table and max(sp.block_table) >= self.staging.host_base:
+                if p.may_host or p.on_host:
+                    st.forget_host(p.slot)  # type: ignore[union-attr]
+                p.may_host = p.on_host = False
+            elif self._on_host(sp):
                 rows[:, OFFLOAD] = 1
-                staged.append(sp)
-        if staged:
-            self._stage(staged)
 
-    def _stage(self, spans: list[RowSpan]) -> None:
-        """Recall the blocks each offloaded row chose at its previous step (and any block that left its
-        window since), and tell the hook which ids to read in their place."""
-        st, staging, kv = self.state, self.staging, self.kv
-        assert st is not None and staging is not None and kv is not None and kv.tier is not None
-        bs = self.model_info.block_size
-        slots = torch.tensor([sp.plan.slot for sp in spans], device=st.sel_cols.device)
-        cols_all = st.sel_cols[:, slots].transpose(0, 1).cpu().numpy()  # [rows, L, K]
-        n_all = st.sel_n[:, slots].transpose(0, 1).cpu().numpy()
-        layers, host, gpu = [], [], []
-        ids = np.zeros((len(spans), st.att_ids.shape[0], st.att_ids.shape[2]), dtype=np.int32)
-        counts = np.zeros((len(spans), st.att_n.shape[0]), dtype=np.int32)
-        for i, sp in enumerate(spans):
-            p, table = sp.plan, np.asarray(sp.block_table, dtype=np.int64)
-            n_now = -(-(sp.pos0 + 1) // bs)
-            ws_now = max(n_now - p.window, p.sink)
-            ws_prev = max(-(-sp.pos0 // bs) - p.window, p.sink)
-            extra = np.arange(ws_prev, ws_now, dtype=np.int64)
-            a, c, (rl, rh, rg) = staging.stage(p.slot, table, cols_all[i], n_all[i], extra)
-            ids[i], counts[i] = a, c
-            layers.append(rl)
-            host.append(rh)
-            gpu.append(rg)
-        kv.tier.recall(np.concatenate(layers), np.concatenate(host), np.concatenate(gpu))
-        dev = st.att_ids.device
-        st.att_ids[:, slots] = torch.from_numpy(ids).to(dev).transpose(0, 1)
-        st.att_n[:, slots] = torch.from_numpy(counts).to(dev).transpose(0, 1)
-
-    def _hook(self, decode: bool) -> RetrievalHook:
-        if decode not in self._hooks:
+    def _hook(self, decode: bool, host: bool = True) -> RetrievalHook:
+        """`host`: with the host tier's work (offloaded rows' mapping and recalls), if the server has one."""
+        if (decode, host) not in self._hooks:
             assert self.state is not None
             info = self.model_info
-            self._hooks[decode] = RetrievalHook(
+            self._hooks[decode, host] = RetrievalHook(
                 self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
-                self.options["representatives"], decode,
+                self.options["representatives"], decode, self.kv if host else None,
             )  # fmt: skip
-        return self._hooks[decode]
+        return self._hooks[decode, host]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
         """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
@@ -278,6 +258,13 @@ class KVRetrievalPlugin(InterventionPlugin):
             return None
         return self._hook(all(sp.count == 1 for sp in spans))
 
-    def graph_hooks(self) -> PluginHooks:
-        """Decode graphs: the decode path (every method is served by the same kernels)."""
-        return PluginHooks(attention=self._hook(True))
+    def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
+        """HOST when a row of the step has blocks on the host tier (the graph maps them and recalls them),
+        "" otherwise: no tier work in the graph (the same flag `fill_row_inputs` sets)."""
+        tier = self.kv is not None and self.kv.tier is not None
+        return HOST if tier and any(self._on_host(sp) for sp in spans) else ""
+
+    def graph_hooks(self, mode: str = "") -> PluginHooks:
+        """Decode graphs: the decode path (every method is served by the same kernels), with the host
+        tier's work in the HOST variant only."""
+        return PluginHooks(attention=self._hook(True, host=mode == HOST))

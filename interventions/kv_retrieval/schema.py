@@ -52,6 +52,10 @@ class RetrievalPlan:
     slot: int = -1
     active: bool = False
     released: bool = False
+    # with a host tier: the engine has asked which blocks stay on the GPU (blocks may have moved), and a
+    # host id was seen in the table since the last (re)start (they stay there until the next one)
+    may_host: bool = False
+    on_host: bool = False
 
 
 def plan_of(spec: KVRetrievalSpec, where: str, block_size: int, max_budget: int) -> RetrievalPlan:

@@ -5,8 +5,8 @@ Per block id (all ids of `KVSpace.num_ids`, host tier included, plus one dump ro
 requests write to), per layer: InfLLM's representative key per KV head, and Quest's elementwise min and
 max of the keys. Per slot (one per retrieving sequence, plus a dump slot): the last `ring` queries with
 their positions and activation biases, running mean and variance of the queries, ActQKV's running
-entropy per layer and the blocks left to spread over the step's remaining layers, the last choice per
-layer (which the host recalls with a host tier) and the ids the host staged for the kernel to read.
+entropy per layer and the blocks left to spread over the step's remaining layers, and, with a host tier,
+per layer the host block each of the slot's reserved GPU blocks holds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from actserve.interventions.base import ModelInfo
 
 class RetrievalState:
     def __init__(
-        self, info: ModelInfo, slots: int, ring: int, width: int, num_ids: int, quest: bool, reps: bool
+        self,
+        info: ModelInfo,
+        slots: int,
+        ring: int,
+        width: int,
+        num_ids: int,
+        quest: bool,
+        reps: bool,
+        tier: bool = False,
     ) -> None:
         layers, hq, hk, d = info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim
         dev, dt = info.device, info.dtype
@@ -32,14 +40,12 @@ class RetrievalState:
         self.count = torch.zeros(layers, s, dtype=torch.float32, device=dev)
         self.entropy = torch.ones(s, layers, dtype=torch.float32, device=dev)
         self.remaining = torch.zeros(s, dtype=torch.float32, device=dev)
-        # per layer: each slot's last choice (columns of its table) and, with a host tier, the ids the
-        # host staged for it to read
-        self.sel_cols = torch.zeros(layers, s, width, dtype=torch.int32, device=dev)
-        self.sel_n = torch.zeros(layers, s, dtype=torch.int32, device=dev)
-        self.att_ids = torch.zeros(layers, s, width + 1, dtype=torch.int32, device=dev)
-        self.att_n = torch.zeros(layers, s, dtype=torch.int32, device=dev)
-        # [retrieved blocks, (row, layer) selections that retrieved] summed since start
-        self.counters = torch.zeros(2, dtype=torch.int64, device=dev)
+        # with a host tier, per layer and slot: the host id each of the slot's `width` reserved GPU blocks
+        # holds (-1 none), so a block chosen again is not copied again (kernels/kv_retrieval_ref.stage_ref)
+        self.held = torch.full((layers, s, width), -1, dtype=torch.int32, device=dev) if tier else None
+        # [retrieved blocks, (row, layer) selections that retrieved, block-layers recalled from the host]
+        # summed since start
+        self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
         n = num_ids + 1
         self.rep = torch.zeros(layers, n, hk, d, dtype=dt, device=dev) if reps else None
         self.kmin = torch.zeros(layers, n, hk, d, dtype=dt, device=dev) if quest else None
@@ -59,8 +65,12 @@ class RetrievalState:
         self.var[:, slot] = 1
         self.count[:, slot] = 0
         self.entropy[slot] = 1
-        self.sel_n[:, slot] = 0
-        self.att_n[:, slot] = 0
+        self.forget_host(slot)
+
+    def forget_host(self, slot: int) -> None:
+        """The slot's reserved blocks hold nothing (a sequence (re)starts: its host ids mean nothing)."""
+        if self.held is not None:
+            self.held[:, slot] = -1
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Blocks `src` now live at ids `dst`: their summaries follow."""

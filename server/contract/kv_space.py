@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
+import torch
 
 
 class KVTier(Protocol):
@@ -22,11 +22,12 @@ class KVTier(Protocol):
 
     host_base: int  # the first host id
 
-    def recall(self, layers: np.ndarray, host_ids: np.ndarray, gpu_ids: np.ndarray) -> None:
-        """Copy, for each i, layer `layers[i]`'s K/V of host block `host_ids[i]` into GPU block `gpu_ids[i]`
-        of the same layer (a block the caller owns: one of its `reserved` blocks). On CUDA the copies run
-        on a side stream and the current stream waits for them, so a step launched after this call reads
-        the blocks; on the CPU they are done when the call returns. Bit-exact."""
+    def recall(self, layer: int, host_ids: torch.Tensor, gpu_ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """Copy layer `layer`'s K/V of host block `host_ids[r, j]` into GPU block `gpu_ids[r, j]` (a block
+        the caller owns: one of its `reserved` blocks) for each row r and j < counts[r]. The lists are
+        int32 tensors on the model's device (a kernel of the step may have written them): the copies are
+        enqueued on the current stream with no host sync, so a decode CUDA graph may capture them, and
+        the step's later kernels read the blocks. Bit-exact."""
         ...
 
 

@@ -1,13 +1,14 @@
 """The host tier of the paged KV cache (`--kv-offload-gb`, docs/architecture.md §3 "KV tiers"): K/V of
-blocks that moved off the GPU, in pinned host memory on CUDA (page-locked in place; plain memory on the
-CPU), one tensor per layer [blocks, 2, block_size, kv_heads, head_dim] so a block of one layer is one
-contiguous piece.
+blocks that moved off the GPU, in pinned host memory on CUDA (page-locked in place and mapped into the
+device's address space; plain memory on the CPU), one tensor per layer [blocks, 2, block_size, kv_heads,
+head_dim] so a block of one layer is one contiguous piece.
 
 Moving out (`offload`) copies each layer's blocks in runs of consecutive host ids, on the current stream
-(a later step that reuses the freed GPU blocks is ordered after the copy); the host reads nothing until a
-recall, which first waits for the last offload. Moving back (`recall`, what plugins call through the
-contract's `KVTier`) gathers the host blocks into a pinned buffer per layer and copies them to the GPU on
-a side stream that the current stream then waits for. Both count the bytes they move.
+(a later step that reuses the freed GPU blocks is ordered after the copy). Moving back (`recall`, what
+plugins call through the contract's `KVTier`) is a kernel of the step (kernels/kv_tier.py) that reads
+the host blocks through their device address, from lists on the device: stream order puts it after the
+offload that wrote them, and no host sync is needed. Offload bytes are counted on the host, recalled
+blocks by the kernel on the device (read when the metrics are, `bytes_to_device`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from actserve.kernels.kv_tier_ref import recall_blocks_ref
+
+PORTABLE_AND_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
 
 def pin(t: torch.Tensor) -> None:
-    """Page-lock a host tensor where it is (cudaHostRegister, portable): torch's pinned allocator rounds
-    every allocation up to a power of two, which would double a tier of tens of GiB."""
+    """Page-lock a host tensor where it is (cudaHostRegister, portable and mapped: kernels read it through
+    its address); torch's pinned allocator rounds every allocation up to a power of two, which would
+    double a tier of tens of GiB."""
     size = t.numel() * t.element_size()
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 1))
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, PORTABLE_AND_MAPPED))
     if err != 0:
         raise RuntimeError(
             f"--kv-offload-gb: pinning {size / 2**30:.1f} GiB of host memory failed (cudaError {err})"
@@ -44,9 +50,7 @@ class HostTier:
                 pin(t)
         self.layer_block_bytes = 2 * block_size * kvh * d * first.element_size()
         self.bytes_to_host = 0
-        self.bytes_to_device = 0
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._offloaded: torch.cuda.Event | None = None
+        self.recalled = torch.zeros(1, dtype=torch.int64, device=self.device)  # block-layers, on the device
 
     @property
     def nbytes(self) -> int:
@@ -67,37 +71,19 @@ class HostTier:
                 h = int(dst[a])
                 store[h : h + (b - a)].copy_(picked[a:b], non_blocking=self.cuda)
         self.bytes_to_host += len(gpu_ids) * len(self.kv) * self.layer_block_bytes
-        if self.cuda:
-            self._offloaded = torch.cuda.Event()
-            self._offloaded.record()
+
+    @property
+    def bytes_to_device(self) -> int:
+        """Bytes recalled so far (reads the device counter: a sync, for the metrics)."""
+        return int(self.recalled.item()) * self.layer_block_bytes
 
     @torch.no_grad()
-    def recall(self, layers: np.ndarray, host_ids: np.ndarray, gpu_ids: np.ndarray) -> None:
-        """`KVTier.recall`: layer layers[i]'s K/V of host block host_ids[i] into GPU block gpu_ids[i]."""
-        if len(layers) == 0:
-            return
-        if self._offloaded is not None:
-            self._offloaded.synchronize()  # the host copy of a block must have arrived
-        layers = np.asarray(layers, dtype=np.int64)
-        order = np.argsort(layers, kind="stable")
-        layers, hosts, gpus = layers[order], np.asarray(host_ids)[order], np.asarray(gpu_ids)[order]
-        starts = np.flatnonzero(np.r_[True, np.diff(layers) != 0])
-        ends = np.r_[starts[1:], len(layers)]
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            layer = int(layers[a])
-            h = torch.from_numpy(hosts[a:b] - self.host_base)
-            store = self.store[layer]
-            buf = torch.empty((b - a, *store.shape[1:]), dtype=store.dtype, pin_memory=self.cuda)
-            torch.index_select(store, 0, h, out=buf)
-            if self.stream is None:
-                self.kv[layer][:, torch.from_numpy(gpus[a:b])] = buf.transpose(0, 1)
-                continue
-            with torch.cuda.stream(self.stream):  # everything the copy touches lives on the side stream
-                g = torch.from_numpy(gpus[a:b]).pin_memory().to(self.device, non_blocking=True)
-                blocks = buf.to(self.device, non_blocking=True)
-                self.kv[layer][:, g] = blocks.transpose(0, 1)
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        self.bytes_to_device += len(layers) * self.layer_block_bytes
+    def recall(self, layer: int, host_ids: torch.Tensor, gpu_ids: torch.Tensor, counts: torch.Tensor) -> None:
+        """`KVTier.recall`: row r's blocks host_ids[r, j] -> gpu_ids[r, j] of `layer`, j < counts[r]."""
+        args = (self.store[layer], self.kv[layer], host_ids, gpu_ids, counts, self.host_base, self.recalled)
+        if self.cuda:
+            from actserve.kernels.kv_tier import recall_blocks
+
+            recall_blocks(*args)
+        else:
+            recall_blocks_ref(*args)

@@ -558,10 +558,10 @@ class LLMEngine:
         m.kv_usage.labels(name).set(self.blocks.usage)
         m.kv_blocks.labels(name, "gpu").set(self.blocks.num_gpu_used)
         m.kv_blocks.labels(name, "cpu").set(self.blocks.num_host_used)
-        if self.host_tier is not None:
-            m.set_kv_transfer(self.host_tier.bytes_to_host, self.host_tier.bytes_to_device)
         now = time.monotonic()
         if now - self._stats_read >= 1.0 or not self.scheduler.running:  # plugins may sync to read them
             self._stats_read = now
+            if self.host_tier is not None:  # recalls are counted on the device (a sync to read)
+                m.set_kv_transfer(self.host_tier.bytes_to_host, self.host_tier.bytes_to_device)
             m.set_plugin_stats(self.registry.stats())
             m.set_plugin_gauges(self.registry.gauges())
