@@ -172,7 +172,9 @@ def test_select(tie_scores: bool) -> None:
         sc = R.scores_ref(qa, qb, cfg, tables, lens, st["rep"], st["kmin"], st["kmax"], BS)
         if tie_scores:  # integer scores: many ties, and zeros of both signs
             sc = torch.where(torch.isfinite(sc), sc.round().clamp(-2, 2), sc)
-            sc = torch.where(sc == 0, torch.where(torch.rand(sc.shape, generator=g) < 0.5, -0.0, 0.0), sc)
+            sc = torch.where(
+                sc == 0, torch.where(torch.rand(sc.shape, generator=g).to(sc.device) < 0.5, -0.0, 0.0), sc
+            )
         k_sel = R.budget_ref(sc, cfg, lens, a["entropy"], a["remaining"], layer, width, BS)
         chosen = R.choose_ref(sc, k_sel)
         o1, l1 = R.tables_ref(tables, lens, cfg, chosen, a["cnt"], BS)
