@@ -456,7 +456,7 @@ class ModelRunner:
         """The sequences' block tables, [len(seqs), longest] int32 on the host (zero-padded)."""
         tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int32)
         for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
+            tables[i, : len(s.block_table)] = s.table_array()
         return torch.from_numpy(tables)
 
     def _attention_meta(self, attn: AttentionBatch, seqs: list[Sequence], num_prefills: int) -> None:
@@ -528,7 +528,7 @@ class ModelRunner:
         spans: dict[str, list[RowSpan]] = defaultdict(list)
         for i, seq in enumerate(seqs):
             p = seq.num_tokens - 1 + ahead
-            tables[i, : len(seq.block_table)] = seq.block_table
+            tables[i, : len(seq.block_table)] = seq.table_array()
             if device_ids is None:
                 ids[i] = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
             pos[i] = p
