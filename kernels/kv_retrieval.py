@@ -6,8 +6,8 @@ Per layer: `append` (grid rows: the query into the slot's ring, its running stat
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
 column tiles: each candidate block's summaries, all KV heads in one load, read by id through the row's
 table, no gathered copy), `select` (grid rows: ActQKV's entropy and its share of the step's blocks, the
-k-th best score found by bisection on its bits with the row's scores held in registers, the chosen
-columns compacted in ascending order into the row's new table, its length; with a host tier, the
+k-th best score found 2 bits a round (16 block-wide counts) with the row's scores held in registers,
+the chosen columns compacted in ascending order into the row's new table, its length; with a host tier, the
 chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
 kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
 representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
@@ -238,6 +238,27 @@ def _stage(
 
 
 @triton.jit
+def _kth_largest(key, kk):
+    """The kk-th largest int32 `key` (1 <= kk <= the keys above INT_MIN; INT_MIN marks none): the largest
+    t with at least kk keys >= t, 2 bits a round from the top (16 rounds; a bisection on the bits took 31,
+    and each round's block-wide reduction is most of its cost). A round counts the keys >= t + j 2^s for
+    j = 1, 2, 3 in one reduction: a key adds 1 to the 21-bit field of its j (clamped to 3) of one int64;
+    the counts at or above each j are then scalar sums."""
+    k64 = key.to(tl.int64)
+    t = kk.to(tl.int64) * 0 - 2147483648
+    for r in tl.static_range(16):
+        s = 30 - 2 * r
+        q = tl.minimum((k64 - t) >> s, 3)  # < 1: below t + 2^s
+        word = tl.sum(tl.where(q >= 1, tl.full(q.shape, 1, tl.int64) << ((q - 1) * 21), 0), axis=0)
+        c3 = (word >> 42).to(tl.int32)
+        c2 = c3 + ((word >> 21) & 0x1FFFFF).to(tl.int32)
+        c1 = c2 + (word & 0x1FFFFF).to(tl.int32)
+        j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
+        t += j << s
+    return t.to(tl.int32)
+
+
+@triton.jit
 def _select_kernel(
     s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
     held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr,
@@ -272,32 +293,24 @@ def _select_kernel(
         tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
         tl.store(newlen_ptr + r, length)
         return
-    # the k_sel best finite candidates: a threshold t on an int32 key whose order is the float's, found
-    # by bisection on its bits (counting passes over the keys in registers; other columns get INT_MIN,
-    # which no pass counts), stopping once exactly kk keys are >= t; equal keys at t are taken in
-    # column order; the chosen columns are compacted in ascending order (no sort)
+    # the k_sel best finite candidates: t, the kk-th largest of an int32 key whose order is the float's,
+    # found 2 bits a round (`_kth_largest`: 16 block-wide reductions where a bisection on the bits took
+    # 31, the most of this kernel's time); equal keys at t are taken in column order; the chosen columns
+    # are compacted in ascending order (no sort)
     ok = (cols >= sink) & (cols < ws) & (cols < W) & (x == x) & (tl.abs(x) < float("inf"))
     n_ok = tl.sum(ok.to(tl.int32), axis=0)
     kk = tl.minimum(k_sel, n_ok).to(tl.int32)
     bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # -0.0 ranks as 0.0
-    key = tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648)
-    above = tl.sum((key >= 0).to(tl.int32), axis=0)
-    t = tl.where(above >= kk, 0, -2147483648)
-    n_t = tl.where(above >= kk, above, n_ok)  # keys >= t (t = INT_MIN: every eligible one)
-    b = 30
-    while (b >= 0) & (n_t != kk):  # invariant: n_t = #keys >= t >= kk
-        c = t + (1 << b)
-        n_c = tl.sum((key >= c).to(tl.int32), axis=0)
-        t = tl.where(n_c >= kk, c, t)
-        n_t = tl.where(n_c >= kk, n_c, n_t)
-        b -= 1
+    key = tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648)  # others: none above t
+    t = _kth_largest(key, tl.maximum(kk, 1))
     gt = (key > t).to(tl.int32)
     eq = ((key == t) & ok).to(tl.int32)
-    need = kk - tl.sum(gt, axis=0)
-    if need < tl.sum(eq, axis=0):  # ties at t: the first ones in column order
+    both = tl.sum(gt.to(tl.int64) + (eq.to(tl.int64) << 32), axis=0)  # both counts in one reduction
+    need = kk - (both & 0xFFFFFFFF).to(tl.int32)
+    if need < (both >> 32).to(tl.int32):  # ties at t: the first ones in column order
         eq = tl.where(tl.cumsum(eq, axis=0) - eq < need, eq, 0)
-    take = gt | eq
-    m = tl.sum(take, axis=0)
+    take = tl.where(kk > 0, gt | eq, 0)
+    m = kk  # exactly kk taken: those above t, then `need` of those at t
     # the row's entries in one load and one store: sink in place, the chosen compacted after it, the window
     at = tl.where(
         take > 0, sink + tl.cumsum(take, axis=0) - take, tl.where(cols < sink, cols, sink + m - ws + cols)
