@@ -190,6 +190,7 @@ class BlockManager:
             self.refs[block] = 0
             self.free.append(block)
             table[j] = host
+            seq.table_synced = min(seq.table_synced, j)  # its int32 mirror (Sequence.table_array) from here
             src.append(block)
             dst.append(host)
         seq.host_checked = max(seq.host_checked, end)

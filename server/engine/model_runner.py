@@ -528,7 +528,7 @@ class ModelRunner:
         spans: dict[str, list[RowSpan]] = defaultdict(list)
         for i, seq in enumerate(seqs):
             p = seq.num_tokens - 1 + ahead
-            tables[i, : len(seq.block_table)] = seq.block_table
+            tables[i, : len(seq.block_table)] = seq.table_array()
             if device_ids is None:
                 ids[i] = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
             pos[i] = p
