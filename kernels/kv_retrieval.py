@@ -165,17 +165,28 @@ def _scores_kernel(
 
 @triton.jit
 def _layer_blocks(
-    x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    srow, lo, hi, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
+    BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
 ):  # fmt: skip
     """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
-    candidates (`x`: the row's scores, -inf elsewhere), its running mean for the layer, and the
-    layer's share of the blocks left."""
-    live = x > float("-inf")
-    m = tl.max(x, axis=0)
-    dx = tl.where(live, x - m, 0.0)
-    e = tl.where(live, tl.exp(dx), 0.0)
-    z = tl.sum(e, axis=0)
-    s1 = tl.sum(e * dx, axis=0)
+    candidates (its scores at columns [lo, hi), -inf at the others, as `scores` writes them; read in
+    chunks of BLOCK_W), its running mean for the layer, and the layer's share of the blocks left."""
+    c = tl.arange(0, BLOCK_W)
+    mx = tl.full([BLOCK_W], float("-inf"), tl.float32)
+    for c0 in range(lo, hi, BLOCK_W):
+        mx = tl.maximum(mx, tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf")))
+    m = tl.max(mx, axis=0)
+    ze = tl.zeros([BLOCK_W], tl.float32)
+    se = tl.zeros([BLOCK_W], tl.float32)
+    for c0 in range(lo, hi, BLOCK_W):
+        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+        live = x > float("-inf")
+        dx = tl.where(live, x - m, 0.0)
+        e = tl.where(live, tl.exp(dx), 0.0)
+        ze += e
+        se += e * dx
+    z = tl.sum(ze, axis=0)
+    s1 = tl.sum(se, axis=0)
     h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
     hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
     ent = tl.load(ent_ptr + slot * stride_e + layer)
@@ -238,24 +249,47 @@ def _stage(
 
 
 @triton.jit
-def _kth_largest(key, kk):
-    """The kk-th largest int32 `key` (1 <= kk <= the keys above INT_MIN; INT_MIN marks none): the largest
-    t with at least kk keys >= t, 2 bits a round from the top (16 rounds; a bisection on the bits took 31,
-    and each round's block-wide reduction is most of its cost). A round counts the keys >= t + j 2^s for
-    j = 1, 2, 3 in one reduction: a key adds 1 to the 21-bit field of its j (clamped to 3) of one int64;
-    the counts at or above each j are then scalar sums."""
-    k64 = key.to(tl.int64)
+def _keys(x, cols, lo, hi):
+    """An int32 key per column whose order is the float score's (-0.0 as 0.0), for the finite scores at
+    columns [lo, hi); INT_MIN (no key) elsewhere. -> (key, whether it has one)."""
+    ok = (cols >= lo) & (cols < hi) & (x == x) & (tl.abs(x) < float("inf"))
+    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
+    return tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648), ok
+
+
+@triton.jit
+def _kth_largest(srow, lo, hi, kk, BLOCK_W: tl.constexpr):
+    """The kk-th largest key (`_keys`) of the row's columns [lo, hi) (1 <= kk <= the finite ones): the
+    largest t with at least kk keys >= t, 2 bits a round from the top (16 rounds; a bisection on the bits
+    took 31, and each round's block-wide reduction is most of its cost). A round counts the keys >= t +
+    j 2^s for j = 1, 2, 3 in one reduction: a key adds 1 to the 21-bit field of its j (clamped to 3) of
+    one int64; the counts at or above each j are then scalar sums. The scores are read in chunks of
+    BLOCK_W (from L1/L2: a row is 32 KiB at 128k tokens), so a round costs the row's candidates, not
+    the table's width."""
+    c = tl.arange(0, BLOCK_W)
     t = kk.to(tl.int64) * 0 - 2147483648
     for r in tl.static_range(16):
         s = 30 - 2 * r
-        q = tl.minimum((k64 - t) >> s, 3)  # < 1: below t + 2^s
-        word = tl.sum(tl.where(q >= 1, tl.full(q.shape, 1, tl.int64) << ((q - 1) * 21), 0), axis=0)
+        acc = tl.zeros([BLOCK_W], tl.int64)
+        for c0 in range(lo, hi, BLOCK_W):
+            x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+            key, _ = _keys(x, c0 + c, lo, hi)
+            q = tl.minimum((key.to(tl.int64) - t) >> s, 3)  # < 1: below t + 2^s
+            acc += tl.where(q >= 1, tl.full(q.shape, 1, tl.int64) << ((q - 1) * 21), 0)
+        word = tl.sum(acc, axis=0)
         c3 = (word >> 42).to(tl.int32)
         c2 = c3 + ((word >> 21) & 0x1FFFFF).to(tl.int32)
         c1 = c2 + (word & 0x1FFFFF).to(tl.int32)
         j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
         t += j << s
     return t.to(tl.int32)
+
+
+@triton.jit
+def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
+    c = tl.arange(0, BLOCK_W)
+    for c0 in range(0, W, BLOCK_W):
+        tl.store(row_out + c0 + c, tl.load(row_in + c0 + c, mask=c0 + c < W), mask=c0 + c < W)
 
 
 @triton.jit
@@ -267,56 +301,78 @@ def _select_kernel(
     BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
     K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr,
 ):  # fmt: skip
-    """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row."""
+    """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row, over its columns
+    in chunks of BLOCK_W: a pass costs the row's blocks, not the table's width (at 32k tokens in a
+    server that takes 128k, a sixth)."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
     if TIER:
         tl.store(cn_ptr + r, 0)
-    cols = tl.arange(0, BLOCK_W)
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
+    srow = s_ptr + r * stride_s
     if slot < 0:  # another request's row: its table as it is
-        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
+        _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
     # int32 scalars from here: per-column arithmetic against int64 would widen every column
     n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
+    hi = tl.minimum(ws, W)  # candidates: columns [sink, hi)
     k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
-    x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
     k_sel = tl.minimum(k, n_cand)
     if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
-        k_sel = _layer_blocks(x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD, RATE)
+        k_sel = _layer_blocks(
+            srow, sink, hi, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, BLOCK_W, L_PAD, RATE
+        )
     off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
     if (n_cand <= k) & (off <= 0):  # a covered context keeps its table: full attention bit for bit
-        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
+        _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
-    # the k_sel best finite candidates: t, the kk-th largest of an int32 key whose order is the float's,
-    # found 2 bits a round (`_kth_largest`: 16 block-wide reductions where a bisection on the bits took
-    # 31, the most of this kernel's time); equal keys at t are taken in column order; the chosen columns
-    # are compacted in ascending order (no sort)
-    ok = (cols >= sink) & (cols < ws) & (cols < W) & (x == x) & (tl.abs(x) < float("inf"))
-    n_ok = tl.sum(ok.to(tl.int32), axis=0)
-    kk = tl.minimum(k_sel, n_ok).to(tl.int32)
-    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # -0.0 ranks as 0.0
-    key = tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648)  # others: none above t
-    t = _kth_largest(key, tl.maximum(kk, 1))
-    gt = (key > t).to(tl.int32)
-    eq = ((key == t) & ok).to(tl.int32)
-    both = tl.sum(gt.to(tl.int64) + (eq.to(tl.int64) << 32), axis=0)  # both counts in one reduction
+    # the k_sel best finite candidates: t, the kk-th largest of an int32 key whose order is the float's
+    # (`_kth_largest`); those above t and the first of those equal to t in column order; the chosen
+    # columns compacted in ascending order (no sort)
+    c = tl.arange(0, BLOCK_W)
+    cnt = tl.zeros([BLOCK_W], tl.int64)  # finite candidates; then keys > t and keys = t, in one int64
+    for c0 in range(sink, hi, BLOCK_W):
+        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+        _, ok = _keys(x, c0 + c, sink, hi)
+        cnt += ok.to(tl.int64)
+    kk = tl.minimum(k_sel, tl.sum(cnt, axis=0)).to(tl.int32)
+    t = _kth_largest(srow, sink, hi, tl.maximum(kk, 1), BLOCK_W)
+    cnt = tl.zeros([BLOCK_W], tl.int64)
+    for c0 in range(sink, hi, BLOCK_W):
+        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+        key, ok = _keys(x, c0 + c, sink, hi)
+        cnt += (key > t).to(tl.int64) + (((key == t) & ok).to(tl.int64) << 32)
+    both = tl.sum(cnt, axis=0)
     need = kk - (both & 0xFFFFFFFF).to(tl.int32)
-    if need < (both >> 32).to(tl.int32):  # ties at t: the first ones in column order
-        eq = tl.where(tl.cumsum(eq, axis=0) - eq < need, eq, 0)
-    take = tl.where(kk > 0, gt | eq, 0)
+    ties = need < (both >> 32).to(tl.int32)  # ties at t: the first `need` of them in column order
     m = kk  # exactly kk taken: those above t, then `need` of those at t
-    # the row's entries in one load and one store: sink in place, the chosen compacted after it, the window
-    at = tl.where(
-        take > 0, sink + tl.cumsum(take, axis=0) - take, tl.where(cols < sink, cols, sink + m - ws + cols)
-    )
-    used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
-    tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+    # the row's entries, chunk by chunk: sink in place, the chosen compacted after it, the window
+    taken = sink * 0  # chosen in earlier chunks
+    seen = sink * 0  # keys = t in earlier chunks
+    for c0 in range(0, n, BLOCK_W):
+        cols = c0 + c
+        x = tl.load(srow + cols, mask=(cols >= sink) & (cols < hi), other=float("-inf"))
+        key, ok = _keys(x, cols, sink, hi)
+        gt = (key > t).to(tl.int32)
+        eq = ((key == t) & ok).to(tl.int32)
+        if ties:
+            before = seen + tl.cumsum(eq, axis=0) - eq
+            seen += tl.sum(eq, axis=0)
+            eq = tl.where(before < need, eq, 0)
+        take = tl.where(kk > 0, gt | eq, 0)
+        at = tl.where(
+            take > 0,
+            sink + taken + tl.cumsum(take, axis=0) - take,
+            tl.where(cols < sink, cols, sink + m - ws + cols),
+        )
+        used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
+        tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+        taken += tl.sum(take, axis=0)
     tl.atomic_add(cnt_ptr, m.to(tl.int64))
     tl.atomic_add(cnt_ptr + 1, 1)
     tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
@@ -432,15 +488,16 @@ def scores(
 def select(
     sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
     remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
-    tier: tuple[torch.Tensor, int, int] | None = None,
+    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int = 2048, num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
     """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
     first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
-    state updated in place. A new table's entries past its new length are undefined."""
+    state updated in place. A new table's entries past its new length are undefined. `chunk`: columns
+    a pass over a row takes at once (a power of two; narrower tables: their width)."""
     rows, w = bt.shape
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
-    block = max(1024, triton.next_power_of_2(w))  # few variants: one compile per power of two from 1024
+    block = min(chunk, max(16, triton.next_power_of_2(w)))
     if tier is not None:
         held, res_base, host_base = tier
         assert held.shape[1] == width
@@ -456,8 +513,7 @@ def select(
         layer, entropy.shape[1], w, width, res_base, host_base, sc.stride(0), bt.stride(0), cfg.stride(0),
         entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
         BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
-        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None,
-        num_warps=max(4, min(16, block // 512)),
+        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None, num_warps=num_warps,
     )  # fmt: skip
     return out, new_len, ((src, dst, count) if tier is not None else None)
 

@@ -309,7 +309,7 @@ for has_rep, has_mm in ((True, True), (True, False), (False, True)):
         )
     )
 # a 128k-token table (8192 blocks; graphs at that max length: 16384) and a short one, with and without tier
-for block_w, tier in ((16384, True), (8192, False), (2048, True)):
+for block_w, tier in ((2048, True), (2048, False), (4096, False)):
     VARIANTS.append(
         (
             _select_kernel,
