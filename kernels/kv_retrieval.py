@@ -165,21 +165,21 @@ def _scores_kernel(
 
 @triton.jit
 def _layer_blocks(
-    srow, lo, hi, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
+    srow, hi, W, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
     BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
 ):  # fmt: skip
     """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
-    candidates (its scores at columns [lo, hi), -inf at the others, as `scores` writes them; read in
+    candidates (its scores at columns below hi, -inf at the others, as `scores` writes them; read in
     chunks of BLOCK_W), its running mean for the layer, and the layer's share of the blocks left."""
     c = tl.arange(0, BLOCK_W)
     mx = tl.full([BLOCK_W], float("-inf"), tl.float32)
-    for c0 in range(lo, hi, BLOCK_W):
-        mx = tl.maximum(mx, tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf")))
+    for c0 in range(0, hi, BLOCK_W):  # chunks from 0: aligned, vector loads; the sink's scores are -inf
+        mx = tl.maximum(mx, tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf")))
     m = tl.max(mx, axis=0)
     ze = tl.zeros([BLOCK_W], tl.float32)
     se = tl.zeros([BLOCK_W], tl.float32)
-    for c0 in range(lo, hi, BLOCK_W):
-        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+    for c0 in range(0, hi, BLOCK_W):
+        x = tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf"))
         live = x > float("-inf")
         dx = tl.where(live, x - m, 0.0)
         e = tl.where(live, tl.exp(dx), 0.0)
@@ -258,28 +258,33 @@ def _keys(x, cols, lo, hi):
 
 
 @triton.jit
-def _kth_largest(srow, lo, hi, kk, BLOCK_W: tl.constexpr):
-    """The kk-th largest key (`_keys`) of the row's columns [lo, hi) (1 <= kk <= the finite ones): the
-    largest t with at least kk keys >= t, 2 bits a round from the top (16 rounds; a bisection on the bits
-    took 31, and each round's block-wide reduction is most of its cost). A round counts the keys >= t +
-    j 2^s for j = 1, 2, 3 in one reduction: a key adds 1 to the 21-bit field of its j (clamped to 3) of
-    one int64; the counts at or above each j are then scalar sums. The scores are read in chunks of
-    BLOCK_W (from L1/L2: a row is 32 KiB at 128k tokens), so a round costs the row's candidates, not
-    the table's width."""
+def _kth_largest(krow, hi, W, kk, BLOCK_W: tl.constexpr):
+    """The kk-th largest of the row's keys (`krow`: written by `_keys` up to hi, rounded up to a chunk,
+    INT_MIN for none; 1 <= kk <= the others): the largest t with at least kk keys >= t, 2 bits a round
+    from the top (16 rounds; a bisection on the bits took 31, and each round's block-wide reduction is
+    most of its cost). A round counts the keys >= t + j 2^s for j = 1, 2, 3: three compares per key into
+    int32 counts per thread, packed into 21-bit fields of one int64 for one reduction; the counts at or
+    above each j are then scalar. Keys are read in chunks of BLOCK_W from column 0 (aligned; L1/L2: 32
+    KiB a row at 128k tokens), so a round costs the row's blocks, not the table's width."""
     c = tl.arange(0, BLOCK_W)
     t = kk.to(tl.int64) * 0 - 2147483648
     for r in tl.static_range(16):
         s = 30 - 2 * r
-        acc = tl.zeros([BLOCK_W], tl.int64)
-        for c0 in range(lo, hi, BLOCK_W):
-            x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
-            key, _ = _keys(x, c0 + c, lo, hi)
-            q = tl.minimum((key.to(tl.int64) - t) >> s, 3)  # < 1: below t + 2^s
-            acc += tl.where(q >= 1, tl.full(q.shape, 1, tl.int64) << ((q - 1) * 21), 0)
-        word = tl.sum(acc, axis=0)
+        t1 = (t + (1 << s)).to(tl.int32)  # <= INT_MAX: t + 4 * 2^s bounds the keys still in question
+        t2 = (t + (2 << s)).to(tl.int32)
+        t3 = (t + (3 << s)).to(tl.int32)
+        n1 = tl.zeros([BLOCK_W], tl.int32)
+        n2 = tl.zeros([BLOCK_W], tl.int32)
+        n3 = tl.zeros([BLOCK_W], tl.int32)
+        for c0 in range(0, hi, BLOCK_W):  # chunks from 0: aligned, vector loads
+            key = tl.load(krow + c0 + c, mask=c0 + c < W, other=-2147483648)
+            n1 += (key >= t1).to(tl.int32)
+            n2 += (key >= t2).to(tl.int32)
+            n3 += (key >= t3).to(tl.int32)
+        word = tl.sum(n1.to(tl.int64) + (n2.to(tl.int64) << 21) + (n3.to(tl.int64) << 42), axis=0)
         c3 = (word >> 42).to(tl.int32)
-        c2 = c3 + ((word >> 21) & 0x1FFFFF).to(tl.int32)
-        c1 = c2 + (word & 0x1FFFFF).to(tl.int32)
+        c2 = ((word >> 21) & 0x1FFFFF).to(tl.int32)
+        c1 = (word & 0x1FFFFF).to(tl.int32)
         j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
         t += j << s
     return t.to(tl.int32)
@@ -294,7 +299,7 @@ def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
+    s_ptr, key_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
     held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr,
     layer, L, W, width, res_base, host_base,
     stride_s, stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c,
@@ -324,7 +329,7 @@ def _select_kernel(
     k_sel = tl.minimum(k, n_cand)
     if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
         k_sel = _layer_blocks(
-            srow, sink, hi, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, BLOCK_W, L_PAD, RATE
+            srow, hi, W, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, BLOCK_W, L_PAD, RATE
         )
     off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
     if (n_cand <= k) & (off <= 0):  # a covered context keeps its table: full attention bit for bit
@@ -335,31 +340,32 @@ def _select_kernel(
     # (`_kth_largest`); those above t and the first of those equal to t in column order; the chosen
     # columns compacted in ascending order (no sort)
     c = tl.arange(0, BLOCK_W)
-    cnt = tl.zeros([BLOCK_W], tl.int64)  # finite candidates; then keys > t and keys = t, in one int64
-    for c0 in range(sink, hi, BLOCK_W):
-        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
-        _, ok = _keys(x, c0 + c, sink, hi)
-        cnt += ok.to(tl.int64)
-    kk = tl.minimum(k_sel, tl.sum(cnt, axis=0)).to(tl.int32)
-    t = _kth_largest(srow, sink, hi, tl.maximum(kk, 1), BLOCK_W)
-    cnt = tl.zeros([BLOCK_W], tl.int64)
-    for c0 in range(sink, hi, BLOCK_W):
-        x = tl.load(srow + c0 + c, mask=c0 + c < hi, other=float("-inf"))
+    krow = key_ptr + r * W  # the row's keys (scratch), written once here, read by every pass after
+    cnt = tl.zeros([BLOCK_W], tl.int32)  # finite candidates
+    for c0 in range(0, hi, BLOCK_W):  # keys of whole chunks (INT_MIN outside [sink, hi)), read whole
+        x = tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf"))
         key, ok = _keys(x, c0 + c, sink, hi)
-        cnt += (key > t).to(tl.int64) + (((key == t) & ok).to(tl.int64) << 32)
-    both = tl.sum(cnt, axis=0)
-    need = kk - (both & 0xFFFFFFFF).to(tl.int32)
-    ties = need < (both >> 32).to(tl.int32)  # ties at t: the first `need` of them in column order
+        tl.store(krow + c0 + c, key, mask=c0 + c < W)
+        cnt += ok.to(tl.int32)
+    kk = tl.minimum(k_sel, tl.sum(cnt, axis=0)).to(tl.int32)
+    tl.debug_barrier()  # the keys stored by all threads are visible
+    t = _kth_largest(krow, hi, W, tl.maximum(kk, 1), BLOCK_W)
+    both = tl.zeros([BLOCK_W], tl.int64)  # keys > t and keys = t, in one int64
+    for c0 in range(0, hi, BLOCK_W):
+        key = tl.load(krow + c0 + c, mask=c0 + c < W, other=-2147483648)
+        both += (key > t).to(tl.int64) + (((key == t) & (key != -2147483648)).to(tl.int64) << 32)
+    both_n = tl.sum(both, axis=0)
+    need = kk - (both_n & 0xFFFFFFFF).to(tl.int32)
+    ties = need < (both_n >> 32).to(tl.int32)  # ties at t: the first `need` of them in column order
     m = kk  # exactly kk taken: those above t, then `need` of those at t
     # the row's entries, chunk by chunk: sink in place, the chosen compacted after it, the window
     taken = sink * 0  # chosen in earlier chunks
     seen = sink * 0  # keys = t in earlier chunks
     for c0 in range(0, n, BLOCK_W):
         cols = c0 + c
-        x = tl.load(srow + cols, mask=(cols >= sink) & (cols < hi), other=float("-inf"))
-        key, ok = _keys(x, cols, sink, hi)
+        key = tl.load(krow + cols, mask=(cols >= sink) & (cols < hi), other=-2147483648)
         gt = (key > t).to(tl.int32)
-        eq = ((key == t) & ok).to(tl.int32)
+        eq = ((key == t) & (key != -2147483648)).to(tl.int32)
         if ties:
             before = seen + tl.cumsum(eq, axis=0) - eq
             seen += tl.sum(eq, axis=0)
@@ -498,6 +504,7 @@ def select(
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
     block = min(chunk, max(16, triton.next_power_of_2(w)))
+    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
     if tier is not None:
         held, res_base, host_base = tier
         assert held.shape[1] == width
@@ -509,7 +516,7 @@ def select(
         work = src = dst = bt
         count = lens
     _select_kernel[(rows,)](
-        sc, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
+        sc, keys, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
         layer, entropy.shape[1], w, width, res_base, host_base, sc.stride(0), bt.stride(0), cfg.stride(0),
         entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
         BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
