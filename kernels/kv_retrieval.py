@@ -6,9 +6,9 @@ Per layer: `append` (grid rows: the query into the slot's ring, its running stat
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
 column tiles: each candidate block's summaries, all KV heads in one load, read by id through the row's
 table, no gathered copy), `select` (grid rows: ActQKV's entropy and its share of the step's blocks, the
-k-th best score found 2 bits a round (16 block-wide counts) with the row's scores held in registers,
-the chosen columns compacted in ascending order into the row's new table, its length; with a host tier, the
-chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
+k-th best score found 2 bits a round (16 block-wide counts over the row's keys, read in chunks up to
+its own blocks), the chosen columns compacted in ascending order into the row's new table, its length;
+with a host tier, the chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
 kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
 representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
 inside decode CUDA graphs.
