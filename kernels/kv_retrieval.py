@@ -140,6 +140,9 @@ def _scores_kernel(
         ws = tl.where(method == QUEST, 0, ws)
     if not HAS_REP:
         ws = tl.where(method != QUEST, 0, ws)
+    if tl.program_id(1) * BLOCK_W >= ws:  # past the row's candidates (a short row in a wide table)
+        tl.store(out_ptr + r * stride_o + cols, tl.full([BLOCK_W], float("-inf"), tl.float32), mask=cols < W)
+        return
     cand = (cols >= sink) & (cols < ws) & (cols < W)
     ids = tl.load(bt_ptr + r * stride_bt + cols, mask=cand, other=0).to(tl.int64)
     # every KV head's summary of a block in one load (one contiguous piece per id)
