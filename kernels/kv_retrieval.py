@@ -6,9 +6,9 @@ Per layer: `append` (grid rows: the query into the slot's ring, its running stat
 bias, one tile of all query channels), `query_vectors` (grid rows x KV heads), `scores` (grid rows x
 column tiles: each candidate block's summaries, all KV heads in one load, read by id through the row's
 table, no gathered copy), `select` (grid rows: ActQKV's entropy and its share of the step's blocks, the
-k-th best score found by bisection on its bits with the row's scores held in registers, the chosen
-columns compacted in ascending order into the row's new table, its length; with a host tier, the
-chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
+k-th best score found 2 bits a round (16 block-wide counts over the row's keys, read in chunks up to
+its own blocks), the chosen columns compacted in ascending order into the row's new table, its length;
+with a host tier, the chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
 kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
 representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
 inside decode CUDA graphs.
@@ -140,6 +140,9 @@ def _scores_kernel(
         ws = tl.where(method == QUEST, 0, ws)
     if not HAS_REP:
         ws = tl.where(method != QUEST, 0, ws)
+    if tl.program_id(1) * BLOCK_W >= ws:  # past the row's candidates (a short row in a wide table)
+        tl.store(out_ptr + r * stride_o + cols, tl.full([BLOCK_W], float("-inf"), tl.float32), mask=cols < W)
+        return
     cand = (cols >= sink) & (cols < ws) & (cols < W)
     ids = tl.load(bt_ptr + r * stride_bt + cols, mask=cand, other=0).to(tl.int64)
     # every KV head's summary of a block in one load (one contiguous piece per id)
@@ -165,17 +168,28 @@ def _scores_kernel(
 
 @triton.jit
 def _layer_blocks(
-    x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD: tl.constexpr, RATE: tl.constexpr,
+    srow, hi, W, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
+    BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
 ):  # fmt: skip
     """ActQKV's blocks at this layer (budget_ref): the entropy of softmax(scores) over the row's
-    candidates (`x`: the row's scores, -inf elsewhere), its running mean for the layer, and the
-    layer's share of the blocks left."""
-    live = x > float("-inf")
-    m = tl.max(x, axis=0)
-    dx = tl.where(live, x - m, 0.0)
-    e = tl.where(live, tl.exp(dx), 0.0)
-    z = tl.sum(e, axis=0)
-    s1 = tl.sum(e * dx, axis=0)
+    candidates (its scores at columns below hi, -inf at the others, as `scores` writes them; read in
+    chunks of BLOCK_W), its running mean for the layer, and the layer's share of the blocks left."""
+    c = tl.arange(0, BLOCK_W)
+    mx = tl.full([BLOCK_W], float("-inf"), tl.float32)
+    for c0 in range(0, hi, BLOCK_W):  # chunks from 0: aligned, vector loads; the sink's scores are -inf
+        mx = tl.maximum(mx, tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf")))
+    m = tl.max(mx, axis=0)
+    ze = tl.zeros([BLOCK_W], tl.float32)
+    se = tl.zeros([BLOCK_W], tl.float32)
+    for c0 in range(0, hi, BLOCK_W):
+        x = tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf"))
+        live = x > float("-inf")
+        dx = tl.where(live, x - m, 0.0)
+        e = tl.where(live, tl.exp(dx), 0.0)
+        ze += e
+        se += e * dx
+    z = tl.sum(ze, axis=0)
+    s1 = tl.sum(se, axis=0)
     h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
     hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
     ent = tl.load(ent_ptr + slot * stride_e + layer)
@@ -238,72 +252,136 @@ def _stage(
 
 
 @triton.jit
+def _keys(x, cols, lo, hi):
+    """An int32 key per column whose order is the float score's (-0.0 as 0.0), for the finite scores at
+    columns [lo, hi); INT_MIN (no key) elsewhere. -> (key, whether it has one)."""
+    ok = (cols >= lo) & (cols < hi) & (x == x) & (tl.abs(x) < float("inf"))
+    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
+    return tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648), ok
+
+
+@triton.jit
+def _kth_largest(krow, hi, W, kk, BLOCK_W: tl.constexpr):
+    """The kk-th largest of the row's keys (`krow`: written by `_keys` up to hi, rounded up to a chunk,
+    INT_MIN for none; 1 <= kk <= the others): the largest t with at least kk keys >= t, 2 bits a round
+    from the top (16 rounds; a bisection on the bits took 31, and each round's block-wide reduction is
+    most of its cost). A round counts the keys >= t + j 2^s for j = 1, 2, 3: three compares per key into
+    int32 counts per thread, packed into 21-bit fields of one int64 for one reduction; the counts at or
+    above each j are then scalar. Keys are read in chunks of BLOCK_W from column 0 (aligned; L1/L2: 32
+    KiB a row at 128k tokens), so a round costs the row's blocks, not the table's width."""
+    c = tl.arange(0, BLOCK_W)
+    t = kk.to(tl.int64) * 0 - 2147483648
+    for r in tl.static_range(16):
+        s = 30 - 2 * r
+        t1 = (t + (1 << s)).to(tl.int32)  # <= INT_MAX: t + 4 * 2^s bounds the keys still in question
+        t2 = (t + (2 << s)).to(tl.int32)
+        t3 = (t + (3 << s)).to(tl.int32)
+        n1 = tl.zeros([BLOCK_W], tl.int32)
+        n2 = tl.zeros([BLOCK_W], tl.int32)
+        n3 = tl.zeros([BLOCK_W], tl.int32)
+        for c0 in range(0, hi, BLOCK_W):  # chunks from 0: aligned, vector loads
+            key = tl.load(krow + c0 + c, mask=c0 + c < W, other=-2147483648)
+            n1 += (key >= t1).to(tl.int32)
+            n2 += (key >= t2).to(tl.int32)
+            n3 += (key >= t3).to(tl.int32)
+        word = tl.sum(n1.to(tl.int64) + (n2.to(tl.int64) << 21) + (n3.to(tl.int64) << 42), axis=0)
+        c3 = (word >> 42).to(tl.int32)
+        c2 = ((word >> 21) & 0x1FFFFF).to(tl.int32)
+        c1 = (word & 0x1FFFFF).to(tl.int32)
+        j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
+        t += j << s
+    return t.to(tl.int32)
+
+
+@triton.jit
+def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
+    c = tl.arange(0, BLOCK_W)
+    for c0 in range(0, W, BLOCK_W):
+        tl.store(row_out + c0 + c, tl.load(row_in + c0 + c, mask=c0 + c < W), mask=c0 + c < W)
+
+
+@triton.jit
 def _select_kernel(
-    s_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
+    s_ptr, key_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
     held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr,
     layer, L, W, width, res_base, host_base,
     stride_s, stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c,
     BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
     K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr,
 ):  # fmt: skip
-    """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row."""
+    """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row, over its columns
+    in chunks of BLOCK_W: a pass costs the row's blocks, not the table's width (at 32k tokens in a
+    server that takes 128k, a sixth)."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
     if TIER:
         tl.store(cn_ptr + r, 0)
-    cols = tl.arange(0, BLOCK_W)
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
+    srow = s_ptr + r * stride_s
     if slot < 0:  # another request's row: its table as it is
-        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
+        _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
     # int32 scalars from here: per-column arithmetic against int64 would widen every column
     n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
+    hi = tl.minimum(ws, W)  # candidates: columns [sink, hi)
     k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
-    x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
     k_sel = tl.minimum(k, n_cand)
     if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
-        k_sel = _layer_blocks(x, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD, RATE)
+        k_sel = _layer_blocks(
+            srow, hi, W, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, BLOCK_W, L_PAD, RATE
+        )
     off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
     if (n_cand <= k) & (off <= 0):  # a covered context keeps its table: full attention bit for bit
-        tl.store(row_out + cols, tl.load(row_in + cols, mask=cols < W), mask=cols < W)
+        _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
-    # the k_sel best finite candidates: a threshold t on an int32 key whose order is the float's, found
-    # by bisection on its bits (counting passes over the keys in registers; other columns get INT_MIN,
-    # which no pass counts), stopping once exactly kk keys are >= t; equal keys at t are taken in
-    # column order; the chosen columns are compacted in ascending order (no sort)
-    ok = (cols >= sink) & (cols < ws) & (cols < W) & (x == x) & (tl.abs(x) < float("inf"))
-    n_ok = tl.sum(ok.to(tl.int32), axis=0)
-    kk = tl.minimum(k_sel, n_ok).to(tl.int32)
-    bits = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))  # -0.0 ranks as 0.0
-    key = tl.where(ok, tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), -2147483648)
-    above = tl.sum((key >= 0).to(tl.int32), axis=0)
-    t = tl.where(above >= kk, 0, -2147483648)
-    n_t = tl.where(above >= kk, above, n_ok)  # keys >= t (t = INT_MIN: every eligible one)
-    b = 30
-    while (b >= 0) & (n_t != kk):  # invariant: n_t = #keys >= t >= kk
-        c = t + (1 << b)
-        n_c = tl.sum((key >= c).to(tl.int32), axis=0)
-        t = tl.where(n_c >= kk, c, t)
-        n_t = tl.where(n_c >= kk, n_c, n_t)
-        b -= 1
-    gt = (key > t).to(tl.int32)
-    eq = ((key == t) & ok).to(tl.int32)
-    need = kk - tl.sum(gt, axis=0)
-    if need < tl.sum(eq, axis=0):  # ties at t: the first ones in column order
-        eq = tl.where(tl.cumsum(eq, axis=0) - eq < need, eq, 0)
-    take = gt | eq
-    m = tl.sum(take, axis=0)
-    # the row's entries in one load and one store: sink in place, the chosen compacted after it, the window
-    at = tl.where(
-        take > 0, sink + tl.cumsum(take, axis=0) - take, tl.where(cols < sink, cols, sink + m - ws + cols)
-    )
-    used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
-    tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+    # the k_sel best finite candidates: t, the kk-th largest of an int32 key whose order is the float's
+    # (`_kth_largest`); those above t and the first of those equal to t in column order; the chosen
+    # columns compacted in ascending order (no sort)
+    c = tl.arange(0, BLOCK_W)
+    krow = key_ptr + r * W  # the row's keys (scratch), written once here, read by every pass after
+    cnt = tl.zeros([BLOCK_W], tl.int32)  # finite candidates
+    for c0 in range(0, hi, BLOCK_W):  # keys of whole chunks (INT_MIN outside [sink, hi)), read whole
+        x = tl.load(srow + c0 + c, mask=c0 + c < W, other=float("-inf"))
+        key, ok = _keys(x, c0 + c, sink, hi)
+        tl.store(krow + c0 + c, key, mask=c0 + c < W)
+        cnt += ok.to(tl.int32)
+    kk = tl.minimum(k_sel, tl.sum(cnt, axis=0)).to(tl.int32)
+    tl.debug_barrier()  # the keys stored by all threads are visible
+    t = _kth_largest(krow, hi, W, tl.maximum(kk, 1), BLOCK_W)
+    both = tl.zeros([BLOCK_W], tl.int64)  # keys > t and keys = t, in one int64
+    for c0 in range(0, hi, BLOCK_W):
+        key = tl.load(krow + c0 + c, mask=c0 + c < W, other=-2147483648)
+        both += (key > t).to(tl.int64) + (((key == t) & (key != -2147483648)).to(tl.int64) << 32)
+    both_n = tl.sum(both, axis=0)
+    need = kk - (both_n & 0xFFFFFFFF).to(tl.int32)
+    ties = need < (both_n >> 32).to(tl.int32)  # ties at t: the first `need` of them in column order
+    m = kk  # exactly kk taken: those above t, then `need` of those at t
+    # the row's entries, chunk by chunk: sink in place, the chosen compacted after it, the window
+    taken = sink * 0  # chosen in earlier chunks
+    seen = sink * 0  # keys = t in earlier chunks
+    for c0 in range(0, n, BLOCK_W):
+        cols = c0 + c
+        key = tl.load(krow + cols, mask=(cols >= sink) & (cols < hi), other=-2147483648)
+        gt = (key > t).to(tl.int32)
+        eq = ((key == t) & (key != -2147483648)).to(tl.int32)
+        if ties:
+            before = seen + tl.cumsum(eq, axis=0) - eq
+            seen += tl.sum(eq, axis=0)
+            eq = tl.where(before < need, eq, 0)
+        take = tl.where(kk > 0, gt | eq, 0)
+        at = tl.where(
+            take > 0,
+            sink + taken + tl.cumsum(take, axis=0) - take,
+            tl.where(cols < sink, cols, sink + m - ws + cols),
+        )
+        used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
+        tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+        taken += tl.sum(take, axis=0)
     tl.atomic_add(cnt_ptr, m.to(tl.int64))
     tl.atomic_add(cnt_ptr + 1, 1)
     tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
@@ -419,15 +497,17 @@ def scores(
 def select(
     sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
     remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
-    tier: tuple[torch.Tensor, int, int] | None = None,
+    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int = 2048, num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
     """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
     first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
-    state updated in place. A new table's entries past its new length are undefined."""
+    state updated in place. A new table's entries past its new length are undefined. `chunk`: columns
+    a pass over a row takes at once (a power of two; narrower tables: their width)."""
     rows, w = bt.shape
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
-    block = max(1024, triton.next_power_of_2(w))  # few variants: one compile per power of two from 1024
+    block = min(chunk, max(16, triton.next_power_of_2(w)))
+    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
     if tier is not None:
         held, res_base, host_base = tier
         assert held.shape[1] == width
@@ -439,12 +519,11 @@ def select(
         work = src = dst = bt
         count = lens
     _select_kernel[(rows,)](
-        sc, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
+        sc, keys, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
         layer, entropy.shape[1], w, width, res_base, host_base, sc.stride(0), bt.stride(0), cfg.stride(0),
         entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
         BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
-        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None,
-        num_warps=max(4, min(16, block // 512)),
+        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None, num_warps=num_warps,
     )  # fmt: skip
     return out, new_len, ((src, dst, count) if tier is not None else None)
 

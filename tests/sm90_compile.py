@@ -308,12 +308,12 @@ for has_rep, has_mm in ((True, True), (True, False), (False, True)):
             dict(HK=8, D=128, HD_PAD=1024, BS=16, BLOCK_W=8, HAS_REP=has_rep, HAS_MINMAX=has_mm),
         )
     )
-# a 128k-token table (8192 blocks; graphs at that max length: 16384) and a short one, with and without tier
-for block_w, tier in ((16384, True), (8192, False), (2048, True)):
+# passes over a row in chunks of 2048 (the default; with and without tier) and 4096 columns
+for block_w, tier in ((2048, True), (2048, False), (4096, False)):
     VARIANTS.append(
         (
             _select_kernel,
-            {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
+            {**kvr_types, "out_ptr": I32, "cnt_ptr": I64, "key_ptr": I32},
             dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier),
         )
     )

@@ -51,21 +51,26 @@ def test_decode_kernels_at_llama3_8b_shape() -> None:
     width = 256
     ent = torch.rand(slots + 1, 32, device="cuda", generator=g) + 0.1
     rem = torch.zeros(slots + 1, device="cuda")
-    for graph_width in (w, 16384):  # the tables as a step passes them, and as wide as a graph's
+    # the tables as a step passes them, and as wide as a graph's; chunked passes of two sizes; scores
+    # rounded to a few values (ties across chunks, taken in column order)
+    cases = [(w, 2048, 8, False), (16384, 2048, 8, False), (16384, 4096, 16, False), (w, 1024, 4, True)]
+    for graph_width, chunk, warps, ties in cases:
         tab = torch.zeros(len(rows), graph_width, dtype=torch.int32, device="cuda")
         tab[:, :w] = tables
         sc = torch.full((len(rows), graph_width), float("-inf"), device="cuda")
-        sc[:, :w] = want
+        sc[:, :w] = want.round() if ties else want
         e1, m1, e2, m2 = ent.clone(), rem.clone(), ent.clone(), rem.clone()
         c1 = torch.zeros(3, dtype=torch.int64, device="cuda")
         c2 = c1.clone()
         k_sel = R.budget_ref(sc, cfg, lens, e1, m1, 0, width, bs)
         o1, l1 = R.tables_ref(tab, lens, cfg, R.choose_ref(sc, k_sel), c1, bs)
-        o2, l2, _ = K.select(sc, tab, lens, cfg, e2, m2, c2, 0, width, bs, R.ENTROPY_RATE)
+        o2, l2, _ = K.select(
+            sc, tab, lens, cfg, e2, m2, c2, 0, width, bs, R.ENTROPY_RATE, chunk=chunk, num_warps=warps
+        )
         assert torch.equal(l1, l2) and torch.equal(c1, c2) and torch.allclose(e1, e2, atol=1e-5)
         for r in range(3):
             used = -(-int(l1[r]) // bs)
-            assert torch.equal(o1[r, :used], o2[r, :used]), (graph_width, r)
+            assert torch.equal(o1[r, :used], o2[r, :used]), (graph_width, chunk, ties, r)
         assert int(l1[0]) < 2048 + bs  # sink + 108 blocks + window: about the budget
 
 

@@ -142,10 +142,11 @@ def test_choose_ref_takes_the_best_with_ties_in_column_order() -> None:
     assert [got[r].nonzero().flatten().tolist() for r in range(5)] == want
 
 
+@pytest.mark.parametrize("chunk", [2048, 4])
 @pytest.mark.parametrize("tie_scores", [False, True])
-def test_select(tie_scores: bool) -> None:
+def test_select(tie_scores: bool, chunk: int) -> None:
     """ActQKV's layer budget (the blocks left carry from layer to layer), the choice (the k-th best
-    score by bisection on its bits, ties in column order) and the table each row reads, in one kernel,
+    score, found 2 bits a round, ties in column order) and the table each row reads, in one kernel,
     equal `budget_ref`, `choose_ref` and `tables_ref`; with a host tier the offloaded row's chosen host
     blocks map to its slot's reserved blocks as `stage_ref` maps them, over layers (blocks held from a
     previous layer's step are not copied again)."""
@@ -181,7 +182,7 @@ def test_select(tie_scores: bool) -> None:
         c1 = R.stage_ref(o1, lens, cfg, chosen.sum(1), a["held"], res_base, host_base, a["cnt"], BS)
         o2, l2, c2 = K.select(
             sc, tables, lens, cfg, b["entropy"], b["remaining"], b["cnt"], layer, width, BS, R.ENTROPY_RATE,
-            (b["held"], res_base, host_base),
+            (b["held"], res_base, host_base), chunk=chunk,
         )  # fmt: skip
         assert c2 is not None
         assert torch.equal(l2, l1), layer
@@ -228,8 +229,9 @@ def test_select_without_tier() -> None:
         assert torch.equal(o2[r, :used], o1[r, :used]), r
 
 
+@pytest.mark.parametrize("chunk", [2048, 128])
 @pytest.mark.parametrize("kind", ["spread", "equal"])
-def test_select_wide_rows(kind: str) -> None:
+def test_select_wide_rows(kind: str, chunk: int) -> None:
     """Rows of 700 columns (several hundred candidates, a 1024-wide register tile): scores of mixed signs
     and magnitudes, or all equal (the choice is then the first columns); the chosen blocks equal
     `choose_ref`'s."""
@@ -254,7 +256,7 @@ def test_select_wide_rows(kind: str) -> None:
     rem = torch.zeros(SLOTS + 1, device=DEVICE)
     k_sel = R.budget_ref(sc, cfg, lens, ent.clone(), rem.clone(), 0, 200, bs)
     o1, l1 = R.tables_ref(tables, lens, cfg, R.choose_ref(sc, k_sel), cnt.clone(), bs)
-    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 200, bs, R.ENTROPY_RATE)
+    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 200, bs, R.ENTROPY_RATE, chunk=chunk)
     assert torch.equal(l1, l2)
     for r in range(len(rows)):
         used = -(-int(l1[r]) // bs)
@@ -326,3 +328,46 @@ def test_paged_decode_reads_selected_block_lists(dtype: torch.dtype) -> None:
     got = paged_decode(q, k_cache, v_cache, tables, lens_t, 0.3, bs, tile=16)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert (got.float() - want.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("chunk", [2048, 64])
+@pytest.mark.parametrize("kind", ["low_bits", "signs", "ties"])
+def test_select_kth_edges(kind: str, chunk: int) -> None:
+    """The k-th search (`_kth_largest`, 2 bits a round) on keys that the top bits do not separate:
+    scores that differ only in their low mantissa bits (one float's neighbours), of both signs with
+    zeros of both signs and subnormals, or a few repeated values (ties split at the k-th); k from 1 to
+    every finite candidate. The chosen blocks equal
+    `choose_ref`'s (ties in column order)."""
+    g = torch.Generator().manual_seed(21 + len(kind))
+    w, bs, n = 300, 16, 8
+    ks = [1, 2, 7, 50, 150, 290, 295, 400]  # 296 candidates per row (sink 2, window 2); the last covered
+    rows = [[i, R.INFLLM, k, 2, 2, w * bs - 1, 0] for i, k in enumerate(ks)]
+    cfg = cfg_rows(rows)
+    lens = torch.full((n,), w * bs, dtype=torch.int32, device=DEVICE)
+    tables = torch.stack([torch.randperm(5000, generator=g)[:w] for _ in rows]).to(DEVICE, torch.int32)
+    if kind == "low_bits":  # 1.5 and its next few hundred floats up, and negative ones likewise
+        ulp = torch.randint(0, 600, (n, w), generator=g, dtype=torch.int32)
+        base = torch.tensor(1.5).view(torch.int32) + ulp
+        sc = base.view(torch.float32) * torch.where(torch.rand(n, w, generator=g) < 0.3, -1.0, 1.0)
+    elif kind == "signs":
+        sc = torch.randn(n, w, generator=g) * torch.exp(torch.randn(n, w, generator=g) * 20)
+        pick = torch.rand(n, w, generator=g)
+        sc = torch.where(pick < 0.1, torch.tensor(-0.0), torch.where(pick < 0.2, torch.tensor(0.0), sc))
+        sc = torch.where((pick > 0.2) & (pick < 0.3), torch.tensor(1e-40) * torch.sign(sc), sc)
+    else:
+        sc = torch.randint(-2, 3, (n, w), generator=g).float() * 0.75
+    col = torch.arange(w)
+    sc = torch.where((col >= 2) & (col < w - 2), sc, float("-inf"))
+    sc[6, 10:20] = float("-inf")  # 286 finite candidates: row 6 takes every one
+    sc = sc.to(DEVICE)
+    ent = torch.ones(n, LAYERS, device=DEVICE)
+    rem = torch.zeros(n, device=DEVICE)
+    cnt = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    chosen = R.choose_ref(sc, R.budget_ref(sc, cfg, lens, ent.clone(), rem.clone(), 0, 400, bs))
+    o1, l1 = R.tables_ref(tables, lens, cfg, chosen, cnt.clone(), bs)
+    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 400, bs, R.ENTROPY_RATE, chunk=chunk)
+    assert torch.equal(l1, l2)
+    for r in range(n):
+        used = -(-int(l1[r]) // bs)
+        assert torch.equal(o2[r, :used], o1[r, :used]), (kind, r)
+    assert chosen.sum(1).tolist()[:7] == ks[:6] + [286]

@@ -151,7 +151,6 @@ class BlockManager:
                 else:
                     self.free.append(block)
         seq.block_table = []
-        seq.table_changed()
         seq.num_computed = seq.prefix_committed = seq.host_checked = 0
 
     # -- the host tier (docs/architecture.md §3, "KV tiers") -------------------------------------------
@@ -191,7 +190,7 @@ class BlockManager:
             self.refs[block] = 0
             self.free.append(block)
             table[j] = host
-            seq.table_changed()
+            seq.table_synced = min(seq.table_synced, j)  # its int32 mirror (Sequence.table_array) from here
             src.append(block)
             dst.append(host)
         seq.host_checked = max(seq.host_checked, end)
