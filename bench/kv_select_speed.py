@@ -75,7 +75,7 @@ def main() -> None:
     base = load(a.baseline) if a.baseline else None
     dev, bs, hk, d, layers = torch.device("cuda"), 16, 8, 128, 32
     g = torch.Generator(device=dev).manual_seed(0)
-    configs = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]
+    configs = [(1024, 4), (2048, 8), (4096, 16), (8192, 16), (16384, 16)]
     head = " ".join(f"{f'sel {c}/{w}':>11}" for c, w in configs) + (f" {'baseline':>9}" if base else "")
     print(f"{'context':>8} {'rows':>4} {'method':>7} {'scores us':>10} {head}")
     width = 8208
