@@ -80,6 +80,31 @@ def test_decode_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.allclose(out[1], out[4096], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("rows", "k", "block_n"), [(1, 8, 16), (3, 3, 16), (2, 5, 4), (1, 2, 1)])
+def test_decode_down_sums_columns_in_one_launch(rows: int, k: int, block_n: int) -> None:
+    """The down kernel adding each row's columns itself (`sum_in_down`, tiles [k_pad, block_n / k_pad,
+    block_k] down to one output row per program) against the reference and against the column-split
+    launch plus the sum kernel, with -1 columns and a table whose missing experts come from the host
+    copy."""
+    x, w13, w2, slots, weights = case(rows, k, seed=40 + rows * 7 + k, slots=9)
+    table = torch.tensor([2, -1, 0, 5, -1, 1, 3, 4, -1], dtype=torch.int32, device=DEVICE)
+    slot_w13, slot_w2 = torch.zeros_like(w13[:6]), torch.zeros_like(w2[:6])
+    for e, s in enumerate(table.tolist()):
+        if s >= 0:
+            slot_w13[s], slot_w2[s] = w13[e], w2[e]
+    want = fused_moe_ref(x, w13, w2, slots, weights)
+    got = {}
+    for fused in (True, False):
+        cfg = moe.DecodeConfig(block_n=block_n, sum_in_down=fused)
+        got[fused] = fused_moe(x, w13, w2, slots, weights, path="decode", decode_cfg=cfg)
+        assert (got[fused] - want).abs().max().item() < 2e-5
+        cached = fused_moe(
+            x, slot_w13, slot_w2, slots, weights, path="decode", decode_cfg=cfg, table=table, host=(w13, w2)
+        )
+        assert torch.equal(cached, got[fused])
+    assert torch.allclose(got[True], got[False], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_empty_columns_are_bit_identical(path: str) -> None:
     """A step widened with -1 columns (a wider per-request top_k elsewhere in the batch) gives each row
