@@ -30,7 +30,7 @@ from actserve.kernels.moe import (
     _grouped_up_kernel,
     _sum_kernel,
 )
-from actserve.kernels.moe_route import _route_kernel
+from actserve.kernels.moe_route import _route_kernel, _router_topk_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -287,6 +287,15 @@ route_types = {"logits_ptr": BF, "ids_ptr": I64, "wt_ptr": F32, "E": "i32", "str
 for k, renorm in ((8, True), (2, False)):
     consts = dict(K=k, K_PAD=k, BLOCK_E=128, RENORM=renorm, USE_PDL=True)
     VARIANTS.append((_route_kernel, route_types, consts))
+router_types = {
+    **route_types,
+    **dict.fromkeys(("x_ptr", "w_ptr", "logits_ptr"), BF),
+    "cnt_ptr": I32,
+    **dict.fromkeys(("M", "H", "stride_xm", "stride_wn"), "i32"),
+}
+for rows, block_k in ((1, 2048), (4, 1024)):  # Qwen3-30B-A3B's router (128 experts, hidden 2048)
+    consts = dict(K=8, K_PAD=8, BLOCK_M=rows, BLOCK_EXP=2, BLOCK_K=block_k, BLOCK_E=128, RENORM=True)
+    VARIANTS.append((_router_topk_kernel, router_types, dict(consts, USE_PDL=True)))
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )

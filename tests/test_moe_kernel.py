@@ -16,6 +16,7 @@ from actserve.kernels import moe
 from actserve.kernels.moe import fused_moe, moe_align
 from actserve.kernels.moe_ref import align_ref, expert_slots, fused_moe_ref, route_topk
 from actserve.kernels.moe_route import route_topk as fused_route
+from actserve.kernels.moe_route import router_topk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["decode", "grouped"]
@@ -240,6 +241,32 @@ def test_fused_router_ties_go_to_the_lower_expert() -> None:
         fused_route(logits, 7, True)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    ("rows", "experts", "hidden", "k"), [(1, 6, 40, 2), (3, 100, 72, 8), (4, 128, 64, 4)]
+)
+def test_one_launch_router_matches_reference(renormalize: bool, rows: int, experts: int, hidden: int, k: int):
+    """The router's linear and its top-k in one launch (programs over the experts, the last to finish
+    routing): logits as the linear's, the reference's ids and weights on them, bit for bit what the
+    route kernel gives on the same logits, and the completion count back at 0 for the next launch (run
+    twice on fresh inputs through one counter)."""
+    g = torch.Generator().manual_seed(rows * experts + k + renormalize)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        x = torch.randn(rows, hidden, generator=g).to(DEVICE)
+        w = (torch.randn(experts, hidden, generator=g) * hidden**-0.5 * 3).to(DEVICE)
+        logits, ids, weights = router_topk(x, w, k, renormalize, count)
+        assert count.item() == 0
+        assert (logits - F.linear(x, w)).abs().max().item() < 1e-5
+        want_ids, want_w = route_topk(F.linear(x, w), k, renormalize)
+        assert ids.tolist() == want_ids.tolist()
+        assert (weights - want_w).abs().max().item() < 1e-6
+        same_ids, same_w = fused_route(logits, k, renormalize)
+        assert torch.equal(ids, same_ids) and torch.equal(weights, same_w)
+    with pytest.raises(ValueError, match="rows"):
+        router_topk(torch.zeros(5, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE), 2, True, count)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -363,3 +390,27 @@ def test_fused_router_in_a_graph() -> None:
     graph.replay()
     want_ids, want_w = route_topk(logits, 8, True)
     assert torch.equal(ids, want_ids) and (weights - want_w).abs().max().item() < 1e-6
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows", [1, 4])
+def test_one_launch_router_in_a_graph(rows: int) -> None:
+    """Qwen3-30B-A3B's router (128 experts, hidden 2048, top-8, bf16), captured once and replayed on fresh
+    inputs many times (the count must come back to 0 every time for the next replay to route at all):
+    the route kernel's ids and weights on the kernel's own logits, and logits close to cuBLAS's."""
+    x = torch.randn(rows, 2048, device="cuda").bfloat16()
+    w = (torch.randn(128, 2048, device="cuda") * 0.05).bfloat16()
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    router_topk(x, w, 8, True, count)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, ids, weights = router_topk(x, w, 8, True, count)
+    for _ in range(50):
+        x.copy_(torch.randn(rows, 2048, device="cuda").bfloat16())
+        graph.replay()
+        want_ids, want_w = fused_route(logits, 8, True)
+        assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+        assert (logits.float() - F.linear(x, w).float()).abs().max().item() < 0.05
+    assert count.item() == 0
