@@ -88,8 +88,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+# the decode path's launch configs: tile rows (up: rows of gate and of up; down: output rows, shared by
+# the columns when the down kernel adds them itself), tile K, warps, and whether the down kernel adds the
+# columns (no `_sum_kernel` launch) or spreads them over programs
 DECODE_SWEEP = [
-    DecodeConfig(bn, bk, nw, 3) for bn, bk, nw in itertools.product((8, 16, 32), (256, 512), (4, 8))
+    DecodeConfig(bn, bk, nw, 3, fused)
+    for bn, bk, nw, fused in itertools.product((8, 16, 32), (256, 512), (4, 8), (True, False))
 ]
 GROUPED_SWEEP = [
     GroupedConfig(bm, bn, bk, nw, st)
@@ -174,6 +178,10 @@ def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: t
                 (graph_time_us(case.fused("decode", decode_cfg=c), reps=reps), str(c)) for c in DECODE_SWEEP
             ]
             row["decode_sweep_best"] = min(timed)
+            row["decode_sweep"] = {c: t for t, c in timed}
+            row["decode_default_config"] = str(DecodeConfig())
+            for t, c in sorted(timed)[:6]:
+                print(f"  {name} rows {m} decode {t:8.1f} us  {c}", flush=True)
         found = []
         for c in GROUPED_SWEEP:
             try:

@@ -36,6 +36,7 @@ transformers + accelerate CPU offload of the same model in the same run.
 
     python bench/moe_offload.py --out bench/results/moe_offload.json [--quick]
     python bench/moe_offload.py --modes zero-copy --admit 0,1,2 --out /tmp/zc.json   # the zero-copy part only
+    python bench/moe_offload.py --models qwen3 --modes none --out /tmp/res.json   # all resident only
     python bench/moe_offload.py --cpu-smoke --out /tmp/moe_offload_smoke.json   # tiny, CPU, end to end
 
 JSON keys for the issue: moe_resident_roofline_frac_b1_{mixtral,qwen3}, moe_offload25_bound_frac_b1_*
@@ -524,7 +525,10 @@ def main() -> None:
     ap.add_argument("--qwen3-layers", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens per measurement")
     ap.add_argument("--models", default="mixtral,qwen3")
-    ap.add_argument("--modes", default="zero-copy,eager", help="offloading engines: zero-copy, eager")
+    ap.add_argument(
+        "--modes", default="zero-copy,eager",
+        help="offloading engines: zero-copy, eager; none: the all-resident engine only",
+    )  # fmt: skip
     ap.add_argument("--shares", type=floats, default=[0.25, 0.5], help="resident shares, e.g. 0.25,0.5")
     ap.add_argument("--admit", type=ints, default=[0, 1, 2], help="zero copy: admit-after values to measure")
     ap.add_argument("--depths", type=ints, default=[0, 1], help="eager: prefetch depths to measure")
@@ -537,12 +541,19 @@ def main() -> None:
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     args.routers = [r for r in args.routers.split(",") if r]
+    resident_only = args.modes == ["none"]
+    if resident_only:
+        args.modes, args.skip_accelerate = [], True
     for what, got, allowed in (
         ("--modes", args.modes, ("zero-copy", "eager")),
         ("--routers", args.routers, ("uniform", "zipf")),
     ):
-        if not got or any(g not in allowed for g in got):
-            sys.exit(f"{what} takes a comma-separated subset of {', '.join(allowed)}, got {','.join(got)}")
+        if (not got and not (resident_only and what == "--modes")) or any(g not in allowed for g in got):
+            sys.exit(
+                f"{what} takes a comma-separated subset of {', '.join(allowed)}"
+                + (" (or none)" if what == "--modes" else "")
+                + f", got {','.join(got)}"
+            )
     if args.quick:
         args.modes, args.shares = ["zero-copy"], [0.25]
     cuda = not args.cpu_smoke

@@ -30,6 +30,7 @@ whatever the table says, and no host sync is needed to make an expert resident f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,8 @@ class DecodeConfig:
     num_stages: int = 3
     # the down kernel adds a row's columns itself (`_decode_down_sum_kernel`: no `_sum_kernel` launch, no
     # float32 per-pair products in memory); False: columns spread over programs, then the sum launch
-    sum_in_down: bool = True
+    # (ACTSERVE_MOE_SUM_IN_DOWN=0 makes that the default, for A/B timing)
+    sum_in_down: bool = os.environ.get("ACTSERVE_MOE_SUM_IN_DOWN", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -239,14 +241,26 @@ def _decode_down_sum_kernel(
     c_ok = cc < K
     dtype = inter_ptr.dtype.element_ty
     pairs = row * K + cc
-    pdl_sync(USE_PDL)
-    e = tl.load(ids_ptr + pairs, mask=c_ok, other=-1)
+    rk = tl.arange(0, BLOCK_K)
+    k_ok = rk < NI
+    if TABLE:  # the table may change between steps (torch ops, copies): read it after the wait
+        pdl_sync(USE_PDL)
+        e = tl.load(ids_ptr + pairs, mask=c_ok, other=-1)
+    else:
+        # every expert resident: the ids were written before the up kernel, which waited for them
+        # before it let this launch start, and no kernel writes weights, so the first weight tile is
+        # read before the wait, while the up kernel drains (ids through L2: `.cg`)
+        e = tl.load(ids_ptr + pairs, mask=c_ok, other=-1, cache_modifier=".cg")
     on = e >= 0
     w_base = _expert_ptr(w2_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
     w_rows = w_base[:, None, None] + rn.to(tl.int64)[None, :, None] * stride_wn
     wn_ok = on[:, None, None] & n_ok[None, :, None]
-    acc = tl.zeros((K_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, NI, BLOCK_K):
+    w = tl.load(w_rows + rk[None, None, :], mask=wn_ok & k_ok[None, None, :], other=0.0)
+    if not TABLE:
+        pdl_sync(USE_PDL)
+    hv = tl.load(inter_ptr + pairs[:, None] * NI + rk[None, :], mask=on[:, None] & k_ok[None, :], other=0.0)
+    acc = tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
+    for k0 in range(BLOCK_K, NI, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < NI
         h_ok = on[:, None] & k_ok[None, :]

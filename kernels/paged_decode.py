@@ -16,6 +16,8 @@ serves short and long contexts alike; eager steps size their tables, hence their
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -127,8 +129,9 @@ def _decode_merge_kernel(
 # contexts of at most this many tiles (of `tile` tokens, 64 by default) are attended by one program per
 # (sequence, kv head), whatever the launch's split count, and skip the merge: at batch 1 with a short
 # context the split launch had 63 of 64 programs write empty partials (2 MB per layer at Qwen3-30B-A3B)
-# for the merge to read back. Longer contexts split as before. 0: off.
-SHORT_TILES = 2
+# for the merge to read back. Longer contexts split as before. 0: off (ACTSERVE_DECODE_SHORT_TILES sets
+# it, for A/B timing).
+SHORT_TILES = int(os.environ.get("ACTSERVE_DECODE_SHORT_TILES", "2"))
 
 
 def decode_splits(batch: int, kv_heads: int, max_tiles: int, sms: int = 132) -> int:
