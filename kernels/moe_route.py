@@ -75,7 +75,7 @@ def _router_topk_kernel(
     wait: no kernel writes weights), rounded to the logits' dtype as the router's linear rounds and
     stored. Then it counts itself done on `cnt` (after a barrier, with acquire-release: the logits this
     program stored are visible to whoever sees the count); the program that counts last reads every
-    logit back (volatile: from L2, not a stale L1 line), routes each row as `_route_kernel` does, and
+    logit back (`.cg`: from L2, not a stale L1 line), routes each row as `_route_kernel` does, and
     sets the count back to 0 for the next launch."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_EXP + tl.arange(0, BLOCK_EXP)
@@ -106,7 +106,8 @@ def _router_topk_kernel(
         ok = e < E
         kk = tl.arange(0, K_PAD)
         for r in range(0, M):
-            lg = tl.load(logits_ptr + r * E + e, mask=ok, other=float("-inf"), volatile=True).to(tl.float32)
+            lg = tl.load(logits_ptr + r * E + e, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            lg = lg.to(tl.float32)
             ids, wts = _topk_row(lg, e, ok, kk, K, BLOCK_E, RENORM)
             tl.store(ids_ptr + r * K + kk, ids, mask=kk < K)
             tl.store(wt_ptr + r * K + kk, wts, mask=kk < K)
