@@ -15,6 +15,7 @@ over the time; the H200's HBM3e peaks at 4.8 TB/s (a device copy measures about 
 last; writes JSON.
 
     python bench/moe_kernel.py --out bench/results/moe_kernel.json [--sweep]
+    python bench/moe_kernel.py --models qwen3 --rows 1 --sweep --out /tmp/k.json   # decode configs only
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: t
             row["decode_default_config"] = str(DecodeConfig())
             for t, c in sorted(timed)[:6]:
                 print(f"  {name} rows {m} decode {t:8.1f} us  {c}", flush=True)
+            default = row["decode_sweep"].get(str(DecodeConfig()))
+            print(f"  {name} rows {m} decode default {DecodeConfig()}: {default} us", flush=True)
         found = []
         for c in GROUPED_SWEEP:
             try:
@@ -202,6 +205,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/moe_kernel.json")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs per path")
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts to time, e.g. 1,8")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     res: dict[str, Any] = {
@@ -220,7 +224,7 @@ def main() -> None:
         copies = max(1, -(-L2_FLUSH // (k * expert_bytes)))  # the b1 call's bytes x copies >= L2_FLUSH
         copies = min(copies, max(1, int(8e9 // (e * expert_bytes))))  # at most ~8 GB of layers
         layers = [layer(shape, g) for _ in range(copies)]
-        for m in ROWS:
+        for m in [int(r) for r in args.rows.split(",") if r]:
             row = bench_rows(name, shape, layers, m, g, args.sweep)
             rows_out.append(row)
             print(json.dumps(row), flush=True)

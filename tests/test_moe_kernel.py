@@ -74,7 +74,8 @@ def test_decode_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     out = {}
     for target in (1, 4096):
         monkeypatch.setattr(moe, "DECODE_TARGET_PROGRAMS", target)
-        out[target] = fused_moe(x, w13, w2, slots, weights, path="decode")
+        split = moe.DecodeConfig(sum_in_down=False)  # the column-split down launch (+ the sum kernel)
+        out[target] = fused_moe(x, w13, w2, slots, weights, path="decode", decode_cfg=split)
     assert (out[1] - fused_moe_ref(x, w13, w2, slots, weights)).abs().max().item() < 2e-5
     if DEVICE == "cpu":
         assert torch.equal(out[1], out[4096])
@@ -414,3 +415,38 @@ def test_one_launch_router_in_a_graph(rows: int) -> None:
         assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
         assert (logits.float() - F.linear(x, w).float()).abs().max().item() < 0.05
     assert count.item() == 0
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_moe_block_routes_through_the_one_launch_router(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 Qwen3-30B-A3B-shaped MoE block on CUDA: decode rows (up to 4) take the one-launch router
+    (its count back at 0), choosing the experts cuBLAS's logits choose (bf16 logits: a near tie may flip
+    a row), with the two-launch path's weights and block output on those rows; 8 rows take the
+    two-launch path both ways, bit for bit."""
+    from actserve.server.layers import moe as moe_layer
+    from actserve.server.layers.moe import SparseMoeBlock
+
+    torch.manual_seed(rows)
+    block = SparseMoeBlock(2048, 128, 8, 768, True, ("gate_proj", "up_proj", "down_proj"))
+    block = block.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(rows, 2048, device="cuda").bfloat16()
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(moe_layer, "ROUTER_FUSED", fused)
+        got[fused] = (*block.route(x), block(x))
+    ids, weights, out = got[True]
+    if rows <= 4:
+        assert block._route_count is not None and block._route_count.item() == 0
+        logits = F.linear(x, block.gate.weight)
+        want_ids, _ = fused_route(logits, 8, True)
+        same = (ids.sort(1).values == want_ids.sort(1).values).all(1)
+        assert same.float().mean().item() >= 0.5  # bf16 logits: a near tie may flip one row's choice
+        assert torch.allclose(weights[same], got[False][1][same], atol=1e-2)
+        assert torch.allclose(out[same].float(), got[False][2][same].float(), atol=2e-2, rtol=2e-2)
+    else:
+        assert torch.equal(ids, got[False][0]) and torch.equal(out, got[False][2])
