@@ -31,13 +31,17 @@ def _decode_split_kernel(
     scale, window, stride_qb, stride_qh, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
     SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PREC: tl.constexpr, SHORT_TILES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    """EARLY: the context lengths and block tables are the step's inputs (copied from the host before
+    its first kernel, written by no kernel of the step): read before the PDL wait, so that only q and
+    the K/V (this step's token, written by the launch before) wait for the previous kernel."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    pdl_sync(USE_PDL)
-    ctx = tl.load(ctx_ptr + b)
+    if not EARLY:
+        pdl_sync(USE_PDL)
+    ctx = tl.load(ctx_ptr + b, cache_modifier=".cg")
     lo_ctx = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     n_tiles = tl.cdiv(ctx - lo_ctx, TILE)
     # this sequence's whole context in split 0 (`_is_short`, as the merge decides it)
@@ -47,6 +51,14 @@ def _decode_split_kernel(
     per_split = tl.where(short, n_tiles, tl.cdiv(n_tiles, SPLITS))
     t0 = sp * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
+    offs = tl.arange(0, TILE)
+    # each tile's block ids are loaded one tile ahead (the first before the wait, with EARLY)
+    tok = lo_ctx + t0 * TILE + offs
+    bt_row = bt_ptr + b * stride_bt
+    end = tl.minimum(lo_ctx + t1 * TILE, ctx)  # past this program's last tile, or the context
+    blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok < end, other=0, cache_modifier=".cg")
+    if EARLY:
+        pdl_sync(USE_PDL)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
@@ -55,12 +67,12 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    offs = tl.arange(0, TILE)
     for t in range(t0, t1):
         tok = lo_ctx + t * TILE + offs
         tm = tok < ctx
-        blk = tl.load(bt_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tm, other=0).to(tl.int64)
-        slot = blk * BLOCK_SIZE + tok % BLOCK_SIZE
+        slot = blk.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
+        nxt = tok + TILE
+        blk = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < end, other=0, cache_modifier=".cg")
         k = tl.load(
             k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=tm[:, None], other=0.0
         )
@@ -151,8 +163,11 @@ def paged_decode(
     window: int | None = None,
     splits: int | None = None,
     tile: int = 64,
+    static_inputs: bool = False,
 ) -> torch.Tensor:
-    """Triton version of `paged_decode_ref`. Rows with context_len 0 get zeros."""
+    """Triton version of `paged_decode_ref`. Rows with context_len 0 get zeros. `static_inputs`: the
+    block tables and context lengths were written by no kernel of this step (no attention hook rebuilt
+    them): the kernel may read them before waiting for the previous launch."""
     batch, hq, dim = q.shape
     hk = k_cache.shape[1]
     group = hq // hk
@@ -170,7 +185,8 @@ def paged_decode(
         scale, window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         SPLITS=splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=tile,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", SHORT_TILES=SHORT_TILES, **pdl_args(q),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", SHORT_TILES=SHORT_TILES, EARLY=static_inputs,
+        **pdl_args(q),
     )  # fmt: skip
     if splits == 1:
         return out

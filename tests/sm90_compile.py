@@ -191,6 +191,7 @@ for splits in (1, 33):
                 TILE=64,
                 PREC="tf32",
                 SHORT_TILES=2,
+                EARLY=splits == 1,
                 USE_PDL=True,
             ),
         )

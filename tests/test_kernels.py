@@ -94,13 +94,14 @@ def test_paged_decode(dtype: torch.dtype, group: int, window: int | None, splits
     assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
-@pytest.mark.parametrize("short_tiles", [0, 2])
+@pytest.mark.parametrize(("short_tiles", "static"), [(0, False), (2, False), (2, True)])
 @pytest.mark.parametrize(("window", "splits"), [(None, 4), (20, 3), (None, None)])
 def test_paged_decode_short_contexts(
-    monkeypatch: pytest.MonkeyPatch, short_tiles: int, window: int | None, splits: int | None
+    monkeypatch: pytest.MonkeyPatch, short_tiles: int, static: bool, window: int | None, splits: int | None
 ) -> None:
     """Contexts of at most SHORT_TILES tiles (split 0 alone, no partials, skipped by the merge) beside
-    longer ones split and merged in the same launch, a padded row, with and without a window."""
+    longer ones split and merged in the same launch, a padded row, with and without a window; block ids
+    loaded a tile ahead, the first before the PDL wait with `static_inputs`."""
     from actserve.kernels import paged_decode as pd
 
     monkeypatch.setattr(pd, "SHORT_TILES", short_tiles)
@@ -114,7 +115,9 @@ def test_paged_decode_short_contexts(
     )
     lens = torch.tensor([70, 20, 32, 1, 0], dtype=torch.int32, device=DEVICE)  # tiles of 16: 5, 2, 2, 1
     want = paged_decode_ref(q, k_cache, v_cache, tables, lens, 0.25, bs, window)
-    got = pd.paged_decode(q, k_cache, v_cache, tables, lens, 0.25, bs, window, splits=splits, tile=16)
+    got = pd.paged_decode(
+        q, k_cache, v_cache, tables, lens, 0.25, bs, window, splits=splits, tile=16, static_inputs=static
+    )
     assert (got - want).abs().max().item() < 1e-5
 
 
