@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from actserve.server.layers.expert_cache import CPU_MODES, ZERO_COPY_MODES, ExpertOffload, OffloadConfig
+from actserve.server.layers.expert_zero_copy import ADMIT_AUTO
 from actserve.server.models.loader import ModelLoadError
 from actserve.server.models.spec import ModelSpec
 
@@ -44,7 +45,7 @@ def offload_config(
     prefetch_depth: int | None,
     cpu_compute: str | None,
     zero_copy: str | None = None,
-    admit_after: int | None = None,
+    admit_after: int | str | None = None,
 ) -> OffloadConfig | None:
     """The cache's configuration from the flags (None: no offloading), or a ModelLoadError naming the flag."""
     if cache_gb is None and resident is None:
@@ -85,8 +86,11 @@ def offload_config(
             "--expert-zero-copy on reads missing experts on the GPU; it cannot be combined with "
             "--expert-cpu-compute always (give one of them)"
         )
-    if admit_after is not None and admit_after < 0:
-        raise ModelLoadError(f"--expert-admit-after must be >= 0 (0: never copy), got {admit_after}")
+    bad_admit = admit_after != "auto" if isinstance(admit_after, str) else (admit_after or 0) < 0
+    if bad_admit:
+        raise ModelLoadError(
+            f"--expert-admit-after must be auto or >= 0 (0: never copy), got {admit_after!r}"
+        )
     if spec is None or spec.moe is None:
         if fallback_reason is not None:
             why = f"the transformers fallback serves {name} ({fallback_reason})"
@@ -114,12 +118,13 @@ def offload_config(
         return None
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     admit = DEFAULT_ADMIT_AFTER if admit_after is None else admit_after
+    admit = ADMIT_AUTO if admit == "auto" else int(admit)
     config = OffloadConfig(slots, depth, cpu_compute or "auto", zero_copy or "auto", admit)
     log.info(
         "expert offloading: %d of %d experts per layer on the device (%.2f GiB over %d layers), the rest "
-        "in host memory; prefetch depth %d, CPU compute %s, zero copy %s (admit after %d misses)", slots,
+        "in host memory; prefetch depth %d, CPU compute %s, zero copy %s (admit after %s misses)", slots,
         moe.num_experts, slots * layers * per_expert / 2**30, layers, depth, config.cpu_compute,
-        config.zero_copy, admit,
+        config.zero_copy, "auto" if admit == ADMIT_AUTO else admit,
     )  # fmt: skip
     return config
 
