@@ -52,10 +52,10 @@ class InterpretedTransposed(TransposedFormat):
         return x.shape[0] <= 16
 
     def apply_thresholded(
-        self, layer: Any, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False
+        self, layer: Any, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False, sums: str | None = None
     ) -> torch.Tensor | None:
         InterpretedTransposed.calls += 1
-        return super().apply_thresholded(layer, x, thr, silu_mul)
+        return super().apply_thresholded(layer, x, thr, silu_mul, sums)
 
 
 def layer_with_copy(k: int, n: int, seed: int, fmt: TransposedFormat | None = None) -> Linear:
