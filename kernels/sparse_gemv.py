@@ -108,7 +108,7 @@ def _sparse_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
     LOOP_STAGES: tl.constexpr, SUM_CHUNK: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
-    X_SUMS: tl.constexpr = False,
+    X_SUMS: tl.constexpr = False, cnt_tab_ptr=None, cnt_at_ptr=None, COUNT: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
     some row, times the thresholded inputs, for BLOCK_N output columns. X_SUMS: x is a previous launch's
@@ -132,7 +132,15 @@ def _sparse_gemv_kernel(
         else:
             x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
         if THRESHOLD:
-            on = on & ~(tl.abs(x) < tl.load(thr_ptr))
+            below = on & (tl.abs(x) < tl.load(thr_ptr))
+            if COUNT:  # the first N tile's programs count their K block (`count`)
+                at = tl.load(cnt_at_ptr).to(tl.int64)
+                if (pid_n == 0) & (at >= 0):
+                    n_below = tl.sum(below.to(tl.int32), axis=0).to(tl.float64)
+                    tl.atomic_add(cnt_tab_ptr + at * 2, n_below, sem="relaxed")
+                    n_in = tl.sum(on.to(tl.int32), axis=0).to(tl.float64)
+                    tl.atomic_add(cnt_tab_ptr + at * 2 + 1, n_in, sem="relaxed")
+            on = on & ~below
         w_at = w_cols + rk.to(tl.int64)[:, None] * stride_wk
         w = tl.load(w_at, mask=on[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         acc = tl.sum(w.to(tl.float32) * tl.where(on, x, 0.0)[:, None], axis=0)[None, :]
@@ -288,13 +296,17 @@ def sparse_gemv(
     silu_mul: bool = False,
     cfg: SparseGemvConfig | None = None,
     sums_key: str | None = None,
+    count: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """threshold(x [M, K], thr [M] float32) @ weight_t [K, N] (+ bias) -> [M, N] in weight_t's dtype; thr
     None: no threshold (dense); with silu_mul, x is [M, 2K] = [gate | up]. `thr` may be a strided view.
     x may be a previous launch's pending float32 sums (`is_sums`, one row): rounded on load, left as they
     are (the caller's reader zeroes them). `sums_key`: a one-row launch without bias whose K splits meet
     in atomic adds returns those float32 sums [1, N] unrounded, in the buffer of that key, for a reader
-    that rounds and zeroes them (module docstring); any other launch ignores it and returns the output."""
+    that rounds and zeroes them (module docstring); any other launch ignores it and returns the output.
+    `count` (table float64 [slots, 2], at int32 [1]), one thresholded row: also adds the row's entries
+    below its threshold and its entries to table[at] (at < 0: nothing), what kernels/sparsity_ops.py's
+    count kernel adds, without its launch."""
     m, kx = x.shape
     k, n = weight_t.shape
     if m > MAX_ROWS:
@@ -314,8 +326,10 @@ def sparse_gemv(
     k_split = triton.cdiv(triton.cdiv(k, pick_splits(n_tiles, k, cfg)), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
     one_shot = m == 1 and k_split == cfg.block_k
-    if x_sums and not one_shot:
-        raise ValueError("sparse_gemv: float32 sums as x need the one-row one-shot config")
+    if (x_sums or count is not None) and not one_shot:
+        raise ValueError("sparse_gemv: float32 sums as x, or a count, need the one-row one-shot config")
+    if count is not None and (thr is None or count[0].dtype != torch.float64 or count[1].shape != (1,)):
+        raise ValueError("sparse_gemv: a count needs thresholds, a float64 table and one row's int32 index")
     mode = _DIRECT if splits == 1 else _ACCUM_CODE[cfg.accum]
     keep = (
         sums_key is not None and m == 1 and mode == _ATOMIC_CAST and bias is None and weight_t.dtype in HALF
@@ -331,13 +345,15 @@ def sparse_gemv(
     if mode in (_SERIAL, _ATOMIC):
         counters = tile_counters(x.device, n_tiles)
     launch = pdl_args(x)
+    cnt_tab, cnt_at = count if count is not None else (y, y)
     _sparse_gemv_kernel[(n_tiles, splits)](
         x, thr if thr is not None else x, weight_t, bias if bias is not None else x, y, ws, counters,
         m, n, k, k_split, splits, x.stride(0), thr.stride(0) if thr is not None else 0, weight_t.stride(0),
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages,
-        SUM_CHUNK=8 if m == 1 else 2, ONE_SHOT=one_shot, X_SUMS=x_sums, **launch,
+        SUM_CHUNK=8 if m == 1 else 2, ONE_SHOT=one_shot, X_SUMS=x_sums,
+        cnt_tab_ptr=cnt_tab, cnt_at_ptr=cnt_at, COUNT=count is not None, **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

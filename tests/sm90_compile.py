@@ -82,6 +82,8 @@ sparse_types = {
     "cnt_ptr": I32,
     **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
     **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
+    "cnt_tab_ptr": BF,  # without COUNT the launcher passes the output for both
+    "cnt_at_ptr": BF,
 }
 # (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial, 4 atomic_cast)
 for block_m, thr, silu, accum in (
@@ -92,20 +94,21 @@ for block_m, thr, silu, accum in (
     consts.update(
         HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True,
         SUM_CHUNK=8 if block_m == 1 else 2, ONE_SHOT=block_m == 1 and accum in (2, 4), X_SUMS=False,
+        COUNT=False,
     )  # fmt: skip
     VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
-# the decode hot path's down projection: one row reading the gate/up launch's float32 sums (X_SUMS), its
-# own sums left for the residual add (atomic adds, no cast kernel)
-VARIANTS.append(
-    (
-        _sparse_gemv_kernel,
-        {**sparse_types, "x_ptr": F32},
-        dict(
-            BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, THRESHOLD=True, HAS_BIAS=False, SILU_MUL=True, ACCUM=4,
-            PREC="ieee", LOOP_STAGES=1, SUM_CHUNK=8, ONE_SHOT=True, USE_PDL=True, X_SUMS=True,
-        ),
-    )
+# the decode hot path: one row, atomic adds left for the reader (no cast kernel); the down projection reads
+# the gate/up launch's float32 sums (X_SUMS), the qkv projection counts its input's entries below threshold
+# (COUNT: float64 counters, an int32 slot index)
+hot = dict(
+    BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, THRESHOLD=True, HAS_BIAS=False, ACCUM=4, PREC="tf32", LOOP_STAGES=1,
+    SUM_CHUNK=8, ONE_SHOT=True, USE_PDL=True,
 )  # fmt: skip
+VARIANTS.append(
+    (_sparse_gemv_kernel, {**sparse_types, "x_ptr": F32}, dict(hot, SILU_MUL=True, X_SUMS=True, COUNT=False))
+)
+count_types = {**sparse_types, "cnt_tab_ptr": "*fp64", "cnt_at_ptr": I32}
+VARIANTS.append((_sparse_gemv_kernel, count_types, dict(hot, SILU_MUL=False, X_SUMS=False, COUNT=True)))
 sum_types = {
     "ws_ptr": F32,
     "b_ptr": BF,

@@ -52,10 +52,16 @@ class InterpretedTransposed(TransposedFormat):
         return x.shape[0] <= 16
 
     def apply_thresholded(
-        self, layer: Any, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False, sums: str | None = None
+        self,
+        layer: Any,
+        x: torch.Tensor,
+        thr: torch.Tensor,
+        silu_mul: bool = False,
+        sums: str | None = None,
+        count: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         InterpretedTransposed.calls += 1
-        return super().apply_thresholded(layer, x, thr, silu_mul, sums)
+        return super().apply_thresholded(layer, x, thr, silu_mul, sums, count)
 
 
 def layer_with_copy(k: int, n: int, seed: int, fmt: TransposedFormat | None = None) -> Linear:
@@ -296,8 +302,9 @@ def test_mixed_batch_keeps_dense_rows_bit_identical(
 def test_gpu_fused_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[str]) -> None:  # noqa: F811
     """bf16 on CUDA, calibrated there: sparse-only batches (1 and 3 rows: bucket 4 has a padding row) replay
     the plugin's fused graph mode with no eager decode step and stay close to the masked dense path
-    (`--sparsity-kernel off`: tokens mostly equal, first decode logits close); a mixed batch replays the
-    plain mode and its dense rows keep the tokens of an all-dense batch."""
+    (`--sparsity-kernel off`: tokens mostly equal, first decode logits close) and leave every buffer of
+    pending sums zero; a mixed batch replays the plain mode and its dense rows keep the tokens of an
+    all-dense batch."""
     from transformers import AutoTokenizer
 
     from actserve.server.cli import main
@@ -334,6 +341,11 @@ def test_gpu_fused_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[s
         for i in range(len(batch)):
             assert (seen_a[f"a{i}"][1].float() - seen_b[f"b{i}"][1].float()).abs().max() < 0.25
     assert any(("sparsity", FUSED) in v for v in fast.runner.graphs.variants)  # type: ignore[union-attr]
+    # one-row fused steps left float32 sums per projection for their readers, which zeroed them all
+    from actserve.kernels.sparse_gemv import atomic_sums
+
+    for key in ("", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        assert not atomic_sums(torch.device("cuda"), 1, key).any(), key
     specs = [spec(0.5), None, spec(0.6), None]
     mixed = run_logged(fast, prompts_, params, specs, "m")[0]
     plain = run_logged(fast, prompts_, params, [None] * 4, "p")[0]

@@ -91,6 +91,14 @@ class Counters:
         below each row's threshold thr [rows]."""
         self._add(proj, x, thr, None, inputs, self.counted[PROJECTIONS.index(proj)])
 
+    def target(self, proj: str, inputs: RowInputs) -> torch.Tensor:
+        """int32 [rows]: each row's slot where `add_below` would count it at `proj` (a decode row of a
+        method that counts there), else -1; for a fused matmul that counts in its own launch."""
+        level, method, slot = inputs[INPUT][:, 0], inputs[METHOD][:, 0], inputs[SLOT][:, 0]
+        counted = self.counted[PROJECTIONS.index(proj)]
+        on = (level > 0) & (method >= 0) & (counted[method.clamp(min=0).long()] != 0)
+        return torch.where(on, slot, -1).to(torch.int32)
+
     def _add(
         self, proj: str, x: torch.Tensor, thr: torch.Tensor | None, cost: torch.Tensor | None,
         inputs: RowInputs, counted: torch.Tensor,

@@ -101,6 +101,7 @@ IMPLEMENTED = METHODS
 CALIBRATED = ("teal", "chess", "r_sparse")  # the methods whose tables come from the calibration
 FUSED = "fused"  # the graph mode of steps whose rows are all TEAL sparse rows (the sparse GEMV)
 TRANSPOSED = "transposed"  # the key of the W^T weight copies the sparse GEMV reads
+COUNTED_AT = "qkv_proj"  # a fused step's one counted site per layer
 # a step of 2-16 rows is fused only while its rows' union of active inputs is expected (rows taken as
 # independent) to cover at most this fraction of the inputs. H200, one Llama-3-8B layer: the 2-16-row
 # (loop) kernel pays below ~0.64 active; at 8 rows of 50% (union ~1) it ran at 0.76x the dense GEMV's
@@ -171,7 +172,8 @@ class TealHook:
     level, +inf, last, which -1 rows (a graph bucket's padding) read; the hook then hands its thresholds
     to the layers (`thresholds`), which run the sparse GEMV where they can. `counters` (fused steps): the
     per-request counters, fed at each layer's qkv projection from the input and thresholds the fused
-    matmul saw (`fused_input`; masked steps count in `SparsityHook`)."""
+    matmul saw: by the sparse GEMV's own launch in one-row steps (`counter`), by a count launch after it
+    otherwise (`fused_input`); masked steps count in `SparsityHook`."""
 
     def __init__(
         self,
@@ -183,6 +185,7 @@ class TealHook:
         self.table, self._sites, self.padded = table, sites, padded  # [levels, layers, projections]
         self.counters = counters
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._at: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sites(self) -> set[tuple[int, str]]:
         return self._sites
@@ -213,12 +216,23 @@ class TealHook:
             return None
         return self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]
 
+    def counter(self, layer: int, proj: str, inputs: RowInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A one-row fused step's count at the qkv input, done by the sparse GEMV's own launch: the
+        projection's counters [slots + 1, 2] and the row's slot (-1: not counted, as `count_skipped`
+        decides), made once per forward. None elsewhere (`fused_input` counts)."""
+        if self.counters is None or proj != COUNTED_AT or inputs[INPUT].shape[0] != 1:
+            return None
+        if self._at is None or self._at[0] is not inputs[INPUT]:
+            self._at = (inputs[INPUT], self.counters.target(proj, inputs))
+        return self.counters.table[PROJECTIONS.index(proj)], self._at[1]
+
     def fused_input(
         self, layer: int, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs
     ) -> None:
         """A fused step's count, at the qkv input only (the smallest, and one per layer: counting costs
-        kernel launches on the fast path): its entries below the row's threshold."""
-        if self.counters is not None and proj == "qkv_proj":
+        kernel launches on the fast path): its entries below the row's threshold. One-row steps were
+        counted by the matmul itself (`counter`)."""
+        if self.counters is not None and proj == COUNTED_AT and thr.shape[0] != 1:
             self.counters.add_below(proj, x, thr, inputs)
 
 

@@ -270,14 +270,17 @@ def _thresholded(
     """Every row through the layer's fused thresholded matmul, when the site's input hooks all hand over
     thresholds this step, no weight-format choice or output hook acts here and the format takes x; None
     otherwise. Hooks that observe fused steps then see x and the thresholds (`LinearSite.fused_input`).
-    `sums`: passed on to the format (`WeightFormat.apply_thresholded`)."""
+    `sums`, and a hook's count target (`LinearSite.counter`): passed on to the format
+    (`WeightFormat.apply_thresholded`)."""
     fmt = layer.thresholded
     if fmt is None or site.weights or site.outputs:
         return None
     thr = site.thresholds()
-    out = None if thr is None else fmt.apply_thresholded(layer, x, thr, silu_mul, sums)
+    if thr is None:
+        return None
+    out = fmt.apply_thresholded(layer, x, thr, silu_mul, sums, site.counter())
     if out is not None:
-        site.fused_input(x, thr)  # type: ignore[arg-type]
+        site.fused_input(x, thr)
     return out
 
 
