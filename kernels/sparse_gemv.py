@@ -134,12 +134,13 @@ def _sparse_gemv_kernel(
         if THRESHOLD:
             below = on & (tl.abs(x) < tl.load(thr_ptr))
             if COUNT:  # the first N tile's programs count their K block (`count`)
-                at = tl.load(cnt_at_ptr).to(tl.int64)
-                if (pid_n == 0) & (at >= 0):
-                    n_below = tl.sum(below.to(tl.int32), axis=0).to(tl.float64)
-                    tl.atomic_add(cnt_tab_ptr + at * 2, n_below, sem="relaxed")
-                    n_in = tl.sum(on.to(tl.int32), axis=0).to(tl.float64)
-                    tl.atomic_add(cnt_tab_ptr + at * 2 + 1, n_in, sem="relaxed")
+                if pid_n == 0:
+                    at = tl.load(cnt_at_ptr).to(tl.int64)
+                    if at >= 0:
+                        n_below = tl.sum(below.to(tl.int32), axis=0).to(tl.float64)
+                        tl.atomic_add(cnt_tab_ptr + at * 2, n_below, sem="relaxed")
+                        n_in = tl.sum(on.to(tl.int32), axis=0).to(tl.float64)
+                        tl.atomic_add(cnt_tab_ptr + at * 2 + 1, n_in, sem="relaxed")
             on = on & ~below
         w_at = w_cols + rk.to(tl.int64)[:, None] * stride_wk
         w = tl.load(w_at, mask=on[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")

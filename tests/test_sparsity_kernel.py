@@ -207,6 +207,29 @@ def test_fused_steps(eng: LLMEngine) -> None:
     assert plugin.graph_mode([span(0.5, 0)], 1) == "teal"  # not fused: the masking hook of TEAL alone
 
 
+def test_fused_count_slot_is_filled_on_the_host(eng: LLMEngine) -> None:
+    """The row inputs' SLOT column 2 (where a one-row fused GEMV counts its qkv input) holds what
+    `Counters.target` picks on the device from the same rows: the slot of decode rows of the methods
+    that count qkv_proj (not prompt rows, not CoreInfer's, not padding: -1)."""
+    import numpy as np
+
+    from actserve.interventions.sparsity.hooks import SLOT
+
+    plugin = eng.registry.plugin(PLUGIN)
+    assert isinstance(plugin, SparsityPlugin)
+    spans = [
+        RowSpan(SparsityPlan("teal", 50, slot=4), 0, 2, 20, 10),
+        RowSpan(SparsityPlan("chess", 30, slot=1), 2, 4, 8, 10),  # 2 prompt rows, 2 decode rows
+        RowSpan(SparsityPlan("r_sparse", 40, slot=7), 6, 1, 30, 10),
+        RowSpan(SparsityPlan("coreinfer", 40, slot=2, core_slot=0), 7, 1, 30, 10),
+    ]
+    arrays = {ri.name: np.full((9, ri.width), ri.none, dtype=np.int32) for ri in plugin.row_inputs}
+    plugin.fill_row_inputs(spans, arrays)
+    inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    assert torch.equal(plugin.counters.target("qkv_proj", inputs), inputs[SLOT][:, 2])
+    assert inputs[SLOT][:, 2].tolist() == [4, 4, -1, -1, 1, 1, 7, -1, -1]
+
+
 def test_kernel_option_and_flag(eng: LLMEngine) -> None:
     args = build_parser().parse_args(["serve", "--sparsity-kernel", "off", "--sparsity-calibration", "/c"])
     assert plugin_options(args)[PLUGIN] == {"calibration": "/c", "kernel": False}

@@ -93,7 +93,9 @@ class Counters:
 
     def target(self, proj: str, inputs: RowInputs) -> torch.Tensor:
         """int32 [rows]: each row's slot where `add_below` would count it at `proj` (a decode row of a
-        method that counts there), else -1; for a fused matmul that counts in its own launch."""
+        method that counts there), else -1: what a fused matmul that counts in its own launch is handed
+        (the plugin fills it on the host as the row inputs' SLOT column 2 for the fused count site; this
+        is its reference)."""
         level, method, slot = inputs[INPUT][:, 0], inputs[METHOD][:, 0], inputs[SLOT][:, 0]
         counted = self.counted[PROJECTIONS.index(proj)]
         on = (level > 0) & (method >= 0) & (counted[method.clamp(min=0).long()] != 0)

@@ -81,6 +81,7 @@ from actserve.interventions.sparsity.artifact import (
 from actserve.interventions.sparsity.chess import ChessHook
 from actserve.interventions.sparsity.coreinfer import CoreInferHook, CoreState, Observe, core_size
 from actserve.interventions.sparsity.hooks import (
+    COUNTED,
     INPUT,
     METHOD,
     METHODS,
@@ -185,7 +186,6 @@ class TealHook:
         self.table, self._sites, self.padded = table, sites, padded  # [levels, layers, projections]
         self.counters = counters
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._at: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sites(self) -> set[tuple[int, str]]:
         return self._sites
@@ -218,13 +218,12 @@ class TealHook:
 
     def counter(self, layer: int, proj: str, inputs: RowInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A one-row fused step's count at the qkv input, done by the sparse GEMV's own launch: the
-        projection's counters [slots + 1, 2] and the row's slot (-1: not counted, as `count_skipped`
-        decides), made once per forward. None elsewhere (`fused_input` counts)."""
+        projection's counters [slots + 1, 2] and the row's slot there (-1: not counted, as
+        `count_skipped` decides; filled on the host, `fill_row_inputs`, so no device op makes it). None
+        elsewhere (`fused_input` counts)."""
         if self.counters is None or proj != COUNTED_AT or inputs[INPUT].shape[0] != 1:
             return None
-        if self._at is None or self._at[0] is not inputs[INPUT]:
-            self._at = (inputs[INPUT], self.counters.target(proj, inputs))
-        return self.counters.table[PROJECTIONS.index(proj)], self._at[1]
+        return self.counters.table[PROJECTIONS.index(proj)], inputs[SLOT][:, 2]
 
     def fused_input(
         self, layer: int, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs
@@ -253,7 +252,8 @@ class SparsityPlugin(InterventionPlugin):
     row_inputs = (
         RowInput(INPUT, torch.int32, 1, -1),
         RowInput(METHOD, torch.int32, 1, -1),
-        RowInput(SLOT, torch.int32, 2, -1),
+        # (counter slot, core slot, counter slot where a fused step counts: `Counters.target` at COUNTED_AT)
+        RowInput(SLOT, torch.int32, 3, -1),
     )
     graph_safe = True
     histograms = (ACHIEVED,)
@@ -387,7 +387,9 @@ class SparsityPlugin(InterventionPlugin):
             lo, hi = decode_rows(s)
             arrays[INPUT][lo:hi, 0] = s.plan.level_index
             arrays[METHOD][s.start : s.start + s.count, 0] = METHODS.index(s.plan.method)
-            arrays[SLOT][s.start : s.start + s.count] = (s.plan.slot, s.plan.core_slot)
+            arrays[SLOT][s.start : s.start + s.count, :2] = (s.plan.slot, s.plan.core_slot)
+            if COUNTED_AT in COUNTED[s.plan.method]:  # as `Counters.target` picks rows, on the host
+                arrays[SLOT][lo:hi, 2] = s.plan.slot
 
     def weight_formats(self) -> list[FormatRequest]:
         """A W^T copy of every projection for the sparse GEMV, when fused steps can run (the kernel on, a
