@@ -171,6 +171,48 @@ def test_layers_run_the_fused_kernel_when_every_hook_hands_over_thresholds() -> 
     assert InterpretedTransposed.calls == before + 2
 
 
+def test_one_row_layers_hand_float32_sums_along() -> None:
+    """One bf16 row with `sums` keys: gate_up's `linear` returns its float32 sums, `silu_mul_linear` reads
+    them in the down GEMV and returns its own, and those settle to the bits of the path without sums; a
+    down site that does not fuse (a weight-format choice there) settles the gate/up sums first: the same
+    bits, every buffer zero after."""
+    from actserve.kernels.sparse_gemv import atomic_sums, settle_sums
+
+    tab, padded = teal_tables(4, 1, 7)
+    inputs = {INPUT: torch.tensor([[2]], dtype=torch.int32)}
+    hook = TealHook(tab, set(), padded)
+    layers = []
+    for k, n, seed in ((300, 320, 8), (160, 24, 9)):  # K of 2+ blocks: split sums that meet in atomics
+        torch.manual_seed(seed)
+        lin = Linear(k, n, params_dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.normal_(0, k**-0.5)
+        lin.add_format(TRANSPOSED, InterpretedTransposed()).after_loading(lin)
+        layers.append(lin)
+    up, down = layers
+    x = (torch.randn(1, 300) * 2).to(torch.bfloat16)
+    gu_site, down_site = (
+        site_with([hook], 1, inputs, "gate_up_proj"),
+        site_with([hook], 1, inputs, "down_proj"),
+    )
+    want_gu = linear(x, up, gu_site)
+    want = silu_mul_linear(want_gu, down, down_site)
+    assert want_gu.dtype == want.dtype == torch.bfloat16
+    gu = linear(x, up, gu_site, sums="t_gate_up")
+    assert gu.dtype == torch.float32 and torch.equal(settle_sums(gu.clone(), torch.bfloat16), want_gu)
+    out = silu_mul_linear(gu, down, down_site, sums="t_down", dtype=torch.bfloat16)
+    assert out.dtype == torch.float32 and torch.equal(settle_sums(out, torch.bfloat16), want)
+    gu.zero_()  # the residual add's part (`zero`)
+    # the down site declines: the gate/up sums are settled (rounded, zeroed), then the plain masked path
+    chosen = site_with([hook], 1, inputs, "down_proj")
+    chosen.weights = [(object(), inputs, ())]  # type: ignore[list-item]
+    gu = linear(x, up, gu_site, sums="t_gate_up")
+    plain = silu_mul_linear(gu, down, chosen, sums="t_down", dtype=torch.bfloat16)
+    assert torch.equal(plain, silu_mul_linear(want_gu, down, chosen)) and not gu.any()
+    for key in ("t_gate_up", "t_down"):
+        assert not atomic_sums(torch.device("cpu"), 1, key).any()
+
+
 def span(level: float, start: int, count: int = 1, prompt: bool = False) -> RowSpan:
     """A sequence's rows at `level`: decode rows (positions past the prompt), or prompt rows."""
     pos0 = 0 if prompt else 20

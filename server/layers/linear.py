@@ -329,7 +329,11 @@ def silu_mul_linear(
     (`linear(sums=...)`): the fused matmul reads them as they are (the caller zeroes them after it);
     any other path gets them rounded to `dtype` and zeroed first (`settle_sums`). `sums`: as `linear`'s."""
     if dtype is not None and gate_up.dtype == torch.float32 and dtype != torch.float32:
-        fused = _thresholded(gate_up, layer, site, silu_mul=True, sums=sums) if site and site.hooks else None
+        fused = (
+            _thresholded(gate_up, layer, site, silu_mul=True, sums=sums)
+            if site is not None and site.hooks
+            else None
+        )
         if fused is not None:
             return fused
         from actserve.kernels.sparse_gemv import settle_sums
