@@ -7,9 +7,12 @@ the calibration (the sparsity plugin's W^T copies and fused sparse GEMV steps). 
 at batch 1, 2, 4, 8 and 16 (128-token prompts, 128 new tokens, greedy, CUDA graphs as served) for plain
 requests and, in the sparse one, for requests at levels 0.4 and 0.5, plus its steps replayed from graphs
 and run eager. Speedups are over the dense process's plain requests; `sparse_e2e_pays_up_to_b_s{40,50}` is the
-largest batch at which the level still beats dense. Prints a table last; writes JSON.
+largest batch at which the level still beats dense. Each process also profiles 5 steady decode steps at
+batch 1 (and 2) per kind: kernel launches per step (`<kind>_profile_b1.kernels_per_step`) and the top
+kernels, printed beside the batch-1 speedups. Prints a table last; writes JSON.
 
     python bench/sparsity_e2e.py --out bench/results/sparsity_e2e.json
+    python bench/sparsity_e2e.py --batches 1 --out /tmp/s.json   # batch 1 only (the speedup targets)
     python bench/sparsity_e2e.py --cpu-smoke --out /tmp/s.json   # runs end to end; its times mean nothing
 """
 
@@ -62,7 +65,9 @@ def calibrate_to(model_dir: Path, smoke: bool, out: Path) -> dict[str, Any]:
     return {"tokens": cal.tokens}
 
 
-def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str, Any]:
+def measure(
+    model_dir: Path, smoke: bool, calibration: Path | None, batches: tuple[int, ...] = BATCHES
+) -> dict[str, Any]:
     eng = engine(model_dir, smoke, calibration)
     vocab, new = eng.model_info.vocab_size, 16 if smoke else NEW
     generate(eng, random_prompts(2, PROMPT, vocab, 99), 8)  # warm-up
@@ -71,7 +76,7 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
     if calibration is not None:
         kinds += [(f"s{round(lv * 100)}", lv) for lv in LEVELS]
     for tag, level in kinds:
-        for b in BATCHES:
+        for b in batches:
             spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
             # this kind's graph variant for this batch bucket is captured (and its kernels compiled) on
             # first use: not inside the timed run
@@ -86,10 +91,14 @@ def measure(model_dir: Path, smoke: bool, calibration: Path | None) -> dict[str,
     if not smoke:
         for tag, level in kinds:
             for b in (1, 2):
+                if b not in batches:
+                    continue
                 spec = {"sparsity": {"method": "teal", "level": level}} if level is not None else None
-                res[f"{tag}_profile_b{b}"] = steady_profile(eng, b, spec)
-                top = res[f"{tag}_profile_b{b}"]["top"][:6]
-                print(f"{tag} b{b} profile:", json.dumps(top), flush=True)
+                prof = res[f"{tag}_profile_b{b}"] = steady_profile(eng, b, spec)
+                print(
+                    f"{tag} b{b} profile: {prof['kernels_per_step']:.0f} launches a step, "
+                    f"{prof['kernel_us_total']:.0f} us of kernels;", json.dumps(prof["top"][:6]), flush=True,
+                )  # fmt: skip
     return res
 
 
@@ -122,23 +131,28 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/sparsity_e2e.json")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny random config on the CPU")
+    ap.add_argument(
+        "--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes (default: all)"
+    )
     ap.add_argument("--one", choices=["calibrate", "dense", "sparse"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--calibration", help=argparse.SUPPRESS)
     args = ap.parse_args()
     smoke = args.cpu_smoke
+    batches = tuple(int(b) for b in args.batches.split(","))
     if args.one:
         model_dir, cal = Path(args.model_dir), Path(args.calibration)
         if args.one == "calibrate":
             out = calibrate_to(model_dir, smoke, cal)
         else:
-            out = measure(model_dir, smoke, cal if args.one == "sparse" else None)
+            out = measure(model_dir, smoke, cal if args.one == "sparse" else None, batches)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     tmp = Path(tempfile.mkdtemp())
     model_dir = make_model_dir(tmp / "model", TINY if smoke else LLAMA3_8B)
     cal = tmp / "actserve-sparsity.safetensors"
-    common = ["--model-dir", str(model_dir), "--calibration", str(cal)] + (["--cpu-smoke"] if smoke else [])
+    common = ["--model-dir", str(model_dir), "--calibration", str(cal), "--batches", args.batches]
+    common += ["--cpu-smoke"] if smoke else []
     res: dict[str, Any] = {
         "command": "python " + shlex.join(sys.argv),
         "device": "cpu" if smoke else torch.cuda.get_device_name(),
@@ -150,7 +164,7 @@ def main() -> int:
     res["dense"] = child(["--one", "dense", *common])
     res["sparse"] = child(["--one", "sparse", *common])
     base = res["dense"]
-    for b in BATCHES:
+    for b in batches:
         res[f"plain_beside_kernel_ratio_b{b}"] = (
             res["sparse"][f"dense_tok_s_b{b}"] / base[f"dense_tok_s_b{b}"]
         )
@@ -161,15 +175,20 @@ def main() -> int:
             )
     for lv in LEVELS:
         tag = f"s{round(lv * 100)}"
-        wins = [b for b in BATCHES if res[f"sparse_e2e_speedup_{tag}_b{b}"] > 1]
+        wins = [b for b in batches if res[f"sparse_e2e_speedup_{tag}_b{b}"] > 1]
         res[f"sparse_e2e_pays_up_to_b_{tag}"] = max(wins, default=0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"\n{'run':<14}" + "".join(f"{'tok/s b' + str(b):>14}" for b in BATCHES))
+    print(f"\n{'run':<14}" + "".join(f"{'tok/s b' + str(b):>14}" for b in batches))
     rows = [("dense engine", base, "dense"), ("plain, sparse", res["sparse"], "dense")]
     rows += [(f"level {lv}", res["sparse"], f"s{round(lv * 100)}") for lv in LEVELS]
     for name, r, tag in rows:
-        print(f"{name:<14}" + "".join(f"{r[f'{tag}_tok_s_b{b}']:>14.1f}" for b in BATCHES))
+        print(f"{name:<14}" + "".join(f"{r[f'{tag}_tok_s_b{b}']:>14.1f}" for b in batches))
+    for name, r, tag in rows:  # launches per steady batch-1 step (what issue 14's fused step cuts)
+        prof = r.get(f"{tag}_profile_b1")
+        if prof is not None:
+            launches, ms = prof["kernels_per_step"], prof["wall_ms_profiled"]
+            print(f"{name:<14} b1: {launches:.0f} launches a step, {ms:.2f} ms a step profiled")
     print({k: round(v, 3) for k, v in res.items() if isinstance(v, float)})
     return 0
 

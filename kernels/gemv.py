@@ -42,13 +42,19 @@ def pick_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def silu_mul_round(gate, up):
+    """silu(gate) * up, rounded to gate's dtype after the silu and after the product (silu_mul.py)."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def load_x(x_ptr, rows, k_half, rk, mask, SILU_MUL: tl.constexpr):
     if SILU_MUL:
         gate = tl.load(x_ptr + rows + rk, mask=mask, other=0.0)
         up = tl.load(x_ptr + rows + k_half + rk, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+        return silu_mul_round(gate, up)
     return tl.load(x_ptr + rows + rk, mask=mask, other=0.0)
 
 

@@ -1,7 +1,12 @@
 """Rotary embedding of q and k fused with the paged KV-cache write: one launch per layer instead of a
 dozen small ones (gathers, casts, rotate-half, index writes), which dominate small-batch decode. With
 per-head q/k RMSNorm weights (Qwen3, Qwen3-MoE) the norms run first in the same launch (in torch they
-are eight small kernels each for q and k)."""
+are eight small kernels each for q and k).
+
+q, k and v may be views of a one-row sparse GEMV's pending float32 qkv sums (kernels/sparse_gemv.py
+`is_sums`; `dtype` the model's): each entry is rounded to `dtype` first, as the GEMV's cast kernel would
+have stored it, and every program zeroes the heads it read (each head is read by one program only), so
+the cast launch goes."""
 
 from __future__ import annotations
 
@@ -25,10 +30,18 @@ def _head_norm(x1, x2, w1, w2, eps, HEAD_DIM: tl.constexpr, dtype: tl.constexpr)
 
 
 @triton.jit
+def _zero_head(base, d, HALF: tl.constexpr):
+    """Zero one head of float32 sums after its read."""
+    tl.store(base + d, tl.zeros([HALF], tl.float32))
+    tl.store(base + HALF + d, tl.zeros([HALF], tl.float32))
+
+
+@triton.jit
 def _rope_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, kc_ptr, vc_ptr,
     qw_ptr, kw_ptr, eps, stride_q, stride_k, stride_v, stride_cos, stride_kc, n_q, n_kv,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr,
+    SUMS: tl.constexpr = False,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -51,8 +64,10 @@ def _rope_kv_kernel(
     pdl_sync(USE_PDL)
     if h < n_q:
         base = q_ptr + t * stride_q + h * HEAD_DIM
-        x1 = tl.load(base + d).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(tl.float32)
+        x1 = tl.load(base + d).to(dtype).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(dtype).to(tl.float32)
+        if SUMS:
+            _zero_head(base, d, HALF)
         if NORM:
             x1, x2 = _head_norm(x1, x2, w1, w2, eps, HEAD_DIM, dtype)
         out = q_out_ptr + (t * n_q + h) * HEAD_DIM
@@ -61,8 +76,10 @@ def _rope_kv_kernel(
     else:
         kh = h - n_q
         base = k_ptr + t * stride_k + kh * HEAD_DIM
-        x1 = tl.load(base + d).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(tl.float32)
+        x1 = tl.load(base + d).to(dtype).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(dtype).to(tl.float32)
+        if SUMS:
+            _zero_head(base, d, HALF)
         if NORM:
             x1, x2 = _head_norm(x1, x2, w1, w2, eps, HEAD_DIM, dtype)
         r1 = (x1 * cos - x2 * sin).to(dtype)
@@ -75,8 +92,13 @@ def _rope_kv_kernel(
         tl.store(ko + HALF + d, r2)
         vb = v_ptr + t * stride_v + kh * HEAD_DIM
         vc = vc_ptr + slot * stride_kc + kh * HEAD_DIM
-        tl.store(vc + d, tl.load(vb + d))
-        tl.store(vc + HALF + d, tl.load(vb + HALF + d))
+        v1 = tl.load(vb + d)
+        v2 = tl.load(vb + HALF + d)
+        if SUMS:  # rounded to the model dtype as the cast would store it, then the cache's
+            v1, v2 = v1.to(dtype), v2.to(dtype)
+            _zero_head(vb, d, HALF)
+        tl.store(vc + d, v1)
+        tl.store(vc + HALF + d, v2)
 
 
 def rope_kv(
@@ -90,20 +112,24 @@ def rope_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `rope_kv_ref`. q/k/v may be row-strided views (e.g. slices of a fused qkv)
     whose heads are contiguous within a row. `norm`: (q weight [head_dim], k weight [head_dim], eps) of
-    a per-head RMSNorm applied to q and k before the rotation."""
+    a per-head RMSNorm applied to q and k before the rotation. `dtype` (default q's): the outputs'; q/k/v
+    in float32 under a half `dtype` are pending sums (module docstring), zeroed here."""
     t, n_q, dim = q.shape
     n_kv = k.shape[1]
-    q_out = torch.empty(t, n_q, dim, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(t, n_kv, dim, dtype=k.dtype, device=k.device)
+    dtype = dtype or q.dtype
+    sums = q.dtype == torch.float32 and dtype != torch.float32
+    q_out = torch.empty(t, n_q, dim, dtype=dtype, device=q.device)
+    k_out = torch.empty(t, n_kv, dim, dtype=dtype, device=k.device)
     if t == 0:
         return q_out, k_out
     qw, kw, eps = norm if norm is not None else (q, k, 0.0)
     _rope_kv_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, positions, slots, q_out, k_out, k_cache, v_cache, qw, kw, eps,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), n_q, n_kv,
-        HEAD_DIM=dim, HALF=dim // 2, NORM=norm is not None, **pdl_args(q),
+        HEAD_DIM=dim, HALF=dim // 2, NORM=norm is not None, SUMS=sums, **pdl_args(q),
     )  # fmt: skip
     return q_out, k_out

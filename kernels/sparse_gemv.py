@@ -24,6 +24,12 @@ reason), and a K split's partial sums are float32 anyway, so they meet in one of
   (two launches; no program waits on its adds, as the counter's fence makes it).
 A program of one row whose K split is one block (`ONE_SHOT`) loads its x block and then its whole weight
 tile at once, and reduces it across the threads: no loop of dependent loads.
+One row whose sums a reader takes as they are (`sums_key`, the decode hot path): the atomic adds land in
+a float32 buffer of that key and no cast kernel runs; the reader rounds them to the model dtype (as the
+cast would, so the bits are the same) and zeroes them: kernels/rope_kv.py (qkv), kernels/steer_rmsnorm.py
+(o and down: the residual add), this kernel itself (gate/up, `X_SUMS`: the down projection reads the
+gate/up sums, silu·mul formed from the rounded values; the residual add after it zeroes them), or
+`settle_sums` for any other reader. That removes the cast launch of each projection of a fused step.
 One split writes the output directly. One row accumulates products elementwise and reduces once at
 the end; 2-16 rows use `tl.dot` on a 16-row tile (tensor cores). `threshold=None` is the same kernel
 without the mask: the dense GEMV on the transposed layout (bench/sparse_gemv.py compares layouts).
@@ -38,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from actserve.kernels.gemv import load_x
+from actserve.kernels.gemv import load_x, silu_mul_round
 from actserve.kernels.gemv_ref import MAX_ROWS
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
@@ -85,15 +91,28 @@ def pick_splits(n_tiles: int, k: int, cfg: SparseGemvConfig) -> int:
 
 
 @triton.jit
+def load_x_rounded(x_ptr, k_half, rk, mask, SILU_MUL: tl.constexpr, DTYPE: tl.constexpr):
+    """One row of float32 sums, each rounded to DTYPE first (what the cast kernel would have stored),
+    then silu·mul of [gate | up] as `load_x` forms it."""
+    if SILU_MUL:
+        gate = tl.load(x_ptr + rk, mask=mask, other=0.0).to(DTYPE)
+        up = tl.load(x_ptr + k_half + rk, mask=mask, other=0.0).to(DTYPE)
+        return silu_mul_round(gate, up)
+    return tl.load(x_ptr + rk, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, thr_ptr, wt_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, k_split, splits,
     stride_xm, stride_thr, stride_wk, stride_ym, stride_ws,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUM: tl.constexpr, PREC: tl.constexpr,
     LOOP_STAGES: tl.constexpr, SUM_CHUNK: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
+    X_SUMS: tl.constexpr = False, cnt_tab_ptr=None, cnt_at_ptr=None, COUNT: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n tile, K split): rows k of W^T in [split * k_split, +k_split) whose input is active in
-    some row, times the thresholded inputs, for BLOCK_N output columns."""
+    some row, times the thresholded inputs, for BLOCK_N output columns. X_SUMS: x is a previous launch's
+    float32 sums, rounded to y's dtype on load (one row, ONE_SHOT)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,9 +127,21 @@ def _sparse_gemv_kernel(
         # one [BLOCK_K, BLOCK_N] tile per program: x, then the weight rows it keeps, in flight at once
         rk = k_lo + tl.arange(0, BLOCK_K)
         on = rk < K
-        x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
+        if X_SUMS:
+            x = load_x_rounded(x_ptr, K, rk, on, SILU_MUL, y_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = load_x(x_ptr, 0, K, rk, on, SILU_MUL).to(tl.float32)
         if THRESHOLD:
-            on = on & ~(tl.abs(x) < tl.load(thr_ptr))
+            below = on & (tl.abs(x) < tl.load(thr_ptr))
+            if COUNT:  # the first N tile's programs count their K block (`count`)
+                if pid_n == 0:
+                    at = tl.load(cnt_at_ptr).to(tl.int64)
+                    if at >= 0:
+                        n_below = tl.sum(below.to(tl.int32), axis=0).to(tl.float64)
+                        tl.atomic_add(cnt_tab_ptr + at * 2, n_below, sem="relaxed")
+                        n_in = tl.sum(on.to(tl.int32), axis=0).to(tl.float64)
+                        tl.atomic_add(cnt_tab_ptr + at * 2 + 1, n_in, sem="relaxed")
+            on = on & ~below
         w_at = w_cols + rk.to(tl.int64)[:, None] * stride_wk
         w = tl.load(w_at, mask=on[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         acc = tl.sum(w.to(tl.float32) * tl.where(on, x, 0.0)[:, None], axis=0)[None, :]
@@ -214,16 +245,20 @@ def _sum_splits_kernel(
         tl.store(ws_ptr + m * N + rn, tl.zeros_like(total), mask=n_ok)
 
 
-# per device, every counter buffer handed out, the largest last: never freed, since CUDA graphs keep the
-# pointer they captured
-_counters: dict[torch.device, list[torch.Tensor]] = {}
+# per device (and key), every buffer handed out, the largest last: never freed, since CUDA graphs keep
+# the pointer they captured
+_counters: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
 
 
 def _zeroed(
-    store: dict[torch.device, list[torch.Tensor]], device: torch.device, size: int, dtype: torch.dtype
+    store: dict[tuple[torch.device, str], list[torch.Tensor]],
+    device: torch.device,
+    size: int,
+    dtype: torch.dtype,
+    key: str = "",
 ) -> torch.Tensor:
     """A zeroed buffer of at least `size` from `store`, grown by a new one (the old stay alive)."""
-    have = store.setdefault(device, [])
+    have = store.setdefault((device, key), [])
     if not have or have[-1].numel() < size:
         have.append(torch.zeros(max(size, 4096), dtype=dtype, device=device))
     return have[-1]
@@ -235,13 +270,23 @@ def tile_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
     return _zeroed(_counters, device, n_tiles, torch.int32)
 
 
-_sums: dict[torch.device, list[torch.Tensor]] = {}
+_sums: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
 
 
-def atomic_sums(device: torch.device, size: int) -> torch.Tensor:
-    """The "atomic" mode's float32 sums on `device`, zero between launches (each tile's last program
-    zeroes its own), shared like `tile_counters`."""
-    return _zeroed(_sums, device, size, torch.float32)
+def atomic_sums(device: torch.device, size: int, key: str = "") -> torch.Tensor:
+    """The atomic modes' float32 sums on `device`, zero between launches (each tile's last program or the
+    cast kernel zeroes them), shared like `tile_counters`. `key` (a projection's name): the buffer of the
+    sums a launch leaves for its reader (`sums_key`); sums of different keys may be pending at once."""
+    return _zeroed(_sums, device, size, torch.float32, key)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def is_sums(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `t` is a one-row launch's pending float32 sums (`sparse_gemv(sums_key=...)`) where the
+    model computes in the half `dtype`: the reader rounds them to `dtype` and zeroes them."""
+    return t.dtype == torch.float32 and dtype in HALF
 
 
 def sparse_gemv(
@@ -251,9 +296,18 @@ def sparse_gemv(
     bias: torch.Tensor | None = None,
     silu_mul: bool = False,
     cfg: SparseGemvConfig | None = None,
+    sums_key: str | None = None,
+    count: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """threshold(x [M, K], thr [M] float32) @ weight_t [K, N] (+ bias) -> [M, N] in x's dtype; thr None:
-    no threshold (dense); with silu_mul, x is [M, 2K] = [gate | up]. `thr` may be a strided view."""
+    """threshold(x [M, K], thr [M] float32) @ weight_t [K, N] (+ bias) -> [M, N] in weight_t's dtype; thr
+    None: no threshold (dense); with silu_mul, x is [M, 2K] = [gate | up]. `thr` may be a strided view.
+    x may be a previous launch's pending float32 sums (`is_sums`, one row): rounded on load, left as they
+    are (the caller's reader zeroes them). `sums_key`: a one-row launch without bias whose K splits meet
+    in atomic adds returns those float32 sums [1, N] unrounded, in the buffer of that key, for a reader
+    that rounds and zeroes them (module docstring); any other launch ignores it and returns the output.
+    `count` (table float64 [slots, 2], at int32 [1]), one thresholded row: also adds the row's entries
+    below its threshold and its entries to table[at] (at < 0: nothing), what kernels/sparsity_ops.py's
+    count kernel adds, without its launch."""
     m, kx = x.shape
     k, n = weight_t.shape
     if m > MAX_ROWS:
@@ -265,36 +319,63 @@ def sparse_gemv(
         )
     if thr is not None and (thr.shape != (m,) or thr.dtype != torch.float32):
         raise ValueError(f"sparse_gemv: thresholds must be float32 [{m}], got {thr.dtype} {tuple(thr.shape)}")
+    x_sums = x.dtype != weight_t.dtype
+    if x_sums and not (is_sums(x, weight_t.dtype) and m == 1):
+        raise ValueError(f"sparse_gemv: x {x.dtype} under {weight_t.dtype} weights (one row of sums only)")
     cfg = cfg or pick_config(m, n, k)
     n_tiles = triton.cdiv(n, cfg.block_n)
     k_split = triton.cdiv(triton.cdiv(k, pick_splits(n_tiles, k, cfg)), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_split)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    one_shot = m == 1 and k_split == cfg.block_k
+    if (x_sums or count is not None) and not one_shot:
+        raise ValueError("sparse_gemv: float32 sums as x, or a count, need the one-row one-shot config")
+    if count is not None and (thr is None or count[0].dtype != torch.float64 or count[1].shape != (1,)):
+        raise ValueError("sparse_gemv: a count needs thresholds, a float64 table and one row's int32 index")
+    mode = _DIRECT if splits == 1 else _ACCUM_CODE[cfg.accum]
+    keep = (
+        sums_key is not None and m == 1 and mode == _ATOMIC_CAST and bias is None and weight_t.dtype in HALF
+    )
+    y = torch.empty(m, n, dtype=weight_t.dtype, device=x.device)
     if not m:
         return y
-    mode = _DIRECT if splits == 1 else _ACCUM_CODE[cfg.accum]
     ws, counters = y, y  # placeholders for pointers a mode does not read
     if mode in (_ATOMIC, _ATOMIC_CAST):
-        ws = atomic_sums(x.device, m * n)
+        ws = atomic_sums(x.device, m * n, sums_key if keep and sums_key else "")
     elif mode != _DIRECT:
         ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     if mode in (_SERIAL, _ATOMIC):
         counters = tile_counters(x.device, n_tiles)
     launch = pdl_args(x)
+    cnt_tab, cnt_at = count if count is not None else (y, y)
     _sparse_gemv_kernel[(n_tiles, splits)](
         x, thr if thr is not None else x, weight_t, bias if bias is not None else x, y, ws, counters,
         m, n, k, k_split, splits, x.stride(0), thr.stride(0) if thr is not None else 0, weight_t.stride(0),
         y.stride(0), m * n, BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         THRESHOLD=thr is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, ACCUM=mode,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", LOOP_STAGES=cfg.loop_stages,
-        SUM_CHUNK=8 if m == 1 else 2, ONE_SHOT=m == 1 and k_split == cfg.block_k, **launch,
+        SUM_CHUNK=8 if m == 1 else 2, ONE_SHOT=one_shot, X_SUMS=x_sums,
+        cnt_tab_ptr=cnt_tab, cnt_at_ptr=cnt_at, COUNT=count is not None, **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
+    if keep:
+        return ws[: m * n].view(m, n)
     if mode in (_WORKSPACE, _ATOMIC_CAST):
         block = 1024
         _sum_splits_kernel[(triton.cdiv(n, block), m)](
             ws, bias if bias is not None else x, y, n, splits if mode == _WORKSPACE else 1, m * n,
             y.stride(0), BLOCK=block, HAS_BIAS=bias is not None, ZERO=mode == _ATOMIC_CAST, **launch,
         )  # fmt: skip
+    return y
+
+
+def settle_sums(sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pending sums [rows, N] (contiguous) as a `dtype` tensor, the buffer zeroed: the cast kernel, for a
+    reader that does not take float32 sums itself."""
+    rows, n = sums.shape
+    y = torch.empty(rows, n, dtype=dtype, device=sums.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(n, block), rows)](
+        sums, sums, y, n, 1, rows * n, y.stride(0), BLOCK=block, HAS_BIAS=False, ZERO=True, **pdl_args(sums)
+    )
     return y

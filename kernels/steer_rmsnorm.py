@@ -1,4 +1,10 @@
-"""Fused residual add + per-row steering + RMSNorm in Triton; semantics in steer_rmsnorm_ref.py."""
+"""Fused residual add + per-row steering + RMSNorm in Triton; semantics in steer_rmsnorm_ref.py.
+
+x may be a one-row sparse GEMV's pending float32 sums (kernels/sparse_gemv.py `is_sums`): each entry is
+rounded to the residual's dtype first, as the GEMV's cast kernel would have stored it (so the bits are
+the cast path's), and the sums are zeroed after the read. `zero`: another float32 buffer of pending sums
+whose reader has finished (the gate/up sums the down projection read), zeroed by extra programs of the
+same launch. Either way the sparse GEMV's cast launches go (issue 14)."""
 
 from __future__ import annotations
 
@@ -9,16 +15,25 @@ import triton.language as tl
 from actserve.kernels.pdl import pdl_args, pdl_sync
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
 
+ZERO_BLOCK = 4096  # float32 entries of `zero` per extra program
+
 
 @triton.jit
 def _add_steer_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     table_ptr, mask_ptr, idx_ptr, scale_ptr, norm_ptr,
     layer, num_layers, hidden, eps,
+    zero_ptr, rows, zero_n,
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, X_SUMS: tl.constexpr = False, ZERO_BLOCK: tl.constexpr = 0,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    if ZERO_BLOCK > 0:
+        if row >= rows:  # a program past the rows: one block of `zero`
+            pdl_sync(USE_PDL)
+            z = (row - rows) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + z, tl.zeros([ZERO_BLOCK], tl.float32), mask=z < zero_n)
+            return
     cols = tl.arange(0, BLOCK)
     m = cols < hidden
     dtype = res_ptr.dtype.element_ty
@@ -26,9 +41,11 @@ def _add_steer_rmsnorm_kernel(
     pdl_sync(USE_PDL)
     h = tl.load(res_ptr + row * hidden + cols, mask=m, other=0.0)
     if HAS_X:
-        h = (h.to(tl.float32) + tl.load(x_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)).to(
-            dtype
-        )
+        x = tl.load(x_ptr + row * hidden + cols, mask=m, other=0.0)
+        if X_SUMS:  # rounded as the cast would store it; then the buffer is zero again
+            x = x.to(dtype)
+            tl.store(x_ptr + row * hidden + cols, tl.zeros([BLOCK], tl.float32), mask=m)
+        h = (h.to(tl.float32) + x.to(tl.float32)).to(dtype)
     # one vector load of the row's slot indices: most rows (and every padded graph row) have none, and
     # the K dependent scalar loads below were on every row's path
     if HAS_STEER:
@@ -67,13 +84,17 @@ def add_steer_rmsnorm(
     layer: int = -1,
     steer: SteeringTensors | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `add_steer_rmsnorm_ref`; rows × hidden, contiguous."""
+    """Triton version of `add_steer_rmsnorm_ref`; rows × hidden, contiguous. x may be pending float32
+    sums (module docstring: rounded, then zeroed); `zero`: a contiguous float32 buffer to zero as well."""
     rows, hidden = residual.shape
+    x_sums = x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32
+    extra = triton.cdiv(zero.numel(), ZERO_BLOCK) if zero is not None else 0
     normed, res_out = out if out is not None else (torch.empty_like(residual), torch.empty_like(residual))
     has_steer = steer is not None and layer >= 0
     dummy = residual
-    _add_steer_rmsnorm_kernel[(rows,)](
+    _add_steer_rmsnorm_kernel[(rows + extra,)](
         x if x is not None else dummy, residual, weight, normed, res_out,
         steer.table if has_steer else dummy,
         steer.layer_mask if has_steer else dummy,
@@ -81,7 +102,8 @@ def add_steer_rmsnorm(
         steer.scale if has_steer else dummy,
         steer.normalize if has_steer else dummy,
         max(layer, 0), steer.table.shape[1] if has_steer else 1, hidden, eps,
-        K=steer.index.shape[1] if has_steer else 1,
+        zero if zero is not None else dummy, rows, zero.numel() if zero is not None else 0,
+        X_SUMS=x_sums, ZERO_BLOCK=ZERO_BLOCK if extra else 0, K=steer.index.shape[1] if has_steer else 1,
         K_PAD=triton.next_power_of_2(steer.index.shape[1]) if has_steer else 1,
         HAS_X=x is not None, HAS_STEER=has_steer, BLOCK=triton.next_power_of_2(hidden), **pdl_args(residual),
     )  # fmt: skip

@@ -83,6 +83,8 @@ sparse_types = {
     "cnt_ptr": I32,
     **dict.fromkeys(("M", "N", "K", "k_split", "splits", "stride_xm", "stride_thr", "stride_wk"), "i32"),
     **dict.fromkeys(("stride_ym", "stride_ws"), "i32"),
+    "cnt_tab_ptr": BF,  # without COUNT the launcher passes the output for both
+    "cnt_at_ptr": BF,
 }
 # (rows tile, threshold, silu·mul, accumulation: 0 direct, 1 workspace, 2 atomic, 3 serial, 4 atomic_cast)
 for block_m, thr, silu, accum in (
@@ -92,9 +94,22 @@ for block_m, thr, silu, accum in (
     consts = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32 if block_m == 1 else 64, THRESHOLD=thr)
     consts.update(
         HAS_BIAS=True, SILU_MUL=silu, ACCUM=accum, PREC="tf32", LOOP_STAGES=1 + 2 * silu, USE_PDL=True,
-        SUM_CHUNK=8 if block_m == 1 else 2, ONE_SHOT=block_m == 1 and accum in (2, 4),
+        SUM_CHUNK=8 if block_m == 1 else 2, ONE_SHOT=block_m == 1 and accum in (2, 4), X_SUMS=False,
+        COUNT=False,
     )  # fmt: skip
     VARIANTS.append((_sparse_gemv_kernel, sparse_types, consts))
+# the decode hot path: one row, atomic adds left for the reader (no cast kernel); the down projection reads
+# the gate/up launch's float32 sums (X_SUMS), the qkv projection counts its input's entries below threshold
+# (COUNT: float64 counters, an int32 slot index)
+hot = dict(
+    BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, THRESHOLD=True, HAS_BIAS=False, ACCUM=4, PREC="tf32", LOOP_STAGES=1,
+    SUM_CHUNK=8, ONE_SHOT=True, USE_PDL=True,
+)  # fmt: skip
+VARIANTS.append(
+    (_sparse_gemv_kernel, {**sparse_types, "x_ptr": F32}, dict(hot, SILU_MUL=True, X_SUMS=True, COUNT=False))
+)
+count_types = {**sparse_types, "cnt_tab_ptr": "*fp64", "cnt_at_ptr": I32}
+VARIANTS.append((_sparse_gemv_kernel, count_types, dict(hot, SILU_MUL=False, X_SUMS=False, COUNT=True)))
 sum_types = {
     "ws_ptr": F32,
     "b_ptr": BF,
@@ -146,6 +161,9 @@ norm_types = {
     "num_layers": "i32",
     "hidden": "i32",
     "eps": "fp32",
+    "zero_ptr": BF,  # unused without ZERO_BLOCK: the launcher passes the residual
+    "rows": "i32",
+    "zero_n": "i32",
 }
 # without steering the launcher passes the residual (bf16) for every steering pointer
 no_steer = {**norm_types, **dict.fromkeys(("table_ptr", "mask_ptr", "idx_ptr", "scale_ptr", "norm_ptr"), BF)}
@@ -154,7 +172,34 @@ for has_x, steer in ((True, True), (True, False), (False, False)):
         (
             _add_steer_rmsnorm_kernel,
             norm_types if steer else no_steer,
-            dict(K=9, K_PAD=16, HAS_X=has_x, HAS_STEER=steer, BLOCK=4096, USE_PDL=True),
+            dict(
+                K=9,
+                K_PAD=16,
+                HAS_X=has_x,
+                HAS_STEER=steer,
+                BLOCK=4096,
+                USE_PDL=True,
+                X_SUMS=False,
+                ZERO_BLOCK=0,
+            ),
+        )
+    )
+# a one-row sparse GEMV's float32 sums as x (rounded, zeroed), and another buffer of sums zeroed
+for steer, zero_block in ((False, 4096), (True, 0)):
+    VARIANTS.append(
+        (
+            _add_steer_rmsnorm_kernel,
+            {**(norm_types if steer else no_steer), "x_ptr": F32, "zero_ptr": F32},
+            dict(
+                K=9,
+                K_PAD=16,
+                HAS_X=True,
+                HAS_STEER=steer,
+                BLOCK=4096,
+                USE_PDL=True,
+                X_SUMS=True,
+                ZERO_BLOCK=zero_block,
+            ),
         )
     )
 split_types = {
@@ -255,7 +300,13 @@ rope_types = {
     **dict.fromkeys(("stride_q", "stride_k", "stride_v", "stride_cos", "stride_kc", "n_q", "n_kv"), "i32"),
 }
 for norm in (False, True):  # Qwen3's per-head q/k norm fused in, or not
-    VARIANTS.append((_rope_kv_kernel, rope_types, dict(HEAD_DIM=128, HALF=64, NORM=norm, USE_PDL=True)))
+    consts = dict(HEAD_DIM=128, HALF=64, NORM=norm, USE_PDL=True, SUMS=False)
+    VARIANTS.append((_rope_kv_kernel, rope_types, consts))
+# q/k/v read from a one-row sparse GEMV's float32 sums (rounded, zeroed)
+sums_rope = {**rope_types, **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), F32)}
+VARIANTS.append(
+    (_rope_kv_kernel, sums_rope, dict(HEAD_DIM=128, HALF=64, NORM=False, USE_PDL=True, SUMS=True))
+)
 
 # the fused MoE layer at Qwen3-30B-A3B's shape: all resident (ids are slots), and an expert cache (a table
 # mapping int64 expert ids to slots, misses read from a host copy, pairs counted)

@@ -117,6 +117,31 @@ def test_threshold_semantics() -> None:
     close(got[3:], want, 1e-5)
 
 
+@pytest.mark.parametrize("silu", [False, True])
+def test_one_row_counts_in_its_own_launch(silu: bool) -> None:
+    """`count`: the one-row kernel adds what the count kernel's reference adds (entries below the row's
+    threshold, and the row's entries) at the row's slot, over K blocks of several programs, and nothing
+    for a row at -1; the product is unchanged."""
+    from actserve.kernels.sparsity_ops_ref import count_skipped_ref
+
+    x, wt, bias, thr = draw(1, 0.6, silu, seed=60 + silu)
+    want = sparse_gemv_ref(x, wt, thr, bias, silu_mul=silu)
+    act = silu_mul_ref_rounded(x) if silu else x
+    for slot in (3, -1):
+        table = torch.zeros(6, 2, dtype=torch.float64, device=DEVICE)
+        at = torch.tensor([slot], dtype=torch.int32, device=DEVICE)
+        got = sparse_gemv(x, wt, thr, bias, silu_mul=silu, cfg=small_cfg(splits=5), count=(table, at))
+        close(got, want, 1e-5)
+        ref = torch.zeros_like(table)
+        one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+        counted = torch.ones(4, dtype=torch.int32, device=DEVICE)
+        count_skipped_ref(ref, act, counted, one if slot >= 0 else one * 0, one * 0, at.clamp(min=0), thr)
+        assert torch.equal(table, ref)
+        assert (table[3, 0] > 0) == (slot >= 0)
+    with pytest.raises(ValueError, match="one-shot"):  # K splits of two blocks: not counted there
+        sparse_gemv(x, wt, thr, bias, silu_mul=silu, cfg=small_cfg(splits=3), count=(table, at))
+
+
 def test_refuses_what_it_cannot_do() -> None:
     wt = torch.randn(16, 8).to(DEVICE)
     with pytest.raises(ValueError, match="at most 16 rows"):

@@ -52,10 +52,16 @@ class InterpretedTransposed(TransposedFormat):
         return x.shape[0] <= 16
 
     def apply_thresholded(
-        self, layer: Any, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False
+        self,
+        layer: Any,
+        x: torch.Tensor,
+        thr: torch.Tensor,
+        silu_mul: bool = False,
+        sums: str | None = None,
+        count: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         InterpretedTransposed.calls += 1
-        return super().apply_thresholded(layer, x, thr, silu_mul)
+        return super().apply_thresholded(layer, x, thr, silu_mul, sums, count)
 
 
 def layer_with_copy(k: int, n: int, seed: int, fmt: TransposedFormat | None = None) -> Linear:
@@ -165,6 +171,48 @@ def test_layers_run_the_fused_kernel_when_every_hook_hands_over_thresholds() -> 
     assert InterpretedTransposed.calls == before + 2
 
 
+def test_one_row_layers_hand_float32_sums_along() -> None:
+    """One bf16 row with `sums` keys: gate_up's `linear` returns its float32 sums, `silu_mul_linear` reads
+    them in the down GEMV and returns its own, and those settle to the bits of the path without sums; a
+    down site that does not fuse (a weight-format choice there) settles the gate/up sums first: the same
+    bits, every buffer zero after."""
+    from actserve.kernels.sparse_gemv import atomic_sums, settle_sums
+
+    tab, padded = teal_tables(4, 1, 7)
+    inputs = {INPUT: torch.tensor([[2]], dtype=torch.int32)}
+    hook = TealHook(tab, set(), padded)
+    layers = []
+    for k, n, seed in ((300, 320, 8), (160, 24, 9)):  # K of 2+ blocks: split sums that meet in atomics
+        torch.manual_seed(seed)
+        lin = Linear(k, n, params_dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.normal_(0, k**-0.5)
+        lin.add_format(TRANSPOSED, InterpretedTransposed()).after_loading(lin)
+        layers.append(lin)
+    up, down = layers
+    x = (torch.randn(1, 300) * 2).to(torch.bfloat16)
+    gu_site, down_site = (
+        site_with([hook], 1, inputs, "gate_up_proj"),
+        site_with([hook], 1, inputs, "down_proj"),
+    )
+    want_gu = linear(x, up, gu_site)
+    want = silu_mul_linear(want_gu, down, down_site)
+    assert want_gu.dtype == want.dtype == torch.bfloat16
+    gu = linear(x, up, gu_site, sums="t_gate_up")
+    assert gu.dtype == torch.float32 and torch.equal(settle_sums(gu.clone(), torch.bfloat16), want_gu)
+    out = silu_mul_linear(gu, down, down_site, sums="t_down", dtype=torch.bfloat16)
+    assert out.dtype == torch.float32 and torch.equal(settle_sums(out, torch.bfloat16), want)
+    gu.zero_()  # the residual add's part (`zero`)
+    # the down site declines: the gate/up sums are settled (rounded, zeroed), then the plain masked path
+    chosen = site_with([hook], 1, inputs, "down_proj")
+    chosen.weights = [(object(), inputs, ())]  # type: ignore[list-item]
+    gu = linear(x, up, gu_site, sums="t_gate_up")
+    plain = silu_mul_linear(gu, down, chosen, sums="t_down", dtype=torch.bfloat16)
+    assert torch.equal(plain, silu_mul_linear(want_gu, down, chosen)) and not gu.any()
+    for key in ("t_gate_up", "t_down"):
+        assert not atomic_sums(torch.device("cpu"), 1, key).any()
+
+
 def span(level: float, start: int, count: int = 1, prompt: bool = False) -> RowSpan:
     """A sequence's rows at `level`: decode rows (positions past the prompt), or prompt rows."""
     pos0 = 0 if prompt else 20
@@ -199,6 +247,29 @@ def test_fused_steps(eng: LLMEngine) -> None:
     finally:
         plugin.kernel = False
     assert plugin.graph_mode([span(0.5, 0)], 1) == "teal"  # not fused: the masking hook of TEAL alone
+
+
+def test_fused_count_slot_is_filled_on_the_host(eng: LLMEngine) -> None:
+    """The row inputs' SLOT column 2 (where a one-row fused GEMV counts its qkv input) holds what
+    `Counters.target` picks on the device from the same rows: the slot of decode rows of the methods
+    that count qkv_proj (not prompt rows, not CoreInfer's, not padding: -1)."""
+    import numpy as np
+
+    from actserve.interventions.sparsity.hooks import SLOT
+
+    plugin = eng.registry.plugin(PLUGIN)
+    assert isinstance(plugin, SparsityPlugin)
+    spans = [
+        RowSpan(SparsityPlan("teal", 50, slot=4), 0, 2, 20, 10),
+        RowSpan(SparsityPlan("chess", 30, slot=1), 2, 4, 8, 10),  # 2 prompt rows, 2 decode rows
+        RowSpan(SparsityPlan("r_sparse", 40, slot=7), 6, 1, 30, 10),
+        RowSpan(SparsityPlan("coreinfer", 40, slot=2, core_slot=0), 7, 1, 30, 10),
+    ]
+    arrays = {ri.name: np.full((9, ri.width), ri.none, dtype=np.int32) for ri in plugin.row_inputs}
+    plugin.fill_row_inputs(spans, arrays)
+    inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    assert torch.equal(plugin.counters.target("qkv_proj", inputs), inputs[SLOT][:, 2])
+    assert inputs[SLOT][:, 2].tolist() == [4, 4, -1, -1, 1, 1, 7, -1, -1]
 
 
 def test_kernel_option_and_flag(eng: LLMEngine) -> None:
@@ -296,8 +367,9 @@ def test_mixed_batch_keeps_dense_rows_bit_identical(
 def test_gpu_fused_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[str]) -> None:  # noqa: F811
     """bf16 on CUDA, calibrated there: sparse-only batches (1 and 3 rows: bucket 4 has a padding row) replay
     the plugin's fused graph mode with no eager decode step and stay close to the masked dense path
-    (`--sparsity-kernel off`: tokens mostly equal, first decode logits close); a mixed batch replays the
-    plain mode and its dense rows keep the tokens of an all-dense batch."""
+    (`--sparsity-kernel off`: tokens mostly equal, first decode logits close) and leave every buffer of
+    pending sums zero; a mixed batch replays the plain mode and its dense rows keep the tokens of an
+    all-dense batch."""
     from transformers import AutoTokenizer
 
     from actserve.server.cli import main
@@ -334,6 +406,11 @@ def test_gpu_fused_graphs(tinystories_dir: Path, tmp_path: Path, heldout: list[s
         for i in range(len(batch)):
             assert (seen_a[f"a{i}"][1].float() - seen_b[f"b{i}"][1].float()).abs().max() < 0.25
     assert any(("sparsity", FUSED) in v for v in fast.runner.graphs.variants)  # type: ignore[union-attr]
+    # one-row fused steps left float32 sums per projection for their readers, which zeroed them all
+    from actserve.kernels.sparse_gemv import atomic_sums
+
+    for key in ("", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        assert not atomic_sums(torch.device("cuda"), 1, key).any(), key
     specs = [spec(0.5), None, spec(0.6), None]
     mixed = run_logged(fast, prompts_, params, specs, "m")[0]
     plain = run_logged(fast, prompts_, params, [None] * 4, "p")[0]

@@ -63,3 +63,27 @@ def test_threshold_mask_matches_reference(dtype: torch.dtype) -> None:
     got = threshold_mask(x, thr)
     assert torch.equal(got, threshold_mask_ref(x, thr))
     assert torch.equal(got[1], x[1]) and (got[0] == 0).float().mean() > 0.2
+
+
+def test_fused_count_target_picks_the_rows_count_skipped_counts() -> None:
+    """`Counters.target` (the slot a one-row fused GEMV counts at, -1: none) adds, for each single row
+    of random level / method / slot, exactly what `count_skipped_ref` adds for it."""
+    from actserve.interventions.base import PROJECTIONS
+    from actserve.interventions.sparsity.hooks import INPUT, METHOD, SLOT, Counters
+
+    g = torch.Generator().manual_seed(21)
+    counters = Counters(5, torch.device(DEVICE))
+    for proj in PROJECTIONS:
+        counted = counters.counted[PROJECTIONS.index(proj)]
+        for r in range(12):
+            level, method, slot = (t[r : r + 1] for t in rows_of(12, 5, g))
+            x = torch.randn(1, 40, generator=g).to(DEVICE)
+            thr = x.abs().quantile(0.5).reshape(1)
+            inputs = {INPUT: level[:, None], METHOD: method[:, None], SLOT: slot[:, None].expand(1, 2)}
+            at = counters.target(proj, inputs)
+            got = torch.zeros(6, 2, dtype=torch.float64, device=DEVICE)
+            if at[0] >= 0:
+                got[at[0]] += torch.tensor([(x.abs() < thr).sum().item(), 40.0], dtype=torch.float64)
+            want = torch.zeros_like(got)
+            count_skipped_ref(want, x, counted, level, method, slot, thr)
+            assert torch.equal(got, want)

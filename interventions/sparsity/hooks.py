@@ -91,6 +91,16 @@ class Counters:
         below each row's threshold thr [rows]."""
         self._add(proj, x, thr, None, inputs, self.counted[PROJECTIONS.index(proj)])
 
+    def target(self, proj: str, inputs: RowInputs) -> torch.Tensor:
+        """int32 [rows]: each row's slot where `add_below` would count it at `proj` (a decode row of a
+        method that counts there), else -1: what a fused matmul that counts in its own launch is handed
+        (the plugin fills it on the host as the row inputs' SLOT column 2 for the fused count site; this
+        is its reference)."""
+        level, method, slot = inputs[INPUT][:, 0], inputs[METHOD][:, 0], inputs[SLOT][:, 0]
+        counted = self.counted[PROJECTIONS.index(proj)]
+        on = (level > 0) & (method >= 0) & (counted[method.clamp(min=0).long()] != 0)
+        return torch.where(on, slot, -1).to(torch.int32)
+
     def _add(
         self, proj: str, x: torch.Tensor, thr: torch.Tensor | None, cost: torch.Tensor | None,
         inputs: RowInputs, counted: torch.Tensor,

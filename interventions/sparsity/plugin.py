@@ -81,6 +81,7 @@ from actserve.interventions.sparsity.artifact import (
 from actserve.interventions.sparsity.chess import ChessHook
 from actserve.interventions.sparsity.coreinfer import CoreInferHook, CoreState, Observe, core_size
 from actserve.interventions.sparsity.hooks import (
+    COUNTED,
     INPUT,
     METHOD,
     METHODS,
@@ -101,6 +102,7 @@ IMPLEMENTED = METHODS
 CALIBRATED = ("teal", "chess", "r_sparse")  # the methods whose tables come from the calibration
 FUSED = "fused"  # the graph mode of steps whose rows are all TEAL sparse rows (the sparse GEMV)
 TRANSPOSED = "transposed"  # the key of the W^T weight copies the sparse GEMV reads
+COUNTED_AT = "qkv_proj"  # a fused step's one counted site per layer
 # a step of 2-16 rows is fused only while its rows' union of active inputs is expected (rows taken as
 # independent) to cover at most this fraction of the inputs. H200, one Llama-3-8B layer: the 2-16-row
 # (loop) kernel pays below ~0.64 active; at 8 rows of 50% (union ~1) it ran at 0.76x the dense GEMV's
@@ -171,7 +173,8 @@ class TealHook:
     level, +inf, last, which -1 rows (a graph bucket's padding) read; the hook then hands its thresholds
     to the layers (`thresholds`), which run the sparse GEMV where they can. `counters` (fused steps): the
     per-request counters, fed at each layer's qkv projection from the input and thresholds the fused
-    matmul saw (`fused_input`; masked steps count in `SparsityHook`)."""
+    matmul saw: by the sparse GEMV's own launch in one-row steps (`counter`), by a count launch after it
+    otherwise (`fused_input`); masked steps count in `SparsityHook`."""
 
     def __init__(
         self,
@@ -213,12 +216,22 @@ class TealHook:
             return None
         return self._thresholds(inputs)[:, layer, PROJECTIONS.index(proj)]
 
+    def counter(self, layer: int, proj: str, inputs: RowInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A one-row fused step's count at the qkv input, done by the sparse GEMV's own launch: the
+        projection's counters [slots + 1, 2] and the row's slot there (-1: not counted, as
+        `count_skipped` decides; filled on the host, `fill_row_inputs`, so no device op makes it). None
+        elsewhere (`fused_input` counts)."""
+        if self.counters is None or proj != COUNTED_AT or inputs[INPUT].shape[0] != 1:
+            return None
+        return self.counters.table[PROJECTIONS.index(proj)], inputs[SLOT][:, 2]
+
     def fused_input(
         self, layer: int, proj: str, x: torch.Tensor, thr: torch.Tensor, inputs: RowInputs
     ) -> None:
         """A fused step's count, at the qkv input only (the smallest, and one per layer: counting costs
-        kernel launches on the fast path): its entries below the row's threshold."""
-        if self.counters is not None and proj == "qkv_proj":
+        kernel launches on the fast path): its entries below the row's threshold. One-row steps were
+        counted by the matmul itself (`counter`)."""
+        if self.counters is not None and proj == COUNTED_AT and thr.shape[0] != 1:
             self.counters.add_below(proj, x, thr, inputs)
 
 
@@ -239,7 +252,8 @@ class SparsityPlugin(InterventionPlugin):
     row_inputs = (
         RowInput(INPUT, torch.int32, 1, -1),
         RowInput(METHOD, torch.int32, 1, -1),
-        RowInput(SLOT, torch.int32, 2, -1),
+        # (counter slot, core slot, counter slot where a fused step counts: `Counters.target` at COUNTED_AT)
+        RowInput(SLOT, torch.int32, 3, -1),
     )
     graph_safe = True
     histograms = (ACHIEVED,)
@@ -373,7 +387,9 @@ class SparsityPlugin(InterventionPlugin):
             lo, hi = decode_rows(s)
             arrays[INPUT][lo:hi, 0] = s.plan.level_index
             arrays[METHOD][s.start : s.start + s.count, 0] = METHODS.index(s.plan.method)
-            arrays[SLOT][s.start : s.start + s.count] = (s.plan.slot, s.plan.core_slot)
+            arrays[SLOT][s.start : s.start + s.count, :2] = (s.plan.slot, s.plan.core_slot)
+            if COUNTED_AT in COUNTED[s.plan.method]:  # as `Counters.target` picks rows, on the host
+                arrays[SLOT][lo:hi, 2] = s.plan.slot
 
     def weight_formats(self) -> list[FormatRequest]:
         """A W^T copy of every projection for the sparse GEMV, when fused steps can run (the kernel on, a

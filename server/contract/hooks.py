@@ -97,6 +97,11 @@ class ThresholdHook(LinearInputHook, Protocol):
 
     def thresholds(self, layer: int, proj: str, inputs: RowInputs) -> torch.Tensor | None: ...
 
+    # Optional, for one-row steps: `counter(layer, proj, inputs) -> (table, at) | None` asks the fused
+    # matmul to add the row's entries below its threshold and its entries to table[at] (float64 [slots,
+    # 2], at int32 [1], < 0: nothing) in the same launch (`WeightFormat.apply_thresholded`'s `count`);
+    # a hook that gives one does not count that site itself in `fused_input`.
+
 
 class LinearWeightsHook(Protocol):
     """Chooses, per row, which of a projection's weight formats its matmul uses (the layer's primary
@@ -252,6 +257,16 @@ class LinearSite:
                 return None
             out = thr if out is None else torch.maximum(out, thr)
         return out
+
+    def counter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A hook's count target for the fused matmul (`ThresholdHook.counter`: table float64 [slots, 2],
+        at int32 [1]), the first one given; None when no hook gives one."""
+        for hook, inputs, _ in self.hooks:
+            fn = getattr(hook, "counter", None)
+            target = fn(self.layer, self.proj, inputs) if fn is not None else None
+            if target is not None:
+                return target
+        return None
 
     def fused_input(self, x: torch.Tensor, thr: torch.Tensor) -> None:
         """After a fused thresholded matmul (which called no `apply`): hooks that define `fused_input`

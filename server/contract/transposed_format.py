@@ -64,10 +64,21 @@ class TransposedFormat(WeightFormat):
         return F.linear(x, self.dense_weight(layer), layer.bias)
 
     def apply_thresholded(
-        self, layer: LinearBase, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False
+        self,
+        layer: LinearBase,
+        x: torch.Tensor,
+        thr: torch.Tensor,
+        silu_mul: bool = False,
+        sums: str | None = None,
+        count: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
-        if not self.fuses(x):
+        """The sparse GEMV; `sums`: one row's float32 sums left for the caller's reader (kernels/
+        sparse_gemv.py). x may be such sums of one row (the gate/up projection's, read by down_proj).
+        `count`: counted by the same launch."""
+        wt = self.weight_t(layer)
+        pending = x.is_cuda and x.shape[0] == 1 and x.dtype == torch.float32 and wt.dtype in FUSED_DTYPES
+        if not (self.fuses(x) or pending):
             return None
         from actserve.kernels.sparse_gemv import sparse_gemv
 
-        return sparse_gemv(x, self.weight_t(layer), thr, layer.bias, silu_mul=silu_mul)
+        return sparse_gemv(x, wt, thr, layer.bias, silu_mul=silu_mul, sums_key=sums, count=count)

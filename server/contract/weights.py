@@ -88,13 +88,24 @@ class WeightFormat:
         return self.apply(layer, F.silu(gate) * up)
 
     def apply_thresholded(
-        self, layer: LinearBase, x: torch.Tensor, thr: torch.Tensor, silu_mul: bool = False
+        self,
+        layer: LinearBase,
+        x: torch.Tensor,
+        thr: torch.Tensor,
+        silu_mul: bool = False,
+        sums: str | None = None,
+        count: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """threshold(x) @ W.T (+ bias) in one fused pass, where this format has one for x: entries with
         |x| < thr[row] count as 0 (thr [rows] float32; <= 0 keeps the row); with `silu_mul`, x is a fused
         [gate | up] row thresholded after silu(gate) * up. None (the default): no fused path here, so the
         layer masks x itself and runs its primary format (`LinearInputHook.thresholds`, §6). A layer uses
-        the first of its formats that overrides this."""
+        the first of its formats that overrides this. `sums` (a buffer key): the format may return one
+        row's float32 sums unrounded, which the caller's next reader rounds and zeroes (`TransposedFormat`:
+        kernels/sparse_gemv.py); x may itself be such sums (one row) where the format reads them.
+        `count` (table float64 [slots, 2], at int32 [1]; given for one-row steps only, `LinearSite.
+        counter`): a format that computes the product must also add the row's entries below its threshold
+        and its entries to table[at] (at < 0: nothing)."""
         return None
 
     def after_loading(self, layer: LinearBase) -> None:

@@ -265,31 +265,39 @@ def _product(layer: LinearBase, site: LinearSite, z: torch.Tensor) -> torch.Tens
 
 
 def _thresholded(
-    x: torch.Tensor, layer: LinearBase, site: LinearSite, silu_mul: bool = False
+    x: torch.Tensor, layer: LinearBase, site: LinearSite, silu_mul: bool = False, sums: str | None = None
 ) -> torch.Tensor | None:
     """Every row through the layer's fused thresholded matmul, when the site's input hooks all hand over
     thresholds this step, no weight-format choice or output hook acts here and the format takes x; None
-    otherwise. Hooks that observe fused steps then see x and the thresholds (`LinearSite.fused_input`)."""
+    otherwise. Hooks that observe fused steps then see x and the thresholds (`LinearSite.fused_input`).
+    `sums`, and a hook's count target (`LinearSite.counter`): passed on to the format
+    (`WeightFormat.apply_thresholded`)."""
     fmt = layer.thresholded
     if fmt is None or site.weights or site.outputs:
         return None
     thr = site.thresholds()
-    out = None if thr is None else fmt.apply_thresholded(layer, x, thr, silu_mul)
+    if thr is None:
+        return None
+    out = fmt.apply_thresholded(layer, x, thr, silu_mul, sums, site.counter())
     if out is not None:
-        site.fused_input(x, thr)  # type: ignore[arg-type]
+        site.fused_input(x, thr)
     return out
 
 
-def linear(x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None, sums: str | None = None
+) -> torch.Tensor:
     """layer(x) through its primary format, without nn.Module.__call__ (the hot path). `site` (what
     plugins do at this projection this step; None on the plain path): input hooks act on x first (or hand
     thresholds to a fused thresholded matmul for every row, `_thresholded`), then rows a weight-format
-    choice picks use that format's matmul."""
+    choice picks use that format's matmul. `sums` (a buffer key, e.g. the projection's name): the fused
+    matmul may return one row's float32 sums unrounded instead of the output, for a caller whose next
+    reader rounds and zeroes them (kernels/sparse_gemv.py `is_sums`); the plain paths ignore it."""
     if site is None:
         return layer.format.apply(layer, x)
     x_in = x
     if site.hooks:
-        fused = _thresholded(x, layer, site)
+        fused = _thresholded(x, layer, site, sums=sums)
         if fused is not None:
             return fused
         x = site(x)
@@ -301,7 +309,13 @@ def linear(x: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -
     return out
 
 
-def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, site: LinearSite | None = None) -> torch.Tensor:
+def silu_mul_linear(
+    gate_up: torch.Tensor,
+    layer: LinearBase,
+    site: LinearSite | None = None,
+    sums: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """layer(silu(gate) * up) for a fused [gate | up] input, through the layer's primary format.
 
     With input hooks at `site`, the input silu(gate) * up is formed explicitly and the hooks act on it.
@@ -309,13 +323,28 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: LinearBase, site: LinearSite |
     row is computed on the fast path and only the hooks' rows (`site.row_mask`) take the explicit
     product: rows without the hook keep the fast path's bits. Weight-format choices then replace the
     rows they pick with that format's product. Hooks that hand over thresholds go to the fused
-    thresholded matmul instead, which forms silu(gate) * up itself (`_thresholded`)."""
+    thresholded matmul instead, which forms silu(gate) * up itself (`_thresholded`).
+
+    `dtype` (the model's): given when gate_up may be the gate/up projection's pending float32 sums
+    (`linear(sums=...)`): the fused matmul reads them as they are (the caller zeroes them after it);
+    any other path gets them rounded to `dtype` and zeroed first (`settle_sums`). `sums`: as `linear`'s."""
+    if dtype is not None and gate_up.dtype == torch.float32 and dtype != torch.float32:
+        fused = (
+            _thresholded(gate_up, layer, site, silu_mul=True, sums=sums)
+            if site is not None and site.hooks
+            else None
+        )
+        if fused is not None:
+            return fused
+        from actserve.kernels.sparse_gemv import settle_sums
+
+        gate_up = settle_sums(gate_up, dtype)
     if site is None:
         return layer.format.apply_silu_mul(layer, gate_up)
     if not site.hooks:
         out = layer.format.apply_silu_mul(layer, gate_up)
         return _choose(layer, site, out, lambda f: f.apply_silu_mul(layer, gate_up))
-    fused = _thresholded(gate_up, layer, site, silu_mul=True)
+    fused = _thresholded(gate_up, layer, site, silu_mul=True, sums=sums)
     if fused is not None:
         return fused
     if gate_up.is_cuda:

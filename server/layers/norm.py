@@ -23,10 +23,18 @@ class RMSNorm(torch.nn.Module):
         residual: torch.Tensor,
         layer: int = -1,
         steer: SteeringTensors | None = None,
+        zero: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(h), h) with h = residual + x, steered as after decoder layer `layer`."""
+        """(norm(h), h) with h = residual + x, steered as after decoder layer `layer`. x may be a one-row
+        sparse GEMV's pending float32 sums (kernels/sparse_gemv.py `is_sums`): rounded to the residual's
+        dtype, then zeroed; `zero`: another such buffer whose reader is done, zeroed here too."""
         if residual.is_cuda:
             from actserve.kernels.steer_rmsnorm import add_steer_rmsnorm
 
-            return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer)
+            return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer, zero=zero)
+        if x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32:
+            x, pending = x.to(residual.dtype), x
+            pending.zero_()
+        if zero is not None:
+            zero.zero_()
         return add_steer_rmsnorm_ref(x, residual, self.weight, self.eps, layer, steer)

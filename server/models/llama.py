@@ -104,13 +104,23 @@ class Attention(nn.Module):
         hooks: AttentionHooks | None = None,
         layer: int = 0,
         filled: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sums: bool = False,
     ) -> torch.Tensor:
         """`lin`: what plugins do at this layer's projections (None: nothing, the plain path). `hooks`:
         this layer's (`layer`) attention hooks: every row's queries to those that watch them, block selection
         for decode rows before attention, then
-        `filled` (the blocks this step completes) after the K/V write."""
+        `filled` (the blocks this step completes) after the K/V write. `sums`: the caller's residual add
+        takes a one-row sparse GEMV's pending float32 sums (kernels/sparse_gemv.py), so o_proj may return
+        them; qkv_proj's go to rope_kv where nothing else reads q/k/v (decode attention reads the cache)."""
         t = x.shape[0]
-        qkv = linear(x, self.qkv_proj, lin.get("qkv_proj") if lin is not None else None)
+        sums = sums and x.is_cuda and lin is not None and not self.tp.parallel
+        qkv_sums = sums and not self.qk_norm_full and self.clip_qkv is None and batch.block_tables is not None
+        qkv = linear(
+            x,
+            self.qkv_proj,
+            lin.get("qkv_proj") if lin is not None else None,
+            "qkv_proj" if qkv_sums else None,
+        )
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -125,7 +135,7 @@ class Attention(nn.Module):
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
             q, k = rope_kv(
                 q, k, v, rotary.cos, rotary.sin, positions, batch.slot_mapping, kv_cache[0], kv_cache[1],
-                norm,
+                norm, x.dtype,
             )  # fmt: skip
             if hooks is not None:
                 observe_queries(hooks, layer, q, positions)
@@ -144,7 +154,8 @@ class Attention(nn.Module):
             o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window)
         if hooks is not None and filled is not None:
             notify_filled(hooks, layer, kv_cache, filled)
-        out = linear(o.reshape(t, -1), self.o_proj, lin.get("o_proj") if lin is not None else None)
+        site = lin.get("o_proj") if lin is not None else None
+        out = linear(o.reshape(t, -1), self.o_proj, site, "o_proj" if sums else None)
         return self.tp.all_reduce(out)  # tensor parallelism: the ranks' partial products summed
 
 
@@ -175,6 +186,20 @@ class MLP(nn.Module):
             return self.tp.all_reduce(silu_mul_linear(linear(x, self.gate_up_proj), self.down_proj))
         gate_up = linear(x, self.gate_up_proj, lin.get("gate_up_proj"))
         return self.tp.all_reduce(silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj")))
+
+    def forward_sums(
+        self, x: torch.Tensor, lin: dict[str, LinearSite] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for a caller whose residual add takes a one-row sparse GEMV's pending float32 sums
+        (kernels/sparse_gemv.py): gate_up_proj's go straight into down_proj's loads, down_proj's are
+        returned; the second item, when not None, is the gate/up sums that residual add must zero too
+        (down_proj, their only reader, has run by then)."""
+        if lin is None or self.tp.parallel or not x.is_cuda:
+            return self.forward(x, lin), None
+        gate_up = linear(x, self.gate_up_proj, lin.get("gate_up_proj"), "gate_up_proj")
+        pending = gate_up if gate_up.dtype != x.dtype else None
+        out = silu_mul_linear(gate_up, self.down_proj, lin.get("down_proj"), "down_proj", x.dtype)
+        return out, pending
 
 
 def moe_block(spec: ModelSpec, weight_format: FormatFactory = None) -> SparseMoeBlock:
@@ -216,16 +241,22 @@ class LlamaBody(nn.Module):
 
 
 def add_norm(
-    norm: RMSNorm, x: torch.Tensor | None, residual: torch.Tensor, layer: int, hooks: StepHooks | None
+    norm: RMSNorm,
+    x: torch.Tensor | None,
+    residual: torch.Tensor,
+    layer: int,
+    hooks: StepHooks | None,
+    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Form the residual after decoder layer `layer` (steered), then normalise it for what comes next."""
+    """Form the residual after decoder layer `layer` (steered), then normalise it for what comes next.
+    x may be pending sums and `zero` sums to zero (`RMSNorm.add_forward`)."""
     if hooks is None:
-        return norm.add_forward(x, residual)
+        return norm.add_forward(x, residual, zero=zero)
     if layer in hooks.residual:  # generic Python hooks need the stream itself, unfused
-        _, h = norm.add_forward(x, residual, layer, hooks.steer)
+        _, h = norm.add_forward(x, residual, layer, hooks.steer, zero)
         h = hooks.after_layer(layer, h)
         return norm(h), h
-    return norm.add_forward(x, residual, layer, hooks.steer)
+    return norm.add_forward(x, residual, layer, hooks.steer, zero)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -269,19 +300,24 @@ class LlamaForCausalLM(nn.Module):
         """Returns final-normed hidden states [T, hidden] for every packed row."""
         residual = self.model.embed_tokens(input_ids)
         x: torch.Tensor | None = None
+        zero: torch.Tensor | None = None  # pending gate/up sums the next residual add zeroes
         # the KV blocks this step completes, for attention hooks' `filled` (once per forward)
         filled = step_filled(positions, batch) if hooks is not None and hooks.attention else None
         for i, layer in enumerate(self.model.layers):
             lin = hooks.linear_at(i) if hooks is not None else None
             att = hooks.attention_at(i) if hooks is not None else None
-            normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks)
-            attn = layer.self_attn(normed, positions, self.rotary, kv_caches[i], batch, lin, att, i, filled)
+            normed, residual = add_norm(layer.input_layernorm, x, residual, i - 1, hooks, zero)
+            # the residual adds below take a one-row sparse GEMV's float32 sums (kernels/sparse_gemv.py)
+            attn = layer.self_attn(
+                normed, positions, self.rotary, kv_caches[i], batch, lin, att, i, filled, sums=True
+            )
             normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
+            zero = None
             if layer.is_moe:
                 x = layer.mlp(normed, hooks.moe_at(i) if hooks is not None else None, i)
             else:
-                x = layer.mlp(normed, lin)
-        normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks)
+                x, zero = layer.mlp.forward_sums(normed, lin)
+        normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks, zero)
         return normed
 
     def projection(self, layer: int, name: str) -> LinearBase:
