@@ -15,7 +15,6 @@ over the time; the H200's HBM3e peaks at 4.8 TB/s (a device copy measures about 
 last; writes JSON.
 
     python bench/moe_kernel.py --out bench/results/moe_kernel.json [--sweep]
-    python bench/moe_kernel.py --models qwen3 --rows 1 --sweep --out /tmp/k.json   # decode configs only
 """
 
 from __future__ import annotations
@@ -89,12 +88,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-# the decode path's launch configs: tile rows (up: rows of gate and of up; down: output rows, shared by
-# the columns when the down kernel adds them itself), tile K, warps, and whether the down kernel adds the
-# columns (no `_sum_kernel` launch) or spreads them over programs
 DECODE_SWEEP = [
-    DecodeConfig(bn, bk, nw, 3, fused)
-    for bn, bk, nw, fused in itertools.product((8, 16, 32), (256, 512), (4, 8), (True, False))
+    DecodeConfig(bn, bk, nw, 3) for bn, bk, nw in itertools.product((8, 16, 32), (256, 512), (4, 8))
 ]
 GROUPED_SWEEP = [
     GroupedConfig(bm, bn, bk, nw, st)
@@ -179,12 +174,6 @@ def bench_rows(name: str, shape: dict[str, int], layers: list[Any], m: int, g: t
                 (graph_time_us(case.fused("decode", decode_cfg=c), reps=reps), str(c)) for c in DECODE_SWEEP
             ]
             row["decode_sweep_best"] = min(timed)
-            row["decode_sweep"] = {c: t for t, c in timed}
-            row["decode_default_config"] = str(DecodeConfig())
-            for t, c in sorted(timed)[:6]:
-                print(f"  {name} rows {m} decode {t:8.1f} us  {c}", flush=True)
-            default = row["decode_sweep"].get(str(DecodeConfig()))
-            print(f"  {name} rows {m} decode default {DecodeConfig()}: {default} us", flush=True)
         found = []
         for c in GROUPED_SWEEP:
             try:
@@ -205,7 +194,6 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/moe_kernel.json")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs per path")
     ap.add_argument("--models", default=",".join(SHAPES))
-    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts to time, e.g. 1,8")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     res: dict[str, Any] = {
@@ -224,7 +212,7 @@ def main() -> None:
         copies = max(1, -(-L2_FLUSH // (k * expert_bytes)))  # the b1 call's bytes x copies >= L2_FLUSH
         copies = min(copies, max(1, int(8e9 // (e * expert_bytes))))  # at most ~8 GB of layers
         layers = [layer(shape, g) for _ in range(copies)]
-        for m in [int(r) for r in args.rows.split(",") if r]:
+        for m in ROWS:
             row = bench_rows(name, shape, layers, m, g, args.sweep)
             rows_out.append(row)
             print(json.dumps(row), flush=True)

@@ -36,7 +36,6 @@ transformers + accelerate CPU offload of the same model in the same run.
 
     python bench/moe_offload.py --out bench/results/moe_offload.json [--quick]
     python bench/moe_offload.py --modes zero-copy --admit 0,1,2 --out /tmp/zc.json   # the zero-copy part only
-    python bench/moe_offload.py --models qwen3 --modes none --out /tmp/res.json   # all resident only
     python bench/moe_offload.py --cpu-smoke --out /tmp/moe_offload_smoke.json   # tiny, CPU, end to end
 
 JSON keys for the issue: moe_resident_roofline_frac_b1_{mixtral,qwen3}, moe_offload25_bound_frac_b1_*
@@ -66,7 +65,6 @@ from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
 from actserve.server.engine.sequence import Sequence  # noqa: E402
-from actserve.server.layers.expert_zero_copy import ADMIT_AUTO  # noqa: E402
 
 ZIPF_S = 1.0
 HBM_PEAK = 4.8e12
@@ -341,8 +339,7 @@ def offload_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for share in args.shares:
         if "zero-copy" in args.modes:
-            runs = [{"admit_after": ADMIT_AUTO if a == "auto" else a} for a in args.admit]
-            out.append({"share": share, "zero_copy": True, "runs": runs})
+            out.append({"share": share, "zero_copy": True, "runs": [{"admit_after": a} for a in args.admit]})
         if "eager" in args.modes:
             runs = []
             for depth, mode in EAGER_MODES:
@@ -401,8 +398,7 @@ def run_offloaded(
                     print(f"{name} {tag} {run} ({router}): {r['bound_note']}", flush=True)
                 r.update(
                     router=router, resident_share=share, slots=offload.slots, zero_copy=zero,
-                    admit_after=admit_name(offload.config.admit_after) if zero else None,
-                    admit_thresholds=offload.zero_copy.admit_thresholds() if offload.zero_copy else None,
+                    admit_after=offload.config.admit_after if zero else None,
                     prefetch_depth=None if zero else offload.config.prefetch_depth,
                     cpu_compute=offload.config.cpu_compute,
                     resident_expert_gb=offload.resident_bytes() / 1e9,
@@ -511,15 +507,6 @@ def summary(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def admit_name(value: int) -> int | str:
-    return "auto" if value == ADMIT_AUTO else value
-
-
-def admits(text: str) -> list[int | str]:
-    """--admit: integers >= 0 and auto (the adaptive rule, server/layers/expert_zero_copy.AdmitLadder)."""
-    return [v.strip() if v.strip() == "auto" else int(v) for v in text.split(",") if v]
-
-
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
@@ -537,15 +524,9 @@ def main() -> None:
     ap.add_argument("--qwen3-layers", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens per measurement")
     ap.add_argument("--models", default="mixtral,qwen3")
-    ap.add_argument(
-        "--modes", default="zero-copy,eager",
-        help="offloading engines: zero-copy, eager; none: the all-resident engine only",
-    )  # fmt: skip
+    ap.add_argument("--modes", default="zero-copy,eager", help="offloading engines: zero-copy, eager")
     ap.add_argument("--shares", type=floats, default=[0.25, 0.5], help="resident shares, e.g. 0.25,0.5")
-    ap.add_argument(
-        "--admit", type=admits, default=[0, 1, 2, "auto"],
-        help="zero copy: admit-after values to measure (integers, auto: the adaptive rule)",
-    )  # fmt: skip
+    ap.add_argument("--admit", type=ints, default=[0, 1, 2], help="zero copy: admit-after values to measure")
     ap.add_argument("--depths", type=ints, default=[0, 1], help="eager: prefetch depths to measure")
     ap.add_argument("--routers", default="uniform,zipf", help="uniform, zipf (Zipf-skewed gate bias)")
     ap.add_argument("--skip-accelerate", action="store_true", help="no transformers + accelerate baseline")
@@ -556,19 +537,12 @@ def main() -> None:
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     args.routers = [r for r in args.routers.split(",") if r]
-    resident_only = args.modes == ["none"]
-    if resident_only:
-        args.modes, args.skip_accelerate = [], True
     for what, got, allowed in (
         ("--modes", args.modes, ("zero-copy", "eager")),
         ("--routers", args.routers, ("uniform", "zipf")),
     ):
-        if (not got and not (resident_only and what == "--modes")) or any(g not in allowed for g in got):
-            sys.exit(
-                f"{what} takes a comma-separated subset of {', '.join(allowed)}"
-                + (" (or none)" if what == "--modes" else "")
-                + f", got {','.join(got)}"
-            )
+        if not got or any(g not in allowed for g in got):
+            sys.exit(f"{what} takes a comma-separated subset of {', '.join(allowed)}, got {','.join(got)}")
     if args.quick:
         args.modes, args.shares = ["zero-copy"], [0.25]
     cuda = not args.cpu_smoke

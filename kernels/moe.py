@@ -30,7 +30,6 @@ whatever the table says, and no host sync is needed to make an expert resident f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +56,6 @@ class DecodeConfig:
     block_k: int = 256
     num_warps: int = 8
     num_stages: int = 3
-    # the down kernel adds a row's columns itself (`_decode_down_sum_kernel`: no `_sum_kernel` launch, no
-    # float32 per-pair products in memory); False: columns spread over programs, then the sum launch
-    # (ACTSERVE_MOE_SUM_IN_DOWN=0 makes that the default, for A/B timing)
-    sum_in_down: bool = os.environ.get("ACTSERVE_MOE_SUM_IN_DOWN", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -224,58 +219,6 @@ def _decode_down_kernel(
 
 
 @triton.jit
-def _decode_down_sum_kernel(
-    inter_ptr, w2_ptr, host_ptr, table_ptr, ids_ptr, wt_ptr, out_ptr, K, H, NI, stride_ws, stride_wn,
-    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
-    HOST: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """One program per (row, output tile) over all of the row's K columns at once: tiles [K_PAD, BLOCK_N,
-    BLOCK_K] gathered from each column's expert (a -1 column's loads are masked off: no bytes), each
-    column's product rounded and weighted as in `_decode_down_kernel`, then the columns added in order
-    and the row's output stored: the work of the column-split launch plus `_sum_kernel`, in one launch.
-    Sized by the caller so that a program reads what one of the column-split launch's programs reads."""
-    row = tl.program_id(0).to(tl.int64)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < H
-    cc = tl.arange(0, K_PAD)
-    c_ok = cc < K
-    dtype = inter_ptr.dtype.element_ty
-    pairs = row * K + cc
-    rk = tl.arange(0, BLOCK_K)
-    k_ok = rk < NI
-    if TABLE:  # the table may change between steps (torch ops, copies): read it after the wait
-        pdl_sync(USE_PDL)
-        e = tl.load(ids_ptr + pairs, mask=c_ok, other=-1)
-    else:
-        # every expert resident: the ids were written before the up kernel, which waited for them
-        # before it let this launch start, and no kernel writes weights, so the first weight tile is
-        # read before the wait, while the up kernel drains (ids through L2: `.cg`)
-        e = tl.load(ids_ptr + pairs, mask=c_ok, other=-1, cache_modifier=".cg")
-    on = e >= 0
-    w_base = _expert_ptr(w2_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
-    w_rows = w_base[:, None, None] + rn.to(tl.int64)[None, :, None] * stride_wn
-    wn_ok = on[:, None, None] & n_ok[None, :, None]
-    w = tl.load(w_rows + rk[None, None, :], mask=wn_ok & k_ok[None, None, :], other=0.0)
-    if not TABLE:
-        pdl_sync(USE_PDL)
-    hv = tl.load(inter_ptr + pairs[:, None] * NI + rk[None, :], mask=on[:, None] & k_ok[None, :], other=0.0)
-    acc = tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
-    for k0 in range(BLOCK_K, NI, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < NI
-        h_ok = on[:, None] & k_ok[None, :]
-        hv = tl.load(inter_ptr + pairs[:, None] * NI + rk[None, :], mask=h_ok, other=0.0)
-        w = tl.load(w_rows + rk[None, None, :], mask=wn_ok & k_ok[None, None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
-    wt = tl.load(wt_ptr + pairs, mask=c_ok, other=0.0)
-    d = acc.to(dtype).to(tl.float32) * wt[:, None]
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c in tl.static_range(K_PAD):  # in column order, as the reference; a -1 column adds +0.0
-        total += tl.sum(tl.where(cc[:, None] == c, d, 0.0), axis=0)
-    tl.store(out_ptr + row * H + rn, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _sum_kernel(y_ptr, ids_ptr, out_ptr, K, H, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """out[row] = sum over columns in order of y[row * K + c] (-1 columns: +0.0), rounded once."""
     row = tl.program_id(0).to(tl.int64)
@@ -364,35 +307,6 @@ def _groups(rows: int, tiles: int, k: int, active: int) -> int:
     return max(1, min(want, active, k))
 
 
-def _down_sum(
-    inter_buf: torch.Tensor,
-    w2: torch.Tensor,
-    host2: torch.Tensor,
-    tab: torch.Tensor,
-    slots: torch.Tensor,
-    weights: torch.Tensor,
-    out: torch.Tensor,
-    cfg: DecodeConfig,
-    flags: dict[str, bool],
-    pdl: dict[str, bool],
-) -> None:
-    """`_decode_down_sum_kernel` over rows x output tiles. A program's tile holds all k_pad columns of
-    block_n / k_pad output rows (at least one) by block_k: up to k_pad = block_n as many elements as one
-    [block_n, block_k] tile of the column-split launch, so per loop step a program reads the same bytes,
-    and at one row the grid is as large (tiles x column groups there). block_k does not depend on k: a
-    column's reduction runs in the same order whatever the step's width (a step widened with -1 columns
-    gives each row the narrower step's bits)."""
-    rows, k = slots.shape
-    hidden, inter = w2.shape[1], w2.shape[2]
-    k_pad = triton.next_power_of_2(k)
-    block_n = max(1, cfg.block_n // k_pad)
-    _decode_down_sum_kernel[(rows, triton.cdiv(hidden, block_n))](
-        inter_buf, w2, host2, tab, slots, weights, out, k, hidden, inter, w2.stride(0), w2.stride(1),
-        K_PAD=k_pad, BLOCK_N=block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **flags, **pdl,
-    )  # fmt: skip
-
-
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -456,9 +370,6 @@ def fused_moe(
             x, w13, host13, tab, cnt, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up),
             w13.stride(0), w13.stride(1), **launch, num_stages=cfg.num_stages, COUNT=counts is not None,
         )  # fmt: skip
-        if cfg.sum_in_down:
-            _down_sum(inter_buf, w2, host2, tab, slots, weights, out, cfg, flags, pdl)
-            return out
         g_down = _groups(rows, tiles_h, k, active)
         fused_sum = g_down == 1
         y = out if fused_sum else torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)

@@ -18,14 +18,16 @@ from actserve.kernels.pdl import pdl_args, pdl_sync
 
 
 @triton.jit
-def _head_norm(x1, x2, w1, w2, eps, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+def _head_norm(x1, x2, w_ptr, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, dtype: tl.constexpr):
     """RMSNorm of one head given as its two halves (float32), rounded where `RMSNorm` (server/layers/
-    norm.py) rounds: the normalised head in the model dtype, then times the weight halves (w1, w2,
-    float32), rounded again."""
+    norm.py) rounds: the normalised head in the model dtype, then times the weight, rounded again."""
+    d = tl.arange(0, HALF)
     var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM
     r = tl.rsqrt(var + eps)
     n1 = (x1 * r).to(dtype).to(tl.float32)
     n2 = (x2 * r).to(dtype).to(tl.float32)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
     return (w1 * n1).to(dtype).to(tl.float32), (w2 * n2).to(dtype).to(tl.float32)
 
 
@@ -45,23 +47,12 @@ def _rope_kv_kernel(
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    # positions, slots (the step's inputs, copied from the host before the step's first kernel), the
-    # rotary table and the norm weights are written by no kernel of the step: read before the wait (the
-    # inputs through L2, `.cg`: a buffer rewritten every step), so that only q/k/v wait for the GEMV
-    pos = tl.load(pos_ptr + t, cache_modifier=".cg")
-    slot = tl.load(slot_ptr + t, cache_modifier=".cg")
+    pdl_sync(USE_PDL)
+    pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     dtype = q_out_ptr.dtype.element_ty
     cos = tl.load(cos_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
-    if NORM:
-        nw_ptr = tl.where(h < n_q, qw_ptr, kw_ptr)
-        w1 = tl.load(nw_ptr + d).to(tl.float32)
-        w2 = tl.load(nw_ptr + HALF + d).to(tl.float32)
-    else:
-        w1 = cos  # unused
-        w2 = sin
-    pdl_sync(USE_PDL)
     if h < n_q:
         base = q_ptr + t * stride_q + h * HEAD_DIM
         x1 = tl.load(base + d).to(dtype).to(tl.float32)
@@ -69,7 +60,7 @@ def _rope_kv_kernel(
         if SUMS:
             _zero_head(base, d, HALF)
         if NORM:
-            x1, x2 = _head_norm(x1, x2, w1, w2, eps, HEAD_DIM, dtype)
+            x1, x2 = _head_norm(x1, x2, qw_ptr, eps, HEAD_DIM, HALF, dtype)
         out = q_out_ptr + (t * n_q + h) * HEAD_DIM
         tl.store(out + d, (x1 * cos - x2 * sin).to(dtype))
         tl.store(out + HALF + d, (x2 * cos + x1 * sin).to(dtype))
@@ -81,9 +72,10 @@ def _rope_kv_kernel(
         if SUMS:
             _zero_head(base, d, HALF)
         if NORM:
-            x1, x2 = _head_norm(x1, x2, w1, w2, eps, HEAD_DIM, dtype)
+            x1, x2 = _head_norm(x1, x2, kw_ptr, eps, HEAD_DIM, HALF, dtype)
         r1 = (x1 * cos - x2 * sin).to(dtype)
         r2 = (x2 * cos + x1 * sin).to(dtype)
+        slot = tl.load(slot_ptr + t)
         kc = kc_ptr + slot * stride_kc + kh * HEAD_DIM
         tl.store(kc + d, r1)
         tl.store(kc + HALF + d, r2)

@@ -46,16 +46,6 @@ def non_negative(value: str) -> int:
     return n
 
 
-def admit_after(value: str) -> int | str:
-    """--expert-admit-after: N >= 0, or "auto"."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return non_negative(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 0, got {value!r}") from None
-
-
 def positive_float(value: str) -> float:
     x = float(value)
     if not x > 0:
@@ -119,10 +109,9 @@ def add_expert_flags(s: argparse.ArgumentParser) -> None:
         "carries it",
     )  # fmt: skip
     s.add_argument(
-        "--expert-admit-after", type=admit_after, default=None, metavar="N|auto",
+        "--expert-admit-after", type=non_negative, default=None, metavar="N",
         help="with zero copy: copy an expert into a device slot between steps once N consecutive steps "
-        "missed it (default 1; 0: never, misses always read from host memory; auto: each MoE layer picks "
-        "N from how often its past admissions were hit before eviction)",
+        "missed it (default 1; 0: never, misses always read from host memory)",
     )  # fmt: skip
 
 

@@ -24,13 +24,12 @@ from actserve.kernels.kv_retrieval import (
 from actserve.kernels.kv_tier import _recall_kernel
 from actserve.kernels.moe import (
     _decode_down_kernel,
-    _decode_down_sum_kernel,
     _decode_up_kernel,
     _grouped_down_kernel,
     _grouped_up_kernel,
     _sum_kernel,
 )
-from actserve.kernels.moe_route import _route_kernel, _router_topk_kernel
+from actserve.kernels.moe_route import _route_kernel
 from actserve.kernels.paged_decode import _decode_merge_kernel, _decode_split_kernel
 from actserve.kernels.paged_prefill import _prefill_kernel
 from actserve.kernels.rope_kv import _rope_kv_kernel
@@ -235,33 +234,26 @@ for splits in (1, 33):
                 BLOCK_SIZE=16,
                 TILE=64,
                 PREC="tf32",
-                SHORT_TILES=2,
-                EARLY=splits == 1,
                 USE_PDL=True,
             ),
         )
     )
-for short in (0, 2):  # paged prefill's merge (no short sequences), decode's
-    VARIANTS.append(
-        (
-            _decode_merge_kernel,
-            {
-                "m_ptr": F32,
-                "l_ptr": F32,
-                "acc_ptr": F32,
-                "out_ptr": BF,
-                "ctx_ptr": I32,
-                "stride_ob": "i32",
-                "stride_oh": "i32",
-                "kv_heads": "i32",
-                "splits": "i32",
-                "window": "i32",
-            },
-            dict(
-                SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, TILE=64, SHORT_TILES=short, USE_PDL=True
-            ),
-        )
+VARIANTS.append(
+    (
+        _decode_merge_kernel,
+        {
+            "m_ptr": F32,
+            "l_ptr": F32,
+            "acc_ptr": F32,
+            "out_ptr": BF,
+            "stride_ob": "i32",
+            "stride_oh": "i32",
+            "kv_heads": "i32",
+            "splits": "i32",
+        },
+        dict(SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
     )
+)
 prefill_types = {
     **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), BF),
     **dict.fromkeys(("bt_ptr", "ctx_ptr", "nq_ptr", "qstart_ptr", "tile_seq_ptr", "tile_m_ptr"), I32),
@@ -328,9 +320,6 @@ for table, host, count in ((False, False, False), (True, True, True), (True, Fal
     for fused in (False, True):
         down_types = {**moe_types, "y_ptr": BF} if fused else moe_types
         VARIANTS.append((_decode_down_kernel, down_types, dict(dec, SUM=fused)))
-    for k_pad, block_n in ((8, 2), (2, 8), (16, 1)):  # Qwen3 (top-8), Mixtral (top-2), a wide request
-        sum_consts = dict(dec, K_PAD=k_pad, BLOCK_N=block_n)
-        VARIANTS.append((_decode_down_sum_kernel, {**moe_types, "out_ptr": BF}, sum_consts))
     grp = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, PREC="tf32", **cache)
     VARIANTS.append((_grouped_up_kernel, moe_types, dict(grp, COUNT=count)))
     VARIANTS.append((_grouped_down_kernel, moe_types, grp))
@@ -339,15 +328,6 @@ route_types = {"logits_ptr": BF, "ids_ptr": I64, "wt_ptr": F32, "E": "i32", "str
 for k, renorm in ((8, True), (2, False)):
     consts = dict(K=k, K_PAD=k, BLOCK_E=128, RENORM=renorm, USE_PDL=True)
     VARIANTS.append((_route_kernel, route_types, consts))
-router_types = {
-    **route_types,
-    **dict.fromkeys(("x_ptr", "w_ptr", "logits_ptr"), BF),
-    "cnt_ptr": I32,
-    **dict.fromkeys(("M", "H", "stride_xm", "stride_wn"), "i32"),
-}
-for rows, block_k in ((1, 2048), (4, 1024)):  # Qwen3-30B-A3B's router (128 experts, hidden 2048)
-    consts = dict(K=8, K_PAD=8, BLOCK_M=rows, BLOCK_EXP=2, BLOCK_K=block_k, BLOCK_E=128, RENORM=True)
-    VARIANTS.append((_router_topk_kernel, router_types, dict(consts, USE_PDL=True)))
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )

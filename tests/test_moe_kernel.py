@@ -16,7 +16,6 @@ from actserve.kernels import moe
 from actserve.kernels.moe import fused_moe, moe_align
 from actserve.kernels.moe_ref import align_ref, expert_slots, fused_moe_ref, route_topk
 from actserve.kernels.moe_route import route_topk as fused_route
-from actserve.kernels.moe_route import router_topk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["decode", "grouped"]
@@ -74,37 +73,11 @@ def test_decode_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     out = {}
     for target in (1, 4096):
         monkeypatch.setattr(moe, "DECODE_TARGET_PROGRAMS", target)
-        split = moe.DecodeConfig(sum_in_down=False)  # the column-split down launch (+ the sum kernel)
-        out[target] = fused_moe(x, w13, w2, slots, weights, path="decode", decode_cfg=split)
+        out[target] = fused_moe(x, w13, w2, slots, weights, path="decode")
     assert (out[1] - fused_moe_ref(x, w13, w2, slots, weights)).abs().max().item() < 2e-5
     if DEVICE == "cpu":
         assert torch.equal(out[1], out[4096])
     assert torch.allclose(out[1], out[4096], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(("rows", "k", "block_n"), [(1, 8, 16), (3, 3, 16), (2, 5, 4), (1, 2, 1)])
-def test_decode_down_sums_columns_in_one_launch(rows: int, k: int, block_n: int) -> None:
-    """The down kernel adding each row's columns itself (`sum_in_down`, tiles [k_pad, block_n / k_pad,
-    block_k] down to one output row per program) against the reference and against the column-split
-    launch plus the sum kernel, with -1 columns and a table whose missing experts come from the host
-    copy."""
-    x, w13, w2, slots, weights = case(rows, k, seed=40 + rows * 7 + k, slots=9)
-    table = torch.tensor([2, -1, 0, 5, -1, 1, 3, 4, -1], dtype=torch.int32, device=DEVICE)
-    slot_w13, slot_w2 = torch.zeros_like(w13[:6]), torch.zeros_like(w2[:6])
-    for e, s in enumerate(table.tolist()):
-        if s >= 0:
-            slot_w13[s], slot_w2[s] = w13[e], w2[e]
-    want = fused_moe_ref(x, w13, w2, slots, weights)
-    got = {}
-    for fused in (True, False):
-        cfg = moe.DecodeConfig(block_n=block_n, sum_in_down=fused)
-        got[fused] = fused_moe(x, w13, w2, slots, weights, path="decode", decode_cfg=cfg)
-        assert (got[fused] - want).abs().max().item() < 2e-5
-        cached = fused_moe(
-            x, slot_w13, slot_w2, slots, weights, path="decode", decode_cfg=cfg, table=table, host=(w13, w2)
-        )
-        assert torch.equal(cached, got[fused])
-    assert torch.allclose(got[True], got[False], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -242,32 +215,6 @@ def test_fused_router_ties_go_to_the_lower_expert() -> None:
         fused_route(logits, 7, True)
 
 
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize(
-    ("rows", "experts", "hidden", "k"), [(1, 6, 40, 2), (3, 100, 72, 8), (4, 128, 64, 4)]
-)
-def test_one_launch_router_matches_reference(renormalize: bool, rows: int, experts: int, hidden: int, k: int):
-    """The router's linear and its top-k in one launch (programs over the experts, the last to finish
-    routing): logits as the linear's, the reference's ids and weights on them, bit for bit what the
-    route kernel gives on the same logits, and the completion count back at 0 for the next launch (run
-    twice on fresh inputs through one counter)."""
-    g = torch.Generator().manual_seed(rows * experts + k + renormalize)
-    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    for _ in range(2):
-        x = torch.randn(rows, hidden, generator=g).to(DEVICE)
-        w = (torch.randn(experts, hidden, generator=g) * hidden**-0.5 * 3).to(DEVICE)
-        logits, ids, weights = router_topk(x, w, k, renormalize, count)
-        assert count.item() == 0
-        assert (logits - F.linear(x, w)).abs().max().item() < 1e-5
-        want_ids, want_w = route_topk(F.linear(x, w), k, renormalize)
-        assert ids.tolist() == want_ids.tolist()
-        assert (weights - want_w).abs().max().item() < 1e-6
-        same_ids, same_w = fused_route(logits, k, renormalize)
-        assert torch.equal(ids, same_ids) and torch.equal(weights, same_w)
-    with pytest.raises(ValueError, match="rows"):
-        router_topk(torch.zeros(5, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE), 2, True, count)
-
-
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -391,62 +338,3 @@ def test_fused_router_in_a_graph() -> None:
     graph.replay()
     want_ids, want_w = route_topk(logits, 8, True)
     assert torch.equal(ids, want_ids) and (weights - want_w).abs().max().item() < 1e-6
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("rows", [1, 4])
-def test_one_launch_router_in_a_graph(rows: int) -> None:
-    """Qwen3-30B-A3B's router (128 experts, hidden 2048, top-8, bf16), captured once and replayed on fresh
-    inputs many times (the count must come back to 0 every time for the next replay to route at all):
-    the route kernel's ids and weights on the kernel's own logits, and logits close to cuBLAS's."""
-    x = torch.randn(rows, 2048, device="cuda").bfloat16()
-    w = (torch.randn(128, 2048, device="cuda") * 0.05).bfloat16()
-    count = torch.zeros(1, dtype=torch.int32, device="cuda")
-    router_topk(x, w, 8, True, count)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits, ids, weights = router_topk(x, w, 8, True, count)
-    for _ in range(50):
-        x.copy_(torch.randn(rows, 2048, device="cuda").bfloat16())
-        graph.replay()
-        want_ids, want_w = fused_route(logits, 8, True)
-        assert torch.equal(ids, want_ids) and torch.equal(weights, want_w)
-        assert (logits.float() - F.linear(x, w).float()).abs().max().item() < 0.05
-    assert count.item() == 0
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_moe_block_routes_through_the_one_launch_router(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 Qwen3-30B-A3B-shaped MoE block on CUDA: decode rows (up to 4) take the one-launch router
-    (its count back at 0), choosing the experts cuBLAS's logits choose (bf16 logits: a near tie may flip
-    a row), with the two-launch path's weights and block output on those rows; 8 rows take the
-    two-launch path both ways, bit for bit."""
-    from actserve.server.layers import moe as moe_layer
-    from actserve.server.layers.moe import SparseMoeBlock
-
-    torch.manual_seed(rows)
-    block = SparseMoeBlock(2048, 128, 8, 768, True, ("gate_proj", "up_proj", "down_proj"))
-    block = block.to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
-    x = torch.randn(rows, 2048, device="cuda").bfloat16()
-    got = {}
-    for fused in (True, False):
-        monkeypatch.setattr(moe_layer, "ROUTER_FUSED", fused)
-        got[fused] = (*block.route(x), block(x))
-    ids, weights, out = got[True]
-    if rows <= 4:
-        assert block._route_count is not None and block._route_count.item() == 0
-        logits = F.linear(x, block.gate.weight)
-        want_ids, _ = fused_route(logits, 8, True)
-        same = (ids.sort(1).values == want_ids.sort(1).values).all(1)
-        assert same.float().mean().item() >= 0.5  # bf16 logits: a near tie may flip one row's choice
-        assert torch.allclose(weights[same], got[False][1][same], atol=1e-2)
-        assert torch.allclose(out[same].float(), got[False][2][same].float(), atol=2e-2, rtol=2e-2)
-    else:
-        assert torch.equal(ids, got[False][0]) and torch.equal(out, got[False][2])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,6 @@ from actserve.kernels.moe_ref import fused_moe_ref
 from actserve.server.layers import expert_cache
 from actserve.server.layers.expert_cache import ExpertOffload, OffloadConfig
 from actserve.server.layers.expert_copier import SyncCopier
-from actserve.server.layers.expert_zero_copy import ADMIT_AUTO, AdmitLadder
 from actserve.server.layers.moe import SparseMoeBlock
 
 HIDDEN, INTER = 32, 24
@@ -116,8 +114,7 @@ def check_table(offload: ExpertOffload, full: list[tuple[torch.Tensor, torch.Ten
 
 
 @pytest.mark.parametrize(
-    ("slots", "admit_after", "eager_pairs"),
-    [(1, 1, 64), (3, 1, 64), (3, 2, 1), (2, 1, 1), (2, ADMIT_AUTO, 64)],
+    ("slots", "admit_after", "eager_pairs"), [(1, 1, 64), (3, 1, 64), (3, 2, 1), (2, 1, 1)]
 )
 def test_steps_exact_and_no_slot_read_before_its_copy_lands(
     slots: int, admit_after: int, eager_pairs: int, monkeypatch: pytest.MonkeyPatch
@@ -189,61 +186,6 @@ def test_admission_waits_for_the_miss_streak() -> None:
                 copier.land()
         offload.flush_stats()
         assert experts.slot_of.tolist() == ([-1, -1, 0, -1] if want_copy_before else [0, -1, -1, -1])
-
-
-def test_admit_ladder_climbs_on_unpaid_copies_and_retries_later() -> None:
-    """Two layers. Layer 0's admissions are evicted unhit: each pulls its rung's mean below break-even, so
-    its streak climbs 1 -> 2 -> 3; layer 1's are hit twice (paid, closed without an eviction) and it stays
-    at 1. Idle rungs drift back to the prior: after enough harvested steps layer 0 retries streak 1."""
-    ladder = AdmitLadder(2, 4)
-    none = np.zeros((2, 4), dtype=bool)
-    assert ladder.thresholds().tolist() == [1, 1]
-    for want in (2, 3):
-        ladder.admitted(0, 1)
-        ladder.admitted(1, 2)
-        hit = none.copy()
-        hit[1, 2] = True
-        ladder.harvest(hit)
-        ladder.harvest(hit)  # layer 1's admission paid (2 hits): closed now
-        ladder.evicted(0, 1)  # layer 0's: evicted with no hit
-        assert ladder.thresholds().tolist() == [want, 1]
-        assert (ladder.open_rung == -1).all()
-    steps = 0
-    while ladder.thresholds()[0] != 1:
-        ladder.harvest(none)
-        steps += 1
-        assert steps < 2000
-    assert steps > 50  # not at once: a failed rung rests
-
-
-def test_auto_admission_copies_less_when_copies_do_not_pay() -> None:
-    """One layer, 16 experts, 2 slots, top-1. A step reads a fresh random expert (a one-off) except every
-    8th step, which reads expert 0: admit-after 1 copies nearly every miss, and the copies are evicted
-    unhit; auto learns that and copies far less, while every step's output stays the all-resident bits.
-    With a persistent expert (the same every step) auto copies it as soon as admit-after 1 does."""
-    rng = random.Random(3)
-    one_off = [0 if s % 8 == 0 else rng.randrange(1, 16) for s in range(120)]
-    copies = {}
-    for admit in (1, ADMIT_AUTO):
-        blocks, offload, full = zero_copy_blocks(1, 16, 1, 2, admit)
-        offload.copier = copier = LateCopier()
-        for e in one_off:
-            offload.before_step()
-            x = torch.randn(1, HIDDEN)
-            got = blocks[0].experts(x, torch.tensor([[e]]), torch.ones(1, 1), 1)
-            assert torch.equal(got, fused_moe_ref(x, *full[0], torch.tensor([[e]]).int(), torch.ones(1, 1)))
-            offload.after_step()
-            copier.land()
-        copies[admit] = copier.copies
-    assert copies[ADMIT_AUTO] * 3 < copies[1], copies
-    for admit in (1, ADMIT_AUTO):
-        blocks, offload, _ = zero_copy_blocks(1, 16, 1, 2, admit)
-        offload.copier = copier = LateCopier()
-        for step in range(4):
-            offload.before_step()
-            assert (copier.copies > 0) == (step >= 1), (admit, step)
-            blocks[0].experts(torch.randn(1, HIDDEN), torch.tensor([[5]]), torch.ones(1, 1), 1)
-            offload.after_step()
 
 
 def test_configure_keeps_zero_copy_and_admission() -> None:

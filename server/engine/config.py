@@ -48,7 +48,7 @@ class EngineConfig:
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
     expert_zero_copy: str | None = None
-    expert_admit_after: int | str | None = None  # N >= 0 or "auto"
+    expert_admit_after: int | None = None
     seed: int = 0
     # plugin name -> that plugin's options (opaque to the engine; the CLI fills them from plugin flags)
     plugin_options: dict[str, Any] = field(default_factory=dict)

@@ -55,7 +55,7 @@ from actserve.server.layers.expert_metrics import (
     SERIES,
     USED,
 )
-from actserve.server.layers.expert_zero_copy import ADMIT_AUTO, ZeroCopySteps
+from actserve.server.layers.expert_zero_copy import ZeroCopySteps
 from actserve.server.layers.linear import linear
 from actserve.server.layers.telemetry import Telemetry
 
@@ -80,8 +80,7 @@ class OffloadConfig:
     no copy after start). `zero_copy`: small steps read misses from host memory in the kernel and run in
     CUDA graphs ("on"), never ("off"), or when the measured costs say reading an expert over PCIe beats
     computing it on the CPU ("auto"). `admit_after`: zero-copy steps: an expert missed in this many
-    consecutive steps is copied into a slot between steps (0: never; ADMIT_AUTO: per layer from the payoff
-    of past admissions, `AdmitLadder`)."""
+    consecutive steps is copied into a slot between steps (0: never)."""
 
     slots: int
     prefetch_depth: int = 0
@@ -107,11 +106,8 @@ class OffloadConfig:
                 "expert zero copy on reads missing experts on the GPU: it cannot be combined with CPU "
                 "compute always"
             )
-        if self.admit_after < 0 and self.admit_after != ADMIT_AUTO:
-            raise ValueError(
-                f"expert admit-after must be >= 0 (0: never copy) or auto ({ADMIT_AUTO}), "
-                f"got {self.admit_after}"
-            )
+        if self.admit_after < 0:
+            raise ValueError(f"expert admit-after must be >= 0 (0: never copy), got {self.admit_after}")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ between steps, from statistics read one step late, and never blocks a step:
 - **Landing**: a slot whose fill copy is done (`Copier.done`, an event query) gets its table entry.
 - **Admission**: an expert whose miss streak reached `admit_after` (0: never) is copied into a slot: a
   free one, else the least recently used whose expert the last harvested step did not use and whose own
-  copy is not in flight. `admit_after` = ADMIT_AUTO picks the streak per layer from what past admissions
-  paid (`AdmitLadder`). The victim's table entry becomes -1 first (its later reads go to host memory),
+  copy is not in flight. The victim's table entry becomes -1 first (its later reads go to host memory),
   that table is uploaded on the compute stream, and only then are the copies queued on the copier, which
   orders them after everything the compute stream has queued: no kernel reads a slot while it is being
   overwritten, and none reads a slot before its copy has landed (the entry appears only after `done`).
@@ -40,76 +39,6 @@ if TYPE_CHECKING:
 # pinned snapshot buffers of the statistics: when all are waiting for the device, the counts keep adding
 # up on the device and go into the next snapshot (several steps read as one)
 STATS_RING = 8
-
-# `admit_after` value: each layer picks its miss streak from the measured payoff of its admissions
-ADMIT_AUTO = -1
-
-
-class AdmitLadder:
-    """Adaptive admission (`admit_after` = ADMIT_AUTO): per MoE layer, the miss streak that admits, from
-    what past admissions paid, in units of the expert's own bytes (so no per-model constant).
-
-    A copy moves an expert's bytes over PCIe once (off the critical path, but on the link the zero-copy
-    reads use); each later hit on it saves one zero-copy read of the same bytes. An admission's *payoff*
-    is the hits it got while resident: counted from the steps that ran with its slot, closed when it is
-    evicted (the hits so far) or once it reaches PAID hits (it repaid its copy and the victim's likely
-    miss: no need to wait for its eviction). Per layer and per rung of LEVELS (the streaks tried) a
-    running mean (weight ALPHA per admission) of the payoffs; the layer admits at the lowest rung whose
-    mean is at least BREAK_EVEN (one hit per copy), else at the top rung (16 consecutive misses: only an
-    expert used on every step, whose copy pays surely). Means start at the optimistic PRIOR and rungs not
-    in use drift back to it (RELAX per harvested step, ~180 steps from a failed 0.75 back to 1.0), so a
-    layer whose routing settles retries a cheaper rung now and then, at the cost of one admission.
-
-    Why: at 25 % resident the same bench run had Qwen3-30B-A3B (9.4 MB experts, top-8 of 128) at 304
-    tok/s with admit-after 1 and 1004 with 2, and Mixtral (352 MB experts, top-2 of 8) at 7.9 tok/s with
-    1 and 12.1 with 0 (never): the best streak depends on the model and the routing, which this reads
-    from the admissions themselves."""
-
-    LEVELS = (1, 2, 3, 4, 6, 8, 16)
-    PAID = 2
-    ALPHA = 0.25
-    BREAK_EVEN = 1.0
-    PRIOR = 1.25
-    RELAX = 1.0 / 256
-
-    def __init__(self, layers: int, experts: int) -> None:
-        self.payoff = np.full((layers, len(self.LEVELS)), self.PRIOR)
-        self.rung = np.zeros(layers, dtype=np.int64)
-        self.open_rung = np.full((layers, experts), -1, dtype=np.int64)  # -1: no admission open
-        self.hits = np.zeros((layers, experts), dtype=np.int64)
-
-    def thresholds(self) -> np.ndarray:
-        """[layers] the miss streak that admits at each layer now."""
-        return np.asarray(self.LEVELS)[self.rung]
-
-    def admitted(self, layer: int, expert: int) -> None:
-        self.open_rung[layer, expert] = self.rung[layer]
-        self.hits[layer, expert] = 0
-
-    def evicted(self, layer: int, expert: int) -> None:
-        if self.open_rung[layer, expert] >= 0:
-            self._close(layer, expert)
-
-    def harvest(self, hit: np.ndarray) -> None:
-        """One harvested step's hits [layers, experts] (routed while in a slot)."""
-        self.hits += hit
-        for layer, expert in zip(*np.nonzero((self.open_rung >= 0) & (self.hits >= self.PAID)), strict=True):
-            self._close(int(layer), int(expert))
-        idle = np.ones_like(self.payoff, dtype=bool)
-        idle[np.arange(len(self.rung)), self.rung] = False
-        self.payoff[idle] += (self.PRIOR - self.payoff[idle]) * self.RELAX
-        self._pick()
-
-    def _close(self, layer: int, expert: int) -> None:
-        rung = self.open_rung[layer, expert]
-        paid = min(int(self.hits[layer, expert]), self.PAID)
-        self.payoff[layer, rung] += self.ALPHA * (paid - self.payoff[layer, rung])
-        self.open_rung[layer, expert] = -1
-        self._pick()
-
-    def _pick(self) -> None:
-        ok = self.payoff >= self.BREAK_EVEN
-        self.rung = np.where(ok.any(1), ok.argmax(1), len(self.LEVELS) - 1)
 
 
 @dataclass
@@ -196,7 +125,6 @@ class ZeroCopySteps:
         for i, c in enumerate(caches):
             c.slot_of, c.last_use = self.slot_of[i], self.last_use[i]
         self.streak = np.zeros((len(caches), e), dtype=np.int64)
-        self.ladder = AdmitLadder(len(caches), e) if admit_after == ADMIT_AUTO else None
         self.last_counts = np.zeros((len(caches), e), dtype=np.int64)
         self.tick = 0  # the LRU tick of the newest harvested step
         self.dirty: set[int] = set(range(len(caches)))  # layers whose device table must be uploaded
@@ -265,8 +193,6 @@ class ZeroCopySteps:
         m.running_experts = set(np.nonzero(used[0])[0].tolist())
         self.streak = np.where(missed, self.streak + 1, 0)
         self.last_counts = h.counts.astype(np.int64)
-        if self.ladder is not None:
-            self.ladder.harvest(used & ~missed)
 
     def land(self) -> None:
         copier = self.manager.copier
@@ -282,13 +208,9 @@ class ZeroCopySteps:
     def admit(self) -> dict[int, list[tuple[int, int]]]:
         """Per layer, the (expert, slot) fills to queue now; the host state already says so."""
         fills: dict[int, list[tuple[int, int]]] = {}
-        if self.admit_after == ADMIT_AUTO and self.ladder is None:  # switched to auto (`configure`)
-            self.ladder = AdmitLadder(*self.streak.shape)
-        ladder = self.ladder if self.admit_after == ADMIT_AUTO else None
-        if self.admit_after == 0:
+        if self.admit_after <= 0:
             return fills
-        threshold = ladder.thresholds()[:, None] if ladder is not None else self.admit_after
-        candidates = (self.streak >= threshold) & (self.slot_of < 0)
+        candidates = (self.streak >= self.admit_after) & (self.slot_of < 0)
         for i in np.nonzero(candidates.any(1))[0].tolist():
             c = self.caches[i]
             want = np.nonzero(candidates[i])[0]
@@ -300,10 +222,6 @@ class ZeroCopySteps:
                 old = int(c.expert_at[slot])
                 if old >= 0:
                     c.slot_of[old] = -1
-                    if ladder is not None:
-                        ladder.evicted(i, old)
-                if ladder is not None:
-                    ladder.admitted(i, e)
                 c.expert_at[slot], c.slot_of[e] = e, slot
                 c.last_use[e] = self.tick
                 self.streak[i, e] = 0
@@ -311,12 +229,6 @@ class ZeroCopySteps:
             if i in fills:
                 self.dirty.add(i)
         return fills
-
-    def admit_thresholds(self) -> list[int]:
-        """Per MoE layer, the miss streak that admits now (the fixed `admit_after`, or the ladder's)."""
-        if self.admit_after == ADMIT_AUTO and self.ladder is not None:
-            return [int(v) for v in self.ladder.thresholds()]
-        return [self.admit_after] * len(self.caches)
 
     def victim(self, c: LayerCache) -> int | None:
         """A free slot, else the least recently used one whose expert the last harvested step did not use

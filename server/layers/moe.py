@@ -18,7 +18,6 @@ over experts as transformers does.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from actserve.kernels.moe_ref import fused_moe_ref, route_topk
 from actserve.server.contract.hooks import MoEHook, RowInputs
 from actserve.server.layers.expert_copier import pinned_empty
-from actserve.server.layers.linear import DenseFormat, Linear, linear, takes_gemv
+from actserve.server.layers.linear import Linear, linear
 
 if TYPE_CHECKING:
     from actserve.server.layers.expert_cache import LayerCache
@@ -39,10 +38,6 @@ MoEHooks = list[tuple[MoEHook, RowInputs, torch.Tensor]]
 # pairs (rows x columns) of one call to the kernel: larger steps are cut into row chunks, so a wide
 # per-request top_k at a long prefill does not allocate rows * k * hidden float32 at once
 MAX_PAIRS = 1 << 16
-
-# decode rows route through the one-launch router (the router's linear, softmax and top-k together);
-# ACTSERVE_FUSED_ROUTER=0 takes the linear and the route kernel as two launches (for A/B timing)
-ROUTER_FUSED = os.environ.get("ACTSERVE_FUSED_ROUTER", "1") != "0"
 
 
 class FusedExperts(nn.Module):
@@ -205,39 +200,19 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden_size, num_experts)
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, expert_names)
         self.shared_expert = shared
-        # the one-launch router's completion counter (made on first use, on x's device)
-        self._route_count: torch.Tensor | None = None
         if shared is not None:
             self.shared_expert_gate = Linear(hidden_size, 1)
-
-    def _fused_router(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(logits, ids, weights) from the one-launch router (`kernels/moe_route.router_topk`) for decode
-        rows of a plain dense router on CUDA (what `linear` would run as a GEMV); None otherwise."""
-        if not (x.is_cuda and ROUTER_FUSED and takes_gemv(x) and x.stride(1) == 1):
-            return None
-        from actserve.kernels.moe_route import ROUTER_MAX_ROWS, router_topk
-
-        gate = self.gate
-        if x.shape[0] > ROUTER_MAX_ROWS or type(gate.format) is not DenseFormat or gate.bias is not None:
-            return None
-        if self._route_count is None or self._route_count.device != x.device:
-            self._route_count = torch.zeros(1, dtype=torch.int32, device=x.device)
-        return router_topk(x, gate.weight, self.top_k, self.renormalize, self._route_count)
 
     def route(
         self, x: torch.Tensor, hooks: MoEHooks | None = None, layer: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids [rows, k], weights [rows, k] float32): the router's, then the hooks' on their rows."""
-        fused = self._fused_router(x)
-        if fused is not None:
-            logits, ids, weights = fused
-        elif x.is_cuda:  # softmax, top-k and renormalisation in one launch, after the router's linear
+        logits = linear(x, self.gate)
+        if logits.is_cuda:  # softmax, top-k and renormalisation in one launch
             from actserve.kernels.moe_route import route_topk as fused_route
 
-            logits = linear(x, self.gate)
             ids, weights = fused_route(logits, self.top_k, self.renormalize)
         else:
-            logits = linear(x, self.gate)
             ids, weights = route_topk(logits, self.top_k, self.renormalize)
         if hooks:
             ids, weights = apply_moe_hooks(hooks, layer, logits, self.top_k, ids, weights)

@@ -68,7 +68,7 @@ class LoadConfig:
     expert_prefetch_depth: int | None = None
     expert_cpu_compute: str | None = None
     expert_zero_copy: str | None = None
-    expert_admit_after: int | str | None = None
+    expert_admit_after: int | None = None
     tensor_parallel_size: int = 1  # ranks the model is split over (docs/architecture.md §12)
     tp_allreduce: str = "nccl"  # CUDA: "nccl", or "symm_mem" (symmetric-memory one-shot, small messages)
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from actserve.server.layers.expert_cache import CPU_MODES, ZERO_COPY_MODES, ExpertOffload, OffloadConfig
-from actserve.server.layers.expert_zero_copy import ADMIT_AUTO
 from actserve.server.models.loader import ModelLoadError
 from actserve.server.models.spec import ModelSpec
 
@@ -45,7 +44,7 @@ def offload_config(
     prefetch_depth: int | None,
     cpu_compute: str | None,
     zero_copy: str | None = None,
-    admit_after: int | str | None = None,
+    admit_after: int | None = None,
 ) -> OffloadConfig | None:
     """The cache's configuration from the flags (None: no offloading), or a ModelLoadError naming the flag."""
     if cache_gb is None and resident is None:
@@ -86,11 +85,8 @@ def offload_config(
             "--expert-zero-copy on reads missing experts on the GPU; it cannot be combined with "
             "--expert-cpu-compute always (give one of them)"
         )
-    bad_admit = admit_after != "auto" if isinstance(admit_after, str) else (admit_after or 0) < 0
-    if bad_admit:
-        raise ModelLoadError(
-            f"--expert-admit-after must be auto or >= 0 (0: never copy), got {admit_after!r}"
-        )
+    if admit_after is not None and admit_after < 0:
+        raise ModelLoadError(f"--expert-admit-after must be >= 0 (0: never copy), got {admit_after}")
     if spec is None or spec.moe is None:
         if fallback_reason is not None:
             why = f"the transformers fallback serves {name} ({fallback_reason})"
@@ -118,13 +114,12 @@ def offload_config(
         return None
     depth = DEFAULT_PREFETCH_DEPTH if prefetch_depth is None else prefetch_depth
     admit = DEFAULT_ADMIT_AFTER if admit_after is None else admit_after
-    admit = ADMIT_AUTO if admit == "auto" else int(admit)
     config = OffloadConfig(slots, depth, cpu_compute or "auto", zero_copy or "auto", admit)
     log.info(
         "expert offloading: %d of %d experts per layer on the device (%.2f GiB over %d layers), the rest "
-        "in host memory; prefetch depth %d, CPU compute %s, zero copy %s (admit after %s misses)", slots,
+        "in host memory; prefetch depth %d, CPU compute %s, zero copy %s (admit after %d misses)", slots,
         moe.num_experts, slots * layers * per_expert / 2**30, layers, depth, config.cpu_compute,
-        config.zero_copy, "auto" if admit == ADMIT_AUTO else admit,
+        config.zero_copy, admit,
     )  # fmt: skip
     return config
 
