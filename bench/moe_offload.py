@@ -99,7 +99,7 @@ SMOKE = {
 
 # eager engines (--expert-zero-copy off): (prefetch depth or None for each of --depths, CPU compute)
 EAGER_MODES = [(None, "never"), (0, "auto"), (0, "always")]
-DEFAULT_ADMIT = 1  # server/models/expert_offload.py DEFAULT_ADMIT_AFTER: the served setting
+DEFAULT_ADMIT = 2  # server/models/expert_offload.py DEFAULT_ADMIT_AFTER: the served setting
 
 _ids = [0]
 

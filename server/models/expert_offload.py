@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 # router-ahead prefetch (depth 1) on Mixtral and Qwen3-30B-A3B shapes under uniform and Zipf routers alike
 # (12.5 vs 9.4, 13.5 vs 10.2, 36.6 vs 34.9, 41.5 vs 32.3 tok/s): wrong guesses cost copies
 DEFAULT_PREFETCH_DEPTH = 0
-# zero-copy steps: copy an expert into a slot once it missed in this many consecutive steps
-DEFAULT_ADMIT_AFTER = 1
+# zero-copy steps: copy an expert into a slot once it missed in this many consecutive steps. 2 beat 1 in all
+# six H200 comparisons of 2026-12-02 (bench/results/moe_offload_mixtral.json and its why: Mixtral at 25 % and
+# 50 % resident, Qwen3-30B-A3B at 25 %, uniform and Zipf routers; e.g. Qwen3 uniform, 1004 vs 305 tok/s;
+# Mixtral uniform at 25 %, 9.4 vs 7.9): a copy after one miss mostly moves an expert not routed again soon
+DEFAULT_ADMIT_AFTER = 2
 
 
 def expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
