@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,24 +23,8 @@ import torch
 from actserve.kernels import kv_retrieval as K
 from actserve.kernels import kv_retrieval_ref as R
 
-
-def graph_us(fn: Callable[[], object], reps: int = 20, rounds: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    best = float("inf")
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / reps)
-    return best
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_profile import graph_time_us as graph_us  # noqa: E402
 
 
 def select_call(args: tuple, chunk: int, warps: int) -> Callable[[], object]:
