@@ -258,6 +258,8 @@ def _zeroed(
     key: str = "",
 ) -> torch.Tensor:
     """A zeroed buffer of at least `size` from `store`, grown by a new one (the old stay alive)."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device here
+        device = torch.device("cuda", torch.cuda.current_device())
     have = store.setdefault((device, key), [])
     if not have or have[-1].numel() < size:
         have.append(torch.zeros(max(size, 4096), dtype=dtype, device=device))
