@@ -39,6 +39,22 @@ def _zero_head(base, d, HALF: tl.constexpr):
 
 
 @triton.jit
+def _load_head(
+    base, d, w_ptr, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, dtype: tl.constexpr,
+    SUMS: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """One q or k head's halves in float32, rounded to the output dtype first (as the GEMV's cast would);
+    SUMS: the head was float32 sums, zeroed after the read; NORM: its RMS norm applied."""
+    x1 = tl.load(base + d).to(dtype).to(tl.float32)
+    x2 = tl.load(base + HALF + d).to(dtype).to(tl.float32)
+    if SUMS:
+        _zero_head(base, d, HALF)
+    if NORM:
+        x1, x2 = _head_norm(x1, x2, w_ptr, eps, HEAD_DIM, HALF, dtype)
+    return x1, x2
+
+
+@triton.jit
 def _rope_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, kc_ptr, vc_ptr,
     qw_ptr, kw_ptr, eps, stride_q, stride_k, stride_v, stride_cos, stride_kc, n_q, n_kv,
@@ -54,25 +70,17 @@ def _rope_kv_kernel(
     cos = tl.load(cos_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
     if h < n_q:
-        base = q_ptr + t * stride_q + h * HEAD_DIM
-        x1 = tl.load(base + d).to(dtype).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(dtype).to(tl.float32)
-        if SUMS:
-            _zero_head(base, d, HALF)
-        if NORM:
-            x1, x2 = _head_norm(x1, x2, qw_ptr, eps, HEAD_DIM, HALF, dtype)
+        x1, x2 = _load_head(
+            q_ptr + t * stride_q + h * HEAD_DIM, d, qw_ptr, eps, HEAD_DIM, HALF, dtype, SUMS, NORM
+        )
         out = q_out_ptr + (t * n_q + h) * HEAD_DIM
         tl.store(out + d, (x1 * cos - x2 * sin).to(dtype))
         tl.store(out + HALF + d, (x2 * cos + x1 * sin).to(dtype))
     else:
         kh = h - n_q
-        base = k_ptr + t * stride_k + kh * HEAD_DIM
-        x1 = tl.load(base + d).to(dtype).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(dtype).to(tl.float32)
-        if SUMS:
-            _zero_head(base, d, HALF)
-        if NORM:
-            x1, x2 = _head_norm(x1, x2, kw_ptr, eps, HEAD_DIM, HALF, dtype)
+        x1, x2 = _load_head(
+            k_ptr + t * stride_k + kh * HEAD_DIM, d, kw_ptr, eps, HEAD_DIM, HALF, dtype, SUMS, NORM
+        )
         r1 = (x1 * cos - x2 * sin).to(dtype)
         r2 = (x2 * cos + x1 * sin).to(dtype)
         slot = tl.load(slot_ptr + t)
