@@ -231,7 +231,8 @@ def paged_prefill(
     )  # fmt: skip
     if splits > 1:
         _decode_merge_kernel[(tokens, hq)](
-            m, lse, acc, out, out.stride(0), out.stride(1), hk, splits,
-            SPLITS_PAD=MAX_SPLITS, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, USE_PDL=False,
+            m, lse, acc, out, m, out.stride(0), out.stride(1), hk, splits, 0,
+            SPLITS_PAD=MAX_SPLITS, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=dim, TILE=16, SHORT_TILES=0,
+            USE_PDL=False,
         )  # fmt: skip
     return out

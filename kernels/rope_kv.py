@@ -63,12 +63,16 @@ def _rope_kv_kernel(
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    pdl_sync(USE_PDL)
-    pos = tl.load(pos_ptr + t)
+    # positions and slots (the step's inputs, copied from the host before its first kernel) and the
+    # rotary table are written by no kernel of the step: read before the wait (the inputs through L2,
+    # `.cg`: buffers rewritten every step), so that only q/k/v wait for the GEMV before
+    pos = tl.load(pos_ptr + t, cache_modifier=".cg")
+    slot = tl.load(slot_ptr + t, cache_modifier=".cg")
     d = tl.arange(0, HALF)
     dtype = q_out_ptr.dtype.element_ty
     cos = tl.load(cos_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + pos * stride_cos + d).to(dtype).to(tl.float32)
+    pdl_sync(USE_PDL)
     if h < n_q:
         x1, x2 = _load_head(
             q_ptr + t * stride_q + h * HEAD_DIM, d, qw_ptr, eps, HEAD_DIM, HALF, dtype, SUMS, NORM
@@ -83,7 +87,6 @@ def _rope_kv_kernel(
         )
         r1 = (x1 * cos - x2 * sin).to(dtype)
         r2 = (x2 * cos + x1 * sin).to(dtype)
-        slot = tl.load(slot_ptr + t)
         kc = kc_ptr + slot * stride_kc + kh * HEAD_DIM
         tl.store(kc + d, r1)
         tl.store(kc + HALF + d, r2)

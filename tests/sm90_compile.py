@@ -234,26 +234,33 @@ for splits in (1, 33):
                 BLOCK_SIZE=16,
                 TILE=64,
                 PREC="tf32",
+                SHORT_TILES=4,
+                EARLY=splits == 1,
                 USE_PDL=True,
             ),
         )
     )
-VARIANTS.append(
-    (
-        _decode_merge_kernel,
-        {
-            "m_ptr": F32,
-            "l_ptr": F32,
-            "acc_ptr": F32,
-            "out_ptr": BF,
-            "stride_ob": "i32",
-            "stride_oh": "i32",
-            "kv_heads": "i32",
-            "splits": "i32",
-        },
-        dict(SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, USE_PDL=True),
+for short in (0, 4):  # paged prefill's merge (no short sequences), decode's
+    VARIANTS.append(
+        (
+            _decode_merge_kernel,
+            {
+                "m_ptr": F32,
+                "l_ptr": F32,
+                "acc_ptr": F32,
+                "out_ptr": BF,
+                "ctx_ptr": I32,
+                "stride_ob": "i32",
+                "stride_oh": "i32",
+                "kv_heads": "i32",
+                "splits": "i32",
+                "window": "i32",
+            },
+            dict(
+                SPLITS_PAD=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, TILE=64, SHORT_TILES=short, USE_PDL=True
+            ),
+        )
     )
-)
 prefill_types = {
     **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), BF),
     **dict.fromkeys(("bt_ptr", "ctx_ptr", "nq_ptr", "qstart_ptr", "tile_seq_ptr", "tile_m_ptr"), I32),

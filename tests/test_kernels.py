@@ -94,6 +94,33 @@ def test_paged_decode(dtype: torch.dtype, group: int, window: int | None, splits
     assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
+@pytest.mark.parametrize(("short_tiles", "static"), [(0, False), (2, False), (2, True)])
+@pytest.mark.parametrize(("window", "splits"), [(None, 4), (20, 3), (None, None)])
+def test_paged_decode_short_contexts(
+    monkeypatch: pytest.MonkeyPatch, short_tiles: int, static: bool, window: int | None, splits: int | None
+) -> None:
+    """Contexts of at most SHORT_TILES tiles (split 0 alone, no partials, skipped by the merge) beside
+    longer ones split and merged in the same launch, a padded row, with and without a window; block ids
+    loaded a tile ahead, the first before the PDL wait with `static_inputs`."""
+    from actserve.kernels import paged_decode as pd
+
+    monkeypatch.setattr(pd, "SHORT_TILES", short_tiles)
+    g = torch.Generator().manual_seed(31 + short_tiles + (splits or 0))
+    batch, hk, group, dim, bs, nblocks = 5, 2, 2, 16, 4, 40
+    k_cache = torch.randn(nblocks * bs, hk, dim, generator=g).to(DEVICE)
+    v_cache = torch.randn(nblocks * bs, hk, dim, generator=g).to(DEVICE)
+    q = torch.randn(batch, hk * group, dim, generator=g).to(DEVICE)
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:24] for _ in range(batch)]).to(
+        DEVICE, torch.int32
+    )
+    lens = torch.tensor([70, 20, 32, 1, 0], dtype=torch.int32, device=DEVICE)  # tiles of 16: 5, 2, 2, 1
+    want = paged_decode_ref(q, k_cache, v_cache, tables, lens, 0.25, bs, window)
+    got = pd.paged_decode(
+        q, k_cache, v_cache, tables, lens, 0.25, bs, window, splits=splits, tile=16, static_inputs=static
+    )
+    assert (got - want).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_rope_kv(dtype: torch.dtype, qk_norm: bool) -> None:

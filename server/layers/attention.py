@@ -169,8 +169,11 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     write_kv: bool = True,
+    static_inputs: bool = False,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then causal attention per sequence; q: [T, Hq, D]."""
+    """Write this step's K/V into the cache, then causal attention per sequence; q: [T, Hq, D].
+    `static_inputs`: the batch's tables and lengths are the step's own (no hook rebuilt them on the
+    device), which the decode kernel may read early (`paged_decode`)."""
     if write_kv:
         kv_cache[0, batch.slot_mapping] = k
         kv_cache[1, batch.slot_mapping] = v
@@ -187,6 +190,7 @@ def paged_attention(
             scale,
             batch.block_size,
             sliding_window,
+            static_inputs=static_inputs,
         )
     if q.is_cuda and batch.fresh_prefill:
         return _prefill_sdpa(q, k, v, batch, scale, sliding_window)

@@ -140,7 +140,10 @@ class Attention(nn.Module):
             if hooks is not None:
                 observe_queries(hooks, layer, q, positions)
                 batch = select_blocks(hooks, layer, q, batch)
-            o = paged_attention(q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False)
+            o = paged_attention(
+                q, k, v, kv_cache, batch, self.scale, self.sliding_window, write_kv=False,
+                static_inputs=hooks is None,
+            )  # fmt: skip
         else:
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
