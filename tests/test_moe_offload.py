@@ -23,11 +23,11 @@ from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.engine.scheduler import MAX_PASSED, Scheduler
 from actserve.server.layers import expert_cache
 from actserve.server.layers.expert_cache import CostModel, ExpertOffload, OffloadConfig
-from actserve.server.layers.expert_copier import SyncCopier
 from actserve.server.layers.moe import SparseMoeBlock
 from actserve.server.models.loader import ModelLoadError
 from tests.conftest import TINYSTORIES, save_random_model, start_server
 from tests.engine_utils import assert_steps_close, greedy, hf_generate, run_logged
+from tests.moe_copiers import LateCopier
 from tests.test_moe_models import COMMON, FAMILIES, STEPS, TOL, VOCAB, engine, top_k, upcycled
 from tests.test_native_models import prompts
 
@@ -124,27 +124,6 @@ def test_upcycled_dense_model_tokens_under_every_cache_size_and_top_k(tmp_path: 
 # -- the layer on its own -------------------------------------------------------------------------------
 
 
-class DeferredCopier(SyncCopier):
-    """Copies land only when a handle at or after them is waited for (as on a side stream): a kernel
-    that reads a slot whose copy it did not wait for sees the slot's old expert."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.landed = 0
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.copies += 1
-        self.queue.append((self.copies, dst, src.clone()))
-
-    def wait(self, handle: Any) -> None:
-        self.waits += 1
-        while self.queue and self.queue[0][0] <= handle:
-            _, dst, src = self.queue.pop(0)
-            dst.copy_(src)
-            self.landed += 1
-
-
 def offloaded_blocks(
     layers: int, experts: int, k: int, slots: int, depth: int = 1, mode: str = "never", seed: int = 0
 ) -> tuple[list[SparseMoeBlock], ExpertOffload, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -176,7 +155,7 @@ def test_eviction_never_takes_a_needed_expert(slots: int, monkeypatch: pytest.Mo
     the all-resident reference bit for bit: a needed expert evicted, or a copy not waited for, would
     show as a wrong expert."""
     blocks, offload, full = offloaded_blocks(3, 8, 2, slots, depth=2)
-    offload.copier = copier = DeferredCopier()
+    offload.copier = copier = LateCopier()
     real = expert_cache.expert_pairs_ref
     checked = [0]
 
@@ -208,7 +187,7 @@ def test_prefetch_is_not_waited_for_by_the_layer_that_issues_it() -> None:
     """Layer 0 predicts layer 1's experts and queues their copies without waiting for them; layer 1
     waits for exactly those it uses (the copies land then)."""
     blocks, offload, full = offloaded_blocks(2, 8, 2, 2, depth=1)
-    offload.copier = copier = DeferredCopier()
+    offload.copier = copier = LateCopier()
     x = torch.randn(1, 32)
     ids0, w0 = route_topk(torch.nn.functional.linear(x, blocks[0].gate.weight), 2, True)
     blocks[0].experts(x, ids0, w0, 2)

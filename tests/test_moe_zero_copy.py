@@ -10,7 +10,6 @@ host sync between steps, in bf16 at Qwen3-30B-A3B's expert shape."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 import torch
@@ -18,38 +17,10 @@ import torch
 from actserve.kernels.moe_ref import fused_moe_ref
 from actserve.server.layers import expert_cache
 from actserve.server.layers.expert_cache import ExpertOffload, OffloadConfig
-from actserve.server.layers.expert_copier import SyncCopier
 from actserve.server.layers.moe import SparseMoeBlock
+from tests.moe_copiers import LateCopier
 
 HIDDEN, INTER = 32, 24
-
-
-class LateCopier(SyncCopier):
-    """Copies land when the test calls `land()` (or a handle at or after them is waited for, as eager
-    steps do); `done` says whether they have. `landed`: the number of the last copy landed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.landed = 0
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.copies += 1
-        self.queue.append((self.copies, dst, src.clone()))
-
-    def land(self, upto: int | None = None) -> None:
-        while self.queue and (upto is None or self.queue[0][0] <= upto):
-            n, dst, src = self.queue.pop(0)
-            with torch.no_grad():
-                dst.copy_(src)
-            self.landed = n
-
-    def wait(self, handle: Any) -> None:
-        self.waits += 1
-        self.land(handle)
-
-    def done(self, handle: Any) -> bool:
-        return self.landed >= handle
 
 
 def zero_copy_blocks(
