@@ -43,8 +43,11 @@ from actserve.server.engine.offline import make_sequences  # noqa: E402
 from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
 
 
-def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> float:
-    """Device time of one call, from a CUDA graph of `reps` calls (launch overhead excluded)."""
+def graph_time_us(
+    fn: Callable[[], Any], reps: int = 20, rounds: int = 5, capture_error_mode: str = "global"
+) -> float:
+    """Device time of one call, from a CUDA graph of `reps` calls (launch overhead excluded), the best of
+    `rounds` replays. `capture_error_mode`: torch's; "thread_local" where other threads (NCCL's) run."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -52,7 +55,7 @@ def graph_time_us(fn: Callable[[], Any], reps: int = 20, rounds: int = 5) -> flo
             fn()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         for _ in range(reps):
             fn()
     graph.replay()

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from decode_profile import graph_time_us  # noqa: E402
 from engine_runs import generate, random_prompts  # noqa: E402
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
@@ -93,11 +94,13 @@ def allreduce_rank(rank: int, smoke: bool, port: int, out: str) -> None:
         if not cuda:
             res[f"allreduce_us_{name}"] = res[f"allreduce_eager_us_{name}"]  # gloo: no graphs
             continue
-        res[f"allreduce_us_{name}"] = graph_timed(lambda x=x: dist.all_reduce(x), per_graph, replays)
+        res[f"allreduce_us_{name}"] = graph_time_us(
+            lambda x=x: dist.all_reduce(x), per_graph, replays, "thread_local"
+        )
         if symm is not None:
             try:
-                res[f"allreduce_symm_us_{name}"] = graph_timed(
-                    lambda x=x, s=symm: s.all_reduce(x), per_graph, replays
+                res[f"allreduce_symm_us_{name}"] = graph_time_us(
+                    lambda x=x, s=symm: s.all_reduce(x), per_graph, replays, "thread_local"
                 )
             except Exception as e:  # noqa: BLE001 - reported
                 res["symm_mem_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -117,30 +120,6 @@ def timed(fn: Any, n: int, cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return 1e6 * (time.perf_counter() - t) / n
-
-
-def graph_timed(fn: Any, per_graph: int, replays: int) -> float:
-    """Microseconds per call of `fn` captured `per_graph` times in one CUDA graph (CUDA events)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (per_graph * replays)
 
 
 def child_allreduce(a: argparse.Namespace) -> dict[str, Any]:
