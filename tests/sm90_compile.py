@@ -12,6 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from actserve.kernels.argmax import _final_kernel, _partial_kernel
 from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp4_gemv_kernel
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.kv_retrieval import (
@@ -335,6 +336,14 @@ route_types = {"logits_ptr": BF, "ids_ptr": I64, "wt_ptr": F32, "E": "i32", "str
 for k, renorm in ((8, True), (2, False)):
     consts = dict(K=k, K_PAD=k, BLOCK_E=128, RENORM=renorm, USE_PDL=True)
     VARIANTS.append((_route_kernel, route_types, consts))
+VARIANTS.append(
+    (
+        _partial_kernel,
+        {"x_ptr": F32, "part_ptr": I64, "V": "i32", "stride_x": "i32", "P": "i32"},
+        dict(BLOCK=2048),
+    )
+)
+VARIANTS.append((_final_kernel, {"part_ptr": I64, "out_ptr": I64, "P": "i32"}, dict(P_PAD=64)))
 VARIANTS.append(
     (_silu_mul_kernel, {"x_ptr": BF, "out_ptr": BF, "inter": "i32"}, dict(BLOCK=1024, USE_PDL=True))
 )

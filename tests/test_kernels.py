@@ -208,3 +208,24 @@ def test_pdl_launch_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACTSERVE_PDL", "1")
     assert pdl.pdl_mode() == ("all" if torch.cuda.is_available() else "off")
     pdl.pdl_mode.cache_clear()
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 5000), (3, 2049), (2, 17)])
+def test_argmax_rows(rows: int, vocab: int) -> None:
+    """The greedy pick equals torch.argmax: ties to the lowest index (planted), NaN above everything,
+    -0.0 equal to 0.0, a row of -inf."""
+    from actserve.kernels.argmax import argmax_rows
+    from actserve.kernels.argmax_ref import argmax_rows_ref
+
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    top = int(torch.randint(1, vocab, (1,), generator=g))
+    x[0, top] = x[0, top - 1] = x[0].max() + 1  # a tie: the lower index wins
+    if rows > 1:
+        x[1, vocab // 2] = x[1, vocab - 1] = float("nan")
+    if rows > 2:
+        x[2] = float("-inf")
+    cases = [x, torch.where(x == x, -0.0, x), torch.randn(rows, vocab, generator=g)]
+    for case in cases:
+        case = case.to(DEVICE)
+        assert torch.equal(argmax_rows(case), argmax_rows_ref(case))
