@@ -17,6 +17,15 @@ from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.engine.sequence import Sequence
 
 
+def text_after(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text new tokens add after the prompt, as the server streams it: decoded in context, so a
+    SentencePiece word-start token keeps its leading space (decoding the new ids alone drops it)."""
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    assert full.startswith(before)
+    return full[len(before) :]
+
+
 def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 

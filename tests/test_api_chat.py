@@ -19,6 +19,7 @@ import torch
 from openai import OpenAI
 
 from tests.conftest import LiveServer, start_server
+from tests.engine_utils import text_after
 
 MODEL = "tinystories-656k"
 TEMPLATE = (
@@ -98,11 +99,7 @@ class Reference:
         return out[0, len(prompt_ids) :].tolist()
 
     def text_after(self, prompt_ids: list[int], new_ids: list[int]) -> str:
-        """The text new tokens add after the prompt (decoded in context: SentencePiece leading spaces)."""
-        before = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        full = self.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-        assert full.startswith(before)
-        return full[len(before) :]
+        return text_after(self.tokenizer, prompt_ids, new_ids)
 
     @torch.inference_mode()
     def log_softmax(self, ids: list[int]) -> torch.Tensor:

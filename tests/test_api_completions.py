@@ -18,6 +18,8 @@ import pytest
 import torch
 from openai import AsyncOpenAI, OpenAI
 
+from tests.engine_utils import text_after
+
 MODEL = "tinystories-656k"
 PROMPTS = ["Once upon a time", "Tom and his dog went to the park. They"]
 
@@ -57,10 +59,7 @@ class Reference:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text_after(self, prompt_ids: list[int], new_ids: list[int]) -> str:
-        """The text new tokens add after the prompt (decoded in context: SentencePiece leading spaces)."""
-        before, full = self.text(prompt_ids), self.text(prompt_ids + new_ids)
-        assert full.startswith(before)
-        return full[len(before) :]
+        return text_after(self.tokenizer, prompt_ids, new_ids)
 
 
 @pytest.fixture(scope="module")

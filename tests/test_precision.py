@@ -28,7 +28,7 @@ from actserve.server.engine.llm_engine import LLMEngine
 from actserve.server.models.builder import LoadConfig, LoadedModel
 from actserve.server.models.formats import weight_bytes
 from tests.conftest import assert_refused, start_server
-from tests.engine_utils import greedy, hf_generate, hf_swapped, run_logged
+from tests.engine_utils import greedy, hf_generate, hf_swapped, run_logged, text_after
 
 STEPS = 6
 BS = 4  # KV block size of the prefix-cache engines

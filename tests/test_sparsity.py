@@ -35,7 +35,7 @@ from actserve.server.cli import build_parser, main, plugin_options
 from actserve.server.contract import PROJECTIONS
 from actserve.server.engine.llm_engine import LLMEngine
 from tests.conftest import assert_refused, start_server
-from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run, run_logged
+from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, run, run_logged, text_after
 from tests.sparsity_utils import CALIB, HELDOUT, PLUGIN, engine
 
 STEPS = 6
@@ -275,7 +275,7 @@ def test_over_http(tinystories_dir: Path, artifact: Path, eng: LLMEngine, prompt
         r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         (tokens,), _ = ours(eng, [prompts[1]], [spec(0.5)], tag="h")
-        assert r.json()["choices"][0]["text"] == tok.decode(tokens)
+        assert r.json()["choices"][0]["text"] == text_after(tok, prompts[1], tokens)
         plain = httpx.post(f"{server.url}/v1/completions", json={**body, "interventions": None}, timeout=60)
         zero = httpx.post(f"{server.url}/v1/completions", json={**body, "interventions": spec(0)}, timeout=60)
         assert zero.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
