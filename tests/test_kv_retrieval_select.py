@@ -50,7 +50,7 @@ def rows_input(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     cfg = torch.full((len(rows), COLUMNS), -1, dtype=torch.int32)
     for i, r in enumerate(rows):
         if r[0] >= 0:
-            cfg[i] = torch.tensor(r, dtype=torch.int32)
+            cfg[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
     return {INPUT: cfg}
 
 
@@ -85,7 +85,7 @@ def ref_select(
     remaining: float, entropy: torch.Tensor,
 ) -> tuple[list[int], int, float]:  # fmt: skip
     """(the row's new table prefix, its length, the blocks left for the next layers)."""
-    slot, method, k, sink, window, pos, _ = row
+    slot, method, k, sink, window, pos = row[:6]
     if slot < 0:
         return table, length, remaining
     n = -(-length // BS)
@@ -260,7 +260,7 @@ def test_offloaded_rows_and_the_graph_variant_agree() -> None:
     plugin = KVRetrievalPlugin(INFO)
     plugin.configure({"slots": 2, "max_budget_tokens": 24})
     plugin.bind_kv(KVSpace(BS, 40, IDS, range(100, 100 + 2 * plugin.width), RecordingTier()))
-    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4)
+    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4, lag=0)
     hosted, plain = plugin.prepare(spec, "p"), plugin.prepare(spec, "q")
     for plan in (hosted, plain):
         plugin.activate(plan)
