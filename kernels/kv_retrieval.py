@@ -254,7 +254,8 @@ def _stage(
     tgt = tl.load(wrow + width + rank, mask=miss, other=0)
     staged = (res_base + slot * width + tl.where(miss, tgt, hit)).to(tl.int32)
     tl.store(base + j, staged, mask=need)
-    tl.store(at_row + j, tl.where(need, tl.where(miss, tgt, hit), -1), mask=jm & keep_at)
+    if keep_at:
+        tl.store(at_row + j, tl.where(need, tl.where(miss, tgt, hit), -1), mask=jm)
     tl.store(hrow + tgt, ids, mask=miss)
     tl.store(csrc_ptr + r * stride_c + rank, ids, mask=miss)
     tl.store(cdst_ptr + r * stride_c + rank, staged, mask=miss)
@@ -345,7 +346,9 @@ def _select_kernel(
         tl.store(newlen_ptr + r, length)
         return
     # a lag-1 row (phases 1 and 2): its choice kept for the next step
-    keep = (tl.load(cfg_ptr + r * stride_cfg + LAG) > 0) & (PHASE != 0)
+    keep = slot < 0  # False
+    if PHASE != 0:
+        keep = tl.load(cfg_ptr + r * stride_cfg + LAG) > 0
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
     # int32 scalars from here: per-column arithmetic against int64 would widen every column
     n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)

@@ -29,6 +29,9 @@ staging and recalls in `filled`, after the layer's attention.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from actserve.interventions.base import KVSpace, RowInputs
@@ -61,7 +64,7 @@ class RetrievalHook:
         self._stash: dict[int, tuple[torch.Tensor, ...]] = {}
         # lag: per layer, the next step's choice still to finish in `filled` (CPU: staging, remembering
         # and recalls; CUDA: the recalls the side stream listed, None without a tier)
-        self._next: dict[int, tuple[torch.Tensor, ...] | None] = {}
+        self._next: dict[int, tuple[Any, ...]] = {}
         self._side: torch.cuda.Stream | None = None
         self._forked = False  # CUDA: side-stream work not yet joined back
 
@@ -175,32 +178,35 @@ class RetrievalHook:
             else None,
         )  # fmt: skip
         if lagged is not None:  # the next step's choice of the lagged rows, on the side stream
-            main = torch.cuda.current_stream(q.device)
-            side = self._side_stream(q.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
+            with self._fork(q.device):
                 a2, b2 = kern.query_vectors(q, lagged.cfg_next, *views, self.kv_heads)
                 sc2 = kern.scores(a2, b2, lagged.cfg_next, tables, lens, *summ, bs)
                 _, _, later = kern.select(
                     sc2, tables, lens, cfg, *budget, staging,
                     lag=(lagged.flag, *self._lag_views(layer), 2, None, None, None),
                 )  # fmt: skip
-            for t in (q, tables, lens, cfg, lagged.cfg_next, lagged.flag):
-                t.record_stream(side)  # main-stream memory the side stream still reads
-            self._next[layer] = later
-            self._forked = True
+            if self._side is not None:
+                for t in (q, tables, lens, cfg, lagged.cfg_next, lagged.flag):
+                    t.record_stream(self._side)  # main-stream memory the side stream still reads
+            self._next[layer] = ("kernels", later)
         if self.kv is not None and self.kv.tier is not None and copies is not None:
             self.kv.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
         return out, new_len
 
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+    def _fork(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """CUDA: the side stream, after the work queued so far on the current one (this layer's queries
+        and tables); elsewhere (Triton's interpreter in tests) program order."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
         if self._side is None:
             self._side = torch.cuda.Stream(device=device)
-        return self._side
+        self._side.wait_stream(torch.cuda.current_stream(device))
+        self._forked = True
+        return torch.cuda.stream(self._side)
 
     def _join(self, device: torch.device) -> None:
         """The main stream waits for the side stream's work (before the step ends)."""
-        if self._side is not None:
+        if self._side is not None and self._forked:
             torch.cuda.current_stream(device).wait_stream(self._side)
         self._forked = False
 
@@ -267,7 +273,7 @@ class RetrievalHook:
             out = torch.where(flag.unsqueeze(1), lo, out)
             new_len = torch.where(flag, ln, new_len)
             later = self._choose_ref(layer, q, tables, lens, cfg_next)
-            self._next[layer] = (later, tables, lens, cfg_next)
+            self._next[layer] = ("ref", later, tables, lens, cfg_next)
         if self.kv is not None and self.kv.tier is not None and copies is not None:
             self.kv.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
         return out, new_len
@@ -277,21 +283,19 @@ class RetrievalHook:
         blocks recalled into reserved blocks the step no longer reads) and remembered. CUDA: only the
         recalls (on the side stream); the last layer joins the side stream back."""
         if layer not in self._next:
-            if self._forked and layer == self.num_layers - 1:
-                self._join(device)
-            return
-        later = self._next.pop(layer)
-        tier = self.kv.tier if self.kv is not None else None
-        if device.type == "cuda":
-            if later is not None and tier is not None:
-                assert self._side is not None
-                self._side.wait_stream(torch.cuda.current_stream(device))  # this layer's attention
-                with torch.cuda.stream(self._side):
-                    tier.recall(layer, *later)
             if layer == self.num_layers - 1:
                 self._join(device)
             return
-        assert later is not None
+        kind, *later = self._next.pop(layer)
+        tier = self.kv.tier if self.kv is not None else None
+        if kind == "kernels":  # staged by the kernel: the recalls, after this layer's attention
+            copies = later[0]
+            if copies is not None and tier is not None:
+                with self._fork(device):
+                    tier.recall(layer, *copies)
+            if layer == self.num_layers - 1:
+                self._join(device)
+            return
         chosen, tables, lens, cfg = later
         st, bs = self.st, self.bs
         staging = self._staging(layer)
