@@ -81,14 +81,13 @@ def ref_probe(st: RetrievalState, layer: int, slot: int, pos: int, q: torch.Tens
     return q.double() + torch.einsum("t,thd->hd", w / w.sum(), xs)
 
 
-def ref_select(
+def ref_choice(
     st: RetrievalState, layer: int, q: torch.Tensor, table: list[int], length: int, row: list[int],
     remaining: float, entropy: torch.Tensor,
-) -> tuple[list[int], int, float]:  # fmt: skip
-    """(the row's new table prefix, its length, the blocks left for the next layers)."""
+) -> tuple[list[int], float]:  # fmt: skip
+    """The candidate columns `ref_select` chooses (also when the budget covers the context), and the
+    blocks left."""
     slot, method, k, sink, window, pos = row[:6]
-    if slot < 0:
-        return table, length, remaining
     n = -(-length // BS)
     ws = max(n - window, sink)
     cands = list(range(sink, ws))
@@ -105,12 +104,30 @@ def ref_select(
         share = float(entropy[layer] / entropy[layer:].sum())
         k_sel = int(min(max(math.floor(share * remaining + 0.5), max(1, k // 2)), min(2 * k, WIDTH)))
         remaining -= k_sel
-    if len(cands) <= k:
-        return table, length, remaining
     best = sorted(range(len(cands)), key=lambda i: -scores[i])[: min(k_sel, len(cands))]
-    chosen = sorted(cands[i] for i in best)
-    new = table[:sink] + [table[c] for c in chosen] + table[ws:n]
-    return new, (sink + len(chosen)) * BS + length - ws * BS, remaining
+    return sorted(cands[i] for i in best), remaining
+
+
+def ref_assemble(table: list[int], length: int, row: list[int], cols: list[int]) -> tuple[list[int], int]:
+    """The table a row reads from chosen columns, with the current sink and window (a covered context:
+    its whole table)."""
+    k, sink, window = row[2], row[3], row[4]
+    n = -(-length // BS)
+    ws = max(n - window, sink)
+    if ws - sink <= k:
+        return table, length
+    return table[:sink] + [table[c] for c in cols] + table[ws:n], (sink + len(cols)) * BS + length - ws * BS
+
+
+def ref_select(
+    st: RetrievalState, layer: int, q: torch.Tensor, table: list[int], length: int, row: list[int],
+    remaining: float, entropy: torch.Tensor,
+) -> tuple[list[int], int, float]:  # fmt: skip
+    """(the row's new table prefix, its length, the blocks left for the next layers)."""
+    if row[0] < 0:
+        return table, length, remaining
+    cols, remaining = ref_choice(st, layer, q, table, length, row, remaining, entropy)
+    return (*ref_assemble(table, length, row, cols), remaining)
 
 
 ROWS = [  # slot, method, retrieve, sink, window, pos, offload
@@ -474,44 +491,6 @@ def test_running_statistics_and_biases(decode: bool) -> None:
 
 
 # -- lag 1: one step stale ------------------------------------------------------------------------------
-def ref_choice(
-    st: RetrievalState, layer: int, q: torch.Tensor, table: list[int], length: int, row: list[int],
-    remaining: float, entropy: torch.Tensor,
-) -> tuple[list[int], float]:  # fmt: skip
-    """The candidate columns `ref_select` chooses (also when the budget covers the context), and the
-    blocks left."""
-    slot, method, k, sink, window, pos = row[:6]
-    n = -(-length // BS)
-    ws = max(n - window, sink)
-    cands = list(range(sink, ws))
-    a = ref_probe(st, layer, slot, pos, q) if method == R.ACTQKV else q.double()
-    scores = ref_scores(method, a, [table[c] for c in cands], st, layer)
-    k_sel = k
-    if method == R.ACTQKV:
-        if len(cands) >= 2:
-            p = torch.tensor(scores, dtype=torch.float64).softmax(0)
-            h = float(-(p * p.log()).sum()) / math.log(len(cands))
-            entropy[layer] = 0.9 * entropy[layer] + 0.1 * h
-        if layer == 0:
-            remaining = float(k * LAYERS)
-        share = float(entropy[layer] / entropy[layer:].sum())
-        k_sel = int(min(max(math.floor(share * remaining + 0.5), max(1, k // 2)), min(2 * k, WIDTH)))
-        remaining -= k_sel
-    best = sorted(range(len(cands)), key=lambda i: -scores[i])[: min(k_sel, len(cands))]
-    return sorted(cands[i] for i in best), remaining
-
-
-def ref_assemble(table: list[int], length: int, row: list[int], cols: list[int]) -> tuple[list[int], int]:
-    """The table a row reads from chosen columns, with the current sink and window (a covered context:
-    its whole table)."""
-    k, sink, window = row[2], row[3], row[4]
-    n = -(-length // BS)
-    ws = max(n - window, sink)
-    if ws - sink <= k:
-        return table, length
-    return table[:sink] + [table[c] for c in cols] + table[ws:n], (sink + len(cols)) * BS + length - ws * BS
-
-
 LAG_ROWS = [  # slot, method, retrieve, sink, window, pos, offload, lag
     [0, R.INFLLM, 3, 1, 2, 41, 0, 1],
     [1, R.QUEST, 2, 2, 1, 46, 0, 1],
