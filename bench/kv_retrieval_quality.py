@@ -22,7 +22,8 @@ retrieved: 108 blocks per layer, ActQKV's per layer between 54 and 216). `--spli
     python bench/kv_retrieval_quality.py --cases-per-cell 1 --lengths 4096 --out /tmp/smoke.json  # smoke
 
 `--lag 0|1` sets the requests' `lag` (one step stale choice; default the schema's); `--methods` runs a
-subset of the methods (full attention always runs).
+subset of the methods (full attention always runs); `--from-partial` summarizes the rows a cut-short run
+saved (`--out` with suffix .partial.json; its JSON says so in `partial_of`).
 """
 
 from __future__ import annotations
@@ -76,34 +77,10 @@ def right(text: str, key: str) -> bool:
     return text.strip().startswith(key)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="2048,4096,6144,8192", help="context lengths (tokens)")
-    ap.add_argument("--cases-per-cell", type=int, default=5, help="cases per (length, depth)")
-    ap.add_argument("--budget", type=int, default=2048, help="budget_tokens of the three methods")
-    ap.add_argument("--split", choices=sorted(SEEDS), default="heldout")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (prefill chunk)")
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument(
-        "--methods", default=",".join(METHODS), help="which of actqkv,infllm,quest to run (full always runs)"
-    )
-    ap.add_argument(
-        "--lag", type=int, choices=(0, 1), default=None,
-        help="the requests' kv_retrieval lag (default: the server's default, schema.DEFAULT_LAG)",
-    )  # fmt: skip
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument(
-        "--only-lengths", default=None,
-        help="run only these of --lengths (the cases are those a full run draws: runs can be split)",
-    )  # fmt: skip
-    args = ap.parse_args()
-    methods = tuple(m for m in args.methods.split(",") if m)
-    if not methods or any(m not in METHODS for m in methods):
-        ap.error(f"--methods: a list of {','.join(METHODS)}, got {args.methods!r}")
-    lag = DEFAULT_LAG if args.lag is None else args.lag
-    top = 8192  # SmolLM2's max_position_embeddings; a length of 8192 means "as much as fits with the answer"
-    lengths = [min(int(x), top - args.max_tokens - 56) for x in args.lengths.split(",")]
+def run(
+    args: argparse.Namespace, methods: tuple[str, ...], lag: int, lengths: list[int], top: int
+) -> list[dict[str, Any]]:
+    """Every case of the split (those of --only-lengths): each method's and full attention's answer."""
     cfg = EngineConfig(
         model=str(default_model_dir()), device=args.device, max_model_len=top,
         max_num_batched_tokens=args.chunk, kv_cache_memory_gb=2.0, gpu_memory_utilization=0.5,
@@ -140,6 +117,46 @@ def main() -> int:
                 print(f"[{time.time() - t0:7.0f}s] {length} @{depth}: {done}", flush=True)
                 if args.out:  # the rows so far, in case the run is cut short
                     args.out.with_suffix(".partial.json").write_text(json.dumps(rows) + "\n")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="2048,4096,6144,8192", help="context lengths (tokens)")
+    ap.add_argument("--cases-per-cell", type=int, default=5, help="cases per (length, depth)")
+    ap.add_argument("--budget", type=int, default=2048, help="budget_tokens of the three methods")
+    ap.add_argument("--split", choices=sorted(SEEDS), default="heldout")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (prefill chunk)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help="which of actqkv,infllm,quest to run (full always runs)"
+    )
+    ap.add_argument(
+        "--lag", type=int, choices=(0, 1), default=None,
+        help="the requests' kv_retrieval lag (default: the server's default, schema.DEFAULT_LAG)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--from-partial", type=Path, default=None,
+        help="no run: summarize the rows a cut-short run saved (its --out with suffix .partial.json)",
+    )  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--only-lengths", default=None,
+        help="run only these of --lengths (the cases are those a full run draws: runs can be split)",
+    )  # fmt: skip
+    args = ap.parse_args()
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods or any(m not in METHODS for m in methods):
+        ap.error(f"--methods: a list of {','.join(METHODS)}, got {args.methods!r}")
+    lag = DEFAULT_LAG if args.lag is None else args.lag
+    top = 8192  # SmolLM2's max_position_embeddings; a length of 8192 means "as much as fits with the answer"
+    lengths = [min(int(x), top - args.max_tokens - 56) for x in args.lengths.split(",")]
+    t0 = time.time()
+    if args.from_partial is not None:
+        rows: list[dict[str, Any]] = json.loads(args.from_partial.read_text())
+    else:
+        rows = run(args, methods, lag, lengths, top)
     summary: dict[str, Any] = {}
     table = []
     for length in [*sorted({r["length"] for r in rows}), None]:
@@ -164,6 +181,7 @@ def main() -> int:
         "lag": lag,
         "methods": list(methods),
         "cases": len(rows),
+        "partial_of": str(args.from_partial) if args.from_partial is not None else None,
         "best_method": best,
         "seconds": round(time.time() - t0, 1),
         **summary,
