@@ -23,7 +23,9 @@ retrieved: 108 blocks per layer, ActQKV's per layer between 54 and 216). `--spli
 
 `--lag 0|1` sets the requests' `lag` (one step stale choice; default the schema's); `--methods` runs a
 subset of the methods (full attention always runs); `--from-partial` summarizes the rows a cut-short run
-saved (`--out` with suffix .partial.json; its JSON says so in `partial_of`).
+saved (`--out` with suffix .partial.json; its JSON says so in `partial_of`); `--interleave` runs the
+first case of every cell first (a run cut short still spans the depths), `--resume` keeps the answers of
+a partial run's rows.
 """
 
 from __future__ import annotations
@@ -100,23 +102,32 @@ def run(
         if args.only_lengths
         else None
     )
+    cases = []  # (index in its cell, length, depth, prompt, key), drawn in the split's order
     for length in lengths:
         for depth in DEPTHS:
-            for _ in range(args.cases_per_cell):
+            for i in range(args.cases_per_cell):
                 prompt, key = make_case(tok, length, depth, rng)
-                if only is not None and length not in only:
-                    continue
-                row: dict[str, Any] = {"length": length, "depth": depth, "tokens": len(prompt), "key": key}
-                for name in (*methods, "full"):
-                    out = generate(eng, [prompt], params, [specs[name]], f"{name}-{len(rows)}")[0]
-                    text = tok.decode(out)
-                    row[name] = right(text, key)
-                    row[f"{name}_text"] = text
-                rows.append(row)
-                done = ", ".join(f"{m} {int(row[m])}" for m in (*methods, "full"))
-                print(f"[{time.time() - t0:7.0f}s] {length} @{depth}: {done}", flush=True)
-                if args.out:  # the rows so far, in case the run is cut short
-                    args.out.with_suffix(".partial.json").write_text(json.dumps(rows) + "\n")
+                if only is None or length in only:
+                    cases.append((i, length, depth, prompt, key))
+    if args.interleave:  # the first case of every cell first, then the second ...: a cut run spans depths
+        cases.sort(key=lambda c: (c[0], c[1], c[2]))
+    kept = json.loads(args.resume.read_text()) if args.resume is not None else []
+    for _, length, depth, prompt, key in cases:
+        old = [r for r in kept if (r["length"], r["depth"], r["key"]) == (length, depth, key)]
+        if old:  # answered by the run resumed
+            rows.append(old[0])
+        else:
+            row: dict[str, Any] = {"length": length, "depth": depth, "tokens": len(prompt), "key": key}
+            for name in (*methods, "full"):
+                out = generate(eng, [prompt], params, [specs[name]], f"{name}-{len(rows)}")[0]
+                text = tok.decode(out)
+                row[name] = right(text, key)
+                row[f"{name}_text"] = text
+            rows.append(row)
+        done = ", ".join(f"{m} {int(rows[-1][m])}" for m in (*methods, "full"))
+        print(f"[{time.time() - t0:7.0f}s] {length} @{depth}: {done}", flush=True)
+        if args.out:  # the rows so far, in case the run is cut short
+            args.out.with_suffix(".partial.json").write_text(json.dumps(rows) + "\n")
     return rows
 
 
@@ -140,6 +151,13 @@ def main() -> int:
         "--from-partial", type=Path, default=None,
         help="no run: summarize the rows a cut-short run saved (its --out with suffix .partial.json)",
     )  # fmt: skip
+    ap.add_argument(
+        "--interleave", action="store_true",
+        help="run the first case of every (length, depth) first, then the second ... (same cases)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--resume", type=Path, default=None, help="keep the answers of these rows (a partial run)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--only-lengths", default=None,
