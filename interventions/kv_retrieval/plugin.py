@@ -18,6 +18,11 @@ With a host tier (`--kv-offload-gb`) a retrieving sequence's blocks outside its 
 host memory once a decode step has run; each layer then reads the blocks it chose at this step, the
 ones on the host through GPU blocks reserved per slot, recalled within the step (on the device, from
 pinned host memory: no host sync) unless the slot holds them already.
+
+`lag` (default 1): a decode step reads the blocks chosen from the previous step's query, with the current
+sink and window, while the choice for the next step runs on a side stream (CUDA), off the critical
+path; with a host tier its recalls land before the step that reads them. The first decode step after a
+prompt chunk chooses from its own query. `lag: 0` chooses from the step's own query.
 """
 
 from __future__ import annotations
