@@ -25,8 +25,13 @@ context's K/V): its blocks still on the GPU (sink, window) + the GPU blocks rese
 id). Prefill still reads the whole context, so a server needs GPU room for one prompt being prefilled;
 what the tier saves is the memory of the sequences that decode.
 
+`--lag 0,1` measures the retrieving rows at each lag (`kv_retrieval.lag`; default the schema's default,
+one step stale): keys of the default lag unsuffixed, of others suffixed `_lag0` / `_lag1`; full
+attention once. `--tier-kv stable` runs the tier rows on stable K/V only.
+
     python bench/kv_retrieval_speed.py --out bench/results/kv_retrieval_speed.json   # H200, < 4 minutes
-    python bench/kv_retrieval_speed.py --cpu-smoke [--kv random|stable]               # tiny, on the CPU
+    python bench/kv_retrieval_speed.py --cpu-smoke [--kv random|stable] [--lag 0,1]   # tiny, on the CPU
+    python bench/kv_retrieval_speed.py --contexts 131072 --lag 0,1 --tier-kv stable   # lag 0 against 1
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
+from actserve.interventions.kv_retrieval.schema import DEFAULT_LAG  # noqa: E402
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
@@ -185,11 +191,15 @@ def measure(
             row.update(gpu_blocks=on_gpu, host_blocks=len(s.block_table) - on_gpu, reserved_blocks=reserved)
             row["gpu_kv_ratio"] = held / full_bytes
         asked = a.profile.split(";")
-        if f"{ctx},{batch},{mode}" in asked or f"{ctx},{batch},{mode},{kind}" in asked:
+        lag = f"lag{spec['kv_retrieval'].get('lag', DEFAULT_LAG)}" if mode != "full" else ""
+        if any(x in asked for x in (f"{ctx},{batch},{mode}", f"{ctx},{batch},{mode},{kind}",
+                                     f"{ctx},{batch},{mode},{kind},{lag}")):  # fmt: skip
             from decode_profile import profile_calls
 
             row["profile"] = profile_calls(lambda: decode_step(eng, seqs), 3)
-            print(f"profile {ctx} b{batch} {mode}: {json.dumps(row['profile'])[:1500]}", flush=True)
+            print(
+                f"profile {ctx} b{batch} {mode} {kind} {lag}: {json.dumps(row['profile'])[:1500]}", flush=True
+            )
         graphs0 = eng.runner.graph_steps
         plugin = eng.registry.plugin("kv_retrieval")
         before = plugin.stats() if plugin is not None else {}
@@ -229,12 +239,20 @@ def main() -> int:
     ap.add_argument("--drift", type=float, default=DRIFT, help="stable K/V: scale of the fast dimensions")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
-        "--profile", default="", help="CTX,BATCH,MODE[,KV][;...]: also profile those steps' kernels (CUDA)"
+        "--profile",
+        default="",
+        help="CTX,BATCH,MODE[,KV[,lagN]][;...]: also profile those steps' kernels (CUDA)",
     )
+    ap.add_argument("--lag", default=str(DEFAULT_LAG), help="kv_retrieval lag(s) to measure, e.g. 0,1")
+    ap.add_argument("--tier-kv", default=None, help="the K/V kinds that run the tier rows (default: all)")
     a = ap.parse_args()
     kinds = ["stable"] if a.stable_kv else a.kv.split(",")
     if not kinds or any(k not in ("random", "stable") for k in kinds):
         ap.error(f"--kv: a list of random and stable, got {a.kv!r}")
+    lags = [int(x) for x in a.lag.split(",")]
+    if not lags or any(x not in (0, 1) for x in lags):
+        ap.error(f"--lag: a list of 0 and 1, got {a.lag!r}")
+    tier_kinds = kinds if a.tier_kv is None else a.tier_kv.split(",")
     smoke = a.cpu_smoke
     contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]
     batches = [int(x) for x in a.batches.split(",")]
@@ -261,23 +279,28 @@ def main() -> int:
     t0 = time.time()
     eng = LLMEngine(cfg)
     print(f"engine ready in {time.time() - t0:.0f} s", flush=True)
-    spec: dict[str, Any] = {"kv_retrieval": {"method": a.method, "budget_tokens": budget}}
-    if smoke:  # the defaults (sink 64, window 256) do not fit the smoke's budget
-        spec["kv_retrieval"].update(sink_tokens=16, window_tokens=32)
     rows = []
     for kind in kinds:
         fill_kv(eng, config, kind == "stable", a.drift)
         for ctx in contexts:
             for b in batches:
                 # full attention reads every block whatever their values: measured once
-                modes = ("kvr", "tier") if kind != kinds[0] else ("full", "kvr", "tier")
-                for mode in modes:
+                runs = [("full", lags[0])] if kind == kinds[0] else []
+                for lag in lags:
+                    runs += [("kvr", lag)] + ([("tier", lag)] if kind in tier_kinds else [])
+                for mode, lag in runs:
+                    spec: dict[str, Any] = {
+                        "kv_retrieval": {"method": a.method, "budget_tokens": budget, "lag": lag}
+                    }
+                    if smoke:  # the defaults (sink 64, window 256) do not fit the smoke's budget
+                        spec["kv_retrieval"].update(sink_tokens=16, window_tokens=32)
                     r = measure(eng, b, ctx, mode, spec, a, kind)
-                    r["kv"] = kind
+                    r["kv"], r["lag"] = kind, lag
                     rows.append(r)
                     churn = f", churn {r['churn']:.3f}" if r.get("churn") is not None else ""
+                    lagged = f"lag {lag}" if mode != "full" else "     "
                     print(
-                        f"[{time.time() - t0:5.0f}s] {kind:<6} ctx {ctx:>6} b{b} {mode:<4} "
+                        f"[{time.time() - t0:5.0f}s] {kind:<6} ctx {ctx:>6} b{b} {mode:<4} {lagged} "
                         f"{r['step_ms']:8.2f} ms/step ({r['tok_s']:8.1f} tok/s, "
                         f"{r['graph_steps']}/{a.steps} from graphs{churn})",
                         flush=True,
@@ -290,31 +313,48 @@ def main() -> int:
         "method": a.method,
         "budget_tokens": budget,
         "kv": kinds,
+        "default_lag": DEFAULT_LAG,
         "stable_kv_drift": a.drift,
         "seconds": round(time.time() - t0, 1),
         "rows": rows,
     }
-    by = {(r["kv"], r["context"], r["batch"], r["mode"]): r for r in rows}
+    by = {
+        (r["kv"], r["context"], r["batch"], r["mode"], r["lag"] if r["mode"] != "full" else None): r
+        for r in rows
+    }
+    res["lags"] = lags
     cols = f"{'full ms':>9} {'kvr ms':>9} {'tier ms':>9} {'speedup':>8} {'tier x':>7} {'churn':>6}"
-    print(f"\n{'kv':>6} {'context':>8} {'batch':>5} {cols}")
+    print(f"\n{'kv':>6} {'lag':>3} {'context':>8} {'batch':>5} {cols}")
+    nan = float("nan")
     for kind in kinds:
-        tag = "" if kind == "random" else "_stable"
-        for ctx in contexts:
-            for b in batches:
-                f = by[(kinds[0], ctx, b, "full")]["step_ms"]
-                k, t = (by[(kind, ctx, b, m)]["step_ms"] for m in ("kvr", "tier"))
-                churn = by[(kind, ctx, b, "tier")].get("churn")
-                res[f"kvr_speedup_ctx{ctx}_b{b}{tag}"] = f / k
-                res[f"kvr_tier_speedup_ctx{ctx}_b{b}{tag}"] = f / t
-                res[f"kvr_tier_churn_ctx{ctx}_b{b}{tag}"] = churn
-                print(
-                    f"{kind:>6} {ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} {f / k:8.2f} {f / t:7.2f} "
-                    f"{churn if churn is not None else float('nan'):6.3f}"
-                )
-            res[f"kvr_gpu_kv_ratio_ctx{ctx}{tag}"] = by[(kind, ctx, max(batches), "tier")]["gpu_kv_ratio"]
+        for lag in lags:
+            tag = ("" if kind == "random" else "_stable") + ("" if lag == DEFAULT_LAG else f"_lag{lag}")
+            for ctx in contexts:
+                for b in batches:
+                    f = by[(kinds[0], ctx, b, "full", None)]["step_ms"]
+                    k = by[(kind, ctx, b, "kvr", lag)]["step_ms"]
+                    tr = by.get((kind, ctx, b, "tier", lag))
+                    t = tr["step_ms"] if tr else nan
+                    churn = tr.get("churn") if tr else None
+                    res[f"kvr_speedup_ctx{ctx}_b{b}{tag}"] = f / k
+                    if tr:
+                        res[f"kvr_tier_speedup_ctx{ctx}_b{b}{tag}"] = f / t
+                        res[f"kvr_tier_churn_ctx{ctx}_b{b}{tag}"] = churn
+                    print(
+                        f"{kind:>6} {lag:>3} {ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} {f / k:8.2f} "
+                        f"{f / t:7.2f} {churn if churn is not None else nan:6.3f}"
+                    )
+                tr = by.get((kind, ctx, max(batches), "tier", lag))
+                if tr:
+                    res[f"kvr_gpu_kv_ratio_ctx{ctx}{tag}"] = tr["gpu_kv_ratio"]
     for ctx in contexts:
-        ratio = by[(kinds[0], ctx, max(batches), "tier")]["gpu_kv_ratio"]
-        print(f"GPU KV ratio with the tier at {ctx}: {ratio:.3f}")
+        ratios = [
+            r["gpu_kv_ratio"]
+            for r in rows
+            if r["mode"] == "tier" and r["context"] == ctx and r["batch"] == max(batches)
+        ]
+        if ratios:
+            print(f"GPU KV ratio with the tier at {ctx}: {ratios[0]:.3f}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1) + "\n")

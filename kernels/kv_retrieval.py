@@ -12,9 +12,17 @@ with a host tier, the chosen host blocks mapped to the slot's reserved GPU block
 kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
 representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
 inside decode CUDA graphs.
+
+Lag 1 (kv_retrieval_ref `lagged_ref`, `assemble_ref`, `remember_ref`): `assemble` (grid rows) checks
+each lag-1 row's previous choice and builds its table from it (flag 1), and writes two copies of the
+row configuration, one with only the other rows (for this step's fresh choice), one with only the
+flagged rows (for their next choice: `query_vectors`, `scores` and `select` in phase 2, on a side
+stream); `select` in phase 1 skips the flagged rows, and in both phases keeps lag-1 rows' choices.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -30,6 +38,8 @@ SINK = tl.constexpr(ref.SINK)
 WINDOW = tl.constexpr(ref.WINDOW)
 POS = tl.constexpr(ref.POS)
 OFFLOAD = tl.constexpr(ref.OFFLOAD)
+LAG = tl.constexpr(ref.LAG)
+COLUMNS = tl.constexpr(ref.COLUMNS)
 QUEST = tl.constexpr(ref.QUEST)
 ACTQKV = tl.constexpr(ref.ACTQKV)
 
@@ -212,11 +222,12 @@ def _layer_blocks(
 @triton.jit
 def _stage(
     base, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width, res_base, host_base,
-    stride_held, stride_w, stride_c, K_PAD: tl.constexpr, H_CHUNK: tl.constexpr,
+    stride_held, stride_w, stride_c, at_row, keep_at, K_PAD: tl.constexpr, H_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """stage_ref for one offloaded row: its chosen ids (at `base`, `m` of them) that are host ids are
     read from the slot's reserved blocks; `work` (2 x width per row) holds which positions keep a chosen
-    block, then the free positions in order."""
+    block, then the free positions in order. `keep_at`: each chosen entry's position (-1 for GPU ids)
+    into `at_row` (a lag-1 row's choice)."""
     tl.debug_barrier()  # the chosen ids stored by all threads are visible
     j = tl.arange(0, K_PAD)
     jm = j < m
@@ -243,6 +254,8 @@ def _stage(
     tgt = tl.load(wrow + width + rank, mask=miss, other=0)
     staged = (res_base + slot * width + tl.where(miss, tgt, hit)).to(tl.int32)
     tl.store(base + j, staged, mask=need)
+    if keep_at:
+        tl.store(at_row + j, tl.where(need, tl.where(miss, tgt, hit), -1), mask=jm)
     tl.store(hrow + tgt, ids, mask=miss)
     tl.store(csrc_ptr + r * stride_c + rank, ids, mask=miss)
     tl.store(cdst_ptr + r * stride_c + rank, staged, mask=miss)
@@ -303,20 +316,28 @@ def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
 @triton.jit
 def _select_kernel(
     s_ptr, key_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr, cnt_ptr,
-    held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr,
+    held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, flag_ptr, lcol_ptr, lat_ptr, ln_ptr, tag_ptr,
     layer, L, W, width, res_base, host_base,
-    stride_s, stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c,
+    stride_s, stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c, stride_lag,
     BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr,
-    K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr,
+    K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     """budget_ref, choose_ref, tables_ref (and stage_ref with a host tier) for one row, over its columns
     in chunks of BLOCK_W: a pass costs the row's blocks, not the table's width (at 32k tokens in a
-    server that takes 128k, a sixth)."""
+    server that takes 128k, a sixth). PHASE 0: every row (no lag in the step); 1: the rows `assemble`
+    did not flag; 2: the flagged rows' next choice (no table: `out` is scratch). In phases 1 and 2 a
+    lag-1 row's choice is kept for the next step (`remember_ref`), even when its context is covered."""
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
+    if PHASE == 1:
+        if tl.load(flag_ptr + r) != 0:  # assembled (and its copies listed) by `assemble`
+            return
     if TIER:
         tl.store(cn_ptr + r, 0)
+    if PHASE == 2:
+        if tl.load(flag_ptr + r) == 0:
+            return
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
     srow = s_ptr + r * stride_s
@@ -324,6 +345,10 @@ def _select_kernel(
         _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
+    # a lag-1 row (phases 1 and 2): its choice kept for the next step
+    keep = slot < 0  # False
+    if PHASE != 0:
+        keep = tl.load(cfg_ptr + r * stride_cfg + LAG) > 0
     n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
     # int32 scalars from here: per-column arithmetic against int64 would widen every column
     n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
@@ -335,10 +360,12 @@ def _select_kernel(
             srow, hi, W, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, BLOCK_W, L_PAD, RATE
         )
     off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
-    if (n_cand <= k) & (off <= 0):  # a covered context keeps its table: full attention bit for bit
+    covered = (n_cand <= k) & (off <= 0)  # a covered context keeps its table: full attention bit for bit
+    if covered & (keep == 0):
         _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
         return
+    table = (covered == 0) & (PHASE != 2)  # the row's new table is written (not only its choice)
     # the k_sel best finite candidates: t, the kk-th largest of an int32 key whose order is the float's
     # (`_kth_largest`); those above t and the first of those equal to t in column order; the chosen
     # columns compacted in ascending order (no sort)
@@ -380,17 +407,109 @@ def _select_kernel(
             tl.where(cols < sink, cols, sink + m - ws + cols),
         )
         used = (cols < sink) | (take > 0) | ((cols >= ws) & (cols < n))
+        # otherwise the chosen entries only (phase 2: staging reads them), or nothing
+        used = tl.where(table, used, (take > 0) & (PHASE == 2))
         tl.store(row_out + at, tl.load(row_in + cols, mask=used), mask=used)
+        if keep:  # the chosen columns, ascending; reserved positions: none unless staged below
+            j = taken + tl.cumsum(take, axis=0) - take
+            tl.store(lcol_ptr + slot * stride_lag + j, cols, mask=take > 0)
+            tl.store(lat_ptr + slot * stride_lag + j, -1, mask=take > 0)
         taken += tl.sum(take, axis=0)
+    if keep:
+        tl.store(ln_ptr + slot, m)
+        tl.store(tag_ptr + slot, tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64))
+    if covered:  # a lag-1 row's covered context: its choice kept, its table as it is
+        if PHASE != 2:
+            _copy_row(row_in, row_out, W, BLOCK_W)
+            tl.store(newlen_ptr + r, length)
+        return
+    if PHASE != 2:  # the blocks read are counted where the table is built
+        tl.atomic_add(cnt_ptr, m.to(tl.int64))
+        tl.atomic_add(cnt_ptr + 1, 1)
+        tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
+    if TIER:
+        if off > 0:
+            _stage(
+                row_out + sink, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width,
+                res_base, host_base, stride_held, stride_w, stride_c, lat_ptr + slot * stride_lag, keep,
+                K_PAD, H_CHUNK,
+            )  # fmt: skip
+
+
+@triton.jit
+def _assemble_kernel(
+    cfg_ptr, bt_ptr, len_ptr, out_ptr, newlen_ptr, flag_ptr, now_ptr, next_ptr,
+    lcol_ptr, lat_ptr, ln_ptr, tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr,
+    W, width, res_base, host_base, stride_cfg, stride_bt, stride_lag, stride_held, stride_w, stride_c,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    H_CHUNK: tl.constexpr, TIER: tl.constexpr,
+):  # fmt: skip
+    """lagged_ref and assemble_ref for one row, its two masked configurations (only_rows) and, with a
+    host tier, stage_ref of an offloaded row's table: its host ids read where `lag_at` says they were
+    staged, unless one is not held there (a block that moved to the host since): then `_stage`."""
+    r = tl.program_id(0).to(tl.int64)
+    if TIER:
+        tl.store(cn_ptr + r, 0)
+    cc = tl.arange(0, C_PAD)
+    cm = cc < COLUMNS
+    row_cfg = tl.load(cfg_ptr + r * stride_cfg + cc, mask=cm, other=-1)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    lag = tl.load(cfg_ptr + r * stride_cfg + LAG)
+    s = tl.maximum(slot, 0)
+    ok = (slot >= 0) & (lag > 0)
+    ok = ok & (tl.load(tag_ptr + s) == tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64) - 1)
+    n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
+    m = tl.load(ln_ptr + s)
+    j = tl.arange(0, K_PAD)
+    live = j < m
+    cols = tl.load(lcol_ptr + s * stride_lag + j, mask=live, other=0)
+    bad = live & ((cols < sink) | (cols >= ws))
+    ok = ok & (tl.sum(bad.to(tl.int32), axis=0) == 0)
+    k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
+    off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
+    ok = ok & ((n_cand > k) | (off <= 0) | (m >= n_cand))  # covered and offloaded: every candidate
+    tl.store(flag_ptr + r, ok.to(tl.int32))
+    tl.store(now_ptr + r * COLUMNS + cc, tl.where((cc == SLOT) & ok, -1, row_cfg), mask=cm)
+    tl.store(next_ptr + r * COLUMNS + cc, tl.where((cc == SLOT) & (ok == 0), -1, row_cfg), mask=cm)
+    if ok == 0:
+        return
+    length = tl.load(len_ptr + r)
+    row_in = bt_ptr + r * stride_bt
+    row_out = out_ptr + r * stride_bt
+    if (n_cand <= k) & (off <= 0):  # covered: full attention bit for bit
+        _copy_row(row_in, row_out, W, BLOCK_W)
+        tl.store(newlen_ptr + r, length)
+        return
+    c = tl.arange(0, BLOCK_W)
+    for c0 in range(0, sink, BLOCK_W):  # the sink in place
+        cs = c0 + c
+        tl.store(row_out + cs, tl.load(row_in + cs, mask=cs < sink), mask=cs < sink)
+    ids = tl.load(row_in + cols, mask=live, other=0)
+    mapped = ids
+    missing = m * 0
+    if TIER:
+        if off > 0:
+            host = live & (ids >= host_base)
+            pos = tl.load(lat_ptr + s * stride_lag + j, mask=host, other=-1)
+            there = tl.load(held_ptr + s * stride_held + tl.maximum(pos, 0), mask=host, other=-1)
+            missing = tl.sum((host & ((pos < 0) | (there != ids))).to(tl.int32), axis=0)
+            if missing == 0:
+                mapped = tl.where(host, (res_base + s * width + pos).to(ids.dtype), ids)
+    tl.store(row_out + sink + j, mapped, mask=live)
+    for c0 in range(ws, n, BLOCK_W):  # then the window
+        cs = c0 + c
+        tl.store(row_out + sink + m - ws + cs, tl.load(row_in + cs, mask=cs < n), mask=cs < n)
     tl.atomic_add(cnt_ptr, m.to(tl.int64))
     tl.atomic_add(cnt_ptr + 1, 1)
     tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
     if TIER:
         if off > 0:
-            _stage(
-                row_out + sink, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width,
-                res_base, host_base, stride_held, stride_w, stride_c, K_PAD, H_CHUNK,
-            )  # fmt: skip
+            if missing > 0:  # the blocks of the choice it does not hold: staged as a fresh choice's
+                _stage(
+                    row_out + sink, r, s, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width,
+                    res_base, host_base, stride_held, stride_w, stride_c, lat_ptr, False, K_PAD, H_CHUNK,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -494,36 +613,101 @@ def scores(
     return out
 
 
-def select(
-    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
-    remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
-    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int = 2048, num_warps: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
-    """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
-    first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
-    state updated in place. A new table's entries past its new length are undefined. `chunk`: columns
-    a pass over a row takes at once (a power of two; narrower tables: their width)."""
+class Lagged(NamedTuple):
+    """What `assemble` returns: the lagged rows' tables and lengths (others' undefined until `select`
+    phase 1 writes them), which rows are lagged [R] int32, the configuration of the others and of them."""
+
+    out: torch.Tensor
+    new_len: torch.Tensor
+    flag: torch.Tensor
+    cfg_now: torch.Tensor
+    cfg_next: torch.Tensor
+    copies: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # with a tier: (src, dst, count)
+
+
+def assemble(
+    cfg: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, lag_cols: torch.Tensor, lag_at: torch.Tensor,
+    lag_n: torch.Tensor, lag_tag: torch.Tensor, tier: tuple[torch.Tensor, int, int] | None,
+    counters: torch.Tensor, block_size: int, chunk: int = 2048,
+) -> Lagged:  # fmt: skip
+    """`lagged_ref`, `assemble_ref` (with `stage_ref` for offloaded rows) and the two `only_rows`
+    configurations in one launch; `tier` = (held [S, width], first reserved id, first host id) with a
+    host tier: then `copies` lists the lagged rows' recalls, which `select` phase 1 completes with the
+    other rows' (one `KVTier.recall` for both)."""
     rows, w = bt.shape
+    width = lag_cols.shape[1]
     out = torch.empty_like(bt)
     new_len = torch.empty_like(lens)
-    block = min(chunk, max(16, triton.next_power_of_2(w)))
-    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
+    flag = torch.empty(rows, dtype=torch.int32, device=bt.device)
+    cfg_now = torch.empty(rows, ref.COLUMNS, dtype=cfg.dtype, device=cfg.device)
+    cfg_next = torch.empty_like(cfg_now)
+    copies = None
     if tier is not None:
         held, res_base, host_base = tier
         assert held.shape[1] == width
         work = torch.empty(rows, 2 * width, dtype=torch.int32, device=bt.device)
         src = torch.empty(rows, width, dtype=torch.int32, device=bt.device)
         dst, count = torch.empty_like(src), torch.empty(rows, dtype=torch.int32, device=bt.device)
+        copies = (src, dst, count)
+    else:
+        held, res_base, host_base = lag_at, 0, 2**31 - 1
+        work = src = dst = count = lag_at
+    _assemble_kernel[(rows,)](
+        cfg, bt, lens, out, new_len, flag, cfg_now, cfg_next, lag_cols, lag_at, lag_n, lag_tag, held,
+        work, src, dst, count, counters, w, width, res_base, host_base, cfg.stride(0), bt.stride(0),
+        lag_cols.stride(0), held.stride(0), work.stride(0), src.stride(0),
+        BS=block_size, BLOCK_W=min(chunk, max(16, triton.next_power_of_2(w))),
+        K_PAD=triton.next_power_of_2(width), C_PAD=triton.next_power_of_2(ref.COLUMNS), H_CHUNK=32,
+        TIER=tier is not None, num_warps=4,
+    )  # fmt: skip
+    return Lagged(out, new_len, flag, cfg_now, cfg_next, copies)
+
+
+def select(
+    sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
+    remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
+    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int = 2048, num_warps: int = 8,
+    lag: tuple[Any, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
+    """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
+    first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
+    state updated in place. A new table's entries past its new length are undefined. `chunk`: columns
+    a pass over a row takes at once (a power of two; narrower tables: their width). `lag` = (flag,
+    lag_cols, lag_at, lag_n, lag_tag, phase, out, new_len): phase 1 (out and new_len from `assemble`,
+    written for the rows not flagged) or 2 (the flagged rows' next choice; the tables returned are
+    scratch), both keeping lag-1 rows' choices (`remember_ref`)."""
+    rows, w = bt.shape
+    phase = 0
+    flag = lcols = lat = ln = tag = lens
+    out = new_len = given = None
+    if lag is not None:
+        flag, lcols, lat, ln, tag, phase, out, new_len, given = lag
+    out = torch.empty_like(bt) if out is None else out
+    new_len = torch.empty_like(lens) if new_len is None else new_len
+    block = min(chunk, max(16, triton.next_power_of_2(w)))
+    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
+    if tier is not None:
+        held, res_base, host_base = tier
+        assert held.shape[1] == width
+        work = torch.empty(rows, 2 * width, dtype=torch.int32, device=bt.device)
+        if given is not None:
+            src, dst, count = given
+        else:
+            src = torch.empty(rows, width, dtype=torch.int32, device=bt.device)
+            dst, count = torch.empty_like(src), torch.empty(rows, dtype=torch.int32, device=bt.device)
     else:
         held, res_base, host_base = bt, 0, 0
         work = src = dst = bt
         count = lens
     _select_kernel[(rows,)](
         sc, keys, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
+        flag, lcols, lat, ln, tag,
         layer, entropy.shape[1], w, width, res_base, host_base, sc.stride(0), bt.stride(0), cfg.stride(0),
         entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
+        lcols.stride(0) if lag is not None else 0,
         BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
-        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None, num_warps=num_warps,
+        K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None, PHASE=phase,
+        num_warps=num_warps,
     )  # fmt: skip
     return out, new_len, ((src, dst, count) if tier is not None else None)
 

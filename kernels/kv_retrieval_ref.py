@@ -1,24 +1,31 @@
 """Plain-torch reference of the KV-retrieval decode kernels (kernels/kv_retrieval.py): one decode row per
 sequence, each holding a slot of per-sequence state (docs/architecture.md §10, "KV retrieval").
 
-Row configuration `cfg` [R, 7] int32 (slot -1: a row of another request, which these leave alone):
+Row configuration `cfg` [R, 8] int32 (slot -1: a row of another request, which these leave alone):
 slot, method (0 InfLLM, 1 Quest, 2 ActQKV), retrieved blocks per layer k, sink blocks, window blocks,
-position, offloaded (1: its cold blocks are on the host). All state tensors are one layer's views.
+position, offloaded (1: its cold blocks are on the host), lag (1: the step reads the blocks chosen at
+the previous step). All state tensors are one layer's views.
 
 Per layer and step: `append` (the row's query into its slot's ring, its running statistics, its
 activation bias), `query_vectors` (what scores a block: the query, its signed parts, or ActQKV's probe,
 summed per KV head), `scores` (each candidate block), `budget` (blocks this layer takes), `choose` (the
 best ones, ties in column order), `tables` (the table the attention kernel reads) and, with a host
 tier, `stage` (chosen host blocks read through the slot's reserved GPU blocks; the copies to make).
-`summaries` writes a block's summaries when a row's token completes it. These functions are also what
-the plugin runs on the CPU.
+`summaries` writes a block's summaries when a row's token completes it.
+
+Lag 1 (one step stale): `lagged` tells which rows hold a valid choice made at the previous step (its
+candidate columns, and with a host tier the reserved positions its host blocks were recalled to);
+`assemble` builds their tables from it with the current sink and window; the other rows choose afresh
+as above. Every lag-1 row's choice from this step's query is kept (`remember`) for the next step. These
+functions are also what the plugin runs on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-SLOT, METHOD, RETRIEVE, SINK, WINDOW, POS, OFFLOAD = range(7)
+SLOT, METHOD, RETRIEVE, SINK, WINDOW, POS, OFFLOAD, LAG = range(8)
+COLUMNS = 8
 INFLLM, QUEST, ACTQKV = 0, 1, 2
 ENTROPY_RATE = 0.1
 
@@ -223,6 +230,7 @@ def stage_ref(
     host_base: int,
     counters: torch.Tensor,
     block_size: int,
+    at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The host tier for offloaded rows, after `tables_ref`: each chosen block with a host id (>=
     `host_base`) is read from one of the slot's reserved GPU blocks instead (reserved_base + slot x
@@ -230,7 +238,8 @@ def stage_ref(
     holds it already, else the free positions (those holding no chosen block) in ascending order, taken
     by the missing ids in table order. `out` is rewritten and `held` updated in place; returns the
     copies to make, (host ids [R, width], GPU ids [R, width], counts [R]) int32, and counters[2] +=
-    the copies."""
+    the copies. `at` [R, width] (optional): per chosen entry, the position it is read from (-1: a GPU
+    id), for offloaded rows."""
     _, sink, _, _ = geometry(cfg, lens, block_size)
     rows, width = out.shape[0], held.shape[1]
     src = torch.zeros(rows, width, dtype=torch.int32, device=out.device)
@@ -249,11 +258,97 @@ def stage_ref(
         staged = reserved_base + s * width + pos
         held[s, pos[miss]] = ids[miss].to(held.dtype)
         out[r, sk : sk + m] = torch.where(need, staged, ids).to(out.dtype)
+        if at is not None:
+            at[r, :m] = torch.where(need, pos, -1).to(at.dtype)
         src[r, : len(miss)] = ids[miss].to(torch.int32)
         dst[r, : len(miss)] = staged[miss].to(torch.int32)
         count[r] = len(miss)
     counters[2] += count.sum().to(counters.dtype)
     return src, dst, count
+
+
+def only_rows(cfg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`cfg` with the rows outside `keep` [R] bool made rows of other requests (slot -1): what the
+    functions above then leave alone."""
+    out = cfg.clone()
+    out[:, SLOT] = torch.where(keep, cfg[:, SLOT], torch.full_like(cfg[:, SLOT], -1))
+    return out
+
+
+def lagged_ref(
+    cfg: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    lag_cols: torch.Tensor,
+    lag_n: torch.Tensor,
+    lag_tag: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """[R] bool: lag-1 rows whose slot holds a choice made at the previous position (`lag_tag` [S], the
+    position it was made at) all of whose columns (`lag_cols` [S, width], `lag_n` [S] of them) are still
+    candidates. Others choose afresh: the first step after a prompt, a new slot, and an offloaded row
+    whose context the budget covers but whose choice misses a candidate (the block that just left the
+    window: without the tier it reads its whole table)."""
+    mine = (cfg[:, SLOT] >= 0) & (cfg[:, LAG] > 0)
+    s = cfg[:, SLOT].long().clamp(min=0)
+    ok = mine & (lag_tag[s] == cfg[:, POS].long() - 1)
+    _, sink, ws, n_cand = geometry(cfg, lens, block_size)
+    cols = lag_cols[s].long()
+    m = lag_n[s].long()
+    live = torch.arange(cols.shape[1], device=cols.device).unsqueeze(0) < m.unsqueeze(1)
+    ok &= ~(live & ((cols < sink[:, None]) | (cols >= ws[:, None]))).any(1)
+    return ok & ~((n_cand <= cfg[:, RETRIEVE].long()) & (cfg[:, OFFLOAD] > 0) & (m < n_cand))
+
+
+def assemble_ref(
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    cfg: torch.Tensor,
+    lag_cols: torch.Tensor,
+    lag_n: torch.Tensor,
+    counters: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tables_ref` of the rows of `cfg` (those `lagged_ref` passed; others slot -1) with the columns
+    their slots chose at the previous step, and the current sink and window. With a host tier,
+    `stage_ref` then maps their host ids (the kernel finds them where `lag_at` says they were staged)."""
+    mine = cfg[:, SLOT] >= 0
+    s = cfg[:, SLOT].long().clamp(min=0)
+    w = tables.shape[1]
+    width = lag_cols.shape[1]
+    m = torch.where(mine, lag_n[s].long(), torch.zeros_like(s))
+    live = torch.arange(width, device=tables.device).unsqueeze(0) < m.unsqueeze(1)
+    cols = torch.where(live, lag_cols[s].long(), torch.full_like(lag_cols[s].long(), w))
+    chosen = torch.zeros(tables.shape[0], w + 1, dtype=torch.bool, device=tables.device)
+    chosen = chosen.scatter(1, cols, True)[:, :w]
+    return tables_ref(tables, lens, cfg, chosen, counters, block_size)
+
+
+def remember_ref(
+    cfg: torch.Tensor,
+    chosen: torch.Tensor,
+    at: torch.Tensor | None,
+    lag_cols: torch.Tensor,
+    lag_at: torch.Tensor,
+    lag_n: torch.Tensor,
+    lag_tag: torch.Tensor,
+) -> None:
+    """Lag-1 rows of `cfg` keep this step's choice for the next step: the chosen columns ascending (`chosen`
+    [R, W] from `choose_ref`), with a host tier the position each was staged at (`at` from `stage_ref`,
+    -1 for GPU ids), their count, and the position of the row."""
+    keep = ((cfg[:, SLOT] >= 0) & (cfg[:, LAG] > 0)).nonzero().flatten()
+    width = lag_cols.shape[1]
+    w = chosen.shape[1]
+    col = torch.arange(w, device=chosen.device).unsqueeze(0)
+    cols = torch.where(chosen, col, torch.full_like(col, w)).sort(1).values
+    if cols.shape[1] < width:
+        cols = torch.cat([cols, torch.full((cols.shape[0], width - w), w, device=cols.device)], 1)
+    for r in keep.tolist():
+        s, m = int(cfg[r, SLOT]), int(chosen[r].sum())
+        lag_cols[s] = torch.where(cols[r, :width] < w, cols[r, :width], 0).to(lag_cols.dtype)
+        lag_at[s] = at[r, :width].to(lag_at.dtype) if at is not None else -1
+        lag_n[s] = m
+        lag_tag[s] = int(cfg[r, POS])
 
 
 def representatives_ref(qb: torch.Tensor, kb: torch.Tensor, scale: float, count: int) -> torch.Tensor:

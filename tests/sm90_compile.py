@@ -17,6 +17,7 @@ from actserve.kernels.fp4_gemm import _fp4_dequant_kernel, _fp4_gemm_kernel, _fp
 from actserve.kernels.gemv import _gemv_kernel
 from actserve.kernels.kv_retrieval import (
     _append_kernel,
+    _assemble_kernel,
     _query_vectors_kernel,
     _scores_kernel,
     _select_kernel,
@@ -362,7 +363,8 @@ kvr_types = {
     "kmin_ptr": BF, "kmax_ptr": BF, "out_ptr": F32, "s_ptr": F32, "ent_ptr": F32, "rem_ptr": F32,
     "newlen_ptr": I32, "held_ptr": I32, "work_ptr": I32, "csrc_ptr": I32, "cdst_ptr": I32, "cn_ptr": I32,
     "blk_ptr": I64, "row_ptr": I64, "k_ptr": BF, "scale": "fp32", "store_ptr": BF, "kv_ptr": BF,
-    "src_ptr": I32, "dst_ptr": I32, "n_ptr": I32,
+    "src_ptr": I32, "dst_ptr": I32, "n_ptr": I32, "flag_ptr": I32, "lcol_ptr": I32, "lat_ptr": I32,
+    "ln_ptr": I32, "tag_ptr": I64, "now_ptr": I32, "next_ptr": I32, "stride_lag": "i32",
     **i32s, **dict.fromkeys(kvr_strides, "i32"),
 }  # fmt: skip
 VARIANTS.append((_append_kernel, {**kvr_types}, dict(BLOCK_C=4096)))
@@ -375,13 +377,25 @@ for has_rep, has_mm in ((True, True), (True, False), (False, True)):
             dict(HK=8, D=128, HD_PAD=1024, BS=16, BLOCK_W=8, HAS_REP=has_rep, HAS_MINMAX=has_mm),
         )
     )
-# passes over a row in chunks of 2048 (the default; with and without tier) and 4096 columns
-for block_w, tier in ((2048, True), (2048, False), (4096, False)):
+# passes over a row in chunks of 2048 (the default; with and without tier) and 4096 columns; lag 1's
+# phases 1 (this step's fresh rows) and 2 (the next step's choice)
+for block_w, tier, phase in (
+    (2048, True, 0), (2048, False, 0), (4096, False, 0), (2048, True, 1), (2048, False, 1), (2048, True, 2),
+    (2048, False, 2),
+):  # fmt: skip
     VARIANTS.append(
         (
             _select_kernel,
             {**kvr_types, "out_ptr": I32, "cnt_ptr": I64, "key_ptr": I32},
-            dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier),
+            dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier, PHASE=phase),
+        )
+    )
+for tier in (True, False):
+    VARIANTS.append(
+        (
+            _assemble_kernel,
+            {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
+            dict(BS=16, BLOCK_W=2048, K_PAD=256, C_PAD=8, H_CHUNK=32, TIER=tier),
         )
     )
 VARIANTS.append(

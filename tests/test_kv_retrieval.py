@@ -56,13 +56,14 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (90, 61, 77, 70)]
 
 
-def spec(method: str, budget: int, sink: int = 4, window: int = 8) -> dict[str, Any]:
+def spec(method: str, budget: int, sink: int = 4, window: int = 8, lag: int = 1) -> dict[str, Any]:
     return {
         "kv_retrieval": {
             "method": method,
             "budget_tokens": budget,
             "sink_tokens": sink,
             "window_tokens": window,
+            "lag": lag,
         }
     }
 
@@ -77,20 +78,24 @@ def plain(eng: LLMEngine, prompts: list[list[int]]) -> tuple[list[int], list[tor
     return tokens, seen["plain0"]
 
 
+@pytest.mark.parametrize("lag", [0, 1])
 @pytest.mark.parametrize("method", METHODS)
 def test_covering_budget_equals_full_attention(
-    eng: LLMEngine, prompts: list[list[int]], plain: tuple[list[int], list[torch.Tensor]], method: str
-) -> None:
-    (tokens,), seen = run_logged(eng, [prompts[0]], greedy(STEPS), [spec(method, 4096)], f"c{method}")
+    eng: LLMEngine, prompts: list[list[int]], plain: tuple[list[int], list[torch.Tensor]], method: str,
+    lag: int,
+) -> None:  # fmt: skip
+    """Also one step stale (lag 1): the window is current, a covered context reads its whole table."""
+    specs = [spec(method, 4096, lag=lag)]
+    (tokens,), seen = run_logged(eng, [prompts[0]], greedy(STEPS), specs, f"c{method}{lag}")
     assert tokens == plain[0]
-    assert logits_close(seen[f"c{method}0"], plain[1])
+    assert logits_close(seen[f"c{method}{lag}0"], plain[1])
 
 
 def test_small_budget_acts_and_mixed_batch_equals_solo(eng: LLMEngine, prompts: list[list[int]]) -> None:
-    """actqkv, quest and infllm rows of different budgets and windows beside a plain row (all four
+    """actqkv, quest and infllm rows of different budgets, windows and lags beside a plain row (all four
     prompts prefilled in chunks in the same steps) == each request alone (tokens; logits to 1e-4, the
     float32 rounding of batched matmuls, which the plain row shows as much), and != full attention."""
-    specs = [spec("actqkv", 32), None, spec("quest", 40, sink=8, window=4), spec("infllm", 28, sink=0)]
+    specs = [spec("actqkv", 32), None, spec("quest", 40, sink=8, window=4, lag=0), spec("infllm", 28, sink=0)]
     batched, seen = run_logged(eng, prompts, greedy(STEPS), specs, "m")
     for i, (p, s) in enumerate(zip(prompts, specs, strict=True)):
         (solo,), solo_seen = run_logged(eng, [p], greedy(STEPS), [s], f"s{i}_")
@@ -142,13 +147,15 @@ def test_host_tier_with_small_budget_equals_no_tier(
 ) -> None:
     """With a small budget each layer reads the blocks it chooses at this step, the cold ones recalled
     from the host into its slot's reserved blocks: a mixed batch gives the tokens and logits of the same
-    batch without the tier (the same K/V in the same order) and frees every block of both tiers."""
-    specs = [spec("actqkv", 32), None, spec("quest", 40, sink=8, window=4)]
-    want, want_seen = run_logged(eng, prompts[:3], greedy(STEPS), specs, "u")
+    batch without the tier (the same K/V in the same order) and frees every block of both tiers. Lag 1
+    rows (actqkv, infllm) recall the next step's blocks after the layer's attention; a lag 0 row (quest)
+    beside them recalls within the step."""
+    specs = [spec("actqkv", 32), None, spec("quest", 40, sink=8, window=4, lag=0), spec("infllm", 28, sink=0)]
+    want, want_seen = run_logged(eng, prompts, greedy(STEPS), specs, "u")
     tiered = engine(tinystories_dir, kv_offload_gb=0.001)
-    out, seen = run_logged(tiered, prompts[:3], greedy(STEPS), specs, "u")
+    out, seen = run_logged(tiered, prompts, greedy(STEPS), specs, "u")
     assert out == want
-    for i in range(3):
+    for i in range(4):
         assert all(torch.equal(a, b) for a, b in zip(seen[f"u{i}"], want_seen[f"u{i}"], strict=True)), i
     tier = tiered.host_tier
     assert tier is not None and tier.bytes_to_device > 0
@@ -200,12 +207,17 @@ def test_host_tier_round_trip_is_bit_exact() -> None:
         ({"window_tokens": 0}, "interventions.kv_retrieval.window_tokens"),
         ({"budget_tokens": "2048"}, "interventions.kv_retrieval.budget_tokens"),
         ({"top_k": 3}, "interventions.kv_retrieval.top_k"),
+        ({"lag": 2}, "interventions.kv_retrieval.lag"),
+        ({"lag": -1}, "interventions.kv_retrieval.lag"),
+        ({"lag": "1"}, "interventions.kv_retrieval.lag"),
     ],
 )
 def test_bad_specs_name_the_field(eng: LLMEngine, body: dict[str, Any], field: str) -> None:
     with pytest.raises(InterventionError) as err:
         eng.registry.prepare({"kv_retrieval": body})
     assert err.value.param == field
+    if body.get("lag") in (2, -1):  # the allowed values are named
+        assert "must be 0" in str(err.value) and "or 1" in str(err.value)
     assert field.rsplit(".", 1)[-1] in str(err.value)
 
 

@@ -111,10 +111,12 @@ def engine(model_dir: Path, **kw: Any):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def spec(method: str, budget: int) -> dict[str, Any]:
+def spec(method: str, budget: int, lag: int = 1) -> dict[str, Any]:
     return {
-        "kv_retrieval": {"method": method, "budget_tokens": budget, "sink_tokens": 16, "window_tokens": 32}
-    }
+        "kv_retrieval": {
+            "method": method, "budget_tokens": budget, "sink_tokens": 16, "window_tokens": 32, "lag": lag,
+        }
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("tier", [0.0, 0.01])
@@ -144,3 +146,28 @@ def test_engine_from_cuda_graphs(tinystories_dir: Path, tier: float) -> None:
         for i in range(3):  # the same K/V in the same order (float32: to rounding, were a launch to differ)
             pairs = zip(logged[f"m{i}"], want_logged[f"m{i}"], strict=True)
             assert max((a - b).abs().max().item() for a, b in pairs) < 1e-5, i
+
+
+@pytest.mark.parametrize("tier", [0.0, 0.01])
+def test_lag_from_cuda_graphs_equals_eager(tinystories_dir: Path, tier: float) -> None:
+    """Lag 1 rows (their next choice forked onto a side stream and joined back inside the captured decode
+    step; with the tier, its recalls after each layer's attention) beside a lag 0 row and a plain row:
+    decode steps replayed from CUDA graphs give the tokens and logits of the same run without graphs
+    (eager: the same kernels and streams, launched one by one)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (300, 260, 280, 310)]
+    specs = [spec("actqkv", 96), None, spec("quest", 128, lag=0), spec("infllm", 112)]
+    graphed = engine(tinystories_dir, kv_offload_gb=tier)
+    out, logged = run_logged(graphed, prompts, greedy(24), specs, "g")
+    assert graphed.runner.graph_steps > 0
+    eager = engine(tinystories_dir, kv_offload_gb=tier, enforce_eager=True)
+    want, want_logged = run_logged(eager, prompts, greedy(24), specs, "g")
+    assert eager.runner.graph_steps == 0
+    assert out == want
+    for i in range(len(prompts)):
+        pairs = zip(logged[f"g{i}"], want_logged[f"g{i}"], strict=True)
+        assert max((a - b).abs().max().item() for a, b in pairs) < 1e-4, i
+    plugin = graphed.registry.plugin("kv_retrieval")
+    assert plugin is not None and plugin.stats()["retrieval_selections"] > 0
+    if tier:
+        assert graphed.host_tier is not None and graphed.host_tier.bytes_to_device > 0

@@ -24,9 +24,9 @@ HQ, HK, D, BS, T, SLOTS, IDS, LAYERS = 4, 2, 16, 4, 8, 5, 50, 3
 
 
 def cfg_rows(rows: list[list[int]]) -> torch.Tensor:
-    out = torch.full((len(rows), 7), -1, dtype=torch.int32)
+    out = torch.full((len(rows), R.COLUMNS), -1, dtype=torch.int32)
     for i, r in enumerate(rows):
-        out[i] = torch.tensor(r, dtype=torch.int32)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
     return out.to(DEVICE)
 
 

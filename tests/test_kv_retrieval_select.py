@@ -6,6 +6,7 @@ statistics and activation biases of the queries."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -50,7 +51,7 @@ def rows_input(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     cfg = torch.full((len(rows), COLUMNS), -1, dtype=torch.int32)
     for i, r in enumerate(rows):
         if r[0] >= 0:
-            cfg[i] = torch.tensor(r, dtype=torch.int32)
+            cfg[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
     return {INPUT: cfg}
 
 
@@ -80,14 +81,13 @@ def ref_probe(st: RetrievalState, layer: int, slot: int, pos: int, q: torch.Tens
     return q.double() + torch.einsum("t,thd->hd", w / w.sum(), xs)
 
 
-def ref_select(
+def ref_choice(
     st: RetrievalState, layer: int, q: torch.Tensor, table: list[int], length: int, row: list[int],
     remaining: float, entropy: torch.Tensor,
-) -> tuple[list[int], int, float]:  # fmt: skip
-    """(the row's new table prefix, its length, the blocks left for the next layers)."""
-    slot, method, k, sink, window, pos, _ = row
-    if slot < 0:
-        return table, length, remaining
+) -> tuple[list[int], float]:  # fmt: skip
+    """The candidate columns `ref_select` chooses (also when the budget covers the context), and the
+    blocks left."""
+    slot, method, k, sink, window, pos = row[:6]
     n = -(-length // BS)
     ws = max(n - window, sink)
     cands = list(range(sink, ws))
@@ -104,12 +104,30 @@ def ref_select(
         share = float(entropy[layer] / entropy[layer:].sum())
         k_sel = int(min(max(math.floor(share * remaining + 0.5), max(1, k // 2)), min(2 * k, WIDTH)))
         remaining -= k_sel
-    if len(cands) <= k:
-        return table, length, remaining
     best = sorted(range(len(cands)), key=lambda i: -scores[i])[: min(k_sel, len(cands))]
-    chosen = sorted(cands[i] for i in best)
-    new = table[:sink] + [table[c] for c in chosen] + table[ws:n]
-    return new, (sink + len(chosen)) * BS + length - ws * BS, remaining
+    return sorted(cands[i] for i in best), remaining
+
+
+def ref_assemble(table: list[int], length: int, row: list[int], cols: list[int]) -> tuple[list[int], int]:
+    """The table a row reads from chosen columns, with the current sink and window (a covered context:
+    its whole table)."""
+    k, sink, window = row[2], row[3], row[4]
+    n = -(-length // BS)
+    ws = max(n - window, sink)
+    if ws - sink <= k:
+        return table, length
+    return table[:sink] + [table[c] for c in cols] + table[ws:n], (sink + len(cols)) * BS + length - ws * BS
+
+
+def ref_select(
+    st: RetrievalState, layer: int, q: torch.Tensor, table: list[int], length: int, row: list[int],
+    remaining: float, entropy: torch.Tensor,
+) -> tuple[list[int], int, float]:  # fmt: skip
+    """(the row's new table prefix, its length, the blocks left for the next layers)."""
+    if row[0] < 0:
+        return table, length, remaining
+    cols, remaining = ref_choice(st, layer, q, table, length, row, remaining, entropy)
+    return (*ref_assemble(table, length, row, cols), remaining)
 
 
 ROWS = [  # slot, method, retrieve, sink, window, pos, offload
@@ -260,7 +278,7 @@ def test_offloaded_rows_and_the_graph_variant_agree() -> None:
     plugin = KVRetrievalPlugin(INFO)
     plugin.configure({"slots": 2, "max_budget_tokens": 24})
     plugin.bind_kv(KVSpace(BS, 40, IDS, range(100, 100 + 2 * plugin.width), RecordingTier()))
-    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4)
+    spec = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4, lag=0)
     hosted, plain = plugin.prepare(spec, "p"), plugin.prepare(spec, "q")
     for plan in (hosted, plain):
         plugin.activate(plan)
@@ -470,3 +488,128 @@ def test_running_statistics_and_biases(decode: bool) -> None:
     q = torch.randn(1, HQ, D, generator=g)  # a restart at position 0 forgets what came before
     hk.queries(0, q, torch.tensor([0]), rows_input([[0, R.ACTQKV, 2, 1, 1, 0, 0]]))
     assert torch.allclose(st.mean[0, 0], q.flatten()) and int(st.count[0, 0]) == 1
+
+
+# -- lag 1: one step stale ------------------------------------------------------------------------------
+LAG_ROWS = [  # slot, method, retrieve, sink, window, pos, offload, lag
+    [0, R.INFLLM, 3, 1, 2, 41, 0, 1],
+    [1, R.QUEST, 2, 2, 1, 46, 0, 1],
+    [2, R.ACTQKV, 3, 1, 1, 49, 0, 1],
+    [-1] * COLUMNS,
+    [3, R.INFLLM, 3, 1, 1, 44, 0, 0],  # lag 0 beside them
+]
+
+
+def test_lagged_choice_is_the_reference_choice_of_the_previous_query() -> None:
+    """Lag 1 rows read at step t the columns chosen from step t-1's query (the reference's choice at
+    that step), with step t's sink and window; the first step chooses from its own query (no valid
+    previous choice), a lag 0 row always does, and a restart (`forget_lag`) chooses afresh again.
+    Positions cross a block boundary (the window moves)."""
+    g = torch.Generator().manual_seed(21)
+    st = random_state(g)
+    hk = RetrievalHook(st, LAYERS, HK, BS, D**-0.5, 2, True, lag=True)
+    tables = torch.stack([torch.randperm(IDS, generator=g)[:16] for _ in LAG_ROWS]).to(torch.int32)
+    ent = st.entropy.clone().double()
+    remaining = [0.0] * len(LAG_ROWS)
+    prev: dict[tuple[int, int], list[int]] = {}  # (row, layer): columns chosen at the previous step
+    for step in range(5):
+        if step == 3:
+            st.forget_lag(0)  # row 0's sequence restarts: no previous choice
+        rows = [r[:5] + [r[5] + step] + r[6:] if r[0] >= 0 else r for r in LAG_ROWS]
+        inputs = rows_input(rows)
+        lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in rows], dtype=torch.int32)
+        pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in rows])
+        for layer in range(LAYERS):
+            q = torch.randn(len(rows), HQ, D, generator=g)
+            hk.queries(layer, q, pos, inputs)
+            want: dict[int, list[int]] = {}
+            for i, row in enumerate(rows):
+                if row[0] < 0:
+                    continue
+                want[i], remaining[i] = ref_choice(
+                    st, layer, q[i], tables[i].tolist(), int(lens[i]), row, remaining[i], ent[row[0]]
+                )  # fmt: skip
+            new_t, new_l = hk.select(layer, q, tables.clone(), lens.clone(), inputs)
+            hk.filled(layer, torch.zeros(2, IDS * BS, HK, D), torch.tensor([-1]), torch.tensor([-1]), inputs)
+            for i, row in enumerate(rows):
+                if row[0] < 0:
+                    assert torch.equal(new_t[i], tables[i]) and int(new_l[i]) == int(lens[i])
+                    continue
+                stale = row[7] == 1 and step > 0 and not (i == 0 and step == 3)
+                cols = prev[i, layer] if stale else want[i]
+                t, n_tok = ref_assemble(tables[i].tolist(), int(lens[i]), row, cols)
+                assert int(new_l[i]) == n_tok, (step, layer, i)
+                assert new_t[i, : -(-n_tok // BS)].tolist() == t[: -(-n_tok // BS)], (step, layer, i)
+                prev[i, layer] = want[i]
+    assert torch.allclose(st.entropy[2].double(), ent[2], atol=1e-6)  # one budget update per step
+
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lag_state(g: torch.Generator) -> RetrievalState:
+    info = dataclasses.replace(INFO, device=DEV)
+    st = RetrievalState(info, SLOTS, RING, WIDTH, IDS, quest=True, reps=True, tier=True)
+    src = random_state(g)
+    for name in ("rep", "kmin", "kmax", "ring_q", "ring_pos", "ring_bias", "mean", "var", "count", "entropy"):
+        getattr(st, name).copy_(getattr(src, name))
+    return st
+
+
+def test_lag_kernels_equal_the_references() -> None:
+    """The decode path's kernels (Triton's interpreter here) with lag 1 rows, a lag 0 row, another
+    request's row and an offloaded row whose blocks move to the host step by step (a block chosen as a
+    GPU id comes back as a host id: recalled when its table is assembled) choose, build and recall what
+    the plain-torch path does: tables, lengths, the kept choices, held blocks, copies and counters. On a
+    GPU the kernels' next choice runs on the side stream."""
+    g = torch.Generator().manual_seed(22)
+    st_ref = lag_state(g)
+    st_ker = lag_state(torch.Generator().manual_seed(22))
+    tiers = (RecordingTier(), RecordingTier())
+    hooks = []
+    for st, tier in zip((st_ref, st_ker), tiers, strict=True):
+        kv = KVSpace(BS, 40, IDS, range(100, 100 + SLOTS * WIDTH), tier)
+        hooks.append(RetrievalHook(st, LAYERS, HK, BS, D**-0.5, 2, True, kv, lag=True))
+    hooks[0]._kernels = lambda t: False  # type: ignore[method-assign]
+    hooks[1]._kernels = lambda t: True  # type: ignore[method-assign]
+    base = torch.stack([torch.randperm(40, generator=g)[:16] for _ in LAG_ROWS]).to(torch.int32)
+    rows0 = [*LAG_ROWS[:3], LAG_ROWS[3], [3, R.INFLLM, 3, 1, 1, 44, 1, 1], LAG_ROWS[4][:5] + [40, 0, 0]]
+    base = torch.cat([base, base[4:5]])
+    for step in range(4):
+        rows = [r[:5] + [r[5] + step] + r[6:] if r[0] >= 0 else r for r in rows0]
+        rows[5][0] = 4
+        inputs = {k: v.to(DEV) for k, v in rows_input(rows).items()}
+        lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in rows], dtype=torch.int32).to(DEV)
+        pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in rows]).to(DEV)
+        tables = base.clone()
+        cold = 8 + step  # row 4's blocks [1, cold) live on the host (more of them each step)
+        tables[4, 1:cold] = 40 + torch.arange(1, cold, dtype=torch.int32)
+        tables = tables.to(DEV)
+        kv_cache = torch.zeros(2, IDS * BS, HK, D, device=DEV)
+        none = torch.tensor([-1], device=DEV)
+        for layer in range(LAYERS):
+            q = torch.randn(len(rows), HQ, D, generator=g).to(DEV)
+            outs = []
+            for hk in hooks:
+                hk.queries(layer, q, pos, inputs)
+                outs.append(hk.select(layer, q, tables.clone(), lens.clone(), inputs))
+                hk.filled(layer, kv_cache, none, none, inputs)
+            if DEV.type == "cuda":  # the side stream's work of this layer (joined at the last layer)
+                torch.cuda.synchronize()
+            (t0, l0), (t1, l1) = outs
+            assert torch.equal(l0, l1), (step, layer)
+            for r in range(len(rows)):
+                used = -(-int(l0[r]) // BS)
+                assert torch.equal(t0[r, :used], t1[r, :used]), (step, layer, r)
+                read = t0[r, :used]
+                assert ((read < 40) | (read >= 100)).all() or r == 3  # no host id reaches attention
+            copies = [sorted(c for _, pairs in tier.calls for c in pairs) for tier in tiers]
+            assert copies[0] == copies[1], (step, layer)
+            for name in ("lag_cols", "lag_n", "lag_tag", "held", "counters"):
+                a, b = getattr(st_ref, name), getattr(st_ker, name)
+                if name == "lag_cols":  # entries past a slot's count are not read
+                    live = torch.arange(WIDTH, device=DEV) < st_ref.lag_n.unsqueeze(-1)
+                    a, b = a[live], b[live]
+                assert torch.equal(a, b), (step, layer, name)
+            assert torch.allclose(st_ref.entropy, st_ker.entropy, atol=1e-5)
+    assert int(st_ref.counters[2]) > 0 and bool((st_ref.lag_tag[:, :4] >= 0).all())  # slots 0-3: lag 1

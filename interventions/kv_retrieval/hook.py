@@ -15,9 +15,22 @@ of fixed shapes, so decode steps replay it from CUDA graphs. Two paths:
   `queries` merges the chunk into its slots' statistics and keeps the step's queries, `select` (the
   decode rows) scores as the decode path does, `filled` writes the summaries of the blocks the step
   completed (their queries from this step or from the ring) and then the step's queries into the rings.
+
+Lag (`lag=True`: a step with lag-1 rows; docs/architecture.md §10): `select` first assembles the tables
+of the lag-1 rows whose previous choice is still valid (`assemble`) and runs the fresh choice above for
+the others only (lag-0 rows, and lag-1 rows without one: the first step after the prompt), which also
+keeps its choice for the next step; then it chooses for the next step the lagged rows' blocks from this
+query, on CUDA on a side stream forked here, so it overlaps the layer's attention and the layers after
+it. With a host tier its recalls wait for this layer's attention (`filled`: a reserved block the step
+still reads is never overwritten) and land before the next step; the last layer's `filled` joins the
+side stream back (inside the decode graph). On the CPU the same choice runs in program order, its
+staging and recalls in `filled`, after the layer's attention.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 
@@ -26,7 +39,7 @@ from actserve.interventions.kv_retrieval.state import RetrievalState
 from actserve.kernels import kv_retrieval_ref as ref
 
 INPUT = "kv_retrieval"
-COLUMNS = 7  # slot, method, retrieve, sink, window, pos, offload (kernels/kv_retrieval_ref.py)
+COLUMNS = ref.COLUMNS  # slot, method, retrieve, sink, window, pos, offload, lag (kv_retrieval_ref.py)
 STAT_CAP = 1024.0  # the running statistics weigh the last ~1024 queries (count capped: an EMA after)
 
 
@@ -41,13 +54,19 @@ class RetrievalHook:
         representatives: int,
         decode: bool,
         kv: KVSpace | None = None,
+        lag: bool = False,
     ) -> None:
         self.st, self.num_layers, self.kv_heads, self.bs = state, num_layers, kv_heads, block_size
-        self.scale, self.reps, self.decode = scale, representatives, decode
+        self.scale, self.reps, self.decode, self.lag = scale, representatives, decode, lag
         self.kv = kv if kv is not None and kv.tier is not None else None  # the host tier's, if any
         self._layers = set(range(num_layers))
         # packed steps, per layer: this step's (queries, positions, slots, owned, biases) for `filled`
         self._stash: dict[int, tuple[torch.Tensor, ...]] = {}
+        # lag: per layer, the next step's choice still to finish in `filled` (CPU: staging, remembering
+        # and recalls; CUDA: the recalls the side stream listed, None without a tier)
+        self._next: dict[int, tuple[Any, ...]] = {}
+        self._side: torch.cuda.Stream | None = None
+        self._forked = False  # CUDA: side-stream work not yet joined back
 
     def layers(self) -> set[int]:
         return self._layers
@@ -61,6 +80,8 @@ class RetrievalHook:
     def queries(self, layer: int, q: torch.Tensor, positions: torch.Tensor, inputs: RowInputs) -> None:
         st = self.st
         cfg = inputs[INPUT]
+        if self._forked and layer == 0:  # a step whose last layer's `filled` never came (eager only)
+            self._join(q.device)
         views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer], st.mean[layer], st.var[layer])
         if self.decode:
             if self._kernels(q):
@@ -106,48 +127,188 @@ class RetrievalHook:
         self._stash[layer] = (q, pos, s, mine, bias)
 
     # -- decode rows -------------------------------------------------------------------------------
+    def _staging(self, layer: int) -> tuple[torch.Tensor, int, int] | None:
+        """With a host tier: (this layer's held ids, first reserved id, first host id)."""
+        if self.kv is None:
+            return None
+        assert self.st.held is not None
+        return self.st.held[layer], self.kv.reserved.start, self.kv.host_base
+
+    def _lag_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        st = self.st
+        return st.lag_cols[layer], st.lag_at[layer], st.lag_n[layer], st.lag_tag[layer]
+
     def select(
         self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, inputs: RowInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        st, bs = self.st, self.bs
         cfg = inputs[INPUT]
-        views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
+        if self.decode and self._kernels(q):
+            return self._select_kernels(layer, q, tables, lens, cfg)
+        return self._select_ref(layer, q, tables, lens, cfg)
+
+    def _summaries_of(self, layer: int) -> tuple[torch.Tensor | None, ...]:
+        st = self.st
         rep = st.rep[layer] if st.rep is not None else None
         lo = st.kmin[layer] if st.kmin is not None else None
         hi = st.kmax[layer] if st.kmax is not None else None
-        tier = self.kv
-        if self.decode and self._kernels(q):
-            from actserve.kernels import kv_retrieval as kern
+        return rep, lo, hi
 
-            a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)
-            sc = kern.scores(a, b, cfg, tables, lens, rep, lo, hi, bs)
-            staging = None
-            if tier is not None:
-                assert st.held is not None
-                staging = (st.held[layer], tier.reserved.start, tier.host_base)
-            out, new_len, copies = kern.select(
-                sc, tables, lens, cfg, st.entropy, st.remaining, st.counters, layer, st.width, bs,
-                ref.ENTROPY_RATE, staging,
-            )  # fmt: skip
-        else:
-            if self.decode:
-                a, b = ref.query_vectors_ref(q, cfg, *views, self.kv_heads)
-            else:
-                a, b = self._packed_vectors(layer, q, cfg)
-            sc = ref.scores_ref(a, b, cfg, tables, lens, rep, lo, hi, bs)
-            k_sel = ref.budget_ref(sc, cfg, lens, st.entropy, st.remaining, layer, st.width, bs)
-            chosen = ref.choose_ref(sc, k_sel)
-            out, new_len = ref.tables_ref(tables, lens, cfg, chosen, st.counters, bs)
-            copies = None
-            if tier is not None:
-                assert st.held is not None
-                copies = ref.stage_ref(
-                    out, lens, cfg, chosen.sum(1), st.held[layer], tier.reserved.start, tier.host_base,
-                    st.counters, bs,
+    def _select_kernels(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from actserve.kernels import kv_retrieval as kern
+
+        st, bs = self.st, self.bs
+        views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
+        summ = self._summaries_of(layer)
+        staging = self._staging(layer)
+        budget = (st.entropy, st.remaining, st.counters, layer, st.width, bs, ref.ENTROPY_RATE)
+        lagged = None
+        cfg_now = cfg
+        if self.lag:
+            lag = self._lag_views(layer)
+            lagged = kern.assemble(cfg, tables, lens, *lag, staging, st.counters, bs)
+            cfg_now = lagged.cfg_now
+        a, b = kern.query_vectors(q, cfg_now, *views, self.kv_heads)
+        sc = kern.scores(a, b, cfg_now, tables, lens, *summ, bs)
+        out, new_len, copies = kern.select(
+            sc, tables, lens, cfg, *budget, staging,
+            lag=(lagged.flag, *self._lag_views(layer), 1, lagged.out, lagged.new_len, lagged.copies)
+            if lagged
+            else None,
+        )  # fmt: skip
+        if lagged is not None:  # the next step's choice of the lagged rows, on the side stream
+            with self._fork(q.device):
+                a2, b2 = kern.query_vectors(q, lagged.cfg_next, *views, self.kv_heads)
+                sc2 = kern.scores(a2, b2, lagged.cfg_next, tables, lens, *summ, bs)
+                _, _, later = kern.select(
+                    sc2, tables, lens, cfg, *budget, staging,
+                    lag=(lagged.flag, *self._lag_views(layer), 2, None, None, None),
                 )  # fmt: skip
-        if tier is not None and tier.tier is not None and copies is not None:
-            tier.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
+            if self._side is not None:
+                for t in (q, tables, lens, cfg, lagged.cfg_next, lagged.flag):
+                    t.record_stream(self._side)  # main-stream memory the side stream still reads
+            self._next[layer] = ("kernels", later)
+        if self.kv is not None and self.kv.tier is not None and copies is not None:
+            self.kv.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
         return out, new_len
+
+    def _fork(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """CUDA: the side stream, after the work queued so far on the current one (this layer's queries
+        and tables); elsewhere (Triton's interpreter in tests) program order."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=device)
+        self._side.wait_stream(torch.cuda.current_stream(device))
+        self._forked = True
+        return torch.cuda.stream(self._side)
+
+    def _join(self, device: torch.device) -> None:
+        """The main stream waits for the side stream's work (before the step ends)."""
+        if self._side is not None and self._forked:
+            torch.cuda.current_stream(device).wait_stream(self._side)
+        self._forked = False
+
+    def _vectors(self, layer: int, q: torch.Tensor, cfg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.st
+        if self.decode:
+            views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
+            return ref.query_vectors_ref(q, cfg, *views, self.kv_heads)
+        return self._packed_vectors(layer, q, cfg)
+
+    def _choose_ref(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor
+    ) -> torch.Tensor:
+        """[R, W] bool: the rows of `cfg` choose from this query (ActQKV's layer budget updated)."""
+        st, bs = self.st, self.bs
+        a, b = self._vectors(layer, q, cfg)
+        sc = ref.scores_ref(a, b, cfg, tables, lens, *self._summaries_of(layer), bs)
+        k_sel = ref.budget_ref(sc, cfg, lens, st.entropy, st.remaining, layer, st.width, bs)
+        return ref.choose_ref(sc, k_sel)
+
+    def _select_ref(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernels' semantics in plain torch (the CPU): with lag, the lagged rows' tables from their
+        previous choice, the others' from a fresh one (kept for the next step when lag 1), and the
+        lagged rows' next choice from this query (finished in `filled`)."""
+        st, bs = self.st, self.bs
+        staging = self._staging(layer)
+        held = staging[0] if staging is not None else None
+        flag = torch.zeros(cfg.shape[0], dtype=torch.bool, device=cfg.device)
+        if self.lag:
+            flag = ref.lagged_ref(
+                cfg, tables, lens, st.lag_cols[layer], st.lag_n[layer], st.lag_tag[layer], bs
+            )
+        cfg_now = ref.only_rows(cfg, ~flag)
+        chosen = self._choose_ref(layer, q, tables, lens, cfg_now)
+        out, new_len = ref.tables_ref(tables, lens, cfg_now, chosen, st.counters, bs)
+        at = torch.full((cfg.shape[0], st.width), -1, dtype=torch.int32, device=cfg.device)
+        copies = None
+        if staging is not None:
+            copies = ref.stage_ref(
+                out,
+                lens,
+                cfg_now,
+                chosen.sum(1),
+                held,
+                staging[1],
+                staging[2],
+                st.counters,
+                bs,
+                at,  # type: ignore[arg-type]
+            )
+        if self.lag:
+            ref.remember_ref(cfg_now, chosen, at, *self._lag_views(layer))
+            cfg_next = ref.only_rows(cfg, flag)
+            lo, ln = ref.assemble_ref(
+                tables, lens, cfg_next, st.lag_cols[layer], st.lag_n[layer], st.counters, bs
+            )
+            if staging is not None:  # the choice's host blocks: where they are held, or recalled
+                s = cfg_next[:, ref.SLOT].long().clamp(min=0)
+                m = torch.where(flag, st.lag_n[layer][s].long(), 0)
+                more = ref.stage_ref(lo, lens, cfg_next, m, held, staging[1], staging[2], st.counters, bs)  # type: ignore[arg-type]
+                copies = more if copies is None else tuple(x + y for x, y in zip(copies, more, strict=True))  # type: ignore[assignment]
+            out = torch.where(flag.unsqueeze(1), lo, out)
+            new_len = torch.where(flag, ln, new_len)
+            later = self._choose_ref(layer, q, tables, lens, cfg_next)
+            self._next[layer] = ("ref", later, tables, lens, cfg_next)
+        if self.kv is not None and self.kv.tier is not None and copies is not None:
+            self.kv.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
+        return out, new_len
+
+    def _finish_next(self, layer: int, device: torch.device) -> None:
+        """After the layer's attention: the next step's choice of the lagged rows staged (their host
+        blocks recalled into reserved blocks the step no longer reads) and remembered. CUDA: only the
+        recalls (on the side stream); the last layer joins the side stream back."""
+        if layer not in self._next:
+            if layer == self.num_layers - 1:
+                self._join(device)
+            return
+        kind, *later = self._next.pop(layer)
+        tier = self.kv.tier if self.kv is not None else None
+        if kind == "kernels":  # staged by the kernel: the recalls, after this layer's attention
+            copies = later[0]
+            if copies is not None and tier is not None:
+                with self._fork(device):
+                    tier.recall(layer, *copies)
+            if layer == self.num_layers - 1:
+                self._join(device)
+            return
+        chosen, tables, lens, cfg = later
+        st, bs = self.st, self.bs
+        staging = self._staging(layer)
+        at = torch.full((cfg.shape[0], st.width), -1, dtype=torch.int32, device=cfg.device)
+        if staging is not None:
+            scratch = torch.zeros(3, dtype=st.counters.dtype, device=cfg.device)  # read at assembly
+            out, _ = ref.tables_ref(tables, lens, cfg, chosen, scratch, bs)
+            copies = ref.stage_ref(
+                out, lens, cfg, chosen.sum(1), staging[0], staging[1], staging[2], st.counters, bs, at
+            )
+            if tier is not None:
+                tier.recall(layer, *copies)
+        ref.remember_ref(cfg, chosen, at, *self._lag_views(layer))
 
     def _packed_vectors(
         self, layer: int, q: torch.Tensor, cfg: torch.Tensor
@@ -197,7 +358,9 @@ class RetrievalHook:
                 kern.summaries(*args)
             else:
                 ref.summaries_ref(*args)
+            self._finish_next(layer, kv_cache.device)
             return
+        self._finish_next(layer, kv_cache.device)  # before the rings take this step's queries
         q, qpos, qslot, qmine, qbias = self._stash.pop(layer)
         if blocks.numel():
             self._summaries(layer, kv_cache, blocks, rows, cfg, q, qpos, qslot, rep, lo, hi)

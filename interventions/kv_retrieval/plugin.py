@@ -18,6 +18,11 @@ With a host tier (`--kv-offload-gb`) a retrieving sequence's blocks outside its 
 host memory once a decode step has run; each layer then reads the blocks it chose at this step, the
 ones on the host through GPU blocks reserved per slot, recalled within the step (on the device, from
 pinned host memory: no host sync) unless the slot holds them already.
+
+`lag` (default 1): a decode step reads the blocks chosen from the previous step's query, with the current
+sink and window, while the choice for the next step runs on a side stream (CUDA), off the critical
+path; with a host tier its recalls land before the step that reads them. The first decode step after a
+prompt chunk chooses from its own query. `lag: 0` chooses from the step's own query.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ from actserve.interventions.kv_retrieval import methods as M
 from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, RetrievalHook
 from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec, RetrievalPlan, plan_of
 from actserve.interventions.kv_retrieval.state import RetrievalState
-from actserve.kernels.kv_retrieval_ref import METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
+from actserve.kernels.kv_retrieval_ref import LAG, METHOD, OFFLOAD, POS, RETRIEVE, SINK, SLOT, WINDOW
 
 HOST = "host"  # the graph variant of steps with offloaded rows
+LAGGED = "lag"  # ... of steps with lag-1 rows (both: "host+lag")
 
 DEFAULTS: dict[str, Any] = {
     "slots": 16,  # retrieving sequences at once
@@ -77,7 +83,7 @@ class KVRetrievalPlugin(InterventionPlugin):
         self._free: list[int] = []
         self.state: RetrievalState | None = None
         self.kv: KVSpace | None = None
-        self._hooks: dict[tuple[bool, bool], RetrievalHook] = {}
+        self._hooks: dict[tuple[bool, bool, bool], RetrievalHook] = {}
         self.methods = frozenset(M.METHODS.values())
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -231,40 +237,50 @@ class KVRetrievalPlugin(InterventionPlugin):
             rows[:, SLOT], rows[:, METHOD], rows[:, RETRIEVE] = p.slot, p.method, p.retrieve
             rows[:, SINK], rows[:, WINDOW], rows[:, OFFLOAD] = p.sink, p.window, 0
             rows[:, POS] = np.arange(sp.pos0, sp.pos0 + sp.count)
+            rows[:, LAG] = p.lag
+            prompt = sp.count > 1 or sp.pos0 < sp.prompt_len
+            if prompt and p.lag and st is not None:  # a (re)start: no previous choice to read
+                st.forget_lag(p.slot)
             if not tier:
                 continue
-            if sp.count > 1 or sp.pos0 < sp.prompt_len:  # a prompt chunk: a (re)start holds no host blocks
+            if prompt:  # a prompt chunk: a (re)start holds no host blocks
                 if p.may_host or p.on_host:
                     st.forget_host(p.slot)  # type: ignore[union-attr]
                 p.may_host = p.on_host = False
             elif self._on_host(sp):
                 rows[:, OFFLOAD] = 1
 
-    def _hook(self, decode: bool, host: bool = True) -> RetrievalHook:
-        """`host`: with the host tier's work (offloaded rows' mapping and recalls), if the server has one."""
-        if (decode, host) not in self._hooks:
+    def _hook(self, decode: bool, host: bool = True, lag: bool = False) -> RetrievalHook:
+        """`host`: with the host tier's work (offloaded rows' mapping and recalls), if the server has one;
+        `lag`: with the lag-1 rows' work (assembly, the next step's choice)."""
+        if (decode, host, lag) not in self._hooks:
             assert self.state is not None
             info = self.model_info
-            self._hooks[decode, host] = RetrievalHook(
+            self._hooks[decode, host, lag] = RetrievalHook(
                 self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
-                self.options["representatives"], decode, self.kv if host else None,
+                self.options["representatives"], decode, self.kv if host else None, lag,
             )  # fmt: skip
-        return self._hooks[decode, host]
+        return self._hooks[decode, host, lag]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
         """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
-        prompt's one-token chunk; other requests' rows do not matter), the packed path otherwise."""
+        prompt's one-token chunk; other requests' rows do not matter), the packed path otherwise; with
+        the lag work when a sequence of the step has lag 1."""
         if self.state is None:
             return None
-        return self._hook(all(sp.count == 1 for sp in spans))
+        return self._hook(all(sp.count == 1 for sp in spans), lag=any(sp.plan.lag for sp in spans))
 
     def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
         """HOST when a row of the step has blocks on the host tier (the graph maps them and recalls them),
-        "" otherwise: no tier work in the graph (the same flag `fill_row_inputs` sets)."""
+        LAGGED when a row has lag 1 (the graph assembles its table and forks its next choice), both
+        joined by "+"; "" otherwise: the graph of steps without either."""
         tier = self.kv is not None and self.kv.tier is not None
-        return HOST if tier and any(self._on_host(sp) for sp in spans) else ""
+        modes = [HOST] if tier and any(self._on_host(sp) for sp in spans) else []
+        modes += [LAGGED] if any(sp.plan.lag for sp in spans) else []
+        return "+".join(modes)
 
     def graph_hooks(self, mode: str = "") -> PluginHooks:
         """Decode graphs: the decode path (every method is served by the same kernels), with the host
-        tier's work in the HOST variant only."""
-        return PluginHooks(attention=self._hook(True, host=mode == HOST))
+        tier's work in the HOST variants only, the lag work in the LAGGED ones only."""
+        parts = set(mode.split("+"))
+        return PluginHooks(attention=self._hook(True, host=HOST in parts, lag=LAGGED in parts))

@@ -17,6 +17,10 @@ from actserve.interventions.base import InterventionError
 from actserve.interventions.kv_retrieval.methods import METHODS
 
 DEFAULT_BUDGET, DEFAULT_SINK, DEFAULT_WINDOW = 2048, 64, 256
+# one step stale by default: the choice for the next step is made off the step's critical path (a side
+# stream on CUDA); bench/results/kv_retrieval_quality_lag1.json measured its needle accuracy
+DEFAULT_LAG = 1
+LAGS = (0, 1)
 
 
 class KVRetrievalSpec(BaseModel):
@@ -39,6 +43,12 @@ class KVRetrievalSpec(BaseModel):
         DEFAULT_WINDOW,
         description="recent tokens always attended (rounded up to blocks, the current one included)",
     )
+    lag: StrictInt = Field(
+        DEFAULT_LAG,
+        description="0: each decode step reads the blocks chosen from its own query; 1: those chosen from "
+        "the previous step's query (chosen off the critical path; the sink and window stay current, the "
+        "first step after the prompt chooses afresh)",
+    )
 
 
 @dataclass
@@ -49,6 +59,7 @@ class RetrievalPlan:
     retrieve: int  # retrieved blocks per layer (actqkv: the mean over layers)
     sink: int  # blocks
     window: int  # blocks
+    lag: int = 0  # 1: a decode step reads the choice made at the previous step
     slot: int = -1
     active: bool = False
     released: bool = False
@@ -76,6 +87,12 @@ def plan_of(spec: KVRetrievalSpec, where: str, block_size: int, max_budget: int)
             f"{where}.window_tokens must be in [1, {max_budget}]; got {spec.window_tokens}",
             f"{where}.window_tokens",
         )
+    if spec.lag not in LAGS:
+        raise InterventionError(
+            f"{where}.lag must be 0 (choose from this step's query) or 1 (from the previous step's, one "
+            f"step stale); got {spec.lag}",
+            f"{where}.lag",
+        )
     budget = spec.budget_tokens // block_size
     sink = -(-spec.sink_tokens // block_size)
     window = -(-spec.window_tokens // block_size)
@@ -88,4 +105,4 @@ def plan_of(spec: KVRetrievalSpec, where: str, block_size: int, max_budget: int)
             f"retrieved block; got {spec.budget_tokens}",
             f"{where}.budget_tokens",
         )
-    return RetrievalPlan(METHODS[spec.method], budget - sink - window, sink, window)
+    return RetrievalPlan(METHODS[spec.method], budget - sink - window, sink, window, spec.lag)

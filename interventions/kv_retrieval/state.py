@@ -6,7 +6,8 @@ requests write to), per layer: InfLLM's representative key per KV head, and Ques
 max of the keys. Per slot (one per retrieving sequence, plus a dump slot): the last `ring` queries with
 their positions and activation biases, running mean and variance of the queries, ActQKV's running
 entropy per layer and the blocks left to spread over the step's remaining layers, and, with a host tier,
-per layer the host block each of the slot's reserved GPU blocks holds.
+per layer the host block each of the slot's reserved GPU blocks holds, and, per layer, the choice a
+lag-1 sequence made at its previous step (candidate columns, reserved positions, count, position).
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class RetrievalState:
         # with a host tier, per layer and slot: the host id each of the slot's `width` reserved GPU blocks
         # holds (-1 none), so a block chosen again is not copied again (kernels/kv_retrieval_ref.stage_ref)
         self.held = torch.full((layers, s, width), -1, dtype=torch.int32, device=dev) if tier else None
+        # lag 1, per layer and slot: the candidate columns chosen at the position `lag_tag` (-1 none) for
+        # the next step, ascending, `lag_n` of them, and with a tier the reserved position each host block
+        # was staged at (-1: a GPU id then); kernels/kv_retrieval_ref.py `lagged_ref`, `remember_ref`
+        self.lag_cols = torch.zeros(layers, s, width, dtype=torch.int32, device=dev)
+        self.lag_at = torch.full((layers, s, width), -1, dtype=torch.int32, device=dev)
+        self.lag_n = torch.zeros(layers, s, dtype=torch.int32, device=dev)
+        self.lag_tag = torch.full((layers, s), -1, dtype=torch.int64, device=dev)
         # [retrieved blocks, (row, layer) selections that retrieved, block-layers recalled from the host]
         # summed since start
         self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
@@ -66,6 +74,11 @@ class RetrievalState:
         self.count[:, slot] = 0
         self.entropy[slot] = 1
         self.forget_host(slot)
+        self.forget_lag(slot)
+
+    def forget_lag(self, slot: int) -> None:
+        """No valid previous choice: the slot's next decode step chooses afresh (a sequence (re)starts)."""
+        self.lag_tag[:, slot] = -1
 
     def forget_host(self, slot: int) -> None:
         """The slot's reserved blocks hold nothing (a sequence (re)starts: its host ids mean nothing)."""
