@@ -232,7 +232,7 @@ def test_achieved_sparsity_on_the_correction_sample_is_the_level(
     the histograms' interpolation in a bin (0.002): every site drops its allocated share, so the model
     saves the allocation's. Thresholds held up to their running maximum over the grid (the rule before)
     drop more where a site's level rises less than the sparsity upstream shrinks its inputs (TEAL: 0.704
-    at 0.70 here; 0.717 on SmolLM2-135M's held-out text)."""
+    at 0.70 here)."""
     cal = plugin.calibration
     assert cal is not None
     source = cal.info["source"]
