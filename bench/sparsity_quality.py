@@ -37,9 +37,13 @@ level, the papers' rule). CoreInfer needs none (its token share beta = 0.2 is th
 - `--dense-quantiles MODELS`: TEAL also at its plain thresholds (no correction for the sparsity upstream).
 - `--select-only`: calibration and the selection slice only (every method at every level), written to
   bench/results/sparsity_selection.json (`--out`): where rules are compared; it reads no held-out text.
+- `--calibration-cache DIR`: keep each model's calibration as DIR/<model>.safetensors; where one is there
+  (made on the same calibration text), reuse its dense histograms, methods' statistics and probe costs
+  and make only the allocation and the correction again with the current code (calibrate.py
+  `reallocate`): minutes instead of SmolLM2's hour of probes. "calibration_reused" says which it was.
 
     python bench/sparsity_quality.py [--levels 0.25,0.4,0.5,0.7] [--smollm2-windows 8] [--models ...]
-        [--probe-tokens N] [--select-only]
+        [--probe-tokens N] [--select-only] [--methods teal,chess] [--calibration-cache DIR] [--out FILE]
 Writes bench/results/sparsity_quality.json and prints the table last.
 """
 
@@ -64,8 +68,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actserve.interventions.sparsity.allocation import PROBE_LEVELS
-from actserve.interventions.sparsity.artifact import SparsityCalibration, save_calibration
-from actserve.interventions.sparsity.calibrate import PROBE_TOKENS, calibrate, text_windows
+from actserve.interventions.sparsity.artifact import (
+    SparsityCalibration,
+    load_calibration,
+    save_calibration,
+)
+from actserve.interventions.sparsity.calibrate import PROBE_TOKENS, calibrate, reallocate, text_windows
 from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size
 from actserve.interventions.sparsity.plugin import levels
 from actserve.server.engine.config import EngineConfig
@@ -202,6 +210,20 @@ def select_best(
     return {**out, "best": min(ratios, key=lambda m: ratios[m])}
 
 
+def cached_calibration(path: Path, cal_seqs: list[list[int]], probe_tokens: int) -> SparsityCalibration:
+    """The kept calibration at `path`, checked to be of this calibration text (its tokens and sequences)
+    and made with probes of `probe_tokens` tokens (SystemExit otherwise: delete it to calibrate again)."""
+    cal = load_calibration(path)
+    tokens, probes = sum(map(len, cal_seqs)), cal.info.get("allocation", {}).get("probe_tokens")
+    if (cal.tokens, cal.info.get("sequences"), probes) != (tokens, len(cal_seqs), probe_tokens or None):
+        raise SystemExit(
+            f"{path}: made on {cal.tokens} tokens in {cal.info.get('sequences')} sequences with {probes} "
+            f"probe tokens, not this text's {tokens} in {len(cal_seqs)} with {probe_tokens}: delete it to "
+            "recalibrate"
+        )
+    return cal
+
+
 def run_model(
     key: str, path: Path, manifest: dict[str, Any], args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
@@ -219,10 +241,21 @@ def run_model(
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", num_kv_blocks=1024))
     cal_seqs = text_windows(eng.tokenizer, calib_docs, WINDOW)
-    cal = calibrate(
-        eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False,
-        methods=("chess", "r_sparse"), probe_tokens=args.probe_tokens or None,
-    )  # fmt: skip
+    cached = args.calibration_cache / f"{key}.safetensors" if args.calibration_cache else None
+    reused = cached is not None and cached.exists()
+    if cached is not None and reused:
+        cal = reallocate(
+            eng, cached_calibration(cached, cal_seqs, args.probe_tokens), cal_seqs,
+            CORRECTION_TOKENS[key], progress=False,
+        )  # fmt: skip
+    else:
+        cal = calibrate(
+            eng, cal_seqs, correction_tokens=CORRECTION_TOKENS[key], progress=False,
+            methods=("chess", "r_sparse"), probe_tokens=args.probe_tokens or None,
+        )  # fmt: skip
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_calibration(cal, cached)
     calib_s = time.perf_counter() - t0
     art = tmp / f"{key}.safetensors"
     save_calibration(cal, art)
@@ -240,6 +273,7 @@ def run_model(
         "calibration_tokens": cal.tokens,
         "correction_tokens": cal.info["correction"]["tokens"],
         "calibration_s": round(calib_s, 1),
+        "calibration_reused": reused,
         "r_sparse_alpha_mean_by_projection": cal.info["r_sparse"]["alpha_mean_by_projection"],
         "allocation": {k: v for k, v in cal.info.get("allocation", {}).items() if k != "probe_kl"},
         "selection": {**selection, "sequences": len(pick), "seconds": round(select_s, 1)},
@@ -306,6 +340,10 @@ def main() -> None:
         help="the allocation's probe text (0: every site at the level)",
     )  # fmt: skip
     ap.add_argument("--select-only", action="store_true", help="calibration and the selection slice only")
+    ap.add_argument(
+        "--calibration-cache", type=Path, default=None,
+        help="keep calibrations here; reuse one found there (the allocation and correction made again)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.probe_tokens < 0 or args.probe_tokens == 1:

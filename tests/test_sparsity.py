@@ -109,8 +109,10 @@ def test_calibration_round_trips_and_bad_files_are_refused(
     assert again.info == cal.info and again.tokens == cal.tokens
     t = cal.thresholds(levels())
     assert torch.equal(t, again.thresholds(levels())) and torch.equal(t.to(table(eng).device), table(eng))
-    # rises with the level (0 while the allocation leaves a site dense), every site sparse at the top
-    assert t[0].eq(0).all() and (t >= 0).all() and (t[1:] >= t[:-1]).all() and (t[-1] > 0).all()
+    # every site sparse at the top, none at 0; a site's own level never falls as the level rises (its
+    # threshold may: the sparsity upstream shrinks its inputs, calibrate.py `correct`)
+    assert t[0].eq(0).all() and (t >= 0).all() and (t[-1] > 0).all()
+    assert cal.allocation is not None and (cal.allocation[1:] >= cal.allocation[:-1]).all()
     bad = tmp_path / "bad.safetensors"
     save_file({"histogram": cal.counts}, str(bad), metadata={"format": "actserve.asc"})
     with pytest.raises(ArtifactError, match="not a sparsity calibration"):
@@ -197,7 +199,7 @@ def test_achieved_sparsity_on_heldout_text(eng: LLMEngine, ref: Any, heldout: li
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
     got = {}
-    for level in (0.25, 0.33, 0.5, 0.7):
+    for level in (0.25, 0.33, 0.4, 0.5, 0.7):
         with torch.inference_mode(), HFTeal(ref, table(eng)[round(level * 100)]) as h:
             h.valid = mask.reshape(-1).bool()
             ref(input_ids=ids, attention_mask=mask)

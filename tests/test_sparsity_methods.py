@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from actserve.interventions.base import InterventionCapacityError, InterventionError
 from actserve.interventions.sparsity.artifact import ArtifactError, load_calibration, save_calibration
+from actserve.interventions.sparsity.calibrate import read_texts, reallocate, spread, text_windows
 from actserve.interventions.sparsity.coreinfer import TOKEN_FRACTION, core_size, gathered_ffn
 from actserve.interventions.sparsity.plugin import SparsityPlugin, levels
 from actserve.server.engine.llm_engine import LLMEngine
@@ -26,6 +27,7 @@ from tests.engine_utils import HFTeal, assert_steps_close, greedy, hf_generate, 
 from tests.sparsity_utils import HELDOUT, PLUGIN, HFChess, HFCoreInfer, HFRSparse, engine
 
 STEPS = 6
+CORRECTION_TOKENS = 1024  # the session calibration's --correction-tokens (tests/conftest.py)
 
 
 def spec(method: str, level: float) -> dict[str, Any]:
@@ -185,24 +187,87 @@ def test_coreinfer_masked_path_equals_gathered_weights(eng: LLMEngine) -> None:
     assert torch.allclose(gathered_ffn(x, gate_up, down, core), masked, atol=1e-12, rtol=1e-12)
 
 
+def teal_ref(plugin: SparsityPlugin, ref: Any, level: float, decode_only: bool) -> HFTeal:
+    return HFTeal(ref, plugin.tables["teal"][round(level * 100)].cpu(), decode_only)
+
+
+def achieved(
+    plugin: SparsityPlugin,
+    ref: Any,
+    seqs: list[list[int]],
+    methods: tuple[str, ...],
+    levels_: tuple[float, ...],
+) -> dict[tuple[str, float], float]:
+    """(method, level) -> the reference's achieved sparsity over `seqs`, every position sparse."""
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    make = {"teal": teal_ref, "chess": chess_ref, "r_sparse": rsparse_ref}
+    got = {}
+    for method in methods:
+        for level in levels_:
+            with torch.inference_mode(), make[method](plugin, ref, level, decode_only=False) as h:
+                h.valid = mask.reshape(-1).bool()
+                ref(input_ids=ids, attention_mask=mask)
+            got[(method, level)] = round(h.sparsity(), 4)
+    return got
+
+
 def test_achieved_sparsity_on_heldout_text(plugin: SparsityPlugin, ref: Any, heldout: list[str]) -> None:
     """Over held-out stories (every position sparse, as each decode step is), CHESS's zero fraction of its
     three thresholded tensors and R-Sparse's saved share of multiply-adds, averaged over layers and
     sites, are within 0.01 of the level, between grid levels too (0.33)."""
     tok = AutoTokenizer.from_pretrained(ref.name_or_path)
     seqs = [tok(t).input_ids[:200] for t in heldout[:24]]
-    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    got = {}
-    for method, make in (("chess", chess_ref), ("r_sparse", rsparse_ref)):
-        for level in (0.25, 0.33, 0.5, 0.7):
-            with torch.inference_mode(), make(plugin, ref, level, decode_only=False) as h:
-                h.valid = mask.reshape(-1).bool()
-                ref(input_ids=ids, attention_mask=mask)
-            got[(method, level)] = round(h.sparsity(), 4)
+    got = achieved(plugin, ref, seqs, ("chess", "r_sparse"), (0.25, 0.33, 0.4, 0.5, 0.7))
     assert all(abs(a - level) <= 0.01 for (_, level), a in got.items()), got
+
+
+def test_achieved_sparsity_on_the_correction_sample_is_the_level(
+    plugin: SparsityPlugin, eng: LLMEngine, ref: Any
+) -> None:
+    """On the correction's own sample (calibrate.py step 3: each site's threshold measured there, every
+    earlier site sparse), each calibrated method's achieved sparsity at grid levels is the level to within
+    the histograms' interpolation in a bin (0.002): every site drops its allocated share, so the model
+    saves the allocation's. Thresholds held up to their running maximum over the grid (the rule before)
+    drop more where a site's level rises less than the sparsity upstream shrinks its inputs (TEAL: 0.704
+    at 0.70 here)."""
+    cal = plugin.calibration
+    assert cal is not None
+    source = cal.info["source"]
+    seqs = text_windows(eng.tokenizer, read_texts([Path(t) for t in source["text"]]), source["window"])
+    sample = spread(seqs, CORRECTION_TOKENS)
+    assert sum(map(len, sample)) == cal.info["correction"]["tokens"]
+    got = achieved(plugin, ref, sample, ("teal", "chess", "r_sparse"), (0.25, 0.4, 0.5, 0.7))
+    assert all(abs(a - level) <= 0.002 for (_, level), a in got.items()), got
+
+
+def test_reallocate_remakes_the_allocation_and_correction(tinystories_dir: Path, artifact: Path) -> None:
+    """From the calibration's kept probe costs, histograms and statistics, `reallocate` (the bench's
+    --calibration-cache) makes the allocation and the correction of a full calibration again: the same
+    tables for every method."""
+    cal = load_calibration(artifact)
+    bare = engine(tinystories_dir, None)
+    source = cal.info["source"]
+    seqs = text_windows(bare.tokenizer, read_texts([Path(t) for t in source["text"]]), source["window"])
+    again = reallocate(bare, cal, seqs, CORRECTION_TOKENS, progress=False)
+    assert again.info == cal.info and again is not cal
+    lv = levels()
+    assert torch.allclose(again.thresholds(lv), cal.thresholds(lv), rtol=1e-6, atol=0)
+    assert again.chess is not None and cal.chess is not None
+    a, b = (
+        again.chess.thresholds(lv, again.counts, again.edges),
+        cal.chess.thresholds(lv, cal.counts, cal.edges),
+    )
+    assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    assert again.rsparse is not None and cal.rsparse is not None
+    assert torch.allclose(
+        again.rsparse.thresholds(lv, again.edges), cal.rsparse.thresholds(lv, cal.edges), rtol=1e-6
+    )
+    assert torch.equal(again.rsparse.ranks(lv), cal.rsparse.ranks(lv))
+    for x, y in ((again.allocation, cal.allocation), (again.chess.allocation, cal.chess.allocation)):
+        assert x is not None and y is not None and torch.equal(x, y)
 
 
 def test_mixed_methods_and_levels_equal_solo_and_dense_rows_keep_their_bits(
@@ -281,10 +346,11 @@ def test_artifact_sections_round_trip_and_bad_ones_are_refused(
     for a, b in ((again.allocation, cal.allocation), (again.chess.allocation, cal.chess.allocation)):
         assert a is not None and b is not None and torch.equal(a, b)
     t = cal.chess.thresholds(lv, cal.counts, cal.edges)
-    # q, o and the FFN's lambda rise with the level (0 while the allocation leaves a site dense); the down
-    # input's threshold is what the allocation adds beyond the channel mask's zeros, and may fall back to 0
-    assert t[0].eq(0).all() and (t >= 0).all() and (t[1:, :, :3] >= t[:-1, :, :3]).all()
-    assert (t[-1, :, :3] > 0).all() and (t[40] > 0).any(dim=-1).all()
+    # q, o and the FFN's lambda are set at the top, none at 0 (a site's threshold may fall as the level
+    # rises, where the sparsity upstream shrinks its inputs); the down input's threshold is what the
+    # allocation adds beyond the channel mask's zeros, and may fall back to 0
+    assert t[0].eq(0).all() and (t >= 0).all() and (t[-1, :, :3] > 0).all() and (t[40] > 0).any(dim=-1).all()
+    assert cal.chess.allocation is not None and (cal.chess.allocation[1:] >= cal.chess.allocation[:-1]).all()
     bad = cal.chess
     cal.chess = type(bad)(bad.up_mean[:, :5], bad.counts, bad.grid, bad.quantiles)
     cal.chess.counts = bad.counts[:1]

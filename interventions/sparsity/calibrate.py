@@ -16,7 +16,12 @@ Three steps:
    site's threshold is fixed, in forward order, as that quantile of the inputs it sees there, all
    earlier sites already thresholded: exact for the sample, in one run. The artifact keeps each as the
    dense histogram's quantile it equals (`teal.quantiles`); levels between grid levels are interpolated
-   in that quantile (histograms.py `corrected_quantiles`).
+   in that quantile (histograms.py `corrected_quantiles`). The quantiles are kept as measured, not made
+   monotone in the level: a site whose own level stays while the sites before it drop more sees smaller
+   inputs, and its threshold falls (`correct`).
+
+`reallocate` makes steps 2 and 3 again from a calibration's kept probe costs (a change to either, without
+the dense passes and the probes, which are most of the time).
 
 Calibration text: given files (`--text`: JSON lines with a "text" field, or plain text), or by default
 the model's own samples (temperature 1.0, a fixed seed) continuing a few fixed, varied openings; no
@@ -267,36 +272,82 @@ def calibrate(
     if correction_tokens is None:
         return cal
     q_size, kv_size = mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim
+    shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
     alloc = {m: uniform(grid, mi.num_layers, 4) for m in ("teal", *(k for k in METHODS if k in methods))}
     if probe_tokens:
-        shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
-        alloc = _allocations(runner, cal, token_lists, probe_tokens, grid, shapes, mi.device, progress)
+        costs = _probe_costs(runner, cal, token_lists, probe_tokens, q_size, mi.device, progress)
+        alloc = _allocations(cal, costs, grid, shapes)
+    correct(runner, cal, sample, alloc, grid, q_size, mi.device, progress)
+    return cal
+
+
+def reallocate(
+    engine: Any,
+    cal: SparsityCalibration,
+    token_lists: list[list[int]],
+    correction_tokens: int = 2048,
+    grid: torch.Tensor = CORRECTION_GRID,
+    progress: bool | None = None,
+) -> SparsityCalibration:
+    """`cal` (made by `calibrate` on `token_lists` with probes) with its allocation and correction made
+    again from the probe costs it keeps (`info["allocation"]["probe_kl"]`), its dense histograms and its
+    methods' statistics: steps 2 and 3 without the dense passes and the probes (the probes are most of a
+    calibration's time), for a change to the allocation or the correction."""
+    kept = cal.info.get("allocation", {}).get("probe_kl")
+    if kept is None:
+        raise ValueError("the calibration keeps no probe costs (made without probes)")
+    mi = engine.model_info
+    q_size, kv_size = mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim
+    shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
+    costs = {m: torch.tensor(c, dtype=torch.float64) for m, c in kept.items()}
+    out = dataclasses.replace(
+        cal,
+        info=json.loads(json.dumps(cal.info)),
+        chess=None if cal.chess is None else dataclasses.replace(cal.chess),
+        rsparse=None if cal.rsparse is None else dataclasses.replace(cal.rsparse),
+    )
+    alloc = _allocations(out, costs, grid, shapes)
+    sample = spread(token_lists, correction_tokens)
+    correct(engine.runner, out, sample, alloc, grid, q_size, mi.device, progress)
+    return out
+
+
+def correct(
+    runner: Any,
+    cal: SparsityCalibration,
+    sample: list[list[int]],
+    alloc: dict[str, torch.Tensor],
+    grid: torch.Tensor,
+    q_size: int,
+    device: torch.device,
+    progress: bool | None,
+) -> None:
+    """Step 3 (module doc) into `cal`: per calibrated method, one forward of `sample` per grid level with
+    every site at its allocated level (`alloc`: method -> [G, layers, 4]); each site's threshold, as a
+    quantile of its dense histogram, is what that forward measured. Not made monotone in the level: at a
+    site whose own level rises less than the sparsity upstream of it shrinks its inputs, the threshold
+    that keeps its level falls, and holding it up (a running maximum) drops more than the allocation
+    asks (TinyStories-656K at 0.70, on this sample: 0.704)."""
     forwards = runner.collect_forwards
-    seq = SequentialThresholds(alloc["teal"], mi.device)
+    seq = SequentialThresholds(alloc["teal"], device)
     _levels(runner, sample, seq, grid, "correction (teal)", progress)
-    cal.grid, cal.quantiles = grid.clone(), cdf(counts, cal.edges, seq.table).cummax(0).values
+    cal.grid, cal.quantiles = grid.clone(), cdf(cal.counts, cal.edges, seq.table)
     cal.allocation = alloc["teal"]
     if cal.chess is not None:
-        chess = SequentialChess(alloc["chess"], cal.chess.up_mean, q_size, mi.device)
+        chess = SequentialChess(alloc["chess"], cal.chess.up_mean, q_size, device)
         _levels(runner, sample, chess, grid, "correction (chess)", progress)
-        site_counts = cal.chess.site_counts(counts)
         cal.chess.grid, cal.chess.allocation = grid.clone(), alloc["chess"]
-        q = cdf(site_counts, cal.edges, chess.table)
-        # monotone in the level but at the down site, whose threshold falls as the channel mask takes more
-        # of its zeros (the allocation's d - f may shrink)
-        down = SITES_CHESS.index("down")
-        q[..., :down] = q[..., :down].cummax(0).values
-        cal.chess.quantiles = q
+        cal.chess.quantiles = cdf(cal.chess.site_counts(cal.counts), cal.edges, chess.table)
     if cal.rsparse is not None:
         cal.rsparse.grid, cal.rsparse.allocation = grid.clone(), alloc["r_sparse"]
-        rs = SequentialRSparse(alloc["r_sparse"], cal.rsparse, mi.device)
+        rs = SequentialRSparse(alloc["r_sparse"], cal.rsparse, device)
         _levels(runner, sample, rs, grid, "correction (r_sparse)", progress)
-        cal.rsparse.quantiles = cdf(cal.rsparse.counts, cal.edges, rs.table).cummax(0).values
+        cal.rsparse.quantiles = cdf(cal.rsparse.counts, cal.edges, rs.table)
     runs = 1 + (cal.chess is not None) + (cal.rsparse is not None)
     if runner.collect_forwards - forwards > runs * len(grid):  # too few free KV blocks for one forward
         log.warning("the correction's sample took more than one forward per level: exact on the first only")
-    meta["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
-    return cal
+    n = sum(map(len, sample))
+    cal.info["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
 
 
 def uniform(grid: torch.Tensor, num_layers: int, sites: int) -> torch.Tensor:
@@ -304,22 +355,20 @@ def uniform(grid: torch.Tensor, num_layers: int, sites: int) -> torch.Tensor:
     return grid.to(torch.float64).reshape(-1, 1, 1).expand(-1, num_layers, sites).clone()
 
 
-def _allocations(
+def _probe_costs(
     runner: Any,
     cal: SparsityCalibration,
     token_lists: list[list[int]],
     probe_tokens: int,
-    grid: torch.Tensor,
-    shapes: tuple[int, int, int, int],
+    q_size: int,
     device: torch.device,
     progress: bool | None,
 ) -> dict[str, torch.Tensor]:
-    """Per calibrated method, each site's level at each grid level (allocation.py), from probes over the
-    last `probe_tokens` tokens of the text (probe.py). Where a method drops the same entries as TEAL at a
-    site, it takes TEAL's probe: CHESS's o and down sites (the same threshold on the same input), and
-    R-Sparse's projections whose alpha is 1 (|x| alone, no low-rank part). `shapes`: hidden, q, k/v and
-    intermediate sizes."""
-    layers, q_size = cal.num_layers, shapes[1]
+    """Per calibrated method, the probe costs [layers, 4, len(PROBE_LEVELS)] (probe.py) over the last
+    `probe_tokens` tokens of the text. Where a method drops the same entries as TEAL at a site, it takes
+    TEAL's probe: CHESS's o and down sites (the same threshold on the same input), and R-Sparse's
+    projections whose alpha is 1 (|x| alone, no low-rank part)."""
+    layers = cal.num_layers
     prober = Prober(runner, probe_text(token_lists, probe_tokens))
     disable = _disable(progress)
     every = torch.ones(layers, 4, dtype=torch.bool)
@@ -336,13 +385,27 @@ def _allocations(
         own = rsparse.alpha < 1  # where alpha = 1, R-Sparse drops by |x| with no low-rank part: TEAL's probe
         rs = prober.costs(lambda t: SequentialRSparse(t, rsparse, device), own, "r_sparse", disable)
         costs["r_sparse"] = torch.where(own.unsqueeze(-1), rs, teal)
+    cal.info["allocation"] = {"probe_tokens": prober.tokens}
+    return costs
+
+
+def _allocations(
+    cal: SparsityCalibration,
+    costs: dict[str, torch.Tensor],
+    grid: torch.Tensor,
+    shapes: tuple[int, int, int, int],
+) -> dict[str, torch.Tensor]:
+    """Per method of `costs` (its probe costs), each site's level at each grid level (allocation.py);
+    the costs and a summary go to `cal.info["allocation"]`. `shapes`: hidden, q, k/v and intermediate
+    sizes."""
     out = {}
     for m, c in costs.items():
         coupled = (SITES_CHESS.index("ffn"), SITES_CHESS.index("down")) if m == "chess" else None
         out[m] = greedy_allocation(cost_curves(c), site_weights(m, *shapes), grid, coupled)
     at = int(torch.argmin((grid - 0.4).abs()))
     cal.info["allocation"] = {
-        "probe_tokens": prober.tokens, "probe_levels": list(PROBE_LEVELS),
+        "probe_tokens": cal.info.get("allocation", {}).get("probe_tokens"),
+        "probe_levels": list(PROBE_LEVELS),
         "probe_kl": {m: c.tolist() for m, c in costs.items()},
         f"mean_level_by_site_at_{float(grid[at]):.2f}": {m: a[at].mean(0).tolist() for m, a in out.items()},
     }  # fmt: skip
