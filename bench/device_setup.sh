@@ -5,4 +5,7 @@ set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 mkdir -p /tmp/site/actserve
 for d in server interventions kernels clients; do ln -sfn "$PWD/$d" "/tmp/site/actserve/$d"; done
+# tests/conftest.py finds the third-party test plugins' entry points in .venv/test-plugins (scripts/setup.sh
+# writes it; git ignores it): GPU tests that load them fail unless the device call carries that path
+[ -d .venv/test-plugins ] || echo "device_setup: .venv/test-plugins not carried: tests using the test plugins will fail" >&2
 echo "export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1"
