@@ -271,8 +271,8 @@ def calibrate(
         }  # fmt: skip
     if correction_tokens is None:
         return cal
-    q_size, kv_size = mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim
-    shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
+    shapes = _shapes(mi)
+    q_size = shapes[1]
     alloc = {m: uniform(grid, mi.num_layers, 4) for m in ("teal", *(k for k in METHODS if k in methods))}
     if probe_tokens:
         costs = _probe_costs(runner, cal, token_lists, probe_tokens, q_size, mi.device, progress)
@@ -297,8 +297,8 @@ def reallocate(
     if kept is None:
         raise ValueError("the calibration keeps no probe costs (made without probes)")
     mi = engine.model_info
-    q_size, kv_size = mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim
-    shapes = (mi.hidden_size, q_size, kv_size, mi.intermediate_size)
+    shapes = _shapes(mi)
+    q_size = shapes[1]
     costs = {m: torch.tensor(c, dtype=torch.float64) for m, c in kept.items()}
     out = dataclasses.replace(
         cal,
@@ -348,6 +348,11 @@ def correct(
         log.warning("the correction's sample took more than one forward per level: exact on the first only")
     n = sum(map(len, sample))
     cal.info["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
+
+
+def _shapes(mi: Any) -> tuple[int, int, int, int]:
+    """The allocation's site sizes: hidden, q, k/v and intermediate (the model's ModelInfo)."""
+    return mi.hidden_size, mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim, mi.intermediate_size
 
 
 def uniform(grid: torch.Tensor, num_layers: int, sites: int) -> torch.Tensor:
