@@ -442,11 +442,12 @@ def _assemble_kernel(
     lcol_ptr, lat_ptr, ln_ptr, tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr,
     W, width, res_base, host_base, stride_cfg, stride_bt, stride_lag, stride_held, stride_w, stride_c,
     BS: tl.constexpr, BLOCK_W: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
-    H_CHUNK: tl.constexpr, TIER: tl.constexpr,
+    H_CHUNK: tl.constexpr, TIER: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     """lagged_ref and assemble_ref for one row, its two masked configurations (only_rows) and, with a
     host tier, stage_ref of an offloaded row's table: its host ids read where `lag_at` says they were
-    staged, unless one is not held there (a block that moved to the host since): then `_stage`."""
+    staged, unless one is not held there (a block that moved to the host since): then `_stage`. FULL (a
+    step without `select` phase 1): a row not flagged keeps its whole table (full attention)."""
     r = tl.program_id(0).to(tl.int64)
     if TIER:
         tl.store(cn_ptr + r, 0)
@@ -472,11 +473,14 @@ def _assemble_kernel(
     tl.store(flag_ptr + r, ok.to(tl.int32))
     tl.store(now_ptr + r * COLUMNS + cc, tl.where((cc == SLOT) & ok, -1, row_cfg), mask=cm)
     tl.store(next_ptr + r * COLUMNS + cc, tl.where((cc == SLOT) & (ok == 0), -1, row_cfg), mask=cm)
-    if ok == 0:
-        return
     length = tl.load(len_ptr + r)
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
+    if ok == 0:
+        if FULL:
+            _copy_row(row_in, row_out, W, BLOCK_W)
+            tl.store(newlen_ptr + r, length)
+        return
     if (n_cand <= k) & (off <= 0):  # covered: full attention bit for bit
         _copy_row(row_in, row_out, W, BLOCK_W)
         tl.store(newlen_ptr + r, length)
@@ -628,12 +632,15 @@ class Lagged(NamedTuple):
 def assemble(
     cfg: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, lag_cols: torch.Tensor, lag_at: torch.Tensor,
     lag_n: torch.Tensor, lag_tag: torch.Tensor, tier: tuple[torch.Tensor, int, int] | None,
-    counters: torch.Tensor, block_size: int, chunk: int = 2048,
+    counters: torch.Tensor, block_size: int, chunk: int = 2048, full: bool = False,
 ) -> Lagged:  # fmt: skip
     """`lagged_ref`, `assemble_ref` (with `stage_ref` for offloaded rows) and the two `only_rows`
     configurations in one launch; `tier` = (held [S, width], first reserved id, first host id) with a
     host tier: then `copies` lists the lagged rows' recalls, which `select` phase 1 completes with the
-    other rows' (one `KVTier.recall` for both)."""
+    other rows' (one `KVTier.recall` for both). `full` (a step that runs no phase 1; not with a tier,
+    whose tables may hold host ids): the rows not flagged get their whole tables and lengths."""
+    if full and tier is not None:
+        raise ValueError("assemble: full tables for rows not flagged would hand host ids to attention")
     rows, w = bt.shape
     width = lag_cols.shape[1]
     out = torch.empty_like(bt)
@@ -658,7 +665,7 @@ def assemble(
         lag_cols.stride(0), held.stride(0), work.stride(0), src.stride(0),
         BS=block_size, BLOCK_W=min(chunk, max(16, triton.next_power_of_2(w))),
         K_PAD=triton.next_power_of_2(width), C_PAD=triton.next_power_of_2(ref.COLUMNS), H_CHUNK=32,
-        TIER=tier is not None, num_warps=4,
+        TIER=tier is not None, FULL=full, num_warps=4,
     )  # fmt: skip
     return Lagged(out, new_len, flag, cfg_now, cfg_next, copies)
 

@@ -390,12 +390,12 @@ for block_w, tier, phase in (
             dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier, PHASE=phase),
         )
     )
-for tier in (True, False):
+for tier, full in ((True, False), (False, False), (False, True)):  # full: steps without phase 1
     VARIANTS.append(
         (
             _assemble_kernel,
             {**kvr_types, "out_ptr": I32, "cnt_ptr": I64},
-            dict(BS=16, BLOCK_W=2048, K_PAD=256, C_PAD=8, H_CHUNK=32, TIER=tier),
+            dict(BS=16, BLOCK_W=2048, K_PAD=256, C_PAD=8, H_CHUNK=32, TIER=tier, FULL=full),
         )
     )
 VARIANTS.append(

@@ -171,3 +171,24 @@ def test_lag_from_cuda_graphs_equals_eager(tinystories_dir: Path, tier: float) -
     assert plugin is not None and plugin.stats()["retrieval_selections"] > 0
     if tier:
         assert graphed.host_tier is not None and graphed.host_tier.bytes_to_device > 0
+
+
+def test_all_lagged_graphs_equal_eager(tinystories_dir: Path) -> None:
+    """Steps whose every retrieving row is lag 1 and past its first decode step replay the graph variant
+    without a fresh choice ("lag+all": assembly on the main stream; append, next choice and summaries
+    on the side stream) and give the tokens and logits of the eager run, which chooses in program order."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (300, 270, 290)]
+    specs = [spec("actqkv", 96), None, spec("quest", 112)]
+    graphed = engine(tinystories_dir)
+    out, logged = run_logged(graphed, prompts, greedy(24), specs, "a")
+    graphs = graphed.runner.graphs
+    assert graphs is not None and any(dict(v).get("kv_retrieval") == "lag+all" for v in graphs.variants), (
+        graphs.variants
+    )
+    eager = engine(tinystories_dir, enforce_eager=True)
+    want, want_logged = run_logged(eager, prompts, greedy(24), specs, "a")
+    assert out == want
+    for i in range(len(prompts)):
+        pairs = zip(logged[f"a{i}"], want_logged[f"a{i}"], strict=True)
+        assert max((a - b).abs().max().item() for a, b in pairs) < 1e-4, i

@@ -613,3 +613,98 @@ def test_lag_kernels_equal_the_references() -> None:
                 assert torch.equal(a, b), (step, layer, name)
             assert torch.allclose(st_ref.entropy, st_ker.entropy, atol=1e-5)
     assert int(st_ref.counters[2]) > 0 and bool((st_ref.lag_tag[:, :4] >= 0).all())  # slots 0-3: lag 1
+
+
+def test_all_lagged_steps_equal_the_reference_path() -> None:
+    """Decode steps whose every retrieving row reads its previous step's choice (`all_lagged`: no fresh
+    choice on the step's path; the append, the next choice and the summaries on the side stream, here
+    Triton's interpreter in program order) after a first lag-1 step, beside another request's row,
+    build the tables, keep the choices and write the statistics and summaries the plain-torch path does;
+    a row the device does not flag (its slot forgotten) reads its whole table and chooses again."""
+    g = torch.Generator().manual_seed(31)
+    st_ref, st_ker = lag_state(g), lag_state(torch.Generator().manual_seed(31))
+    ref_hook = RetrievalHook(st_ref, LAYERS, HK, BS, D**-0.5, 2, True, None, lag=True)
+    ref_hook._kernels = lambda t: False  # type: ignore[method-assign]
+    first = RetrievalHook(st_ker, LAYERS, HK, BS, D**-0.5, 2, True, None, lag=True)
+    every = RetrievalHook(st_ker, LAYERS, HK, BS, D**-0.5, 2, True, None, lag=True, all_lagged=True)
+    for hk in (first, every):
+        hk._kernels = lambda t: True  # type: ignore[method-assign]
+    rows0 = LAG_ROWS[:4]
+    base = torch.stack([torch.randperm(40, generator=g)[:16] for _ in rows0]).to(torch.int32)
+    kv_cache = torch.randn(2, IDS * BS, HK, D, generator=g).to(DEV)
+    for step in range(5):
+        rows = [r[:5] + [r[5] + step] + r[6:] if r[0] >= 0 else r for r in rows0]
+        inputs = {k: v.to(DEV) for k, v in rows_input(rows).items()}
+        lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in rows], dtype=torch.int32).to(DEV)
+        pos = torch.tensor([r[5] if r[0] >= 0 else 7 for r in rows]).to(DEV)
+        tables = base.to(DEV)
+        if step == 3:  # slot 1 restarts on both sides: not flagged, its whole table this step
+            for st in (st_ref, st_ker):
+                st.forget_lag(1)
+        # the block row 0 completes this step, if any (position 41 + step ends block (41 + step) // BS)
+        done = (rows[0][5] + 1) % BS == 0
+        blocks = torch.tensor([int(base[0, rows[0][5] // BS])] if done else [-1], device=DEV)
+        filled_rows = torch.tensor([0 if done else -1], device=DEV)
+        hk = first if step == 0 else every
+        for layer in range(LAYERS):
+            q = torch.randn(len(rows), HQ, D, generator=g).to(DEV)
+            outs, added = [], []
+            for h, st in ((ref_hook, st_ref), (hk, st_ker)):
+                before = st.counters.clone()
+                h.queries(layer, q, pos, inputs)
+                outs.append(h.select(layer, q, tables.clone(), lens.clone(), inputs))
+                h.filled(layer, kv_cache, blocks, filled_rows, inputs)
+                if DEV.type == "cuda":
+                    torch.cuda.synchronize()
+                added.append(st.counters - before)
+            (t0, l0), (t1, l1) = outs
+            for r in range(len(rows)):
+                if step == 3 and r == 1:  # the restarted row: its whole table (the reference chooses)
+                    assert int(l1[r]) == int(lens[r]) and torch.equal(t1[r], tables[r])
+                    continue
+                assert int(l0[r]) == int(l1[r]), (step, layer, r)
+                used = -(-int(l0[r]) // BS)
+                assert torch.equal(t0[r, :used], t1[r, :used]), (step, layer, r)
+            if step != 3:  # blocks retrieved and selections made (a whole table counts none)
+                assert torch.equal(added[0][:2], added[1][:2]), (step, layer)
+            for name in ("lag_cols", "lag_n", "lag_tag", "count", "ring_pos"):
+                a, b = getattr(st_ref, name), getattr(st_ker, name)
+                if name == "lag_cols":
+                    live = torch.arange(WIDTH, device=DEV) < st_ref.lag_n.unsqueeze(-1)
+                    a, b = a[live], b[live]
+                assert torch.equal(a, b), (step, layer, name)
+            for name in ("entropy", "mean", "var", "ring_q", "ring_bias", "rep", "kmin", "kmax"):
+                a, b = getattr(st_ref, name), getattr(st_ker, name)
+                assert torch.allclose(a, b, atol=1e-5), (step, layer, name)
+    assert st_ker.lag_tag[:, :3].tolist() == [[45, 50, 53]] * LAYERS  # every slot chose at its last step
+
+
+def test_graph_mode_all_lagged_after_a_decode_step() -> None:
+    """The graph variant without a fresh choice ("lag+all") only for steps whose every row is a lag-1
+    decode row right after a decode step of its own sequence: not the first step after a prompt, not
+    beside a lag 0 row, not after a restart."""
+    plugin = KVRetrievalPlugin(INFO)
+    plugin.configure({"slots": 2, "max_budget_tokens": 24})
+    plugin.bind_kv(KVSpace(BS, 40, IDS, range(100, 100 + 2 * plugin.width), None))
+    lag1 = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4, lag=1)
+    lag0 = KVRetrievalSpec(method="infllm", budget_tokens=24, sink_tokens=4, window_tokens=4, lag=0)
+    a, b = plugin.prepare(lag1, "a"), plugin.prepare(lag0, "b")
+    for plan in (a, b):
+        plugin.activate(plan)
+
+    def step(*spans: RowSpan) -> str:
+        n = sum(sp.count for sp in spans)
+        mode = plugin.graph_mode(list(spans), n)
+        plugin.fill_row_inputs(list(spans), {INPUT: np.full((n, COLUMNS), -1, dtype=np.int32)})
+        return mode
+
+    assert step(RowSpan(a, 0, 30, 0, 30)) == "lag"  # the prompt
+    assert step(RowSpan(a, 0, 1, 30, 30)) == "lag"  # the first decode step chooses afresh
+    assert step(RowSpan(a, 0, 1, 31, 30)) == "lag+all"
+    assert step(RowSpan(a, 0, 1, 32, 30)) == "lag+all"
+    assert step(RowSpan(a, 0, 1, 33, 30), RowSpan(b, 1, 1, 40, 30)) == "lag"  # a lag 0 row beside it
+    assert step(RowSpan(a, 0, 1, 34, 30)) == "lag+all"
+    assert step(RowSpan(a, 0, 1, 36, 30)) == "lag"  # not the position after the last decode step
+    assert step(RowSpan(a, 0, 4, 0, 4)) == "lag"  # a restart
+    assert step(RowSpan(a, 0, 1, 4, 4)) == "lag"
+    assert step(RowSpan(a, 0, 1, 5, 4)) == "lag+all"

@@ -25,6 +25,12 @@ it. With a host tier its recalls wait for this layer's attention (`filled`: a re
 still reads is never overwritten) and land before the next step; the last layer's `filled` joins the
 side stream back (inside the decode graph). On the CPU the same choice runs in program order, its
 staging and recalls in `filled`, after the layer's attention.
+
+All lagged (`all_lagged=True`, CUDA graphs of decode steps whose every retrieving row reads a choice its
+previous step made, no host tier): no fresh choice runs on the main stream. `assemble` builds the
+lagged rows' tables and gives any other row its whole table (full attention: correct, if slower; the
+host only asks for this mode when the device should flag every row), and the query's append, the next
+choice (of every lag-1 row) and the filled blocks' summaries all run on the side stream.
 """
 
 from __future__ import annotations
@@ -55,10 +61,15 @@ class RetrievalHook:
         decode: bool,
         kv: KVSpace | None = None,
         lag: bool = False,
+        all_lagged: bool = False,
     ) -> None:
         self.st, self.num_layers, self.kv_heads, self.bs = state, num_layers, kv_heads, block_size
         self.scale, self.reps, self.decode, self.lag = scale, representatives, decode, lag
         self.kv = kv if kv is not None and kv.tier is not None else None  # the host tier's, if any
+        if all_lagged and not (lag and decode and self.kv is None):
+            raise ValueError("all_lagged: a decode hook with lag, without a host tier")
+        self.all_lagged = all_lagged
+        self._ones: dict[int, torch.Tensor] = {}  # all_lagged: a flag of every row, per row count
         self._layers = set(range(num_layers))
         # packed steps, per layer: this step's (queries, positions, slots, owned, biases) for `filled`
         self._stash: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -85,6 +96,8 @@ class RetrievalHook:
         views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer], st.mean[layer], st.var[layer])
         if self.decode:
             if self._kernels(q):
+                if self.all_lagged:  # on the side stream, before the next choice (`select`)
+                    return
                 from actserve.kernels import kv_retrieval as kern
 
                 kern.append(q, cfg, *views, st.count[layer], STAT_CAP)
@@ -163,6 +176,8 @@ class RetrievalHook:
         summ = self._summaries_of(layer)
         staging = self._staging(layer)
         budget = (st.entropy, st.remaining, st.counters, layer, st.width, bs, ref.ENTROPY_RATE)
+        if self.all_lagged:
+            return self._select_all_lagged(layer, q, tables, lens, cfg)
         lagged = None
         cfg_now = cfg
         if self.lag:
@@ -192,6 +207,34 @@ class RetrievalHook:
         if self.kv is not None and self.kv.tier is not None and copies is not None:
             self.kv.tier.recall(layer, *copies)  # the chosen host blocks this slot does not hold yet
         return out, new_len
+
+    def _select_all_lagged(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables from the previous step's choice (`assemble`, whole tables for any row it does not
+        flag); then, on the side stream, the query's append and every lag-1 row's next choice."""
+        from actserve.kernels import kv_retrieval as kern
+
+        st, bs = self.st, self.bs
+        lagged = kern.assemble(cfg, tables, lens, *self._lag_views(layer), None, st.counters, bs, full=True)
+        rows = cfg.shape[0]
+        if rows not in self._ones:
+            self._ones[rows] = torch.ones(rows, dtype=torch.int32, device=cfg.device)
+        every = self._ones[rows]
+        views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
+        budget = (st.entropy, st.remaining, st.counters, layer, st.width, bs, ref.ENTROPY_RATE)
+        with self._fork(q.device):
+            kern.append(q, cfg, *views, st.mean[layer], st.var[layer], st.count[layer], STAT_CAP)
+            a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)
+            sc = kern.scores(a, b, cfg, tables, lens, *self._summaries_of(layer), bs)
+            kern.select(
+                sc, tables, lens, cfg, *budget, None,
+                lag=(every, *self._lag_views(layer), 2, None, None, None),
+            )  # fmt: skip
+        if self._side is not None:
+            for t in (q, tables, lens, cfg):
+                t.record_stream(self._side)  # main-stream memory the side stream still reads
+        return lagged.out, lagged.new_len
 
     def _fork(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         """CUDA: the side stream, after the work queued so far on the current one (this layer's queries
@@ -355,7 +398,14 @@ class RetrievalHook:
             if self._kernels(blocks):
                 from actserve.kernels import kv_retrieval as kern
 
-                kern.summaries(*args)
+                if self.all_lagged:  # after the side stream's append (the block's queries), off the path
+                    with self._fork(kv_cache.device):
+                        kern.summaries(*args)
+                    if self._side is not None:
+                        for t in (cfg, blocks, rows):
+                            t.record_stream(self._side)
+                else:
+                    kern.summaries(*args)
             else:
                 ref.summaries_ref(*args)
             self._finish_next(layer, kv_cache.device)

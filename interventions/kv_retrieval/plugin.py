@@ -55,6 +55,7 @@ from actserve.kernels.kv_retrieval_ref import LAG, METHOD, OFFLOAD, POS, RETRIEV
 
 HOST = "host"  # the graph variant of steps with offloaded rows
 LAGGED = "lag"  # ... of steps with lag-1 rows (both: "host+lag")
+ALL_LAGGED = "all"  # with LAGGED, no HOST: every row reads its previous step's choice ("lag+all")
 
 DEFAULTS: dict[str, Any] = {
     "slots": 16,  # retrieving sequences at once
@@ -241,6 +242,8 @@ class KVRetrievalPlugin(InterventionPlugin):
             prompt = sp.count > 1 or sp.pos0 < sp.prompt_len
             if prompt and p.lag and st is not None:  # a (re)start: no previous choice to read
                 st.forget_lag(p.slot)
+            # a decode row of a lag-1 sequence keeps a choice for the position after it (`graph_mode`)
+            p.lag_next = sp.pos0 + 1 if p.lag and not prompt else -1
             if not tier:
                 continue
             if prompt:  # a prompt chunk: a (re)start holds no host blocks
@@ -250,17 +253,21 @@ class KVRetrievalPlugin(InterventionPlugin):
             elif self._on_host(sp):
                 rows[:, OFFLOAD] = 1
 
-    def _hook(self, decode: bool, host: bool = True, lag: bool = False) -> RetrievalHook:
+    def _hook(
+        self, decode: bool, host: bool = True, lag: bool = False, all_lagged: bool = False
+    ) -> RetrievalHook:
         """`host`: with the host tier's work (offloaded rows' mapping and recalls), if the server has one;
-        `lag`: with the lag-1 rows' work (assembly, the next step's choice)."""
-        if (decode, host, lag) not in self._hooks:
+        `lag`: with the lag-1 rows' work (assembly, the next step's choice); `all_lagged`: no fresh
+        choice on the step's path (RetrievalHook)."""
+        key = (decode, host, lag, all_lagged)
+        if key not in self._hooks:
             assert self.state is not None
             info = self.model_info
-            self._hooks[decode, host, lag] = RetrievalHook(
+            self._hooks[key] = RetrievalHook(
                 self.state, info.num_layers, info.num_kv_heads, info.block_size, info.head_dim**-0.5,
-                self.options["representatives"], decode, self.kv if host else None, lag,
+                self.options["representatives"], decode, self.kv if host else None, lag, all_lagged,
             )  # fmt: skip
-        return self._hooks[decode, host, lag]
+        return self._hooks[key]
 
     def attention_hook(self, spans: list[RowSpan], num_rows: int) -> AttentionHook | None:
         """The decode path when each of the plugin's sequences has one row in the step (decode rows, a
@@ -273,14 +280,19 @@ class KVRetrievalPlugin(InterventionPlugin):
     def graph_mode(self, spans: list[RowSpan], num_rows: int) -> str:
         """HOST when a row of the step has blocks on the host tier (the graph maps them and recalls them),
         LAGGED when a row has lag 1 (the graph assembles its table and forks its next choice), both
-        joined by "+"; "" otherwise: the graph of steps without either."""
+        joined by "+"; "" otherwise: the graph of steps without either. LAGGED without HOST adds
+        ALL_LAGGED when every row's previous step was a decode step of the same sequence (its choice for
+        this position is kept): that graph runs no fresh choice on the step's path."""
         tier = self.kv is not None and self.kv.tier is not None
         modes = [HOST] if tier and any(self._on_host(sp) for sp in spans) else []
         modes += [LAGGED] if any(sp.plan.lag for sp in spans) else []
+        if modes == [LAGGED] and all(sp.pos0 == sp.plan.lag_next for sp in spans):
+            modes.append(ALL_LAGGED)  # each row's previous step was a decode step that chose for this one
         return "+".join(modes)
 
     def graph_hooks(self, mode: str = "") -> PluginHooks:
         """Decode graphs: the decode path (every method is served by the same kernels), with the host
         tier's work in the HOST variants only, the lag work in the LAGGED ones only."""
         parts = set(mode.split("+"))
-        return PluginHooks(attention=self._hook(True, host=HOST in parts, lag=LAGGED in parts))
+        hook = self._hook(True, host=HOST in parts, lag=LAGGED in parts, all_lagged=ALL_LAGGED in parts)
+        return PluginHooks(attention=hook)

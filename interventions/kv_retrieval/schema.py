@@ -67,6 +67,8 @@ class RetrievalPlan:
     # host id was seen in the table since the last (re)start (they stay there until the next one)
     may_host: bool = False
     on_host: bool = False
+    # lag 1: the position whose decode step reads the choice the last decode step made (-1: none)
+    lag_next: int = -1
 
 
 def plan_of(spec: KVRetrievalSpec, where: str, block_size: int, max_budget: int) -> RetrievalPlan:
