@@ -237,16 +237,21 @@ def prefill_profile(eng: LLMEngine, length: int, trace: str | None = None) -> di
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "down_silu": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
+# Qwen3-30B-A3B's dense projections (bench/moe_step_profile.py: at batch 1 its o_proj reads at ~2 TB/s)
+QWEN3_SHAPES = {"q3_qkv": (5120, 2048), "q3_o": (2048, 4096), "q3_router": (128, 2048),
+                "q3_lm_head": (151936, 2048)}  # fmt: skip
 SWEEP = [
     GemvConfig(bn, bk, w, s)
-    for bn, bk, w, s in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8), (2, 3, 4))
+    for bn, bk, w, s in itertools.product((4, 8, 16, 32, 64), (256, 512, 1024), (4, 8), (2, 3, 4))
     if bn * bk <= 32768
 ]
 
 
-def gemv_sweep(bw: float, full: bool) -> list[dict[str, Any]]:
+def gemv_sweep(
+    bw: float, full: bool, shapes: dict[str, tuple[int, int]] = SHAPES, ms: tuple[int, ...] = (1, 8)
+) -> list[dict[str, Any]]:
     rows = []
-    for (name, (n, k)), m in itertools.product(SHAPES.items(), (1, 8)):
+    for (name, (n, k)), m in itertools.product(shapes.items(), ms):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         silu = name.endswith("_silu")
         x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
@@ -286,11 +291,14 @@ def main() -> int:
     ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--trace", help="folder for chrome traces of the profiled steps")
     ap.add_argument("--prefill-only", action="store_true", help="only the first-step (prefill) profile")
+    ap.add_argument("--qwen3-shapes", action="store_true", help="sweep Qwen3-30B-A3B's projections instead")
     args = ap.parse_args()
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bw = copy_bandwidth() / 1e9  # GB/s
     res["copy_bw_tb_s"] = bw / 1e3
-    res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep)
+    shapes = QWEN3_SHAPES if args.qwen3_shapes else SHAPES
+    ms = (1,) if args.qwen3_shapes else (1, 8)
+    res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep, shapes, ms)
     if not args.skip_engine:
         model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
         cfg = EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=64,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_profile import graph_time_us  # noqa: E402
 
 from actserve.kernels import moe  # noqa: E402
-from actserve.kernels.moe import DecodeConfig, GroupedConfig, fused_moe, pick_grouped  # noqa: E402
+from actserve.kernels.moe import DecodeConfig, GroupedConfig, fused_moe, pick_decode, pick_grouped  # noqa: E402
 from actserve.kernels.moe_ref import expert_slots, fused_moe_ref, route_topk  # noqa: E402
 
 SHAPES = {
@@ -98,6 +98,50 @@ GROUPED_SWEEP = [
         (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
     ]
 ]  # fmt: skip
+
+
+# the decode path's gate/up and down launches, swept one at a time (`--decode-sweep`)
+UP_SWEEP = [
+    DecodeConfig(bn, bk, nw, st)
+    for bn, bk, nw, st in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3, 4))
+    if 2048 <= bn * bk <= 16384
+]
+DOWN_SWEEP = [
+    DecodeConfig(bn, bk, nw, st, tp)
+    for bn, bk, nw, st, tp in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (3,), (1, 256, 1024))
+]
+
+
+def decode_sweep(name: str, shape: dict[str, int], layers: list[Any], m: int, g: torch.Generator) -> dict:
+    """The decode path's gate/up config swept with the default down, then down with the best gate/up;
+    each checked against the reference first. Returns the default's time, the best pair and the top 5."""
+    case = Case(shape, layers, m, g)
+    w13, w2 = layers[0]
+    _, wts, slots = case.routed[0]
+    want = fused_moe_ref(case.x, w13, w2, slots, wts)
+    reps = max(20, len(layers))
+
+    def timed(up: DecodeConfig, down: DecodeConfig) -> float:
+        got = fused_moe(case.x, w13, w2, slots, wts, path="decode", decode_cfg=up, down_cfg=down)
+        assert rel_err(got, want) < 1e-2, (name, m, up, down)
+        return graph_time_us(case.fused("decode", decode_cfg=up, down_cfg=down), reps=reps)
+
+    up0, down0 = pick_decode(shape["hidden"], shape["inter"], m)
+    t0 = time.time()
+    default = timed(up0, down0)
+    ups = sorted(((timed(c, down0), c) for c in UP_SWEEP), key=lambda tc: tc[0])
+    downs = sorted(((timed(ups[0][1], c), c) for c in DOWN_SWEEP), key=lambda tc: tc[0])
+    read = min(m * shape["top_k"], shape["experts"]) * 3 * shape["hidden"] * shape["inter"] * 2
+    best = downs[0][0]
+    row = {
+        "model": name, "rows": m, "default_us": default, "default": [str(up0), str(down0)], "best_us": best,
+        "best_up": str(ups[0][1]), "best_down": str(downs[0][1]),
+        "best_hbm_frac": read / (best * 1e-6) / HBM_PEAK,
+        "up_top5": [(round(t, 2), str(c)) for t, c in ups[:5]],
+        "down_top5": [(round(t, 2), str(c)) for t, c in downs[:5]], "sweep_s": time.time() - t0,
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
 
 
 class Case:
@@ -194,6 +238,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/moe_kernel.json")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs per path")
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument(
+        "--decode-sweep",
+        default=None,
+        help="row counts (comma-separated): sweep the decode launches",
+    )
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     res: dict[str, Any] = {
@@ -212,6 +261,10 @@ def main() -> None:
         copies = max(1, -(-L2_FLUSH // (k * expert_bytes)))  # the b1 call's bytes x copies >= L2_FLUSH
         copies = min(copies, max(1, int(8e9 // (e * expert_bytes))))  # at most ~8 GB of layers
         layers = [layer(shape, g) for _ in range(copies)]
+        if args.decode_sweep:
+            for m in map(int, args.decode_sweep.split(",")):
+                res.setdefault("decode_sweep", []).append(decode_sweep(name, shape, layers, m, g))
+            continue
         for m in ROWS:
             row = bench_rows(name, shape, layers, m, g, args.sweep)
             rows_out.append(row)
@@ -219,6 +272,12 @@ def main() -> None:
         del layers
         torch.cuda.empty_cache()
     res["rows"] = rows_out
+    if args.decode_sweep:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        for r in res["decode_sweep"]:
+            print(f"{r['model']} m{r['rows']}: default {r['default_us']:.1f} us, best {r['best_us']:.1f} us "
+                  f"({r['best_hbm_frac']:.2f} of peak) up {r['best_up']} down {r['best_down']}")  # fmt: skip
+        return
     for r in rows_out:
         res[f"moe_fused_vs_torch_{r['model']}_m{r['rows']}"] = r["speedup_vs_torch_loop"]
         res[f"moe_fused_hbm_frac_{r['model']}_m{r['rows']}"] = r["fused_hbm_frac"]

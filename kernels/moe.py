@@ -50,12 +50,26 @@ DECODE_TARGET_PROGRAMS = 1024
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """H200 sweep (bench/results/moe_kernel.json): 8 warps beat 4 (Mixtral b1 256 -> 181 us)."""
+    """One decode kernel's launch (gate/up or down). H200 sweep (bench/results/moe_kernel.json): 8 warps
+    beat 4 (Mixtral b1 256 -> 181 us). `target_programs`: the grid the columns are split to fill (None:
+    DECODE_TARGET_PROGRAMS); 1 keeps every column of a row in one program (the down kernel then adds the
+    columns itself, no sum kernel)."""
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 8
     num_stages: int = 3
+    target_programs: int | None = None
+
+
+def pick_decode(hidden: int, inter: int, rows: int) -> tuple[DecodeConfig, DecodeConfig]:
+    """(gate/up, down) launch configs of the decode path for an expert shape and row count. From the H200
+    sweep (bench/results/moe_decode_sweep.json, Qwen3-30B-A3B's 2048 x 768 experts): at 4 rows gate/up
+    16 x 512 with 4 warps and down 32 x 128 with 4 warps take 81.7 us against the default's 96.4; at 1
+    row no config beats the default by more than 2 %, so it stays (as for Mixtral's large experts)."""
+    if inter <= 1024 and 2 <= rows <= 4:
+        return DecodeConfig(16, 512, 4, 4), DecodeConfig(32, 128, 4, 3)
+    return DecodeConfig(), DecodeConfig()
 
 
 @dataclass(frozen=True)
@@ -299,12 +313,18 @@ def _grouped_down_kernel(
     tl.store(y_ptr + pairs[:, None] * H + rn[None, :], d, mask=p_ok[:, None] & (rn < H * on)[None, :])
 
 
-def _groups(rows: int, tiles: int, k: int, active: int) -> int:
-    """Programs per (row, tile) for the decode path: enough to fill DECODE_TARGET_PROGRAMS, at most
-    `active` (the columns expected to hold an expert), so a wider k padded with -1 columns keeps the
-    plain grid's size."""
-    want = triton.cdiv(DECODE_TARGET_PROGRAMS, max(1, rows * tiles))
+def _groups(rows: int, tiles: int, k: int, active: int, target: int | None) -> int:
+    """Programs per (row, tile) for the decode path: enough to fill `target` programs (None:
+    DECODE_TARGET_PROGRAMS), at most `active` (the columns expected to hold an expert), so a wider k
+    padded with -1 columns keeps the plain grid's size."""
+    want = triton.cdiv(target or DECODE_TARGET_PROGRAMS, max(1, rows * tiles))
     return max(1, min(want, active, k))
+
+
+def _launch(cfg: DecodeConfig) -> dict[str, int]:
+    """A decode config's Triton launch arguments."""
+    c = cfg
+    return {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
 def fused_moe(
@@ -316,6 +336,7 @@ def fused_moe(
     path: str = "auto",
     active_k: int | None = None,
     decode_cfg: DecodeConfig | None = None,
+    down_cfg: DecodeConfig | None = None,
     grouped_cfg: GroupedConfig | None = None,
     table: torch.Tensor | None = None,
     host: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -325,7 +346,8 @@ def fused_moe(
     contiguous), slots [rows, k] int (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype;
     what `fused_moe_ref` computes. `path`: "auto" (`takes_decode`), "decode" or "grouped". `active_k`:
     how many columns are expected to hold an expert (the model's top_k; default k), which picks the path
-    and sizes the decode grid.
+    and sizes the decode grid. `decode_cfg` / `down_cfg`: the decode path's gate/up and down launches
+    (default `pick_decode`).
 
     `table` [experts] int32: `slots` holds expert ids, mapped to slots in the kernel; a -1 entry reads
     that expert from `host` = (host_w13 [experts, 2 * inter, hidden], host_w2 [experts, hidden, inter]),
@@ -362,20 +384,20 @@ def fused_moe(
     cnt = counts if counts is not None else slots
     pdl = pdl_args(x)
     if path == "decode":
-        cfg = decode_cfg or DecodeConfig()
-        tiles_i, tiles_h = triton.cdiv(inter, cfg.block_n), triton.cdiv(hidden, cfg.block_n)
-        g_up = _groups(rows, tiles_i, k, active)
-        launch = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "num_warps": cfg.num_warps, **flags, **pdl}
+        picked = pick_decode(hidden, inter, rows)
+        up, dn = decode_cfg or picked[0], down_cfg or picked[1]
+        tiles_i, tiles_h = triton.cdiv(inter, up.block_n), triton.cdiv(hidden, dn.block_n)
+        g_up = _groups(rows, tiles_i, k, active, up.target_programs)
         _decode_up_kernel[(rows, g_up, tiles_i)](
             x, w13, host13, tab, cnt, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up),
-            w13.stride(0), w13.stride(1), **launch, num_stages=cfg.num_stages, COUNT=counts is not None,
+            w13.stride(0), w13.stride(1), **_launch(up), **flags, **pdl, COUNT=counts is not None,
         )  # fmt: skip
-        g_down = _groups(rows, tiles_h, k, active)
+        g_down = _groups(rows, tiles_h, k, active, dn.target_programs)
         fused_sum = g_down == 1
         y = out if fused_sum else torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _decode_down_kernel[(rows, g_down, tiles_h)](
             inter_buf, w2, host2, tab, slots, weights, y, out, k, hidden, inter, triton.cdiv(k, g_down),
-            w2.stride(0), w2.stride(1), **launch, num_stages=cfg.num_stages, SUM=fused_sum,
+            w2.stride(0), w2.stride(1), **_launch(dn), **flags, **pdl, SUM=fused_sum,
         )  # fmt: skip
         if fused_sum:
             return out
