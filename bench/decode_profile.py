@@ -116,8 +116,9 @@ def per_kernel(prof: torch.profiler.profile, calls: int, top: int = 14) -> dict[
     }
 
 
-def profile_calls(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
-    """`per_kernel` of `calls` calls of fn (after one unprofiled call), plus their wall time per call."""
+def profile_calls(fn: Callable[[], Any], calls: int = 3, trace: str | None = None) -> dict[str, Any]:
+    """`per_kernel` of `calls` calls of fn (after one unprofiled call), plus their wall time per call;
+    `trace`: also a chrome trace written there."""
     fn()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -127,6 +128,8 @@ def profile_calls(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
             fn()
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - t0) / calls
+    if trace:
+        prof.export_chrome_trace(trace)
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     host_top = [{"name": e.key[:60], "self_cpu_us": round(e.self_cpu_time_total / calls, 1)} for e in host]
     return {"wall_ms_profiled": wall_ms, **per_kernel(prof, calls), "host_top": host_top}

@@ -196,7 +196,8 @@ def measure(
                                      f"{ctx},{batch},{mode},{kind},{lag}")):  # fmt: skip
             from decode_profile import profile_calls
 
-            row["profile"] = profile_calls(lambda: decode_step(eng, seqs), 3)
+            trace = f"{a.trace}/kv_{ctx}_b{batch}_{mode}_{kind}_{lag}.json" if a.trace else None
+            row["profile"] = profile_calls(lambda: decode_step(eng, seqs), 3, trace)
             print(
                 f"profile {ctx} b{batch} {mode} {kind} {lag}: {json.dumps(row['profile'])[:1500]}", flush=True
             )
@@ -243,6 +244,7 @@ def main() -> int:
         default="",
         help="CTX,BATCH,MODE[,KV[,lagN]][;...]: also profile those steps' kernels (CUDA)",
     )
+    ap.add_argument("--trace", default=None, help="a folder for chrome traces of the --profile steps")
     ap.add_argument("--lag", default=str(DEFAULT_LAG), help="kv_retrieval lag(s) to measure, e.g. 0,1")
     ap.add_argument("--tier-kv", default=None, help="the K/V kinds that run the tier rows (default: all)")
     a = ap.parse_args()
