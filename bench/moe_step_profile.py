@@ -13,30 +13,12 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_profile import step_profile  # noqa: E402
-from gpu_bench import copy_bandwidth  # noqa: E402
+from gpu_bench import copy_bandwidth, graph_replay_ms  # noqa: E402
 from moe_offload import MIXTRAL, PROMPT, QWEN3, build, decode, token_bytes  # noqa: E402
 from shapes import make_model_dir  # noqa: E402
-
-
-def replay_us(eng: Any, batch: int, reps: int = 50) -> float:
-    """Mean device time of one replay of the plain decode graph of this batch's bucket."""
-    graphs = eng.runner.graphs
-    graph, _ = graphs.graphs[((), graphs.bucket(batch))]
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
 
 
 def main() -> int:
@@ -56,7 +38,7 @@ def main() -> int:
         tb = token_bytes(eng, PROMPT + args.tokens // 2)
         total = tb["dense"] + tb["experts"] + tb["kv"]
         step = step_profile(eng, 1, args.trace)
-        rep = replay_us(eng, 1)
+        rep = 1e3 * graph_replay_ms(eng, 1)
     res = {
         "model": args.model, "layers": args.layers, "copy_bw_tb_s": bw / 1e12, "tok_s": run["tok_s"],
         "bytes_per_token": total, **{f"{k}_bytes": v for k, v in tb.items()},
