@@ -12,8 +12,8 @@ chosen host blocks within the step). A step is timed on the host from launch to 
 with one sync at the end (`pipelined_ms`: each step's host work overlaps the previous step's device work,
 as in the served engine with `overlap_steps`; keys `kvr_pipelined_speedup_*`). "tier" rows first run two
 decode steps, then move their cold blocks to the host (what the engine does after a step) and warm up
-again; their
-`churn` is the share of the blocks read per step that came from the host (recalled / retrieved).
+again; their `churn` is the share of the blocks read per step that came from the host (recalled /
+retrieved).
 
 Random K/V makes steps choose many new blocks (the tier's worst case). Stable K/V (`--kv stable`,
 `--stable-kv`) keeps the block summaries' and keys' energy in the slowly rotating rotary dimensions (a

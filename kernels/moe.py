@@ -323,8 +323,12 @@ def _groups(rows: int, tiles: int, k: int, active: int, target: int | None) -> i
 
 def _launch(cfg: DecodeConfig) -> dict[str, int]:
     """A decode config's Triton launch arguments."""
-    c = cfg
-    return {"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return {
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
 
 
 def fused_moe(

@@ -147,6 +147,11 @@ class RetrievalHook:
         assert self.st.held is not None
         return self.st.held[layer], self.kv.reserved.start, self.kv.host_base
 
+    def _budget(self, layer: int) -> tuple[Any, ...]:
+        """`select`'s budget arguments at this layer (ActQKV's entropy state, counters, sizes)."""
+        st = self.st
+        return (st.entropy, st.remaining, st.counters, layer, st.width, self.bs, ref.ENTROPY_RATE)
+
     def _lag_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         st = self.st
         return st.lag_cols[layer], st.lag_at[layer], st.lag_n[layer], st.lag_tag[layer]
@@ -156,6 +161,8 @@ class RetrievalHook:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = inputs[INPUT]
         if self.decode and self._kernels(q):
+            if self.all_lagged:
+                return self._select_all_lagged(layer, q, tables, lens, cfg)
             return self._select_kernels(layer, q, tables, lens, cfg)
         return self._select_ref(layer, q, tables, lens, cfg)
 
@@ -175,9 +182,7 @@ class RetrievalHook:
         views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
         summ = self._summaries_of(layer)
         staging = self._staging(layer)
-        budget = (st.entropy, st.remaining, st.counters, layer, st.width, bs, ref.ENTROPY_RATE)
-        if self.all_lagged:
-            return self._select_all_lagged(layer, q, tables, lens, cfg)
+        budget = self._budget(layer)
         lagged = None
         cfg_now = cfg
         if self.lag:
@@ -222,7 +227,7 @@ class RetrievalHook:
             self._ones[rows] = torch.ones(rows, dtype=torch.int32, device=cfg.device)
         every = self._ones[rows]
         views = (st.ring_q[layer], st.ring_pos[layer], st.ring_bias[layer])
-        budget = (st.entropy, st.remaining, st.counters, layer, st.width, bs, ref.ENTROPY_RATE)
+        budget = self._budget(layer)
         with self._fork(q.device):
             kern.append(q, cfg, *views, st.mean[layer], st.var[layer], st.count[layer], STAT_CAP)
             a, b = kern.query_vectors(q, cfg, *views, self.kv_heads)

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -73,6 +73,9 @@ from actserve.interventions.steering.train import chunks
 from actserve.server.contract import PROJECTIONS
 from actserve.server.engine.offline import make_sequences, run_sequences
 from actserve.server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from actserve.interventions.base import ModelInfo
 
 log = logging.getLogger(__name__)
 # the levels the correction is measured at; levels between are interpolated
@@ -350,7 +353,7 @@ def correct(
     cal.info["correction"] = {"tokens": n, "grid": [round(float(g), 4) for g in grid]}
 
 
-def _shapes(mi: Any) -> tuple[int, int, int, int]:
+def _shapes(mi: ModelInfo) -> tuple[int, int, int, int]:
     """The allocation's site sizes: hidden, q, k/v and intermediate (the model's ModelInfo)."""
     return mi.hidden_size, mi.num_heads * mi.head_dim, mi.num_kv_heads * mi.head_dim, mi.intermediate_size
 
