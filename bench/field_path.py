@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/field_path.json")
     args = ap.parse_args()
-    sys.path.append(str(ROOT))  # last: kernels/ must not shadow transformers' `kernels`
+    sys.path.insert(0, str(ROOT))
     from tests.conftest import start_server
 
     rec = Recorder()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # last: kernels/ must not shadow transformers' `kernels`
+sys.path.insert(0, str(REPO))
 
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402

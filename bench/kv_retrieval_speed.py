@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # last: kernels/ must not shadow transformers' `kernels`
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402

@@ -83,7 +83,7 @@ from actserve.server.engine.sampling_params import SamplingParams
 from actserve.server.models.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT))  # last: kernels/ must not shadow transformers' `kernels`
+sys.path.insert(0, str(ROOT))  # the FP4 bench's data helpers and the tests' references
 
 from bench.fp4_quality import (  # noqa: E402
     DATA,

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))  # last: kernels/ must not shadow transformers' `kernels`
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from decode_profile import graph_time_us  # noqa: E402

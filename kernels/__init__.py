@@ -1,5 +1,25 @@
 """Triton kernels, each beside its plain-torch reference (docs/architecture.md §1).
 
-Empty until the GPU fast-path issue: the CPU path uses the plain-torch layers in actserve.server.layers,
-which are also the references those kernels will be tested against.
+This folder is installed as `actserve.kernels`. Where the repository root is on sys.path (`python -m`
+from the checkout, a Ray worker started there, pytest's rootdir) Python also finds it as a top-level
+`kernels`, the name of Hugging Face's `kernels` distribution, which transformers >= 5.25 imports on
+start. Imported under that name, this module hands the import to the installed distribution (or fails
+as if the folder were not there), so the checkout never shadows it.
 """
+
+import sys
+
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this
+    _spec.loader.exec_module(_module)

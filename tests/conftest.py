@@ -20,11 +20,6 @@ import torch
 # points from the metadata scripts/setup.sh installs into .venv/test-plugins; only the test suite sees them
 # (a process engine's core inherits sys.path), so a server started from the same venv does not load them
 _ROOT = Path(__file__).resolve().parent.parent
-# transformers >= 5.25 imports the `kernels` distribution, which the source tree's kernels/ folder (installed
-# as actserve.kernels) would shadow while the root leads sys.path (`python -m pytest` puts it first): the
-# root goes last, where it still serves `tests.*`, and subprocesses (`python -m`, `-c`) leave it out
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT] + [str(_ROOT)]
-os.environ["PYTHONSAFEPATH"] = "1"
 sys.path[:0] = [str(_ROOT / "tests/plugins/actserve_test_plugins"), str(_ROOT / ".venv/test-plugins")]
 
 # Ray (tests/test_ray_replicas.py) on loopback only, sending no usage report: read when ray is imported
