@@ -440,15 +440,28 @@ def _select_kernel(
 def _assemble_kernel(
     cfg_ptr, bt_ptr, len_ptr, out_ptr, newlen_ptr, flag_ptr, now_ptr, next_ptr,
     lcol_ptr, lat_ptr, ln_ptr, tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr,
-    W, width, res_base, host_base, stride_cfg, stride_bt, stride_lag, stride_held, stride_w, stride_c,
+    W, width, res_base, host_base, stride_cfg, stride_bt, stride_out, stride_lag, stride_held, stride_w,
+    stride_c, layer_lag, layer_n, layer_out,
     BS: tl.constexpr, BLOCK_W: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
     H_CHUNK: tl.constexpr, TIER: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     """lagged_ref and assemble_ref for one row, its two masked configurations (only_rows) and, with a
     host tier, stage_ref of an offloaded row's table: its host ids read where `lag_at` says they were
     staged, unless one is not held there (a block that moved to the host since): then `_stage`. FULL (a
-    step without `select` phase 1): a row not flagged keeps its whole table (full attention)."""
+    step without `select` phase 1): a row not flagged keeps its whole table (full attention). Program
+    axis 1 is the layer (`layer_*`: the lag views' and outputs' layer strides; one layer: 0)."""
     r = tl.program_id(0).to(tl.int64)
+    lyr = tl.program_id(1).to(tl.int64)
+    rows = tl.num_programs(0)
+    lcol_ptr += lyr * layer_lag
+    lat_ptr += lyr * layer_lag
+    ln_ptr += lyr * layer_n
+    tag_ptr += lyr * layer_n
+    out_ptr += lyr * layer_out
+    newlen_ptr += lyr * rows
+    flag_ptr += lyr * rows
+    now_ptr += lyr * rows * COLUMNS
+    next_ptr += lyr * rows * COLUMNS
     if TIER:
         tl.store(cn_ptr + r, 0)
     cc = tl.arange(0, C_PAD)
@@ -475,7 +488,7 @@ def _assemble_kernel(
     tl.store(next_ptr + r * COLUMNS + cc, tl.where((cc == SLOT) & (ok == 0), -1, row_cfg), mask=cm)
     length = tl.load(len_ptr + r)
     row_in = bt_ptr + r * stride_bt
-    row_out = out_ptr + r * stride_bt
+    row_out = out_ptr + r * stride_out
     if ok == 0:
         if FULL:
             _copy_row(row_in, row_out, W, BLOCK_W)
@@ -638,15 +651,23 @@ def assemble(
     configurations in one launch; `tier` = (held [S, width], first reserved id, first host id) with a
     host tier: then `copies` lists the lagged rows' recalls, which `select` phase 1 completes with the
     other rows' (one `KVTier.recall` for both). `full` (a step that runs no phase 1; not with a tier,
-    whose tables may hold host ids): the rows not flagged get their whole tables and lengths."""
+    whose tables may hold host ids): the rows not flagged get their whole tables and lengths.
+
+    Every layer at once (not with a tier): `lag_cols`, `lag_at` [L, S, width], `lag_n`, `lag_tag` [L, S]
+    give each output a leading layer dimension (out [L, R, W], ...), one launch for a step whose choices
+    were all made at the previous step, instead of one a layer."""
     if full and tier is not None:
         raise ValueError("assemble: full tables for rows not flagged would hand host ids to attention")
+    layers = lag_cols.shape[0] if lag_cols.dim() == 3 else None
+    if layers is not None and tier is not None:
+        raise ValueError("assemble: every layer at once is not for a host tier (its staging is per layer)")
     rows, w = bt.shape
-    width = lag_cols.shape[1]
-    out = torch.empty_like(bt)
-    new_len = torch.empty_like(lens)
-    flag = torch.empty(rows, dtype=torch.int32, device=bt.device)
-    cfg_now = torch.empty(rows, ref.COLUMNS, dtype=cfg.dtype, device=cfg.device)
+    width = lag_cols.shape[-1]
+    lead = (layers,) if layers is not None else ()
+    out = torch.empty(*lead, rows, w, dtype=bt.dtype, device=bt.device)
+    new_len = torch.empty(*lead, rows, dtype=lens.dtype, device=lens.device)
+    flag = torch.empty(*lead, rows, dtype=torch.int32, device=bt.device)
+    cfg_now = torch.empty(*lead, rows, ref.COLUMNS, dtype=cfg.dtype, device=cfg.device)
     cfg_next = torch.empty_like(cfg_now)
     copies = None
     if tier is not None:
@@ -659,10 +680,15 @@ def assemble(
     else:
         held, res_base, host_base = lag_at, 0, 2**31 - 1
         work = src = dst = count = lag_at
-    _assemble_kernel[(rows,)](
+    if layers is not None:
+        assert lag_at.stride() == lag_cols.stride() and lag_n.stride(0) == lag_tag.stride(0)
+        per = (lag_cols.stride(0), lag_n.stride(0), out.stride(0))
+    else:
+        per = (0, 0, 0)
+    _assemble_kernel[(rows, layers or 1)](
         cfg, bt, lens, out, new_len, flag, cfg_now, cfg_next, lag_cols, lag_at, lag_n, lag_tag, held,
         work, src, dst, count, counters, w, width, res_base, host_base, cfg.stride(0), bt.stride(0),
-        lag_cols.stride(0), held.stride(0), work.stride(0), src.stride(0),
+        out.stride(-2), lag_cols.stride(-2), held.stride(-2), work.stride(0), src.stride(0), *per,
         BS=block_size, BLOCK_W=min(chunk, max(16, triton.next_power_of_2(w))),
         K_PAD=triton.next_power_of_2(width), C_PAD=triton.next_power_of_2(ref.COLUMNS), H_CHUNK=32,
         TIER=tier is not None, FULL=full, num_warps=4,

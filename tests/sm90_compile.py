@@ -355,7 +355,7 @@ i32s = dict.fromkeys(("C", "T", "W", "L", "layer", "width", "res_base", "host_ba
 kvr_strides = [
     "stride_q", "stride_cfg", "stride_rqs", "stride_rqt", "stride_rps", "stride_ms", "stride_a", "stride_bt",
     "stride_xi", "stride_xg", "stride_o", "stride_s", "stride_e", "stride_held", "stride_w", "stride_c",
-    "stride_ks", "stride_kh",
+    "stride_ks", "stride_kh", "stride_out", "layer_lag", "layer_n", "layer_out",
 ]  # fmt: skip
 kvr_types = {
     "q_ptr": BF, "cfg_ptr": I32, "rq_ptr": BF, "rp_ptr": I64, "rb_ptr": F32, "mean_ptr": F32, "var_ptr": F32,

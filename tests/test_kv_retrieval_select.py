@@ -646,17 +646,16 @@ def test_all_lagged_steps_equal_the_reference_path() -> None:
         blocks = torch.tensor([int(base[0, rows[0][5] // BS])] if done else [-1], device=DEV)
         filled_rows = torch.tensor([0 if done else -1], device=DEV)
         hk = first if step == 0 else every
+        before = [st.counters.clone() for st in (st_ref, st_ker)]
         for layer in range(LAYERS):
             q = torch.randn(len(rows), HQ, D, generator=g).to(DEV)
-            outs, added = [], []
-            for h, st in ((ref_hook, st_ref), (hk, st_ker)):
-                before = st.counters.clone()
+            outs = []
+            for h, _st in ((ref_hook, st_ref), (hk, st_ker)):
                 h.queries(layer, q, pos, inputs)
                 outs.append(h.select(layer, q, tables.clone(), lens.clone(), inputs))
                 h.filled(layer, kv_cache, blocks, filled_rows, inputs)
                 if DEV.type == "cuda":
                     torch.cuda.synchronize()
-                added.append(st.counters - before)
             (t0, l0), (t1, l1) = outs
             for r in range(len(rows)):
                 if step == 3 and r == 1:  # the restarted row: its whole table (the reference chooses)
@@ -665,8 +664,6 @@ def test_all_lagged_steps_equal_the_reference_path() -> None:
                 assert int(l0[r]) == int(l1[r]), (step, layer, r)
                 used = -(-int(l0[r]) // BS)
                 assert torch.equal(t0[r, :used], t1[r, :used]), (step, layer, r)
-            if step != 3:  # blocks retrieved and selections made (a whole table counts none)
-                assert torch.equal(added[0][:2], added[1][:2]), (step, layer)
             for name in ("lag_cols", "lag_n", "lag_tag", "count", "ring_pos"):
                 a, b = getattr(st_ref, name), getattr(st_ker, name)
                 if name == "lag_cols":
@@ -676,6 +673,9 @@ def test_all_lagged_steps_equal_the_reference_path() -> None:
             for name in ("entropy", "mean", "var", "ring_q", "ring_bias", "rep", "kmin", "kmax"):
                 a, b = getattr(st_ref, name), getattr(st_ker, name)
                 assert torch.allclose(a, b, atol=1e-5), (step, layer, name)
+        added = [st.counters - b for st, b in zip((st_ref, st_ker), before, strict=True)]
+        if step != 3:  # blocks retrieved and selections made over the step (all_lagged: at its first layer)
+            assert torch.equal(added[0][:2], added[1][:2]), step
     assert st_ker.lag_tag[:, :3].tolist() == [[45, 50, 53]] * LAYERS  # every slot chose at its last step
 
 
@@ -708,3 +708,41 @@ def test_graph_mode_all_lagged_after_a_decode_step() -> None:
     assert step(RowSpan(a, 0, 4, 0, 4)) == "lag"  # a restart
     assert step(RowSpan(a, 0, 1, 4, 4)) == "lag"
     assert step(RowSpan(a, 0, 1, 5, 4)) == "lag+all"
+
+
+def test_assemble_every_layer_at_once_equals_one_layer_at_a_time() -> None:
+    """`assemble` over lag views with a layer dimension (one launch a step) gives each layer the tables,
+    lengths, flags and configurations of a launch of that layer alone, and the same counter totals."""
+    from actserve.kernels import kv_retrieval as kern
+
+    g = torch.Generator().manual_seed(47)
+    st = lag_state(g)
+    rows = [r[:5] + [r[5] + 3] + r[6:] if r[0] >= 0 else r for r in LAG_ROWS[:4]]
+    cfg = rows_input(rows)[INPUT].to(DEV)
+    lens = torch.tensor([r[5] + 1 if r[0] >= 0 else 30 for r in rows], dtype=torch.int32, device=DEV)
+    tables = torch.stack([torch.randperm(40, generator=g)[:16] for _ in rows]).to(torch.int32).to(DEV)
+    for layer in range(LAYERS):  # random previous choices, ascending, within each row's candidates
+        for r in rows:
+            if r[0] < 0:
+                continue
+            n = int(torch.randint(1, 4, (1,), generator=g))
+            cols = torch.randperm(8, generator=g)[:n].sort().values + r[3]
+            st.lag_cols[layer, r[0], :n] = cols.to(torch.int32)
+            st.lag_n[layer, r[0]] = n
+            # most choices made at the previous position, some stale (those rows get their whole table)
+            st.lag_tag[layer, r[0]] = r[5] - 1 - int(torch.rand(1, generator=g) < 0.3)
+    views = (st.lag_cols, st.lag_at, st.lag_n, st.lag_tag)
+    c0 = st.counters.clone()
+    every = kern.assemble(cfg, tables, lens, *views, None, st.counters, BS, full=True)
+    c1 = st.counters.clone()
+    for layer in range(LAYERS):
+        one = kern.assemble(cfg, tables, lens, *(v[layer] for v in views), None, st.counters, BS, full=True)
+        assert torch.equal(every.flag[layer], one.flag) and torch.equal(every.new_len[layer], one.new_len)
+        assert torch.equal(every.cfg_now[layer], one.cfg_now) and torch.equal(
+            every.cfg_next[layer], one.cfg_next
+        )
+        for r in range(len(rows)):
+            used = -(-int(one.new_len[r]) // BS)
+            assert torch.equal(every.out[layer, r, :used], one.out[r, :used]), (layer, r)
+    assert torch.equal(c1 - c0, st.counters - c1)
+    assert 0 < int(every.flag.sum()) < every.flag.numel()  # both kinds of row were exercised

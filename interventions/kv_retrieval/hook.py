@@ -70,6 +70,7 @@ class RetrievalHook:
             raise ValueError("all_lagged: a decode hook with lag, without a host tier")
         self.all_lagged = all_lagged
         self._ones: dict[int, torch.Tensor] = {}  # all_lagged: a flag of every row, per row count
+        self._assembled: Any = None  # all_lagged: this step's tables of every layer (`kern.Lagged`)
         self._layers = set(range(num_layers))
         # packed steps, per layer: this step's (queries, positions, slots, owned, biases) for `filled`
         self._stash: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -217,11 +218,17 @@ class RetrievalHook:
         self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables from the previous step's choice (`assemble`, whole tables for any row it does not
-        flag); then, on the side stream, the query's append and every lag-1 row's next choice."""
+        flag); then, on the side stream, the query's append and every lag-1 row's next choice.
+
+        Every layer's choice was made at the previous step, so the first layer assembles them all in one
+        launch (its layer's side-stream work, which overwrites its choice, is forked after it)."""
         from actserve.kernels import kv_retrieval as kern
 
         st, bs = self.st, self.bs
-        lagged = kern.assemble(cfg, tables, lens, *self._lag_views(layer), None, st.counters, bs, full=True)
+        if layer == 0 or self._assembled is None:
+            views = (st.lag_cols, st.lag_at, st.lag_n, st.lag_tag)
+            self._assembled = kern.assemble(cfg, tables, lens, *views, None, st.counters, bs, full=True)
+        lagged = self._assembled
         rows = cfg.shape[0]
         if rows not in self._ones:
             self._ones[rows] = torch.ones(rows, dtype=torch.int32, device=cfg.device)
@@ -239,7 +246,7 @@ class RetrievalHook:
         if self._side is not None:
             for t in (q, tables, lens, cfg):
                 t.record_stream(self._side)  # main-stream memory the side stream still reads
-        return lagged.out, lagged.new_len
+        return lagged.out[layer], lagged.new_len[layer]
 
     def _fork(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         """CUDA: the side stream, after the work queued so far on the current one (this layer's queries
