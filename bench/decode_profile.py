@@ -242,6 +242,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "down_silu": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
 # Qwen3-30B-A3B's dense projections (bench/moe_step_profile.py: at batch 1 its o_proj reads at ~2 TB/s)
 QWEN3_SHAPES = {"q3_qkv": (5120, 2048), "q3_o": (2048, 4096)}
+# Llama-3-8B's qkv and o_proj shards over two GPUs (bench/tp_bench.py): pick_config's small-matrix rule
+TP2_SHAPES = {"tp2_qkv": (3072, 4096), "tp2_o": (4096, 2048)}
 SWEEP = [
     GemvConfig(bn, bk, w, s)
     for bn, bk, w, s in itertools.product((4, 8, 16, 32, 64), (256, 512, 1024), (4, 8), (2, 3, 4))
@@ -255,11 +257,12 @@ def gemv_sweep(
     shapes: dict[str, tuple[int, int]] = SHAPES,
     ms: tuple[int, ...] = (1, 8),
     cold: bool = False,
+    also: tuple[GemvConfig, ...] = (),
 ) -> list[dict[str, Any]]:
     """Each shape's cuBLAS time and the best Triton config's (`full`: over SWEEP; else pick_config's).
     `cold`: calls cycle through copies of the weight (>= 256 MB together, so none is read from L2, as
     in a model's step, where a small matrix would otherwise stay in the 60 MB L2); then `default_us` is
-    pick_config's time too."""
+    pick_config's time too. `also`: configs timed beside pick_config's when not `full` (an A/B)."""
     rows = []
     for (name, (n, k)), m in itertools.product(shapes.items(), ms):
         copies = min(64, -(-(256 << 20) // (n * k * 2))) if cold else 1
@@ -278,7 +281,8 @@ def gemv_sweep(
         best: tuple[float, GemvConfig | None] = (float("inf"), None)
         default = pick_config(m, n, k)
         t_default = None
-        for cfg in SWEEP if full else [default]:
+        timed: dict[str, float] = {}
+        for cfg in SWEEP if full else [default, *(c for c in also if c != default)]:
             try:
                 out = gemv(x, w, silu_mul=silu, cfg=cfg)
                 err = (out.float() - ref.float()).abs().max().item()
@@ -291,12 +295,13 @@ def gemv_sweep(
                 print(f"skip {cfg}: {type(e).__name__}", flush=True)
                 continue
             t_default = t if cfg == default else t_default
+            timed[str(cfg)] = t
             best = min(best, (t, cfg), key=lambda r: r[0])
         rows.append({
             "shape": name, "m": m, "n": n, "k": k, "cold": cold, "cublas_us": t_cublas,
             "cublas_pct_copy": 100 * gb * 1e6 / t_cublas / bw, "triton_us": best[0],
             "triton_pct_copy": 100 * gb * 1e6 / best[0] / bw, "triton_cfg": str(best[1]),
-            "default_us": t_default, "default_cfg": str(default),
+            "default_us": t_default, "default_cfg": str(default), **({} if full else {"timed_us": timed}),
         })  # fmt: skip
         print(rows[-1], flush=True)
         del w, ws, x
@@ -312,14 +317,19 @@ def main() -> int:
     ap.add_argument("--trace", help="folder for chrome traces of the profiled steps")
     ap.add_argument("--prefill-only", action="store_true", help="only the first-step (prefill) profile")
     ap.add_argument("--qwen3-shapes", action="store_true", help="sweep Qwen3-30B-A3B's projections instead")
+    ap.add_argument("--tp2-shapes", action="store_true", help="with Llama-3-8B's qkv/o shards over 2 GPUs")
     ap.add_argument("--cold", action="store_true", help="gemv calls cycle through weight copies (no L2)")
+    ap.add_argument("--also", action="append", default=[], help="BN,BK,WARPS,STAGES timed too")
     args = ap.parse_args()
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bw = copy_bandwidth() / 1e9  # GB/s
     res["copy_bw_tb_s"] = bw / 1e3
-    shapes = QWEN3_SHAPES if args.qwen3_shapes else SHAPES
-    ms = (1,) if args.qwen3_shapes else (1, 8)
-    res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep, shapes, ms, args.cold)
+    small = args.qwen3_shapes or args.tp2_shapes
+    shapes = {**(QWEN3_SHAPES if args.qwen3_shapes else {}), **(TP2_SHAPES if args.tp2_shapes else {})}
+    shapes = shapes if small else SHAPES
+    ms = (1,) if small else (1, 8)
+    also = tuple(GemvConfig(*(int(v) for v in a.split(","))) for a in args.also)
+    res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep, shapes, ms, args.cold, also)
     if not args.skip_engine:
         model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)
         cfg = EngineConfig(model=str(model_dir), dtype="bfloat16", load_format="dummy", max_num_seqs=64,
