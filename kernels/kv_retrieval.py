@@ -278,10 +278,12 @@ def _kth_largest(krow, hi, W, kk, BLOCK_W: tl.constexpr):
     """The kk-th largest of the row's keys (`krow`: written by `_keys` up to hi, rounded up to a chunk,
     INT_MIN for none; 1 <= kk <= the others): the largest t with at least kk keys >= t, 2 bits a round
     from the top (16 rounds; a bisection on the bits took 31, and each round's block-wide reduction is
-    most of its cost). A round counts the keys >= t + j 2^s for j = 1, 2, 3: three compares per key into
-    int32 counts per thread, packed into 21-bit fields of one int64 for one reduction; the counts at or
-    above each j are then scalar. Keys are read in chunks of BLOCK_W from column 0 (aligned; L1/L2: 32
-    KiB a row at 128k tokens), so a round costs the row's blocks, not the table's width."""
+    most of its cost; a byte a round through `tl.histogram`, 4 rounds, took twice as long on the H200:
+    57 vs 31 us at 128k, bench/results/kv_select_speed_radix.log). A round counts the keys >= t + j 2^s
+    for j = 1, 2, 3: three compares per key into int32 counts per thread, packed into 21-bit fields of
+    one int64 for one reduction; the counts at or above each j are then scalar. Keys are read in chunks
+    of BLOCK_W from column 0 (aligned; L1/L2: 32 KiB a row at 128k tokens), so a round costs the row's
+    blocks, not the table's width."""
     c = tl.arange(0, BLOCK_W)
     t = kk.to(tl.int64) * 0 - 2147483648
     for r in tl.static_range(16):

@@ -335,7 +335,8 @@ def test_paged_decode_reads_selected_block_lists(dtype: torch.dtype) -> None:
 def test_select_kth_edges(kind: str, chunk: int) -> None:
     """The k-th search (`_kth_largest`, 2 bits a round) on keys that the top bits do not separate:
     scores that differ only in their low mantissa bits (one float's neighbours), of both signs with
-    zeros of both signs and subnormals, or a few repeated values (ties split at the k-th); k from 1 to
+    zeros of both signs, subnormals and floats near the lowest (whose keys sit just above
+    the no-key marker INT_MIN), or a few repeated values (ties split at the k-th); k from 1 to
     every finite candidate. The chosen blocks equal
     `choose_ref`'s (ties in column order)."""
     g = torch.Generator().manual_seed(21 + len(kind))
@@ -354,6 +355,7 @@ def test_select_kth_edges(kind: str, chunk: int) -> None:
         pick = torch.rand(n, w, generator=g)
         sc = torch.where(pick < 0.1, torch.tensor(-0.0), torch.where(pick < 0.2, torch.tensor(0.0), sc))
         sc = torch.where((pick > 0.2) & (pick < 0.3), torch.tensor(1e-40) * torch.sign(sc), sc)
+        sc = torch.where((pick > 0.3) & (pick < 0.36), -3.3e38 + pick * 1e36, sc)
     else:
         sc = torch.randint(-2, 3, (n, w), generator=g).float() * 0.75
     col = torch.arange(w)
