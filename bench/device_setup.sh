@@ -2,9 +2,11 @@
 # On the lent GPU machine: install carried wheels (.whl) and make `actserve.*` importable from this tree
 # without a build (its image has torch, triton and transformers but not the web stack).
 set -e
+trap 'echo false' ERR  # a failed step stops `eval "$(bash bench/device_setup.sh)" && ...` too
 # .whl is git-ignored: a device call must name it in `carry`, or nothing of the web stack is installed
 if ! ls .whl/*.whl >/dev/null 2>&1; then
   echo "device_setup: no wheels in .whl (carry it: the run's carry must list .whl)" >&2
+  echo false  # for `eval "$(bash bench/device_setup.sh)" && ...`: the chain stops here
   exit 1
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
