@@ -321,14 +321,18 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="gemv calls cycle through weight copies (no L2)")
     ap.add_argument("--also", action="append", default=[], help="BN,BK,WARPS,STAGES timed too")
     args = ap.parse_args()
+    if args.also and args.gemv_sweep:
+        ap.error("--also times configs beside pick_config's; --gemv-sweep already times every config")
+    parts = [a.split(",") for a in args.also]
+    if not all(len(p) == 4 and all(v.isdigit() for v in p) for p in parts):
+        ap.error(f"--also takes BN,BK,WARPS,STAGES (four integers), got {args.also}")
+    also = tuple(GemvConfig(*(int(v) for v in p)) for p in parts)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bw = copy_bandwidth() / 1e9  # GB/s
     res["copy_bw_tb_s"] = bw / 1e3
-    small = args.qwen3_shapes or args.tp2_shapes
-    shapes = {**(QWEN3_SHAPES if args.qwen3_shapes else {}), **(TP2_SHAPES if args.tp2_shapes else {})}
-    shapes = shapes if small else SHAPES
-    ms = (1,) if small else (1, 8)
-    also = tuple(GemvConfig(*(int(v) for v in a.split(","))) for a in args.also)
+    small = {**(QWEN3_SHAPES if args.qwen3_shapes else {}), **(TP2_SHAPES if args.tp2_shapes else {})}
+    shapes = small or SHAPES
+    ms = (1, 8) if shapes is SHAPES else (1,)
     res["gemv"] = [] if args.skip_gemv else gemv_sweep(bw, args.gemv_sweep, shapes, ms, args.cold, also)
     if not args.skip_engine:
         model_dir = make_model_dir(Path(tempfile.mkdtemp()) / "llama3-8b-shape", LLAMA3_8B)

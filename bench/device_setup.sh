@@ -4,11 +4,7 @@
 set -e
 trap 'echo false' ERR  # a failed step stops `eval "$(bash bench/device_setup.sh)" && ...` too
 # .whl is git-ignored: a device call must name it in `carry`, or nothing of the web stack is installed
-if ! ls .whl/*.whl >/dev/null 2>&1; then
-  echo "device_setup: no wheels in .whl (carry it: the run's carry must list .whl)" >&2
-  echo false  # for `eval "$(bash bench/device_setup.sh)" && ...`: the chain stops here
-  exit 1
-fi
+ls .whl/*.whl >/dev/null 2>&1 || { echo "device_setup: no wheels in .whl (the run's carry must list .whl)" >&2; false; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 mkdir -p /tmp/site/actserve
 for d in server interventions kernels clients; do ln -sfn "$PWD/$d" "/tmp/site/actserve/$d"; done

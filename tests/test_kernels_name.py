@@ -10,7 +10,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
-import sys
 try:
     import kernels
 except ModuleNotFoundError as e:

@@ -650,7 +650,7 @@ def test_all_lagged_steps_equal_the_reference_path() -> None:
         for layer in range(LAYERS):
             q = torch.randn(len(rows), HQ, D, generator=g).to(DEV)
             outs = []
-            for h, _st in ((ref_hook, st_ref), (hk, st_ker)):
+            for h in (ref_hook, hk):
                 h.queries(layer, q, pos, inputs)
                 outs.append(h.select(layer, q, tables.clone(), lens.clone(), inputs))
                 h.filled(layer, kv_cache, blocks, filled_rows, inputs)
