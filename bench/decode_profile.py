@@ -128,7 +128,8 @@ def profile_calls(fn: Callable[[], Any], calls: int = 3, trace: str | None = Non
             fn()
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - t0) / calls
-    if trace:
+    if trace:  # the profiler does not make the folder: without it the trace is lost with a log line
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(trace)
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     host_top = [{"name": e.key[:60], "self_cpu_us": round(e.self_cpu_time_total / calls, 1)} for e in host]
@@ -144,6 +145,7 @@ def loop_profile(eng: LLMEngine, batch: int, new: int = 64, trace: str | None = 
     with torch.profiler.profile(activities=acts) as prof:
         dt, _ = generate(eng, prompts, new)
     if trace:
+        Path(trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(f"{trace}/loop_b{batch}.json")
     spans = device_spans(prof)
     busy, end = 0.0, float("-inf")

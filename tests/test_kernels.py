@@ -190,7 +190,8 @@ def test_gemv_refuses_what_it_cannot_do() -> None:
 
 
 def test_pdl_launch_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDL goes with one-row launches by default ("single"), with every launch when asked, never on CPU."""
+    """PDL goes with one-row launches by default ("single"), with every launch when asked, never on CPU
+    nor within `pdl_suspended`."""
     from types import SimpleNamespace
 
     from actserve.kernels import pdl
@@ -204,6 +205,11 @@ def test_pdl_launch_modes(monkeypatch: pytest.MonkeyPatch) -> None:
             got = [pdl.pdl_args(rows(1))["launch_pdl"], pdl.pdl_args(rows(8))["USE_PDL"]]
             assert got == want, mode
             assert pdl.pdl_args(rows(1, cuda=False)) == {"USE_PDL": False, "launch_pdl": False}
+            with pdl.pdl_suspended():  # nested: off until the outer block ends, on again after
+                with pdl.pdl_suspended():
+                    assert not pdl.pdl_args(rows(1))["launch_pdl"], mode
+                assert not pdl.pdl_args(rows(8))["USE_PDL"], mode
+            assert [pdl.pdl_args(rows(1))["launch_pdl"], pdl.pdl_args(rows(8))["USE_PDL"]] == want, mode
     pdl.pdl_mode.cache_clear()
     monkeypatch.setenv("ACTSERVE_PDL", "1")
     assert pdl.pdl_mode() == ("all" if torch.cuda.is_available() else "off")

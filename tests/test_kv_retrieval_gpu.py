@@ -6,6 +6,8 @@ plain rows, and with the host tier they give the tokens and logits of the same r
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +175,23 @@ def test_lag_from_cuda_graphs_equals_eager(tinystories_dir: Path, tier: float) -
         assert graphed.host_tier is not None and graphed.host_tier.bytes_to_device > 0
 
 
-def test_all_lagged_graphs_equal_eager(tinystories_dir: Path) -> None:
+def test_all_lagged_graphs_equal_eager(tinystories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps whose every retrieving row is lag 1 and past its first decode step replay the graph variant
     without a fresh choice ("lag+all": assembly on the main stream; append, next choice and summaries
-    on the side stream) and give the tokens and logits of the eager run, which chooses in program order."""
+    on the side stream) and give the tokens and logits of the eager run, which chooses in program order.
+    The graphs with a side stream, and only they, are captured without PDL."""
+    from actserve.server.engine import cuda_graphs
+
+    suspended: list[int] = []
+    real = cuda_graphs.pdl_suspended
+
+    @contextlib.contextmanager
+    def spy() -> Iterator[None]:
+        suspended.append(1)
+        with real():
+            yield
+
+    monkeypatch.setattr(cuda_graphs, "pdl_suspended", spy)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (300, 270, 290)]
     specs = [spec("actqkv", 96), None, spec("quest", 112)]
@@ -186,6 +201,8 @@ def test_all_lagged_graphs_equal_eager(tinystories_dir: Path) -> None:
     assert graphs is not None and any(dict(v).get("kv_retrieval") == "lag+all" for v in graphs.variants), (
         graphs.variants
     )
+    lagged = [k for k in graphs.graphs if "lag" in dict(k[0]).get("kv_retrieval", "")]
+    assert lagged and len(suspended) == len(lagged) < len(graphs.graphs)
     eager = engine(tinystories_dir, enforce_eager=True)
     want, want_logged = run_logged(eager, prompts, greedy(24), specs, "a")
     assert out == want

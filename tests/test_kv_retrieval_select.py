@@ -708,6 +708,8 @@ def test_graph_mode_all_lagged_after_a_decode_step() -> None:
     assert step(RowSpan(a, 0, 4, 0, 4)) == "lag"  # a restart
     assert step(RowSpan(a, 0, 1, 4, 4)) == "lag"
     assert step(RowSpan(a, 0, 1, 5, 4)) == "lag+all"
+    # the variants whose hooks fork the next choice onto a side stream say so (captured without PDL)
+    assert [plugin.graph_hooks(m).side_stream for m in ("", "lag", "lag+all")] == [False, True, True]
 
 
 def test_assemble_every_layer_at_once_equals_one_layer_at_a_time() -> None:

@@ -47,6 +47,7 @@ from actserve.kernels import kv_retrieval_ref as ref
 INPUT = "kv_retrieval"
 COLUMNS = ref.COLUMNS  # slot, method, retrieve, sink, window, pos, offload, lag (kv_retrieval_ref.py)
 STAT_CAP = 1024.0  # the running statistics weigh the last ~1024 queries (count capped: an EMA after)
+SIDE_PRIORITY = -100  # the side stream's: below the range, so the device's highest (`_fork`)
 
 
 class RetrievalHook:
@@ -250,11 +251,17 @@ class RetrievalHook:
 
     def _fork(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         """CUDA: the side stream, after the work queued so far on the current one (this layer's queries
-        and tables); elsewhere (Triton's interpreter in tests) program order."""
+        and tables); elsewhere (Triton's interpreter in tests) program order.
+
+        The side stream has the device's highest priority (captured into the graph's kernel nodes,
+        which PyTorch instantiates with per-node priorities): its kernels are few and small, but at
+        normal priority their programs queued behind the main stream's, whose next kernel is already
+        launched under PDL, so the choice of layer l finished layers later and the step waited for it
+        at the end (bench/results/kv_retrieval_speed_side_stream_ab.json)."""
         if device.type != "cuda":
             return contextlib.nullcontext()
         if self._side is None:
-            self._side = torch.cuda.Stream(device=device)
+            self._side = torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
         self._side.wait_stream(torch.cuda.current_stream(device))
         self._forked = True
         return torch.cuda.stream(self._side)

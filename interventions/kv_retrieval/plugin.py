@@ -292,7 +292,8 @@ class KVRetrievalPlugin(InterventionPlugin):
 
     def graph_hooks(self, mode: str = "") -> PluginHooks:
         """Decode graphs: the decode path (every method is served by the same kernels), with the host
-        tier's work in the HOST variants only, the lag work in the LAGGED ones only."""
+        tier's work in the HOST variants only, the lag work in the LAGGED ones only (the next step's choice
+        on a side stream: `side_stream`)."""
         parts = set(mode.split("+"))
         hook = self._hook(True, host=HOST in parts, lag=LAGGED in parts, all_lagged=ALL_LAGGED in parts)
-        return PluginHooks(attention=hook)
+        return PluginHooks(attention=hook, side_stream=LAGGED in parts)

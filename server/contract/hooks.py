@@ -193,6 +193,9 @@ class PluginHooks:
     weights: LinearWeightsHook | None = None
     attention: AttentionHook | None = None
     moe: MoEHook | None = None
+    # the hooks fork work onto another CUDA stream: a graph capturing them launches its kernels without
+    # programmatic dependent launch (kernels/pdl.py `pdl_suspended`)
+    side_stream: bool = False
 
     def __bool__(self) -> bool:
         hooks = (self.residual, self.logits, self.linear, self.weights, self.attention, self.moe)
