@@ -180,10 +180,10 @@ def test_all_lagged_graphs_equal_eager(tinystories_dir: Path, monkeypatch: pytes
     without a fresh choice ("lag+all": assembly on the main stream; append, next choice and summaries
     on the side stream) and give the tokens and logits of the eager run, which chooses in program order.
     The graphs with a side stream, and only they, are captured without PDL."""
-    from actserve.server.engine import cuda_graphs
+    from actserve.kernels import pdl
 
     suspended: list[int] = []
-    real = cuda_graphs.pdl_suspended
+    real = pdl.pdl_suspended
 
     @contextlib.contextmanager
     def spy() -> Iterator[None]:
@@ -191,7 +191,7 @@ def test_all_lagged_graphs_equal_eager(tinystories_dir: Path, monkeypatch: pytes
         with real():
             yield
 
-    monkeypatch.setattr(cuda_graphs, "pdl_suspended", spy)
+    monkeypatch.setattr(pdl, "pdl_suspended", spy)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (300, 270, 290)]
     specs = [spec("actqkv", 96), None, spec("quest", 112)]

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actserve.kernels.pdl import pdl_suspended
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors
 from actserve.server.contract.hooks import BoundHooks, PluginHooks, StepHooks
 from actserve.server.contract.plugin import InterventionPlugin
@@ -223,8 +222,10 @@ class DecodeGraphs:
         """A variant whose plugin hooks fork work onto a side stream is captured without PDL: on the H200
         the KV-retrieval graph at 128k took 5.29 ms a step without it, 5.98 with it (its side stream's
         kernels waited behind the main stream's early-launched ones; kernels/pdl.py)."""
+        from actserve.kernels import pdl  # here: it imports Triton, which a CPU-only install lacks
+
         side = any(self.plugins[name].hooks(mode).side_stream for name, mode in variant)
-        with pdl_suspended() if side else contextlib.nullcontext():
+        with pdl.pdl_suspended() if side else contextlib.nullcontext():
             self.graphs[(variant, b)] = capture_graph(lambda: self._forward(b, variant), self.pool)
         self.pool = self.graphs[(variant, b)][0].pool()
 
