@@ -30,7 +30,10 @@ what the tier saves is the memory of the sequences that decode.
 
 `--lag 0,1` measures the retrieving rows at each lag (`kv_retrieval.lag`; default the schema's default,
 one step stale): keys of the default lag unsuffixed, of others suffixed `_lag0` / `_lag1`; full
-attention once. `--tier-kv stable` runs the tier rows on stable K/V only.
+attention once. `--tier-kv stable` runs the tier rows on stable K/V only. `--select 2048/8,4096/16`
+measures the retrieving rows with each (chunk, warps) of the `select` kernel (graphs captured again for
+each; keys of configurations other than the kernel's default suffixed `_sel4096x16`): at batch 1 the step
+tracks the side stream's selection (bench/results/kv_select_speed_key_tile.log).
 
     python bench/kv_retrieval_speed.py --out bench/results/kv_retrieval_speed.json   # H200, < 4 minutes
     python bench/kv_retrieval_speed.py --cpu-smoke [--kv random|stable] [--lag 0,1]   # tiny, on the CPU
@@ -40,6 +43,7 @@ attention once. `--tier-kv stable` runs the tier rows on stable K/V only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import shlex
@@ -59,6 +63,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
 from actserve.interventions.kv_retrieval.schema import DEFAULT_LAG  # noqa: E402
+from actserve.kernels import kv_retrieval as kern  # noqa: E402
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
@@ -168,6 +173,15 @@ def pipelined_ms(eng: LLMEngine, seqs: list[Sequence], steps: int) -> float:
     return 1e3 * (time.perf_counter() - t) / steps
 
 
+def use_select(eng: LLMEngine, sel: tuple[int, ...]) -> None:
+    """`select`'s (chunk, warps) from here on: the plugin's decode graphs are captured again with them."""
+    kern.SELECT_CHUNK, kern.SELECT_WARPS = sel
+    graphs = eng.runner.graphs
+    if graphs is not None:
+        for key in [k for k in graphs.graphs if k[0]]:  # variants with plugins; the plain ones stay
+            del graphs.graphs[key]
+
+
 def offload(eng: LLMEngine, seqs: list[Sequence]) -> None:
     """What the engine does after a step: cold blocks of these rows to the host tier."""
     running = eng.scheduler.running
@@ -268,6 +282,12 @@ def main() -> int:
     ap.add_argument("--trace", default=None, help="a folder for chrome traces of the --profile steps")
     ap.add_argument("--lag", default=str(DEFAULT_LAG), help="kv_retrieval lag(s) to measure, e.g. 0,1")
     ap.add_argument("--tier-kv", default=None, help="the K/V kinds that run the tier rows (default: all)")
+    ap.add_argument(
+        "--select",
+        default=None,
+        help="`select` configurations CHUNK/WARPS to measure in the step, e.g. 2048/8,4096/16 (default: the "
+        "kernel's); keys of others suffixed _selCHUNKxWARPS",
+    )
     a = ap.parse_args()
     kinds = ["stable"] if a.stable_kv else a.kv.split(",")
     if not kinds or any(k not in ("random", "stable") for k in kinds):
@@ -276,6 +296,17 @@ def main() -> int:
     if not lags or any(x not in (0, 1) for x in lags):
         ap.error(f"--lag: a list of 0 and 1, got {a.lag!r}")
     tier_kinds = kinds if a.tier_kv is None else a.tier_kv.split(",")
+    default_sel = (kern.SELECT_CHUNK, kern.SELECT_WARPS)
+    try:
+        sels = (
+            [tuple(int(v) for v in x.split("/")) for x in a.select.split(",")] if a.select else [default_sel]
+        )
+    except ValueError:
+        sels = []
+    if not sels or any(
+        len(x) != 2 or x[0] < 16 or x[0] & (x[0] - 1) or x[1] not in (1, 2, 4, 8, 16) for x in sels
+    ):
+        ap.error(f"--select: CHUNK/WARPS pairs (a power-of-two chunk >= 16, warps 1-16), got {a.select!r}")
     smoke = a.cpu_smoke
     contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]
     batches = [int(x) for x in a.batches.split(",")]
@@ -308,20 +339,24 @@ def main() -> int:
         for ctx in contexts:
             for b in batches:
                 # full attention reads every block whatever their values: measured once
-                runs = [("full", lags[0])] if kind == kinds[0] else []
-                for lag in lags:
-                    runs += [("kvr", lag)] + ([("tier", lag)] if kind in tier_kinds else [])
-                for mode, lag in runs:
+                runs: list[tuple[str, int, tuple[int, ...] | None]] = []
+                runs += [("full", lags[0], None)] if kind == kinds[0] else []
+                for sel in sels:
+                    for lag in lags:
+                        runs += [("kvr", lag, sel)] + ([("tier", lag, sel)] if kind in tier_kinds else [])
+                for mode, lag, sel in runs:
+                    if sel is not None and sel != (kern.SELECT_CHUNK, kern.SELECT_WARPS):
+                        use_select(eng, sel)
                     spec: dict[str, Any] = {
                         "kv_retrieval": {"method": a.method, "budget_tokens": budget, "lag": lag}
                     }
                     if smoke:  # the defaults (sink 64, window 256) do not fit the smoke's budget
                         spec["kv_retrieval"].update(sink_tokens=16, window_tokens=32)
                     r = measure(eng, b, ctx, mode, spec, a, kind)
-                    r["kv"], r["lag"] = kind, lag
+                    r["kv"], r["lag"], r["select"] = kind, lag, list(sel) if sel else None
                     rows.append(r)
                     churn = f", churn {r['churn']:.3f}" if r.get("churn") is not None else ""
-                    lagged = f"lag {lag}" if mode != "full" else "     "
+                    lagged = f"lag {lag} {sel[0]}/{sel[1]}" if sel else " " * 5
                     print(
                         f"[{time.time() - t0:5.0f}s] {kind:<6} ctx {ctx:>6} b{b} {mode:<4} {lagged} "
                         f"{r['step_ms']:8.2f} ms/step ({r['tok_s']:8.1f} tok/s, "
@@ -342,41 +377,44 @@ def main() -> int:
         "rows": rows,
     }
     by = {
-        (r["kv"], r["context"], r["batch"], r["mode"], r["lag"] if r["mode"] != "full" else None): r
+        (
+            r["kv"], r["context"], r["batch"], r["mode"], r["lag"] if r["mode"] != "full" else None,
+            tuple(r["select"]) if r["select"] else None,
+        ): r
         for r in rows
-    }
+    }  # fmt: skip
     res["lags"] = lags
+    res["select"] = [list(x) for x in sels]
     cols = f"{'full ms':>9} {'kvr ms':>9} {'tier ms':>9} {'speedup':>8} {'tier x':>7} {'churn':>6}"
     cols += f" {'piped x':>8}"
-    print(f"\n{'kv':>6} {'lag':>3} {'context':>8} {'batch':>5} {cols}")
+    print(f"\n{'kv':>6} {'lag':>3} {'select':>7} {'context':>8} {'batch':>5} {cols}")
     nan = float("nan")
-    for kind in kinds:
-        for lag in lags:
-            tag = ("" if kind == "random" else "_stable") + ("" if lag == DEFAULT_LAG else f"_lag{lag}")
-            for ctx in contexts:
-                for b in batches:
-                    f = by[(kinds[0], ctx, b, "full", None)]["step_ms"]
-                    k = by[(kind, ctx, b, "kvr", lag)]["step_ms"]
-                    tr = by.get((kind, ctx, b, "tier", lag))
-                    t = tr["step_ms"] if tr else nan
-                    churn = tr.get("churn") if tr else None
-                    res[f"kvr_speedup_ctx{ctx}_b{b}{tag}"] = f / k
-                    # steps launched back to back (host work overlapped, as served): full over kvr
-                    piped = (
-                        by[(kinds[0], ctx, b, "full", None)]["pipelined_ms"]
-                        / by[(kind, ctx, b, "kvr", lag)]["pipelined_ms"]
-                    )
-                    res[f"kvr_pipelined_speedup_ctx{ctx}_b{b}{tag}"] = piped
-                    if tr:
-                        res[f"kvr_tier_speedup_ctx{ctx}_b{b}{tag}"] = f / t
-                        res[f"kvr_tier_churn_ctx{ctx}_b{b}{tag}"] = churn
-                    print(
-                        f"{kind:>6} {lag:>3} {ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} {f / k:8.2f} "
-                        f"{f / t:7.2f} {churn if churn is not None else nan:6.3f} {piped:8.2f}"
-                    )
-                tr = by.get((kind, ctx, max(batches), "tier", lag))
+    for kind, lag, sel in itertools.product(kinds, lags, sels):
+        tag = ("" if kind == "random" else "_stable") + ("" if lag == DEFAULT_LAG else f"_lag{lag}")
+        tag += "" if sel == default_sel else f"_sel{sel[0]}x{sel[1]}"
+        for ctx in contexts:
+            for b in batches:
+                full = by[(kinds[0], ctx, b, "full", None, None)]
+                kr = by[(kind, ctx, b, "kvr", lag, sel)]
+                f, k = full["step_ms"], kr["step_ms"]
+                tr = by.get((kind, ctx, b, "tier", lag, sel))
+                t = tr["step_ms"] if tr else nan
+                churn = tr.get("churn") if tr else None
+                res[f"kvr_speedup_ctx{ctx}_b{b}{tag}"] = f / k
+                # steps launched back to back (host work overlapped, as served): full over kvr
+                piped = full["pipelined_ms"] / kr["pipelined_ms"]
+                res[f"kvr_pipelined_speedup_ctx{ctx}_b{b}{tag}"] = piped
                 if tr:
-                    res[f"kvr_gpu_kv_ratio_ctx{ctx}{tag}"] = tr["gpu_kv_ratio"]
+                    res[f"kvr_tier_speedup_ctx{ctx}_b{b}{tag}"] = f / t
+                    res[f"kvr_tier_churn_ctx{ctx}_b{b}{tag}"] = churn
+                name = f"{sel[0]}/{sel[1]}"
+                print(
+                    f"{kind:>6} {lag:>3} {name:>7} {ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} "
+                    f"{f / k:8.2f} {f / t:7.2f} {churn if churn is not None else nan:6.3f} {piped:8.2f}"
+                )
+            tr = by.get((kind, ctx, max(batches), "tier", lag, sel))
+            if tr:
+                res[f"kvr_gpu_kv_ratio_ctx{ctx}{tag}"] = tr["gpu_kv_ratio"]
     for ctx in contexts:
         ratios = [
             r["gpu_kv_ratio"]

@@ -42,6 +42,10 @@ LAG = tl.constexpr(ref.LAG)
 COLUMNS = tl.constexpr(ref.COLUMNS)
 QUEST = tl.constexpr(ref.QUEST)
 ACTQKV = tl.constexpr(ref.ACTQKV)
+# `select`'s columns a pass and warps (one program a row): 2048 / 8 was the fastest alone at 32k-128k
+# (bench/results/kv_select_speed_s5.log); bench/kv_retrieval_speed.py --select measures others in the step
+SELECT_CHUNK = 2048
+SELECT_WARPS = 8
 
 
 @triton.jit
@@ -701,13 +705,14 @@ def assemble(
 def select(
     sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
     remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
-    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int = 2048, num_warps: int = 8,
+    tier: tuple[torch.Tensor, int, int] | None = None, chunk: int | None = None, num_warps: int | None = None,
     lag: tuple[Any, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
     """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
     first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
     state updated in place. A new table's entries past its new length are undefined. `chunk`: columns
-    a pass over a row takes at once (a power of two; narrower tables: their width). `lag` = (flag,
+    a pass over a row takes at once (a power of two; narrower tables: their width; default SELECT_CHUNK),
+    `num_warps` default SELECT_WARPS. `lag` = (flag,
     lag_cols, lag_at, lag_n, lag_tag, phase, out, new_len): phase 1 (out and new_len from `assemble`,
     written for the rows not flagged) or 2 (the flagged rows' next choice; the tables returned are
     scratch), both keeping lag-1 rows' choices (`remember_ref`)."""
@@ -719,7 +724,7 @@ def select(
         flag, lcols, lat, ln, tag, phase, out, new_len, given = lag
     out = torch.empty_like(bt) if out is None else out
     new_len = torch.empty_like(lens) if new_len is None else new_len
-    block = min(chunk, max(16, triton.next_power_of_2(w)))
+    block = min(chunk or SELECT_CHUNK, max(16, triton.next_power_of_2(w)))
     keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
     if tier is not None:
         held, res_base, host_base = tier
@@ -742,7 +747,7 @@ def select(
         lcols.stride(0) if lag is not None else 0,
         BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate,
         K_PAD=triton.next_power_of_2(width), H_CHUNK=32, TIER=tier is not None, PHASE=phase,
-        num_warps=num_warps,
+        num_warps=num_warps or SELECT_WARPS,
     )  # fmt: skip
     return out, new_len, ((src, dst, count) if tier is not None else None)
 
