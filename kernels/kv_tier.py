@@ -6,6 +6,11 @@ graphs, from lists a previous kernel of the step wrote.
 
 Grid (rows, PROGRAMS): program (r, c) copies the row's blocks c, c + PROGRAMS, ... (a block of one
 layer: K then V, each one contiguous piece on both sides, both loads issued before the stores).
+RECALL_PROGRAMS programs in all (at least one a row): a few already keep PCIe busy, and each one holds
+~64 KiB of host reads in flight, which slow every other kernel's HBM reads while they wait. On the H200
+at 128k, batch 4, a quarter of the blocks recalled per step, 32 programs a row (128) took the decode
+step to 11.2 ms and 4 a row (16) to 8.2, the GEMVs beside them from 6.9 ms a step back to 4.5
+(bench/results/kv_tier_recall_programs.json).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+RECALL_PROGRAMS = 16  # programs of a recall in all (see above)
 
 
 @triton.jit
@@ -38,9 +45,12 @@ def _recall_kernel(
 
 def recall_blocks(
     store: torch.Tensor, kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, count: torch.Tensor,
-    host_base: int, counter: torch.Tensor, programs: int = 32,
+    host_base: int, counter: torch.Tensor, programs: int | None = None,
 ) -> None:  # fmt: skip
-    """`recall_blocks_ref`: `store` may be a pinned (mapped) host tensor, the rest on the device."""
+    """`recall_blocks_ref`: `store` may be a pinned (mapped) host tensor, the rest on the device.
+    `programs` per row: default RECALL_PROGRAMS shared by the rows."""
+    if programs is None:
+        programs = max(1, RECALL_PROGRAMS // src.shape[0])
     e = store[0, 0].numel()
     assert store.is_contiguous() and kv.is_contiguous() and kv[0, 0].numel() == e
     e_pad = triton.next_power_of_2(e)

@@ -151,14 +151,33 @@ def test_engine_from_cuda_graphs(tinystories_dir: Path, tier: float) -> None:
 
 
 @pytest.mark.parametrize("tier", [0.0, 0.01])
-def test_lag_from_cuda_graphs_equals_eager(tinystories_dir: Path, tier: float) -> None:
+def test_lag_from_cuda_graphs_equals_eager(
+    tinystories_dir: Path, tier: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lag 1 rows (their next choice forked onto a side stream and joined back inside the captured decode
-    step; with the tier, its recalls after each layer's attention) beside a lag 0 row and a plain row:
-    decode steps replayed from CUDA graphs give the tokens and logits of the same run without graphs
-    (eager: the same kernels and streams, launched one by one)."""
+    step; with the tier, its recalls after each layer's attention, on a stream of their own) beside a
+    lag 0 row and a plain row: decode steps replayed from CUDA graphs give the tokens and logits of the
+    same run without graphs (eager: the same kernels and streams, launched one by one)."""
+    from actserve.kernels import kv_retrieval as kern
+    from actserve.server.engine.kv_tier import HostTier
+
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 2000, (n,), generator=g).tolist() for n in (300, 260, 280, 310)]
     specs = [spec("actqkv", 96), None, spec("quest", 128, lag=0), spec("infllm", 112)]
+    choosing, recalling = set(), set()  # the streams of the next choice (select phase 2) and of recalls
+    real_select, real_recall = kern.select, HostTier.recall
+
+    def select(*a: Any, lag: Any = None, **k: Any) -> Any:
+        if lag is not None and lag[5] == 2:
+            choosing.add(torch.cuda.current_stream().cuda_stream)
+        return real_select(*a, lag=lag, **k)
+
+    def recall(self: HostTier, *a: Any) -> None:
+        recalling.add(torch.cuda.current_stream().cuda_stream)
+        real_recall(self, *a)
+
+    monkeypatch.setattr(kern, "select", select)
+    monkeypatch.setattr(HostTier, "recall", recall)
     graphed = engine(tinystories_dir, kv_offload_gb=tier)
     out, logged = run_logged(graphed, prompts, greedy(24), specs, "g")
     assert graphed.runner.graph_steps > 0
@@ -171,8 +190,11 @@ def test_lag_from_cuda_graphs_equals_eager(tinystories_dir: Path, tier: float) -
         assert max((a - b).abs().max().item() for a, b in pairs) < 1e-4, i
     plugin = graphed.registry.plugin("kv_retrieval")
     assert plugin is not None and plugin.stats()["retrieval_selections"] > 0
+    assert choosing
     if tier:
         assert graphed.host_tier is not None and graphed.host_tier.bytes_to_device > 0
+        # recalls never queue behind (or ahead of) the next layer's choice on the side stream
+        assert recalling and not recalling & choosing
 
 
 def test_all_lagged_graphs_equal_eager(tinystories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

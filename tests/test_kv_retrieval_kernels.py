@@ -265,9 +265,11 @@ def test_select_wide_rows(kind: str, chunk: int) -> None:
         assert o1[0, 2:62].tolist() == tables[0, 2:62].tolist()
 
 
-def test_recall_blocks_copies_bit_exact() -> None:
+@pytest.mark.parametrize("programs", [2, 1, None])
+def test_recall_blocks_copies_bit_exact(programs: int | None) -> None:
     """The host tier's recall kernel copies each listed host block's K and V into the listed GPU block of
-    the layer and nothing else, as its reference does; it counts the blocks."""
+    the layer and nothing else, as its reference does; it counts the blocks. Programs a row: fewer than a
+    row's blocks (one loops over them), or the default share of RECALL_PROGRAMS (more than its blocks)."""
     g = torch.Generator().manual_seed(15)
     store = torch.randn(9, 2, BS, HK, D, generator=g)
     kv = torch.randn(2, 20, BS, HK, D, generator=g).to(DEVICE)
@@ -278,7 +280,7 @@ def test_recall_blocks_copies_bit_exact() -> None:
     c1 = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     c2 = c1.clone()
     TR.recall_blocks_ref(store, want, src, dst, count, 100, c1)
-    TK.recall_blocks(store.to(DEVICE), got, src, dst, count, 100, c2, programs=2)
+    TK.recall_blocks(store.to(DEVICE), got, src, dst, count, 100, c2, programs=programs)
     assert torch.equal(got, want) and int(c2) == int(c1) == 3
     assert torch.equal(want[:, 4], store[3].to(DEVICE)) and torch.equal(want[:, 17], store[0].to(DEVICE))
     assert torch.equal(want[:, 9], store[8].to(DEVICE))
