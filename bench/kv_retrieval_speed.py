@@ -421,7 +421,8 @@ def main() -> int:
             for r in rows
             if r["mode"] == "tier" and r["context"] == ctx and r["batch"] == max(batches)
         ]
-        if ratios:
+        if ratios:  # block counts, whatever the K/V values: also under the unsuffixed key
+            res[f"kvr_gpu_kv_ratio_ctx{ctx}"] = ratios[0]
             print(f"GPU KV ratio with the tier at {ctx}: {ratios[0]:.3f}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
