@@ -32,8 +32,10 @@ what the tier saves is the memory of the sequences that decode.
 one step stale): keys of the default lag unsuffixed, of others suffixed `_lag0` / `_lag1`; full
 attention once. `--tier-kv stable` runs the tier rows on stable K/V only. `--select 2048/8,4096/16`
 measures the retrieving rows with each (chunk, warps) of the `select` kernel (graphs captured again for
-each; keys of configurations other than the kernel's default suffixed `_sel4096x16`): at batch 1 the step
-tracks the side stream's selection (bench/results/kv_select_speed_key_tile.log).
+each; keys of configurations other than the kernel's default suffixed `_sel4096x16`; a third number
+splits each row over programs of that many columns, `SELECT_SPLIT`: `--select 2048/8,2048/8/1024`, suffix
+`_sel2048x8s1024`): at batch 1 the step tracks the side stream's selection
+(bench/results/kv_select_speed_key_tile.log).
 
     python bench/kv_retrieval_speed.py --out bench/results/kv_retrieval_speed.json   # H200, < 4 minutes
     python bench/kv_retrieval_speed.py --cpu-smoke [--kv random|stable] [--lag 0,1]   # tiny, on the CPU
@@ -173,9 +175,14 @@ def pipelined_ms(eng: LLMEngine, seqs: list[Sequence], steps: int) -> float:
     return 1e3 * (time.perf_counter() - t) / steps
 
 
+def sel_name(sel: tuple[int, ...]) -> str:
+    return "/".join(str(v) for v in (sel if sel[2] else sel[:2]))
+
+
 def use_select(eng: LLMEngine, sel: tuple[int, ...]) -> None:
-    """`select`'s (chunk, warps) from here on: the plugin's decode graphs are captured again with them."""
-    kern.SELECT_CHUNK, kern.SELECT_WARPS = sel
+    """`select`'s (chunk, warps, split) from here on: the plugin's decode graphs are captured again with
+    them."""
+    kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT = sel
     graphs = eng.runner.graphs
     if graphs is not None:
         for key in [k for k in graphs.graphs if k[0]]:  # variants with plugins; the plain ones stay
@@ -286,7 +293,8 @@ def main() -> int:
         "--select",
         default=None,
         help="`select` configurations CHUNK/WARPS to measure in the step, e.g. 2048/8,4096/16 (default: the "
-        "kernel's); keys of others suffixed _selCHUNKxWARPS",
+        "kernel's; CHUNK/WARPS/SPLIT: split over programs of SPLIT columns); keys of others suffixed "
+        "_selCHUNKxWARPS[sSPLIT]",
     )
     a = ap.parse_args()
     kinds = ["stable"] if a.stable_kv else a.kv.split(",")
@@ -296,17 +304,25 @@ def main() -> int:
     if not lags or any(x not in (0, 1) for x in lags):
         ap.error(f"--lag: a list of 0 and 1, got {a.lag!r}")
     tier_kinds = kinds if a.tier_kv is None else a.tier_kv.split(",")
-    default_sel = (kern.SELECT_CHUNK, kern.SELECT_WARPS)
+    default_sel = (kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT)
     try:
-        sels = (
-            [tuple(int(v) for v in x.split("/")) for x in a.select.split(",")] if a.select else [default_sel]
-        )
+        given = [[int(v) for v in x.split("/")] for x in a.select.split(",")] if a.select else [default_sel]
+        sels = [tuple(v + [0] if len(v) == 2 else v) for v in map(list, given)]
     except ValueError:
         sels = []
     if not sels or any(
-        len(x) != 2 or x[0] < 16 or x[0] & (x[0] - 1) or x[1] not in (1, 2, 4, 8, 16) for x in sels
+        len(x) != 3
+        or x[0] < 16
+        or x[0] & (x[0] - 1)
+        or x[1] not in (1, 2, 4, 8, 16)
+        or (x[2] and x[2] < 4)
+        or x[2] & (x[2] - 1)
+        for x in sels
     ):
-        ap.error(f"--select: CHUNK/WARPS pairs (a power-of-two chunk >= 16, warps 1-16), got {a.select!r}")
+        ap.error(
+            f"--select: CHUNK/WARPS[/SPLIT] (a power-of-two chunk >= 16, warps 1-16, a power-of-two split "
+            f">= 4 or 0), got {a.select!r}"
+        )
     smoke = a.cpu_smoke
     contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]
     batches = [int(x) for x in a.batches.split(",")]
@@ -345,7 +361,7 @@ def main() -> int:
                     for lag in lags:
                         runs += [("kvr", lag, sel)] + ([("tier", lag, sel)] if kind in tier_kinds else [])
                 for mode, lag, sel in runs:
-                    if sel is not None and sel != (kern.SELECT_CHUNK, kern.SELECT_WARPS):
+                    if sel is not None and sel != (kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT):
                         use_select(eng, sel)
                     spec: dict[str, Any] = {
                         "kv_retrieval": {"method": a.method, "budget_tokens": budget, "lag": lag}
@@ -356,7 +372,7 @@ def main() -> int:
                     r["kv"], r["lag"], r["select"] = kind, lag, list(sel) if sel else None
                     rows.append(r)
                     churn = f", churn {r['churn']:.3f}" if r.get("churn") is not None else ""
-                    lagged = f"lag {lag} {sel[0]}/{sel[1]}" if sel else " " * 5
+                    lagged = f"lag {lag} {sel_name(sel)}" if sel else " " * 5
                     print(
                         f"[{time.time() - t0:5.0f}s] {kind:<6} ctx {ctx:>6} b{b} {mode:<4} {lagged} "
                         f"{r['step_ms']:8.2f} ms/step ({r['tok_s']:8.1f} tok/s, "
@@ -391,7 +407,7 @@ def main() -> int:
     nan = float("nan")
     for kind, lag, sel in itertools.product(kinds, lags, sels):
         tag = ("" if kind == "random" else "_stable") + ("" if lag == DEFAULT_LAG else f"_lag{lag}")
-        tag += "" if sel == default_sel else f"_sel{sel[0]}x{sel[1]}"
+        tag += "" if sel == default_sel else f"_sel{sel[0]}x{sel[1]}" + (f"s{sel[2]}" if sel[2] else "")
         for ctx in contexts:
             for b in batches:
                 full = by[(kinds[0], ctx, b, "full", None, None)]
@@ -407,7 +423,7 @@ def main() -> int:
                 if tr:
                     res[f"kvr_tier_speedup_ctx{ctx}_b{b}{tag}"] = f / t
                     res[f"kvr_tier_churn_ctx{ctx}_b{b}{tag}"] = churn
-                name = f"{sel[0]}/{sel[1]}"
+                name = sel_name(sel)
                 print(
                     f"{kind:>6} {lag:>3} {name:>7} {ctx:>8} {b:>5} {f:9.2f} {k:9.2f} {t:9.2f} "
                     f"{f / k:8.2f} {f / t:7.2f} {churn if churn is not None else nan:6.3f} {piped:8.2f}"

@@ -10,8 +10,10 @@ k-th best score found 2 bits a round (16 block-wide counts over the row's keys, 
 its own blocks), the chosen columns compacted in ascending order into the row's new table, its length;
 with a host tier, the chosen host blocks mapped to the slot's reserved GPU blocks and the copies listed for
 kernels/kv_tier.py); after attention, `summaries` (grid filled blocks x KV heads: a block's
-representative key and min/max when a row's token completed it). No host sync; fixed shapes: they run
-inside decode CUDA graphs.
+representative key and min/max when a row's token completed it). `select` split over programs
+(`SELECT_SPLIT`, off until measured in the step): `_select_part_kernel` (grid rows x parts of the columns,
+held in registers: softmax sums and the part's best candidates) then `_select_merge_kernel` (grid rows).
+No host sync; fixed shapes: they run inside decode CUDA graphs.
 
 Lag 1 (kv_retrieval_ref `lagged_ref`, `assemble_ref`, `remember_ref`): `assemble` (grid rows) checks
 each lag-1 row's previous choice and builds its table from it (flag 1), and writes two copies of the
@@ -46,6 +48,9 @@ ACTQKV = tl.constexpr(ref.ACTQKV)
 # (bench/results/kv_select_speed_s5.log); bench/kv_retrieval_speed.py --select measures others in the step
 SELECT_CHUNK = 2048
 SELECT_WARPS = 8
+# columns a program takes when `select` splits a row over programs (0: one program a row); not yet measured
+# in the step on the H200, hence off (bench/kv_retrieval_speed.py --select CHUNK/WARPS/SPLIT)
+SELECT_SPLIT = 0
 
 
 @triton.jit
@@ -202,8 +207,19 @@ def _layer_blocks(
         e = tl.where(live, tl.exp(dx), 0.0)
         ze += e
         se += e * dx
-    z = tl.sum(ze, axis=0)
-    s1 = tl.sum(se, axis=0)
+    return _budget_blocks(
+        tl.sum(ze, axis=0), tl.sum(se, axis=0), ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
+        L_PAD, RATE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _budget_blocks(
+    z, s1, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e,
+    L_PAD: tl.constexpr, RATE: tl.constexpr,
+):  # fmt: skip
+    """The rest of `_layer_blocks` from the softmax's sums over the row's candidates (z = sum exp(x - m),
+    s1 = sum exp(x - m) (x - m), m their max), which `_select_merge_kernel` gathers from its parts."""
     h = tl.log(tl.maximum(z, 1e-30)) - s1 / tl.maximum(z, 1e-30)
     hn = h / tl.log(tl.maximum(n_cand, 2).to(tl.float32))
     ent = tl.load(ent_ptr + slot * stride_e + layer)
@@ -304,12 +320,45 @@ def _kth_largest(krow, hi, W, kk, BLOCK_W: tl.constexpr):
             n2 += (key >= t2).to(tl.int32)
             n3 += (key >= t3).to(tl.int32)
         word = tl.sum(n1.to(tl.int64) + (n2.to(tl.int64) << 21) + (n3.to(tl.int64) << 42), axis=0)
-        c3 = (word >> 42).to(tl.int32)
-        c2 = ((word >> 21) & 0x1FFFFF).to(tl.int32)
-        c1 = (word & 0x1FFFFF).to(tl.int32)
-        j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
-        t += j << s
+        t = _raise(t, word, kk, s)
     return t.to(tl.int32)
+
+
+@triton.jit
+def _raise(t, word, kk, s):
+    """A round's threshold: t + j 2^s for the largest j in 0..3 with at least kk keys >= it (`word`: the
+    counts for j = 1, 2, 3 in 21-bit fields)."""
+    c3 = (word >> 42).to(tl.int32)
+    c2 = ((word >> 21) & 0x1FFFFF).to(tl.int32)
+    c1 = (word & 0x1FFFFF).to(tl.int32)
+    j = (c1 >= kk).to(tl.int64) + (c2 >= kk).to(tl.int64) + (c3 >= kk).to(tl.int64)
+    return t + (j << s)
+
+
+@triton.jit
+def _kth_largest_of(key, kk):
+    """`_kth_largest` of keys held in registers (a tensor; INT_MIN for none)."""
+    t = kk.to(tl.int64) * 0 - 2147483648
+    for r in tl.static_range(16):
+        s = 30 - 2 * r
+        t1 = (t + (1 << s)).to(tl.int32)
+        t2 = (t + (2 << s)).to(tl.int32)
+        t3 = (t + (3 << s)).to(tl.int32)
+        c = (key >= t1).to(tl.int64) + ((key >= t2).to(tl.int64) << 21) + ((key >= t3).to(tl.int64) << 42)
+        t = _raise(t, tl.sum(c, axis=0), kk, s)
+    return t.to(tl.int32)
+
+
+@triton.jit
+def _top_in_order(key, kk):
+    """The kk largest keys (INT_MIN: none; kk <= those that are not) with ties at the k-th taken in
+    order: [N] int32 1 where taken."""
+    t = _kth_largest_of(key, tl.maximum(kk, 1))
+    gt = (key > t).to(tl.int32)
+    eq = ((key == t) & (key != -2147483648)).to(tl.int32)
+    need = kk - tl.sum(gt, axis=0)
+    eq = tl.where(tl.cumsum(eq, axis=0) - eq < need, eq, 0)
+    return tl.where(kk > 0, gt | eq, 0)
 
 
 @triton.jit
@@ -317,6 +366,38 @@ def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
     c = tl.arange(0, BLOCK_W)
     for c0 in range(0, W, BLOCK_W):
         tl.store(row_out + c0 + c, tl.load(row_in + c0 + c, mask=c0 + c < W), mask=c0 + c < W)
+
+
+@triton.jit
+def _finish_row(
+    r, slot, m, keep, covered, off, sink, ws, length, row_in, row_out, newlen_ptr, cfg_ptr, cnt_ptr, ln_ptr,
+    tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, lat_ptr, W, width, res_base, host_base,
+    stride_cfg, stride_held, stride_w, stride_c, stride_lag,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, K_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr,
+    PHASE: tl.constexpr,
+):  # fmt: skip
+    """The end of a chosen row in both `select` paths: a lag-1 row's choice kept (its count and
+    position), a covered row's table copied whole (its choice kept, its table as it is), else its new
+    length, the blocks read counted where the table is built, and with a tier its host blocks staged."""
+    if keep:
+        tl.store(ln_ptr + slot, m)
+        tl.store(tag_ptr + slot, tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64))
+    if covered:
+        if PHASE != 2:
+            _copy_row(row_in, row_out, W, BLOCK_W)
+            tl.store(newlen_ptr + r, length)
+    else:
+        if PHASE != 2:
+            tl.atomic_add(cnt_ptr, m.to(tl.int64))
+            tl.atomic_add(cnt_ptr + 1, 1)
+            tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
+        if TIER:
+            if off > 0:
+                _stage(
+                    row_out + sink, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr,
+                    width, res_base, host_base, stride_held, stride_w, stride_c, lat_ptr + slot * stride_lag,
+                    keep, K_PAD, H_CHUNK,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -421,25 +502,159 @@ def _select_kernel(
             tl.store(lcol_ptr + slot * stride_lag + j, cols, mask=take > 0)
             tl.store(lat_ptr + slot * stride_lag + j, -1, mask=take > 0)
         taken += tl.sum(take, axis=0)
-    if keep:
-        tl.store(ln_ptr + slot, m)
-        tl.store(tag_ptr + slot, tl.load(cfg_ptr + r * stride_cfg + POS).to(tl.int64))
-    if covered:  # a lag-1 row's covered context: its choice kept, its table as it is
-        if PHASE != 2:
-            _copy_row(row_in, row_out, W, BLOCK_W)
-            tl.store(newlen_ptr + r, length)
+    _finish_row(
+        r, slot, m, keep, covered, off, sink, ws, length, row_in, row_out, newlen_ptr, cfg_ptr, cnt_ptr,
+        ln_ptr, tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, lat_ptr, W, width, res_base,
+        host_base, stride_cfg, stride_held, stride_w, stride_c, stride_lag, BS, BLOCK_W, K_PAD, H_CHUNK,
+        TIER, PHASE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _select_part_kernel(
+    s_ptr, cfg_ptr, len_ptr, flag_ptr, ckey_ptr, ccol_ptr, cn_ptr, st_ptr, W, width,
+    stride_s, stride_cfg, stride_cr, stride_cp, stride_sr,
+    BS: tl.constexpr, BLOCK_S: tl.constexpr, PHASE: tl.constexpr,
+):  # fmt: skip
+    """`select` split over programs (`split`), part 1 of 2, program (row, p) for the row's columns
+    [p BLOCK_S, (p + 1) BLOCK_S), held in registers: the softmax sums of its scores (max, sum exp, sum
+    exp x, finite candidates: `st`) and its best candidates, as many as the row may take at any layer
+    (ActQKV: min(2k, width); else k), ties in column order, their keys and columns compacted in column
+    order (`ckey`, `ccol`, their number `cn`). The row's choice is among them: a column among a row's k
+    best is among its part's k best."""
+    r = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT)
+    if PHASE == 1:
+        if tl.load(flag_ptr + r) != 0:
+            return
+    if PHASE == 2:
+        if tl.load(flag_ptr + r) == 0:
+            return
+    if slot < 0:
         return
-    if PHASE != 2:  # the blocks read are counted where the table is built
-        tl.atomic_add(cnt_ptr, m.to(tl.int64))
-        tl.atomic_add(cnt_ptr + 1, 1)
-        tl.store(newlen_ptr + r, ((sink + m) * BS + length - ws * BS).to(length.dtype))
+    _, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    hi = tl.minimum(ws, W).to(tl.int32)
+    at = st_ptr + r * stride_sr + part * 4
+    if part * BLOCK_S >= hi:  # past the row's candidates: nothing (their scores are -inf)
+        tl.store(at, float("-inf"))
+        tl.store(at + 1, 0.0)
+        tl.store(at + 2, 0.0)
+        tl.store(at + 3, 0.0)
+        tl.store(cn_ptr + r * tl.num_programs(1) + part, 0)
+        return
+    k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE)
+    if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
+        k = tl.minimum(2 * k, width)
+    cols = part * BLOCK_S + tl.arange(0, BLOCK_S)
+    x = tl.load(s_ptr + r * stride_s + cols, mask=cols < W, other=float("-inf"))
+    key, ok = _keys(x, cols, sink.to(tl.int32), hi)
+    cnt = tl.sum(ok.to(tl.int32), axis=0)
+    live = x > float("-inf")  # as `_layer_blocks` (and budget_ref) count them: every column
+    mx = tl.max(tl.where(live, x, float("-inf")), axis=0)
+    dx = tl.where(live, x - tl.where(mx > float("-inf"), mx, 0.0), 0.0)
+    e = tl.where(live, tl.exp(dx), 0.0)
+    tl.store(at, mx)
+    tl.store(at + 1, tl.sum(e, axis=0))
+    tl.store(at + 2, tl.sum(e * dx, axis=0))
+    tl.store(at + 3, cnt.to(tl.float32))
+    kk = tl.minimum(tl.minimum(k, n_cand).to(tl.int32), cnt)
+    take = _top_in_order(key, kk)
+    pos = tl.cumsum(take, axis=0) - take
+    base = r * stride_cr + part * stride_cp
+    tl.store(ckey_ptr + base + pos, key, mask=take > 0)
+    tl.store(ccol_ptr + base + pos, cols, mask=take > 0)
+    tl.store(cn_ptr + r * tl.num_programs(1) + part, kk)
+
+
+@triton.jit
+def _select_merge_kernel(
+    ckey_ptr, ccol_ptr, cn_ptr, st_ptr, bt_ptr, out_ptr, len_ptr, newlen_ptr, cfg_ptr, ent_ptr, rem_ptr,
+    cnt_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, copies_ptr, flag_ptr, lcol_ptr, lat_ptr, ln_ptr,
+    tag_ptr, layer, L, W, width, res_base, host_base, parts,
+    stride_bt, stride_cfg, stride_e, stride_held, stride_w, stride_c, stride_lag, stride_cr, stride_cp,
+    stride_sr,
+    BS: tl.constexpr, BLOCK_W: tl.constexpr, L_PAD: tl.constexpr, RATE: tl.constexpr, K_PAD: tl.constexpr,
+    P_PAD: tl.constexpr, H_CHUNK: tl.constexpr, TIER: tl.constexpr, PHASE: tl.constexpr,
+):  # fmt: skip
+    """Part 2 of 2, one program a row: `_select_kernel`'s result from the parts' sums and candidates
+    (the row's k_sel best among them, ties in column order: the candidates are in column order), the
+    table written from the chosen columns, the sink and the window only (not a pass over the row)."""
+    r = tl.program_id(0).to(tl.int64)
+    slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
+    length = tl.load(len_ptr + r)
+    if PHASE == 1:
+        if tl.load(flag_ptr + r) != 0:
+            return
     if TIER:
-        if off > 0:
-            _stage(
-                row_out + sink, r, slot, m, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, cnt_ptr, width,
-                res_base, host_base, stride_held, stride_w, stride_c, lat_ptr + slot * stride_lag, keep,
-                K_PAD, H_CHUNK,
-            )  # fmt: skip
+        tl.store(copies_ptr + r, 0)
+    if PHASE == 2:
+        if tl.load(flag_ptr + r) == 0:
+            return
+    row_in = bt_ptr + r * stride_bt
+    row_out = out_ptr + r * stride_bt
+    if slot < 0:
+        _copy_row(row_in, row_out, W, BLOCK_W)
+        tl.store(newlen_ptr + r, length)
+        return
+    keep = slot < 0  # False
+    if PHASE != 0:
+        keep = tl.load(cfg_ptr + r * stride_cfg + LAG) > 0
+    n, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
+    n, sink, ws = n.to(tl.int32), sink.to(tl.int32), ws.to(tl.int32)
+    k = tl.load(cfg_ptr + r * stride_cfg + RETRIEVE).to(tl.int64)
+    pp = tl.arange(0, P_PAD)
+    pm = pp < parts
+    at = st_ptr + r * stride_sr + pp * 4
+    mp = tl.load(at, mask=pm, other=float("-inf"))
+    zp = tl.load(at + 1, mask=pm, other=0.0)
+    sp = tl.load(at + 2, mask=pm, other=0.0)
+    finite = tl.sum(tl.load(at + 3, mask=pm, other=0.0), axis=0).to(tl.int32)
+    dm = tl.where(zp > 0, mp - tl.max(mp, axis=0), 0.0)  # each part's max against the row's
+    w = tl.where(zp > 0, tl.exp(dm), 0.0)
+    z = tl.sum(zp * w, axis=0)
+    s1 = tl.sum(w * (sp + dm * zp), axis=0)
+    k_sel = tl.minimum(k, n_cand)
+    if tl.load(cfg_ptr + r * stride_cfg + METHOD) == ACTQKV:
+        k_sel = _budget_blocks(
+            z, s1, ent_ptr, rem_ptr, slot, k, n_cand, layer, L, width, stride_e, L_PAD, RATE
+        )  # fmt: skip
+    off = tl.load(cfg_ptr + r * stride_cfg + OFFLOAD)
+    covered = (n_cand <= k) & (off <= 0)
+    if covered & (keep == 0):
+        _copy_row(row_in, row_out, W, BLOCK_W)
+        tl.store(newlen_ptr + r, length)
+        return
+    table = (covered == 0) & (PHASE != 2)
+    kk = tl.minimum(k_sel, finite).to(tl.int32)
+    i = tl.arange(0, P_PAD * K_PAD)  # the parts' candidates, part by part: in column order
+    ip = i // K_PAD
+    ok = (ip < parts) & (i % K_PAD < tl.load(cn_ptr + r * parts + ip, mask=ip < parts, other=0))
+    src = r * stride_cr + ip * stride_cp + i % K_PAD
+    key = tl.load(ckey_ptr + src, mask=ok, other=-2147483648)
+    col = tl.load(ccol_ptr + src, mask=ok, other=0)
+    take = _top_in_order(key, kk)
+    pos = tl.cumsum(take, axis=0) - take
+    m = kk
+    used = tl.where(table, take > 0, (take > 0) & (PHASE == 2))  # a covered row's is copied whole below
+    tl.store(row_out + sink + pos, tl.load(row_in + col, mask=used), mask=used)
+    if table:  # the sink in place, the window after the chosen
+        c = tl.arange(0, BLOCK_W)
+        for c0 in range(0, sink, BLOCK_W):
+            cs = c0 + c
+            tl.store(row_out + cs, tl.load(row_in + cs, mask=cs < sink), mask=cs < sink)
+        for c0 in range(ws, n, BLOCK_W):
+            cs = c0 + c
+            tl.store(row_out + sink + m - ws + cs, tl.load(row_in + cs, mask=cs < n), mask=cs < n)
+    if keep:
+        tl.store(lcol_ptr + slot * stride_lag + pos, col, mask=take > 0)
+        tl.store(lat_ptr + slot * stride_lag + pos, -1, mask=take > 0)
+    _finish_row(
+        r, slot, m, keep, covered, off, sink, ws, length, row_in, row_out, newlen_ptr, cfg_ptr, cnt_ptr,
+        ln_ptr, tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, copies_ptr, lat_ptr, W, width, res_base,
+        host_base, stride_cfg, stride_held, stride_w, stride_c, stride_lag, BS, BLOCK_W, K_PAD, H_CHUNK,
+        TIER, PHASE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -706,7 +921,7 @@ def select(
     sc: torch.Tensor, bt: torch.Tensor, lens: torch.Tensor, cfg: torch.Tensor, entropy: torch.Tensor,
     remaining: torch.Tensor, counters: torch.Tensor, layer: int, width: int, block_size: int, rate: float,
     tier: tuple[torch.Tensor, int, int] | None = None, chunk: int | None = None, num_warps: int | None = None,
-    lag: tuple[Any, ...] | None = None,
+    lag: tuple[Any, ...] | None = None, split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:  # fmt: skip
     """`budget_ref`, `choose_ref`, `tables_ref` and, with `tier` = (held [S, width], first reserved id,
     first host id), `stage_ref`, in one launch: (new tables, new lengths, the copies to make or None);
@@ -715,7 +930,9 @@ def select(
     `num_warps` default SELECT_WARPS. `lag` = (flag,
     lag_cols, lag_at, lag_n, lag_tag, phase, out, new_len): phase 1 (out and new_len from `assemble`,
     written for the rows not flagged) or 2 (the flagged rows' next choice; the tables returned are
-    scratch), both keeping lag-1 rows' choices (`remember_ref`)."""
+    scratch), both keeping lag-1 rows' choices (`remember_ref`). `split` (default SELECT_SPLIT; 0: one
+    program a row): columns a program takes in `_select_part_kernel` (a power of two), then
+    `_select_merge_kernel` a row (two launches)."""
     rows, w = bt.shape
     phase = 0
     flag = lcols = lat = ln = tag = lens
@@ -725,7 +942,6 @@ def select(
     out = torch.empty_like(bt) if out is None else out
     new_len = torch.empty_like(lens) if new_len is None else new_len
     block = min(chunk or SELECT_CHUNK, max(16, triton.next_power_of_2(w)))
-    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
     if tier is not None:
         held, res_base, host_base = tier
         assert held.shape[1] == width
@@ -739,6 +955,15 @@ def select(
         held, res_base, host_base = bt, 0, 0
         work = src = dst = bt
         count = lens
+    split = SELECT_SPLIT if split is None else split
+    if split:
+        _select_split(
+            sc, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count, flag,
+            lcols, lat, ln, tag, layer, width, res_base, host_base, block_size, rate, block, phase,
+            tier is not None, lcols.stride(0) if lag is not None else 0, split, num_warps or SELECT_WARPS,
+        )  # fmt: skip
+        return out, new_len, ((src, dst, count) if tier is not None else None)
+    keys = torch.empty(rows, w, dtype=torch.int32, device=bt.device)  # scratch: each row's score keys
     _select_kernel[(rows,)](
         sc, keys, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst, count,
         flag, lcols, lat, ln, tag,
@@ -750,6 +975,39 @@ def select(
         num_warps=num_warps or SELECT_WARPS,
     )  # fmt: skip
     return out, new_len, ((src, dst, count) if tier is not None else None)
+
+
+def _select_split(
+    sc: torch.Tensor, bt: torch.Tensor, out: torch.Tensor, lens: torch.Tensor, new_len: torch.Tensor,
+    cfg: torch.Tensor, entropy: torch.Tensor, remaining: torch.Tensor, counters: torch.Tensor,
+    held: torch.Tensor, work: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, count: torch.Tensor,
+    flag: torch.Tensor, lcols: torch.Tensor, lat: torch.Tensor, ln: torch.Tensor, tag: torch.Tensor,
+    layer: int, width: int, res_base: int, host_base: int, block_size: int, rate: float, block: int,
+    phase: int, tier: bool, stride_lag: int, split: int, num_warps: int,
+) -> None:  # fmt: skip
+    """`select`'s two launches over parts of `split` columns (see `_select_part_kernel`)."""
+    if split < 4 or split & (split - 1):
+        raise ValueError(f"select: split must be a power of two >= 4, got {split}")
+    rows, w = bt.shape
+    parts = triton.cdiv(w, split)
+    k_pad = triton.next_power_of_2(width)
+    ckey = torch.empty(rows, parts, k_pad, dtype=torch.int32, device=bt.device)
+    ccol = torch.empty_like(ckey)
+    cn = torch.empty(rows, parts, dtype=torch.int32, device=bt.device)
+    st = torch.empty(rows, parts, 4, dtype=torch.float32, device=bt.device)
+    _select_part_kernel[(rows, parts)](
+        sc, cfg, lens, flag, ckey, ccol, cn, st, w, width, sc.stride(0), cfg.stride(0), ckey.stride(0),
+        ckey.stride(1), st.stride(0), BS=block_size, BLOCK_S=split, PHASE=phase,
+        num_warps=4 if split <= 1024 else 8,
+    )  # fmt: skip
+    _select_merge_kernel[(rows,)](
+        ckey, ccol, cn, st, bt, out, lens, new_len, cfg, entropy, remaining, counters, held, work, src, dst,
+        count, flag, lcols, lat, ln, tag, layer, entropy.shape[1], w, width, res_base, host_base, parts,
+        bt.stride(0), cfg.stride(0), entropy.stride(0), held.stride(0), work.stride(0), src.stride(0),
+        stride_lag, ckey.stride(0), ckey.stride(1), st.stride(0),
+        BS=block_size, BLOCK_W=block, L_PAD=triton.next_power_of_2(entropy.shape[1]), RATE=rate, K_PAD=k_pad,
+        P_PAD=triton.next_power_of_2(parts), H_CHUNK=32, TIER=tier, PHASE=phase, num_warps=num_warps,
+    )  # fmt: skip
 
 
 def summaries(

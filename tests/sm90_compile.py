@@ -21,6 +21,8 @@ from actserve.kernels.kv_retrieval import (
     _query_vectors_kernel,
     _scores_kernel,
     _select_kernel,
+    _select_merge_kernel,
+    _select_part_kernel,
     _summaries_kernel,
 )
 from actserve.kernels.kv_tier import _recall_kernel
@@ -388,6 +390,31 @@ for block_w, tier, phase in (
             _select_kernel,
             {**kvr_types, "out_ptr": I32, "cnt_ptr": I64, "key_ptr": I32},
             dict(BS=16, BLOCK_W=block_w, L_PAD=32, RATE=0.1, K_PAD=256, H_CHUNK=32, TIER=tier, PHASE=phase),
+        )
+    )
+# `select` split over programs (SELECT_SPLIT): parts of 1024 columns, then one program a row
+split_types = {
+    **kvr_types, "ckey_ptr": I32, "ccol_ptr": I32, "st_ptr": F32, "copies_ptr": I32, "cnt_ptr": I64,
+    "out_ptr": I32, "parts": "i32", "stride_cr": "i32", "stride_cp": "i32", "stride_sr": "i32",
+}  # fmt: skip
+for phase in (0, 1, 2):
+    VARIANTS.append((_select_part_kernel, split_types, dict(BS=16, BLOCK_S=1024, PHASE=phase)))
+for tier, phase in ((True, 0), (False, 0), (True, 1), (False, 1), (True, 2), (False, 2)):
+    VARIANTS.append(
+        (
+            _select_merge_kernel,
+            split_types,
+            dict(
+                BS=16,
+                BLOCK_W=2048,
+                L_PAD=32,
+                RATE=0.1,
+                K_PAD=256,
+                P_PAD=8,
+                H_CHUNK=32,
+                TIER=tier,
+                PHASE=phase,
+            ),
         )
     )
 for tier, full in ((True, False), (False, False), (False, True)):  # full: steps without phase 1

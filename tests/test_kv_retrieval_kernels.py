@@ -142,9 +142,9 @@ def test_choose_ref_takes_the_best_with_ties_in_column_order() -> None:
     assert [got[r].nonzero().flatten().tolist() for r in range(5)] == want
 
 
-@pytest.mark.parametrize("chunk", [2048, 4])
+@pytest.mark.parametrize(("chunk", "split"), [(2048, 0), (4, 0), (2048, 4)])
 @pytest.mark.parametrize("tie_scores", [False, True])
-def test_select(tie_scores: bool, chunk: int) -> None:
+def test_select(tie_scores: bool, chunk: int, split: int) -> None:
     """ActQKV's layer budget (the blocks left carry from layer to layer), the choice (the k-th best
     score, found 2 bits a round, ties in column order) and the table each row reads, in one kernel,
     equal `budget_ref`, `choose_ref` and `tables_ref`; with a host tier the offloaded row's chosen host
@@ -182,7 +182,7 @@ def test_select(tie_scores: bool, chunk: int) -> None:
         c1 = R.stage_ref(o1, lens, cfg, chosen.sum(1), a["held"], res_base, host_base, a["cnt"], BS)
         o2, l2, c2 = K.select(
             sc, tables, lens, cfg, b["entropy"], b["remaining"], b["cnt"], layer, width, BS, R.ENTROPY_RATE,
-            (b["held"], res_base, host_base), chunk=chunk,
+            (b["held"], res_base, host_base), chunk=chunk, split=split,
         )  # fmt: skip
         assert c2 is not None
         assert torch.equal(l2, l1), layer
@@ -229,9 +229,9 @@ def test_select_without_tier() -> None:
         assert torch.equal(o2[r, :used], o1[r, :used]), r
 
 
-@pytest.mark.parametrize("chunk", [2048, 128])
+@pytest.mark.parametrize(("chunk", "split"), [(2048, 0), (128, 0), (2048, 128), (2048, 1024)])
 @pytest.mark.parametrize("kind", ["spread", "equal"])
-def test_select_wide_rows(kind: str, chunk: int) -> None:
+def test_select_wide_rows(kind: str, chunk: int, split: int) -> None:
     """Rows of 700 columns (several hundred candidates, a 1024-wide register tile): scores of mixed signs
     and magnitudes, or all equal (the choice is then the first columns); the chosen blocks equal
     `choose_ref`'s."""
@@ -256,7 +256,9 @@ def test_select_wide_rows(kind: str, chunk: int) -> None:
     rem = torch.zeros(SLOTS + 1, device=DEVICE)
     k_sel = R.budget_ref(sc, cfg, lens, ent.clone(), rem.clone(), 0, 200, bs)
     o1, l1 = R.tables_ref(tables, lens, cfg, R.choose_ref(sc, k_sel), cnt.clone(), bs)
-    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 200, bs, R.ENTROPY_RATE, chunk=chunk)
+    o2, l2, _ = K.select(
+        sc, tables, lens, cfg, ent, rem, cnt, 0, 200, bs, R.ENTROPY_RATE, chunk=chunk, split=split
+    )
     assert torch.equal(l1, l2)
     for r in range(len(rows)):
         used = -(-int(l1[r]) // bs)
@@ -332,9 +334,9 @@ def test_paged_decode_reads_selected_block_lists(dtype: torch.dtype) -> None:
     assert (got.float() - want.float()).abs().max().item() < tol
 
 
-@pytest.mark.parametrize("chunk", [2048, 64])
+@pytest.mark.parametrize(("chunk", "split"), [(2048, 0), (64, 0), (2048, 64)])
 @pytest.mark.parametrize("kind", ["low_bits", "signs", "ties"])
-def test_select_kth_edges(kind: str, chunk: int) -> None:
+def test_select_kth_edges(kind: str, chunk: int, split: int) -> None:
     """The k-th search (`_kth_largest`, 2 bits a round) on keys that the top bits do not separate:
     scores that differ only in their low mantissa bits (one float's neighbours), of both signs with
     zeros of both signs, subnormals and floats near the lowest (whose keys sit just above
@@ -369,7 +371,9 @@ def test_select_kth_edges(kind: str, chunk: int) -> None:
     cnt = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     chosen = R.choose_ref(sc, R.budget_ref(sc, cfg, lens, ent.clone(), rem.clone(), 0, 400, bs))
     o1, l1 = R.tables_ref(tables, lens, cfg, chosen, cnt.clone(), bs)
-    o2, l2, _ = K.select(sc, tables, lens, cfg, ent, rem, cnt, 0, 400, bs, R.ENTROPY_RATE, chunk=chunk)
+    o2, l2, _ = K.select(
+        sc, tables, lens, cfg, ent, rem, cnt, 0, 400, bs, R.ENTROPY_RATE, chunk=chunk, split=split
+    )
     assert torch.equal(l1, l2)
     for r in range(n):
         used = -(-int(l1[r]) // bs)

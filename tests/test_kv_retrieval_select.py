@@ -18,6 +18,7 @@ from actserve.interventions.kv_retrieval.hook import COLUMNS, INPUT, STAT_CAP, R
 from actserve.interventions.kv_retrieval.plugin import KVRetrievalPlugin
 from actserve.interventions.kv_retrieval.schema import KVRetrievalSpec
 from actserve.interventions.kv_retrieval.state import RetrievalState
+from actserve.kernels import kv_retrieval as K
 from actserve.kernels import kv_retrieval_ref as R
 
 LAYERS, HQ, HK, D, BS, RING, WIDTH, IDS, SLOTS = 2, 4, 2, 8, 4, 8, 12, 60, 4
@@ -556,12 +557,14 @@ def lag_state(g: torch.Generator) -> RetrievalState:
     return st
 
 
-def test_lag_kernels_equal_the_references() -> None:
+@pytest.mark.parametrize("split", [0, 4])
+def test_lag_kernels_equal_the_references(split: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode path's kernels (Triton's interpreter here) with lag 1 rows, a lag 0 row, another
     request's row and an offloaded row whose blocks move to the host step by step (a block chosen as a
     GPU id comes back as a host id: recalled when its table is assembled) choose, build and recall what
     the plain-torch path does: tables, lengths, the kept choices, held blocks, copies and counters. On a
-    GPU the kernels' next choice runs on the side stream."""
+    GPU the kernels' next choice runs on the side stream. `split`: `select` over parts of 4 columns."""
+    monkeypatch.setattr(K, "SELECT_SPLIT", split)
     g = torch.Generator().manual_seed(22)
     st_ref = lag_state(g)
     st_ker = lag_state(torch.Generator().manual_seed(22))
@@ -615,12 +618,14 @@ def test_lag_kernels_equal_the_references() -> None:
     assert int(st_ref.counters[2]) > 0 and bool((st_ref.lag_tag[:, :4] >= 0).all())  # slots 0-3: lag 1
 
 
-def test_all_lagged_steps_equal_the_reference_path() -> None:
+@pytest.mark.parametrize("split", [0, 4])
+def test_all_lagged_steps_equal_the_reference_path(split: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps whose every retrieving row reads its previous step's choice (`all_lagged`: no fresh
     choice on the step's path; the append, the next choice and the summaries on the side stream, here
     Triton's interpreter in program order) after a first lag-1 step, beside another request's row,
     build the tables, keep the choices and write the statistics and summaries the plain-torch path does;
     a row the device does not flag (its slot forgotten) reads its whole table and chooses again."""
+    monkeypatch.setattr(K, "SELECT_SPLIT", split)
     g = torch.Generator().manual_seed(31)
     st_ref, st_ker = lag_state(g), lag_state(torch.Generator().manual_seed(31))
     ref_hook = RetrievalHook(st_ref, LAYERS, HK, BS, D**-0.5, 2, True, None, lag=True)
