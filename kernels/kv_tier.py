@@ -6,11 +6,10 @@ graphs, from lists a previous kernel of the step wrote.
 
 Grid (rows, PROGRAMS): program (r, c) copies the row's blocks c, c + PROGRAMS, ... (a block of one
 layer: K then V, each one contiguous piece on both sides, both loads issued before the stores).
-RECALL_PROGRAMS programs in all (at least one a row): a few already keep PCIe busy, and each one holds
-~64 KiB of host reads in flight, which slow every other kernel's HBM reads while they wait. On the H200
-at 128k, batch 4, a quarter of the blocks recalled per step, 32 programs a row (128) took the decode
-step to 11.2 ms and 4 a row (16) to 8.2, the GEMVs beside them from 6.9 ms a step back to 4.5
-(bench/results/kv_tier_recall_programs.json).
+RECALL_PROGRAMS programs in all (at least one a row): a few already keep PCIe busy (each holds ~64 KiB
+of host reads in flight), and more slowed the kernels beside them. On the H200 at 128k, batch 4, a
+quarter of the blocks recalled per step, 32 programs a row (128) took the decode step to 11.2 ms and
+its GEMVs to 6.9 ms a step; 4 a row (16), 8.2 ms and 4.5 (bench/results/kv_tier_recall_programs.json).
 """
 
 from __future__ import annotations
