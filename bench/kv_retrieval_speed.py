@@ -35,7 +35,9 @@ measures the retrieving rows with each (chunk, warps) of the `select` kernel (gr
 each; keys of configurations other than the kernel's default suffixed `_sel4096x16`; a third number
 splits each row over programs of that many columns, `SELECT_SPLIT`: `--select 2048/8,2048/8/1024`, suffix
 `_sel2048x8s1024`): at batch 1 the step tracks the side stream's selection
-(bench/results/kv_select_speed_key_tile.log).
+(bench/results/kv_select_speed_key_tile.log). `--recall-programs 4,16,128` measures each configuration
+with the host tier's recall on that many programs in all (kernels/kv_tier.py `RECALL_PROGRAMS`; keys of
+others than the default suffixed `_rp4`; bench/results/kv_tier_recall_programs.json).
 
     python bench/kv_retrieval_speed.py --out bench/results/kv_retrieval_speed.json   # H200, < 4 minutes
     python bench/kv_retrieval_speed.py --cpu-smoke [--kv random|stable] [--lag 0,1]   # tiny, on the CPU
@@ -66,6 +68,7 @@ from shapes import LLAMA3_8B, make_model_dir  # noqa: E402
 
 from actserve.interventions.kv_retrieval.schema import DEFAULT_LAG  # noqa: E402
 from actserve.kernels import kv_retrieval as kern  # noqa: E402
+from actserve.kernels import kv_tier as tier_kern  # noqa: E402
 from actserve.server.engine.config import EngineConfig  # noqa: E402
 from actserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from actserve.server.engine.sampling_params import SamplingParams  # noqa: E402
@@ -175,14 +178,23 @@ def pipelined_ms(eng: LLMEngine, seqs: list[Sequence], steps: int) -> float:
     return 1e3 * (time.perf_counter() - t) / steps
 
 
+DEFAULT_RECALL_PROGRAMS = tier_kern.RECALL_PROGRAMS
+
+
 def sel_name(sel: tuple[int, ...]) -> str:
-    return "/".join(str(v) for v in (sel if sel[2] else sel[:2]))
+    """A configuration (chunk, warps, split, recall programs), as `--select` / `--recall-programs` give it."""
+    name = "/".join(str(v) for v in (sel[:3] if sel[2] else sel[:2]))
+    return name if sel[3] == DEFAULT_RECALL_PROGRAMS else f"{name} rp{sel[3]}"
+
+
+def current_config() -> tuple[int, int, int, int]:
+    return kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT, tier_kern.RECALL_PROGRAMS
 
 
 def use_select(eng: LLMEngine, sel: tuple[int, ...]) -> None:
-    """`select`'s (chunk, warps, split) from here on: the plugin's decode graphs are captured again with
-    them."""
-    kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT = sel
+    """`select`'s (chunk, warps, split) and the recall's programs from here on: the plugin's decode graphs
+    are captured again with them."""
+    kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT, tier_kern.RECALL_PROGRAMS = sel
     graphs = eng.runner.graphs
     if graphs is not None:
         for key in [k for k in graphs.graphs if k[0]]:  # variants with plugins; the plain ones stay
@@ -280,6 +292,12 @@ def main() -> int:
     )
     ap.add_argument("--stable-kv", action="store_true", help="= --kv stable: churn as on real text")
     ap.add_argument("--drift", type=float, default=DRIFT, help="stable K/V: scale of the fast dimensions")
+    ap.add_argument(
+        "--recall-programs",
+        default=None,
+        help="the host tier's recall programs in all (kernels/kv_tier.py RECALL_PROGRAMS) to measure, e.g. "
+        "4,16,128, each with every --select configuration; keys of others suffixed _rpN",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--profile",
@@ -304,9 +322,17 @@ def main() -> int:
     if not lags or any(x not in (0, 1) for x in lags):
         ap.error(f"--lag: a list of 0 and 1, got {a.lag!r}")
     tier_kinds = kinds if a.tier_kv is None else a.tier_kv.split(",")
-    default_sel = (kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT)
+    default_sel = current_config()
     try:
-        given = [[int(v) for v in x.split("/")] for x in a.select.split(",")] if a.select else [default_sel]
+        rps = [int(x) for x in a.recall_programs.split(",")] if a.recall_programs else [default_sel[3]]
+    except ValueError:
+        rps = []
+    if not rps or min(rps) < 1:
+        ap.error(f"--recall-programs: a list of positive counts, got {a.recall_programs!r}")
+    try:
+        given = (
+            [[int(v) for v in x.split("/")] for x in a.select.split(",")] if a.select else [default_sel[:3]]
+        )
         sels = [tuple(v + [0] if len(v) == 2 else v) for v in map(list, given)]
     except ValueError:
         sels = []
@@ -323,6 +349,7 @@ def main() -> int:
             f"--select: CHUNK/WARPS[/SPLIT] (a power-of-two chunk >= 16, warps 1-16, a power-of-two split "
             f">= 4 or 0), got {a.select!r}"
         )
+    sels = [(*x, rp) for x in sels for rp in rps]
     smoke = a.cpu_smoke
     contexts = [int(x) for x in (a.contexts or ("512,1024" if smoke else "32768,65536,131072")).split(",")]
     batches = [int(x) for x in a.batches.split(",")]
@@ -361,7 +388,7 @@ def main() -> int:
                     for lag in lags:
                         runs += [("kvr", lag, sel)] + ([("tier", lag, sel)] if kind in tier_kinds else [])
                 for mode, lag, sel in runs:
-                    if sel is not None and sel != (kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT):
+                    if sel is not None and sel != current_config():
                         use_select(eng, sel)
                     spec: dict[str, Any] = {
                         "kv_retrieval": {"method": a.method, "budget_tokens": budget, "lag": lag}
@@ -407,7 +434,10 @@ def main() -> int:
     nan = float("nan")
     for kind, lag, sel in itertools.product(kinds, lags, sels):
         tag = ("" if kind == "random" else "_stable") + ("" if lag == DEFAULT_LAG else f"_lag{lag}")
-        tag += "" if sel == default_sel else f"_sel{sel[0]}x{sel[1]}" + (f"s{sel[2]}" if sel[2] else "")
+        tag += (
+            "" if sel[:3] == default_sel[:3] else f"_sel{sel[0]}x{sel[1]}" + (f"s{sel[2]}" if sel[2] else "")
+        )
+        tag += "" if sel[3] == default_sel[3] else f"_rp{sel[3]}"
         for ctx in contexts:
             for b in batches:
                 full = by[(kinds[0], ctx, b, "full", None, None)]
