@@ -369,6 +369,25 @@ def _copy_row(row_in, row_out, W, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _left_alone(flag_ptr, cn_ptr, r, TIER: tl.constexpr, PHASE: tl.constexpr):
+    """Whether this phase of `select` leaves row r alone: phase 1 the rows `assemble` flagged (it built
+    their tables and listed their copies), phase 2 the others. With a tier (`cn`: copies per row) a row
+    phase 1 keeps, and every row in phases 0 and 2, starts with no copies."""
+    skip = r < 0  # False
+    if PHASE == 1:
+        skip = tl.load(flag_ptr + r) != 0
+        if TIER:
+            if skip == 0:
+                tl.store(cn_ptr + r, 0)
+    else:
+        if TIER:
+            tl.store(cn_ptr + r, 0)
+    if PHASE == 2:
+        skip = tl.load(flag_ptr + r) == 0
+    return skip
+
+
+@triton.jit
 def _finish_row(
     r, slot, m, keep, covered, off, sink, ws, length, row_in, row_out, newlen_ptr, cfg_ptr, cnt_ptr, ln_ptr,
     tag_ptr, held_ptr, work_ptr, csrc_ptr, cdst_ptr, cn_ptr, lat_ptr, W, width, res_base, host_base,
@@ -417,14 +436,8 @@ def _select_kernel(
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
-    if PHASE == 1:
-        if tl.load(flag_ptr + r) != 0:  # assembled (and its copies listed) by `assemble`
-            return
-    if TIER:
-        tl.store(cn_ptr + r, 0)
-    if PHASE == 2:
-        if tl.load(flag_ptr + r) == 0:
-            return
+    if _left_alone(flag_ptr, cn_ptr, r, TIER, PHASE):
+        return
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
     srow = s_ptr + r * stride_s
@@ -525,12 +538,8 @@ def _select_part_kernel(
     r = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT)
-    if PHASE == 1:
-        if tl.load(flag_ptr + r) != 0:
-            return
-    if PHASE == 2:
-        if tl.load(flag_ptr + r) == 0:
-            return
+    if _left_alone(flag_ptr, cn_ptr, r, False, PHASE):
+        return
     if slot < 0:
         return
     _, sink, ws, n_cand = _geometry(cfg_ptr, len_ptr, r, stride_cfg, BS)
@@ -583,14 +592,8 @@ def _select_merge_kernel(
     r = tl.program_id(0).to(tl.int64)
     slot = tl.load(cfg_ptr + r * stride_cfg + SLOT).to(tl.int64)
     length = tl.load(len_ptr + r)
-    if PHASE == 1:
-        if tl.load(flag_ptr + r) != 0:
-            return
-    if TIER:
-        tl.store(copies_ptr + r, 0)
-    if PHASE == 2:
-        if tl.load(flag_ptr + r) == 0:
-            return
+    if _left_alone(flag_ptr, copies_ptr, r, TIER, PHASE):
+        return
     row_in = bt_ptr + r * stride_bt
     row_out = out_ptr + r * stride_bt
     if slot < 0:
