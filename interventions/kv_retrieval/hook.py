@@ -261,11 +261,7 @@ class RetrievalHook:
         at the end (bench/results/kv_retrieval_speed_side_stream_ab.json)."""
         if device.type != "cuda":
             return contextlib.nullcontext()
-        if self._side is None:
-            self._side = torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
-        self._side.wait_stream(torch.cuda.current_stream(device))
-        if self._side not in self._forked:
-            self._forked.append(self._side)
+        self._side = self._open(self._side, device)
         return torch.cuda.stream(self._side)
 
     def _fork_recalls(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -277,14 +273,20 @@ class RetrievalHook:
         the side stream (PCIe-bound: ~140 us a layer at batch 4 with a quarter of the blocks recalled)."""
         if device.type != "cuda":
             return contextlib.nullcontext()
-        if self._recalls is None:
-            self._recalls = torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
-        self._recalls.wait_stream(torch.cuda.current_stream(device))
-        if self._side is not None and self._side in self._forked:
+        self._recalls = self._open(self._recalls, device)
+        if self._side in self._forked:
             self._recalls.wait_stream(self._side)
-        if self._recalls not in self._forked:
-            self._forked.append(self._recalls)
         return torch.cuda.stream(self._recalls)
+
+    def _open(self, stream: torch.cuda.Stream | None, device: torch.device) -> torch.cuda.Stream:
+        """`stream` (made at SIDE_PRIORITY the first time) after the work queued so far on the current
+        stream, and joined back at the step's end (`_join`)."""
+        if stream is None:
+            stream = torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        if stream not in self._forked:
+            self._forked.append(stream)
+        return stream
 
     def _join(self, device: torch.device) -> None:
         """The main stream waits for the streams forked in this step (before the step ends); only those:
