@@ -178,17 +178,18 @@ def pipelined_ms(eng: LLMEngine, seqs: list[Sequence], steps: int) -> float:
     return 1e3 * (time.perf_counter() - t) / steps
 
 
-DEFAULT_RECALL_PROGRAMS = tier_kern.RECALL_PROGRAMS
+def current_config() -> tuple[int, int, int, int]:
+    """(`select`'s chunk, warps, split; the recall's programs) as the kernels' modules set them now."""
+    return kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT, tier_kern.RECALL_PROGRAMS
+
+
+DEFAULT_CONFIG = current_config()  # the kernels' defaults (`use_select` changes the current one)
 
 
 def sel_name(sel: tuple[int, ...]) -> str:
     """A configuration (chunk, warps, split, recall programs), as `--select` / `--recall-programs` give it."""
     name = "/".join(str(v) for v in (sel[:3] if sel[2] else sel[:2]))
-    return name if sel[3] == DEFAULT_RECALL_PROGRAMS else f"{name} rp{sel[3]}"
-
-
-def current_config() -> tuple[int, int, int, int]:
-    return kern.SELECT_CHUNK, kern.SELECT_WARPS, kern.SELECT_SPLIT, tier_kern.RECALL_PROGRAMS
+    return name if sel[3] == DEFAULT_CONFIG[3] else f"{name} rp{sel[3]}"
 
 
 def use_select(eng: LLMEngine, sel: tuple[int, ...]) -> None:
@@ -322,7 +323,7 @@ def main() -> int:
     if not lags or any(x not in (0, 1) for x in lags):
         ap.error(f"--lag: a list of 0 and 1, got {a.lag!r}")
     tier_kinds = kinds if a.tier_kv is None else a.tier_kv.split(",")
-    default_sel = current_config()
+    default_sel = DEFAULT_CONFIG
     try:
         rps = [int(x) for x in a.recall_programs.split(",")] if a.recall_programs else [default_sel[3]]
     except ValueError:
@@ -385,8 +386,9 @@ def main() -> int:
                 runs: list[tuple[str, int, tuple[int, ...] | None]] = []
                 runs += [("full", lags[0], None)] if kind == kinds[0] else []
                 for sel in sels:
-                    for lag in lags:
-                        runs += [("kvr", lag, sel)] + ([("tier", lag, sel)] if kind in tier_kinds else [])
+                    for lag in lags:  # steps without the tier recall nothing: one kvr run per select
+                        runs += [("kvr", lag, sel)] if sel[3] == rps[0] else []
+                        runs += [("tier", lag, sel)] if kind in tier_kinds else []
                 for mode, lag, sel in runs:
                     if sel is not None and sel != current_config():
                         use_select(eng, sel)
@@ -441,7 +443,7 @@ def main() -> int:
         for ctx in contexts:
             for b in batches:
                 full = by[(kinds[0], ctx, b, "full", None, None)]
-                kr = by[(kind, ctx, b, "kvr", lag, sel)]
+                kr = by[(kind, ctx, b, "kvr", lag, (*sel[:3], rps[0]))]
                 f, k = full["step_ms"], kr["step_ms"]
                 tr = by.get((kind, ctx, b, "tier", lag, sel))
                 t = tr["step_ms"] if tr else nan
