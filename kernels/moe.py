@@ -30,12 +30,14 @@ whatever the table says, and no host sync is needed to make an expert resident f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from actserve.kernels.moe_ref import PendingSum
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
 # the decode path runs up to DECODE_MAX_ROWS rows, and beyond while the pairs (rows x top_k) are at most
@@ -46,6 +48,11 @@ DECODE_MAX_ROWS = 4
 DECODE_LIMIT_ROWS = 16
 # programs a decode kernel aims for; columns are split over programs until the grid reaches it
 DECODE_TARGET_PROGRAMS = 1024
+# the decode path's expert weight loads: "evict_first" lets a step's 75 MB of Qwen3-30B-A3B experts pass
+# through L2 without evicting the next layer's prefetched qkv weights (kernels/l2_prefetch.py); A/B switch
+W_EVICT = "evict_first" if os.environ.get("ACTSERVE_MOE_EVICT_FIRST", "0") == "1" else ""
+# A/B switch for the down kernel's first tile read before the PDL wait (`_decode_down_kernel` EARLY)
+DOWN_EARLY = os.environ.get("ACTSERVE_MOE_DOWN_EARLY", "1") == "1"
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ def _expert_ptr(w_ptr, host_ptr, table_ptr, e, stride_ws, TABLE: tl.constexpr, H
 def _decode_up_kernel(
     x_ptr, w13_ptr, host_ptr, table_ptr, cnt_ptr, ids_ptr, inter_ptr, K, H, NI, COLS, stride_ws, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr, HOST: tl.constexpr,
-    COUNT: tl.constexpr, USE_PDL: tl.constexpr,
+    COUNT: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "",
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
@@ -185,8 +192,8 @@ def _decode_up_kernel(
             k_ok = rk < H
             xv = tl.load(x_ptr + row * H + rk, mask=k_ok, other=0.0).to(tl.float32)
             m = n_ok[:, None] & k_ok[None, :]
-            wg = tl.load(g_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
-            wu = tl.load(u_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            wg = tl.load(g_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
+            wu = tl.load(u_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
         h = _silu_mul(acc_g, acc_u, dtype)
@@ -197,16 +204,25 @@ def _decode_up_kernel(
 def _decode_down_kernel(
     inter_ptr, w2_ptr, host_ptr, table_ptr, ids_ptr, wt_ptr, y_ptr, out_ptr, K, H, NI, COLS, stride_ws,
     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM: tl.constexpr, TABLE: tl.constexpr,
-    HOST: tl.constexpr, USE_PDL: tl.constexpr,
+    HOST: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "", EARLY: tl.constexpr = False,
 ):  # fmt: skip
     """SUM (all K columns in this program): add the columns here and store the row's output; else store
-    each pair's weighted product in y for `_sum_kernel`."""
+    each pair's weighted product in y for `_sum_kernel`. EARLY (every expert resident, no table): the ids
+    were written before the up launch, which waited for them before this launch could start, so the
+    first column's first weight tile is read before the PDL wait, streamed while the up kernel drains."""
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < H
     dtype = inter_ptr.dtype.element_ty
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rk0 = tl.arange(0, BLOCK_K)
+    if EARLY:
+        e0 = tl.load(ids_ptr + row * K + grp * COLS, mask=grp * COLS < K, other=-1)
+        w0_rows = _expert_ptr(w2_ptr, host_ptr, table_ptr, e0, stride_ws, TABLE, HOST)
+        w0_rows += rn.to(tl.int64)[:, None] * stride_wn
+        m0 = n_ok[:, None] & (rk0 < NI * (e0 >= 0).to(tl.int32))[None, :]
+        w_first = tl.load(w0_rows + rk0[None, :], mask=m0, other=0.0, eviction_policy=W_EVICT)
     pdl_sync(USE_PDL)
     for c in range(0, COLS):
         col = grp * COLS + c
@@ -216,11 +232,18 @@ def _decode_down_kernel(
         w_base = _expert_ptr(w2_ptr, host_ptr, table_ptr, e, stride_ws, TABLE, HOST)
         w_rows = w_base + rn.to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, NI * on, BLOCK_K):
+        k_start = c * 0
+        if EARLY:
+            if c == 0:  # the tile read before the wait: the loop's first iteration
+                hv = tl.load(inter_ptr + pair * NI + rk0, mask=rk0 < NI * on, other=0.0).to(tl.float32)
+                acc += tl.sum(w_first.to(tl.float32) * hv[None, :], axis=1)
+                k_start = c * 0 + BLOCK_K
+        for k0 in range(k_start, NI * on, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < NI
             hv = tl.load(inter_ptr + pair * NI + rk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            m = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
             acc += tl.sum(w * hv[None, :], axis=1)
         wt = tl.load(wt_ptr + pair, mask=col < K, other=0.0)
         d = acc.to(dtype).to(tl.float32) * wt
@@ -345,7 +368,8 @@ def fused_moe(
     table: torch.Tensor | None = None,
     host: tuple[torch.Tensor, torch.Tensor] | None = None,
     counts: torch.Tensor | None = None,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+) -> torch.Tensor | PendingSum:
     """x [rows, hidden], w13 [slots, 2 * inter, hidden], w2 [slots, hidden, inter] (hidden-/inter-
     contiguous), slots [rows, k] int (-1: none), weights [rows, k] float32 -> [rows, hidden] in x's dtype;
     what `fused_moe_ref` computes. `path`: "auto" (`takes_decode`), "decode" or "grouped". `active_k`:
@@ -356,7 +380,9 @@ def fused_moe(
     `table` [experts] int32: `slots` holds expert ids, mapped to slots in the kernel; a -1 entry reads
     that expert from `host` = (host_w13 [experts, 2 * inter, hidden], host_w2 [experts, hidden, inter]),
     pinned host memory laid out as the slots (required when the table may hold -1). `counts` [experts]
-    int32: each routed pair adds 1 at its expert (with a table: the expert id, else the slot)."""
+    int32: each routed pair adds 1 at its expert (with a table: the expert id, else the slot).
+    `defer_sum`: where the decode path would add the columns in a launch of its own, return them unadded
+    (`PendingSum`) for the caller's next residual add to add."""
     rows, hidden = x.shape
     num_slots, two_inter, h2 = w13.shape
     inter = two_inter // 2
@@ -395,16 +421,20 @@ def fused_moe(
         _decode_up_kernel[(rows, g_up, tiles_i)](
             x, w13, host13, tab, cnt, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up),
             w13.stride(0), w13.stride(1), **_launch(up), **flags, **pdl, COUNT=counts is not None,
+            W_EVICT=W_EVICT,
         )  # fmt: skip
         g_down = _groups(rows, tiles_h, k, active, dn.target_programs)
         fused_sum = g_down == 1
         y = out if fused_sum else torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _decode_down_kernel[(rows, g_down, tiles_h)](
             inter_buf, w2, host2, tab, slots, weights, y, out, k, hidden, inter, triton.cdiv(k, g_down),
-            w2.stride(0), w2.stride(1), **_launch(dn), **flags, **pdl, SUM=fused_sum,
+            w2.stride(0), w2.stride(1), **_launch(dn), **flags, **pdl, SUM=fused_sum, W_EVICT=W_EVICT,
+            EARLY=DOWN_EARLY and table is None,
         )  # fmt: skip
         if fused_sum:
             return out
+        if defer_sum:
+            return PendingSum(y, slots)
     elif path == "grouped":
         pdl = {"USE_PDL": False, "launch_pdl": False}  # moe_align's torch ops come before these kernels
         gcfg = grouped_cfg or pick_grouped(pairs, num_slots)

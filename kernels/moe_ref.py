@@ -17,6 +17,8 @@ column order, and the sum rounded once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,17 @@ def sum_columns(y: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     for c in range(k):
         acc = acc + torch.where((slots[:, c] >= 0).unsqueeze(1), y[:, c], 0.0)
     return acc.to(dtype)
+
+
+@dataclass(frozen=True)
+class PendingSum:
+    """A MoE layer's output before its columns are added: `products` [rows * k, hidden] float32 (pair
+    r * k + c: column c's weighted down product) and `slots` [rows, k] (-1: none). The next residual add
+    adds them itself, in column order, rounded once to the model's dtype: `sum_columns` exactly, without
+    the decode step's separate sum launch (kernels/steer_rmsnorm.py, `parts`)."""
+
+    products: torch.Tensor
+    slots: torch.Tensor
 
 
 def expert_weights(

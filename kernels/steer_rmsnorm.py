@@ -23,9 +23,10 @@ def _add_steer_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     table_ptr, mask_ptr, idx_ptr, scale_ptr, norm_ptr,
     layer, num_layers, hidden, eps,
-    zero_ptr, rows, zero_n,
+    zero_ptr, rows, zero_n, parts_ptr,
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_X: tl.constexpr, HAS_STEER: tl.constexpr, BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr, X_SUMS: tl.constexpr = False, ZERO_BLOCK: tl.constexpr = 0,
+    PARTS: tl.constexpr = 0,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     if ZERO_BLOCK > 0:
@@ -40,7 +41,13 @@ def _add_steer_rmsnorm_kernel(
     w = tl.load(w_ptr + cols, mask=m, other=0.0)  # no kernel writes weights: read before the wait
     pdl_sync(USE_PDL)
     h = tl.load(res_ptr + row * hidden + cols, mask=m, other=0.0)
-    if HAS_X:
+    if HAS_X and PARTS > 0:  # a MoE layer's columns: added in order (-1 columns +0.0), rounded once
+        xs = tl.zeros([BLOCK], tl.float32)
+        for c in tl.static_range(PARTS):
+            col_on = (tl.load(parts_ptr + row * PARTS + c) >= 0).to(tl.int32)
+            xs += tl.load(x_ptr + (row * PARTS + c) * hidden + cols, mask=cols < hidden * col_on, other=0.0)
+        h = (h.to(tl.float32) + xs.to(dtype).to(tl.float32)).to(dtype)
+    elif HAS_X:
         x = tl.load(x_ptr + row * hidden + cols, mask=m, other=0.0)
         if X_SUMS:  # rounded as the cast would store it; then the buffer is zero again
             x = x.to(dtype)
@@ -85,11 +92,18 @@ def add_steer_rmsnorm(
     steer: SteeringTensors | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     zero: torch.Tensor | None = None,
+    parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `add_steer_rmsnorm_ref`; rows × hidden, contiguous. x may be pending float32
-    sums (module docstring: rounded, then zeroed); `zero`: a contiguous float32 buffer to zero as well."""
+    sums (module docstring: rounded, then zeroed); `zero`: a contiguous float32 buffer to zero as well.
+    `parts` [rows, k] (a MoE layer's slots, -1: none): x is that layer's unadded columns [rows * k,
+    hidden] float32 (kernels/moe_ref.PendingSum), added here as `sum_columns` adds them."""
     rows, hidden = residual.shape
-    x_sums = x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32
+    if parts is not None and (
+        x is None or x.shape != (rows * parts.shape[1], hidden) or not parts.is_contiguous()
+    ):
+        raise ValueError(f"add_steer_rmsnorm: parts {tuple(parts.shape)} do not fit x and {rows} rows")
+    x_sums = parts is None and x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32
     extra = triton.cdiv(zero.numel(), ZERO_BLOCK) if zero is not None else 0
     normed, res_out = out if out is not None else (torch.empty_like(residual), torch.empty_like(residual))
     has_steer = steer is not None and layer >= 0
@@ -103,6 +117,7 @@ def add_steer_rmsnorm(
         steer.normalize if has_steer else dummy,
         max(layer, 0), steer.table.shape[1] if has_steer else 1, hidden, eps,
         zero if zero is not None else dummy, rows, zero.numel() if zero is not None else 0,
+        parts if parts is not None else dummy, PARTS=parts.shape[1] if parts is not None else 0,
         X_SUMS=x_sums, ZERO_BLOCK=ZERO_BLOCK if extra else 0, K=steer.index.shape[1] if has_steer else 1,
         K_PAD=triton.next_power_of_2(steer.index.shape[1]) if has_steer else 1,
         HAS_X=x is not None, HAS_STEER=has_steer, BLOCK=triton.next_power_of_2(hidden), **pdl_args(residual),

@@ -26,6 +26,7 @@ from actserve.kernels.kv_retrieval import (
     _summaries_kernel,
 )
 from actserve.kernels.kv_tier import _recall_kernel
+from actserve.kernels.l2_prefetch import _prefetch_kernel
 from actserve.kernels.moe import (
     _decode_down_kernel,
     _decode_up_kernel,
@@ -62,8 +63,10 @@ gemv_types = {
     "stride_xm": "i32",
     "stride_wn": "i32",
     "stride_ym": "i32",
+    "pf_ptr": BF,
+    "pf_bytes": "i64",
 }
-for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
+for block_m, silu, prefetch in ((1, False, True), (1, True, False), (16, False, False), (16, True, False)):
     VARIANTS.append(
         (
             _gemv_kernel,
@@ -76,9 +79,11 @@ for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
                 SILU_MUL=silu,
                 PREC="tf32",
                 USE_PDL=True,
+                PREFETCH=prefetch,
             ),
         )
     )
+VARIANTS.append((_prefetch_kernel, {"ptr": BF, "nbytes": "i64"}, dict(LANES=128)))
 sparse_types = {
     **dict.fromkeys(("x_ptr", "wt_ptr", "b_ptr", "y_ptr"), BF),
     "thr_ptr": F32,
@@ -167,6 +172,7 @@ norm_types = {
     "zero_ptr": BF,  # unused without ZERO_BLOCK: the launcher passes the residual
     "rows": "i32",
     "zero_n": "i32",
+    "parts_ptr": I32,
 }
 # without steering the launcher passes the residual (bf16) for every steering pointer
 no_steer = {**norm_types, **dict.fromkeys(("table_ptr", "mask_ptr", "idx_ptr", "scale_ptr", "norm_ptr"), BF)}
@@ -184,6 +190,7 @@ for has_x, steer in ((True, True), (True, False), (False, False)):
                 USE_PDL=True,
                 X_SUMS=False,
                 ZERO_BLOCK=0,
+                PARTS=0,
             ),
         )
     )
@@ -202,9 +209,15 @@ for steer, zero_block in ((False, 4096), (True, 0)):
                 USE_PDL=True,
                 X_SUMS=True,
                 ZERO_BLOCK=zero_block,
+                PARTS=0,
             ),
         )
     )
+# a MoE layer's unadded columns as x (kernels/moe_ref.PendingSum), added in the residual add
+for steer in (False, True):
+    consts = dict(K=2, K_PAD=2, HAS_X=True, HAS_STEER=steer, BLOCK=2048, USE_PDL=True, X_SUMS=False)
+    types = {**(norm_types if steer else no_steer), "x_ptr": F32}
+    VARIANTS.append((_add_steer_rmsnorm_kernel, types, dict(consts, ZERO_BLOCK=0, PARTS=8)))
 split_types = {
     "q_ptr": BF,
     "k_ptr": BF,
@@ -326,11 +339,11 @@ moe_types = {
 }
 for table, host, count in ((False, False, False), (True, True, True), (True, False, False)):
     cache = dict(TABLE=table, HOST=host)
-    dec = dict(BLOCK_N=16, BLOCK_K=256, USE_PDL=True, **cache)
+    dec = dict(BLOCK_N=16, BLOCK_K=256, USE_PDL=True, W_EVICT="" if table else "evict_first", **cache)
     VARIANTS.append((_decode_up_kernel, moe_types, dict(dec, COUNT=count)))
     for fused in (False, True):
         down_types = {**moe_types, "y_ptr": BF} if fused else moe_types
-        VARIANTS.append((_decode_down_kernel, down_types, dict(dec, SUM=fused)))
+        VARIANTS.append((_decode_down_kernel, down_types, dict(dec, SUM=fused, EARLY=not table)))
     grp = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, PREC="tf32", **cache)
     VARIANTS.append((_grouped_up_kernel, moe_types, dict(grp, COUNT=count)))
     VARIANTS.append((_grouped_down_kernel, moe_types, grp))
@@ -450,13 +463,26 @@ mask_types = {
 VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024, USE_PDL=True)))
 
 
+def expected_ptx(fn: Any, consts: dict[str, Any]) -> str | None:
+    """An instruction a variant's PTX must hold: the L2 prefetch where it prefetches, the eviction hint
+    where its loads carry one (a hint Triton dropped would compile and do nothing)."""
+    if fn is _prefetch_kernel or consts.get("PREFETCH"):
+        return "prefetch.global.L2::evict_last"
+    return "evict_first" if consts.get("W_EVICT") == "evict_first" else None
+
+
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
     for fn, types, consts in VARIANTS:
         name = f"{fn.__name__} {consts}"
         try:
-            triton.compile(ASTSource(fn, signature(fn, types, consts), constexprs=consts), target=target)
+            done = triton.compile(
+                ASTSource(fn, signature(fn, types, consts), constexprs=consts), target=target
+            )
+            want = expected_ptx(fn, consts)
+            if want is not None and want not in done.asm["ptx"]:
+                raise AssertionError(f"no {want} in the PTX")
             print("ok", name)
         except Exception as e:  # noqa: BLE001 - report every variant, then fail
             failed += 1

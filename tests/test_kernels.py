@@ -57,6 +57,34 @@ def test_add_steer_rmsnorm(dtype: torch.dtype, with_x: bool, hidden: int) -> Non
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steered", [False, True])
+def test_add_steer_rmsnorm_adds_moe_columns(dtype: torch.dtype, steered: bool) -> None:
+    """A MoE layer's unadded columns (PendingSum, -1 columns included) give the bits of adding them with
+    the reference `sum_columns` first, steered or not, in the fused kernel and through RMSNorm."""
+    from actserve.kernels.moe_ref import PendingSum, sum_columns
+    from actserve.server.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(11 + steered)
+    rows, k, hidden = 5, 3, 96
+    residual = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    products = torch.randn(rows * k, hidden, generator=g).to(DEVICE)
+    slots = torch.randint(-1, 4, (rows, k), generator=g).to(DEVICE, torch.int32)
+    slots[0] = -1  # a row with no expert at all
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    steer = random_steering(rows, 2, hidden, 2, g, dtype) if steered else None
+    want = add_steer_rmsnorm(sum_columns(products, slots, dtype), residual, weight, 1e-6, 1, steer)
+    got = add_steer_rmsnorm(products, residual, weight, 1e-6, 1, steer, parts=slots)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    norm = RMSNorm(hidden, 1e-6).to(DEVICE, dtype)
+    norm.weight.data.copy_(weight)
+    via_layer = norm.add_forward(PendingSum(products, slots), residual, 1, steer)
+    added = norm.add_forward(sum_columns(products, slots, dtype), residual, 1, steer)
+    assert all(torch.equal(a, b) for a, b in zip(via_layer, added, strict=True))
+    with pytest.raises(ValueError, match="parts"):
+        add_steer_rmsnorm(products[:-1], residual, weight, 1e-6, parts=slots)
+
+
 def test_unsteered_rows_untouched() -> None:
     """Rows whose index is -1 everywhere come out exactly as the no-steering kernel gives them."""
     g = torch.Generator().manual_seed(0)

@@ -80,6 +80,27 @@ def test_decode_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.allclose(out[1], out[4096], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", [1, 4096])
+def test_deferred_sum(monkeypatch: pytest.MonkeyPatch, target: int) -> None:
+    """defer_sum: where the decode path adds the columns in a launch of its own, the unadded columns
+    (PendingSum) that `sum_columns` adds to the plain call's bits; where one program adds them itself
+    (target 1) or on the grouped path, the plain output."""
+    from actserve.kernels.moe_ref import PendingSum, sum_columns
+
+    monkeypatch.setattr(moe, "DECODE_TARGET_PROGRAMS", target)
+    x, w13, w2, slots, weights = case(3, 4, seed=5)
+    plain = fused_moe(x, w13, w2, slots, weights, path="decode")
+    got = fused_moe(x, w13, w2, slots, weights, path="decode", defer_sum=True)
+    if target == 1:
+        assert isinstance(got, torch.Tensor) and torch.equal(got, plain)
+    else:
+        assert isinstance(got, PendingSum) and torch.equal(
+            sum_columns(got.products, got.slots, x.dtype), plain
+        )
+    grouped = fused_moe(x, w13, w2, slots, weights, path="grouped", defer_sum=True)
+    assert isinstance(grouped, torch.Tensor)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_empty_columns_are_bit_identical(path: str) -> None:
     """A step widened with -1 columns (a wider per-request top_k elsewhere in the batch) gives each row

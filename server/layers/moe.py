@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actserve.kernels.moe_ref import fused_moe_ref, route_topk
+from actserve.kernels.moe_ref import PendingSum, fused_moe_ref, route_topk
 from actserve.server.contract.hooks import MoEHook, RowInputs
 from actserve.server.layers.expert_copier import pinned_empty
 from actserve.server.layers.linear import Linear, linear
@@ -113,13 +113,16 @@ class FusedExperts(nn.Module):
         if self.cache is not None:
             self.cache.fill()
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, top_k: int, pending: bool = False
+    ) -> torch.Tensor | PendingSum:
         """x [rows, hidden], expert ids [rows, k] (-1: none), weights [rows, k] float32 -> [rows, hidden].
-        `top_k`: the model's experts per row (sizes the decode kernel's grid when k is wider)."""
+        `top_k`: the model's experts per row (sizes the decode kernel's grid when k is wider). `pending`:
+        the caller's residual add takes the columns unadded (`run_experts`)."""
         if self.cache is not None:
             return self.cache.forward(x, ids, weights, top_k)
         # every expert resident in the slot of its id: the ids are the slots
-        return run_experts(x, self.w13, self.w2, ids, weights, top_k, self.num_experts)
+        return run_experts(x, self.w13, self.w2, ids, weights, top_k, self.num_experts, pending=pending)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
@@ -136,12 +139,14 @@ def run_experts(
     table: torch.Tensor | None = None,
     host: tuple[torch.Tensor, torch.Tensor] | None = None,
     counts: torch.Tensor | None = None,
-) -> torch.Tensor:
+    pending: bool = False,
+) -> torch.Tensor | PendingSum:
     """The experts kernel over `slots` (the plain-torch reference on the CPU), cut into row chunks of at
     most MAX_PAIRS pairs. The path and launch config depend on the model's expert count, not the slot
     count, so an expert cache with fewer slots runs the very kernels the all-resident layer runs.
     `table`, `host`, `counts`: `slots` holds expert ids mapped in the kernel, -1 entries read from the
-    host copy, pairs counted per expert (kernels/moe.py)."""
+    host copy, pairs counted per expert (kernels/moe.py). `pending`: a one-chunk CUDA step may return its
+    columns unadded (`PendingSum`, kernels/moe.py `defer_sum`) for the caller's residual add to add."""
     if not x.is_cuda:
         return fused_moe_ref(x, w13, w2, slots, weights, table=table, host=host, counts=counts)
     from actserve.kernels.moe import fused_moe, pick_grouped, takes_decode
@@ -150,17 +155,18 @@ def run_experts(
     step = max(1, MAX_PAIRS // k)
     extra = {"table": table, "host": host, "counts": counts}
 
-    def call(c: slice) -> torch.Tensor:
+    def call(c: slice, defer: bool = False) -> torch.Tensor | PendingSum:
         rows = x[c].shape[0]
         path = "decode" if takes_decode(rows, top_k, num_experts) else "grouped"
         cfg = pick_grouped(rows * slots.shape[1], num_experts)
         return fused_moe(
-            x[c], w13, w2, slots[c], weights[c], path=path, active_k=top_k, grouped_cfg=cfg, **extra
-        )
+            x[c], w13, w2, slots[c], weights[c], path=path, active_k=top_k, grouped_cfg=cfg,
+            defer_sum=defer, **extra,
+        )  # fmt: skip
 
     if x.shape[0] <= step:
-        return call(slice(None))
-    return torch.cat([call(slice(r, r + step)) for r in range(0, x.shape[0], step)])
+        return call(slice(None), pending)
+    return torch.cat([call(slice(r, r + step)) for r in range(0, x.shape[0], step)])  # type: ignore[misc]
 
 
 def _widen(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
@@ -218,9 +224,13 @@ class SparseMoeBlock(nn.Module):
             ids, weights = apply_moe_hooks(hooks, layer, logits, self.top_k, ids, weights)
         return ids, weights
 
-    def forward(self, x: torch.Tensor, hooks: MoEHooks | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hooks: MoEHooks | None = None, layer: int = 0, pending: bool = False
+    ) -> torch.Tensor | PendingSum:
+        """`pending`: the caller's residual add takes the experts' columns unadded (`FusedExperts`);
+        not with a shared expert, whose output is added to their sum here."""
         ids, weights = self.route(x, hooks, layer)
-        out = self.experts(x, ids, weights, self.top_k)
+        out = self.experts(x, ids, weights, self.top_k, pending and self.shared_expert is None)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             out = out + torch.sigmoid(linear(x, self.shared_expert_gate)) * shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from actserve.kernels.moe_ref import PendingSum, sum_columns
 from actserve.kernels.steer_rmsnorm_ref import SteeringTensors, add_steer_rmsnorm_ref
 
 
@@ -19,7 +20,7 @@ class RMSNorm(torch.nn.Module):
 
     def add_forward(
         self,
-        x: torch.Tensor | None,
+        x: torch.Tensor | PendingSum | None,
         residual: torch.Tensor,
         layer: int = -1,
         steer: SteeringTensors | None = None,
@@ -27,10 +28,17 @@ class RMSNorm(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(h), h) with h = residual + x, steered as after decoder layer `layer`. x may be a one-row
         sparse GEMV's pending float32 sums (kernels/sparse_gemv.py `is_sums`): rounded to the residual's
-        dtype, then zeroed; `zero`: another such buffer whose reader is done, zeroed here too."""
+        dtype, then zeroed; `zero`: another such buffer whose reader is done, zeroed here too. x may also be
+        a MoE layer's unadded columns (`PendingSum`), added here."""
+        if isinstance(x, PendingSum) and not residual.is_cuda:
+            x = sum_columns(x.products, x.slots, residual.dtype)
         if residual.is_cuda:
             from actserve.kernels.steer_rmsnorm import add_steer_rmsnorm
 
+            if isinstance(x, PendingSum):
+                return add_steer_rmsnorm(
+                    x.products, residual, self.weight, self.eps, layer, steer, zero=zero, parts=x.slots
+                )
             return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer, zero=zero)
         if x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32:
             x, pending = x.to(residual.dtype), x

@@ -11,11 +11,13 @@ fused with the add and the norm.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from actserve.kernels.moe_ref import PendingSum
 from actserve.server.contract.hooks import PROJECTIONS, LinearSite, StepHooks
 from actserve.server.layers.attention import (
     AttentionBatch,
@@ -48,6 +50,24 @@ from actserve.server.models.spec import ModelSpec
 
 # a fresh WeightFormat per layer (None: dense)
 FormatFactory = Callable[[], WeightFormat] | None
+
+# which weights one-row GEMVs prefetch into L2 (kernels/l2_prefetch.py): "o" qkv_proj's launch o_proj's
+# (read after rope and attention), "oq" also o_proj's launch the next layer's qkv_proj's, across a MoE
+# layer's routing and experts; "0" none. A/B switch (ACTSERVE_L2_PREFETCH)
+L2_PREFETCH = os.environ.get("ACTSERVE_L2_PREFETCH", "0")
+# a MoE layer's columns added by the next residual add instead of a launch of their own (kernels/moe_ref
+# PendingSum); A/B switch (ACTSERVE_MOE_PENDING=0: the sum launch as before)
+PENDING_MOE = os.environ.get("ACTSERVE_MOE_PENDING", "1") == "1"
+
+
+def link_l2_prefetches(layers: nn.ModuleList, mode: str = L2_PREFETCH) -> None:
+    """Set each projection's `l2_next` as `mode` says."""
+    for i, layer in enumerate(layers):
+        att = layer.self_attn
+        if "o" in mode:
+            att.qkv_proj.l2_next = (att.o_proj,)
+        if "q" in mode and layer.is_moe and i + 1 < len(layers):
+            att.o_proj.l2_next = (layers[i + 1].self_attn.qkv_proj,)
 
 
 def _fmt(factory: FormatFactory) -> WeightFormat | None:
@@ -242,7 +262,7 @@ class LlamaBody(nn.Module):
 
 def add_norm(
     norm: RMSNorm,
-    x: torch.Tensor | None,
+    x: torch.Tensor | PendingSum | None,
     residual: torch.Tensor,
     layer: int,
     hooks: StepHooks | None,
@@ -276,6 +296,7 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.tp = current_tp()
         self.model = LlamaBody(spec, weight_format)
+        link_l2_prefetches(self.model.layers)
         # the KV heads this rank keeps in its cache (all of them without tensor parallelism)
         self.local_kv_heads = self.tp.split(spec.num_kv_heads, "num_key_value_heads")
         self.lm_head: Linear = (
@@ -299,7 +320,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns final-normed hidden states [T, hidden] for every packed row."""
         residual = self.model.embed_tokens(input_ids)
-        x: torch.Tensor | None = None
+        x: torch.Tensor | PendingSum | None = None  # a MoE layer's may be its unadded columns
         zero: torch.Tensor | None = None  # pending gate/up sums the next residual add zeroes
         # the KV blocks this step completes, for attention hooks' `filled` (once per forward)
         filled = step_filled(positions, batch) if hooks is not None and hooks.attention else None
@@ -314,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
             normed, residual = layer.post_attention_layernorm.add_forward(attn, residual)
             zero = None
             if layer.is_moe:
-                x = layer.mlp(normed, hooks.moe_at(i) if hooks is not None else None, i)
+                x = layer.mlp(normed, hooks.moe_at(i) if hooks is not None else None, i, PENDING_MOE)
             else:
                 x, zero = layer.mlp.forward_sums(normed, lin)
         normed, _ = add_norm(self.model.norm, x, residual, len(self.model.layers) - 1, hooks, zero)
