@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from actserve.kernels.gemv_ref import MAX_ROWS
-from actserve.kernels.l2_prefetch import prefetch_ok, prefetch_share
 from actserve.kernels.pdl import pdl_args, pdl_sync
 
 
@@ -63,10 +62,9 @@ def load_x(x_ptr, rows, k_half, rk, mask, SILU_MUL: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, pf_ptr, pf_bytes,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PREC: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,8 +85,6 @@ def _gemv_kernel(
             w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = load_x(x_ptr, 0, K, rk, k_ok, SILU_MUL)
             acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        if PREFETCH:  # this program's weights are all requested: the next GEMV's share into L2
-            prefetch_share(pf_ptr, pf_bytes, pid, tl.num_programs(0), 256)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, acc1.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -118,11 +114,8 @@ def gemv(
     bias: torch.Tensor | None = None,
     silu_mul: bool = False,
     cfg: GemvConfig | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias) -> [M, N]; with silu_mul, x is [M, 2K] = [gate | up].
-    `prefetch`: a contiguous tensor a later kernel reads (the next GEMV's weight); one-row launches
-    request it into L2 once their own weights are requested (kernels/l2_prefetch.py)."""
+    """x [M, K] @ weight[N, K].T (+ bias) -> [M, N]; with silu_mul, x is [M, 2K] = [gate | up]."""
     m, kx = x.shape
     n, k = weight.shape
     if m > MAX_ROWS:
@@ -133,13 +126,10 @@ def gemv(
         )
     cfg = cfg or pick_config(m, n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    pf = prefetch if m == 1 and prefetch_ok(prefetch) else None
     if m:
         _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
             x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0),
-            y.stride(0), pf if pf is not None else weight,
-            pf.numel() * pf.element_size() if pf is not None else 0, PREFETCH=pf is not None,
-            BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            y.stride(0), BLOCK_M=1 if m == 1 else MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, PREC="ieee" if x.dtype == torch.float32 else "tf32",
             **pdl_args(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

@@ -48,9 +48,6 @@ DECODE_MAX_ROWS = 4
 DECODE_LIMIT_ROWS = 16
 # programs a decode kernel aims for; columns are split over programs until the grid reaches it
 DECODE_TARGET_PROGRAMS = 1024
-# the decode path's expert weight loads: "evict_first" lets a step's 75 MB of Qwen3-30B-A3B experts pass
-# through L2 without evicting the next layer's prefetched qkv weights (kernels/l2_prefetch.py); A/B switch
-W_EVICT = "evict_first" if os.environ.get("ACTSERVE_MOE_EVICT_FIRST", "0") == "1" else ""
 # A/B switch for the down kernel's first tile read before the PDL wait (`_decode_down_kernel` EARLY)
 DOWN_EARLY = os.environ.get("ACTSERVE_MOE_DOWN_EARLY", "1") == "1"
 
@@ -166,7 +163,7 @@ def _expert_ptr(w_ptr, host_ptr, table_ptr, e, stride_ws, TABLE: tl.constexpr, H
 def _decode_up_kernel(
     x_ptr, w13_ptr, host_ptr, table_ptr, cnt_ptr, ids_ptr, inter_ptr, K, H, NI, COLS, stride_ws, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr, HOST: tl.constexpr,
-    COUNT: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "",
+    COUNT: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
@@ -192,8 +189,8 @@ def _decode_up_kernel(
             k_ok = rk < H
             xv = tl.load(x_ptr + row * H + rk, mask=k_ok, other=0.0).to(tl.float32)
             m = n_ok[:, None] & k_ok[None, :]
-            wg = tl.load(g_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
-            wu = tl.load(u_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
+            wg = tl.load(g_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            wu = tl.load(u_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
         h = _silu_mul(acc_g, acc_u, dtype)
@@ -204,7 +201,7 @@ def _decode_up_kernel(
 def _decode_down_kernel(
     inter_ptr, w2_ptr, host_ptr, table_ptr, ids_ptr, wt_ptr, y_ptr, out_ptr, K, H, NI, COLS, stride_ws,
     stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUM: tl.constexpr, TABLE: tl.constexpr,
-    HOST: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "", EARLY: tl.constexpr = False,
+    HOST: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr = False,
 ):  # fmt: skip
     """SUM (all K columns in this program): add the columns here and store the row's output; else store
     each pair's weighted product in y for `_sum_kernel`. EARLY (every expert resident, no table): the ids
@@ -222,7 +219,7 @@ def _decode_down_kernel(
         w0_rows = _expert_ptr(w2_ptr, host_ptr, table_ptr, e0, stride_ws, TABLE, HOST)
         w0_rows += rn.to(tl.int64)[:, None] * stride_wn
         m0 = n_ok[:, None] & (rk0 < NI * (e0 >= 0).to(tl.int32))[None, :]
-        w_first = tl.load(w0_rows + rk0[None, :], mask=m0, other=0.0, eviction_policy=W_EVICT)
+        w_first = tl.load(w0_rows + rk0[None, :], mask=m0, other=0.0)
     pdl_sync(USE_PDL)
     for c in range(0, COLS):
         col = grp * COLS + c
@@ -243,7 +240,7 @@ def _decode_down_kernel(
             k_ok = rk < NI
             hv = tl.load(inter_ptr + pair * NI + rk, mask=k_ok, other=0.0).to(tl.float32)
             m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_rows + rk[None, :], mask=m, other=0.0, eviction_policy=W_EVICT).to(tl.float32)
+            w = tl.load(w_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
             acc += tl.sum(w * hv[None, :], axis=1)
         wt = tl.load(wt_ptr + pair, mask=col < K, other=0.0)
         d = acc.to(dtype).to(tl.float32) * wt
@@ -421,14 +418,13 @@ def fused_moe(
         _decode_up_kernel[(rows, g_up, tiles_i)](
             x, w13, host13, tab, cnt, slots, inter_buf, k, hidden, inter, triton.cdiv(k, g_up),
             w13.stride(0), w13.stride(1), **_launch(up), **flags, **pdl, COUNT=counts is not None,
-            W_EVICT=W_EVICT,
         )  # fmt: skip
         g_down = _groups(rows, tiles_h, k, active, dn.target_programs)
         fused_sum = g_down == 1
         y = out if fused_sum else torch.empty(pairs, hidden, dtype=torch.float32, device=x.device)
         _decode_down_kernel[(rows, g_down, tiles_h)](
             inter_buf, w2, host2, tab, slots, weights, y, out, k, hidden, inter, triton.cdiv(k, g_down),
-            w2.stride(0), w2.stride(1), **_launch(dn), **flags, **pdl, SUM=fused_sum, W_EVICT=W_EVICT,
+            w2.stride(0), w2.stride(1), **_launch(dn), **flags, **pdl, SUM=fused_sum,
             EARLY=DOWN_EARLY and table is None,
         )  # fmt: skip
         if fused_sum:

@@ -26,7 +26,6 @@ from actserve.kernels.kv_retrieval import (
     _summaries_kernel,
 )
 from actserve.kernels.kv_tier import _recall_kernel
-from actserve.kernels.l2_prefetch import _prefetch_kernel
 from actserve.kernels.moe import (
     _decode_down_kernel,
     _decode_up_kernel,
@@ -63,10 +62,8 @@ gemv_types = {
     "stride_xm": "i32",
     "stride_wn": "i32",
     "stride_ym": "i32",
-    "pf_ptr": BF,
-    "pf_bytes": "i64",
 }
-for block_m, silu, prefetch in ((1, False, True), (1, True, False), (16, False, False), (16, True, False)):
+for block_m, silu in ((1, False), (1, True), (16, False), (16, True)):
     VARIANTS.append(
         (
             _gemv_kernel,
@@ -79,11 +76,9 @@ for block_m, silu, prefetch in ((1, False, True), (1, True, False), (16, False, 
                 SILU_MUL=silu,
                 PREC="tf32",
                 USE_PDL=True,
-                PREFETCH=prefetch,
             ),
         )
     )
-VARIANTS.append((_prefetch_kernel, {"ptr": BF, "nbytes": "i64"}, dict(LANES=128)))
 sparse_types = {
     **dict.fromkeys(("x_ptr", "wt_ptr", "b_ptr", "y_ptr"), BF),
     "thr_ptr": F32,
@@ -339,7 +334,7 @@ moe_types = {
 }
 for table, host, count in ((False, False, False), (True, True, True), (True, False, False)):
     cache = dict(TABLE=table, HOST=host)
-    dec = dict(BLOCK_N=16, BLOCK_K=256, USE_PDL=True, W_EVICT="" if table else "evict_first", **cache)
+    dec = dict(BLOCK_N=16, BLOCK_K=256, USE_PDL=True, **cache)
     VARIANTS.append((_decode_up_kernel, moe_types, dict(dec, COUNT=count)))
     for fused in (False, True):
         down_types = {**moe_types, "y_ptr": BF} if fused else moe_types
@@ -463,26 +458,13 @@ mask_types = {
 VARIANTS.append((_mask_kernel, mask_types, dict(BLOCK_K=1024, USE_PDL=True)))
 
 
-def expected_ptx(fn: Any, consts: dict[str, Any]) -> str | None:
-    """An instruction a variant's PTX must hold: the L2 prefetch where it prefetches, the eviction hint
-    where its loads carry one (a hint Triton dropped would compile and do nothing)."""
-    if fn is _prefetch_kernel or consts.get("PREFETCH"):
-        return "prefetch.global.L2::evict_last"
-    return "evict_first" if consts.get("W_EVICT") == "evict_first" else None
-
-
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
     for fn, types, consts in VARIANTS:
         name = f"{fn.__name__} {consts}"
         try:
-            done = triton.compile(
-                ASTSource(fn, signature(fn, types, consts), constexprs=consts), target=target
-            )
-            want = expected_ptx(fn, consts)
-            if want is not None and want not in done.asm["ptx"]:
-                raise AssertionError(f"no {want} in the PTX")
+            triton.compile(ASTSource(fn, signature(fn, types, consts), constexprs=consts), target=target)
             print("ok", name)
         except Exception as e:  # noqa: BLE001 - report every variant, then fail
             failed += 1

@@ -47,26 +47,6 @@ def test_gemv_real_shapes(rows: int, n: int, k: int, silu: bool) -> None:
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("silu", [False, True])
-def test_gemv_prefetch_keeps_bits(silu: bool) -> None:
-    """A one-row GEMV that prefetches another weight into L2 gives the plain launch's bits, and the
-    prefetched weight's own GEMV is unchanged (odd sizes: the last program's share ends mid-line)."""
-    from actserve.kernels.gemv import gemv
-    from actserve.kernels.l2_prefetch import l2_prefetch
-
-    g = torch.Generator(device="cuda").manual_seed(7 + silu)
-    x = torch.randn(1, 2 * 2050 if silu else 2050, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.randn(5123, 2050, device="cuda", generator=g, dtype=torch.bfloat16)
-    nxt = torch.randn(2047, 4099, device="cuda", generator=g, dtype=torch.bfloat16)
-    x2 = torch.randn(1, 4099, device="cuda", generator=g, dtype=torch.bfloat16)
-    plain, plain2 = gemv(x, w, silu_mul=silu), gemv(x2, nxt)
-    assert torch.equal(gemv(x, w, silu_mul=silu, prefetch=nxt), plain)
-    torch.cuda.synchronize()
-    assert torch.equal(gemv(x2, nxt), plain2)
-    l2_prefetch(nxt[:7])
-    assert torch.equal(gemv(x2, nxt), plain2)
-
-
 def _engine(model_dir: Path, eager: bool, **kw: object):  # type: ignore[no-untyped-def]
     from actserve.server.engine.config import EngineConfig
     from actserve.server.engine.llm_engine import LLMEngine

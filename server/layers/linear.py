@@ -109,7 +109,7 @@ class DenseFormat(WeightFormat):
         if takes_gemv(x):
             from actserve.kernels.gemv import gemv
 
-            return gemv(x, layer.weight, layer.bias, prefetch=layer.next_weight(x))
+            return gemv(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def dense_weight(self, layer: LinearBase) -> torch.Tensor:
@@ -140,9 +140,6 @@ class LinearBase(nn.Module):
         self._owners: dict[str, WeightFormat] = {}  # parameter name -> the format that created it
         self.thresholded: WeightFormat | None = None  # the first format with a fused thresholded matmul
         self.format: WeightFormat = self.add_format("", weight_format or DenseFormat())
-        # the projection a latency-bound stretch of the step later reads: a one-row GEMV here prefetches
-        # its dense weight into L2 (kernels/l2_prefetch.py); a tuple, so that it is no submodule
-        self.l2_next: tuple[LinearBase, ...] = ()
 
     def add_format(self, key: str, weight_format: WeightFormat) -> WeightFormat:
         """Give this layer another format of the same matrix (its parameters prefixed `key_`); the hook
@@ -158,15 +155,6 @@ class LinearBase(nn.Module):
         if fused and self.thresholded is None:
             self.thresholded = weight_format
         return weight_format
-
-    def next_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`l2_next`'s weight, for a one-row GEMV over x to prefetch: where it is a dense primary format's
-        contiguous matrix."""
-        if not self.l2_next or x.shape[0] != 1:
-            return None
-        nxt = self.l2_next[0]
-        w = nxt.weight if isinstance(nxt.format, DenseFormat) else None
-        return w if w is not None and w.is_contiguous() else None
 
     def dense_weight(self) -> torch.Tensor:
         """The primary format's matrix [out, in] as a float tensor (derived formats start from it)."""

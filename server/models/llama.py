@@ -51,23 +51,9 @@ from actserve.server.models.spec import ModelSpec
 # a fresh WeightFormat per layer (None: dense)
 FormatFactory = Callable[[], WeightFormat] | None
 
-# which weights one-row GEMVs prefetch into L2 (kernels/l2_prefetch.py): "o" qkv_proj's launch o_proj's
-# (read after rope and attention), "oq" also o_proj's launch the next layer's qkv_proj's, across a MoE
-# layer's routing and experts; "0" none. A/B switch (ACTSERVE_L2_PREFETCH)
-L2_PREFETCH = os.environ.get("ACTSERVE_L2_PREFETCH", "0")
 # a MoE layer's columns added by the next residual add instead of a launch of their own (kernels/moe_ref
 # PendingSum); A/B switch (ACTSERVE_MOE_PENDING=0: the sum launch as before)
 PENDING_MOE = os.environ.get("ACTSERVE_MOE_PENDING", "1") == "1"
-
-
-def link_l2_prefetches(layers: nn.ModuleList, mode: str = L2_PREFETCH) -> None:
-    """Set each projection's `l2_next` as `mode` says."""
-    for i, layer in enumerate(layers):
-        att = layer.self_attn
-        if "o" in mode:
-            att.qkv_proj.l2_next = (att.o_proj,)
-        if "q" in mode and layer.is_moe and i + 1 < len(layers):
-            att.o_proj.l2_next = (layers[i + 1].self_attn.qkv_proj,)
 
 
 def _fmt(factory: FormatFactory) -> WeightFormat | None:
@@ -296,7 +282,6 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.tp = current_tp()
         self.model = LlamaBody(spec, weight_format)
-        link_l2_prefetches(self.model.layers)
         # the KV heads this rank keeps in its cache (all of them without tensor parallelism)
         self.local_kv_heads = self.tp.split(spec.num_kv_heads, "num_key_value_heads")
         self.lm_head: Linear = (
