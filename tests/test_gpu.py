@@ -33,7 +33,7 @@ def test_paged_decode_real_shape() -> None:
 
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize(
-    ("n", "k", "silu"), [(6144, 4096, False), (4096, 14336, True), (128256, 4096, False)]
+    ("n", "k", "silu"), [(6144, 4096, False), (4096, 14336, True), (128256, 4096, False), (2048, 4096, False)]
 )
 def test_gemv_real_shapes(rows: int, n: int, k: int, silu: bool) -> None:
     """The decode GEMV at Llama-3-8B shapes with its picked configs, against the float32 reference."""
