@@ -239,8 +239,7 @@ def _decode_down_kernel(
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < NI
             hv = tl.load(inter_ptr + pair * NI + rk, mask=k_ok, other=0.0).to(tl.float32)
-            m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_rows + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hv[None, :], axis=1)
         wt = tl.load(wt_ptr + pair, mask=col < K, other=0.0)
         d = acc.to(dtype).to(tl.float32) * wt

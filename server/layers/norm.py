@@ -30,16 +30,14 @@ class RMSNorm(torch.nn.Module):
         sparse GEMV's pending float32 sums (kernels/sparse_gemv.py `is_sums`): rounded to the residual's
         dtype, then zeroed; `zero`: another such buffer whose reader is done, zeroed here too. x may also be
         a MoE layer's unadded columns (`PendingSum`), added here."""
-        if isinstance(x, PendingSum) and not residual.is_cuda:
-            x = sum_columns(x.products, x.slots, residual.dtype)
         if residual.is_cuda:
             from actserve.kernels.steer_rmsnorm import add_steer_rmsnorm
 
-            if isinstance(x, PendingSum):
-                return add_steer_rmsnorm(
-                    x.products, residual, self.weight, self.eps, layer, steer, zero=zero, parts=x.slots
-                )
-            return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer, zero=zero)
+            parts = x.slots if isinstance(x, PendingSum) else None
+            x = x.products if isinstance(x, PendingSum) else x
+            return add_steer_rmsnorm(x, residual, self.weight, self.eps, layer, steer, zero=zero, parts=parts)
+        if isinstance(x, PendingSum):
+            x = sum_columns(x.products, x.slots, residual.dtype)
         if x is not None and x.dtype == torch.float32 and residual.dtype != torch.float32:
             x, pending = x.to(residual.dtype), x
             pending.zero_()
